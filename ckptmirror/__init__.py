@@ -1,0 +1,124 @@
+"""ckptmirror: replicated, checksummed, asynchronous checkpoints for PyTorch training.
+
+``save()`` returns after one memcpy of the state into reused host buffers; hashing and
+writing to every replica happen in the background; a commit record written last makes a
+step exist. ``restore()`` finds the newest step that verifies and loads it in place,
+falling back object by object to other replicas and step by step to older checkpoints.
+
+Module-level helpers keep one default :class:`Mirror` for a training script::
+
+    import ckptmirror
+    ckptmirror.init(["/data/ckpt/run1"], keep_last=3)
+    start = ckptmirror.restore(model, optim)          # None on a fresh run
+    for step in range(...):
+        ...
+        ckptmirror.save(step, model, optim)
+    ckptmirror.close()
+
+Without :func:`init`, the replicas come from ``CKPTMIRROR_REPLICAS`` (comma-separated URLs).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Sequence
+
+from ._version import __version__
+from .errors import (
+    CkptMirrorError,
+    CorruptObjectError,
+    ManifestError,
+    NoValidCheckpointError,
+    ObjectMissingError,
+    ReplicaError,
+    ReplicaUnavailableError,
+    SaveFailedError,
+    SaveSkippedError,
+    StateMismatchError,
+    StepExistsError,
+    StepNotFoundError,
+    UnsupportedTypeError,
+)
+from .handle import ReplicaStatus, SaveHandle
+from .mirror import Mirror, RestoreResult, Stateful
+from .replicas import Replica
+
+__all__ = [
+    "CkptMirrorError",
+    "CorruptObjectError",
+    "ManifestError",
+    "Mirror",
+    "NoValidCheckpointError",
+    "ObjectMissingError",
+    "Replica",
+    "ReplicaError",
+    "ReplicaStatus",
+    "ReplicaUnavailableError",
+    "RestoreResult",
+    "SaveFailedError",
+    "SaveHandle",
+    "SaveSkippedError",
+    "StateMismatchError",
+    "Stateful",
+    "StepExistsError",
+    "StepNotFoundError",
+    "UnsupportedTypeError",
+    "__version__",
+    "close",
+    "get_mirror",
+    "init",
+    "restore",
+    "save",
+    "wait",
+]
+
+ENV_REPLICAS = "CKPTMIRROR_REPLICAS"
+_default: Mirror | None = None
+_default_lock = threading.Lock()
+
+
+def init(replicas: Sequence[str | Replica], **options: Any) -> Mirror:
+    """Create the default mirror used by the module-level functions (closing any previous one)."""
+    global _default
+    with _default_lock:
+        if _default is not None:
+            _default.close()
+        _default = Mirror(replicas, **options)
+        return _default
+
+
+def get_mirror() -> Mirror:
+    """The default mirror: the one from :func:`init`, else one built from ``CKPTMIRROR_REPLICAS``."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            urls = [u.strip() for u in os.environ.get(ENV_REPLICAS, "").split(",") if u.strip()]
+            if not urls:
+                raise CkptMirrorError(f"no replicas configured: call ckptmirror.init([...]) or set {ENV_REPLICAS}")
+            _default = Mirror(urls)
+        return _default
+
+
+def save(step: int, model: Stateful | None, optim: Stateful | None = None, **kwargs: Any) -> SaveHandle:
+    """:meth:`Mirror.save` on the default mirror."""
+    return get_mirror().save(step, model, optim, **kwargs)
+
+
+def restore(model: Stateful | None, optim: Stateful | None = None, **kwargs: Any) -> RestoreResult | None:
+    """:meth:`Mirror.restore` on the default mirror."""
+    return get_mirror().restore(model, optim, **kwargs)
+
+
+def wait(timeout: float | None = None) -> None:
+    """:meth:`Mirror.wait` on the default mirror."""
+    get_mirror().wait(timeout)
+
+
+def close() -> None:
+    """Close the default mirror (waits for in-flight saves)."""
+    global _default
+    with _default_lock:
+        m, _default = _default, None
+    if m is not None:
+        m.close()

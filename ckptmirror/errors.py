@@ -1,0 +1,124 @@
+"""The exception tree of ckptmirror.
+
+Every error the library raises derives from :class:`CkptMirrorError`. Where a builtin
+exception already means the same thing, the error also subclasses it, so existing
+``except FileNotFoundError`` / ``except TypeError`` code keeps working::
+
+    CkptMirrorError
+    ├── UnsupportedTypeError (TypeError)        a value in the state cannot be stored; names its key path
+    ├── StepExistsError (FileExistsError)        saving a step that is already committed
+    ├── StepNotFoundError (FileNotFoundError)    restore(step=N) where N is not committed anywhere
+    ├── ObjectMissingError (FileNotFoundError)   an object a manifest names is absent on a replica
+    ├── CorruptObjectError (ValueError)          size or checksum mismatch; names replica and key
+    ├── ManifestError (ValueError)               a manifest or commit that does not parse or validate
+    ├── StateMismatchError (ValueError)          restore target does not fit the stored state
+    ├── ReplicaError (OSError)                   a backend failed (I/O, network); names the replica
+    │   └── ReplicaUnavailableError              the backend cannot be reached at all
+    ├── SaveFailedError                          a background save failed; carries per-replica failures
+    ├── SaveSkippedError                         a save was skipped by the in-flight policy
+    └── NoValidCheckpointError                   checkpoints exist, but none verifies
+
+Errors that concern one replica or one object carry ``replica`` and ``key`` attributes, and
+their message names both, because "checksum mismatch" alone does not tell an operator which
+disk to look at.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+
+class CkptMirrorError(Exception):
+    """Base class of every error raised by ckptmirror."""
+
+
+class UnsupportedTypeError(CkptMirrorError, TypeError):
+    """A value in the state cannot be stored. ``path`` is its key path, e.g. ``state['optim']['x']``."""
+
+    def __init__(self, path: str, value_type: type, hint: str = "") -> None:
+        self.path = path
+        self.value_type = value_type
+        msg = f"cannot checkpoint {path}: unsupported type {value_type.__module__}.{value_type.__qualname__}"
+        if hint:
+            msg += f" ({hint})"
+        super().__init__(msg)
+
+
+class StepExistsError(CkptMirrorError, FileExistsError):
+    """The step is already committed; pass ``overwrite=True`` to replace it."""
+
+    def __init__(self, step: int, replica: str = "") -> None:
+        self.step = step
+        self.replica = replica
+        where = f" on replica {replica}" if replica else ""
+        super().__init__(f"step {step} is already committed{where}; pass overwrite=True to replace it")
+
+
+class StepNotFoundError(CkptMirrorError, FileNotFoundError):
+    """The requested step is not committed on any replica."""
+
+    def __init__(self, step: int, available: list[int] | None = None) -> None:
+        self.step = step
+        self.available = list(available or [])
+        super().__init__(f"step {step} is not committed on any replica (committed: {self.available})")
+
+
+class _ObjectError(CkptMirrorError):
+    """Mixin for errors that concern one object on one replica."""
+
+    def __init__(self, message: str, *, replica: str = "", key: str = "") -> None:
+        self.replica = replica
+        self.key = key
+        where = ", ".join(p for p in (f"replica {replica}" if replica else "", f"object {key}" if key else "") if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class ObjectMissingError(_ObjectError, FileNotFoundError):
+    """An object named by a manifest does not exist on a replica."""
+
+
+class CorruptObjectError(_ObjectError, ValueError):
+    """An object's size or checksum does not match what its manifest recorded."""
+
+
+class ManifestError(_ObjectError, ValueError):
+    """A manifest or commit record is not valid (bad JSON, wrong types, hostile names)."""
+
+
+class StateMismatchError(CkptMirrorError, ValueError):
+    """The restore target (model, optimizer, world size) does not fit the stored state."""
+
+
+class ReplicaError(_ObjectError, OSError):
+    """A replica backend failed: I/O error, network error, permission denied, disk full."""
+
+
+class ReplicaUnavailableError(ReplicaError):
+    """A replica cannot be reached at all (endpoint down, bucket missing)."""
+
+
+class SaveFailedError(CkptMirrorError):
+    """A save did not commit. ``failures`` maps each failed replica URL to its exception."""
+
+    def __init__(self, step: int, failures: Mapping[str, BaseException], message: str = "") -> None:
+        self.step = step
+        self.failures = dict(failures)
+        detail = "; ".join(f"{url}: {type(exc).__name__}: {exc}" for url, exc in self.failures.items())
+        super().__init__(message or f"save of step {step} failed: {detail}")
+
+
+class SaveSkippedError(CkptMirrorError):
+    """A save was skipped because the previous one was still writing (``inflight_policy='skip'``)."""
+
+
+class NoValidCheckpointError(CkptMirrorError):
+    """Checkpoints exist, but none of them verifies. ``problems`` maps each step to what was wrong.
+
+    ckptmirror raises this instead of returning ``None`` so that a training job never silently
+    starts from scratch over a directory full of damaged checkpoints.
+    """
+
+    def __init__(self, problems: Mapping[int, str]) -> None:
+        self.problems = dict(problems)
+        lines = "\n".join(f"  step {s}: {p}" for s, p in sorted(self.problems.items(), reverse=True))
+        super().__init__(f"checkpoints exist but none can be restored:\n{lines}")

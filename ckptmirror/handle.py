@@ -1,0 +1,157 @@
+"""The save handle: what one ``save()`` returns, and how its background outcome is reported."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import SaveFailedError, SaveSkippedError
+
+ReplicaState = Literal["pending", "committed", "failed", "skipped"]
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    """Outcome of one save on one replica. ``seconds`` counts from the ``save()`` call."""
+
+    url: str
+    state: ReplicaState
+    error: BaseException | None = None
+    seconds: float | None = None
+
+
+class SaveHandle:
+    """Tracks one background save.
+
+    ``result()`` blocks until the step is committed on at least ``min_replicas`` replicas
+    and returns the handle, or raises :class:`SaveFailedError` carrying every replica's
+    error (the original traceback is chained). Example::
+
+        h = mirror.save(step, model, optim)
+        ...                      # training goes on
+        h.result(timeout=60)     # durable now, or raises
+        print(h.stall_s, h.replicas)
+    """
+
+    def __init__(self, step: int, urls: list[str], min_replicas: int, started: float) -> None:
+        self.step = step
+        #: Seconds ``save()`` blocked the caller: waiting for a free staging buffer + the copy.
+        self.stall_s: float = 0.0
+        #: Of ``stall_s``, seconds spent waiting for the previous save to release its buffer.
+        self.wait_s: float = 0.0
+        #: Bytes of tensor data in this save (one replica's copy).
+        self.nbytes: int = 0
+        #: Seconds from the ``save()`` call until committed on ``min_replicas`` (None until then).
+        self.committed_s: float | None = None
+        self.skipped = False
+        self._started = started
+        self._min = min_replicas
+        self._status = {u: ReplicaStatus(u, "pending") for u in urls}
+        self._cond = threading.Condition()
+        self._done = False
+        self._error: BaseException | None = None
+        self._observed = False
+
+    def __repr__(self) -> str:
+        states = ", ".join(f"{u}={s.state}" for u, s in self._status.items())
+        return f"SaveHandle(step={self.step}, {states})"
+
+    @property
+    def replicas(self) -> dict[str, ReplicaStatus]:
+        """Per replica URL: pending, committed, failed (with the error) or skipped."""
+        with self._cond:
+            return dict(self._status)
+
+    def done(self) -> bool:
+        """Whether the outcome is known (committed on enough replicas, or failed)."""
+        with self._cond:
+            return self._done
+
+    def result(self, timeout: float | None = None) -> "SaveHandle":
+        """Wait for the outcome; return self when committed, raise if the save failed.
+
+        Raises :class:`TimeoutError` if ``timeout`` seconds pass first.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._done, timeout=timeout):
+                raise TimeoutError(f"save of step {self.step} not committed after {timeout} s: {self!r}")
+            self._observed = True
+            if self._error is not None:
+                raise self._error
+        return self
+
+    def _wait_done(self, timeout: float | None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._done, timeout=timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The error of a failed save (after waiting for the outcome), else None."""
+        try:
+            self.result(timeout)
+        except TimeoutError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - returned, not swallowed
+            return exc
+        return None
+
+    # -- used by the writer --------------------------------------------------------------
+    def _set_replica(self, url: str, state: ReplicaState, error: BaseException | None = None) -> None:
+        with self._cond:
+            self._status[url] = ReplicaStatus(url, state, error, time.perf_counter() - self._started)
+            committed = sum(s.state == "committed" for s in self._status.values())
+            open_ = sum(s.state == "pending" for s in self._status.values())
+            if not self._done and committed >= self._min:
+                self.committed_s = time.perf_counter() - self._started
+                self._finish(None)
+            elif not self._done and committed + open_ < self._min:
+                self._finish(self._failure())
+
+    def _failure(self) -> SaveFailedError:
+        failures = {u: s.error for u, s in self._status.items() if s.error is not None}
+        committed = [u for u, s in self._status.items() if s.state == "committed"]
+        err = SaveFailedError(
+            self.step,
+            failures,  # type: ignore[arg-type]
+            f"save of step {self.step} committed on {len(committed)} replica(s), {self._min} required; "
+            + "; ".join(f"{u}: {type(e).__name__}: {e}" for u, e in failures.items()),
+        )
+        first = next(iter(failures.values()), None)
+        err.__cause__ = first
+        return err
+
+    def _fail(self, error: BaseException) -> None:
+        with self._cond:
+            if not self._done:
+                for u, s in self._status.items():
+                    if s.state == "pending":
+                        self._status[u] = ReplicaStatus(u, "failed", error, time.perf_counter() - self._started)
+                if isinstance(error, SaveFailedError):
+                    self._finish(error)
+                else:
+                    wrapped = SaveFailedError(self.step, {u: error for u in self._status}, f"save of step {self.step} failed: {type(error).__name__}: {error}")
+                    wrapped.__cause__ = error
+                    self._finish(wrapped)
+
+    def _skip(self) -> None:
+        with self._cond:
+            self.skipped = True
+            for u in self._status:
+                self._status[u] = ReplicaStatus(u, "skipped")
+            self._finish(SaveSkippedError(f"save of step {self.step} skipped: the previous save was still writing"))
+            self._observed = True  # a skip is reported by a warning, not raised later
+
+    def _finish(self, error: BaseException | None) -> None:
+        self._error = error
+        self._done = True
+        self._cond.notify_all()
+
+    @property
+    def _unobserved_error(self) -> BaseException | None:
+        with self._cond:
+            return None if self._observed else self._error
+
+    def _mark_observed(self) -> None:
+        with self._cond:
+            self._observed = True

@@ -1,0 +1,369 @@
+"""The user-facing :class:`Mirror`: async save to several replicas, verified restore.
+
+Threads: the caller's thread only flattens the state and copies it into a staging arena
+(:mod:`ckptmirror.staging`). One background thread per mirror takes saves in order; for
+each it hashes the objects (a small pool) and runs one task per replica, each with its own
+pool of ``io_threads`` workers for object puts.
+
+Memory: ``max_inflight`` arenas, each as large as the state's tensor bytes (host memory;
+pinned when the state is on a GPU), plus ``io_threads`` object buffers of up to
+``object_bytes`` per replica during restore. Nothing else scales with the state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Protocol, Sequence
+
+import torch
+
+from .errors import CkptMirrorError, SaveFailedError, StepExistsError
+from .format import MAX_STEP
+from .handle import SaveHandle
+from .reader import list_steps, load_newest
+from .replicas import Replica, open_replica
+from .staging import Arena, ArenaPool, plan, snapshot
+from .tree import flatten
+from .writer import apply_retention, encode, write_step
+
+log = logging.getLogger("ckptmirror")
+
+DEFAULT_OBJECT_BYTES = 64 << 20
+
+
+class Stateful(Protocol):
+    """Anything with ``state_dict()`` and ``load_state_dict()``: modules, optimizers, schedulers."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state_dict: Any, /) -> Any: ...
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What :meth:`Mirror.restore` brought back."""
+
+    step: int
+    extra: Any = None
+    #: object key -> URL of the replica that served it
+    sources: Mapping[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class _Job:
+    step: int
+    handle: SaveHandle
+    arena: Arena
+    stream: torch.Tensor
+    plan: Any
+    overwrite: bool
+    replicas: list[Replica]
+
+
+class Mirror:
+    """Replicated, checksummed, asynchronous checkpoints of a training state.
+
+    Args:
+        replicas: URLs (``/path``, ``file:///path``, ``memory://name``) or :class:`Replica`
+            objects. Restore prefers them in ``read_priority`` order (local disk first).
+        keep_last: keep this many committed steps per replica (None: keep all). Older steps
+            are deleted only after a newer one is committed; the newest is never deleted.
+        object_bytes: size of the objects the data stream is cut into (default 64 MiB).
+        io_threads: concurrent object transfers per replica.
+        max_inflight: staging arenas; a save needs a free one (memory = this x state size).
+        inflight_policy: ``"wait"`` (default) blocks ``save()`` until an arena is free;
+            ``"skip"`` returns a skipped handle at once and logs a warning.
+        min_replicas: replicas a step must commit on for the save to succeed (default: all).
+        storage_options: options per URL scheme, e.g. ``{"file": {"fsync": False}}``.
+
+    Example::
+
+        with ckptmirror.Mirror(["/data/ckpt/run1"], keep_last=3) as m:
+            m.restore(model, optim)              # resume, if a checkpoint exists
+            for step in range(start, steps):
+                train_step()
+                if step % 100 == 0:
+                    m.save(step, model, optim, extra={"epoch": epoch})
+    """
+
+    def __init__(
+        self,
+        replicas: Sequence["str | Replica"],
+        *,
+        keep_last: int | None = None,
+        object_bytes: int = DEFAULT_OBJECT_BYTES,
+        io_threads: int = 4,
+        max_inflight: int = 1,
+        inflight_policy: Literal["wait", "skip"] = "wait",
+        min_replicas: int | None = None,
+        storage_options: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        if isinstance(replicas, (str, Replica)):
+            replicas = [replicas]
+        if not replicas:
+            raise ValueError("Mirror needs at least one replica URL")
+        if keep_last is not None and keep_last < 1:
+            raise ValueError("keep_last must be >= 1 (the newest committed step is never deleted) or None")
+        if object_bytes < 1:
+            raise ValueError("object_bytes must be positive")
+        if inflight_policy not in ("wait", "skip"):
+            raise ValueError("inflight_policy must be 'wait' or 'skip'")
+        opts = storage_options or {}
+        self.replicas: list[Replica] = [open_replica(u, opts.get(_scheme(u))) for u in replicas]
+        urls = [r.url for r in self.replicas]
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"duplicate replica URLs: {urls}")
+        self.min_replicas = len(self.replicas) if min_replicas is None else min_replicas
+        if not 1 <= self.min_replicas <= len(self.replicas):
+            raise ValueError(f"min_replicas must be between 1 and {len(self.replicas)}")
+        self.keep_last = keep_last
+        self.object_bytes = object_bytes
+        self.io_threads = io_threads
+        self.inflight_policy = inflight_policy
+        self._arenas = ArenaPool(max_inflight)
+        self._hash_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="ckptmirror-hash")
+        self._io_pools = {r.url: ThreadPoolExecutor(io_threads, thread_name_prefix="ckptmirror-io") for r in self.replicas}
+        self._replica_pool = ThreadPoolExecutor(len(self.replicas), thread_name_prefix="ckptmirror-replica")
+        self._jobs: "queue.Queue[_Job | None]" = queue.Queue()
+        self._lock = threading.Lock()
+        self._handles: list[SaveHandle] = []
+        self._inflight_steps: set[int] = set()
+        self._committed: set[int] = set(list_steps(self.replicas).committed)
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="ckptmirror-writer", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------ context manager
+    def __enter__(self) -> "Mirror":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(raise_errors=exc[0] is None)
+
+    # ------------------------------------------------------------------------- saving
+    def save(self, step: int, model: Stateful | None, optim: Stateful | None = None, *, extra: Any = None, overwrite: bool = False) -> SaveHandle:
+        """Snapshot ``model`` (and ``optim``, ``extra``) as ``step``; return once the copy is taken.
+
+        The checkpoint holds the values at the call: the caller may change parameters as
+        soon as this returns. Raises :class:`UnsupportedTypeError` (a ``TypeError``) naming
+        the key path of a value that cannot be stored, :class:`StepExistsError` if the step
+        is committed already (unless ``overwrite=True``), and :class:`SaveFailedError` if an
+        earlier background save failed and was not yet reported.
+        """
+        state = {
+            "model": model.state_dict() if model is not None else None,
+            "optim": optim.state_dict() if optim is not None else None,
+            "extra": extra,
+        }
+        return self._save(step, state, overwrite)
+
+    def save_state(self, step: int, state: Any, *, overwrite: bool = False) -> SaveHandle:
+        """Like :meth:`save`, for any nested state (dicts, lists, tensors, plain values)."""
+        return self._save(step, state, overwrite)
+
+    def _save(self, step: int, state: Any, overwrite: bool) -> SaveHandle:
+        t0 = time.perf_counter()
+        self._check_open()
+        self._raise_unreported()
+        if type(step) is not int or not 0 <= step <= MAX_STEP:
+            raise ValueError(f"step must be an int in [0, {MAX_STEP}], got {step!r}")
+        with self._lock:
+            if step in self._inflight_steps or (step in self._committed and not overwrite):
+                raise StepExistsError(step)
+        flat = flatten(state)
+        p = plan(flat)
+        handle = SaveHandle(step, [r.url for r in self.replicas], self.min_replicas, t0)
+        arena = self._arenas.acquire(block=self.inflight_policy == "wait")
+        if arena is None:
+            log.warning("skipping save of step %d: the previous save is still writing (inflight_policy='skip')", step)
+            handle._skip()
+            return handle
+        handle.wait_s = time.perf_counter() - t0
+        try:
+            stream = snapshot(p, arena)
+        except BaseException:
+            self._arenas.release(arena)
+            raise
+        handle.nbytes = p.total_bytes
+        handle.stall_s = time.perf_counter() - t0
+        with self._lock:
+            self._inflight_steps.add(step)
+            self._handles.append(handle)
+        self._jobs.put(_Job(step, handle, arena, stream, p, overwrite, list(self.replicas)))
+        return handle
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                self._write(job)
+            except BaseException as exc:  # noqa: BLE001 - reported on the handle, then by save()/wait()
+                log.error("save of step %d failed: %s", job.step, exc)
+                job.handle._fail(exc)
+            finally:
+                self._arenas.release(job.arena)
+                with self._lock:
+                    self._inflight_steps.discard(job.step)
+
+    def _write(self, job: _Job) -> None:
+        enc = encode(job.step, 0, 1, job.plan, job.stream, self.object_bytes, self._hash_pool)
+
+        def one(replica: Replica) -> None:
+            try:
+                write_step(replica, enc, job.stream, self._io_pools[replica.url], job.overwrite)
+            except BaseException as exc:  # noqa: BLE001 - recorded per replica
+                log.warning("replica %s failed to save step %d: %s", replica.url, job.step, exc)
+                job.handle._set_replica(replica.url, "failed", exc)
+                return
+            with self._lock:
+                self._committed.add(job.step)
+            job.handle._set_replica(replica.url, "committed")
+            try:
+                removed = apply_retention(replica, job.step, self.keep_last)
+                if removed:
+                    log.info("retention on %s removed steps %s", replica.url, removed)
+                    with self._lock:
+                        self._committed.difference_update(s for s in removed if not self._committed_anywhere(s))
+            except (CkptMirrorError, OSError) as exc:
+                # The new step is committed; failing to delete old ones loses nothing.
+                log.warning("retention on %s failed after step %d: %s", replica.url, job.step, exc)
+
+        for f in [self._replica_pool.submit(one, r) for r in job.replicas]:
+            f.result()
+
+    def _committed_anywhere(self, step: int) -> bool:
+        from .writer import is_committed
+
+        return any(is_committed(r, step) for r in self.replicas)
+
+    def _raise_unreported(self) -> None:
+        with self._lock:
+            for h in self._handles:
+                err = h._unobserved_error
+                if err is not None:
+                    h._mark_observed()
+                    raise err
+            self._handles = [h for h in self._handles if not h.done()]
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every in-flight save has finished; raise the first failure not yet reported.
+
+        A failure is reported once: by ``handle.result()``, or else by the next ``save()``,
+        ``wait()`` or ``close()``. Raises :class:`TimeoutError` if ``timeout`` passes first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            handles = list(self._handles)
+        for h in handles:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not h._wait_done(remaining):
+                raise TimeoutError(f"save of step {h.step} still in flight after {timeout} s: {h!r}")
+        self._raise_unreported()
+
+    # ---------------------------------------------------------------------- restoring
+    def restore(self, model: Stateful | None, optim: Stateful | None = None, *, step: int | None = None, strict: bool = True) -> RestoreResult | None:
+        """Load the newest step that verifies (or ``step``) into ``model`` and ``optim`` in place.
+
+        Returns None when no checkpoint exists at all. Raises :class:`NoValidCheckpointError`
+        when checkpoints exist but none verifies, and :class:`StateMismatchError` (before any
+        tensor is modified) when the checkpoint does not fit the model or optimizer.
+        """
+        t0 = time.perf_counter()
+        targets = {
+            "model": model.state_dict() if model is not None else None,
+            "optim": optim.state_dict() if optim is not None else None,
+        }
+        strict_paths = [("model",)] if (strict and model is not None) else []
+        loaded = self._load(step, targets, strict_paths)
+        if loaded is None:
+            return None
+        state = loaded.state
+        if not (isinstance(state, dict) and {"model", "optim", "extra"} <= set(state)):
+            from .errors import StateMismatchError
+
+            raise StateMismatchError(f"step {loaded.step} was written by save_state(), not save(); use load_state()")
+        if model is not None:
+            if state["model"] is None:
+                from .errors import StateMismatchError
+
+                raise StateMismatchError(f"step {loaded.step} holds no model state")
+            model.load_state_dict(state["model"])
+        if optim is not None and state["optim"] is not None:
+            optim.load_state_dict(state["optim"])
+        return RestoreResult(loaded.step, state["extra"], loaded.sources, time.perf_counter() - t0)
+
+    def load_state(self, step: int | None = None) -> tuple[int, Any] | None:
+        """Return ``(step, state)`` for the newest step that verifies (or ``step``), or None."""
+        loaded = self._load(step, None, [])
+        return None if loaded is None else (loaded.step, loaded.state)
+
+    def _load(self, step: int | None, targets: Any, strict_paths: list[tuple[Any, ...]]) -> Any:
+        self._check_open()
+        pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="ckptmirror-read")
+        try:
+            loaded = load_newest(self.replicas, pool, step=step, targets=targets, strict_paths=strict_paths, max_buffer_bytes=self.object_bytes)
+        finally:
+            pool.shutdown(wait=True)
+        if loaded is not None:
+            by_replica: dict[str, int] = {}
+            for url in loaded.sources.values():
+                by_replica[url] = by_replica.get(url, 0) + 1
+            log.info("restored step %d; objects served by %s", loaded.step, by_replica)
+        return loaded
+
+    def steps(self) -> list[int]:
+        """Committed steps (on any replica), ascending."""
+        return sorted(list_steps(self.replicas).committed)
+
+    def replica_steps(self) -> dict[str, list[int]]:
+        """Committed steps per replica URL."""
+        listing = list_steps(self.replicas)
+        out: dict[str, list[int]] = {r.url: [] for r in self.replicas}
+        for s, urls in listing.committed.items():
+            for u in urls:
+                out[u].append(s)
+        return out
+
+    @property
+    def staging_allocations(self) -> int:
+        """How many staging buffers have been allocated; constant in steady state."""
+        return self._arenas.allocations
+
+    # -------------------------------------------------------------------------- closing
+    def close(self, raise_errors: bool = True) -> None:
+        """Wait for in-flight saves, stop the threads, free the staging buffers."""
+        if self._closed:
+            return
+        try:
+            if raise_errors:
+                self.wait()
+        finally:
+            self._closed = True
+            self._jobs.put(None)
+            self._worker.join()
+            self._replica_pool.shutdown(wait=True)
+            for p in self._io_pools.values():
+                p.shutdown(wait=True)
+            self._hash_pool.shutdown(wait=True)
+            self._arenas.release_memory()
+            for r in self.replicas:
+                r.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Mirror is closed")
+
+
+def _scheme(url: "str | Replica") -> str:
+    if isinstance(url, Replica):
+        return ""
+    return url.split("://", 1)[0].lower() if "://" in url else "file"

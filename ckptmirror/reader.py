@@ -1,0 +1,453 @@
+"""Read path: discover committed steps, choose replicas, fetch and verify objects, rebuild state.
+
+For each candidate step, newest first:
+
+1. the commit record is read from the first replica (in preference order) where it parses;
+2. the rank manifest is fetched from any replica where it matches the size and checksum the
+   commit pins, so a manifest can be taken from a replica other than the commit's;
+3. the manifest is checked against the restore targets (keys, shapes) *before* any tensor is
+   touched; every object must be present with its recorded size on at least one replica;
+4. objects are read in parallel into bounded buffers, verified (size, xxh3), and scattered
+   into the target tensors in place; an object that fails on one replica is fetched from the
+   next. Only if an object verifies nowhere does the step fail, and the reader falls back to
+   the previous step with a warning naming what was wrong.
+
+Checkpoints that exist but none of which verifies raise :class:`NoValidCheckpointError`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .checksum import checksum
+from .errors import (
+    CkptMirrorError,
+    CorruptObjectError,
+    ManifestError,
+    NoValidCheckpointError,
+    ObjectMissingError,
+    ReplicaError,
+    StateMismatchError,
+    StepNotFoundError,
+)
+from .format import (
+    MAX_MANIFEST_BYTES,
+    CommitRecord,
+    LeafRecord,
+    RankManifest,
+    commit_key,
+    parse_commit,
+    parse_rank_manifest,
+    parse_step_dir,
+)
+from .replicas.base import Replica
+from .staging import byte_view
+from .tree import dtype_from_name, key_path, unflatten
+
+log = logging.getLogger("ckptmirror")
+
+#: Failures that make one step unrecoverable but let the reader fall back to an older one.
+_STEP_FAILURES = (CorruptObjectError, ObjectMissingError, ManifestError, ReplicaError)
+
+
+@dataclass(frozen=True)
+class StepListing:
+    """Which replicas hold a commit record for which step, and what is torn."""
+
+    committed: dict[int, list[str]]  # step -> replica URLs, in preference order
+    torn: dict[str, list[int]]  # replica URL -> steps with objects but no commit
+    unreachable: dict[str, str]  # replica URL -> error
+
+
+@dataclass
+class Loaded:
+    """A step read back: the state tree, and which replica served each object."""
+
+    step: int
+    state: Any
+    sources: dict[str, str] = field(default_factory=dict)  # object key -> replica URL
+
+
+def list_steps(replicas: Sequence[Replica]) -> StepListing:
+    """List committed and torn steps on every replica (presence of the commit record only)."""
+    committed: dict[int, list[str]] = {}
+    torn: dict[str, list[int]] = {}
+    unreachable: dict[str, str] = {}
+    for r in replicas:
+        try:
+            for name in r.list_steps():
+                s = parse_step_dir(name)
+                if s is None:
+                    continue
+                if r.size(commit_key(s)) is not None:
+                    committed.setdefault(s, []).append(r.url)
+                else:
+                    torn.setdefault(r.url, []).append(s)
+        except (CkptMirrorError, OSError) as exc:
+            log.warning("replica %s could not be listed: %s", r.url, exc)
+            unreachable[r.url] = f"{type(exc).__name__}: {exc}"
+    return StepListing(dict(sorted(committed.items())), torn, unreachable)
+
+
+def _elem_size(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _check_leaf_bounds(m: RankManifest, key: str) -> list[int]:
+    """Storages must not overlap and every leaf must lie inside its storage span.
+
+    Returns each leaf's element size. A manifest that fails is rejected before any read.
+    """
+    end = 0
+    for i in sorted((i for i, s in enumerate(m.storages) if s.nbytes), key=lambda i: m.storages[i].offset):
+        if m.storages[i].offset < end:
+            raise ManifestError(f"storages[{i}] overlaps another storage", key=key)
+        end = m.storages[i].offset + m.storages[i].nbytes
+    sizes = []
+    for i, lf in enumerate(m.leaves):
+        if lf.kind == "tensor":
+            esize = _elem_size(dtype_from_name(lf.dtype, key))
+        else:
+            import numpy as np
+
+            try:
+                dt = np.dtype(lf.dtype)
+            except TypeError as exc:
+                raise ManifestError(f"leaves[{i}]: bad numpy dtype {lf.dtype!r}", key=key) from exc
+            if dt.hasobject or dt.fields is not None:
+                raise ManifestError(f"leaves[{i}]: numpy dtype {lf.dtype!r} holds objects", key=key)
+            esize = dt.itemsize
+        nbytes = m.storages[lf.storage].nbytes
+        numel = 1
+        for d in lf.shape:
+            numel *= d
+        if numel:
+            last = lf.offset + sum((d - 1) * s for d, s in zip(lf.shape, lf.stride))
+            if (last + 1) * esize > nbytes:
+                raise ManifestError(f"leaves[{i}] reaches byte {(last + 1) * esize} of a {nbytes}-byte storage", key=key)
+        sizes.append(esize)
+    return sizes
+
+
+class _Target:
+    """Where the bytes of one storage go: straight into a target tensor, or a fresh buffer."""
+
+    def __init__(self, dest: torch.Tensor, direct: torch.Tensor | None) -> None:
+        self.dest = dest  # uint8 view the bytes are copied into
+        self.direct = direct  # the target tensor, when dest aliases it
+
+
+def _lookup(tree: Any, path: tuple[Any, ...]) -> Any:
+    node = tree
+    for k in path:
+        try:
+            node = node[k]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out = []
+    acc = 1
+    for d in reversed(shape):
+        out.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(out))
+
+
+class StepReader:
+    """Reads one step of one rank from a list of replicas, with per-object fallback."""
+
+    def __init__(self, replicas: Sequence[Replica], pool: ThreadPoolExecutor, max_buffer_bytes: int) -> None:
+        self.replicas = sorted(replicas, key=lambda r: r.read_priority)
+        self.pool = pool
+        self.max_buffer_bytes = max_buffer_bytes
+        self._local = threading.local()
+
+    # -- manifests -----------------------------------------------------------------------
+    def read_commit(self, step: int, urls: Sequence[str] | None = None) -> CommitRecord:
+        """The commit record of ``step`` from the first replica where it parses."""
+        errors = []
+        for r in self.replicas:
+            if urls is not None and r.url not in urls:
+                continue
+            key = commit_key(step)
+            try:
+                return parse_commit(r.get(key, MAX_MANIFEST_BYTES), key)
+            except _STEP_FAILURES as exc:
+                if isinstance(exc, ManifestError) and not exc.replica:
+                    exc = ManifestError(str(exc).split(": ", 1)[-1], replica=r.url, key=key)
+                errors.append(exc)
+        raise errors[0] if len(errors) == 1 else ManifestError(
+            "no replica holds a valid commit: " + "; ".join(str(e) for e in errors), key=commit_key(step)
+        )
+
+    def read_manifest(self, commit: CommitRecord, rank: int) -> RankManifest:
+        """The rank manifest, verified against the commit's pin, from any replica."""
+        ref = commit.ranks[rank]
+        errors: list[str] = []
+        for r in self.replicas:
+            try:
+                data = r.get(ref.key, MAX_MANIFEST_BYTES)
+                if len(data) != ref.size or checksum(data) != ref.checksum:
+                    raise CorruptObjectError(f"rank manifest does not match the commit (size {len(data)} vs {ref.size}, checksum)", replica=r.url, key=ref.key)
+                m = parse_rank_manifest(data, ref.key)
+                if (m.step, m.rank, m.world_size) != (commit.step, rank, commit.world_size):
+                    raise ManifestError("rank manifest belongs to another step, rank or world size", replica=r.url, key=ref.key)
+                return m
+            except _STEP_FAILURES as exc:
+                errors.append(str(exc))
+        raise CorruptObjectError("no replica holds a verifying copy: " + "; ".join(errors), key=ref.key)
+
+    # -- objects -------------------------------------------------------------------------
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            self._local.buf = buf
+        return buf[:nbytes]
+
+    def preflight(self, m: RankManifest) -> dict[str, list[Replica]]:
+        """For each object, the replicas that hold it with the right size, preferred first.
+
+        Run before any tensor is modified, so a step that is missing objects everywhere is
+        rejected without touching the caller's state.
+        """
+        plan: dict[str, list[Replica]] = {}
+        for obj in m.objects:
+            good, problems = [], []
+            for r in self.replicas:
+                try:
+                    size = r.size(obj.key)
+                except _STEP_FAILURES as exc:
+                    problems.append(f"{r.url}: {exc}")
+                    continue
+                if size == obj.size:
+                    good.append(r)
+                else:
+                    problems.append(f"{r.url}: " + ("missing" if size is None else f"size {size}, expected {obj.size}"))
+            if not good:
+                raise ObjectMissingError("no replica holds it with the recorded size (" + "; ".join(problems) + ")", key=obj.key)
+            plan[obj.key] = good
+        return plan
+
+    def fetch(self, key: str, size: int, csum: str, candidates: Sequence[Replica]) -> tuple[torch.Tensor, str]:
+        """Read one object into this thread's buffer from the first replica where it verifies."""
+        problems = []
+        for r in candidates:
+            buf = self._buffer(size)
+            try:
+                r.read_into(key, memoryview(buf.numpy()))
+                got = checksum(memoryview(buf.numpy()))
+                if got != csum:
+                    raise CorruptObjectError(f"checksum mismatch: stored {got}, manifest {csum}", replica=r.url, key=key)
+                return buf, r.url
+            except _STEP_FAILURES as exc:
+                log.warning("object %s failed on %s, trying the next replica: %s", key, r.url, exc)
+                problems.append(str(exc))
+        raise CorruptObjectError("no replica holds a verifying copy: " + "; ".join(problems), key=key)
+
+    # -- the whole step ------------------------------------------------------------------
+    def load(self, m: RankManifest, targets: Any = None, strict_paths: Sequence[tuple[Any, ...]] = ()) -> Loaded:
+        """Rebuild the state of ``m``; fill tensors of ``targets`` (same tree shape) in place."""
+        key = f"rank manifest of step {m.step}"
+        esizes = _check_leaf_bounds(m, key)
+        dtypes = [dtype_from_name(lf.dtype, key) if lf.kind == "tensor" else None for lf in m.leaves]
+        # Decode the structure once with placeholders to learn every leaf's key path.
+        paths: dict[int, tuple[Any, ...]] = {}
+
+        def collect(kind: str, i: int, path: tuple[Any, ...]) -> Any:
+            if not 0 <= i < len(m.leaves) or m.leaves[i].kind != kind or i in paths:
+                raise ManifestError(f"bad or repeated {kind} reference {i} at {key_path('state', path)}", key=key)
+            paths[i] = path
+            return None
+
+        unflatten(m.structure, collect, key)
+        leaf_targets = self._match_targets(m, paths, targets, strict_paths, dtypes)
+        object_plan = self.preflight(m)
+        storage_targets = self._storage_targets(m, leaf_targets, dtypes, esizes)
+        loaded = Loaded(m.step, None)
+        self._read_objects(m, object_plan, storage_targets, loaded)
+        leaves = self._build_leaves(m, storage_targets, leaf_targets, dtypes)
+        loaded.state = unflatten(m.structure, lambda kind, i, path: leaves[i], key)
+        return loaded
+
+    def _match_targets(self, m: RankManifest, paths: dict[int, tuple[Any, ...]], targets: Any, strict_paths: Sequence[tuple[Any, ...]], dtypes: list[torch.dtype | None]) -> dict[int, torch.Tensor]:
+        out: dict[int, torch.Tensor] = {}
+        if targets is None:
+            return out
+        stored_paths = {p: i for i, p in paths.items()}
+        problems = []
+        for prefix in strict_paths:
+            sub = _lookup(targets, prefix)
+            if not isinstance(sub, dict):
+                continue
+            for k, v in sub.items():
+                if isinstance(v, torch.Tensor) and prefix + (k,) not in stored_paths:
+                    problems.append(f"{key_path('state', prefix + (k,))} is in the target but not in the checkpoint")
+            stored_sub = _lookup_stored_keys(paths, prefix)
+            for k in stored_sub:
+                if k not in sub:
+                    problems.append(f"{key_path('state', prefix + (k,))} is in the checkpoint but not in the target")
+        for i, path in paths.items():
+            t = _lookup(targets, path)
+            if not isinstance(t, torch.Tensor):
+                continue
+            lf = m.leaves[i]
+            if lf.kind != "tensor":
+                problems.append(f"{key_path('state', path)}: checkpoint holds a numpy array, target a tensor")
+            elif tuple(t.shape) != lf.shape:
+                problems.append(f"{key_path('state', path)}: checkpoint shape {list(lf.shape)}, target shape {list(t.shape)}")
+            else:
+                out[i] = t
+        if problems:
+            raise StateMismatchError(f"step {m.step} does not fit the restore target:\n  " + "\n  ".join(problems[:50]))
+        return out
+
+    def _storage_targets(self, m: RankManifest, leaf_targets: dict[int, torch.Tensor], dtypes: list[torch.dtype | None], esizes: list[int]) -> list[_Target]:
+        users: dict[int, list[int]] = {}
+        for i, lf in enumerate(m.leaves):
+            users.setdefault(lf.storage, []).append(i)
+        out = []
+        for s, rec in enumerate(m.storages):
+            direct = None
+            members = users.get(s, [])
+            if len(members) == 1 and members[0] in leaf_targets:
+                i = members[0]
+                lf, t = m.leaves[i], leaf_targets[i]
+                if (
+                    lf.offset == 0
+                    and lf.stride == _contiguous_strides(lf.shape)
+                    and t.dtype == dtypes[i]
+                    and t.is_contiguous()
+                    and t.numel() * esizes[i] == rec.nbytes
+                    and type(t) in (torch.Tensor, torch.nn.Parameter)
+                ):
+                    direct = t
+            if direct is not None and rec.nbytes:
+                dest = byte_view(direct.untyped_storage(), direct.storage_offset() * direct.element_size(), rec.nbytes)
+            else:
+                direct = None
+                dest = torch.empty(rec.nbytes, dtype=torch.uint8)
+            out.append(_Target(dest, direct))
+        return out
+
+    def _read_objects(self, m: RankManifest, plan: dict[str, list[Replica]], targets: list[_Target], loaded: Loaded) -> None:
+        # Storages with bytes, by offset; the manifest check guarantees they do not overlap,
+        # so the storages an object touches are a contiguous run found by bisection.
+        order = sorted((i for i, s in enumerate(m.storages) if s.nbytes), key=lambda i: m.storages[i].offset)
+        sorted_starts = [m.storages[i].offset for i in order]
+        obj_offsets = []
+        acc = 0
+        for o in m.objects:
+            obj_offsets.append(acc)
+            acc += o.size
+        lock = threading.Lock()
+
+        def work(j: int) -> None:
+            obj = m.objects[j]
+            lo, hi = obj_offsets[j], obj_offsets[j] + obj.size
+            buf, url = self.fetch(obj.key, obj.size, obj.checksum, plan[obj.key])
+            # Storages overlapping [lo, hi): those starting before hi, minus those ending before lo.
+            k = max(0, bisect.bisect_right(sorted_starts, lo) - 1)
+            while k < len(order) and sorted_starts[k] < hi:
+                rec = m.storages[order[k]]
+                a, b = max(lo, rec.offset), min(hi, rec.offset + rec.nbytes)
+                if a < b:
+                    targets[order[k]].dest[a - rec.offset : b - rec.offset].copy_(buf[a - lo : b - lo])
+                k += 1
+            with lock:
+                loaded.sources[obj.key] = url
+
+        for f in [self.pool.submit(work, j) for j in range(len(m.objects))]:
+            f.result()
+
+    def _build_leaves(self, m: RankManifest, targets: list[_Target], leaf_targets: dict[int, torch.Tensor], dtypes: list[torch.dtype | None]) -> list[Any]:
+        out: list[Any] = []
+        for i, lf in enumerate(m.leaves):
+            tgt = targets[lf.storage]
+            if lf.kind == "ndarray":
+                import numpy as np
+
+                dt = np.dtype(lf.dtype)
+                arr = np.empty(lf.shape, dtype=dt)
+                n = arr.nbytes
+                arr.reshape(-1).view(np.uint8)[:] = tgt.dest.numpy()[lf.offset * dt.itemsize : lf.offset * dt.itemsize + n]
+                out.append(arr)
+                continue
+            if tgt.direct is not None:
+                out.append(leaf_targets[i])
+                continue
+            dtype = dtypes[i]
+            assert dtype is not None
+            t = torch.empty(0, dtype=dtype).set_(tgt.dest.untyped_storage(), lf.offset, lf.shape, lf.stride)
+            if i in leaf_targets:
+                target = leaf_targets[i]
+                with torch.no_grad():
+                    target.copy_(t)
+                out.append(target)
+                continue
+            if lf.parameter:
+                t = torch.nn.Parameter(t, requires_grad=lf.requires_grad)
+            elif lf.requires_grad and t.is_floating_point():
+                t.requires_grad_(True)
+            out.append(t)
+        return out
+
+
+def _lookup_stored_keys(paths: dict[int, tuple[Any, ...]], prefix: tuple[Any, ...]) -> set[Any]:
+    n = len(prefix)
+    return {p[n] for p in paths.values() if len(p) > n and p[:n] == prefix}
+
+
+def load_newest(
+    replicas: Sequence[Replica],
+    pool: ThreadPoolExecutor,
+    *,
+    rank: int = 0,
+    step: int | None = None,
+    targets: Any = None,
+    strict_paths: Sequence[tuple[Any, ...]] = (),
+    max_buffer_bytes: int = 64 << 20,
+) -> Loaded | None:
+    """Load ``step`` (or the newest step that verifies) for ``rank``; None if no checkpoint exists."""
+    listing = list_steps(replicas)
+    if listing.unreachable and len(listing.unreachable) == len(replicas):
+        raise NoValidCheckpointError({-1: "every replica is unreachable: " + "; ".join(f"{u}: {e}" for u, e in listing.unreachable.items())})
+    reader = StepReader(replicas, pool, max_buffer_bytes)
+    if step is not None:
+        if step not in listing.committed:
+            raise StepNotFoundError(step, list(listing.committed))
+        candidates = [step]
+    else:
+        candidates = sorted(listing.committed, reverse=True)
+        if not candidates:
+            for url, steps in listing.torn.items():
+                log.info("replica %s holds leftovers of interrupted saves (steps %s); no committed step", url, steps)
+            return None
+    problems: dict[int, str] = {}
+    for s in candidates:
+        try:
+            commit = reader.read_commit(s, listing.committed[s])
+            if rank >= commit.world_size:
+                raise StateMismatchError(f"step {s} was saved by {commit.world_size} rank(s); rank {rank} has nothing to restore")
+            manifest = reader.read_manifest(commit, rank)
+            loaded = reader.load(manifest, targets, strict_paths)
+        except _STEP_FAILURES as exc:
+            if step is not None:
+                raise
+            log.warning("step %d cannot be restored, falling back to an older step: %s", s, exc)
+            problems[s] = f"{type(exc).__name__}: {exc}"
+            continue
+        if problems:
+            log.warning("restored step %d after skipping newer steps %s", s, sorted(problems, reverse=True))
+        return loaded
+    raise NoValidCheckpointError(problems)

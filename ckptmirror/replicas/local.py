@@ -1,0 +1,232 @@
+"""Local-disk replica (``file:///path`` or a plain path).
+
+Writes follow the recipe in RELIABILITY.md: a temp file created with ``O_EXCL`` in the
+destination directory, written, fsynced, renamed into place, then the directory fsynced.
+A failed fsync is never retried (after "fsyncgate", a retry can report durability that is
+not there): the put fails, and with it this replica's copy of the step. Commits use
+``link()``, which fails if the target exists, so a commit is never replaced.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from urllib.parse import unquote, urlparse
+
+from ..errors import CorruptObjectError, ObjectMissingError, ReplicaError, StepExistsError
+from .base import Buffer, Replica, validate_key
+
+_TMP_PREFIX = ".tmp-"
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_BINARY = getattr(os, "O_BINARY", 0)
+
+
+def path_from_url(url: str) -> str:
+    """Filesystem path of a ``file://`` URL or plain path."""
+    if url.startswith("file://"):
+        parsed = urlparse(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"file URL with a host is not supported: {url}")
+        return unquote(parsed.path)
+    return url
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory so that renames and creations in it are durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalReplica(Replica):
+    """A directory on a local (or node-local) filesystem."""
+
+    read_priority = 10
+
+    def __init__(self, url: str, *, fsync: bool = True) -> None:
+        super().__init__(url)
+        self.root = os.path.realpath(path_from_url(url))
+        self.fsync = fsync
+        os.makedirs(self.root, exist_ok=True)
+
+    # -- paths ---------------------------------------------------------------------------
+    def _path(self, key: str) -> str:
+        validate_key(key, self.url)
+        path = os.path.join(self.root, *key.split("/"))
+        # A directory planted as a symlink inside the root must not lead us outside it.
+        parent = os.path.realpath(os.path.dirname(path))
+        if parent != self.root and not parent.startswith(self.root + os.sep):
+            raise ReplicaError("path escapes the replica root through a symlink", replica=self.url, key=key)
+        return path
+
+    def _err(self, exc: OSError, key: str, what: str) -> ReplicaError:
+        return ReplicaError(f"{what} failed: [{errno.errorcode.get(exc.errno or 0, exc.errno)}] {exc.strerror or exc}", replica=self.url, key=key)
+
+    # -- writing -------------------------------------------------------------------------
+    def _write_tmp(self, path: str, key: str, data: Buffer) -> str:
+        d = os.path.dirname(path)
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as exc:
+            raise self._err(exc, key, "mkdir") from exc
+        tmp = os.path.join(d, f"{_TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY, 0o644)
+        except OSError as exc:
+            raise self._err(exc, key, "create") from exc
+        try:
+            try:
+                view = memoryview(data).cast("B")
+                written = 0
+                while written < len(view):
+                    written += os.write(fd, view[written : written + (64 << 20)])
+            except OSError as exc:
+                raise self._err(exc, key, "write") from exc
+            if self.fsync:
+                try:
+                    os.fsync(fd)
+                except OSError as exc:
+                    raise self._err(exc, key, "fsync (not retried)") from exc
+        except BaseException:
+            os.close(fd)
+            _unlink_quiet(tmp)
+            raise
+        os.close(fd)
+        return tmp
+
+    def _sync_parent(self, path: str, key: str) -> None:
+        if self.fsync:
+            try:
+                fsync_dir(os.path.dirname(path))
+            except OSError as exc:
+                raise self._err(exc, key, "directory fsync (not retried)") from exc
+
+    def put(self, key: str, data: Buffer) -> None:
+        path = self._path(key)
+        tmp = self._write_tmp(path, key, data)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            _unlink_quiet(tmp)
+            raise self._err(exc, key, "rename") from exc
+        self._sync_parent(path, key)
+
+    def commit(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = self._write_tmp(path, key, data)
+        try:
+            os.link(tmp, path)  # fails with EEXIST instead of replacing an existing commit
+        except FileExistsError as exc:
+            raise StepExistsError(_step_of(key), self.url) from exc
+        except OSError as exc:
+            raise self._err(exc, key, "link") from exc
+        finally:
+            _unlink_quiet(tmp)
+        self._sync_parent(path, key)
+
+    # -- reading -------------------------------------------------------------------------
+    def _open_read(self, key: str) -> int:
+        path = self._path(key)
+        try:
+            return os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_BINARY)
+        except FileNotFoundError as exc:
+            raise ObjectMissingError("not found", replica=self.url, key=key) from exc
+        except OSError as exc:
+            raise self._err(exc, key, "open") from exc
+
+    def get(self, key: str, max_bytes: int) -> bytes:
+        fd = self._open_read(key)
+        try:
+            size = os.fstat(fd).st_size
+            if size > max_bytes:
+                raise CorruptObjectError(f"object is {size} bytes, more than the {max_bytes} allowed", replica=self.url, key=key)
+            out = bytearray(size)
+            self._readinto(fd, memoryview(out), key)
+            return bytes(out)
+        finally:
+            os.close(fd)
+
+    def read_into(self, key: str, out: memoryview) -> None:
+        fd = self._open_read(key)
+        try:
+            size = os.fstat(fd).st_size
+            if size != len(out):
+                raise CorruptObjectError(f"size is {size} bytes, manifest says {len(out)}", replica=self.url, key=key)
+            self._readinto(fd, out, key)
+        finally:
+            os.close(fd)
+
+    def _readinto(self, fd: int, out: memoryview, key: str) -> None:
+        view = out.cast("B") if out.format != "B" else out
+        done = 0
+        try:
+            while done < len(view):
+                n = os.readv(fd, [view[done:]])
+                if n == 0:
+                    raise CorruptObjectError(f"object ended after {done} of {len(view)} bytes", replica=self.url, key=key)
+                done += n
+        except OSError as exc:
+            raise self._err(exc, key, "read") from exc
+
+    def size(self, key: str) -> int | None:
+        try:
+            st = os.stat(self._path(key), follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._err(exc, key, "stat") from exc
+        return st.st_size
+
+    def list_steps(self) -> list[str]:
+        try:
+            return sorted(e.name for e in os.scandir(self.root) if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise self._err(exc, "", "list") from exc
+
+    def list_prefix(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        out: list[str] = []
+        for dirpath, _dirs, files in os.walk(base):
+            rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+            out.extend(f"{rel}/{f}" for f in files)
+        return sorted(out)
+
+    # -- deleting ------------------------------------------------------------------------
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise self._err(exc, key, "delete") from exc
+        self._sync_parent(path, key)
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix)
+        try:
+            shutil.rmtree(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise self._err(exc, prefix, "delete") from exc
+        self._sync_parent(path, prefix)
+
+
+def _step_of(key: str) -> int:
+    from ..format import parse_step_dir
+
+    return parse_step_dir(key.split("/", 1)[0]) or -1
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

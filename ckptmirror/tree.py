@@ -1,0 +1,251 @@
+"""State tree <-> JSON structure plus a flat list of arrays.
+
+A training state is a tree of dicts, lists and tuples whose leaves are tensors and plain
+values. ``flatten`` turns it into a JSON-safe *structure* in which every tensor (or NumPy
+array) is replaced by a reference ``{"t": "tensor", "i": n}`` into a flat list. ``unflatten``
+does the reverse. Nothing here ever pickles or evaluates anything: the structure is data.
+
+Encoding (a closed set; anything else is an :class:`UnsupportedTypeError` naming its key path):
+
+======================  ============================================================
+value                   JSON
+======================  ============================================================
+None, bool, str         themselves
+int                     itself (exact, any size)
+float                   itself, or ``{"t": "float", "v": "nan"|"inf"|"-inf"}``
+dict                    ``{"t": "dict", "items": [[key, value], ...]}`` (keys: str/int/float/bool/None)
+list / tuple            ``{"t": "list"|"tuple", "v": [...]}``
+torch.Size              ``{"t": "size", "v": [ints]}``
+torch.dtype / device    ``{"t": "dtype", "v": "bfloat16"}`` / ``{"t": "device", "v": "cuda:0"}``
+bytes                   ``{"t": "bytes", "v": base64}``
+tensor / ndarray        ``{"t": "tensor", "i": index}`` / ``{"t": "ndarray", "i": index}``
+numpy scalar            ``{"t": "npscalar", "dtype": "<f8", "v": base64 of its bytes}``
+======================  ============================================================
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .errors import ManifestError, UnsupportedTypeError
+
+JSON = Any  # a JSON-compatible value
+
+#: Nesting deeper than this is refused on save and on load (a hostile manifest could
+#: otherwise exhaust the interpreter stack).
+MAX_DEPTH = 200
+
+
+def key_path(root: str, keys: tuple[Any, ...]) -> str:
+    """Render a key path the way a user would index the state: ``state['optim'][0]``."""
+    return root + "".join(f"[{k!r}]" for k in keys)
+
+
+@dataclass(frozen=True)
+class Flattened:
+    """The result of :func:`flatten`."""
+
+    structure: JSON
+    leaves: list[Any]  # torch.Tensor or numpy.ndarray, in reference order
+    paths: list[tuple[Any, ...]]  # key path of each leaf
+
+
+def _is_numpy(obj: Any, attr: str) -> bool:
+    mod = type(obj).__module__
+    if not mod.startswith("numpy"):
+        return False
+    import numpy as np
+
+    return isinstance(obj, getattr(np, attr))
+
+
+def flatten(state: Any, root: str = "state") -> Flattened:
+    """Encode ``state``; raise :class:`UnsupportedTypeError` naming the first bad key path."""
+    leaves: list[Any] = []
+    paths: list[tuple[Any, ...]] = []
+
+    def enc(obj: Any, path: tuple[Any, ...]) -> JSON:
+        if len(path) > MAX_DEPTH:
+            raise UnsupportedTypeError(key_path(root, path), type(obj), f"nested deeper than {MAX_DEPTH}")
+        if obj is None or isinstance(obj, (bool, str)):
+            return obj
+        if isinstance(obj, int):
+            return int(obj)  # IntEnum and friends become plain ints
+        if isinstance(obj, float):
+            if math.isfinite(obj):
+                return float(obj)
+            return {"t": "float", "v": "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")}
+        if isinstance(obj, torch.Tensor):
+            _check_tensor(obj, key_path(root, path))
+            leaves.append(obj)
+            paths.append(path)
+            return {"t": "tensor", "i": len(leaves) - 1}
+        if isinstance(obj, torch.Size):
+            return {"t": "size", "v": [int(d) for d in obj]}
+        if isinstance(obj, dict):
+            items = []
+            for k, v in obj.items():
+                if not (k is None or isinstance(k, (str, int, float, bool))):
+                    raise UnsupportedTypeError(key_path(root, path) + f" key {k!r}", type(k), "dict keys must be str, int, float, bool or None")
+                items.append([enc(k, path), enc(v, path + (k,))])
+            return {"t": "dict", "items": items}
+        if type(obj) in (list, tuple):
+            return {"t": type(obj).__name__, "v": [enc(v, path + (i,)) for i, v in enumerate(obj)]}
+        if isinstance(obj, torch.dtype):
+            return {"t": "dtype", "v": dtype_name(obj)}
+        if isinstance(obj, torch.device):
+            return {"t": "device", "v": str(obj)}
+        if isinstance(obj, (bytes, bytearray)):
+            return {"t": "bytes", "v": base64.b64encode(bytes(obj)).decode("ascii")}
+        if _is_numpy(obj, "ndarray"):
+            if obj.dtype.hasobject or obj.dtype.fields is not None:
+                raise UnsupportedTypeError(key_path(root, path), type(obj), f"numpy dtype {obj.dtype} holds Python objects or fields")
+            leaves.append(obj)
+            paths.append(path)
+            return {"t": "ndarray", "i": len(leaves) - 1}
+        if _is_numpy(obj, "generic"):
+            if obj.dtype.hasobject:
+                raise UnsupportedTypeError(key_path(root, path), type(obj))
+            return {"t": "npscalar", "dtype": obj.dtype.str, "v": base64.b64encode(obj.tobytes()).decode("ascii")}
+        hint = ""
+        if isinstance(obj, tuple):
+            hint = "named tuples and tuple subclasses are not stored; convert to a tuple or dict"
+        elif hasattr(obj, "state_dict"):
+            hint = "call .state_dict() on it first"
+        raise UnsupportedTypeError(key_path(root, path), type(obj), hint)
+
+    structure = enc(state, ())
+    return Flattened(structure, leaves, paths)
+
+
+def _check_tensor(t: torch.Tensor, where: str) -> None:
+    if t.layout != torch.strided:
+        raise UnsupportedTypeError(where, type(t), f"layout {t.layout} is not supported; convert with .to_dense()")
+    if t.is_quantized:
+        raise UnsupportedTypeError(where, type(t), "quantized tensors are not supported")
+    if t.device.type == "meta":
+        raise UnsupportedTypeError(where, type(t), "meta tensors have no data")
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and not getattr(t, "_ckptmirror_plain", False):
+        # Subclasses (DTensor, FakeTensor, ...) need their own handling; raw bytes of their
+        # local storage would silently drop their metadata.
+        raise UnsupportedTypeError(where, type(t), "tensor subclasses are not supported yet")
+    if t.dtype not in DTYPES_BY_NAME.values():
+        raise UnsupportedTypeError(where, type(t), f"dtype {t.dtype} is not supported")
+
+
+def _all_dtypes() -> dict[str, torch.dtype]:
+    out: dict[str, torch.dtype] = {}
+    for name in dir(torch):
+        d = getattr(torch, name)
+        # Quantized dtypes are left out: their storage is not plain element bytes.
+        if isinstance(d, torch.dtype) and not str(d).startswith(("torch.qint", "torch.quint")):
+            out[str(d).removeprefix("torch.")] = d
+    return out
+
+
+#: Every dtype ckptmirror stores, by canonical name (``str(dtype)`` without ``torch.``).
+DTYPES_BY_NAME: dict[str, torch.dtype] = _all_dtypes()
+
+
+def dtype_name(d: torch.dtype) -> str:
+    """Canonical name of a dtype, as written in manifests."""
+    return str(d).removeprefix("torch.")
+
+
+def dtype_from_name(name: str, where: str = "") -> torch.dtype:
+    """Inverse of :func:`dtype_name`; a :class:`ManifestError` for unknown names."""
+    d = DTYPES_BY_NAME.get(name) if isinstance(name, str) else None
+    if d is None:
+        raise ManifestError(f"unknown dtype {name!r}", key=where)
+    return d
+
+
+def unflatten(structure: JSON, leaf: Callable[[str, int, tuple[Any, ...]], Any], where: str = "") -> Any:
+    """Rebuild a tree from ``structure``; ``leaf(kind, index, path)`` supplies tensors/arrays.
+
+    Everything is validated: a structure that is not of the closed encoding above raises
+    :class:`ManifestError` naming ``where`` (the manifest) and the key path inside it.
+    """
+
+    def bad(msg: str, path: tuple[Any, ...]) -> ManifestError:
+        return ManifestError(f"{msg} at {key_path('state', path)}", key=where)
+
+    def dec(node: JSON, path: tuple[Any, ...]) -> Any:
+        if len(path) > MAX_DEPTH:
+            raise bad(f"structure nested deeper than {MAX_DEPTH}", path)
+        if node is None or isinstance(node, (bool, str, int, float)):
+            return node
+        if not isinstance(node, dict):
+            raise bad(f"unexpected JSON {type(node).__name__}", path)
+        t = node.get("t")
+        try:
+            if t == "dict":
+                out: dict[Any, Any] = {}
+                items = node["items"]
+                if not isinstance(items, list):
+                    raise bad("dict items must be a list", path)
+                for pair in items:
+                    if not (isinstance(pair, list) and len(pair) == 2):
+                        raise bad("dict item must be a [key, value] pair", path)
+                    k = dec(pair[0], path)
+                    if not (k is None or isinstance(k, (str, int, float, bool))):
+                        raise bad("dict key of unsupported type", path)
+                    if k in out:
+                        raise bad(f"duplicate dict key {k!r}", path)
+                    out[k] = dec(pair[1], path + (k,))
+                return out
+            if t in ("list", "tuple"):
+                v = node["v"]
+                if not isinstance(v, list):
+                    raise bad(f"{t} payload must be a list", path)
+                seq = [dec(x, path + (i,)) for i, x in enumerate(v)]
+                return seq if t == "list" else tuple(seq)
+            if t == "float":
+                v = node["v"]
+                if v not in ("nan", "inf", "-inf"):
+                    raise bad(f"bad float {v!r}", path)
+                return float(v)
+            if t == "size":
+                v = node["v"]
+                if not (isinstance(v, list) and all(type(d) is int and d >= 0 for d in v)):
+                    raise bad("torch.Size must be a list of non-negative ints", path)
+                return torch.Size(v)
+            if t == "dtype":
+                return dtype_from_name(node["v"], where)
+            if t == "device":
+                v = node["v"]
+                if not isinstance(v, str) or len(v) > 64:
+                    raise bad("bad device", path)
+                return torch.device(v)
+            if t == "bytes":
+                return base64.b64decode(node["v"], validate=True)
+            if t in ("tensor", "ndarray"):
+                i = node["i"]
+                if type(i) is not int:
+                    raise bad("leaf index must be an int", path)
+                return leaf(t, i, path)
+            if t == "npscalar":
+                import numpy as np
+
+                dt = np.dtype(node["dtype"])
+                if dt.hasobject:
+                    raise bad("object numpy scalar", path)
+                raw = base64.b64decode(node["v"], validate=True)
+                if len(raw) != dt.itemsize:
+                    raise bad("numpy scalar size mismatch", path)
+                return np.frombuffer(raw, dtype=dt)[0]
+        except ManifestError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise bad(f"malformed {t!r} node ({type(exc).__name__}: {exc})", path) from exc
+        raise bad(f"unknown node type {t!r}", path)
+
+    try:
+        return dec(structure, ())
+    except RecursionError as exc:
+        raise ManifestError("structure nested too deeply", key=where) from exc
