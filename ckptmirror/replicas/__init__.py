@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from .base import Replica, validate_key
+from .faulty import FaultyReplica
 from .local import LocalReplica
 from .memory import MemoryReplica
 
-__all__ = ["LocalReplica", "MemoryReplica", "Replica", "open_replica", "validate_key"]
+__all__ = ["FaultyReplica", "LocalReplica", "MemoryReplica", "Replica", "open_replica", "validate_key"]
 
 
 def open_replica(url: "str | Replica", options: Mapping[str, Any] | None = None) -> Replica:
