@@ -64,6 +64,12 @@ class SaveHandle:
         with self._cond:
             return dict(self._status)
 
+    @property
+    def committed_count(self) -> int:
+        """On how many replicas the step is committed so far."""
+        with self._cond:
+            return sum(s.state == "committed" for s in self._status.values())
+
     def done(self) -> bool:
         """Whether the outcome is known (committed on enough replicas, or failed)."""
         with self._cond:
@@ -114,7 +120,8 @@ class SaveHandle:
         err = SaveFailedError(
             self.step,
             failures,  # type: ignore[arg-type]
-            f"save of step {self.step} committed on {len(committed)} replica(s), {self._min} required; "
+            f"save of step {self.step} cannot reach the {self._min} committed replica(s) required "
+            f"(committed so far: {committed or 'none'}); "
             + "; ".join(f"{u}: {type(e).__name__}: {e}" for u, e in failures.items()),
         )
         first = next(iter(failures.values()), None)

@@ -80,8 +80,15 @@ class Mirror:
         max_inflight: staging arenas; a save needs a free one (memory = this x state size).
         inflight_policy: ``"wait"`` (default) blocks ``save()`` until an arena is free;
             ``"skip"`` returns a skipped handle at once and logs a warning.
-        min_replicas: replicas a step must commit on for the save to succeed (default: all).
-        storage_options: options per URL scheme, e.g. ``{"file": {"fsync": False}}``.
+        min_replicas: replicas a step must commit on for ``handle.result()`` to succeed
+            (default: every replica that was healthy when the save started).
+        on_replica_error: ``"warn"`` (default): a replica that fails a save is logged, marked
+            degraded and skipped by later saves until it answers again; training goes on as
+            long as the step committed somewhere. ``"raise"``: any replica failure fails the
+            save, and the next ``save()``/``wait()`` raises it.
+        health_interval_s: how often degraded replicas are probed in the background.
+        storage_options: backend options by full URL or by scheme, e.g.
+            ``{"s3": {"part_bytes": 16 << 20}, "file": {"fsync": True}}``; a URL entry wins.
 
     Example::
 
@@ -103,6 +110,8 @@ class Mirror:
         max_inflight: int = 1,
         inflight_policy: Literal["wait", "skip"] = "wait",
         min_replicas: int | None = None,
+        on_replica_error: Literal["warn", "raise"] = "warn",
+        health_interval_s: float = 5.0,
         storage_options: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         if isinstance(replicas, (str, Replica)):
@@ -115,14 +124,20 @@ class Mirror:
             raise ValueError("object_bytes must be positive")
         if inflight_policy not in ("wait", "skip"):
             raise ValueError("inflight_policy must be 'wait' or 'skip'")
+        if on_replica_error not in ("warn", "raise"):
+            raise ValueError("on_replica_error must be 'warn' or 'raise'")
         opts = storage_options or {}
-        self.replicas: list[Replica] = [open_replica(u, opts.get(_scheme(u))) for u in replicas]
+        self.replicas: list[Replica] = [open_replica(u, _options_for(u, opts)) for u in replicas]
         urls = [r.url for r in self.replicas]
         if len(set(urls)) != len(urls):
             raise ValueError(f"duplicate replica URLs: {urls}")
-        self.min_replicas = len(self.replicas) if min_replicas is None else min_replicas
-        if not 1 <= self.min_replicas <= len(self.replicas):
+        if min_replicas is not None and not 1 <= min_replicas <= len(self.replicas):
             raise ValueError(f"min_replicas must be between 1 and {len(self.replicas)}")
+        self.min_replicas = min_replicas
+        self.on_replica_error = on_replica_error
+        self.health_interval_s = health_interval_s
+        #: url -> error text of replicas currently degraded (skipped by saves, probed in the background)
+        self._degraded: dict[str, str] = {}
         self.keep_last = keep_last
         self.object_bytes = object_bytes
         self.io_threads = io_threads
@@ -135,10 +150,16 @@ class Mirror:
         self._lock = threading.Lock()
         self._handles: list[SaveHandle] = []
         self._inflight_steps: set[int] = set()
-        self._committed: set[int] = set(list_steps(self.replicas).committed)
+        listing = list_steps(self.replicas)
+        self._committed: set[int] = set(listing.committed)
+        # A replica that cannot even be listed now starts degraded: saves skip it until it answers.
+        self._degraded.update(listing.unreachable)
         self._closed = False
+        self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="ckptmirror-writer", daemon=True)
         self._worker.start()
+        self._monitor = threading.Thread(target=self._probe_degraded, name="ckptmirror-health", daemon=True)
+        self._monitor.start()
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> "Mirror":
@@ -179,7 +200,16 @@ class Mirror:
                 raise StepExistsError(step)
         flat = flatten(state)
         p = plan(flat)
-        handle = SaveHandle(step, [r.url for r in self.replicas], self.min_replicas, t0)
+        with self._lock:
+            targets = [r for r in self.replicas if r.url not in self._degraded] or list(self.replicas)
+        if self.on_replica_error == "raise" or self.min_replicas is None:
+            required = len(targets)
+        else:
+            required = self.min_replicas
+        handle = SaveHandle(step, [r.url for r in self.replicas], required, t0)
+        for r in self.replicas:
+            if r not in targets:
+                handle._set_replica(r.url, "skipped", None)
         arena = self._arenas.acquire(block=self.inflight_policy == "wait")
         if arena is None:
             log.warning("skipping save of step %d: the previous save is still writing (inflight_policy='skip')", step)
@@ -196,7 +226,7 @@ class Mirror:
         with self._lock:
             self._inflight_steps.add(step)
             self._handles.append(handle)
-        self._jobs.put(_Job(step, handle, arena, stream, p, overwrite, list(self.replicas)))
+        self._jobs.put(_Job(step, handle, arena, stream, p, overwrite, targets))
         return handle
 
     def _run(self) -> None:
@@ -222,6 +252,8 @@ class Mirror:
                 write_step(replica, enc, job.stream, self._io_pools[replica.url], job.overwrite)
             except BaseException as exc:  # noqa: BLE001 - recorded per replica
                 log.warning("replica %s failed to save step %d: %s", replica.url, job.step, exc)
+                if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
+                    self._mark_degraded(replica, exc)
                 job.handle._set_replica(replica.url, "failed", exc)
                 return
             with self._lock:
@@ -240,18 +272,47 @@ class Mirror:
         for f in [self._replica_pool.submit(one, r) for r in job.replicas]:
             f.result()
 
+    def _mark_degraded(self, replica: Replica, exc: BaseException) -> None:
+        with self._lock:
+            if replica.url not in self._degraded:
+                log.warning("replica %s is degraded (%s); saves skip it until it answers again", replica.url, exc)
+            self._degraded[replica.url] = f"{type(exc).__name__}: {exc}"
+
+    def _probe_degraded(self) -> None:
+        while not self._stop.wait(self.health_interval_s):
+            with self._lock:
+                down = [r for r in self.replicas if r.url in self._degraded]
+            for r in down:
+                try:
+                    r.ping()
+                except Exception as exc:  # noqa: BLE001 - still down; recorded
+                    with self._lock:
+                        self._degraded[r.url] = f"{type(exc).__name__}: {exc}"
+                    continue
+                with self._lock:
+                    self._degraded.pop(r.url, None)
+                log.warning("replica %s answers again; saves use it from now on", r.url)
+
+    def health(self) -> dict[str, str]:
+        """Per replica URL: ``"ok"`` or ``"degraded: <last error>"``."""
+        with self._lock:
+            return {r.url: ("degraded: " + self._degraded[r.url]) if r.url in self._degraded else "ok" for r in self.replicas}
+
     def _committed_anywhere(self, step: int) -> bool:
         from .writer import is_committed
 
         return any(is_committed(r, step) for r in self.replicas)
 
     def _raise_unreported(self) -> None:
+        # A save that committed nowhere is always raised; one that committed on fewer
+        # replicas than required is raised only with on_replica_error="raise" (it was logged).
         with self._lock:
             for h in self._handles:
                 err = h._unobserved_error
                 if err is not None:
                     h._mark_observed()
-                    raise err
+                    if self.on_replica_error == "raise" or h.committed_count == 0:
+                        raise err
             self._handles = [h for h in self._handles if not h.done()]
 
     def wait(self, timeout: float | None = None) -> None:
@@ -348,6 +409,7 @@ class Mirror:
                 self.wait()
         finally:
             self._closed = True
+            self._stop.set()
             self._jobs.put(None)
             self._worker.join()
             self._replica_pool.shutdown(wait=True)
@@ -363,7 +425,9 @@ class Mirror:
             raise RuntimeError("this Mirror is closed")
 
 
-def _scheme(url: "str | Replica") -> str:
+def _options_for(url: "str | Replica", options: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Any] | None:
     if isinstance(url, Replica):
-        return ""
-    return url.split("://", 1)[0].lower() if "://" in url else "file"
+        return None
+    if url in options:
+        return options[url]
+    return options.get(url.split("://", 1)[0].lower() if "://" in url else "file")

@@ -98,5 +98,9 @@ class Replica(ABC):
     def delete_prefix(self, prefix: str) -> None:
         """Delete everything under ``prefix`` (a step directory), leftovers included."""
 
+    def ping(self) -> None:
+        """Raise if the replica cannot be reached; used to bring a degraded replica back."""
+        self.list_steps()
+
     def close(self) -> None:
         """Release connections and threads."""
