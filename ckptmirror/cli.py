@@ -28,6 +28,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", default=None, help="where to keep the replicas (default: a temporary directory)")
     demo.add_argument("--steps", type=int, default=40, help="training steps before the simulated crash")
     demo.add_argument("--save-every", type=int, default=5, help="save every N steps")
+    serve = sub.add_parser(
+        "serve",
+        help="run the peer agent that stores replicas for other nodes",
+        description="Run the peer agent. Writers reach it as peer://HOST:PORT/NAMESPACE. It verifies "
+        "every object's size and checksum while receiving, writes with fsync+rename, and accepts a "
+        "commit only when everything the commit names is present and verified.",
+        epilog="examples:\n  ckptmirror serve --root /var/lib/ckptmirror\n"
+        "  ckptmirror serve --root /dev/shm/ckpt --host 0.0.0.0 --token-file /etc/ckptmirror/token  # RAM tier\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--root", required=True, help="directory that holds the replicas (a tmpfs gives a RAM tier)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need --token-file)")
+    serve.add_argument("--port", type=int, default=7070, help="port (0 picks a free one; default 7070)")
+    serve.add_argument("--token-file", help="file holding the shared secret clients must present")
+    serve.add_argument("--tls-cert", help="TLS certificate (PEM)")
+    serve.add_argument("--tls-key", help="TLS private key (PEM)")
+    serve.add_argument("--max-object-bytes", type=int, default=16 << 30, help="largest object accepted (default 16 GiB)")
+    serve.add_argument("--reserve-free-bytes", type=int, default=1 << 30, help="refuse uploads that would leave less free space (default 1 GiB)")
+    serve.add_argument("--max-uploads", type=int, default=16, help="concurrent uploads (default 16)")
+    serve.add_argument("--idle-timeout-s", type=float, default=30.0, help="drop an upload that sends nothing for this long (default 30)")
+    serve.add_argument("--no-fsync", action="store_true", help="skip fsync (only for a tmpfs root, where it is a no-op anyway)")
     return parser
 
 
@@ -42,6 +63,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(args.dir, args.steps, args.save_every)
+        if args.command == "serve":
+            from .agent import serve as run_agent
+
+            token = None
+            if args.token_file:
+                with open(args.token_file, encoding="utf-8") as f:
+                    token = f.read().strip()
+                if not token:
+                    raise ValueError(f"token file {args.token_file} is empty")
+            run_agent(
+                args.root,
+                args.host,
+                args.port,
+                token=token,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
+                max_object_bytes=args.max_object_bytes,
+                reserve_free_bytes=args.reserve_free_bytes,
+                max_uploads=args.max_uploads,
+                idle_timeout_s=args.idle_timeout_s,
+                fsync=not args.no_fsync,
+            )
+            return 0
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # one clear line, no traceback, non-zero status

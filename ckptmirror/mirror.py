@@ -279,19 +279,21 @@ class Mirror:
             self._degraded[replica.url] = f"{type(exc).__name__}: {exc}"
 
     def _probe_degraded(self) -> None:
+        # Degraded replicas are probed until they answer; replicas that ask for a heartbeat
+        # (peers: a node can vanish between saves) are probed even while healthy.
         while not self._stop.wait(self.health_interval_s):
             with self._lock:
-                down = [r for r in self.replicas if r.url in self._degraded]
-            for r in down:
+                probe = [r for r in self.replicas if r.url in self._degraded or getattr(r, "heartbeat", False)]
+            for r in probe:
                 try:
                     r.ping()
-                except Exception as exc:  # noqa: BLE001 - still down; recorded
-                    with self._lock:
-                        self._degraded[r.url] = f"{type(exc).__name__}: {exc}"
+                except Exception as exc:  # noqa: BLE001 - recorded as degraded
+                    self._mark_degraded(r, exc)
                     continue
                 with self._lock:
-                    self._degraded.pop(r.url, None)
-                log.warning("replica %s answers again; saves use it from now on", r.url)
+                    was_down = self._degraded.pop(r.url, None) is not None
+                if was_down:
+                    log.warning("replica %s answers again; saves use it from now on", r.url)
 
     def health(self) -> dict[str, str]:
         """Per replica URL: ``"ok"`` or ``"degraded: <last error>"``."""

@@ -5,6 +5,7 @@ URL                            backend
 =============================  =====================================================
 ``/path``, ``file:///path``    :class:`~ckptmirror.replicas.local.LocalReplica`
 ``memory://name``              :class:`~ckptmirror.replicas.memory.MemoryReplica`
+``peer://host:port/ns``        :class:`~ckptmirror.replicas.peer.PeerReplica` (a ``ckptmirror serve`` agent)
 =============================  =====================================================
 """
 
@@ -32,4 +33,8 @@ def open_replica(url: "str | Replica", options: Mapping[str, Any] | None = None)
         return LocalReplica(url, **opts)
     if scheme == "memory":
         return MemoryReplica(url)
+    if scheme in ("peer", "peers"):
+        from .peer import PeerReplica
+
+        return PeerReplica(url, **opts)
     raise ValueError(f"unsupported replica URL scheme {scheme!r} in {url!r} (supported: file://, memory://)")

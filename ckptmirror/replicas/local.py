@@ -67,37 +67,6 @@ class LocalReplica(Replica):
         return ReplicaError(f"{what} failed: [{errno.errorcode.get(exc.errno or 0, exc.errno)}] {exc.strerror or exc}", replica=self.url, key=key)
 
     # -- writing -------------------------------------------------------------------------
-    def _write_tmp(self, path: str, key: str, data: Buffer) -> str:
-        d = os.path.dirname(path)
-        try:
-            os.makedirs(d, exist_ok=True)
-        except OSError as exc:
-            raise self._err(exc, key, "mkdir") from exc
-        tmp = os.path.join(d, f"{_TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY, 0o644)
-        except OSError as exc:
-            raise self._err(exc, key, "create") from exc
-        try:
-            try:
-                view = memoryview(data).cast("B")
-                written = 0
-                while written < len(view):
-                    written += os.write(fd, view[written : written + (64 << 20)])
-            except OSError as exc:
-                raise self._err(exc, key, "write") from exc
-            if self.fsync:
-                try:
-                    os.fsync(fd)
-                except OSError as exc:
-                    raise self._err(exc, key, "fsync (not retried)") from exc
-        except BaseException:
-            os.close(fd)
-            _unlink_quiet(tmp)
-            raise
-        os.close(fd)
-        return tmp
-
     def _sync_parent(self, path: str, key: str) -> None:
         if self.fsync:
             try:
@@ -105,28 +74,27 @@ class LocalReplica(Replica):
             except OSError as exc:
                 raise self._err(exc, key, "directory fsync (not retried)") from exc
 
+    def open_writer(self, key: str) -> "AtomicWriter":
+        """Start an atomic write of ``key``: feed chunks, then ``finish()`` (or ``abort()``)."""
+        return AtomicWriter(self, key, self._path(key))
+
     def put(self, key: str, data: Buffer) -> None:
-        path = self._path(key)
-        tmp = self._write_tmp(path, key, data)
+        w = self.open_writer(key)
         try:
-            os.replace(tmp, path)
-        except OSError as exc:
-            _unlink_quiet(tmp)
-            raise self._err(exc, key, "rename") from exc
-        self._sync_parent(path, key)
+            w.write(data)
+        except BaseException:
+            w.abort()
+            raise
+        w.finish()
 
     def commit(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        tmp = self._write_tmp(path, key, data)
+        w = self.open_writer(key)
         try:
-            os.link(tmp, path)  # fails with EEXIST instead of replacing an existing commit
-        except FileExistsError as exc:
-            raise StepExistsError(_step_of(key), self.url) from exc
-        except OSError as exc:
-            raise self._err(exc, key, "link") from exc
-        finally:
-            _unlink_quiet(tmp)
-        self._sync_parent(path, key)
+            w.write(data)
+        except BaseException:
+            w.abort()
+            raise
+        w.finish(exclusive=True)
 
     # -- reading -------------------------------------------------------------------------
     def _open_read(self, key: str) -> int:
@@ -217,6 +185,75 @@ class LocalReplica(Replica):
         except OSError as exc:
             raise self._err(exc, prefix, "delete") from exc
         self._sync_parent(path, prefix)
+
+
+class AtomicWriter:
+    """Temp file (``O_EXCL``, same directory) -> write -> fsync -> rename or link -> directory fsync.
+
+    Used for objects put in one piece and for bodies streamed in by the peer agent. Until
+    :meth:`finish`, nothing is visible under the final name; :meth:`abort` removes the temp file.
+    """
+
+    def __init__(self, replica: LocalReplica, key: str, path: str) -> None:
+        self.replica = replica
+        self.key = key
+        self.path = path
+        self.written = 0
+        d = os.path.dirname(path)
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as exc:
+            raise replica._err(exc, key, "mkdir") from exc
+        self.tmp = os.path.join(d, f"{_TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
+        try:
+            self.fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY, 0o644)
+        except OSError as exc:
+            raise replica._err(exc, key, "create") from exc
+
+    def write(self, data: Buffer) -> None:
+        """Append ``data``; on failure the temp file is removed and a ReplicaError raised."""
+        assert self.fd is not None
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += os.write(self.fd, view[done : done + (64 << 20)])
+        except OSError as exc:
+            self.abort()
+            raise self.replica._err(exc, self.key, "write") from exc
+        self.written += done
+
+    def finish(self, exclusive: bool = False) -> None:
+        """Make the object durable under its name. ``exclusive``: fail if the name exists."""
+        assert self.fd is not None
+        r, key = self.replica, self.key
+        try:
+            if r.fsync:
+                try:
+                    os.fsync(self.fd)
+                except OSError as exc:
+                    raise r._err(exc, key, "fsync (not retried)") from exc
+            os.close(self.fd)
+            self.fd = None
+            try:
+                if exclusive:
+                    os.link(self.tmp, self.path)  # EEXIST instead of replacing: never two commits
+                else:
+                    os.replace(self.tmp, self.path)
+            except FileExistsError as exc:
+                raise StepExistsError(_step_of(key), r.url) from exc
+            except OSError as exc:
+                raise r._err(exc, key, "link" if exclusive else "rename") from exc
+        finally:
+            self.abort()
+        r._sync_parent(self.path, key)
+
+    def abort(self) -> None:
+        """Drop the temp file (idempotent)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        _unlink_quiet(self.tmp)
 
 
 def _step_of(key: str) -> int:
