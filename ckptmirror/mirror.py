@@ -17,13 +17,14 @@ import os
 import queue
 import threading
 import time
+from functools import partial
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Protocol, Sequence
 
 import torch
 
-from .errors import CkptMirrorError, SaveFailedError, StepExistsError
+from .errors import CkptMirrorError, StateMismatchError, StepExistsError
 from .format import MAX_STEP
 from .handle import SaveHandle
 from .reader import list_steps, load_newest
@@ -149,6 +150,8 @@ class Mirror:
         self._jobs: "queue.Queue[_Job | None]" = queue.Queue()
         self._lock = threading.Lock()
         self._handles: list[SaveHandle] = []
+        self._unfinished = 0  # queued or running background jobs (retention included)
+        self._idle = threading.Condition(self._lock)
         self._inflight_steps: set[int] = set()
         listing = list_steps(self.replicas)
         self._committed: set[int] = set(listing.committed)
@@ -226,6 +229,7 @@ class Mirror:
         with self._lock:
             self._inflight_steps.add(step)
             self._handles.append(handle)
+            self._unfinished += 1
         self._jobs.put(_Job(step, handle, arena, stream, p, overwrite, targets))
         return handle
 
@@ -243,6 +247,8 @@ class Mirror:
                 self._arenas.release(job.arena)
                 with self._lock:
                     self._inflight_steps.discard(job.step)
+                    self._unfinished -= 1
+                    self._idle.notify_all()
 
     def _write(self, job: _Job) -> None:
         enc = encode(job.step, 0, 1, job.plan, job.stream, self.object_bytes, self._hash_pool)
@@ -323,13 +329,11 @@ class Mirror:
         A failure is reported once: by ``handle.result()``, or else by the next ``save()``,
         ``wait()`` or ``close()``. Raises :class:`TimeoutError` if ``timeout`` passes first.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            handles = list(self._handles)
-        for h in handles:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not h._wait_done(remaining):
-                raise TimeoutError(f"save of step {h.step} still in flight after {timeout} s: {h!r}")
+        with self._idle:
+            # Jobs finish after their handles resolve (slower replicas, retention): wait for all.
+            if not self._idle.wait_for(lambda: self._unfinished == 0, timeout=timeout):
+                pending = [h for h in self._handles if not h.done()]
+                raise TimeoutError(f"saves still in flight after {timeout} s: {pending}")
         self._raise_unreported()
 
     # ---------------------------------------------------------------------- restoring
@@ -346,19 +350,11 @@ class Mirror:
             "optim": optim.state_dict() if optim is not None else None,
         }
         strict_paths = [("model",)] if (strict and model is not None) else []
-        loaded = self._load(step, targets, strict_paths)
+        loaded = self._load(step, targets, strict_paths, partial(_check_fits, model, optim, targets))
         if loaded is None:
             return None
         state = loaded.state
-        if not (isinstance(state, dict) and {"model", "optim", "extra"} <= set(state)):
-            from .errors import StateMismatchError
-
-            raise StateMismatchError(f"step {loaded.step} was written by save_state(), not save(); use load_state()")
         if model is not None:
-            if state["model"] is None:
-                from .errors import StateMismatchError
-
-                raise StateMismatchError(f"step {loaded.step} holds no model state")
             model.load_state_dict(state["model"])
         if optim is not None and state["optim"] is not None:
             optim.load_state_dict(state["optim"])
@@ -366,14 +362,14 @@ class Mirror:
 
     def load_state(self, step: int | None = None) -> tuple[int, Any] | None:
         """Return ``(step, state)`` for the newest step that verifies (or ``step``), or None."""
-        loaded = self._load(step, None, [])
+        loaded = self._load(step, None, [], None)
         return None if loaded is None else (loaded.step, loaded.state)
 
-    def _load(self, step: int | None, targets: Any, strict_paths: list[tuple[Any, ...]]) -> Any:
+    def _load(self, step: int | None, targets: Any, strict_paths: list[tuple[Any, ...]], validate: Any) -> Any:
         self._check_open()
         pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="ckptmirror-read")
         try:
-            loaded = load_newest(self.replicas, pool, step=step, targets=targets, strict_paths=strict_paths, max_buffer_bytes=self.object_bytes)
+            loaded = load_newest(self.replicas, pool, step=step, targets=targets, strict_paths=strict_paths, validate=validate, max_buffer_bytes=self.object_bytes)
         finally:
             pool.shutdown(wait=True)
         if loaded is not None:
@@ -425,6 +421,26 @@ class Mirror:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this Mirror is closed")
+
+
+def _check_fits(model: Stateful | None, optim: Stateful | None, targets: dict[str, Any], skeleton: Any) -> None:
+    """Refuse, before any tensor is written, a checkpoint that ``load_state_dict`` would reject."""
+    if not (isinstance(skeleton, dict) and {"model", "optim", "extra"} <= set(skeleton)):
+        raise StateMismatchError("this step was written by save_state(), not save(); use load_state()")
+    if model is not None and skeleton["model"] is None:
+        raise StateMismatchError("this step holds no model state")
+    stored, target = skeleton["optim"], targets["optim"]
+    if optim is None or stored is None or not isinstance(target, dict):
+        return
+    s_groups, t_groups = stored.get("param_groups"), target.get("param_groups")
+    if isinstance(s_groups, list) and isinstance(t_groups, list):
+        if len(s_groups) != len(t_groups):
+            raise StateMismatchError(f"optimizer has {len(t_groups)} param group(s), the checkpoint {len(s_groups)}")
+        for i, (sg, tg) in enumerate(zip(s_groups, t_groups)):
+            if isinstance(sg, dict) and isinstance(tg, dict) and len(sg.get("params", ())) != len(tg.get("params", ())):
+                raise StateMismatchError(
+                    f"optimizer param group {i} has {len(tg.get('params', ()))} parameter(s), the checkpoint {len(sg.get('params', ()))}"
+                )
 
 
 def _options_for(url: "str | Replica", options: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Any] | None:

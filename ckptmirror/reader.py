@@ -22,7 +22,7 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -134,6 +134,15 @@ def _check_leaf_bounds(m: RankManifest, key: str) -> list[int]:
                 raise ManifestError(f"leaves[{i}] reaches byte {(last + 1) * esize} of a {nbytes}-byte storage", key=key)
         sizes.append(esize)
     return sizes
+
+
+@dataclass(frozen=True)
+class LeafSpec:
+    """Placeholder for a stored tensor or array, before its bytes are read."""
+
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
 
 
 class _Target:
@@ -256,8 +265,18 @@ class StepReader:
         raise CorruptObjectError("no replica holds a verifying copy: " + "; ".join(problems), key=key)
 
     # -- the whole step ------------------------------------------------------------------
-    def load(self, m: RankManifest, targets: Any = None, strict_paths: Sequence[tuple[Any, ...]] = ()) -> Loaded:
-        """Rebuild the state of ``m``; fill tensors of ``targets`` (same tree shape) in place."""
+    def load(
+        self,
+        m: RankManifest,
+        targets: Any = None,
+        strict_paths: Sequence[tuple[Any, ...]] = (),
+        validate: Callable[[Any], None] | None = None,
+    ) -> Loaded:
+        """Rebuild the state of ``m``; fill tensors of ``targets`` (same tree shape) in place.
+
+        ``validate`` receives the state tree with :class:`LeafSpec` placeholders for the
+        tensors; it runs, like every other check, before any target tensor is written.
+        """
         key = f"rank manifest of step {m.step}"
         esizes = _check_leaf_bounds(m, key)
         dtypes = [dtype_from_name(lf.dtype, key) if lf.kind == "tensor" else None for lf in m.leaves]
@@ -268,10 +287,13 @@ class StepReader:
             if not 0 <= i < len(m.leaves) or m.leaves[i].kind != kind or i in paths:
                 raise ManifestError(f"bad or repeated {kind} reference {i} at {key_path('state', path)}", key=key)
             paths[i] = path
-            return None
+            lf = m.leaves[i]
+            return LeafSpec(lf.kind, lf.dtype, lf.shape)
 
-        unflatten(m.structure, collect, key)
+        skeleton = unflatten(m.structure, collect, key)
         leaf_targets = self._match_targets(m, paths, targets, strict_paths, dtypes)
+        if validate is not None:
+            validate(skeleton)
         object_plan = self.preflight(m)
         storage_targets = self._storage_targets(m, leaf_targets, dtypes, esizes)
         loaded = Loaded(m.step, None)
@@ -416,6 +438,7 @@ def load_newest(
     step: int | None = None,
     targets: Any = None,
     strict_paths: Sequence[tuple[Any, ...]] = (),
+    validate: Callable[[Any], None] | None = None,
     max_buffer_bytes: int = 64 << 20,
 ) -> Loaded | None:
     """Load ``step`` (or the newest step that verifies) for ``rank``; None if no checkpoint exists."""
@@ -440,7 +463,7 @@ def load_newest(
             if rank >= commit.world_size:
                 raise StateMismatchError(f"step {s} was saved by {commit.world_size} rank(s); rank {rank} has nothing to restore")
             manifest = reader.read_manifest(commit, rank)
-            loaded = reader.load(manifest, targets, strict_paths)
+            loaded = reader.load(manifest, targets, strict_paths, validate)
         except _STEP_FAILURES as exc:
             if step is not None:
                 raise

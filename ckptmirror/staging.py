@@ -87,7 +87,8 @@ def plan(flat: Flattened) -> Plan:
         else:  # numpy array
             import numpy as np
 
-            a = np.ascontiguousarray(leaf)
+            # ascontiguousarray would turn a 0-d array into shape (1,)
+            a = leaf if leaf.flags.c_contiguous else np.ascontiguousarray(leaf)
             tensors[i] = a  # type: ignore[assignment]
             leaf_span[i] = len(spans)
             spans.append(_Span(None, a, 0, a.nbytes))

@@ -12,7 +12,8 @@ value                   JSON
 ======================  ============================================================
 None, bool, str         themselves
 int                     itself (exact, any size)
-float                   itself, or ``{"t": "float", "v": "nan"|"inf"|"-inf"}``
+int beyond int64        ``{"t": "int", "v": hex string}`` (no digit limit)
+float                   itself, or ``{"t": "float", "v": "nan"|"-nan"|"inf"|"-inf"}``
 dict                    ``{"t": "dict", "items": [[key, value], ...]}`` (keys: str/int/float/bool/None)
 list / tuple            ``{"t": "list"|"tuple", "v": [...]}``
 torch.Size              ``{"t": "size", "v": [ints]}``
@@ -72,14 +73,26 @@ def flatten(state: Any, root: str = "state") -> Flattened:
     def enc(obj: Any, path: tuple[Any, ...]) -> JSON:
         if len(path) > MAX_DEPTH:
             raise UnsupportedTypeError(key_path(root, path), type(obj), f"nested deeper than {MAX_DEPTH}")
-        if obj is None or isinstance(obj, (bool, str)):
+        if _is_numpy(obj, "generic"):
+            # Before the builtin checks: np.float64 is a float, np.str_ a str.
+            if obj.dtype.hasobject:
+                raise UnsupportedTypeError(key_path(root, path), type(obj))
+            return {"t": "npscalar", "dtype": obj.dtype.str, "v": base64.b64encode(obj.tobytes()).decode("ascii")}
+        if obj is None or isinstance(obj, bool):
             return obj
+        if isinstance(obj, str):
+            return str(obj)  # str subclasses (StrEnum) become plain strings
         if isinstance(obj, int):
-            return int(obj)  # IntEnum and friends become plain ints
+            if -(1 << 63) <= obj < (1 << 63):
+                return int(obj)  # IntEnum and friends become plain ints
+            # Python's int<->str conversion refuses > 4300 digits; hex has no such limit.
+            return {"t": "int", "v": hex(obj)}
         if isinstance(obj, float):
             if math.isfinite(obj):
                 return float(obj)
-            return {"t": "float", "v": "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")}
+            if math.isnan(obj):
+                return {"t": "float", "v": "-nan" if math.copysign(1.0, obj) < 0 else "nan"}
+            return {"t": "float", "v": "inf" if obj > 0 else "-inf"}
         if isinstance(obj, torch.Tensor):
             _check_tensor(obj, key_path(root, path))
             leaves.append(obj)
@@ -108,10 +121,6 @@ def flatten(state: Any, root: str = "state") -> Flattened:
             leaves.append(obj)
             paths.append(path)
             return {"t": "ndarray", "i": len(leaves) - 1}
-        if _is_numpy(obj, "generic"):
-            if obj.dtype.hasobject:
-                raise UnsupportedTypeError(key_path(root, path), type(obj))
-            return {"t": "npscalar", "dtype": obj.dtype.str, "v": base64.b64encode(obj.tobytes()).decode("ascii")}
         hint = ""
         if isinstance(obj, tuple):
             hint = "named tuples and tuple subclasses are not stored; convert to a tuple or dict"
@@ -207,9 +216,14 @@ def unflatten(structure: JSON, leaf: Callable[[str, int, tuple[Any, ...]], Any],
                 return seq if t == "list" else tuple(seq)
             if t == "float":
                 v = node["v"]
-                if v not in ("nan", "inf", "-inf"):
+                if v not in ("nan", "-nan", "inf", "-inf"):
                     raise bad(f"bad float {v!r}", path)
                 return float(v)
+            if t == "int":
+                v = node["v"]
+                if not isinstance(v, str) or len(v) > (1 << 20):
+                    raise bad("bad big int", path)
+                return int(v, 16)
             if t == "size":
                 v = node["v"]
                 if not (isinstance(v, list) and all(type(d) is int and d >= 0 for d in v)):

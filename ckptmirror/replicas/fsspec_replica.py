@@ -1,0 +1,188 @@
+"""Generic replica on any fsspec filesystem (``gs://``, ``az://``, ``fsspec+PROTO://...``).
+
+For stores without a dedicated backend. ``open_replica`` sends here every scheme that
+fsspec knows and ckptmirror has no backend for, and any URL written ``fsspec+PROTO://...``,
+which forces this backend even where a dedicated one exists: ``fsspec+file:///path`` is a
+local directory through fsspec's ``LocalFileSystem`` (handy for tests), ``fsspec+s3://``
+goes through s3fs's file API instead of :class:`~ckptmirror.replicas.s3.S3Replica`.
+
+Guarantees are weaker than a dedicated backend's, and depend on the filesystem:
+
+* **Writes.** Where a rename is atomic (local filesystems; ``atomic_rename=True`` for
+  others you know), an object is written to a temp name in its directory and moved into
+  place, so a reader never sees it partial. Elsewhere it is written directly, which is still
+  all-or-nothing on object stores (an upload becomes visible when it completes), not on
+  filesystems. Durability is whatever the filesystem gives on close: no fsync. For a local
+  disk use the plain path (:class:`~ckptmirror.replicas.local.LocalReplica`).
+* **Commits.** Create-if-absent is best effort: an existence check, then the write. Two
+  writers racing on one step can both commit; use a backend with atomic commits
+  (local disk, S3 with ``If-None-Match``) where that matters.
+* **Listings.** The listing cache is invalidated before every listing and size check, so a
+  step written by another client is never hidden by a stale cache.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import fsspec
+
+from ..errors import CorruptObjectError, ObjectMissingError, ReplicaError, StepExistsError
+from .base import Buffer, Replica, validate_key
+from .local import _step_of
+
+_TMP_PREFIX = ".tmp-"
+_WRITE_CHUNK = 8 << 20
+#: Protocols whose ``mv`` is an atomic rename within one filesystem.
+_ATOMIC_RENAME = frozenset({"file", "local"})
+
+
+class FsspecReplica(Replica):
+    """A directory on any fsspec filesystem.
+
+    Args:
+        url: ``PROTO://path`` or ``fsspec+PROTO://path``.
+        atomic_rename: whether ``mv`` is atomic on this filesystem (default: only for local files).
+        storage_options: passed to the fsspec filesystem (credentials, endpoints, ...).
+
+    Example::
+
+        FsspecReplica("gs://bucket/run1", token="/path/to/key.json")
+    """
+
+    read_priority = 40
+
+    def __init__(self, url: str, *, atomic_rename: bool | None = None, **storage_options: Any) -> None:
+        super().__init__(url)
+        target = url.split("+", 1)[1] if url.lower().startswith("fsspec+") else url
+        self.fs, root = fsspec.core.url_to_fs(target, **storage_options)
+        self.root = root.rstrip("/")
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        self.atomic_rename = bool(protocols & _ATOMIC_RENAME) if atomic_rename is None else atomic_rename
+        self._guard("mkdir", "", self.fs.makedirs, self.root, exist_ok=True)
+
+    def _path(self, key: str) -> str:
+        validate_key(key, self.url)
+        return f"{self.root}/{key}"
+
+    def _guard(self, what: str, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call ``fn``, translating the filesystem's errors into ckptmirror's."""
+        try:
+            return fn(*args, **kwargs)
+        except FileNotFoundError as exc:
+            raise ObjectMissingError("not found", replica=self.url, key=key) from exc
+        except PermissionError as exc:
+            raise ReplicaError(f"{what}: permission denied ({exc})", replica=self.url, key=key) from exc
+        except (OSError, ValueError, RuntimeError, TimeoutError) as exc:  # fsspec backends raise a mix
+            raise ReplicaError(f"{what} failed: {type(exc).__name__}: {exc}", replica=self.url, key=key) from exc
+
+    # -- writing -------------------------------------------------------------------------
+    def _write(self, path: str, key: str, data: Buffer) -> None:
+        view = memoryview(data).cast("B")
+        parent = path.rsplit("/", 1)[0]
+        self._guard("mkdir", key, self.fs.makedirs, parent, exist_ok=True)
+
+        def write() -> None:
+            with self.fs.open(path, "wb") as f:
+                for off in range(0, len(view), _WRITE_CHUNK):
+                    f.write(view[off : off + _WRITE_CHUNK])
+
+        self._guard("write", key, write)
+
+    def put(self, key: str, data: Buffer) -> None:
+        path = self._path(key)
+        if not self.atomic_rename:
+            return self._write(path, key, data)
+        head, name = path.rsplit("/", 1)
+        tmp = f"{head}/{_TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+        try:
+            self._write(tmp, key, data)
+            self._guard("rename", key, self.fs.mv, tmp, path)
+        except BaseException:
+            try:
+                self.fs.rm_file(tmp)
+            except (OSError, ValueError):
+                pass
+            raise
+
+    def commit(self, key: str, data: bytes) -> None:
+        if self.size(key) is not None:  # best effort: see the module docstring
+            raise StepExistsError(_step_of(key), self.url)
+        self.put(key, data)
+
+    # -- reading -------------------------------------------------------------------------
+    def _size_of(self, path: str, key: str) -> int:
+        self.fs.invalidate_cache(path)
+        info = self._guard("stat", key, self.fs.info, path)
+        if info.get("type") == "directory":
+            raise ObjectMissingError("is a directory, not an object", replica=self.url, key=key)
+        return int(info["size"])
+
+    def get(self, key: str, max_bytes: int) -> bytes:
+        path = self._path(key)
+        size = self._size_of(path, key)
+        if size > max_bytes:
+            raise CorruptObjectError(f"object is {size} bytes, more than the {max_bytes} allowed", replica=self.url, key=key)
+        data = self._guard("read", key, self.fs.cat_file, path)
+        if len(data) != size:
+            raise CorruptObjectError(f"read {len(data)} bytes, the listing said {size}", replica=self.url, key=key)
+        return bytes(data)
+
+    def read_into(self, key: str, out: memoryview) -> None:
+        path = self._path(key)
+        view = out if out.format == "B" and out.ndim == 1 else out.cast("B")
+        size = self._size_of(path, key)
+        if size != len(view):
+            raise CorruptObjectError(f"size is {size} bytes, manifest says {len(view)}", replica=self.url, key=key)
+
+        def read() -> int:
+            done = 0
+            with self.fs.open(path, "rb") as f:
+                while done < len(view) and (n := f.readinto(view[done:])):
+                    done += n
+            return done
+
+        done = self._guard("read", key, read)
+        if done != len(view):
+            raise CorruptObjectError(f"object ended after {done} of {len(view)} bytes", replica=self.url, key=key)
+
+    def size(self, key: str) -> int | None:
+        try:
+            return self._size_of(self._path(key), key)
+        except ObjectMissingError:
+            return None
+
+    def list_steps(self) -> list[str]:
+        self.fs.invalidate_cache(self.root)
+        try:
+            entries = self._guard("list", "", self.fs.ls, self.root, detail=True)
+        except ObjectMissingError:
+            return []
+        names = (e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+        return sorted(n for n in names if not n.startswith("."))
+
+    def list_prefix(self, prefix: str) -> list[str]:
+        path = self._path(prefix)
+        self.fs.invalidate_cache(path)
+        try:
+            found = self._guard("list", prefix, self.fs.find, path)
+        except ObjectMissingError:
+            return []
+        root = self.root + "/"
+        return sorted(p[len(root) :] for p in found if p.startswith(root))
+
+    # -- deleting ------------------------------------------------------------------------
+    def delete(self, key: str) -> None:
+        try:
+            self._guard("delete", key, self.fs.rm_file, self._path(key))
+        except ObjectMissingError:
+            pass
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix)
+        try:
+            self._guard("delete", prefix, self.fs.rm, path, recursive=True)
+        except ObjectMissingError:
+            pass
+        self.fs.invalidate_cache(path)
