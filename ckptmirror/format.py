@@ -2,9 +2,13 @@
 
 See ``docs/FORMAT.md`` for the byte-level description. In short, per step::
 
-    step-000000000042/rank-00000/o000000.bin   object: raw bytes, a window of the rank's data stream
-    step-000000000042/rank-00000.json          rank manifest: objects (size, checksum), tensors, structure
-    step-000000000042/COMMIT.json              written last: pins every rank manifest by size+checksum
+    step-000000000042/rank-00000/o000000-1f2e3d4c.bin   object: raw bytes, a window of the rank's data stream
+    step-000000000042/rank-00000-1f2e3d4c.json          rank manifest: objects (size, checksum), tensors, structure
+    step-000000000042/COMMIT.json                       written last: pins every rank manifest by size+checksum
+
+``1f2e3d4c`` is a random token drawn for each save of each rank, so two writers of the same
+step (or a retry after a crash) never write the same name: a losing writer cannot damage the
+winner's objects, and leftovers of a torn save never collide with the next attempt.
 
 A rank's *data stream* is the concatenation of its objects in order; every storage lives at
 an offset in that stream. Everything read from a replica is validated here before use: a
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,8 +36,16 @@ MAX_MANIFEST_BYTES = 256 << 20
 MAX_DIMS = 64
 COMMIT_NAME = "COMMIT.json"
 
-_STEP_DIR_RE = re.compile(r"^step-(\d{12})$")
-_OBJECT_KEY_RE = re.compile(r"^step-\d{12}/rank-\d{5}/o\d{6}\.bin$")
+# [0-9] and \Z, not \d and $: \d matches non-ASCII digits and $ accepts a trailing newline.
+_STEP_DIR_RE = re.compile(r"step-([0-9]{12})\Z")
+_OBJECT_KEY_RE = re.compile(r"step-[0-9]{12}/rank-[0-9]{5}/o[0-9]{6}-[0-9a-f]{8}\.bin\Z")
+_MANIFEST_KEY_RE = re.compile(r"step-([0-9]{12})/rank-([0-9]{5})-[0-9a-f]{8}\.json\Z")
+_TOKEN_RE = re.compile(r"[0-9a-f]{8}\Z")
+
+
+def new_token() -> str:
+    """A fresh writer token: 8 random hex digits, drawn for each save of each rank."""
+    return secrets.token_hex(4)
 
 
 def step_dir(step: int) -> str:
@@ -46,14 +59,26 @@ def parse_step_dir(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def object_key(step: int, rank: int, index: int) -> str:
-    """Key of object ``index`` of ``rank`` at ``step``."""
-    return f"{step_dir(step)}/rank-{rank:05d}/o{index:06d}.bin"
+def _check_token(token: str) -> str:
+    if not _TOKEN_RE.match(token):
+        raise ValueError(f"bad writer token {token!r}")
+    return token
 
 
-def rank_manifest_key(step: int, rank: int) -> str:
-    """Key of a rank manifest."""
-    return f"{step_dir(step)}/rank-{rank:05d}.json"
+def object_key(step: int, rank: int, index: int, token: str) -> str:
+    """Key of object ``index`` of ``rank`` at ``step``, written by the save with ``token``."""
+    return f"{step_dir(step)}/rank-{rank:05d}/o{index:06d}-{_check_token(token)}.bin"
+
+
+def rank_manifest_key(step: int, rank: int, token: str) -> str:
+    """Key of a rank manifest written by the save with ``token``."""
+    return f"{step_dir(step)}/rank-{rank:05d}-{_check_token(token)}.json"
+
+
+def is_rank_manifest_key(key: str, step: int, rank: int) -> bool:
+    """Whether ``key`` is a well-formed rank manifest name for ``step`` and ``rank``."""
+    m = _MANIFEST_KEY_RE.match(key)
+    return bool(m) and int(m.group(1)) == step and int(m.group(2)) == rank
 
 
 def commit_key(step: int) -> str:
@@ -275,8 +300,8 @@ def parse_commit(data: bytes, key: str) -> CommitRecord:
         rank = f.int(rank, f"ranks[{i}][0]", 0, world - 1)
         if rank != i:
             raise f.err(f"ranks[{i}]", f"rank {rank} out of order")
-        if f.str(rkey, f"ranks[{i}][1]") != rank_manifest_key(step, rank):
-            raise f.err(f"ranks[{i}][1]", f"rank manifest name {rkey!r} does not match step {step} rank {rank}")
+        if not is_rank_manifest_key(f.str(rkey, f"ranks[{i}][1]"), step, rank):
+            raise f.err(f"ranks[{i}][1]", f"rank manifest name {rkey!r} is not a manifest name of step {step} rank {rank}")
         refs.append(RankRef(rank, rkey, f.int(size, f"ranks[{i}][2]", 1, MAX_MANIFEST_BYTES), f.checksum(csum, f"ranks[{i}][3]")))
     created = f.number(doc.get("created_unix", 0.0), "created_unix")
     if key != commit_key(step):

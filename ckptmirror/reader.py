@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -119,7 +119,7 @@ def _check_leaf_bounds(m: RankManifest, key: str) -> list[int]:
 
             try:
                 dt = np.dtype(lf.dtype)
-            except TypeError as exc:
+            except (TypeError, ValueError) as exc:
                 raise ManifestError(f"leaves[{i}]: bad numpy dtype {lf.dtype!r}", key=key) from exc
             if dt.hasobject or dt.fields is not None:
                 raise ManifestError(f"leaves[{i}]: numpy dtype {lf.dtype!r} holds objects", key=key)
@@ -128,6 +128,10 @@ def _check_leaf_bounds(m: RankManifest, key: str) -> list[int]:
         numel = 1
         for d in lf.shape:
             numel *= d
+        if numel >= 1 << 62:
+            raise ManifestError(f"leaves[{i}] has an implausible number of elements ({numel})", key=key)
+        if lf.kind == "ndarray" and numel and lf.stride != _contiguous_strides(lf.shape):
+            raise ManifestError(f"leaves[{i}]: ndarray strides must be C-contiguous", key=key)
         if numel:
             last = lf.offset + sum((d - 1) * s for d, s in zip(lf.shape, lf.stride))
             if (last + 1) * esize > nbytes:
@@ -203,6 +207,7 @@ class StepReader:
         """The rank manifest, verified against the commit's pin, from any replica."""
         ref = commit.ranks[rank]
         errors: list[str] = []
+        parse_failures = 0
         for r in self.replicas:
             try:
                 data = r.get(ref.key, MAX_MANIFEST_BYTES)
@@ -212,9 +217,13 @@ class StepReader:
                 if (m.step, m.rank, m.world_size) != (commit.step, rank, commit.world_size):
                     raise ManifestError("rank manifest belongs to another step, rank or world size", replica=r.url, key=ref.key)
                 return m
+            except ManifestError as exc:
+                parse_failures += 1
+                errors.append(f"{r.url}: {exc}")
             except _STEP_FAILURES as exc:
                 errors.append(str(exc))
-        raise CorruptObjectError("no replica holds a verifying copy: " + "; ".join(errors), key=ref.key)
+        cls = ManifestError if parse_failures == len(errors) else CorruptObjectError
+        raise cls("no replica holds a valid, verifying copy: " + "; ".join(errors), key=ref.key)
 
     # -- objects -------------------------------------------------------------------------
     def _buffer(self, nbytes: int) -> torch.Tensor:
@@ -244,7 +253,9 @@ class StepReader:
                 else:
                     problems.append(f"{r.url}: " + ("missing" if size is None else f"size {size}, expected {obj.size}"))
             if not good:
-                raise ObjectMissingError("no replica holds it with the recorded size (" + "; ".join(problems) + ")", key=obj.key)
+                # Truncated somewhere is corruption; absent everywhere is a missing object.
+                cls = ObjectMissingError if all(p.endswith(": missing") for p in problems) else CorruptObjectError
+                raise cls("no replica holds it with the recorded size (" + "; ".join(problems) + ")", key=obj.key)
             plan[obj.key] = good
         return plan
 
@@ -268,6 +279,7 @@ class StepReader:
     def load(
         self,
         m: RankManifest,
+        key: str,
         targets: Any = None,
         strict_paths: Sequence[tuple[Any, ...]] = (),
         validate: Callable[[Any], None] | None = None,
@@ -277,7 +289,6 @@ class StepReader:
         ``validate`` receives the state tree with :class:`LeafSpec` placeholders for the
         tensors; it runs, like every other check, before any target tensor is written.
         """
-        key = f"rank manifest of step {m.step}"
         esizes = _check_leaf_bounds(m, key)
         dtypes = [dtype_from_name(lf.dtype, key) if lf.kind == "tensor" else None for lf in m.leaves]
         # Decode the structure once with placeholders to learn every leaf's key path.
@@ -373,11 +384,18 @@ class StepReader:
             obj_offsets.append(acc)
             acc += o.size
         lock = threading.Lock()
+        failed = threading.Event()
 
         def work(j: int) -> None:
+            if failed.is_set():
+                return  # the step is lost already; do not write more of it into the targets
             obj = m.objects[j]
             lo, hi = obj_offsets[j], obj_offsets[j] + obj.size
-            buf, url = self.fetch(obj.key, obj.size, obj.checksum, plan[obj.key])
+            try:
+                buf, url = self.fetch(obj.key, obj.size, obj.checksum, plan[obj.key])
+            except BaseException:
+                failed.set()
+                raise
             # Storages overlapping [lo, hi): those starting before hi, minus those ending before lo.
             k = max(0, bisect.bisect_right(sorted_starts, lo) - 1)
             while k < len(order) and sorted_starts[k] < hi:
@@ -389,7 +407,11 @@ class StepReader:
             with lock:
                 loaded.sources[obj.key] = url
 
-        for f in [self.pool.submit(work, j) for j in range(len(m.objects))]:
+        futures = [self.pool.submit(work, j) for j in range(len(m.objects))]
+        # Every read must be over before we return or raise: a straggler writing into the
+        # targets after a fallback to an older step would mix two steps.
+        wait(futures)
+        for f in futures:
             f.result()
 
     def _build_leaves(self, m: RankManifest, targets: list[_Target], leaf_targets: dict[int, torch.Tensor], dtypes: list[torch.dtype | None]) -> list[Any]:
@@ -463,7 +485,7 @@ def load_newest(
             if rank >= commit.world_size:
                 raise StateMismatchError(f"step {s} was saved by {commit.world_size} rank(s); rank {rank} has nothing to restore")
             manifest = reader.read_manifest(commit, rank)
-            loaded = reader.load(manifest, targets, strict_paths, validate)
+            loaded = reader.load(manifest, commit.ranks[rank].key, targets, strict_paths, validate)
         except _STEP_FAILURES as exc:
             if step is not None:
                 raise

@@ -10,20 +10,20 @@ reports its own outcome on the :class:`~ckptmirror.handle.SaveHandle`.
 from __future__ import annotations
 
 import logging
-import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
 
 from .checksum import checksum
-from .errors import CkptMirrorError, ReplicaError, StepExistsError
+from .errors import CkptMirrorError, StepExistsError
 from .format import (
     CommitRecord,
     ObjectRecord,
     RankManifest,
     RankRef,
     commit_key,
+    new_token,
     object_key,
     parse_step_dir,
     rank_manifest_key,
@@ -42,6 +42,7 @@ class EncodedStep:
     step: int
     windows: tuple[tuple[int, int], ...]  # (offset, size) of each object in the stream
     manifest: RankManifest
+    manifest_key: str
     manifest_bytes: bytes
     commit_bytes: bytes
 
@@ -49,15 +50,17 @@ class EncodedStep:
 def encode(step: int, rank: int, world_size: int, p: Plan, stream: torch.Tensor, object_bytes: int, pool: ThreadPoolExecutor) -> EncodedStep:
     """Cut ``stream`` into objects of ``object_bytes`` and checksum each one (in parallel)."""
     total = p.total_bytes
+    token = new_token()
     windows = tuple((off, min(object_bytes, total - off)) for off in range(0, total, object_bytes))
     view = memoryview(stream.numpy()) if total else memoryview(b"")
     sums = list(pool.map(lambda w: checksum(view[w[0] : w[0] + w[1]]), windows))
-    objects = tuple(ObjectRecord(object_key(step, rank, i), size, s) for i, ((_, size), s) in enumerate(zip(windows, sums)))
+    objects = tuple(ObjectRecord(object_key(step, rank, i, token), size, s) for i, ((_, size), s) in enumerate(zip(windows, sums)))
     manifest = RankManifest(step, rank, world_size, objects, p.storages, p.leaves, p.structure)
     mbytes = manifest.to_json()
-    ref = RankRef(rank, rank_manifest_key(step, rank), len(mbytes), checksum(mbytes))
+    mkey = rank_manifest_key(step, rank, token)
+    ref = RankRef(rank, mkey, len(mbytes), checksum(mbytes))
     commit = CommitRecord(step, world_size, (ref,))
-    return EncodedStep(step, windows, manifest, mbytes, commit.to_json())
+    return EncodedStep(step, windows, manifest, mkey, mbytes, commit.to_json())
 
 
 def is_committed(replica: Replica, step: int) -> bool:
@@ -72,26 +75,45 @@ def remove_step(replica: Replica, step: int) -> None:
 
 
 def write_step(replica: Replica, enc: EncodedStep, stream: torch.Tensor, pool: ThreadPoolExecutor, overwrite: bool) -> None:
-    """Write one encoded step to one replica and commit it there. Raises on any failure."""
+    """Write one encoded step to one replica and commit it there. Raises on any failure.
+
+    Names carry this save's token, so nothing here can overwrite another writer's files.
+    Leftovers of an earlier, torn attempt at this step are removed only after our commit
+    (before it, they might belong to a writer that is still running and may yet win).
+    """
     step = enc.step
     if is_committed(replica, step):
         if not overwrite:
             raise StepExistsError(step, replica.url)
         log.warning("overwriting committed step %d on %s", step, replica.url)
         remove_step(replica, step)
-    elif replica.list_prefix(step_dir(step)):
-        # Leftovers of a torn save of this same step: garbage, never part of a commit.
-        log.info("removing leftovers of an interrupted save of step %d on %s", step, replica.url)
-        replica.delete_prefix(step_dir(step))
+    leftovers = replica.list_prefix(step_dir(step))
+    mine = [rec.key for rec in enc.manifest.objects] + [enc.manifest_key]
     view = memoryview(stream.numpy()) if enc.windows else memoryview(b"")
-    futures: list[Future[None]] = [
-        pool.submit(replica.put, rec.key, view[off : off + size]) for rec, (off, size) in zip(enc.manifest.objects, enc.windows)
-    ]
-    wait(futures)
-    for f in futures:
-        f.result()  # first failure wins; the others are already finished
-    replica.put(rank_manifest_key(step, enc.manifest.rank), enc.manifest_bytes)
-    replica.commit(commit_key(step), enc.commit_bytes)
+    try:
+        futures: list[Future[None]] = [
+            pool.submit(replica.put, rec.key, view[off : off + size]) for rec, (off, size) in zip(enc.manifest.objects, enc.windows)
+        ]
+        wait(futures)
+        for f in futures:
+            f.result()  # first failure wins; the others are already finished
+        replica.put(enc.manifest_key, enc.manifest_bytes)
+        replica.commit(commit_key(step), enc.commit_bytes)
+    except StepExistsError:
+        # Another writer committed this step first: our objects are garbage; take them back.
+        _delete_quietly(replica, mine)
+        raise
+    if leftovers:
+        log.info("removing %d leftover file(s) of an interrupted save of step %d on %s", len(leftovers), step, replica.url)
+        _delete_quietly(replica, [k for k in leftovers if k != commit_key(step)])
+
+
+def _delete_quietly(replica: Replica, keys: list[str]) -> None:
+    for k in keys:
+        try:
+            replica.delete(k)
+        except (CkptMirrorError, OSError) as exc:
+            log.warning("could not delete %s on %s: %s (prune removes it later)", k, replica.url, exc)
 
 
 def apply_retention(replica: Replica, newest: int, keep_last: int | None) -> list[int]:
@@ -114,21 +136,3 @@ def apply_retention(replica: Replica, newest: int, keep_last: int | None) -> lis
             remove_step(replica, s)
             removed.append(s)
     return sorted(removed)
-
-
-def describe(exc: BaseException) -> BaseException:
-    """Wrap non-ckptmirror exceptions from a backend so the message names the failure kind."""
-    if isinstance(exc, CkptMirrorError):
-        return exc
-    if isinstance(exc, OSError):
-        err = ReplicaError(f"{type(exc).__name__}: {exc}")
-        err.__cause__ = exc
-        return err
-    return exc
-
-
-def timed(fn, *args) -> float:  # type: ignore[no-untyped-def]
-    """Run ``fn(*args)``; return how long it took."""
-    t0 = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - t0

@@ -31,7 +31,7 @@ from ..errors import ManifestError
 
 Buffer = Union[bytes, bytearray, memoryview]
 
-_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9._-]{1,255}\Z")  # \Z: "$" would accept a trailing newline
 
 
 def validate_key(key: str, replica: str = "") -> str:

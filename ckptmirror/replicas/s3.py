@@ -113,9 +113,9 @@ def _classify(exc: BaseException) -> tuple[type[CkptMirrorError], bool, str] | N
         if found is None:
             found = (ReplicaError, isinstance(status, int) and status >= 500, "request failed")
         return found
-    if isinstance(exc, BotoConnectionError):  # refused, DNS, connect timeout, proxy
+    if isinstance(exc, (BotoConnectionError, ConnectionRefusedError)):  # refused, DNS, connect timeout, proxy
         return (ReplicaUnavailableError, True, "cannot reach the endpoint")
-    if isinstance(exc, (HTTPClientError, IncompleteReadError, aiohttp.ClientError)):  # reset, read timeout, short body
+    if isinstance(exc, (HTTPClientError, IncompleteReadError, aiohttp.ClientError, ConnectionError)):  # reset, read timeout, short body
         return (ReplicaError, True, "connection failed during the request")
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return (ReplicaError, True, "timed out")
@@ -302,7 +302,8 @@ class S3Replica(Replica):
             resp = await self._call("upload_part", key, Key=path, UploadId=upload_id, PartNumber=number, Body=body)
         if not resp.get("ETag"):
             raise ReplicaError(f"UploadPart {number} of s3://{self.bucket}/{path} answered without an ETag", replica=self.url, key=key)
-        return {"PartNumber": number, "ETag": resp["ETag"]}
+        # A part checksum the SDK added must be echoed, or S3 refuses the completion.
+        return {"PartNumber": number, "ETag": resp["ETag"], **{k: resp[k] for k in _PART_CHECKSUMS if k in resp}}
 
     async def _abort(self, key: str, path: str, upload_id: str) -> None:
         try:
