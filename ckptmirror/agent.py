@@ -232,7 +232,13 @@ def build_app(agent: Agent) -> web.Application:
             if commit:
                 assert body is not None
                 await agent.run(_check_commit, agent, ns, replica, key, bytes(body))
-            await agent.run(writer.finish, commit)
+            try:
+                await agent.run(writer.finish, commit)
+            except StepExistsError:
+                writer = None
+                if not (commit and await agent.run(replica._holds, key, bytes(body or b""))):
+                    raise
+                return web.Response(status=201, text="ok (identical commit exists)")
             writer = None
             if not commit:
                 agent.verified[(ns, key)] = (length, expected)

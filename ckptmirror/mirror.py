@@ -129,6 +129,8 @@ class Mirror:
             raise ValueError("on_replica_error must be 'warn' or 'raise'")
         opts = storage_options or {}
         self.replicas: list[Replica] = [open_replica(u, _options_for(u, opts)) for u in replicas]
+        # Replicas built here from URLs are closed by close(); Replica objects stay the caller's.
+        self._owned = [r for r, u in zip(self.replicas, replicas) if not isinstance(u, Replica)]
         urls = [r.url for r in self.replicas]
         if len(set(urls)) != len(urls):
             raise ValueError(f"duplicate replica URLs: {urls}")
@@ -415,7 +417,7 @@ class Mirror:
                 p.shutdown(wait=True)
             self._hash_pool.shutdown(wait=True)
             self._arenas.release_memory()
-            for r in self.replicas:
+            for r in self._owned:
                 r.close()
 
     def _check_open(self) -> None:

@@ -18,7 +18,9 @@ Retention and repair: ``delete(COMMIT)`` first (the step stops existing atomical
 
 Commit semantics: a step exists on a replica exactly when its commit object exists and
 verifies. ``commit`` must never replace an existing commit (raise :class:`StepExistsError`),
-so two writers cannot both commit one step.
+so two writers cannot both commit one step. Committing bytes *identical* to the existing
+commit is success: a retried request whose answer was lost, or several ranks committing
+the same record to a shared replica, must not report their own commit as a rival.
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ def validate_key(key: str, replica: str = "") -> str:
         if seg in ("", ".", "..") or not _SEGMENT_RE.match(seg):
             raise ManifestError("object key contains an unsafe path segment", replica=replica, key=repr(key)[:200])
     return key
+
+
+def step_of_key(key: str) -> int:
+    """The step number a key belongs to (-1 if it is not under a step directory)."""
+    from ..format import parse_step_dir
+
+    step = parse_step_dir(key.split("/", 1)[0])
+    return -1 if step is None else step
 
 
 class Replica(ABC):
@@ -68,7 +78,10 @@ class Replica(ABC):
 
     @abstractmethod
     def commit(self, key: str, data: bytes) -> None:
-        """Create ``key`` atomically and durably, only if it does not exist (else StepExistsError)."""
+        """Create ``key`` atomically and durably, only if it does not exist.
+
+        If it exists with exactly ``data``, succeed; with other bytes, raise StepExistsError.
+        """
 
     @abstractmethod
     def get(self, key: str, max_bytes: int) -> bytes:

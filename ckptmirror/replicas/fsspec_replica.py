@@ -29,8 +29,7 @@ from typing import Any
 import fsspec
 
 from ..errors import CorruptObjectError, ObjectMissingError, ReplicaError, StepExistsError
-from .base import Buffer, Replica, validate_key
-from .local import _step_of
+from .base import Buffer, Replica, step_of_key, validate_key
 
 _TMP_PREFIX = ".tmp-"
 _WRITE_CHUNK = 8 << 20
@@ -108,7 +107,9 @@ class FsspecReplica(Replica):
 
     def commit(self, key: str, data: bytes) -> None:
         if self.size(key) is not None:  # best effort: see the module docstring
-            raise StepExistsError(_step_of(key), self.url)
+            if self.get(key, len(data)) == bytes(data):
+                return  # the identical commit record is already there
+            raise StepExistsError(step_of_key(key), self.url)
         self.put(key, data)
 
     # -- reading -------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import uuid
 from urllib.parse import unquote, urlparse
 
 from ..errors import CorruptObjectError, ObjectMissingError, ReplicaError, StepExistsError
-from .base import Buffer, Replica, validate_key
+from .base import Buffer, Replica, step_of_key, validate_key
 
 _TMP_PREFIX = ".tmp-"
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -94,7 +94,18 @@ class LocalReplica(Replica):
         except BaseException:
             w.abort()
             raise
-        w.finish(exclusive=True)
+        try:
+            w.finish(exclusive=True)
+        except StepExistsError:
+            if self._holds(key, data):
+                return  # the same commit record: ours, or an identical one from another rank
+            raise
+
+    def _holds(self, key: str, data: bytes) -> bool:
+        try:
+            return self.get(key, len(data)) == data
+        except (CorruptObjectError, ObjectMissingError):
+            return False
 
     # -- reading -------------------------------------------------------------------------
     def _open_read(self, key: str) -> int:
@@ -241,7 +252,7 @@ class AtomicWriter:
                 else:
                     os.replace(self.tmp, self.path)
             except FileExistsError as exc:
-                raise StepExistsError(_step_of(key), r.url) from exc
+                raise StepExistsError(step_of_key(key), r.url) from exc
             except OSError as exc:
                 raise r._err(exc, key, "link" if exclusive else "rename") from exc
         finally:
@@ -254,12 +265,6 @@ class AtomicWriter:
             os.close(self.fd)
             self.fd = None
         _unlink_quiet(self.tmp)
-
-
-def _step_of(key: str) -> int:
-    from ..format import parse_step_dir
-
-    return parse_step_dir(key.split("/", 1)[0]) or -1
 
 
 def _unlink_quiet(path: str) -> None:

@@ -10,7 +10,7 @@ import threading
 from typing import ClassVar
 
 from ..errors import CorruptObjectError, ObjectMissingError, StepExistsError
-from .base import Buffer, Replica, validate_key
+from .base import Buffer, Replica, step_of_key, validate_key
 
 
 class MemoryReplica(Replica):
@@ -44,10 +44,11 @@ class MemoryReplica(Replica):
     def commit(self, key: str, data: bytes) -> None:
         validate_key(key, self.url)
         with self._lock:
-            if key in self.objects:
-                from ..format import parse_step_dir
-
-                raise StepExistsError(parse_step_dir(key.split("/")[0]) or -1, self.url)
+            existing = self.objects.get(key)
+            if existing is not None:
+                if existing == bytes(data):
+                    return
+                raise StepExistsError(step_of_key(key), self.url)
             self.objects[key] = bytes(data)
 
     def _blob(self, key: str) -> bytes:
@@ -79,14 +80,17 @@ class MemoryReplica(Replica):
             return sorted({k.split("/", 1)[0] for k in self.objects})
 
     def list_prefix(self, prefix: str) -> list[str]:
+        validate_key(prefix.rstrip("/"), self.url)
         with self._lock:
             return sorted(k for k in self.objects if k.startswith(prefix.rstrip("/") + "/"))
 
     def delete(self, key: str) -> None:
+        validate_key(key, self.url)
         with self._lock:
             self.objects.pop(key, None)
 
     def delete_prefix(self, prefix: str) -> None:
+        validate_key(prefix.rstrip("/"), self.url)
         with self._lock:
             for k in [k for k in self.objects if k.startswith(prefix.rstrip("/") + "/")]:
                 del self.objects[k]

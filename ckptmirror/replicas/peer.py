@@ -23,8 +23,7 @@ from urllib.parse import quote, urlparse
 
 from ..checksum import checksum
 from ..errors import CorruptObjectError, ObjectMissingError, ReplicaError, ReplicaUnavailableError, StepExistsError
-from ..format import parse_step_dir
-from .base import Buffer, Replica, validate_key
+from .base import Buffer, Replica, step_of_key, validate_key
 
 TOKEN_ENV = "CKPTMIRROR_PEER_TOKEN"
 
@@ -117,7 +116,7 @@ class PeerReplica(Replica):
         if resp.status == 404:
             raise ObjectMissingError("not found", replica=self.url, key=key)
         if resp.status == 412:
-            raise StepExistsError(parse_step_dir(key.split("/", 1)[0]) or -1, self.url)
+            raise StepExistsError(step_of_key(key), self.url)
         if resp.status == 422:
             raise CorruptObjectError(f"agent rejected the body: {text}", replica=self.url, key=key)
         if resp.status in (401, 403):

@@ -44,8 +44,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from fsspec.asyn import sync
 
 from ..errors import CkptMirrorError, CorruptObjectError, ObjectMissingError, ReplicaError, ReplicaUnavailableError, StepExistsError
-from .base import Buffer, Replica, validate_key
-from .local import _step_of
+from .base import Buffer, Replica, step_of_key, validate_key
 
 log = logging.getLogger("ckptmirror")
 
@@ -336,7 +335,7 @@ class S3Replica(Replica):
                 return
         if await self._holds(key, path, body):
             return  # a retried request of ours landed first: the same commit, not a rival
-        raise StepExistsError(_step_of(key), self.url) from conflict
+        raise StepExistsError(step_of_key(key), self.url) from conflict
 
     async def _holds(self, key: str, path: str, body: bytes) -> bool:
         try:

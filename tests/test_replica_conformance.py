@@ -1,0 +1,483 @@
+"""One conformance suite for every replica backend, plus what only S3 can get wrong.
+
+Every test taking ``backend`` runs against: a local directory (LocalReplica), an in-memory
+store (MemoryReplica), a real moto S3 server on 127.0.0.1 (S3Replica), and a local directory
+through fsspec (FsspecReplica). The S3 tests at the end inject faults by wrapping
+``S3Replica._send``, the one place a request leaves the replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import pytest
+import torch
+from botocore.exceptions import ClientError
+
+from ckptmirror import Mirror
+from ckptmirror.errors import (
+    CorruptObjectError,
+    ManifestError,
+    ObjectMissingError,
+    ReplicaError,
+    ReplicaUnavailableError,
+    StepExistsError,
+)
+from ckptmirror.format import commit_key, object_key, rank_manifest_key, step_dir
+from ckptmirror.replicas import LocalReplica, MemoryReplica, Replica, open_replica
+from ckptmirror.replicas.fsspec_replica import FsspecReplica
+from ckptmirror.replicas.s3 import S3Replica
+
+MiB = 1 << 20
+PART = 5 * MiB  # S3's minimum part size
+
+
+# --------------------------------------------------------------------------- backends
+
+
+@dataclass
+class Backend:
+    name: str
+    url: str  # what open_replica() and Mirror() accept
+    make: Callable[..., Replica]  # a new client on the same storage
+
+
+@pytest.fixture(params=["local", "memory", "s3", "fsspec"])
+def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Backend]:
+    name = request.param
+    if name == "local":
+        yield Backend(name, str(tmp_path / "replica"), lambda **kw: LocalReplica(str(tmp_path / "replica"), **kw))
+    elif name == "memory":
+        url = f"memory://conformance-{uuid.uuid4().hex}"
+        yield Backend(name, url, lambda: MemoryReplica(url))
+        MemoryReplica.reset(url.split("://", 1)[1])
+    elif name == "s3":
+        url = request.getfixturevalue("s3_url")
+        yield Backend(name, url, lambda **kw: S3Replica(url, **{"part_bytes": PART, "timeout_s": 10, **kw}))
+    else:
+        url = f"fsspec+file://{tmp_path / 'replica'}"
+        yield Backend(name, url, lambda **kw: FsspecReplica(url, **kw))
+
+
+@pytest.fixture
+def replica(backend: Backend) -> Iterator[Replica]:
+    r = backend.make()
+    yield r
+    r.close()
+
+
+def _payload(n: int, seed: int = 0) -> bytes:
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)).numpy().tobytes()
+
+
+TOKEN = "0123abcd"  # the writer's per-save token in object and manifest names
+OBJ = object_key(1, 0, 0, TOKEN)
+MANIFEST = rank_manifest_key(1, 0, TOKEN)
+COMMIT = commit_key(1)
+
+
+# ------------------------------------------------------------------------ the contract
+
+
+def test_put_get_read_into_round_trip(replica: Replica) -> None:
+    data = _payload(1000)
+    replica.put(OBJ, data)
+    replica.put(MANIFEST, b'{"x": 1}')
+    assert replica.get(MANIFEST, 1 << 20) == b'{"x": 1}'
+    assert replica.size(OBJ) == 1000
+    out = bytearray(1000)
+    replica.read_into(OBJ, memoryview(out))
+    assert bytes(out) == data
+    empty = object_key(1, 0, 1, TOKEN)
+    replica.put(empty, b"")
+    assert replica.size(empty) == 0
+    replica.read_into(empty, memoryview(bytearray(0)))
+
+
+def test_multipart_object_from_a_view_of_a_larger_buffer(backend: Backend, replica: Replica) -> None:
+    # ~12 MiB in 5 MiB parts on S3; the data is a window of a bigger buffer, as the writer passes it.
+    big = bytearray(_payload(13 * MiB, seed=1))
+    n = 12 * MiB + 12345
+    replica.put(OBJ, memoryview(big)[777 : 777 + n])
+    assert replica.size(OBJ) == n
+    dest = torch.zeros(n + 64, dtype=torch.uint8)  # read into a window of a bigger tensor, like the reader
+    replica.read_into(OBJ, memoryview(dest.numpy())[32 : 32 + n])
+    assert dest.numpy()[32 : 32 + n].tobytes() == bytes(big[777 : 777 + n])
+    assert not dest[:32].any() and not dest[32 + n :].any()
+    if backend.name == "s3":  # a second client with other part sizes reads it the same
+        other = backend.make(part_bytes=6 * MiB, max_concurrency=2)
+        out = bytearray(n)
+        other.read_into(OBJ, memoryview(out))
+        assert out == big[777 : 777 + n]
+
+
+def test_read_into_size_mismatch_is_corrupt(replica: Replica) -> None:
+    replica.put(OBJ, _payload(100))
+    for wrong in (99, 101, 0):
+        with pytest.raises(CorruptObjectError) as ei:
+            replica.read_into(OBJ, memoryview(bytearray(wrong)))
+        assert OBJ in str(ei.value)
+
+
+def test_get_refuses_objects_over_max_bytes(replica: Replica) -> None:
+    replica.put(MANIFEST, b"x" * 100)
+    with pytest.raises(CorruptObjectError):
+        replica.get(MANIFEST, 99)
+    assert replica.get(MANIFEST, 100) == b"x" * 100
+
+
+def test_missing_object(replica: Replica) -> None:
+    assert replica.size(OBJ) is None
+    with pytest.raises(ObjectMissingError) as ei:
+        replica.get(OBJ, 100)
+    assert isinstance(ei.value, FileNotFoundError) and OBJ in str(ei.value)
+    with pytest.raises(FileNotFoundError):
+        replica.read_into(OBJ, memoryview(bytearray(10)))
+
+
+def test_commit_is_create_if_absent(replica: Replica) -> None:
+    replica.commit(COMMIT, b"first")
+    with pytest.raises(StepExistsError) as ei:
+        replica.commit(COMMIT, b"second")
+    assert isinstance(ei.value, FileExistsError) and ei.value.step == 1
+    assert replica.get(COMMIT, 100) == b"first"
+
+
+def test_listing(replica: Replica) -> None:
+    assert replica.list_steps() == []
+    assert replica.list_prefix(step_dir(1)) == []
+    keys = [object_key(1, 0, 0, TOKEN), object_key(1, 0, 1, TOKEN), rank_manifest_key(1, 0, TOKEN), commit_key(1), object_key(2, 3, 0, TOKEN)]
+    for k in keys:
+        replica.put(k, b"x")
+    assert replica.list_steps() == [step_dir(1), step_dir(2)]
+    assert replica.list_prefix(step_dir(1)) == sorted(keys[:4])
+    assert replica.list_prefix(step_dir(2)) == [object_key(2, 3, 0, TOKEN)]
+    assert replica.list_prefix(f"{step_dir(2)}/rank-00003") == [object_key(2, 3, 0, TOKEN)]
+
+
+def test_delete_and_delete_prefix(replica: Replica) -> None:
+    for k in (OBJ, MANIFEST, COMMIT, object_key(2, 0, 0, TOKEN)):
+        replica.put(k, b"x")
+    replica.delete(COMMIT)
+    replica.delete(COMMIT)  # absent: ignored
+    assert replica.size(COMMIT) is None
+    replica.delete_prefix(step_dir(1))
+    replica.delete_prefix(step_dir(7))  # absent: ignored
+    assert replica.list_prefix(step_dir(1)) == []
+    assert replica.size(OBJ) is None
+    assert replica.list_steps() == [step_dir(2)]
+    assert replica.size(object_key(2, 0, 0, TOKEN)) == 1
+
+
+BAD_KEYS = ["../escape", "step-000000000001/../../x", "/abs/path", "a\x00b", "a//b", "a\\b", "", "./x", "step/..", "x\n"]
+OPS: dict[str, Callable[[Replica, str], Any]] = {
+    "put": lambda r, k: r.put(k, b"x"),
+    "commit": lambda r, k: r.commit(k, b"x"),
+    "get": lambda r, k: r.get(k, 10),
+    "read_into": lambda r, k: r.read_into(k, memoryview(bytearray(1))),
+    "size": lambda r, k: r.size(k),
+    "list_prefix": lambda r, k: r.list_prefix(k),
+    "delete": lambda r, k: r.delete(k),
+    "delete_prefix": lambda r, k: r.delete_prefix(k),
+}
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_unsafe_keys_rejected_before_the_backend(request: pytest.FixtureRequest, backend: Backend, replica: Replica, op: str) -> None:
+    if isinstance(replica, S3Replica):
+
+        async def no_requests(method: str, **kw: Any) -> Any:
+            raise AssertionError(f"{method} sent for an unsafe key")
+
+        replica._send = no_requests  # type: ignore[method-assign]
+    for key in BAD_KEYS:
+        with pytest.raises(ManifestError):
+            OPS[op](replica, key)
+    if not isinstance(replica, S3Replica):
+        assert replica.list_steps() == []
+
+
+def test_another_client_sees_writes_at_once(backend: Backend, replica: Replica) -> None:
+    # Listing caches (s3fs's dircache, fsspec's) must never hide a step another client wrote.
+    assert replica.list_steps() == [] and replica.size(COMMIT) is None
+    other = backend.make()
+    other.put(OBJ, b"abc")
+    other.commit(COMMIT, b"c")
+    assert replica.list_steps() == [step_dir(1)]
+    assert replica.list_prefix(step_dir(1)) == sorted([OBJ, COMMIT])
+    assert replica.size(COMMIT) == 1
+    other.delete(COMMIT)
+    assert replica.size(COMMIT) is None
+    other.delete_prefix(step_dir(1))
+    assert replica.list_steps() == []
+    other.close()
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(64, 64)
+        self.b = torch.nn.Linear(64, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("by", ["url", "object"])
+def test_mirror_save_restore(backend: Backend, by: str) -> None:
+    target = backend.url if by == "url" else backend.make()
+    torch.manual_seed(0)
+    model = _Net()
+    optim = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 64)).sum().backward()
+    optim.step()
+    with Mirror([target], keep_last=2, object_bytes=4096) as m:  # several objects per step
+        for step in (1, 2, 3):
+            m.save(step, model, optim, extra={"step": step}).result()
+        m.wait()  # retention runs after the commit
+        assert m.steps() == [2, 3]
+    fresh = _Net()
+    fresh_optim = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    with Mirror([target if by == "object" else backend.url]) as m:
+        got = m.restore(fresh, fresh_optim)
+    assert got is not None and got.step == 3 and got.extra == {"step": 3}
+    for (k, v), (_, w) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(v, w), k
+    assert fresh_optim.state_dict()["state"][0]["exp_avg"].equal(optim.state_dict()["state"][0]["exp_avg"])
+
+
+def test_open_replica_dispatch(backend: Backend) -> None:
+    r = open_replica(backend.url)
+    expected = {"local": LocalReplica, "memory": MemoryReplica, "s3": S3Replica, "fsspec": FsspecReplica}[backend.name]
+    assert type(r) is expected
+    r.close()
+
+
+# ---------------------------------------------------------------------- S3 only
+
+
+def _client_error(code: str, status: int, op: str = "PutObject") -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": f"injected {code}"}, "ResponseMetadata": {"HTTPStatusCode": status}}, op)
+
+
+class _Injecting(S3Replica):
+    """S3Replica whose requests go through ``self.hook(method, kwargs, send)``."""
+
+    backoff_s = 0.01
+
+    def __init__(self, url: str, hook: Callable[..., Any], **kw: Any) -> None:
+        super().__init__(url, **{"part_bytes": PART, "timeout_s": 10, **kw})
+        self.hook = hook
+        self.calls: list[str] = []
+
+    async def _send(self, method: str, **kwargs: Any) -> Any:
+        self.calls.append(method)
+        return await self.hook(method, kwargs, super()._send)
+
+
+def _boto(s3_url: str) -> tuple[Any, str, str]:
+    import boto3
+
+    bucket, prefix = s3_url[len("s3://") :].split("/", 1)
+    return boto3.client("s3"), bucket, prefix
+
+
+def _nothing_left(s3_url: str) -> None:
+    client, bucket, prefix = _boto(s3_url)
+    assert client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []) == []
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_s3_missing_bucket_is_unavailable_and_named(s3_url: str) -> None:
+    r = S3Replica("s3://no-such-bucket-ckptmirror/run", retries=0)
+    for op in (r.list_steps, lambda: r.put(OBJ, b"x"), lambda: r.get(OBJ, 10), lambda: r.delete_prefix(step_dir(1))):
+        with pytest.raises(ReplicaUnavailableError, match="no-such-bucket-ckptmirror"):
+            op()
+
+
+def test_s3_endpoint_down_is_unavailable_fast(s3_url: str) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = S3Replica(s3_url, endpoint_url=f"http://127.0.0.1:{port}", timeout_s=2, retries=1)
+    t0 = time.monotonic()
+    for op in (r.list_steps, lambda: r.put(OBJ, b"x"), lambda: r.size(OBJ), lambda: r.commit(COMMIT, b"c")):
+        with pytest.raises(ReplicaUnavailableError, match="reach the endpoint"):
+            op()
+    assert time.monotonic() - t0 < 10
+
+
+def test_s3_multipart_failure_leaves_nothing(s3_url: str) -> None:
+    async def hook(method: str, kw: dict[str, Any], send: Any) -> Any:
+        if method == "upload_part" and kw["PartNumber"] == 2:
+            raise _client_error("InvalidPart", 400, "UploadPart")  # not retryable
+        return await send(method, **kw)
+
+    r = _Injecting(s3_url, hook, max_concurrency=1)
+    with pytest.raises(ReplicaError, match="InvalidPart"):
+        r.put(OBJ, _payload(12 * MiB))
+    assert "abort_multipart_upload" in r.calls and "complete_multipart_upload" not in r.calls
+    assert r.size(OBJ) is None
+    _nothing_left(s3_url)
+
+
+def test_s3_completion_error_aborts(s3_url: str) -> None:
+    # A CompleteMultipartUpload that answers 200 with an error body reaches us as an error
+    # (botocore turns it into a 500): retried, then the upload is aborted.
+    async def hook(method: str, kw: dict[str, Any], send: Any) -> Any:
+        if method == "complete_multipart_upload":
+            raise _client_error("InternalError", 500, "CompleteMultipartUpload")
+        return await send(method, **kw)
+
+    r = _Injecting(s3_url, hook, retries=2)
+    with pytest.raises(ReplicaError, match="InternalError"):
+        r.put(OBJ, _payload(11 * MiB))
+    assert r.calls.count("complete_multipart_upload") == 3
+    _nothing_left(s3_url)
+
+    async def no_etag(method: str, kw: dict[str, Any], send: Any) -> Any:
+        return {} if method == "complete_multipart_upload" else await send(method, **kw)
+
+    r = _Injecting(s3_url, no_etag)
+    with pytest.raises(ReplicaError, match="without an ETag"):
+        r.put(OBJ, _payload(11 * MiB))
+    _nothing_left(s3_url)
+
+
+def test_s3_throttling_is_retried_with_backoff(s3_url: str) -> None:
+    failures = {"n": 2}
+
+    async def hook(method: str, kw: dict[str, Any], send: Any) -> Any:
+        if method == "put_object" and failures["n"]:
+            failures["n"] -= 1
+            raise _client_error("SlowDown", 503)
+        return await send(method, **kw)
+
+    r = _Injecting(s3_url, hook, retries=3)
+    r.put(OBJ, b"data")
+    assert r.calls.count("put_object") == 3 and r.get(OBJ, 10) == b"data"
+
+    async def always(method: str, kw: dict[str, Any], send: Any) -> Any:
+        raise _client_error("SlowDown", 503)
+
+    r = _Injecting(s3_url, always, retries=2)
+    with pytest.raises(ReplicaError, match="throttled.*after 3 attempts") as ei:
+        r.put(OBJ, b"data")
+    assert not isinstance(ei.value, ReplicaUnavailableError)
+
+
+def test_s3_access_denied_names_bucket_and_key(s3_url: str) -> None:
+    async def hook(method: str, kw: dict[str, Any], send: Any) -> Any:
+        raise _client_error("AccessDenied", 403, "GetObject")
+
+    r = _Injecting(s3_url, hook)
+    with pytest.raises(ReplicaError, match="permission denied") as ei:
+        r.get(OBJ, 10)
+    bucket = s3_url.split("/")[2]
+    assert f"s3://{bucket}/run/{OBJ}" in str(ei.value) and r.calls == ["get_object"]  # not retried
+
+
+def test_s3_every_attempt_has_a_timeout(s3_url: str) -> None:
+    async def stall(method: str, kw: dict[str, Any], send: Any) -> Any:
+        import asyncio
+
+        await asyncio.sleep(30)
+
+    r = _Injecting(s3_url, stall, timeout_s=0.2, retries=1)
+    t0 = time.monotonic()
+    with pytest.raises(ReplicaError, match="timed out after 2 attempts"):
+        r.size(OBJ)
+    assert time.monotonic() - t0 < 5
+
+
+def test_s3_delete_prefix_aborts_abandoned_uploads(s3_url: str) -> None:
+    client, bucket, prefix = _boto(s3_url)
+    client.create_multipart_upload(Bucket=bucket, Key=f"{prefix}/{OBJ}")  # a writer killed mid-upload
+    client.create_multipart_upload(Bucket=bucket, Key=f"{prefix}/{object_key(2, 0, 0, TOKEN)}")
+    S3Replica(s3_url).delete_prefix(step_dir(1))
+    left = [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+    assert left == [f"{prefix}/{object_key(2, 0, 0, TOKEN)}"]
+
+
+def test_s3_concurrent_commits_exactly_one_wins(s3_url: str) -> None:
+    writers = [S3Replica(s3_url) for _ in range(4)]
+    for i, w in enumerate(writers):  # each probes conditional-write support before the race
+        w.commit(commit_key(1000 + i), b"warm-up")
+    for step in range(1, 11):
+        barrier = threading.Barrier(len(writers))
+        outcome: dict[int, str] = {}
+
+        def run(i: int, w: S3Replica) -> None:
+            barrier.wait()
+            try:
+                w.commit(commit_key(step), f"writer {i}".encode())
+                outcome[i] = "won"
+            except StepExistsError:
+                outcome[i] = "lost"
+
+        threads = [threading.Thread(target=run, args=(i, w)) for i, w in enumerate(writers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [i for i, o in outcome.items() if o == "won"]
+        assert len(winners) == 1 and len(outcome) == len(writers), outcome
+        assert writers[0].get(commit_key(step), 100) == f"writer {winners[0]}".encode()
+
+
+def test_s3_commit_falls_back_when_conditional_writes_are_ignored(s3_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    # moto honours If-None-Match; a server that silently ignores it is simulated by dropping it.
+    async def ignore(method: str, kw: dict[str, Any], send: Any) -> Any:
+        kw.pop("IfNoneMatch", None)
+        return await send(method, **kw)
+
+    r = _Injecting(s3_url, ignore)
+    with caplog.at_level(logging.WARNING, logger="ckptmirror"):
+        r.commit(COMMIT, b"first")
+        with pytest.raises(StepExistsError):
+            r.commit(COMMIT, b"second")
+        r.commit(commit_key(2), b"another")
+    warnings = [rec for rec in caplog.records if "conditional writes" in rec.getMessage()]
+    assert len(warnings) == 1 and "ignored If-None-Match" in warnings[0].getMessage()
+    assert r.get(COMMIT, 100) == b"first"
+    assert r.list_steps() == [step_dir(1), step_dir(2)]  # the probe object left nothing behind
+
+    async def not_implemented(method: str, kw: dict[str, Any], send: Any) -> Any:
+        if "IfNoneMatch" in kw:
+            raise _client_error("NotImplemented", 501)
+        return await send(method, **kw)
+
+    r = _Injecting(s3_url, not_implemented)
+    r.commit(commit_key(3), b"c")
+    with pytest.raises(StepExistsError):
+        r.commit(commit_key(3), b"d")
+
+
+def test_s3_retried_commit_that_landed_is_not_a_conflict(s3_url: str) -> None:
+    # The first PUT reaches the server but its answer is lost; the retry gets 412 for our own commit.
+    lost = {"n": 1}
+
+    async def hook(method: str, kw: dict[str, Any], send: Any) -> Any:
+        out = await send(method, **kw)
+        if method == "put_object" and kw.get("Key", "").endswith("COMMIT.json") and lost["n"]:
+            lost["n"] -= 1
+            raise ConnectionResetError("answer lost")
+        return out
+
+    r = _Injecting(s3_url, hook)
+    r.commit(COMMIT, b"mine")
+    assert r.get(COMMIT, 100) == b"mine"
+
+
+def test_s3_uses_standard_aws_environment(s3_url: str, moto_server: str) -> None:
+    assert os.environ["AWS_ENDPOINT_URL"] == moto_server
+    r = S3Replica(s3_url)  # no explicit endpoint or credentials
+    r.put(OBJ, b"x")
+    assert r.fs.endpoint_url is None and r.size(OBJ) == 1
