@@ -1,21 +1,28 @@
-"""``ckptmirror demo``: async saves during training, a killed process, a verified restore.
+"""``ckptmirror demo``: async saves to three replicas, a killed process, a lost node, a verified restore.
 
-The demo runs the training loop in a child process (so the crash is a real SIGKILL, not an
-exception), then restores in this process and checks the result bit for bit against an
-uninterrupted run of the same deterministic training.
+The demo starts a peer agent (``ckptmirror serve``) and, unless ``AWS_ENDPOINT_URL`` points at
+one, a moto S3 server on loopback. It runs the training loop in a child process that saves to
+the local disk, the peer and S3 (so the crash is a real SIGKILL, not an exception), deletes the
+local replica as if the node were lost, restores from the peer, times a restore from S3 alone,
+and checks both bit for bit against an uninterrupted run of the same deterministic training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+import urllib.error
+import urllib.request
+from typing import Any, Iterator
 
 import torch
 
@@ -45,8 +52,71 @@ def train_step(model: torch.nn.Module, optim: torch.optim.Optimizer, step: int) 
 
 
 def replica_urls(root: str) -> list[str]:
-    """The replicas the demo writes to."""
-    return [os.path.join(root, "node0-local")]
+    """The replicas the demo writes to: this node's disk, the peer agent, S3 (from the environment)."""
+    return [os.path.join(root, "node0-local"), os.environ["CKPTMIRROR_DEMO_PEER"], os.environ["CKPTMIRROR_DEMO_S3"]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answered
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not come up within {timeout_s} s") from None
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def services(root: str) -> Iterator[dict[str, str]]:
+    """Start a peer agent and, unless AWS_ENDPOINT_URL is set, a moto S3 server, on loopback."""
+    procs: list[subprocess.Popen[bytes]] = []
+    env = {"CKPTMIRROR_PEER_TOKEN": secrets.token_hex(16)}
+    try:
+        token_file = os.path.join(root, "agent-token")
+        with open(token_file, "w", encoding="utf-8") as f:
+            f.write(env["CKPTMIRROR_PEER_TOKEN"])
+        port = _free_port()
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "ckptmirror.cli", "serve", "--root", os.path.join(root, "node1-agent"), "--port", str(port), "--token-file", token_file, "--reserve-free-bytes", "0"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        _wait_http(f"http://127.0.0.1:{port}/v1/health")
+        env["CKPTMIRROR_DEMO_PEER"] = f"peer://127.0.0.1:{port}/demo/node0"
+        if not os.environ.get("AWS_ENDPOINT_URL"):
+            s3port = _free_port()
+            procs.append(subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            _wait_http(f"http://127.0.0.1:{s3port}/")
+            env.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3port}", AWS_ACCESS_KEY_ID="demo", AWS_SECRET_ACCESS_KEY="demo", AWS_DEFAULT_REGION="us-east-1")
+        bucket = os.environ.get("CKPTMIRROR_DEMO_BUCKET", "ckptmirror-demo")
+        env["CKPTMIRROR_DEMO_S3"] = f"s3://{bucket}/run-{secrets.token_hex(3)}"
+        os.environ.update(env)
+        import s3fs
+
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        if not fs.exists(bucket):
+            fs.mkdir(bucket)
+        yield env
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def child(root: str, steps: int, save_every: int) -> None:
@@ -62,10 +132,11 @@ def child(root: str, steps: int, save_every: int) -> None:
         if step % save_every == 0:
             h = mirror.save(step, model, optim, extra={"loss": loss})
             pending.append(h)
-        for h in [h for h in pending if h.done()]:
+        for h in [h for h in pending if all(st.state != "pending" for st in h.replicas.values())]:
             h.result()
             pending.remove(h)
-            print(json.dumps({"event": "committed", "step": h.step, "stall_s": h.stall_s, "committed_s": h.committed_s, "bytes": h.nbytes}), flush=True)
+            replica_s = [st.seconds for st in h.replicas.values()]
+            print(json.dumps({"event": "committed", "step": h.step, "stall_s": h.stall_s, "wait_s": h.wait_s, "replica_s": replica_s, "bytes": h.nbytes}), flush=True)
         print(json.dumps({"event": "step", "step": step, "loss": loss}), flush=True)
         time.sleep(0.02)  # a real step takes longer; leaves room for the background writer
     mirror.close()
@@ -81,6 +152,16 @@ def _state_equal(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _restore_into_fresh(urls: list[str]) -> tuple[Any, torch.nn.Module, torch.optim.Optimizer, float]:
+    import ckptmirror
+
+    model, optim = build(seed=999)  # a "replacement node": different initial weights
+    t0 = time.perf_counter()
+    with ckptmirror.Mirror(urls) as mirror:
+        result = mirror.restore(model, optim)
+    return result, model, optim, time.perf_counter() - t0
+
+
 def run_demo(directory: str | None, steps: int, save_every: int) -> int:
     """Run the whole demo; returns the process exit status (0: restored bit-exact)."""
     import ckptmirror
@@ -90,48 +171,56 @@ def run_demo(directory: str | None, steps: int, save_every: int) -> int:
         shutil.rmtree(root)
     os.makedirs(root, exist_ok=True)
     kill_at = max(save_every * 2 + 1, steps * 3 // 4)
-    print(f"ckptmirror {ckptmirror.__version__} demo: replicas {replica_urls(root)}")
-    print(f"training in a child process; it saves every {save_every} steps and is SIGKILLed at step {kill_at}")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ckptmirror.demo", "--child", root, str(steps), str(save_every)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    commits = []
-    for line in proc.stdout:
-        ev = json.loads(line)
-        if ev["event"] == "committed":
-            commits.append(ev)
-            print(f"  step {ev['step']:>4}: saved {ev['bytes'] / 1e6:.1f} MB, training stalled {ev['stall_s'] * 1e3:.1f} ms, committed after {ev['committed_s'] * 1e3:.0f} ms")
-        elif ev["step"] >= kill_at:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-    proc.wait()
-    print(f"child killed with SIGKILL at step {kill_at} (exit status {proc.returncode})")
+    try:
+        with services(root):
+            urls = replica_urls(root)
+            print(f"ckptmirror {ckptmirror.__version__} demo; replicas:")
+            for u, what in zip(urls, ("this node's disk", "peer agent (ckptmirror serve) on 'node 1'", "S3-compatible store")):
+                print(f"  {u:<48} {what}")
+            print(f"training in a child process; it saves every {save_every} steps and is SIGKILLed at step {kill_at}")
+            proc = subprocess.Popen([sys.executable, "-m", "ckptmirror.demo", "--child", root, str(steps), str(save_every)], stdout=subprocess.PIPE, text=True)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                ev = json.loads(line)
+                if ev["event"] == "committed":
+                    per = ", ".join(f"{name} {sec * 1e3:.0f} ms" for name, sec in zip(("disk", "peer", "s3"), ev["replica_s"]))
+                    print(f"  step {ev['step']:>4}: {ev['bytes'] / 1e6:.1f} MB, training stalled {ev['stall_s'] * 1e3:.1f} ms"
+                        + (f" ({ev['wait_s'] * 1e3:.0f} ms of it waiting for the previous save)" if ev["wait_s"] > 1e-3 else "")
+                        + f"; committed on {per}")
+                elif ev["step"] >= kill_at:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+            proc.wait()
+            print(f"child killed with SIGKILL at step {kill_at} (exit status {proc.returncode})")
+            shutil.rmtree(urls[0])
+            print(f"node 0 lost: deleted its local replica {urls[0]}")
 
-    torch.set_num_threads(1)
-    model, optim = build(seed=999)  # a "replacement node": different initial weights
-    t0 = time.perf_counter()
-    with ckptmirror.Mirror(replica_urls(root)) as mirror:
-        print(f"committed steps on disk: {mirror.steps()}")
-        result = mirror.restore(model, optim)
-    if result is None:
-        print("no checkpoint was committed before the crash")
-        return 1
-    print(f"restored step {result.step} in {(time.perf_counter() - t0) * 1e3:.0f} ms (checksums verified), loss then {result.extra['loss']:.6f}")
+            with ckptmirror.Mirror(urls) as mirror:
+                print(f"committed steps per replica: {mirror.replica_steps()}")
+            result, model, optim, peer_s = _restore_into_fresh(urls)
+            if result is None:
+                print("no checkpoint was committed before the crash")
+                return 1
+            served = sorted(set(result.sources.values()))
+            print(f"restored step {result.step} from {served} in {peer_s * 1e3:.0f} ms (every checksum verified)")
+            s3_result, s3_model, s3_optim, s3_s = _restore_into_fresh([urls[2]])
+            print(f"the same step from S3 alone: {s3_s * 1e3:.0f} ms ({s3_s / peer_s:.1f}x the peer restore)")
 
-    ref_model, ref_optim = build()
-    for step in range(1, result.step + 1):
-        train_step(ref_model, ref_optim, step)
-    same = _state_equal(ref_model.state_dict(), model.state_dict()) and _state_equal(ref_optim.state_dict(), optim.state_dict())
-    print(f"bit-exact against an uninterrupted run to step {result.step}: {'yes' if same else 'NO'}")
-    nxt = result.step + 1
-    a, b = train_step(model, optim, nxt), train_step(ref_model, ref_optim, nxt)
-    print(f"step {nxt} after restore: loss {a:.6f} (uninterrupted run: {b:.6f}, {'identical' if a == b else 'DIFFERENT'})")
-    if directory is None:
-        shutil.rmtree(root, ignore_errors=True)
-    return 0 if same and a == b else 1
+            ref_model, ref_optim = build()
+            for step in range(1, result.step + 1):
+                train_step(ref_model, ref_optim, step)
+            same = all(
+                _state_equal(ref.state_dict(), got.state_dict())
+                for ref, got in ((ref_model, model), (ref_optim, optim), (ref_model, s3_model), (ref_optim, s3_optim))
+            ) and s3_result is not None and s3_result.step == result.step
+            print(f"bit-exact against an uninterrupted run to step {result.step} (peer and S3 copies): {'yes' if same else 'NO'}")
+            nxt = result.step + 1
+            a, b = train_step(model, optim, nxt), train_step(ref_model, ref_optim, nxt)
+            print(f"step {nxt} after restore: loss {a:.6f} (uninterrupted run: {b:.6f}, {'identical' if a == b else 'DIFFERENT'})")
+            return 0 if same and a == b else 1
+    finally:
+        if directory is None:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
