@@ -44,7 +44,7 @@ from aiohttp import web
 
 from ._version import __version__
 from .checksum import Hasher, is_checksum
-from .errors import CkptMirrorError, CorruptObjectError, ManifestError, ObjectMissingError, StepExistsError
+from .errors import CkptMirrorError, CorruptObjectError, ManifestError, ObjectMissingError, ReplicaPermissionError, StepExistsError
 from .format import MAX_MANIFEST_BYTES, parse_commit, parse_rank_manifest
 from .replicas.base import validate_key
 from .replicas.local import LocalReplica
@@ -52,6 +52,8 @@ from .replicas.local import LocalReplica
 log = logging.getLogger("ckptmirror.agent")
 
 CHUNK_BYTES = 4 << 20
+#: Commit records are buffered in memory to be checked; they are ~100 bytes per rank.
+MAX_COMMIT_BYTES = 16 << 20
 CHECKSUM_HEADER = "X-Ckptmirror-Checksum"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -115,9 +117,11 @@ class Agent:
             real = os.path.realpath(path)
             if not (real == self.root or real.startswith(self.root + os.sep)):
                 raise ManifestError("namespace escapes the agent root", key=ns)
-            r = LocalReplica(path, fsync=self.fsync)
+            # create=False: a rejected request must not leave an empty namespace behind.
+            r = LocalReplica(path, fsync=self.fsync, create=False)
             if not (r.root == self.root or r.root.startswith(self.root + os.sep)):
                 raise ManifestError("namespace escapes the agent root through a symlink", key=ns)
+            r.url = f"namespace {ns}"  # error messages go to clients: no absolute server paths
             self._replicas[ns] = r
         return r
 
@@ -152,6 +156,8 @@ def _error(exc: BaseException) -> web.HTTPException:
         return web.HTTPPreconditionFailed(text=text)
     if isinstance(exc, CorruptObjectError):
         return web.HTTPUnprocessableEntity(text=text)
+    if isinstance(exc, ReplicaPermissionError):
+        return web.HTTPForbidden(text=text)
     return web.HTTPInternalServerError(text=text)
 
 
@@ -193,7 +199,7 @@ def build_app(agent: Agent) -> web.Application:
         length = request.content_length
         if length is None:
             raise web.HTTPLengthRequired(text="Content-Length is required")
-        limit = MAX_MANIFEST_BYTES if commit else agent.max_object_bytes
+        limit = MAX_COMMIT_BYTES if commit else agent.max_object_bytes
         if length > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length, text=f"{length} bytes exceeds the limit of {limit}")
         expected = request.headers.get(CHECKSUM_HEADER, "")
@@ -201,12 +207,12 @@ def build_app(agent: Agent) -> web.Application:
             raise web.HTTPBadRequest(text=f"missing or malformed {CHECKSUM_HEADER}")
         if agent.uploads >= agent.max_uploads:
             raise web.HTTPServiceUnavailable(text=f"too many uploads in flight ({agent.max_uploads})", headers={"Retry-After": "1"})
-        free = await agent.run(agent.free_bytes)
-        if free - length < agent.reserve_free_bytes:
-            raise web.HTTPInsufficientStorage(text=f"free space {free} minus {length} is below the reserve {agent.reserve_free_bytes}")
-        agent.uploads += 1
+        agent.uploads += 1  # reserve the slot before the first await
         writer = None
         try:
+            free = await agent.run(agent.free_bytes)
+            if free - length < agent.reserve_free_bytes:
+                raise web.HTTPInsufficientStorage(text=f"free space {free} minus {length} is below the reserve {agent.reserve_free_bytes}")
             writer = await agent.run(replica.open_writer, key)
             hasher = Hasher()
             body = bytearray() if commit else None
@@ -406,7 +412,7 @@ def serve(
         ssl_ctx.load_cert_chain(tls_cert, tls_key)
 
     async def main() -> None:
-        runner = web.AppRunner(build_app(agent), access_log=None)
+        runner = web.AppRunner(build_app(agent), access_log=None, keepalive_timeout=agent.idle_timeout_s, shutdown_timeout=2.0)
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx, backlog=128)
         await site.start()

@@ -254,7 +254,10 @@ def _add_ops_commands(sub: Any) -> None:
 
 def _setup_logging(verbose: bool, show_warnings: bool) -> None:
     log = logging.getLogger("ckptmirror")
+    for h in [h for h in log.handlers if getattr(h, "_ckptmirror_cli", False)]:
+        log.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
+    handler._ckptmirror_cli = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("ckptmirror: %(levelname)s: %(message)s"))
     log.addHandler(handler)
     # verify/repair report failed reads themselves; the reader's per-object warnings would repeat them.
@@ -282,6 +285,13 @@ def _run_ops(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"ckptmirror {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (``| head``): stop quietly.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except (ops.UsageError, ReplicaUnavailableError) as exc:
         print(f"ckptmirror {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -13,7 +13,8 @@ exception already means the same thing, the error also subclasses it, so existin
     ├── ManifestError (ValueError)               a manifest or commit that does not parse or validate
     ├── StateMismatchError (ValueError)          restore target does not fit the stored state
     ├── ReplicaError (OSError)                   a backend failed (I/O, network); names the replica
-    │   └── ReplicaUnavailableError              the backend cannot be reached at all
+    │   ├── ReplicaUnavailableError              the backend cannot be reached at all
+    │   └── ReplicaPermissionError (PermissionError)  access denied, or a path that would leave the root
     ├── SaveFailedError                          a background save failed; carries per-replica failures
     ├── SaveSkippedError                         a save was skipped by the in-flight policy
     └── NoValidCheckpointError                   checkpoints exist, but none verifies
@@ -95,6 +96,10 @@ class ReplicaError(_ObjectError, OSError):
 
 class ReplicaUnavailableError(ReplicaError):
     """A replica cannot be reached at all (endpoint down, bucket missing)."""
+
+
+class ReplicaPermissionError(ReplicaError, PermissionError):
+    """The backend refused access (credentials, ACLs), or a path would leave the replica root."""
 
 
 class SaveFailedError(CkptMirrorError):

@@ -320,10 +320,12 @@ class Mirror:
             for h in self._handles:
                 err = h._unobserved_error
                 if err is not None:
+                    if self.on_replica_error != "raise" and any(st.state == "pending" for st in h.replicas.values()):
+                        continue  # another replica may still commit this step: decide once it has finished
                     h._mark_observed()
                     if self.on_replica_error == "raise" or h.committed_count == 0:
                         raise err
-            self._handles = [h for h in self._handles if not h.done()]
+            self._handles = [h for h in self._handles if not h.done() or any(st.state == "pending" for st in h.replicas.values())]
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until every in-flight save has finished; raise the first failure not yet reported.

@@ -64,9 +64,18 @@ __all__ = [
     "Listing",
     "Problem",
     "PruneReport",
+    "PruneResult",
+    "RankCheck",
+    "RankTree",
+    "RepairAction",
     "RepairReport",
+    "ReplicaCheck",
+    "StepCheck",
+    "StepInfo",
+    "TreeEntry",
     "UsageError",
     "VerifyReport",
+    "dotted",
     "export",
     "inspect",
     "ls",
@@ -192,8 +201,8 @@ class Problem:
     rank: int | None = None
 
     def __str__(self) -> str:
-        where = f" on {self.replica}" if self.replica else ""
-        return f"{self.kind}: {self.key}{where}: {self.detail}"
+        where = " ".join(p for p in (self.key, f"on {self.replica}" if self.replica else "") if p)
+        return f"{self.kind}: {where}: {self.detail}" if where else f"{self.kind}: {self.detail}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -696,17 +705,17 @@ class _Fix:
     blocked: list[Problem]
 
 
-def _raw_commit(eng: _Engine, step: int, commit: CommitRecord) -> tuple[bytes | None, str | None]:
-    """The exact bytes of ``commit`` from a replica that holds it."""
+def _raw_commit(eng: _Engine, step: int, commit: CommitRecord) -> bytes | None:
+    """The exact bytes of ``commit`` from a replica that holds it (copied as they are)."""
     key = commit_key(step)
     for r in eng.replicas:
         try:
             raw = r.get(key, MAX_MANIFEST_BYTES)
             if parse_commit(raw, key) == commit:
-                return raw, r.url
+                return raw
         except _FAILURES:
             continue
-    return None, None
+    return None
 
 
 def _needs(plan: _ReplicaPlan, eng: _Engine) -> tuple[list[tuple[str, int, str, str]], list[tuple[str, int, str, str]], list[Problem]]:
@@ -784,7 +793,7 @@ def repair(
             eng.complete([p for plans in per_step.values() for p in plans], "repair: other copies")
             # 2. Replicas without a usable commit get the first commit that is recoverable;
             #    whatever they already hold of it (a torn save) is verified before anything is copied.
-            late: list[tuple[int, _ReplicaPlan, CommitRecord, Problem | None]] = []
+            late_ids: set[int] = set()
             jobs = []
             for s, plans in per_step.items():
                 originals = list(plans)
@@ -802,10 +811,9 @@ def repair(
                     target = eng.plan(plan.replica, s, source.commit)
                     target.commit_problem = plan.commit_problem
                     plans[i] = target
-                    late.append((s, target, source.commit, plan.commit_problem))
+                    late_ids.add(id(target))
                     jobs.extend(j for rp in target.ranks for j in rp.jobs)
             eng.run(jobs, "repair: verify torn")
-            late_ids = {id(t) for _, t, _, _ in late}
             for s, plans in per_step.items():
                 for plan in plans:
                     if plan.commit is None:
@@ -814,7 +822,7 @@ def repair(
                     needs_commit = id(plan) in late_ids
                     raw = None
                     if needs_commit:
-                        raw, _src = _raw_commit(eng, s, plan.commit)
+                        raw = _raw_commit(eng, s, plan.commit)
                         if raw is None:
                             blocked.append(Problem(s, plan.replica.url, commit_key(s), "unrecoverable", "the commit record could not be read again from any replica"))
                     replace = needs_commit and plan.commit_problem is not None and plan.commit_problem.kind != "missing"
@@ -1080,7 +1088,7 @@ def prune(
                         refused = None
                         break
                 if refused:
-                    refused += "; run 'ckptmirror verify' and 'ckptmirror repair' first (only garbage was removed)"
+                    refused += "; run 'ckptmirror verify' and 'ckptmirror repair' first (only garbage is removed)"
             results = []
             for r in reachable:
                 u = r.url

@@ -10,7 +10,7 @@ reports its own outcome on the :class:`~ckptmirror.handle.SaveHandle`.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -94,9 +94,13 @@ def write_step(replica: Replica, enc: EncodedStep, stream: torch.Tensor, pool: T
         futures: list[Future[None]] = [
             pool.submit(replica.put, rec.key, view[off : off + size]) for rec, (off, size) in zip(enc.manifest.objects, enc.windows)
         ]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for f in futures:
+            f.cancel()  # not started yet: dropped once one put has failed
         wait(futures)
         for f in futures:
-            f.result()  # first failure wins; the others are already finished
+            if not f.cancelled():
+                f.result()  # first failure wins
         replica.put(enc.manifest_key, enc.manifest_bytes)
         replica.commit(commit_key(step), enc.commit_bytes)
     except StepExistsError:

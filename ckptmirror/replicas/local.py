@@ -15,7 +15,7 @@ import shutil
 import uuid
 from urllib.parse import unquote, urlparse
 
-from ..errors import CorruptObjectError, ObjectMissingError, ReplicaError, StepExistsError
+from ..errors import CorruptObjectError, ObjectMissingError, ReplicaError, ReplicaPermissionError, StepExistsError
 from .base import Buffer, Replica, step_of_key, validate_key
 
 _TMP_PREFIX = ".tmp-"
@@ -47,11 +47,14 @@ class LocalReplica(Replica):
 
     read_priority = 10
 
-    def __init__(self, url: str, *, fsync: bool = True) -> None:
+    def __init__(self, url: str, *, fsync: bool = True, create: bool = True) -> None:
+        """``create=False``: do not create the root now (the first write does); reads of a
+        missing root find nothing."""
         super().__init__(url)
         self.root = os.path.realpath(path_from_url(url))
         self.fsync = fsync
-        os.makedirs(self.root, exist_ok=True)
+        if create:
+            os.makedirs(self.root, exist_ok=True)
 
     # -- paths ---------------------------------------------------------------------------
     def _path(self, key: str) -> str:
@@ -60,7 +63,7 @@ class LocalReplica(Replica):
         # A directory planted as a symlink inside the root must not lead us outside it.
         parent = os.path.realpath(os.path.dirname(path))
         if parent != self.root and not parent.startswith(self.root + os.sep):
-            raise ReplicaError("path escapes the replica root through a symlink", replica=self.url, key=key)
+            raise ReplicaPermissionError("path escapes the replica root through a symlink", replica=self.url, key=key)
         return path
 
     def _err(self, exc: OSError, key: str, what: str) -> ReplicaError:
@@ -170,6 +173,8 @@ class LocalReplica(Replica):
 
     def list_prefix(self, prefix: str) -> list[str]:
         base = self._path(prefix)
+        if os.path.islink(base):
+            raise ReplicaPermissionError("prefix is a symlink; not followed out of the root", replica=self.url, key=prefix)
         out: list[str] = []
         for dirpath, _dirs, files in os.walk(base):
             rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
