@@ -141,6 +141,39 @@ def _check_leaf_bounds(m: RankManifest, key: str) -> list[int]:
 
 
 @dataclass(frozen=True)
+class ManifestCheck:
+    """What :func:`validate_manifest` learned about a manifest that passed every check."""
+
+    esizes: list[int]  # element size of each leaf
+    dtypes: list[torch.dtype | None]  # torch dtype of each tensor leaf (None for arrays)
+    paths: dict[int, tuple[Any, ...]]  # key path of each leaf
+    skeleton: Any  # the state tree with LeafSpec placeholders
+
+
+def validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
+    """Every check the reader makes on a manifest before reading a byte of data.
+
+    Storage and leaf bounds, dtypes, and the structure: each leaf referenced exactly once.
+    Used by restore and by ``ckptmirror verify`` alike. Raises :class:`ManifestError`.
+    """
+    esizes = _check_leaf_bounds(m, key)
+    dtypes = [dtype_from_name(lf.dtype, key) if lf.kind == "tensor" else None for lf in m.leaves]
+    paths: dict[int, tuple[Any, ...]] = {}
+
+    def collect(kind: str, i: int, path: tuple[Any, ...]) -> Any:
+        if not 0 <= i < len(m.leaves) or m.leaves[i].kind != kind or i in paths:
+            raise ManifestError(f"bad or repeated {kind} reference {i} at {key_path('state', path)}", key=key)
+        paths[i] = path
+        lf = m.leaves[i]
+        return LeafSpec(lf.kind, lf.dtype, lf.shape)
+
+    skeleton = unflatten(m.structure, collect, key)
+    if len(paths) != len(m.leaves):
+        raise ManifestError(f"{len(m.leaves) - len(paths)} leaves are never referenced by the structure", key=key)
+    return ManifestCheck(esizes, dtypes, paths, skeleton)
+
+
+@dataclass(frozen=True)
 class LeafSpec:
     """Placeholder for a stored tensor or array, before its bytes are read."""
 
@@ -289,22 +322,11 @@ class StepReader:
         ``validate`` receives the state tree with :class:`LeafSpec` placeholders for the
         tensors; it runs, like every other check, before any target tensor is written.
         """
-        esizes = _check_leaf_bounds(m, key)
-        dtypes = [dtype_from_name(lf.dtype, key) if lf.kind == "tensor" else None for lf in m.leaves]
-        # Decode the structure once with placeholders to learn every leaf's key path.
-        paths: dict[int, tuple[Any, ...]] = {}
-
-        def collect(kind: str, i: int, path: tuple[Any, ...]) -> Any:
-            if not 0 <= i < len(m.leaves) or m.leaves[i].kind != kind or i in paths:
-                raise ManifestError(f"bad or repeated {kind} reference {i} at {key_path('state', path)}", key=key)
-            paths[i] = path
-            lf = m.leaves[i]
-            return LeafSpec(lf.kind, lf.dtype, lf.shape)
-
-        skeleton = unflatten(m.structure, collect, key)
+        check = validate_manifest(m, key)
+        esizes, dtypes, paths = check.esizes, check.dtypes, check.paths
         leaf_targets = self._match_targets(m, paths, targets, strict_paths, dtypes)
         if validate is not None:
-            validate(skeleton)
+            validate(check.skeleton)
         object_plan = self.preflight(m)
         storage_targets = self._storage_targets(m, leaf_targets, dtypes, esizes)
         loaded = Loaded(m.step, None)
