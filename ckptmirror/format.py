@@ -75,6 +75,20 @@ def rank_manifest_key(step: int, rank: int, token: str) -> str:
     return f"{step_dir(step)}/rank-{rank:05d}-{_check_token(token)}.json"
 
 
+_WRITER_RE = re.compile(r"step-[0-9]{12}/rank-([0-9]{5})(?:/o[0-9]{6})?-([0-9a-f]{8})\.(?:bin|json)\Z")
+
+
+_TMP_RE = re.compile(r"\.tmp-[0-9a-f]{32}-")
+
+
+def writer_of(key: str) -> tuple[int, str] | None:
+    """``(rank, token)`` of an object or rank manifest key, or of a local temp file of one
+    (``.tmp-<uuid>-<name>``); None for anything else (commit records and their temp files)."""
+    head, _, name = key.rpartition("/")
+    m = _WRITER_RE.match(f"{head}/{_TMP_RE.sub('', name, count=1)}" if name.startswith(".tmp-") else key)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
 def is_rank_manifest_key(key: str, step: int, rank: int) -> bool:
     """Whether ``key`` is a well-formed rank manifest name for ``step`` and ``rank``."""
     m = _MANIFEST_KEY_RE.match(key)

@@ -25,13 +25,15 @@ from typing import Any, Literal, Mapping, Protocol, Sequence
 import torch
 
 from .errors import CkptMirrorError, StateMismatchError, StepExistsError
-from .format import MAX_STEP
+from .checksum import checksum
+from .dist import Coordinator, DistInfo, detect, expand_url
+from .format import MAX_STEP, CommitRecord, RankRef
 from .handle import SaveHandle
 from .reader import list_steps, load_newest
 from .replicas import Replica, open_replica
 from .staging import Arena, ArenaPool, plan, snapshot
 from .tree import flatten
-from .writer import apply_retention, encode, write_step
+from .writer import apply_retention, commit_objects, encode, write_objects
 
 log = logging.getLogger("ckptmirror")
 
@@ -66,6 +68,7 @@ class _Job:
     plan: Any
     overwrite: bool
     replicas: list[Replica]
+    seq: int
 
 
 class Mirror:
@@ -114,6 +117,8 @@ class Mirror:
         on_replica_error: Literal["warn", "raise"] = "warn",
         health_interval_s: float = 5.0,
         storage_options: Mapping[str, Mapping[str, Any]] | None = None,
+        process_group: Any = None,
+        commit_timeout_s: float = 300.0,
     ) -> None:
         if isinstance(replicas, (str, Replica)):
             replicas = [replicas]
@@ -127,7 +132,12 @@ class Mirror:
             raise ValueError("inflight_policy must be 'wait' or 'skip'")
         if on_replica_error not in ("warn", "raise"):
             raise ValueError("on_replica_error must be 'warn' or 'raise'")
+        self.dist: DistInfo = detect(process_group)
+        if self.dist.distributed and inflight_policy == "skip":
+            # Ranks must make the same saves: one rank skipping would leave the others waiting.
+            raise ValueError("inflight_policy='skip' is not supported with several ranks")
         opts = storage_options or {}
+        replicas = [expand_url(u, self.dist) if isinstance(u, str) else u for u in replicas]
         self.replicas: list[Replica] = [open_replica(u, _options_for(u, opts)) for u in replicas]
         # Replicas built here from URLs are closed by close(); Replica objects stay the caller's.
         self._owned = [r for r, u in zip(self.replicas, replicas) if not isinstance(u, Replica)]
@@ -150,6 +160,13 @@ class Mirror:
         self._io_pools = {r.url: ThreadPoolExecutor(io_threads, thread_name_prefix="ckptmirror-io") for r in self.replicas}
         self._replica_pool = ThreadPoolExecutor(len(self.replicas), thread_name_prefix="ckptmirror-replica")
         self._jobs: "queue.Queue[_Job | None]" = queue.Queue()
+        self._seq = 0
+        self._restores = 0
+        self._coord: Coordinator | None = None
+        self._retention_owner = [True] * len(self.replicas)
+        if self.dist.distributed:
+            self._coord = Coordinator(self.dist, _mirror_prefix(), commit_timeout_s)
+            self._retention_owner = self._elect_retention_owners()
         self._lock = threading.Lock()
         self._handles: list[SaveHandle] = []
         self._unfinished = 0  # queued or running background jobs (retention included)
@@ -200,6 +217,8 @@ class Mirror:
         self._raise_unreported()
         if type(step) is not int or not 0 <= step <= MAX_STEP:
             raise ValueError(f"step must be an int in [0, {MAX_STEP}], got {step!r}")
+        if overwrite and self.dist.distributed:
+            raise ValueError("overwrite=True is not supported with several ranks: save under a new step")
         with self._lock:
             if step in self._inflight_steps or (step in self._committed and not overwrite):
                 raise StepExistsError(step)
@@ -232,7 +251,8 @@ class Mirror:
             self._inflight_steps.add(step)
             self._handles.append(handle)
             self._unfinished += 1
-        self._jobs.put(_Job(step, handle, arena, stream, p, overwrite, targets))
+        self._seq += 1
+        self._jobs.put(_Job(step, handle, arena, stream, p, overwrite, targets, self._seq))
         return handle
 
     def _run(self) -> None:
@@ -253,11 +273,35 @@ class Mirror:
                     self._idle.notify_all()
 
     def _write(self, job: _Job) -> None:
-        enc = encode(job.step, 0, 1, job.plan, job.stream, self.object_bytes, self._hash_pool)
+        info = self.dist
+        enc = encode(job.step, info.rank, info.world_size, job.plan, job.stream, self.object_bytes, self._hash_pool)
+        save_key = f"{job.seq}-{job.step}"
 
-        def one(replica: Replica) -> None:
+        def one(pos: int, replica: Replica) -> None:
+            if replica not in job.replicas:  # skipped (degraded): still take part in the vote
+                if self._coord is not None:
+                    self._coord.report(save_key, pos, {"state": "skipped", "error": f"replica {replica.url} is degraded on rank {info.rank}"})
+                    if info.rank == 0:
+                        self._coord.decide(save_key, pos, partial(_commit_from_reports, job.step, info.world_size))
+                return
             try:
-                write_step(replica, enc, job.stream, self._io_pools[replica.url], job.overwrite)
+                try:
+                    write_objects(replica, enc, job.stream, self._io_pools[replica.url], job.overwrite)
+                except BaseException as exc:
+                    if self._coord is not None:
+                        self._coord.report(save_key, pos, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"})
+                        if info.rank == 0:
+                            self._coord.decide(save_key, pos, partial(_commit_from_reports, job.step, info.world_size))
+                    raise
+                if self._coord is None:
+                    commit_bytes = enc.commit_bytes
+                else:
+                    ref = {"state": "ok", "key": enc.manifest_key, "size": len(enc.manifest_bytes), "checksum": checksum(enc.manifest_bytes)}
+                    self._coord.report(save_key, pos, ref)
+                    if info.rank == 0:
+                        self._coord.decide(save_key, pos, partial(_commit_from_reports, job.step, info.world_size))
+                    commit_bytes = self._coord.outcome(save_key, pos)
+                commit_objects(replica, enc, commit_bytes)
             except BaseException as exc:  # noqa: BLE001 - recorded per replica
                 log.warning("replica %s failed to save step %d: %s", replica.url, job.step, exc)
                 if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
@@ -267,6 +311,8 @@ class Mirror:
             with self._lock:
                 self._committed.add(job.step)
             job.handle._set_replica(replica.url, "committed")
+            if not self._retention_owner[pos]:
+                return  # a lower rank on this host prunes the same place
             try:
                 removed = apply_retention(replica, job.step, self.keep_last)
                 if removed:
@@ -277,8 +323,15 @@ class Mirror:
                 # The new step is committed; failing to delete old ones loses nothing.
                 log.warning("retention on %s failed after step %d: %s", replica.url, job.step, exc)
 
-        for f in [self._replica_pool.submit(one, r) for r in job.replicas]:
+        for f in [self._replica_pool.submit(one, pos, r) for pos, r in enumerate(self.replicas)]:
             f.result()
+
+    def _elect_retention_owners(self) -> list[bool]:
+        """Per position: whether this rank prunes it (the lowest rank with the same host and URL)."""
+        assert self._coord is not None
+        mine = [f"{self._coord.host}|{r.url}" for r in self.replicas]
+        everyone = self._coord.exchange("placement", mine)
+        return [all(everyone[r][pos] != mine[pos] for r in range(self.dist.rank)) for pos in range(len(mine))]
 
     def _mark_degraded(self, replica: Replica, exc: BaseException) -> None:
         with self._lock:
@@ -373,7 +426,24 @@ class Mirror:
         self._check_open()
         pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="ckptmirror-read")
         try:
-            loaded = load_newest(self.replicas, pool, step=step, targets=targets, strict_paths=strict_paths, validate=validate, max_buffer_bytes=self.object_bytes)
+            agree = None
+            if self.dist.distributed:
+                # Its own store connection and key space: restores may run while saves are in flight.
+                self._restores += 1
+                coord = Coordinator(self.dist, f"{self._coord.prefix}/restore{self._restores}", self._coord.timeout.total_seconds())  # type: ignore[union-attr]
+                agree = coord.exchange
+            loaded = load_newest(
+                self.replicas,
+                pool,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                step=step,
+                targets=targets,
+                strict_paths=strict_paths,
+                validate=validate,
+                max_buffer_bytes=self.object_bytes,
+                agree=agree,
+            )
         finally:
             pool.shutdown(wait=True)
         if loaded is not None:
@@ -425,6 +495,27 @@ class Mirror:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this Mirror is closed")
+
+
+_mirror_count = 0
+_mirror_count_lock = threading.Lock()
+
+
+def _mirror_prefix() -> str:
+    """Store prefix shared by the same Mirror on every rank: ranks create mirrors in the same
+    order, and a restarted job (torchrun --max-restarts) gets a new round."""
+    global _mirror_count
+    with _mirror_count_lock:
+        _mirror_count += 1
+        n = _mirror_count
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return f"ckptmirror/{run}/{restart}/m{n}"
+
+
+def _commit_from_reports(step: int, world_size: int, reports: list[dict[str, Any]]) -> bytes:
+    refs = tuple(RankRef(r, rep["key"], int(rep["size"]), rep["checksum"]) for r, rep in enumerate(reports))
+    return CommitRecord(step, world_size, refs).to_json()
 
 
 def _check_fits(model: Stateful | None, optim: Stateful | None, targets: dict[str, Any], skeleton: Any) -> None:

@@ -479,42 +479,121 @@ def load_newest(
     pool: ThreadPoolExecutor,
     *,
     rank: int = 0,
+    world_size: int = 1,
     step: int | None = None,
     targets: Any = None,
     strict_paths: Sequence[tuple[Any, ...]] = (),
     validate: Callable[[Any], None] | None = None,
     max_buffer_bytes: int = 64 << 20,
+    agree: Callable[[str, Any], list[Any]] | None = None,
 ) -> Loaded | None:
-    """Load ``step`` (or the newest step that verifies) for ``rank``; None if no checkpoint exists."""
+    """Load ``step`` (or the newest step that verifies) for ``rank``; None if no checkpoint exists.
+
+    With ``agree`` (several ranks), ``agree(round, value)`` must return every rank's value:
+    the ranks settle on the newest step that every one of them can recover (commit readable,
+    own manifest verified, every own object present somewhere with its size), load it, and if
+    any rank's load fails they all move on to an older step together.
+    """
     listing = list_steps(replicas)
-    if listing.unreachable and len(listing.unreachable) == len(replicas):
+    if listing.unreachable and len(listing.unreachable) == len(replicas) and agree is None:
         raise NoValidCheckpointError({-1: "every replica is unreachable: " + "; ".join(f"{u}: {e}" for u, e in listing.unreachable.items())})
     reader = StepReader(replicas, pool, max_buffer_bytes)
-    if step is not None:
-        if step not in listing.committed:
-            raise StepNotFoundError(step, list(listing.committed))
-        candidates = [step]
-    else:
-        candidates = sorted(listing.committed, reverse=True)
+    if step is not None and step not in listing.committed and agree is None:
+        raise StepNotFoundError(step, list(listing.committed))
+    candidates = [step] if step is not None else sorted(listing.committed, reverse=True)
+    candidates = [s for s in candidates if s in listing.committed]
+    problems: dict[int, str] = {}
+
+    def probe(s: int) -> tuple[CommitRecord, RankManifest]:
+        commit = reader.read_commit(s, listing.committed[s])
+        if commit.world_size != world_size:
+            raise StateMismatchError(
+                f"step {s} was saved by {commit.world_size} rank(s), this job has {world_size}; "
+                "per-rank state cannot be mapped onto another world size"
+            )
+        manifest = reader.read_manifest(commit, rank)
+        reader.preflight(manifest)
+        return commit, manifest
+
+    if agree is None:
         if not candidates:
             for url, steps in listing.torn.items():
                 log.info("replica %s holds leftovers of interrupted saves (steps %s); no committed step", url, steps)
             return None
-    problems: dict[int, str] = {}
-    for s in candidates:
-        try:
-            commit = reader.read_commit(s, listing.committed[s])
-            if rank >= commit.world_size:
-                raise StateMismatchError(f"step {s} was saved by {commit.world_size} rank(s); rank {rank} has nothing to restore")
-            manifest = reader.read_manifest(commit, rank)
-            loaded = reader.load(manifest, commit.ranks[rank].key, targets, strict_paths, validate)
-        except _STEP_FAILURES as exc:
-            if step is not None:
-                raise
-            log.warning("step %d cannot be restored, falling back to an older step: %s", s, exc)
-            problems[s] = f"{type(exc).__name__}: {exc}"
+        for s in candidates:
+            try:
+                commit, manifest = probe(s)
+                loaded = reader.load(manifest, commit.ranks[rank].key, targets, strict_paths, validate)
+            except _STEP_FAILURES as exc:
+                if step is not None:
+                    raise
+                log.warning("step %d cannot be restored, falling back to an older step: %s", s, exc)
+                problems[s] = f"{type(exc).__name__}: {exc}"
+                continue
+            if problems:
+                log.warning("restored step %d after skipping newer steps %s", s, sorted(problems, reverse=True))
+            return loaded
+        raise NoValidCheckpointError(problems)
+    return _load_agreed(reader, candidates, problems, probe, rank, step, targets, strict_paths, validate, agree)
+
+
+def _load_agreed(
+    reader: StepReader,
+    candidates: list[int],
+    problems: dict[int, str],
+    probe: Callable[[int], tuple[CommitRecord, RankManifest]],
+    rank: int,
+    step: int | None,
+    targets: Any,
+    strict_paths: Sequence[tuple[Any, ...]],
+    validate: Callable[[Any], None] | None,
+    agree: Callable[[str, Any], list[Any]],
+) -> Loaded | None:
+    bound = candidates[0] if candidates else -1
+    for rnd in range(len(candidates) * 2 + 2):
+        mine, error, found = -1, None, None
+        for s in (c for c in candidates if c <= bound):
+            try:
+                found = (s, *probe(s))
+                mine = s
+                break
+            except StateMismatchError as exc:
+                error = str(exc)
+                break
+            except _STEP_FAILURES as exc:
+                log.warning("step %d cannot be restored on rank %d: %s", s, rank, exc)
+                problems[s] = f"rank {rank}: {type(exc).__name__}: {exc}"
+        votes = agree(f"probe{rnd}", {"step": mine, "any": bool(candidates), "error": error})
+        errors = [f"rank {r}: {v['error']}" for r, v in enumerate(votes) if v["error"]]
+        if errors:
+            raise StateMismatchError("; ".join(errors))
+        if not any(v["any"] for v in votes):
+            return None  # no rank sees any committed step: a fresh start
+        steps = [v["step"] for v in votes]
+        lo, hi = min(steps), max(steps)
+        if lo < 0:
+            lost = [r for r, v in enumerate(votes) if v["step"] < 0]
+            raise NoValidCheckpointError({**problems, -1: f"rank(s) {lost} cannot recover any step that the others can"})
+        if lo != hi:
+            bound = lo  # someone cannot go that far: everyone looks at or below the lowest
             continue
-        if problems:
-            log.warning("restored step %d after skipping newer steps %s", s, sorted(problems, reverse=True))
-        return loaded
+        ok, why = True, ""
+        assert found is not None and found[0] == lo
+        try:
+            loaded = reader.load(found[2], found[1].ranks[rank].key, targets, strict_paths, validate)
+        except _STEP_FAILURES as exc:
+            ok, why = False, f"{type(exc).__name__}: {exc}"
+            problems[lo] = f"rank {rank}: {why}"
+        results = agree(f"load{rnd}", {"ok": ok, "why": why})
+        if all(v["ok"] for v in results):
+            if lo != candidates[0]:
+                log.warning("all ranks restored step %d (newer steps could not be restored everywhere)", lo)
+            return loaded
+        failed = {r: v["why"] for r, v in enumerate(results) if not v["ok"]}
+        log.warning("step %d failed to load on rank(s) %s; all ranks fall back together", lo, sorted(failed))
+        for r, w in failed.items():
+            problems.setdefault(lo, f"rank {r}: {w}")
+        if step is not None:
+            raise NoValidCheckpointError(problems)
+        bound = lo - 1
     raise NoValidCheckpointError(problems)

@@ -25,9 +25,11 @@ from .format import (
     commit_key,
     new_token,
     object_key,
+    parse_commit,
     parse_step_dir,
     rank_manifest_key,
     step_dir,
+    writer_of,
 )
 from .replicas.base import Replica
 from .staging import Plan
@@ -74,12 +76,10 @@ def remove_step(replica: Replica, step: int) -> None:
     replica.delete_prefix(step_dir(step))
 
 
-def write_step(replica: Replica, enc: EncodedStep, stream: torch.Tensor, pool: ThreadPoolExecutor, overwrite: bool) -> None:
-    """Write one encoded step to one replica and commit it there. Raises on any failure.
+def write_objects(replica: Replica, enc: EncodedStep, stream: torch.Tensor, pool: ThreadPoolExecutor, overwrite: bool) -> None:
+    """Phase 1 on one replica: every object, then the rank manifest. Nothing is committed.
 
     Names carry this save's token, so nothing here can overwrite another writer's files.
-    Leftovers of an earlier, torn attempt at this step are removed only after our commit
-    (before it, they might belong to a writer that is still running and may yet win).
     """
     step = enc.step
     if is_committed(replica, step):
@@ -87,29 +87,47 @@ def write_step(replica: Replica, enc: EncodedStep, stream: torch.Tensor, pool: T
             raise StepExistsError(step, replica.url)
         log.warning("overwriting committed step %d on %s", step, replica.url)
         remove_step(replica, step)
-    leftovers = replica.list_prefix(step_dir(step))
-    mine = [rec.key for rec in enc.manifest.objects] + [enc.manifest_key]
     view = memoryview(stream.numpy()) if enc.windows else memoryview(b"")
+    futures: list[Future[None]] = [
+        pool.submit(replica.put, rec.key, view[off : off + size]) for rec, (off, size) in zip(enc.manifest.objects, enc.windows)
+    ]
+    wait(futures, return_when=FIRST_EXCEPTION)
+    for f in futures:
+        f.cancel()  # not started yet: dropped once one put has failed
+    wait(futures)
+    for f in futures:
+        if not f.cancelled():
+            f.result()  # first failure wins
+    replica.put(enc.manifest_key, enc.manifest_bytes)
+
+
+def commit_objects(replica: Replica, enc: EncodedStep, commit_bytes: bytes) -> None:
+    """Phase 2 on one replica: write the commit record, then drop what it does not reference.
+
+    Leftovers are recognised by their writer token: files of the step whose (rank, token) is
+    not pinned by the commit belong to a torn or losing attempt. Deciding this only after the
+    commit matters on shared replicas, where other ranks' files are being written meanwhile.
+    """
+    step = enc.step
     try:
-        futures: list[Future[None]] = [
-            pool.submit(replica.put, rec.key, view[off : off + size]) for rec, (off, size) in zip(enc.manifest.objects, enc.windows)
-        ]
-        wait(futures, return_when=FIRST_EXCEPTION)
-        for f in futures:
-            f.cancel()  # not started yet: dropped once one put has failed
-        wait(futures)
-        for f in futures:
-            if not f.cancelled():
-                f.result()  # first failure wins
-        replica.put(enc.manifest_key, enc.manifest_bytes)
-        replica.commit(commit_key(step), enc.commit_bytes)
+        replica.commit(commit_key(step), commit_bytes)
     except StepExistsError:
         # Another writer committed this step first: our objects are garbage; take them back.
-        _delete_quietly(replica, mine)
+        _delete_quietly(replica, [rec.key for rec in enc.manifest.objects] + [enc.manifest_key])
         raise
-    if leftovers:
-        log.info("removing %d leftover file(s) of an interrupted save of step %d on %s", len(leftovers), step, replica.url)
-        _delete_quietly(replica, [k for k in leftovers if k != commit_key(step)])
+    pinned = {writer_of(ref.key) for ref in parse_commit(commit_bytes, commit_key(step)).ranks}
+    # Only files that name their writer: a commit record's temp file may be another rank's
+    # commit of these same bytes, in flight right now on a shared replica.
+    stale = [k for k in replica.list_prefix(step_dir(step)) if (w := writer_of(k)) is not None and w not in pinned]
+    if stale:
+        log.info("removing %d leftover file(s) of interrupted saves of step %d on %s", len(stale), step, replica.url)
+        _delete_quietly(replica, stale)
+
+
+def write_step(replica: Replica, enc: EncodedStep, stream: torch.Tensor, pool: ThreadPoolExecutor, overwrite: bool) -> None:
+    """Write one single-rank step to one replica and commit it there. Raises on any failure."""
+    write_objects(replica, enc, stream, pool, overwrite)
+    commit_objects(replica, enc, enc.commit_bytes)
 
 
 def _delete_quietly(replica: Replica, keys: list[str]) -> None:
