@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 GB = 1e9
-LAYERS = 6
+LAYERS = 6  # default; set from --layers
 BATCH = 16
 
 # Contender subprocesses, in run order. "reference" produces two rows (memcpy floor, raw write+fsync).
@@ -74,6 +74,31 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def load_probe() -> dict[str, float]:
+    """CPU counters: the machine is shared, so measure how much CPU *other* processes used."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal ...
+    t = os.times()
+    return {
+        "wall": time.monotonic(),
+        "busy": (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK"),
+        "steal": (v[7] if len(v) > 7 else 0) / os.sysconf("SC_CLK_TCK"),
+        "own": t.user + t.system,
+    }
+
+
+def foreign_cpu(a: dict[str, float] | None, b: dict[str, float] | None) -> dict[str, float] | None:
+    """Between two probes: CPUs' worth of work done by other processes, and stolen by the hypervisor."""
+    if not a or not b or "busy" not in a or "busy" not in b or b["wall"] <= a["wall"]:
+        return None
+    wall = b["wall"] - a["wall"]
+    return {
+        "other_cpus": max(0.0, (b["busy"] - a["busy"]) - (b["own"] - a["own"])) / wall,
+        "steal_cpus": (b["steal"] - a["steal"]) / wall,
+    }
 
 
 def dir_bytes(path: str) -> int:
@@ -372,9 +397,11 @@ def run_contender(name: str, args: argparse.Namespace, workdir: str) -> dict[str
     impl = IMPLS[name](workdir)
     res: dict[str, Any] = {"contender": name, "rows": impl.rows, "state_bytes": nbytes, "base_rss": base_rss}
     try:
+        res["load_start"] = load_probe()
         res["peak_reset_ok"] = reset_peak()
         saves = []
         for i in range(args.repeats):
+            os.sync()  # untimed: start every save with no dirty pages left by anyone
             rec = impl.save(i, model, optim)
             rec["rss_after_extra"] = proc_status()["VmRSS"] - base_rss
             saves.append(rec)
@@ -402,6 +429,7 @@ def run_contender(name: str, args: argparse.Namespace, workdir: str) -> dict[str
             del target
             gc.collect()
         res["restores"] = restores
+        res["load_end"] = load_probe()
     finally:
         impl.close()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -410,7 +438,12 @@ def run_contender(name: str, args: argparse.Namespace, workdir: str) -> dict[str
 
 # ---------------------------------------------------------------------------- slowdown mode
 def run_slowdown(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
-    """Median training-step time with no save, while ckptmirror writes, while dcp.async_save writes."""
+    """Median training-step time with no save, while ckptmirror writes, while dcp.async_save writes.
+
+    Rounds alternate between the two (ckptmirror, dcp, dcp, ckptmirror, ...) with a few no-save
+    steps after each, so that all three conditions see the same background load of a shared
+    machine. New rounds stop once ``--slowdown-max-s`` has passed (each contender gets at least one).
+    """
     import ckptmirror
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -425,51 +458,29 @@ def run_slowdown(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         train_step(model, optim, width)
         return time.perf_counter() - t0
 
+    res["load_start"] = load_probe()
+    t_start = time.perf_counter()
     step()  # warm-up
-    base: list[float] = []
-    t_end = time.perf_counter() + args.slowdown_baseline_s
-    while len(base) < 3 or time.perf_counter() < t_end:
-        base.append(step())
-    res["baseline_steps"] = base
-    log(f"slowdown: no save: median step {statistics.median(base) * 1e3:.0f} ms over {len(base)} steps")
-
-    def during(start: Callable[[int], tuple[float, Callable[[], bool], Callable[[], float]]], label: str) -> dict[str, Any]:
-        overlapped: list[float] = []
-        stalls, writes = [], []
-        for r in range(args.slowdown_rounds):
-            stall, done, finish = start(r)
-            stalls.append(stall)
-            n = 0
-            while not done():
-                overlapped.append(step())  # started while the save was still writing
-                n += 1
-            writes.append(finish())
-            log(f"slowdown: {label} round {r}: stall {stall:.3f} s, write done {writes[-1]:.2f} s after the call, {n} steps overlapped")
-        return {"steps": overlapped, "stalls": stalls, "write_s": writes}
+    base = [step() for _ in range(args.slowdown_baseline_steps)]
 
     m = ckptmirror.Mirror([os.path.join(workdir, "ckptmirror")], keep_last=None)
-    try:
 
-        def start_cm(r: int):
-            t0 = time.perf_counter()
-            h = m.save(r, model, optim)
-            stall = time.perf_counter() - t0
+    def start_cm(r: int):
+        t0 = time.perf_counter()
+        h = m.save(r, model, optim)
+        stall = time.perf_counter() - t0
 
-            def finish() -> float:
-                h.result()
-                return h.committed_s or 0.0
+        def finish() -> float:
+            h.result()
+            return h.committed_s or 0.0
 
-            return stall, h.done, finish
-
-        res["ckptmirror"] = during(start_cm, "ckptmirror")
-    finally:
-        m.close(raise_errors=False)
-    shutil.rmtree(os.path.join(workdir, "ckptmirror"), ignore_errors=True)
+        return stall, h.done, finish, None
 
     def start_dcp(r: int):
+        path = os.path.join(workdir, "dcp", f"step-{r}")
         t0 = time.perf_counter()
         msd, osd = get_state_dict(model, optim)
-        fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(workdir, "dcp", f"step-{r}"))
+        fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=path)
         stall = time.perf_counter() - t0
         done_at: list[float] = []
         fut.add_done_callback(lambda _: done_at.append(time.perf_counter()))
@@ -480,9 +491,38 @@ def run_slowdown(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
                 time.sleep(0.001)
             return done_at[0] - t0
 
-        return stall, fut.done, finish
+        return stall, fut.done, finish, path
 
-    res["dcp.async_save"] = during(start_dcp, "dcp.async_save")
+    modes = {"ckptmirror": start_cm, "dcp.async_save": start_dcp}
+    out: dict[str, dict[str, list[Any]]] = {k: {"steps": [], "round_steps": [], "stalls": [], "write_s": []} for k in modes}
+    try:
+        for r in range(args.slowdown_rounds):
+            order = list(modes) if r % 2 == 0 else list(modes)[::-1]
+            for label in order:
+                if r > 0 and time.perf_counter() - t_start > args.slowdown_max_s:
+                    break
+                os.sync()
+                stall, done, finish, path = modes[label](r)
+                steps: list[float] = []
+                while not done():
+                    steps.append(step())  # started while the save was still writing
+                n = len(steps)
+                out[label]["steps"].extend(steps)
+                out[label]["round_steps"].append(steps)
+                out[label]["stalls"].append(stall)
+                out[label]["write_s"].append(finish())
+                log(f"slowdown: {label} round {r}: stall {stall:.3f} s, write done {out[label]['write_s'][-1]:.2f} s "
+                    f"after the call, {n} steps overlapped")
+                if path:
+                    shutil.rmtree(path, ignore_errors=True)
+                os.sync()
+                base.extend(step() for _ in range(args.slowdown_baseline_steps))
+    finally:
+        m.close(raise_errors=False)
+    res["baseline_steps"] = base
+    res.update(out)
+    res["load_end"] = load_probe()
+    log(f"slowdown: no save: median step {statistics.median(base) * 1e3:.0f} ms over {len(base)} steps")
     shutil.rmtree(workdir, ignore_errors=True)
     return res
 
@@ -526,6 +566,18 @@ def machine_info(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def load_str(res: dict[str, Any]) -> str:
+    f = foreign_cpu(res.get("load_start"), res.get("load_end"))
+    if f is None:
+        return "n/a"
+    return f"{f['other_cpus']:.2f} CPUs" + (f", steal {f['steal_cpus']:.2f}" if f["steal_cpus"] >= 0.01 else "")
+
+
+def busy(res: dict[str, Any]) -> bool:
+    f = foreign_cpu(res.get("load_start"), res.get("load_end"))
+    return f is not None and f["other_cpus"] + f["steal_cpus"] > 0.25
+
+
 def rows_for(res: dict[str, Any]) -> list[dict[str, Any]]:
     """Table rows of one contender's result."""
     saves, restores = res.get("saves", []), res.get("restores", [])
@@ -538,12 +590,15 @@ def rows_for(res: dict[str, Any]) -> list[dict[str, Any]]:
         "peak_extra": None if peak is None else peak / GB,
         "bytes_on_disk": res.get("bytes_on_disk"),
         "rss_after": [s["rss_after_extra"] / GB for s in saves],
+        "totals": [s["total"] for s in saves],
+        "load": load_str(res),
     }
     if res["contender"] == "reference":
         memcpy = dict(common, name="memcpy floor (ref)", restore=None, restore_first=None, restore_transient=None, bytes_on_disk=None)
-        memcpy.update(stall_first=saves[0]["memcpy_s"] if saves else None, stall=med([s["memcpy_s"] for s in steady]), total=None)
+        memcpy.update(totals=[s["memcpy_s"] for s in saves], stall_first=saves[0]["memcpy_s"] if saves else None, stall=med([s["memcpy_s"] for s in steady]), total=None)
         raw = dict(common, name="raw write+fsync (ref)")
         raw.update(
+            totals=[s["write_fsync_s"] for s in saves],
             stall_first=saves[0]["write_fsync_s"] if saves else None,
             stall=med([s["write_fsync_s"] for s in steady]),
             total=med([s["write_fsync_s"] for s in steady]),
@@ -566,7 +621,8 @@ def print_report(args: argparse.Namespace, results: list[dict[str, Any]], slowdo
     width = width_for(args.params)
     nparams = LAYERS * (width * width + width)
     print("# ckptmirror save/restore benchmark\n")
-    print(f"- state: {nparams / 1e6:.1f}M-parameter MLP ({LAYERS} x Linear({width}, {width}), float32, CPU) + AdamW state after one step = "
+    print(f"- state: {nparams / 1e6:.1f}M-parameter MLP ({LAYERS} x Linear({width}, {width}), float32, CPU) + AdamW state after one step, "
+          f"{4 * 2 * LAYERS} tensors = "
           + (f"**{state_bytes / GB:.3f} GB**" if state_bytes else "?"))
     for line in machine_info(args):
         print(line)
@@ -608,6 +664,12 @@ def print_report(args: argparse.Namespace, results: list[dict[str, Any]], slowdo
         if cm and ds:
             print(f"- ckptmirror restore vs dcp.load path: {ratio(cm['restore'], ds['restore'])}; "
                   f"vs torch.load: {ratio(cm['restore'], ts['restore'] if ts else None)}")
+        for res in ok:
+            if res["contender"].startswith("dcp") and res.get("restores"):
+                rs = res["restores"]
+                print(f"- {res['contender']} restore breakdown (median): get_state_dict on the fresh model/optimizer "
+                      f"{fmt(med([r['get_state_dict_s'] for r in rs]))} s + dcp.load {fmt(med([r['dcp_load_s'] for r in rs]))} s "
+                      f"(+ set_state_dict: the rest)")
         mem = all_rows.get("memcpy floor (ref)")
         if cm and mem:
             print(f"- ckptmirror stall vs memcpy floor (steady): {ratio(cm['stall'], mem['stall'])}")
@@ -617,18 +679,22 @@ def print_report(args: argparse.Namespace, results: list[dict[str, Any]], slowdo
             before = s[1]["staging_allocations_before"] if len(s) > 1 else s[0]["staging_allocations_after"]
             after = s[-1]["staging_allocations_after"]
             verdict = "no allocation in steady state" if after == before else f"ALLOCATES: {after - before} new staging buffers"
+            sw = med([x["stall_wall_s"] for x in s[1:]])
+            print(f"- ckptmirror stall as the caller sees it (wall time around `m.save()`, including `state_dict()`, which "
+                  f"`h.stall_s` does not count): first {fmt(s[0]['stall_wall_s'])} s, steady {fmt(sw)} s")
             print(f"- ckptmirror staging_allocations: {s[0]['staging_allocations_before']} before the first save, "
                   f"{before} before the steady-state saves, {after} after them -> {verdict}")
         print()
         print("Memory and bytes detail (GB):\n")
-        print("| contender | peak extra RSS, saves | RSS growth after each save | restore transient peak | bytes on disk |")
-        print("|---|---:|---|---:|---:|")
+        print("| contender | each save: total (s) | peak extra RSS, saves | extra RSS after each save | restore transient peak | bytes on disk | CPU used by other processes |")
+        print("|---|---|---:|---|---:|---:|---|")
         for row in all_rows.values():
             growth = ", ".join(f"{x:.2f}" for x in row["rss_after"])
             bod = row.get("bytes_on_disk")
             per = f"{bod / GB / args.repeats:.3f} per save" if bod else "n/a"
             tr = row.get("restore_transient")
-            print(f"| {row['name']} | {fmt(row['peak_extra'], 2)} | {growth} | {fmt(None if tr is None else tr / GB, 2)} | {per} |")
+            each = ", ".join(f"{x:.3f}" for x in row["totals"])
+            print(f"| {row['name']} | {each} | {fmt(row['peak_extra'], 2)} | {growth} | {fmt(None if tr is None else tr / GB, 2)} | {per} | {row['load']} |")
         print()
         print("Notes: stall = total for the blocking contenders (torch.save+fsync, dcp.save, raw write). "
               "dcp.* times include `get_state_dict`; the dcp restore includes `get_state_dict` on the fresh optimizer "
@@ -636,6 +702,10 @@ def print_report(args: argparse.Namespace, results: list[dict[str, Any]], slowdo
               "ckptmirror total = `h.committed_s` (wall time until `result()` is in the JSON). "
               "'restore transient peak' = restore-time VmHWM minus the RSS once the restore is done. "
               "The raw reference restore is a plain read into an existing buffer (no parse, no scatter, no verify).")
+        noisy = [r["contender"] for r in ok if busy(r)]
+        if noisy:
+            print(f"\n**Warning: other processes used more than 0.25 of the {len(os.sched_getaffinity(0))} CPUs during: "
+                  f"{', '.join(noisy)}. Other processes compete for CPU and disk; compare ratios, rerun for stable numbers.**")
         for res in results:
             if "error" in res:
                 print(f"\n**{res['contender']} failed:**\n```\n{res['error'][-3000:]}\n```")
@@ -650,25 +720,33 @@ def print_slowdown(sd: dict[str, Any]) -> None:
         print(f"slowdown run failed:\n```\n{sd['error'][-3000:]}\n```")
         return
     base = med(sd["baseline_steps"])
+    if busy(sd):
+        print(f"**Warning: machine busy during this run (other processes used {load_str(sd)}); step times are inflated and noisy.**\n")
     print(f"CPU training loop on the same model (batch {BATCH}, forward/backward/AdamW step, "
-          f"{sd['threads']} intra-op threads). 'during write' = steps started while the save was still writing.\n")
-    print("| condition | median step (ms) | steps | vs no save | save stall (s), median | write time under load (s), median |")
-    print("|---|---:|---:|---:|---:|---:|")
-    print(f"| no save | {base * 1e3:.0f} | {len(sd['baseline_steps'])} | 1.00x | | |")
+          f"{sd['threads']} intra-op threads). 'during write' = steps started while the save was still writing; "
+          "rounds of the two alternate, with no-save steps between them, so all three see the same background load.\n")
+    print("| condition | median step (ms) | steps | vs no save | save stall (s), median | write time under load (s), median | training time lost per save (s), median |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| no save | {base * 1e3:.0f} | {len(sd['baseline_steps'])} | 1.00x | | | |")
     for key in ("ckptmirror", "dcp.async_save"):
         d = sd.get(key)
         if not d:
             continue
         m = med(d["steps"])
         rel = "n/a" if m is None or not base else f"{m / base:.2f}x"
+        lost = [st + sum(x - base for x in rs) for st, rs in zip(d["stalls"], d.get("round_steps", []))]
         print(f"| while {key} writes | {fmt(None if m is None else m * 1e3, 0)} | {len(d['steps'])} | {rel} | "
-              f"{fmt(med(d['stalls']))} | {fmt(med(d['write_s']), 2)} |")
+              f"{fmt(med(d['stalls']))} | {fmt(med(d['write_s']), 2)} | {fmt(med(lost), 2)} |")
+    print("\n'training time lost per save' = stall + the sum, over the steps that overlapped the write, of "
+          "(step time - median no-save step): what one background save costs the loop in all.")
 
 
 # ----------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", type=float, default=100e6, help="model parameters (default 100e6 -> ~1.2 GB with AdamW state)")
+    p.add_argument("--layers", type=int, default=LAYERS,
+                   help=f"Linear layers (default {LAYERS}); many layers = many small tensors, e.g. --params 10e6 --layers 2000")
     p.add_argument("--repeats", type=int, default=3, help="saves (and restores) per contender (default 3)")
     p.add_argument("--dir", default=os.path.join(os.getcwd(), "bench-out"), help="target directory, one disk for all (default ./bench-out)")
     p.add_argument("--json", metavar="PATH", help="write the raw results here")
@@ -676,7 +754,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(CONTENDERS)}; 'none' to skip (default: all)")
     p.add_argument("--slowdown", action="store_true", help="also measure training-step slowdown during background saves (~30 s)")
     p.add_argument("--slowdown-rounds", type=int, default=3, help="background saves per async contender in --slowdown (default 3)")
-    p.add_argument("--slowdown-baseline-s", type=float, default=5.0, help="seconds of no-save training steps (default 5)")
+    p.add_argument("--slowdown-baseline-steps", type=int, default=2,
+                   help="no-save training steps at the start and after each background save (default 2)")
+    p.add_argument("--slowdown-max-s", type=float, default=30.0,
+                   help="start no new slowdown round after this many seconds (default 30; one round each at least)")
     p.add_argument("--contender", help=argparse.SUPPRESS)  # internal: run one contender in this process
     p.add_argument("--result-file", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -684,6 +765,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--repeats must be >= 1")
     if a.params < 1000:
         p.error("--params too small")
+    if a.layers < 1:
+        p.error("--layers must be >= 1")
     names = [] if a.contenders.strip() in ("", "none") else [c.strip() for c in a.contenders.split(",") if c.strip()]
     bad = [c for c in names if c not in IMPLS]
     if bad:
@@ -709,8 +792,9 @@ def run_child(name: str, args: argparse.Namespace, timeout: float) -> dict[str, 
     fd, result_file = tempfile.mkstemp(prefix="bench-result-", suffix=".json", dir=args.dir)
     os.close(fd)
     cmd = [sys.executable, os.path.abspath(__file__), "--contender", name, "--params", repr(args.params),
-           "--repeats", str(args.repeats), "--dir", args.dir, "--result-file", result_file,
-           "--slowdown-rounds", str(args.slowdown_rounds), "--slowdown-baseline-s", str(args.slowdown_baseline_s)]
+           "--repeats", str(args.repeats), "--layers", str(args.layers), "--dir", args.dir, "--result-file", result_file,
+           "--slowdown-rounds", str(args.slowdown_rounds), "--slowdown-baseline-steps", str(args.slowdown_baseline_steps),
+           "--slowdown-max-s", str(args.slowdown_max_s)]
     log(f"running {name} in a subprocess")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -737,7 +821,9 @@ def run_child(name: str, args: argparse.Namespace, timeout: float) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    global LAYERS
     args = parse_args(argv)
+    LAYERS = args.layers
     args.dir = os.path.abspath(args.dir)
     os.makedirs(args.dir, exist_ok=True)
     if args.contender:

@@ -12,6 +12,7 @@ pinned when the state is on a GPU), plus ``io_threads`` object buffers of up to
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -24,14 +25,14 @@ from typing import Any, Literal, Mapping, Protocol, Sequence
 
 import torch
 
-from .errors import CkptMirrorError, StateMismatchError, StepExistsError
+from .errors import CkptMirrorError, ReplicaUnavailableError, StateMismatchError, StepExistsError
 from .checksum import checksum
 from .dist import Coordinator, DistInfo, detect, expand_url
 from .format import MAX_STEP, CommitRecord, RankRef
 from .handle import SaveHandle
 from .reader import list_steps, load_newest
 from .replicas import Replica, open_replica
-from .staging import Arena, ArenaPool, plan, snapshot
+from .staging import Arena, ArenaPool, Plan, plan, plan_key, snapshot
 from .tree import flatten
 from .writer import apply_retention, commit_objects, encode, write_objects
 
@@ -162,6 +163,7 @@ class Mirror:
         self._jobs: "queue.Queue[_Job | None]" = queue.Queue()
         self._seq = 0
         self._restores = 0
+        self._plan_cache: tuple[tuple[object, ...], Plan] | None = None
         self._coord: Coordinator | None = None
         self._retention_owner = [True] * len(self.replicas)
         if self.dist.distributed:
@@ -200,19 +202,19 @@ class Mirror:
         is committed already (unless ``overwrite=True``), and :class:`SaveFailedError` if an
         earlier background save failed and was not yet reported.
         """
+        t0 = time.perf_counter()  # the stall includes building the state dicts
         state = {
             "model": model.state_dict() if model is not None else None,
             "optim": optim.state_dict() if optim is not None else None,
             "extra": extra,
         }
-        return self._save(step, state, overwrite)
+        return self._save(step, state, overwrite, t0)
 
     def save_state(self, step: int, state: Any, *, overwrite: bool = False) -> SaveHandle:
         """Like :meth:`save`, for any nested state (dicts, lists, tensors, plain values)."""
-        return self._save(step, state, overwrite)
+        return self._save(step, state, overwrite, time.perf_counter())
 
-    def _save(self, step: int, state: Any, overwrite: bool) -> SaveHandle:
-        t0 = time.perf_counter()
+    def _save(self, step: int, state: Any, overwrite: bool, t0: float) -> SaveHandle:
         self._check_open()
         self._raise_unreported()
         if type(step) is not int or not 0 <= step <= MAX_STEP:
@@ -223,17 +225,26 @@ class Mirror:
             if step in self._inflight_steps or (step in self._committed and not overwrite):
                 raise StepExistsError(step)
         flat = flatten(state)
-        p = plan(flat)
+        key = plan_key(flat)
+        cached = self._plan_cache
+        if key is not None and cached is not None and cached[0] == key:
+            p = dataclasses.replace(cached[1], structure=flat.structure)  # same tensors: reuse views
+        else:
+            p = plan(flat)
+            self._plan_cache = (key, p) if key is not None else None
         with self._lock:
             targets = [r for r in self.replicas if r.url not in self._degraded] or list(self.replicas)
-        if self.on_replica_error == "raise" or self.min_replicas is None:
+        if self.on_replica_error == "raise":
+            required = len(self.replicas)  # a degraded replica that is skipped is a failure too
+        elif self.min_replicas is None:
             required = len(targets)
         else:
             required = self.min_replicas
         handle = SaveHandle(step, [r.url for r in self.replicas], required, t0)
         for r in self.replicas:
             if r not in targets:
-                handle._set_replica(r.url, "skipped", None)
+                why = ReplicaUnavailableError(f"skipped: degraded ({self._degraded.get(r.url, 'unknown')})", replica=r.url)
+                handle._set_replica(r.url, "skipped", why)
         arena = self._arenas.acquire(block=self.inflight_policy == "wait")
         if arena is None:
             log.warning("skipping save of step %d: the previous save is still writing (inflight_policy='skip')", step)
@@ -489,6 +500,7 @@ class Mirror:
                 p.shutdown(wait=True)
             self._hash_pool.shutdown(wait=True)
             self._arenas.release_memory()
+            self._plan_cache = None
             for r in self._owned:
                 r.close()
 

@@ -46,6 +46,33 @@ class _Span:
     offset: int = 0  # byte offset in the data stream
 
 
+class _Copies:
+    """The copy list of a plan: source views built once, destination views once per arena
+    buffer. With a cached plan, a steady-state snapshot is a single batched copy."""
+
+    def __init__(self, spans: tuple[_Span, ...]) -> None:
+        self.cpu: list[tuple[int, torch.Tensor]] = []
+        self.cuda: list[tuple[int, torch.Tensor]] = []
+        self.arrays: list[tuple[int, object]] = []
+        for sp in spans:
+            if sp.nbytes == 0:
+                continue
+            if sp.storage is None:
+                self.arrays.append((sp.offset, sp.array))
+                continue
+            src = byte_view(sp.storage, sp.start, sp.nbytes)
+            (self.cuda if src.is_cuda else self.cpu).append((sp.offset, src))
+        self._dst_for: int | None = None
+        self._dst: list[torch.Tensor] = []
+        self._src = [src for _, src in self.cpu]
+
+    def cpu_pairs(self, stream: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if self._dst_for != stream.data_ptr():
+            self._dst = [stream[off : off + src.numel()] for off, src in self.cpu]
+            self._dst_for = stream.data_ptr()
+        return self._dst, self._src
+
+
 @dataclass(frozen=True)
 class Plan:
     """Where every storage of one state goes in the data stream."""
@@ -56,9 +83,28 @@ class Plan:
     structure: object
     total_bytes: int
     needs_pinned: bool
+    copies: _Copies
+
+
+def plan_key(flat: Flattened) -> tuple[object, ...] | None:
+    """What a cached plan depends on: where each leaf's bytes are and how they are laid out.
+
+    None when the plan must not be reused: NumPy leaves are copied to contiguous arrays and
+    lazily conjugated/negated tensors are resolved into new tensors, both anew on every save.
+    Reuse is safe because a cached plan keeps the old storages alive, so a different tensor
+    cannot show up at the same address.
+    """
+    key = []
+    for t in flat.leaves:
+        if not isinstance(t, torch.Tensor) or t.is_conj() or t.is_neg():
+            return None
+        key.append((t.data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t.requires_grad, t.__class__))
+    return tuple(key)
 
 
 def _extent_bytes(t: torch.Tensor) -> int:
+    if t.is_contiguous():
+        return t.numel() * t.element_size()
     if t.numel() == 0:
         return 0
     last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
@@ -69,8 +115,10 @@ def plan(flat: Flattened) -> Plan:
     """Group leaves by storage and lay the storages out back to back."""
     groups: dict[tuple[str, int], list[int]] = {}
     tensors: dict[int, torch.Tensor] = {}
+    storages: dict[int, torch.UntypedStorage] = {}
     spans: list[_Span] = []
     leaf_span: dict[int, int] = {}
+    needs_pinned = False
     for i, leaf in enumerate(flat.leaves):
         if isinstance(leaf, torch.Tensor):
             t = leaf
@@ -78,12 +126,13 @@ def plan(flat: Flattened) -> Plan:
                 # Lazy conjugate/negative views: their raw bytes are not their values.
                 t = t.resolve_conj().resolve_neg()
             tensors[i] = t
-            st = t.untyped_storage()
-            if st.nbytes() == 0 or t.numel() == 0:
+            st = storages[i] = t.untyped_storage()
+            if t.numel() == 0 or st.nbytes() == 0:
                 leaf_span[i] = len(spans)
                 spans.append(_Span(None, None, 0, 0))
                 continue
-            groups.setdefault((str(t.device), st.data_ptr()), []).append(i)
+            needs_pinned = needs_pinned or t.is_cuda
+            groups.setdefault((str(t.device) if t.is_cuda else "cpu", st.data_ptr()), []).append(i)
         else:  # numpy array
             import numpy as np
 
@@ -93,15 +142,14 @@ def plan(flat: Flattened) -> Plan:
             leaf_span[i] = len(spans)
             spans.append(_Span(None, a, 0, a.nbytes))
     for members in groups.values():
-        first = tensors[members[0]]
-        assert isinstance(first, torch.Tensor)
+        first = storages[members[0]]
         starts = [tensors[m].storage_offset() * tensors[m].element_size() for m in members]  # type: ignore[union-attr]
         ends = [s + _extent_bytes(tensors[m]) for s, m in zip(starts, members)]  # type: ignore[arg-type]
         lo = (min(starts) // _SPAN_ALIGN) * _SPAN_ALIGN
-        hi = min(max(ends), first.untyped_storage().nbytes())
+        hi = min(max(ends), first.nbytes())
         for m in members:
             leaf_span[m] = len(spans)
-        spans.append(_Span(first.untyped_storage(), None, lo, hi - lo))
+        spans.append(_Span(first, None, lo, hi - lo))
     offset = 0
     for sp in spans:
         sp.offset = offset
@@ -130,14 +178,15 @@ def plan(flat: Flattened) -> Plan:
             shape = tuple(obj.shape)  # type: ignore[attr-defined]
             stride = tuple(int(math.prod(shape[j + 1 :])) for j in range(len(shape)))
             leaves.append(LeafRecord("ndarray", leaf_span[i], obj.dtype.str, shape, stride, 0))  # type: ignore[attr-defined]
-    needs_pinned = any(sp.storage is not None and sp.storage.device.type == "cuda" for sp in spans)
+    frozen = tuple(spans)
     return Plan(
-        spans=tuple(spans),
+        spans=frozen,
         storages=tuple(StorageRecord(sp.offset, sp.nbytes) for sp in spans),
         leaves=tuple(leaves),
         structure=flat.structure,
         total_bytes=offset,
         needs_pinned=needs_pinned,
+        copies=_Copies(frozen),
     )
 
 
@@ -200,23 +249,20 @@ class ArenaPool:
 def snapshot(p: Plan, arena: Arena) -> torch.Tensor:
     """Copy every span into the arena; return the stream (a uint8 CPU tensor of ``total_bytes``)."""
     stream = arena.reserve(p.total_bytes, p.needs_pinned)
-    cuda_devices: set[torch.device] = set()
-    for sp in p.spans:
-        if sp.nbytes == 0:
-            continue
-        dst = stream[sp.offset : sp.offset + sp.nbytes]
-        if sp.storage is None:
-            import numpy as np
+    c = p.copies
+    if c.cpu:
+        dst, src = c.cpu_pairs(stream)
+        torch._foreach_copy_(dst, src)  # one call for thousands of tensors
+    for off, arr in c.arrays:
+        import numpy as np
 
-            dst.numpy()[:] = np.asarray(sp.array).reshape(-1).view(np.uint8)
-            continue
-        src = byte_view(sp.storage, sp.start, sp.nbytes)
-        if src.device.type == "cuda":
-            dst.copy_(src, non_blocking=True)
-            cuda_devices.add(src.device)
-        else:
-            dst.copy_(src)
-    for dev in cuda_devices:
+        a = np.asarray(arr)
+        stream[off : off + a.nbytes].numpy()[:] = a.reshape(-1).view(np.uint8)
+    devices: set[torch.device] = set()
+    for off, src in c.cuda:
+        stream[off : off + src.numel()].copy_(src, non_blocking=True)
+        devices.add(src.device)
+    for dev in devices:
         # The copies were queued on each device's current stream; wait for them so the caller
         # may change its tensors as soon as we return.
         torch.cuda.current_stream(dev).synchronize()

@@ -450,8 +450,26 @@ class S3Replica(Replica):
     def list_steps(self) -> list[str]:
         root = self._root()
         _, dirs = self._run(self._list, root, "", True)
-        names = (d[len(root) :].rstrip("/") for d in dirs)
+        # A writer killed while its first objects were still multipart uploads leaves a step
+        # that has no completed object: list it too, so retention and prune can abort them.
+        dirs = list(dirs) + self._run(self._upload_dirs, root)
+        names = {d[len(root) :].rstrip("/") for d in dirs}
         return sorted(n for n in names if n and not n.startswith("."))
+
+    async def _upload_dirs(self, root: str) -> list[str]:
+        # No Delimiter: not every S3-compatible server groups uploads by prefix (moto does
+        # not). Open uploads are few (only those of writers that died), so list them all.
+        out: set[str] = set()
+        kw: dict[str, Any] = {"Prefix": root}
+        while True:
+            resp = await self._call("list_multipart_uploads", "", **kw)
+            for u in resp.get("Uploads", ()):
+                head, sep, _ = u["Key"][len(root) :].partition("/")
+                if sep:
+                    out.add(root + head + "/")
+            if not resp.get("IsTruncated"):
+                return sorted(out)
+            kw.update(KeyMarker=resp["NextKeyMarker"], UploadIdMarker=resp["NextUploadIdMarker"])
 
     def list_prefix(self, prefix: str) -> list[str]:
         keys, _ = self._run(self._list, self._path(prefix) + "/", prefix, False)
