@@ -196,10 +196,13 @@ class CommitRecord:
     world_size: int
     ranks: tuple[RankRef, ...]
     created_unix: float = field(default_factory=time.time)
+    #: The whole state was identical on every rank and is stored once: ``ranks`` holds one
+    #: manifest (rank 0's), whose objects were written by all ranks; it restores on any world size.
+    replicated: bool = False
 
     def to_json(self) -> bytes:
         """Serialise (deterministic key order)."""
-        doc = {
+        doc: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "kind": "ckptmirror.commit",
             "step": self.step,
@@ -207,7 +210,13 @@ class CommitRecord:
             "created_unix": self.created_unix,
             "ranks": [[r.rank, r.key, r.size, r.checksum] for r in self.ranks],
         }
+        if self.replicated:
+            doc["replicated"] = True
         return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+
+    def manifest_ref(self, rank: int) -> RankRef:
+        """The manifest that holds ``rank``'s state."""
+        return self.ranks[0] if self.replicated else self.ranks[rank]
 
 
 # ---------------------------------------------------------------- parsing (untrusted input)
@@ -308,8 +317,9 @@ def parse_commit(data: bytes, key: str) -> CommitRecord:
         raise f.err("kind", "not a ckptmirror commit record")
     step = f.int(doc.get("step"), "step", 0, MAX_STEP)
     world = f.int(doc.get("world_size"), "world_size", 1, MAX_RANKS)
+    replicated = f.bool(doc.get("replicated", False), "replicated")
     refs = []
-    for i, item in enumerate(f.list(doc.get("ranks"), "ranks", world)):
+    for i, item in enumerate(f.list(doc.get("ranks"), "ranks", 1 if replicated else world)):
         rank, rkey, size, csum = f.list(item, f"ranks[{i}]", 4)
         rank = f.int(rank, f"ranks[{i}][0]", 0, world - 1)
         if rank != i:
@@ -320,7 +330,7 @@ def parse_commit(data: bytes, key: str) -> CommitRecord:
     created = f.number(doc.get("created_unix", 0.0), "created_unix")
     if key != commit_key(step):
         raise f.err("step", f"commit for step {step} found at {key!r}")
-    return CommitRecord(step, world, tuple(refs), created)
+    return CommitRecord(step, world, tuple(refs), created, replicated)
 
 
 def parse_rank_manifest(data: bytes, key: str) -> RankManifest:

@@ -34,7 +34,7 @@ from .reader import list_steps, load_newest
 from .replicas import Replica, open_replica
 from .staging import Arena, ArenaPool, Plan, plan, plan_key, snapshot
 from .tree import flatten
-from .writer import apply_retention, commit_objects, encode, write_objects
+from .writer import apply_retention, commit_objects, encode, encode_replicated, write_objects
 
 log = logging.getLogger("ckptmirror")
 
@@ -70,6 +70,7 @@ class _Job:
     overwrite: bool
     replicas: list[Replica]
     seq: int
+    replicated: bool = False
 
 
 class Mirror:
@@ -94,6 +95,15 @@ class Mirror:
         health_interval_s: how often degraded replicas are probed in the background.
         storage_options: backend options by full URL or by scheme, e.g.
             ``{"s3": {"part_bytes": 16 << 20}, "file": {"fsync": True}}``; a URL entry wins.
+        process_group: the group whose ranks save together (default: the default group when
+            torch.distributed is initialised). Replica URLs may use ``{rank}``,
+            ``{local_rank}``, ``{node_rank}`` and ``{world_size}``.
+        commit_timeout_s: how long the ranks wait for each other to commit a step; a rank that
+            dies mid-save means that step never commits, after at most this long.
+        replicated: whether the saved state is identical on every rank, so that it is stored
+            once in total, its objects spread over the ranks. None (default): yes when the model
+            given to :meth:`save` is wrapped in ``DistributedDataParallel``. The ranks verify
+            that it really is identical; if not, the save fails with StateMismatchError.
 
     Example::
 
@@ -120,6 +130,7 @@ class Mirror:
         storage_options: Mapping[str, Mapping[str, Any]] | None = None,
         process_group: Any = None,
         commit_timeout_s: float = 300.0,
+        replicated: bool | None = None,
     ) -> None:
         if isinstance(replicas, (str, Replica)):
             replicas = [replicas]
@@ -156,6 +167,7 @@ class Mirror:
         self.object_bytes = object_bytes
         self.io_threads = io_threads
         self.inflight_policy = inflight_policy
+        self.replicated = replicated
         self._arenas = ArenaPool(max_inflight)
         self._hash_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="ckptmirror-hash")
         self._io_pools = {r.url: ThreadPoolExecutor(io_threads, thread_name_prefix="ckptmirror-io") for r in self.replicas}
@@ -193,7 +205,16 @@ class Mirror:
         self.close(raise_errors=exc[0] is None)
 
     # ------------------------------------------------------------------------- saving
-    def save(self, step: int, model: Stateful | None, optim: Stateful | None = None, *, extra: Any = None, overwrite: bool = False) -> SaveHandle:
+    def save(
+        self,
+        step: int,
+        model: Stateful | None,
+        optim: Stateful | None = None,
+        *,
+        extra: Any = None,
+        overwrite: bool = False,
+        replicated: bool | None = None,
+    ) -> SaveHandle:
         """Snapshot ``model`` (and ``optim``, ``extra``) as ``step``; return once the copy is taken.
 
         The checkpoint holds the values at the call: the caller may change parameters as
@@ -203,18 +224,20 @@ class Mirror:
         earlier background save failed and was not yet reported.
         """
         t0 = time.perf_counter()  # the stall includes building the state dicts
+        if replicated is None:
+            replicated = self.replicated if self.replicated is not None else _is_ddp(model)
         state = {
             "model": model.state_dict() if model is not None else None,
             "optim": optim.state_dict() if optim is not None else None,
             "extra": extra,
         }
-        return self._save(step, state, overwrite, t0)
+        return self._save(step, state, overwrite, t0, replicated)
 
-    def save_state(self, step: int, state: Any, *, overwrite: bool = False) -> SaveHandle:
+    def save_state(self, step: int, state: Any, *, overwrite: bool = False, replicated: bool | None = None) -> SaveHandle:
         """Like :meth:`save`, for any nested state (dicts, lists, tensors, plain values)."""
-        return self._save(step, state, overwrite, time.perf_counter())
+        return self._save(step, state, overwrite, time.perf_counter(), bool(replicated if replicated is not None else self.replicated))
 
-    def _save(self, step: int, state: Any, overwrite: bool, t0: float) -> SaveHandle:
+    def _save(self, step: int, state: Any, overwrite: bool, t0: float, replicated: bool) -> SaveHandle:
         self._check_open()
         self._raise_unreported()
         if type(step) is not int or not 0 <= step <= MAX_STEP:
@@ -263,7 +286,7 @@ class Mirror:
             self._handles.append(handle)
             self._unfinished += 1
         self._seq += 1
-        self._jobs.put(_Job(step, handle, arena, stream, p, overwrite, targets, self._seq))
+        self._jobs.put(_Job(step, handle, arena, stream, p, overwrite, targets, self._seq, replicated and self.dist.distributed))
         return handle
 
     def _run(self) -> None:
@@ -285,15 +308,29 @@ class Mirror:
 
     def _write(self, job: _Job) -> None:
         info = self.dist
-        enc = encode(job.step, info.rank, info.world_size, job.plan, job.stream, self.object_bytes, self._hash_pool)
         save_key = f"{job.seq}-{job.step}"
+        decide = partial(_commit_from_reports, job.step, info.world_size, job.replicated)
+        try:
+            if job.replicated:
+                assert self._coord is not None
+                exchange = partial(_prefixed, self._coord.exchange, save_key)
+                enc = encode_replicated(job.step, info.rank, info.world_size, job.plan, job.stream, self.object_bytes, self._hash_pool, exchange)
+            else:
+                enc = encode(job.step, info.rank, info.world_size, job.plan, job.stream, self.object_bytes, self._hash_pool)
+        except BaseException as exc:
+            if self._coord is not None:  # the other ranks are waiting for our vote
+                for pos in range(len(self.replicas)):
+                    self._coord.report(save_key, pos, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"})
+                    if info.rank == 0:
+                        self._coord.decide(save_key, pos, decide)
+            raise
 
         def one(pos: int, replica: Replica) -> None:
             if replica not in job.replicas:  # skipped (degraded): still take part in the vote
                 if self._coord is not None:
                     self._coord.report(save_key, pos, {"state": "skipped", "error": f"replica {replica.url} is degraded on rank {info.rank}"})
                     if info.rank == 0:
-                        self._coord.decide(save_key, pos, partial(_commit_from_reports, job.step, info.world_size))
+                        self._coord.decide(save_key, pos, decide)
                 return
             try:
                 try:
@@ -302,7 +339,7 @@ class Mirror:
                     if self._coord is not None:
                         self._coord.report(save_key, pos, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"})
                         if info.rank == 0:
-                            self._coord.decide(save_key, pos, partial(_commit_from_reports, job.step, info.world_size))
+                            self._coord.decide(save_key, pos, decide)
                     raise
                 if self._coord is None:
                     commit_bytes = enc.commit_bytes
@@ -310,7 +347,7 @@ class Mirror:
                     ref = {"state": "ok", "key": enc.manifest_key, "size": len(enc.manifest_bytes), "checksum": checksum(enc.manifest_bytes)}
                     self._coord.report(save_key, pos, ref)
                     if info.rank == 0:
-                        self._coord.decide(save_key, pos, partial(_commit_from_reports, job.step, info.world_size))
+                        self._coord.decide(save_key, pos, decide)
                     commit_bytes = self._coord.outcome(save_key, pos)
                 commit_objects(replica, enc, commit_bytes)
             except BaseException as exc:  # noqa: BLE001 - recorded per replica
@@ -525,9 +562,25 @@ def _mirror_prefix() -> str:
     return f"ckptmirror/{run}/{restart}/m{n}"
 
 
-def _commit_from_reports(step: int, world_size: int, reports: list[dict[str, Any]]) -> bytes:
+def _commit_from_reports(step: int, world_size: int, replicated: bool, reports: list[dict[str, Any]]) -> bytes:
+    if replicated:  # one manifest, the same on every rank
+        rep = reports[0]
+        return CommitRecord(step, world_size, (RankRef(0, rep["key"], int(rep["size"]), rep["checksum"]),), replicated=True).to_json()
     refs = tuple(RankRef(r, rep["key"], int(rep["size"]), rep["checksum"]) for r, rep in enumerate(reports))
     return CommitRecord(step, world_size, refs).to_json()
+
+
+def _prefixed(exchange: Any, prefix: str, key: str, value: Any) -> list[Any]:
+    return exchange(f"{prefix}/{key}", value)
+
+
+def _is_ddp(model: Any) -> bool:
+    """A model wrapped in DistributedDataParallel holds the same state on every rank."""
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, DistributedDataParallel)
 
 
 def _check_fits(model: Stateful | None, optim: Stateful | None, targets: dict[str, Any], skeleton: Any) -> None:

@@ -238,7 +238,7 @@ class StepReader:
 
     def read_manifest(self, commit: CommitRecord, rank: int) -> RankManifest:
         """The rank manifest, verified against the commit's pin, from any replica."""
-        ref = commit.ranks[rank]
+        ref = commit.manifest_ref(rank)
         errors: list[str] = []
         parse_failures = 0
         for r in self.replicas:
@@ -247,7 +247,7 @@ class StepReader:
                 if len(data) != ref.size or checksum(data) != ref.checksum:
                     raise CorruptObjectError(f"rank manifest does not match the commit (size {len(data)} vs {ref.size}, checksum)", replica=r.url, key=ref.key)
                 m = parse_rank_manifest(data, ref.key)
-                if (m.step, m.rank, m.world_size) != (commit.step, rank, commit.world_size):
+                if (m.step, m.rank, m.world_size) != (commit.step, ref.rank, commit.world_size):
                     raise ManifestError("rank manifest belongs to another step, rank or world size", replica=r.url, key=ref.key)
                 return m
             except ManifestError as exc:
@@ -506,7 +506,7 @@ def load_newest(
 
     def probe(s: int) -> tuple[CommitRecord, RankManifest]:
         commit = reader.read_commit(s, listing.committed[s])
-        if commit.world_size != world_size:
+        if commit.world_size != world_size and not commit.replicated:
             raise StateMismatchError(
                 f"step {s} was saved by {commit.world_size} rank(s), this job has {world_size}; "
                 "per-rank state cannot be mapped onto another world size"
@@ -523,7 +523,7 @@ def load_newest(
         for s in candidates:
             try:
                 commit, manifest = probe(s)
-                loaded = reader.load(manifest, commit.ranks[rank].key, targets, strict_paths, validate)
+                loaded = reader.load(manifest, commit.manifest_ref(rank).key, targets, strict_paths, validate)
             except _STEP_FAILURES as exc:
                 if step is not None:
                     raise
@@ -580,7 +580,7 @@ def _load_agreed(
         ok, why = True, ""
         assert found is not None and found[0] == lo
         try:
-            loaded = reader.load(found[2], found[1].ranks[rank].key, targets, strict_paths, validate)
+            loaded = reader.load(found[2], found[1].manifest_ref(rank).key, targets, strict_paths, validate)
         except _STEP_FAILURES as exc:
             ok, why = False, f"{type(exc).__name__}: {exc}"
             problems[lo] = f"rank {rank}: {why}"

@@ -10,13 +10,15 @@ reports its own outcome on the :class:`~ckptmirror.handle.SaveHandle`.
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
 from .checksum import checksum
-from .errors import CkptMirrorError, StepExistsError
+from .errors import CkptMirrorError, StateMismatchError, StepExistsError
 from .format import (
     CommitRecord,
     ObjectRecord,
@@ -47,6 +49,8 @@ class EncodedStep:
     manifest_key: str
     manifest_bytes: bytes
     commit_bytes: bytes
+    #: indices of the objects this rank writes (None: all of them)
+    owned: tuple[int, ...] | None = None
 
 
 def encode(step: int, rank: int, world_size: int, p: Plan, stream: torch.Tensor, object_bytes: int, pool: ThreadPoolExecutor) -> EncodedStep:
@@ -63,6 +67,48 @@ def encode(step: int, rank: int, world_size: int, p: Plan, stream: torch.Tensor,
     ref = RankRef(rank, mkey, len(mbytes), checksum(mbytes))
     commit = CommitRecord(step, world_size, (ref,))
     return EncodedStep(step, windows, manifest, mkey, mbytes, commit.to_json())
+
+
+def encode_replicated(
+    step: int,
+    rank: int,
+    world_size: int,
+    p: Plan,
+    stream: torch.Tensor,
+    object_bytes: int,
+    pool: ThreadPoolExecutor,
+    exchange: Callable[[str, Any], list[Any]],
+) -> EncodedStep:
+    """Encode a state that is identical on every rank (DDP) so that it is stored once in total.
+
+    Every rank hashes every object (xxh3 is ~30x faster than the disk, so this costs little) and
+    the ranks compare a digest of layout and checksums: a state marked replicated that differs
+    between ranks is an error, not a silently inconsistent checkpoint. Object ``i`` is then
+    written by rank ``i % world_size`` under that rank's token; one manifest (rank 0's name,
+    identical bytes on every rank) describes them all.
+    """
+    total = p.total_bytes
+    windows = tuple((off, min(object_bytes, total - off)) for off in range(0, total, object_bytes))
+    view = memoryview(stream.numpy()) if total else memoryview(b"")
+    sums = list(pool.map(lambda w: checksum(view[w[0] : w[0] + w[1]]), windows))
+    probe = RankManifest(step, 0, world_size, tuple(ObjectRecord(object_key(step, 0, i, "00000000"), w[1], c) for i, (w, c) in enumerate(zip(windows, sums))), p.storages, p.leaves, p.structure, 0.0)
+    digest = checksum(probe.to_json())
+    token = new_token()
+    votes = exchange("encode", {"digest": digest, "token": token, "created": time.time()})
+    differ = [r for r, v in enumerate(votes) if v["digest"] != votes[0]["digest"]]
+    if differ:
+        raise StateMismatchError(
+            f"the state saved as replicated differs between ranks (rank(s) {differ} differ from rank 0): "
+            "pass replicated=False if each rank holds its own state"
+        )
+    tokens = [v["token"] for v in votes]
+    objects = tuple(ObjectRecord(object_key(step, i % world_size, i, tokens[i % world_size]), w[1], c) for i, (w, c) in enumerate(zip(windows, sums)))
+    manifest = RankManifest(step, 0, world_size, objects, p.storages, p.leaves, p.structure, votes[0]["created"])
+    mbytes = manifest.to_json()
+    mkey = rank_manifest_key(step, 0, tokens[0])
+    commit = CommitRecord(step, world_size, (RankRef(0, mkey, len(mbytes), checksum(mbytes)),), replicated=True)
+    owned = tuple(i for i in range(len(objects)) if i % world_size == rank)
+    return EncodedStep(step, windows, manifest, mkey, mbytes, commit.to_json(), owned)
 
 
 def is_committed(replica: Replica, step: int) -> bool:
@@ -88,8 +134,9 @@ def write_objects(replica: Replica, enc: EncodedStep, stream: torch.Tensor, pool
         log.warning("overwriting committed step %d on %s", step, replica.url)
         remove_step(replica, step)
     view = memoryview(stream.numpy()) if enc.windows else memoryview(b"")
+    mine = range(len(enc.windows)) if enc.owned is None else enc.owned
     futures: list[Future[None]] = [
-        pool.submit(replica.put, rec.key, view[off : off + size]) for rec, (off, size) in zip(enc.manifest.objects, enc.windows)
+        pool.submit(replica.put, enc.manifest.objects[i].key, view[enc.windows[i][0] : enc.windows[i][0] + enc.windows[i][1]]) for i in mine
     ]
     wait(futures, return_when=FIRST_EXCEPTION)
     for f in futures:
@@ -113,9 +160,11 @@ def commit_objects(replica: Replica, enc: EncodedStep, commit_bytes: bytes) -> N
         replica.commit(commit_key(step), commit_bytes)
     except StepExistsError:
         # Another writer committed this step first: our objects are garbage; take them back.
-        _delete_quietly(replica, [rec.key for rec in enc.manifest.objects] + [enc.manifest_key])
+        mine = range(len(enc.windows)) if enc.owned is None else enc.owned
+        _delete_quietly(replica, [enc.manifest.objects[i].key for i in mine] + [enc.manifest_key])
         raise
     pinned = {writer_of(ref.key) for ref in parse_commit(commit_bytes, commit_key(step)).ranks}
+    pinned |= {writer_of(rec.key) for rec in enc.manifest.objects}  # replicated: objects of every rank
     # Only files that name their writer: a commit record's temp file may be another rank's
     # commit of these same bytes, in flight right now on a shared replica.
     stale = [k for k in replica.list_prefix(step_dir(step)) if (w := writer_of(k)) is not None and w not in pinned]

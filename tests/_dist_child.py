@@ -1,0 +1,77 @@
+"""A torchrun worker for tests/test_distributed.py: per-rank state, placeholders, kills.
+
+Usage: torchrun --standalone --nproc-per-node N tests/_dist_child.py MODE ROOT [URL ...]
+Each rank's state is a deterministic function of (rank, step), so the test can recompute it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+
+import ckptmirror
+
+
+def rank_state(rank: int, step: int) -> dict:
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return {"w": torch.randn(300, 100, generator=g), "rank": rank, "step": step, "rng": torch.get_rng_state()[:16].clone().fill_(rank)}
+
+
+def main() -> int:
+    mode, root, urls = sys.argv[1], sys.argv[2], sys.argv[3:]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = {"rank": rank}
+    m = ckptmirror.Mirror(urls, object_bytes=32 << 10, commit_timeout_s=8, keep_last=5)
+    if mode == "save":
+        for step in (1, 2):
+            m.save_state(step, rank_state(rank, step)).result(timeout=60)
+        out["steps"] = m.steps()
+    elif mode == "kill-mid-save":
+        m.save_state(1, rank_state(rank, 1)).result(timeout=60)
+        dist.barrier()
+        h = m.save_state(2, rank_state(rank, 2))
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # before this rank reports its shard as durable
+        try:
+            h.result(timeout=60)
+            out["step2"] = "committed"
+        except ckptmirror.SaveFailedError as exc:
+            out["step2"] = f"failed: {exc}"
+        m.close(raise_errors=False)
+        with open(os.path.join(root, f"result-{rank}.json"), "w") as f:
+            json.dump(out, f)
+        return 0
+    elif mode == "restore":
+        import logging
+
+        served: list[str] = []
+
+        class Grab(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if "objects served by" in record.getMessage():
+                    served.append(record.getMessage())
+
+        logging.getLogger("ckptmirror").addHandler(Grab())
+        logging.getLogger("ckptmirror").setLevel(logging.INFO)
+        res = m.load_state()
+        out["served"] = served
+        assert res is not None
+        step, state = res
+        expect = rank_state(rank, step)
+        out.update(step=step, equal=bool(torch.equal(state["w"], expect["w"]) and state["rank"] == rank))
+    m.close()
+    with open(os.path.join(root, f"result-{rank}.json"), "w") as f:
+        json.dump(out, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

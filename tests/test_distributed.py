@@ -1,0 +1,173 @@
+"""Many ranks under real torchrun (gloo, CPU): replicated DDP state written once, per-rank
+shards with node-local and shared replicas, a rank killed mid-save, a lost node's replica,
+and torchrun --max-restarts resuming with identical losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ckptmirror
+from ckptmirror.format import commit_key, parse_commit, parse_rank_manifest, step_dir
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "torchrun_ddp.py"
+CHILD = REPO / "tests" / "_dist_child.py"
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+
+
+def torchrun(*args: str, nproc: int = 2, restarts: int = 0, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={restarts}", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if check and p.returncode != 0:
+        raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+def losses(path: Path) -> tuple[dict[int, float], list[dict[str, Any]]]:
+    out, events = {}, []
+    for line in path.read_text().splitlines():
+        d = json.loads(line)
+        if "step" in d:
+            out[d["step"]] = d["loss"]
+        else:
+            events.append(d)
+    return out, events
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: 2-rank DDP, 20 steps, saving every 5, never interrupted."""
+    root = tmp_path_factory.mktemp("ddp-ref")
+    torchrun(str(EXAMPLE), "--ckpt", str(root), "--steps", "20")
+    return root
+
+
+def test_ddp_state_is_written_once_spread_over_ranks(uninterrupted: Path) -> None:
+    shared = uninterrupted / "shared"
+    commit = parse_commit((shared / commit_key(20)).read_bytes(), commit_key(20))
+    assert commit.replicated and commit.world_size == 2 and len(commit.ranks) == 1
+    manifest = parse_rank_manifest((shared / commit.ranks[0].key).read_bytes(), commit.ranks[0].key)
+    writers = {o.key.split("/")[1] for o in manifest.objects}
+    assert writers == {"rank-00000", "rank-00001"}, "both ranks write a share"
+    on_disk = sum(f.stat().st_size for f in (shared / step_dir(20)).rglob("o*.bin"))
+    assert on_disk == manifest.stream_bytes, "one copy in total, not one per rank"
+    per_rank = [sum(o.size for o in manifest.objects if f"rank-0000{r}/" in o.key) for r in (0, 1)]
+    assert abs(per_rank[0] - per_rank[1]) <= max(o.size for o in manifest.objects), f"fair share: {per_rank}"
+
+
+def test_replicated_state_restores_on_another_world_size(uninterrupted: Path) -> None:
+    # Saved by 2 ranks, restored here by a single process: the same bytes as every rank had.
+    sys.path.insert(0, str(EXAMPLE.parent))
+    try:
+        import torchrun_ddp as ex
+    finally:
+        sys.path.pop(0)
+    model = ex.build()
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with ckptmirror.Mirror([str(uninterrupted / "shared")]) as m:
+        step, state = m.load_state()  # type: ignore[misc]
+    assert step == 20
+    model.load_state_dict({k.removeprefix("module."): v for k, v in state["model"].items()})
+    optim.load_state_dict(state["optim"])
+    _, events = losses(uninterrupted / "losses-rank0.jsonl")
+    digest = [e["final_digest"] for e in events if "final_digest" in e][-1]
+    assert ex.state_digest(model.state_dict(), optim.state_dict()) == digest
+
+
+def test_killed_rank_and_max_restarts_resume_with_identical_losses(uninterrupted: Path, tmp_path: Path) -> None:
+    # Rank 1 SIGKILLs itself while step 10 is being saved; torchrun restarts the job once.
+    torchrun(str(EXAMPLE), "--ckpt", str(tmp_path), "--steps", "20", "--crash-at-step", "10", restarts=1)
+    assert (tmp_path / "crashed-once").exists()
+    for rank in (0, 1):
+        ref, _ = losses(uninterrupted / f"losses-rank{rank}.jsonl")
+        got, events = losses(tmp_path / f"losses-rank{rank}.jsonl")
+        resumed = [e["resumed_from"] for e in events if "resumed_from" in e]
+        assert resumed and resumed[-1] < 10, f"step 10 must not have committed: {events}"
+        assert got == ref, f"rank {rank}: losses differ after the restart"
+    assert not (tmp_path / "shared" / commit_key(10)).exists() or parse_commit(
+        (tmp_path / "shared" / commit_key(10)).read_bytes(), commit_key(10)
+    ).step == 10  # if present it was written by the second attempt, after the restart
+
+
+def test_lost_node_replica_resumes_from_the_shared_copy(uninterrupted: Path, tmp_path: Path) -> None:
+    torchrun(str(EXAMPLE), "--ckpt", str(tmp_path), "--steps", "10")
+    shutil.rmtree(tmp_path / "node0-local")  # the node's disk is gone; the shared copy survives
+    for r in (0, 1):
+        os.unlink(tmp_path / f"losses-rank{r}.jsonl")
+    torchrun(str(EXAMPLE), "--ckpt", str(tmp_path), "--steps", "20")
+    for rank in (0, 1):
+        ref, _ = losses(uninterrupted / f"losses-rank{rank}.jsonl")
+        got, events = losses(tmp_path / f"losses-rank{rank}.jsonl")
+        assert events[0]["resumed_from"] == 10
+        assert events[0]["sources"] == [str(tmp_path / "shared")]
+        assert all(got[s] == ref[s] for s in got), f"rank {rank}: losses differ after resuming from the shared copy"
+
+
+def _results(root: Path, n: int = 2) -> list[dict[str, Any]]:
+    return [json.loads((root / f"result-{r}.json").read_text()) for r in range(n)]
+
+
+def test_per_rank_shards_node_local_and_shared(tmp_path: Path) -> None:
+    local, shared = str(tmp_path / "local-{rank}"), str(tmp_path / "shared")
+    torchrun(str(CHILD), "save", str(tmp_path), local, shared)
+    assert all(r["steps"] == [1, 2] for r in _results(tmp_path))
+    for r in (0, 1):
+        keys = {p.name for p in (tmp_path / f"local-{r}" / step_dir(2)).iterdir()}
+        assert f"rank-0000{r}" in keys and f"rank-0000{1 - r}" not in keys, "node-local: only this rank's shard"
+        assert (tmp_path / f"local-{r}" / commit_key(2)).exists()
+    commit = parse_commit((tmp_path / "shared" / commit_key(2)).read_bytes(), commit_key(2))
+    assert not commit.replicated and [ref.rank for ref in commit.ranks] == [0, 1]
+    # Rank 1's node is replaced: its local replica is empty; it restores from the shared copy.
+    shutil.rmtree(tmp_path / "local-1")
+    torchrun(str(CHILD), "restore", str(tmp_path), local, shared)
+    res = _results(tmp_path)
+    assert all(r["step"] == 2 and r["equal"] for r in res)
+    assert str(tmp_path / "local-0") in res[0]["served"][0] and str(tmp_path / "shared") not in res[0]["served"][0]
+    assert str(tmp_path / "shared") in res[1]["served"][0]
+
+
+def test_per_rank_state_refuses_another_world_size(tmp_path: Path) -> None:
+    torchrun(str(CHILD), "save", str(tmp_path), str(tmp_path / "shared"))
+    with ckptmirror.Mirror([str(tmp_path / "shared")]) as m:
+        with pytest.raises(ckptmirror.StateMismatchError, match="2 rank"):
+            m.load_state()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_rank_killed_mid_save_never_commits_and_nobody_hangs(tmp_path: Path) -> None:
+    # Launched by hand, not by torchrun: torchrun would tear rank 0 down as soon as rank 1
+    # dies, and the point here is what rank 0's save reports when a peer rank vanishes.
+    shared = str(tmp_path / "shared")
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(CHILD), "kill-mid-save", str(tmp_path), shared], env=env, cwd=REPO))
+    t0 = time.monotonic()
+    codes = [p.wait(timeout=120) for p in procs]
+    assert time.monotonic() - t0 < 100, "rank 0 must give up after commit_timeout_s, not hang"
+    assert codes[1] == -9 and codes[0] == 0, codes
+    res0 = json.loads((tmp_path / "result-0.json").read_text())
+    assert res0["step2"].startswith("failed"), res0
+    assert not (tmp_path / "shared" / commit_key(2)).exists()
+    with ckptmirror.Mirror([shared]) as m:
+        assert m.steps() == [1]
