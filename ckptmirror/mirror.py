@@ -33,7 +33,7 @@ from .handle import SaveHandle
 from .reader import list_steps, load_newest
 from .replicas import Replica, open_replica
 from .staging import Arena, ArenaPool, Plan, plan, plan_key, snapshot
-from .tree import flatten
+from .tree import flatten, is_dtensor
 from .writer import apply_retention, commit_objects, encode, encode_replicated, write_objects
 
 log = logging.getLogger("ckptmirror")
@@ -450,6 +450,8 @@ class Mirror:
         tensor is modified) when the checkpoint does not fit the model or optimizer.
         """
         t0 = time.perf_counter()
+        if optim is not None:
+            _init_sharded_optimizer_state(optim)
         targets = {
             "model": model.state_dict() if model is not None else None,
             "optim": optim.state_dict() if optim is not None else None,
@@ -572,6 +574,35 @@ def _commit_from_reports(step: int, world_size: int, replicated: bool, reports: 
 
 def _prefixed(exchange: Any, prefix: str, key: str, value: Any) -> list[Any]:
     return exchange(f"{prefix}/{key}", value)
+
+
+def _init_sharded_optimizer_state(optim: Any) -> None:
+    """Give a fresh optimizer over sharded (DTensor) parameters its state tensors.
+
+    Restoring fills the optimizer's state in place, and for DTensor parameters that state must
+    be DTensors laid out like the parameters: loading plain tensors would leave the optimizer
+    inconsistent, and resharding needs a target. A step with zero gradients and learning rate
+    0 creates them without changing any parameter (DCP's get_optimizer_state_dict does the same).
+    """
+    if getattr(optim, "state", None) or not hasattr(optim, "param_groups"):
+        return
+    params = [p for g in optim.param_groups for p in g["params"]]
+    if not any(is_dtensor(p) for p in params):
+        return
+    saved_lr = [g["lr"] for g in optim.param_groups]
+    saved_grads = [p.grad for p in params]
+    try:
+        for g in optim.param_groups:
+            g["lr"] = 0.0 if not isinstance(g["lr"], torch.Tensor) else torch.zeros_like(g["lr"])
+        for p in params:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        optim.step()
+    finally:
+        for g, lr in zip(optim.param_groups, saved_lr):
+            g["lr"] = lr
+        for p, grad in zip(params, saved_grads):
+            p.grad = grad
 
 
 def _is_ddp(model: Any) -> bool:

@@ -49,7 +49,8 @@ from .format import (
 )
 from .replicas.base import Replica
 from .staging import byte_view
-from .tree import dtype_from_name, key_path, unflatten
+from .reshard import Box, Piece, StoredShard, Want, copy_piece, plan_pieces
+from .tree import dtensor_local, dtype_from_name, is_dtensor, key_path, unflatten
 
 log = logging.getLogger("ckptmirror")
 
@@ -148,6 +149,19 @@ class ManifestCheck:
     dtypes: list[torch.dtype | None]  # torch dtype of each tensor leaf (None for arrays)
     paths: dict[int, tuple[Any, ...]]  # key path of each leaf
     skeleton: Any  # the state tree with LeafSpec placeholders
+    dtensors: dict[int, tuple[tuple[int, ...], tuple[int, ...]]]  # leaf -> (global shape, offset)
+
+    def boxes(self, m: RankManifest) -> dict[tuple[Any, ...], tuple[int, tuple[int, ...], Box]]:
+        """path -> (leaf, global shape, box) of every tensor leaf; a plain tensor is one box
+        at offset 0 covering its whole shape."""
+        out = {}
+        for i, path in self.paths.items():
+            lf = m.leaves[i]
+            if lf.kind != "tensor":
+                continue
+            gshape, goffset = self.dtensors.get(i, (lf.shape, (0,) * len(lf.shape)))
+            out[path] = (i, gshape, (goffset, lf.shape))
+        return out
 
 
 def validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
@@ -159,18 +173,24 @@ def validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
     esizes = _check_leaf_bounds(m, key)
     dtypes = [dtype_from_name(lf.dtype, key) if lf.kind == "tensor" else None for lf in m.leaves]
     paths: dict[int, tuple[Any, ...]] = {}
+    dtensors: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
     def collect(kind: str, i: int, path: tuple[Any, ...]) -> Any:
-        if not 0 <= i < len(m.leaves) or m.leaves[i].kind != kind or i in paths:
+        leaf_kind = "tensor" if kind == "dtensor" else kind
+        if not 0 <= i < len(m.leaves) or m.leaves[i].kind != leaf_kind or i in paths:
             raise ManifestError(f"bad or repeated {kind} reference {i} at {key_path('state', path)}", key=key)
         paths[i] = path
         lf = m.leaves[i]
         return LeafSpec(lf.kind, lf.dtype, lf.shape)
 
-    skeleton = unflatten(m.structure, collect, key)
+    skeleton = unflatten(m.structure, collect, key, dtensors)
     if len(paths) != len(m.leaves):
         raise ManifestError(f"{len(m.leaves) - len(paths)} leaves are never referenced by the structure", key=key)
-    return ManifestCheck(esizes, dtypes, paths, skeleton)
+    for i, (gshape, goffset) in dtensors.items():
+        shape = m.leaves[i].shape
+        if len(gshape) != len(shape) or any(o + n > g for o, n, g in zip(goffset, shape, gshape)):
+            raise ManifestError(f"leaves[{i}]: shard {list(shape)} at {list(goffset)} does not fit the global shape {list(gshape)}", key=key)
+    return ManifestCheck(esizes, dtypes, paths, skeleton, dtensors)
 
 
 @dataclass(frozen=True)
@@ -316,29 +336,66 @@ class StepReader:
         targets: Any = None,
         strict_paths: Sequence[tuple[Any, ...]] = (),
         validate: Callable[[Any], None] | None = None,
+        shards: Callable[[], list[tuple[RankManifest, str]]] | None = None,
     ) -> Loaded:
         """Rebuild the state of ``m``; fill tensors of ``targets`` (same tree shape) in place.
 
         ``validate`` receives the state tree with :class:`LeafSpec` placeholders for the
         tensors; it runs, like every other check, before any target tensor is written.
+        ``shards`` lists every stored rank's manifest; it is needed only when a sharded target
+        (DTensor) has another layout than the one stored, and is then resharded from them.
         """
         check = validate_manifest(m, key)
         esizes, dtypes, paths = check.esizes, check.dtypes, check.paths
-        leaf_targets = self._match_targets(m, paths, targets, strict_paths, dtypes)
+        leaf_targets, wants, values = self._match_targets(m, check, targets, strict_paths)
         if validate is not None:
             validate(check.skeleton)
+        pieces: list[Piece] = []
+        stored: list[tuple[RankManifest, ManifestCheck, dict[str, list[Replica]]]] = []
+        if wants:
+            if shards is None:
+                raise StateMismatchError("the target's sharding differs from the stored one, and no other rank's shards are available")
+            for sm, skey in shards():
+                sc = validate_manifest(sm, skey)
+                stored.append((sm, sc, {}))
+            pieces = plan_pieces(wants, [StoredShard(i, sc.boxes(sm)) for i, (sm, sc, _) in enumerate(stored)])
+            for src in {p.source for p in pieces}:
+                stored[src][2].update(self.preflight(stored[src][0]))
+        skip = {i for i in range(len(m.leaves)) if paths.get(i) in {w.path for w in wants}}
         object_plan = self.preflight(m)
-        storage_targets = self._storage_targets(m, leaf_targets, dtypes, esizes)
+        storage_targets = self._storage_targets(m, leaf_targets, dtypes, esizes, skip)
         loaded = Loaded(m.step, None)
         self._read_objects(m, object_plan, storage_targets, loaded)
-        leaves = self._build_leaves(m, storage_targets, leaf_targets, dtypes)
+        for src in sorted({p.source for p in pieces}):
+            sm, sc, splan = stored[src]
+            needed = {sm.leaves[p.leaf].storage for p in pieces if p.source == src}
+            bufs = [_Target(torch.empty(r.nbytes, dtype=torch.uint8), None) if j in needed else None for j, r in enumerate(sm.storages)]
+            self._read_objects(sm, splan, bufs, loaded)
+            for p in (p for p in pieces if p.source == src):
+                lf = sm.leaves[p.leaf]
+                buf = bufs[lf.storage]
+                assert buf is not None and sc.dtypes[p.leaf] is not None
+                leaf = torch.empty(0, dtype=sc.dtypes[p.leaf]).set_(buf.dest.untyped_storage(), lf.offset, lf.shape, lf.stride)
+                copy_piece(p, leaf)
+        leaves = self._build_leaves(m, storage_targets, leaf_targets, dtypes, values)
         loaded.state = unflatten(m.structure, lambda kind, i, path: leaves[i], key)
         return loaded
 
-    def _match_targets(self, m: RankManifest, paths: dict[int, tuple[Any, ...]], targets: Any, strict_paths: Sequence[tuple[Any, ...]], dtypes: list[torch.dtype | None]) -> dict[int, torch.Tensor]:
+    def _match_targets(
+        self, m: RankManifest, check: ManifestCheck, targets: Any, strict_paths: Sequence[tuple[Any, ...]]
+    ) -> tuple[dict[int, torch.Tensor], list[Want], dict[int, Any]]:
+        """Map stored leaves onto the caller's tensors.
+
+        Returns the tensors to fill in place (for a DTensor: its local shard), the targets that
+        need resharding, and what to put in the returned tree instead of a new tensor.
+        """
         out: dict[int, torch.Tensor] = {}
+        wants: list[Want] = []
+        values: dict[int, Any] = {}
+        paths = check.paths
         if targets is None:
-            return out
+            self._consolidate(m, check, set(), wants, values)
+            return out, wants, values
         stored_paths = {p: i for i, p in paths.items()}
         problems = []
         for prefix in strict_paths:
@@ -359,22 +416,54 @@ class StepReader:
             lf = m.leaves[i]
             if lf.kind != "tensor":
                 problems.append(f"{key_path('state', path)}: checkpoint holds a numpy array, target a tensor")
+                continue
+            stored_g, stored_off = check.dtensors.get(i, (lf.shape, (0,) * len(lf.shape)))
+            if is_dtensor(t) or i in check.dtensors:
+                local, gshape, offset = dtensor_local(t) if is_dtensor(t) else (t, tuple(t.shape), (0,) * t.dim())
+                if tuple(gshape) != tuple(stored_g):
+                    problems.append(f"{key_path('state', path)}: checkpoint global shape {list(stored_g)}, target {list(gshape)}")
+                    continue
+                values[i] = t
+                if tuple(local.shape) == lf.shape and tuple(offset) == tuple(stored_off):
+                    out[i] = local  # same layout: fill this rank's shard in place
+                else:
+                    wants.append(Want(path, local, tuple(offset), tuple(gshape)))
             elif tuple(t.shape) != lf.shape:
                 problems.append(f"{key_path('state', path)}: checkpoint shape {list(lf.shape)}, target shape {list(t.shape)}")
             else:
                 out[i] = t
         if problems:
             raise StateMismatchError(f"step {m.step} does not fit the restore target:\n  " + "\n  ".join(problems[:50]))
-        return out
+        self._consolidate(m, check, set(values) | set(out), wants, values)
+        return out, wants, values
 
-    def _storage_targets(self, m: RankManifest, leaf_targets: dict[int, torch.Tensor], dtypes: list[torch.dtype | None], esizes: list[int]) -> list[_Target]:
+    @staticmethod
+    def _consolidate(m: RankManifest, check: ManifestCheck, handled: set[int], wants: list[Want], values: dict[int, Any]) -> None:
+        """A stored shard with nothing to fill becomes a new, whole tensor (gathered from every
+        rank's shards): a plain process reading a sharded checkpoint gets full tensors."""
+        for i, (gshape, _) in check.dtensors.items():
+            if i in handled:
+                continue
+            dtype = check.dtypes[i]
+            assert dtype is not None
+            whole = torch.empty(gshape, dtype=dtype)
+            values[i] = whole
+            wants.append(Want(check.paths[i], whole, (0,) * len(gshape), tuple(gshape)))
+
+    def _storage_targets(
+        self, m: RankManifest, leaf_targets: dict[int, torch.Tensor], dtypes: list[torch.dtype | None], esizes: list[int], skip: set[int]
+    ) -> list[_Target | None]:
+        """Where each storage's bytes go; None for storages only resharded leaves use (not read)."""
         users: dict[int, list[int]] = {}
         for i, lf in enumerate(m.leaves):
             users.setdefault(lf.storage, []).append(i)
-        out = []
+        out: list[_Target | None] = []
         for s, rec in enumerate(m.storages):
             direct = None
             members = users.get(s, [])
+            if members and all(i in skip for i in members):
+                out.append(None)
+                continue
             if len(members) == 1 and members[0] in leaf_targets:
                 i = members[0]
                 lf, t = m.leaves[i], leaf_targets[i]
@@ -395,10 +484,11 @@ class StepReader:
             out.append(_Target(dest, direct))
         return out
 
-    def _read_objects(self, m: RankManifest, plan: dict[str, list[Replica]], targets: list[_Target], loaded: Loaded) -> None:
+    def _read_objects(self, m: RankManifest, plan: dict[str, list[Replica]], targets: Sequence[_Target | None], loaded: Loaded) -> None:
         # Storages with bytes, by offset; the manifest check guarantees they do not overlap,
-        # so the storages an object touches are a contiguous run found by bisection.
-        order = sorted((i for i, s in enumerate(m.storages) if s.nbytes), key=lambda i: m.storages[i].offset)
+        # so the storages an object touches are a contiguous run found by bisection. Storages
+        # without a target are not wanted, and objects that hold none that are, are not read.
+        order = sorted((i for i, s in enumerate(m.storages) if s.nbytes and targets[i] is not None), key=lambda i: m.storages[i].offset)
         sorted_starts = [m.storages[i].offset for i in order]
         obj_offsets = []
         acc = 0
@@ -423,23 +513,34 @@ class StepReader:
             while k < len(order) and sorted_starts[k] < hi:
                 rec = m.storages[order[k]]
                 a, b = max(lo, rec.offset), min(hi, rec.offset + rec.nbytes)
-                if a < b:
-                    targets[order[k]].dest[a - rec.offset : b - rec.offset].copy_(buf[a - lo : b - lo])
+                tgt = targets[order[k]]
+                if a < b and tgt is not None:
+                    tgt.dest[a - rec.offset : b - rec.offset].copy_(buf[a - lo : b - lo])
                 k += 1
             with lock:
                 loaded.sources[obj.key] = url
 
-        futures = [self.pool.submit(work, j) for j in range(len(m.objects))]
+        wanted: set[int] = set()
+        for idx in order:  # the objects that overlap a wanted storage
+            rec = m.storages[idx]
+            first = max(0, bisect.bisect_right(obj_offsets, rec.offset) - 1)
+            wanted.update(range(first, bisect.bisect_left(obj_offsets, rec.offset + rec.nbytes)))
+        futures = [self.pool.submit(work, j) for j in sorted(wanted)]
         # Every read must be over before we return or raise: a straggler writing into the
         # targets after a fallback to an older step would mix two steps.
         wait(futures)
         for f in futures:
             f.result()
 
-    def _build_leaves(self, m: RankManifest, targets: list[_Target], leaf_targets: dict[int, torch.Tensor], dtypes: list[torch.dtype | None]) -> list[Any]:
+    def _build_leaves(
+        self, m: RankManifest, targets: list[_Target | None], leaf_targets: dict[int, torch.Tensor], dtypes: list[torch.dtype | None], values: dict[int, Any]
+    ) -> list[Any]:
         out: list[Any] = []
         for i, lf in enumerate(m.leaves):
             tgt = targets[lf.storage]
+            if tgt is None:  # filled by resharding
+                out.append(values[i])
+                continue
             if lf.kind == "ndarray":
                 import numpy as np
 
@@ -450,7 +551,7 @@ class StepReader:
                 out.append(arr)
                 continue
             if tgt.direct is not None:
-                out.append(leaf_targets[i])
+                out.append(values.get(i, leaf_targets[i]))
                 continue
             dtype = dtypes[i]
             assert dtype is not None
@@ -459,7 +560,7 @@ class StepReader:
                 target = leaf_targets[i]
                 with torch.no_grad():
                     target.copy_(t)
-                out.append(target)
+                out.append(values.get(i, target))
                 continue
             if lf.parameter:
                 t = torch.nn.Parameter(t, requires_grad=lf.requires_grad)
@@ -506,14 +607,20 @@ def load_newest(
 
     def probe(s: int) -> tuple[CommitRecord, RankManifest]:
         commit = reader.read_commit(s, listing.committed[s])
-        if commit.world_size != world_size and not commit.replicated:
+        other_world = commit.world_size != world_size and not commit.replicated
+        # On another world size, ranks beyond the stored ones start from rank 0's tree; its
+        # sharded tensors are resharded from every rank's shards (see reshard.py).
+        manifest = reader.read_manifest(commit, rank if rank < commit.world_size else 0)
+        if other_world and not validate_manifest(manifest, commit.manifest_ref(0).key).dtensors:
             raise StateMismatchError(
                 f"step {s} was saved by {commit.world_size} rank(s), this job has {world_size}; "
-                "per-rank state cannot be mapped onto another world size"
+                "per-rank state that is not sharded (DTensor) cannot be mapped onto another world size"
             )
-        manifest = reader.read_manifest(commit, rank)
         reader.preflight(manifest)
         return commit, manifest
+
+    def shards_of(commit: CommitRecord) -> Callable[[], list[tuple[RankManifest, str]]]:
+        return lambda: [(reader.read_manifest(commit, r), commit.manifest_ref(r).key) for r in range(1 if commit.replicated else commit.world_size)]
 
     if agree is None:
         if not candidates:
@@ -523,7 +630,7 @@ def load_newest(
         for s in candidates:
             try:
                 commit, manifest = probe(s)
-                loaded = reader.load(manifest, commit.manifest_ref(rank).key, targets, strict_paths, validate)
+                loaded = reader.load(manifest, manifest_key(commit, rank), targets, strict_paths, validate, shards_of(commit))
             except _STEP_FAILURES as exc:
                 if step is not None:
                     raise
@@ -534,7 +641,12 @@ def load_newest(
                 log.warning("restored step %d after skipping newer steps %s", s, sorted(problems, reverse=True))
             return loaded
         raise NoValidCheckpointError(problems)
-    return _load_agreed(reader, candidates, problems, probe, rank, step, targets, strict_paths, validate, agree)
+    return _load_agreed(reader, candidates, problems, probe, shards_of, rank, step, targets, strict_paths, validate, agree)
+
+
+def manifest_key(commit: CommitRecord, rank: int) -> str:
+    """Key of the manifest ``rank`` restores from (rank 0's beyond the stored world size)."""
+    return commit.manifest_ref(rank if rank < commit.world_size else 0).key
 
 
 def _load_agreed(
@@ -542,6 +654,7 @@ def _load_agreed(
     candidates: list[int],
     problems: dict[int, str],
     probe: Callable[[int], tuple[CommitRecord, RankManifest]],
+    shards_of: Callable[[CommitRecord], Callable[[], list[tuple[RankManifest, str]]]],
     rank: int,
     step: int | None,
     targets: Any,
@@ -580,7 +693,7 @@ def _load_agreed(
         ok, why = True, ""
         assert found is not None and found[0] == lo
         try:
-            loaded = reader.load(found[2], found[1].manifest_ref(rank).key, targets, strict_paths, validate)
+            loaded = reader.load(found[2], manifest_key(found[1], rank), targets, strict_paths, validate, shards_of(found[1]))
         except _STEP_FAILURES as exc:
             ok, why = False, f"{type(exc).__name__}: {exc}"
             problems[lo] = f"rank {rank}: {why}"

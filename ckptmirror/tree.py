@@ -20,6 +20,7 @@ torch.Size              ``{"t": "size", "v": [ints]}``
 torch.dtype / device    ``{"t": "dtype", "v": "bfloat16"}`` / ``{"t": "device", "v": "cuda:0"}``
 bytes                   ``{"t": "bytes", "v": base64}``
 tensor / ndarray        ``{"t": "tensor", "i": index}`` / ``{"t": "ndarray", "i": index}``
+DTensor (FSDP2, TP)     ``{"t": "dtensor", "i": index, "gshape": [..], "goffset": [..]}``: the local shard
 numpy scalar            ``{"t": "npscalar", "dtype": "<f8", "v": base64 of its bytes}``
 ======================  ============================================================
 """
@@ -94,7 +95,18 @@ def flatten(state: Any, root: str = "state") -> Flattened:
                 return {"t": "float", "v": "-nan" if math.copysign(1.0, obj) < 0 else "nan"}
             return {"t": "float", "v": "inf" if obj > 0 else "-inf"}
         if isinstance(obj, torch.Tensor):
-            _check_tensor(obj, key_path(root, path))
+            if is_dtensor(obj):
+                # A sharded tensor: this rank stores its local shard and where it sits in the
+                # global tensor; readers reassemble or reshard from every rank's shards.
+                try:
+                    local, gshape, goffset = dtensor_local(obj)
+                except ValueError as exc:
+                    raise UnsupportedTypeError(key_path(root, path), type(obj), str(exc)) from None
+                _check_tensor(local, root, path)
+                leaves.append(local)
+                paths.append(path)
+                return {"t": "dtensor", "i": len(leaves) - 1, "gshape": gshape, "goffset": goffset}
+            _check_tensor(obj, root, path)
             leaves.append(obj)
             paths.append(path)
             return {"t": "tensor", "i": len(leaves) - 1}
@@ -132,17 +144,36 @@ def flatten(state: Any, root: str = "state") -> Flattened:
     return Flattened(structure, leaves, paths)
 
 
-def _check_tensor(t: torch.Tensor, where: str) -> None:
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (checked by name: torch.distributed may not be importable)."""
+    return type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
+
+
+def dtensor_local(t: Any) -> tuple[torch.Tensor, list[int], list[int]]:
+    """(local shard, global shape, global offset of the shard) of a DTensor."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = t.to_local()
+    lshape, goffset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    if tuple(lshape) != tuple(local.shape):
+        raise ValueError(f"local shard shape {tuple(local.shape)} is not the expected {tuple(lshape)} (padded sharding)")
+    return local, [int(d) for d in t.shape], [int(o) for o in goffset]
+
+
+def _check_tensor(t: torch.Tensor, root: str, path: tuple[Any, ...]) -> None:
+    if t.layout == torch.strided and not t.is_quantized and not t.is_meta and type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype in _DTYPE_SET:
+        return  # the common case, without building the key path string
+    where = key_path(root, path)
     if t.layout != torch.strided:
         raise UnsupportedTypeError(where, type(t), f"layout {t.layout} is not supported; convert with .to_dense()")
     if t.is_quantized:
         raise UnsupportedTypeError(where, type(t), "quantized tensors are not supported")
-    if t.device.type == "meta":
+    if t.is_meta:
         raise UnsupportedTypeError(where, type(t), "meta tensors have no data")
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) and not getattr(t, "_ckptmirror_plain", False):
-        # Subclasses (DTensor, FakeTensor, ...) need their own handling; raw bytes of their
-        # local storage would silently drop their metadata.
-        raise UnsupportedTypeError(where, type(t), "tensor subclasses are not supported yet")
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        # Other subclasses (FakeTensor, ...) need their own handling: raw bytes of their
+        # storage would silently drop their metadata. DTensor is handled by flatten().
+        raise UnsupportedTypeError(where, type(t), "tensor subclasses other than DTensor are not supported")
     if t.dtype not in DTYPES_BY_NAME.values():
         raise UnsupportedTypeError(where, type(t), f"dtype {t.dtype} is not supported")
 
@@ -159,6 +190,7 @@ def _all_dtypes() -> dict[str, torch.dtype]:
 
 #: Every dtype ckptmirror stores, by canonical name (``str(dtype)`` without ``torch.``).
 DTYPES_BY_NAME: dict[str, torch.dtype] = _all_dtypes()
+_DTYPE_SET = frozenset(DTYPES_BY_NAME.values())
 
 
 def dtype_name(d: torch.dtype) -> str:
@@ -174,9 +206,16 @@ def dtype_from_name(name: str, where: str = "") -> torch.dtype:
     return d
 
 
-def unflatten(structure: JSON, leaf: Callable[[str, int, tuple[Any, ...]], Any], where: str = "") -> Any:
+def unflatten(
+    structure: JSON,
+    leaf: Callable[[str, int, tuple[Any, ...]], Any],
+    where: str = "",
+    dtensors: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
+) -> Any:
     """Rebuild a tree from ``structure``; ``leaf(kind, index, path)`` supplies tensors/arrays.
 
+    ``kind`` is ``"tensor"``, ``"ndarray"`` or ``"dtensor"`` (a shard of a sharded tensor; its
+    global shape and offset are put in ``dtensors[index]`` when that dict is given).
     Everything is validated: a structure that is not of the closed encoding above raises
     :class:`ManifestError` naming ``where`` (the manifest) and the key path inside it.
     """
@@ -238,10 +277,21 @@ def unflatten(structure: JSON, leaf: Callable[[str, int, tuple[Any, ...]], Any],
                 return torch.device(v)
             if t == "bytes":
                 return base64.b64decode(node["v"], validate=True)
-            if t in ("tensor", "ndarray"):
+            if t in ("tensor", "ndarray", "dtensor"):
                 i = node["i"]
                 if type(i) is not int:
                     raise bad("leaf index must be an int", path)
+                if t == "dtensor":
+                    gshape, goffset = node["gshape"], node["goffset"]
+                    if not (
+                        isinstance(gshape, list)
+                        and isinstance(goffset, list)
+                        and len(gshape) == len(goffset) <= 64
+                        and all(type(d) is int and 0 <= d < (1 << 50) for d in gshape + goffset)
+                    ):
+                        raise bad("dtensor needs gshape and goffset: equal-length lists of non-negative ints", path)
+                    if dtensors is not None:
+                        dtensors[i] = (tuple(gshape), tuple(goffset))
                 return leaf(t, i, path)
             if t == "npscalar":
                 import numpy as np
