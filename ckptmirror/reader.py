@@ -580,7 +580,7 @@ def load_newest(
     pool: ThreadPoolExecutor,
     *,
     rank: int = 0,
-    world_size: int = 1,
+    world_size: int | None = 1,
     step: int | None = None,
     targets: Any = None,
     strict_paths: Sequence[tuple[Any, ...]] = (),
@@ -594,6 +594,8 @@ def load_newest(
     the ranks settle on the newest step that every one of them can recover (commit readable,
     own manifest verified, every own object present somewhere with its size), load it, and if
     any rank's load fails they all move on to an older step together.
+    ``world_size=None`` (offline tools such as ``export``) reads ``rank`` of whatever world
+    size the step was saved with.
     """
     listing = list_steps(replicas)
     if listing.unreachable and len(listing.unreachable) == len(replicas) and agree is None:
@@ -607,6 +609,12 @@ def load_newest(
 
     def probe(s: int) -> tuple[CommitRecord, RankManifest]:
         commit = reader.read_commit(s, listing.committed[s])
+        if world_size is None:
+            if rank >= commit.world_size and not commit.replicated:
+                raise StateMismatchError(f"step {s} was saved by {commit.world_size} rank(s); there is no rank {rank}")
+            manifest = reader.read_manifest(commit, rank)
+            reader.preflight(manifest)
+            return commit, manifest
         other_world = commit.world_size != world_size and not commit.replicated
         # On another world size, ranks beyond the stored ones start from rank 0's tree; its
         # sharded tensors are resharded from every rank's shards (see reshard.py).

@@ -56,6 +56,23 @@ def state_digest(model_state: dict, optim_state: dict) -> str:
     return h.hexdigest()
 
 
+def init_process_group() -> None:
+    """``init_process_group`` with a store namespace per torchrun restart round.
+
+    After ``--max-restarts`` restarts the workers, gloo can pick up the previous round's
+    addresses from the launcher's store and fail with "connection refused"
+    (pytorch/pytorch#167288). A prefix per round keeps the rounds apart.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        dist.init_process_group("gloo")
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, use_libuv=True)
+    dist.init_process_group(
+        "gloo", store=dist.PrefixStore(f"round-{restart}", store), rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"])
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="directory for the demo replicas and loss logs")
@@ -67,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--object-bytes", type=int, default=64 << 10)
     args = ap.parse_args(argv)
 
-    dist.init_process_group("gloo")
+    init_process_group()
     rank = dist.get_rank()
     torch.set_num_threads(1)
     urls = args.replicas.split(",") if args.replicas else [os.path.join(args.ckpt, "node{node_rank}-local"), os.path.join(args.ckpt, "shared")]

@@ -171,3 +171,21 @@ def test_rank_killed_mid_save_never_commits_and_nobody_hangs(tmp_path: Path) -> 
     assert not (tmp_path / "shared" / commit_key(2)).exists()
     with ckptmirror.Mirror([shared]) as m:
         assert m.steps() == [1]
+
+
+def test_export_one_rank_of_a_per_rank_checkpoint(tmp_path: Path) -> None:
+    torchrun(str(CHILD), "save", str(tmp_path), str(tmp_path / "shared"))
+    out = tmp_path / "rank1.safetensors"
+    p = subprocess.run(
+        [sys.executable, "-m", "ckptmirror.cli", "export", str(tmp_path / "shared"), "--rank", "1", "--format", "safetensors", "-o", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert p.returncode == 0, p.stderr
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(CHILD.parent))
+    try:
+        import _dist_child as child
+    finally:
+        sys.path.pop(0)
+    assert torch.equal(load_file(str(out))["w"], child.rank_state(1, 2)["w"])

@@ -1,0 +1,212 @@
+"""The operator commands of the ``ckptmirror`` command line: their parsers, and running them.
+
+The commands are :mod:`ckptmirror.ops` functions; :mod:`ckptmirror.cli_render` prints their
+results. This module imports neither until a command runs, so building the parser is cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+#: Commands implemented in :mod:`ckptmirror.ops` (the rest: demo, serve).
+OPS_COMMANDS = ("ls", "verify", "repair", "prune", "inspect", "export")
+
+_URLS_HELP = "replica URLs: /path, file:///path, peer://HOST:PORT/NS, s3://BUCKET/PREFIX (several: each is checked on its own)"
+_ENV_NOTE = (
+    "Replica options come from the environment: CKPTMIRROR_PEER_TOKEN for peer:// agents, the usual\n"
+    "AWS_* variables (AWS_ENDPOINT_URL for S3-compatible servers) for s3://.\n"
+)
+_EXIT_NOTE = "exit status: 0 ok, 1 problems found, 2 usage error or a replica unreachable\n"
+
+
+def _nonneg_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (steps and ranks)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
+    return v
+
+
+def _pos_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (--keep, --threads)."""
+    v = _nonneg_int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {v}")
+    return v
+
+
+def _add_reading(p: argparse.ArgumentParser, threads_help: str) -> None:
+    """``--threads`` and ``--no-progress``, for the commands that read object data."""
+    p.add_argument("--threads", type=_pos_int, default=4, help=threads_help)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
+
+
+def add_ops_commands(sub: argparse._SubParsersAction[Any]) -> None:
+    """Add the parsers of the operator commands (:data:`OPS_COMMANDS`) to ``sub``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log what the library does (on stderr)")
+    raw = argparse.RawDescriptionHelpFormatter
+
+    def add(name: str, help_: str, description: str, epilog: str) -> argparse.ArgumentParser:
+        # Every operator command takes its replicas first, as positional URLs.
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=description, epilog=epilog, formatter_class=raw, parents=[common])
+        p.add_argument("urls", nargs="+", metavar="URL", help=_URLS_HELP)
+        return p
+
+    ls = add(
+        "ls",
+        "list steps: where each is committed, size, age, torn saves and garbage",
+        "List every step on the replicas: which replicas hold a committed copy, its size, when it\n"
+        "was saved, and what is torn (objects without a commit) or garbage (temp files, objects no\n"
+        "commit names). Reads commit records, manifests and key listings only, never tensor data.",
+        "examples:\n  ckptmirror ls /data/ckpt/run1\n  ckptmirror ls /nvme/ckpt/run1 peer://node7:7070/run1 --json | jq '.steps[-1]'\n\n"
+        + _ENV_NOTE + "exit status: 0 ok, 2 usage error or a replica unreachable\n",
+    )
+    ls.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+
+    verify = add(
+        "verify",
+        "check every object of every committed step on every replica",
+        "Check the committed steps on every replica, each replica on its own, exactly as a restore\n"
+        "would read them: commit record, rank manifests (pinned by size and checksum), and every\n"
+        "object's size and xxh3 checksum. Prints a table per step, replica and rank, and names every\n"
+        "missing, truncated or corrupt object with its replica. Objects are read in parallel with\n"
+        "bounded memory (--threads buffers of one object each); a progress bar shows on a terminal.",
+        "examples:\n  ckptmirror verify /data/ckpt/run1 /backup/ckpt/run1\n  ckptmirror verify /data/ckpt/run1 --step 4000\n"
+        "  ckptmirror verify /data/ckpt/run1 --quick          # manifests, presence, sizes\n"
+        "  ckptmirror verify s3://bucket/run1 --json > report.json\n\n" + _ENV_NOTE + _EXIT_NOTE,
+    )
+    verify.add_argument("--step", type=_nonneg_int, help="only this step")
+    verify.add_argument("--quick", action="store_true", help="check manifests, presence and sizes only; do not read object data")
+    verify.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    _add_reading(verify, "objects read at once (default 4)")
+
+    repair = add(
+        "repair",
+        "copy missing or corrupt objects from replicas where they verify, then commit",
+        "For every step committed on at least one replica, verify every replica in full, copy each\n"
+        "missing, truncated or corrupt object (then each bad rank manifest) from a replica where it\n"
+        "verifies, and write the commit record last where it is missing (this completes a torn save)\n"
+        "or does not parse. An object that verifies is never overwritten. Idempotent: a second run\n"
+        "finds nothing to do. Afterwards 'verify' exits 0 wherever a good copy existed.\n"
+        "Run it when no training job is writing to these replicas.",
+        "examples:\n  ckptmirror repair /nvme/ckpt/run1 /backup/ckpt/run1 --dry-run\n"
+        "  ckptmirror repair /nvme/ckpt/run1 peer://node7:7070/run1   # after replacing node7's disk\n\n"
+        + _ENV_NOTE + "exit status: 0 repaired (or nothing to do), 1 something could not be repaired, 2 usage error or a replica unreachable\n",
+    )
+    repair.add_argument("--step", type=_nonneg_int, help="only this step")
+    repair.add_argument("--dry-run", action="store_true", help="show what would be copied and committed; write nothing")
+    repair.add_argument("--json", action="store_true", help="print one JSON document")
+    _add_reading(repair, "objects read or copied at once (default 4)")
+
+    prune = add(
+        "prune",
+        "remove old committed steps beyond --keep, torn saves and leftovers",
+        "On each replica keep the newest N committed steps and remove older ones (the commit record\n"
+        "first); the newest committed step is never removed. Also remove torn saves older than the\n"
+        "newest committed step and leftovers inside kept steps (temp files, objects no commit\n"
+        "names). Torn saves newer than the newest commit may be a save in progress: they stay unless\n"
+        "--all-torn. Committed steps are removed only if a step that stays passes a quick verify.",
+        "examples:\n  ckptmirror prune /data/ckpt/run1 --keep 3 --dry-run\n  ckptmirror prune /nvme/ckpt/run1 s3://bucket/run1 --keep 5\n\n"
+        + _ENV_NOTE + "exit status: 0 ok, 1 refused (no kept step verifies) or a delete failed, 2 usage error or a replica unreachable\n",
+    )
+    prune.add_argument("--keep", type=_pos_int, required=True, metavar="N", help="committed steps to keep per replica (>= 1)")
+    prune.add_argument("--dry-run", action="store_true", help="show what would be removed; remove nothing")
+    prune.add_argument("--all-torn", action="store_true", help="also remove torn saves newer than the newest commit (no job may be writing)")
+    prune.add_argument("--json", action="store_true", help="print one JSON document")
+
+    inspect = add(
+        "inspect",
+        "show the state tree of a step: keys, dtypes, shapes, bytes, per rank",
+        "Show the tree of the saved state of a step (default: the newest committed): key paths,\n"
+        "dtypes, shapes and bytes of every tensor, and plain values, per rank. Reads manifests only.",
+        "examples:\n  ckptmirror inspect /data/ckpt/run1\n  ckptmirror inspect /data/ckpt/run1 --step 4000 --rank 0\n"
+        "  ckptmirror inspect /data/ckpt/run1 --json | jq -r '.ranks[0].entries[].name'\n\n" + _ENV_NOTE
+        + "exit status: 0 ok, 1 the step cannot be read, 2 usage error or a replica unreachable\n",
+    )
+    inspect.add_argument("--step", type=_nonneg_int, help="the step (default: newest committed)")
+    inspect.add_argument("--rank", type=_nonneg_int, help="only this rank (default: all)")
+    inspect.add_argument("--json", action="store_true", help="print one JSON document")
+
+    export = add(
+        "export",
+        "write one step as a safetensors or torch file for other tools",
+        "Load one rank of a step (verified as a restore verifies it) and write it as one file.\n"
+        "Nested keys become dotted names (model.fc1.weight, optim.state.0.exp_avg).\n"
+        "  safetensors: tensors; plain values as JSON strings in the metadata; tensors sharing\n"
+        "               storage are cloned; bytes values are dropped (listed in the output).\n"
+        "  torch:       torch.save of a flat dict of plain tensors and plain values; it loads with\n"
+        "               torch.load(path, weights_only=True).",
+        "examples:\n  ckptmirror export /data/ckpt/run1 --step 4000 --format safetensors -o model.safetensors\n"
+        "  ckptmirror export /data/ckpt/run1 --format torch -o last.pt     # newest step that verifies\n\n"
+        + _ENV_NOTE + "exit status: 0 written, 1 the step cannot be read or written, 2 usage error or a replica unreachable\n",
+    )
+    export.add_argument("--step", type=_nonneg_int, help="the step (default: the newest that verifies)")
+    export.add_argument("--format", choices=("safetensors", "torch"), required=True, help="file format")
+    export.add_argument("-o", "--output", required=True, metavar="PATH", help="file to write")
+    export.add_argument("--rank", type=_nonneg_int, default=0, help="rank to export (default 0)")
+    export.add_argument("--force", action="store_true", help="replace PATH if it exists")
+    export.add_argument("--json", action="store_true", help="print what was written as JSON")
+
+
+def _setup_logging(verbose: bool, show_warnings: bool) -> None:
+    """Library logging on stderr, one prefix per line; repeated calls replace our handler."""
+    log = logging.getLogger("ckptmirror")
+    for h in [h for h in log.handlers if getattr(h, "_ckptmirror_cli", False)]:
+        log.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._ckptmirror_cli = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("ckptmirror: %(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    # verify/repair report failed reads themselves; the reader's per-object warnings would repeat them.
+    log.setLevel(logging.INFO if verbose else logging.WARNING if show_warnings else logging.CRITICAL)
+    log.propagate = False
+
+
+def _one_line(exc: BaseException) -> str:
+    """``exc`` as one line; our own errors without their class name (their text says enough)."""
+    from .errors import CkptMirrorError
+
+    text = str(exc) if isinstance(exc, CkptMirrorError) else f"{type(exc).__name__}: {exc}"
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
+
+
+def run_ops(args: argparse.Namespace) -> int:
+    """Run the operator command ``args.command``; return its exit status.
+
+    Errors are one line on stderr: status 2 for usage errors and unreachable replicas, 1 for
+    anything else (the command's own statuses are in its ``--help``).
+    """
+    from .cli_render import run_command
+    from .errors import ReplicaUnavailableError
+    from .ops import UsageError
+    from .ops._common import reject_memory_url
+
+    _setup_logging(args.verbose, args.command in ("export", "inspect"))
+    try:
+        # Before any replica is opened: a memory:// URL is a mistake, not an empty replica.
+        for u in args.urls:
+            reject_memory_url(u)
+        return run_command(args)
+    except KeyboardInterrupt:
+        print(f"ckptmirror {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader of our output went away (``| head``): stop quietly.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except (UsageError, ReplicaUnavailableError) as exc:
+        print(f"ckptmirror {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # one clear line, no traceback
+        print(f"ckptmirror {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1

@@ -1,0 +1,319 @@
+"""What the operator commands of the ``ckptmirror`` command line print.
+
+Each command is a :mod:`ckptmirror.ops` call and a function that turns its report into text
+lines; ``--json`` prints the report's ``to_dict()`` instead. Imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Mapping, Protocol, Sequence, TypeVar
+
+from . import ops
+
+
+class _Report(Protocol):
+    """What every ops report has: a JSON-ready form."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+R = TypeVar("R", bound=_Report)
+
+
+@dataclass(frozen=True)
+class _Command(Generic[R]):
+    """An operator command: the library call, and its report as text."""
+
+    call: Callable[[argparse.Namespace], R]
+    lines: Callable[[R], list[str]]
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run ``args.command``, print its report (as JSON with ``--json``); return its exit status."""
+    command: _Command[Any] = _COMMANDS[args.command]
+    res = command.call(args)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=2))
+    else:
+        sys.stdout.write("\n".join(command.lines(res)) + "\n")
+    # inspect and export have no exit_code: they succeed (0) or raise.
+    return int(getattr(res, "exit_code", 0))
+
+
+def _progress(args: argparse.Namespace) -> ops.ProgressFactory | None:
+    """A tqdm bar factory when stderr is a terminal and tqdm is installed; else None."""
+    if getattr(args, "no_progress", False) or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+
+    def make(total: int, unit: str, desc: str) -> Any:
+        return tqdm(total=total, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    return make
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+
+def _size(n: int | None) -> str:
+    """Bytes in binary units; "?" if unknown."""
+    if n is None:
+        return "?"
+    v = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if v < 1024 or unit == "TiB":
+            return f"{int(v)} B" if unit == "B" else f"{v:.1f} {unit}"
+        v /= 1024
+    return f"{n} B"
+
+
+def _when(ts: float | None) -> str:
+    """A Unix time as local date and time; "?" if unknown."""
+    if ts is None:
+        return "?"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _age(ts: float | None) -> str:
+    """How long ago a Unix time was, in its largest whole unit (d, h, m, s); "?" if unknown."""
+    if ts is None:
+        return "?"
+    d = max(0.0, time.time() - ts)
+    for unit, secs in (("d", 86400), ("h", 3600), ("m", 60)):
+        if d >= secs:
+            return f"{int(d // secs)}{unit}"
+    return f"{int(d)}s"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "") -> list[str]:
+    """Left-aligned columns, as wide as their widest cell."""
+    cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+
+
+def _legend(urls: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Short tags ``[1]``, ``[2]`` ... for the replicas (URLs are too long for table columns), and their legend."""
+    tags = {u: f"[{i + 1}]" for i, u in enumerate(urls)}
+    return tags, ["replicas:"] + [f"  {tags[u]} {u}" for u in urls]
+
+
+def _first(items: Sequence[str], n: int) -> str:
+    """The first ``n`` items, comma-separated, with " ..." if there are more."""
+    return ", ".join(items[:n]) + (" ..." if len(items) > n else "")
+
+
+def _unreachable_lines(unreachable: Mapping[str, str], tags: dict[str, str]) -> list[str]:
+    """One line per replica that could not be listed, with its tag and the error."""
+    return [f"UNREACHABLE {tags.get(u, '')} {u}: {e}" for u, e in unreachable.items()]
+
+
+def _ls_lines(res: ops.Listing) -> list[str]:
+    """What ``ckptmirror ls`` prints without ``--json``."""
+    tags, lines = _legend(res.replicas)
+    if not res.steps:
+        lines.append("no steps")
+    else:
+        rows: list[list[Any]] = []
+        for s in res.steps:
+            cells = ["?" if u in res.unreachable else "committed" if u in s.committed_on else "torn" if u in s.torn_on else "-" for u in res.replicas]
+            note = "no committed copy" if not s.committed_on else (s.error or "")
+            rows.append([s.step, *cells, _size(s.bytes), s.objects if s.objects is not None else "?", s.world_size or "?", _when(s.created_unix), _age(s.created_unix), note])
+        lines += _table(["STEP", *[tags[u] for u in res.replicas], "SIZE", "OBJECTS", "RANKS", "SAVED", "AGE", "NOTE"], rows)
+        garbage = [(s, u, keys) for s in res.steps for u, keys in s.garbage.items()]
+        if garbage:
+            lines.append("garbage and incomplete copies (see 'ckptmirror prune' and 'ckptmirror repair'):")
+            for s, u, keys in garbage:
+                what = ("incomplete copy ('ckptmirror repair' completes it)" if s.committed_on else "interrupted save") if u in s.torn_on else "leftovers"
+                lines.append(f"  {tags[u]} step {s.step}: {what}, {len(keys)} key(s): " + _first(keys, 3))
+    lines += _unreachable_lines(res.unreachable, tags)
+    return lines
+
+
+def _verify_lines(res: ops.VerifyReport) -> list[str]:
+    """What ``ckptmirror verify`` prints without ``--json``."""
+    tags, lines = _legend(res.replicas)
+    mode = "quick: manifests, presence, sizes" if res.quick else "full: every byte read and checksummed"
+    for s in res.steps:
+        head = f"step {s.step}: {s.world_size or '?'} rank(s), {s.objects if s.objects is not None else '?'} objects, {_size(s.bytes)}, saved {_when(s.created_unix)} ({_age(s.created_unix)} ago)"
+        lines.append("")
+        lines.append(head + ("" if s.recoverable else "  -- NOT RECOVERABLE from these replicas"))
+        rows: list[list[Any]] = []
+        for rc in s.replicas:
+            label = f"{tags[rc.replica]} {rc.replica}"
+            if not rc.ranks:
+                status = {"absent": "LAGGING (not here)", "torn": "LAGGING (torn here)"}.get(rc.status, "BAD commit")
+                rows.append([label, "-", "-", "-", status])
+            for rk in rc.ranks:
+                status = "ok" if rk.ok else "BAD"
+                rows.append([label, rk.rank, f"{rk.verified}/{rk.objects}", _size(rk.bytes), status])
+        lines += _table(["REPLICA", "RANK", "OBJECTS OK", "BYTES", "STATUS"], rows, "  ")
+    problems = res.problems
+    if problems:
+        lines.append("")
+        lines.append("problems:")
+        lines += [f"  {p}" for p in problems]
+    torn = {u: v for u, v in res.torn.items() if v}
+    if torn:
+        lines.append("")
+        lines.append("garbage (interrupted saves, not corruption; see 'ckptmirror prune'):")
+        lines += [f"  {tags[u]} torn steps {list(v)}" for u, v in torn.items()]
+    lines += _unreachable_lines(res.unreachable, tags)
+    lines.append("")
+    n = len(res.steps)
+    if res.exit_code == 0:
+        lines.append(f"OK: {n} step(s) verified on {len(res.replicas)} replica(s) ({mode})" if n else "OK: no checkpoints on these replicas")
+    else:
+        kinds: dict[str, int] = {}
+        for p in problems:
+            kinds[p.kind] = kinds.get(p.kind, 0) + 1
+        summary = ", ".join(f"{c} {k}" for k, c in sorted(kinds.items()))
+        if problems:
+            msg = f"FAILED: {len(problems)} problem(s) ({summary}) in {n} step(s) ({mode})"
+            if res.unreachable:
+                msg += f"; {len(res.unreachable)} replica(s) unreachable"
+        else:
+            msg = f"INCOMPLETE: {len(res.unreachable)} replica(s) unreachable; {n} step(s) verified on the others ({mode})"
+        if problems and all(s.recoverable for s in res.steps) and len(res.replicas) > 1:
+            msg += "; 'ckptmirror repair' can fix them from the good copies"
+        lines.append(msg)
+    return lines
+
+
+def _repair_lines(res: ops.RepairReport) -> list[str]:
+    """What ``ckptmirror repair`` prints without ``--json``."""
+    tags, lines = _legend(res.replicas)
+    verb = "would " if res.dry_run else ""
+    for a in res.actions:
+        if a.action == "copy":
+            text = f"{verb}copy   {a.key} {tags.get(a.source or '', '?')} -> {tags[a.replica]}  ({_size(a.bytes)}; was {a.reason})"
+        else:
+            text = f"{verb}{a.action} {a.key} on {tags[a.replica]}  ({a.reason})"
+        if a.error:
+            text = f"FAILED {text}: {a.error}"
+        lines.append(text)
+    for p in res.unrecoverable:
+        lines.append(f"CANNOT REPAIR {p}")
+    lines += _unreachable_lines(res.unreachable, tags)
+    copies = sum(1 for a in res.actions if a.action == "copy" and (a.done or res.dry_run))
+    commits = sum(1 for a in res.actions if a.action != "copy" and (a.done or res.dry_run))
+    if not res.actions and not res.unrecoverable:
+        lines.append(f"nothing to repair: {len(res.steps)} step(s) verify on every replica")
+    else:
+        lines.append(f"{'would copy' if res.dry_run else 'copied'} {copies} object(s), {'would commit' if res.dry_run else 'committed'} {commits} step copy(ies)"
+                     + (f"; {len(res.unrecoverable)} problem(s) cannot be repaired" if res.unrecoverable else ""))
+    return lines
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    """Step numbers as a list, or "none"."""
+    return ", ".join(map(str, steps)) if steps else "none"
+
+
+def _prune_lines(res: ops.PruneReport) -> list[str]:
+    """What ``ckptmirror prune`` prints without ``--json``."""
+    verb = "would remove" if res.dry_run else "removed"
+    lines: list[str] = []
+    if res.refused:
+        lines.append(f"kept every committed step: {res.refused}")
+    for p in res.replicas:
+        garbage = f"{len(p.removed_garbage)} key(s)" + (": " + _first(p.removed_garbage, 3) if p.removed_garbage else "")
+        rows: list[tuple[str, str]] = [
+            ("kept steps", _steps_text(p.kept)),
+            (f"{verb} steps", _steps_text(p.removed_steps)),
+            (f"{verb} torn saves", _steps_text(p.removed_torn)),
+            (f"{verb} leftovers", garbage),
+        ]
+        if p.skipped_torn:
+            rows.append(("left torn saves", f"{_steps_text(p.skipped_torn)} (newer than the newest commit, maybe a save in progress; --all-torn removes them)"))
+        rows += [("FAILED", e) for e in p.errors]
+        width = max(len(a) for a, _ in rows)
+        lines.append(f"{p.replica}:")
+        lines += [f"  {a.ljust(width)}  {b}" for a, b in rows]
+    lines += [f"UNREACHABLE {u}: {e}" for u, e in res.unreachable.items()]
+    return lines
+
+
+def _leaf_text(leaf: ops.LeafInfo) -> str:
+    """dtype, shape, bytes, and what else is notable about a tensor."""
+    shape = "[" + ", ".join(map(str, leaf.shape)) + "]"
+    extra: list[str] = []
+    if leaf.kind == "ndarray":
+        extra.append("numpy")
+    if leaf.parameter:
+        extra.append("parameter")
+    elif leaf.requires_grad:
+        extra.append("requires_grad")
+    if leaf.shared:
+        extra.append(f"shares storage {leaf.storage}")
+    return f"{leaf.dtype:<10} {shape:<16} {_size(leaf.nbytes):>10}" + (f"  ({', '.join(extra)})" if extra else "")
+
+
+def _value_text(v: Any) -> str:
+    """A plain value, cut to fit one table cell."""
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _tree_lines(node: Any, label: str, depth: int, out: list[tuple[str, str]]) -> None:
+    """Append (indented label, description) rows for ``node`` and everything below it."""
+    pad = "  " * depth
+    if isinstance(node, ops.LeafInfo):
+        out.append((pad + label, _leaf_text(node)))
+    elif isinstance(node, dict) and node:
+        out.append((pad + label, ""))
+        for k, v in node.items():
+            _tree_lines(v, str(k), depth + 1, out)
+    elif type(node) in (list, tuple) and node:
+        out.append((pad + label, f"({type(node).__name__} of {len(node)})"))
+        for i, v in enumerate(node):
+            _tree_lines(v, str(i), depth + 1, out)
+    else:
+        out.append((pad + label, _value_text(node)))
+
+
+def _inspect_lines(res: ops.InspectReport) -> list[str]:
+    """What ``ckptmirror inspect`` prints without ``--json``."""
+    lines = [f"step {res.step}: {res.world_size} rank(s), saved {_when(res.created_unix)} ({_age(res.created_unix)} ago)"]
+    for rt in res.ranks:
+        tensors = [e for e in rt.entries if e.leaf is not None]
+        lines.append(f"rank {rt.rank}: {len(tensors)} tensor(s), {_size(rt.stream_bytes)} in {rt.objects} object(s)")
+        rows: list[tuple[str, str]] = []
+        tree = rt.tree
+        if isinstance(tree, dict) and tree:
+            for k, v in tree.items():
+                _tree_lines(v, str(k), 1, rows)
+        else:
+            _tree_lines(tree, "state", 1, rows)
+        width = max((len(a) for a, _ in rows), default=0)
+        lines += [f"{a.ljust(width)}  {b}".rstrip() for a, b in rows]
+    return lines
+
+
+def _export_lines(res: ops.ExportReport) -> list[str]:
+    """What ``ckptmirror export`` prints without ``--json``."""
+    where = "metadata" if res.format == "safetensors" else "the dict"
+    lines = [f"wrote {res.path} ({res.format}): step {res.step}, rank {res.rank}, {res.tensors} tensor(s), {_size(res.tensor_bytes)}, {len(res.values)} plain value(s) in {where}"]
+    if res.cloned:
+        lines.append(f"cloned {len(res.cloned)} tensor(s) that shared storage or were not contiguous: " + _first(res.cloned, 5))
+    for d in res.dropped:
+        lines.append(f"dropped {d}")
+    return lines
+
+
+_COMMANDS: dict[str, _Command[Any]] = {
+    "ls": _Command(lambda a: ops.ls(a.urls), _ls_lines),
+    "verify": _Command(lambda a: ops.verify(a.urls, step=a.step, quick=a.quick, threads=a.threads, progress=_progress(a)), _verify_lines),
+    "repair": _Command(lambda a: ops.repair(a.urls, step=a.step, dry_run=a.dry_run, threads=a.threads, progress=_progress(a)), _repair_lines),
+    "prune": _Command(lambda a: ops.prune(a.urls, keep=a.keep, dry_run=a.dry_run, all_torn=a.all_torn), _prune_lines),
+    "inspect": _Command(lambda a: ops.inspect(a.urls, step=a.step, rank=a.rank), _inspect_lines),
+    "export": _Command(lambda a: ops.export(a.urls, a.output, format=a.format, step=a.step, rank=a.rank, overwrite=a.force), _export_lines),
+}

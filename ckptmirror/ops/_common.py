@@ -1,0 +1,199 @@
+"""What every operator command shares: opening replicas, :class:`Problem`, error types, tree walking.
+
+This module is internal to :mod:`ckptmirror.ops`; its names carry no leading underscore
+because the package's modules import them from one another. The public ones are
+re-exported by :mod:`ckptmirror.ops`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+
+import torch
+
+from ..errors import CkptMirrorError, ReplicaUnavailableError
+from ..reader import StepListing, list_steps
+from ..replicas import Replica, open_replica
+
+#: Errors that concern one replica or object; anything else is a bug and propagates.
+FAILURES = (CkptMirrorError, OSError)
+
+
+class UsageError(CkptMirrorError, ValueError):
+    """Bad arguments: an unknown URL scheme, a ``memory://`` URL on the command line, ``--keep 0``."""
+
+
+class Progress(Protocol):
+    """What the progress callback factory returns (a ``tqdm`` bar fits)."""
+
+    def update(self, n: int) -> Any: ...
+
+    def close(self) -> Any: ...
+
+
+#: ``progress(total, unit, description)`` -> a :class:`Progress`; called once per reading pass.
+ProgressFactory = Callable[[int, str, str], Progress]
+
+
+# ----------------------------------------------------------------------------- replicas
+
+
+def _scheme(url: str) -> str:
+    """The URL scheme, lower-case; "" for a plain path."""
+    return url.split("://", 1)[0].lower() if "://" in url else ""
+
+
+def reject_memory_url(url: str) -> None:
+    """Raise :class:`UsageError` if ``url`` is a ``memory://`` URL.
+
+    Shared with the command line, which checks every URL before opening any: a memory
+    replica exists only inside the Python process that made it.
+    """
+    if _scheme(url) == "memory":
+        raise UsageError(f"{url}: memory:// replicas live inside one Python process; the command line cannot see them")
+
+
+def open_replicas(
+    urls: Sequence["str | Replica"],
+    *,
+    storage_options: Mapping[str, Mapping[str, Any]] | None = None,
+    allow_memory: bool = True,
+) -> list[Replica]:
+    """Open every URL with :func:`open_replica`; raise :class:`UsageError` for bad URLs.
+
+    A local directory (``/path``, ``file://``) must exist: an operator command never creates
+    one, so a mistyped path is reported instead of silently showing an empty replica.
+    ``storage_options`` has the same shape as :class:`~ckptmirror.Mirror`'s (by URL or scheme).
+    """
+    from ..replicas.local import path_from_url
+
+    if not urls:
+        raise UsageError("at least one replica URL is needed")
+    opts = storage_options or {}
+    out: list[Replica] = []
+    try:
+        for u in urls:
+            if isinstance(u, Replica):
+                out.append(u)
+                continue
+            if not isinstance(u, str) or not u:
+                raise UsageError(f"replica URL must be a non-empty string, got {u!r}")
+            if not allow_memory:
+                reject_memory_url(u)
+            scheme = _scheme(u)
+            if scheme in ("", "file"):
+                try:
+                    path = path_from_url(u)
+                except ValueError as exc:
+                    raise UsageError(str(exc)) from exc
+                if not os.path.isdir(path):
+                    what = "is not a directory" if os.path.exists(path) else "does not exist"
+                    raise ReplicaUnavailableError(f"{path} {what}", replica=u)
+            o = opts.get(u, opts.get(scheme or "file"))
+            try:
+                out.append(open_replica(u, o))
+            except ValueError as exc:
+                raise UsageError(str(exc)) from exc
+            except ImportError as exc:
+                raise UsageError(f"{u}: {exc}") from exc
+        seen = [r.url for r in out]
+        dup = sorted({u for u in seen if seen.count(u) > 1})
+        if dup:
+            raise UsageError(f"replica given more than once: {', '.join(dup)}")
+    except BaseException:
+        _close_ours(out, urls)
+        raise
+    return out
+
+
+def _close_ours(replicas: Sequence[Replica], urls: Sequence["str | Replica"]) -> None:
+    """Close the replicas opened from URLs; those the caller passed in as objects are theirs."""
+    for r in replicas:
+        if not any(r is u for u in urls):
+            r.close()
+
+
+@contextmanager
+def opened(urls: Sequence["str | Replica"], storage_options: Mapping[str, Mapping[str, Any]] | None) -> Iterator[list[Replica]]:
+    """:func:`open_replicas` for the duration of a ``with`` block."""
+    replicas = open_replicas(urls, storage_options=storage_options)
+    try:
+        yield replicas
+    finally:
+        _close_ours(replicas, urls)
+
+
+def list_reachable(replicas: Sequence[Replica]) -> tuple[StepListing, list[Replica]]:
+    """The reader's step listing, and the replicas it could list (in the caller's order)."""
+    listing = list_steps(replicas)
+    return listing, [r for r in replicas if r.url not in listing.unreachable]
+
+
+# ----------------------------------------------------------------------------- problems
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one object (or commit, or step) on one replica.
+
+    ``kind`` is one of ``missing``, ``truncated`` (shorter than recorded, zero length included),
+    ``wrong-size`` (longer), ``corrupt`` (checksum mismatch), ``invalid`` (a commit or manifest
+    that does not parse or validate), ``unreadable`` (the backend failed to read it),
+    ``lagging`` (the step is committed on another replica but not on this one) and
+    ``unrecoverable`` (no replica holds a verifying copy).
+    """
+
+    step: int
+    replica: str
+    key: str
+    kind: str
+    detail: str
+    rank: int | None = None
+
+    def __str__(self) -> str:
+        where = " ".join(p for p in (self.key, f"on {self.replica}" if self.replica else "") if p)
+        return f"{self.kind}: {where}: {self.detail}" if where else f"{self.kind}: {self.detail}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return dataclasses.asdict(self)
+
+
+def strip_where(msg: str, url: str, key: str) -> str:
+    """Drop the "replica X, object K: " prefixes an error repeats, and the reader's wrapper."""
+    prefixes = ("no replica holds a verifying copy: ", f"replica {url}, object {key}: ", f"object {key}: ", f"replica {url}: ")
+    changed = True
+    while changed:
+        changed = False
+        for prefix in prefixes:
+            if msg.startswith(prefix):
+                msg = msg[len(prefix) :]
+                changed = True
+    return msg
+
+
+# ----------------------------------------------------------------------------- state trees
+
+
+def walk(node: Any, path: tuple[Any, ...], is_leaf: Callable[[Any], bool]) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """Yield (path, value) for every leaf and plain value; empty containers are values."""
+    # torch.Size is a tuple subclass; it is one value, not a container of ints.
+    if is_leaf(node) or isinstance(node, torch.Size):
+        yield path, node
+    elif isinstance(node, dict) and node:
+        for k, v in node.items():
+            yield from walk(v, path + (k,), is_leaf)
+    elif type(node) in (list, tuple) and node:
+        for i, v in enumerate(node):
+            yield from walk(v, path + (i,), is_leaf)
+    else:
+        yield path, node
+
+
+def dotted(path: tuple[Any, ...]) -> str:
+    """A key path as a dotted name: ``("optim", "state", 0, "exp_avg")`` -> ``optim.state.0.exp_avg``."""
+    return ".".join(str(k) for k in path)

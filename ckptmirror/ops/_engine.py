@@ -1,0 +1,296 @@
+"""The checking engine behind ``verify``, ``repair``, ``prune`` and ``ls``.
+
+It checks each replica on its own with the reader's functions (commit, rank manifests,
+:func:`~ckptmirror.reader.validate_manifest`, preflight, fetch) and reads objects on a thread
+pool; see :mod:`ckptmirror.ops` for why. Nothing here writes to a replica.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..errors import CorruptObjectError, ManifestError, ObjectMissingError, ReplicaError
+from ..format import CommitRecord, ObjectRecord, RankManifest, commit_key, step_dir
+from ..reader import StepReader, validate_manifest
+from ..replicas import Replica
+from ._common import FAILURES, Problem, ProgressFactory, strip_where
+
+#: Name prefix of a replica's temporary files (an upload that has not been renamed yet).
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass
+class ObjJob:
+    """Check one object (or rank manifest: same size + checksum rules) on one replica."""
+
+    replica: Replica
+    step: int
+    rank: int
+    obj: ObjectRecord
+    problem: Problem | None = None
+
+
+@dataclass
+class RankPlan:
+    """One rank of one step on one replica: its manifest, what is wrong with it, its object checks."""
+
+    rank: int
+    key: str
+    size: int
+    checksum: str
+    manifest: RankManifest | None
+    manifest_problem: Problem | None
+    invalid: Problem | None
+    jobs: list[ObjJob]
+
+    def problems(self) -> list[Problem]:
+        """The manifest's problems, then those of its objects (once they have been checked)."""
+        return [p for p in (self.manifest_problem, self.invalid) if p is not None] + [j.problem for j in self.jobs if j.problem is not None]
+
+
+@dataclass
+class ReplicaPlan:
+    """One step on one replica; ``commit`` is None when the replica has no usable commit record."""
+
+    replica: Replica
+    step: int
+    commit: CommitRecord | None
+    commit_problem: Problem | None
+    ranks: list[RankPlan] = field(default_factory=list)
+
+    def jobs(self) -> list[ObjJob]:
+        """Every object check of every rank."""
+        return [j for rp in self.ranks for j in rp.jobs]
+
+
+class Engine:
+    """Per-replica checks of steps with the reader's own functions, objects read in parallel."""
+
+    def __init__(self, replicas: Sequence[Replica], threads: int, quick: bool, progress: ProgressFactory | None) -> None:
+        self.replicas = sorted(replicas, key=lambda r: r.read_priority)
+        self.quick = quick
+        self.progress = progress
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="ckptmirror-verify")
+        # One reader over all replicas (its per-thread buffer serves every object read), and
+        # one per replica for commits and manifests, so a replica is never judged by another's copy.
+        self.shared = StepReader(self.replicas, self.pool, 0)
+        self.single = {r.url: StepReader([r], self.pool, 0) for r in self.replicas}
+        self.good: set[tuple[str, str, str]] = set()  # (replica url, key, checksum) that verified
+        self.checked: set[tuple[str, str, str]] = set()  # ... that were checked
+        self._lock = threading.Lock()
+        self._manifests: dict[tuple[str, str], RankManifest | None] = {}
+        self._invalid: dict[tuple[str, str], str | None] = {}
+
+    def close(self) -> None:
+        """Wait for the object reads in flight and stop the thread pool."""
+        self.pool.shutdown(wait=True)
+
+    # -- commits and manifests ------------------------------------------------------------
+    def commit_on(self, r: Replica, step: int) -> tuple[CommitRecord | None, Problem | None]:
+        """``r``'s own commit record of ``step``, parsed by the reader, or what is wrong with it."""
+        key = commit_key(step)
+        try:
+            return self.single[r.url].read_commit(step), None
+        except FAILURES as exc:
+            kind = "missing" if isinstance(exc, ObjectMissingError) else "invalid" if isinstance(exc, (ManifestError, CorruptObjectError)) else "unreadable"
+            return None, Problem(step, r.url, key, kind, strip_where(str(exc), r.url, key))
+
+    def replica_plan(self, r: Replica, step: int) -> ReplicaPlan:
+        """:meth:`plan` against ``r``'s own commit; without ranks if that commit is unusable."""
+        commit, problem = self.commit_on(r, step)
+        return self.plan(r, step, commit) if commit is not None else ReplicaPlan(r, step, None, problem)
+
+    def _describe(self, r: Replica, step: int, rank: int | None, key: str, size: int, exc: BaseException) -> Problem:
+        """The :class:`Problem` for a failed read of ``key``, named by its size on ``r``.
+
+        The reader's errors say that a read failed; the size on the replica says how.
+        """
+        try:
+            got = r.size(key)
+        except FAILURES as e2:
+            return Problem(step, r.url, key, "unreadable", strip_where(str(e2), r.url, key), rank)
+        if got is None:
+            return Problem(step, r.url, key, "missing", "not found", rank)
+        if got < size:
+            return Problem(step, r.url, key, "truncated", f"{got} bytes, recorded {size}", rank)
+        if got > size:
+            return Problem(step, r.url, key, "wrong-size", f"{got} bytes, recorded {size}", rank)
+        kind = "unreadable" if isinstance(exc, ReplicaError) else "corrupt"
+        return Problem(step, r.url, key, kind, strip_where(str(exc), r.url, key), rank)
+
+    def manifest_anywhere(self, commit: CommitRecord, rank: int) -> RankManifest | None:
+        """The rank manifest from any replica where it matches the commit's pin (cached)."""
+        ref = commit.ranks[rank]
+        k = (ref.key, ref.checksum)
+        if k not in self._manifests:
+            try:
+                self._manifests[k] = self.shared.read_manifest(commit, rank)
+            except FAILURES:
+                self._manifests[k] = None
+        return self._manifests[k]
+
+    def _validate(self, m: RankManifest, key: str, csum: str) -> str | None:
+        """What the reader checks before it reads a byte (:func:`validate_manifest`), cached."""
+        k = (key, csum)
+        if k not in self._invalid:
+            try:
+                validate_manifest(m, key)
+                self._invalid[k] = None
+            except FAILURES as exc:
+                self._invalid[k] = str(exc)
+        return self._invalid[k]
+
+    def plan(self, r: Replica, step: int, commit: CommitRecord) -> ReplicaPlan:
+        """Check ``r``'s rank manifests against ``commit`` and list its object checks."""
+        plan = ReplicaPlan(r, step, commit, None)
+        for ref in commit.ranks:
+            mprob: Problem | None = None
+            try:
+                m: RankManifest | None = self.single[r.url].read_manifest(commit, ref.rank)
+                self._mark_good(r.url, ref.key, ref.checksum)
+            except FAILURES as exc:
+                mprob = self._describe(r, step, ref.rank, ref.key, ref.size, exc)
+                m = self.manifest_anywhere(commit, ref.rank)  # still check this replica's objects
+            invalid = None
+            if m is not None:
+                why = self._validate(m, ref.key, ref.checksum)
+                if why is not None:
+                    invalid = Problem(step, r.url, ref.key, "invalid", why, ref.rank)
+            jobs = [ObjJob(r, step, ref.rank, o) for o in m.objects] if m is not None else []
+            plan.ranks.append(RankPlan(ref.rank, ref.key, ref.size, ref.checksum, m, mprob, invalid, jobs))
+        return plan
+
+    # -- objects ---------------------------------------------------------------------------
+    def _mark_good(self, url: str, key: str, csum: str) -> None:
+        with self._lock:
+            self.good.add((url, key, csum))
+
+    def good_anywhere(self, key: str, csum: str) -> bool:
+        """Whether ``key`` verified with checksum ``csum`` on some replica."""
+        return any((r.url, key, csum) in self.good for r in self.replicas)
+
+    def sources(self, key: str, csum: str, exclude: Replica) -> list[Replica]:
+        """Replicas (preferred first) where ``key`` verified with checksum ``csum``."""
+        return [r for r in self.replicas if r is not exclude and (r.url, key, csum) in self.good]
+
+    def _check(self, job: ObjJob) -> None:
+        """Check one object on one replica (presence and size; contents unless quick)."""
+        r, obj = job.replica, job.obj
+        with self._lock:
+            self.checked.add((r.url, obj.key, obj.checksum))
+        reader = self.single[r.url]
+        try:
+            # Presence and size: exactly the reader's preflight, for this one object.
+            reader.preflight(RankManifest(job.step, job.rank, job.rank + 1, (obj,), (), (), None))
+        except FAILURES as exc:
+            job.problem = self._describe(r, job.step, job.rank, obj.key, obj.size, exc)
+            return
+        if not self.quick:
+            try:
+                self.shared.fetch(obj.key, obj.size, obj.checksum, [r])  # size + xxh3, this replica only
+            except FAILURES as exc:
+                job.problem = self._describe(r, job.step, job.rank, obj.key, obj.size, exc)
+                return
+        self._mark_good(r.url, obj.key, obj.checksum)
+
+    def complete(self, plans: Sequence[ReplicaPlan], what: str) -> None:
+        """Check, on every other replica, the items of ``plans`` that verified nowhere yet.
+
+        The reader takes each object from any replica that holds it with the pinned size and
+        checksum, a torn copy included; so does the judgement of whether a step is recoverable.
+        """
+        jobs: list[ObjJob] = []
+        queued: set[tuple[str, str, str]] = set()
+        for plan in plans:
+            for rp in plan.ranks:
+                items = [ObjectRecord(rp.key, rp.size, rp.checksum)] + (list(rp.manifest.objects) if rp.manifest else [])
+                for obj in items:
+                    if self.good_anywhere(obj.key, obj.checksum):
+                        continue
+                    for r in self.replicas:
+                        k = (r.url, obj.key, obj.checksum)
+                        if k not in self.checked and k not in queued:
+                            queued.add(k)
+                            jobs.append(ObjJob(r, plan.step, rp.rank, obj))
+        self.run(jobs, what)
+
+    def run(self, jobs: Sequence[ObjJob], what: str = "verify") -> None:
+        """Check every object of ``jobs`` in parallel; results land in ``job.problem``."""
+        if not jobs:
+            return
+        unit = "obj" if self.quick else "B"
+        bar = self.progress(len(jobs) if self.quick else sum(j.obj.size for j in jobs), unit, what) if self.progress else None
+
+        def one(job: ObjJob) -> None:
+            self._check(job)
+            if bar is not None:
+                with self._lock:
+                    bar.update(1 if self.quick else job.obj.size)
+
+        try:
+            for f in [self.pool.submit(one, j) for j in jobs]:
+                f.result()
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+# ----------------------------------------------------------------------------- judgements
+
+
+def plan_problems(plan: ReplicaPlan) -> list[Problem]:
+    """Every problem of one step on one replica, in commit, rank, object order."""
+    out: list[Problem] = []
+    if plan.commit_problem is not None:
+        out.append(plan.commit_problem)
+    for rp in plan.ranks:
+        out.extend(rp.problems())  # a rank without a manifest has no object jobs
+        if rp.manifest is None:
+            out.append(Problem(plan.step, plan.replica.url, rp.key, "unrecoverable", "no replica holds a copy that matches the commit, so its objects cannot be checked", rp.rank))
+    return out
+
+
+def recoverable(eng: Engine, plans: Sequence[ReplicaPlan]) -> bool:
+    """Whether some commit of the step has every manifest and object verifying somewhere."""
+    for plan in plans:
+        if plan.commit is None:
+            continue
+        ok = True
+        for rp in plan.ranks:
+            if rp.manifest is None or rp.invalid is not None or not eng.good_anywhere(rp.key, rp.checksum):
+                ok = False
+                break
+            if not all(eng.good_anywhere(o.key, o.checksum) for o in rp.manifest.objects):
+                ok = False
+                break
+        if ok:
+            return True
+    return False
+
+
+def referenced(eng: Engine, r: Replica | None, step: int, urls: Sequence[str]) -> tuple[CommitRecord | None, list[RankManifest] | None, str | None]:
+    """Commit (from ``r`` if given, else any of ``urls``) and its rank manifests (from anywhere)."""
+    try:
+        commit = eng.single[r.url].read_commit(step) if r is not None else eng.shared.read_commit(step, urls)
+    except FAILURES as exc:
+        return None, None, str(exc)
+    ms = []
+    for ref in commit.ranks:
+        m = eng.manifest_anywhere(commit, ref.rank)
+        if m is None:
+            return commit, None, f"rank manifest {ref.key} verifies on no replica"
+        ms.append(m)
+    return commit, ms, None
+
+
+def garbage_keys(r: Replica, step: int, commit: CommitRecord | None, manifests: list[RankManifest] | None) -> tuple[str, ...]:
+    """Keys under ``step`` on ``r`` that the commit does not name (only temp files if unknown)."""
+    keys = r.list_prefix(step_dir(step))
+    if commit is None or manifests is None:
+        # Without the commit's names nothing but temp files is known to be garbage.
+        return tuple(k for k in keys if k.rsplit("/", 1)[-1].startswith(TMP_PREFIX))
+    named = {commit_key(step)} | {ref.key for ref in commit.ranks} | {o.key for m in manifests for o in m.objects}
+    return tuple(k for k in keys if k not in named)

@@ -1,0 +1,184 @@
+"""``export``: write one rank of a step as a ``safetensors`` or ``torch.save`` file for other tools.
+
+Writing is not loading: nothing here unpickles or ``torch.load``s checkpoint data; the state
+is read and verified exactly as a restore reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..errors import CkptMirrorError
+from ..reader import load_newest
+from ..replicas import Replica
+from ._common import UsageError, dotted, opened, walk
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export` wrote."""
+
+    path: str
+    format: str
+    step: int
+    rank: int
+    tensors: int
+    tensor_bytes: int
+    values: tuple[str, ...]  # names of plain values stored (safetensors: as JSON metadata)
+    dropped: tuple[str, ...]  # "name: why", for values the format cannot hold
+    cloned: tuple[str, ...]  # tensors copied because they shared storage or were not contiguous
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return dataclasses.asdict(self)
+
+
+def _plain(v: Any, name: str, fmt: str) -> tuple[bool, Any, str]:
+    """(keep, converted value, note) for a non-tensor value."""
+    if isinstance(v, torch.Size):
+        return True, [int(d) for d in v], ""
+    if isinstance(v, (torch.dtype, torch.device)):
+        return True, str(v), ""
+    if type(v).__module__.startswith("numpy") and hasattr(v, "item"):
+        return True, v.item(), ""
+    if isinstance(v, (bytes, bytearray)):
+        if fmt == "torch":
+            return True, bytes(v), ""
+        return False, None, "bytes cannot be stored in safetensors metadata"
+    if v is None or isinstance(v, (bool, int, float, str)) or v == {} or v == [] or v == ():
+        return True, (list(v) if isinstance(v, tuple) else v), ""
+    return False, None, f"unsupported value of type {type(v).__name__}"
+
+
+def export(
+    urls: Sequence["str | Replica"],
+    out: str,
+    *,
+    format: str = "safetensors",
+    step: int | None = None,
+    rank: int = 0,
+    overwrite: bool = False,
+    threads: int = 4,
+    storage_options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> ExportReport:
+    """Write one rank of ``step`` (default: the newest that verifies) as one file for other tools.
+
+    Nested key paths become dotted names (``model.fc1.weight``, ``optim.state.0.exp_avg``).
+    ``safetensors``: tensors as tensors (ones that share storage are cloned, as the format
+    requires); plain values as JSON strings in the metadata (``format: pt`` is added for
+    Hugging Face loaders); ``bytes`` are dropped with a note. ``torch``: ``torch.save`` of a
+    flat dict of plain tensors and plain values, loadable with ``torch.load(weights_only=True)``.
+    The data is read and verified exactly as a restore reads it. The file is written to a
+    temporary name and renamed, so a failed export leaves nothing half-written.
+    """
+    if format not in ("safetensors", "torch"):
+        raise UsageError(f"--format must be safetensors or torch, got {format!r}")
+    out = os.path.abspath(out)
+    if os.path.isdir(out):
+        raise UsageError(f"{out} is a directory; give a file name")
+    if os.path.exists(out) and not overwrite:
+        raise UsageError(f"{out} exists; pass --force to replace it")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise UsageError(f"directory {os.path.dirname(out)} does not exist")
+    with opened(urls, storage_options) as replicas:
+        pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="ckptmirror-export")
+        try:
+            loaded = load_newest(replicas, pool, rank=rank, world_size=None, step=step)
+        finally:
+            pool.shutdown(wait=True)
+    if loaded is None:
+        raise CkptMirrorError("no committed step on these replicas")
+    tensors, values, dropped = _flat(loaded.state, format)
+    cloned: list[str] = []
+    # Write to a temporary name in the same directory, then rename: a failed export leaves
+    # no half-written file, and an existing file is replaced only by a complete one.
+    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex}")
+    try:
+        if format == "safetensors":
+            ntensors, nbytes = _save_safetensors(tmp, tensors, values, dropped, cloned)
+        else:
+            obj: dict[str, Any] = dict(tensors)  # detached: plain tensors, no Parameter
+            obj.update(values)
+            torch.save(obj, tmp)
+            ntensors, nbytes = len(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return ExportReport(out, format, loaded.step, rank, ntensors, nbytes, tuple(values), tuple(dropped), tuple(cloned))
+
+
+def _flat(state: Any, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
+    """The state as dotted names: tensors (arrays converted), plain values, and "name: why" for what was dropped."""
+    import numpy as np
+
+    tensors: dict[str, torch.Tensor] = {}
+    values: dict[str, Any] = {}
+    dropped: list[str] = []
+
+    def is_leaf(x: Any) -> bool:
+        return isinstance(x, (torch.Tensor, np.ndarray))
+
+    for path, v in walk(state, (), is_leaf):
+        name = dotted(path) or "state"
+        if name in tensors or name in values:
+            raise CkptMirrorError(f"two entries of the state have the same dotted name {name!r}; the export would lose one")
+        if isinstance(v, np.ndarray):
+            try:
+                v = torch.from_numpy(np.ascontiguousarray(v))
+            except TypeError as exc:
+                dropped.append(f"{name}: numpy dtype {v.dtype} has no torch equivalent ({exc})")
+                continue
+        if isinstance(v, torch.Tensor):
+            tensors[name] = v.detach()
+            continue
+        keep, conv, note = _plain(v, name, fmt)
+        if keep:
+            values[name] = conv
+        else:
+            dropped.append(f"{name}: {note}")
+    return tensors, values, dropped
+
+
+def _save_safetensors(path: str, tensors: dict[str, torch.Tensor], values: dict[str, Any], dropped: list[str], cloned: list[str]) -> tuple[int, int]:
+    """Write ``tensors`` and ``values`` (as JSON metadata) to ``path``; the tensors and bytes written.
+
+    Appends to ``dropped`` the tensors whose dtype safetensors cannot hold and to ``cloned``
+    those copied because the format wants each tensor contiguous and alone in its storage.
+    """
+    from safetensors.torch import save_file
+    import safetensors.torch as st
+
+    supported = set(getattr(st, "_TYPES", {}).values())
+    by_storage: dict[int, int] = {}
+    for t in tensors.values():
+        if t.numel():
+            p = t.untyped_storage().data_ptr()
+            by_storage[p] = by_storage.get(p, 0) + 1
+    final: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if supported and t.dtype not in supported:
+            dropped.append(f"{name}: dtype {t.dtype} is not supported by safetensors")
+            continue
+        if t.numel() == 0 or by_storage[t.untyped_storage().data_ptr()] > 1 or not t.is_contiguous():
+            t = t.clone(memory_format=torch.contiguous_format)
+            cloned.append(name)
+        final[name] = t
+    metadata = {k: json.dumps(v) for k, v in values.items()}
+    if "format" not in metadata and "format" not in final:
+        metadata["format"] = "pt"  # what Hugging Face loaders look for
+    save_file(final, path, metadata=metadata)
+    return len(final), sum(t.numel() * t.element_size() for t in final.values())

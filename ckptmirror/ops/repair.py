@@ -1,0 +1,283 @@
+"""``repair``: copy missing or corrupt objects from replicas where they verify, then commit."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from ..errors import StepExistsError, StepNotFoundError
+from ..format import MAX_MANIFEST_BYTES, CommitRecord, commit_key, parse_commit
+from ..replicas import Replica
+from ._common import FAILURES, Problem, Progress, ProgressFactory, list_reachable, opened
+from ._engine import Engine, ObjJob, ReplicaPlan, recoverable
+
+
+@dataclass(frozen=True)
+class RepairAction:
+    """One write repair makes (or would make, with ``dry_run``).
+
+    ``action``: ``copy`` (an object or rank manifest, from ``source``), ``commit`` (write the
+    commit record last) or ``replace-commit`` (delete a commit record that does not parse, then
+    commit). ``done`` is False in a dry run and when the write failed (``error``).
+    """
+
+    step: int
+    replica: str
+    key: str
+    action: str
+    source: str | None
+    bytes: int
+    reason: str
+    done: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RepairReport:
+    """What :func:`repair` did. ``exit_code``: 0 done, 1 something could not be repaired, 2 unreachable."""
+
+    replicas: tuple[str, ...]
+    dry_run: bool
+    steps: tuple[int, ...]
+    actions: tuple[RepairAction, ...]
+    unrecoverable: tuple[Problem, ...]
+    unreachable: Mapping[str, str]
+
+    @property
+    def exit_code(self) -> int:
+        """0: nothing left to repair (or, in a dry run, everything repairable); 1: not; 2: unreachable."""
+        if self.unreachable:
+            return 2
+        if self.unrecoverable or any(a.error for a in self.actions):
+            return 1
+        return 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``ckptmirror repair --json``)."""
+        d = dataclasses.asdict(self)
+        d["exit_code"] = self.exit_code
+        return d
+
+
+#: One copy to make: key, size, checksum, and why (the problem it fixes).
+_Copy = tuple[str, int, str, str]
+
+
+@dataclass
+class _Fix:
+    """What one replica needs so that it holds a verifying, committed copy of one step."""
+
+    plan: ReplicaPlan
+    commit: CommitRecord
+    needs_commit: bool  # the replica has no usable commit: write commit_raw last
+    commit_raw: bytes | None
+    replace_commit: bool
+    copies: list[_Copy]  # objects; copied before any rank manifest
+    manifests: list[_Copy]
+    blocked: list[Problem]
+
+
+def _raw_commit(eng: Engine, step: int, commit: CommitRecord) -> bytes | None:
+    """The exact bytes of ``commit`` from a replica that holds it (copied as they are)."""
+    key = commit_key(step)
+    for r in eng.replicas:
+        try:
+            raw = r.get(key, MAX_MANIFEST_BYTES)
+            if parse_commit(raw, key) == commit:
+                return raw
+        except FAILURES:
+            continue
+    return None
+
+
+def _reason(p: Problem) -> str:
+    """Why a write is made: the problem it fixes."""
+    return f"{p.kind}: {p.detail}"
+
+
+def _no_source(p: Problem) -> Problem:
+    """``p`` as unrecoverable: no replica holds a verifying copy to repair it from."""
+    return dataclasses.replace(p, kind="unrecoverable", detail=f"{p.kind} here and no other replica holds a verifying copy")
+
+
+def _needs(plan: ReplicaPlan, eng: Engine) -> tuple[list[_Copy], list[_Copy], list[Problem]]:
+    """Object copies, rank manifest copies, and what cannot be fixed, for one checked replica."""
+    copies: list[_Copy] = []
+    manifests: list[_Copy] = []
+    blocked: list[Problem] = []
+    r = plan.replica
+    for rp in plan.ranks:
+        if rp.invalid is not None:
+            blocked.append(rp.invalid)
+        if rp.manifest is None:
+            blocked.append(Problem(plan.step, r.url, rp.key, "unrecoverable", "no replica holds a copy of this rank manifest that matches the commit", rp.rank))
+            continue
+        if rp.manifest_problem is not None:
+            if eng.sources(rp.key, rp.checksum, r):
+                manifests.append((rp.key, rp.size, rp.checksum, _reason(rp.manifest_problem)))
+            else:
+                blocked.append(_no_source(rp.manifest_problem))
+        for j in rp.jobs:
+            if j.problem is None:
+                continue
+            if j.problem.kind == "unreadable":
+                # The backend failed to read it: the object may be fine; never overwrite it blindly.
+                blocked.append(j.problem)
+            elif eng.sources(j.obj.key, j.obj.checksum, r):
+                copies.append((j.obj.key, j.obj.size, j.obj.checksum, _reason(j.problem)))
+            else:
+                blocked.append(_no_source(j.problem))
+    return copies, manifests, blocked
+
+
+def repair(
+    urls: Sequence["str | Replica"],
+    *,
+    step: int | None = None,
+    dry_run: bool = False,
+    threads: int = 4,
+    progress: ProgressFactory | None = None,
+    storage_options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> RepairReport:
+    """Make every replica hold a verifying copy of every step committed on any of them.
+
+    For each step (or ``step``): verify every replica in full (as :func:`verify`); copy each
+    missing, truncated or corrupt object, then each bad rank manifest, from a replica where it
+    verifies (re-verified while copying); then write the commit record last where it was
+    missing (a torn save is completed this way) or did not parse. An object that verifies is
+    never overwritten; one the backend could not read is left alone and reported. Running it
+    twice changes nothing the second time. ``dry_run``: plan and report, write nothing.
+    """
+    with opened(urls, storage_options) as replicas:
+        listing, reachable = list_reachable(replicas)
+        unrecoverable: list[Problem] = []
+        if step is not None and step not in listing.committed:
+            raise StepNotFoundError(step, list(listing.committed))
+        steps = sorted(listing.committed) if step is None else [step]
+        eng = Engine(reachable, threads, False, progress)
+        fixes: list[_Fix] = []
+        try:
+            # 1. Verify every replica that holds a commit, against its own commit.
+            per_step: dict[int, list[ReplicaPlan]] = {}
+            jobs: list[ObjJob] = []
+            for s in steps:
+                plans: list[ReplicaPlan] = []
+                for r in reachable:
+                    plan = eng.replica_plan(r, s) if r.url in listing.committed[s] else ReplicaPlan(r, s, None, None)
+                    plans.append(plan)
+                    jobs.extend(plan.jobs())
+                per_step[s] = plans
+            eng.run(jobs, "repair: verify")
+            eng.complete([p for plans in per_step.values() for p in plans], "repair: other copies")
+            # 2. Replicas without a usable commit get the first commit that is recoverable;
+            #    whatever they already hold of it (a torn save) is verified before anything is copied.
+            late_ids: set[int] = set()
+            jobs = []
+            for s, plans in per_step.items():
+                originals = list(plans)
+                for i, plan in enumerate(originals):
+                    if plan.commit is not None:
+                        continue
+                    if plan.commit_problem is not None and plan.commit_problem.kind == "unreadable":
+                        unrecoverable.append(plan.commit_problem)
+                        continue
+                    source = next((p for p in originals if p.commit is not None and recoverable(eng, [p])), None)
+                    if source is None:
+                        unrecoverable.append(Problem(s, plan.replica.url, commit_key(s), "unrecoverable", "no replica holds a complete verifying copy of this step"))
+                        continue
+                    assert source.commit is not None
+                    target = eng.plan(plan.replica, s, source.commit)
+                    target.commit_problem = plan.commit_problem
+                    plans[i] = target
+                    late_ids.add(id(target))
+                    jobs.extend(target.jobs())
+            eng.run(jobs, "repair: verify torn")
+            for s, plans in per_step.items():
+                for plan in plans:
+                    if plan.commit is None:
+                        continue
+                    copies, manifests, blocked = _needs(plan, eng)
+                    needs_commit = id(plan) in late_ids
+                    raw = None
+                    if needs_commit:
+                        raw = _raw_commit(eng, s, plan.commit)
+                        if raw is None:
+                            blocked.append(Problem(s, plan.replica.url, commit_key(s), "unrecoverable", "the commit record could not be read again from any replica"))
+                    replace = needs_commit and plan.commit_problem is not None and plan.commit_problem.kind != "missing"
+                    if copies or manifests or needs_commit or blocked:
+                        fixes.append(_Fix(plan, plan.commit, needs_commit, raw, replace, copies, manifests, blocked))
+            actions = _apply_fixes(eng, fixes, dry_run, unrecoverable)
+        finally:
+            eng.close()
+        return RepairReport(tuple(r.url for r in replicas), dry_run, tuple(steps), tuple(actions), tuple(unrecoverable), dict(listing.unreachable))
+
+
+def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: list[Problem]) -> list[RepairAction]:
+    """Make the copies and commits of ``fixes`` (or list them, in a dry run); blocked items go to ``unrecoverable``."""
+    actions: list[RepairAction] = []
+    lock = threading.Lock()
+    bar: Progress | None = None
+    total = sum(size for f in fixes if not (f.blocked and f.needs_commit) for _, size, _, _ in f.copies + f.manifests)
+    if eng.progress is not None and not dry_run and total:
+        bar = eng.progress(total, "B", "repair: copy")
+
+    def copy(fix: _Fix, key: str, size: int, csum: str, reason: str) -> RepairAction:
+        r, s = fix.plan.replica, fix.plan.step
+        srcs = eng.sources(key, csum, r)
+        if dry_run:
+            return RepairAction(s, r.url, key, "copy", srcs[0].url if srcs else None, size, reason)
+        try:
+            buf, src = eng.shared.fetch(key, size, csum, srcs)  # verified again while copying
+            r.put(key, memoryview(buf.numpy()) if size else b"")
+        except FAILURES as exc:
+            return RepairAction(s, r.url, key, "copy", srcs[0].url if srcs else None, size, reason, False, f"{type(exc).__name__}: {exc}")
+        finally:
+            if bar is not None:
+                with lock:
+                    bar.update(size)
+        return RepairAction(s, r.url, key, "copy", src, size, reason, True)
+
+    try:
+        for fix in fixes:
+            unrecoverable.extend(fix.blocked)
+            if fix.blocked and fix.needs_commit:
+                continue  # cannot complete this replica's copy of the step: write nothing there
+            done = [f.result() for f in [eng.pool.submit(copy, fix, *c) for c in fix.copies]]
+            done += [copy(fix, *c) for c in fix.manifests]  # rank manifests after every object
+            actions.extend(done)
+            if fix.needs_commit and fix.commit_raw is not None:
+                actions.append(_commit(fix, dry_run, any(a.error for a in done)))
+    finally:
+        if bar is not None:
+            bar.close()
+    return actions
+
+
+def _commit(fix: _Fix, dry_run: bool, copy_failed: bool) -> RepairAction:
+    """Write the commit record of ``fix`` (last, after its copies), or say why it was not written."""
+    raw = fix.commit_raw
+    assert raw is not None
+    r, s = fix.plan.replica, fix.plan.step
+    key = commit_key(s)
+    kind = "replace-commit" if fix.replace_commit else "commit"
+    reason = _reason(fix.plan.commit_problem) if fix.plan.commit_problem else "step committed on another replica but not here"
+
+    def action(done: bool = False, error: str | None = None) -> RepairAction:
+        return RepairAction(s, r.url, key, kind, None, len(raw), reason, done, error)
+
+    if dry_run:
+        return action()
+    if copy_failed:
+        # A commit record makes the step restorable here: never write it over a missing object.
+        return action(error="not committed: a copy above failed")
+    try:
+        if fix.replace_commit:
+            r.delete(key)
+        r.commit(key, raw)
+        return action(done=True)
+    except StepExistsError as exc:
+        return action(error=f"someone committed step {s} here meanwhile: {exc}")
+    except FAILURES as exc:
+        return action(error=f"{type(exc).__name__}: {exc}")
