@@ -27,11 +27,13 @@ from typing import Any, Sequence
 from ._version import __version__
 from .errors import (
     CkptMirrorError,
+    CoordinationError,
     CorruptObjectError,
     ManifestError,
     NoValidCheckpointError,
     ObjectMissingError,
     ReplicaError,
+    ReplicaPermissionError,
     ReplicaUnavailableError,
     SaveFailedError,
     SaveSkippedError,
@@ -40,12 +42,14 @@ from .errors import (
     StepNotFoundError,
     UnsupportedTypeError,
 )
+from .dist import ring_peer
 from .handle import ReplicaStatus, SaveHandle
 from .mirror import Mirror, RestoreResult, Stateful
 from .replicas import Replica
 
 __all__ = [
     "CkptMirrorError",
+    "CoordinationError",
     "CorruptObjectError",
     "ManifestError",
     "Mirror",
@@ -53,6 +57,7 @@ __all__ = [
     "ObjectMissingError",
     "Replica",
     "ReplicaError",
+    "ReplicaPermissionError",
     "ReplicaStatus",
     "ReplicaUnavailableError",
     "RestoreResult",
@@ -69,6 +74,7 @@ __all__ = [
     "get_mirror",
     "init",
     "restore",
+    "ring_peer",
     "save",
     "wait",
 ]

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Sequence
 
-from .errors import CkptMirrorError
+from .errors import CoordinationError
 
 
 @dataclass(frozen=True)
@@ -101,10 +101,6 @@ def ring_peer(agents: Sequence[str], namespace: str = "ckpt", node_rank: int | N
     target = agents[(node_rank + 1) % len(agents)]
     target = target.split("://", 1)[-1]
     return f"peer://{target}/{namespace.strip('/')}/node{node_rank}"
-
-
-class CoordinationError(CkptMirrorError):
-    """The ranks could not agree (a rank failed, died, or timed out)."""
 
 
 class Coordinator:

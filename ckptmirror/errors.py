@@ -17,6 +17,7 @@ exception already means the same thing, the error also subclasses it, so existin
     │   └── ReplicaPermissionError (PermissionError)  access denied, or a path that would leave the root
     ├── SaveFailedError                          a background save failed; carries per-replica failures
     ├── SaveSkippedError                         a save was skipped by the in-flight policy
+    ├── CoordinationError                        ranks could not agree: one failed, died or timed out
     └── NoValidCheckpointError                   checkpoints exist, but none verifies
 
 Errors that concern one replica or one object carry ``replica`` and ``key`` attributes, and
@@ -114,6 +115,10 @@ class SaveFailedError(CkptMirrorError):
 
 class SaveSkippedError(CkptMirrorError):
     """A save was skipped because the previous one was still writing (``inflight_policy='skip'``)."""
+
+
+class CoordinationError(CkptMirrorError):
+    """The ranks could not agree on a commit or a restore step (a rank failed, died or timed out)."""
 
 
 class NoValidCheckpointError(CkptMirrorError):
