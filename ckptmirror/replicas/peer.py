@@ -94,11 +94,16 @@ class PeerReplica(Replica):
             except (ConnectionRefusedError, socket.gaierror) as exc:
                 self._drop()
                 raise ReplicaUnavailableError(f"agent not reachable: {exc}", replica=self.url, key=key) from exc
+            except ssl.SSLError as exc:
+                # A setup problem (unknown CA, plain agent), not a passing fault.
+                self._drop()
+                raise ReplicaUnavailableError(f"TLS handshake failed: {exc}", replica=self.url, key=key) from exc
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 # A kept-alive connection the agent closed: retry once on a fresh one.
                 self._drop()
                 if attempt or not idempotent and not isinstance(exc, http.client.RemoteDisconnected):
-                    raise ReplicaError(f"connection to agent lost: {exc}", replica=self.url, key=key) from exc
+                    hint = "" if self.tls else " (if the agent uses TLS, use a peers:// URL)"
+                    raise ReplicaError(f"connection to agent lost: {exc}{hint}", replica=self.url, key=key) from exc
             except (OSError, http.client.HTTPException) as exc:
                 self._drop()
                 what = "timed out" if isinstance(exc, (socket.timeout, TimeoutError)) else f"failed: {type(exc).__name__}: {exc}"
