@@ -36,7 +36,6 @@ import shutil
 import signal
 import ssl
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable
 

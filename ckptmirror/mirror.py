@@ -1,9 +1,13 @@
 """The user-facing :class:`Mirror`: async save to several replicas, verified restore.
 
 Threads: the caller's thread only flattens the state and copies it into a staging arena
-(:mod:`ckptmirror.staging`). One background thread per mirror takes saves in order; for
-each it hashes the objects (a small pool) and runs one task per replica, each with its own
-pool of ``io_threads`` workers for object puts.
+(:mod:`ckptmirror.staging`). One background thread per mirror takes saves in order and
+hands each to :class:`~ckptmirror.fanout.Fanout`, which hashes the objects (a small pool)
+and runs one task per replica, each with its own pool of ``io_threads`` workers for object
+puts. A second thread probes degraded replicas (and those that ask for a heartbeat).
+
+Restore reads through :func:`~ckptmirror.choose.load_newest`; the caller's model and
+optimizer are prepared and checked by :mod:`ckptmirror.targets`.
 
 Memory: ``max_inflight`` arenas, each as large as the state's tensor bytes (host memory;
 pinned when the state is on a GPU), plus ``io_threads`` object buffers of up to
@@ -23,18 +27,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Protocol, Sequence
 
-import torch
-
-from .errors import CkptMirrorError, ReplicaUnavailableError, StateMismatchError, StepExistsError
-from .checksum import checksum
+from .choose import load_newest
+from .discover import list_steps
 from .dist import Coordinator, DistInfo, detect, expand_url
-from .format import MAX_STEP, CommitRecord, RankRef
+from .errors import ReplicaUnavailableError, StepExistsError
+from .fanout import Fanout, SaveJob
+from .format import MAX_STEP
 from .handle import SaveHandle
-from .reader import list_steps, load_newest
 from .replicas import Replica, open_replica
-from .staging import Arena, ArenaPool, Plan, plan, plan_key, snapshot
-from .tree import flatten, is_dtensor
-from .writer import apply_retention, commit_objects, encode, encode_replicated, write_objects
+from .staging import ArenaPool, Plan, plan, plan_key, snapshot
+from .targets import check_fits, init_sharded_optimizer_state
+from .tree import flatten
 
 log = logging.getLogger("ckptmirror")
 
@@ -58,19 +61,6 @@ class RestoreResult:
     #: object key -> URL of the replica that served it
     sources: Mapping[str, str] = field(default_factory=dict)
     seconds: float = 0.0
-
-
-@dataclass
-class _Job:
-    step: int
-    handle: SaveHandle
-    arena: Arena
-    stream: torch.Tensor
-    plan: Any
-    overwrite: bool
-    replicas: list[Replica]
-    seq: int
-    replicated: bool = False
 
 
 class Mirror:
@@ -169,25 +159,22 @@ class Mirror:
         self.inflight_policy = inflight_policy
         self.replicated = replicated
         self._arenas = ArenaPool(max_inflight)
-        self._hash_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="ckptmirror-hash")
-        self._io_pools = {r.url: ThreadPoolExecutor(io_threads, thread_name_prefix="ckptmirror-io") for r in self.replicas}
-        self._replica_pool = ThreadPoolExecutor(len(self.replicas), thread_name_prefix="ckptmirror-replica")
-        self._jobs: "queue.Queue[_Job | None]" = queue.Queue()
+        self._jobs: "queue.Queue[SaveJob | None]" = queue.Queue()
         self._seq = 0
         self._restores = 0
         self._plan_cache: tuple[tuple[object, ...], Plan] | None = None
+        self._lock = threading.Lock()
+        self._committed: set[int] = set()  # shared with the fan-out, guarded by _lock
         self._coord: Coordinator | None = None
-        self._retention_owner = [True] * len(self.replicas)
         if self.dist.distributed:
             self._coord = Coordinator(self.dist, _mirror_prefix(), commit_timeout_s)
-            self._retention_owner = self._elect_retention_owners()
-        self._lock = threading.Lock()
+        self._fanout = Fanout(self.replicas, self.dist, self._coord, io_threads, self._lock, self._committed, self._mark_degraded)
         self._handles: list[SaveHandle] = []
         self._unfinished = 0  # queued or running background jobs (retention included)
         self._idle = threading.Condition(self._lock)
         self._inflight_steps: set[int] = set()
         listing = list_steps(self.replicas)
-        self._committed: set[int] = set(listing.committed)
+        self._committed.update(listing.committed)
         # A replica that cannot even be listed now starts degraded: saves skip it until it answers.
         self._degraded.update(listing.unreachable)
         self._closed = False
@@ -286,7 +273,7 @@ class Mirror:
             self._handles.append(handle)
             self._unfinished += 1
         self._seq += 1
-        self._jobs.put(_Job(step, handle, arena, stream, p, overwrite, targets, self._seq, replicated and self.dist.distributed))
+        self._jobs.put(SaveJob(step, handle, arena, stream, p, overwrite, targets, self._seq, replicated and self.dist.distributed))
         return handle
 
     def _run(self) -> None:
@@ -295,7 +282,7 @@ class Mirror:
             if job is None:
                 return
             try:
-                self._write(job)
+                self._fanout.write(job, self.object_bytes, self.keep_last)
             except BaseException as exc:  # noqa: BLE001 - reported on the handle, then by save()/wait()
                 log.error("save of step %d failed: %s", job.step, exc)
                 job.handle._fail(exc)
@@ -305,81 +292,6 @@ class Mirror:
                     self._inflight_steps.discard(job.step)
                     self._unfinished -= 1
                     self._idle.notify_all()
-
-    def _write(self, job: _Job) -> None:
-        info = self.dist
-        save_key = f"{job.seq}-{job.step}"
-        decide = partial(_commit_from_reports, job.step, info.world_size, job.replicated)
-        try:
-            if job.replicated:
-                assert self._coord is not None
-                exchange = partial(_prefixed, self._coord.exchange, save_key)
-                enc = encode_replicated(job.step, info.rank, info.world_size, job.plan, job.stream, self.object_bytes, self._hash_pool, exchange)
-            else:
-                enc = encode(job.step, info.rank, info.world_size, job.plan, job.stream, self.object_bytes, self._hash_pool)
-        except BaseException as exc:
-            if self._coord is not None:  # the other ranks are waiting for our vote
-                for pos in range(len(self.replicas)):
-                    self._coord.report(save_key, pos, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"})
-                    if info.rank == 0:
-                        self._coord.decide(save_key, pos, decide)
-            raise
-
-        def one(pos: int, replica: Replica) -> None:
-            if replica not in job.replicas:  # skipped (degraded): still take part in the vote
-                if self._coord is not None:
-                    self._coord.report(save_key, pos, {"state": "skipped", "error": f"replica {replica.url} is degraded on rank {info.rank}"})
-                    if info.rank == 0:
-                        self._coord.decide(save_key, pos, decide)
-                return
-            try:
-                try:
-                    write_objects(replica, enc, job.stream, self._io_pools[replica.url], job.overwrite)
-                except BaseException as exc:
-                    if self._coord is not None:
-                        self._coord.report(save_key, pos, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"})
-                        if info.rank == 0:
-                            self._coord.decide(save_key, pos, decide)
-                    raise
-                if self._coord is None:
-                    commit_bytes = enc.commit_bytes
-                else:
-                    ref = {"state": "ok", "key": enc.manifest_key, "size": len(enc.manifest_bytes), "checksum": checksum(enc.manifest_bytes)}
-                    self._coord.report(save_key, pos, ref)
-                    if info.rank == 0:
-                        self._coord.decide(save_key, pos, decide)
-                    commit_bytes = self._coord.outcome(save_key, pos)
-                commit_objects(replica, enc, commit_bytes)
-            except BaseException as exc:  # noqa: BLE001 - recorded per replica
-                log.warning("replica %s failed to save step %d: %s", replica.url, job.step, exc)
-                if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
-                    self._mark_degraded(replica, exc)
-                job.handle._set_replica(replica.url, "failed", exc)
-                return
-            with self._lock:
-                self._committed.add(job.step)
-            job.handle._set_replica(replica.url, "committed")
-            if not self._retention_owner[pos]:
-                return  # a lower rank on this host prunes the same place
-            try:
-                removed = apply_retention(replica, job.step, self.keep_last)
-                if removed:
-                    log.info("retention on %s removed steps %s", replica.url, removed)
-                    with self._lock:
-                        self._committed.difference_update(s for s in removed if not self._committed_anywhere(s))
-            except (CkptMirrorError, OSError) as exc:
-                # The new step is committed; failing to delete old ones loses nothing.
-                log.warning("retention on %s failed after step %d: %s", replica.url, job.step, exc)
-
-        for f in [self._replica_pool.submit(one, pos, r) for pos, r in enumerate(self.replicas)]:
-            f.result()
-
-    def _elect_retention_owners(self) -> list[bool]:
-        """Per position: whether this rank prunes it (the lowest rank with the same host and URL)."""
-        assert self._coord is not None
-        mine = [f"{self._coord.host}|{r.url}" for r in self.replicas]
-        everyone = self._coord.exchange("placement", mine)
-        return [all(everyone[r][pos] != mine[pos] for r in range(self.dist.rank)) for pos in range(len(mine))]
 
     def _mark_degraded(self, replica: Replica, exc: BaseException) -> None:
         with self._lock:
@@ -408,11 +320,6 @@ class Mirror:
         """Per replica URL: ``"ok"`` or ``"degraded: <last error>"``."""
         with self._lock:
             return {r.url: ("degraded: " + self._degraded[r.url]) if r.url in self._degraded else "ok" for r in self.replicas}
-
-    def _committed_anywhere(self, step: int) -> bool:
-        from .writer import is_committed
-
-        return any(is_committed(r, step) for r in self.replicas)
 
     def _raise_unreported(self) -> None:
         # A save that committed nowhere is always raised; one that committed on fewer
@@ -451,13 +358,13 @@ class Mirror:
         """
         t0 = time.perf_counter()
         if optim is not None:
-            _init_sharded_optimizer_state(optim)
+            init_sharded_optimizer_state(optim)
         targets = {
             "model": model.state_dict() if model is not None else None,
             "optim": optim.state_dict() if optim is not None else None,
         }
         strict_paths = [("model",)] if (strict and model is not None) else []
-        loaded = self._load(step, targets, strict_paths, partial(_check_fits, model, optim, targets))
+        loaded = self._load(step, targets, strict_paths, partial(check_fits, model, optim, targets))
         if loaded is None:
             return None
         state = loaded.state
@@ -534,10 +441,7 @@ class Mirror:
             self._stop.set()
             self._jobs.put(None)
             self._worker.join()
-            self._replica_pool.shutdown(wait=True)
-            for p in self._io_pools.values():
-                p.shutdown(wait=True)
-            self._hash_pool.shutdown(wait=True)
+            self._fanout.close()
             self._arenas.release_memory()
             self._plan_cache = None
             for r in self._owned:
@@ -564,47 +468,6 @@ def _mirror_prefix() -> str:
     return f"ckptmirror/{run}/{restart}/m{n}"
 
 
-def _commit_from_reports(step: int, world_size: int, replicated: bool, reports: list[dict[str, Any]]) -> bytes:
-    if replicated:  # one manifest, the same on every rank
-        rep = reports[0]
-        return CommitRecord(step, world_size, (RankRef(0, rep["key"], int(rep["size"]), rep["checksum"]),), replicated=True).to_json()
-    refs = tuple(RankRef(r, rep["key"], int(rep["size"]), rep["checksum"]) for r, rep in enumerate(reports))
-    return CommitRecord(step, world_size, refs).to_json()
-
-
-def _prefixed(exchange: Any, prefix: str, key: str, value: Any) -> list[Any]:
-    return exchange(f"{prefix}/{key}", value)
-
-
-def _init_sharded_optimizer_state(optim: Any) -> None:
-    """Give a fresh optimizer over sharded (DTensor) parameters its state tensors.
-
-    Restoring fills the optimizer's state in place, and for DTensor parameters that state must
-    be DTensors laid out like the parameters: loading plain tensors would leave the optimizer
-    inconsistent, and resharding needs a target. A step with zero gradients and learning rate
-    0 creates them without changing any parameter (DCP's get_optimizer_state_dict does the same).
-    """
-    if getattr(optim, "state", None) or not hasattr(optim, "param_groups"):
-        return
-    params = [p for g in optim.param_groups for p in g["params"]]
-    if not any(is_dtensor(p) for p in params):
-        return
-    saved_lr = [g["lr"] for g in optim.param_groups]
-    saved_grads = [p.grad for p in params]
-    try:
-        for g in optim.param_groups:
-            g["lr"] = 0.0 if not isinstance(g["lr"], torch.Tensor) else torch.zeros_like(g["lr"])
-        for p in params:
-            if p.requires_grad:
-                p.grad = torch.zeros_like(p)
-        optim.step()
-    finally:
-        for g, lr in zip(optim.param_groups, saved_lr):
-            g["lr"] = lr
-        for p, grad in zip(params, saved_grads):
-            p.grad = grad
-
-
 def _is_ddp(model: Any) -> bool:
     """A model wrapped in DistributedDataParallel holds the same state on every rank."""
     try:
@@ -612,26 +475,6 @@ def _is_ddp(model: Any) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(model, DistributedDataParallel)
-
-
-def _check_fits(model: Stateful | None, optim: Stateful | None, targets: dict[str, Any], skeleton: Any) -> None:
-    """Refuse, before any tensor is written, a checkpoint that ``load_state_dict`` would reject."""
-    if not (isinstance(skeleton, dict) and {"model", "optim", "extra"} <= set(skeleton)):
-        raise StateMismatchError("this step was written by save_state(), not save(); use load_state()")
-    if model is not None and skeleton["model"] is None:
-        raise StateMismatchError("this step holds no model state")
-    stored, target = skeleton["optim"], targets["optim"]
-    if optim is None or stored is None or not isinstance(target, dict):
-        return
-    s_groups, t_groups = stored.get("param_groups"), target.get("param_groups")
-    if isinstance(s_groups, list) and isinstance(t_groups, list):
-        if len(s_groups) != len(t_groups):
-            raise StateMismatchError(f"optimizer has {len(t_groups)} param group(s), the checkpoint {len(s_groups)}")
-        for i, (sg, tg) in enumerate(zip(s_groups, t_groups)):
-            if isinstance(sg, dict) and isinstance(tg, dict) and len(sg.get("params", ())) != len(tg.get("params", ())):
-                raise StateMismatchError(
-                    f"optimizer param group {i} has {len(tg.get('params', ()))} parameter(s), the checkpoint {len(sg.get('params', ()))}"
-                )
 
 
 def _options_for(url: "str | Replica", options: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Any] | None:

@@ -1,18 +1,22 @@
-"""Read path: discover committed steps, choose replicas, fetch and verify objects, rebuild state.
+"""Reading one step of one rank: fetch and verify objects, rebuild the state in place.
 
-For each candidate step, newest first:
+This is the middle of the read path: steps are found by :mod:`ckptmirror.discover`, and which
+step is read, and what happens when it fails, is decided by :mod:`ckptmirror.choose`. For the
+step it is given, :class:`StepReader`:
 
-1. the commit record is read from the first replica (in preference order) where it parses;
-2. the rank manifest is fetched from any replica where it matches the size and checksum the
+1. reads the commit record from the first replica (in preference order) where it parses;
+2. fetches the rank manifest from any replica where it matches the size and checksum the
    commit pins, so a manifest can be taken from a replica other than the commit's;
-3. the manifest is checked against the restore targets (keys, shapes) *before* any tensor is
-   touched; every object must be present with its recorded size on at least one replica;
-4. objects are read in parallel into bounded buffers, verified (size, xxh3), and scattered
-   into the target tensors in place; an object that fails on one replica is fetched from the
-   next. Only if an object verifies nowhere does the step fail, and the reader falls back to
-   the previous step with a warning naming what was wrong.
+3. checks the manifest (:func:`~ckptmirror.validate.validate_manifest`) and the restore
+   targets (keys, shapes) *before* any tensor is touched; every object must be present with
+   its recorded size on at least one replica;
+4. reads objects in parallel into bounded buffers, verifies them (size, xxh3), and scatters
+   them into the target tensors in place; an object that fails on one replica is fetched
+   from the next. Only if an object verifies nowhere does the step fail (with one of
+   :data:`STEP_FAILURES`), and the caller falls back to the previous step.
 
-Checkpoints that exist but none of which verifies raise :class:`NoValidCheckpointError`.
+A sharded target (DTensor) whose layout differs from the stored one is resharded from every
+stored rank's shards (:mod:`ckptmirror.reshard`).
 """
 
 from __future__ import annotations
@@ -28,43 +32,30 @@ import torch
 
 from .checksum import checksum
 from .errors import (
-    CkptMirrorError,
     CorruptObjectError,
     ManifestError,
-    NoValidCheckpointError,
     ObjectMissingError,
     ReplicaError,
     StateMismatchError,
-    StepNotFoundError,
 )
 from .format import (
     MAX_MANIFEST_BYTES,
     CommitRecord,
-    LeafRecord,
     RankManifest,
     commit_key,
     parse_commit,
     parse_rank_manifest,
-    parse_step_dir,
 )
 from .replicas.base import Replica
 from .staging import byte_view
-from .reshard import Box, Piece, StoredShard, Want, copy_piece, plan_pieces
-from .tree import dtensor_local, dtype_from_name, is_dtensor, key_path, unflatten
+from .reshard import Piece, StoredShard, Want, copy_piece, plan_pieces
+from .tree import dtensor_local, is_dtensor, key_path, unflatten
+from .validate import ManifestCheck, contiguous_strides, validate_manifest
 
 log = logging.getLogger("ckptmirror")
 
 #: Failures that make one step unrecoverable but let the reader fall back to an older one.
-_STEP_FAILURES = (CorruptObjectError, ObjectMissingError, ManifestError, ReplicaError)
-
-
-@dataclass(frozen=True)
-class StepListing:
-    """Which replicas hold a commit record for which step, and what is torn."""
-
-    committed: dict[int, list[str]]  # step -> replica URLs, in preference order
-    torn: dict[str, list[int]]  # replica URL -> steps with objects but no commit
-    unreachable: dict[str, str]  # replica URL -> error
+STEP_FAILURES = (CorruptObjectError, ObjectMissingError, ManifestError, ReplicaError)
 
 
 @dataclass
@@ -74,132 +65,6 @@ class Loaded:
     step: int
     state: Any
     sources: dict[str, str] = field(default_factory=dict)  # object key -> replica URL
-
-
-def list_steps(replicas: Sequence[Replica]) -> StepListing:
-    """List committed and torn steps on every replica (presence of the commit record only)."""
-    committed: dict[int, list[str]] = {}
-    torn: dict[str, list[int]] = {}
-    unreachable: dict[str, str] = {}
-    for r in replicas:
-        try:
-            for name in r.list_steps():
-                s = parse_step_dir(name)
-                if s is None:
-                    continue
-                if r.size(commit_key(s)) is not None:
-                    committed.setdefault(s, []).append(r.url)
-                else:
-                    torn.setdefault(r.url, []).append(s)
-        except (CkptMirrorError, OSError) as exc:
-            log.warning("replica %s could not be listed: %s", r.url, exc)
-            unreachable[r.url] = f"{type(exc).__name__}: {exc}"
-    return StepListing(dict(sorted(committed.items())), torn, unreachable)
-
-
-def _elem_size(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
-
-
-def _check_leaf_bounds(m: RankManifest, key: str) -> list[int]:
-    """Storages must not overlap and every leaf must lie inside its storage span.
-
-    Returns each leaf's element size. A manifest that fails is rejected before any read.
-    """
-    end = 0
-    for i in sorted((i for i, s in enumerate(m.storages) if s.nbytes), key=lambda i: m.storages[i].offset):
-        if m.storages[i].offset < end:
-            raise ManifestError(f"storages[{i}] overlaps another storage", key=key)
-        end = m.storages[i].offset + m.storages[i].nbytes
-    sizes = []
-    for i, lf in enumerate(m.leaves):
-        if lf.kind == "tensor":
-            esize = _elem_size(dtype_from_name(lf.dtype, key))
-        else:
-            import numpy as np
-
-            try:
-                dt = np.dtype(lf.dtype)
-            except (TypeError, ValueError) as exc:
-                raise ManifestError(f"leaves[{i}]: bad numpy dtype {lf.dtype!r}", key=key) from exc
-            if dt.hasobject or dt.fields is not None:
-                raise ManifestError(f"leaves[{i}]: numpy dtype {lf.dtype!r} holds objects", key=key)
-            esize = dt.itemsize
-        nbytes = m.storages[lf.storage].nbytes
-        numel = 1
-        for d in lf.shape:
-            numel *= d
-        if numel >= 1 << 62:
-            raise ManifestError(f"leaves[{i}] has an implausible number of elements ({numel})", key=key)
-        if lf.kind == "ndarray" and numel and lf.stride != _contiguous_strides(lf.shape):
-            raise ManifestError(f"leaves[{i}]: ndarray strides must be C-contiguous", key=key)
-        if numel:
-            last = lf.offset + sum((d - 1) * s for d, s in zip(lf.shape, lf.stride))
-            if (last + 1) * esize > nbytes:
-                raise ManifestError(f"leaves[{i}] reaches byte {(last + 1) * esize} of a {nbytes}-byte storage", key=key)
-        sizes.append(esize)
-    return sizes
-
-
-@dataclass(frozen=True)
-class ManifestCheck:
-    """What :func:`validate_manifest` learned about a manifest that passed every check."""
-
-    esizes: list[int]  # element size of each leaf
-    dtypes: list[torch.dtype | None]  # torch dtype of each tensor leaf (None for arrays)
-    paths: dict[int, tuple[Any, ...]]  # key path of each leaf
-    skeleton: Any  # the state tree with LeafSpec placeholders
-    dtensors: dict[int, tuple[tuple[int, ...], tuple[int, ...]]]  # leaf -> (global shape, offset)
-
-    def boxes(self, m: RankManifest) -> dict[tuple[Any, ...], tuple[int, tuple[int, ...], Box]]:
-        """path -> (leaf, global shape, box) of every tensor leaf; a plain tensor is one box
-        at offset 0 covering its whole shape."""
-        out = {}
-        for i, path in self.paths.items():
-            lf = m.leaves[i]
-            if lf.kind != "tensor":
-                continue
-            gshape, goffset = self.dtensors.get(i, (lf.shape, (0,) * len(lf.shape)))
-            out[path] = (i, gshape, (goffset, lf.shape))
-        return out
-
-
-def validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
-    """Every check the reader makes on a manifest before reading a byte of data.
-
-    Storage and leaf bounds, dtypes, and the structure: each leaf referenced exactly once.
-    Used by restore and by ``ckptmirror verify`` alike. Raises :class:`ManifestError`.
-    """
-    esizes = _check_leaf_bounds(m, key)
-    dtypes = [dtype_from_name(lf.dtype, key) if lf.kind == "tensor" else None for lf in m.leaves]
-    paths: dict[int, tuple[Any, ...]] = {}
-    dtensors: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-
-    def collect(kind: str, i: int, path: tuple[Any, ...]) -> Any:
-        leaf_kind = "tensor" if kind == "dtensor" else kind
-        if not 0 <= i < len(m.leaves) or m.leaves[i].kind != leaf_kind or i in paths:
-            raise ManifestError(f"bad or repeated {kind} reference {i} at {key_path('state', path)}", key=key)
-        paths[i] = path
-        lf = m.leaves[i]
-        return LeafSpec(lf.kind, lf.dtype, lf.shape)
-
-    skeleton = unflatten(m.structure, collect, key, dtensors)
-    if len(paths) != len(m.leaves):
-        raise ManifestError(f"{len(m.leaves) - len(paths)} leaves are never referenced by the structure", key=key)
-    for i, (gshape, goffset) in dtensors.items():
-        shape = m.leaves[i].shape
-        if len(gshape) != len(shape) or any(o + n > g for o, n, g in zip(goffset, shape, gshape)):
-            raise ManifestError(f"leaves[{i}]: shard {list(shape)} at {list(goffset)} does not fit the global shape {list(gshape)}", key=key)
-    return ManifestCheck(esizes, dtypes, paths, skeleton, dtensors)
-
-
-@dataclass(frozen=True)
-class LeafSpec:
-    """Placeholder for a stored tensor or array, before its bytes are read."""
-
-    kind: str
-    dtype: str
-    shape: tuple[int, ...]
 
 
 class _Target:
@@ -218,15 +83,6 @@ def _lookup(tree: Any, path: tuple[Any, ...]) -> Any:
         except (KeyError, IndexError, TypeError):
             return None
     return node
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out = []
-    acc = 1
-    for d in reversed(shape):
-        out.append(acc)
-        acc *= max(d, 1)
-    return tuple(reversed(out))
 
 
 class StepReader:
@@ -248,7 +104,7 @@ class StepReader:
             key = commit_key(step)
             try:
                 return parse_commit(r.get(key, MAX_MANIFEST_BYTES), key)
-            except _STEP_FAILURES as exc:
+            except STEP_FAILURES as exc:
                 if isinstance(exc, ManifestError) and not exc.replica:
                     exc = ManifestError(str(exc).split(": ", 1)[-1], replica=r.url, key=key)
                 errors.append(exc)
@@ -273,7 +129,7 @@ class StepReader:
             except ManifestError as exc:
                 parse_failures += 1
                 errors.append(f"{r.url}: {exc}")
-            except _STEP_FAILURES as exc:
+            except STEP_FAILURES as exc:
                 errors.append(str(exc))
         cls = ManifestError if parse_failures == len(errors) else CorruptObjectError
         raise cls("no replica holds a valid, verifying copy: " + "; ".join(errors), key=ref.key)
@@ -298,7 +154,7 @@ class StepReader:
             for r in self.replicas:
                 try:
                     size = r.size(obj.key)
-                except _STEP_FAILURES as exc:
+                except STEP_FAILURES as exc:
                     problems.append(f"{r.url}: {exc}")
                     continue
                 if size == obj.size:
@@ -323,7 +179,7 @@ class StepReader:
                 if got != csum:
                     raise CorruptObjectError(f"checksum mismatch: stored {got}, manifest {csum}", replica=r.url, key=key)
                 return buf, r.url
-            except _STEP_FAILURES as exc:
+            except STEP_FAILURES as exc:
                 log.warning("object %s failed on %s, trying the next replica: %s", key, r.url, exc)
                 problems.append(str(exc))
         raise CorruptObjectError("no replica holds a verifying copy: " + "; ".join(problems), key=key)
@@ -340,7 +196,7 @@ class StepReader:
     ) -> Loaded:
         """Rebuild the state of ``m``; fill tensors of ``targets`` (same tree shape) in place.
 
-        ``validate`` receives the state tree with :class:`LeafSpec` placeholders for the
+        ``validate`` receives the state tree with :class:`~ckptmirror.validate.LeafSpec` placeholders for the
         tensors; it runs, like every other check, before any target tensor is written.
         ``shards`` lists every stored rank's manifest; it is needed only when a sharded target
         (DTensor) has another layout than the one stored, and is then resharded from them.
@@ -469,7 +325,7 @@ class StepReader:
                 lf, t = m.leaves[i], leaf_targets[i]
                 if (
                     lf.offset == 0
-                    and lf.stride == _contiguous_strides(lf.shape)
+                    and lf.stride == contiguous_strides(lf.shape)
                     and t.dtype == dtypes[i]
                     and t.is_contiguous()
                     and t.numel() * esizes[i] == rec.nbytes
@@ -573,148 +429,3 @@ class StepReader:
 def _lookup_stored_keys(paths: dict[int, tuple[Any, ...]], prefix: tuple[Any, ...]) -> set[Any]:
     n = len(prefix)
     return {p[n] for p in paths.values() if len(p) > n and p[:n] == prefix}
-
-
-def load_newest(
-    replicas: Sequence[Replica],
-    pool: ThreadPoolExecutor,
-    *,
-    rank: int = 0,
-    world_size: int | None = 1,
-    step: int | None = None,
-    targets: Any = None,
-    strict_paths: Sequence[tuple[Any, ...]] = (),
-    validate: Callable[[Any], None] | None = None,
-    max_buffer_bytes: int = 64 << 20,
-    agree: Callable[[str, Any], list[Any]] | None = None,
-) -> Loaded | None:
-    """Load ``step`` (or the newest step that verifies) for ``rank``; None if no checkpoint exists.
-
-    With ``agree`` (several ranks), ``agree(round, value)`` must return every rank's value:
-    the ranks settle on the newest step that every one of them can recover (commit readable,
-    own manifest verified, every own object present somewhere with its size), load it, and if
-    any rank's load fails they all move on to an older step together.
-    ``world_size=None`` (offline tools such as ``export``) reads ``rank`` of whatever world
-    size the step was saved with.
-    """
-    listing = list_steps(replicas)
-    if listing.unreachable and len(listing.unreachable) == len(replicas) and agree is None:
-        raise NoValidCheckpointError({-1: "every replica is unreachable: " + "; ".join(f"{u}: {e}" for u, e in listing.unreachable.items())})
-    reader = StepReader(replicas, pool, max_buffer_bytes)
-    if step is not None and step not in listing.committed and agree is None:
-        raise StepNotFoundError(step, list(listing.committed))
-    candidates = [step] if step is not None else sorted(listing.committed, reverse=True)
-    candidates = [s for s in candidates if s in listing.committed]
-    problems: dict[int, str] = {}
-
-    def probe(s: int) -> tuple[CommitRecord, RankManifest]:
-        commit = reader.read_commit(s, listing.committed[s])
-        if world_size is None:
-            if rank >= commit.world_size and not commit.replicated:
-                raise StateMismatchError(f"step {s} was saved by {commit.world_size} rank(s); there is no rank {rank}")
-            manifest = reader.read_manifest(commit, rank)
-            reader.preflight(manifest)
-            return commit, manifest
-        other_world = commit.world_size != world_size and not commit.replicated
-        # On another world size, ranks beyond the stored ones start from rank 0's tree; its
-        # sharded tensors are resharded from every rank's shards (see reshard.py).
-        manifest = reader.read_manifest(commit, rank if rank < commit.world_size else 0)
-        if other_world and not validate_manifest(manifest, commit.manifest_ref(0).key).dtensors:
-            raise StateMismatchError(
-                f"step {s} was saved by {commit.world_size} rank(s), this job has {world_size}; "
-                "per-rank state that is not sharded (DTensor) cannot be mapped onto another world size"
-            )
-        reader.preflight(manifest)
-        return commit, manifest
-
-    def shards_of(commit: CommitRecord) -> Callable[[], list[tuple[RankManifest, str]]]:
-        return lambda: [(reader.read_manifest(commit, r), commit.manifest_ref(r).key) for r in range(1 if commit.replicated else commit.world_size)]
-
-    if agree is None:
-        if not candidates:
-            for url, steps in listing.torn.items():
-                log.info("replica %s holds leftovers of interrupted saves (steps %s); no committed step", url, steps)
-            return None
-        for s in candidates:
-            try:
-                commit, manifest = probe(s)
-                loaded = reader.load(manifest, manifest_key(commit, rank), targets, strict_paths, validate, shards_of(commit))
-            except _STEP_FAILURES as exc:
-                if step is not None:
-                    raise
-                log.warning("step %d cannot be restored, falling back to an older step: %s", s, exc)
-                problems[s] = f"{type(exc).__name__}: {exc}"
-                continue
-            if problems:
-                log.warning("restored step %d after skipping newer steps %s", s, sorted(problems, reverse=True))
-            return loaded
-        raise NoValidCheckpointError(problems)
-    return _load_agreed(reader, candidates, problems, probe, shards_of, rank, step, targets, strict_paths, validate, agree)
-
-
-def manifest_key(commit: CommitRecord, rank: int) -> str:
-    """Key of the manifest ``rank`` restores from (rank 0's beyond the stored world size)."""
-    return commit.manifest_ref(rank if rank < commit.world_size else 0).key
-
-
-def _load_agreed(
-    reader: StepReader,
-    candidates: list[int],
-    problems: dict[int, str],
-    probe: Callable[[int], tuple[CommitRecord, RankManifest]],
-    shards_of: Callable[[CommitRecord], Callable[[], list[tuple[RankManifest, str]]]],
-    rank: int,
-    step: int | None,
-    targets: Any,
-    strict_paths: Sequence[tuple[Any, ...]],
-    validate: Callable[[Any], None] | None,
-    agree: Callable[[str, Any], list[Any]],
-) -> Loaded | None:
-    bound = candidates[0] if candidates else -1
-    for rnd in range(len(candidates) * 2 + 2):
-        mine, error, found = -1, None, None
-        for s in (c for c in candidates if c <= bound):
-            try:
-                found = (s, *probe(s))
-                mine = s
-                break
-            except StateMismatchError as exc:
-                error = str(exc)
-                break
-            except _STEP_FAILURES as exc:
-                log.warning("step %d cannot be restored on rank %d: %s", s, rank, exc)
-                problems[s] = f"rank {rank}: {type(exc).__name__}: {exc}"
-        votes = agree(f"probe{rnd}", {"step": mine, "any": bool(candidates), "error": error})
-        errors = [f"rank {r}: {v['error']}" for r, v in enumerate(votes) if v["error"]]
-        if errors:
-            raise StateMismatchError("; ".join(errors))
-        if not any(v["any"] for v in votes):
-            return None  # no rank sees any committed step: a fresh start
-        steps = [v["step"] for v in votes]
-        lo, hi = min(steps), max(steps)
-        if lo < 0:
-            lost = [r for r, v in enumerate(votes) if v["step"] < 0]
-            raise NoValidCheckpointError({**problems, -1: f"rank(s) {lost} cannot recover any step that the others can"})
-        if lo != hi:
-            bound = lo  # someone cannot go that far: everyone looks at or below the lowest
-            continue
-        ok, why = True, ""
-        assert found is not None and found[0] == lo
-        try:
-            loaded = reader.load(found[2], manifest_key(found[1], rank), targets, strict_paths, validate, shards_of(found[1]))
-        except _STEP_FAILURES as exc:
-            ok, why = False, f"{type(exc).__name__}: {exc}"
-            problems[lo] = f"rank {rank}: {why}"
-        results = agree(f"load{rnd}", {"ok": ok, "why": why})
-        if all(v["ok"] for v in results):
-            if lo != candidates[0]:
-                log.warning("all ranks restored step %d (newer steps could not be restored everywhere)", lo)
-            return loaded
-        failed = {r: v["why"] for r, v in enumerate(results) if not v["ok"]}
-        log.warning("step %d failed to load on rank(s) %s; all ranks fall back together", lo, sorted(failed))
-        for r, w in failed.items():
-            problems.setdefault(lo, f"rank {r}: {w}")
-        if step is not None:
-            raise NoValidCheckpointError(problems)
-        bound = lo - 1
-    raise NoValidCheckpointError(problems)

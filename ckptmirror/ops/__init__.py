@@ -8,7 +8,7 @@ opened with :func:`~ckptmirror.replicas.open_replica`, so every backend works he
 Verification is the reader's verification, not a second implementation: commit records are
 read with :meth:`StepReader.read_commit`, rank manifests with :meth:`StepReader.read_manifest`
 (size and checksum pinned by the commit) and checked with
-:func:`~ckptmirror.reader.validate_manifest`, presence and sizes with
+:func:`~ckptmirror.validate.validate_manifest`, presence and sizes with
 :meth:`StepReader.preflight` and object contents with :meth:`StepReader.fetch` (size + xxh3),
 restricted to one replica at a time so that every replica is judged on its own. Object reads
 run on a small thread pool; each thread reuses one buffer as large as the largest object it

@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
+from ..discover import StepListing, list_steps
 from ..errors import CkptMirrorError, ReplicaUnavailableError
-from ..reader import StepListing, list_steps
 from ..replicas import Replica, open_replica
 
 #: Errors that concern one replica or object; anything else is a bug and propagates.

@@ -1,7 +1,7 @@
 """The checking engine behind ``verify``, ``repair``, ``prune`` and ``ls``.
 
 It checks each replica on its own with the reader's functions (commit, rank manifests,
-:func:`~ckptmirror.reader.validate_manifest`, preflight, fetch) and reads objects on a thread
+:func:`~ckptmirror.validate.validate_manifest`, preflight, fetch) and reads objects on a thread
 pool; see :mod:`ckptmirror.ops` for why. Nothing here writes to a replica.
 """
 
@@ -14,8 +14,9 @@ from typing import Sequence
 
 from ..errors import CorruptObjectError, ManifestError, ObjectMissingError, ReplicaError
 from ..format import CommitRecord, ObjectRecord, RankManifest, commit_key, step_dir
-from ..reader import StepReader, validate_manifest
+from ..reader import StepReader
 from ..replicas import Replica
+from ..validate import validate_manifest
 from ._common import FAILURES, Problem, ProgressFactory, strip_where
 
 #: Name prefix of a replica's temporary files (an upload that has not been renamed yet).

@@ -16,8 +16,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..choose import load_newest
 from ..errors import CkptMirrorError
-from ..reader import load_newest
 from ..replicas import Replica
 from ._common import UsageError, dotted, opened, walk
 

@@ -9,11 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from ..discover import StepListing, list_steps
 from ..errors import CkptMirrorError, ReplicaUnavailableError, StepNotFoundError
 from ..format import RankManifest
-from ..reader import StepListing, StepReader, list_steps, validate_manifest
+from ..reader import StepReader
 from ..replicas import Replica
 from ..tree import unflatten
+from ..validate import validate_manifest
 from ._common import UsageError, dotted, opened, walk
 
 

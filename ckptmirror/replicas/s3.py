@@ -19,10 +19,10 @@ instead of s3fs's file methods, because the commit protocol needs things they hi
   and a warning, once).
 * **No listing cache.** Every listing is a fresh ``ListObjectsV2``; s3fs's dircache, which can
   hide a step written by another client, is never consulted. ``size()`` is always a HEAD.
-* **One error table.** :func:`_classify` maps every botocore/aiohttp failure to one of
-  ckptmirror's errors and says whether it is worth retrying; :meth:`S3Replica._retry` is the
-  only retry loop (botocore's own retries are off), with exponential backoff and jitter,
-  and a ``timeout_s`` on every attempt.
+* **One error table.** :func:`~ckptmirror.replicas._s3_errors.classify` maps every
+  botocore/aiohttp failure to one of ckptmirror's errors and says whether it is worth
+  retrying; :meth:`S3Replica._retry` is the only retry loop (botocore's own retries are off),
+  with exponential backoff and jitter, and a ``timeout_s`` on every attempt.
 
 A HEAD on a missing bucket answers a bare 404, indistinguishable from a missing key, so
 ``size()`` reports None there; every listing and GET names the missing bucket.
@@ -37,13 +37,11 @@ import threading
 import uuid
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
-import aiohttp
 import s3fs
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError, NoCredentialsError, PartialCredentialsError
-from botocore.exceptions import ConnectionError as BotoConnectionError
 from fsspec.asyn import sync
 
-from ..errors import CkptMirrorError, CorruptObjectError, ObjectMissingError, ReplicaError, ReplicaUnavailableError, StepExistsError
+from ..errors import CkptMirrorError, CorruptObjectError, ObjectMissingError, ReplicaError, StepExistsError
+from ._s3_errors import _NotSupported, _PreconditionFailed, classify, detail, error_code
 from .base import Buffer, Replica, step_of_key, validate_key
 
 log = logging.getLogger("ckptmirror")
@@ -54,87 +52,6 @@ MIN_PART_BYTES = 5 << 20  # S3's minimum for every part but the last
 MAX_PARTS = 10_000
 _DELETE_BATCH = 1000  # DeleteObjects limit
 _PART_CHECKSUMS = ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumCRC64NVME", "ChecksumSHA1", "ChecksumSHA256")
-
-
-class _PreconditionFailed(ReplicaError):
-    """412: the object exists (``If-None-Match``) or changed (``If-Match``)."""
-
-
-class _NotSupported(ReplicaError):
-    """501: the server does not implement a feature we asked for."""
-
-
-_PERMISSION = (ReplicaError, False, "permission denied (PermissionError)")
-_MISSING = (ObjectMissingError, False, "not found")
-_THROTTLED = (ReplicaError, True, "throttled by the server")
-_TRANSIENT = (ReplicaError, True, "transient server error")
-
-#: S3 error code, or HTTP status where the body carries no code -> (error, retry?, meaning).
-_ERRORS: dict[str, tuple[type[CkptMirrorError], bool, str]] = {
-    "NoSuchBucket": (ReplicaUnavailableError, False, "bucket {bucket!r} does not exist"),
-    "NoSuchKey": _MISSING,
-    "NotFound": _MISSING,
-    "404": _MISSING,
-    "NoSuchUpload": (ReplicaError, False, "the multipart upload no longer exists"),
-    "AccessDenied": _PERMISSION,
-    "AllAccessDisabled": _PERMISSION,
-    "InvalidAccessKeyId": _PERMISSION,
-    "SignatureDoesNotMatch": _PERMISSION,
-    "ExpiredToken": _PERMISSION,
-    "403": _PERMISSION,
-    "PreconditionFailed": (_PreconditionFailed, False, "precondition failed"),
-    "412": (_PreconditionFailed, False, "precondition failed"),
-    "NotImplemented": (_NotSupported, False, "not implemented by the server"),
-    "501": (_NotSupported, False, "not implemented by the server"),
-    "SlowDown": _THROTTLED,
-    "Throttling": _THROTTLED,
-    "ThrottlingException": _THROTTLED,
-    "RequestLimitExceeded": _THROTTLED,
-    "TooManyRequests": _THROTTLED,
-    "RequestThrottled": _THROTTLED,
-    "429": _THROTTLED,
-    "503": _THROTTLED,
-    "ServiceUnavailable": _THROTTLED,
-    "InternalError": _TRANSIENT,
-    "RequestTimeout": _TRANSIENT,
-    "ConditionalRequestConflict": _TRANSIENT,  # two conditional writes in flight: AWS says retry
-    "500": _TRANSIENT,
-    "502": _TRANSIENT,
-    "504": _TRANSIENT,
-}
-
-
-def _classify(exc: BaseException) -> tuple[type[CkptMirrorError], bool, str] | None:
-    """(error class, retry?, meaning) for a backend failure; None for anything else (a bug: let it raise)."""
-    if isinstance(exc, ClientError):
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        found = _ERRORS.get(str(_code(exc))) or _ERRORS.get(str(status))
-        if found is None:
-            found = (ReplicaError, isinstance(status, int) and status >= 500, "request failed")
-        return found
-    if isinstance(exc, (BotoConnectionError, ConnectionRefusedError)):  # refused, DNS, connect timeout, proxy
-        return (ReplicaUnavailableError, True, "cannot reach the endpoint")
-    if isinstance(exc, (HTTPClientError, IncompleteReadError, aiohttp.ClientError, ConnectionError)):  # reset, read timeout, short body
-        return (ReplicaError, True, "connection failed during the request")
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return (ReplicaError, True, "timed out")
-    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-        return (ReplicaError, False, "no usable AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass key=, secret=)")
-    if isinstance(exc, BotoCoreError):
-        return (ReplicaError, False, "request failed")
-    return None
-
-
-def _code(exc: BaseException | None) -> str | None:
-    return str(exc.response.get("Error", {}).get("Code")) if isinstance(exc, ClientError) else None
-
-
-def _detail(exc: BaseException) -> str:
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return f"{err.get('Code', status)}: {err.get('Message') or 'HTTP ' + str(status)}"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _byte_view(data: Buffer) -> memoryview:
@@ -239,25 +156,25 @@ class S3Replica(Replica):
         return await getattr(client, method)(Bucket=self.bucket, **kwargs)
 
     async def _retry(self, op: str, key: str, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Run ``attempt`` under ``timeout_s``, retrying what :func:`_classify` calls transient."""
+        """Run ``attempt`` under ``timeout_s``, retrying what :func:`classify` calls transient."""
         for n in range(self.retries + 1):
             try:
                 return await asyncio.wait_for(attempt(), self.timeout_s)
             except CkptMirrorError:
                 raise  # our own verdicts (size mismatch, ...) are final
             except Exception as exc:
-                kind = _classify(exc)
+                kind = classify(exc)
                 if kind is None:
                     raise
                 cls, retry, meaning = kind
                 if retry and n < self.retries:
                     delay = min(self.backoff_s * 2**n, 10.0) * random.uniform(0.5, 1.0)
-                    log.debug("s3 %s %s failed (%s), retry %d in %.2f s", op, key, _detail(exc), n + 1, delay)
+                    log.debug("s3 %s %s failed (%s), retry %d in %.2f s", op, key, detail(exc), n + 1, delay)
                     await asyncio.sleep(delay)
                     continue
                 where = f"s3://{self.bucket}/{self._path(key) if key else self.prefix}"
                 tries = f" after {n + 1} attempts" if n else ""
-                msg = f"{op} {where}: {meaning.format(bucket=self.bucket)}{tries} ({_detail(exc)})"
+                msg = f"{op} {where}: {meaning.format(bucket=self.bucket)}{tries} ({detail(exc)})"
                 raise cls(msg, replica=self.url, key=key) from exc
         raise AssertionError("unreachable")
 
@@ -353,7 +270,7 @@ class S3Replica(Replica):
         except _PreconditionFailed:
             return True
         except _NotSupported as exc:
-            why = f"it answered {_detail(exc.__cause__ or exc)}"
+            why = f"it answered {detail(exc.__cause__ or exc)}"
         finally:
             try:
                 await self._call("delete_object", "", Key=probe)
@@ -509,7 +426,7 @@ class S3Replica(Replica):
                 try:
                     await self._call("abort_multipart_upload", prefix, Key=u["Key"], UploadId=u["UploadId"])
                 except ReplicaError as exc:
-                    if _code(exc.__cause__) != "NoSuchUpload":  # finished or aborted meanwhile: fine
+                    if error_code(exc.__cause__) != "NoSuchUpload":  # finished or aborted meanwhile: fine
                         raise
             if not resp.get("IsTruncated"):
                 return

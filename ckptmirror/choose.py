@@ -1,0 +1,174 @@
+"""Choosing the step to restore: newest first, falling back, and agreeing across ranks.
+
+The last stage of the read path. The committed steps found by :mod:`ckptmirror.discover` are
+tried newest first; each is probed (commit readable, this rank's manifest verified, every
+object present somewhere with its size) and loaded by :class:`~ckptmirror.reader.StepReader`.
+A step that fails with one of :data:`~ckptmirror.reader.STEP_FAILURES` is skipped with a
+warning naming what was wrong, and the previous step is tried. Checkpoints that exist but
+none of which verifies raise :class:`NoValidCheckpointError`.
+
+With several ranks, the ranks settle on the newest step that every one of them can recover,
+and if any rank's load fails they all move on to an older step together, so that no two
+ranks resume from different steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+from .discover import list_steps
+from .errors import NoValidCheckpointError, StateMismatchError, StepNotFoundError
+from .format import CommitRecord, RankManifest
+from .reader import STEP_FAILURES, Loaded, StepReader
+from .replicas.base import Replica
+from .validate import validate_manifest
+
+log = logging.getLogger("ckptmirror")
+
+
+def load_newest(
+    replicas: Sequence[Replica],
+    pool: ThreadPoolExecutor,
+    *,
+    rank: int = 0,
+    world_size: int | None = 1,
+    step: int | None = None,
+    targets: Any = None,
+    strict_paths: Sequence[tuple[Any, ...]] = (),
+    validate: Callable[[Any], None] | None = None,
+    max_buffer_bytes: int = 64 << 20,
+    agree: Callable[[str, Any], list[Any]] | None = None,
+) -> Loaded | None:
+    """Load ``step`` (or the newest step that verifies) for ``rank``; None if no checkpoint exists.
+
+    With ``agree`` (several ranks), ``agree(round, value)`` must return every rank's value:
+    the ranks settle on the newest step that every one of them can recover (commit readable,
+    own manifest verified, every own object present somewhere with its size), load it, and if
+    any rank's load fails they all move on to an older step together.
+    ``world_size=None`` (offline tools such as ``export``) reads ``rank`` of whatever world
+    size the step was saved with.
+    """
+    listing = list_steps(replicas)
+    if listing.unreachable and len(listing.unreachable) == len(replicas) and agree is None:
+        raise NoValidCheckpointError({-1: "every replica is unreachable: " + "; ".join(f"{u}: {e}" for u, e in listing.unreachable.items())})
+    reader = StepReader(replicas, pool, max_buffer_bytes)
+    if step is not None and step not in listing.committed and agree is None:
+        raise StepNotFoundError(step, list(listing.committed))
+    candidates = [step] if step is not None else sorted(listing.committed, reverse=True)
+    candidates = [s for s in candidates if s in listing.committed]
+    problems: dict[int, str] = {}
+
+    def probe(s: int) -> tuple[CommitRecord, RankManifest]:
+        commit = reader.read_commit(s, listing.committed[s])
+        if world_size is None:
+            if rank >= commit.world_size and not commit.replicated:
+                raise StateMismatchError(f"step {s} was saved by {commit.world_size} rank(s); there is no rank {rank}")
+            manifest = reader.read_manifest(commit, rank)
+            reader.preflight(manifest)
+            return commit, manifest
+        other_world = commit.world_size != world_size and not commit.replicated
+        # On another world size, ranks beyond the stored ones start from rank 0's tree; its
+        # sharded tensors are resharded from every rank's shards (see reshard.py).
+        manifest = reader.read_manifest(commit, rank if rank < commit.world_size else 0)
+        if other_world and not validate_manifest(manifest, commit.manifest_ref(0).key).dtensors:
+            raise StateMismatchError(
+                f"step {s} was saved by {commit.world_size} rank(s), this job has {world_size}; "
+                "per-rank state that is not sharded (DTensor) cannot be mapped onto another world size"
+            )
+        reader.preflight(manifest)
+        return commit, manifest
+
+    def shards_of(commit: CommitRecord) -> Callable[[], list[tuple[RankManifest, str]]]:
+        return lambda: [(reader.read_manifest(commit, r), commit.manifest_ref(r).key) for r in range(1 if commit.replicated else commit.world_size)]
+
+    if agree is None:
+        if not candidates:
+            for url, steps in listing.torn.items():
+                log.info("replica %s holds leftovers of interrupted saves (steps %s); no committed step", url, steps)
+            return None
+        for s in candidates:
+            try:
+                commit, manifest = probe(s)
+                loaded = reader.load(manifest, manifest_key(commit, rank), targets, strict_paths, validate, shards_of(commit))
+            except STEP_FAILURES as exc:
+                if step is not None:
+                    raise
+                log.warning("step %d cannot be restored, falling back to an older step: %s", s, exc)
+                problems[s] = f"{type(exc).__name__}: {exc}"
+                continue
+            if problems:
+                log.warning("restored step %d after skipping newer steps %s", s, sorted(problems, reverse=True))
+            return loaded
+        raise NoValidCheckpointError(problems)
+    return _load_agreed(reader, candidates, problems, probe, shards_of, rank, step, targets, strict_paths, validate, agree)
+
+
+def manifest_key(commit: CommitRecord, rank: int) -> str:
+    """Key of the manifest ``rank`` restores from (rank 0's beyond the stored world size)."""
+    return commit.manifest_ref(rank if rank < commit.world_size else 0).key
+
+
+def _load_agreed(
+    reader: StepReader,
+    candidates: list[int],
+    problems: dict[int, str],
+    probe: Callable[[int], tuple[CommitRecord, RankManifest]],
+    shards_of: Callable[[CommitRecord], Callable[[], list[tuple[RankManifest, str]]]],
+    rank: int,
+    step: int | None,
+    targets: Any,
+    strict_paths: Sequence[tuple[Any, ...]],
+    validate: Callable[[Any], None] | None,
+    agree: Callable[[str, Any], list[Any]],
+) -> Loaded | None:
+    """The several-ranks half of :func:`load_newest`: vote on a step, load it, fall back together."""
+    bound = candidates[0] if candidates else -1
+    for rnd in range(len(candidates) * 2 + 2):
+        mine, error, found = -1, None, None
+        for s in (c for c in candidates if c <= bound):
+            try:
+                found = (s, *probe(s))
+                mine = s
+                break
+            except StateMismatchError as exc:
+                error = str(exc)
+                break
+            except STEP_FAILURES as exc:
+                log.warning("step %d cannot be restored on rank %d: %s", s, rank, exc)
+                problems[s] = f"rank {rank}: {type(exc).__name__}: {exc}"
+        votes = agree(f"probe{rnd}", {"step": mine, "any": bool(candidates), "error": error})
+        errors = [f"rank {r}: {v['error']}" for r, v in enumerate(votes) if v["error"]]
+        if errors:
+            raise StateMismatchError("; ".join(errors))
+        if not any(v["any"] for v in votes):
+            return None  # no rank sees any committed step: a fresh start
+        steps = [v["step"] for v in votes]
+        lo, hi = min(steps), max(steps)
+        if lo < 0:
+            lost = [r for r, v in enumerate(votes) if v["step"] < 0]
+            raise NoValidCheckpointError({**problems, -1: f"rank(s) {lost} cannot recover any step that the others can"})
+        if lo != hi:
+            bound = lo  # someone cannot go that far: everyone looks at or below the lowest
+            continue
+        ok, why = True, ""
+        assert found is not None and found[0] == lo
+        try:
+            loaded = reader.load(found[2], manifest_key(found[1], rank), targets, strict_paths, validate, shards_of(found[1]))
+        except STEP_FAILURES as exc:
+            ok, why = False, f"{type(exc).__name__}: {exc}"
+            problems[lo] = f"rank {rank}: {why}"
+        results = agree(f"load{rnd}", {"ok": ok, "why": why})
+        if all(v["ok"] for v in results):
+            if lo != candidates[0]:
+                log.warning("all ranks restored step %d (newer steps could not be restored everywhere)", lo)
+            return loaded
+        failed = {r: v["why"] for r, v in enumerate(results) if not v["ok"]}
+        log.warning("step %d failed to load on rank(s) %s; all ranks fall back together", lo, sorted(failed))
+        for r, w in failed.items():
+            problems.setdefault(lo, f"rank {r}: {w}")
+        if step is not None:
+            raise NoValidCheckpointError(problems)
+        bound = lo - 1
+    raise NoValidCheckpointError(problems)

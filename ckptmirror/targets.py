@@ -1,0 +1,70 @@
+"""Restore targets: preparing and checking the caller's model and optimizer before a restore.
+
+:meth:`~ckptmirror.mirror.Mirror.restore` fills the state dicts of ``model`` and ``optim`` in
+place. Before anything is read, a fresh optimizer over sharded (DTensor) parameters gets its
+state tensors (:func:`init_sharded_optimizer_state`), so that there is something to fill; and
+before any tensor is written, the stored state tree is checked against what
+``load_state_dict`` would accept (:func:`check_fits`), so that a checkpoint that does not fit
+is refused with :class:`StateMismatchError` while the caller's state is still untouched.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import StateMismatchError
+from .tree import is_dtensor
+
+if TYPE_CHECKING:
+    from .mirror import Stateful
+
+
+def init_sharded_optimizer_state(optim: Any) -> None:
+    """Give a fresh optimizer over sharded (DTensor) parameters its state tensors.
+
+    Restoring fills the optimizer's state in place, and for DTensor parameters that state must
+    be DTensors laid out like the parameters: loading plain tensors would leave the optimizer
+    inconsistent, and resharding needs a target. A step with zero gradients and learning rate
+    0 creates them without changing any parameter (DCP's get_optimizer_state_dict does the same).
+    """
+    if getattr(optim, "state", None) or not hasattr(optim, "param_groups"):
+        return
+    params = [p for g in optim.param_groups for p in g["params"]]
+    if not any(is_dtensor(p) for p in params):
+        return
+    saved_lr = [g["lr"] for g in optim.param_groups]
+    saved_grads = [p.grad for p in params]
+    try:
+        for g in optim.param_groups:
+            g["lr"] = 0.0 if not isinstance(g["lr"], torch.Tensor) else torch.zeros_like(g["lr"])
+        for p in params:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        optim.step()
+    finally:
+        for g, lr in zip(optim.param_groups, saved_lr):
+            g["lr"] = lr
+        for p, grad in zip(params, saved_grads):
+            p.grad = grad
+
+
+def check_fits(model: Stateful | None, optim: Stateful | None, targets: dict[str, Any], skeleton: Any) -> None:
+    """Refuse, before any tensor is written, a checkpoint that ``load_state_dict`` would reject."""
+    if not (isinstance(skeleton, dict) and {"model", "optim", "extra"} <= set(skeleton)):
+        raise StateMismatchError("this step was written by save_state(), not save(); use load_state()")
+    if model is not None and skeleton["model"] is None:
+        raise StateMismatchError("this step holds no model state")
+    stored, target = skeleton["optim"], targets["optim"]
+    if optim is None or stored is None or not isinstance(target, dict):
+        return
+    s_groups, t_groups = stored.get("param_groups"), target.get("param_groups")
+    if isinstance(s_groups, list) and isinstance(t_groups, list):
+        if len(s_groups) != len(t_groups):
+            raise StateMismatchError(f"optimizer has {len(t_groups)} param group(s), the checkpoint {len(s_groups)}")
+        for i, (sg, tg) in enumerate(zip(s_groups, t_groups)):
+            if isinstance(sg, dict) and isinstance(tg, dict) and len(sg.get("params", ())) != len(tg.get("params", ())):
+                raise StateMismatchError(
+                    f"optimizer param group {i} has {len(tg.get('params', ()))} parameter(s), the checkpoint {len(sg.get('params', ()))}"
+                )
