@@ -680,8 +680,8 @@ def print_report(args: argparse.Namespace, results: list[dict[str, Any]], slowdo
             after = s[-1]["staging_allocations_after"]
             verdict = "no allocation in steady state" if after == before else f"ALLOCATES: {after - before} new staging buffers"
             sw = med([x["stall_wall_s"] for x in s[1:]])
-            print(f"- ckptmirror stall as the caller sees it (wall time around `m.save()`, including `state_dict()`, which "
-                  f"`h.stall_s` does not count): first {fmt(s[0]['stall_wall_s'])} s, steady {fmt(sw)} s")
+            print(f"- ckptmirror stall as the caller sees it (wall time around `m.save()`; `h.stall_s` counts the same "
+                  f"span, `state_dict()` included): first {fmt(s[0]['stall_wall_s'])} s, steady {fmt(sw)} s")
             print(f"- ckptmirror staging_allocations: {s[0]['staging_allocations_before']} before the first save, "
                   f"{before} before the steady-state saves, {after} after them -> {verdict}")
         print()
