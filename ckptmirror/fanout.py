@@ -105,36 +105,25 @@ class Fanout:
             else:
                 enc = encode(job.step, info.rank, info.world_size, job.plan, job.stream, object_bytes, self._hash_pool)
         except BaseException as exc:
-            if self._coord is not None:  # the other ranks are waiting for our vote
-                for pos in range(len(self.replicas)):
-                    self._coord.report(save_key, pos, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"})
-                    if info.rank == 0:
-                        self._coord.decide(save_key, pos, decide)
+            for pos in range(len(self.replicas)):  # the other ranks are waiting for our vote
+                self._vote(save_key, pos, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}, decide)
             raise
 
         def one(pos: int, replica: Replica) -> None:
             if replica not in job.replicas:  # skipped (degraded): still take part in the vote
-                if self._coord is not None:
-                    self._coord.report(save_key, pos, {"state": "skipped", "error": f"replica {replica.url} is degraded on rank {info.rank}"})
-                    if info.rank == 0:
-                        self._coord.decide(save_key, pos, decide)
+                self._vote(save_key, pos, {"state": "skipped", "error": f"replica {replica.url} is degraded on rank {info.rank}"}, decide)
                 return
             try:
                 try:
                     write_objects(replica, enc, job.stream, self._io_pools[replica.url], job.overwrite)
                 except BaseException as exc:
-                    if self._coord is not None:
-                        self._coord.report(save_key, pos, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"})
-                        if info.rank == 0:
-                            self._coord.decide(save_key, pos, decide)
+                    self._vote(save_key, pos, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}, decide)
                     raise
                 if self._coord is None:
                     commit_bytes = enc.commit_bytes
                 else:
                     ref = {"state": "ok", "key": enc.manifest_key, "size": len(enc.manifest_bytes), "checksum": checksum(enc.manifest_bytes)}
-                    self._coord.report(save_key, pos, ref)
-                    if info.rank == 0:
-                        self._coord.decide(save_key, pos, decide)
+                    self._vote(save_key, pos, ref, decide)
                     commit_bytes = self._coord.outcome(save_key, pos)
                 commit_objects(replica, enc, commit_bytes)
             except BaseException as exc:  # noqa: BLE001 - recorded per replica
@@ -160,6 +149,14 @@ class Fanout:
 
         for f in [self._replica_pool.submit(one, pos, r) for pos, r in enumerate(self.replicas)]:
             f.result()
+
+    def _vote(self, save_key: str, pos: int, report: dict[str, Any], decide: Callable[[list[dict[str, Any]]], bytes]) -> None:
+        """Report this rank's outcome at ``pos``; rank 0 then decides for everyone."""
+        if self._coord is None:
+            return
+        self._coord.report(save_key, pos, report)
+        if self.dist.rank == 0:
+            self._coord.decide(save_key, pos, decide)
 
     def elect_retention_owners(self) -> list[bool]:
         """Per position: whether this rank prunes it (the lowest rank with the same host and URL)."""
