@@ -143,29 +143,31 @@ class StepReader:
         return buf[:nbytes]
 
     def preflight(self, m: RankManifest) -> dict[str, list[Replica]]:
-        """For each object, the replicas that hold it with the right size, preferred first.
+        """For each object, the replicas to read it from, preferred first.
 
         Run before any tensor is modified, so a step that is missing objects everywhere is
-        rejected without touching the caller's state.
+        rejected without touching the caller's state. Replicas are asked in preference order
+        until one holds the object with its recorded size; the ones after it stay as fallbacks
+        without being asked (a read checks size and checksum anyway), so a local copy spares
+        a HEAD request per object to every remote replica.
         """
         plan: dict[str, list[Replica]] = {}
         for obj in m.objects:
-            good, problems = [], []
-            for r in self.replicas:
+            problems = []
+            for idx, r in enumerate(self.replicas):
                 try:
                     size = r.size(obj.key)
                 except STEP_FAILURES as exc:
                     problems.append(f"{r.url}: {exc}")
                     continue
                 if size == obj.size:
-                    good.append(r)
-                else:
-                    problems.append(f"{r.url}: " + ("missing" if size is None else f"size {size}, expected {obj.size}"))
-            if not good:
+                    plan[obj.key] = [r, *self.replicas[idx + 1 :]]
+                    break
+                problems.append(f"{r.url}: " + ("missing" if size is None else f"size {size}, expected {obj.size}"))
+            else:
                 # Truncated somewhere is corruption; absent everywhere is a missing object.
                 cls = ObjectMissingError if all(p.endswith(": missing") for p in problems) else CorruptObjectError
                 raise cls("no replica holds it with the recorded size (" + "; ".join(problems) + ")", key=obj.key)
-            plan[obj.key] = good
         return plan
 
     def fetch(self, key: str, size: int, csum: str, candidates: Sequence[Replica]) -> tuple[torch.Tensor, str]:
