@@ -161,7 +161,7 @@ def _setup_logging(verbose: bool, show_warnings: bool) -> None:
     for h in [h for h in log.handlers if getattr(h, "_ckptmirror_cli", False)]:
         log.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    handler._ckptmirror_cli = True  # type: ignore[attr-defined]
+    handler._ckptmirror_cli = True  # type: ignore[attr-defined]  # a marker attribute on a stdlib handler, found again above
     handler.setFormatter(logging.Formatter("ckptmirror: %(levelname)s: %(message)s"))
     log.addHandler(handler)
     # verify/repair report failed reads themselves; the reader's per-object warnings would repeat them.

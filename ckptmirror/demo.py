@@ -35,7 +35,8 @@ def build(seed: int = SEED) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     model = torch.nn.Sequential(
         torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 16)
     )
-    optim = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 2e-3}, {"params": list(model[2].parameters()) + list(model[4].parameters())}], lr=1e-3)
+    groups: list[dict[str, Any]] = [{"params": model[0].parameters(), "lr": 2e-3}, {"params": list(model[2].parameters()) + list(model[4].parameters())}]
+    optim = torch.optim.AdamW(groups, lr=1e-3)
     return model, optim
 
 

@@ -72,7 +72,7 @@ def detect(process_group: Any = None) -> DistInfo:
     node_rank = int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", rank // local_world)))
     from torch.distributed import distributed_c10d as c10d
 
-    store = c10d._get_default_store() if group is None else c10d._get_process_group_store(group)  # type: ignore[attr-defined]
+    store = c10d._get_default_store() if group is None else c10d._get_process_group_store(group)
     return DistInfo(rank, world, local_rank, local_world, node_rank, max(1, world // local_world), store, group)
 
 

@@ -17,6 +17,7 @@ manifest is untrusted input (wrong types, huge numbers, ``../`` names, duplicate
 
 from __future__ import annotations
 
+import builtins
 import json
 import re
 import secrets
@@ -92,7 +93,7 @@ def writer_of(key: str) -> tuple[int, str] | None:
 def is_rank_manifest_key(key: str, step: int, rank: int) -> bool:
     """Whether ``key`` is a well-formed rank manifest name for ``step`` and ``rank``."""
     m = _MANIFEST_KEY_RE.match(key)
-    return bool(m) and int(m.group(1)) == step and int(m.group(2)) == rank
+    return m is not None and int(m.group(1)) == step and int(m.group(2)) == rank
 
 
 def commit_key(step: int) -> str:
@@ -260,47 +261,50 @@ def load_json(data: bytes, key: str) -> dict[str, Any]:
 class _Fields:
     """Typed field access that reports the manifest key and the field path on failure."""
 
-    def __init__(self, key: str) -> None:
+    # The methods are named after the builtins they check, and in the class body those names
+    # shadow the builtins: annotations spell them ``builtins.int`` etc.
+
+    def __init__(self, key: builtins.str) -> None:
         self.key = key
 
-    def err(self, path: str, msg: str) -> ManifestError:
+    def err(self, path: builtins.str, msg: builtins.str) -> ManifestError:
         return ManifestError(f"field {path}: {msg}", key=self.key)
 
-    def int(self, value: Any, path: str, lo: int, hi: int) -> int:
+    def int(self, value: Any, path: builtins.str, lo: builtins.int, hi: builtins.int) -> builtins.int:
         if type(value) is not int:
             raise self.err(path, f"expected an int, got {type(value).__name__}")
         if not lo <= value <= hi:
             raise self.err(path, f"{value} is outside [{lo}, {hi}]")
         return value
 
-    def list(self, value: Any, path: str, length: int | None = None) -> list[Any]:
+    def list(self, value: Any, path: builtins.str, length: builtins.int | None = None) -> builtins.list[Any]:
         if not isinstance(value, list):
             raise self.err(path, f"expected a list, got {type(value).__name__}")
         if length is not None and len(value) != length:
             raise self.err(path, f"expected {length} items, got {len(value)}")
         return value
 
-    def str(self, value: Any, path: str, max_len: int = 4096) -> str:
+    def str(self, value: Any, path: builtins.str, max_len: builtins.int = 4096) -> builtins.str:
         if not isinstance(value, str) or len(value) > max_len:
             raise self.err(path, "expected a short string")
         return value
 
-    def bool(self, value: Any, path: str) -> bool:
+    def bool(self, value: Any, path: builtins.str) -> builtins.bool:
         if type(value) is not bool:
             raise self.err(path, "expected a bool")
         return value
 
-    def number(self, value: Any, path: str) -> float:
+    def number(self, value: Any, path: builtins.str) -> float:
         if type(value) not in (int, float):
             raise self.err(path, "expected a number")
         return float(value)
 
-    def checksum(self, value: Any, path: str) -> str:
+    def checksum(self, value: Any, path: builtins.str) -> builtins.str:
         if not is_checksum(value):
             raise self.err(path, f"malformed checksum {value!r}")
         return value
 
-    def object_key(self, value: Any, path: str) -> str:
+    def object_key(self, value: Any, path: builtins.str) -> builtins.str:
         k = self.str(value, path)
         # Keys are resolved by the replicas, but a manifest is untrusted: only the exact shape
         # the writer produces is accepted, so "../x", "/etc/passwd" or "a\x00b" never get that far.

@@ -119,7 +119,7 @@ class SaveHandle:
         committed = [u for u, s in self._status.items() if s.state == "committed"]
         err = SaveFailedError(
             self.step,
-            failures,  # type: ignore[arg-type]
+            failures,
             f"save of step {self.step} cannot reach the {self._min} committed replica(s) required "
             f"(committed so far: {committed or 'none'}); "
             + "; ".join(f"{u}: {type(e).__name__}: {e}" for u, e in failures.items()),

@@ -387,7 +387,8 @@ class Mirror:
             if self.dist.distributed:
                 # Its own store connection and key space: restores may run while saves are in flight.
                 self._restores += 1
-                coord = Coordinator(self.dist, f"{self._coord.prefix}/restore{self._restores}", self._coord.timeout.total_seconds())  # type: ignore[union-attr]
+                assert self._coord is not None  # __init__ creates it whenever dist.distributed
+                coord = Coordinator(self.dist, f"{self._coord.prefix}/restore{self._restores}", self._coord.timeout.total_seconds())
                 agree = coord.exchange
             loaded = load_newest(
                 self.replicas,

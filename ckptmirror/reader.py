@@ -47,7 +47,7 @@ from .format import (
     parse_rank_manifest,
 )
 from .replicas.base import Replica
-from .staging import byte_view
+from .staging import byte_view, host_bytes
 from .reshard import Piece, StoredShard, Want, copy_piece, plan_pieces
 from .tree import dtensor_local, is_dtensor, key_path, unflatten
 from .validate import ManifestCheck, contiguous_strides, validate_manifest
@@ -176,8 +176,8 @@ class StepReader:
         for r in candidates:
             buf = self._buffer(size)
             try:
-                r.read_into(key, memoryview(buf.numpy()))
-                got = checksum(memoryview(buf.numpy()))
+                r.read_into(key, host_bytes(buf))
+                got = checksum(host_bytes(buf))
                 if got != csum:
                     raise CorruptObjectError(f"checksum mismatch: stored {got}, manifest {csum}", replica=r.url, key=key)
                 return buf, r.url
@@ -335,7 +335,7 @@ class StepReader:
                 ):
                     direct = t
             if direct is not None and rec.nbytes:
-                dest = byte_view(direct.untyped_storage(), direct.storage_offset() * direct.element_size(), rec.nbytes)
+                dest = byte_view(direct.untyped_storage(), int(direct.storage_offset()) * direct.element_size(), rec.nbytes)
             else:
                 direct = None
                 dest = torch.empty(rec.nbytes, dtype=torch.uint8)

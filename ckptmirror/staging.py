@@ -21,11 +21,15 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .format import LeafRecord, StorageRecord
 from .tree import Flattened, dtype_name
+
+if TYPE_CHECKING:
+    import numpy as np  # imported lazily at run time
 
 #: Storage spans start at a multiple of this, so views of every dtype (element sizes up to
 #: 16 bytes) that share a storage keep an integral element offset.
@@ -34,7 +38,14 @@ _SPAN_ALIGN = 16
 
 def byte_view(storage: torch.UntypedStorage, start: int, nbytes: int) -> torch.Tensor:
     """A uint8 tensor aliasing ``nbytes`` of ``storage`` from byte ``start`` (any device)."""
-    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, start, (nbytes,))
+    # stride (1,) is what set_ derives for a 1-d size anyway; torch's stubs want it spelled out
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, start, (nbytes,), (1,))
+
+
+def host_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a CPU tensor as a memoryview, without a copy (the same view as
+    ``memoryview(t.numpy())``, which numpy's stubs only allow on Python >= 3.12)."""
+    return t.numpy().data
 
 
 @dataclass
@@ -115,6 +126,7 @@ def plan(flat: Flattened) -> Plan:
     """Group leaves by storage and lay the storages out back to back."""
     groups: dict[tuple[str, int], list[int]] = {}
     tensors: dict[int, torch.Tensor] = {}
+    arrays: dict[int, np.ndarray] = {}
     storages: dict[int, torch.UntypedStorage] = {}
     spans: list[_Span] = []
     leaf_span: dict[int, int] = {}
@@ -138,13 +150,13 @@ def plan(flat: Flattened) -> Plan:
 
             # ascontiguousarray would turn a 0-d array into shape (1,)
             a = leaf if leaf.flags.c_contiguous else np.ascontiguousarray(leaf)
-            tensors[i] = a  # type: ignore[assignment]
+            arrays[i] = a
             leaf_span[i] = len(spans)
             spans.append(_Span(None, a, 0, a.nbytes))
     for members in groups.values():
         first = storages[members[0]]
-        starts = [tensors[m].storage_offset() * tensors[m].element_size() for m in members]  # type: ignore[union-attr]
-        ends = [s + _extent_bytes(tensors[m]) for s, m in zip(starts, members)]  # type: ignore[arg-type]
+        starts = [int(tensors[m].storage_offset()) * tensors[m].element_size() for m in members]
+        ends = [s + _extent_bytes(tensors[m]) for s, m in zip(starts, members)]
         lo = (min(starts) // _SPAN_ALIGN) * _SPAN_ALIGN
         hi = min(max(ends), first.nbytes())
         for m in members:
@@ -157,7 +169,7 @@ def plan(flat: Flattened) -> Plan:
     leaves = []
     for i in range(len(flat.leaves)):
         sp = spans[leaf_span[i]]
-        obj = tensors[i]
+        obj: torch.Tensor | np.ndarray = tensors[i] if i in tensors else arrays[i]
         if isinstance(obj, torch.Tensor):
             esize = obj.element_size()
             elem_off = 0 if sp.nbytes == 0 else (obj.storage_offset() * esize - sp.start) // esize
@@ -175,9 +187,9 @@ def plan(flat: Flattened) -> Plan:
                 )
             )
         else:
-            shape = tuple(obj.shape)  # type: ignore[attr-defined]
+            shape = tuple(obj.shape)
             stride = tuple(int(math.prod(shape[j + 1 :])) for j in range(len(shape)))
-            leaves.append(LeafRecord("ndarray", leaf_span[i], obj.dtype.str, shape, stride, 0))  # type: ignore[attr-defined]
+            leaves.append(LeafRecord("ndarray", leaf_span[i], obj.dtype.str, shape, stride, 0))
     frozen = tuple(spans)
     return Plan(
         spans=frozen,
@@ -251,8 +263,8 @@ def snapshot(p: Plan, arena: Arena) -> torch.Tensor:
     stream = arena.reserve(p.total_bytes, p.needs_pinned)
     c = p.copies
     if c.cpu:
-        dst, src = c.cpu_pairs(stream)
-        torch._foreach_copy_(dst, src)  # one call for thousands of tensors
+        dst, srcs = c.cpu_pairs(stream)
+        torch._foreach_copy_(dst, srcs)  # one call for thousands of tensors
     for off, arr in c.arrays:
         import numpy as np
 

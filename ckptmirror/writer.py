@@ -34,7 +34,7 @@ from .format import (
     writer_of,
 )
 from .replicas.base import Replica
-from .staging import Plan
+from .staging import Plan, host_bytes
 
 log = logging.getLogger("ckptmirror")
 
@@ -58,7 +58,7 @@ def encode(step: int, rank: int, world_size: int, p: Plan, stream: torch.Tensor,
     total = p.total_bytes
     token = new_token()
     windows = tuple((off, min(object_bytes, total - off)) for off in range(0, total, object_bytes))
-    view = memoryview(stream.numpy()) if total else memoryview(b"")
+    view = host_bytes(stream) if total else memoryview(b"")
     sums = list(pool.map(lambda w: checksum(view[w[0] : w[0] + w[1]]), windows))
     objects = tuple(ObjectRecord(object_key(step, rank, i, token), size, s) for i, ((_, size), s) in enumerate(zip(windows, sums)))
     manifest = RankManifest(step, rank, world_size, objects, p.storages, p.leaves, p.structure)
@@ -89,7 +89,7 @@ def encode_replicated(
     """
     total = p.total_bytes
     windows = tuple((off, min(object_bytes, total - off)) for off in range(0, total, object_bytes))
-    view = memoryview(stream.numpy()) if total else memoryview(b"")
+    view = host_bytes(stream) if total else memoryview(b"")
     sums = list(pool.map(lambda w: checksum(view[w[0] : w[0] + w[1]]), windows))
     probe = RankManifest(step, 0, world_size, tuple(ObjectRecord(object_key(step, 0, i, "00000000"), w[1], c) for i, (w, c) in enumerate(zip(windows, sums))), p.storages, p.leaves, p.structure, 0.0)
     digest = checksum(probe.to_json())
@@ -133,7 +133,7 @@ def write_objects(replica: Replica, enc: EncodedStep, stream: torch.Tensor, pool
             raise StepExistsError(step, replica.url)
         log.warning("overwriting committed step %d on %s", step, replica.url)
         remove_step(replica, step)
-    view = memoryview(stream.numpy()) if enc.windows else memoryview(b"")
+    view = host_bytes(stream) if enc.windows else memoryview(b"")
     mine = range(len(enc.windows)) if enc.owned is None else enc.owned
     futures: list[Future[None]] = [
         pool.submit(replica.put, enc.manifest.objects[i].key, view[enc.windows[i][0] : enc.windows[i][0] + enc.windows[i][1]]) for i in mine

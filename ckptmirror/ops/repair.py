@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 from ..errors import StepExistsError, StepNotFoundError
 from ..format import MAX_MANIFEST_BYTES, CommitRecord, commit_key, parse_commit
 from ..replicas import Replica
+from ..staging import host_bytes
 from ._common import FAILURES, Problem, Progress, ProgressFactory, list_reachable, opened
 from ._engine import Engine, ObjJob, ReplicaPlan, recoverable
 
@@ -230,7 +231,7 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
             return RepairAction(s, r.url, key, "copy", srcs[0].url if srcs else None, size, reason)
         try:
             buf, src = eng.shared.fetch(key, size, csum, srcs)  # verified again while copying
-            r.put(key, memoryview(buf.numpy()) if size else b"")
+            r.put(key, host_bytes(buf) if size else b"")
         except FAILURES as exc:
             return RepairAction(s, r.url, key, "copy", srcs[0].url if srcs else None, size, reason, False, f"{type(exc).__name__}: {exc}")
         finally:

@@ -15,7 +15,7 @@ import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError, NoCredentialsError, PartialCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from ..errors import CkptMirrorError, ObjectMissingError, ReplicaError, ReplicaUnavailableError
+from ..errors import ObjectMissingError, ReplicaError, ReplicaUnavailableError, _ObjectError
 
 # Only S3Replica catches these two, but they may reach the user, whose error texts name the
 # class (``f"{type(exc).__name__}: {exc}"``): hence the names they have always had.
@@ -35,7 +35,8 @@ _THROTTLED = (ReplicaError, True, "throttled by the server")
 _TRANSIENT = (ReplicaError, True, "transient server error")
 
 #: S3 error code, or HTTP status where the body carries no code -> (error, retry?, meaning).
-ERRORS: dict[str, tuple[type[CkptMirrorError], bool, str]] = {
+#: Every error class takes ``replica=`` and ``key=`` (the :class:`~ckptmirror.errors._ObjectError` family).
+ERRORS: dict[str, tuple[type[_ObjectError], bool, str]] = {
     "NoSuchBucket": (ReplicaUnavailableError, False, "bucket {bucket!r} does not exist"),
     "NoSuchKey": _MISSING,
     "NotFound": _MISSING,
@@ -69,7 +70,7 @@ ERRORS: dict[str, tuple[type[CkptMirrorError], bool, str]] = {
 }
 
 
-def classify(exc: BaseException) -> tuple[type[CkptMirrorError], bool, str] | None:
+def classify(exc: BaseException) -> tuple[type[_ObjectError], bool, str] | None:
     """(error class, retry?, meaning) for a backend failure; None for anything else (a bug: let it raise)."""
     if isinstance(exc, ClientError):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
