@@ -170,11 +170,12 @@ class StepReader:
                 raise cls("no replica holds it with the recorded size (" + "; ".join(problems) + ")", key=obj.key)
         return plan
 
-    def fetch(self, key: str, size: int, csum: str, candidates: Sequence[Replica]) -> tuple[torch.Tensor, str]:
-        """Read one object into this thread's buffer from the first replica where it verifies."""
+    def fetch(self, key: str, size: int, csum: str, candidates: Sequence[Replica], into: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+        """Read one object from the first replica where it verifies: into ``into`` (a CPU uint8
+        tensor of ``size`` bytes) when given, else into this thread's reusable buffer."""
         problems = []
         for r in candidates:
-            buf = self._buffer(size)
+            buf = into if into is not None else self._buffer(size)
             try:
                 r.read_into(key, host_bytes(buf))
                 got = checksum(host_bytes(buf))
@@ -361,11 +362,24 @@ class StepReader:
                 return  # the step is lost already; do not write more of it into the targets
             obj = m.objects[j]
             lo, hi = obj_offsets[j], obj_offsets[j] + obj.size
+            # An object that lies inside one storage filled in place on the CPU is read straight
+            # into it (verified there; a mismatch is read again from the next replica): no copy.
+            k = max(0, bisect.bisect_right(sorted_starts, lo) - 1)
+            rec0 = m.storages[order[k]] if order else None
+            tgt0 = targets[order[k]] if order else None
+            direct = None
+            if rec0 is not None and tgt0 is not None and tgt0.direct is not None and not tgt0.dest.is_cuda:
+                if rec0.offset <= lo and hi <= rec0.offset + rec0.nbytes:
+                    direct = tgt0.dest[lo - rec0.offset : hi - rec0.offset]
             try:
-                buf, url = self.fetch(obj.key, obj.size, obj.checksum, plan[obj.key])
+                buf, url = self.fetch(obj.key, obj.size, obj.checksum, plan[obj.key], into=direct)
             except BaseException:
                 failed.set()
                 raise
+            if direct is not None:
+                with lock:
+                    loaded.sources[obj.key] = url
+                return
             # Storages overlapping [lo, hi): those starting before hi, minus those ending before lo.
             k = max(0, bisect.bisect_right(sorted_starts, lo) - 1)
             while k < len(order) and sorted_starts[k] < hi:
