@@ -13,6 +13,7 @@ import errno
 import os
 import shutil
 import uuid
+from typing import Callable
 from urllib.parse import unquote, urlparse
 
 from ..errors import CorruptObjectError, ObjectMissingError, ReplicaError, ReplicaPermissionError, StepExistsError
@@ -183,24 +184,21 @@ class LocalReplica(Replica):
 
     # -- deleting ------------------------------------------------------------------------
     def delete(self, key: str) -> None:
+        self._remove(key, os.unlink)
+
+    def delete_prefix(self, prefix: str) -> None:
+        self._remove(prefix, shutil.rmtree)
+
+    def _remove(self, key: str, remove: Callable[[str], None]) -> None:
+        """Remove a file or a tree durably (the directory entry's removal is fsynced)."""
         path = self._path(key)
         try:
-            os.unlink(path)
+            remove(path)
         except FileNotFoundError:
             return
         except OSError as exc:
             raise self._err(exc, key, "delete") from exc
         self._sync_parent(path, key)
-
-    def delete_prefix(self, prefix: str) -> None:
-        path = self._path(prefix)
-        try:
-            shutil.rmtree(path)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise self._err(exc, prefix, "delete") from exc
-        self._sync_parent(path, prefix)
 
 
 class AtomicWriter:
