@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "torchrun_ddp.py"
 CHILD = REPO / "tests" / "_dist_child.py"
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
@@ -30,6 +33,11 @@ def torchrun(*args: str, nproc: int = 2, restarts: int = 0, timeout: float = 240
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={restarts}", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if check and p.returncode != 0 and TEARDOWN_ABORT in p.stderr:
+        # A worker aborted in torch's C++ teardown after the job's work finished (rare on 2
+        # cores); only that signature is retried, and the rerun is checked like the first.
+        warnings.warn(f"torchrun worker aborted in torch teardown; running the job again: {p.stderr[-500:]}")
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     if check and p.returncode != 0:
         raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,18 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
+# Seen once in ~20 runs of a 4-rank job on 2 cores: a worker aborts in torch's C++ teardown
+# after the job's work (and ckptmirror's threads) finished. Only that signature is retried.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def torchrun(nproc: int, *args: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(CHILD), *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO)
+    for attempt in (1, 2):
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO)
+        if p.returncode == 0 or attempt == 2 or TEARDOWN_ABORT not in p.stderr:
+            break
+        warnings.warn(f"torchrun worker aborted in torch teardown; running the job again: {p.stderr[-500:]}")
     assert p.returncode == 0, f"torchrun failed:\n{p.stdout[-2000:]}\n{p.stderr[-6000:]}"
 
 
