@@ -109,6 +109,7 @@ class Coordinator:
     def __init__(self, info: DistInfo, prefix: str, timeout_s: float) -> None:
         self.info = info
         self._local = threading.local()
+        self._clones: list[Any] = []
         self.prefix = prefix
         self.timeout = timedelta(seconds=timeout_s)
         self.host = socket.gethostname()
@@ -121,7 +122,14 @@ class Coordinator:
         if st is None:
             st = self.info.store.clone() if hasattr(self.info.store, "clone") else self.info.store
             self._local.store = st
+            self._clones.append(st)
         return st
+
+    def close(self) -> None:
+        """Drop every store connection this coordinator opened, now rather than whenever the
+        garbage collector gets to them (possibly after the process group is destroyed)."""
+        self._clones.clear()
+        self._local = threading.local()
 
     def _k(self, *parts: object) -> str:
         return "/".join([self.prefix, *map(str, parts)])

@@ -382,6 +382,7 @@ class Mirror:
     def _load(self, step: int | None, targets: Any, strict_paths: list[tuple[Any, ...]], validate: Any) -> Any:
         self._check_open()
         pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="ckptmirror-read")
+        coord: Coordinator | None = None
         try:
             agree = None
             if self.dist.distributed:
@@ -404,6 +405,8 @@ class Mirror:
             )
         finally:
             pool.shutdown(wait=True)
+            if coord is not None:
+                coord.close()
         if loaded is not None:
             by_replica: dict[str, int] = {}
             for url in loaded.sources.values():
@@ -443,6 +446,8 @@ class Mirror:
             self._jobs.put(None)
             self._worker.join()
             self._fanout.close()
+            if self._coord is not None:
+                self._coord.close()  # its store connections go now, before the caller destroys the group
             self._arenas.release_memory()
             self._plan_cache = None
             for r in self._owned:
