@@ -62,16 +62,16 @@ def load_newest(
 
     def probe(s: int) -> tuple[CommitRecord, RankManifest]:
         commit = reader.read_commit(s, listing.committed[s])
-        if world_size is None:
+        if world_size is None:  # offline: read ``rank`` of whatever world size was saved
             if rank >= commit.world_size and not commit.replicated:
                 raise StateMismatchError(f"step {s} was saved by {commit.world_size} rank(s); there is no rank {rank}")
-            manifest = reader.read_manifest(commit, rank)
-            reader.preflight(manifest)
-            return commit, manifest
-        other_world = commit.world_size != world_size and not commit.replicated
-        # On another world size, ranks beyond the stored ones start from rank 0's tree; its
-        # sharded tensors are resharded from every rank's shards (see reshard.py).
-        manifest = reader.read_manifest(commit, rank if rank < commit.world_size else 0)
+            source = rank
+        else:
+            # On another world size, ranks beyond the stored ones start from rank 0's tree; its
+            # sharded tensors are resharded from every rank's shards (see reshard.py).
+            source = rank if rank < commit.world_size else 0
+        manifest = reader.read_manifest(commit, source)
+        other_world = world_size is not None and commit.world_size != world_size and not commit.replicated
         if other_world and not validate_manifest(manifest, commit.manifest_ref(0).key).dtensors:
             raise StateMismatchError(
                 f"step {s} was saved by {commit.world_size} rank(s), this job has {world_size}; "

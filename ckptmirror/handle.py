@@ -37,7 +37,8 @@ class SaveHandle:
 
     def __init__(self, step: int, urls: list[str], min_replicas: int, started: float) -> None:
         self.step = step
-        #: Seconds ``save()`` blocked the caller: waiting for a free staging buffer + the copy.
+        #: Seconds ``save()`` blocked the caller: state_dict(), planning, waiting for a free
+        #: staging buffer, and the copy.
         self.stall_s: float = 0.0
         #: Of ``stall_s``, seconds spent waiting for the previous save to release its buffer.
         self.wait_s: float = 0.0

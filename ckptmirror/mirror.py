@@ -244,6 +244,7 @@ class Mirror:
             self._plan_cache = (key, p) if key is not None else None
         with self._lock:
             targets = [r for r in self.replicas if r.url not in self._degraded] or list(self.replicas)
+            skipped = {r.url: self._degraded.get(r.url, "unknown") for r in self.replicas if r not in targets}
         if self.on_replica_error == "raise":
             required = len(self.replicas)  # a degraded replica that is skipped is a failure too
         elif self.min_replicas is None:
@@ -251,16 +252,15 @@ class Mirror:
         else:
             required = self.min_replicas
         handle = SaveHandle(step, [r.url for r in self.replicas], required, t0)
-        for r in self.replicas:
-            if r not in targets:
-                why = ReplicaUnavailableError(f"skipped: degraded ({self._degraded.get(r.url, 'unknown')})", replica=r.url)
-                handle._set_replica(r.url, "skipped", why)
+        for url, why in skipped.items():
+            handle._set_replica(url, "skipped", ReplicaUnavailableError(f"skipped: degraded ({why})", replica=url))
+        t_wait = time.perf_counter()
         arena = self._arenas.acquire(block=self.inflight_policy == "wait")
         if arena is None:
             log.warning("skipping save of step %d: the previous save is still writing (inflight_policy='skip')", step)
             handle._skip()
             return handle
-        handle.wait_s = time.perf_counter() - t0
+        handle.wait_s = time.perf_counter() - t_wait
         try:
             stream = snapshot(p, arena)
         except BaseException:

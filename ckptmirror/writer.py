@@ -53,13 +53,18 @@ class EncodedStep:
     owned: tuple[int, ...] | None = None
 
 
-def encode(step: int, rank: int, world_size: int, p: Plan, stream: torch.Tensor, object_bytes: int, pool: ThreadPoolExecutor) -> EncodedStep:
-    """Cut ``stream`` into objects of ``object_bytes`` and checksum each one (in parallel)."""
+def _cut_and_hash(p: Plan, stream: torch.Tensor, object_bytes: int, pool: ThreadPoolExecutor) -> tuple[tuple[tuple[int, int], ...], list[str]]:
+    """The stream's object windows ``(offset, size)`` and the checksum of each (in parallel)."""
     total = p.total_bytes
-    token = new_token()
     windows = tuple((off, min(object_bytes, total - off)) for off in range(0, total, object_bytes))
     view = host_bytes(stream) if total else memoryview(b"")
-    sums = list(pool.map(lambda w: checksum(view[w[0] : w[0] + w[1]]), windows))
+    return windows, list(pool.map(lambda w: checksum(view[w[0] : w[0] + w[1]]), windows))
+
+
+def encode(step: int, rank: int, world_size: int, p: Plan, stream: torch.Tensor, object_bytes: int, pool: ThreadPoolExecutor) -> EncodedStep:
+    """Cut ``stream`` into objects of ``object_bytes`` and checksum each one (in parallel)."""
+    token = new_token()
+    windows, sums = _cut_and_hash(p, stream, object_bytes, pool)
     objects = tuple(ObjectRecord(object_key(step, rank, i, token), size, s) for i, ((_, size), s) in enumerate(zip(windows, sums)))
     manifest = RankManifest(step, rank, world_size, objects, p.storages, p.leaves, p.structure)
     mbytes = manifest.to_json()
@@ -87,10 +92,7 @@ def encode_replicated(
     written by rank ``i % world_size`` under that rank's token; one manifest (rank 0's name,
     identical bytes on every rank) describes them all.
     """
-    total = p.total_bytes
-    windows = tuple((off, min(object_bytes, total - off)) for off in range(0, total, object_bytes))
-    view = host_bytes(stream) if total else memoryview(b"")
-    sums = list(pool.map(lambda w: checksum(view[w[0] : w[0] + w[1]]), windows))
+    windows, sums = _cut_and_hash(p, stream, object_bytes, pool)
     probe = RankManifest(step, 0, world_size, tuple(ObjectRecord(object_key(step, 0, i, "00000000"), w[1], c) for i, (w, c) in enumerate(zip(windows, sums))), p.storages, p.leaves, p.structure, 0.0)
     digest = checksum(probe.to_json())
     token = new_token()
