@@ -1,13 +1,14 @@
 """The user-facing :class:`Mirror`: async save to several replicas, verified restore.
 
-Threads: the caller's thread only flattens the state and copies it into a staging arena
-(:mod:`ckptmirror.staging`). One background thread per mirror takes saves in order and
-hands each to :class:`~ckptmirror.fanout.Fanout`, which hashes the objects (a small pool)
-and runs one task per replica, each with its own pool of ``io_threads`` workers for object
-puts. A second thread probes degraded replicas (and those that ask for a heartbeat).
+Threads: the caller's thread only flattens the state (:mod:`ckptmirror.state.tree`) and
+copies it into a staging arena (:mod:`ckptmirror.save.snapshot`). One background thread per
+mirror takes saves in order and hands each to :class:`~ckptmirror.save.fanout.Fanout`, which
+hashes the objects (a small pool) and runs one task per replica, each with its own pool of
+``io_threads`` workers for object puts. A second thread probes degraded replicas (and those
+that ask for a heartbeat): :mod:`ckptmirror.health`.
 
-Restore reads through :func:`~ckptmirror.choose.load_newest`; the caller's model and
-optimizer are prepared and checked by :mod:`ckptmirror.targets`.
+Restore reads through :func:`~ckptmirror.restore.choose.load_newest`; the caller's model and
+optimizer are prepared and checked by :mod:`ckptmirror.state.targets`.
 
 Memory: ``max_inflight`` arenas, each as large as the state's tensor bytes (host memory;
 pinned when the state is on a GPU), plus ``io_threads`` object buffers of up to
@@ -25,31 +26,24 @@ import time
 from functools import partial
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Protocol, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
-from .choose import load_newest
-from .discover import list_steps
 from .dist import Coordinator, DistInfo, detect, expand_url
 from .errors import ReplicaUnavailableError, StepExistsError
-from .fanout import Fanout, SaveJob
 from .format import MAX_STEP
 from .handle import SaveHandle
-from .replicas import Replica, open_replica
-from .staging import ArenaPool, Plan, plan, plan_key, snapshot
-from .targets import check_fits, init_sharded_optimizer_state
-from .tree import flatten
+from .health import ReplicaHealth
+from .replicas import Replica, open_replicas
+from .restore.choose import load_newest
+from .restore.discover import list_steps
+from .save.fanout import Fanout, SaveJob
+from .save.snapshot import ArenaPool, Plan, plan, plan_key, snapshot
+from .state.targets import Stateful, check_fits, init_sharded_optimizer_state
+from .state.tree import flatten
 
 log = logging.getLogger("ckptmirror")
 
 DEFAULT_OBJECT_BYTES = 64 << 20
-
-
-class Stateful(Protocol):
-    """Anything with ``state_dict()`` and ``load_state_dict()``: modules, optimizers, schedulers."""
-
-    def state_dict(self) -> Any: ...
-
-    def load_state_dict(self, state_dict: Any, /) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -138,21 +132,16 @@ class Mirror:
         if self.dist.distributed and inflight_policy == "skip":
             # Ranks must make the same saves: one rank skipping would leave the others waiting.
             raise ValueError("inflight_policy='skip' is not supported with several ranks")
-        opts = storage_options or {}
         replicas = [expand_url(u, self.dist) if isinstance(u, str) else u for u in replicas]
-        self.replicas: list[Replica] = [open_replica(u, _options_for(u, opts)) for u in replicas]
+        self.replicas: list[Replica] = open_replicas(replicas, storage_options)
         # Replicas built here from URLs are closed by close(); Replica objects stay the caller's.
         self._owned = [r for r, u in zip(self.replicas, replicas) if not isinstance(u, Replica)]
-        urls = [r.url for r in self.replicas]
-        if len(set(urls)) != len(urls):
-            raise ValueError(f"duplicate replica URLs: {urls}")
         if min_replicas is not None and not 1 <= min_replicas <= len(self.replicas):
             raise ValueError(f"min_replicas must be between 1 and {len(self.replicas)}")
         self.min_replicas = min_replicas
         self.on_replica_error = on_replica_error
         self.health_interval_s = health_interval_s
-        #: url -> error text of replicas currently degraded (skipped by saves, probed in the background)
-        self._degraded: dict[str, str] = {}
+        self._health = ReplicaHealth(self.replicas, health_interval_s)
         self.keep_last = keep_last
         self.object_bytes = object_bytes
         self.io_threads = io_threads
@@ -163,26 +152,22 @@ class Mirror:
         self._seq = 0
         self._restores = 0
         self._plan_cache: tuple[tuple[object, ...], Plan] | None = None
-        self._lock = threading.Lock()
-        self._committed: set[int] = set()  # shared with the fan-out, guarded by _lock
+        self._lock = threading.Lock()  # guards the handles and in-flight bookkeeping below
         self._coord: Coordinator | None = None
         if self.dist.distributed:
             self._coord = Coordinator(self.dist, _mirror_prefix(), commit_timeout_s)
-        self._fanout = Fanout(self.replicas, self.dist, self._coord, io_threads, self._lock, self._committed, self._mark_degraded)
+        listing = list_steps(self.replicas)
+        # A replica that cannot even be listed now starts degraded: saves skip it until it answers.
+        self._health.mark_all(listing.unreachable)
+        self._fanout = Fanout(self.replicas, self.dist, self._coord, io_threads, self._health, set(listing.committed))
         self._handles: list[SaveHandle] = []
         self._unfinished = 0  # queued or running background jobs (retention included)
         self._idle = threading.Condition(self._lock)
         self._inflight_steps: set[int] = set()
-        listing = list_steps(self.replicas)
-        self._committed.update(listing.committed)
-        # A replica that cannot even be listed now starts degraded: saves skip it until it answers.
-        self._degraded.update(listing.unreachable)
         self._closed = False
-        self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="ckptmirror-writer", daemon=True)
         self._worker.start()
-        self._monitor = threading.Thread(target=self._probe_degraded, name="ckptmirror-health", daemon=True)
-        self._monitor.start()
+        self._health.start()
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> "Mirror":
@@ -232,8 +217,9 @@ class Mirror:
         if overwrite and self.dist.distributed:
             raise ValueError("overwrite=True is not supported with several ranks: save under a new step")
         with self._lock:
-            if step in self._inflight_steps or (step in self._committed and not overwrite):
-                raise StepExistsError(step)
+            inflight = step in self._inflight_steps
+        if inflight or (not overwrite and self._fanout.has_committed(step)):
+            raise StepExistsError(step)
         flat = flatten(state)
         key = plan_key(flat)
         cached = self._plan_cache
@@ -242,9 +228,9 @@ class Mirror:
         else:
             p = plan(flat)
             self._plan_cache = (key, p) if key is not None else None
-        with self._lock:
-            targets = [r for r in self.replicas if r.url not in self._degraded] or list(self.replicas)
-            skipped = {r.url: self._degraded.get(r.url, "unknown") for r in self.replicas if r not in targets}
+        degraded = self._health.degraded()
+        targets = [r for r in self.replicas if r.url not in degraded] or list(self.replicas)
+        skipped = {r.url: degraded.get(r.url, "unknown") for r in self.replicas if r not in targets}
         if self.on_replica_error == "raise":
             required = len(self.replicas)  # a degraded replica that is skipped is a failure too
         elif self.min_replicas is None:
@@ -293,33 +279,9 @@ class Mirror:
                     self._unfinished -= 1
                     self._idle.notify_all()
 
-    def _mark_degraded(self, replica: Replica, exc: BaseException) -> None:
-        with self._lock:
-            if replica.url not in self._degraded:
-                log.warning("replica %s is degraded (%s); saves skip it until it answers again", replica.url, exc)
-            self._degraded[replica.url] = f"{type(exc).__name__}: {exc}"
-
-    def _probe_degraded(self) -> None:
-        # Degraded replicas are probed until they answer; replicas that ask for a heartbeat
-        # (peers: a node can vanish between saves) are probed even while healthy.
-        while not self._stop.wait(self.health_interval_s):
-            with self._lock:
-                probe = [r for r in self.replicas if r.url in self._degraded or getattr(r, "heartbeat", False)]
-            for r in probe:
-                try:
-                    r.ping()
-                except Exception as exc:  # noqa: BLE001 - recorded as degraded
-                    self._mark_degraded(r, exc)
-                    continue
-                with self._lock:
-                    was_down = self._degraded.pop(r.url, None) is not None
-                if was_down:
-                    log.warning("replica %s answers again; saves use it from now on", r.url)
-
     def health(self) -> dict[str, str]:
         """Per replica URL: ``"ok"`` or ``"degraded: <last error>"``."""
-        with self._lock:
-            return {r.url: ("degraded: " + self._degraded[r.url]) if r.url in self._degraded else "ok" for r in self.replicas}
+        return self._health.summary()
 
     def _raise_unreported(self) -> None:
         # A save that committed nowhere is always raised; one that committed on fewer
@@ -400,7 +362,6 @@ class Mirror:
                 targets=targets,
                 strict_paths=strict_paths,
                 validate=validate,
-                max_buffer_bytes=self.object_bytes,
                 agree=agree,
             )
         finally:
@@ -442,7 +403,7 @@ class Mirror:
                 self.wait()
         finally:
             self._closed = True
-            self._stop.set()
+            self._health.stop()
             self._jobs.put(None)
             self._worker.join()
             self._fanout.close()
@@ -481,11 +442,3 @@ def _is_ddp(model: Any) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(model, DistributedDataParallel)
-
-
-def _options_for(url: "str | Replica", options: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    if isinstance(url, Replica):
-        return None
-    if url in options:
-        return options[url]
-    return options.get(url.split("://", 1)[0].lower() if "://" in url else "file")

@@ -48,7 +48,7 @@ def serve_command() -> list[str]:
     found = shutil.which("ckptmirror")
     if found:
         return [found]
-    return [sys.executable, "-m", "ckptmirror.cli"]
+    return [sys.executable, "-m", "ckptmirror"]
 
 
 def write_token(path: "str | os.PathLike[str]", token: str = TOKEN) -> str:

@@ -32,7 +32,7 @@ from ckptmirror.format import commit_key, step_dir
 STEPS = (10, 20, 30)
 OBJ = 200  # bytes per object: a step is cut into several objects
 _EXE = shutil.which("ckptmirror")
-CLI = [_EXE] if _EXE else [sys.executable, "-m", "ckptmirror.cli"]
+CLI = [_EXE] if _EXE else [sys.executable, "-m", "ckptmirror"]
 
 
 # --------------------------------------------------------------------------- helpers

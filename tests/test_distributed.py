@@ -185,7 +185,7 @@ def test_export_one_rank_of_a_per_rank_checkpoint(tmp_path: Path) -> None:
     torchrun(str(CHILD), "save", str(tmp_path), str(tmp_path / "shared"))
     out = tmp_path / "rank1.safetensors"
     p = subprocess.run(
-        [sys.executable, "-m", "ckptmirror.cli", "export", str(tmp_path / "shared"), "--rank", "1", "--format", "safetensors", "-o", str(out)],
+        [sys.executable, "-m", "ckptmirror", "export", str(tmp_path / "shared"), "--rank", "1", "--format", "safetensors", "-o", str(out)],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )
     assert p.returncode == 0, p.stderr

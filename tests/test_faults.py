@@ -41,7 +41,7 @@ from ckptmirror import (
 )
 from ckptmirror.checksum import checksum
 from ckptmirror.format import commit_key, object_key, rank_manifest_key, step_dir
-from ckptmirror.discover import list_steps
+from ckptmirror.restore.discover import list_steps
 from ckptmirror.replicas import FaultyReplica, LocalReplica
 
 HERE = Path(__file__).resolve().parent

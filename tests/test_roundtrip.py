@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import ckptmirror
-from ckptmirror.tree import DTYPES_BY_NAME
+from ckptmirror.state.tree import DTYPES_BY_NAME
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _models, whatever pytest's import mode
 import _models  # noqa: E402

@@ -15,9 +15,10 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
-from ..discover import StepListing, list_steps
+from ..restore.discover import StepListing, list_steps
 from ..errors import CkptMirrorError, ReplicaUnavailableError
-from ..replicas import Replica, open_replica
+from ..replicas import Replica, close_opened, scheme_of
+from ..replicas import open_replicas as _open_replicas
 
 #: Errors that concern one replica or object; anything else is a bug and propagates.
 FAILURES = (CkptMirrorError, OSError)
@@ -42,18 +43,17 @@ ProgressFactory = Callable[[int, str, str], Progress]
 # ----------------------------------------------------------------------------- replicas
 
 
-def _scheme(url: str) -> str:
-    """The URL scheme, lower-case; "" for a plain path."""
-    return url.split("://", 1)[0].lower() if "://" in url else ""
-
-
 def reject_memory_url(url: str) -> None:
     """Raise :class:`UsageError` if ``url`` is a ``memory://`` URL.
 
     Shared with the command line, which checks every URL before opening any: a memory
     replica exists only inside the Python process that made it.
     """
-    if _scheme(url) == "memory":
+    try:
+        memory = scheme_of(url) == "memory"
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if memory:
         raise UsageError(f"{url}: memory:// replicas live inside one Python process; the command line cannot see them")
 
 
@@ -63,58 +63,21 @@ def open_replicas(
     storage_options: Mapping[str, Mapping[str, Any]] | None = None,
     allow_memory: bool = True,
 ) -> list[Replica]:
-    """Open every URL with :func:`open_replica`; raise :class:`UsageError` for bad URLs.
-
-    A local directory (``/path``, ``file://``) must exist: an operator command never creates
-    one, so a mistyped path is reported instead of silently showing an empty replica.
-    ``storage_options`` has the same shape as :class:`~ckptmirror.Mirror`'s (by URL or scheme).
-    """
-    from ..replicas.local import path_from_url
-
+    """:func:`ckptmirror.replicas.open_replicas` for operator commands: a local directory must
+    exist already, and a bad URL is a :class:`UsageError`."""
     if not urls:
         raise UsageError("at least one replica URL is needed")
-    opts = storage_options or {}
-    out: list[Replica] = []
+    for u in urls:
+        if not isinstance(u, (str, Replica)) or not u:
+            raise UsageError(f"replica URL must be a non-empty string, got {u!r}")
+        if isinstance(u, str) and not allow_memory:
+            reject_memory_url(u)
     try:
-        for u in urls:
-            if isinstance(u, Replica):
-                out.append(u)
-                continue
-            if not isinstance(u, str) or not u:
-                raise UsageError(f"replica URL must be a non-empty string, got {u!r}")
-            if not allow_memory:
-                reject_memory_url(u)
-            scheme = _scheme(u)
-            if scheme in ("", "file"):
-                try:
-                    path = path_from_url(u)
-                except ValueError as exc:
-                    raise UsageError(str(exc)) from exc
-                if not os.path.isdir(path):
-                    what = "is not a directory" if os.path.exists(path) else "does not exist"
-                    raise ReplicaUnavailableError(f"{path} {what}", replica=u)
-            o = opts.get(u, opts.get(scheme or "file"))
-            try:
-                out.append(open_replica(u, o))
-            except ValueError as exc:
-                raise UsageError(str(exc)) from exc
-            except ImportError as exc:
-                raise UsageError(f"{u}: {exc}") from exc
-        seen = [r.url for r in out]
-        dup = sorted({u for u in seen if seen.count(u) > 1})
-        if dup:
-            raise UsageError(f"replica given more than once: {', '.join(dup)}")
-    except BaseException:
-        _close_ours(out, urls)
-        raise
-    return out
-
-
-def _close_ours(replicas: Sequence[Replica], urls: Sequence["str | Replica"]) -> None:
-    """Close the replicas opened from URLs; those the caller passed in as objects are theirs."""
-    for r in replicas:
-        if not any(r is u for u in urls):
-            r.close()
+        return _open_replicas(urls, storage_options, must_exist=True)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    except ImportError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 @contextmanager
@@ -124,7 +87,7 @@ def opened(urls: Sequence["str | Replica"], storage_options: Mapping[str, Mappin
     try:
         yield replicas
     finally:
-        _close_ours(replicas, urls)
+        close_opened(replicas, urls)
 
 
 def list_reachable(replicas: Sequence[Replica]) -> tuple[StepListing, list[Replica]]:

@@ -1,7 +1,7 @@
 """The checking engine behind ``verify``, ``repair``, ``prune`` and ``ls``.
 
 It checks each replica on its own with the reader's functions (commit, rank manifests,
-:func:`~ckptmirror.validate.validate_manifest`, preflight, fetch) and reads objects on a thread
+:func:`~ckptmirror.restore.check.validate_manifest`, preflight, fetch) and reads objects on a thread
 pool; see :mod:`ckptmirror.ops` for why. Nothing here writes to a replica.
 """
 
@@ -14,9 +14,9 @@ from typing import Sequence
 
 from ..errors import CorruptObjectError, ManifestError, ObjectMissingError, ReplicaError
 from ..format import CommitRecord, ObjectRecord, RankManifest, commit_key, step_dir
-from ..reader import StepReader
 from ..replicas import Replica
-from ..validate import validate_manifest
+from ..restore.check import validate_manifest
+from ..restore.fetch import Fetcher
 from ._common import FAILURES, Problem, ProgressFactory, strip_where
 
 #: Name prefix of a replica's temporary files (an upload that has not been renamed yet).
@@ -77,8 +77,8 @@ class Engine:
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="ckptmirror-verify")
         # One reader over all replicas (its per-thread buffer serves every object read), and
         # one per replica for commits and manifests, so a replica is never judged by another's copy.
-        self.shared = StepReader(self.replicas, self.pool, 0)
-        self.single = {r.url: StepReader([r], self.pool, 0) for r in self.replicas}
+        self.shared = Fetcher(self.replicas, self.pool)
+        self.single = {r.url: Fetcher([r], self.pool) for r in self.replicas}
         self.good: set[tuple[str, str, str]] = set()  # (replica url, key, checksum) that verified
         self.checked: set[tuple[str, str, str]] = set()  # ... that were checked
         self._lock = threading.Lock()

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..choose import load_newest
+from ..restore.choose import load_newest
 from ..errors import CkptMirrorError
 from ..replicas import Replica
 from ._common import UsageError, dotted, opened, walk

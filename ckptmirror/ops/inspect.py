@@ -9,13 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from ..discover import StepListing, list_steps
+from ..restore.discover import StepListing, list_steps
 from ..errors import CkptMirrorError, ReplicaUnavailableError, StepNotFoundError
 from ..format import RankManifest
-from ..reader import StepReader
 from ..replicas import Replica
-from ..tree import unflatten
-from ..validate import validate_manifest
+from ..restore.check import validate_manifest
+from ..restore.fetch import Fetcher
+from ..state.tree import unflatten
 from ._common import UsageError, dotted, opened, walk
 
 
@@ -133,7 +133,7 @@ def inspect(
         s = _choose_step(listing, step)
         pool = ThreadPoolExecutor(1)
         try:
-            reader = StepReader(replicas, pool, 0)
+            reader = Fetcher(replicas, pool)
             commit = reader.read_commit(s, listing.committed[s])
             if rank is not None and not 0 <= rank < commit.world_size:
                 raise UsageError(f"step {s} has ranks 0..{commit.world_size - 1}; there is no rank {rank}")

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from ..format import step_dir
 from ..replicas import Replica
-from ..writer import remove_step
+from ..save.retention import plan_retention, remove_step, remove_torn
 from ._common import FAILURES, UsageError, list_reachable, opened
 from ._engine import Engine, garbage_keys, recoverable, referenced
 
@@ -79,7 +79,8 @@ def prune(
             for u in holders:
                 if u in per:
                     per[u].append(s)
-        kept = {u: sorted(v)[-keep:] for u, v in per.items()}
+        policy = {u: plan_retention(per[u], listing.torn.get(u, []), keep, all_torn=all_torn) for u in per}
+        kept = {u: [s for s in sorted(per[u]) if s not in policy[u].drop] for u in per}
         eng = Engine(reachable, 4, True, None)
         refused: str | None = None
         try:
@@ -100,11 +101,8 @@ def prune(
             for r in reachable:
                 u = r.url
                 committed = sorted(per[u])
-                newest = committed[-1] if committed else None
-                drop = [] if refused else committed[: max(0, len(committed) - keep)]
-                torn = sorted(listing.torn.get(u, []))
-                torn_old = [s for s in torn if all_torn or (newest is not None and s < newest)]
-                skipped = [s for s in torn if s not in torn_old]
+                drop = [] if refused else list(policy[u].drop)
+                torn_old, skipped = list(policy[u].torn), list(policy[u].torn_kept)
                 errors: list[str] = []
                 garbage: list[str] = []
                 for s in kept[u]:
@@ -118,7 +116,7 @@ def prune(
                 else:
                     # Oldest first; remove_step deletes the commit first, then the objects.
                     removed_steps = _each(drop, partial(remove_step, r), "removing step {}", errors)
-                    removed_torn = _each(torn_old, partial(_remove_torn, r), "removing torn step {}", errors)
+                    removed_torn = _each(torn_old, partial(remove_torn, r), "removing torn step {}", errors)
                     removed_garbage = _each(garbage, r.delete, "removing {}", errors)
                 results.append(PruneResult(u, tuple(s for s in committed if s not in drop), tuple(removed_steps), tuple(removed_torn), tuple(removed_garbage), tuple(skipped), tuple(errors)))
         finally:
@@ -140,8 +138,3 @@ def _each(items: Sequence[T], remove: Callable[[T], object], what: str, errors: 
         except FAILURES as exc:
             errors.append(f"{what.format(item)}: {exc}")
     return done
-
-
-def _remove_torn(r: Replica, step: int) -> None:
-    """Delete everything an interrupted save of ``step`` left on ``r`` (it has no commit record)."""
-    r.delete_prefix(step_dir(step))

@@ -7,10 +7,10 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from ..buffers import host_bytes
 from ..errors import StepExistsError, StepNotFoundError
 from ..format import MAX_MANIFEST_BYTES, CommitRecord, commit_key, parse_commit
 from ..replicas import Replica
-from ..staging import host_bytes
 from ._common import FAILURES, Problem, Progress, ProgressFactory, list_reachable, opened
 from ._engine import Engine, ObjJob, ReplicaPlan, recoverable
 

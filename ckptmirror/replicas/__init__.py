@@ -18,23 +18,67 @@ The S3 and fsspec backends are imported on first use.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import difflib
+import os
+import re
+from typing import Any, Mapping, Sequence
 
+from ..errors import ReplicaUnavailableError
 from .base import Replica, validate_key
 from .faulty import FaultyReplica
-from .local import LocalReplica
+from .local import LocalReplica, path_from_url
 from .memory import MemoryReplica
 
-__all__ = ["FaultyReplica", "LocalReplica", "MemoryReplica", "Replica", "open_replica", "validate_key"]
+__all__ = ["FaultyReplica", "LocalReplica", "MemoryReplica", "Replica", "open_replica", "open_replicas", "scheme_of", "validate_key"]
+
+#: Schemes ckptmirror implements itself (the others go to fsspec).
+SCHEMES = ("file", "memory", "peer", "peers", "s3", "s3a")
+_EXAMPLES = "file:///path or /path, memory://name, peer://host:port/ns, s3://bucket/prefix, fsspec+PROTOCOL://..."
+
+
+def _fsspec_protocols() -> list[str]:
+    import fsspec
+
+    return list(fsspec.available_protocols())
+
+
+def scheme_of(url: str) -> str:
+    """The scheme of a replica URL, lower-case; ``""`` for a plain path.
+
+    Raises ValueError for a URL that lost a slash or a colon (``peer:/host:7070/x``,
+    ``file//data/x``, ``s3:bucket``): read as a relative path it would put checkpoints in a
+    surprising directory of the current one.
+    """
+    if "://" in url:
+        return url.split("://", 1)[0].lower()
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)(:/?|//)(?!/)", url)
+    if m and (m.group(1).lower() in SCHEMES or m.group(1).lower().startswith("fsspec+")):
+        fixed = f"{m.group(1)}://{url[m.end():]}"
+        raise ValueError(f"malformed replica URL {url!r}: did you mean {fixed!r}? (a plain relative path would be {os.path.join('.', url)!r})")
+    return ""
+
+
+def options_for(url: "str | Replica", storage_options: Mapping[str, Mapping[str, Any]] | None) -> Mapping[str, Any] | None:
+    """The backend options of ``url`` from a ``storage_options`` mapping: by full URL, else by
+    scheme (``"file"`` for plain paths)."""
+    if isinstance(url, Replica) or not storage_options:
+        return None
+    if url in storage_options:
+        return storage_options[url]
+    return storage_options.get(scheme_of(url) or "file")
 
 
 def open_replica(url: "str | Replica", options: Mapping[str, Any] | None = None) -> Replica:
-    """Return the backend for ``url``; a :class:`Replica` instance is returned unchanged."""
+    """Return the backend for ``url``; a :class:`Replica` instance is returned unchanged.
+
+    Raises ValueError for a URL that cannot be parsed or names an unknown scheme (suggesting
+    the closest known one), ImportError naming the package to install.
+    """
     if isinstance(url, Replica):
         return url
     if not isinstance(url, str) or not url:
         raise ValueError(f"replica URL must be a non-empty string, got {url!r}")
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    scheme = scheme_of(url)
     opts = dict(options or {})
     if scheme in ("", "file"):
         return LocalReplica(url, **opts)
@@ -50,13 +94,49 @@ def open_replica(url: "str | Replica", options: Mapping[str, Any] | None = None)
         except ImportError as exc:
             raise ImportError(f"s3:// replicas need s3fs ({exc}): pip install s3fs") from exc
         return S3Replica(url, **opts)
-    import fsspec
-
-    if scheme.startswith("fsspec+") or scheme in fsspec.available_protocols():
+    protocols = _fsspec_protocols()
+    if scheme.startswith("fsspec+") or scheme in protocols:
         from .fsspec_replica import FsspecReplica
 
         return FsspecReplica(url, **opts)
-    raise ValueError(
-        f"unsupported replica URL scheme {scheme!r} in {url!r} "
-        "(supported: file://, memory://, peer://, s3://, fsspec+PROTOCOL://, and the protocols fsspec knows)"
-    )
+    close = difflib.get_close_matches(scheme, [*SCHEMES, *protocols], n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]}://? " if close else ""
+    raise ValueError(f"unsupported replica URL scheme {scheme!r} in {url!r}: {hint}(supported: {_EXAMPLES}, and the protocols fsspec knows)")
+
+
+def open_replicas(
+    urls: Sequence["str | Replica"],
+    storage_options: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    must_exist: bool = False,
+) -> list[Replica]:
+    """Open every URL with :func:`open_replica` and the options :func:`options_for` picks.
+
+    ``must_exist``: a local directory must exist already (operator commands and restores never
+    create one, so a mistyped path is reported instead of showing an empty replica). Raises
+    ValueError for a bad or duplicate URL; on any error the replicas opened so far are closed.
+    """
+    out: list[Replica] = []
+    try:
+        for u in urls:
+            if isinstance(u, str) and must_exist and scheme_of(u) in ("", "file"):
+                path = path_from_url(u)
+                if not os.path.isdir(path):
+                    what = "is not a directory" if os.path.exists(path) else "does not exist"
+                    raise ReplicaUnavailableError(f"{path} {what}", replica=u)
+            out.append(open_replica(u, options_for(u, storage_options)))
+        seen = [r.url for r in out]
+        dup = sorted({u for u in seen if seen.count(u) > 1})
+        if dup:
+            raise ValueError(f"replica given more than once: {', '.join(dup)}")
+    except BaseException:
+        close_opened(out, urls)
+        raise
+    return out
+
+
+def close_opened(replicas: Sequence[Replica], urls: Sequence["str | Replica"]) -> None:
+    """Close the replicas opened from URLs; those the caller passed in as objects are theirs."""
+    for r in replicas:
+        if not any(r is u for u in urls):
+            r.close()

@@ -65,6 +65,9 @@ class Replica(ABC):
 
     #: Preference order on restore: lower is tried first (local disk before network).
     read_priority: int = 50
+    #: Whether the mirror pings this replica in the background even while it is healthy
+    #: (a peer node can vanish between saves; a local disk cannot).
+    heartbeat: bool = False
 
     def __init__(self, url: str) -> None:
         self.url = url

@@ -1,8 +1,13 @@
-"""Background fan-out of one save to every replica: encode, commit per position, retention.
+"""Fan-out: write one save to every replica at once, and commit it on each.
 
-:class:`~ckptmirror.mirror.Mirror` queues one :class:`SaveJob` per save; its background
-thread hands each to :meth:`Fanout.write`, which hashes the objects (a small pool) and runs
-one task per replica, each with its own pool of ``io_threads`` workers for object puts.
+The third stage of the save path. :class:`~ckptmirror.mirror.Mirror` queues one
+:class:`SaveJob` per save; its background thread hands each to :meth:`Fanout.write`, which
+encodes it (:mod:`~ckptmirror.save.encode`, once for all replicas) and runs one task per
+replica, each with its own pool of ``io_threads`` workers for object puts. On each replica a
+save has two phases: :func:`write_objects` (every object, then the rank manifest; nothing is
+visible yet) and :func:`commit_step` (the commit record, written last, makes the step exist).
+Replicas proceed independently, so a slow replica does not hold up a fast one's commit; each
+reports its own outcome on the :class:`~ckptmirror.handle.SaveHandle`.
 
 Per replica position, with several ranks, this is the commit protocol of
 :mod:`ckptmirror.dist`: every rank writes its objects and manifest, reports ``ok`` (with the
@@ -11,8 +16,8 @@ commit record with :func:`commit_from_reports`), and every rank writes the commi
 published. A rank that cannot take part (encoding failed, replica degraded) still reports, so
 that no other rank waits for its vote. A single process commits its own record directly.
 
-After a step committed on a replica, older steps beyond ``keep_last`` are deleted there, by
-one rank per place: the lowest rank with the same host and replica URL
+After a step committed on a replica, :mod:`~ckptmirror.save.retention` deletes older steps
+beyond ``keep_last`` there, by one rank per place: the lowest rank with the same host and replica URL
 (:meth:`Fanout.elect_retention_owners`), so that ranks sharing a directory do not prune it
 together.
 """
@@ -22,21 +27,24 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
 import torch
 
-from .checksum import checksum
-from .dist import Coordinator, DistInfo
-from .errors import CkptMirrorError
-from .format import CommitRecord, RankRef
-from .handle import SaveHandle
-from .replicas import Replica
-from .staging import Arena
-from .writer import apply_retention, commit_objects, encode, encode_replicated, is_committed, write_objects
+from ..buffers import host_bytes
+from ..checksum import checksum
+from ..dist import Coordinator, DistInfo
+from ..errors import CkptMirrorError, StepExistsError
+from ..format import CommitRecord, RankRef, commit_key, parse_commit, step_dir, writer_of
+from ..handle import SaveHandle
+from ..health import ReplicaHealth
+from ..replicas.base import Replica
+from .encode import EncodedStep, encode, encode_replicated
+from .retention import apply_retention, delete_quietly, is_committed, remove_step
+from .snapshot import Arena
 
 log = logging.getLogger("ckptmirror")
 
@@ -59,10 +67,10 @@ class SaveJob:
 class Fanout:
     """Writes saves to every replica of one mirror, and owns the thread pools that do it.
 
-    ``committed`` is the mirror's set of committed steps and ``lock`` guards it: a step is
-    added once it commits on some replica, and removed when retention deleted it and no
-    replica holds its commit record any more.
-    ``mark_degraded`` is called with a replica that failed with an ``OSError``.
+    It also owns the set of committed steps (:meth:`committed`): seeded with what the replicas
+    held at start, a step is added once it commits on some replica, and removed when retention
+    deleted it and no replica holds its commit record any more. A replica that fails with an
+    ``OSError`` is marked degraded in ``health``.
     """
 
     def __init__(
@@ -71,16 +79,15 @@ class Fanout:
         dist: DistInfo,
         coord: Coordinator | None,
         io_threads: int,
-        lock: threading.Lock,
+        health: ReplicaHealth,
         committed: set[int],
-        mark_degraded: Callable[[Replica, BaseException], None],
     ) -> None:
         self.replicas = replicas
         self.dist = dist
         self._coord = coord
-        self._lock = lock
-        self._committed = committed
-        self._mark_degraded = mark_degraded
+        self._health = health
+        self._lock = threading.Lock()
+        self._committed = set(committed)
         self._hash_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="ckptmirror-hash")
         self._io_pools = {r.url: ThreadPoolExecutor(io_threads, thread_name_prefix="ckptmirror-io") for r in self.replicas}
         self._replica_pool = ThreadPoolExecutor(len(self.replicas), thread_name_prefix="ckptmirror-replica")
@@ -125,11 +132,11 @@ class Fanout:
                     ref = {"state": "ok", "key": enc.manifest_key, "size": len(enc.manifest_bytes), "checksum": checksum(enc.manifest_bytes)}
                     self._vote(save_key, pos, ref, decide)
                     commit_bytes = self._coord.outcome(save_key, pos)
-                commit_objects(replica, enc, commit_bytes)
+                commit_step(replica, enc, commit_bytes)
             except BaseException as exc:  # noqa: BLE001 - recorded per replica
                 log.warning("replica %s failed to save step %d: %s", replica.url, job.step, exc)
                 if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
-                    self._mark_degraded(replica, exc)
+                    self._health.mark(replica, exc)
                 job.handle._set_replica(replica.url, "failed", exc)
                 return
             with self._lock:
@@ -141,8 +148,9 @@ class Fanout:
                 removed = apply_retention(replica, job.step, keep_last)
                 if removed:
                     log.info("retention on %s removed steps %s", replica.url, removed)
+                    gone = [s for s in removed if not self._committed_anywhere(s)]  # I/O: outside the lock
                     with self._lock:
-                        self._committed.difference_update(s for s in removed if not self._committed_anywhere(s))
+                        self._committed.difference_update(gone)
             except (CkptMirrorError, OSError) as exc:
                 # The new step is committed; failing to delete old ones loses nothing.
                 log.warning("retention on %s failed after step %d: %s", replica.url, job.step, exc)
@@ -165,6 +173,11 @@ class Fanout:
         everyone = self._coord.exchange("placement", mine)
         return [all(everyone[r][pos] != mine[pos] for r in range(self.dist.rank)) for pos in range(len(mine))]
 
+    def has_committed(self, step: int) -> bool:
+        """Whether ``step`` is committed on some replica, as far as this mirror knows."""
+        with self._lock:
+            return step in self._committed
+
     def _committed_anywhere(self, step: int) -> bool:
         return any(is_committed(r, step) for r in self.replicas)
 
@@ -174,6 +187,57 @@ class Fanout:
         for p in self._io_pools.values():
             p.shutdown(wait=True)
         self._hash_pool.shutdown(wait=True)
+
+
+def write_objects(replica: Replica, enc: EncodedStep, stream: torch.Tensor, pool: ThreadPoolExecutor, overwrite: bool) -> None:
+    """Phase 1 on one replica: every object, then the rank manifest. Nothing is committed.
+
+    Names carry this save's token, so nothing here can overwrite another writer's files.
+    """
+    step = enc.step
+    if is_committed(replica, step):
+        if not overwrite:
+            raise StepExistsError(step, replica.url)
+        log.warning("overwriting committed step %d on %s", step, replica.url)
+        remove_step(replica, step)
+    view = host_bytes(stream) if enc.windows else memoryview(b"")
+    mine = range(len(enc.windows)) if enc.owned is None else enc.owned
+    futures: list[Future[None]] = [
+        pool.submit(replica.put, enc.manifest.objects[i].key, view[enc.windows[i][0] : enc.windows[i][0] + enc.windows[i][1]]) for i in mine
+    ]
+    wait(futures, return_when=FIRST_EXCEPTION)
+    for f in futures:
+        f.cancel()  # not started yet: dropped once one put has failed
+    wait(futures)
+    for f in futures:
+        if not f.cancelled():
+            f.result()  # first failure wins
+    replica.put(enc.manifest_key, enc.manifest_bytes)
+
+
+def commit_step(replica: Replica, enc: EncodedStep, commit_bytes: bytes) -> None:
+    """Phase 2 on one replica: write the commit record, then drop what it does not reference.
+
+    Leftovers are recognised by their writer token: files of the step whose (rank, token) is
+    not pinned by the commit belong to a torn or losing attempt. Deciding this only after the
+    commit matters on shared replicas, where other ranks' files are being written meanwhile.
+    """
+    step = enc.step
+    try:
+        replica.commit(commit_key(step), commit_bytes)
+    except StepExistsError:
+        # Another writer committed this step first: our objects are garbage; take them back.
+        mine = range(len(enc.windows)) if enc.owned is None else enc.owned
+        delete_quietly(replica, [enc.manifest.objects[i].key for i in mine] + [enc.manifest_key])
+        raise
+    pinned = {writer_of(ref.key) for ref in parse_commit(commit_bytes, commit_key(step)).ranks}
+    pinned |= {writer_of(rec.key) for rec in enc.manifest.objects}  # replicated: objects of every rank
+    # Only files that name their writer: a commit record's temp file may be another rank's
+    # commit of these same bytes, in flight right now on a shared replica.
+    stale = [k for k in replica.list_prefix(step_dir(step)) if (w := writer_of(k)) is not None and w not in pinned]
+    if stale:
+        log.info("removing %d leftover file(s) of interrupted saves of step %d on %s", len(stale), step, replica.url)
+        delete_quietly(replica, stale)
 
 
 def commit_from_reports(step: int, world_size: int, replicated: bool, reports: list[dict[str, Any]]) -> bytes:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Mapping, Protocol, Sequence, TypeVar
 
-from . import ops
+from .. import ops
 
 
 class _Report(Protocol):

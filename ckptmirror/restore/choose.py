@@ -1,9 +1,11 @@
 """Choosing the step to restore: newest first, falling back, and agreeing across ranks.
 
-The last stage of the read path. The committed steps found by :mod:`ckptmirror.discover` are
-tried newest first; each is probed (commit readable, this rank's manifest verified, every
-object present somewhere with its size) and loaded by :class:`~ckptmirror.reader.StepReader`.
-A step that fails with one of :data:`~ckptmirror.reader.STEP_FAILURES` is skipped with a
+The orchestrator of the read path. The committed steps found by
+:mod:`~ckptmirror.restore.discover` are tried newest first; each is probed through a
+:class:`~ckptmirror.restore.fetch.Fetcher` (commit readable, this rank's manifest verified,
+every object present somewhere with its size: one preflight per step) and loaded by
+:func:`~ckptmirror.restore.fill.fill_step`.
+A step that fails with one of :data:`~ckptmirror.restore.fetch.STEP_FAILURES` is skipped with a
 warning naming what was wrong, and the previous step is tried. Checkpoints that exist but
 none of which verifies raise :class:`NoValidCheckpointError`.
 
@@ -18,12 +20,16 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
+from ..errors import NoValidCheckpointError, StateMismatchError, StepNotFoundError
+from ..format import CommitRecord, RankManifest
+from ..replicas.base import Replica
+from .check import validate_manifest
 from .discover import list_steps
-from .errors import NoValidCheckpointError, StateMismatchError, StepNotFoundError
-from .format import CommitRecord, RankManifest
-from .reader import STEP_FAILURES, Loaded, StepReader
-from .replicas.base import Replica
-from .validate import validate_manifest
+from .fetch import STEP_FAILURES, Fetcher, ObjectPlan
+from .fill import Loaded, fill_step
+
+#: What probing a step yields: its commit record, this rank's manifest and where each object is.
+Probed = tuple[CommitRecord, RankManifest, ObjectPlan]
 
 log = logging.getLogger("ckptmirror")
 
@@ -38,7 +44,6 @@ def load_newest(
     targets: Any = None,
     strict_paths: Sequence[tuple[Any, ...]] = (),
     validate: Callable[[Any], None] | None = None,
-    max_buffer_bytes: int = 64 << 20,
     agree: Callable[[str, Any], list[Any]] | None = None,
 ) -> Loaded | None:
     """Load ``step`` (or the newest step that verifies) for ``rank``; None if no checkpoint exists.
@@ -53,14 +58,14 @@ def load_newest(
     listing = list_steps(replicas)
     if listing.unreachable and len(listing.unreachable) == len(replicas) and agree is None:
         raise NoValidCheckpointError({-1: "every replica is unreachable: " + "; ".join(f"{u}: {e}" for u, e in listing.unreachable.items())})
-    reader = StepReader(replicas, pool, max_buffer_bytes)
+    reader = Fetcher(replicas, pool)
     if step is not None and step not in listing.committed and agree is None:
         raise StepNotFoundError(step, list(listing.committed))
     candidates = [step] if step is not None else sorted(listing.committed, reverse=True)
     candidates = [s for s in candidates if s in listing.committed]
     problems: dict[int, str] = {}
 
-    def probe(s: int) -> tuple[CommitRecord, RankManifest]:
+    def probe(s: int) -> Probed:
         commit = reader.read_commit(s, listing.committed[s])
         if world_size is None:  # offline: read ``rank`` of whatever world size was saved
             if rank >= commit.world_size and not commit.replicated:
@@ -77,8 +82,7 @@ def load_newest(
                 f"step {s} was saved by {commit.world_size} rank(s), this job has {world_size}; "
                 "per-rank state that is not sharded (DTensor) cannot be mapped onto another world size"
             )
-        reader.preflight(manifest)
-        return commit, manifest
+        return commit, manifest, reader.preflight(manifest)
 
     def shards_of(commit: CommitRecord) -> Callable[[], list[tuple[RankManifest, str]]]:
         return lambda: [(reader.read_manifest(commit, r), commit.manifest_ref(r).key) for r in range(1 if commit.replicated else commit.world_size)]
@@ -90,8 +94,8 @@ def load_newest(
             return None
         for s in candidates:
             try:
-                commit, manifest = probe(s)
-                loaded = reader.load(manifest, manifest_key(commit, rank), targets, strict_paths, validate, shards_of(commit))
+                commit, manifest, objects = probe(s)
+                loaded = fill_step(reader, manifest, manifest_key(commit, rank), objects, targets, strict_paths, validate, shards_of(commit))
             except STEP_FAILURES as exc:
                 if step is not None:
                     raise
@@ -111,10 +115,10 @@ def manifest_key(commit: CommitRecord, rank: int) -> str:
 
 
 def _load_agreed(
-    reader: StepReader,
+    reader: Fetcher,
     candidates: list[int],
     problems: dict[int, str],
-    probe: Callable[[int], tuple[CommitRecord, RankManifest]],
+    probe: Callable[[int], Probed],
     shards_of: Callable[[CommitRecord], Callable[[], list[tuple[RankManifest, str]]]],
     rank: int,
     step: int | None,
@@ -126,7 +130,8 @@ def _load_agreed(
     """The several-ranks half of :func:`load_newest`: vote on a step, load it, fall back together."""
     bound = candidates[0] if candidates else -1
     for rnd in range(len(candidates) * 2 + 2):
-        mine, error, found = -1, None, None
+        mine, error = -1, None
+        found: tuple[int, CommitRecord, RankManifest, ObjectPlan] | None = None
         for s in (c for c in candidates if c <= bound):
             try:
                 found = (s, *probe(s))
@@ -155,7 +160,8 @@ def _load_agreed(
         ok, why = True, ""
         assert found is not None and found[0] == lo
         try:
-            loaded = reader.load(found[2], manifest_key(found[1], rank), targets, strict_paths, validate, shards_of(found[1]))
+            _, commit, manifest, objects = found
+            loaded = fill_step(reader, manifest, manifest_key(commit, rank), objects, targets, strict_paths, validate, shards_of(commit))
         except STEP_FAILURES as exc:
             ok, why = False, f"{type(exc).__name__}: {exc}"
             problems[lo] = f"rank {rank}: {why}"

@@ -3,8 +3,8 @@
 A step exists on a replica when its commit record is there (presence only: nothing is read
 or verified here). A step directory without a commit record is *torn*, the leftovers of an
 interrupted save; a replica that cannot be listed at all is *unreachable*. The candidates
-found here are validated (:mod:`ckptmirror.validate`), read (:mod:`ckptmirror.reader`) and
-chosen among (:mod:`ckptmirror.choose`) by the later stages.
+found here are validated (:mod:`ckptmirror.restore.check`), read (:mod:`ckptmirror.restore.fill`) and
+chosen among (:mod:`ckptmirror.restore.choose`) by the later stages.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import logging
 from dataclasses import dataclass
 from typing import Sequence
 
-from .errors import CkptMirrorError
-from .format import commit_key, parse_step_dir
-from .replicas.base import Replica
+from ..errors import CkptMirrorError
+from ..format import commit_key, parse_step_dir
+from ..replicas.base import Replica
 
 log = logging.getLogger("ckptmirror")
 

@@ -41,12 +41,12 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from ._version import __version__
-from .checksum import Hasher, is_checksum
-from .errors import CkptMirrorError, CorruptObjectError, ManifestError, ObjectMissingError, ReplicaPermissionError, StepExistsError
-from .format import MAX_MANIFEST_BYTES, parse_commit, parse_rank_manifest
-from .replicas.base import validate_key
-from .replicas.local import LocalReplica
+from .._version import __version__
+from ..checksum import Hasher, is_checksum
+from ..errors import CkptMirrorError, CorruptObjectError, ManifestError, ObjectMissingError, ReplicaPermissionError, StepExistsError
+from ..format import MAX_MANIFEST_BYTES, parse_commit, parse_rank_manifest
+from .base import validate_key
+from .local import LocalReplica
 
 log = logging.getLogger("ckptmirror.agent")
 

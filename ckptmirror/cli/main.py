@@ -1,7 +1,7 @@
 """The ``ckptmirror`` command line: the parser, ``demo`` and ``serve``.
 
 The operator commands (ls, verify, repair, prune, inspect, export) are defined in
-:mod:`ckptmirror.cli_ops` and print through :mod:`ckptmirror.cli_render`; the library behind
+:mod:`ckptmirror.cli.commands` and print through :mod:`ckptmirror.cli.render`; the library behind
 them (:mod:`ckptmirror.ops`) is imported only when one of them runs.
 """
 
@@ -11,8 +11,8 @@ import argparse
 import sys
 from typing import NoReturn, Sequence
 
-from ._version import __version__
-from .cli_ops import OPS_COMMANDS, add_ops_commands, run_ops
+from .._version import __version__
+from .commands import OPS_COMMANDS, add_ops_commands, run_ops
 
 __all__ = ["OPS_COMMANDS", "build_parser", "main"]
 
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_demo(args.dir, args.steps, args.save_every)
         if args.command == "serve":
-            from .agent import serve as run_agent
+            from ..replicas.peer_agent import serve as run_agent
 
             token = None
             if args.token_file:

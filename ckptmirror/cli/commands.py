@@ -1,6 +1,6 @@
 """The operator commands of the ``ckptmirror`` command line: their parsers, and running them.
 
-The commands are :mod:`ckptmirror.ops` functions; :mod:`ckptmirror.cli_render` prints their
+The commands are :mod:`ckptmirror.ops` functions; :mod:`ckptmirror.cli.render` prints their
 results. This module imports neither until a command runs, so building the parser is cheap.
 """
 
@@ -171,7 +171,7 @@ def _setup_logging(verbose: bool, show_warnings: bool) -> None:
 
 def _one_line(exc: BaseException) -> str:
     """``exc`` as one line; our own errors without their class name (their text says enough)."""
-    from .errors import CkptMirrorError
+    from ..errors import CkptMirrorError
 
     text = str(exc) if isinstance(exc, CkptMirrorError) else f"{type(exc).__name__}: {exc}"
     return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
@@ -183,10 +183,10 @@ def run_ops(args: argparse.Namespace) -> int:
     Errors are one line on stderr: status 2 for usage errors and unreachable replicas, 1 for
     anything else (the command's own statuses are in its ``--help``).
     """
-    from .cli_render import run_command
-    from .errors import ReplicaUnavailableError
-    from .ops import UsageError
-    from .ops._common import reject_memory_url
+    from ..errors import ReplicaUnavailableError
+    from ..ops import UsageError
+    from ..ops._common import reject_memory_url
+    from .render import run_command
 
     _setup_logging(args.verbose, args.command in ("export", "inspect"))
     try:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import StateMismatchError
+from ..errors import StateMismatchError
 from .tree import key_path
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offset, shape)

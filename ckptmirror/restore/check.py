@@ -5,7 +5,7 @@ together: storages that overlap, a leaf that reaches past the end of its storage
 implausible element count, a dtype that is unknown or holds Python objects, a structure that
 references a leaf twice or never, a shard that does not fit its global shape.
 :func:`validate_manifest` rejects all of these with :class:`ManifestError`, so that a step is
-refused before any target tensor is touched. Restore (:mod:`ckptmirror.reader`) and
+refused before any target tensor is touched. Restore (:mod:`ckptmirror.restore.fill`) and
 ``ckptmirror verify`` (:mod:`ckptmirror.ops`) use the same checks.
 """
 
@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from .errors import ManifestError
-from .format import RankManifest
-from .reshard import Box
-from .tree import dtype_from_name, key_path, unflatten
+from ..errors import ManifestError
+from ..format import RankManifest
+from ..state.reshard import Box
+from ..state.tree import dtype_from_name, key_path, unflatten
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ def services(root: str) -> Iterator[dict[str, str]]:
         port = _free_port()
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "ckptmirror.cli", "serve", "--root", os.path.join(root, "node1-agent"), "--port", str(port), "--token-file", token_file, "--reserve-free-bytes", "0"],
+                [sys.executable, "-m", "ckptmirror", "serve", "--root", os.path.join(root, "node1-agent"), "--port", str(port), "--token-file", token_file, "--reserve-free-bytes", "0"],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -179,7 +179,7 @@ def run_demo(directory: str | None, steps: int, save_every: int) -> int:
             for u, what in zip(urls, ("this node's disk", "peer agent (ckptmirror serve) on 'node 1'", "S3-compatible store")):
                 print(f"  {u:<48} {what}")
             print(f"training in a child process; it saves every {save_every} steps and is SIGKILLed at step {kill_at}")
-            proc = subprocess.Popen([sys.executable, "-m", "ckptmirror.demo", "--child", root, str(steps), str(save_every)], stdout=subprocess.PIPE, text=True)
+            proc = subprocess.Popen([sys.executable, "-m", "ckptmirror.cli.demo", "--child", root, str(steps), str(save_every)], stdout=subprocess.PIPE, text=True)
             assert proc.stdout is not None
             for line in proc.stdout:
                 ev = json.loads(line)
@@ -233,4 +233,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--child":
         child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:
-        sys.exit("usage: python -m ckptmirror.demo --child ROOT STEPS SAVE_EVERY (use 'ckptmirror demo')")
+        sys.exit("usage: python -m ckptmirror.cli.demo --child ROOT STEPS SAVE_EVERY (use 'ckptmirror demo')")

@@ -10,15 +10,20 @@ is refused with :class:`StateMismatchError` while the caller's state is still un
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-from .errors import StateMismatchError
+from ..errors import StateMismatchError
 from .tree import is_dtensor
 
-if TYPE_CHECKING:
-    from .mirror import Stateful
+
+class Stateful(Protocol):
+    """Anything with ``state_dict()`` and ``load_state_dict()``: modules, optimizers, schedulers."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state_dict: Any, /) -> Any: ...
 
 
 def init_sharded_optimizer_state(optim: Any) -> None:

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .format import LeafRecord, StorageRecord
-from .tree import Flattened, dtype_name
+from ..buffers import byte_view
+from ..format import LeafRecord, StorageRecord
+from ..state.tree import Flattened, dtype_name
 
 if TYPE_CHECKING:
     import numpy as np  # imported lazily at run time
@@ -34,18 +35,6 @@ if TYPE_CHECKING:
 #: Storage spans start at a multiple of this, so views of every dtype (element sizes up to
 #: 16 bytes) that share a storage keep an integral element offset.
 _SPAN_ALIGN = 16
-
-
-def byte_view(storage: torch.UntypedStorage, start: int, nbytes: int) -> torch.Tensor:
-    """A uint8 tensor aliasing ``nbytes`` of ``storage`` from byte ``start`` (any device)."""
-    # stride (1,) is what set_ derives for a 1-d size anyway; torch's stubs want it spelled out
-    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, start, (nbytes,), (1,))
-
-
-def host_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of a CPU tensor as a memoryview, without a copy (the same view as
-    ``memoryview(t.numpy())``, which numpy's stubs only allow on Python >= 3.12)."""
-    return t.numpy().data
 
 
 @dataclass

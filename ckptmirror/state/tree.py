@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import ManifestError, UnsupportedTypeError
+from ..errors import ManifestError, UnsupportedTypeError
 
 JSON = Any  # a JSON-compatible value
 

@@ -1,0 +1,78 @@
+"""Which replicas are degraded, and the background thread that brings them back.
+
+A replica that fails with an ``OSError`` (unreachable, disk full, timed out) is *degraded*:
+saves skip it, so a dead replica costs the training thread nothing, and a background thread
+pings it every ``interval_s`` until it answers again. Replicas that ask for a heartbeat
+(:attr:`Replica.heartbeat`: peers, since a node can vanish between saves) are pinged even while
+healthy. One :class:`ReplicaHealth` belongs to one :class:`~ckptmirror.mirror.Mirror`; its save
+fan-out marks replicas through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Mapping, Sequence
+
+from .replicas.base import Replica
+
+log = logging.getLogger("ckptmirror")
+
+
+class ReplicaHealth:
+    """Thread-safe record of degraded replicas (URL -> last error text), with its prober."""
+
+    def __init__(self, replicas: Sequence[Replica], interval_s: float) -> None:
+        self.replicas = list(replicas)
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._degraded: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def mark(self, replica: Replica, exc: BaseException | str) -> None:
+        """Record ``replica`` as degraded because of ``exc`` (logged once per outage)."""
+        why = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            if replica.url not in self._degraded:
+                log.warning("replica %s is degraded (%s); saves skip it until it answers again", replica.url, why)
+            self._degraded[replica.url] = why
+
+    def mark_all(self, failures: Mapping[str, str]) -> None:
+        """Record several replicas (by URL) as degraded, without a log line each."""
+        with self._lock:
+            self._degraded.update(failures)
+
+    def degraded(self) -> dict[str, str]:
+        """A copy of URL -> error text of the replicas degraded now."""
+        with self._lock:
+            return dict(self._degraded)
+
+    def summary(self) -> dict[str, str]:
+        """Per replica URL: ``"ok"`` or ``"degraded: <last error>"``."""
+        with self._lock:
+            return {r.url: ("degraded: " + self._degraded[r.url]) if r.url in self._degraded else "ok" for r in self.replicas}
+
+    def start(self) -> None:
+        """Start the background prober."""
+        self._thread = threading.Thread(target=self._probe, name="ckptmirror-health", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the prober (it finishes the ping in progress, bounded by the replica's deadline)."""
+        self._stop.set()
+
+    def _probe(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            with self._lock:
+                probe = [r for r in self.replicas if r.url in self._degraded or r.heartbeat]
+            for r in probe:
+                try:
+                    r.ping()
+                except Exception as exc:  # noqa: BLE001 - recorded as degraded
+                    self.mark(r, exc)
+                    continue
+                with self._lock:
+                    was_down = self._degraded.pop(r.url, None) is not None
+                if was_down:
+                    log.warning("replica %s answers again; saves use it from now on", r.url)

@@ -1,0 +1,323 @@
+"""Fill: rebuild one rank's state of one step, in the caller's tensors where it has them.
+
+The last stage of the read path. Given a manifest whose objects were preflighted
+(:mod:`~ckptmirror.restore.fetch`), :func:`fill_step`:
+
+1. checks the manifest (:func:`~ckptmirror.restore.check.validate_manifest`) and matches the
+   stored leaves onto the restore targets (keys, shapes, dtypes) *before* any tensor is touched;
+2. reads objects in parallel through the :class:`~ckptmirror.restore.fetch.Fetcher` (verified
+   there) and scatters them into the target tensors in place; an object that lies inside one
+   contiguous CPU target is read straight into it, with no copy;
+3. builds the state tree: the caller's tensors where it gave them, new tensors elsewhere.
+
+A sharded target (DTensor) whose layout differs from the stored one is resharded from every
+stored rank's shards (:mod:`ckptmirror.state.reshard`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+from concurrent.futures import wait
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..buffers import byte_view
+from ..errors import StateMismatchError
+from ..format import RankManifest
+from ..state.reshard import Piece, StoredShard, Want, copy_piece, plan_pieces
+from ..state.tree import dtensor_local, is_dtensor, key_path, unflatten
+from .check import ManifestCheck, contiguous_strides, validate_manifest
+from .fetch import Fetcher, ObjectPlan
+
+log = logging.getLogger("ckptmirror")
+
+
+@dataclass
+class Loaded:
+    """A step read back: the state tree, and which replica served each object."""
+
+    step: int
+    state: Any
+    sources: dict[str, str] = field(default_factory=dict)  # object key -> replica URL
+
+
+class _Target:
+    """Where the bytes of one storage go: straight into a target tensor, or a fresh buffer."""
+
+    def __init__(self, dest: torch.Tensor, direct: torch.Tensor | None) -> None:
+        self.dest = dest  # uint8 view the bytes are copied into
+        self.direct = direct  # the target tensor, when dest aliases it
+
+
+def _lookup(tree: Any, path: tuple[Any, ...]) -> Any:
+    node = tree
+    for k in path:
+        try:
+            node = node[k]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+def fill_step(
+    fetcher: Fetcher,
+    m: RankManifest,
+    key: str,
+    object_plan: ObjectPlan,
+    targets: Any = None,
+    strict_paths: Sequence[tuple[Any, ...]] = (),
+    validate: Callable[[Any], None] | None = None,
+    shards: Callable[[], list[tuple[RankManifest, str]]] | None = None,
+) -> Loaded:
+    """Rebuild the state of ``m``; fill tensors of ``targets`` (same tree shape) in place.
+
+    ``object_plan`` is ``fetcher.preflight(m)``, taken once by the caller when it chose the step.
+    ``validate`` receives the state tree with :class:`~ckptmirror.restore.check.LeafSpec` placeholders for the
+    tensors; it runs, like every other check, before any target tensor is written.
+    ``shards`` lists every stored rank's manifest; it is needed only when a sharded target
+    (DTensor) has another layout than the one stored, and is then resharded from them.
+    """
+    check = validate_manifest(m, key)
+    esizes, dtypes, paths = check.esizes, check.dtypes, check.paths
+    leaf_targets, wants, values = _match_targets(m, check, targets, strict_paths)
+    if validate is not None:
+        validate(check.skeleton)
+    pieces: list[Piece] = []
+    stored: list[tuple[RankManifest, ManifestCheck, ObjectPlan]] = []
+    if wants:
+        if shards is None:
+            raise StateMismatchError("the target's sharding differs from the stored one, and no other rank's shards are available")
+        for sm, skey in shards():
+            sc = validate_manifest(sm, skey)
+            stored.append((sm, sc, {}))
+        pieces = plan_pieces(wants, [StoredShard(i, sc.boxes(sm)) for i, (sm, sc, _) in enumerate(stored)])
+        for src in {p.source for p in pieces}:
+            stored[src][2].update(fetcher.preflight(stored[src][0]))
+    skip = {i for i in range(len(m.leaves)) if paths.get(i) in {w.path for w in wants}}
+    storage_targets = _storage_targets(m, leaf_targets, dtypes, esizes, skip)
+    loaded = Loaded(m.step, None)
+    _read_objects(fetcher, m, object_plan, storage_targets, loaded)
+    for src in sorted({p.source for p in pieces}):
+        sm, sc, splan = stored[src]
+        needed = {sm.leaves[p.leaf].storage for p in pieces if p.source == src}
+        bufs = [_Target(torch.empty(r.nbytes, dtype=torch.uint8), None) if j in needed else None for j, r in enumerate(sm.storages)]
+        _read_objects(fetcher, sm, splan, bufs, loaded)
+        for p in (p for p in pieces if p.source == src):
+            lf = sm.leaves[p.leaf]
+            buf = bufs[lf.storage]
+            assert buf is not None and sc.dtypes[p.leaf] is not None
+            leaf = torch.empty(0, dtype=sc.dtypes[p.leaf]).set_(buf.dest.untyped_storage(), lf.offset, lf.shape, lf.stride)
+            copy_piece(p, leaf)
+    leaves = _build_leaves(m, storage_targets, leaf_targets, dtypes, values)
+    loaded.state = unflatten(m.structure, lambda kind, i, path: leaves[i], key)
+    return loaded
+
+def _match_targets(
+    m: RankManifest, check: ManifestCheck, targets: Any, strict_paths: Sequence[tuple[Any, ...]]
+) -> tuple[dict[int, torch.Tensor], list[Want], dict[int, Any]]:
+    """Map stored leaves onto the caller's tensors.
+
+    Returns the tensors to fill in place (for a DTensor: its local shard), the targets that
+    need resharding, and what to put in the returned tree instead of a new tensor.
+    """
+    out: dict[int, torch.Tensor] = {}
+    wants: list[Want] = []
+    values: dict[int, Any] = {}
+    paths = check.paths
+    if targets is None:
+        _consolidate(m, check, set(), wants, values)
+        return out, wants, values
+    stored_paths = {p: i for i, p in paths.items()}
+    problems = []
+    for prefix in strict_paths:
+        sub = _lookup(targets, prefix)
+        if not isinstance(sub, dict):
+            continue
+        for k, v in sub.items():
+            if isinstance(v, torch.Tensor) and prefix + (k,) not in stored_paths:
+                problems.append(f"{key_path('state', prefix + (k,))} is in the target but not in the checkpoint")
+        stored_sub = _lookup_stored_keys(paths, prefix)
+        for k in stored_sub:
+            if k not in sub:
+                problems.append(f"{key_path('state', prefix + (k,))} is in the checkpoint but not in the target")
+    for i, path in paths.items():
+        t = _lookup(targets, path)
+        if not isinstance(t, torch.Tensor):
+            continue
+        lf = m.leaves[i]
+        if lf.kind != "tensor":
+            problems.append(f"{key_path('state', path)}: checkpoint holds a numpy array, target a tensor")
+            continue
+        stored_g, stored_off = check.dtensors.get(i, (lf.shape, (0,) * len(lf.shape)))
+        if is_dtensor(t) or i in check.dtensors:
+            local, gshape, offset = dtensor_local(t) if is_dtensor(t) else (t, tuple(t.shape), (0,) * t.dim())
+            if tuple(gshape) != tuple(stored_g):
+                problems.append(f"{key_path('state', path)}: checkpoint global shape {list(stored_g)}, target {list(gshape)}")
+                continue
+            values[i] = t
+            if tuple(local.shape) == lf.shape and tuple(offset) == tuple(stored_off):
+                out[i] = local  # same layout: fill this rank's shard in place
+            else:
+                wants.append(Want(path, local, tuple(offset), tuple(gshape)))
+        elif tuple(t.shape) != lf.shape:
+            problems.append(f"{key_path('state', path)}: checkpoint shape {list(lf.shape)}, target shape {list(t.shape)}")
+        else:
+            out[i] = t
+    if problems:
+        raise StateMismatchError(f"step {m.step} does not fit the restore target:\n  " + "\n  ".join(problems[:50]))
+    _consolidate(m, check, set(values) | set(out), wants, values)
+    return out, wants, values
+
+def _consolidate(m: RankManifest, check: ManifestCheck, handled: set[int], wants: list[Want], values: dict[int, Any]) -> None:
+    """A stored shard with nothing to fill becomes a new, whole tensor (gathered from every
+    rank's shards): a plain process reading a sharded checkpoint gets full tensors."""
+    for i, (gshape, _) in check.dtensors.items():
+        if i in handled:
+            continue
+        dtype = check.dtypes[i]
+        assert dtype is not None
+        whole = torch.empty(gshape, dtype=dtype)
+        values[i] = whole
+        wants.append(Want(check.paths[i], whole, (0,) * len(gshape), tuple(gshape)))
+
+def _storage_targets(
+    m: RankManifest, leaf_targets: dict[int, torch.Tensor], dtypes: list[torch.dtype | None], esizes: list[int], skip: set[int]
+) -> list[_Target | None]:
+    """Where each storage's bytes go; None for storages only resharded leaves use (not read)."""
+    users: dict[int, list[int]] = {}
+    for i, lf in enumerate(m.leaves):
+        users.setdefault(lf.storage, []).append(i)
+    out: list[_Target | None] = []
+    for s, rec in enumerate(m.storages):
+        direct = None
+        members = users.get(s, [])
+        if members and all(i in skip for i in members):
+            out.append(None)
+            continue
+        if len(members) == 1 and members[0] in leaf_targets:
+            i = members[0]
+            lf, t = m.leaves[i], leaf_targets[i]
+            if (
+                lf.offset == 0
+                and lf.stride == contiguous_strides(lf.shape)
+                and t.dtype == dtypes[i]
+                and t.is_contiguous()
+                and t.numel() * esizes[i] == rec.nbytes
+                and type(t) in (torch.Tensor, torch.nn.Parameter)
+            ):
+                direct = t
+        if direct is not None and rec.nbytes:
+            dest = byte_view(direct.untyped_storage(), int(direct.storage_offset()) * direct.element_size(), rec.nbytes)
+        else:
+            direct = None
+            dest = torch.empty(rec.nbytes, dtype=torch.uint8)
+        out.append(_Target(dest, direct))
+    return out
+
+def _read_objects(fetcher: Fetcher, m: RankManifest, plan: ObjectPlan, targets: Sequence[_Target | None], loaded: Loaded) -> None:
+    # Storages with bytes, by offset; the manifest check guarantees they do not overlap,
+    # so the storages an object touches are a contiguous run found by bisection. Storages
+    # without a target are not wanted, and objects that hold none that are, are not read.
+    order = sorted((i for i, s in enumerate(m.storages) if s.nbytes and targets[i] is not None), key=lambda i: m.storages[i].offset)
+    sorted_starts = [m.storages[i].offset for i in order]
+    obj_offsets = []
+    acc = 0
+    for o in m.objects:
+        obj_offsets.append(acc)
+        acc += o.size
+    lock = threading.Lock()
+    failed = threading.Event()
+
+    def work(j: int) -> None:
+        if failed.is_set():
+            return  # the step is lost already; do not write more of it into the targets
+        obj = m.objects[j]
+        lo, hi = obj_offsets[j], obj_offsets[j] + obj.size
+        # An object that lies inside one storage filled in place on the CPU is read straight
+        # into it (verified there; a mismatch is read again from the next replica): no copy.
+        k = max(0, bisect.bisect_right(sorted_starts, lo) - 1)
+        rec0 = m.storages[order[k]] if order else None
+        tgt0 = targets[order[k]] if order else None
+        direct = None
+        if rec0 is not None and tgt0 is not None and tgt0.direct is not None and not tgt0.dest.is_cuda:
+            if rec0.offset <= lo and hi <= rec0.offset + rec0.nbytes:
+                direct = tgt0.dest[lo - rec0.offset : hi - rec0.offset]
+        try:
+            buf, url = fetcher.fetch(obj.key, obj.size, obj.checksum, plan[obj.key], into=direct)
+        except BaseException:
+            failed.set()
+            raise
+        if direct is not None:
+            with lock:
+                loaded.sources[obj.key] = url
+            return
+        # Storages overlapping [lo, hi): those starting before hi, minus those ending before lo.
+        k = max(0, bisect.bisect_right(sorted_starts, lo) - 1)
+        while k < len(order) and sorted_starts[k] < hi:
+            rec = m.storages[order[k]]
+            a, b = max(lo, rec.offset), min(hi, rec.offset + rec.nbytes)
+            tgt = targets[order[k]]
+            if a < b and tgt is not None:
+                tgt.dest[a - rec.offset : b - rec.offset].copy_(buf[a - lo : b - lo])
+            k += 1
+        with lock:
+            loaded.sources[obj.key] = url
+
+    wanted: set[int] = set()
+    for idx in order:  # the objects that overlap a wanted storage
+        rec = m.storages[idx]
+        first = max(0, bisect.bisect_right(obj_offsets, rec.offset) - 1)
+        wanted.update(range(first, bisect.bisect_left(obj_offsets, rec.offset + rec.nbytes)))
+    futures = [fetcher.pool.submit(work, j) for j in sorted(wanted)]
+    # Every read must be over before we return or raise: a straggler writing into the
+    # targets after a fallback to an older step would mix two steps.
+    wait(futures)
+    for f in futures:
+        f.result()
+
+def _build_leaves(
+    m: RankManifest, targets: list[_Target | None], leaf_targets: dict[int, torch.Tensor], dtypes: list[torch.dtype | None], values: dict[int, Any]
+) -> list[Any]:
+    out: list[Any] = []
+    for i, lf in enumerate(m.leaves):
+        tgt = targets[lf.storage]
+        if tgt is None:  # filled by resharding
+            out.append(values[i])
+            continue
+        if lf.kind == "ndarray":
+            import numpy as np
+
+            dt = np.dtype(lf.dtype)
+            arr = np.empty(lf.shape, dtype=dt)
+            n = arr.nbytes
+            arr.reshape(-1).view(np.uint8)[:] = tgt.dest.numpy()[lf.offset * dt.itemsize : lf.offset * dt.itemsize + n]
+            out.append(arr)
+            continue
+        if tgt.direct is not None:
+            out.append(values.get(i, leaf_targets[i]))
+            continue
+        dtype = dtypes[i]
+        assert dtype is not None
+        t = torch.empty(0, dtype=dtype).set_(tgt.dest.untyped_storage(), lf.offset, lf.shape, lf.stride)
+        if i in leaf_targets:
+            target = leaf_targets[i]
+            with torch.no_grad():
+                target.copy_(t)
+            out.append(values.get(i, target))
+            continue
+        if lf.parameter:
+            t = torch.nn.Parameter(t, requires_grad=lf.requires_grad)
+        elif lf.requires_grad and t.is_floating_point():
+            t.requires_grad_(True)
+        out.append(t)
+    return out
+
+
+
+def _lookup_stored_keys(paths: dict[int, tuple[Any, ...]], prefix: tuple[Any, ...]) -> set[Any]:
+    n = len(prefix)
+    return {p[n] for p in paths.values() if len(p) > n and p[:n] == prefix}
