@@ -37,7 +37,8 @@ import tempfile
 import threading
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -425,7 +426,10 @@ def run_contender(name: str, args: argparse.Namespace, workdir: str) -> dict[str
                 verify((model, optim), target)
                 rec["verified"] = True
             restores.append(rec)
-            log(f"{name}: restore {i}: {rec['seconds']:.3f} s" + (" (verified bit-exact)" if rec.get("verified") else ""))
+            log(
+                f"{name}: restore {i}: {rec['seconds']:.3f} s"
+                + (" (verified bit-exact)" if rec.get("verified") else "")
+            )
             del target
             gc.collect()
         res["restores"] = restores
@@ -444,14 +448,19 @@ def run_slowdown(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     steps after each, so that all three conditions see the same background load of a shared
     machine. New rounds stop once ``--slowdown-max-s`` has passed (each contender gets at least one).
     """
-    import ckptmirror
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    import ckptmirror
 
     width = width_for(args.params)
     model, optim = build_state(width)
     os.makedirs(workdir, exist_ok=True)
-    res: dict[str, Any] = {"contender": "slowdown", "state_bytes": state_nbytes(model, optim), "threads": torch.get_num_threads()}
+    res: dict[str, Any] = {
+        "contender": "slowdown",
+        "state_bytes": state_nbytes(model, optim),
+        "threads": torch.get_num_threads(),
+    }
 
     def step() -> float:
         t0 = time.perf_counter()
@@ -494,7 +503,9 @@ def run_slowdown(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         return stall, fut.done, finish, path
 
     modes = {"ckptmirror": start_cm, "dcp.async_save": start_dcp}
-    out: dict[str, dict[str, list[Any]]] = {k: {"steps": [], "round_steps": [], "stalls": [], "write_s": []} for k in modes}
+    out: dict[str, dict[str, list[Any]]] = {
+        k: {"steps": [], "round_steps": [], "stalls": [], "write_s": []} for k in modes
+    }
     try:
         for r in range(args.slowdown_rounds):
             order = list(modes) if r % 2 == 0 else list(modes)[::-1]
@@ -511,8 +522,10 @@ def run_slowdown(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
                 out[label]["round_steps"].append(steps)
                 out[label]["stalls"].append(stall)
                 out[label]["write_s"].append(finish())
-                log(f"slowdown: {label} round {r}: stall {stall:.3f} s, write done {out[label]['write_s'][-1]:.2f} s "
-                    f"after the call, {n} steps overlapped")
+                log(
+                    f"slowdown: {label} round {r}: stall {stall:.3f} s, write done {out[label]['write_s'][-1]:.2f} s "
+                    f"after the call, {n} steps overlapped"
+                )
                 if path:
                     shutil.rmtree(path, ignore_errors=True)
                 os.sync()
@@ -594,8 +607,20 @@ def rows_for(res: dict[str, Any]) -> list[dict[str, Any]]:
         "load": load_str(res),
     }
     if res["contender"] == "reference":
-        memcpy = dict(common, name="memcpy floor (ref)", restore=None, restore_first=None, restore_transient=None, bytes_on_disk=None)
-        memcpy.update(totals=[s["memcpy_s"] for s in saves], stall_first=saves[0]["memcpy_s"] if saves else None, stall=med([s["memcpy_s"] for s in steady]), total=None)
+        memcpy = dict(
+            common,
+            name="memcpy floor (ref)",
+            restore=None,
+            restore_first=None,
+            restore_transient=None,
+            bytes_on_disk=None,
+        )
+        memcpy.update(
+            totals=[s["memcpy_s"] for s in saves],
+            stall_first=saves[0]["memcpy_s"] if saves else None,
+            stall=med([s["memcpy_s"] for s in steady]),
+            total=None,
+        )
         raw = dict(common, name="raw write+fsync (ref)")
         raw.update(
             totals=[s["write_fsync_s"] for s in saves],
@@ -615,27 +640,38 @@ def rows_for(res: dict[str, Any]) -> list[dict[str, Any]]:
     return [row]
 
 
-def print_report(args: argparse.Namespace, results: list[dict[str, Any]], slowdown: dict[str, Any] | None, elapsed: float) -> None:
+def print_report(
+    args: argparse.Namespace, results: list[dict[str, Any]], slowdown: dict[str, Any] | None, elapsed: float
+) -> None:
     ok = [r for r in results if "error" not in r]
     state_bytes = next((r["state_bytes"] for r in ok), None) or (slowdown or {}).get("state_bytes")
     width = width_for(args.params)
     nparams = LAYERS * (width * width + width)
     print("# ckptmirror save/restore benchmark\n")
-    print(f"- state: {nparams / 1e6:.1f}M-parameter MLP ({LAYERS} x Linear({width}, {width}), float32, CPU) + AdamW state after one step, "
-          f"{4 * 2 * LAYERS} tensors = "
-          + (f"**{state_bytes / GB:.3f} GB**" if state_bytes else "?"))
+    print(
+        f"- state: {nparams / 1e6:.1f}M-parameter MLP ({LAYERS} x Linear({width}, {width}), float32, CPU) + AdamW state after one step, "
+        f"{4 * 2 * LAYERS} tensors = " + (f"**{state_bytes / GB:.3f} GB**" if state_bytes else "?")
+    )
     for line in machine_info(args):
         print(line)
-    print(f"- repeats per contender: {args.repeats}; 'first' = save #1 (cold: buffers and pages allocated), "
-          f"'steady' = median of saves #2..#{args.repeats}")
-    print("- restore: median over the repeats, each into a freshly built model + a fresh AdamW (empty state), "
-          "**right after saving: page cache warm** (caches not dropped; that needs root); every restore verified bit-exact")
-    print("- peak extra RSS: VmHWM during the saves minus the RSS of the state alone (each contender in its own process)")
+    print(
+        f"- repeats per contender: {args.repeats}; 'first' = save #1 (cold: buffers and pages allocated), "
+        f"'steady' = median of saves #2..#{args.repeats}"
+    )
+    print(
+        "- restore: median over the repeats, each into a freshly built model + a fresh AdamW (empty state), "
+        "**right after saving: page cache warm** (caches not dropped; that needs root); every restore verified bit-exact"
+    )
+    print(
+        "- peak extra RSS: VmHWM during the saves minus the RSS of the state alone (each contender in its own process)"
+    )
     print()
     if not results:
         print("(no contenders run)\n")
     else:
-        print("| contender | stall (s) first | stall (s) steady | total/committed (s) steady | restore (s) | peak extra RSS (GB) |")
+        print(
+            "| contender | stall (s) first | stall (s) steady | total/committed (s) steady | restore (s) | peak extra RSS (GB) |"
+        )
         print("|---|---:|---:|---:|---:|---:|")
         all_rows: dict[str, dict[str, Any]] = {}
         for res in results:
@@ -644,8 +680,10 @@ def print_report(args: argparse.Namespace, results: list[dict[str, Any]], slowdo
                 continue
             for row in rows_for(res):
                 all_rows[row["name"]] = row
-                print(f"| {row['name']} | {fmt(row['stall_first'])} | {fmt(row['stall'])} | {fmt(row['total'])} | "
-                      f"{fmt(row['restore'])} | {fmt(row['peak_extra'], 2)} |")
+                print(
+                    f"| {row['name']} | {fmt(row['stall_first'])} | {fmt(row['stall'])} | {fmt(row['total'])} | "
+                    f"{fmt(row['restore'])} | {fmt(row['peak_extra'], 2)} |"
+                )
         print()
         cm, das, ts = all_rows.get("ckptmirror"), all_rows.get("dcp.async_save"), all_rows.get("torch.save+fsync")
         ds, raw = all_rows.get("dcp.save"), all_rows.get("raw write+fsync (ref)")
@@ -654,22 +692,32 @@ def print_report(args: argparse.Namespace, results: list[dict[str, Any]], slowdo
             return "n/a" if not a or not b else f"{a / b:.2f}x"
 
         if cm and das:
-            print(f"- ckptmirror stall vs dcp.async_save stall (steady): {fmt(cm['stall'])} s vs {fmt(das['stall'])} s = "
-                  f"**{ratio(cm['stall'], das['stall'])}** (first save: {ratio(cm['stall_first'], das['stall_first'])})")
+            print(
+                f"- ckptmirror stall vs dcp.async_save stall (steady): {fmt(cm['stall'])} s vs {fmt(das['stall'])} s = "
+                f"**{ratio(cm['stall'], das['stall'])}** (first save: {ratio(cm['stall_first'], das['stall_first'])})"
+            )
         if cm and ts:
-            print(f"- ckptmirror time-to-committed vs torch.save+fsync (steady): {fmt(cm['total'])} s vs {fmt(ts['total'])} s = "
-                  f"**{ratio(cm['total'], ts['total'])}** (first save: {ratio(cm.get('total_first'), ts.get('total_first'))})")
+            print(
+                f"- ckptmirror time-to-committed vs torch.save+fsync (steady): {fmt(cm['total'])} s vs {fmt(ts['total'])} s = "
+                f"**{ratio(cm['total'], ts['total'])}** (first save: {ratio(cm.get('total_first'), ts.get('total_first'))})"
+            )
         if cm and raw:
-            print(f"- ckptmirror time-to-committed vs raw write+fsync of the same bytes: {ratio(cm['total'], raw['total'])}")
+            print(
+                f"- ckptmirror time-to-committed vs raw write+fsync of the same bytes: {ratio(cm['total'], raw['total'])}"
+            )
         if cm and ds:
-            print(f"- ckptmirror restore vs dcp.load path: {ratio(cm['restore'], ds['restore'])}; "
-                  f"vs torch.load: {ratio(cm['restore'], ts['restore'] if ts else None)}")
+            print(
+                f"- ckptmirror restore vs dcp.load path: {ratio(cm['restore'], ds['restore'])}; "
+                f"vs torch.load: {ratio(cm['restore'], ts['restore'] if ts else None)}"
+            )
         for res in ok:
             if res["contender"].startswith("dcp") and res.get("restores"):
                 rs = res["restores"]
-                print(f"- {res['contender']} restore breakdown (median): get_state_dict on the fresh model/optimizer "
-                      f"{fmt(med([r['get_state_dict_s'] for r in rs]))} s + dcp.load {fmt(med([r['dcp_load_s'] for r in rs]))} s "
-                      f"(+ set_state_dict: the rest)")
+                print(
+                    f"- {res['contender']} restore breakdown (median): get_state_dict on the fresh model/optimizer "
+                    f"{fmt(med([r['get_state_dict_s'] for r in rs]))} s + dcp.load {fmt(med([r['dcp_load_s'] for r in rs]))} s "
+                    f"(+ set_state_dict: the rest)"
+                )
         mem = all_rows.get("memcpy floor (ref)")
         if cm and mem:
             print(f"- ckptmirror stall vs memcpy floor (steady): {ratio(cm['stall'], mem['stall'])}")
@@ -678,15 +726,25 @@ def print_report(args: argparse.Namespace, results: list[dict[str, Any]], slowdo
             s = cmres["saves"]
             before = s[1]["staging_allocations_before"] if len(s) > 1 else s[0]["staging_allocations_after"]
             after = s[-1]["staging_allocations_after"]
-            verdict = "no allocation in steady state" if after == before else f"ALLOCATES: {after - before} new staging buffers"
+            verdict = (
+                "no allocation in steady state"
+                if after == before
+                else f"ALLOCATES: {after - before} new staging buffers"
+            )
             sw = med([x["stall_wall_s"] for x in s[1:]])
-            print(f"- ckptmirror stall as the caller sees it (wall time around `m.save()`; `h.stall_s` counts the same "
-                  f"span, `state_dict()` included): first {fmt(s[0]['stall_wall_s'])} s, steady {fmt(sw)} s")
-            print(f"- ckptmirror staging_allocations: {s[0]['staging_allocations_before']} before the first save, "
-                  f"{before} before the steady-state saves, {after} after them -> {verdict}")
+            print(
+                f"- ckptmirror stall as the caller sees it (wall time around `m.save()`; `h.stall_s` counts the same "
+                f"span, `state_dict()` included): first {fmt(s[0]['stall_wall_s'])} s, steady {fmt(sw)} s"
+            )
+            print(
+                f"- ckptmirror staging_allocations: {s[0]['staging_allocations_before']} before the first save, "
+                f"{before} before the steady-state saves, {after} after them -> {verdict}"
+            )
         print()
         print("Memory and bytes detail (GB):\n")
-        print("| contender | each save: total (s) | peak extra RSS, saves | extra RSS after each save | restore transient peak | bytes on disk | CPU used by other processes |")
+        print(
+            "| contender | each save: total (s) | peak extra RSS, saves | extra RSS after each save | restore transient peak | bytes on disk | CPU used by other processes |"
+        )
         print("|---|---|---:|---|---:|---:|---|")
         for row in all_rows.values():
             growth = ", ".join(f"{x:.2f}" for x in row["rss_after"])
@@ -694,18 +752,24 @@ def print_report(args: argparse.Namespace, results: list[dict[str, Any]], slowdo
             per = f"{bod / GB / args.repeats:.3f} per save" if bod else "n/a"
             tr = row.get("restore_transient")
             each = ", ".join(f"{x:.3f}" for x in row["totals"])
-            print(f"| {row['name']} | {each} | {fmt(row['peak_extra'], 2)} | {growth} | {fmt(None if tr is None else tr / GB, 2)} | {per} | {row['load']} |")
+            print(
+                f"| {row['name']} | {each} | {fmt(row['peak_extra'], 2)} | {growth} | {fmt(None if tr is None else tr / GB, 2)} | {per} | {row['load']} |"
+            )
         print()
-        print("Notes: stall = total for the blocking contenders (torch.save+fsync, dcp.save, raw write). "
-              "dcp.* times include `get_state_dict`; the dcp restore includes `get_state_dict` on the fresh optimizer "
-              "(initialises its AdamW state, as DCP loads in place), `dcp.load` and `set_state_dict`. "
-              "ckptmirror total = `h.committed_s` (wall time until `result()` is in the JSON). "
-              "'restore transient peak' = restore-time VmHWM minus the RSS once the restore is done. "
-              "The raw reference restore is a plain read into an existing buffer (no parse, no scatter, no verify).")
+        print(
+            "Notes: stall = total for the blocking contenders (torch.save+fsync, dcp.save, raw write). "
+            "dcp.* times include `get_state_dict`; the dcp restore includes `get_state_dict` on the fresh optimizer "
+            "(initialises its AdamW state, as DCP loads in place), `dcp.load` and `set_state_dict`. "
+            "ckptmirror total = `h.committed_s` (wall time until `result()` is in the JSON). "
+            "'restore transient peak' = restore-time VmHWM minus the RSS once the restore is done. "
+            "The raw reference restore is a plain read into an existing buffer (no parse, no scatter, no verify)."
+        )
         noisy = [r["contender"] for r in ok if busy(r)]
         if noisy:
-            print(f"\n**Warning: other processes used more than 0.25 of the {len(os.sched_getaffinity(0))} CPUs during: "
-                  f"{', '.join(noisy)}. Other processes compete for CPU and disk; compare ratios, rerun for stable numbers.**")
+            print(
+                f"\n**Warning: other processes used more than 0.25 of the {len(os.sched_getaffinity(0))} CPUs during: "
+                f"{', '.join(noisy)}. Other processes compete for CPU and disk; compare ratios, rerun for stable numbers.**"
+            )
         for res in results:
             if "error" in res:
                 print(f"\n**{res['contender']} failed:**\n```\n{res['error'][-3000:]}\n```")
@@ -721,11 +785,17 @@ def print_slowdown(sd: dict[str, Any]) -> None:
         return
     base = med(sd["baseline_steps"])
     if busy(sd):
-        print(f"**Warning: machine busy during this run (other processes used {load_str(sd)}); step times are inflated and noisy.**\n")
-    print(f"CPU training loop on the same model (batch {BATCH}, forward/backward/AdamW step, "
-          f"{sd['threads']} intra-op threads). 'during write' = steps started while the save was still writing; "
-          "rounds of the two alternate, with no-save steps between them, so all three see the same background load.\n")
-    print("| condition | median step (ms) | steps | vs no save | save stall (s), median | write time under load (s), median | training time lost per save (s), median |")
+        print(
+            f"**Warning: machine busy during this run (other processes used {load_str(sd)}); step times are inflated and noisy.**\n"
+        )
+    print(
+        f"CPU training loop on the same model (batch {BATCH}, forward/backward/AdamW step, "
+        f"{sd['threads']} intra-op threads). 'during write' = steps started while the save was still writing; "
+        "rounds of the two alternate, with no-save steps between them, so all three see the same background load.\n"
+    )
+    print(
+        "| condition | median step (ms) | steps | vs no save | save stall (s), median | write time under load (s), median | training time lost per save (s), median |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     print(f"| no save | {base * 1e3:.0f} | {len(sd['baseline_steps'])} | 1.00x | | | |")
     for key in ("ckptmirror", "dcp.async_save"):
@@ -735,29 +805,60 @@ def print_slowdown(sd: dict[str, Any]) -> None:
         m = med(d["steps"])
         rel = "n/a" if m is None or not base else f"{m / base:.2f}x"
         lost = [st + sum(x - base for x in rs) for st, rs in zip(d["stalls"], d.get("round_steps", []))]
-        print(f"| while {key} writes | {fmt(None if m is None else m * 1e3, 0)} | {len(d['steps'])} | {rel} | "
-              f"{fmt(med(d['stalls']))} | {fmt(med(d['write_s']), 2)} | {fmt(med(lost), 2)} |")
-    print("\n'training time lost per save' = stall + the sum, over the steps that overlapped the write, of "
-          "(step time - median no-save step): what one background save costs the loop in all.")
+        print(
+            f"| while {key} writes | {fmt(None if m is None else m * 1e3, 0)} | {len(d['steps'])} | {rel} | "
+            f"{fmt(med(d['stalls']))} | {fmt(med(d['write_s']), 2)} | {fmt(med(lost), 2)} |"
+        )
+    print(
+        "\n'training time lost per save' = stall + the sum, over the steps that overlapped the write, of "
+        "(step time - median no-save step): what one background save costs the loop in all."
+    )
 
 
 # ----------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", type=float, default=100e6, help="model parameters (default 100e6 -> ~1.2 GB with AdamW state)")
-    p.add_argument("--layers", type=int, default=LAYERS,
-                   help=f"Linear layers (default {LAYERS}); many layers = many small tensors, e.g. --params 10e6 --layers 2000")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--params", type=float, default=100e6, help="model parameters (default 100e6 -> ~1.2 GB with AdamW state)"
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=LAYERS,
+        help=f"Linear layers (default {LAYERS}); many layers = many small tensors, e.g. --params 10e6 --layers 2000",
+    )
     p.add_argument("--repeats", type=int, default=3, help="saves (and restores) per contender (default 3)")
-    p.add_argument("--dir", default=os.path.join(os.getcwd(), "bench-out"), help="target directory, one disk for all (default ./bench-out)")
+    p.add_argument(
+        "--dir",
+        default=os.path.join(os.getcwd(), "bench-out"),
+        help="target directory, one disk for all (default ./bench-out)",
+    )
     p.add_argument("--json", metavar="PATH", help="write the raw results here")
-    p.add_argument("--contenders", default=",".join(CONTENDERS),
-                   help=f"comma-separated subset of {','.join(CONTENDERS)}; 'none' to skip (default: all)")
-    p.add_argument("--slowdown", action="store_true", help="also measure training-step slowdown during background saves (~30 s)")
-    p.add_argument("--slowdown-rounds", type=int, default=3, help="background saves per async contender in --slowdown (default 3)")
-    p.add_argument("--slowdown-baseline-steps", type=int, default=2,
-                   help="no-save training steps at the start and after each background save (default 2)")
-    p.add_argument("--slowdown-max-s", type=float, default=30.0,
-                   help="start no new slowdown round after this many seconds (default 30; one round each at least)")
+    p.add_argument(
+        "--contenders",
+        default=",".join(CONTENDERS),
+        help=f"comma-separated subset of {','.join(CONTENDERS)}; 'none' to skip (default: all)",
+    )
+    p.add_argument(
+        "--slowdown", action="store_true", help="also measure training-step slowdown during background saves (~30 s)"
+    )
+    p.add_argument(
+        "--slowdown-rounds", type=int, default=3, help="background saves per async contender in --slowdown (default 3)"
+    )
+    p.add_argument(
+        "--slowdown-baseline-steps",
+        type=int,
+        default=2,
+        help="no-save training steps at the start and after each background save (default 2)",
+    )
+    p.add_argument(
+        "--slowdown-max-s",
+        type=float,
+        default=30.0,
+        help="start no new slowdown round after this many seconds (default 30; one round each at least)",
+    )
     p.add_argument("--contender", help=argparse.SUPPRESS)  # internal: run one contender in this process
     p.add_argument("--result-file", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -791,10 +892,28 @@ def child_main(args: argparse.Namespace) -> int:
 def run_child(name: str, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
     fd, result_file = tempfile.mkstemp(prefix="bench-result-", suffix=".json", dir=args.dir)
     os.close(fd)
-    cmd = [sys.executable, os.path.abspath(__file__), "--contender", name, "--params", repr(args.params),
-           "--repeats", str(args.repeats), "--layers", str(args.layers), "--dir", args.dir, "--result-file", result_file,
-           "--slowdown-rounds", str(args.slowdown_rounds), "--slowdown-baseline-steps", str(args.slowdown_baseline_steps),
-           "--slowdown-max-s", str(args.slowdown_max_s)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--contender",
+        name,
+        "--params",
+        repr(args.params),
+        "--repeats",
+        str(args.repeats),
+        "--layers",
+        str(args.layers),
+        "--dir",
+        args.dir,
+        "--result-file",
+        result_file,
+        "--slowdown-rounds",
+        str(args.slowdown_rounds),
+        "--slowdown-baseline-steps",
+        str(args.slowdown_baseline_steps),
+        "--slowdown-max-s",
+        str(args.slowdown_max_s),
+    ]
     log(f"running {name} in a subprocess")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -835,9 +954,17 @@ def main(argv: list[str] | None = None) -> int:
     print_report(args, results, slowdown, elapsed)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k not in ("contender", "result_file")},
-                       "machine": machine_info(args), "results": results, "slowdown": slowdown,
-                       "elapsed_s": elapsed}, f, indent=1)
+            json.dump(
+                {
+                    "args": {k: v for k, v in vars(args).items() if k not in ("contender", "result_file")},
+                    "machine": machine_info(args),
+                    "results": results,
+                    "slowdown": slowdown,
+                    "elapsed_s": elapsed,
+                },
+                f,
+                indent=1,
+            )
         log(f"raw results written to {args.json}")
     try:
         os.rmdir(args.dir)  # only if empty (it is ours and everything under it was cleaned up)

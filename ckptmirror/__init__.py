@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ._version import __version__
+from .dist import ring_peer
 from .errors import (
     CkptMirrorError,
     CoordinationError,
@@ -32,6 +34,7 @@ from .errors import (
     ManifestError,
     NoValidCheckpointError,
     ObjectMissingError,
+    ReplicaConfigError,
     ReplicaError,
     ReplicaPermissionError,
     ReplicaUnavailableError,
@@ -42,7 +45,6 @@ from .errors import (
     StepNotFoundError,
     UnsupportedTypeError,
 )
-from .dist import ring_peer
 from .handle import ReplicaStatus, SaveHandle
 from .mirror import Mirror, RestoreResult, Stateful
 from .replicas import Replica
@@ -57,6 +59,7 @@ __all__ = [
     "ObjectMissingError",
     "Replica",
     "ReplicaError",
+    "ReplicaConfigError",
     "ReplicaPermissionError",
     "ReplicaStatus",
     "ReplicaUnavailableError",

@@ -14,7 +14,7 @@ import xxhash
 ALGORITHM = "xxh3_64"
 
 
-def checksum(data: "bytes | bytearray | memoryview") -> str:
+def checksum(data: bytes | bytearray | memoryview) -> str:
     """Checksum of ``data`` as written in manifests: ``"xxh3_64:<16 hex digits>"``."""
     return f"{ALGORITHM}:{xxhash.xxh3_64_intdigest(data):016x}"
 
@@ -25,7 +25,7 @@ class Hasher:
     def __init__(self) -> None:
         self._h = xxhash.xxh3_64()
 
-    def update(self, data: "bytes | bytearray | memoryview") -> None:
+    def update(self, data: bytes | bytearray | memoryview) -> None:
         self._h.update(data)
 
     def hexdigest(self) -> str:

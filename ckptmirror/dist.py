@@ -29,9 +29,10 @@ import json
 import os
 import socket
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import CoordinationError
 
@@ -81,9 +82,13 @@ def expand_url(url: str, info: DistInfo) -> str:
     if "{" not in url:
         return url
     try:
-        return url.format(rank=info.rank, local_rank=info.local_rank, node_rank=info.node_rank, world_size=info.world_size)
+        return url.format(
+            rank=info.rank, local_rank=info.local_rank, node_rank=info.node_rank, world_size=info.world_size
+        )
     except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(f"bad placeholder in replica URL {url!r}: {exc} (allowed: rank, local_rank, node_rank, world_size)") from None
+        raise ValueError(
+            f"bad placeholder in replica URL {url!r}: {exc} (allowed: rank, local_rank, node_rank, world_size)"
+        ) from None
 
 
 def ring_peer(agents: Sequence[str], namespace: str = "ckpt", node_rank: int | None = None) -> str:
@@ -138,7 +143,9 @@ class Coordinator:
         try:
             self.store.wait(keys, self.timeout)
         except Exception as exc:  # c10d raises RuntimeError/DistStoreError on timeout
-            raise CoordinationError(f"timed out after {self.timeout.total_seconds():.0f} s waiting for {what}: {exc}") from exc
+            raise CoordinationError(
+                f"timed out after {self.timeout.total_seconds():.0f} s waiting for {what}: {exc}"
+            ) from exc
 
     def report(self, save: str, pos: int, payload: dict[str, Any]) -> None:
         """This rank's outcome at replica position ``pos``."""

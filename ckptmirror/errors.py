@@ -13,8 +13,10 @@ exception already means the same thing, the error also subclasses it, so existin
     ├── ManifestError (ValueError)               a manifest or commit that does not parse or validate
     ├── StateMismatchError (ValueError)          restore target does not fit the stored state
     ├── ReplicaError (OSError)                   a backend failed (I/O, network); names the replica
-    │   ├── ReplicaUnavailableError              the backend cannot be reached at all
-    │   └── ReplicaPermissionError (PermissionError)  access denied, or a path that would leave the root
+    │   ├── ReplicaUnavailableError              the backend cannot be reached at all (an outage: retried)
+    │   └── ReplicaConfigError                   misconfigured: no such bucket, bad URL (raised at once)
+    │       └── ReplicaPermissionError (PermissionError)  access denied (credentials, token), or a
+    │                                            path that would leave the root
     ├── SaveFailedError                          a background save failed; carries per-replica failures
     ├── SaveSkippedError                         a save was skipped by the in-flight policy
     ├── CoordinationError                        ranks could not agree: one failed, died or timed out
@@ -27,7 +29,7 @@ disk to look at.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 
 class CkptMirrorError(Exception):
@@ -99,8 +101,16 @@ class ReplicaUnavailableError(ReplicaError):
     """A replica cannot be reached at all (endpoint down, bucket missing)."""
 
 
-class ReplicaPermissionError(ReplicaError, PermissionError):
-    """The backend refused access (credentials, ACLs), or a path would leave the replica root."""
+class ReplicaConfigError(ReplicaError):
+    """The replica is misconfigured (no such bucket, a URL that names nothing): not an outage.
+
+    Waiting does not fix it, so it is raised at once (e.g. by ``Mirror()``), never retried or
+    treated as a degraded replica; the message names the replica and the fix.
+    """
+
+
+class ReplicaPermissionError(ReplicaConfigError, PermissionError):
+    """The backend refused access (credentials, ACLs, peer token), or a path would leave the replica root."""
 
 
 class SaveFailedError(CkptMirrorError):

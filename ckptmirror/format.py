@@ -79,14 +79,16 @@ def rank_manifest_key(step: int, rank: int, token: str) -> str:
 _WRITER_RE = re.compile(r"step-[0-9]{12}/rank-([0-9]{5})(?:/o[0-9]{6})?-([0-9a-f]{8})\.(?:bin|json)\Z")
 
 
-_TMP_RE = re.compile(r"\.tmp-[0-9a-f]{32}-")
+#: Name prefix of a file being written (``.tmp-<uuid32>-<name>``): never a committed object.
+TMP_PREFIX = ".tmp-"
+_TMP_RE = re.compile(re.escape(TMP_PREFIX) + r"[0-9a-f]{32}-")
 
 
 def writer_of(key: str) -> tuple[int, str] | None:
     """``(rank, token)`` of an object or rank manifest key, or of a local temp file of one
     (``.tmp-<uuid>-<name>``); None for anything else (commit records and their temp files)."""
     head, _, name = key.rpartition("/")
-    m = _WRITER_RE.match(f"{head}/{_TMP_RE.sub('', name, count=1)}" if name.startswith(".tmp-") else key)
+    m = _WRITER_RE.match(f"{head}/{_TMP_RE.sub('', name, count=1)}" if name.startswith(TMP_PREFIX) else key)
     return (int(m.group(1)), m.group(2)) if m else None
 
 
@@ -252,7 +254,10 @@ def load_json(data: bytes, key: str) -> dict[str, Any]:
     if type(version) is not int:
         raise ManifestError("format_version missing or not an int", key=key)
     if version > FORMAT_VERSION:
-        raise ManifestError(f"format_version {version} is newer than this ckptmirror understands ({FORMAT_VERSION}); upgrade ckptmirror", key=key)
+        raise ManifestError(
+            f"format_version {version} is newer than this ckptmirror understands ({FORMAT_VERSION}); upgrade ckptmirror",
+            key=key,
+        )
     if version < 1:
         raise ManifestError(f"bad format_version {version}", key=key)
     return doc
@@ -329,8 +334,14 @@ def parse_commit(data: bytes, key: str) -> CommitRecord:
         if rank != i:
             raise f.err(f"ranks[{i}]", f"rank {rank} out of order")
         if not is_rank_manifest_key(f.str(rkey, f"ranks[{i}][1]"), step, rank):
-            raise f.err(f"ranks[{i}][1]", f"rank manifest name {rkey!r} is not a manifest name of step {step} rank {rank}")
-        refs.append(RankRef(rank, rkey, f.int(size, f"ranks[{i}][2]", 1, MAX_MANIFEST_BYTES), f.checksum(csum, f"ranks[{i}][3]")))
+            raise f.err(
+                f"ranks[{i}][1]", f"rank manifest name {rkey!r} is not a manifest name of step {step} rank {rank}"
+            )
+        refs.append(
+            RankRef(
+                rank, rkey, f.int(size, f"ranks[{i}][2]", 1, MAX_MANIFEST_BYTES), f.checksum(csum, f"ranks[{i}][3]")
+            )
+        )
     created = f.number(doc.get("created_unix", 0.0), "created_unix")
     if key != commit_key(step):
         raise f.err("step", f"commit for step {step} found at {key!r}")
@@ -350,7 +361,11 @@ def parse_rank_manifest(data: bytes, key: str) -> RankManifest:
     total = 0
     for i, item in enumerate(f.list(doc.get("objects"), "objects")):
         okey, size, csum = f.list(item, f"objects[{i}]", 3)
-        rec = ObjectRecord(f.object_key(okey, f"objects[{i}][0]"), f.int(size, f"objects[{i}][1]", 0, MAX_OBJECT_BYTES), f.checksum(csum, f"objects[{i}][2]"))
+        rec = ObjectRecord(
+            f.object_key(okey, f"objects[{i}][0]"),
+            f.int(size, f"objects[{i}][1]", 0, MAX_OBJECT_BYTES),
+            f.checksum(csum, f"objects[{i}][2]"),
+        )
         objects.append(rec)
         total += rec.size
     if total > MAX_STREAM_BYTES:
@@ -370,8 +385,14 @@ def parse_rank_manifest(data: bytes, key: str) -> RankManifest:
         if kind not in ("tensor", "ndarray"):
             raise f.err(p + ".kind", f"unknown leaf kind {kind!r}")
         sidx = f.int(item.get("storage"), p + ".storage", 0, len(storages) - 1)
-        shape = tuple(f.int(d, f"{p}.shape[{j}]", 0, MAX_STREAM_BYTES) for j, d in enumerate(f.list(item.get("shape"), p + ".shape")))
-        stride = tuple(f.int(d, f"{p}.stride[{j}]", 0, MAX_STREAM_BYTES) for j, d in enumerate(f.list(item.get("stride"), p + ".stride", len(shape))))
+        shape = tuple(
+            f.int(d, f"{p}.shape[{j}]", 0, MAX_STREAM_BYTES)
+            for j, d in enumerate(f.list(item.get("shape"), p + ".shape"))
+        )
+        stride = tuple(
+            f.int(d, f"{p}.stride[{j}]", 0, MAX_STREAM_BYTES)
+            for j, d in enumerate(f.list(item.get("stride"), p + ".stride", len(shape)))
+        )
         if len(shape) > MAX_DIMS:
             raise f.err(p + ".shape", "too many dimensions")
         leaves.append(

@@ -76,7 +76,7 @@ class SaveHandle:
         with self._cond:
             return self._done
 
-    def result(self, timeout: float | None = None) -> "SaveHandle":
+    def result(self, timeout: float | None = None) -> SaveHandle:
         """Wait for the outcome; return self when committed, raise if the save failed.
 
         Raises :class:`TimeoutError` if ``timeout`` seconds pass first.
@@ -138,7 +138,11 @@ class SaveHandle:
                 if isinstance(error, SaveFailedError):
                     self._finish(error)
                 else:
-                    wrapped = SaveFailedError(self.step, {u: error for u in self._status}, f"save of step {self.step} failed: {type(error).__name__}: {error}")
+                    wrapped = SaveFailedError(
+                        self.step,
+                        {u: error for u in self._status},
+                        f"save of step {self.step} failed: {type(error).__name__}: {error}",
+                    )
                     wrapped.__cause__ = error
                     self._finish(wrapped)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from .replicas.base import Replica
 
@@ -51,7 +51,10 @@ class ReplicaHealth:
     def summary(self) -> dict[str, str]:
         """Per replica URL: ``"ok"`` or ``"degraded: <last error>"``."""
         with self._lock:
-            return {r.url: ("degraded: " + self._degraded[r.url]) if r.url in self._degraded else "ok" for r in self.replicas}
+            return {
+                r.url: ("degraded: " + self._degraded[r.url]) if r.url in self._degraded else "ok"
+                for r in self.replicas
+            }
 
     def start(self) -> None:
         """Start the background prober."""

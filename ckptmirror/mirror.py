@@ -23,10 +23,11 @@ import os
 import queue
 import threading
 import time
-from functools import partial
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from functools import partial
+from typing import Any, Literal
 
 from .dist import Coordinator, DistInfo, detect, expand_url
 from .errors import ReplicaUnavailableError, StepExistsError
@@ -101,7 +102,7 @@ class Mirror:
 
     def __init__(
         self,
-        replicas: Sequence["str | Replica"],
+        replicas: Sequence[str | Replica],
         *,
         keep_last: int | None = None,
         object_bytes: int = DEFAULT_OBJECT_BYTES,
@@ -148,7 +149,7 @@ class Mirror:
         self.inflight_policy = inflight_policy
         self.replicated = replicated
         self._arenas = ArenaPool(max_inflight)
-        self._jobs: "queue.Queue[SaveJob | None]" = queue.Queue()
+        self._jobs: queue.Queue[SaveJob | None] = queue.Queue()
         self._seq = 0
         self._restores = 0
         self._plan_cache: tuple[tuple[object, ...], Plan] | None = None
@@ -170,7 +171,7 @@ class Mirror:
         self._health.start()
 
     # ------------------------------------------------------------------ context manager
-    def __enter__(self) -> "Mirror":
+    def __enter__(self) -> Mirror:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -205,9 +206,13 @@ class Mirror:
         }
         return self._save(step, state, overwrite, t0, replicated)
 
-    def save_state(self, step: int, state: Any, *, overwrite: bool = False, replicated: bool | None = None) -> SaveHandle:
+    def save_state(
+        self, step: int, state: Any, *, overwrite: bool = False, replicated: bool | None = None
+    ) -> SaveHandle:
         """Like :meth:`save`, for any nested state (dicts, lists, tensors, plain values)."""
-        return self._save(step, state, overwrite, time.perf_counter(), bool(replicated if replicated is not None else self.replicated))
+        return self._save(
+            step, state, overwrite, time.perf_counter(), bool(replicated if replicated is not None else self.replicated)
+        )
 
     def _save(self, step: int, state: Any, overwrite: bool, t0: float, replicated: bool) -> SaveHandle:
         self._check_open()
@@ -259,7 +264,9 @@ class Mirror:
             self._handles.append(handle)
             self._unfinished += 1
         self._seq += 1
-        self._jobs.put(SaveJob(step, handle, arena, stream, p, overwrite, targets, self._seq, replicated and self.dist.distributed))
+        self._jobs.put(
+            SaveJob(step, handle, arena, stream, p, overwrite, targets, self._seq, replicated and self.dist.distributed)
+        )
         return handle
 
     def _run(self) -> None:
@@ -295,7 +302,9 @@ class Mirror:
                     h._mark_observed()
                     if self.on_replica_error == "raise" or h.committed_count == 0:
                         raise err
-            self._handles = [h for h in self._handles if not h.done() or any(st.state == "pending" for st in h.replicas.values())]
+            self._handles = [
+                h for h in self._handles if not h.done() or any(st.state == "pending" for st in h.replicas.values())
+            ]
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until every in-flight save has finished; raise the first failure not yet reported.
@@ -311,7 +320,9 @@ class Mirror:
         self._raise_unreported()
 
     # ---------------------------------------------------------------------- restoring
-    def restore(self, model: Stateful | None, optim: Stateful | None = None, *, step: int | None = None, strict: bool = True) -> RestoreResult | None:
+    def restore(
+        self, model: Stateful | None, optim: Stateful | None = None, *, step: int | None = None, strict: bool = True
+    ) -> RestoreResult | None:
         """Load the newest step that verifies (or ``step``) into ``model`` and ``optim`` in place.
 
         Returns None when no checkpoint exists at all. Raises :class:`NoValidCheckpointError`
@@ -351,7 +362,9 @@ class Mirror:
                 # Its own store connection and key space: restores may run while saves are in flight.
                 self._restores += 1
                 assert self._coord is not None  # __init__ creates it whenever dist.distributed
-                coord = Coordinator(self.dist, f"{self._coord.prefix}/restore{self._restores}", self._coord.timeout.total_seconds())
+                coord = Coordinator(
+                    self.dist, f"{self._coord.prefix}/restore{self._restores}", self._coord.timeout.total_seconds()
+                )
                 agree = coord.exchange
             loaded = load_newest(
                 self.replicas,

@@ -35,7 +35,9 @@ SEED = 7
 
 def build() -> torch.nn.Module:
     torch.manual_seed(SEED)
-    return torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.Tanh(), torch.nn.Linear(256, 256), torch.nn.Tanh(), torch.nn.Linear(256, 4))
+    return torch.nn.Sequential(
+        torch.nn.Linear(32, 256), torch.nn.Tanh(), torch.nn.Linear(256, 256), torch.nn.Tanh(), torch.nn.Linear(256, 4)
+    )
 
 
 def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +52,12 @@ def state_digest(model_state: dict, optim_state: dict) -> str:
 
     h = Hasher()
     tensors = [model_state[k] for k in sorted(model_state)]
-    tensors += [v for p in sorted(optim_state["state"]) for _, v in sorted(optim_state["state"][p].items()) if isinstance(v, torch.Tensor)]
+    tensors += [
+        v
+        for p in sorted(optim_state["state"])
+        for _, v in sorted(optim_state["state"][p].items())
+        if isinstance(v, torch.Tensor)
+    ]
     for t in tensors:
         h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -69,7 +76,10 @@ def init_process_group() -> None:
         return
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, use_libuv=True)
     dist.init_process_group(
-        "gloo", store=dist.PrefixStore(f"round-{restart}", store), rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"])
+        "gloo",
+        store=dist.PrefixStore(f"round-{restart}", store),
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
     )
 
 
@@ -87,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     init_process_group()
     rank = dist.get_rank()
     torch.set_num_threads(1)
-    urls = args.replicas.split(",") if args.replicas else [os.path.join(args.ckpt, "node{node_rank}-local"), os.path.join(args.ckpt, "shared")]
+    urls = (
+        args.replicas.split(",")
+        if args.replicas
+        else [os.path.join(args.ckpt, "node{node_rank}-local"), os.path.join(args.ckpt, "shared")]
+    )
     model = DDP(build())
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
     mirror = ckptmirror.Mirror(urls, keep_last=3, object_bytes=args.object_bytes, commit_timeout_s=30)
@@ -97,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     log_path = os.path.join(args.ckpt, f"losses-rank{rank}.jsonl")
     with open(log_path, "a", encoding="utf-8") as log:
         if resumed:
-            log.write(json.dumps({"resumed_from": resumed.step, "sources": sorted(set(resumed.sources.values()))}) + "\n")
+            log.write(
+                json.dumps({"resumed_from": resumed.step, "sources": sorted(set(resumed.sources.values()))}) + "\n"
+            )
         for step in range(start, args.steps + 1):
             x, y = batch(step, rank)
             loss = torch.nn.functional.mse_loss(model(x), y)

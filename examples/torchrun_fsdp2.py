@@ -35,7 +35,9 @@ SEED = 11
 
 def build(mesh: object) -> torch.nn.Module:
     torch.manual_seed(SEED)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.Linear(128, 128), torch.nn.GELU(), torch.nn.Linear(128, 4))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.Linear(128, 128), torch.nn.GELU(), torch.nn.Linear(128, 4)
+    )
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -62,7 +64,10 @@ def init_process_group() -> None:
         return
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, use_libuv=True)
     dist.init_process_group(
-        "gloo", store=dist.PrefixStore(f"round-{restart}", store), rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"])
+        "gloo",
+        store=dist.PrefixStore(f"round-{restart}", store),
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
     )
 
 
@@ -81,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     model = build(init_device_mesh("cpu", (world,)))
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    urls = args.replicas.split(",") if args.replicas else [os.path.join(args.ckpt, "node{node_rank}-local"), os.path.join(args.ckpt, "shared")]
+    urls = (
+        args.replicas.split(",")
+        if args.replicas
+        else [os.path.join(args.ckpt, "node{node_rank}-local"), os.path.join(args.ckpt, "shared")]
+    )
     mirror = ckptmirror.Mirror(urls, keep_last=3, object_bytes=64 << 10, commit_timeout_s=30)
 
     resumed = mirror.restore(model, optim)  # reshards if the world size changed

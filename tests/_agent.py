@@ -33,8 +33,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Iterator, Sequence
+from typing import IO
 
 HOST = "127.0.0.1"
 TOKEN = "s3cr3t-test-token-0123456789"
@@ -51,7 +52,7 @@ def serve_command() -> list[str]:
     return [sys.executable, "-m", "ckptmirror"]
 
 
-def write_token(path: "str | os.PathLike[str]", token: str = TOKEN) -> str:
+def write_token(path: str | os.PathLike[str], token: str = TOKEN) -> str:
     """Write ``token`` to ``path`` (mode 0600) and return the path as a string."""
     path = os.fspath(path)
     with open(path, "w", encoding="utf-8") as f:
@@ -107,7 +108,7 @@ def terminate(proc: subprocess.Popen, timeout: float = 10.0) -> int:
     return proc.returncode
 
 
-def _read_first_line(stream: IO[str], out: "queue.Queue[str]") -> None:
+def _read_first_line(stream: IO[str], out: queue.Queue[str]) -> None:
     try:
         out.put(stream.readline())
     except (OSError, ValueError):
@@ -115,9 +116,9 @@ def _read_first_line(stream: IO[str], out: "queue.Queue[str]") -> None:
 
 
 def start_agent(
-    root: "str | os.PathLike[str]",
+    root: str | os.PathLike[str],
     *,
-    token_file: "str | os.PathLike[str] | None",
+    token_file: str | os.PathLike[str] | None,
     port: int = 0,
     host: str = HOST,
     args: Sequence[str] = (),
@@ -135,7 +136,7 @@ def start_agent(
     cmd += list(args)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True)
-    lines: "queue.Queue[str]" = queue.Queue()
+    lines: queue.Queue[str] = queue.Queue()
     assert proc.stdout is not None
     threading.Thread(target=_read_first_line, args=(proc.stdout, lines), daemon=True).start()
     try:
@@ -156,9 +157,9 @@ def start_agent(
 
 @contextlib.contextmanager
 def agent(
-    root: "str | os.PathLike[str]",
+    root: str | os.PathLike[str],
     *,
-    token_file: "str | os.PathLike[str] | None",
+    token_file: str | os.PathLike[str] | None,
     port: int = 0,
     host: str = HOST,
     args: Sequence[str] = (),
@@ -237,7 +238,7 @@ class TcpProxy:
     def url(self, namespace: str) -> str:
         return f"peer://{HOST}:{self.port}/{namespace}"
 
-    def __enter__(self) -> "TcpProxy":
+    def __enter__(self) -> TcpProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -256,7 +257,7 @@ class TcpProxy:
         while not self._closed.is_set():
             try:
                 client, _ = self._listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -361,7 +362,7 @@ def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = "c
         time.sleep(interval)
 
 
-def files_under(root: "str | os.PathLike[str]") -> list[str]:
+def files_under(root: str | os.PathLike[str]) -> list[str]:
     """Every non-directory entry under ``root`` (relative paths, sorted), symlinks not followed."""
     root = os.fspath(root)
     out = []
@@ -371,6 +372,6 @@ def files_under(root: "str | os.PathLike[str]") -> list[str]:
     return sorted(out)
 
 
-def temp_files(root: "str | os.PathLike[str]") -> list[str]:
+def temp_files(root: str | os.PathLike[str]) -> list[str]:
     """Agent/replica temp files (``.tmp-*``) under ``root``."""
     return [f for f in files_under(root) if os.path.basename(f).startswith(".tmp-")]

@@ -19,7 +19,12 @@ import ckptmirror
 
 def rank_state(rank: int, step: int) -> dict:
     g = torch.Generator().manual_seed(1000 * rank + step)
-    return {"w": torch.randn(300, 100, generator=g), "rank": rank, "step": step, "rng": torch.get_rng_state()[:16].clone().fill_(rank)}
+    return {
+        "w": torch.randn(300, 100, generator=g),
+        "rank": rank,
+        "step": step,
+        "rng": torch.get_rng_state()[:16].clone().fill_(rank),
+    }
 
 
 def main() -> int:

@@ -23,7 +23,9 @@ import ckptmirror
 def build(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     # Odd sizes: shards are uneven, and 4 ranks do not divide them.
-    return torch.nn.Sequential(torch.nn.Linear(13, 37), torch.nn.ReLU(), torch.nn.Linear(37, 11), torch.nn.ReLU(), torch.nn.Linear(11, 5))
+    return torch.nn.Sequential(
+        torch.nn.Linear(13, 37), torch.nn.ReLU(), torch.nn.Linear(37, 11), torch.nn.ReLU(), torch.nn.Linear(11, 5)
+    )
 
 
 def full(model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -31,7 +33,9 @@ def full(model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict[str, torc
     names = {id(p): n for n, p in model.named_parameters()}
     for p, st in optim.state.items():
         for k, v in st.items():
-            out[f"optim.{names[id(p)]}.{k}"] = (v.full_tensor() if hasattr(v, "full_tensor") else v).contiguous().clone()
+            out[f"optim.{names[id(p)]}.{k}"] = (
+                (v.full_tensor() if hasattr(v, "full_tensor") else v).contiguous().clone()
+            )
     return out
 
 

@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -46,13 +46,19 @@ def moto_server() -> Iterator[str]:
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + 30
             while not _answers(endpoint):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
-                    pytest.fail(f"moto server on port {port} did not start:\n{log.read().decode(errors='replace')[-2000:]}")
+                    pytest.fail(
+                        f"moto server on port {port} did not start:\n{log.read().decode(errors='replace')[-2000:]}"
+                    )
                 time.sleep(0.1)
             yield endpoint
         finally:

@@ -13,7 +13,11 @@ def test_all_is_sorted_and_resolves() -> None:
 
 
 def test_every_error_is_exported_and_derives_from_the_base() -> None:
-    classes = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception) and not v.__name__.startswith("_")]
+    classes = [
+        v
+        for v in vars(errors).values()
+        if isinstance(v, type) and issubclass(v, Exception) and not v.__name__.startswith("_")
+    ]
     for cls in classes:
         assert issubclass(cls, ckptmirror.CkptMirrorError), cls
         assert cls.__name__ in ckptmirror.__all__, cls

@@ -17,9 +17,10 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,7 +44,11 @@ def make_state(step: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(step)
     w = torch.randn(16, 8, generator=g)
     return {
-        "model": {"layer.weight": w, "layer.bias": torch.randn(16, generator=g), "emb": torch.randn(10, 4, generator=g).to(torch.bfloat16)},
+        "model": {
+            "layer.weight": w,
+            "layer.bias": torch.randn(16, generator=g),
+            "emb": torch.randn(10, 4, generator=g).to(torch.bfloat16),
+        },
         "optim": {
             "state": {0: {"exp_avg": torch.randn(16, 8, generator=g), "step": torch.tensor(float(step))}},
             "param_groups": [{"lr": 0.01, "betas": (0.9, 0.999), "params": [0]}],
@@ -87,7 +92,9 @@ def expected_flat(step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def same_tensor(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
     assert a.dtype == b.dtype and a.shape == b.shape, f"{name}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
-    assert torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)), f"{name}: values differ"
+    assert torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)), (
+        f"{name}: values differ"
+    )
 
 
 def cli(*args: Any, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -197,7 +204,11 @@ def test_usage_errors_exit_2_with_one_line(reps: tuple[Path, Path], tmp_path: Pa
     # Argument errors in-process too (no torch import per case): still one line, status 2.
     from ckptmirror.cli import main
 
-    for argv in (["prune", str(a), "--keep", "0"], ["export", str(a), "--format", "zip", "-o", "x"], ["verify", str(a), "--step", "-1"]):
+    for argv in (
+        ["prune", str(a), "--keep", "0"],
+        ["export", str(a), "--format", "zip", "-o", "x"],
+        ["verify", str(a), "--step", "-1"],
+    ):
         err = io.StringIO()
         with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
             main(argv)
@@ -218,7 +229,25 @@ def test_clean_replicas_ls_inspect_and_repair_onto_an_empty_replica(reps: tuple[
     assert inspect_txt.returncode == 0, inspect_txt.stderr
     out = inspect_txt.stdout
     assert "step 20" in out
-    for needle in ("model", "layer.weight", "float32", "[16, 8]", "emb", "bfloat16", "[10, 4]", "optim", "exp_avg", "mask", "bool", "[3, 4]", "int64", "<f4", "shares storage", "epoch", "'run'"):
+    for needle in (
+        "model",
+        "layer.weight",
+        "float32",
+        "[16, 8]",
+        "emb",
+        "bfloat16",
+        "[10, 4]",
+        "optim",
+        "exp_avg",
+        "mask",
+        "bool",
+        "[3, 4]",
+        "int64",
+        "<f4",
+        "shares storage",
+        "epoch",
+        "'run'",
+    ):
         assert needle in out, needle
 
     # A replacement node's empty directory: repair copies every step there, then all verifies.
@@ -232,7 +261,9 @@ def test_clean_replicas_ls_inspect_and_repair_onto_an_empty_replica(reps: tuple[
     assert v.stdout.count(" ok") == 9  # step x replica x rank table
 
 
-def test_verify_names_missing_corrupt_truncated_and_torn(reps: tuple[Path, Path], pristine: tuple[Path, Path], tmp_path: Path) -> None:
+def test_verify_names_missing_corrupt_truncated_and_torn(
+    reps: tuple[Path, Path], pristine: tuple[Path, Path], tmp_path: Path
+) -> None:
     a, b = reps
     pa = pristine[0]
     k30_1, k20_0, k20_2, k10_3 = (rel(pa, obj(pa, s, i)) for s, i in ((30, 1), (20, 0), (20, 2), (10, 3)))
@@ -257,7 +288,9 @@ def test_verify_names_missing_corrupt_truncated_and_torn(reps: tuple[Path, Path]
         (commit_key(30), str(b), "lagging"),
     }
     for key, rep, kind in expect:
-        assert any(key in line and rep in line and line.strip().startswith(kind) for line in text.stdout.splitlines()), (key, rep, kind, text.stdout)
+        assert any(
+            key in line and rep in line and line.strip().startswith(kind) for line in text.stdout.splitlines()
+        ), (key, rep, kind, text.stdout)
     assert "FAILED: 5 problem(s)" in text.stdout
 
     assert js.returncode == 1
@@ -268,13 +301,18 @@ def test_verify_names_missing_corrupt_truncated_and_torn(reps: tuple[Path, Path]
     assert all(s["recoverable"] for s in by_step.values())  # every object verifies somewhere
     cell = {(s["step"], rc["replica"]): rc for s in doc["steps"] for rc in s["replicas"]}
     assert cell[(30, str(b))]["status"] == "torn" and cell[(30, str(a))]["status"] == "bad"
-    assert cell[(20, str(a))]["status"] == "ok" and cell[(20, str(b))]["ranks"][0]["verified"] == cell[(20, str(b))]["ranks"][0]["objects"] - 2
+    assert (
+        cell[(20, str(a))]["status"] == "ok"
+        and cell[(20, str(b))]["ranks"][0]["verified"] == cell[(20, str(b))]["ranks"][0]["objects"] - 2
+    )
 
     # --quick: manifests, presence and sizes only, so the flipped byte on a goes unnoticed.
     assert quick.returncode == 1
     qdoc = json.loads(quick.stdout)
     assert qdoc["quick"] is True
-    assert {(p["key"], p["kind"]) for p in qdoc["problems"]} == {(k, kind) for k, _r, kind in expect if kind != "corrupt"}
+    assert {(p["key"], p["kind"]) for p in qdoc["problems"]} == {
+        (k, kind) for k, _r, kind in expect if kind != "corrupt"
+    }
     qcell = {(s["step"], rc["replica"]): rc for s in qdoc["steps"] for rc in s["replicas"]}
     assert qcell[(30, str(a))]["status"] == "ok"
 
@@ -282,10 +320,14 @@ def test_verify_names_missing_corrupt_truncated_and_torn(reps: tuple[Path, Path]
     assert "OK: 1 step(s) verified on 1 replica(s)" in step10_a.stdout
 
 
-def test_repair_fixes_then_is_idempotent_and_dry_run_writes_nothing(reps: tuple[Path, Path], pristine: tuple[Path, Path]) -> None:
+def test_repair_fixes_then_is_idempotent_and_dry_run_writes_nothing(
+    reps: tuple[Path, Path], pristine: tuple[Path, Path]
+) -> None:
     a, b = reps
     pa, pb = pristine
-    k30_1, k20_0, k20_4, k30_2, k10_5 = (rel(pa, obj(pa, s, i)) for s, i in ((30, 1), (20, 0), (20, 4), (30, 2), (10, 5)))
+    k30_1, k20_0, k20_4, k30_2, k10_5 = (
+        rel(pa, obj(pa, s, i)) for s, i in ((30, 1), (20, 0), (20, 4), (30, 2), (10, 5))
+    )
     m20 = rel(pa, manifest(pa, 20))
     flip_byte(obj(a, 30, 1))  # corrupt on a
     obj(b, 20, 0).unlink()  # missing on b
@@ -444,7 +486,6 @@ def test_ops_results_are_frozen_and_json_ready(reps: tuple[Path, Path]) -> None:
 def test_peer_and_s3_replicas_verify_and_repair(tmp_path: Path, s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same commands on a ``peer://`` agent and an ``s3://`` bucket (moto), configured by env vars."""
     import boto3
-
     from _agent import TOKEN, agent, write_token
 
     monkeypatch.setenv("CKPTMIRROR_PEER_TOKEN", TOKEN)

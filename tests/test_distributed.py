@@ -29,8 +29,18 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
-def torchrun(*args: str, nproc: int = 2, restarts: int = 0, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={restarts}", *args]
+def torchrun(
+    *args: str, nproc: int = 2, restarts: int = 0, timeout: float = 240, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={restarts}",
+        *args,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     if check and p.returncode != 0 and TEARDOWN_ABORT in p.stderr:
@@ -104,9 +114,10 @@ def test_killed_rank_and_max_restarts_resume_with_identical_losses(uninterrupted
         resumed = [e["resumed_from"] for e in events if "resumed_from" in e]
         assert resumed and resumed[-1] < 10, f"step 10 must not have committed: {events}"
         assert got == ref, f"rank {rank}: losses differ after the restart"
-    assert not (tmp_path / "shared" / commit_key(10)).exists() or parse_commit(
-        (tmp_path / "shared" / commit_key(10)).read_bytes(), commit_key(10)
-    ).step == 10  # if present it was written by the second attempt, after the restart
+    assert (
+        not (tmp_path / "shared" / commit_key(10)).exists()
+        or parse_commit((tmp_path / "shared" / commit_key(10)).read_bytes(), commit_key(10)).step == 10
+    )  # if present it was written by the second attempt, after the restart
 
 
 def test_lost_node_replica_resumes_from_the_shared_copy(uninterrupted: Path, tmp_path: Path) -> None:
@@ -168,8 +179,19 @@ def test_rank_killed_mid_save_never_commits_and_nobody_hangs(tmp_path: Path) -> 
     port = _free_port()
     procs = []
     for rank in (0, 1):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(CHILD), "kill-mid-save", str(tmp_path), shared], env=env, cwd=REPO))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen([sys.executable, str(CHILD), "kill-mid-save", str(tmp_path), shared], env=env, cwd=REPO)
+        )
     t0 = time.monotonic()
     codes = [p.wait(timeout=120) for p in procs]
     assert time.monotonic() - t0 < 100, "rank 0 must give up after commit_timeout_s, not hang"
@@ -185,8 +207,23 @@ def test_export_one_rank_of_a_per_rank_checkpoint(tmp_path: Path) -> None:
     torchrun(str(CHILD), "save", str(tmp_path), str(tmp_path / "shared"))
     out = tmp_path / "rank1.safetensors"
     p = subprocess.run(
-        [sys.executable, "-m", "ckptmirror", "export", str(tmp_path / "shared"), "--rank", "1", "--format", "safetensors", "-o", str(out)],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "ckptmirror",
+            "export",
+            str(tmp_path / "shared"),
+            "--rank",
+            "1",
+            "--format",
+            "safetensors",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert p.returncode == 0, p.stderr
     from safetensors.torch import load_file

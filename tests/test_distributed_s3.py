@@ -29,7 +29,15 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 def torchrun(*args: str, nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run ``torch.distributed.run --standalone``; the AWS_* variables of ``s3_url`` are inherited."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "--max-restarts=0",
+        *args,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     if p.returncode != 0:
@@ -83,7 +91,9 @@ def test_replacement_node_resumes_from_s3_with_identical_losses(s3_url: str, tmp
         assert not diff, f"rank {rank}: losses differ from the uninterrupted run: {diff}"
         # And the final model + optimizer state is bit-identical (xxh3 over every tensor).
         digest = [e["final_digest"] for e in events if "final_digest" in e][-1]
-        assert digest == [e["final_digest"] for e in want_events if "final_digest" in e][-1], f"rank {rank}: final state differs"
+        assert digest == [e["final_digest"] for e in want_events if "final_digest" in e][-1], (
+            f"rank {rank}: final state differs"
+        )
 
     # The resumed run checkpointed again to both replicas.
     assert (run / "node0-local").is_dir()

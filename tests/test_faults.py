@@ -24,8 +24,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -40,9 +41,9 @@ from ckptmirror import (
     StepExistsError,
 )
 from ckptmirror.checksum import checksum
-from ckptmirror.format import commit_key, object_key, rank_manifest_key, step_dir
-from ckptmirror.restore.discover import list_steps
+from ckptmirror.format import commit_key, step_dir
 from ckptmirror.replicas import FaultyReplica, LocalReplica
+from ckptmirror.restore.discover import list_steps
 
 HERE = Path(__file__).resolve().parent
 CHILD = HERE / "_writer_child.py"
@@ -63,7 +64,9 @@ def assert_bit_exact(actual: dict[str, torch.Tensor], expected: dict[str, torch.
     assert sorted(actual) == sorted(expected), what
     for k, e in expected.items():
         a = actual[k]
-        assert a.dtype == e.dtype and tuple(a.shape) == tuple(e.shape), f"{what}{k}: {a.dtype}{tuple(a.shape)} vs {e.dtype}{tuple(e.shape)}"
+        assert a.dtype == e.dtype and tuple(a.shape) == tuple(e.shape), (
+            f"{what}{k}: {a.dtype}{tuple(a.shape)} vs {e.dtype}{tuple(e.shape)}"
+        )
         ab = a.detach().contiguous().reshape(-1).view(torch.uint8)
         eb = e.detach().contiguous().reshape(-1).view(torch.uint8)
         assert torch.equal(ab, eb), f"{what}{k}: bytes differ from the values written for this step"
@@ -240,7 +243,11 @@ def test_sigkill_at_commit_protocol_phase(tmp_path: Path, spawn, caplog: pytest.
     s1, s2 = root / step_dir(1), root / step_dir(2)
     n_objects = len(manifest_doc(root, 1)["objects"])
     assert n_objects >= 5, "the state must span several objects for the put phase to be mid-write"
-    objs2 = sorted(f.name.split("-")[0] + ".bin" for f in (s2 / "rank-00000").glob("o*.bin")) if (s2 / "rank-00000").is_dir() else []
+    objs2 = (
+        sorted(f.name.split("-")[0] + ".bin" for f in (s2 / "rank-00000").glob("o*.bin"))
+        if (s2 / "rank-00000").is_dir()
+        else []
+    )
     url = str(root)
 
     # Where the writer died (the hook runs before the inner replica call).
@@ -323,7 +330,9 @@ def test_sigkill_at_random_points(tmp_path: Path, spawn) -> None:
         assert steps, ctx
         newest = steps[-1]
         if reported:
-            assert newest >= reported[-1], f"{ctx}: step {reported[-1]} was reported durable but the newest listed is {newest}"
+            assert newest >= reported[-1], (
+                f"{ctx}: step {reported[-1]} was reported durable but the newest listed is {newest}"
+            )
         res = assert_restores(root, newest, width)
         assert res.extra == wc.extra_for(newest), ctx
         for s in steps:  # the torn step is never listed; every listed step verifies
@@ -491,21 +500,31 @@ HOSTILE_MANIFESTS: dict[str, Callable[[dict[str, Any], dict[str, Any]], bytes]] 
     "name-dotdot-etc-passwd": lambda d, c: _with(d, lambda x: x["objects"][0].__setitem__(0, "../../etc/passwd")),
     "name-absolute-etc-passwd": lambda d, c: _with(d, lambda x: x["objects"][0].__setitem__(0, "/etc/passwd")),
     # A byte-identical copy of object 0 lies outside the root: following the name would "verify".
-    "name-dotdot-to-valid-copy": lambda d, c: _with(d, lambda x: x["objects"][0].__setitem__(0, "../outside/o000000.bin")),
+    "name-dotdot-to-valid-copy": lambda d, c: _with(
+        d, lambda x: x["objects"][0].__setitem__(0, "../outside/o000000.bin")
+    ),
     "name-nested-dotdot-to-valid-copy": lambda d, c: _with(
         d, lambda x: x["objects"][0].__setitem__(0, "step-000000000002/rank-00000/../../../outside/o000000.bin")
     ),
-    "name-absolute-to-valid-copy": lambda d, c: _with(d, lambda x: x["objects"][0].__setitem__(0, str(c["outside"] / "o000000.bin"))),
+    "name-absolute-to-valid-copy": lambda d, c: _with(
+        d, lambda x: x["objects"][0].__setitem__(0, str(c["outside"] / "o000000.bin"))
+    ),
     "name-with-nul": lambda d, c: _with(d, lambda x: x["objects"][0].__setitem__(0, x["objects"][0][0] + "\x00.x")),
-    "name-with-backslash": lambda d, c: _with(d, lambda x: x["objects"][0].__setitem__(0, "step-000000000002\\..\\..\\outside\\o000000.bin")),
+    "name-with-backslash": lambda d, c: _with(
+        d, lambda x: x["objects"][0].__setitem__(0, "step-000000000002\\..\\..\\outside\\o000000.bin")
+    ),
     "name-trailing-newline": lambda d, c: _with(d, lambda x: x["objects"][0].__setitem__(0, x["objects"][0][0] + "\n")),
-    "name-unicode-digits": lambda d, c: _with(d, lambda x: x["objects"][0].__setitem__(0, "step-٠٠٠٠٠٠٠٠٠٠٠٢/rank-00000/o000000-0a0b0c0d.bin")),
+    "name-unicode-digits": lambda d, c: _with(
+        d, lambda x: x["objects"][0].__setitem__(0, "step-٠٠٠٠٠٠٠٠٠٠٠٢/rank-00000/o000000-0a0b0c0d.bin")
+    ),
     "object-size-1e30": lambda d, c: _with(d, lambda x: x["objects"][0].__setitem__(1, 10**30)),
     "object-size-negative": lambda d, c: _with(d, lambda x: x["objects"][0].__setitem__(1, -1)),
     "object-checksum-malformed": lambda d, c: _with(d, lambda x: x["objects"][0].__setitem__(2, "md5:00")),
     "storage-nbytes-1e30": lambda d, c: _with(d, lambda x: x["storages"][0].__setitem__(1, 10**30)),
     "shape-dim-1e18": lambda d, c: _with(d, lambda x: x["leaves"][0]["shape"].__setitem__(0, 10**18)),
-    "numel-overflows-int64": lambda d, c: _with(d, lambda x: x["leaves"][0].update(shape=[2**50, 2**50], stride=[0, 0], offset=0)),
+    "numel-overflows-int64": lambda d, c: _with(
+        d, lambda x: x["leaves"][0].update(shape=[2**50, 2**50], stride=[0, 0], offset=0)
+    ),
     "step-5000-digits": lambda d, c: _textual(d, _set(("step",)), b"9" * 5000),
     "duplicate-keys": lambda d, c: b'{"step":2,' + dumps(d)[1:],
     "duplicate-keys-conflicting": lambda d, c: dumps(d)[:-1] + b',"objects":[]}',
@@ -513,16 +532,22 @@ HOSTILE_MANIFESTS: dict[str, Callable[[dict[str, Any], dict[str, Any]], bytes]] 
     "structure-nested-300": lambda d, c: _with(d, lambda x: x.__setitem__("structure", _nested_list(300))),
     "nan-constant": lambda d, c: _textual(d, _set(("created_unix",)), b"NaN"),
     "infinity-in-shape": lambda d, c: _textual(d, lambda x, v: x["leaves"][0]["shape"].__setitem__(0, v), b"Infinity"),
-    "tensor-shape-outside-storage": lambda d, c: _with(d, lambda x: x["leaves"][0]["shape"].__setitem__(0, x["leaves"][0]["shape"][0] * 100)),
+    "tensor-shape-outside-storage": lambda d, c: _with(
+        d, lambda x: x["leaves"][0]["shape"].__setitem__(0, x["leaves"][0]["shape"][0] * 100)
+    ),
     "tensor-stride-outside-storage": lambda d, c: _with(d, lambda x: x["leaves"][0]["stride"].__setitem__(0, 10**9)),
     "tensor-offset-outside-storage": lambda d, c: _with(d, lambda x: x["leaves"][0].__setitem__("offset", 10**6)),
-    "ndarray-stride-zero-outside-storage": lambda d, c: _with(d, lambda x: _leaf(x, "ndarray").update(shape=[10**6], stride=[0])),
+    "ndarray-stride-zero-outside-storage": lambda d, c: _with(
+        d, lambda x: _leaf(x, "ndarray").update(shape=[10**6], stride=[0])
+    ),
     "ndarray-dtype-invalid": lambda d, c: _with(d, lambda x: _leaf(x, "ndarray").__setitem__("dtype", "M8[as/7]")),
     "ndarray-dtype-object": lambda d, c: _with(d, lambda x: _leaf(x, "ndarray").__setitem__("dtype", "O")),
     "tensor-dtype-unknown": lambda d, c: _with(d, lambda x: x["leaves"][0].__setitem__("dtype", "float1024")),
     "storage-index-out-of-range": lambda d, c: _with(d, lambda x: x["leaves"][0].__setitem__("storage", 10**6)),
     "overlapping-storages": lambda d, c: _with(d, _overlap),
-    "leaf-reference-out-of-range": lambda d, c: _with(d, lambda x: x.__setitem__("structure", {"t": "tensor", "i": 999})),
+    "leaf-reference-out-of-range": lambda d, c: _with(
+        d, lambda x: x.__setitem__("structure", {"t": "tensor", "i": 999})
+    ),
     "manifest-of-another-step": lambda d, c: c["manifest1"],
 }
 
@@ -538,11 +563,15 @@ def _nested_list(depth: int) -> Any:
 HOSTILE_COMMITS: dict[str, Callable[[dict[str, Any], dict[str, Any]], bytes]] = {
     "commit-bad-json": lambda d, c: b'{"format_version": 1, "kind": "ckptmirror.commit", ',
     "commit-step-as-string": lambda d, c: _with(d, lambda x: x.__setitem__("step", "2")),
-    "commit-step-of-another-dir": lambda d, c: _with(d, lambda x: x.update(step=1, ranks=[[0, c["mkey1"]] + x["ranks"][0][2:]])),
+    "commit-step-of-another-dir": lambda d, c: _with(
+        d, lambda x: x.update(step=1, ranks=[[0, c["mkey1"]] + x["ranks"][0][2:]])
+    ),
     "commit-rank-key-dotdot": lambda d, c: _with(d, lambda x: x["ranks"][0].__setitem__(1, "../../etc/passwd")),
     "commit-rank-key-absolute": lambda d, c: _with(d, lambda x: x["ranks"][0].__setitem__(1, "/etc/passwd")),
     # A verifying copy of step 2's rank manifest lies outside the root.
-    "commit-rank-key-to-valid-copy": lambda d, c: _with(d, lambda x: x["ranks"][0].__setitem__(1, "../outside/rank-00000.json")),
+    "commit-rank-key-to-valid-copy": lambda d, c: _with(
+        d, lambda x: x["ranks"][0].__setitem__(1, "../outside/rank-00000.json")
+    ),
     "commit-size-1e30": lambda d, c: _with(d, lambda x: x["ranks"][0].__setitem__(2, 10**30)),
     "commit-world-size-1e30": lambda d, c: _with(d, lambda x: x.__setitem__("world_size", 10**30)),
     "commit-duplicate-keys": lambda d, c: b'{"step":2,' + dumps(d)[1:],
@@ -584,27 +613,35 @@ def _check_hostile_step(tmp_path: Path, root: Path, caplog: pytest.LogCaptureFix
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_MANIFESTS))
-def test_hostile_rank_manifest(tmp_path: Path, hostile_template: Path, caplog: pytest.LogCaptureFixture, case: str) -> None:
+def test_hostile_rank_manifest(
+    tmp_path: Path, hostile_template: Path, caplog: pytest.LogCaptureFixture, case: str
+) -> None:
     root, ctx = _prepare_hostile(tmp_path, hostile_template)
     pin_manifest(root, 2, HOSTILE_MANIFESTS[case](manifest_doc(root, 2), ctx))
     _check_hostile_step(tmp_path, root, caplog, step_dir(2))
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_COMMITS))
-def test_hostile_commit_record(tmp_path: Path, hostile_template: Path, caplog: pytest.LogCaptureFixture, case: str) -> None:
+def test_hostile_commit_record(
+    tmp_path: Path, hostile_template: Path, caplog: pytest.LogCaptureFixture, case: str
+) -> None:
     root, ctx = _prepare_hostile(tmp_path, hostile_template)
     commit = json.loads((root / commit_key(2)).read_bytes())
     write_commit(root, 2, HOSTILE_COMMITS[case](commit, ctx))
     _check_hostile_step(tmp_path, root, caplog, commit_key(2))
 
 
-def test_oversized_manifest_is_refused_unread(tmp_path: Path, hostile_template: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_oversized_manifest_is_refused_unread(
+    tmp_path: Path, hostile_template: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     root, _ctx = _prepare_hostile(tmp_path, hostile_template)
     os.truncate(root / mkey(root, 2), (256 << 20) + 1)  # sparse: costs no disk
     _check_hostile_step(tmp_path, root, caplog, mkey(root, 2))
 
 
-@pytest.mark.parametrize("case", ["tensor-shape-outside-storage", "overlapping-storages", "leaf-reference-out-of-range"])
+@pytest.mark.parametrize(
+    "case", ["tensor-shape-outside-storage", "overlapping-storages", "leaf-reference-out-of-range"]
+)
 def test_manifest_error_names_the_manifest_key(tmp_path: Path, hostile_template: Path, case: str) -> None:
     """RELIABILITY.md #7: "a clear error naming the object" -- the manifest's key, as for parse errors."""
     root, ctx = _prepare_hostile(tmp_path, hostile_template)
@@ -629,10 +666,17 @@ def _payload(marker: Path) -> bytes:
 
 
 @pytest.mark.parametrize("where", ["object", "object-pinned", "rank-manifest", "commit"])
-def test_pickle_payload_is_never_executed(tmp_path: Path, hostile_template: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+def test_pickle_payload_is_never_executed(
+    tmp_path: Path, hostile_template: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
     # The payload is live: unpickling it in another interpreter creates its marker.
     control = tmp_path / "control-marker"
-    subprocess.run([sys.executable, "-c", "import pickle, sys; pickle.loads(sys.stdin.buffer.read())"], input=_payload(control), check=True, timeout=60)
+    subprocess.run(
+        [sys.executable, "-c", "import pickle, sys; pickle.loads(sys.stdin.buffer.read())"],
+        input=_payload(control),
+        check=True,
+        timeout=60,
+    )
     assert control.exists()
 
     marker = tmp_path / "pwned"
@@ -778,7 +822,9 @@ def test_enospc_inside_an_object_write_removes_the_temp_file(tmp_path: Path, mon
         msg = str(ei.value)
         assert str(root) in msg and "ENOSPC" in msg and f"{step_dir(2)}/rank-00000/o000001-" in msg, msg
         assert tmp_files(root) == [], "the partly written temp file must be removed"
-        assert not list((root / step_dir(2) / "rank-00000").glob("o000001-*.bin")) and not (root / commit_key(2)).exists()
+        assert (
+            not list((root / step_dir(2) / "rank-00000").glob("o000001-*.bin")) and not (root / commit_key(2)).exists()
+        )
         assert_restores(root, 1)
         monkeypatch.undo()  # space is back
         m.save(2, wc.fill(net, 2)).result(timeout=30)

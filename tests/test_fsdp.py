@@ -28,9 +28,19 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def torchrun(nproc: int, *args: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(CHILD), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(CHILD),
+        *args,
+    ]
     for attempt in (1, 2):
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO)
+        p = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO
+        )
         if p.returncode == 0 or attempt == 2 or TEARDOWN_ABORT not in p.stderr:
             break
         warnings.warn(f"torchrun worker aborted in torch teardown; running the job again: {p.stderr[-500:]}")
@@ -90,7 +100,9 @@ def test_fsdp2_checkpoint_consolidates_into_a_plain_model(saved_by_2: Path) -> N
 
 
 def test_fsdp2_checkpoint_that_does_not_fit_fails_before_touching_the_model(saved_by_2: Path) -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(13, 38), torch.nn.ReLU(), torch.nn.Linear(38, 11), torch.nn.ReLU(), torch.nn.Linear(11, 5))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(13, 38), torch.nn.ReLU(), torch.nn.Linear(38, 11), torch.nn.ReLU(), torch.nn.Linear(11, 5)
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with ckptmirror.Mirror([str(saved_by_2 / "ckpt")]) as m:
         with pytest.raises(ckptmirror.StateMismatchError, match="global shape"):

@@ -17,8 +17,9 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import boto3
 import pytest
@@ -64,7 +65,9 @@ def assert_bit_exact(actual: dict[str, torch.Tensor], expected: dict[str, torch.
     for k, e in expected.items():
         a = actual[k]
         assert a.dtype == e.dtype and a.shape == e.shape, f"{what}{k}"
-        assert torch.equal(a.contiguous().reshape(-1).view(torch.uint8), e.contiguous().reshape(-1).view(torch.uint8)), f"{what}{k}: bytes differ"
+        assert torch.equal(
+            a.contiguous().reshape(-1).view(torch.uint8), e.contiguous().reshape(-1).view(torch.uint8)
+        ), f"{what}{k}: bytes differ"
 
 
 def restore_fresh(replicas: list[Any], size: dict[str, int], **kw: Any) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -95,7 +98,11 @@ def closed_port() -> int:
 
 def local_files(root: Path) -> dict[str, bytes]:
     """Every file of the replica (relative key -> bytes), temp files excluded."""
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(".tmp-")}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.startswith(".tmp-")
+    }
 
 
 def local_manifest(root: Path, step: int) -> Any:
@@ -212,10 +219,15 @@ def test_one_save_reaches_local_and_s3_encoded_once(local: Path, s3: S3Replica, 
 
 
 # ------------------------------------------------------------- 2. S3 down for the whole save
-def test_s3_unreachable_from_the_start_is_skipped_and_training_goes_on(local: Path, s3_url: str, make_s3: Callable[..., S3Replica], caplog: pytest.LogCaptureFixture) -> None:
+def test_s3_unreachable_from_the_start_is_skipped_and_training_goes_on(
+    local: Path, s3_url: str, make_s3: Callable[..., S3Replica], caplog: pytest.LogCaptureFixture
+) -> None:
     dead = make_s3(s3_url, endpoint_url=f"http://127.0.0.1:{closed_port()}", timeout_s=0.5, retries=0)
     net = fill(make_net(**SMALL), 1)
-    with caplog.at_level(logging.WARNING, logger="ckptmirror"), Mirror([str(local), dead], object_bytes=MiB, health_interval_s=0.2) as m:
+    with (
+        caplog.at_level(logging.WARNING, logger="ckptmirror"),
+        Mirror([str(local), dead], object_bytes=MiB, health_interval_s=0.2) as m,
+    ):
         health = m.health()
         assert health[str(local)] == "ok" and health[dead.url].startswith("degraded")
         h = m.save(1, net)
@@ -243,7 +255,9 @@ def _doomed_bucket(moto_server: str, make_s3: Callable[..., S3Replica]) -> tuple
 
 
 @pytest.mark.parametrize("min_replicas", [None, 1])
-def test_s3_failing_the_whole_save_does_not_stop_training(local: Path, s3_url: str, moto_server: str, make_s3: Callable[..., S3Replica], min_replicas: int | None) -> None:
+def test_s3_failing_the_whole_save_does_not_stop_training(
+    local: Path, s3_url: str, moto_server: str, make_s3: Callable[..., S3Replica], min_replicas: int | None
+) -> None:
     rep, client, name = _doomed_bucket(moto_server, make_s3)
     net = fill(make_net(**SMALL), 1)
     with Mirror([str(local), rep], object_bytes=MiB, min_replicas=min_replicas, health_interval_s=60) as m:
@@ -272,7 +286,9 @@ def test_s3_failing_the_whole_save_does_not_stop_training(local: Path, s3_url: s
 
 
 @pytest.mark.parametrize("reported_by", ["result", "next_save", "wait"])
-def test_s3_failure_raises_with_on_replica_error_raise(local: Path, s3_url: str, moto_server: str, make_s3: Callable[..., S3Replica], reported_by: str) -> None:
+def test_s3_failure_raises_with_on_replica_error_raise(
+    local: Path, s3_url: str, moto_server: str, make_s3: Callable[..., S3Replica], reported_by: str
+) -> None:
     rep, client, name = _doomed_bucket(moto_server, make_s3)
     net = fill(make_net(**SMALL), 1)
     m = Mirror([str(local), rep], object_bytes=MiB, on_replica_error="raise", health_interval_s=60)
@@ -298,7 +314,9 @@ def test_s3_failure_raises_with_on_replica_error_raise(local: Path, s3_url: str,
     assert restore_fresh([str(local)], SMALL)[0].step == 1
 
 
-def test_raise_mode_does_not_silently_skip_a_replica_that_is_down(local: Path, s3_url: str, make_s3: Callable[..., S3Replica]) -> None:
+def test_raise_mode_does_not_silently_skip_a_replica_that_is_down(
+    local: Path, s3_url: str, make_s3: Callable[..., S3Replica]
+) -> None:
     dead = make_s3(s3_url, endpoint_url=f"http://127.0.0.1:{closed_port()}", timeout_s=0.5, retries=0)
     m = Mirror([str(local), dead], object_bytes=MiB, on_replica_error="raise", health_interval_s=60)
     try:
@@ -324,7 +342,9 @@ def _assert_no_partial_objects(bucket: Bucket, local: Path, step: int) -> dict[s
     return visible
 
 
-def test_s3_put_failing_mid_save_leaves_no_partial_step_and_recovers(local: Path, s3: S3Replica, bucket: Bucket) -> None:
+def test_s3_put_failing_mid_save_leaves_no_partial_step_and_recovers(
+    local: Path, s3: S3Replica, bucket: Bucket
+) -> None:
     faulty = FaultyReplica(s3, fail_put_at=3)  # the third object put fails
     net = fill(make_net(**SMALL), 1)
     with Mirror([str(local), faulty], object_bytes=MiB, min_replicas=1, health_interval_s=0.1) as m:
@@ -349,7 +369,14 @@ def test_s3_put_failing_mid_save_leaves_no_partial_step_and_recovers(local: Path
 
 
 @pytest.mark.parametrize("fail_part", [1, 3, 4])
-def test_s3_multipart_part_failing_leaves_no_visible_partial_object(local: Path, s3_url: str, make_s3: Callable[..., S3Replica], bucket: Bucket, monkeypatch: pytest.MonkeyPatch, fail_part: int) -> None:
+def test_s3_multipart_part_failing_leaves_no_visible_partial_object(
+    local: Path,
+    s3_url: str,
+    make_s3: Callable[..., S3Replica],
+    bucket: Bucket,
+    monkeypatch: pytest.MonkeyPatch,
+    fail_part: int,
+) -> None:
     rep = make_s3(s3_url, max_concurrency=8)
     real = rep._upload_part
     calls: list[tuple[str, int]] = []
@@ -385,7 +412,9 @@ def _prune() -> Callable[..., Any]:
     return prune
 
 
-def test_s3_upload_of_a_killed_writer_is_cleaned_by_retention_or_prune(local: Path, s3: S3Replica, bucket: Bucket) -> None:
+def test_s3_upload_of_a_killed_writer_is_cleaned_by_retention_or_prune(
+    local: Path, s3: S3Replica, bucket: Bucket
+) -> None:
     # RELIABILITY 13: a writer killed during its first (multipart) object leaves an open upload
     # and no object at all under its step directory.
     key = f"{bucket.prefix}/{object_key(1, 0, 0, 'deadbeef')}"
@@ -402,7 +431,9 @@ def test_s3_upload_of_a_killed_writer_is_cleaned_by_retention_or_prune(local: Pa
 
 
 # ---------------------------------------------------------------- 4. S3 restarted empty
-def test_s3_restarted_empty_restore_uses_local_and_saves_resume(local: Path, s3: S3Replica, bucket: Bucket, caplog: pytest.LogCaptureFixture) -> None:
+def test_s3_restarted_empty_restore_uses_local_and_saves_resume(
+    local: Path, s3: S3Replica, bucket: Bucket, caplog: pytest.LogCaptureFixture
+) -> None:
     net = fill(make_net(**SMALL), 1)
     with Mirror([str(local), s3], object_bytes=MiB) as m:
         m.save(1, net).result(timeout=60)
@@ -424,9 +455,14 @@ def test_s3_restarted_empty_restore_uses_local_and_saves_resume(local: Path, s3:
     assert_bit_exact(got, state_of(fill(make_net(**SMALL), 2)))
 
 
-def test_s3_restarted_without_the_bucket_then_bucket_recreated(local: Path, s3: S3Replica, bucket: Bucket, caplog: pytest.LogCaptureFixture) -> None:
+def test_s3_restarted_without_the_bucket_then_bucket_recreated(
+    local: Path, s3: S3Replica, bucket: Bucket, caplog: pytest.LogCaptureFixture
+) -> None:
     net = fill(make_net(**SMALL), 1)
-    with caplog.at_level(logging.WARNING, logger="ckptmirror"), Mirror([str(local), s3], object_bytes=MiB, min_replicas=1, health_interval_s=0.1) as m:
+    with (
+        caplog.at_level(logging.WARNING, logger="ckptmirror"),
+        Mirror([str(local), s3], object_bytes=MiB, min_replicas=1, health_interval_s=0.1) as m,
+    ):
         m.save(1, net).result(timeout=60)
         m.wait()
         bucket.wipe()
@@ -452,7 +488,9 @@ def test_s3_restarted_without_the_bucket_then_bucket_recreated(local: Path, s3: 
 
 
 # ------------------------------------------------------- 5. corrupt object on one replica
-def test_corrupt_object_served_by_the_other_replica_then_step_fallback(local: Path, s3: S3Replica, bucket: Bucket, caplog: pytest.LogCaptureFixture) -> None:
+def test_corrupt_object_served_by_the_other_replica_then_step_fallback(
+    local: Path, s3: S3Replica, bucket: Bucket, caplog: pytest.LogCaptureFixture
+) -> None:
     net = fill(make_net(**SMALL), 1)
     with Mirror([str(local), s3], object_bytes=MiB, keep_last=2) as m:
         m.save(1, net).result(timeout=60)
@@ -500,7 +538,9 @@ def test_local_replica_deleted_restore_from_s3_alone(local: Path, s3: S3Replica)
 
 
 # ------------------------------------------------------------------ 7. replicas diverge
-def test_replicas_diverge_restore_uses_newest_and_replica_steps_show_it(local: Path, s3: S3Replica, bucket: Bucket) -> None:
+def test_replicas_diverge_restore_uses_newest_and_replica_steps_show_it(
+    local: Path, s3: S3Replica, bucket: Bucket
+) -> None:
     faulty = FaultyReplica(s3)
     net = fill(make_net(**SMALL), 1)
     with Mirror([str(local), faulty], object_bytes=MiB, min_replicas=1, health_interval_s=60) as m:

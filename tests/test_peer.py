@@ -19,18 +19,11 @@ import signal
 import socket
 import subprocess
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
-from torch import nn
-
-import ckptmirror
-from ckptmirror.checksum import checksum
-from ckptmirror.errors import ManifestError, ReplicaError, ReplicaUnavailableError, SaveFailedError, StepExistsError
-from ckptmirror.replicas import FaultyReplica, LocalReplica
-from ckptmirror.replicas.peer import TOKEN_ENV, PeerReplica
-
 from _agent import (
     HOST,
     TOKEN,
@@ -46,6 +39,13 @@ from _agent import (
     wait_until,
     write_token,
 )
+from torch import nn
+
+import ckptmirror
+from ckptmirror.checksum import checksum
+from ckptmirror.errors import ManifestError, ReplicaError, ReplicaUnavailableError, SaveFailedError, StepExistsError
+from ckptmirror.replicas import FaultyReplica, LocalReplica
+from ckptmirror.replicas.peer import TOKEN_ENV, PeerReplica
 
 OBJECT_BYTES = 1 << 20  # the state below is ~4.7 MB: five or six objects per step
 STEP = "step-{:012d}"
@@ -122,7 +122,12 @@ def states(h: ckptmirror.SaveHandle) -> dict[str, str]:
 
 def settle(h: ckptmirror.SaveHandle, timeout: float = 30) -> dict[str, ckptmirror.ReplicaStatus]:
     """Wait until no replica of ``h`` is pending (a handle can fail before the others finish)."""
-    wait_until(lambda: all(s.state != "pending" for s in h.replicas.values()), timeout, 0.01, "every replica of the save to finish")
+    wait_until(
+        lambda: all(s.state != "pending" for s in h.replicas.values()),
+        timeout,
+        0.01,
+        "every replica of the save to finish",
+    )
     return h.replicas
 
 
@@ -169,7 +174,7 @@ def read_status(s: socket.socket, timeout: float) -> int | None:
             chunk = s.recv(4096)
         except ConnectionResetError:
             return None
-        except socket.timeout:
+        except TimeoutError:
             return 0
         if not chunk:
             return None
@@ -267,7 +272,12 @@ def test_agent_sigkill_mid_upload_leaves_nothing_partial(tmp_path: Any, token_fi
             proxy.set("delay", delay_s=0.03)  # ~0.5 s per 1 MiB object: the kill lands mid-stream
             h = m.save(2, model, opt)
             step2 = os.path.join(root, ns, STEP.format(2))
-            wait_until(lambda: any(f.endswith(".bin") for f in temp_files(step2)) if os.path.isdir(step2) else False, 20, 0.005, "an object upload in progress")
+            wait_until(
+                lambda: any(f.endswith(".bin") for f in temp_files(step2)) if os.path.isdir(step2) else False,
+                20,
+                0.005,
+                "an object upload in progress",
+            )
             first.proc.send_signal(signal.SIGKILL)
             assert first.proc.wait(10) == -signal.SIGKILL
 
@@ -339,7 +349,9 @@ def test_peer_killed_between_saves_is_skipped_then_rejoins(tmp_path: Any, token_
             assert states(m.save(1, model, opt).result(timeout=60)) == {local: "committed", peer: "committed"}
             a.proc.kill()
             a.proc.wait(10)
-            wait_until(lambda: m.health()[peer].startswith("degraded"), 5, 0.02, "the heartbeat to notice the dead peer")
+            wait_until(
+                lambda: m.health()[peer].startswith("degraded"), 5, 0.02, "the heartbeat to notice the dead peer"
+            )
             train(model, opt, seed=9)
             h2 = m.save(2, model, opt).result(timeout=60)
             assert states(h2) == {local: "committed", peer: "skipped"}
@@ -370,7 +382,9 @@ def test_missing_or_wrong_token_is_rejected_and_writes_nothing(shared: AgentProc
     for wrong in ("wrong", TOKEN[:-1], TOKEN + "x", ""):
         status, _, _ = request(shared.port, "PUT", path, body, token=wrong)
         assert status in (401, 403) and (status == 403 or wrong == ""), (wrong, status)
-    status, _, _ = request(shared.port, "PUT", "/v1/commit/auth/" + STEP.format(1) + "/COMMIT.json", b"{}", token="wrong")
+    status, _, _ = request(
+        shared.port, "PUT", "/v1/commit/auth/" + STEP.format(1) + "/COMMIT.json", b"{}", token="wrong"
+    )
     assert status == 403
     assert request(shared.port, "GET", "/v1/health", token=None)[0] == 401
     assert request(shared.port, "GET", "/v1/steps/auth", token="wrong")[0] == 403
@@ -445,7 +459,9 @@ def test_path_traversal_and_bad_names_rejected(shared: AgentProc) -> None:
         status, _, text = request(shared.port, "PUT", path, body)
         assert status in (400, 404), (path, status, text)
     for depth in ("0", "-1", "9", "x"):
-        status, _, text = request(shared.port, "PUT", "/v1/o/tr/x/y", body, headers={"X-Ckptmirror-Namespace-Depth": depth})
+        status, _, text = request(
+            shared.port, "PUT", "/v1/o/tr/x/y", body, headers={"X-Ckptmirror-Namespace-Depth": depth}
+        )
         assert status in (400, 404), (depth, status, text)
     for method, path in [
         ("GET", "/v1/o/tr/../../outside/keep.txt"),
@@ -544,10 +560,23 @@ def test_listing_does_not_follow_a_symlinked_step_dir(shared: AgentProc, planted
 def test_oversized_body_413(limited: AgentProc) -> None:
     wait_idle(limited)
     key = "/v1/o/big/" + okey(1)
-    s = send_head(limited.port, "PUT", key, {"Authorization": f"Bearer {TOKEN}", CSUM: checksum(b"x"), "Content-Length": "2000000"})
+    s = send_head(
+        limited.port,
+        "PUT",
+        key,
+        {"Authorization": f"Bearer {TOKEN}", CSUM: checksum(b"x"), "Content-Length": "2000000"},
+    )
     with s:
         assert read_status(s, 5) == 413
-    assert request(limited.port, "PUT", "/v1/commit/big/" + STEP.format(1) + "/COMMIT.json", headers={"Content-Length": str(300 << 20), CSUM: checksum(b"")})[0] == 413
+    assert (
+        request(
+            limited.port,
+            "PUT",
+            "/v1/commit/big/" + STEP.format(1) + "/COMMIT.json",
+            headers={"Content-Length": str(300 << 20), CSUM: checksum(b"")},
+        )[0]
+        == 413
+    )
     assert files_under(os.path.join(limited.root, "big")) == []
     # At the limit exactly: accepted.
     body = os.urandom(1_000_000)
@@ -562,7 +591,11 @@ def test_missing_content_length_411(shared: AgentProc) -> None:
             "PUT",
             "/v1/o/chunked/" + okey(1),
             body=iter([b"a" * 1000, b"b" * 1000]),
-            headers={"Authorization": f"Bearer {TOKEN}", CSUM: checksum(b"a" * 1000 + b"b" * 1000), "Transfer-Encoding": "chunked"},
+            headers={
+                "Authorization": f"Bearer {TOKEN}",
+                CSUM: checksum(b"a" * 1000 + b"b" * 1000),
+                "Transfer-Encoding": "chunked",
+            },
             encode_chunked=True,
         )
         assert conn.getresponse().status == 411
@@ -582,7 +615,13 @@ def test_checksum_mismatch_422_and_malformed_400(shared: AgentProc) -> None:
     ns_root = os.path.join(shared.root, "csum")
     assert files_under(ns_root) == []  # no final object, no temp file
     # A body shorter than its Content-Length is not stored either.
-    s = send_head(shared.port, "PUT", path, {"Authorization": f"Bearer {TOKEN}", CSUM: checksum(body), "Content-Length": str(len(body))}, body[:1000])
+    s = send_head(
+        shared.port,
+        "PUT",
+        path,
+        {"Authorization": f"Bearer {TOKEN}", CSUM: checksum(body), "Content-Length": str(len(body))},
+        body[:1000],
+    )
     s.shutdown(socket.SHUT_WR)
     with s:
         read_status(s, 5)
@@ -603,7 +642,9 @@ def saved_step(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, byte
     return files, snapshot(model, opt)
 
 
-def test_commit_only_when_objects_verified_and_only_once(shared: AgentProc, saved_step: tuple[dict[str, bytes], dict[str, Any]]) -> None:
+def test_commit_only_when_objects_verified_and_only_once(
+    shared: AgentProc, saved_step: tuple[dict[str, bytes], dict[str, Any]]
+) -> None:
     files, snap = saved_step
     commit_key = STEP.format(1) + "/COMMIT.json"
     manifest_key = next(k for k in files if k.endswith(".json") and k != commit_key)
@@ -659,7 +700,13 @@ def test_idle_upload_gets_408_and_leaves_no_temp_file(limited: AgentProc) -> Non
     wait_idle(limited)
     ns_root = os.path.join(limited.root, "idle")
     path = "/v1/o/idle/" + okey(1)
-    s = send_head(limited.port, "PUT", path, {"Authorization": f"Bearer {TOKEN}", CSUM: checksum(b"x"), "Content-Length": "900000"}, b"abc")
+    s = send_head(
+        limited.port,
+        "PUT",
+        path,
+        {"Authorization": f"Bearer {TOKEN}", CSUM: checksum(b"x"), "Content-Length": "900000"},
+        b"abc",
+    )
     with s:
         t0 = time.monotonic()
         wait_until(lambda: temp_files(ns_root), 3, 0.01, "the upload's temp file")
@@ -675,7 +722,13 @@ def test_too_many_uploads_503(limited: AgentProc) -> None:
     wait_idle(limited)
     stalled_path = "/v1/o/busy/" + okey(1)
     other_path = "/v1/o/busy/" + okey(2)
-    s = send_head(limited.port, "PUT", stalled_path, {"Authorization": f"Bearer {TOKEN}", CSUM: checksum(b"x"), "Content-Length": "900000"}, b"abc")
+    s = send_head(
+        limited.port,
+        "PUT",
+        stalled_path,
+        {"Authorization": f"Bearer {TOKEN}", CSUM: checksum(b"x"), "Content-Length": "900000"},
+        b"abc",
+    )
     with s:
         wait_until(lambda: health(limited)["uploads_in_flight"] == 1, 3, 0.01, "the first upload to be in flight")
         body = os.urandom(5000)
@@ -713,7 +766,9 @@ def test_concurrent_uploads_respect_max_uploads(limited: AgentProc) -> None:
             for s in socks:
                 s.close()
         accepted = n - statuses.count(503)
-        assert in_flight <= 1 and accepted <= 1, f"burst {burst}: --max-uploads 1 but {in_flight} uploads in flight; statuses {statuses}"
+        assert in_flight <= 1 and accepted <= 1, (
+            f"burst {burst}: --max-uploads 1 but {in_flight} uploads in flight; statuses {statuses}"
+        )
     wait_idle(limited)
     assert [f for f in files_under(os.path.join(limited.root, "burst")) if not f.startswith(".tmp-")] == []
 
@@ -727,7 +782,9 @@ def test_partial_request_head_is_dropped(limited: AgentProc) -> None:
         t0 = time.monotonic()
         status = read_status(s, 6)
         elapsed = time.monotonic() - t0
-    assert status in (400, 408, None) and elapsed < 5, f"connection with a half-sent head still open after {elapsed:.1f} s"
+    assert status in (400, 408, None) and elapsed < 5, (
+        f"connection with a half-sent head still open after {elapsed:.1f} s"
+    )
 
 
 # ======================================================================== 8. free-space reserve
@@ -796,7 +853,11 @@ def test_slow_connection_still_commits(shared: AgentProc, tmp_path: Any) -> None
 
 def _assert_nothing_partial_visible(ns_root: str, step: int) -> None:
     step_root = os.path.join(ns_root, STEP.format(step))
-    visible = [f for f in files_under(step_root) if not os.path.basename(f).startswith(".tmp-")] if os.path.isdir(step_root) else []
+    visible = (
+        [f for f in files_under(step_root) if not os.path.basename(f).startswith(".tmp-")]
+        if os.path.isdir(step_root)
+        else []
+    )
     assert visible == [], f"partial objects visible on the agent: {visible}"
 
 
@@ -838,7 +899,9 @@ def test_stalled_peer_does_not_hold_the_next_save_for_every_object(shared: Agent
     with TcpProxy(shared.port, mode="stall", after_bytes=64 << 10) as proxy:
         peer = proxy.url("stall2")
         model, opt = make_state(seed=17)
-        with mirror([local, peer], peer={"timeout_s": 1}, object_bytes=512 << 10, io_threads=2, health_interval_s=60) as m:
+        with mirror(
+            [local, peer], peer={"timeout_s": 1}, object_bytes=512 << 10, io_threads=2, health_interval_s=60
+        ) as m:
             h1 = m.save(1, model, opt)
             train(model, opt, seed=18)
             h2 = m.save(2, model, opt)  # waits for the staging buffer of step 1
@@ -902,7 +965,13 @@ def test_sigterm_with_a_stalled_upload_exits_promptly(tmp_path: Any, token_file:
     stalled client delays SIGTERM until its idle timeout expires."""
     a = start_agent(tmp_path / "agent", token_file=token_file, args=["--idle-timeout-s", "20"])
     try:
-        s = send_head(a.port, "PUT", "/v1/o/term/" + okey(1), {"Authorization": f"Bearer {TOKEN}", CSUM: checksum(b"x"), "Content-Length": "900000"}, b"abc")
+        s = send_head(
+            a.port,
+            "PUT",
+            "/v1/o/term/" + okey(1),
+            {"Authorization": f"Bearer {TOKEN}", CSUM: checksum(b"x"), "Content-Length": "900000"},
+            b"abc",
+        )
         with s:
             wait_until(lambda: temp_files(a.root), 3, 0.01, "the upload's temp file")
             a.proc.send_signal(signal.SIGTERM)

@@ -10,18 +10,18 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
+from _agent import HOST, TOKEN, AgentProc, agent, serve_command, write_token
 from torch import nn
 
 import ckptmirror
 from ckptmirror.errors import ReplicaError, SaveFailedError
 from ckptmirror.replicas.peer import TOKEN_ENV, PeerReplica
-
-from _agent import HOST, TOKEN, AgentProc, agent, serve_command, write_token
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 
@@ -51,11 +51,15 @@ def token_file(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def tls_agent(tmp_path_factory: pytest.TempPathFactory, tls_pair: tuple[str, str], token_file: str) -> Iterator[AgentProc]:
+def tls_agent(
+    tmp_path_factory: pytest.TempPathFactory, tls_pair: tuple[str, str], token_file: str
+) -> Iterator[AgentProc]:
     cert, key = tls_pair
     base = tmp_path_factory.mktemp("tls-agent")
     # --reserve-free-bytes 0: the test must not depend on how full the temp disk is.
-    with agent(base / "root", token_file=token_file, args=["--tls-cert", cert, "--tls-key", key, "--reserve-free-bytes", "0"]) as a:
+    with agent(
+        base / "root", token_file=token_file, args=["--tls-cert", cert, "--tls-key", key, "--reserve-free-bytes", "0"]
+    ) as a:
         yield a
 
 
@@ -191,7 +195,17 @@ def test_plain_http_client_on_the_tls_port_fails_cleanly(tls_agent: AgentProc, t
 @pytest.mark.parametrize("which", ["--tls-cert", "--tls-key"])
 def test_agent_refuses_half_a_tls_setup(which: str, tls_pair: tuple[str, str], token_file: str, tmp_path: Path) -> None:
     cert, key = tls_pair
-    cmd = serve_command() + ["serve", "--root", str(tmp_path / "root"), "--host", HOST, "--port", "0", "--token-file", token_file]
+    cmd = serve_command() + [
+        "serve",
+        "--root",
+        str(tmp_path / "root"),
+        "--host",
+        HOST,
+        "--port",
+        "0",
+        "--token-file",
+        token_file,
+    ]
     cmd += [which, cert if which == "--tls-cert" else key]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert p.returncode != 0

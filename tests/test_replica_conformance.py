@@ -14,8 +14,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -74,7 +75,9 @@ def replica(backend: Backend) -> Iterator[Replica]:
 
 
 def _payload(n: int, seed: int = 0) -> bytes:
-    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)).numpy().tobytes()
+    return (
+        torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)).numpy().tobytes()
+    )
 
 
 TOKEN = "0123abcd"  # the writer's per-save token in object and manifest names
@@ -153,7 +156,13 @@ def test_commit_is_create_if_absent(replica: Replica) -> None:
 def test_listing(replica: Replica) -> None:
     assert replica.list_steps() == []
     assert replica.list_prefix(step_dir(1)) == []
-    keys = [object_key(1, 0, 0, TOKEN), object_key(1, 0, 1, TOKEN), rank_manifest_key(1, 0, TOKEN), commit_key(1), object_key(2, 3, 0, TOKEN)]
+    keys = [
+        object_key(1, 0, 0, TOKEN),
+        object_key(1, 0, 1, TOKEN),
+        rank_manifest_key(1, 0, TOKEN),
+        commit_key(1),
+        object_key(2, 3, 0, TOKEN),
+    ]
     for k in keys:
         replica.put(k, b"x")
     assert replica.list_steps() == [step_dir(1), step_dir(2)]
@@ -176,7 +185,18 @@ def test_delete_and_delete_prefix(replica: Replica) -> None:
     assert replica.size(object_key(2, 0, 0, TOKEN)) == 1
 
 
-BAD_KEYS = ["../escape", "step-000000000001/../../x", "/abs/path", "a\x00b", "a//b", "a\\b", "", "./x", "step/..", "x\n"]
+BAD_KEYS = [
+    "../escape",
+    "step-000000000001/../../x",
+    "/abs/path",
+    "a\x00b",
+    "a//b",
+    "a\\b",
+    "",
+    "./x",
+    "step/..",
+    "x\n",
+]
 OPS: dict[str, Callable[[Replica, str], Any]] = {
     "put": lambda r, k: r.put(k, b"x"),
     "commit": lambda r, k: r.commit(k, b"x"),
@@ -190,7 +210,9 @@ OPS: dict[str, Callable[[Replica, str], Any]] = {
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
-def test_unsafe_keys_rejected_before_the_backend(request: pytest.FixtureRequest, backend: Backend, replica: Replica, op: str) -> None:
+def test_unsafe_keys_rejected_before_the_backend(
+    request: pytest.FixtureRequest, backend: Backend, replica: Replica, op: str
+) -> None:
     if isinstance(replica, S3Replica):
 
         async def no_requests(method: str, **kw: Any) -> Any:
@@ -264,7 +286,9 @@ def test_open_replica_dispatch(backend: Backend) -> None:
 
 
 def _client_error(code: str, status: int, op: str = "PutObject") -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": f"injected {code}"}, "ResponseMetadata": {"HTTPStatusCode": status}}, op)
+    return ClientError(
+        {"Error": {"Code": code, "Message": f"injected {code}"}, "ResponseMetadata": {"HTTPStatusCode": status}}, op
+    )
 
 
 class _Injecting(S3Replica):
@@ -432,7 +456,9 @@ def test_s3_concurrent_commits_exactly_one_wins(s3_url: str) -> None:
         assert writers[0].get(commit_key(step), 100) == f"writer {winners[0]}".encode()
 
 
-def test_s3_commit_falls_back_when_conditional_writes_are_ignored(s3_url: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_s3_commit_falls_back_when_conditional_writes_are_ignored(
+    s3_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     # moto honours If-None-Match; a server that silently ignores it is simulated by dropping it.
     async def ignore(method: str, kw: dict[str, Any], send: Any) -> Any:
         kw.pop("IfNoneMatch", None)

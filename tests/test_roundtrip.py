@@ -52,7 +52,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_INT_BY_SIZE[es])
 
 
-def assert_tensor_same(a: torch.Tensor, b: torch.Tensor, path: str = "t", *, stride: bool = True, grad: bool = True) -> None:
+def assert_tensor_same(
+    a: torch.Tensor, b: torch.Tensor, path: str = "t", *, stride: bool = True, grad: bool = True
+) -> None:
     assert isinstance(b, torch.Tensor), f"{path}: got {type(b)}"
     assert b.dtype == a.dtype, f"{path}: dtype {b.dtype} != {a.dtype}"
     assert b.shape == a.shape, f"{path}: shape {tuple(b.shape)} != {tuple(a.shape)}"
@@ -147,7 +149,16 @@ def _rich_state() -> tuple[dict, dict]:
         "int_keys": {0: "zero", 1: "one", -5: [1, 2, 3], 2**70: "big"},
         "str_keys": {"a": 1, "ünï": 2, "": 3, "t": 4, "items": 5},
         # no two keys compare equal (True == 1 and -0.0 == 0 would merge in any dict)
-        "mixed_keys": {7: "int", "7": "str", None: "none", 2.5: "float", True: "bool", -0.0: "negzero", float("nan"): "nan", 2**100: "huge"},
+        "mixed_keys": {
+            7: "int",
+            "7": "str",
+            None: "none",
+            2.5: "float",
+            True: "bool",
+            -0.0: "negzero",
+            float("nan"): "nan",
+            2**100: "huge",
+        },
         "list": [1, [2, [3, []]], (), ("t", (1,)), {"in": ["list"]}],
         "tuple": (1, "a", None, (2.0, (3,)), [4]),
         "empty": {"dict": {}, "list": [], "tuple": ()},
@@ -159,7 +170,15 @@ def _rich_state() -> tuple[dict, dict]:
         "str": 'héllo wörld ✓ 日本語 🤖 \x00 \n "quoted" \\ \u2028',
         "bytes": bytes(range(256)),
         "empty_bytes": b"",
-        "dtypes": [torch.float32, torch.bfloat16, torch.float8_e5m2, torch.complex64, torch.bool, torch.uint64, torch.half],
+        "dtypes": [
+            torch.float32,
+            torch.bfloat16,
+            torch.float8_e5m2,
+            torch.complex64,
+            torch.bool,
+            torch.uint64,
+            torch.half,
+        ],
         "devices": [torch.device("cpu"), torch.device("cuda:1"), torch.device("cuda"), torch.device("meta")],
         "np": {
             "f64": base,
@@ -280,8 +299,23 @@ def test_int_of_any_size_round_trips_or_is_refused_by_save(mirror):
 # ------------------------------------------------------- 2. tensors of every dtype
 
 REQUIRED_DTYPES = {
-    "bfloat16", "float16", "float32", "float64", "float8_e4m3fn", "float8_e5m2", "complex64", "complex128",
-    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "bfloat16",
+    "float16",
+    "float32",
+    "float64",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "complex64",
+    "complex128",
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
 }
 
 

@@ -30,8 +30,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -95,7 +96,13 @@ class Seaweed:
     def client(self) -> Any:
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET, region_name="us-east-1")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=KEY,
+            aws_secret_access_key=SECRET,
+            region_name="us-east-1",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -121,18 +128,29 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=data)
         try:
-            client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET, region_name="us-east-1")
+            client = boto3.client(
+                "s3",
+                endpoint_url=endpoint,
+                aws_access_key_id=KEY,
+                aws_secret_access_key=SECRET,
+                region_name="us-east-1",
+            )
             last: BaseException | None = None
             # Up = the gateway answers AND a write lands (volumes are allocated lazily).
             while True:
                 if proc.poll() is not None or time.monotonic() - t0 > START_TIMEOUT_S:
                     log.seek(0)
-                    pytest.fail(f"weed server did not start (exit {proc.poll()}, last error {last!r}):\n{log.read().decode(errors='replace')[-3000:]}")
+                    pytest.fail(
+                        f"weed server did not start (exit {proc.poll()}, last error {last!r}):\n{log.read().decode(errors='replace')[-3000:]}"
+                    )
                 if _answers(endpoint + "/"):
                     try:
                         client.create_bucket(Bucket=bucket)
                     except ClientError as exc:
-                        if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyExists", "BucketAlreadyOwnedByYou"):
+                        if exc.response.get("Error", {}).get("Code") not in (
+                            "BucketAlreadyExists",
+                            "BucketAlreadyOwnedByYou",
+                        ):
                             last = exc
                     except BotoCoreError as exc:
                         last = exc
@@ -212,7 +230,9 @@ def assert_bit_exact(actual: dict[str, torch.Tensor], expected: dict[str, torch.
     for k, e in expected.items():
         a = actual[k]
         assert a.dtype == e.dtype and a.shape == e.shape, k
-        assert torch.equal(a.contiguous().reshape(-1).view(torch.uint8), e.contiguous().reshape(-1).view(torch.uint8)), f"{k}: bytes differ"
+        assert torch.equal(
+            a.contiguous().reshape(-1).view(torch.uint8), e.contiguous().reshape(-1).view(torch.uint8)
+        ), f"{k}: bytes differ"
 
 
 def listing(seaweed: Seaweed, u: str) -> dict[str, int]:
@@ -231,7 +251,9 @@ def open_uploads(seaweed: Seaweed, u: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------- tests
-def test_round_trip_bit_exact_with_multipart_objects(seaweed: Seaweed, url: str, make_s3: Callable[..., S3Replica], tmp_path: Path) -> None:
+def test_round_trip_bit_exact_with_multipart_objects(
+    seaweed: Seaweed, url: str, make_s3: Callable[..., S3Replica], tmp_path: Path
+) -> None:
     rep = make_s3(url)
     net = fill(make_net(**BIG), 1)
     with Mirror([rep], object_bytes=BIG_OBJECT) as m:
@@ -252,7 +274,9 @@ def test_round_trip_bit_exact_with_multipart_objects(seaweed: Seaweed, url: str,
     assert_bit_exact(state_of(net2), state_of(fill(make_net(**BIG), 1)))
 
 
-def test_commit_twice_and_conflicting_commit(seaweed: Seaweed, url: str, make_s3: Callable[..., S3Replica], caplog: pytest.LogCaptureFixture) -> None:
+def test_commit_twice_and_conflicting_commit(
+    seaweed: Seaweed, url: str, make_s3: Callable[..., S3Replica], caplog: pytest.LogCaptureFixture
+) -> None:
     rep = make_s3(url)
     key = commit_key(5)
     with caplog.at_level(logging.WARNING, logger="ckptmirror"):
@@ -284,7 +308,9 @@ def test_commit_twice_and_conflicting_commit(seaweed: Seaweed, url: str, make_s3
     assert rep.list_steps() == [step_dir(5)]  # the probe object left nothing behind
 
 
-def test_two_writers_race_for_one_step_exactly_one_commits(seaweed: Seaweed, url: str, make_s3: Callable[..., S3Replica]) -> None:
+def test_two_writers_race_for_one_step_exactly_one_commits(
+    seaweed: Seaweed, url: str, make_s3: Callable[..., S3Replica]
+) -> None:
     """Writer B has written its objects and is about to commit when writer A commits the same
     step: B's conditional commit must lose, B must take its objects back, A's step restores."""
     b_at_commit, a_done = threading.Event(), threading.Event()
@@ -321,7 +347,9 @@ def test_two_writers_race_for_one_step_exactly_one_commits(seaweed: Seaweed, url
     assert_bit_exact(state_of(net2), state_of(fill(make_net(**SMALL), 1)))
 
 
-def test_local_and_seaweed_fan_out_then_restore_from_seaweed_alone(seaweed: Seaweed, url: str, make_s3: Callable[..., S3Replica], tmp_path: Path) -> None:
+def test_local_and_seaweed_fan_out_then_restore_from_seaweed_alone(
+    seaweed: Seaweed, url: str, make_s3: Callable[..., S3Replica], tmp_path: Path
+) -> None:
     local = tmp_path / "local"
     rep = make_s3(url)
     net = fill(make_net(**BIG), 1)
@@ -338,7 +366,9 @@ def test_local_and_seaweed_fan_out_then_restore_from_seaweed_alone(seaweed: Seaw
     bucket, _, prefix = url.split("://", 1)[1].partition("/")
     client = seaweed.client()
     for rec in manifest.objects:
-        assert client.get_object(Bucket=bucket, Key=f"{prefix}/{rec.key}")["Body"].read() == (local / rec.key).read_bytes()
+        assert (
+            client.get_object(Bucket=bucket, Key=f"{prefix}/{rec.key}")["Body"].read() == (local / rec.key).read_bytes()
+        )
     shutil.rmtree(local)  # the node is lost
     net2 = fill(make_net(**BIG), 999)
     with Mirror([str(local), rep]) as m:
@@ -347,7 +377,9 @@ def test_local_and_seaweed_fan_out_then_restore_from_seaweed_alone(seaweed: Seaw
     assert_bit_exact(state_of(net2), state_of(fill(make_net(**BIG), 2)))
 
 
-def test_part_failing_mid_upload_leaves_nothing_visible(seaweed: Seaweed, url: str, make_s3: Callable[..., S3Replica], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_part_failing_mid_upload_leaves_nothing_visible(
+    seaweed: Seaweed, url: str, make_s3: Callable[..., S3Replica], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rep = make_s3(url)
     real = rep._upload_part
     calls: list[str] = []

@@ -14,7 +14,9 @@ from typing import Any
 #: Commands implemented in :mod:`ckptmirror.ops` (the rest: demo, serve).
 OPS_COMMANDS = ("ls", "verify", "repair", "prune", "inspect", "export")
 
-_URLS_HELP = "replica URLs: /path, file:///path, peer://HOST:PORT/NS, s3://BUCKET/PREFIX (several: each is checked on its own)"
+_URLS_HELP = (
+    "replica URLs: /path, file:///path, peer://HOST:PORT/NS, s3://BUCKET/PREFIX (several: each is checked on its own)"
+)
 _ENV_NOTE = (
     "Replica options come from the environment: CKPTMIRROR_PEER_TOKEN for peer:// agents, the usual\n"
     "AWS_* variables (AWS_ENDPOINT_URL for S3-compatible servers) for s3://.\n"
@@ -55,7 +57,9 @@ def add_ops_commands(sub: argparse._SubParsersAction[Any]) -> None:
 
     def add(name: str, help_: str, description: str, epilog: str) -> argparse.ArgumentParser:
         # Every operator command takes its replicas first, as positional URLs.
-        p: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=description, epilog=epilog, formatter_class=raw, parents=[common])
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, help=help_, description=description, epilog=epilog, formatter_class=raw, parents=[common]
+        )
         p.add_argument("urls", nargs="+", metavar="URL", help=_URLS_HELP)
         return p
 
@@ -66,7 +70,8 @@ def add_ops_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "was saved, and what is torn (objects without a commit) or garbage (temp files, objects no\n"
         "commit names). Reads commit records, manifests and key listings only, never tensor data.",
         "examples:\n  ckptmirror ls /data/ckpt/run1\n  ckptmirror ls /nvme/ckpt/run1 peer://node7:7070/run1 --json | jq '.steps[-1]'\n\n"
-        + _ENV_NOTE + "exit status: 0 ok, 2 usage error or a replica unreachable\n",
+        + _ENV_NOTE
+        + "exit status: 0 ok, 2 usage error or a replica unreachable\n",
     )
     ls.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
 
@@ -83,7 +88,9 @@ def add_ops_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "  ckptmirror verify s3://bucket/run1 --json > report.json\n\n" + _ENV_NOTE + _EXIT_NOTE,
     )
     verify.add_argument("--step", type=_nonneg_int, help="only this step")
-    verify.add_argument("--quick", action="store_true", help="check manifests, presence and sizes only; do not read object data")
+    verify.add_argument(
+        "--quick", action="store_true", help="check manifests, presence and sizes only; do not read object data"
+    )
     verify.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     _add_reading(verify, "objects read at once (default 4)")
 
@@ -98,7 +105,8 @@ def add_ops_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "Run it when no training job is writing to these replicas.",
         "examples:\n  ckptmirror repair /nvme/ckpt/run1 /backup/ckpt/run1 --dry-run\n"
         "  ckptmirror repair /nvme/ckpt/run1 peer://node7:7070/run1   # after replacing node7's disk\n\n"
-        + _ENV_NOTE + "exit status: 0 repaired (or nothing to do), 1 something could not be repaired, 2 usage error or a replica unreachable\n",
+        + _ENV_NOTE
+        + "exit status: 0 repaired (or nothing to do), 1 something could not be repaired, 2 usage error or a replica unreachable\n",
     )
     repair.add_argument("--step", type=_nonneg_int, help="only this step")
     repair.add_argument("--dry-run", action="store_true", help="show what would be copied and committed; write nothing")
@@ -114,11 +122,18 @@ def add_ops_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "names). Torn saves newer than the newest commit may be a save in progress: they stay unless\n"
         "--all-torn. Committed steps are removed only if a step that stays passes a quick verify.",
         "examples:\n  ckptmirror prune /data/ckpt/run1 --keep 3 --dry-run\n  ckptmirror prune /nvme/ckpt/run1 s3://bucket/run1 --keep 5\n\n"
-        + _ENV_NOTE + "exit status: 0 ok, 1 refused (no kept step verifies) or a delete failed, 2 usage error or a replica unreachable\n",
+        + _ENV_NOTE
+        + "exit status: 0 ok, 1 refused (no kept step verifies) or a delete failed, 2 usage error or a replica unreachable\n",
     )
-    prune.add_argument("--keep", type=_pos_int, required=True, metavar="N", help="committed steps to keep per replica (>= 1)")
+    prune.add_argument(
+        "--keep", type=_pos_int, required=True, metavar="N", help="committed steps to keep per replica (>= 1)"
+    )
     prune.add_argument("--dry-run", action="store_true", help="show what would be removed; remove nothing")
-    prune.add_argument("--all-torn", action="store_true", help="also remove torn saves newer than the newest commit (no job may be writing)")
+    prune.add_argument(
+        "--all-torn",
+        action="store_true",
+        help="also remove torn saves newer than the newest commit (no job may be writing)",
+    )
     prune.add_argument("--json", action="store_true", help="print one JSON document")
 
     inspect = add(
@@ -127,7 +142,8 @@ def add_ops_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "Show the tree of the saved state of a step (default: the newest committed): key paths,\n"
         "dtypes, shapes and bytes of every tensor, and plain values, per rank. Reads manifests only.",
         "examples:\n  ckptmirror inspect /data/ckpt/run1\n  ckptmirror inspect /data/ckpt/run1 --step 4000 --rank 0\n"
-        "  ckptmirror inspect /data/ckpt/run1 --json | jq -r '.ranks[0].entries[].name'\n\n" + _ENV_NOTE
+        "  ckptmirror inspect /data/ckpt/run1 --json | jq -r '.ranks[0].entries[].name'\n\n"
+        + _ENV_NOTE
         + "exit status: 0 ok, 1 the step cannot be read, 2 usage error or a replica unreachable\n",
     )
     inspect.add_argument("--step", type=_nonneg_int, help="the step (default: newest committed)")
@@ -145,7 +161,8 @@ def add_ops_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "               torch.load(path, weights_only=True).",
         "examples:\n  ckptmirror export /data/ckpt/run1 --step 4000 --format safetensors -o model.safetensors\n"
         "  ckptmirror export /data/ckpt/run1 --format torch -o last.pt     # newest step that verifies\n\n"
-        + _ENV_NOTE + "exit status: 0 written, 1 the step cannot be read or written, 2 usage error or a replica unreachable\n",
+        + _ENV_NOTE
+        + "exit status: 0 written, 1 the step cannot be read or written, 2 usage error or a replica unreachable\n",
     )
     export.add_argument("--step", type=_nonneg_int, help="the step (default: the newest that verifies)")
     export.add_argument("--format", choices=("safetensors", "torch"), required=True, help="file format")

@@ -22,7 +22,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -33,9 +34,16 @@ def build(seed: int = SEED) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The demo model (about 1.2M parameters) and its AdamW optimizer, deterministically initialised."""
     torch.manual_seed(seed)
     model = torch.nn.Sequential(
-        torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 16)
+        torch.nn.Linear(256, 1024),
+        torch.nn.GELU(),
+        torch.nn.Linear(1024, 1024),
+        torch.nn.GELU(),
+        torch.nn.Linear(1024, 16),
     )
-    groups: list[dict[str, Any]] = [{"params": model[0].parameters(), "lr": 2e-3}, {"params": list(model[2].parameters()) + list(model[4].parameters())}]
+    groups: list[dict[str, Any]] = [
+        {"params": model[0].parameters(), "lr": 2e-3},
+        {"params": list(model[2].parameters()) + list(model[4].parameters())},
+    ]
     optim = torch.optim.AdamW(groups, lr=1e-3)
     return model, optim
 
@@ -89,7 +97,20 @@ def services(root: str) -> Iterator[dict[str, str]]:
         port = _free_port()
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "ckptmirror", "serve", "--root", os.path.join(root, "node1-agent"), "--port", str(port), "--token-file", token_file, "--reserve-free-bytes", "0"],
+                [
+                    sys.executable,
+                    "-m",
+                    "ckptmirror",
+                    "serve",
+                    "--root",
+                    os.path.join(root, "node1-agent"),
+                    "--port",
+                    str(port),
+                    "--token-file",
+                    token_file,
+                    "--reserve-free-bytes",
+                    "0",
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -98,9 +119,20 @@ def services(root: str) -> Iterator[dict[str, str]]:
         env["CKPTMIRROR_DEMO_PEER"] = f"peer://127.0.0.1:{port}/demo/node0"
         if not os.environ.get("AWS_ENDPOINT_URL"):
             s3port = _free_port()
-            procs.append(subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3port)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
             _wait_http(f"http://127.0.0.1:{s3port}/")
-            env.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3port}", AWS_ACCESS_KEY_ID="demo", AWS_SECRET_ACCESS_KEY="demo", AWS_DEFAULT_REGION="us-east-1")
+            env.update(
+                AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3port}",
+                AWS_ACCESS_KEY_ID="demo",
+                AWS_SECRET_ACCESS_KEY="demo",
+                AWS_DEFAULT_REGION="us-east-1",
+            )
         bucket = os.environ.get("CKPTMIRROR_DEMO_BUCKET", "ckptmirror-demo")
         env["CKPTMIRROR_DEMO_S3"] = f"s3://{bucket}/run-{secrets.token_hex(3)}"
         os.environ.update(env)
@@ -137,7 +169,19 @@ def child(root: str, steps: int, save_every: int) -> None:
             h.result()
             pending.remove(h)
             replica_s = [st.seconds for st in h.replicas.values()]
-            print(json.dumps({"event": "committed", "step": h.step, "stall_s": h.stall_s, "wait_s": h.wait_s, "replica_s": replica_s, "bytes": h.nbytes}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "event": "committed",
+                        "step": h.step,
+                        "stall_s": h.stall_s,
+                        "wait_s": h.wait_s,
+                        "replica_s": replica_s,
+                        "bytes": h.nbytes,
+                    }
+                ),
+                flush=True,
+            )
         print(json.dumps({"event": "step", "step": step, "loss": loss}), flush=True)
         time.sleep(0.02)  # a real step takes longer; leaves room for the background writer
     mirror.close()
@@ -145,7 +189,12 @@ def child(root: str, steps: int, save_every: int) -> None:
 
 def _state_equal(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8) if a.dim() else a, b.view(torch.uint8) if b.dim() else b)
+        return (
+            isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(a.view(torch.uint8) if a.dim() else a, b.view(torch.uint8) if b.dim() else b)
+        )
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
@@ -176,18 +225,32 @@ def run_demo(directory: str | None, steps: int, save_every: int) -> int:
         with services(root):
             urls = replica_urls(root)
             print(f"ckptmirror {ckptmirror.__version__} demo; replicas:")
-            for u, what in zip(urls, ("this node's disk", "peer agent (ckptmirror serve) on 'node 1'", "S3-compatible store")):
+            for u, what in zip(
+                urls, ("this node's disk", "peer agent (ckptmirror serve) on 'node 1'", "S3-compatible store")
+            ):
                 print(f"  {u:<48} {what}")
             print(f"training in a child process; it saves every {save_every} steps and is SIGKILLed at step {kill_at}")
-            proc = subprocess.Popen([sys.executable, "-m", "ckptmirror.cli.demo", "--child", root, str(steps), str(save_every)], stdout=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "ckptmirror.cli.demo", "--child", root, str(steps), str(save_every)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             assert proc.stdout is not None
             for line in proc.stdout:
                 ev = json.loads(line)
                 if ev["event"] == "committed":
-                    per = ", ".join(f"{name} {sec * 1e3:.0f} ms" for name, sec in zip(("disk", "peer", "s3"), ev["replica_s"]))
-                    print(f"  step {ev['step']:>4}: {ev['bytes'] / 1e6:.1f} MB, training stalled {ev['stall_s'] * 1e3:.1f} ms"
-                        + (f" ({ev['wait_s'] * 1e3:.0f} ms of it waiting for the previous save)" if ev["wait_s"] > 1e-3 else "")
-                        + f"; committed on {per}")
+                    per = ", ".join(
+                        f"{name} {sec * 1e3:.0f} ms" for name, sec in zip(("disk", "peer", "s3"), ev["replica_s"])
+                    )
+                    print(
+                        f"  step {ev['step']:>4}: {ev['bytes'] / 1e6:.1f} MB, training stalled {ev['stall_s'] * 1e3:.1f} ms"
+                        + (
+                            f" ({ev['wait_s'] * 1e3:.0f} ms of it waiting for the previous save)"
+                            if ev["wait_s"] > 1e-3
+                            else ""
+                        )
+                        + f"; committed on {per}"
+                    )
                 elif ev["step"] >= kill_at:
                     os.kill(proc.pid, signal.SIGKILL)
                     break
@@ -203,7 +266,9 @@ def run_demo(directory: str | None, steps: int, save_every: int) -> int:
                 print("no checkpoint was committed before the crash")
                 return 1
             served = sorted(set(result.sources.values()))
-            print(f"restored step {result.step} from {served} in {peer_s * 1e3:.0f} ms (every checksum verified; opening and listing all three replicas included)")
+            print(
+                f"restored step {result.step} from {served} in {peer_s * 1e3:.0f} ms (every checksum verified; opening and listing all three replicas included)"
+            )
             # Like for like: one replica each, the same step, a fresh model each time.
             _, _, _, peer_only_s = _restore_into_fresh([urls[1]])
             s3_result, s3_model, s3_optim, s3_s = _restore_into_fresh([urls[2]])
@@ -215,14 +280,27 @@ def run_demo(directory: str | None, steps: int, save_every: int) -> int:
             ref_model, ref_optim = build()
             for step in range(1, result.step + 1):
                 train_step(ref_model, ref_optim, step)
-            same = all(
-                _state_equal(ref.state_dict(), got.state_dict())
-                for ref, got in ((ref_model, model), (ref_optim, optim), (ref_model, s3_model), (ref_optim, s3_optim))
-            ) and s3_result is not None and s3_result.step == result.step
-            print(f"bit-exact against an uninterrupted run to step {result.step} (peer and S3 copies): {'yes' if same else 'NO'}")
+            same = (
+                all(
+                    _state_equal(ref.state_dict(), got.state_dict())
+                    for ref, got in (
+                        (ref_model, model),
+                        (ref_optim, optim),
+                        (ref_model, s3_model),
+                        (ref_optim, s3_optim),
+                    )
+                )
+                and s3_result is not None
+                and s3_result.step == result.step
+            )
+            print(
+                f"bit-exact against an uninterrupted run to step {result.step} (peer and S3 copies): {'yes' if same else 'NO'}"
+            )
             nxt = result.step + 1
             a, b = train_step(model, optim, nxt), train_step(ref_model, ref_optim, nxt)
-            print(f"step {nxt} after restore: loss {a:.6f} (uninterrupted run: {b:.6f}, {'identical' if a == b else 'DIFFERENT'})")
+            print(
+                f"step {nxt} after restore: loss {a:.6f} (uninterrupted run: {b:.6f}, {'identical' if a == b else 'DIFFERENT'})"
+            )
             return 0 if same and a == b else 1
     finally:
         if directory is None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn, Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
 from .._version import __version__
 from .commands import OPS_COMMANDS, add_ops_commands, run_ops
@@ -55,16 +56,32 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--root", required=True, help="directory that holds the replicas (a tmpfs gives a RAM tier)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need --token-file)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need --token-file)"
+    )
     serve.add_argument("--port", type=int, default=7070, help="port (0 picks a free one; default 7070)")
     serve.add_argument("--token-file", help="file holding the shared secret clients must present")
     serve.add_argument("--tls-cert", help="TLS certificate (PEM)")
     serve.add_argument("--tls-key", help="TLS private key (PEM)")
-    serve.add_argument("--max-object-bytes", type=int, default=16 << 30, help="largest object accepted (default 16 GiB)")
-    serve.add_argument("--reserve-free-bytes", type=int, default=1 << 30, help="refuse uploads that would leave less free space (default 1 GiB)")
+    serve.add_argument(
+        "--max-object-bytes", type=int, default=16 << 30, help="largest object accepted (default 16 GiB)"
+    )
+    serve.add_argument(
+        "--reserve-free-bytes",
+        type=int,
+        default=1 << 30,
+        help="refuse uploads that would leave less free space (default 1 GiB)",
+    )
     serve.add_argument("--max-uploads", type=int, default=16, help="concurrent uploads (default 16)")
-    serve.add_argument("--idle-timeout-s", type=float, default=30.0, help="drop an upload that sends nothing for this long (default 30)")
-    serve.add_argument("--no-fsync", action="store_true", help="skip fsync (only for a tmpfs root, where it is a no-op anyway)")
+    serve.add_argument(
+        "--idle-timeout-s",
+        type=float,
+        default=30.0,
+        help="drop an upload that sends nothing for this long (default 30)",
+    )
+    serve.add_argument(
+        "--no-fsync", action="store_true", help="skip fsync (only for a tmpfs root, where it is a no-op anyway)"
+    )
     add_ops_commands(sub)
     return parser
 

@@ -10,8 +10,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Mapping, Protocol, Sequence, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from .. import ops
 
@@ -55,7 +56,16 @@ def _progress(args: argparse.Namespace) -> ops.ProgressFactory | None:
         return None
 
     def make(total: int, unit: str, desc: str) -> Any:
-        return tqdm(total=total, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+        return tqdm(
+            total=total,
+            unit=unit,
+            unit_scale=True,
+            unit_divisor=1024 if unit == "B" else 1000,
+            desc=desc,
+            file=sys.stderr,
+            leave=False,
+            dynamic_ncols=True,
+        )
 
     return make
 
@@ -124,15 +134,41 @@ def _ls_lines(res: ops.Listing) -> list[str]:
     else:
         rows: list[list[Any]] = []
         for s in res.steps:
-            cells = ["?" if u in res.unreachable else "committed" if u in s.committed_on else "torn" if u in s.torn_on else "-" for u in res.replicas]
+            cells = [
+                "?"
+                if u in res.unreachable
+                else "committed"
+                if u in s.committed_on
+                else "torn"
+                if u in s.torn_on
+                else "-"
+                for u in res.replicas
+            ]
             note = "no committed copy" if not s.committed_on else (s.error or "")
-            rows.append([s.step, *cells, _size(s.bytes), s.objects if s.objects is not None else "?", s.world_size or "?", _when(s.created_unix), _age(s.created_unix), note])
-        lines += _table(["STEP", *[tags[u] for u in res.replicas], "SIZE", "OBJECTS", "RANKS", "SAVED", "AGE", "NOTE"], rows)
+            rows.append(
+                [
+                    s.step,
+                    *cells,
+                    _size(s.bytes),
+                    s.objects if s.objects is not None else "?",
+                    s.world_size or "?",
+                    _when(s.created_unix),
+                    _age(s.created_unix),
+                    note,
+                ]
+            )
+        lines += _table(
+            ["STEP", *[tags[u] for u in res.replicas], "SIZE", "OBJECTS", "RANKS", "SAVED", "AGE", "NOTE"], rows
+        )
         garbage = [(s, u, keys) for s in res.steps for u, keys in s.garbage.items()]
         if garbage:
             lines.append("garbage and incomplete copies (see 'ckptmirror prune' and 'ckptmirror repair'):")
             for s, u, keys in garbage:
-                what = ("incomplete copy ('ckptmirror repair' completes it)" if s.committed_on else "interrupted save") if u in s.torn_on else "leftovers"
+                what = (
+                    ("incomplete copy ('ckptmirror repair' completes it)" if s.committed_on else "interrupted save")
+                    if u in s.torn_on
+                    else "leftovers"
+                )
                 lines.append(f"  {tags[u]} step {s.step}: {what}, {len(keys)} key(s): " + _first(keys, 3))
     lines += _unreachable_lines(res.unreachable, tags)
     return lines
@@ -170,7 +206,11 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
     lines.append("")
     n = len(res.steps)
     if res.exit_code == 0:
-        lines.append(f"OK: {n} step(s) verified on {len(res.replicas)} replica(s) ({mode})" if n else "OK: no checkpoints on these replicas")
+        lines.append(
+            f"OK: {n} step(s) verified on {len(res.replicas)} replica(s) ({mode})"
+            if n
+            else "OK: no checkpoints on these replicas"
+        )
     else:
         kinds: dict[str, int] = {}
         for p in problems:
@@ -208,8 +248,10 @@ def _repair_lines(res: ops.RepairReport) -> list[str]:
     if not res.actions and not res.unrecoverable:
         lines.append(f"nothing to repair: {len(res.steps)} step(s) verify on every replica")
     else:
-        lines.append(f"{'would copy' if res.dry_run else 'copied'} {copies} object(s), {'would commit' if res.dry_run else 'committed'} {commits} step copy(ies)"
-                     + (f"; {len(res.unrecoverable)} problem(s) cannot be repaired" if res.unrecoverable else ""))
+        lines.append(
+            f"{'would copy' if res.dry_run else 'copied'} {copies} object(s), {'would commit' if res.dry_run else 'committed'} {commits} step copy(ies)"
+            + (f"; {len(res.unrecoverable)} problem(s) cannot be repaired" if res.unrecoverable else "")
+        )
     return lines
 
 
@@ -225,7 +267,9 @@ def _prune_lines(res: ops.PruneReport) -> list[str]:
     if res.refused:
         lines.append(f"kept every committed step: {res.refused}")
     for p in res.replicas:
-        garbage = f"{len(p.removed_garbage)} key(s)" + (": " + _first(p.removed_garbage, 3) if p.removed_garbage else "")
+        garbage = f"{len(p.removed_garbage)} key(s)" + (
+            ": " + _first(p.removed_garbage, 3) if p.removed_garbage else ""
+        )
         rows: list[tuple[str, str]] = [
             ("kept steps", _steps_text(p.kept)),
             (f"{verb} steps", _steps_text(p.removed_steps)),
@@ -233,7 +277,12 @@ def _prune_lines(res: ops.PruneReport) -> list[str]:
             (f"{verb} leftovers", garbage),
         ]
         if p.skipped_torn:
-            rows.append(("left torn saves", f"{_steps_text(p.skipped_torn)} (newer than the newest commit, maybe a save in progress; --all-torn removes them)"))
+            rows.append(
+                (
+                    "left torn saves",
+                    f"{_steps_text(p.skipped_torn)} (newer than the newest commit, maybe a save in progress; --all-torn removes them)",
+                )
+            )
         rows += [("FAILED", e) for e in p.errors]
         width = max(len(a) for a, _ in rows)
         lines.append(f"{p.replica}:")
@@ -282,7 +331,9 @@ def _tree_lines(node: Any, label: str, depth: int, out: list[tuple[str, str]]) -
 
 def _inspect_lines(res: ops.InspectReport) -> list[str]:
     """What ``ckptmirror inspect`` prints without ``--json``."""
-    lines = [f"step {res.step}: {res.world_size} rank(s), saved {_when(res.created_unix)} ({_age(res.created_unix)} ago)"]
+    lines = [
+        f"step {res.step}: {res.world_size} rank(s), saved {_when(res.created_unix)} ({_age(res.created_unix)} ago)"
+    ]
     for rt in res.ranks:
         tensors = [e for e in rt.entries if e.leaf is not None]
         lines.append(f"rank {rt.rank}: {len(tensors)} tensor(s), {_size(rt.stream_bytes)} in {rt.objects} object(s)")
@@ -301,9 +352,13 @@ def _inspect_lines(res: ops.InspectReport) -> list[str]:
 def _export_lines(res: ops.ExportReport) -> list[str]:
     """What ``ckptmirror export`` prints without ``--json``."""
     where = "metadata" if res.format == "safetensors" else "the dict"
-    lines = [f"wrote {res.path} ({res.format}): step {res.step}, rank {res.rank}, {res.tensors} tensor(s), {_size(res.tensor_bytes)}, {len(res.values)} plain value(s) in {where}"]
+    lines = [
+        f"wrote {res.path} ({res.format}): step {res.step}, rank {res.rank}, {res.tensors} tensor(s), {_size(res.tensor_bytes)}, {len(res.values)} plain value(s) in {where}"
+    ]
     if res.cloned:
-        lines.append(f"cloned {len(res.cloned)} tensor(s) that shared storage or were not contiguous: " + _first(res.cloned, 5))
+        lines.append(
+            f"cloned {len(res.cloned)} tensor(s) that shared storage or were not contiguous: " + _first(res.cloned, 5)
+        )
     for d in res.dropped:
         lines.append(f"dropped {d}")
     return lines
@@ -311,9 +366,18 @@ def _export_lines(res: ops.ExportReport) -> list[str]:
 
 _COMMANDS: dict[str, _Command[Any]] = {
     "ls": _Command(lambda a: ops.ls(a.urls), _ls_lines),
-    "verify": _Command(lambda a: ops.verify(a.urls, step=a.step, quick=a.quick, threads=a.threads, progress=_progress(a)), _verify_lines),
-    "repair": _Command(lambda a: ops.repair(a.urls, step=a.step, dry_run=a.dry_run, threads=a.threads, progress=_progress(a)), _repair_lines),
+    "verify": _Command(
+        lambda a: ops.verify(a.urls, step=a.step, quick=a.quick, threads=a.threads, progress=_progress(a)),
+        _verify_lines,
+    ),
+    "repair": _Command(
+        lambda a: ops.repair(a.urls, step=a.step, dry_run=a.dry_run, threads=a.threads, progress=_progress(a)),
+        _repair_lines,
+    ),
     "prune": _Command(lambda a: ops.prune(a.urls, keep=a.keep, dry_run=a.dry_run, all_torn=a.all_torn), _prune_lines),
     "inspect": _Command(lambda a: ops.inspect(a.urls, step=a.step, rank=a.rank), _inspect_lines),
-    "export": _Command(lambda a: ops.export(a.urls, a.output, format=a.format, step=a.step, rank=a.rank, overwrite=a.force), _export_lines),
+    "export": _Command(
+        lambda a: ops.export(a.urls, a.output, format=a.format, step=a.step, rank=a.rank, overwrite=a.force),
+        _export_lines,
+    ),
 }

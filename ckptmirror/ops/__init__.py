@@ -26,6 +26,7 @@ is the function; use :func:`importlib.import_module` to reach a module itself.
 from __future__ import annotations
 
 from ._common import Problem, UsageError, dotted, open_replicas
+
 # Importable from here (they type the ``progress`` argument of verify and repair) but, as before
 # the split, not in __all__; "X as X" marks them as re-exported for type checkers.
 from ._common import Progress as Progress

@@ -8,17 +8,17 @@ re-exported by :mod:`ckptmirror.ops`.
 from __future__ import annotations
 
 import dataclasses
-import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
-from ..restore.discover import StepListing, list_steps
-from ..errors import CkptMirrorError, ReplicaUnavailableError
+from ..errors import CkptMirrorError
 from ..replicas import Replica, close_opened, scheme_of
 from ..replicas import open_replicas as _open_replicas
+from ..restore.discover import StepListing, list_steps
 
 #: Errors that concern one replica or object; anything else is a bug and propagates.
 FAILURES = (CkptMirrorError, OSError)
@@ -58,7 +58,7 @@ def reject_memory_url(url: str) -> None:
 
 
 def open_replicas(
-    urls: Sequence["str | Replica"],
+    urls: Sequence[str | Replica],
     *,
     storage_options: Mapping[str, Mapping[str, Any]] | None = None,
     allow_memory: bool = True,
@@ -81,7 +81,9 @@ def open_replicas(
 
 
 @contextmanager
-def opened(urls: Sequence["str | Replica"], storage_options: Mapping[str, Mapping[str, Any]] | None) -> Iterator[list[Replica]]:
+def opened(
+    urls: Sequence[str | Replica], storage_options: Mapping[str, Mapping[str, Any]] | None
+) -> Iterator[list[Replica]]:
     """:func:`open_replicas` for the duration of a ``with`` block."""
     replicas = open_replicas(urls, storage_options=storage_options)
     try:
@@ -128,7 +130,12 @@ class Problem:
 
 def strip_where(msg: str, url: str, key: str) -> str:
     """Drop the "replica X, object K: " prefixes an error repeats, and the reader's wrapper."""
-    prefixes = ("no replica holds a verifying copy: ", f"replica {url}, object {key}: ", f"object {key}: ", f"replica {url}: ")
+    prefixes = (
+        "no replica holds a verifying copy: ",
+        f"replica {url}, object {key}: ",
+        f"object {key}: ",
+        f"replica {url}: ",
+    )
     changed = True
     while changed:
         changed = False

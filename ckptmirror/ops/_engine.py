@@ -8,19 +8,18 @@ pool; see :mod:`ckptmirror.ops` for why. Nothing here writes to a replica.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from ..errors import CorruptObjectError, ManifestError, ObjectMissingError, ReplicaError
-from ..format import CommitRecord, ObjectRecord, RankManifest, commit_key, step_dir
+from ..format import TMP_PREFIX, CommitRecord, ObjectRecord, RankManifest, commit_key, step_dir
 from ..replicas import Replica
 from ..restore.check import validate_manifest
 from ..restore.fetch import Fetcher
 from ._common import FAILURES, Problem, ProgressFactory, strip_where
 
 #: Name prefix of a replica's temporary files (an upload that has not been renamed yet).
-TMP_PREFIX = ".tmp-"
 
 
 @dataclass
@@ -49,7 +48,9 @@ class RankPlan:
 
     def problems(self) -> list[Problem]:
         """The manifest's problems, then those of its objects (once they have been checked)."""
-        return [p for p in (self.manifest_problem, self.invalid) if p is not None] + [j.problem for j in self.jobs if j.problem is not None]
+        return [p for p in (self.manifest_problem, self.invalid) if p is not None] + [
+            j.problem for j in self.jobs if j.problem is not None
+        ]
 
 
 @dataclass
@@ -70,7 +71,9 @@ class ReplicaPlan:
 class Engine:
     """Per-replica checks of steps with the reader's own functions, objects read in parallel."""
 
-    def __init__(self, replicas: Sequence[Replica], threads: int, quick: bool, progress: ProgressFactory | None) -> None:
+    def __init__(
+        self, replicas: Sequence[Replica], threads: int, quick: bool, progress: ProgressFactory | None
+    ) -> None:
         self.replicas = sorted(replicas, key=lambda r: r.read_priority)
         self.quick = quick
         self.progress = progress
@@ -96,7 +99,13 @@ class Engine:
         try:
             return self.single[r.url].read_commit(step), None
         except FAILURES as exc:
-            kind = "missing" if isinstance(exc, ObjectMissingError) else "invalid" if isinstance(exc, (ManifestError, CorruptObjectError)) else "unreadable"
+            kind = (
+                "missing"
+                if isinstance(exc, ObjectMissingError)
+                else "invalid"
+                if isinstance(exc, (ManifestError, CorruptObjectError))
+                else "unreadable"
+            )
             return None, Problem(step, r.url, key, kind, strip_where(str(exc), r.url, key))
 
     def replica_plan(self, r: Replica, step: int) -> ReplicaPlan:
@@ -207,7 +216,9 @@ class Engine:
         queued: set[tuple[str, str, str]] = set()
         for plan in plans:
             for rp in plan.ranks:
-                items = [ObjectRecord(rp.key, rp.size, rp.checksum)] + (list(rp.manifest.objects) if rp.manifest else [])
+                items = [ObjectRecord(rp.key, rp.size, rp.checksum)] + (
+                    list(rp.manifest.objects) if rp.manifest else []
+                )
                 for obj in items:
                     if self.good_anywhere(obj.key, obj.checksum):
                         continue
@@ -223,7 +234,11 @@ class Engine:
         if not jobs:
             return
         unit = "obj" if self.quick else "B"
-        bar = self.progress(len(jobs) if self.quick else sum(j.obj.size for j in jobs), unit, what) if self.progress else None
+        bar = (
+            self.progress(len(jobs) if self.quick else sum(j.obj.size for j in jobs), unit, what)
+            if self.progress
+            else None
+        )
 
         def one(job: ObjJob) -> None:
             self._check(job)
@@ -250,7 +265,16 @@ def plan_problems(plan: ReplicaPlan) -> list[Problem]:
     for rp in plan.ranks:
         out.extend(rp.problems())  # a rank without a manifest has no object jobs
         if rp.manifest is None:
-            out.append(Problem(plan.step, plan.replica.url, rp.key, "unrecoverable", "no replica holds a copy that matches the commit, so its objects cannot be checked", rp.rank))
+            out.append(
+                Problem(
+                    plan.step,
+                    plan.replica.url,
+                    rp.key,
+                    "unrecoverable",
+                    "no replica holds a copy that matches the commit, so its objects cannot be checked",
+                    rp.rank,
+                )
+            )
     return out
 
 
@@ -272,7 +296,9 @@ def recoverable(eng: Engine, plans: Sequence[ReplicaPlan]) -> bool:
     return False
 
 
-def referenced(eng: Engine, r: Replica | None, step: int, urls: Sequence[str]) -> tuple[CommitRecord | None, list[RankManifest] | None, str | None]:
+def referenced(
+    eng: Engine, r: Replica | None, step: int, urls: Sequence[str]
+) -> tuple[CommitRecord | None, list[RankManifest] | None, str | None]:
     """Commit (from ``r`` if given, else any of ``urls``) and its rank manifests (from anywhere)."""
     try:
         commit = eng.single[r.url].read_commit(step) if r is not None else eng.shared.read_commit(step, urls)
@@ -287,7 +313,9 @@ def referenced(eng: Engine, r: Replica | None, step: int, urls: Sequence[str]) -
     return commit, ms, None
 
 
-def garbage_keys(r: Replica, step: int, commit: CommitRecord | None, manifests: list[RankManifest] | None) -> tuple[str, ...]:
+def garbage_keys(
+    r: Replica, step: int, commit: CommitRecord | None, manifests: list[RankManifest] | None
+) -> tuple[str, ...]:
     """Keys under ``step`` on ``r`` that the commit does not name (only temp files if unknown)."""
     keys = r.list_prefix(step_dir(step))
     if commit is None or manifests is None:

@@ -10,15 +10,16 @@ import dataclasses
 import json
 import os
 import uuid
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from ..restore.choose import load_newest
 from ..errors import CkptMirrorError
 from ..replicas import Replica
+from ..restore.choose import load_newest
 from ._common import UsageError, dotted, opened, walk
 
 
@@ -59,7 +60,7 @@ def _plain(v: Any, name: str, fmt: str) -> tuple[bool, Any, str]:
 
 
 def export(
-    urls: Sequence["str | Replica"],
+    urls: Sequence[str | Replica],
     out: str,
     *,
     format: str = "safetensors",
@@ -135,7 +136,9 @@ def _flat(state: Any, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     for path, v in walk(state, (), is_leaf):
         name = dotted(path) or "state"
         if name in tensors or name in values:
-            raise CkptMirrorError(f"two entries of the state have the same dotted name {name!r}; the export would lose one")
+            raise CkptMirrorError(
+                f"two entries of the state have the same dotted name {name!r}; the export would lose one"
+            )
         if isinstance(v, np.ndarray):
             try:
                 v = torch.from_numpy(np.ascontiguousarray(v))
@@ -153,14 +156,16 @@ def _flat(state: Any, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return tensors, values, dropped
 
 
-def _save_safetensors(path: str, tensors: dict[str, torch.Tensor], values: dict[str, Any], dropped: list[str], cloned: list[str]) -> tuple[int, int]:
+def _save_safetensors(
+    path: str, tensors: dict[str, torch.Tensor], values: dict[str, Any], dropped: list[str], cloned: list[str]
+) -> tuple[int, int]:
     """Write ``tensors`` and ``values`` (as JSON metadata) to ``path``; the tensors and bytes written.
 
     Appends to ``dropped`` the tensors whose dtype safetensors cannot hold and to ``cloned``
     those copied because the format wants each tensor contiguous and alone in its storage.
     """
-    from safetensors.torch import save_file
     import safetensors.torch as st
+    from safetensors.torch import save_file
 
     supported = set(getattr(st, "_TYPES", {}).values())
     by_storage: dict[int, int] = {}

@@ -5,15 +5,16 @@ from __future__ import annotations
 import base64
 import dataclasses
 import math
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from ..restore.discover import StepListing, list_steps
 from ..errors import CkptMirrorError, ReplicaUnavailableError, StepNotFoundError
 from ..format import RankManifest
 from ..replicas import Replica
 from ..restore.check import validate_manifest
+from ..restore.discover import StepListing, list_steps
 from ..restore.fetch import Fetcher
 from ..state.tree import unflatten
 from ._common import UsageError, dotted, opened, walk
@@ -77,7 +78,11 @@ class InspectReport:
                     "objects": rt.objects,
                     "stream_bytes": rt.stream_bytes,
                     "entries": [
-                        {"path": [_jsonable(k) for k in e.path], "name": e.name, **({"leaf": dataclasses.asdict(e.leaf)} if e.leaf else {"value": _jsonable(e.value)})}
+                        {
+                            "path": [_jsonable(k) for k in e.path],
+                            "name": e.name,
+                            **({"leaf": dataclasses.asdict(e.leaf)} if e.leaf else {"value": _jsonable(e.value)}),
+                        }
                         for e in rt.entries
                     ],
                 }
@@ -111,13 +116,15 @@ def _choose_step(listing: StepListing, step: int | None) -> int:
         return step
     if not listing.committed:
         if listing.unreachable:
-            raise ReplicaUnavailableError("no replica could be listed: " + "; ".join(f"{u}: {e}" for u, e in listing.unreachable.items()))
+            raise ReplicaUnavailableError(
+                "no replica could be listed: " + "; ".join(f"{u}: {e}" for u, e in listing.unreachable.items())
+            )
         raise CkptMirrorError("no committed step on these replicas")
     return max(listing.committed)
 
 
 def inspect(
-    urls: Sequence["str | Replica"],
+    urls: Sequence[str | Replica],
     *,
     step: int | None = None,
     rank: int | None = None,
@@ -149,15 +156,35 @@ def inspect(
 
                 # Defaults bind this iteration's values (unflatten calls it at once; a closure over
                 # loop variables would be correct here, but reads as a bug).
-                def leaf(kind: str, i: int, path: tuple[Any, ...], m: RankManifest = m, users: dict[int, int] = users, esizes: list[int] = esizes) -> LeafInfo:
+                def leaf(
+                    kind: str,
+                    i: int,
+                    path: tuple[Any, ...],
+                    m: RankManifest = m,
+                    users: dict[int, int] = users,
+                    esizes: list[int] = esizes,
+                ) -> LeafInfo:
                     lf = m.leaves[i]
                     numel = math.prod(lf.shape)
                     st = m.storages[lf.storage]
-                    return LeafInfo(lf.kind, lf.dtype, lf.shape, lf.stride, numel * esizes[i], lf.storage, st.nbytes, users[lf.storage] > 1, lf.requires_grad, lf.parameter)
+                    return LeafInfo(
+                        lf.kind,
+                        lf.dtype,
+                        lf.shape,
+                        lf.stride,
+                        numel * esizes[i],
+                        lf.storage,
+                        st.nbytes,
+                        users[lf.storage] > 1,
+                        lf.requires_grad,
+                        lf.parameter,
+                    )
 
                 tree = unflatten(m.structure, leaf, ref.key)
                 entries = tuple(
-                    TreeEntry(p, dotted(p), v if isinstance(v, LeafInfo) else None, None if isinstance(v, LeafInfo) else v)
+                    TreeEntry(
+                        p, dotted(p), v if isinstance(v, LeafInfo) else None, None if isinstance(v, LeafInfo) else v
+                    )
                     for p, v in walk(tree, (), lambda x: isinstance(x, LeafInfo))
                 )
                 ranks.append(RankTree(ref.rank, len(m.objects), m.stream_bytes, entries, tree))

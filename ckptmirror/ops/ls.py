@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ..format import step_dir
 from ..replicas import Replica
@@ -47,7 +48,7 @@ class Listing:
         return d
 
 
-def ls(urls: Sequence["str | Replica"], *, storage_options: Mapping[str, Mapping[str, Any]] | None = None) -> Listing:
+def ls(urls: Sequence[str | Replica], *, storage_options: Mapping[str, Mapping[str, Any]] | None = None) -> Listing:
     """List every step on the replicas: where it is committed, its size and age, what is garbage.
 
     Reads commit records and rank manifests (small JSON documents) and key listings, never
@@ -68,7 +69,11 @@ def ls(urls: Sequence["str | Replica"], *, storage_options: Mapping[str, Mapping
                 for r in reachable:
                     if r.url in holders or r.url in torn_on:
                         try:
-                            g = garbage_keys(r, s, commit, ms) if r.url in holders else tuple(r.list_prefix(step_dir(s)))
+                            g = (
+                                garbage_keys(r, s, commit, ms)
+                                if r.url in holders
+                                else tuple(r.list_prefix(step_dir(s)))
+                            )
                         except FAILURES as exc:
                             err = err or f"{r.url}: {exc}"
                             continue

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
-from ..format import step_dir
 from ..replicas import Replica
 from ..save.retention import plan_retention, remove_step, remove_torn
 from ._common import FAILURES, UsageError, list_reachable, opened
@@ -54,7 +54,7 @@ class PruneReport:
 
 
 def prune(
-    urls: Sequence["str | Replica"],
+    urls: Sequence[str | Replica],
     *,
     keep: int,
     dry_run: bool = False,
@@ -118,7 +118,17 @@ def prune(
                     removed_steps = _each(drop, partial(remove_step, r), "removing step {}", errors)
                     removed_torn = _each(torn_old, partial(remove_torn, r), "removing torn step {}", errors)
                     removed_garbage = _each(garbage, r.delete, "removing {}", errors)
-                results.append(PruneResult(u, tuple(s for s in committed if s not in drop), tuple(removed_steps), tuple(removed_torn), tuple(removed_garbage), tuple(skipped), tuple(errors)))
+                results.append(
+                    PruneResult(
+                        u,
+                        tuple(s for s in committed if s not in drop),
+                        tuple(removed_steps),
+                        tuple(removed_torn),
+                        tuple(removed_garbage),
+                        tuple(skipped),
+                        tuple(errors),
+                    )
+                )
         finally:
             eng.close()
         return PruneReport(keep, dry_run, tuple(results), refused, dict(listing.unreachable))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ..buffers import host_bytes
 from ..errors import StepExistsError, StepNotFoundError
@@ -100,7 +101,9 @@ def _reason(p: Problem) -> str:
 
 def _no_source(p: Problem) -> Problem:
     """``p`` as unrecoverable: no replica holds a verifying copy to repair it from."""
-    return dataclasses.replace(p, kind="unrecoverable", detail=f"{p.kind} here and no other replica holds a verifying copy")
+    return dataclasses.replace(
+        p, kind="unrecoverable", detail=f"{p.kind} here and no other replica holds a verifying copy"
+    )
 
 
 def _needs(plan: ReplicaPlan, eng: Engine) -> tuple[list[_Copy], list[_Copy], list[Problem]]:
@@ -113,7 +116,16 @@ def _needs(plan: ReplicaPlan, eng: Engine) -> tuple[list[_Copy], list[_Copy], li
         if rp.invalid is not None:
             blocked.append(rp.invalid)
         if rp.manifest is None:
-            blocked.append(Problem(plan.step, r.url, rp.key, "unrecoverable", "no replica holds a copy of this rank manifest that matches the commit", rp.rank))
+            blocked.append(
+                Problem(
+                    plan.step,
+                    r.url,
+                    rp.key,
+                    "unrecoverable",
+                    "no replica holds a copy of this rank manifest that matches the commit",
+                    rp.rank,
+                )
+            )
             continue
         if rp.manifest_problem is not None:
             if eng.sources(rp.key, rp.checksum, r):
@@ -134,7 +146,7 @@ def _needs(plan: ReplicaPlan, eng: Engine) -> tuple[list[_Copy], list[_Copy], li
 
 
 def repair(
-    urls: Sequence["str | Replica"],
+    urls: Sequence[str | Replica],
     *,
     step: int | None = None,
     dry_run: bool = False,
@@ -186,7 +198,15 @@ def repair(
                         continue
                     source = next((p for p in originals if p.commit is not None and recoverable(eng, [p])), None)
                     if source is None:
-                        unrecoverable.append(Problem(s, plan.replica.url, commit_key(s), "unrecoverable", "no replica holds a complete verifying copy of this step"))
+                        unrecoverable.append(
+                            Problem(
+                                s,
+                                plan.replica.url,
+                                commit_key(s),
+                                "unrecoverable",
+                                "no replica holds a complete verifying copy of this step",
+                            )
+                        )
                         continue
                     assert source.commit is not None
                     target = eng.plan(plan.replica, s, source.commit)
@@ -205,14 +225,29 @@ def repair(
                     if needs_commit:
                         raw = _raw_commit(eng, s, plan.commit)
                         if raw is None:
-                            blocked.append(Problem(s, plan.replica.url, commit_key(s), "unrecoverable", "the commit record could not be read again from any replica"))
+                            blocked.append(
+                                Problem(
+                                    s,
+                                    plan.replica.url,
+                                    commit_key(s),
+                                    "unrecoverable",
+                                    "the commit record could not be read again from any replica",
+                                )
+                            )
                     replace = needs_commit and plan.commit_problem is not None and plan.commit_problem.kind != "missing"
                     if copies or manifests or needs_commit or blocked:
                         fixes.append(_Fix(plan, plan.commit, needs_commit, raw, replace, copies, manifests, blocked))
             actions = _apply_fixes(eng, fixes, dry_run, unrecoverable)
         finally:
             eng.close()
-        return RepairReport(tuple(r.url for r in replicas), dry_run, tuple(steps), tuple(actions), tuple(unrecoverable), dict(listing.unreachable))
+        return RepairReport(
+            tuple(r.url for r in replicas),
+            dry_run,
+            tuple(steps),
+            tuple(actions),
+            tuple(unrecoverable),
+            dict(listing.unreachable),
+        )
 
 
 def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: list[Problem]) -> list[RepairAction]:
@@ -233,7 +268,17 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
             buf, src = eng.shared.fetch(key, size, csum, srcs)  # verified again while copying
             r.put(key, host_bytes(buf) if size else b"")
         except FAILURES as exc:
-            return RepairAction(s, r.url, key, "copy", srcs[0].url if srcs else None, size, reason, False, f"{type(exc).__name__}: {exc}")
+            return RepairAction(
+                s,
+                r.url,
+                key,
+                "copy",
+                srcs[0].url if srcs else None,
+                size,
+                reason,
+                False,
+                f"{type(exc).__name__}: {exc}",
+            )
         finally:
             if bar is not None:
                 with lock:
@@ -263,7 +308,11 @@ def _commit(fix: _Fix, dry_run: bool, copy_failed: bool) -> RepairAction:
     r, s = fix.plan.replica, fix.plan.step
     key = commit_key(s)
     kind = "replace-commit" if fix.replace_commit else "commit"
-    reason = _reason(fix.plan.commit_problem) if fix.plan.commit_problem else "step committed on another replica but not here"
+    reason = (
+        _reason(fix.plan.commit_problem)
+        if fix.plan.commit_problem
+        else "step committed on another replica but not here"
+    )
 
     def action(done: bool = False, error: str | None = None) -> RepairAction:
         return RepairAction(s, r.url, key, kind, None, len(raw), reason, done, error)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ..format import commit_key
 from ..replicas import Replica
@@ -99,7 +100,12 @@ def _step_meta(plans: Sequence[ReplicaPlan]) -> tuple[int | None, int | None, in
     for plan in plans:
         if plan.commit is not None and all(rp.manifest is not None for rp in plan.ranks):
             ms = [rp.manifest for rp in plan.ranks if rp.manifest is not None]
-            return plan.commit.world_size, sum(len(m.objects) for m in ms), sum(m.stream_bytes for m in ms), plan.commit.created_unix
+            return (
+                plan.commit.world_size,
+                sum(len(m.objects) for m in ms),
+                sum(m.stream_bytes for m in ms),
+                plan.commit.created_unix,
+            )
     for plan in plans:
         if plan.commit is not None:
             return plan.commit.world_size, None, None, plan.commit.created_unix
@@ -126,7 +132,7 @@ def _replica_check(plan: ReplicaPlan) -> ReplicaCheck:
 
 
 def verify(
-    urls: Sequence["str | Replica"],
+    urls: Sequence[str | Replica],
     *,
     step: int | None = None,
     quick: bool = False,
@@ -149,12 +155,22 @@ def verify(
         torn = {u: v for u, v in torn.items() if v}
         notes: list[Problem] = []
         if step is not None and step not in listing.committed:
-            notes.append(Problem(step, "", commit_key(step), "missing", f"step {step} is not committed on any replica (committed: {sorted(listing.committed)})"))
+            notes.append(
+                Problem(
+                    step,
+                    "",
+                    commit_key(step),
+                    "missing",
+                    f"step {step} is not committed on any replica (committed: {sorted(listing.committed)})",
+                )
+            )
             steps: list[int] = []
         else:
             steps = sorted(listing.committed) if step is None else [step]
         if not steps and step is None and any(listing.torn.values()):
-            notes.append(Problem(-1, "", "", "unrecoverable", "the replicas hold interrupted saves but no committed step"))
+            notes.append(
+                Problem(-1, "", "", "unrecoverable", "the replicas hold interrupted saves but no committed step")
+            )
         eng = Engine(reachable, threads, quick, progress)
         try:
             per_step: list[tuple[int, list[ReplicaPlan], list[ReplicaCheck]]] = []
@@ -172,7 +188,13 @@ def verify(
                         is_torn = s in listing.torn.get(r.url, [])
                         status = "torn" if is_torn else "absent"
                         others = ", ".join(u for u in holders)
-                        p = Problem(s, r.url, commit_key(s), "lagging", f"step {s} is committed on {others} but {'only partly written' if is_torn else 'absent'} here")
+                        p = Problem(
+                            s,
+                            r.url,
+                            commit_key(s),
+                            "lagging",
+                            f"step {s} is committed on {others} but {'only partly written' if is_torn else 'absent'} here",
+                        )
                         absent.append(ReplicaCheck(s, r.url, status, (), (p,)))
                 per_step.append((s, plans, absent))
             eng.run(jobs, "verify --quick" if quick else "verify")
@@ -185,4 +207,6 @@ def verify(
                 out_steps.append(StepCheck(s, ws, nobj, nbytes, created, recoverable(eng, plans), tuple(checks)))
         finally:
             eng.close()
-        return VerifyReport(tuple(r.url for r in replicas), quick, tuple(out_steps), torn, dict(listing.unreachable), tuple(notes))
+        return VerifyReport(
+            tuple(r.url for r in replicas), quick, tuple(out_steps), torn, dict(listing.unreachable), tuple(notes)
+        )

@@ -21,7 +21,8 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ..errors import ReplicaUnavailableError
 from .base import Replica, validate_key
@@ -29,7 +30,16 @@ from .faulty import FaultyReplica
 from .local import LocalReplica, path_from_url
 from .memory import MemoryReplica
 
-__all__ = ["FaultyReplica", "LocalReplica", "MemoryReplica", "Replica", "open_replica", "open_replicas", "scheme_of", "validate_key"]
+__all__ = [
+    "FaultyReplica",
+    "LocalReplica",
+    "MemoryReplica",
+    "Replica",
+    "open_replica",
+    "open_replicas",
+    "scheme_of",
+    "validate_key",
+]
 
 #: Schemes ckptmirror implements itself (the others go to fsspec).
 SCHEMES = ("file", "memory", "peer", "peers", "s3", "s3a")
@@ -53,12 +63,16 @@ def scheme_of(url: str) -> str:
         return url.split("://", 1)[0].lower()
     m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)(:/?|//)(?!/)", url)
     if m and (m.group(1).lower() in SCHEMES or m.group(1).lower().startswith("fsspec+")):
-        fixed = f"{m.group(1)}://{url[m.end():]}"
-        raise ValueError(f"malformed replica URL {url!r}: did you mean {fixed!r}? (a plain relative path would be {os.path.join('.', url)!r})")
+        fixed = f"{m.group(1)}://{url[m.end() :]}"
+        raise ValueError(
+            f"malformed replica URL {url!r}: did you mean {fixed!r}? (a plain relative path would be {os.path.join('.', url)!r})"
+        )
     return ""
 
 
-def options_for(url: "str | Replica", storage_options: Mapping[str, Mapping[str, Any]] | None) -> Mapping[str, Any] | None:
+def options_for(
+    url: str | Replica, storage_options: Mapping[str, Mapping[str, Any]] | None
+) -> Mapping[str, Any] | None:
     """The backend options of ``url`` from a ``storage_options`` mapping: by full URL, else by
     scheme (``"file"`` for plain paths)."""
     if isinstance(url, Replica) or not storage_options:
@@ -68,7 +82,7 @@ def options_for(url: "str | Replica", storage_options: Mapping[str, Mapping[str,
     return storage_options.get(scheme_of(url) or "file")
 
 
-def open_replica(url: "str | Replica", options: Mapping[str, Any] | None = None) -> Replica:
+def open_replica(url: str | Replica, options: Mapping[str, Any] | None = None) -> Replica:
     """Return the backend for ``url``; a :class:`Replica` instance is returned unchanged.
 
     Raises ValueError for a URL that cannot be parsed or names an unknown scheme (suggesting
@@ -101,11 +115,13 @@ def open_replica(url: "str | Replica", options: Mapping[str, Any] | None = None)
         return FsspecReplica(url, **opts)
     close = difflib.get_close_matches(scheme, [*SCHEMES, *protocols], n=1, cutoff=0.5)
     hint = f"did you mean {close[0]}://? " if close else ""
-    raise ValueError(f"unsupported replica URL scheme {scheme!r} in {url!r}: {hint}(supported: {_EXAMPLES}, and the protocols fsspec knows)")
+    raise ValueError(
+        f"unsupported replica URL scheme {scheme!r} in {url!r}: {hint}(supported: {_EXAMPLES}, and the protocols fsspec knows)"
+    )
 
 
 def open_replicas(
-    urls: Sequence["str | Replica"],
+    urls: Sequence[str | Replica],
     storage_options: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     must_exist: bool = False,
@@ -135,7 +151,7 @@ def open_replicas(
     return out
 
 
-def close_opened(replicas: Sequence[Replica], urls: Sequence["str | Replica"]) -> None:
+def close_opened(replicas: Sequence[Replica], urls: Sequence[str | Replica]) -> None:
     """Close the replicas opened from URLs; those the caller passed in as objects are theirs."""
     for r in replicas:
         if not any(r is u for u in urls):

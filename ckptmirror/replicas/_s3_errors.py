@@ -12,7 +12,14 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError, NoCredentialsError, PartialCredentialsError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from ..errors import ObjectMissingError, ReplicaError, ReplicaUnavailableError, _ObjectError
@@ -80,12 +87,18 @@ def classify(exc: BaseException) -> tuple[type[_ObjectError], bool, str] | None:
         return found
     if isinstance(exc, (BotoConnectionError, ConnectionRefusedError)):  # refused, DNS, connect timeout, proxy
         return (ReplicaUnavailableError, True, "cannot reach the endpoint")
-    if isinstance(exc, (HTTPClientError, IncompleteReadError, aiohttp.ClientError, ConnectionError)):  # reset, read timeout, short body
+    if isinstance(
+        exc, (HTTPClientError, IncompleteReadError, aiohttp.ClientError, ConnectionError)
+    ):  # reset, read timeout, short body
         return (ReplicaError, True, "connection failed during the request")
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return (ReplicaError, True, "timed out")
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-        return (ReplicaError, False, "no usable AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass key=, secret=)")
+        return (
+            ReplicaError,
+            False,
+            "no usable AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass key=, secret=)",
+        )
     if isinstance(exc, BotoCoreError):
         return (ReplicaError, False, "request failed")
     return None

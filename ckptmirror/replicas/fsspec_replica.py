@@ -29,9 +29,9 @@ from typing import Any
 import fsspec
 
 from ..errors import CorruptObjectError, ObjectMissingError, ReplicaError, StepExistsError
+from ..format import TMP_PREFIX
 from .base import Buffer, Replica, step_of_key, validate_key
 
-_TMP_PREFIX = ".tmp-"
 _WRITE_CHUNK = 8 << 20
 #: Protocols whose ``mv`` is an atomic rename within one filesystem.
 _ATOMIC_RENAME = frozenset({"file", "local"})
@@ -94,7 +94,7 @@ class FsspecReplica(Replica):
         if not self.atomic_rename:
             return self._write(path, key, data)
         head, name = path.rsplit("/", 1)
-        tmp = f"{head}/{_TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+        tmp = f"{head}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
         try:
             self._write(tmp, key, data)
             self._guard("rename", key, self.fs.mv, tmp, path)
@@ -124,7 +124,9 @@ class FsspecReplica(Replica):
         path = self._path(key)
         size = self._size_of(path, key)
         if size > max_bytes:
-            raise CorruptObjectError(f"object is {size} bytes, more than the {max_bytes} allowed", replica=self.url, key=key)
+            raise CorruptObjectError(
+                f"object is {size} bytes, more than the {max_bytes} allowed", replica=self.url, key=key
+            )
         data = self._guard("read", key, self.fs.cat_file, path)
         if len(data) != size:
             raise CorruptObjectError(f"read {len(data)} bytes, the listing said {size}", replica=self.url, key=key)

@@ -13,13 +13,13 @@ import errno
 import os
 import shutil
 import uuid
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import unquote, urlparse
 
 from ..errors import CorruptObjectError, ObjectMissingError, ReplicaError, ReplicaPermissionError, StepExistsError
+from ..format import TMP_PREFIX
 from .base import Buffer, Replica, step_of_key, validate_key
 
-_TMP_PREFIX = ".tmp-"
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_BINARY = getattr(os, "O_BINARY", 0)
 
@@ -68,7 +68,11 @@ class LocalReplica(Replica):
         return path
 
     def _err(self, exc: OSError, key: str, what: str) -> ReplicaError:
-        return ReplicaError(f"{what} failed: [{errno.errorcode.get(exc.errno or 0, exc.errno)}] {exc.strerror or exc}", replica=self.url, key=key)
+        return ReplicaError(
+            f"{what} failed: [{errno.errorcode.get(exc.errno or 0, exc.errno)}] {exc.strerror or exc}",
+            replica=self.url,
+            key=key,
+        )
 
     # -- writing -------------------------------------------------------------------------
     def _sync_parent(self, path: str, key: str) -> None:
@@ -78,7 +82,7 @@ class LocalReplica(Replica):
             except OSError as exc:
                 raise self._err(exc, key, "directory fsync (not retried)") from exc
 
-    def open_writer(self, key: str) -> "AtomicWriter":
+    def open_writer(self, key: str) -> AtomicWriter:
         """Start an atomic write of ``key``: feed chunks, then ``finish()`` (or ``abort()``)."""
         return AtomicWriter(self, key, self._path(key))
 
@@ -126,7 +130,9 @@ class LocalReplica(Replica):
         try:
             size = os.fstat(fd).st_size
             if size > max_bytes:
-                raise CorruptObjectError(f"object is {size} bytes, more than the {max_bytes} allowed", replica=self.url, key=key)
+                raise CorruptObjectError(
+                    f"object is {size} bytes, more than the {max_bytes} allowed", replica=self.url, key=key
+                )
             out = bytearray(size)
             self._readinto(fd, memoryview(out), key)
             return bytes(out)
@@ -150,7 +156,9 @@ class LocalReplica(Replica):
             while done < len(view):
                 n = os.readv(fd, [view[done:]])
                 if n == 0:
-                    raise CorruptObjectError(f"object ended after {done} of {len(view)} bytes", replica=self.url, key=key)
+                    raise CorruptObjectError(
+                        f"object ended after {done} of {len(view)} bytes", replica=self.url, key=key
+                    )
                 done += n
         except OSError as exc:
             raise self._err(exc, key, "read") from exc
@@ -166,7 +174,9 @@ class LocalReplica(Replica):
 
     def list_steps(self) -> list[str]:
         try:
-            return sorted(e.name for e in os.scandir(self.root) if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+            return sorted(
+                e.name for e in os.scandir(self.root) if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)
+            )
         except FileNotFoundError:
             return []
         except OSError as exc:
@@ -175,7 +185,9 @@ class LocalReplica(Replica):
     def list_prefix(self, prefix: str) -> list[str]:
         base = self._path(prefix)
         if os.path.islink(base):
-            raise ReplicaPermissionError("prefix is a symlink; not followed out of the root", replica=self.url, key=prefix)
+            raise ReplicaPermissionError(
+                "prefix is a symlink; not followed out of the root", replica=self.url, key=prefix
+            )
         out: list[str] = []
         for dirpath, _dirs, files in os.walk(base):
             rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
@@ -218,9 +230,11 @@ class AtomicWriter:
             os.makedirs(d, exist_ok=True)
         except OSError as exc:
             raise replica._err(exc, key, "mkdir") from exc
-        self.tmp = os.path.join(d, f"{_TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
+        self.tmp = os.path.join(d, f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
         try:
-            self.fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY, 0o644)
+            self.fd: int | None = os.open(
+                self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY, 0o644
+            )
         except OSError as exc:
             raise replica._err(exc, key, "create") from exc
 

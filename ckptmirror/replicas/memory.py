@@ -61,7 +61,9 @@ class MemoryReplica(Replica):
     def get(self, key: str, max_bytes: int) -> bytes:
         blob = self._blob(key)
         if len(blob) > max_bytes:
-            raise CorruptObjectError(f"object is {len(blob)} bytes, more than the {max_bytes} allowed", replica=self.url, key=key)
+            raise CorruptObjectError(
+                f"object is {len(blob)} bytes, more than the {max_bytes} allowed", replica=self.url, key=key
+            )
         return blob
 
     def read_into(self, key: str, out: memoryview) -> None:

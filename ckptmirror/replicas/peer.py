@@ -79,7 +79,15 @@ class PeerReplica(Replica):
             conn.close()
             self._local.conn = None
 
-    def _request(self, method: str, path: str, key: str, body: Buffer | None = None, headers: dict[str, str] | None = None, idempotent: bool = True) -> http.client.HTTPResponse:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        key: str,
+        body: Buffer | None = None,
+        headers: dict[str, str] | None = None,
+        idempotent: bool = True,
+    ) -> http.client.HTTPResponse:
         hdrs = {"X-Ckptmirror-Namespace-Depth": str(self.depth)}
         if self.token:
             hdrs["Authorization"] = f"Bearer {self.token}"
@@ -106,7 +114,11 @@ class PeerReplica(Replica):
                     raise ReplicaError(f"connection to agent lost: {exc}{hint}", replica=self.url, key=key) from exc
             except (OSError, http.client.HTTPException) as exc:
                 self._drop()
-                what = "timed out" if isinstance(exc, (socket.timeout, TimeoutError)) else f"failed: {type(exc).__name__}: {exc}"
+                what = (
+                    "timed out"
+                    if isinstance(exc, (socket.timeout, TimeoutError))
+                    else f"failed: {type(exc).__name__}: {exc}"
+                )
                 raise ReplicaError(f"{method} {what}", replica=self.url, key=key) from exc
         raise AssertionError("unreachable")
 
@@ -125,7 +137,9 @@ class PeerReplica(Replica):
         if resp.status == 422:
             raise CorruptObjectError(f"agent rejected the body: {text}", replica=self.url, key=key)
         if resp.status in (401, 403):
-            raise ReplicaUnavailableError(f"agent refused the token (HTTP {resp.status}): {text}", replica=self.url, key=key)
+            raise ReplicaUnavailableError(
+                f"agent refused the token (HTTP {resp.status}): {text}", replica=self.url, key=key
+            )
         raise ReplicaError(f"agent answered HTTP {resp.status}: {text}", replica=self.url, key=key)
 
     def _call(self, method: str, path: str, key: str, **kw: Any) -> bytes:
@@ -140,11 +154,25 @@ class PeerReplica(Replica):
     # -- Replica -------------------------------------------------------------------------
     def put(self, key: str, data: Buffer) -> None:
         validate_key(key, self.url)
-        self._call("PUT", self._path("o", key), key, body=data, headers={"X-Ckptmirror-Checksum": checksum(data)}, idempotent=True)
+        self._call(
+            "PUT",
+            self._path("o", key),
+            key,
+            body=data,
+            headers={"X-Ckptmirror-Checksum": checksum(data)},
+            idempotent=True,
+        )
 
     def commit(self, key: str, data: bytes) -> None:
         validate_key(key, self.url)
-        self._call("PUT", self._path("commit", key), key, body=data, headers={"X-Ckptmirror-Checksum": checksum(data)}, idempotent=False)
+        self._call(
+            "PUT",
+            self._path("commit", key),
+            key,
+            body=data,
+            headers={"X-Ckptmirror-Checksum": checksum(data)},
+            idempotent=False,
+        )
 
     def get(self, key: str, max_bytes: int) -> bytes:
         validate_key(key, self.url)
@@ -153,7 +181,9 @@ class PeerReplica(Replica):
             self._check(resp, key)
             size = int(resp.getheader("Content-Length") or -1)
             if size > max_bytes:
-                raise CorruptObjectError(f"object is {size} bytes, more than the {max_bytes} allowed", replica=self.url, key=key)
+                raise CorruptObjectError(
+                    f"object is {size} bytes, more than the {max_bytes} allowed", replica=self.url, key=key
+                )
             return resp.read()
         except BaseException:
             self._drop()
@@ -172,7 +202,9 @@ class PeerReplica(Replica):
             while done < len(view):
                 n = resp.readinto(view[done:])
                 if not n:
-                    raise CorruptObjectError(f"connection ended after {done} of {len(view)} bytes", replica=self.url, key=key)
+                    raise CorruptObjectError(
+                        f"connection ended after {done} of {len(view)} bytes", replica=self.url, key=key
+                    )
                 done += n
         except (OSError, http.client.HTTPException) as exc:
             self._drop()

@@ -36,15 +36,23 @@ import shutil
 import signal
 import ssl
 import sys
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
 from .._version import __version__
 from ..checksum import Hasher, is_checksum
-from ..errors import CkptMirrorError, CorruptObjectError, ManifestError, ObjectMissingError, ReplicaPermissionError, StepExistsError
-from ..format import MAX_MANIFEST_BYTES, parse_commit, parse_rank_manifest
+from ..errors import (
+    CkptMirrorError,
+    CorruptObjectError,
+    ManifestError,
+    ObjectMissingError,
+    ReplicaPermissionError,
+    StepExistsError,
+)
+from ..format import MAX_MANIFEST_BYTES, TMP_PREFIX, parse_commit, parse_rank_manifest
 from .base import validate_key
 from .local import LocalReplica
 
@@ -59,7 +67,11 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname.lower(), "msg": record.getMessage()}
+        doc: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "msg": record.getMessage(),
+        }
         doc.update(getattr(record, "fields", {}))
         return json.dumps(doc)
 
@@ -102,7 +114,7 @@ class Agent:
         # Temp files of uploads interrupted by a crash: never visible, removed at start.
         for dirpath, _dirs, files in os.walk(self.root):
             for f in files:
-                if f.startswith(".tmp-"):
+                if f.startswith(TMP_PREFIX):
                     try:
                         os.unlink(os.path.join(dirpath, f))
                     except OSError:
@@ -164,7 +176,9 @@ def build_app(agent: Agent) -> web.Application:
     """The aiohttp application for ``agent`` (used by ``serve`` and by tests)."""
 
     @web.middleware
-    async def auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def auth(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         if agent.token is not None:
             header = request.headers.get("Authorization", "")
             if not header.startswith("Bearer "):
@@ -182,7 +196,14 @@ def build_app(agent: Agent) -> web.Application:
 
     async def health(request: web.Request) -> web.Response:
         free = await agent.run(agent.free_bytes)
-        return web.json_response({"version": __version__, "free_bytes": free, "uploads_in_flight": agent.uploads, "reserve_free_bytes": agent.reserve_free_bytes})
+        return web.json_response(
+            {
+                "version": __version__,
+                "free_bytes": free,
+                "uploads_in_flight": agent.uploads,
+                "reserve_free_bytes": agent.reserve_free_bytes,
+            }
+        )
 
     async def put_object(request: web.Request) -> web.Response:
         ns, key = _split(request)
@@ -200,27 +221,37 @@ def build_app(agent: Agent) -> web.Application:
             raise web.HTTPLengthRequired(text="Content-Length is required")
         limit = MAX_COMMIT_BYTES if commit else agent.max_object_bytes
         if length > limit:
-            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length, text=f"{length} bytes exceeds the limit of {limit}")
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=limit, actual_size=length, text=f"{length} bytes exceeds the limit of {limit}"
+            )
         expected = request.headers.get(CHECKSUM_HEADER, "")
         if not is_checksum(expected):
             raise web.HTTPBadRequest(text=f"missing or malformed {CHECKSUM_HEADER}")
         if agent.uploads >= agent.max_uploads:
-            raise web.HTTPServiceUnavailable(text=f"too many uploads in flight ({agent.max_uploads})", headers={"Retry-After": "1"})
+            raise web.HTTPServiceUnavailable(
+                text=f"too many uploads in flight ({agent.max_uploads})", headers={"Retry-After": "1"}
+            )
         agent.uploads += 1  # reserve the slot before the first await
         writer = None
         try:
             free = await agent.run(agent.free_bytes)
             if free - length < agent.reserve_free_bytes:
-                raise web.HTTPInsufficientStorage(text=f"free space {free} minus {length} is below the reserve {agent.reserve_free_bytes}")
+                raise web.HTTPInsufficientStorage(
+                    text=f"free space {free} minus {length} is below the reserve {agent.reserve_free_bytes}"
+                )
             writer = await agent.run(replica.open_writer, key)
             hasher = Hasher()
             body = bytearray() if commit else None
             received = 0
             while received < length:
                 try:
-                    chunk = await asyncio.wait_for(request.content.read(min(CHUNK_BYTES, length - received)), agent.idle_timeout_s)
+                    chunk = await asyncio.wait_for(
+                        request.content.read(min(CHUNK_BYTES, length - received)), agent.idle_timeout_s
+                    )
                 except asyncio.TimeoutError:
-                    _event(logging.WARNING, "upload idle, dropped", ns=ns, key=key, received=received, peer=request.remote)
+                    _event(
+                        logging.WARNING, "upload idle, dropped", ns=ns, key=key, received=received, peer=request.remote
+                    )
                     raise web.HTTPRequestTimeout(text=f"no data for {agent.idle_timeout_s} s") from None
                 if not chunk:
                     break
@@ -396,7 +427,9 @@ def serve(
 ) -> None:
     """Run the agent until SIGTERM/SIGINT. Refuses a non-loopback address without a token."""
     if token is None and host not in LOOPBACK:
-        raise ValueError(f"refusing to listen on {host} without a token: pass --token-file (the agent is a network service)")
+        raise ValueError(
+            f"refusing to listen on {host} without a token: pass --token-file (the agent is a network service)"
+        )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter())
     log.addHandler(handler)
@@ -411,12 +444,23 @@ def serve(
         ssl_ctx.load_cert_chain(tls_cert, tls_key)
 
     async def main() -> None:
-        runner = web.AppRunner(build_app(agent), access_log=None, keepalive_timeout=agent.idle_timeout_s, shutdown_timeout=2.0)
+        runner = web.AppRunner(
+            build_app(agent), access_log=None, keepalive_timeout=agent.idle_timeout_s, shutdown_timeout=2.0
+        )
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx, backlog=128)
         await site.start()
         bound = runner.addresses[0][1] if runner.addresses else port
-        _event(logging.INFO, "listening", host=host, port=bound, root=agent.root, tls=ssl_ctx is not None, auth=token is not None, version=__version__)
+        _event(
+            logging.INFO,
+            "listening",
+            host=host,
+            port=bound,
+            root=agent.root,
+            tls=ssl_ctx is not None,
+            auth=token is not None,
+            version=__version__,
+        )
         # One line on stdout for whoever started us (tests, scripts) to learn the port.
         print(json.dumps({"listening": f"{host}:{bound}"}), flush=True)
         stop = asyncio.Event()

@@ -35,7 +35,8 @@ import logging
 import random
 import threading
 import uuid
-from typing import Any, Awaitable, Callable, Iterable, TypeVar
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import s3fs
 from fsspec.asyn import sync
@@ -199,25 +200,36 @@ class S3Replica(Replica):
         upload_id = (await self._call("create_multipart_upload", key, Key=path))["UploadId"]
         try:
             parts = await _all(
-                self._upload_part(key, path, upload_id, i + 1, view[off : off + part]) for i, off in enumerate(range(0, size, part))
+                self._upload_part(key, path, upload_id, i + 1, view[off : off + part])
+                for i, off in enumerate(range(0, size, part))
             )
-            done = await self._call("complete_multipart_upload", key, Key=path, UploadId=upload_id, MultipartUpload={"Parts": parts})
+            done = await self._call(
+                "complete_multipart_upload", key, Key=path, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
             if not done.get("ETag"):
-                raise ReplicaError(f"CompleteMultipartUpload of s3://{self.bucket}/{path} answered without an ETag", replica=self.url, key=key)
+                raise ReplicaError(
+                    f"CompleteMultipartUpload of s3://{self.bucket}/{path} answered without an ETag",
+                    replica=self.url,
+                    key=key,
+                )
         except BaseException:
             await self._abort(key, path, upload_id)
             raise
         stored = (await self._call("head_object", key, Key=path))["ContentLength"]
         if stored != size:
             await self._call("delete_object", key, Key=path)
-            raise CorruptObjectError(f"completed upload holds {stored} bytes, sent {size}; deleted", replica=self.url, key=key)
+            raise CorruptObjectError(
+                f"completed upload holds {stored} bytes, sent {size}; deleted", replica=self.url, key=key
+            )
 
     async def _upload_part(self, key: str, path: str, upload_id: str, number: int, chunk: memoryview) -> dict[str, Any]:
         async with self._slots:
             body = await asyncio.to_thread(bytes, chunk)
             resp = await self._call("upload_part", key, Key=path, UploadId=upload_id, PartNumber=number, Body=body)
         if not resp.get("ETag"):
-            raise ReplicaError(f"UploadPart {number} of s3://{self.bucket}/{path} answered without an ETag", replica=self.url, key=key)
+            raise ReplicaError(
+                f"UploadPart {number} of s3://{self.bucket}/{path} answered without an ETag", replica=self.url, key=key
+            )
         # A part checksum the SDK added must be echoed, or S3 refuses the completion.
         return {"PartNumber": number, "ETag": resp["ETag"], **{k: resp[k] for k in _PART_CHECKSUMS if k in resp}}
 
@@ -225,7 +237,13 @@ class S3Replica(Replica):
         try:
             await self._call("abort_multipart_upload", key, Key=path, UploadId=upload_id)
         except CkptMirrorError as exc:
-            log.warning("could not abort multipart upload %s of s3://%s/%s (delete_prefix removes it): %s", upload_id, self.bucket, path, exc)
+            log.warning(
+                "could not abort multipart upload %s of s3://%s/%s (delete_prefix removes it): %s",
+                upload_id,
+                self.bucket,
+                path,
+                exc,
+            )
 
     def commit(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -294,12 +312,16 @@ class S3Replica(Replica):
             try:
                 size = resp["ContentLength"]
                 if size > max_bytes:
-                    raise CorruptObjectError(f"object is {size} bytes, more than the {max_bytes} allowed", replica=self.url, key=key)
+                    raise CorruptObjectError(
+                        f"object is {size} bytes, more than the {max_bytes} allowed", replica=self.url, key=key
+                    )
                 data = await body.read()
             finally:
                 body.close()
             if len(data) != size:
-                raise CorruptObjectError(f"read {len(data)} bytes, Content-Length said {size}", replica=self.url, key=key)
+                raise CorruptObjectError(
+                    f"read {len(data)} bytes, Content-Length said {size}", replica=self.url, key=key
+                )
             return data
 
         return await self._retry("get_object", key, attempt)
@@ -316,19 +338,26 @@ class S3Replica(Replica):
         match = {"IfMatch": head["ETag"]} if ranged and head.get("ETag") else {}
         try:
             await _all(
-                self._read_range(key, path, view, off, min(off + self.part_bytes, size), ranged, match) for off in range(0, size, self.part_bytes)
+                self._read_range(key, path, view, off, min(off + self.part_bytes, size), ranged, match)
+                for off in range(0, size, self.part_bytes)
             )
         except _PreconditionFailed as exc:
             raise CorruptObjectError("object changed while it was being read", replica=self.url, key=key) from exc
 
-    async def _read_range(self, key: str, path: str, view: memoryview, start: int, end: int, ranged: bool, match: dict[str, str]) -> None:
+    async def _read_range(
+        self, key: str, path: str, view: memoryview, start: int, end: int, ranged: bool, match: dict[str, str]
+    ) -> None:
         async def attempt() -> None:
             kw = {"Range": f"bytes={start}-{end - 1}", **match} if ranged else {}
             resp = await self._send("get_object", Key=path, **kw)
             body = resp["Body"]
             try:
                 if resp["ContentLength"] != end - start:
-                    raise CorruptObjectError(f"asked for bytes {start}-{end - 1}, got {resp['ContentLength']} bytes", replica=self.url, key=key)
+                    raise CorruptObjectError(
+                        f"asked for bytes {start}-{end - 1}, got {resp['ContentLength']} bytes",
+                        replica=self.url,
+                        key=key,
+                    )
                 pos = start
                 while pos < end and (n := await body.readinto(view[pos:end])):
                     pos += n

@@ -80,7 +80,9 @@ def _check_leaf_bounds(m: RankManifest, key: str) -> list[int]:
         if numel:
             last = lf.offset + sum((d - 1) * s for d, s in zip(lf.shape, lf.stride))
             if (last + 1) * esize > nbytes:
-                raise ManifestError(f"leaves[{i}] reaches byte {(last + 1) * esize} of a {nbytes}-byte storage", key=key)
+                raise ManifestError(
+                    f"leaves[{i}] reaches byte {(last + 1) * esize} of a {nbytes}-byte storage", key=key
+                )
         sizes.append(esize)
     return sizes
 
@@ -133,5 +135,8 @@ def validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
     for i, (gshape, goffset) in dtensors.items():
         shape = m.leaves[i].shape
         if len(gshape) != len(shape) or any(o + n > g for o, n, g in zip(goffset, shape, gshape)):
-            raise ManifestError(f"leaves[{i}]: shard {list(shape)} at {list(goffset)} does not fit the global shape {list(gshape)}", key=key)
+            raise ManifestError(
+                f"leaves[{i}]: shard {list(shape)} at {list(goffset)} does not fit the global shape {list(gshape)}",
+                key=key,
+            )
     return ManifestCheck(esizes, dtypes, paths, skeleton, dtensors)

@@ -17,8 +17,9 @@ ranks resume from different steps.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..errors import NoValidCheckpointError, StateMismatchError, StepNotFoundError
 from ..format import CommitRecord, RankManifest
@@ -57,7 +58,9 @@ def load_newest(
     """
     listing = list_steps(replicas)
     if listing.unreachable and len(listing.unreachable) == len(replicas) and agree is None:
-        raise NoValidCheckpointError({-1: "every replica is unreachable: " + "; ".join(f"{u}: {e}" for u, e in listing.unreachable.items())})
+        raise NoValidCheckpointError(
+            {-1: "every replica is unreachable: " + "; ".join(f"{u}: {e}" for u, e in listing.unreachable.items())}
+        )
     reader = Fetcher(replicas, pool)
     if step is not None and step not in listing.committed and agree is None:
         raise StepNotFoundError(step, list(listing.committed))
@@ -85,7 +88,10 @@ def load_newest(
         return commit, manifest, reader.preflight(manifest)
 
     def shards_of(commit: CommitRecord) -> Callable[[], list[tuple[RankManifest, str]]]:
-        return lambda: [(reader.read_manifest(commit, r), commit.manifest_ref(r).key) for r in range(1 if commit.replicated else commit.world_size)]
+        return lambda: [
+            (reader.read_manifest(commit, r), commit.manifest_ref(r).key)
+            for r in range(1 if commit.replicated else commit.world_size)
+        ]
 
     if agree is None:
         if not candidates:
@@ -95,7 +101,16 @@ def load_newest(
         for s in candidates:
             try:
                 commit, manifest, objects = probe(s)
-                loaded = fill_step(reader, manifest, manifest_key(commit, rank), objects, targets, strict_paths, validate, shards_of(commit))
+                loaded = fill_step(
+                    reader,
+                    manifest,
+                    manifest_key(commit, rank),
+                    objects,
+                    targets,
+                    strict_paths,
+                    validate,
+                    shards_of(commit),
+                )
             except STEP_FAILURES as exc:
                 if step is not None:
                     raise
@@ -106,7 +121,9 @@ def load_newest(
                 log.warning("restored step %d after skipping newer steps %s", s, sorted(problems, reverse=True))
             return loaded
         raise NoValidCheckpointError(problems)
-    return _load_agreed(reader, candidates, problems, probe, shards_of, rank, step, targets, strict_paths, validate, agree)
+    return _load_agreed(
+        reader, candidates, problems, probe, shards_of, rank, step, targets, strict_paths, validate, agree
+    )
 
 
 def manifest_key(commit: CommitRecord, rank: int) -> str:
@@ -153,7 +170,9 @@ def _load_agreed(
         lo, hi = min(steps), max(steps)
         if lo < 0:
             lost = [r for r, v in enumerate(votes) if v["step"] < 0]
-            raise NoValidCheckpointError({**problems, -1: f"rank(s) {lost} cannot recover any step that the others can"})
+            raise NoValidCheckpointError(
+                {**problems, -1: f"rank(s) {lost} cannot recover any step that the others can"}
+            )
         if lo != hi:
             bound = lo  # someone cannot go that far: everyone looks at or below the lowest
             continue
@@ -161,7 +180,16 @@ def _load_agreed(
         assert found is not None and found[0] == lo
         try:
             _, commit, manifest, objects = found
-            loaded = fill_step(reader, manifest, manifest_key(commit, rank), objects, targets, strict_paths, validate, shards_of(commit))
+            loaded = fill_step(
+                reader,
+                manifest,
+                manifest_key(commit, rank),
+                objects,
+                targets,
+                strict_paths,
+                validate,
+                shards_of(commit),
+            )
         except STEP_FAILURES as exc:
             ok, why = False, f"{type(exc).__name__}: {exc}"
             problems[lo] = f"rank {rank}: {why}"

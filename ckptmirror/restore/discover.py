@@ -10,8 +10,8 @@ chosen among (:mod:`ckptmirror.restore.choose`) by the later stages.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..errors import CkptMirrorError
 from ..format import commit_key, parse_step_dir

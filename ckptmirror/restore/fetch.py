@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import torch
 
@@ -66,8 +66,12 @@ class Fetcher:
                 if isinstance(exc, ManifestError) and not exc.replica:
                     exc = ManifestError(str(exc).split(": ", 1)[-1], replica=r.url, key=key)
                 errors.append(exc)
-        raise errors[0] if len(errors) == 1 else ManifestError(
-            "no replica holds a valid commit: " + "; ".join(str(e) for e in errors), key=commit_key(step)
+        raise (
+            errors[0]
+            if len(errors) == 1
+            else ManifestError(
+                "no replica holds a valid commit: " + "; ".join(str(e) for e in errors), key=commit_key(step)
+            )
         )
 
     def read_manifest(self, commit: CommitRecord, rank: int) -> RankManifest:
@@ -79,10 +83,16 @@ class Fetcher:
             try:
                 data = r.get(ref.key, MAX_MANIFEST_BYTES)
                 if len(data) != ref.size or checksum(data) != ref.checksum:
-                    raise CorruptObjectError(f"rank manifest does not match the commit (size {len(data)} vs {ref.size}, checksum)", replica=r.url, key=ref.key)
+                    raise CorruptObjectError(
+                        f"rank manifest does not match the commit (size {len(data)} vs {ref.size}, checksum)",
+                        replica=r.url,
+                        key=ref.key,
+                    )
                 m = parse_rank_manifest(data, ref.key)
                 if (m.step, m.rank, m.world_size) != (commit.step, ref.rank, commit.world_size):
-                    raise ManifestError("rank manifest belongs to another step, rank or world size", replica=r.url, key=ref.key)
+                    raise ManifestError(
+                        "rank manifest belongs to another step, rank or world size", replica=r.url, key=ref.key
+                    )
                 return m
             except ManifestError as exc:
                 parse_failures += 1
@@ -128,7 +138,9 @@ class Fetcher:
                 raise cls("no replica holds it with the recorded size (" + "; ".join(problems) + ")", key=obj.key)
         return plan
 
-    def fetch(self, key: str, size: int, csum: str, candidates: Sequence[Replica], into: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+    def fetch(
+        self, key: str, size: int, csum: str, candidates: Sequence[Replica], into: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, str]:
         """Read one object from the first replica where it verifies: into ``into`` (a CPU uint8
         tensor of ``size`` bytes) when given, else into this thread's reusable buffer."""
         problems = []
@@ -138,7 +150,9 @@ class Fetcher:
                 r.read_into(key, host_bytes(buf))
                 got = checksum(host_bytes(buf))
                 if got != csum:
-                    raise CorruptObjectError(f"checksum mismatch: stored {got}, manifest {csum}", replica=r.url, key=key)
+                    raise CorruptObjectError(
+                        f"checksum mismatch: stored {got}, manifest {csum}", replica=r.url, key=key
+                    )
                 return buf, r.url
             except STEP_FAILURES as exc:
                 log.warning("object %s failed on %s, trying the next replica: %s", key, r.url, exc)

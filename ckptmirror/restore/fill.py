@@ -19,9 +19,10 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -90,7 +91,9 @@ def fill_step(
     stored: list[tuple[RankManifest, ManifestCheck, ObjectPlan]] = []
     if wants:
         if shards is None:
-            raise StateMismatchError("the target's sharding differs from the stored one, and no other rank's shards are available")
+            raise StateMismatchError(
+                "the target's sharding differs from the stored one, and no other rank's shards are available"
+            )
         for sm, skey in shards():
             sc = validate_manifest(sm, skey)
             stored.append((sm, sc, {}))
@@ -104,17 +107,23 @@ def fill_step(
     for src in sorted({p.source for p in pieces}):
         sm, sc, splan = stored[src]
         needed = {sm.leaves[p.leaf].storage for p in pieces if p.source == src}
-        bufs = [_Target(torch.empty(r.nbytes, dtype=torch.uint8), None) if j in needed else None for j, r in enumerate(sm.storages)]
+        bufs = [
+            _Target(torch.empty(r.nbytes, dtype=torch.uint8), None) if j in needed else None
+            for j, r in enumerate(sm.storages)
+        ]
         _read_objects(fetcher, sm, splan, bufs, loaded)
         for p in (p for p in pieces if p.source == src):
             lf = sm.leaves[p.leaf]
             buf = bufs[lf.storage]
             assert buf is not None and sc.dtypes[p.leaf] is not None
-            leaf = torch.empty(0, dtype=sc.dtypes[p.leaf]).set_(buf.dest.untyped_storage(), lf.offset, lf.shape, lf.stride)
+            leaf = torch.empty(0, dtype=sc.dtypes[p.leaf]).set_(
+                buf.dest.untyped_storage(), lf.offset, lf.shape, lf.stride
+            )
             copy_piece(p, leaf)
     leaves = _build_leaves(m, storage_targets, leaf_targets, dtypes, values)
     loaded.state = unflatten(m.structure, lambda kind, i, path: leaves[i], key)
     return loaded
+
 
 def _match_targets(
     m: RankManifest, check: ManifestCheck, targets: Any, strict_paths: Sequence[tuple[Any, ...]]
@@ -156,7 +165,9 @@ def _match_targets(
         if is_dtensor(t) or i in check.dtensors:
             local, gshape, offset = dtensor_local(t) if is_dtensor(t) else (t, tuple(t.shape), (0,) * t.dim())
             if tuple(gshape) != tuple(stored_g):
-                problems.append(f"{key_path('state', path)}: checkpoint global shape {list(stored_g)}, target {list(gshape)}")
+                problems.append(
+                    f"{key_path('state', path)}: checkpoint global shape {list(stored_g)}, target {list(gshape)}"
+                )
                 continue
             values[i] = t
             if tuple(local.shape) == lf.shape and tuple(offset) == tuple(stored_off):
@@ -164,7 +175,9 @@ def _match_targets(
             else:
                 wants.append(Want(path, local, tuple(offset), tuple(gshape)))
         elif tuple(t.shape) != lf.shape:
-            problems.append(f"{key_path('state', path)}: checkpoint shape {list(lf.shape)}, target shape {list(t.shape)}")
+            problems.append(
+                f"{key_path('state', path)}: checkpoint shape {list(lf.shape)}, target shape {list(t.shape)}"
+            )
         else:
             out[i] = t
     if problems:
@@ -172,7 +185,10 @@ def _match_targets(
     _consolidate(m, check, set(values) | set(out), wants, values)
     return out, wants, values
 
-def _consolidate(m: RankManifest, check: ManifestCheck, handled: set[int], wants: list[Want], values: dict[int, Any]) -> None:
+
+def _consolidate(
+    m: RankManifest, check: ManifestCheck, handled: set[int], wants: list[Want], values: dict[int, Any]
+) -> None:
     """A stored shard with nothing to fill becomes a new, whole tensor (gathered from every
     rank's shards): a plain process reading a sharded checkpoint gets full tensors."""
     for i, (gshape, _) in check.dtensors.items():
@@ -184,8 +200,13 @@ def _consolidate(m: RankManifest, check: ManifestCheck, handled: set[int], wants
         values[i] = whole
         wants.append(Want(check.paths[i], whole, (0,) * len(gshape), tuple(gshape)))
 
+
 def _storage_targets(
-    m: RankManifest, leaf_targets: dict[int, torch.Tensor], dtypes: list[torch.dtype | None], esizes: list[int], skip: set[int]
+    m: RankManifest,
+    leaf_targets: dict[int, torch.Tensor],
+    dtypes: list[torch.dtype | None],
+    esizes: list[int],
+    skip: set[int],
 ) -> list[_Target | None]:
     """Where each storage's bytes go; None for storages only resharded leaves use (not read)."""
     users: dict[int, list[int]] = {}
@@ -218,11 +239,16 @@ def _storage_targets(
         out.append(_Target(dest, direct))
     return out
 
-def _read_objects(fetcher: Fetcher, m: RankManifest, plan: ObjectPlan, targets: Sequence[_Target | None], loaded: Loaded) -> None:
+
+def _read_objects(
+    fetcher: Fetcher, m: RankManifest, plan: ObjectPlan, targets: Sequence[_Target | None], loaded: Loaded
+) -> None:
     # Storages with bytes, by offset; the manifest check guarantees they do not overlap,
     # so the storages an object touches are a contiguous run found by bisection. Storages
     # without a target are not wanted, and objects that hold none that are, are not read.
-    order = sorted((i for i, s in enumerate(m.storages) if s.nbytes and targets[i] is not None), key=lambda i: m.storages[i].offset)
+    order = sorted(
+        (i for i, s in enumerate(m.storages) if s.nbytes and targets[i] is not None), key=lambda i: m.storages[i].offset
+    )
     sorted_starts = [m.storages[i].offset for i in order]
     obj_offsets = []
     acc = 0
@@ -279,8 +305,13 @@ def _read_objects(fetcher: Fetcher, m: RankManifest, plan: ObjectPlan, targets: 
     for f in futures:
         f.result()
 
+
 def _build_leaves(
-    m: RankManifest, targets: list[_Target | None], leaf_targets: dict[int, torch.Tensor], dtypes: list[torch.dtype | None], values: dict[int, Any]
+    m: RankManifest,
+    targets: list[_Target | None],
+    leaf_targets: dict[int, torch.Tensor],
+    dtypes: list[torch.dtype | None],
+    values: dict[int, Any],
 ) -> list[Any]:
     out: list[Any] = []
     for i, lf in enumerate(m.leaves):
@@ -315,7 +346,6 @@ def _build_leaves(
             t.requires_grad_(True)
         out.append(t)
     return out
-
 
 
 def _lookup_stored_keys(paths: dict[int, tuple[Any, ...]], prefix: tuple[Any, ...]) -> set[Any]:

@@ -10,9 +10,10 @@ fresh writer token, so nothing a save writes can overwrite another writer's file
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -37,7 +38,9 @@ class EncodedStep:
     owned: tuple[int, ...] | None = None
 
 
-def _cut_and_hash(p: Plan, stream: torch.Tensor, object_bytes: int, pool: ThreadPoolExecutor) -> tuple[tuple[tuple[int, int], ...], list[str]]:
+def _cut_and_hash(
+    p: Plan, stream: torch.Tensor, object_bytes: int, pool: ThreadPoolExecutor
+) -> tuple[tuple[tuple[int, int], ...], list[str]]:
     """The stream's object windows ``(offset, size)`` and the checksum of each (in parallel)."""
     total = p.total_bytes
     windows = tuple((off, min(object_bytes, total - off)) for off in range(0, total, object_bytes))
@@ -45,11 +48,15 @@ def _cut_and_hash(p: Plan, stream: torch.Tensor, object_bytes: int, pool: Thread
     return windows, list(pool.map(lambda w: checksum(view[w[0] : w[0] + w[1]]), windows))
 
 
-def encode(step: int, rank: int, world_size: int, p: Plan, stream: torch.Tensor, object_bytes: int, pool: ThreadPoolExecutor) -> EncodedStep:
+def encode(
+    step: int, rank: int, world_size: int, p: Plan, stream: torch.Tensor, object_bytes: int, pool: ThreadPoolExecutor
+) -> EncodedStep:
     """Cut ``stream`` into objects of ``object_bytes`` and checksum each one (in parallel)."""
     token = new_token()
     windows, sums = _cut_and_hash(p, stream, object_bytes, pool)
-    objects = tuple(ObjectRecord(object_key(step, rank, i, token), size, s) for i, ((_, size), s) in enumerate(zip(windows, sums)))
+    objects = tuple(
+        ObjectRecord(object_key(step, rank, i, token), size, s) for i, ((_, size), s) in enumerate(zip(windows, sums))
+    )
     manifest = RankManifest(step, rank, world_size, objects, p.storages, p.leaves, p.structure)
     mbytes = manifest.to_json()
     mkey = rank_manifest_key(step, rank, token)
@@ -77,7 +84,16 @@ def encode_replicated(
     identical bytes on every rank) describes them all.
     """
     windows, sums = _cut_and_hash(p, stream, object_bytes, pool)
-    probe = RankManifest(step, 0, world_size, tuple(ObjectRecord(object_key(step, 0, i, "00000000"), w[1], c) for i, (w, c) in enumerate(zip(windows, sums))), p.storages, p.leaves, p.structure, 0.0)
+    probe = RankManifest(
+        step,
+        0,
+        world_size,
+        tuple(ObjectRecord(object_key(step, 0, i, "00000000"), w[1], c) for i, (w, c) in enumerate(zip(windows, sums))),
+        p.storages,
+        p.leaves,
+        p.structure,
+        0.0,
+    )
     digest = checksum(probe.to_json())
     token = new_token()
     votes = exchange("encode", {"digest": digest, "token": token, "created": time.time()})
@@ -88,7 +104,10 @@ def encode_replicated(
             "pass replicated=False if each rank holds its own state"
         )
     tokens = [v["token"] for v in votes]
-    objects = tuple(ObjectRecord(object_key(step, i % world_size, i, tokens[i % world_size]), w[1], c) for i, (w, c) in enumerate(zip(windows, sums)))
+    objects = tuple(
+        ObjectRecord(object_key(step, i % world_size, i, tokens[i % world_size]), w[1], c)
+        for i, (w, c) in enumerate(zip(windows, sums))
+    )
     manifest = RankManifest(step, 0, world_size, objects, p.storages, p.leaves, p.structure, votes[0]["created"])
     mbytes = manifest.to_json()
     mkey = rank_manifest_key(step, 0, tokens[0])

@@ -27,10 +27,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -89,7 +90,9 @@ class Fanout:
         self._lock = threading.Lock()
         self._committed = set(committed)
         self._hash_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="ckptmirror-hash")
-        self._io_pools = {r.url: ThreadPoolExecutor(io_threads, thread_name_prefix="ckptmirror-io") for r in self.replicas}
+        self._io_pools = {
+            r.url: ThreadPoolExecutor(io_threads, thread_name_prefix="ckptmirror-io") for r in self.replicas
+        }
         self._replica_pool = ThreadPoolExecutor(len(self.replicas), thread_name_prefix="ckptmirror-replica")
         self._retention_owner = [True] * len(self.replicas)
         if coord is not None:
@@ -108,7 +111,9 @@ class Fanout:
             if job.replicated:
                 assert self._coord is not None
                 exchange = partial(_prefixed, self._coord.exchange, save_key)
-                enc = encode_replicated(job.step, info.rank, info.world_size, job.plan, job.stream, object_bytes, self._hash_pool, exchange)
+                enc = encode_replicated(
+                    job.step, info.rank, info.world_size, job.plan, job.stream, object_bytes, self._hash_pool, exchange
+                )
             else:
                 enc = encode(job.step, info.rank, info.world_size, job.plan, job.stream, object_bytes, self._hash_pool)
         except BaseException as exc:
@@ -118,7 +123,12 @@ class Fanout:
 
         def one(pos: int, replica: Replica) -> None:
             if replica not in job.replicas:  # skipped (degraded): still take part in the vote
-                self._vote(save_key, pos, {"state": "skipped", "error": f"replica {replica.url} is degraded on rank {info.rank}"}, decide)
+                self._vote(
+                    save_key,
+                    pos,
+                    {"state": "skipped", "error": f"replica {replica.url} is degraded on rank {info.rank}"},
+                    decide,
+                )
                 return
             try:
                 try:
@@ -129,7 +139,12 @@ class Fanout:
                 if self._coord is None:
                     commit_bytes = enc.commit_bytes
                 else:
-                    ref = {"state": "ok", "key": enc.manifest_key, "size": len(enc.manifest_bytes), "checksum": checksum(enc.manifest_bytes)}
+                    ref = {
+                        "state": "ok",
+                        "key": enc.manifest_key,
+                        "size": len(enc.manifest_bytes),
+                        "checksum": checksum(enc.manifest_bytes),
+                    }
                     self._vote(save_key, pos, ref, decide)
                     commit_bytes = self._coord.outcome(save_key, pos)
                 commit_step(replica, enc, commit_bytes)
@@ -158,7 +173,9 @@ class Fanout:
         for f in [self._replica_pool.submit(one, pos, r) for pos, r in enumerate(self.replicas)]:
             f.result()
 
-    def _vote(self, save_key: str, pos: int, report: dict[str, Any], decide: Callable[[list[dict[str, Any]]], bytes]) -> None:
+    def _vote(
+        self, save_key: str, pos: int, report: dict[str, Any], decide: Callable[[list[dict[str, Any]]], bytes]
+    ) -> None:
         """Report this rank's outcome at ``pos``; rank 0 then decides for everyone."""
         if self._coord is None:
             return
@@ -189,7 +206,9 @@ class Fanout:
         self._hash_pool.shutdown(wait=True)
 
 
-def write_objects(replica: Replica, enc: EncodedStep, stream: torch.Tensor, pool: ThreadPoolExecutor, overwrite: bool) -> None:
+def write_objects(
+    replica: Replica, enc: EncodedStep, stream: torch.Tensor, pool: ThreadPoolExecutor, overwrite: bool
+) -> None:
     """Phase 1 on one replica: every object, then the rank manifest. Nothing is committed.
 
     Names carry this save's token, so nothing here can overwrite another writer's files.
@@ -203,7 +222,10 @@ def write_objects(replica: Replica, enc: EncodedStep, stream: torch.Tensor, pool
     view = host_bytes(stream) if enc.windows else memoryview(b"")
     mine = range(len(enc.windows)) if enc.owned is None else enc.owned
     futures: list[Future[None]] = [
-        pool.submit(replica.put, enc.manifest.objects[i].key, view[enc.windows[i][0] : enc.windows[i][0] + enc.windows[i][1]]) for i in mine
+        pool.submit(
+            replica.put, enc.manifest.objects[i].key, view[enc.windows[i][0] : enc.windows[i][0] + enc.windows[i][1]]
+        )
+        for i in mine
     ]
     wait(futures, return_when=FIRST_EXCEPTION)
     for f in futures:
@@ -244,7 +266,9 @@ def commit_from_reports(step: int, world_size: int, replicated: bool, reports: l
     """The commit record rank 0 publishes, built from every rank's ``ok`` report."""
     if replicated:  # one manifest, the same on every rank
         rep = reports[0]
-        return CommitRecord(step, world_size, (RankRef(0, rep["key"], int(rep["size"]), rep["checksum"]),), replicated=True).to_json()
+        return CommitRecord(
+            step, world_size, (RankRef(0, rep["key"], int(rep["size"]), rep["checksum"]),), replicated=True
+        ).to_json()
     refs = tuple(RankRef(r, rep["key"], int(rep["size"]), rep["checksum"]) for r, rep in enumerate(reports))
     return CommitRecord(step, world_size, refs).to_json()
 

@@ -16,8 +16,8 @@ A step is removed commit record first, so it stops existing for readers before i
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..errors import CkptMirrorError
 from ..format import commit_key, parse_step_dir, step_dir
@@ -36,7 +36,12 @@ class RetentionPlan:
 
 
 def plan_retention(
-    committed: Sequence[int], torn: Sequence[int], keep: int | None, *, newest: int | None = None, all_torn: bool = False
+    committed: Sequence[int],
+    torn: Sequence[int],
+    keep: int | None,
+    *,
+    newest: int | None = None,
+    all_torn: bool = False,
 ) -> RetentionPlan:
     """The retention policy, on step numbers alone (no I/O).
 

@@ -14,8 +14,9 @@ exactly) before a single element is written.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -83,7 +84,9 @@ def plan_pieces(wants: Sequence[Want], stored: Sequence[StoredShard]) -> list[Pi
                 continue
             leaf, gshape, box = entry
             if gshape != w.gshape:
-                problems.append(f"{key_path('state', w.path)}: global shape {list(gshape)} in the checkpoint, {list(w.gshape)} in the target")
+                problems.append(
+                    f"{key_path('state', w.path)}: global shape {list(gshape)} in the checkpoint, {list(w.gshape)} in the target"
+                )
                 break
             if box in seen:  # the same shard held by several ranks (replicated mesh dimension)
                 continue
@@ -95,7 +98,9 @@ def plan_pieces(wants: Sequence[Want], stored: Sequence[StoredShard]) -> list[Pi
             pieces.append(Piece(w, shard.rank, leaf, box[0], part))
         else:
             if got != need:
-                problems.append(f"{key_path('state', w.path)}: the stored shards cover {got} of the {need} elements this rank needs")
+                problems.append(
+                    f"{key_path('state', w.path)}: the stored shards cover {got} of the {need} elements this rank needs"
+                )
     if problems:
         raise StateMismatchError("cannot reshard the checkpoint onto this layout:\n  " + "\n  ".join(problems[:50]))
     return pieces

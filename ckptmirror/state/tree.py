@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import base64
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -116,7 +117,9 @@ def flatten(state: Any, root: str = "state") -> Flattened:
             items = []
             for k, v in obj.items():
                 if not (k is None or isinstance(k, (str, int, float, bool))):
-                    raise UnsupportedTypeError(key_path(root, path) + f" key {k!r}", type(k), "dict keys must be str, int, float, bool or None")
+                    raise UnsupportedTypeError(
+                        key_path(root, path) + f" key {k!r}", type(k), "dict keys must be str, int, float, bool or None"
+                    )
                 items.append([enc(k, path), enc(v, path + (k,))])
             return {"t": "dict", "items": items}
         if type(obj) in (list, tuple):
@@ -129,7 +132,9 @@ def flatten(state: Any, root: str = "state") -> Flattened:
             return {"t": "bytes", "v": base64.b64encode(bytes(obj)).decode("ascii")}
         if _is_numpy(obj, "ndarray"):
             if obj.dtype.hasobject or obj.dtype.fields is not None:
-                raise UnsupportedTypeError(key_path(root, path), type(obj), f"numpy dtype {obj.dtype} holds Python objects or fields")
+                raise UnsupportedTypeError(
+                    key_path(root, path), type(obj), f"numpy dtype {obj.dtype} holds Python objects or fields"
+                )
             leaves.append(obj)
             paths.append(path)
             return {"t": "ndarray", "i": len(leaves) - 1}
@@ -156,12 +161,20 @@ def dtensor_local(t: Any) -> tuple[torch.Tensor, list[int], list[int]]:
     local = t.to_local()
     lshape, goffset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     if tuple(lshape) != tuple(local.shape):
-        raise ValueError(f"local shard shape {tuple(local.shape)} is not the expected {tuple(lshape)} (padded sharding)")
+        raise ValueError(
+            f"local shard shape {tuple(local.shape)} is not the expected {tuple(lshape)} (padded sharding)"
+        )
     return local, [int(d) for d in t.shape], [int(o) for o in goffset]
 
 
 def _check_tensor(t: torch.Tensor, root: str, path: tuple[Any, ...]) -> None:
-    if t.layout == torch.strided and not t.is_quantized and not t.is_meta and type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype in _DTYPE_SET:
+    if (
+        t.layout == torch.strided
+        and not t.is_quantized
+        and not t.is_meta
+        and type(t) in (torch.Tensor, torch.nn.Parameter)
+        and t.dtype in _DTYPE_SET
+    ):
         return  # the common case, without building the key path string
     where = key_path(root, path)
     if t.layout != torch.strided:
