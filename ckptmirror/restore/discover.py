@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import CkptMirrorError
+from ..errors import CkptMirrorError, ReplicaConfigError
 from ..format import commit_key, parse_step_dir
 from ..replicas.base import Replica
 
@@ -30,7 +30,13 @@ class StepListing:
 
 
 def list_steps(replicas: Sequence[Replica]) -> StepListing:
-    """List committed and torn steps on every replica (presence of the commit record only)."""
+    """List committed and torn steps on every replica (presence of the commit record only).
+
+    A replica that cannot be reached is reported in ``unreachable`` (an outage: the caller goes
+    on with the others). A misconfigured one (:class:`ReplicaConfigError`: no such bucket,
+    access denied, a wrong peer token) is raised at once: waiting would not fix it, and going
+    on without it would hide the mistake for the whole run.
+    """
     committed: dict[int, list[str]] = {}
     torn: dict[str, list[int]] = {}
     unreachable: dict[str, str] = {}
@@ -44,6 +50,8 @@ def list_steps(replicas: Sequence[Replica]) -> StepListing:
                     committed.setdefault(s, []).append(r.url)
                 else:
                     torn.setdefault(r.url, []).append(s)
+        except ReplicaConfigError:
+            raise
         except (CkptMirrorError, OSError) as exc:
             log.warning("replica %s could not be listed: %s", r.url, exc)
             unreachable[r.url] = f"{type(exc).__name__}: {exc}"
