@@ -59,12 +59,21 @@ class StepExistsError(CkptMirrorError, FileExistsError):
 
 
 class StepNotFoundError(CkptMirrorError, FileNotFoundError):
-    """The requested step is not committed on any replica."""
+    """The requested step (``step``; None: any step) is not committed on any replica.
 
-    def __init__(self, step: int, available: list[int] | None = None) -> None:
+    ``replicas`` lists the replica URLs that were looked at, so that a mistyped path shows.
+    """
+
+    def __init__(self, step: int | None, available: list[int] | None = None, replicas: list[str] | None = None) -> None:
         self.step = step
         self.available = list(available or [])
-        super().__init__(f"step {step} is not committed on any replica (committed: {self.available})")
+        self.replicas = list(replicas or [])
+        looked = f" (looked at: {', '.join(self.replicas)})" if self.replicas else ""
+        if step is None:
+            msg = f"no committed step on any replica{looked}; check the replica paths and URLs"
+        else:
+            msg = f"step {step} is not committed on any replica (committed: {self.available}){looked}"
+        super().__init__(msg)
 
 
 class _ObjectError(CkptMirrorError):

@@ -30,11 +30,11 @@ from functools import partial
 from typing import Any, Literal
 
 from .dist import Coordinator, DistInfo, detect, expand_url
-from .errors import ReplicaUnavailableError, StepExistsError
+from .errors import ReplicaUnavailableError, StepExistsError, StepNotFoundError
 from .format import MAX_STEP
 from .handle import SaveHandle
 from .health import ReplicaHealth
-from .replicas import Replica, open_replicas
+from .replicas import Replica, close_opened, open_replicas
 from .restore.choose import load_newest
 from .restore.discover import list_steps
 from .save.fanout import Fanout, SaveJob
@@ -119,48 +119,46 @@ class Mirror:
     ) -> None:
         if isinstance(replicas, (str, Replica)):
             replicas = [replicas]
-        if not replicas:
-            raise ValueError("Mirror needs at least one replica URL")
-        if keep_last is not None and keep_last < 1:
-            raise ValueError("keep_last must be >= 1 (the newest committed step is never deleted) or None")
-        if object_bytes < 1:
-            raise ValueError("object_bytes must be positive")
-        if inflight_policy not in ("wait", "skip"):
-            raise ValueError("inflight_policy must be 'wait' or 'skip'")
-        if on_replica_error not in ("warn", "raise"):
-            raise ValueError("on_replica_error must be 'warn' or 'raise'")
+        _check_options(len(replicas), keep_last, object_bytes, inflight_policy, on_replica_error, min_replicas)
         self.dist: DistInfo = detect(process_group)
         if self.dist.distributed and inflight_policy == "skip":
             # Ranks must make the same saves: one rank skipping would leave the others waiting.
             raise ValueError("inflight_policy='skip' is not supported with several ranks")
-        replicas = [expand_url(u, self.dist) if isinstance(u, str) else u for u in replicas]
-        self.replicas: list[Replica] = open_replicas(replicas, storage_options)
-        # Replicas built here from URLs are closed by close(); Replica objects stay the caller's.
-        self._owned = [r for r, u in zip(self.replicas, replicas) if not isinstance(u, Replica)]
-        if min_replicas is not None and not 1 <= min_replicas <= len(self.replicas):
-            raise ValueError(f"min_replicas must be between 1 and {len(self.replicas)}")
         self.min_replicas = min_replicas
         self.on_replica_error = on_replica_error
         self.health_interval_s = health_interval_s
-        self._health = ReplicaHealth(self.replicas, health_interval_s)
         self.keep_last = keep_last
         self.object_bytes = object_bytes
         self.io_threads = io_threads
         self.inflight_policy = inflight_policy
         self.replicated = replicated
+        replicas = [expand_url(u, self.dist) if isinstance(u, str) else u for u in replicas]
+        self.replicas: list[Replica] = open_replicas(replicas, storage_options)
+        # Replicas built here from URLs are closed by close(); Replica objects stay the caller's.
+        self._owned = [r for r, u in zip(self.replicas, replicas) if not isinstance(u, Replica)]
+        try:
+            # Raises ReplicaConfigError (no such bucket, access denied, wrong token) now, not
+            # hours into the run; a replica that cannot be reached starts degraded instead.
+            listing = list_steps(self.replicas)
+        except BaseException:
+            close_opened(self.replicas, replicas)
+            raise
+        self._health = ReplicaHealth(self.replicas, health_interval_s)
+        self._health.mark_all(listing.unreachable)
+        self._coord: Coordinator | None = None
+        if self.dist.distributed:
+            self._coord = Coordinator(self.dist, _mirror_prefix(), commit_timeout_s)
+        self._fanout = Fanout(self.replicas, self.dist, self._coord, io_threads, self._health, set(listing.committed))
+        self._start_threads(max_inflight)
+
+    def _start_threads(self, max_inflight: int) -> None:
+        """The save queue, its bookkeeping and the background threads (writer and prober)."""
         self._arenas = ArenaPool(max_inflight)
         self._jobs: queue.Queue[SaveJob | None] = queue.Queue()
         self._seq = 0
         self._restores = 0
         self._plan_cache: tuple[tuple[object, ...], Plan] | None = None
         self._lock = threading.Lock()  # guards the handles and in-flight bookkeeping below
-        self._coord: Coordinator | None = None
-        if self.dist.distributed:
-            self._coord = Coordinator(self.dist, _mirror_prefix(), commit_timeout_s)
-        listing = list_steps(self.replicas)
-        # A replica that cannot even be listed now starts degraded: saves skip it until it answers.
-        self._health.mark_all(listing.unreachable)
-        self._fanout = Fanout(self.replicas, self.dist, self._coord, io_threads, self._health, set(listing.committed))
         self._handles: list[SaveHandle] = []
         self._unfinished = 0  # queued or running background jobs (retention included)
         self._idle = threading.Condition(self._lock)
@@ -321,13 +319,22 @@ class Mirror:
 
     # ---------------------------------------------------------------------- restoring
     def restore(
-        self, model: Stateful | None, optim: Stateful | None = None, *, step: int | None = None, strict: bool = True
+        self,
+        model: Stateful | None,
+        optim: Stateful | None = None,
+        *,
+        step: int | None = None,
+        strict: bool = True,
+        require: bool = False,
     ) -> RestoreResult | None:
         """Load the newest step that verifies (or ``step``) into ``model`` and ``optim`` in place.
 
-        Returns None when no checkpoint exists at all. Raises :class:`NoValidCheckpointError`
-        when checkpoints exist but none verifies, and :class:`StateMismatchError` (before any
-        tensor is modified) when the checkpoint does not fit the model or optimizer.
+        Returns None when no checkpoint exists at all, after logging a WARNING that names every
+        replica looked at (a mistyped path shows there; nothing is created). ``require=True``
+        raises :class:`StepNotFoundError` instead: use it when a run must resume. Raises
+        :class:`NoValidCheckpointError` when checkpoints exist but none verifies, and
+        :class:`StateMismatchError` (before any tensor is modified) when the checkpoint does
+        not fit the model or optimizer.
         """
         t0 = time.perf_counter()
         if optim is not None:
@@ -337,7 +344,7 @@ class Mirror:
             "optim": optim.state_dict() if optim is not None else None,
         }
         strict_paths = [("model",)] if (strict and model is not None) else []
-        loaded = self._load(step, targets, strict_paths, partial(check_fits, model, optim, targets))
+        loaded = self._load(step, targets, strict_paths, partial(check_fits, model, optim, targets), require)
         if loaded is None:
             return None
         state = loaded.state
@@ -347,12 +354,15 @@ class Mirror:
             optim.load_state_dict(state["optim"])
         return RestoreResult(loaded.step, state["extra"], loaded.sources, time.perf_counter() - t0)
 
-    def load_state(self, step: int | None = None) -> tuple[int, Any] | None:
-        """Return ``(step, state)`` for the newest step that verifies (or ``step``), or None."""
-        loaded = self._load(step, None, [], None)
+    def load_state(self, step: int | None = None, *, require: bool = False) -> tuple[int, Any] | None:
+        """Return ``(step, state)`` for the newest step that verifies (or ``step``), or None
+        (with a WARNING naming the replicas; ``require=True`` raises :class:`StepNotFoundError`)."""
+        loaded = self._load(step, None, [], None, require)
         return None if loaded is None else (loaded.step, loaded.state)
 
-    def _load(self, step: int | None, targets: Any, strict_paths: list[tuple[Any, ...]], validate: Any) -> Any:
+    def _load(
+        self, step: int | None, targets: Any, strict_paths: list[tuple[Any, ...]], validate: Any, require: bool
+    ) -> Any:
         self._check_open()
         pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="ckptmirror-read")
         coord: Coordinator | None = None
@@ -381,6 +391,16 @@ class Mirror:
             pool.shutdown(wait=True)
             if coord is not None:
                 coord.close()
+        if loaded is None:
+            urls = [r.url for r in self.replicas]
+            if require:
+                raise StepNotFoundError(None, [], urls)
+            down = self._health.degraded()
+            log.warning(
+                "no committed checkpoint on any replica; starting from scratch. Looked at: %s%s",
+                ", ".join(urls),
+                f" (unreachable: {', '.join(down)})" if down else "",
+            )
         if loaded is not None:
             by_replica: dict[str, int] = {}
             for url in loaded.sources.values():
@@ -455,3 +475,26 @@ def _is_ddp(model: Any) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(model, DistributedDataParallel)
+
+
+def _check_options(
+    n_replicas: int,
+    keep_last: int | None,
+    object_bytes: int,
+    inflight_policy: str,
+    on_replica_error: str,
+    min_replicas: int | None,
+) -> None:
+    """Reject bad :class:`Mirror` arguments before anything is opened."""
+    if not n_replicas:
+        raise ValueError("Mirror needs at least one replica URL")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError("keep_last must be >= 1 (the newest committed step is never deleted) or None")
+    if object_bytes < 1:
+        raise ValueError("object_bytes must be positive")
+    if inflight_policy not in ("wait", "skip"):
+        raise ValueError("inflight_policy must be 'wait' or 'skip'")
+    if on_replica_error not in ("warn", "raise"):
+        raise ValueError("on_replica_error must be 'warn' or 'raise'")
+    if min_replicas is not None and not 1 <= min_replicas <= n_replicas:
+        raise ValueError(f"min_replicas must be between 1 and {n_replicas}")

@@ -48,9 +48,10 @@ class LocalReplica(Replica):
 
     read_priority = 10
 
-    def __init__(self, url: str, *, fsync: bool = True, create: bool = True) -> None:
-        """``create=False``: do not create the root now (the first write does); reads of a
-        missing root find nothing."""
+    def __init__(self, url: str, *, fsync: bool = True, create: bool = False) -> None:
+        """The root directory is created by the first write (``create=True``: now). Until then,
+        reads of a missing root find nothing: opening a replica to restore from never creates
+        a directory, so a mistyped path stays visible instead of becoming an empty replica."""
         super().__init__(url)
         self.root = os.path.realpath(path_from_url(url))
         self.fsync = fsync

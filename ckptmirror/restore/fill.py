@@ -142,17 +142,20 @@ def _match_targets(
         return out, wants, values
     stored_paths = {p: i for i, p in paths.items()}
     problems = []
+    hints: list[str] = []
     for prefix in strict_paths:
         sub = _lookup(targets, prefix)
         if not isinstance(sub, dict):
             continue
-        for k, v in sub.items():
-            if isinstance(v, torch.Tensor) and prefix + (k,) not in stored_paths:
-                problems.append(f"{key_path('state', prefix + (k,))} is in the target but not in the checkpoint")
-        stored_sub = _lookup_stored_keys(paths, prefix)
-        for k in stored_sub:
-            if k not in sub:
-                problems.append(f"{key_path('state', prefix + (k,))} is in the checkpoint but not in the target")
+        only_target = [k for k, v in sub.items() if isinstance(v, torch.Tensor) and prefix + (k,) not in stored_paths]
+        only_stored = [k for k in _lookup_stored_keys(paths, prefix) if k not in sub]
+        problems += [
+            f"{key_path('state', prefix + (k,))} is in the target but not in the checkpoint" for k in only_target
+        ]
+        problems += [
+            f"{key_path('state', prefix + (k,))} is in the checkpoint but not in the target" for k in only_stored
+        ]
+        hints += _key_hints(only_target, only_stored)
     for i, path in paths.items():
         t = _lookup(targets, path)
         if not isinstance(t, torch.Tensor):
@@ -181,7 +184,10 @@ def _match_targets(
         else:
             out[i] = t
     if problems:
-        raise StateMismatchError(f"step {m.step} does not fit the restore target:\n  " + "\n  ".join(problems[:50]))
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        raise StateMismatchError(
+            f"step {m.step} does not fit the restore target:\n  " + "\n  ".join(problems[:50]) + more + "".join(hints)
+        )
     _consolidate(m, check, set(values) | set(out), wants, values)
     return out, wants, values
 
@@ -351,3 +357,34 @@ def _build_leaves(
 def _lookup_stored_keys(paths: dict[int, tuple[Any, ...]], prefix: tuple[Any, ...]) -> set[Any]:
     n = len(prefix)
     return {p[n] for p in paths.values() if len(p) > n and p[:n] == prefix}
+
+
+#: Prefixes that wrappers add to every key: DDP/DataParallel, torch.compile, FSDP1, checkpoint wrappers.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "model.")
+
+
+def _key_hints(only_target: list[Any], only_stored: list[Any]) -> list[str]:
+    """Say how to fix a key mismatch when it looks like a wrapper's prefix on one side only."""
+    if not only_target and not only_stored:
+        return []
+    tgt = [k for k in only_target if isinstance(k, str)]
+    sto = [k for k in only_stored if isinstance(k, str)]
+    out = []
+    for extra, base, side in ((tgt, set(sto), "target"), (sto, set(tgt), "checkpoint")):
+        for p in _common_prefixes(extra):
+            if extra and base and all(k.startswith(p) and k[len(p) :] in base for k in extra):
+                other = "checkpoint" if side == "target" else "target"
+                out.append(
+                    f"\n  hint: the {side}'s keys start with {p!r} and the {other}'s do not (a wrapper such as "
+                    "DistributedDataParallel or torch.compile adds it): restore into the unwrapped model "
+                    "(model.module, model._orig_mod) or save it unwrapped"
+                )
+                return out
+    out.append("\n  hint: pass strict=False to restore only the keys both have (the others keep their values)")
+    return out
+
+
+def _common_prefixes(keys: list[str]) -> list[str]:
+    """Candidate prefixes: the known wrapper prefixes, then the first dotted component of the keys."""
+    firsts = {k.split(".", 1)[0] + "." for k in keys if "." in k}
+    return [*_WRAPPER_PREFIXES, *sorted(firsts - set(_WRAPPER_PREFIXES))]
