@@ -107,7 +107,7 @@ class ReplicaError(_ObjectError, OSError):
 
 
 class ReplicaUnavailableError(ReplicaError):
-    """A replica cannot be reached at all (endpoint down, bucket missing)."""
+    """A replica cannot be reached at all (endpoint down, connection refused, timed out): an outage."""
 
 
 class ReplicaConfigError(ReplicaError):

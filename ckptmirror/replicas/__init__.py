@@ -65,7 +65,8 @@ def scheme_of(url: str) -> str:
     if m and (m.group(1).lower() in SCHEMES or m.group(1).lower().startswith("fsspec+")):
         fixed = f"{m.group(1)}://{url[m.end() :]}"
         raise ValueError(
-            f"malformed replica URL {url!r}: did you mean {fixed!r}? (a plain relative path would be {os.path.join('.', url)!r})"
+            f"malformed replica URL {url!r}: did you mean {fixed!r}? "
+            f"(a plain relative path would be {os.path.join('.', url)!r})"
         )
     return ""
 
@@ -116,7 +117,8 @@ def open_replica(url: str | Replica, options: Mapping[str, Any] | None = None) -
     close = difflib.get_close_matches(scheme, [*SCHEMES, *protocols], n=1, cutoff=0.5)
     hint = f"did you mean {close[0]}://? " if close else ""
     raise ValueError(
-        f"unsupported replica URL scheme {scheme!r} in {url!r}: {hint}(supported: {_EXAMPLES}, and the protocols fsspec knows)"
+        f"unsupported replica URL scheme {scheme!r} in {url!r}: {hint}"
+        f"(supported: {_EXAMPLES}, and the protocols fsspec knows)"
     )
 
 

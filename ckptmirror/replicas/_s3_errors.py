@@ -1,15 +1,31 @@
 """S3 error translation: every botocore/aiohttp failure mapped to one of ckptmirror's errors.
 
 :func:`classify` says, for a failure of one S3 request, which :mod:`ckptmirror.errors` class
-reports it, whether it is worth retrying (throttling, 5xx, network errors) and what it means
-in words; :class:`~ckptmirror.replicas.s3.S3Replica` runs the one retry loop on top of it
-(botocore's own retries are off). Anything this table does not know (a bug) is not
-translated and propagates as it is.
+reports it, whether it is worth retrying (throttling, 5xx, network errors), what it means in
+words and, where the operator has something to fix, how; :class:`~ckptmirror.replicas.s3.S3Replica`
+runs the one retry loop on top of it (botocore's own retries are off) and builds the message
+with :func:`explain`. Anything this table does not know (a bug) is not translated and
+propagates as it is.
+
+Three kinds of failure matter to a caller that has just started a run:
+
+* **Misconfiguration** (:class:`~ckptmirror.errors.ReplicaConfigError`; for credentials
+  :class:`~ckptmirror.errors.ReplicaPermissionError`): no such bucket, access denied, unknown
+  key id, wrong secret, no credentials at all. Never retried, and ``Mirror()`` raises it at
+  construction, because waiting does not fix it. (A bucket that vanishes after this client
+  has used it is an outage instead: :data:`BUCKET_GONE`.)
+* **Outage** (:class:`~ckptmirror.errors.ReplicaUnavailableError`): nothing answers at the
+  endpoint (connection refused, DNS, timeout). Retried; a ``Mirror`` starts with the replica
+  degraded and brings it back when it answers. The message names the endpoint that was tried,
+  since a wrong ``AWS_ENDPOINT_URL`` looks exactly like a server that is down.
+* Everything else (:class:`~ckptmirror.errors.ReplicaError`): throttling, 5xx, a connection
+  lost mid-request; retried where that can help.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import NamedTuple
 
 import aiohttp
 from botocore.exceptions import (
@@ -19,10 +35,18 @@ from botocore.exceptions import (
     IncompleteReadError,
     NoCredentialsError,
     PartialCredentialsError,
+    ReadTimeoutError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from ..errors import ObjectMissingError, ReplicaError, ReplicaUnavailableError, _ObjectError
+from ..errors import (
+    ObjectMissingError,
+    ReplicaConfigError,
+    ReplicaError,
+    ReplicaPermissionError,
+    ReplicaUnavailableError,
+    _ObjectError,
+)
 
 # Only S3Replica catches these two, but they may reach the user, whose error texts name the
 # class (``f"{type(exc).__name__}: {exc}"``): hence the names they have always had.
@@ -36,29 +60,80 @@ class _NotSupported(ReplicaError):
     """501: the server does not implement a feature we asked for."""
 
 
-_PERMISSION = (ReplicaError, False, "permission denied (PermissionError)")
-_MISSING = (ObjectMissingError, False, "not found")
-_THROTTLED = (ReplicaError, True, "throttled by the server")
-_TRANSIENT = (ReplicaError, True, "transient server error")
+class Verdict(NamedTuple):
+    """What one failed request means.
 
-#: S3 error code, or HTTP status where the body carries no code -> (error, retry?, meaning).
-#: Every error class takes ``replica=`` and ``key=`` (the :class:`~ckptmirror.errors._ObjectError` family).
-ERRORS: dict[str, tuple[type[_ObjectError], bool, str]] = {
-    "NoSuchBucket": (ReplicaUnavailableError, False, "bucket {bucket!r} does not exist"),
+    ``meaning`` and ``fix`` are :meth:`str.format` templates: ``{bucket}``, ``{endpoint}`` (the
+    URL the client sent the request to) and ``{endpoint_flag}`` (`` --endpoint-url URL`` for an
+    S3-compatible server, empty for AWS), filled in by :func:`explain`.
+    """
+
+    error: type[_ObjectError]  # every class takes ``replica=`` and ``key=``
+    retry: bool
+    meaning: str
+    fix: str = ""
+
+
+# Where the client's settings come from, in the order botocore/s3fs look (named in the fixes,
+# because the operator has to find out which one is wrong).
+_CREDENTIALS_FIX = (
+    "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, "
+    "or key/secret/profile in storage_options['s3']) and the bucket policy of {bucket!r}"
+)
+_ENDPOINT_FIX = (
+    "check that the S3 server is up and that this is its URL (set by endpoint_url in storage_options['s3'], "
+    "else the AWS_ENDPOINT_URL environment variable, else AWS's default for the region)"
+)
+
+_PERMISSION = Verdict(ReplicaPermissionError, False, "permission denied", _CREDENTIALS_FIX)
+_MISSING = Verdict(ObjectMissingError, False, "not found")
+_THROTTLED = Verdict(ReplicaError, True, "throttled by the server")
+_TRANSIENT = Verdict(ReplicaError, True, "transient server error")
+_UNREACHABLE = Verdict(ReplicaUnavailableError, True, "cannot reach the endpoint {endpoint}", _ENDPOINT_FIX)
+_TIMED_OUT = Verdict(
+    ReplicaUnavailableError,
+    True,
+    "no answer from the endpoint {endpoint}: timed out",
+    _ENDPOINT_FIX + "; raise timeout_s if the link is just slow",
+)
+
+#: A bucket this client has used before and that is gone now (deleted, or a test server
+#: restarted without its data): an outage that recreating the bucket ends, not a mistake in the
+#: URL, so the replica is degraded and probed, and a restore goes on with the other replicas.
+BUCKET_GONE = Verdict(
+    ReplicaUnavailableError,
+    False,
+    "bucket {bucket!r} does not exist on {endpoint} any more (it did earlier in this process)",
+    "recreate it (e.g. `aws s3 mb s3://{bucket}{endpoint_flag}`); the replica is used again once it answers",
+)
+
+#: S3 error code, or HTTP status where the body carries no code -> verdict.
+ERRORS: dict[str, Verdict] = {
+    "NoSuchBucket": Verdict(  # never seen: a typo in the URL, or a bucket nobody created
+        ReplicaConfigError,
+        False,
+        "bucket {bucket!r} does not exist on {endpoint}",
+        "create it (e.g. `aws s3 mb s3://{bucket}{endpoint_flag}`) or fix the replica URL",
+    ),
     "NoSuchKey": _MISSING,
     "NotFound": _MISSING,
-    "404": _MISSING,
-    "NoSuchUpload": (ReplicaError, False, "the multipart upload no longer exists"),
+    "404": _MISSING,  # HEAD answers a bare 404, for a missing key and a missing bucket alike
+    "NoSuchUpload": Verdict(ReplicaError, False, "the multipart upload no longer exists"),
     "AccessDenied": _PERMISSION,
     "AllAccessDisabled": _PERMISSION,
-    "InvalidAccessKeyId": _PERMISSION,
-    "SignatureDoesNotMatch": _PERMISSION,
-    "ExpiredToken": _PERMISSION,
-    "403": _PERMISSION,
-    "PreconditionFailed": (_PreconditionFailed, False, "precondition failed"),
-    "412": (_PreconditionFailed, False, "precondition failed"),
-    "NotImplemented": (_NotSupported, False, "not implemented by the server"),
-    "501": (_NotSupported, False, "not implemented by the server"),
+    "AccountProblem": _PERMISSION,
+    "InvalidSecurity": _PERMISSION,
+    "InvalidAccessKeyId": _PERMISSION._replace(meaning="permission denied: the server does not know the access key id"),
+    "SignatureDoesNotMatch": _PERMISSION._replace(
+        meaning="permission denied: the request signature does not match (wrong secret key?)"
+    ),
+    "ExpiredToken": _PERMISSION._replace(meaning="permission denied: the session token has expired"),
+    "InvalidToken": _PERMISSION._replace(meaning="permission denied: the session token is not valid"),
+    "403": _PERMISSION,  # HEAD: a bare 403, whatever the reason
+    "PreconditionFailed": Verdict(_PreconditionFailed, False, "precondition failed"),
+    "412": Verdict(_PreconditionFailed, False, "precondition failed"),
+    "NotImplemented": Verdict(_NotSupported, False, "not implemented by the server"),
+    "501": Verdict(_NotSupported, False, "not implemented by the server"),
     "SlowDown": _THROTTLED,
     "Throttling": _THROTTLED,
     "ThrottlingException": _THROTTLED,
@@ -77,31 +152,46 @@ ERRORS: dict[str, tuple[type[_ObjectError], bool, str]] = {
 }
 
 
-def classify(exc: BaseException) -> tuple[type[_ObjectError], bool, str] | None:
-    """(error class, retry?, meaning) for a backend failure; None for anything else (a bug: let it raise)."""
+def classify(exc: BaseException, *, bucket_seen: bool = False) -> Verdict | None:
+    """The verdict on a backend failure; None for anything else (a bug: let it raise).
+
+    ``bucket_seen``: whether a request to this bucket has succeeded before, which turns a
+    missing bucket from a misconfiguration into an outage (:data:`BUCKET_GONE`).
+    """
     if isinstance(exc, ClientError):
+        if bucket_seen and error_code(exc) == "NoSuchBucket":
+            return BUCKET_GONE
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         found = ERRORS.get(str(error_code(exc))) or ERRORS.get(str(status))
         if found is None:
-            found = (ReplicaError, isinstance(status, int) and status >= 500, "request failed")
+            found = Verdict(ReplicaError, isinstance(status, int) and status >= 500, "request failed")
         return found
+    # Order matters: ReadTimeoutError is an HTTPClientError, ConnectTimeoutError a BotoConnectionError.
     if isinstance(exc, (BotoConnectionError, ConnectionRefusedError)):  # refused, DNS, connect timeout, proxy
-        return (ReplicaUnavailableError, True, "cannot reach the endpoint")
+        return _UNREACHABLE
+    if isinstance(exc, (ReadTimeoutError, asyncio.TimeoutError, TimeoutError)):  # connected, no answer
+        return _TIMED_OUT
     if isinstance(
         exc, (HTTPClientError, IncompleteReadError, aiohttp.ClientError, ConnectionError)
-    ):  # reset, read timeout, short body
-        return (ReplicaError, True, "connection failed during the request")
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return (ReplicaError, True, "timed out")
+    ):  # reset, short body: the server was there a moment ago
+        return Verdict(ReplicaError, True, "connection failed during the request")
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-        return (
-            ReplicaError,
+        return Verdict(
+            ReplicaPermissionError,
             False,
-            "no usable AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass key=, secret=)",
+            "no usable AWS credentials",
+            "set them (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or key/secret/profile in "
+            "storage_options['s3']), or pass anon=True in storage_options['s3'] for a public bucket",
         )
     if isinstance(exc, BotoCoreError):
-        return (ReplicaError, False, "request failed")
+        return Verdict(ReplicaError, False, "request failed")
     return None
+
+
+def explain(text: str, *, bucket: str, endpoint: str) -> str:
+    """Fill in a :class:`Verdict` template for one replica and the endpoint its client used."""
+    flag = "" if "amazonaws.com" in endpoint else f" --endpoint-url {endpoint}"
+    return text.format(bucket=bucket, endpoint=endpoint, endpoint_flag=flag)
 
 
 def error_code(exc: BaseException | None) -> str | None:

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from typing import Union
 
 from ..errors import ManifestError
 
-Buffer = Union[bytes, bytearray, memoryview]
+#: What ``put`` accepts: any contiguous bytes-like object (staging arenas are passed as memoryviews).
+Buffer = bytes | bytearray | memoryview
 
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9._-]{1,255}\Z")  # \Z: "$" would accept a trailing newline
 
@@ -118,5 +118,5 @@ class Replica(ABC):
         """Raise if the replica cannot be reached; used to bring a degraded replica back."""
         self.list_steps()
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing to release
         """Release connections and threads."""

@@ -19,22 +19,73 @@ Guarantees are weaker than a dedicated backend's, and depend on the filesystem:
   (local disk, S3 with ``If-None-Match``) where that matters.
 * **Listings.** The listing cache is invalidated before every listing and size check, so a
   step written by another client is never hidden by a stale cache.
+* **Buckets are never created.** On object stores (filesystems with buckets or containers:
+  s3fs, gcsfs, adlfs) the bucket must exist: a missing one is a
+  :class:`~ckptmirror.errors.ReplicaConfigError` from the first listing (which ``Mirror()``
+  does at construction), not a bucket silently made in whatever account and region the
+  credentials pick; one that vanishes after it was used is an outage
+  (:class:`~ckptmirror.errors.ReplicaUnavailableError`). Directories, including the root, are
+  made by the first write, and opening a replica writes nothing.
+
+Errors: a ``PermissionError`` from the filesystem becomes
+:class:`~ckptmirror.errors.ReplicaPermissionError` (misconfiguration: raised at once, never
+retried); a network failure (connection refused, DNS, timeout, from botocore or aiohttp)
+becomes :class:`~ckptmirror.errors.ReplicaUnavailableError` (an outage: the replica is
+degraded and retried later). Every message names the replica.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
 import fsspec
 
-from ..errors import CorruptObjectError, ObjectMissingError, ReplicaError, StepExistsError
+from ..errors import (
+    CorruptObjectError,
+    ObjectMissingError,
+    ReplicaConfigError,
+    ReplicaError,
+    ReplicaPermissionError,
+    ReplicaUnavailableError,
+    StepExistsError,
+)
 from ..format import TMP_PREFIX
 from .base import Buffer, Replica, step_of_key, validate_key
 
 _WRITE_CHUNK = 8 << 20
 #: Protocols whose ``mv`` is an atomic rename within one filesystem.
 _ATOMIC_RENAME = frozenset({"file", "local"})
+
+
+def _backend_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(nothing answers, any other backend failure): the exceptions fsspec backends raise.
+
+    Many are not ``OSError`` (s3fs lets some of botocore's through, gcsfs and adlfs aiohttp's),
+    so they are named here, from whichever of those packages is installed.
+    """
+    network: list[type[BaseException]] = [ConnectionError, TimeoutError, asyncio.TimeoutError]
+    other: list[type[BaseException]] = [OSError, ValueError, RuntimeError]
+    try:
+        from botocore.exceptions import BotoCoreError, ReadTimeoutError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+
+        network += [BotoConnectionError, ReadTimeoutError]  # refused, DNS, connect/read timeout
+        other += [BotoCoreError]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        network += [aiohttp.ClientConnectionError]
+        other += [aiohttp.ClientError]
+    except ImportError:
+        pass
+    return tuple(network), tuple(other)
+
+
+_NETWORK_ERRORS, _OTHER_ERRORS = _backend_errors()
 
 
 class FsspecReplica(Replica):
@@ -59,7 +110,15 @@ class FsspecReplica(Replica):
         self.root = root.rstrip("/")
         protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
         self.atomic_rename = bool(protocols & _ATOMIC_RENAME) if atomic_rename is None else atomic_rename
-        self._guard("mkdir", "", self.fs.makedirs, self.root, exist_ok=True)
+        #: The bucket (container) of the root on an object store; None on filesystems without
+        #: buckets. s3fs, gcsfs and adlfs all have ``split_path``, whose first part is the bucket.
+        split = getattr(self.fs, "split_path", None)
+        self.bucket: str | None = (split(self.root)[0] or None) if callable(split) else None
+        # Whether the bucket was there once: from then on its absence is an outage (deleted,
+        # server restarted), not a wrong URL. A plain bool: it only ever goes False -> True.
+        self._bucket_seen = False
+        # No I/O here (the root is made by the first write): opening a replica to restore from
+        # creates nothing, and an endpoint that is down leaves the replica degraded, not unopenable.
 
     def _path(self, key: str) -> str:
         validate_key(key, self.url)
@@ -72,22 +131,68 @@ class FsspecReplica(Replica):
         except FileNotFoundError as exc:
             raise ObjectMissingError("not found", replica=self.url, key=key) from exc
         except PermissionError as exc:
-            raise ReplicaError(f"{what}: permission denied ({exc})", replica=self.url, key=key) from exc
-        except (OSError, ValueError, RuntimeError, TimeoutError) as exc:  # fsspec backends raise a mix
+            raise ReplicaPermissionError(
+                f"{what}: permission denied ({exc}); check the credentials this filesystem uses (storage_options "
+                f"for this URL, or the provider's environment, e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/"
+                f"AWS_PROFILE for s3, GOOGLE_APPLICATION_CREDENTIALS for gcs) and the permissions on {self.root}",
+                replica=self.url,
+                key=key,
+            ) from exc
+        except _NETWORK_ERRORS as exc:
+            raise ReplicaUnavailableError(
+                f"{what}: cannot reach the storage service ({type(exc).__name__}: {exc}); check that it is up and "
+                "that the endpoint is right (storage_options for this URL, e.g. endpoint_url, or AWS_ENDPOINT_URL "
+                "for s3)",
+                replica=self.url,
+                key=key,
+            ) from exc
+        except _OTHER_ERRORS as exc:  # fsspec backends raise a mix
             raise ReplicaError(f"{what} failed: {type(exc).__name__}: {exc}", replica=self.url, key=key) from exc
+
+    def _check_bucket(self) -> None:
+        """Raise :class:`ReplicaConfigError` if the root's bucket does not exist (the root itself
+        may be missing: that is an empty replica). Only a definite "not found" counts; a bucket we
+        may not inspect (a policy that allows the prefix but not HeadBucket) is taken to exist."""
+        if self.bucket is None:
+            return
+        self.fs.invalidate_cache(self.bucket)
+        try:
+            self._guard("check bucket", "", self.fs.info, self.bucket)
+        except ObjectMissingError as exc:
+            create = f"e.g. `aws s3 mb s3://{self.bucket}` or `gcloud storage buckets create gs://{self.bucket}`"
+            if self._bucket_seen:
+                raise ReplicaUnavailableError(
+                    f"bucket {self.bucket!r} does not exist any more (it did earlier in this process): recreate it "
+                    f"({create}); the replica is used again once it answers",
+                    replica=self.url,
+                ) from exc
+            raise ReplicaConfigError(
+                f"bucket {self.bucket!r} does not exist: create it ({create}) or fix the replica URL",
+                replica=self.url,
+            ) from exc
+        except ReplicaPermissionError:
+            return
+        self._bucket_seen = True
 
     # -- writing -------------------------------------------------------------------------
     def _write(self, path: str, key: str, data: Buffer) -> None:
         view = memoryview(data).cast("B")
-        parent = path.rsplit("/", 1)[0]
-        self._guard("mkdir", key, self.fs.makedirs, parent, exist_ok=True)
+        if self.bucket is None:
+            self._guard("mkdir", key, self.fs.makedirs, path.rsplit("/", 1)[0], exist_ok=True)
+        # else an object store: directories are implied by keys, and its makedirs would create a
+        # missing bucket (s3fs, gcsfs do), which must stay an error.
 
         def write() -> None:
             with self.fs.open(path, "wb") as f:
                 for off in range(0, len(view), _WRITE_CHUNK):
                     f.write(view[off : off + _WRITE_CHUNK])
 
-        self._guard("write", key, write)
+        try:
+            self._guard("write", key, write)
+        except ObjectMissingError as exc:  # "not found" on a write: where it should go is missing
+            self._check_bucket()  # names a missing bucket (e.g. deleted mid-run)
+            raise ReplicaError("write failed: its directory does not exist", replica=self.url, key=key) from exc
+        self._bucket_seen = True
 
     def put(self, key: str, data: Buffer) -> None:
         path = self._path(key)
@@ -161,7 +266,9 @@ class FsspecReplica(Replica):
         try:
             entries = self._guard("list", "", self.fs.ls, self.root, detail=True)
         except ObjectMissingError:
+            self._check_bucket()  # an empty replica, or a missing bucket (s3fs: NoSuchBucket is FileNotFoundError)
             return []
+        self._bucket_seen = True
         names = (e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
         return sorted(n for n in names if not n.startswith("."))
 

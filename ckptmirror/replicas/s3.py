@@ -22,7 +22,13 @@ instead of s3fs's file methods, because the commit protocol needs things they hi
 * **One error table.** :func:`~ckptmirror.replicas._s3_errors.classify` maps every
   botocore/aiohttp failure to one of ckptmirror's errors and says whether it is worth
   retrying; :meth:`S3Replica._retry` is the only retry loop (botocore's own retries are off),
-  with exponential backoff and jitter, and a ``timeout_s`` on every attempt.
+  with exponential backoff and jitter, and a ``timeout_s`` on every attempt. Misconfiguration
+  (no such bucket: :class:`~ckptmirror.errors.ReplicaConfigError`; access denied, unknown key,
+  wrong secret, no credentials: :class:`~ckptmirror.errors.ReplicaPermissionError`) is never
+  retried, and ``Mirror()`` raises it at construction; an endpoint where nothing answers, or
+  a bucket that vanishes after it was used, is :class:`~ckptmirror.errors.ReplicaUnavailableError`
+  (an outage: the replica is degraded and probed until it answers).
+  Every message names the replica, the endpoint where that helps, and the fix.
 
 A HEAD on a missing bucket answers a bare 404, indistinguishable from a missing key, so
 ``size()`` reports None there; every listing and GET names the missing bucket.
@@ -42,7 +48,7 @@ import s3fs
 from fsspec.asyn import sync
 
 from ..errors import CkptMirrorError, CorruptObjectError, ObjectMissingError, ReplicaError, StepExistsError
-from ._s3_errors import _NotSupported, _PreconditionFailed, classify, detail, error_code
+from ._s3_errors import Verdict, _NotSupported, _PreconditionFailed, classify, detail, error_code, explain
 from .base import Buffer, Replica, step_of_key, validate_key
 
 log = logging.getLogger("ckptmirror")
@@ -141,6 +147,9 @@ class S3Replica(Replica):
         self._slots = asyncio.Semaphore(max_concurrency)  # binds to fsspec's loop on first use
         self._conditional: bool | None = None  # does the server honour If-None-Match? (probed once)
         self._probe_lock = threading.Lock()
+        # Whether a request has succeeded: from then on a missing bucket is an outage (deleted,
+        # server restarted), not a wrong URL. A plain bool: it only ever goes False -> True.
+        self._bucket_seen = False
 
     # -- plumbing ------------------------------------------------------------------------
     def _path(self, key: str) -> str:
@@ -160,24 +169,43 @@ class S3Replica(Replica):
         """Run ``attempt`` under ``timeout_s``, retrying what :func:`classify` calls transient."""
         for n in range(self.retries + 1):
             try:
-                return await asyncio.wait_for(attempt(), self.timeout_s)
+                result = await asyncio.wait_for(attempt(), self.timeout_s)
+                self._bucket_seen = True
+                return result
             except CkptMirrorError:
                 raise  # our own verdicts (size mismatch, ...) are final
             except Exception as exc:
-                kind = classify(exc)
-                if kind is None:
+                verdict = classify(exc, bucket_seen=self._bucket_seen)
+                if verdict is None:
                     raise
-                cls, retry, meaning = kind
-                if retry and n < self.retries:
+                if verdict.retry and n < self.retries:
                     delay = min(self.backoff_s * 2**n, 10.0) * random.uniform(0.5, 1.0)
                     log.debug("s3 %s %s failed (%s), retry %d in %.2f s", op, key, detail(exc), n + 1, delay)
                     await asyncio.sleep(delay)
                     continue
-                where = f"s3://{self.bucket}/{self._path(key) if key else self.prefix}"
-                tries = f" after {n + 1} attempts" if n else ""
-                msg = f"{op} {where}: {meaning.format(bucket=self.bucket)}{tries} ({detail(exc)})"
-                raise cls(msg, replica=self.url, key=key) from exc
+                raise verdict.error(
+                    await self._message(op, key, n + 1, verdict, exc), replica=self.url, key=key
+                ) from exc
         raise AssertionError("unreachable")
+
+    async def _message(self, op: str, key: str, attempts: int, verdict: Verdict, exc: BaseException) -> str:
+        """``OP s3://bucket/key: what happened [after N attempts] (server's words); how to fix it``."""
+        where = f"s3://{self.bucket}/{self._path(key) if key else self.prefix}"
+        endpoint = await self._endpoint_url()
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        msg = f"{op} {where}: {explain(verdict.meaning, bucket=self.bucket, endpoint=endpoint)}{tries} ({detail(exc)})"
+        if verdict.fix:
+            msg += f"; {explain(verdict.fix, bucket=self.bucket, endpoint=endpoint)}"
+        return msg
+
+    async def _endpoint_url(self) -> str:
+        """The URL the client sends requests to, however it was chosen (option, ``AWS_ENDPOINT_URL``,
+        region default): what an operator has to compare with where the server really is."""
+        try:
+            client = await self.fs.set_session()
+            return str(client.meta.endpoint_url)
+        except Exception:  # noqa: BLE001 - a message about one failure must not fail with another
+            return str(self.fs.client_kwargs.get("endpoint_url") or self.fs.endpoint_url or "the default AWS endpoint")
 
     async def _call(self, method: str, key: str, **kwargs: Any) -> Any:
         return await self._retry(method, key, lambda: self._send(method, **kwargs))
