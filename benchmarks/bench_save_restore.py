@@ -574,8 +574,10 @@ def machine_info(args: argparse.Namespace) -> list[str]:
     usage = shutil.disk_usage(args.dir)
     return [
         f"- machine: nproc={os.cpu_count()} (affinity {len(os.sched_getaffinity(0))}), {cpu}, {mem}",
-        f"- python {platform.python_version()}, torch {torch.__version__} (intra-op threads {torch.get_num_threads()}), ckptmirror {cm_version}",
-        f"- target dir: {os.path.abspath(args.dir)} ({usage.free / GB:.0f} GB free); every contender writes under it, removed afterwards",
+        f"- python {platform.python_version()}, torch {torch.__version__} "
+        f"(intra-op threads {torch.get_num_threads()}), ckptmirror {cm_version}",
+        f"- target dir: {os.path.abspath(args.dir)} ({usage.free / GB:.0f} GB free); "
+        "every contender writes under it, removed afterwards",
     ]
 
 
@@ -649,7 +651,8 @@ def print_report(
     nparams = LAYERS * (width * width + width)
     print("# ckptmirror save/restore benchmark\n")
     print(
-        f"- state: {nparams / 1e6:.1f}M-parameter MLP ({LAYERS} x Linear({width}, {width}), float32, CPU) + AdamW state after one step, "
+        f"- state: {nparams / 1e6:.1f}M-parameter MLP ({LAYERS} x Linear({width}, {width}), float32, CPU) "
+        "+ AdamW state after one step, "
         f"{4 * 2 * LAYERS} tensors = " + (f"**{state_bytes / GB:.3f} GB**" if state_bytes else "?")
     )
     for line in machine_info(args):
@@ -660,7 +663,8 @@ def print_report(
     )
     print(
         "- restore: median over the repeats, each into a freshly built model + a fresh AdamW (empty state), "
-        "**right after saving: page cache warm** (caches not dropped; that needs root); every restore verified bit-exact"
+        "**right after saving: page cache warm** (caches not dropped; that needs root); "
+        "every restore verified bit-exact"
     )
     print(
         "- peak extra RSS: VmHWM during the saves minus the RSS of the state alone (each contender in its own process)"
@@ -670,7 +674,8 @@ def print_report(
         print("(no contenders run)\n")
     else:
         print(
-            "| contender | stall (s) first | stall (s) steady | total/committed (s) steady | restore (s) | peak extra RSS (GB) |"
+            "| contender | stall (s) first | stall (s) steady | total/committed (s) steady | restore (s) "
+            "| peak extra RSS (GB) |"
         )
         print("|---|---:|---:|---:|---:|---:|")
         all_rows: dict[str, dict[str, Any]] = {}
@@ -698,12 +703,14 @@ def print_report(
             )
         if cm and ts:
             print(
-                f"- ckptmirror time-to-committed vs torch.save+fsync (steady): {fmt(cm['total'])} s vs {fmt(ts['total'])} s = "
-                f"**{ratio(cm['total'], ts['total'])}** (first save: {ratio(cm.get('total_first'), ts.get('total_first'))})"
+                f"- ckptmirror time-to-committed vs torch.save+fsync (steady): "
+                f"{fmt(cm['total'])} s vs {fmt(ts['total'])} s = **{ratio(cm['total'], ts['total'])}** "
+                f"(first save: {ratio(cm.get('total_first'), ts.get('total_first'))})"
             )
         if cm and raw:
             print(
-                f"- ckptmirror time-to-committed vs raw write+fsync of the same bytes: {ratio(cm['total'], raw['total'])}"
+                "- ckptmirror time-to-committed vs raw write+fsync of the same bytes: "
+                f"{ratio(cm['total'], raw['total'])}"
             )
         if cm and ds:
             print(
@@ -715,7 +722,8 @@ def print_report(
                 rs = res["restores"]
                 print(
                     f"- {res['contender']} restore breakdown (median): get_state_dict on the fresh model/optimizer "
-                    f"{fmt(med([r['get_state_dict_s'] for r in rs]))} s + dcp.load {fmt(med([r['dcp_load_s'] for r in rs]))} s "
+                    f"{fmt(med([r['get_state_dict_s'] for r in rs]))} s "
+                    f"+ dcp.load {fmt(med([r['dcp_load_s'] for r in rs]))} s "
                     f"(+ set_state_dict: the rest)"
                 )
         mem = all_rows.get("memcpy floor (ref)")
@@ -743,7 +751,8 @@ def print_report(
         print()
         print("Memory and bytes detail (GB):\n")
         print(
-            "| contender | each save: total (s) | peak extra RSS, saves | extra RSS after each save | restore transient peak | bytes on disk | CPU used by other processes |"
+            "| contender | each save: total (s) | peak extra RSS, saves | extra RSS after each save "
+            "| restore transient peak | bytes on disk | CPU used by other processes |"
         )
         print("|---|---|---:|---|---:|---:|---|")
         for row in all_rows.values():
@@ -753,7 +762,8 @@ def print_report(
             tr = row.get("restore_transient")
             each = ", ".join(f"{x:.3f}" for x in row["totals"])
             print(
-                f"| {row['name']} | {each} | {fmt(row['peak_extra'], 2)} | {growth} | {fmt(None if tr is None else tr / GB, 2)} | {per} | {row['load']} |"
+                f"| {row['name']} | {each} | {fmt(row['peak_extra'], 2)} | {growth} "
+                f"| {fmt(None if tr is None else tr / GB, 2)} | {per} | {row['load']} |"
             )
         print()
         print(
@@ -768,7 +778,8 @@ def print_report(
         if noisy:
             print(
                 f"\n**Warning: other processes used more than 0.25 of the {len(os.sched_getaffinity(0))} CPUs during: "
-                f"{', '.join(noisy)}. Other processes compete for CPU and disk; compare ratios, rerun for stable numbers.**"
+                f"{', '.join(noisy)}. Other processes compete for CPU and disk; "
+                "compare ratios, rerun for stable numbers.**"
             )
         for res in results:
             if "error" in res:
@@ -786,7 +797,8 @@ def print_slowdown(sd: dict[str, Any]) -> None:
     base = med(sd["baseline_steps"])
     if busy(sd):
         print(
-            f"**Warning: machine busy during this run (other processes used {load_str(sd)}); step times are inflated and noisy.**\n"
+            f"**Warning: machine busy during this run (other processes used {load_str(sd)}); "
+            "step times are inflated and noisy.**\n"
         )
     print(
         f"CPU training loop on the same model (batch {BATCH}, forward/backward/AdamW step, "
@@ -794,7 +806,8 @@ def print_slowdown(sd: dict[str, Any]) -> None:
         "rounds of the two alternate, with no-save steps between them, so all three see the same background load.\n"
     )
     print(
-        "| condition | median step (ms) | steps | vs no save | save stall (s), median | write time under load (s), median | training time lost per save (s), median |"
+        "| condition | median step (ms) | steps | vs no save | save stall (s), median "
+        "| write time under load (s), median | training time lost per save (s), median |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     print(f"| no save | {base * 1e3:.0f} | {len(sd['baseline_steps'])} | 1.00x | | | |")

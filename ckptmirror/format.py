@@ -255,7 +255,8 @@ def load_json(data: bytes, key: str) -> dict[str, Any]:
         raise ManifestError("format_version missing or not an int", key=key)
     if version > FORMAT_VERSION:
         raise ManifestError(
-            f"format_version {version} is newer than this ckptmirror understands ({FORMAT_VERSION}); upgrade ckptmirror",
+            f"format_version {version} is newer than this ckptmirror understands ({FORMAT_VERSION}); "
+            "upgrade ckptmirror",
             key=key,
         )
     if version < 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 #: Commands implemented in :mod:`ckptmirror.ops` (the rest: demo, serve).
@@ -43,38 +44,34 @@ def _pos_int(text: str) -> int:
     return v
 
 
+#: ``add(name, help, description, epilog)``: a subcommand parser with the common options and URLs.
+_AddCommand = Callable[[str, str, str, str], argparse.ArgumentParser]
+
+
 def _add_reading(p: argparse.ArgumentParser, threads_help: str) -> None:
     """``--threads`` and ``--no-progress``, for the commands that read object data."""
     p.add_argument("--threads", type=_pos_int, default=4, help=threads_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
 
 
-def add_ops_commands(sub: argparse._SubParsersAction[Any]) -> None:
-    """Add the parsers of the operator commands (:data:`OPS_COMMANDS`) to ``sub``."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", help="log what the library does (on stderr)")
-    raw = argparse.RawDescriptionHelpFormatter
-
-    def add(name: str, help_: str, description: str, epilog: str) -> argparse.ArgumentParser:
-        # Every operator command takes its replicas first, as positional URLs.
-        p: argparse.ArgumentParser = sub.add_parser(
-            name, help=help_, description=description, epilog=epilog, formatter_class=raw, parents=[common]
-        )
-        p.add_argument("urls", nargs="+", metavar="URL", help=_URLS_HELP)
-        return p
-
+def _add_ls(add: _AddCommand) -> None:
+    """``ls``: the steps on the replicas, from commit records, manifests and listings."""
     ls = add(
         "ls",
         "list steps: where each is committed, size, age, torn saves and garbage",
         "List every step on the replicas: which replicas hold a committed copy, its size, when it\n"
         "was saved, and what is torn (objects without a commit) or garbage (temp files, objects no\n"
         "commit names). Reads commit records, manifests and key listings only, never tensor data.",
-        "examples:\n  ckptmirror ls /data/ckpt/run1\n  ckptmirror ls /nvme/ckpt/run1 peer://node7:7070/run1 --json | jq '.steps[-1]'\n\n"
+        "examples:\n  ckptmirror ls /data/ckpt/run1\n"
+        "  ckptmirror ls /nvme/ckpt/run1 peer://node7:7070/run1 --json | jq '.steps[-1]'\n\n"
         + _ENV_NOTE
         + "exit status: 0 ok, 2 usage error or a replica unreachable\n",
     )
     ls.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
 
+
+def _add_verify(add: _AddCommand) -> None:
+    """``verify``: every object of every committed step, each replica on its own."""
     verify = add(
         "verify",
         "check every object of every committed step on every replica",
@@ -83,7 +80,8 @@ def add_ops_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "object's size and xxh3 checksum. Prints a table per step, replica and rank, and names every\n"
         "missing, truncated or corrupt object with its replica. Objects are read in parallel with\n"
         "bounded memory (--threads buffers of one object each); a progress bar shows on a terminal.",
-        "examples:\n  ckptmirror verify /data/ckpt/run1 /backup/ckpt/run1\n  ckptmirror verify /data/ckpt/run1 --step 4000\n"
+        "examples:\n  ckptmirror verify /data/ckpt/run1 /backup/ckpt/run1\n"
+        "  ckptmirror verify /data/ckpt/run1 --step 4000\n"
         "  ckptmirror verify /data/ckpt/run1 --quick          # manifests, presence, sizes\n"
         "  ckptmirror verify s3://bucket/run1 --json > report.json\n\n" + _ENV_NOTE + _EXIT_NOTE,
     )
@@ -94,6 +92,9 @@ def add_ops_commands(sub: argparse._SubParsersAction[Any]) -> None:
     verify.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     _add_reading(verify, "objects read at once (default 4)")
 
+
+def _add_repair(add: _AddCommand) -> None:
+    """``repair``: copy what is missing or corrupt from where it verifies, then commit."""
     repair = add(
         "repair",
         "copy missing or corrupt objects from replicas where they verify, then commit",
@@ -106,13 +107,17 @@ def add_ops_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "examples:\n  ckptmirror repair /nvme/ckpt/run1 /backup/ckpt/run1 --dry-run\n"
         "  ckptmirror repair /nvme/ckpt/run1 peer://node7:7070/run1   # after replacing node7's disk\n\n"
         + _ENV_NOTE
-        + "exit status: 0 repaired (or nothing to do), 1 something could not be repaired, 2 usage error or a replica unreachable\n",
+        + "exit status: 0 repaired (or nothing to do), 1 something could not be repaired, "
+        "2 usage error or a replica unreachable\n",
     )
     repair.add_argument("--step", type=_nonneg_int, help="only this step")
     repair.add_argument("--dry-run", action="store_true", help="show what would be copied and committed; write nothing")
     repair.add_argument("--json", action="store_true", help="print one JSON document")
     _add_reading(repair, "objects read or copied at once (default 4)")
 
+
+def _add_prune(add: _AddCommand) -> None:
+    """``prune``: keep the newest N committed steps; remove torn saves and leftovers."""
     prune = add(
         "prune",
         "remove old committed steps beyond --keep, torn saves and leftovers",
@@ -121,9 +126,11 @@ def add_ops_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "newest committed step and leftovers inside kept steps (temp files, objects no commit\n"
         "names). Torn saves newer than the newest commit may be a save in progress: they stay unless\n"
         "--all-torn. Committed steps are removed only if a step that stays passes a quick verify.",
-        "examples:\n  ckptmirror prune /data/ckpt/run1 --keep 3 --dry-run\n  ckptmirror prune /nvme/ckpt/run1 s3://bucket/run1 --keep 5\n\n"
+        "examples:\n  ckptmirror prune /data/ckpt/run1 --keep 3 --dry-run\n"
+        "  ckptmirror prune /nvme/ckpt/run1 s3://bucket/run1 --keep 5\n\n"
         + _ENV_NOTE
-        + "exit status: 0 ok, 1 refused (no kept step verifies) or a delete failed, 2 usage error or a replica unreachable\n",
+        + "exit status: 0 ok, 1 refused (no kept step verifies) or a delete failed, "
+        "2 usage error or a replica unreachable\n",
     )
     prune.add_argument(
         "--keep", type=_pos_int, required=True, metavar="N", help="committed steps to keep per replica (>= 1)"
@@ -136,6 +143,9 @@ def add_ops_commands(sub: argparse._SubParsersAction[Any]) -> None:
     )
     prune.add_argument("--json", action="store_true", help="print one JSON document")
 
+
+def _add_inspect(add: _AddCommand) -> None:
+    """``inspect``: the state tree of one step, from its manifests."""
     inspect = add(
         "inspect",
         "show the state tree of a step: keys, dtypes, shapes, bytes, per rank",
@@ -150,6 +160,9 @@ def add_ops_commands(sub: argparse._SubParsersAction[Any]) -> None:
     inspect.add_argument("--rank", type=_nonneg_int, help="only this rank (default: all)")
     inspect.add_argument("--json", action="store_true", help="print one JSON document")
 
+
+def _add_export(add: _AddCommand) -> None:
+    """``export``: one rank of one step as a safetensors or torch file."""
     export = add(
         "export",
         "write one step as a safetensors or torch file for other tools",
@@ -170,6 +183,35 @@ def add_ops_commands(sub: argparse._SubParsersAction[Any]) -> None:
     export.add_argument("--rank", type=_nonneg_int, default=0, help="rank to export (default 0)")
     export.add_argument("--force", action="store_true", help="replace PATH if it exists")
     export.add_argument("--json", action="store_true", help="print what was written as JSON")
+
+
+#: The operator commands' parser builders, in the order ``--help`` lists them.
+_COMMANDS: tuple[Callable[[_AddCommand], None], ...] = (
+    _add_ls,
+    _add_verify,
+    _add_repair,
+    _add_prune,
+    _add_inspect,
+    _add_export,
+)
+
+
+def add_ops_commands(sub: argparse._SubParsersAction[Any]) -> None:
+    """Add the parsers of the operator commands (:data:`OPS_COMMANDS`) to ``sub``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log what the library does (on stderr)")
+    raw = argparse.RawDescriptionHelpFormatter
+
+    def add(name: str, help_: str, description: str, epilog: str) -> argparse.ArgumentParser:
+        # Every operator command takes its replicas first, as positional URLs.
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, help=help_, description=description, epilog=epilog, formatter_class=raw, parents=[common]
+        )
+        p.add_argument("urls", nargs="+", metavar="URL", help=_URLS_HELP)
+        return p
+
+    for add_command in _COMMANDS:
+        add_command(add)
 
 
 def _setup_logging(verbose: bool, show_warnings: bool) -> None:

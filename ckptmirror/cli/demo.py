@@ -4,12 +4,15 @@ The demo starts a peer agent (``ckptmirror serve``) and, unless ``AWS_ENDPOINT_U
 one, a moto S3 server on loopback. It runs the training loop in a child process that saves to
 the local disk, the peer and S3 (so the crash is a real SIGKILL, not an exception), deletes the
 local replica as if the node were lost, restores from the peer, times a restore from S3 alone,
-and checks both bit for bit against an uninterrupted run of the same deterministic training.
+and checks both bit for bit against the state the training process saved (it reports a SHA-256
+of each save) and against an uninterrupted run of the same deterministic training, computed with
+the training process's thread count.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -23,11 +26,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 SEED = 1234
+#: Intra-op threads of the training child; the parent's reference run uses the same (see training_threads).
+TRAIN_THREADS = 1
 
 
 def build(seed: int = SEED) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -85,10 +91,28 @@ def _wait_http(url: str, timeout_s: float = 30.0) -> None:
             time.sleep(0.1)
 
 
+#: The environment variables :func:`services` may set.
+_DEMO_ENV = (
+    "CKPTMIRROR_PEER_TOKEN",
+    "CKPTMIRROR_DEMO_PEER",
+    "CKPTMIRROR_DEMO_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+)
+
+
 @contextlib.contextmanager
 def services(root: str) -> Iterator[dict[str, str]]:
-    """Start a peer agent and, unless AWS_ENDPOINT_URL is set, a moto S3 server, on loopback."""
+    """Start a peer agent and, unless AWS_ENDPOINT_URL is set, a moto S3 server, on loopback.
+
+    Yields the environment variables it set (the peer token, the replica URLs and, for moto, the
+    S3 endpoint and credentials); the child inherits them. They are put back as they were on exit,
+    so a caller in the same process is not left pointing at servers that no longer run.
+    """
     procs: list[subprocess.Popen[bytes]] = []
+    previous = {k: os.environ.get(k) for k in _DEMO_ENV}
     env = {"CKPTMIRROR_PEER_TOKEN": secrets.token_hex(16)}
     try:
         token_file = os.path.join(root, "agent-token")
@@ -143,6 +167,11 @@ def services(root: str) -> Iterator[dict[str, str]]:
             fs.mkdir(bucket)
         yield env
     finally:
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         for p in procs:
             p.terminate()
         for p in procs:
@@ -152,75 +181,251 @@ def services(root: str) -> Iterator[dict[str, str]]:
                 p.kill()
 
 
+def training_state(model: torch.nn.Module, optim: torch.optim.Optimizer, extra: Any) -> dict[str, Any]:
+    """What the demo saves and compares: the model's and optimizer's state dicts and ``extra``."""
+    return {"model": model.state_dict(), "optim": optim.state_dict(), "extra": extra}
+
+
+def state_digest(state: Any) -> str:
+    """SHA-256 of a nested state: its structure, its plain values and every tensor's dtype, shape and bytes.
+
+    Two states have the same digest only if they are bit for bit the same (``-0.0`` and ``0.0``
+    differ, as do a tuple and a list). Dict keys are taken in sorted order: a state dict is
+    loaded by key, so the order it lists them in is not part of the state.
+    """
+    h = hashlib.sha256()
+    _feed(h, state)
+    return h.hexdigest()
+
+
+def _feed(h: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)}\n".encode())
+        # Raw bytes through a uint8 view: exact for every dtype, bfloat16 included (numpy has none).
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        h.update(f"dict {len(value)}\n".encode())
+        for k in sorted(value, key=repr):
+            _feed(h, k)
+            _feed(h, value[k])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__} {len(value)}\n".encode())
+        for v in value:
+            _feed(h, v)
+    else:
+        text = repr(value)  # repr of a float round-trips exactly
+        h.update(f"{type(value).__name__} {len(text)} {text}\n".encode())
+
+
+@contextlib.contextmanager
+def training_threads() -> Iterator[None]:
+    """Run the block with the training child's intra-op thread count; put the caller's count back after.
+
+    CPU kernels split their reductions by thread count: 25 steps of the demo with 1 thread and
+    with 2 threads end with every parameter and AdamW moment different in its last bits (the
+    loss may still agree). A bit-exact comparison with the child's training is only meaningful
+    under the child's settings.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _emit(**event: Any) -> None:
+    print(json.dumps(event), flush=True)
+
+
 def child(root: str, steps: int, save_every: int) -> None:
-    """The training process: trains, saves every ``save_every`` steps, reports on stdout."""
+    """The training process: trains, saves every ``save_every`` steps, reports on stdout.
+
+    One JSON object a line: ``saved`` (a step and the :func:`state_digest` of what it saved),
+    ``committed`` (timings, once every replica has the step) and ``step`` (the step's loss). The
+    parent checks the restored state against the ``saved`` digests and the next step's loss
+    against the ``step`` events, i.e. against what this process actually did.
+    """
     import ckptmirror
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(TRAIN_THREADS)
     model, optim = build()
     mirror = ckptmirror.Mirror(replica_urls(root), keep_last=3)
     pending: list[Any] = []
     for step in range(1, steps + 1):
         loss = train_step(model, optim, step)
         if step % save_every == 0:
-            h = mirror.save(step, model, optim, extra={"loss": loss})
-            pending.append(h)
+            extra = {"loss": loss}
+            pending.append(mirror.save(step, model, optim, extra=extra))
+            # Nothing changes the state before the next train_step, so this digests the values saved.
+            _emit(event="saved", step=step, sha256=state_digest(training_state(model, optim, extra)))
         for h in [h for h in pending if all(st.state != "pending" for st in h.replicas.values())]:
             h.result()
             pending.remove(h)
-            replica_s = [st.seconds for st in h.replicas.values()]
-            print(
-                json.dumps(
-                    {
-                        "event": "committed",
-                        "step": h.step,
-                        "stall_s": h.stall_s,
-                        "wait_s": h.wait_s,
-                        "replica_s": replica_s,
-                        "bytes": h.nbytes,
-                    }
-                ),
-                flush=True,
+            _emit(
+                event="committed",
+                step=h.step,
+                stall_s=h.stall_s,
+                wait_s=h.wait_s,
+                replica_s=[st.seconds for st in h.replicas.values()],
+                bytes=h.nbytes,
             )
-        print(json.dumps({"event": "step", "step": step, "loss": loss}), flush=True)
+        _emit(event="step", step=step, loss=loss)
         time.sleep(0.02)  # a real step takes longer; leaves room for the background writer
     mirror.close()
 
 
-def _state_equal(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return (
-            isinstance(b, torch.Tensor)
-            and a.dtype == b.dtype
-            and a.shape == b.shape
-            and torch.equal(a.view(torch.uint8) if a.dim() else a, b.view(torch.uint8) if b.dim() else b)
-        )
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b))
-    return a == b
+@dataclass
+class ChildReport:
+    """What the training child reported before it was killed."""
+
+    #: step -> :func:`state_digest` of the state it saved at that step
+    saved: dict[int, str] = field(default_factory=dict)
+    #: step -> that step's training loss
+    losses: dict[int, float] = field(default_factory=dict)
+    #: the child's exit status (-9 after the SIGKILL)
+    returncode: int | None = None
+    killed: bool = False
 
 
-def _restore_into_fresh(urls: list[str]) -> tuple[Any, torch.nn.Module, torch.optim.Optimizer, float]:
+def _commit_line(ev: dict[str, Any]) -> str:
+    per = ", ".join(f"{name} {sec * 1e3:.0f} ms" for name, sec in zip(("disk", "peer", "s3"), ev["replica_s"]))
+    waited = f" ({ev['wait_s'] * 1e3:.0f} ms of it waiting for the previous save)" if ev["wait_s"] > 1e-3 else ""
+    return (
+        f"  step {ev['step']:>4}: {ev['bytes'] / 1e6:.1f} MB, training stalled {ev['stall_s'] * 1e3:.1f} ms"
+        f"{waited}; committed on {per}"
+    )
+
+
+def _run_child(root: str, steps: int, save_every: int, kill_at: int) -> ChildReport:
+    """Start the training child, print its commits, SIGKILL it once it reports step ``kill_at``."""
+    report = ChildReport()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckptmirror.cli.demo", "--child", root, str(steps), str(save_every)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            ev = json.loads(line)
+            if ev["event"] == "committed":
+                print(_commit_line(ev))
+            elif ev["event"] == "saved":
+                report.saved[ev["step"]] = ev["sha256"]
+            elif ev["event"] == "step":
+                report.losses[ev["step"]] = ev["loss"]
+                if ev["step"] >= kill_at:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    report.killed = True
+                    break
+    finally:
+        if proc.poll() is None and not report.killed:  # we are leaving on an exception: no orphan
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    report.returncode = proc.returncode
+    return report
+
+
+def _restore_into_fresh(
+    urls: list[str], step: int | None = None
+) -> tuple[Any, torch.nn.Module, torch.optim.Optimizer, float]:
     import ckptmirror
 
     model, optim = build(seed=999)  # a "replacement node": different initial weights
     t0 = time.perf_counter()
     with ckptmirror.Mirror(urls) as mirror:
-        result = mirror.restore(model, optim)
+        result = mirror.restore(model, optim, step=step)
     return result, model, optim, time.perf_counter() - t0
 
 
+def _verdict(digests: dict[str, str | None], expected: str) -> tuple[bool, str]:
+    """(all equal, "yes" or "NO (...)") for the restored copies' digests against ``expected``."""
+    differ = [name for name, d in digests.items() if d != expected]
+    if not differ:
+        return True, "yes"
+    return False, f"NO (the {' and '.join(differ)} cop{'ies differ' if len(differ) > 1 else 'y differs'})"
+
+
+def _check(
+    result: Any,
+    model: torch.nn.Module,
+    optim: torch.optim.Optimizer,
+    s3: tuple[Any, torch.nn.Module, torch.optim.Optimizer],
+    report: ChildReport,
+) -> bool:
+    """Compare the restored copies with what the child saved and with an uninterrupted run; print why."""
+    n = result.step
+    s3_result, s3_model, s3_optim = s3
+    digests: dict[str, str | None] = {
+        "peer": state_digest(training_state(model, optim, result.extra)),
+        # None (never equal) when S3 alone brought back another step, or nothing.
+        "S3": state_digest(training_state(s3_model, s3_optim, s3_result.extra))
+        if s3_result is not None and s3_result.step == n
+        else None,
+    }
+    saved = report.saved.get(n)
+    if saved is None:  # the restore found a step this run never saved: stale replicas, or a bug
+        same_as_saved, text = False, "NO (the training process did not report saving it)"
+    else:
+        same_as_saved, text = _verdict(digests, saved)
+    print(f"identical to what the training process saved at step {n} (peer and S3 copies): {text}")
+
+    with training_threads():  # the child's settings, or the last bits of AdamW's moments differ
+        ref_model, ref_optim = build()
+        ref_loss = float("nan")
+        for step in range(1, n + 1):
+            ref_loss = train_step(ref_model, ref_optim, step)
+    same_as_ref, text = _verdict(digests, state_digest(training_state(ref_model, ref_optim, {"loss": ref_loss})))
+    print(f"bit-exact against an uninterrupted run to step {n} (peer and S3 copies): {text}")
+
+    nxt = n + 1
+    with training_threads():
+        got, ref = train_step(model, optim, nxt), train_step(ref_model, ref_optim, nxt)
+    killed = report.losses.get(nxt)  # absent when the kill came before the child reached it
+    same_loss = got == ref and (killed is None or got == killed)
+    print(
+        f"step {nxt} after restore: loss {got:.6f} ("
+        + (f"the killed process: {killed:.6f}, " if killed is not None else "")
+        + f"uninterrupted run: {ref:.6f}, {'identical' if same_loss else 'DIFFERENT'})"
+    )
+    return same_as_saved and same_as_ref and same_loss
+
+
+#: What the demo itself puts in its directory; a non-empty --dir holding anything else is refused.
+_DEMO_ENTRIES = {"node0-local", "node1-agent", "agent-token"}
+
+
+def _prepare_dir(directory: str | None) -> str:
+    if directory is None:
+        return tempfile.mkdtemp(prefix="ckptmirror-demo-")
+    if os.path.isdir(directory) and os.listdir(directory):
+        other = sorted(set(os.listdir(directory)) - _DEMO_ENTRIES)
+        if other:  # never delete what an earlier demo did not write (a mistyped --dir)
+            listed = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+            raise ValueError(f"--dir {directory} holds files the demo did not write ({listed}); give an empty one")
+        shutil.rmtree(directory)  # an earlier demo's replicas: start clean
+    os.makedirs(directory, exist_ok=True)
+    return directory
+
+
 def run_demo(directory: str | None, steps: int, save_every: int) -> int:
-    """Run the whole demo; returns the process exit status (0: restored bit-exact)."""
+    """Run the whole demo; returns the process exit status (0: restored bit-exact).
+
+    The exit status is 1 when no step was committed before the kill, or when the restored state
+    differs from what the training process saved, from an uninterrupted run, or continues to a
+    different loss.
+    """
     import ckptmirror
 
-    root = directory or tempfile.mkdtemp(prefix="ckptmirror-demo-")
-    if os.path.exists(root) and os.listdir(root):
-        shutil.rmtree(root)
-    os.makedirs(root, exist_ok=True)
     kill_at = max(save_every * 2 + 1, steps * 3 // 4)
+    if save_every < 1 or steps < kill_at:
+        raise ValueError(
+            f"--steps must be at least 2 * --save-every + 1 ({save_every * 2 + 1}): two saves, then the kill"
+        )
+    root = _prepare_dir(directory)
     try:
         with services(root):
             urls = replica_urls(root)
@@ -230,32 +435,11 @@ def run_demo(directory: str | None, steps: int, save_every: int) -> int:
             ):
                 print(f"  {u:<48} {what}")
             print(f"training in a child process; it saves every {save_every} steps and is SIGKILLed at step {kill_at}")
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "ckptmirror.cli.demo", "--child", root, str(steps), str(save_every)],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                ev = json.loads(line)
-                if ev["event"] == "committed":
-                    per = ", ".join(
-                        f"{name} {sec * 1e3:.0f} ms" for name, sec in zip(("disk", "peer", "s3"), ev["replica_s"])
-                    )
-                    print(
-                        f"  step {ev['step']:>4}: {ev['bytes'] / 1e6:.1f} MB, training stalled {ev['stall_s'] * 1e3:.1f} ms"
-                        + (
-                            f" ({ev['wait_s'] * 1e3:.0f} ms of it waiting for the previous save)"
-                            if ev["wait_s"] > 1e-3
-                            else ""
-                        )
-                        + f"; committed on {per}"
-                    )
-                elif ev["step"] >= kill_at:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    break
-            proc.wait()
-            print(f"child killed with SIGKILL at step {kill_at} (exit status {proc.returncode})")
+            report = _run_child(root, steps, save_every, kill_at)
+            if not report.killed:
+                print(f"the training process exited with status {report.returncode} before step {kill_at}")
+                return 1
+            print(f"child killed with SIGKILL at step {kill_at} (exit status {report.returncode})")
             shutil.rmtree(urls[0])
             print(f"node 0 lost: deleted its local replica {urls[0]}")
 
@@ -267,41 +451,18 @@ def run_demo(directory: str | None, steps: int, save_every: int) -> int:
                 return 1
             served = sorted(set(result.sources.values()))
             print(
-                f"restored step {result.step} from {served} in {peer_s * 1e3:.0f} ms (every checksum verified; opening and listing all three replicas included)"
+                f"restored step {result.step} from {served} in {peer_s * 1e3:.0f} ms "
+                "(every checksum verified; opening and listing all three replicas included)"
             )
-            # Like for like: one replica each, the same step, a fresh model each time.
-            _, _, _, peer_only_s = _restore_into_fresh([urls[1]])
-            s3_result, s3_model, s3_optim, s3_s = _restore_into_fresh([urls[2]])
+            # Like for like: one replica each, the same step (a save racing the kill may have committed
+            # a newer one on the faster replica only), a fresh model each time.
+            _, _, _, peer_only_s = _restore_into_fresh([urls[1]], result.step)
+            s3_result, s3_model, s3_optim, s3_s = _restore_into_fresh([urls[2]], result.step)
             print(
                 f"the same step from the peer alone: {peer_only_s * 1e3:.0f} ms; from S3 alone: {s3_s * 1e3:.0f} ms "
                 f"({s3_s / peer_only_s:.1f}x; both servers run on this machine's loopback here)"
             )
-
-            ref_model, ref_optim = build()
-            for step in range(1, result.step + 1):
-                train_step(ref_model, ref_optim, step)
-            same = (
-                all(
-                    _state_equal(ref.state_dict(), got.state_dict())
-                    for ref, got in (
-                        (ref_model, model),
-                        (ref_optim, optim),
-                        (ref_model, s3_model),
-                        (ref_optim, s3_optim),
-                    )
-                )
-                and s3_result is not None
-                and s3_result.step == result.step
-            )
-            print(
-                f"bit-exact against an uninterrupted run to step {result.step} (peer and S3 copies): {'yes' if same else 'NO'}"
-            )
-            nxt = result.step + 1
-            a, b = train_step(model, optim, nxt), train_step(ref_model, ref_optim, nxt)
-            print(
-                f"step {nxt} after restore: loss {a:.6f} (uninterrupted run: {b:.6f}, {'identical' if a == b else 'DIFFERENT'})"
-            )
-            return 0 if same and a == b else 1
+            return 0 if _check(result, model, optim, (s3_result, s3_model, s3_optim), report) else 1
     finally:
         if directory is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -179,7 +179,10 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
     tags, lines = _legend(res.replicas)
     mode = "quick: manifests, presence, sizes" if res.quick else "full: every byte read and checksummed"
     for s in res.steps:
-        head = f"step {s.step}: {s.world_size or '?'} rank(s), {s.objects if s.objects is not None else '?'} objects, {_size(s.bytes)}, saved {_when(s.created_unix)} ({_age(s.created_unix)} ago)"
+        head = (
+            f"step {s.step}: {s.world_size or '?'} rank(s), {s.objects if s.objects is not None else '?'} objects, "
+            f"{_size(s.bytes)}, saved {_when(s.created_unix)} ({_age(s.created_unix)} ago)"
+        )
         lines.append("")
         lines.append(head + ("" if s.recoverable else "  -- NOT RECOVERABLE from these replicas"))
         rows: list[list[Any]] = []
@@ -221,7 +224,10 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
             if res.unreachable:
                 msg += f"; {len(res.unreachable)} replica(s) unreachable"
         else:
-            msg = f"INCOMPLETE: {len(res.unreachable)} replica(s) unreachable; {n} step(s) verified on the others ({mode})"
+            msg = (
+                f"INCOMPLETE: {len(res.unreachable)} replica(s) unreachable; "
+                f"{n} step(s) verified on the others ({mode})"
+            )
         if problems and all(s.recoverable for s in res.steps) and len(res.replicas) > 1:
             msg += "; 'ckptmirror repair' can fix them from the good copies"
         lines.append(msg)
@@ -234,7 +240,10 @@ def _repair_lines(res: ops.RepairReport) -> list[str]:
     verb = "would " if res.dry_run else ""
     for a in res.actions:
         if a.action == "copy":
-            text = f"{verb}copy   {a.key} {tags.get(a.source or '', '?')} -> {tags[a.replica]}  ({_size(a.bytes)}; was {a.reason})"
+            text = (
+                f"{verb}copy   {a.key} {tags.get(a.source or '', '?')} -> {tags[a.replica]}  "
+                f"({_size(a.bytes)}; was {a.reason})"
+            )
         else:
             text = f"{verb}{a.action} {a.key} on {tags[a.replica]}  ({a.reason})"
         if a.error:
@@ -249,7 +258,8 @@ def _repair_lines(res: ops.RepairReport) -> list[str]:
         lines.append(f"nothing to repair: {len(res.steps)} step(s) verify on every replica")
     else:
         lines.append(
-            f"{'would copy' if res.dry_run else 'copied'} {copies} object(s), {'would commit' if res.dry_run else 'committed'} {commits} step copy(ies)"
+            f"{'would copy' if res.dry_run else 'copied'} {copies} object(s), "
+            f"{'would commit' if res.dry_run else 'committed'} {commits} step copy(ies)"
             + (f"; {len(res.unrecoverable)} problem(s) cannot be repaired" if res.unrecoverable else "")
         )
     return lines
@@ -280,7 +290,8 @@ def _prune_lines(res: ops.PruneReport) -> list[str]:
             rows.append(
                 (
                     "left torn saves",
-                    f"{_steps_text(p.skipped_torn)} (newer than the newest commit, maybe a save in progress; --all-torn removes them)",
+                    f"{_steps_text(p.skipped_torn)} (newer than the newest commit, maybe a save in progress; "
+                    "--all-torn removes them)",
                 )
             )
         rows += [("FAILED", e) for e in p.errors]
@@ -353,7 +364,8 @@ def _export_lines(res: ops.ExportReport) -> list[str]:
     """What ``ckptmirror export`` prints without ``--json``."""
     where = "metadata" if res.format == "safetensors" else "the dict"
     lines = [
-        f"wrote {res.path} ({res.format}): step {res.step}, rank {res.rank}, {res.tensors} tensor(s), {_size(res.tensor_bytes)}, {len(res.values)} plain value(s) in {where}"
+        f"wrote {res.path} ({res.format}): step {res.step}, rank {res.rank}, {res.tensors} tensor(s), "
+        f"{_size(res.tensor_bytes)}, {len(res.values)} plain value(s) in {where}"
     ]
     if res.cloned:
         lines.append(

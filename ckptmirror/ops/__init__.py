@@ -6,13 +6,14 @@ for JSON). Replicas are given as URLs (or :class:`~ckptmirror.replicas.Replica` 
 opened with :func:`~ckptmirror.replicas.open_replica`, so every backend works here.
 
 Verification is the reader's verification, not a second implementation: commit records are
-read with :meth:`~ckptmirror.restore.fetch.Fetcher.read_commit`, rank manifests with :meth:`~ckptmirror.restore.fetch.Fetcher.read_manifest`
-(size and checksum pinned by the commit) and checked with
-:func:`~ckptmirror.restore.check.validate_manifest`, presence and sizes with
-:meth:`~ckptmirror.restore.fetch.Fetcher.preflight` and object contents with :meth:`~ckptmirror.restore.fetch.Fetcher.fetch` (size + xxh3),
-restricted to one replica at a time so that every replica is judged on its own. Object reads
-run on a small thread pool; each thread reuses one buffer as large as the largest object it
-has read, so memory stays at ``threads x object size`` whatever the size of the checkpoint.
+read with :meth:`~ckptmirror.restore.fetch.Fetcher.read_commit`, rank manifests with
+:meth:`~ckptmirror.restore.fetch.Fetcher.read_manifest` (size and checksum pinned by the commit)
+and checked with :func:`~ckptmirror.restore.check.validate_manifest`, presence and sizes with
+:meth:`~ckptmirror.restore.fetch.Fetcher.preflight` and object contents with
+:meth:`~ckptmirror.restore.fetch.Fetcher.fetch` (size + xxh3), restricted to one replica at a
+time so that every replica is judged on its own. Object reads run on a small thread pool; each
+thread reuses one buffer as large as the largest object it has read, so memory stays at
+``threads x object size`` whatever the size of the checkpoint.
 
 Nothing here unpickles or ``torch.load``s checkpoint data. :func:`export` writes files for other
 tools (``safetensors`` or ``torch.save``); writing is not loading.

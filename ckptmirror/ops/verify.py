@@ -193,7 +193,8 @@ def verify(
                             r.url,
                             commit_key(s),
                             "lagging",
-                            f"step {s} is committed on {others} but {'only partly written' if is_torn else 'absent'} here",
+                            f"step {s} is committed on {others} but "
+                            f"{'only partly written' if is_torn else 'absent'} here",
                         )
                         absent.append(ReplicaCheck(s, r.url, status, (), (p,)))
                 per_step.append((s, plans, absent))

@@ -30,9 +30,9 @@ def intersect(a: Box, b: Box) -> Box | None:
     """The overlap of two boxes, or None."""
     lo = tuple(max(x, y) for x, y in zip(a[0], b[0]))
     hi = tuple(min(x + dx, y + dy) for x, dx, y, dy in zip(a[0], a[1], b[0], b[1]))
-    if any(h <= l for l, h in zip(lo, hi)) and len(lo):
+    if any(end <= start for start, end in zip(lo, hi)) and len(lo):
         return None
-    return lo, tuple(h - l for l, h in zip(lo, hi))
+    return lo, tuple(end - start for start, end in zip(lo, hi))
 
 
 def _slices(box: Box, origin: tuple[int, ...]) -> tuple[slice, ...]:
@@ -85,7 +85,8 @@ def plan_pieces(wants: Sequence[Want], stored: Sequence[StoredShard]) -> list[Pi
             leaf, gshape, box = entry
             if gshape != w.gshape:
                 problems.append(
-                    f"{key_path('state', w.path)}: global shape {list(gshape)} in the checkpoint, {list(w.gshape)} in the target"
+                    f"{key_path('state', w.path)}: global shape {list(gshape)} in the checkpoint, "
+                    f"{list(w.gshape)} in the target"
                 )
                 break
             if box in seen:  # the same shard held by several ranks (replicated mesh dimension)

@@ -71,5 +71,6 @@ def check_fits(model: Stateful | None, optim: Stateful | None, targets: dict[str
         for i, (sg, tg) in enumerate(zip(s_groups, t_groups)):
             if isinstance(sg, dict) and isinstance(tg, dict) and len(sg.get("params", ())) != len(tg.get("params", ())):
                 raise StateMismatchError(
-                    f"optimizer param group {i} has {len(tg.get('params', ()))} parameter(s), the checkpoint {len(sg.get('params', ()))}"
+                    f"optimizer param group {i} has {len(tg.get('params', ()))} parameter(s), "
+                    f"the checkpoint {len(sg.get('params', ()))}"
                 )

@@ -232,97 +232,141 @@ def unflatten(
     Everything is validated: a structure that is not of the closed encoding above raises
     :class:`ManifestError` naming ``where`` (the manifest) and the key path inside it.
     """
+    try:
+        return _Decoder(leaf, where, dtensors).decode(structure, ())
+    except RecursionError as exc:
+        raise ManifestError("structure nested too deeply", key=where) from exc
 
-    def bad(msg: str, path: tuple[Any, ...]) -> ManifestError:
-        return ManifestError(f"{msg} at {key_path('state', path)}", key=where)
 
-    def dec(node: JSON, path: tuple[Any, ...]) -> Any:
+class _Decoder:
+    """One :func:`unflatten` call: :meth:`decode` checks a node and hands it to its type's method."""
+
+    def __init__(
+        self,
+        leaf: Callable[[str, int, tuple[Any, ...]], Any],
+        where: str,
+        dtensors: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] | None,
+    ) -> None:
+        self.leaf = leaf
+        self.where = where
+        self.dtensors = dtensors
+
+    def bad(self, msg: str, path: tuple[Any, ...]) -> ManifestError:
+        return ManifestError(f"{msg} at {key_path('state', path)}", key=self.where)
+
+    def decode(self, node: JSON, path: tuple[Any, ...]) -> Any:
         if len(path) > MAX_DEPTH:
-            raise bad(f"structure nested deeper than {MAX_DEPTH}", path)
+            raise self.bad(f"structure nested deeper than {MAX_DEPTH}", path)
         if node is None or isinstance(node, (bool, str, int, float)):
             return node
         if not isinstance(node, dict):
-            raise bad(f"unexpected JSON {type(node).__name__}", path)
+            raise self.bad(f"unexpected JSON {type(node).__name__}", path)
         t = node.get("t")
+        if not isinstance(t, str) or t not in _NODE_DECODERS:  # isinstance first: a list "t" is unhashable
+            raise self.bad(f"unknown node type {t!r}", path)
         try:
-            if t == "dict":
-                out: dict[Any, Any] = {}
-                items = node["items"]
-                if not isinstance(items, list):
-                    raise bad("dict items must be a list", path)
-                for pair in items:
-                    if not (isinstance(pair, list) and len(pair) == 2):
-                        raise bad("dict item must be a [key, value] pair", path)
-                    k = dec(pair[0], path)
-                    if not (k is None or isinstance(k, (str, int, float, bool))):
-                        raise bad("dict key of unsupported type", path)
-                    if k in out:
-                        raise bad(f"duplicate dict key {k!r}", path)
-                    out[k] = dec(pair[1], path + (k,))
-                return out
-            if t in ("list", "tuple"):
-                v = node["v"]
-                if not isinstance(v, list):
-                    raise bad(f"{t} payload must be a list", path)
-                seq = [dec(x, path + (i,)) for i, x in enumerate(v)]
-                return seq if t == "list" else tuple(seq)
-            if t == "float":
-                v = node["v"]
-                if v not in ("nan", "-nan", "inf", "-inf"):
-                    raise bad(f"bad float {v!r}", path)
-                return float(v)
-            if t == "int":
-                v = node["v"]
-                if not isinstance(v, str) or len(v) > (1 << 20):
-                    raise bad("bad big int", path)
-                return int(v, 16)
-            if t == "size":
-                v = node["v"]
-                if not (isinstance(v, list) and all(type(d) is int and d >= 0 for d in v)):
-                    raise bad("torch.Size must be a list of non-negative ints", path)
-                return torch.Size(v)
-            if t == "dtype":
-                return dtype_from_name(node["v"], where)
-            if t == "device":
-                v = node["v"]
-                if not isinstance(v, str) or len(v) > 64:
-                    raise bad("bad device", path)
-                return torch.device(v)
-            if t == "bytes":
-                return base64.b64decode(node["v"], validate=True)
-            if t in ("tensor", "ndarray", "dtensor"):
-                i = node["i"]
-                if type(i) is not int:
-                    raise bad("leaf index must be an int", path)
-                if t == "dtensor":
-                    gshape, goffset = node["gshape"], node["goffset"]
-                    if not (
-                        isinstance(gshape, list)
-                        and isinstance(goffset, list)
-                        and len(gshape) == len(goffset) <= 64
-                        and all(type(d) is int and 0 <= d < (1 << 50) for d in gshape + goffset)
-                    ):
-                        raise bad("dtensor needs gshape and goffset: equal-length lists of non-negative ints", path)
-                    if dtensors is not None:
-                        dtensors[i] = (tuple(gshape), tuple(goffset))
-                return leaf(t, i, path)
-            if t == "npscalar":
-                import numpy as np
-
-                dt = np.dtype(node["dtype"])
-                if dt.hasobject:
-                    raise bad("object numpy scalar", path)
-                raw = base64.b64decode(node["v"], validate=True)
-                if len(raw) != dt.itemsize:
-                    raise bad("numpy scalar size mismatch", path)
-                return np.frombuffer(raw, dtype=dt)[0]
+            return _NODE_DECODERS[t](self, node, path, t)
         except ManifestError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise bad(f"malformed {t!r} node ({type(exc).__name__}: {exc})", path) from exc
-        raise bad(f"unknown node type {t!r}", path)
+            # A node of a known type with missing or ill-typed fields: one error naming the node.
+            raise self.bad(f"malformed {t!r} node ({type(exc).__name__}: {exc})", path) from exc
 
-    try:
-        return dec(structure, ())
-    except RecursionError as exc:
-        raise ManifestError("structure nested too deeply", key=where) from exc
+    def dict_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        items = node["items"]
+        if not isinstance(items, list):
+            raise self.bad("dict items must be a list", path)
+        for pair in items:
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise self.bad("dict item must be a [key, value] pair", path)
+            k = self.decode(pair[0], path)
+            if not (k is None or isinstance(k, (str, int, float, bool))):
+                raise self.bad("dict key of unsupported type", path)
+            if k in out:
+                raise self.bad(f"duplicate dict key {k!r}", path)
+            out[k] = self.decode(pair[1], path + (k,))
+        return out
+
+    def seq_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> list[Any] | tuple[Any, ...]:
+        v = node["v"]
+        if not isinstance(v, list):
+            raise self.bad(f"{t} payload must be a list", path)
+        seq = [self.decode(x, path + (i,)) for i, x in enumerate(v)]
+        return seq if t == "list" else tuple(seq)
+
+    def float_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> float:
+        v = node["v"]
+        if v not in ("nan", "-nan", "inf", "-inf"):
+            raise self.bad(f"bad float {v!r}", path)
+        return float(v)
+
+    def int_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> int:
+        v = node["v"]
+        if not isinstance(v, str) or len(v) > (1 << 20):
+            raise self.bad("bad big int", path)
+        return int(v, 16)
+
+    def size_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> torch.Size:
+        v = node["v"]
+        if not (isinstance(v, list) and all(type(d) is int and d >= 0 for d in v)):
+            raise self.bad("torch.Size must be a list of non-negative ints", path)
+        return torch.Size(v)
+
+    def dtype_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> torch.dtype:
+        return dtype_from_name(node["v"], self.where)
+
+    def device_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> torch.device:
+        v = node["v"]
+        if not isinstance(v, str) or len(v) > 64:
+            raise self.bad("bad device", path)
+        return torch.device(v)
+
+    def bytes_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> bytes:
+        return base64.b64decode(node["v"], validate=True)
+
+    def leaf_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> Any:
+        i = node["i"]
+        if type(i) is not int:
+            raise self.bad("leaf index must be an int", path)
+        if t == "dtensor":
+            gshape, goffset = node["gshape"], node["goffset"]
+            if not (
+                isinstance(gshape, list)
+                and isinstance(goffset, list)
+                and len(gshape) == len(goffset) <= 64
+                and all(type(d) is int and 0 <= d < (1 << 50) for d in gshape + goffset)
+            ):
+                raise self.bad("dtensor needs gshape and goffset: equal-length lists of non-negative ints", path)
+            if self.dtensors is not None:
+                self.dtensors[i] = (tuple(gshape), tuple(goffset))
+        return self.leaf(t, i, path)
+
+    def npscalar_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> Any:
+        import numpy as np
+
+        dt = np.dtype(node["dtype"])
+        if dt.hasobject:
+            raise self.bad("object numpy scalar", path)
+        raw = base64.b64decode(node["v"], validate=True)
+        if len(raw) != dt.itemsize:
+            raise self.bad("numpy scalar size mismatch", path)
+        return np.frombuffer(raw, dtype=dt)[0]
+
+
+#: Node type (``"t"``) -> the :class:`_Decoder` method that decodes it; any other type is refused.
+_NODE_DECODERS: dict[str, Callable[[_Decoder, dict[str, Any], tuple[Any, ...], str], Any]] = {
+    "dict": _Decoder.dict_node,
+    "list": _Decoder.seq_node,
+    "tuple": _Decoder.seq_node,
+    "float": _Decoder.float_node,
+    "int": _Decoder.int_node,
+    "size": _Decoder.size_node,
+    "dtype": _Decoder.dtype_node,
+    "device": _Decoder.device_node,
+    "bytes": _Decoder.bytes_node,
+    "tensor": _Decoder.leaf_node,
+    "ndarray": _Decoder.leaf_node,
+    "dtensor": _Decoder.leaf_node,
+    "npscalar": _Decoder.npscalar_node,
+}

@@ -1,0 +1,198 @@
+"""``ckptmirror demo``, the README's first command, and ``python -m ckptmirror``.
+
+The demo is run as the README runs it (the installed console script, no arguments) and must end
+with exit status 0 and its bit-exactness lines saying ``yes``. A second run, in this process,
+damages one bit of the restored optimizer state and must say ``NO`` and return 1: the check is
+not a formality. Both runs take about as long as the demo does (10-20 s each).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ckptmirror
+from ckptmirror.cli import demo
+
+_SCRIPT = os.path.join(os.path.dirname(sys.executable), "ckptmirror")
+#: The README's command: the console script installed next to this Python, else the module.
+CLI = [_SCRIPT] if os.path.exists(_SCRIPT) else [sys.executable, "-m", "ckptmirror"]
+DEMO_TIMEOUT_S = 300
+
+needs_moto = pytest.mark.skipif(
+    not os.environ.get("AWS_ENDPOINT_URL") and importlib.util.find_spec("moto") is None,
+    reason="the demo starts a moto S3 server: pip install -e '.[demo]'",
+)
+
+
+def run_cli(args: Sequence[str], timeout_s: float, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run a command in its own session; (exit status, stdout + stderr). On a timeout the whole
+    session is killed (the demo's peer agent, S3 server and training child too), then the test fails."""
+    proc = subprocess.Popen(
+        list(args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(args)} did not finish within {timeout_s} s; output so far:\n{out}")
+    return proc.returncode, out
+
+
+# --------------------------------------------------------------------------- the README's command
+
+
+@needs_moto
+def test_demo_as_in_the_readme_restores_bit_exact(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert re.search(r"&& ckptmirror demo\n", readme), "the README's first command is no longer 'ckptmirror demo'"
+    # TMPDIR only decides where the demo's temporary replicas go (it deletes them itself).
+    rc, out = run_cli([*CLI, "demo"], DEMO_TIMEOUT_S, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert rc == 0, out
+    m = re.search(r"^bit-exact against an uninterrupted run to step (\d+) \(peer and S3 copies\): yes$", out, re.M)
+    assert m, out
+    step = int(m[1])
+    assert step > 0 and step % 5 == 0, out  # a step the child saved (it saves every 5)
+    assert f"identical to what the training process saved at step {step} (peer and S3 copies): yes\n" in out, out
+    assert re.search(rf"^step {step + 1} after restore: loss [\d.]+ \(.*identical\)$", out, re.M), out
+    assert "child killed with SIGKILL" in out and not re.search(r": NO\b|DIFFERENT", out), out
+    left = [n for n in os.listdir(tmp_path) if n.startswith("ckptmirror-demo-")]  # torch may cache things here
+    assert not left, f"the demo left its temporary directory behind: {left}"
+
+
+@needs_moto
+def test_demo_says_no_and_fails_when_the_restore_is_wrong(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One flipped low bit in one AdamW moment of the peer restore: exactly the size of difference
+    a mismatched thread count makes, so a check loose enough to pass that would pass this too."""
+    restore = demo._restore_into_fresh
+    calls: list[list[str]] = []
+
+    def restore_then_damage(
+        urls: list[str], step: int | None = None
+    ) -> tuple[Any, torch.nn.Module, torch.optim.Optimizer, float]:
+        result, model, optim, seconds = restore(urls, step)
+        if not calls:  # the first restore is the one the demo reports as the peer copy
+            moment = next(iter(optim.state.values()))["exp_avg_sq"]
+            moment.view(-1).view(torch.int32)[0] ^= 1
+        calls.append(urls)
+        return result, model, optim, seconds
+
+    monkeypatch.setattr(demo, "_restore_into_fresh", restore_then_damage)
+    env_before = {k: os.environ.get(k) for k in demo._DEMO_ENV}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # not the child's 1: the demo must compute its reference with 1 anyway
+    try:
+        rc = demo.run_demo(str(tmp_path / "demo"), steps=40, save_every=5)
+        assert torch.get_num_threads() == 2, "the demo did not put the caller's thread count back"
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert len(calls) == 3, out  # all replicas, the peer alone, S3 alone
+    assert re.search(
+        r"^identical to what the training process saved at step \d+ .*: NO \(the peer copy differs\)$", out, re.M
+    ), out
+    assert re.search(
+        r"^bit-exact against an uninterrupted run to step \d+ .*: NO \(the peer copy differs\)$", out, re.M
+    ), out
+    # The services' environment (peer token, moto endpoint) does not outlive the demo.
+    assert {k: os.environ.get(k) for k in demo._DEMO_ENV} == env_before
+
+
+def test_demo_refuses_a_directory_it_did_not_write(tmp_path: Path) -> None:
+    keep = tmp_path / "precious.txt"
+    keep.write_text("not the demo's")
+    with pytest.raises(ValueError, match="did not write"):
+        demo.run_demo(str(tmp_path), steps=40, save_every=5)
+    assert keep.read_text() == "not the demo's"
+
+
+def test_demo_refuses_too_few_steps_to_reach_the_kill(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least"):
+        demo.run_demo(str(tmp_path / "d"), steps=10, save_every=5)  # the kill point would be step 11
+    assert not (tmp_path / "d").exists()
+
+
+# --------------------------------------------------------------------------- the demo's comparison
+
+
+def _trained(steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    with demo.training_threads():
+        model, optim = demo.build()
+        for step in range(1, steps + 1):
+            demo.train_step(model, optim, step)
+    return model, optim
+
+
+def test_state_digest_sees_one_bit_and_the_structure() -> None:
+    model, optim = _trained(2)
+    base = demo.state_digest(demo.training_state(model, optim, {"loss": 1.5}))
+    assert base == demo.state_digest(demo.training_state(model, optim, {"loss": 1.5}))
+    assert base != demo.state_digest(demo.training_state(model, optim, {"loss": 1.5000000000000002}))
+    moment = next(iter(optim.state.values()))["exp_avg"]
+    moment.view(-1).view(torch.int32)[-1] ^= 1
+    assert base != demo.state_digest(demo.training_state(model, optim, {"loss": 1.5}))
+
+    d = demo.state_digest
+    assert d({"a": 1, "b": 2}) == d({"b": 2, "a": 1})  # loaded by key: order is not state
+    assert d((1, 2)) != d([1, 2])
+    assert d(1) != d(1.0) != d(True)
+    assert d(torch.tensor(0.0)) != d(torch.tensor(-0.0))
+    assert d(torch.zeros(2, dtype=torch.bfloat16)) != d(torch.zeros(2, dtype=torch.float16))
+    assert d(torch.zeros(2, 3)) != d(torch.zeros(3, 2))
+    assert d(torch.arange(6.0).reshape(2, 3).t()) == d(torch.arange(6.0).reshape(2, 3).t().contiguous())
+
+
+def test_training_threads_sets_one_thread_and_puts_the_count_back() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError), demo.training_threads():
+            assert torch.get_num_threads() == demo.TRAIN_THREADS == 1
+            raise RuntimeError
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- python -m ckptmirror
+
+
+@pytest.fixture(scope="module")
+def console_script() -> str:
+    if not os.path.exists(_SCRIPT):
+        pytest.skip(f"no console script at {_SCRIPT} (pip install -e . installs it)")
+    return _SCRIPT
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["demo", "--help"], ["no-such-command"]])
+def test_python_m_ckptmirror_is_the_console_script(console_script: str, args: list[str]) -> None:
+    env = {**os.environ, "COLUMNS": "100"}  # argparse wraps help to the terminal width
+    script = run_cli([console_script, *args], 60, env)
+    module = run_cli([sys.executable, "-m", "ckptmirror", *args], 60, env)
+    assert module == script
+    rc, out = module
+    if args == ["--version"]:
+        assert (rc, out) == (0, f"ckptmirror {ckptmirror.__version__}\n")
+    elif args == ["no-such-command"]:
+        assert rc == 2 and out.startswith("ckptmirror: error:"), out
+    else:
+        assert rc == 0 and out.startswith("usage: ckptmirror"), out
