@@ -8,12 +8,17 @@ them (:mod:`ckptmirror.ops`) is imported only when one of them runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .._version import __version__
+from ..replicas._peer_protocol import DEFAULT_PORT, TOKEN_ENV, read_token_file
 from .commands import OPS_COMMANDS, add_ops_commands, run_ops
+
+#: The agent's log levels (``serve --log-level``); the agent maps them to logging levels.
+SERVE_LOG_LEVELS = ("debug", "info", "warning", "error")
 
 __all__ = ["OPS_COMMANDS", "build_parser", "main"]
 
@@ -45,22 +50,43 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", default=None, help="where to keep the replicas (default: a temporary directory)")
     demo.add_argument("--steps", type=int, default=40, help="training steps before the simulated crash")
     demo.add_argument("--save-every", type=int, default=5, help="save every N steps")
+    _add_serve(sub)
+    add_ops_commands(sub)
+    return parser
+
+
+def _add_serve(sub: argparse._SubParsersAction[Any]) -> None:
+    """The ``serve`` subcommand: the peer agent."""
     serve = sub.add_parser(
         "serve",
         help="run the peer agent that stores replicas for other nodes",
-        description="Run the peer agent. Writers reach it as peer://HOST:PORT/NAMESPACE. It verifies "
-        "every object's size and checksum while receiving, writes with fsync+rename, and accepts a "
-        "commit only when everything the commit names is present and verified.",
+        # Raw formatting (for the examples): the paragraphs are wrapped by hand.
+        description="Run the peer agent. Writers reach it as peer://HOST:PORT/NAMESPACE. It verifies\n"
+        "every object's size and checksum while receiving, writes with fsync+rename, and accepts a\n"
+        "commit only when everything the commit names is present and verified.\n\n"
+        f"token: --token-file FILE, else the environment variable {TOKEN_ENV};\n"
+        "--token-file wins when both are set. Clients present the same token (PeerReplica token=,\n"
+        f"token_file= or {TOKEN_ENV}). Without a token the agent only listens on loopback.\n\n"
+        "log: JSON lines on stderr (info by default; -v adds one line per request). Once listening,\n"
+        'it prints one line on stdout: {"listening": "HOST:PORT"}.\n\n'
+        "exit status: 0 after SIGTERM/SIGINT, 2 for a usage error (one line on stderr), 1 otherwise.",
         epilog="examples:\n  ckptmirror serve --root /var/lib/ckptmirror\n"
-        "  ckptmirror serve --root /dev/shm/ckpt --host 0.0.0.0 --token-file /etc/ckptmirror/token  # RAM tier\n",
+        "  ckptmirror serve --root /dev/shm/ckpt --host 0.0.0.0 --token-file /etc/ckptmirror/token  # RAM tier\n"
+        f"  {TOKEN_ENV}=... ckptmirror serve --root /var/lib/ckptmirror --host 0.0.0.0 --port 7070\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--root", required=True, help="directory that holds the replicas (a tmpfs gives a RAM tier)")
     serve.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need --token-file)"
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need a token)"
     )
-    serve.add_argument("--port", type=int, default=7070, help="port (0 picks a free one; default 7070)")
-    serve.add_argument("--token-file", help="file holding the shared secret clients must present")
+    serve.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port (0 picks a free one; default {DEFAULT_PORT})"
+    )
+    serve.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help=f"file holding the shared secret clients must present (wins over {TOKEN_ENV})",
+    )
     serve.add_argument("--tls-cert", help="TLS certificate (PEM)")
     serve.add_argument("--tls-key", help="TLS private key (PEM)")
     serve.add_argument(
@@ -82,8 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-fsync", action="store_true", help="skip fsync (only for a tmpfs root, where it is a no-op anyway)"
     )
-    add_ops_commands(sub)
-    return parser
+    log_opts = serve.add_mutually_exclusive_group()
+    log_opts.add_argument("-v", "--verbose", action="store_true", help="log at debug level: one line per request")
+    log_opts.add_argument(
+        "--log-level", choices=SERVE_LOG_LEVELS, default=None, help="level of the agent's log (default info)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,33 +130,65 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_demo(args.dir, args.steps, args.save_every)
         if args.command == "serve":
-            from ..replicas.peer_agent import serve as run_agent
-
-            token = None
-            if args.token_file:
-                with open(args.token_file, encoding="utf-8") as f:
-                    token = f.read().strip()
-                if not token:
-                    raise ValueError(f"token file {args.token_file} is empty")
-            run_agent(
-                args.root,
-                args.host,
-                args.port,
-                token=token,
-                tls_cert=args.tls_cert,
-                tls_key=args.tls_key,
-                max_object_bytes=args.max_object_bytes,
-                reserve_free_bytes=args.reserve_free_bytes,
-                max_uploads=args.max_uploads,
-                idle_timeout_s=args.idle_timeout_s,
-                fsync=not args.no_fsync,
-            )
-            return 0
+            return _serve(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # one clear line, no traceback, non-zero status
         print(f"ckptmirror {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+class _ServeUsageError(Exception):
+    """A ``serve`` option that cannot work: one line on stderr, exit status 2."""
+
+
+def _serve_token(token_file: str | None) -> str | None:
+    """The agent's token: ``--token-file`` wins, else the environment variable, else None."""
+    if token_file:
+        try:
+            token = read_token_file(token_file)
+        except FileNotFoundError:
+            raise _ServeUsageError(f"--token-file {token_file}: no such file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise _ServeUsageError(f"--token-file {token_file}: cannot read it: {why}") from None
+        if not token:
+            raise _ServeUsageError(f"--token-file {token_file} is empty: write the shared token into it")
+        return token
+    env = os.environ.get(TOKEN_ENV)
+    if env is None:
+        return None
+    if not env.strip():
+        # An empty variable is most likely a mistake; serving without a token would hide it.
+        raise _ServeUsageError(f"{TOKEN_ENV} is set but empty: set it to the shared token, or unset it")
+    return env.strip()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Run ``ckptmirror serve``; usage errors are one line on stderr and exit status 2."""
+    from ..replicas.peer_agent import AgentConfigError
+    from ..replicas.peer_agent import serve as run_agent
+
+    level = "debug" if args.verbose else (args.log_level or "info")
+    try:
+        run_agent(
+            args.root,
+            args.host,
+            args.port,
+            token=_serve_token(args.token_file),
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            log_level=level,
+            max_object_bytes=args.max_object_bytes,
+            reserve_free_bytes=args.reserve_free_bytes,
+            max_uploads=args.max_uploads,
+            idle_timeout_s=args.idle_timeout_s,
+            fsync=not args.no_fsync,
+        )
+    except (_ServeUsageError, AgentConfigError) as exc:
+        print(f"ckptmirror serve: error: {exc} (see 'ckptmirror serve --help')", file=sys.stderr)
+        return 2
     return 0
 
 

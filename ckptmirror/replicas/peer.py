@@ -6,8 +6,14 @@ buffer (no copy) and read straight into the caller's buffer (``readinto``). Ever
 socket timeout (``timeout_s``): a stalled or reset connection fails the call, and the mirror
 marks the peer degraded until its health endpoint answers again.
 
-Token: ``token=`` option, else ``CKPTMIRROR_PEER_TOKEN``, else ``token_file=``. TLS: use
-``peers://`` (or ``tls=True``) with ``cafile=`` for a private CA.
+Token: the ``token=`` option, else the file named by ``token_file=``, else the environment
+variable ``CKPTMIRROR_PEER_TOKEN``; it must equal the agent's (``--token-file`` or the same
+variable). A missing or wrong token raises :class:`~ckptmirror.errors.ReplicaPermissionError`
+(a configuration error: ``Mirror()`` raises it at once); an agent that is not running raises
+:class:`~ckptmirror.errors.ReplicaUnavailableError` (an outage: the peer is degraded until it
+answers). TLS: use ``peers://`` (or ``tls=True``) with ``cafile=`` for a private CA.
+
+The wire rules (paths, headers, statuses) are in :mod:`ckptmirror.replicas._peer_protocol`.
 """
 
 from __future__ import annotations
@@ -19,17 +25,23 @@ import socket
 import ssl
 import threading
 from typing import Any
-from urllib.parse import quote, urlparse
+from urllib.parse import urlparse
 
 from ..checksum import checksum
-from ..errors import CorruptObjectError, ObjectMissingError, ReplicaError, ReplicaUnavailableError, StepExistsError
-from .base import Buffer, Replica, step_of_key, validate_key
+from ..errors import CorruptObjectError, ReplicaConfigError, ReplicaError, ReplicaUnavailableError
+from . import _peer_protocol as wire
+from ._peer_protocol import LOOPBACK_HOSTS, TOKEN_ENV
+from .base import Buffer, Replica, validate_key
 
-TOKEN_ENV = "CKPTMIRROR_PEER_TOKEN"
+__all__ = ["TOKEN_ENV", "PeerReplica"]
 
 
 class PeerReplica(Replica):
-    """Client of a peer agent."""
+    """Client of a peer agent (``peer://host:port/namespace``, ``peers://`` for TLS).
+
+    ``token``, ``token_file``: the shared secret (see the module docstring for the order);
+    ``timeout_s``: the socket timeout of every call; ``tls``, ``cafile``: TLS and its CA bundle.
+    """
 
     read_priority = 20
     heartbeat = True
@@ -49,18 +61,55 @@ class PeerReplica(Replica):
         if parsed.scheme not in ("peer", "peers") or not parsed.hostname:
             raise ValueError(f"peer URL must look like peer://host:port/namespace, got {url!r}")
         self.host = parsed.hostname
-        self.port = parsed.port or 7070
+        self.port = parsed.port or wire.DEFAULT_PORT
         self.namespace = parsed.path.strip("/") or "default"
         validate_key(self.namespace, url)
         self.depth = len(self.namespace.split("/"))
-        if token is None and token_file:
-            with open(token_file, encoding="utf-8") as f:
-                token = f.read().strip()
-        self.token = token if token is not None else os.environ.get(TOKEN_ENV)
+        self.token, self.token_source = self._resolve_token(token, token_file)
         self.timeout_s = timeout_s
         self.tls = (parsed.scheme == "peers") if tls is None else tls
         self.ssl_ctx = ssl.create_default_context(cafile=cafile) if self.tls else None
         self._local = threading.local()
+
+    def _resolve_token(self, token: str | None, token_file: str | None) -> tuple[str | None, str | None]:
+        """(token, where it came from, for error messages); (None, None) when none was given."""
+        if token is not None:
+            return token, "the token given as token="
+        if token_file:
+            try:
+                return wire.read_token_file(token_file), f"the token read from token_file={token_file!r}"
+            except (OSError, UnicodeDecodeError) as exc:
+                # Raised at construction, by Mirror(): a typo in the path is not an outage.
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise ReplicaConfigError(
+                    f"cannot read token_file={token_file!r}: {why}; it must hold the agent's token "
+                    f"(the same as its --token-file or {TOKEN_ENV})",
+                    replica=self.url,
+                ) from exc
+        env = os.environ.get(TOKEN_ENV)
+        if env is not None:
+            return env, f"the token from the environment variable {TOKEN_ENV}"
+        return None, None
+
+    def _denied(self, status: int, text: str) -> str:
+        """The message of an authentication rejection: which token was used, and the fix."""
+        if self.token_source is None:
+            what = f"the agent requires a token and none was given (not as token=, in {TOKEN_ENV}, nor in token_file=)"
+        elif not self.token:
+            what = f"the agent requires a token and {self.token_source} is empty"
+        else:
+            what = f"the agent refused {self.token_source}"
+        return (
+            f"{what} (HTTP {status}: {text or 'no body'}); pass the agent's token as token=, in {TOKEN_ENV} "
+            f"or as token_file= (e.g. storage_options={{'peer': {{'token_file': PATH}}}}): it must match "
+            f"the agent's --token-file or {TOKEN_ENV}"
+        )
+
+    def _serve_hint(self) -> str:
+        """The command that would start the missing agent on this host:port."""
+        host = "" if self.host in LOOPBACK_HOSTS else " --host 0.0.0.0"
+        tls = " --tls-cert CERT --tls-key KEY" if self.tls else ""
+        return f"ckptmirror serve --root DIR{host} --port {self.port} --token-file FILE{tls}"
 
     # -- transport -----------------------------------------------------------------------
     def _conn(self) -> http.client.HTTPConnection:
@@ -88,9 +137,9 @@ class PeerReplica(Replica):
         headers: dict[str, str] | None = None,
         idempotent: bool = True,
     ) -> http.client.HTTPResponse:
-        hdrs = {"X-Ckptmirror-Namespace-Depth": str(self.depth)}
+        hdrs = {wire.DEPTH_HEADER: str(self.depth)}
         if self.token:
-            hdrs["Authorization"] = f"Bearer {self.token}"
+            hdrs[wire.AUTHORIZATION] = wire.bearer(self.token)
         hdrs.update(headers or {})
         if body is not None:
             hdrs["Content-Length"] = str(len(memoryview(body).cast("B")))
@@ -99,9 +148,21 @@ class PeerReplica(Replica):
             try:
                 conn.request(method, path, body=memoryview(body).cast("B") if body is not None else None, headers=hdrs)
                 return conn.getresponse()
-            except (ConnectionRefusedError, socket.gaierror) as exc:
+            except ConnectionRefusedError as exc:
+                # Nothing listens there: an outage (the peer is degraded and probed), but most
+                # often in the first hour an agent nobody started. Say how to start it.
                 self._drop()
-                raise ReplicaUnavailableError(f"agent not reachable: {exc}", replica=self.url, key=key) from exc
+                raise ReplicaUnavailableError(
+                    f"no agent is listening on {self.host}:{self.port} (connection refused); "
+                    f"start one there: {self._serve_hint()}",
+                    replica=self.url,
+                    key=key,
+                ) from exc
+            except socket.gaierror as exc:
+                self._drop()
+                raise ReplicaUnavailableError(
+                    f"agent not reachable: cannot resolve host {self.host!r}: {exc}", replica=self.url, key=key
+                ) from exc
             except ssl.SSLError as exc:
                 # A setup problem (unknown CA, plain agent), not a passing fault.
                 self._drop()
@@ -123,24 +184,15 @@ class PeerReplica(Replica):
         raise AssertionError("unreachable")
 
     def _path(self, op: str, key: str = "") -> str:
-        ns = quote(self.namespace)
-        return f"/v1/{op}/{ns}/{quote(key)}" if key else f"/v1/{op}/{ns}"
+        return wire.request_path(op, self.namespace, key)
 
     def _check(self, resp: http.client.HTTPResponse, key: str, ok: tuple[int, ...] = (200, 201, 204, 206)) -> None:
         if resp.status in ok:
             return
         text = resp.read(4096).decode("utf-8", "replace").strip()
-        if resp.status == 404:
-            raise ObjectMissingError("not found", replica=self.url, key=key)
-        if resp.status == 412:
-            raise StepExistsError(step_of_key(key), self.url)
-        if resp.status == 422:
-            raise CorruptObjectError(f"agent rejected the body: {text}", replica=self.url, key=key)
-        if resp.status in (401, 403):
-            raise ReplicaUnavailableError(
-                f"agent refused the token (HTTP {resp.status}): {text}", replica=self.url, key=key
-            )
-        raise ReplicaError(f"agent answered HTTP {resp.status}: {text}", replica=self.url, key=key)
+        raise wire.error_for_status(
+            resp.status, text, replica=self.url, key=key, denied=self._denied(resp.status, text)
+        )
 
     def _call(self, method: str, path: str, key: str, **kw: Any) -> bytes:
         resp = self._request(method, path, key, **kw)
@@ -156,10 +208,10 @@ class PeerReplica(Replica):
         validate_key(key, self.url)
         self._call(
             "PUT",
-            self._path("o", key),
+            self._path(wire.OP_OBJECT, key),
             key,
             body=data,
-            headers={"X-Ckptmirror-Checksum": checksum(data)},
+            headers={wire.CHECKSUM_HEADER: checksum(data)},
             idempotent=True,
         )
 
@@ -167,16 +219,16 @@ class PeerReplica(Replica):
         validate_key(key, self.url)
         self._call(
             "PUT",
-            self._path("commit", key),
+            self._path(wire.OP_COMMIT, key),
             key,
             body=data,
-            headers={"X-Ckptmirror-Checksum": checksum(data)},
+            headers={wire.CHECKSUM_HEADER: checksum(data)},
             idempotent=False,
         )
 
     def get(self, key: str, max_bytes: int) -> bytes:
         validate_key(key, self.url)
-        resp = self._request("GET", self._path("o", key), key)
+        resp = self._request("GET", self._path(wire.OP_OBJECT, key), key)
         try:
             self._check(resp, key)
             size = int(resp.getheader("Content-Length") or -1)
@@ -192,7 +244,7 @@ class PeerReplica(Replica):
     def read_into(self, key: str, out: memoryview) -> None:
         validate_key(key, self.url)
         view = out.cast("B") if out.format != "B" else out
-        resp = self._request("GET", self._path("o", key), key)
+        resp = self._request("GET", self._path(wire.OP_OBJECT, key), key)
         try:
             self._check(resp, key)
             size = int(resp.getheader("Content-Length") or -1)
@@ -217,31 +269,31 @@ class PeerReplica(Replica):
 
     def size(self, key: str) -> int | None:
         validate_key(key, self.url)
-        resp = self._request("HEAD", self._path("o", key), key)
+        resp = self._request("HEAD", self._path(wire.OP_OBJECT, key), key)
         resp.read()
         if resp.status == 404:
             return None
         self._check(resp, key)
-        return int(resp.getheader("X-Ckptmirror-Size") or resp.getheader("Content-Length") or 0)
+        return int(resp.getheader(wire.SIZE_HEADER) or resp.getheader("Content-Length") or 0)
 
     def list_steps(self) -> list[str]:
-        return list(json.loads(self._call("GET", self._path("steps"), "")))
+        return list(json.loads(self._call("GET", self._path(wire.OP_STEPS), "")))
 
     def list_prefix(self, prefix: str) -> list[str]:
         validate_key(prefix.rstrip("/"), self.url)
-        return list(json.loads(self._call("GET", self._path("list", prefix.rstrip("/")), prefix)))
+        return list(json.loads(self._call("GET", self._path(wire.OP_LIST, prefix.rstrip("/")), prefix)))
 
     def delete(self, key: str) -> None:
         validate_key(key, self.url)
-        self._call("DELETE", self._path("o", key), key)
+        self._call("DELETE", self._path(wire.OP_OBJECT, key), key)
 
     def delete_prefix(self, prefix: str) -> None:
         validate_key(prefix.rstrip("/"), self.url)
-        self._call("DELETE", self._path("prefix", prefix.rstrip("/")), prefix)
+        self._call("DELETE", self._path(wire.OP_PREFIX, prefix.rstrip("/")), prefix)
 
     def health(self) -> dict[str, Any]:
         """The agent's health document (version, free space, uploads in flight)."""
-        return dict(json.loads(self._call("GET", "/v1/health", "")))
+        return dict(json.loads(self._call("GET", wire.HEALTH_PATH, "")))
 
     def ping(self) -> None:
         self.health()
