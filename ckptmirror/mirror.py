@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from .dist import Coordinator, DistInfo, detect, expand_url
 from .errors import ReplicaUnavailableError, StepExistsError, StepNotFoundError
@@ -37,6 +37,7 @@ from .health import ReplicaHealth
 from .replicas import Replica, close_opened, open_replicas
 from .restore.choose import load_newest
 from .restore.discover import list_steps
+from .restore.undo import BufferFactory
 from .save.fanout import Fanout, SaveJob
 from .save.snapshot import ArenaPool, Plan, plan, plan_key, snapshot
 from .state.targets import Stateful, check_fits, init_sharded_optimizer_state
@@ -334,7 +335,8 @@ class Mirror:
         raises :class:`StepNotFoundError` instead: use it when a run must resume. Raises
         :class:`NoValidCheckpointError` when checkpoints exist but none verifies, and
         :class:`StateMismatchError` (before any tensor is modified) when the checkpoint does
-        not fit the model or optimizer.
+        not fit the model or optimizer. All or nothing: when it raises, every tensor of
+        ``model`` and ``optim`` holds exactly what it held before the call.
         """
         t0 = time.perf_counter()
         if optim is not None:
@@ -344,24 +346,53 @@ class Mirror:
             "optim": optim.state_dict() if optim is not None else None,
         }
         strict_paths = [("model",)] if (strict and model is not None) else []
-        loaded = self._load(step, targets, strict_paths, partial(check_fits, model, optim, targets), require)
-        if loaded is None:
-            return None
-        state = loaded.state
-        if model is not None:
-            model.load_state_dict(state["model"])
-        if optim is not None and state["optim"] is not None:
-            optim.load_state_dict(state["optim"])
+        # The undo log (what restore overwrites in place, kept until the state is loaded) lives
+        # in a staging arena: the first save needs that memory anyway, so a run pays no extra.
+        arena = self._arenas.acquire(block=False)
+        try:
+            factory = (lambda n: arena.reserve(n, pinned=False)) if arena is not None else None
+            validate = partial(check_fits, model, optim, targets)
+            loaded = self._load(step, targets, strict_paths, validate, require, factory)
+            if loaded is None:
+                return None
+            state = loaded.state
+            optim_touched = False
+            try:
+                if model is not None and strict:
+                    model.load_state_dict(state["model"])
+                elif model is not None:  # keys only the target has keep their values (nn.Module)
+                    cast(Any, model).load_state_dict(state["model"], strict=False)
+                if optim is not None and state["optim"] is not None:
+                    optim_touched = True
+                    optim.load_state_dict(state["optim"])
+            except BaseException:
+                # All or nothing: put the caller's tensors back, then the optimizer's groups.
+                if loaded.undo is not None:
+                    loaded.undo.rollback()
+                if optim_touched and optim is not None:
+                    optim.load_state_dict(targets["optim"])
+                raise
+            if loaded.undo is not None:
+                loaded.undo.release()
+        finally:
+            if arena is not None:
+                self._arenas.release(arena)
         return RestoreResult(loaded.step, state["extra"], loaded.sources, time.perf_counter() - t0)
 
     def load_state(self, step: int | None = None, *, require: bool = False) -> tuple[int, Any] | None:
         """Return ``(step, state)`` for the newest step that verifies (or ``step``), or None
         (with a WARNING naming the replicas; ``require=True`` raises :class:`StepNotFoundError`)."""
-        loaded = self._load(step, None, [], None, require)
+        loaded = self._load(step, None, [], None, require, None)
         return None if loaded is None else (loaded.step, loaded.state)
 
     def _load(
-        self, step: int | None, targets: Any, strict_paths: list[tuple[Any, ...]], validate: Any, require: bool
+        self,
+        step: int | None,
+        targets: Any,
+        strict_paths: list[tuple[Any, ...]],
+        validate: Any,
+        require: bool,
+        undo: BufferFactory | None,
     ) -> Any:
         self._check_open()
         pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="ckptmirror-read")
@@ -385,6 +416,7 @@ class Mirror:
                 targets=targets,
                 strict_paths=strict_paths,
                 validate=validate,
+                undo=undo,
                 agree=agree,
             )
         finally:

@@ -28,6 +28,7 @@ from .check import validate_manifest
 from .discover import list_steps
 from .fetch import STEP_FAILURES, Fetcher, ObjectPlan
 from .fill import Loaded, fill_step
+from .undo import BufferFactory
 
 #: What probing a step yields: its commit record, this rank's manifest and where each object is.
 Probed = tuple[CommitRecord, RankManifest, ObjectPlan]
@@ -45,6 +46,7 @@ def load_newest(
     targets: Any = None,
     strict_paths: Sequence[tuple[Any, ...]] = (),
     validate: Callable[[Any], None] | None = None,
+    undo: BufferFactory | None = None,
     agree: Callable[[str, Any], list[Any]] | None = None,
 ) -> Loaded | None:
     """Load ``step`` (or the newest step that verifies) for ``rank``; None if no checkpoint exists.
@@ -110,6 +112,7 @@ def load_newest(
                     strict_paths,
                     validate,
                     shards_of(commit),
+                    undo=undo,
                 )
             except STEP_FAILURES as exc:
                 if step is not None:
@@ -122,7 +125,7 @@ def load_newest(
             return loaded
         raise NoValidCheckpointError(problems)
     return _load_agreed(
-        reader, candidates, problems, probe, shards_of, rank, step, targets, strict_paths, validate, agree
+        reader, candidates, problems, probe, shards_of, rank, step, targets, strict_paths, validate, undo, agree
     )
 
 
@@ -142,6 +145,7 @@ def _load_agreed(
     targets: Any,
     strict_paths: Sequence[tuple[Any, ...]],
     validate: Callable[[Any], None] | None,
+    undo: BufferFactory | None,
     agree: Callable[[str, Any], list[Any]],
 ) -> Loaded | None:
     """The several-ranks half of :func:`load_newest`: vote on a step, load it, fall back together."""
@@ -189,6 +193,7 @@ def _load_agreed(
                 strict_paths,
                 validate,
                 shards_of(commit),
+                undo=undo,
             )
         except STEP_FAILURES as exc:
             ok, why = False, f"{type(exc).__name__}: {exc}"
@@ -200,6 +205,8 @@ def _load_agreed(
             return loaded
         failed = {r: v["why"] for r, v in enumerate(results) if not v["ok"]}
         log.warning("step %d failed to load on rank(s) %s; all ranks fall back together", lo, sorted(failed))
+        if ok and loaded.undo is not None:
+            loaded.undo.rollback()  # this rank's load worked, but the ranks must not mix steps
         for r, w in failed.items():
             problems.setdefault(lo, f"rank {r}: {w}")
         if step is not None:

@@ -33,6 +33,7 @@ from ..state.reshard import Piece, StoredShard, Want, copy_piece, plan_pieces
 from ..state.tree import dtensor_local, is_dtensor, key_path, unflatten
 from .check import ManifestCheck, contiguous_strides, validate_manifest
 from .fetch import Fetcher, ObjectPlan
+from .undo import BufferFactory, UndoLog
 
 log = logging.getLogger("ckptmirror")
 
@@ -44,6 +45,8 @@ class Loaded:
     step: int
     state: Any
     sources: dict[str, str] = field(default_factory=dict)  # object key -> replica URL
+    #: what was overwritten in the caller's tensors (None when nothing of theirs was written)
+    undo: UndoLog | None = None
 
 
 class _Target:
@@ -73,8 +76,15 @@ def fill_step(
     strict_paths: Sequence[tuple[Any, ...]] = (),
     validate: Callable[[Any], None] | None = None,
     shards: Callable[[], list[tuple[RankManifest, str]]] | None = None,
+    undo: BufferFactory | None = None,
 ) -> Loaded:
     """Rebuild the state of ``m``; fill tensors of ``targets`` (same tree shape) in place.
+
+    All or nothing for the caller's tensors: each region is copied into an
+    :class:`~ckptmirror.restore.undo.UndoLog` before it is first overwritten (``undo`` provides
+    its buffer), and if anything fails the log is rolled back before the error propagates. On
+    success the log travels on :attr:`Loaded.undo`, so that the caller can still roll back
+    (ranks that disagree, a ``load_state_dict`` that raises) or release it.
 
     ``object_plan`` is ``fetcher.preflight(m)``, taken once by the caller when it chose the step.
     ``validate`` receives the state tree with :class:`~ckptmirror.restore.check.LeafSpec` placeholders for the
@@ -103,7 +113,39 @@ def fill_step(
     skip = {i for i in range(len(m.leaves)) if paths.get(i) in {w.path for w in wants}}
     storage_targets = _storage_targets(m, leaf_targets, dtypes, esizes, skip)
     loaded = Loaded(m.step, None)
+    if targets is not None:
+        planned = sum(_nbytes(t) for t in leaf_targets.values()) + sum(_nbytes(w.local) for w in wants)
+        loaded.undo = UndoLog(planned, undo)
+    try:
+        _fill(fetcher, m, key, object_plan, storage_targets, leaf_targets, dtypes, values, stored, pieces, loaded)
+    except BaseException:
+        if loaded.undo is not None:
+            loaded.undo.rollback()
+        raise
+    return loaded
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _fill(
+    fetcher: Fetcher,
+    m: RankManifest,
+    key: str,
+    object_plan: ObjectPlan,
+    storage_targets: list[_Target | None],
+    leaf_targets: dict[int, torch.Tensor],
+    dtypes: list[torch.dtype | None],
+    values: dict[int, Any],
+    stored: list[tuple[RankManifest, ManifestCheck, ObjectPlan]],
+    pieces: list[Piece],
+    loaded: Loaded,
+) -> None:
+    """The writing half of :func:`fill_step`: read objects, reshard, build the state tree."""
+    undo = loaded.undo
     _read_objects(fetcher, m, object_plan, storage_targets, loaded)
+    saved_wants: set[int] = set()
     for src in sorted({p.source for p in pieces}):
         sm, sc, splan = stored[src]
         needed = {sm.leaves[p.leaf].storage for p in pieces if p.source == src}
@@ -119,10 +161,12 @@ def fill_step(
             leaf = torch.empty(0, dtype=sc.dtypes[p.leaf]).set_(
                 buf.dest.untyped_storage(), lf.offset, lf.shape, lf.stride
             )
+            if undo is not None and id(p.want) not in saved_wants:
+                saved_wants.add(id(p.want))
+                undo.save(p.want.local)
             copy_piece(p, leaf)
-    leaves = _build_leaves(m, storage_targets, leaf_targets, dtypes, values)
+    leaves = _build_leaves(m, storage_targets, leaf_targets, dtypes, values, undo)
     loaded.state = unflatten(m.structure, lambda kind, i, path: leaves[i], key)
-    return loaded
 
 
 def _match_targets(
@@ -279,6 +323,8 @@ def _read_objects(
             if rec0.offset <= lo and hi <= rec0.offset + rec0.nbytes:
                 direct = tgt0.dest[lo - rec0.offset : hi - rec0.offset]
         try:
+            if direct is not None and loaded.undo is not None:
+                loaded.undo.save(direct)  # before the first byte of the caller's tensor changes
             buf, url = fetcher.fetch(obj.key, obj.size, obj.checksum, plan[obj.key], into=direct)
         except BaseException:
             failed.set()
@@ -294,7 +340,10 @@ def _read_objects(
             a, b = max(lo, rec.offset), min(hi, rec.offset + rec.nbytes)
             tgt = targets[order[k]]
             if a < b and tgt is not None:
-                tgt.dest[a - rec.offset : b - rec.offset].copy_(buf[a - lo : b - lo])
+                region = tgt.dest[a - rec.offset : b - rec.offset]
+                if tgt.direct is not None and loaded.undo is not None:
+                    loaded.undo.save(region)  # dest aliases the caller's tensor
+                region.copy_(buf[a - lo : b - lo])
             k += 1
         with lock:
             loaded.sources[obj.key] = url
@@ -318,6 +367,7 @@ def _build_leaves(
     leaf_targets: dict[int, torch.Tensor],
     dtypes: list[torch.dtype | None],
     values: dict[int, Any],
+    undo: UndoLog | None,
 ) -> list[Any]:
     out: list[Any] = []
     for i, lf in enumerate(m.leaves):
@@ -342,6 +392,8 @@ def _build_leaves(
         t = torch.empty(0, dtype=dtype).set_(tgt.dest.untyped_storage(), lf.offset, lf.shape, lf.stride)
         if i in leaf_targets:
             target = leaf_targets[i]
+            if undo is not None:
+                undo.save(target)
             with torch.no_grad():
                 target.copy_(t)
             out.append(values.get(i, target))

@@ -1,0 +1,86 @@
+"""Undo: a restore either completes or leaves the caller's tensors exactly as they were.
+
+Restore writes into the caller's tensors in place (objects are read straight into them), so a
+step that fails halfway, an object that verifies on no replica, ranks that disagree, or a
+``load_state_dict`` that raises afterwards would leave a half-restored model: part new step,
+part old values, part bytes that failed their checksum. Instead, the restore path copies each
+region of a caller's tensor into an :class:`UndoLog` right before its first byte is
+overwritten, and :meth:`UndoLog.rollback` copies them all back. On success the log is
+released; nothing is kept.
+
+Cost: one memcpy of the bytes restored in place, into a buffer the caller provides (the
+mirror lends its staging arena, which the first save needs anyway, so a run pays no extra
+memory and no extra page faults for it).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+
+#: Returns a host uint8 buffer of at least the given number of bytes.
+BufferFactory = Callable[[int], torch.Tensor]
+
+
+class UndoLog:
+    """Copies of the caller's bytes taken before they are overwritten, for one restore.
+
+    ``capacity`` bounds the bytes that may be saved; ``factory`` provides the buffer, on first
+    use. :meth:`save` is thread-safe (object reads run on a pool).
+    """
+
+    def __init__(self, capacity: int, factory: BufferFactory | None = None) -> None:
+        self.capacity = capacity
+        self._factory = factory or (lambda n: torch.empty(n, dtype=torch.uint8))
+        self._buf: torch.Tensor | None = None
+        self._used = 0
+        self._entries: list[tuple[torch.Tensor, torch.Tensor]] = []  # (live region, saved copy)
+        self._lock = threading.Lock()
+
+    @property
+    def saved_bytes(self) -> int:
+        """Bytes copied so far."""
+        return self._used
+
+    def save(self, region: torch.Tensor) -> None:
+        """Copy ``region`` (any tensor, any device) aside before it is overwritten."""
+        nbytes = region.numel() * region.element_size()
+        if nbytes == 0:
+            return
+        with self._lock:
+            if self._buf is None:
+                self._buf = self._factory(self.capacity)
+            if self._used + nbytes > self._buf.numel():
+                # More than planned (should not happen): a separate copy keeps it correct.
+                copy = torch.empty(nbytes, dtype=torch.uint8)
+            else:
+                copy = self._buf[self._used : self._used + nbytes]
+                self._used += -(-nbytes // 16) * 16  # aligned, so a copy can be viewed as any dtype
+        flat = region.detach().reshape(-1).view(torch.uint8) if region.is_contiguous() else None
+        if flat is not None:
+            copy.copy_(flat)
+        else:  # a strided view: save its values, element by element, in its own dtype
+            copy.view(region.dtype).view(region.shape).copy_(region.detach())
+        with self._lock:
+            self._entries.append((region, copy))
+
+    def rollback(self) -> None:
+        """Put every saved region back, newest first (a region saved twice ends at its oldest)."""
+        with self._lock:
+            entries, self._entries = self._entries, []
+        with torch.no_grad():
+            for region, copy in reversed(entries):
+                if region.is_contiguous():
+                    region.detach().reshape(-1).view(torch.uint8).copy_(copy)
+                else:
+                    region.detach().copy_(copy.view(region.dtype).view(region.shape))
+        self.release()
+
+    def release(self) -> None:
+        """Forget the saved copies (the restore succeeded)."""
+        with self._lock:
+            self._entries = []
+            self._buf = None
+            self._used = 0

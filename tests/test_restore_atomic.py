@@ -1,0 +1,215 @@
+"""All or nothing: a restore that fails leaves the caller's tensors exactly as they were.
+
+Objects are read straight into the caller's tensors, so without an undo log a corrupt object
+would leave a model that is part new step, part old values, part bytes that failed their
+checksum. Each test corrupts a real object file on the only replica (same size, other bytes)
+and compares every byte of the model and optimizer before and after.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _helpers import REPO, torchrun
+
+from ckptmirror import Mirror, NoValidCheckpointError, StateMismatchError
+from ckptmirror.format import parse_commit, parse_rank_manifest
+
+OBJ = 4 << 10  # small objects: a few dozen per step, so first/middle/last differ
+
+
+def build(seed: int, width: int = 64) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Linear(width, width), torch.nn.Linear(width, 8))
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, width)).sum().backward()
+    optim.step()
+    return model, optim
+
+
+def raw(model: torch.nn.Module, optim: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every byte of the model and the optimizer state, as copies."""
+    ts = list(model.state_dict().values())
+    ts += [v for s in optim.state_dict()["state"].values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return [t.detach().clone().contiguous().reshape(-1).view(torch.uint8) for t in ts]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def objects(root: Path, step: int, rank: int = 0) -> list[tuple[str, int]]:
+    """(key, stream offset) of every object of ``rank`` at ``step`` on the local replica ``root``."""
+    ck = f"step-{step:012d}/COMMIT.json"
+    commit = parse_commit((root / ck).read_bytes(), ck)
+    ref = commit.ranks[rank]
+    m = parse_rank_manifest((root / ref.key).read_bytes(), ref.key)
+    out, off = [], 0
+    for o in m.objects:
+        out.append((o.key, off))
+        off += o.size
+    return out
+
+
+def optim_object(root: Path, step: int) -> str:
+    """The key of an object that holds only optimizer state (AdamW moments come after the model)."""
+    ck = f"step-{step:012d}/COMMIT.json"
+    ref = parse_commit((root / ck).read_bytes(), ck).ranks[0]
+    m = parse_rank_manifest((root / ref.key).read_bytes(), ref.key)
+    model_bytes = sum(p.numel() * p.element_size() for p in build(0)[0].parameters())
+    offs = objects(root, step)
+    return next(k for k, off in offs if off >= model_bytes and off + OBJ <= m.stream_bytes - 1024)
+
+
+def corrupt(root: Path, key: str) -> None:
+    """Flip every byte of the object: same size (the preflight passes), wrong checksum."""
+    p = root / key
+    data = bytearray(p.read_bytes())
+    for i in range(len(data)):
+        data[i] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
+        model, optim = build(1)
+        m.save(7, model, optim).result(timeout=60)
+    return tmp_path
+
+
+@pytest.mark.parametrize("which", ["first", "middle", "last", "optimizer"])
+def test_corrupt_object_on_the_only_replica_leaves_the_target_untouched(saved: Path, which: str) -> None:
+    objs = objects(saved, 7)
+    assert len(objs) >= 10, "the test needs many objects"
+    key = {
+        "first": objs[0][0],
+        "middle": objs[len(objs) // 2][0],
+        "last": objs[-1][0],
+        "optimizer": optim_object(saved, 7),
+    }[which]
+    corrupt(saved, key)
+    model, optim = build(2)
+    before = raw(model, optim)
+    with Mirror([str(saved)], object_bytes=OBJ) as m:
+        with pytest.raises(NoValidCheckpointError):
+            m.restore(model, optim)
+    assert same(raw(model, optim), before), f"corrupt {which} object: the target was modified"
+    assert not any(torch.isnan(p).any() for p in model.parameters())
+
+
+def test_fallback_to_an_older_step_that_does_not_fit_leaves_the_target_untouched(tmp_path: Path) -> None:
+    # Step 1 was saved from a narrower model; step 2 fits but is corrupt. The restore tries step
+    # 2 (writing into the target), fails, falls back to step 1, which does not fit: the target
+    # must be exactly as before, not half step 2.
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
+        m.save(1, *build(1, width=32)).result(timeout=60)
+        m.save(2, *build(1)).result(timeout=60)
+    objs = objects(tmp_path, 2)
+    corrupt(tmp_path, objs[len(objs) // 2][0])
+    model, optim = build(3)
+    before = raw(model, optim)
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
+        with pytest.raises((StateMismatchError, NoValidCheckpointError)):
+            m.restore(model, optim)
+    assert same(raw(model, optim), before)
+
+
+def test_fallback_to_an_older_step_restores_it_bit_exact(tmp_path: Path) -> None:
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
+        old_model, old_optim = build(1)
+        m.save(1, old_model, old_optim).result(timeout=60)
+        m.save(2, *build(2)).result(timeout=60)
+    objs = objects(tmp_path, 2)
+    corrupt(tmp_path, objs[-1][0])
+    model, optim = build(3)
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
+        res = m.restore(model, optim)
+    assert res is not None and res.step == 1
+    assert same(raw(model, optim), raw(old_model, old_optim))
+
+
+def test_load_state_dict_failing_after_the_fill_rolls_back(saved: Path) -> None:
+    class Picky(torch.nn.Sequential):
+        """A module whose load_state_dict raises after the tensors were filled in place."""
+
+        def load_state_dict(self, *a, **k):  # type: ignore[no-untyped-def,override]
+            raise RuntimeError("refused by the module")
+
+    torch.manual_seed(5)
+    model = Picky(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 64)).sum().backward()
+    optim.step()
+    before = raw(model, optim)
+    with Mirror([str(saved)], object_bytes=OBJ) as m:
+        with pytest.raises(RuntimeError, match="refused"):
+            m.restore(model, optim)
+    assert same(raw(model, optim), before)
+
+
+def test_optimizer_load_failing_rolls_back_model_and_param_groups(saved: Path) -> None:
+    model, optim = build(2)
+    optim.param_groups[0]["lr"] = 0.5
+    before = raw(model, optim)
+    real = optim.load_state_dict
+    calls = []
+
+    def flaky(sd):  # type: ignore[no-untyped-def]
+        calls.append(sd)
+        if len(calls) == 1:
+            real(sd)  # the checkpoint's groups land, then the call fails
+            raise RuntimeError("optimizer refused")
+        return real(sd)
+
+    optim.load_state_dict = flaky  # type: ignore[method-assign]
+    with Mirror([str(saved)], object_bytes=OBJ) as m:
+        with pytest.raises(RuntimeError, match="optimizer refused"):
+            m.restore(model, optim)
+    assert same(raw(model, optim), before)
+    assert optim.param_groups[0]["lr"] == 0.5
+
+
+def test_strict_false_with_extra_keys_in_the_target_restores(saved: Path) -> None:
+    src_model, src_optim = build(1)
+    model, _ = build(2)
+    model.add_module("extra", torch.nn.Linear(2, 2))
+    extra_before = model.extra.weight.detach().clone()
+    with Mirror([str(saved)], object_bytes=OBJ) as m:
+        res = m.restore(model, strict=False)
+    assert res is not None and res.step == 7
+    for k, v in src_model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert torch.equal(model.extra.weight, extra_before)
+
+
+def test_successful_restore_keeps_no_undo_memory_beyond_the_staging_arena(saved: Path) -> None:
+    model, optim = build(2)
+    with Mirror([str(saved)], object_bytes=OBJ) as m:
+        m.restore(model, optim)
+        allocated = m.staging_allocations
+        m.save(8, model, optim).result(timeout=60)  # the first save reuses the arena the undo log used
+        assert m.staging_allocations == allocated
+
+
+def test_all_ranks_roll_back_together(tmp_path: Path) -> None:
+    # Rank 1's newest step is corrupt, rank 0's verifies: rank 0 loads step 2, then must undo it
+    # and both ranks restore step 1. With step 1 corrupt on rank 1 too, both fail untouched.
+    child = str(REPO / "tests" / "_atomic_child.py")
+    torchrun(child, "save", str(tmp_path))
+    saved = [json.loads((tmp_path / f"save-{r}.json").read_text()) for r in (0, 1)]
+    corrupt(tmp_path / "rank1", objects(tmp_path / "rank1", 2, rank=1)[-1][0])
+    torchrun(child, "restore", str(tmp_path))
+    got = [json.loads((tmp_path / f"restore-{r}.json").read_text()) for r in (0, 1)]
+    for r in (0, 1):
+        assert got[r].get("step") == 1, got
+        assert got[r]["after"] == saved[r]["digest1"], f"rank {r} is not exactly step 1"
+    corrupt(tmp_path / "rank1", objects(tmp_path / "rank1", 1, rank=1)[0][0])
+    torchrun(child, "restore", str(tmp_path))
+    got = [json.loads((tmp_path / f"restore-{r}.json").read_text()) for r in (0, 1)]
+    for r in (0, 1):
+        assert got[r].get("error") == "NoValidCheckpointError", got
+        assert got[r]["after"] == got[r]["before"], f"rank {r} was left modified"
