@@ -15,6 +15,7 @@ memory and no extra page faults for it).
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections.abc import Callable
 
@@ -58,9 +59,12 @@ class UndoLog:
             else:
                 copy = self._buf[self._used : self._used + nbytes]
                 self._used += -(-nbytes // 16) * 16  # aligned, so a copy can be viewed as any dtype
-        flat = region.detach().reshape(-1).view(torch.uint8) if region.is_contiguous() else None
-        if flat is not None:
-            copy.copy_(flat)
+        if region.is_contiguous() and not region.is_cuda:
+            # A plain memmove: it releases the GIL and never enters torch's OpenMP team, which
+            # on a busy machine makes large copies wait on descheduled threads.
+            ctypes.memmove(copy.data_ptr(), region.data_ptr(), nbytes)
+        elif region.is_contiguous():
+            copy.copy_(region.detach().reshape(-1).view(torch.uint8))
         else:  # a strided view: save its values, element by element, in its own dtype
             copy.view(region.dtype).view(region.shape).copy_(region.detach())
         with self._lock:
@@ -72,7 +76,9 @@ class UndoLog:
             entries, self._entries = self._entries, []
         with torch.no_grad():
             for region, copy in reversed(entries):
-                if region.is_contiguous():
+                if region.is_contiguous() and not region.is_cuda:
+                    ctypes.memmove(region.data_ptr(), copy.data_ptr(), copy.numel())
+                elif region.is_contiguous():
                     region.detach().reshape(-1).view(torch.uint8).copy_(copy)
                 else:
                     region.detach().copy_(copy.view(region.dtype).view(region.shape))
