@@ -6,6 +6,9 @@ port is given), waits for its one JSON ``{"listening": ...}`` line on stdout and
 then SIGKILL if it has not exited after ``term_timeout`` seconds. Its stderr (JSON log lines)
 goes to ``<root>.log`` so that a failing test can show what the agent said.
 
+``wait_until``, ``free_port``, ``files_under`` and ``temp_files`` are those of ``_helpers.py``,
+importable from here too.
+
 ``TcpProxy(port)`` listens on 127.0.0.1 and forwards every connection to the agent, one thread
 per connection. Its ``mode`` can be changed while it runs:
 
@@ -32,12 +35,29 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
-HOST = "127.0.0.1"
+# Kept importable from here under their old names: the generic helpers live in _helpers.
+from _helpers import HOST, files_under, free_port, temp_files, wait_until
+
+__all__ = [
+    "HOST",
+    "TOKEN",
+    "AgentProc",
+    "TcpProxy",
+    "agent",
+    "files_under",
+    "free_port",
+    "serve_command",
+    "start_agent",
+    "temp_files",
+    "terminate",
+    "wait_until",
+    "write_token",
+]
+
 TOKEN = "s3cr3t-test-token-0123456789"
 
 
@@ -59,13 +79,6 @@ def write_token(path: str | os.PathLike[str], token: str = TOKEN) -> str:
         f.write(token + "\n")
     os.chmod(path, 0o600)
     return path
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (for starting an agent on a known port)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -347,31 +360,3 @@ class TcpProxy:
                         self.stats.downstream_bytes += len(data)
                 if src is client:
                     up += len(data)
-
-
-# ------------------------------------------------------------------------------ polling
-def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):  # type: ignore[no-untyped-def]
-    """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` s pass (AssertionError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-def files_under(root: str | os.PathLike[str]) -> list[str]:
-    """Every non-directory entry under ``root`` (relative paths, sorted), symlinks not followed."""
-    root = os.fspath(root)
-    out = []
-    for dirpath, dirs, files in os.walk(root):
-        for name in files + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
-            out.append(os.path.relpath(os.path.join(dirpath, name), root))
-    return sorted(out)
-
-
-def temp_files(root: str | os.PathLike[str]) -> list[str]:
-    """Agent/replica temp files (``.tmp-*``) under ``root``."""
-    return [f for f in files_under(root) if os.path.basename(f).startswith(".tmp-")]

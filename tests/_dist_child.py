@@ -30,7 +30,7 @@ def rank_state(rank: int, step: int) -> dict:
 def main() -> int:
     mode, root, urls = sys.argv[1], sys.argv[2], sys.argv[3:]
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     out = {"rank": rank}
     m = ckptmirror.Mirror(urls, object_bytes=32 << 10, commit_timeout_s=8, keep_last=5)
     if mode == "save":

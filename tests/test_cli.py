@@ -10,13 +10,13 @@ commands run concurrently to keep the file fast (each process imports torch).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _agent import TOKEN, AgentProc, serve_command
+from _helpers import S3Bucket, assert_bit_exact
 
 import ckptmirror
 from ckptmirror import ops
@@ -32,8 +34,7 @@ from ckptmirror.format import commit_key, step_dir
 
 STEPS = (10, 20, 30)
 OBJ = 200  # bytes per object: a step is cut into several objects
-_EXE = shutil.which("ckptmirror")
-CLI = [_EXE] if _EXE else [sys.executable, "-m", "ckptmirror"]
+CLI = serve_command()  # the installed entry point
 
 
 # --------------------------------------------------------------------------- helpers
@@ -88,13 +89,6 @@ def expected_flat(step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         "extra.name": "run",
     }
     return tensors, values
-
-
-def same_tensor(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
-    assert a.dtype == b.dtype and a.shape == b.shape, f"{name}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
-    assert torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)), (
-        f"{name}: values differ"
-    )
 
 
 def cli(*args: Any, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -455,7 +449,7 @@ def test_export_safetensors_and_torch_match_the_saved_state(reps: tuple[Path, Pa
     loaded = load_file(str(st_path))
     assert set(loaded) == set(tensors)
     for name, t in tensors.items():
-        same_tensor(loaded[name], t, name)
+        assert_bit_exact(loaded[name], t, name)
     with safe_open(str(st_path), "pt") as f:
         meta = f.metadata()
     for name, v in values.items():
@@ -466,7 +460,7 @@ def test_export_safetensors_and_torch_match_the_saved_state(reps: tuple[Path, Pa
     assert set(obj_) == set(tensors) | set(values)
     for name, t in tensors.items():
         assert type(obj_[name]) is torch.Tensor
-        same_tensor(obj_[name], t, name)
+        assert_bit_exact(obj_[name], t, name)
     for name, v in values.items():
         assert obj_[name] == v, name
 
@@ -475,7 +469,7 @@ def test_ops_results_are_frozen_and_json_ready(reps: tuple[Path, Path]) -> None:
     a, b = reps
     rep = ops.verify([str(a), str(b)], quick=True)
     assert rep.exit_code == 0 and len(rep.steps) == 3
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         rep.quick = False  # type: ignore[misc]
     json.dumps(rep.to_dict())
     json.dumps(ops.ls([str(a)]).to_dict())
@@ -483,31 +477,34 @@ def test_ops_results_are_frozen_and_json_ready(reps: tuple[Path, Path]) -> None:
     assert ops.repair([str(a), str(b)], dry_run=True).actions == ()
 
 
-def test_peer_and_s3_replicas_verify_and_repair(tmp_path: Path, s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_peer_and_s3_replicas_verify_and_repair(
+    tmp_path: Path,
+    s3_url: str,
+    bucket: S3Bucket,
+    peer_agent: AgentProc,
+    peer_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The same commands on a ``peer://`` agent and an ``s3://`` bucket (moto), configured by env vars."""
-    import boto3
-    from _agent import TOKEN, agent, write_token
-
     monkeypatch.setenv("CKPTMIRROR_PEER_TOKEN", TOKEN)
     local = tmp_path / "local"
     local.mkdir()
-    with agent(tmp_path / "peer-root", token_file=write_token(tmp_path / "token")) as (base, _proc, root):
-        peer = base + "/run"
-        with ckptmirror.Mirror([str(local), peer, s3_url], object_bytes=OBJ) as m:
-            for s in (1, 2):
-                m.save_state(s, make_state(s)).result()
-        bad_peer = obj(Path(root) / "run", 2, 1)
-        flip_byte(bad_peer)
-        peer_key = rel(Path(root) / "run", bad_peer)
-        bucket, prefix = s3_url[len("s3://") :].split("/", 1)
-        s3_key = rel(local, obj(local, 1, 2))
-        boto3.client("s3").delete_object(Bucket=bucket, Key=f"{prefix}/{s3_key}")
+    peer = peer_url
+    ns_root = Path(peer_agent.root) / peer.rsplit("/", 1)[1]
+    with ckptmirror.Mirror([str(local), peer, s3_url], object_bytes=OBJ) as m:
+        for s in (1, 2):
+            m.save_state(s, make_state(s)).result()
+    bad_peer = obj(ns_root, 2, 1)
+    flip_byte(bad_peer)
+    peer_key = rel(ns_root, bad_peer)
+    s3_key = rel(local, obj(local, 1, 2))
+    bucket.delete(s3_key)
 
-        before = cli("verify", local, peer, s3_url, "--json")
-        assert before.returncode == 1, before.stdout + before.stderr
-        found = {(p["key"], p["replica"], p["kind"]) for p in json.loads(before.stdout)["problems"]}
-        assert found == {(peer_key, peer, "corrupt"), (s3_key, s3_url, "missing")}, found
-        fixed = cli("repair", local, peer, s3_url)
-        assert fixed.returncode == 0, fixed.stdout + fixed.stderr
-        after = cli("verify", local, peer, s3_url)
-        assert after.returncode == 0, after.stdout + after.stderr
+    before = cli("verify", local, peer, s3_url, "--json")
+    assert before.returncode == 1, before.stdout + before.stderr
+    found = {(p["key"], p["replica"], p["kind"]) for p in json.loads(before.stdout)["problems"]}
+    assert found == {(peer_key, peer, "corrupt"), (s3_key, s3_url, "missing")}, found
+    fixed = cli("repair", local, peer, s3_url)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    after = cli("verify", local, peer, s3_url)
+    assert after.returncode == 0, after.stdout + after.stderr

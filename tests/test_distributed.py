@@ -10,58 +10,20 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from _helpers import REPO, free_port, read_losses, torchrun
 
 import ckptmirror
 from ckptmirror.format import commit_key, parse_commit, parse_rank_manifest, step_dir
 
-REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "torchrun_ddp.py"
 CHILD = REPO / "tests" / "_dist_child.py"
 
-TEARDOWN_ABORT = "terminate called without an active exception"
-
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-
-
-def torchrun(
-    *args: str, nproc: int = 2, restarts: int = 0, timeout: float = 240, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        f"--max-restarts={restarts}",
-        *args,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    if check and p.returncode != 0 and TEARDOWN_ABORT in p.stderr:
-        # A worker aborted in torch's C++ teardown after the job's work finished (rare on 2
-        # cores); only that signature is retried, and the rerun is checked like the first.
-        warnings.warn(f"torchrun worker aborted in torch teardown; running the job again: {p.stderr[-500:]}")
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    if check and p.returncode != 0:
-        raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
-    return p
-
-
-def losses(path: Path) -> tuple[dict[int, float], list[dict[str, Any]]]:
-    out, events = {}, []
-    for line in path.read_text().splitlines():
-        d = json.loads(line)
-        if "step" in d:
-            out[d["step"]] = d["loss"]
-        else:
-            events.append(d)
-    return out, events
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +61,7 @@ def test_replicated_state_restores_on_another_world_size(uninterrupted: Path) ->
     assert step == 20
     model.load_state_dict({k.removeprefix("module."): v for k, v in state["model"].items()})
     optim.load_state_dict(state["optim"])
-    _, events = losses(uninterrupted / "losses-rank0.jsonl")
+    _, events = read_losses(uninterrupted / "losses-rank0.jsonl")
     digest = [e["final_digest"] for e in events if "final_digest" in e][-1]
     assert ex.state_digest(model.state_dict(), optim.state_dict()) == digest
 
@@ -109,8 +71,8 @@ def test_killed_rank_and_max_restarts_resume_with_identical_losses(uninterrupted
     torchrun(str(EXAMPLE), "--ckpt", str(tmp_path), "--steps", "20", "--crash-at-step", "10", restarts=1)
     assert (tmp_path / "crashed-once").exists()
     for rank in (0, 1):
-        ref, _ = losses(uninterrupted / f"losses-rank{rank}.jsonl")
-        got, events = losses(tmp_path / f"losses-rank{rank}.jsonl")
+        ref, _ = read_losses(uninterrupted / f"losses-rank{rank}.jsonl")
+        got, events = read_losses(tmp_path / f"losses-rank{rank}.jsonl")
         resumed = [e["resumed_from"] for e in events if "resumed_from" in e]
         assert resumed and resumed[-1] < 10, f"step 10 must not have committed: {events}"
         assert got == ref, f"rank {rank}: losses differ after the restart"
@@ -127,8 +89,8 @@ def test_lost_node_replica_resumes_from_the_shared_copy(uninterrupted: Path, tmp
         os.unlink(tmp_path / f"losses-rank{r}.jsonl")
     torchrun(str(EXAMPLE), "--ckpt", str(tmp_path), "--steps", "20")
     for rank in (0, 1):
-        ref, _ = losses(uninterrupted / f"losses-rank{rank}.jsonl")
-        got, events = losses(tmp_path / f"losses-rank{rank}.jsonl")
+        ref, _ = read_losses(uninterrupted / f"losses-rank{rank}.jsonl")
+        got, events = read_losses(tmp_path / f"losses-rank{rank}.jsonl")
         assert events[0]["resumed_from"] == 10
         assert events[0]["sources"] == [str(tmp_path / "shared")]
         assert all(got[s] == ref[s] for s in got), f"rank {rank}: losses differ after resuming from the shared copy"
@@ -164,19 +126,11 @@ def test_per_rank_state_refuses_another_world_size(tmp_path: Path) -> None:
             m.load_state()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_rank_killed_mid_save_never_commits_and_nobody_hangs(tmp_path: Path) -> None:
     # Launched by hand, not by torchrun: torchrun would tear rank 0 down as soon as rank 1
     # dies, and the point here is what rank 0's save reports when a peer rank vanishes.
     shared = str(tmp_path / "shared")
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in (0, 1):
         env = dict(

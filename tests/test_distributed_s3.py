@@ -8,55 +8,18 @@ final state of a run that was never interrupted.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from _helpers import REPO, read_losses, torchrun
 
 import ckptmirror
 
-REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "torchrun_ddp.py"
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-
-
-def torchrun(*args: str, nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``torch.distributed.run --standalone``; the AWS_* variables of ``s3_url`` are inherited."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "--max-restarts=0",
-        *args,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    if p.returncode != 0:
-        raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
-    return p
-
-
-def read_log(path: Path) -> tuple[dict[int, float], list[dict[str, Any]]]:
-    """(step -> loss, the other records in order) of one rank's ``losses-rank<R>.jsonl``."""
-    out: dict[int, float] = {}
-    events: list[dict[str, Any]] = []
-    for line in path.read_text().splitlines():
-        d = json.loads(line)
-        if "step" in d:
-            assert d["step"] not in out, f"step {d['step']} trained twice in {path}"
-            out[d["step"]] = d["loss"]
-        else:
-            events.append(d)
-    return out, events
 
 
 def test_replacement_node_resumes_from_s3_with_identical_losses(s3_url: str, tmp_path: Path) -> None:
@@ -66,21 +29,23 @@ def test_replacement_node_resumes_from_s3_with_identical_losses(s3_url: str, tmp
     local = str(run / "node{node_rank}-local")
 
     # The reference: 20 steps, never interrupted, node-local replica only.
-    torchrun(str(EXAMPLE), "--ckpt", str(ref), "--steps", "20", "--replicas", str(ref / "node{node_rank}-local"))
+    torchrun(
+        str(EXAMPLE), "--ckpt", str(ref), "--steps", "20", "--replicas", str(ref / "node{node_rank}-local"), timeout=120
+    )
 
     # The job: 10 steps, checkpoints (every 5) to the node-local directory and to S3.
-    torchrun(str(EXAMPLE), "--ckpt", str(run), "--steps", "10", "--replicas", f"{local},{s3_url}")
+    torchrun(str(EXAMPLE), "--ckpt", str(run), "--steps", "10", "--replicas", f"{local},{s3_url}", timeout=120)
     assert (run / "node0-local").is_dir()
     with ckptmirror.Mirror([s3_url]) as m:
         assert m.steps()[-1] == 10, f"step 10 must be committed on S3: {m.steps()}"
 
     # The node is lost: its disk is gone. A fresh node runs the job on to step 20.
     shutil.rmtree(run / "node0-local")
-    torchrun(str(EXAMPLE), "--ckpt", str(run), "--steps", "20", "--replicas", f"{local},{s3_url}")
+    torchrun(str(EXAMPLE), "--ckpt", str(run), "--steps", "20", "--replicas", f"{local},{s3_url}", timeout=120)
 
     for rank in (0, 1):
-        want, want_events = read_log(ref / f"losses-rank{rank}.jsonl")
-        got, events = read_log(run / f"losses-rank{rank}.jsonl")
+        want, want_events = read_losses(ref / f"losses-rank{rank}.jsonl", once=True)
+        got, events = read_losses(run / f"losses-rank{rank}.jsonl", once=True)
         resumed = [e for e in events if "resumed_from" in e]
         assert len(resumed) == 1, f"rank {rank}: {events}"
         assert resumed[0]["resumed_from"] == 10, f"rank {rank}: {resumed}"

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _helpers import assert_bit_exact, ck_warnings, files_under, state_of, temp_files, wait_until
 
 from ckptmirror import (
     CkptMirrorError,
@@ -60,22 +61,6 @@ needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="need
 
 
 # ----------------------------------------------------------------------------- helpers
-def assert_bit_exact(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str = "") -> None:
-    assert sorted(actual) == sorted(expected), what
-    for k, e in expected.items():
-        a = actual[k]
-        assert a.dtype == e.dtype and tuple(a.shape) == tuple(e.shape), (
-            f"{what}{k}: {a.dtype}{tuple(a.shape)} vs {e.dtype}{tuple(e.shape)}"
-        )
-        ab = a.detach().contiguous().reshape(-1).view(torch.uint8)
-        eb = e.detach().contiguous().reshape(-1).view(torch.uint8)
-        assert torch.equal(ab, eb), f"{what}{k}: bytes differ from the values written for this step"
-
-
-def model_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-
 def save_steps(root: Path, steps: list[int], width: int = W, seed: int = wc.SEED, **kw: Any) -> None:
     kw.setdefault("object_bytes", OBJ)
     with Mirror([str(root)], **kw) as m:
@@ -97,25 +82,13 @@ def assert_restores(root: Path, want: int, width: int = W, seed: int = wc.SEED, 
     res, net = restore_fresh(root, width, step=at)
     assert res is not None, f"nothing restored, expected step {want}"
     assert res.step == want, f"restored step {res.step}, expected {want}"
-    assert_bit_exact(model_state(net), wc.expected_state(want, width, seed), f"step {want}: ")
+    assert_bit_exact(state_of(net), wc.expected_state(want, width, seed), f"step {want}: ")
     return res
 
 
 def steps_of(root: Path) -> list[int]:
     with Mirror([str(root)]) as m:
         return m.steps()
-
-
-def files_under(path: Path) -> set[str]:
-    out = set()
-    for dirpath, _dirs, files in os.walk(path):
-        for f in files:
-            out.add(os.path.relpath(os.path.join(dirpath, f), path))
-    return out
-
-
-def tmp_files(root: Path) -> list[str]:
-    return sorted(f for f in files_under(root) if os.path.basename(f).startswith(".tmp-"))
 
 
 def tree_snapshot(top: Path, exclude: Path | None = None) -> dict[str, tuple[Any, ...]]:
@@ -130,18 +103,6 @@ def tree_snapshot(top: Path, exclude: Path | None = None) -> dict[str, tuple[Any
             digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() and not p.is_symlink() else None
             out[str(p.relative_to(top))] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
     return out
-
-
-def ck_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name.startswith("ckptmirror") and r.levelno >= logging.WARNING]
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.002)
 
 
 def fd_path(fd: int) -> str:
@@ -265,7 +226,7 @@ def test_sigkill_at_commit_protocol_phase(tmp_path: Path, spawn, caplog: pytest.
     elif phase == "delete-prefix":
         assert (root / commit_key(2)).exists() and not (root / commit_key(1)).exists(), where
         assert (s1 / "rank-00000").is_dir(), "step 1's objects are still there (directory not yet removed)"
-    assert tmp_files(root) == [], "the kill happened before any write of this phase began"
+    assert temp_files(root) == [], "the kill happened before any write of this phase began"
 
     # What readers see. A commit is durable before retention starts, and retention deletes the
     # old step's COMMIT.json before its objects: the step stops existing atomically.
@@ -377,11 +338,11 @@ def test_damaged_object_falls_back_with_warning(tmp_path: Path, caplog: pytest.L
     if how != "flip":
         # A size mismatch is caught before any byte is decoded: the target is left untouched.
         net = wc.fill(wc.Net(W), 999_999)
-        before = model_state(net)
+        before = state_of(net)
         with Mirror([str(root)]) as m:
             with pytest.raises(CkptMirrorError):
                 m.restore(net, step=2)
-        assert_bit_exact(model_state(net), before, "target modified by a failed restore: ")
+        assert_bit_exact(state_of(net), before, "target modified by a failed restore: ")
 
 
 def test_fallback_never_mixes_two_steps(tmp_path: Path) -> None:
@@ -400,7 +361,7 @@ def test_fallback_never_mixes_two_steps(tmp_path: Path) -> None:
     with Mirror([replica]) as m:
         res = m.restore(net)
     assert res is not None and res.step == 1
-    assert_bit_exact(model_state(net), wc.expected_state(1, W), "restored step 1 holds bytes of another step: ")
+    assert_bit_exact(state_of(net), wc.expected_state(1, W), "restored step 1 holds bytes of another step: ")
 
 
 # ================================================ 4. nothing valid / nothing committed
@@ -431,12 +392,12 @@ def test_only_torn_step_restores_none(tmp_path: Path) -> None:
     assert (root / mkey(root, 1)).exists() and (root / okey(root, 1, 0)).exists()
     assert not (root / commit_key(1)).exists()
     net = wc.fill(wc.Net(W), 999_999)
-    before = model_state(net)
+    before = state_of(net)
     with Mirror([str(root)]) as m:
         assert m.steps() == []
         assert m.restore(net) is None
         assert m.load_state() is None
-    assert_bit_exact(model_state(net), before, "restore of nothing modified the model: ")
+    assert_bit_exact(state_of(net), before, "restore of nothing modified the model: ")
 
 
 # ============================================= 5. corrupt and hostile manifests, commits
@@ -739,7 +700,7 @@ def _assert_enospc(err: BaseException, root: Path, step: int) -> None:
     assert "ENOSPC" in msg or os.strerror(errno.ENOSPC) in msg, f"the error does not name ENOSPC: {msg}"
     cause = err.failures.get(str(root))
     assert isinstance(cause, OSError) and cause.errno == errno.ENOSPC, repr(cause)
-    assert tmp_files(root) == []
+    assert temp_files(root) == []
     assert not (root / commit_key(step)).exists()
     assert steps_of(root) == [1]
     assert_restores(root, 1)
@@ -821,7 +782,7 @@ def test_enospc_inside_an_object_write_removes_the_temp_file(tmp_path: Path, mon
         assert len(hits) == 1
         msg = str(ei.value)
         assert str(root) in msg and "ENOSPC" in msg and f"{step_dir(2)}/rank-00000/o000001-" in msg, msg
-        assert tmp_files(root) == [], "the partly written temp file must be removed"
+        assert temp_files(root) == [], "the partly written temp file must be removed"
         assert (
             not list((root / step_dir(2) / "rank-00000").glob("o000001-*.bin")) and not (root / commit_key(2)).exists()
         )
@@ -865,7 +826,7 @@ def test_fsync_eio_fails_the_step_without_retry(tmp_path: Path, monkeypatch: pyt
     pattern = "rank-00000/o000000-*.bin" if "o000000" in target else "rank-00000-*.json"
     assert not list((root / step_dir(2)).glob(pattern)), "a file whose fsync failed must not be renamed into place"
     assert not (root / commit_key(2)).exists()
-    assert tmp_files(root) == []
+    assert temp_files(root) == []
     monkeypatch.undo()
     assert steps_of(root) == [1]
     assert_restores(root, 1)
@@ -888,7 +849,7 @@ def test_saving_a_committed_step_is_refused_unless_overwrite(tmp_path: Path) -> 
         m.save(1, wc.fill(net, 2), overwrite=True).result(timeout=30)  # asked for explicitly
     res, restored = restore_fresh(root)
     assert res is not None and res.step == 1
-    assert_bit_exact(model_state(restored), wc.expected_state(2, W))
+    assert_bit_exact(state_of(restored), wc.expected_state(2, W))
 
 
 def test_step_in_flight_is_refused(tmp_path: Path) -> None:

@@ -4,47 +4,24 @@ that cannot be mapped failing before any tensor is touched."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from _helpers import REPO, torchrun
 
 import ckptmirror
 
-REPO = Path(__file__).resolve().parent.parent
 CHILD = REPO / "tests" / "_fsdp_child.py"
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
-# Seen once in ~20 runs of a 4-rank job on 2 cores: a worker aborts in torch's C++ teardown
-# after the job's work (and ckptmirror's threads) finished. Only that signature is retried.
-TEARDOWN_ABORT = "terminate called without an active exception"
-
-
-def torchrun(nproc: int, *args: str) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        str(CHILD),
-        *args,
-    ]
-    for attempt in (1, 2):
-        p = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO
-        )
-        if p.returncode == 0 or attempt == 2 or TEARDOWN_ABORT not in p.stderr:
-            break
-        warnings.warn(f"torchrun worker aborted in torch teardown; running the job again: {p.stderr[-500:]}")
-    assert p.returncode == 0, f"torchrun failed:\n{p.stdout[-2000:]}\n{p.stderr[-6000:]}"
+def fsdp_job(nproc: int, *args: str) -> None:
+    """Run ``_fsdp_child.py`` under torchrun on ``nproc`` ranks."""
+    torchrun(str(CHILD), *args, nproc=nproc, timeout=300)
 
 
 def assert_same(ref_path: Path, got_path: Path) -> None:
@@ -59,23 +36,23 @@ def assert_same(ref_path: Path, got_path: Path) -> None:
 @pytest.fixture(scope="module")
 def saved_by_2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fsdp2")
-    torchrun(2, "save", str(root))
+    fsdp_job(2, "save", str(root))
     return root
 
 
 def test_fsdp2_round_trip_same_world_size(saved_by_2: Path) -> None:
-    torchrun(2, "restore", str(saved_by_2))
+    fsdp_job(2, "restore", str(saved_by_2))
     assert_same(saved_by_2 / "reference.safetensors", saved_by_2 / "restored-2.safetensors")
 
 
 def test_fsdp2_reshards_2_to_4(saved_by_2: Path) -> None:
-    torchrun(4, "restore", str(saved_by_2))
+    fsdp_job(4, "restore", str(saved_by_2))
     assert_same(saved_by_2 / "reference.safetensors", saved_by_2 / "restored-4.safetensors")
 
 
 def test_fsdp2_reshards_4_to_2(tmp_path: Path) -> None:
-    torchrun(4, "save", str(tmp_path))
-    torchrun(2, "restore", str(tmp_path))
+    fsdp_job(4, "save", str(tmp_path))
+    fsdp_job(2, "restore", str(tmp_path))
     assert_same(tmp_path / "reference.safetensors", tmp_path / "restored-2.safetensors")
 
 

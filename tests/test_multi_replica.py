@@ -14,21 +14,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import socket
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 import torch
-from torch import nn
+from _helpers import (
+    S3Bucket,
+    assert_bit_exact,
+    ck_warnings,
+    fill,
+    free_port,
+    local_manifest,
+    make_net,
+    state_of,
+    wait_until,
+)
 
 from ckptmirror import Mirror, SaveFailedError
 from ckptmirror.errors import ReplicaError, StepExistsError
-from ckptmirror.format import commit_key, object_key, parse_rank_manifest, step_dir
+from ckptmirror.format import commit_key, object_key, step_dir
+from ckptmirror.ops.prune import prune
 from ckptmirror.replicas import FaultyReplica, LocalReplica, MemoryReplica
 from ckptmirror.replicas.s3 import S3Replica
 
@@ -43,57 +52,12 @@ BIG_OBJECT = 7 * MiB
 
 
 # ----------------------------------------------------------------------------- helpers
-def make_net(width: int, layers: int) -> nn.Module:
-    return nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
-
-
-def fill(net: nn.Module, seed: int) -> nn.Module:
-    """Deterministic, step-specific values (so that restoring the wrong step is caught)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-    return net
-
-
-def state_of(net: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-
-def assert_bit_exact(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str = "") -> None:
-    assert sorted(actual) == sorted(expected), what
-    for k, e in expected.items():
-        a = actual[k]
-        assert a.dtype == e.dtype and a.shape == e.shape, f"{what}{k}"
-        assert torch.equal(
-            a.contiguous().reshape(-1).view(torch.uint8), e.contiguous().reshape(-1).view(torch.uint8)
-        ), f"{what}{k}: bytes differ"
-
-
 def restore_fresh(replicas: list[Any], size: dict[str, int], **kw: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     """Restore into a new model whose values match no saved step; returns (result, state)."""
     net = fill(make_net(**size), 999_999)
     with Mirror(replicas) as m:
         res = m.restore(net, **kw)
     return res, state_of(net)
-
-
-def ck_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name.startswith("ckptmirror") and r.levelno >= logging.WARNING]
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def local_files(root: Path) -> dict[str, bytes]:
@@ -103,71 +67,6 @@ def local_files(root: Path) -> dict[str, bytes]:
         for p in sorted(root.rglob("*"))
         if p.is_file() and not p.name.startswith(".tmp-")
     }
-
-
-def local_manifest(root: Path, step: int) -> Any:
-    (path,) = (root / step_dir(step)).glob("rank-00000-*.json")
-    return parse_rank_manifest(path.read_bytes(), path.relative_to(root).as_posix())
-
-
-class Bucket:
-    """boto3 view of the bucket behind an ``s3://bucket/prefix`` URL, to look and to damage."""
-
-    def __init__(self, url: str, endpoint: str) -> None:
-        self.url = url
-        self.name, _, self.prefix = url.split("://", 1)[1].partition("/")
-        self.client = boto3.client("s3", endpoint_url=endpoint)
-
-    def _full(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def sizes(self) -> dict[str, int]:
-        """Visible objects under the prefix: key (relative to the prefix) -> size."""
-        out: dict[str, int] = {}
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=self._full("")):
-            for o in page.get("Contents", []):
-                out[o["Key"][len(self._full("")) :]] = o["Size"]
-        return out
-
-    def files(self) -> dict[str, bytes]:
-        return {k: self.get(k) for k in self.sizes()}
-
-    def get(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=self.name, Key=self._full(key))["Body"].read()
-
-    def put(self, key: str, body: bytes) -> None:
-        self.client.put_object(Bucket=self.name, Key=self._full(key), Body=body)
-
-    def uploads(self) -> list[str]:
-        return [u["Key"] for u in self.client.list_multipart_uploads(Bucket=self.name).get("Uploads", [])]
-
-    def wipe(self) -> None:
-        """What an S3 server restarted without its data looks like: nothing left."""
-        for u in self.client.list_multipart_uploads(Bucket=self.name).get("Uploads", []):
-            self.client.abort_multipart_upload(Bucket=self.name, Key=u["Key"], UploadId=u["UploadId"])
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name):
-            for o in page.get("Contents", []):
-                self.client.delete_object(Bucket=self.name, Key=o["Key"])
-
-
-@pytest.fixture
-def bucket(s3_url: str, moto_server: str) -> Bucket:
-    return Bucket(s3_url, moto_server)
-
-
-@pytest.fixture
-def make_s3() -> Iterator[Callable[..., S3Replica]]:
-    """S3Replica objects (caller-owned: a Mirror does not close them), closed at teardown."""
-    made: list[S3Replica] = []
-
-    def make(url: str, **kw: Any) -> S3Replica:
-        r = S3Replica(url, **{"part_bytes": PART, "timeout_s": 10, "retries": 2, **kw})
-        made.append(r)
-        return r
-
-    yield make
-    for r in made:
-        r.close()
 
 
 @pytest.fixture
@@ -181,7 +80,7 @@ def local(tmp_path: Path) -> Path:
 
 
 # ------------------------------------------------------------------- 1. fan-out, encode once
-def test_one_save_reaches_local_and_s3_encoded_once(local: Path, s3: S3Replica, bucket: Bucket) -> None:
+def test_one_save_reaches_local_and_s3_encoded_once(local: Path, s3: S3Replica, bucket: S3Bucket) -> None:
     net = fill(make_net(**SMALL), 1)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     net(torch.randn(4, SMALL["width"])).sum().backward()
@@ -222,7 +121,7 @@ def test_one_save_reaches_local_and_s3_encoded_once(local: Path, s3: S3Replica, 
 def test_s3_unreachable_from_the_start_is_skipped_and_training_goes_on(
     local: Path, s3_url: str, make_s3: Callable[..., S3Replica], caplog: pytest.LogCaptureFixture
 ) -> None:
-    dead = make_s3(s3_url, endpoint_url=f"http://127.0.0.1:{closed_port()}", timeout_s=0.5, retries=0)
+    dead = make_s3(s3_url, endpoint_url=f"http://127.0.0.1:{free_port()}", timeout_s=0.5, retries=0)
     net = fill(make_net(**SMALL), 1)
     with (
         caplog.at_level(logging.WARNING, logger="ckptmirror"),
@@ -245,20 +144,24 @@ def test_s3_unreachable_from_the_start_is_skipped_and_training_goes_on(
     assert_bit_exact(got, state_of(fill(make_net(**SMALL), 2)))
 
 
-def _doomed_bucket(moto_server: str, make_s3: Callable[..., S3Replica]) -> tuple[S3Replica, Any, str]:
+def _doomed_bucket(
+    moto_server: str, make_bucket: Callable[[str], str], make_s3: Callable[..., S3Replica]
+) -> tuple[S3Replica, Any, str]:
     """An S3 replica on a bucket that exists now (so the Mirror starts healthy) and that the
-    test deletes before saving: S3 down for the whole save. Needs the s3_url fixture's env."""
-    client = boto3.client("s3", endpoint_url=moto_server)
-    name = f"ckptmirror-doomed-{uuid.uuid4().hex[:10]}"
-    client.create_bucket(Bucket=name)
-    return make_s3(f"s3://{name}/run", timeout_s=2, retries=1), client, name
+    test deletes before saving: S3 down for the whole save."""
+    name = make_bucket("ckptmirror-doomed")
+    return make_s3(f"s3://{name}/run", timeout_s=2, retries=1), boto3.client("s3", endpoint_url=moto_server), name
 
 
 @pytest.mark.parametrize("min_replicas", [None, 1])
 def test_s3_failing_the_whole_save_does_not_stop_training(
-    local: Path, s3_url: str, moto_server: str, make_s3: Callable[..., S3Replica], min_replicas: int | None
+    local: Path,
+    moto_server: str,
+    make_bucket: Callable[[str], str],
+    make_s3: Callable[..., S3Replica],
+    min_replicas: int | None,
 ) -> None:
-    rep, client, name = _doomed_bucket(moto_server, make_s3)
+    rep, client, name = _doomed_bucket(moto_server, make_bucket, make_s3)
     net = fill(make_net(**SMALL), 1)
     with Mirror([str(local), rep], object_bytes=MiB, min_replicas=min_replicas, health_interval_s=60) as m:
         assert set(m.health().values()) == {"ok"}
@@ -287,9 +190,13 @@ def test_s3_failing_the_whole_save_does_not_stop_training(
 
 @pytest.mark.parametrize("reported_by", ["result", "next_save", "wait"])
 def test_s3_failure_raises_with_on_replica_error_raise(
-    local: Path, s3_url: str, moto_server: str, make_s3: Callable[..., S3Replica], reported_by: str
+    local: Path,
+    moto_server: str,
+    make_bucket: Callable[[str], str],
+    make_s3: Callable[..., S3Replica],
+    reported_by: str,
 ) -> None:
-    rep, client, name = _doomed_bucket(moto_server, make_s3)
+    rep, client, name = _doomed_bucket(moto_server, make_bucket, make_s3)
     net = fill(make_net(**SMALL), 1)
     m = Mirror([str(local), rep], object_bytes=MiB, on_replica_error="raise", health_interval_s=60)
     try:
@@ -317,7 +224,7 @@ def test_s3_failure_raises_with_on_replica_error_raise(
 def test_raise_mode_does_not_silently_skip_a_replica_that_is_down(
     local: Path, s3_url: str, make_s3: Callable[..., S3Replica]
 ) -> None:
-    dead = make_s3(s3_url, endpoint_url=f"http://127.0.0.1:{closed_port()}", timeout_s=0.5, retries=0)
+    dead = make_s3(s3_url, endpoint_url=f"http://127.0.0.1:{free_port()}", timeout_s=0.5, retries=0)
     m = Mirror([str(local), dead], object_bytes=MiB, on_replica_error="raise", health_interval_s=60)
     try:
         h = m.save(1, fill(make_net(**SMALL), 1))
@@ -328,7 +235,7 @@ def test_raise_mode_does_not_silently_skip_a_replica_that_is_down(
 
 
 # --------------------------------------------------------------- 3. S3 failing mid-upload
-def _assert_no_partial_objects(bucket: Bucket, local: Path, step: int) -> dict[str, int]:
+def _assert_no_partial_objects(bucket: S3Bucket, local: Path, step: int) -> dict[str, int]:
     """Every object visible on S3 for ``step`` is complete (the local copy's size and bytes);
     no commit, no multipart upload left open. Returns what is visible."""
     assert bucket.uploads() == []
@@ -343,7 +250,7 @@ def _assert_no_partial_objects(bucket: Bucket, local: Path, step: int) -> dict[s
 
 
 def test_s3_put_failing_mid_save_leaves_no_partial_step_and_recovers(
-    local: Path, s3: S3Replica, bucket: Bucket
+    local: Path, s3: S3Replica, bucket: S3Bucket
 ) -> None:
     faulty = FaultyReplica(s3, fail_put_at=3)  # the third object put fails
     net = fill(make_net(**SMALL), 1)
@@ -373,7 +280,7 @@ def test_s3_multipart_part_failing_leaves_no_visible_partial_object(
     local: Path,
     s3_url: str,
     make_s3: Callable[..., S3Replica],
-    bucket: Bucket,
+    bucket: S3Bucket,
     monkeypatch: pytest.MonkeyPatch,
     fail_part: int,
 ) -> None:
@@ -404,16 +311,8 @@ def test_s3_multipart_part_failing_leaves_no_visible_partial_object(
     assert restore_fresh([str(local)], BIG)[0].step == 1
 
 
-def _prune() -> Callable[..., Any]:
-    try:
-        from ckptmirror.ops.prune import prune  # ops as a package
-    except ImportError:
-        from ckptmirror.ops import prune  # type: ignore[no-redef]  # ops as one module
-    return prune
-
-
 def test_s3_upload_of_a_killed_writer_is_cleaned_by_retention_or_prune(
-    local: Path, s3: S3Replica, bucket: Bucket
+    local: Path, s3: S3Replica, bucket: S3Bucket
 ) -> None:
     # RELIABILITY 13: a writer killed during its first (multipart) object leaves an open upload
     # and no object at all under its step directory.
@@ -426,13 +325,13 @@ def test_s3_upload_of_a_killed_writer_is_cleaned_by_retention_or_prune(
             m.save(step, fill(net, step)).result(timeout=60)
         m.wait()
     if bucket.uploads():
-        _prune()([s3], keep=1, all_torn=True)
+        prune([s3], keep=1, all_torn=True)
     assert bucket.uploads() == [], "the killed writer's multipart upload (and its 5 MiB part) is never aborted"
 
 
 # ---------------------------------------------------------------- 4. S3 restarted empty
 def test_s3_restarted_empty_restore_uses_local_and_saves_resume(
-    local: Path, s3: S3Replica, bucket: Bucket, caplog: pytest.LogCaptureFixture
+    local: Path, s3: S3Replica, bucket: S3Bucket, caplog: pytest.LogCaptureFixture
 ) -> None:
     net = fill(make_net(**SMALL), 1)
     with Mirror([str(local), s3], object_bytes=MiB) as m:
@@ -456,7 +355,7 @@ def test_s3_restarted_empty_restore_uses_local_and_saves_resume(
 
 
 def test_s3_restarted_without_the_bucket_then_bucket_recreated(
-    local: Path, s3: S3Replica, bucket: Bucket, caplog: pytest.LogCaptureFixture
+    local: Path, s3: S3Replica, bucket: S3Bucket, caplog: pytest.LogCaptureFixture
 ) -> None:
     net = fill(make_net(**SMALL), 1)
     with (
@@ -489,7 +388,7 @@ def test_s3_restarted_without_the_bucket_then_bucket_recreated(
 
 # ------------------------------------------------------- 5. corrupt object on one replica
 def test_corrupt_object_served_by_the_other_replica_then_step_fallback(
-    local: Path, s3: S3Replica, bucket: Bucket, caplog: pytest.LogCaptureFixture
+    local: Path, s3: S3Replica, bucket: S3Bucket, caplog: pytest.LogCaptureFixture
 ) -> None:
     net = fill(make_net(**SMALL), 1)
     with Mirror([str(local), s3], object_bytes=MiB, keep_last=2) as m:
@@ -539,7 +438,7 @@ def test_local_replica_deleted_restore_from_s3_alone(local: Path, s3: S3Replica)
 
 # ------------------------------------------------------------------ 7. replicas diverge
 def test_replicas_diverge_restore_uses_newest_and_replica_steps_show_it(
-    local: Path, s3: S3Replica, bucket: Bucket
+    local: Path, s3: S3Replica, bucket: S3Bucket
 ) -> None:
     faulty = FaultyReplica(s3)
     net = fill(make_net(**SMALL), 1)
@@ -601,7 +500,7 @@ def test_slow_s3_does_not_hold_up_the_local_commit(local: Path, s3: S3Replica) -
 
 
 # ------------------------------------------------------------ 10. per-URL storage options
-def test_per_url_storage_options_configure_the_s3_replica(local: Path, s3_url: str, bucket: Bucket) -> None:
+def test_per_url_storage_options_configure_the_s3_replica(local: Path, s3_url: str, bucket: S3Bucket) -> None:
     opts = {s3_url: {"part_bytes": PART, "timeout_s": 7}, "s3": {"part_bytes": 64 * MiB}, "file": {"fsync": False}}
     net = fill(make_net(**BIG), 1)
     with Mirror([str(local), s3_url], object_bytes=BIG_OBJECT, storage_options=opts) as m:

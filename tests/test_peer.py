@@ -6,7 +6,8 @@ while receiving, writes with temp file + fsync + rename, and accepts a commit on
 object it names is present and verified.
 
 Agents are started by ``tests/_agent.py`` (the console script, ``--port 0``, a token file);
-faults on the wire come from its ``TcpProxy`` (delay, stall, reset with SO_LINGER 0).
+most tests share the session's agent (``peer_agent`` in conftest.py), each in namespaces of its
+own. Faults on the wire come from ``TcpProxy`` (delay, stall, reset with SO_LINGER 0).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import torch
 from _agent import (
     HOST,
     TOKEN,
@@ -37,77 +37,36 @@ from _agent import (
     temp_files,
     terminate,
     wait_until,
-    write_token,
 )
-from torch import nn
+from _helpers import assert_bit_exact, make_state, snapshot, train
 
 import ckptmirror
 from ckptmirror.checksum import checksum
-from ckptmirror.errors import ManifestError, ReplicaError, ReplicaUnavailableError, SaveFailedError, StepExistsError
+from ckptmirror.errors import (
+    ManifestError,
+    ReplicaError,
+    ReplicaPermissionError,
+    SaveFailedError,
+    StepExistsError,
+)
 from ckptmirror.replicas import FaultyReplica, LocalReplica
 from ckptmirror.replicas.peer import TOKEN_ENV, PeerReplica
+
+pytestmark = pytest.mark.usefixtures("no_peer_token_env")
 
 OBJECT_BYTES = 1 << 20  # the state below is ~4.7 MB: five or six objects per step
 STEP = "step-{:012d}"
 CSUM = "X-Ckptmirror-Checksum"
 
 
-# ------------------------------------------------------------------------------- models
-def make_state(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """~2.4 MB of parameters plus SGD momentum buffers of the same size."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(512, 768), nn.Tanh(), nn.Linear(768, 256))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    train(model, opt, seed)
-    return model, opt
-
-
-def train(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(8, 512, generator=g)
-    opt.zero_grad(set_to_none=True)
-    model(x).pow(2).mean().backward()
-    opt.step()
-
-
-def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    def copy(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return v.detach().clone()
-        if isinstance(v, dict):
-            return {k: copy(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return type(v)(copy(x) for x in v)
-        return v
-
-    return {"model": copy(model.state_dict()), "optim": copy(opt.state_dict())}
-
-
-def assert_bit_exact(actual: Any, expected: Any, path: str = "state") -> None:
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor), path
-        assert actual.dtype == expected.dtype and actual.shape == expected.shape, path
-        a = actual.detach().contiguous().cpu().numpy().tobytes()
-        assert a == expected.detach().contiguous().cpu().numpy().tobytes(), f"{path} differs"
-    elif isinstance(expected, dict):
-        assert set(actual) == set(expected), path
-        for k in expected:
-            assert_bit_exact(actual[k], expected[k], f"{path}[{k!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), path
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_bit_exact(a, e, f"{path}[{i}]")
-    else:
-        assert actual == expected, path
-
-
+# ----------------------------------------------------------------------------- helpers
 def restore_from(urls: list[str], snap: dict[str, Any], step: int, **kw: Any) -> ckptmirror.RestoreResult:
     """Restore into a fresh model/optimizer (other seed) and check it is bit-exact ``snap``."""
     model, opt = make_state(seed=4242)
     with mirror(urls, **kw) as m:
         res = m.restore(model, opt)
     assert res is not None and res.step == step
-    assert_bit_exact(snapshot(model, opt), snap)
+    assert_bit_exact(snapshot(model, opt), snap, "state")
     return res
 
 
@@ -199,36 +158,20 @@ def okey(step: int, index: int = 0) -> str:
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def token_file(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return write_token(tmp_path_factory.mktemp("token") / "token")
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory, token_file: str) -> Iterator[AgentProc]:
-    """One agent with default limits (idle timeout 2 s); tests use their own namespaces."""
-    base = tmp_path_factory.mktemp("shared")
-    with agent(base / "root", token_file=token_file, args=["--idle-timeout-s", "2"]) as a:
-        yield a
-
-
-@pytest.fixture(scope="module")
-def limited(tmp_path_factory: pytest.TempPathFactory, token_file: str) -> Iterator[AgentProc]:
+def limited(tmp_path_factory: pytest.TempPathFactory, peer_token_file: str) -> Iterator[AgentProc]:
     """An agent with tight limits: objects <= 1 MB, idle timeout 1 s, one upload at a time."""
     base = tmp_path_factory.mktemp("limited")
     args = ["--max-object-bytes", "1000000", "--idle-timeout-s", "1", "--max-uploads", "1"]
-    with agent(base / "root", token_file=token_file, args=args) as a:
+    with agent(base / "root", token_file=peer_token_file, args=args) as a:
         yield a
 
 
-@pytest.fixture(autouse=True)
-def _no_token_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(TOKEN_ENV, raising=False)
-
-
 # ================================================================ 1. round trip through a peer
-def test_round_trip_restores_from_peer_alone(shared: AgentProc, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_round_trip_restores_from_peer_alone(
+    peer_agent: AgentProc, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     local = str(tmp_path / "local")
-    peer = shared.url("roundtrip")
+    peer = peer_agent.url("roundtrip")
     model, opt = make_state(seed=1)
     with mirror([local, peer]) as m:
         h1 = m.save(1, model, opt, extra={"epoch": 1}).result(timeout=60)
@@ -237,7 +180,7 @@ def test_round_trip_restores_from_peer_alone(shared: AgentProc, tmp_path: Any, m
         h2 = m.save(2, model, opt, extra={"epoch": 2}).result(timeout=60)
     for h in (h1, h2):
         assert states(h) == {local: "committed", peer: "committed"}
-    ns_root = os.path.join(shared.root, "roundtrip")
+    ns_root = os.path.join(peer_agent.root, "roundtrip")
     objects = [f for f in files_under(ns_root) if f.startswith(STEP.format(2) + "/rank-00000/")]
     assert len(objects) >= 4, objects  # several objects of 1 MiB, not one blob
     assert os.path.isfile(os.path.join(ns_root, STEP.format(2), "COMMIT.json"))
@@ -256,11 +199,11 @@ def test_round_trip_restores_from_peer_alone(shared: AgentProc, tmp_path: Any, m
 
 
 # ======================================================== 2. agent SIGKILLed mid-upload
-def test_agent_sigkill_mid_upload_leaves_nothing_partial(tmp_path: Any, token_file: str) -> None:
+def test_agent_sigkill_mid_upload_leaves_nothing_partial(tmp_path: Any, peer_token_file: str) -> None:
     root = str(tmp_path / "agent")
     local = str(tmp_path / "local")
     ns = "killed"
-    first = start_agent(root, token_file=token_file)
+    first = start_agent(root, token_file=peer_token_file)
     try:
         with TcpProxy(first.port) as proxy, mirror([local, proxy.url(ns)], health_interval_s=60) as m:
             peer = proxy.url(ns)
@@ -301,7 +244,7 @@ def test_agent_sigkill_mid_upload_leaves_nothing_partial(tmp_path: Any, token_fi
     finally:
         terminate(first.proc, 5)
 
-    with agent(root, token_file=token_file) as second:
+    with agent(root, token_file=peer_token_file) as second:
         assert temp_files(root) == [], "leftover temp files must be removed at startup"
         res = restore_from([second.url(ns)], snap1, step=1)
         assert set(res.sources.values()) == {second.url(ns)}
@@ -310,7 +253,7 @@ def test_agent_sigkill_mid_upload_leaves_nothing_partial(tmp_path: Any, token_fi
 
 
 # ============================================ 3. agent down for whole saves, then back
-def test_peer_down_at_start_training_goes_on_then_rejoins(tmp_path: Any, token_file: str) -> None:
+def test_peer_down_at_start_training_goes_on_then_rejoins(tmp_path: Any, peer_token_file: str) -> None:
     port = free_port()
     local, peer = str(tmp_path / "local"), f"peer://{HOST}:{port}/down"
     model, opt = make_state(seed=5)
@@ -324,7 +267,7 @@ def test_peer_down_at_start_training_goes_on_then_rejoins(tmp_path: Any, token_f
         assert states(h2.result(timeout=60))[local] == "committed"
         assert m.health()[peer].startswith("degraded")
 
-        with agent(tmp_path / "agent", token_file=token_file, port=port) as a:
+        with agent(tmp_path / "agent", token_file=peer_token_file, port=port) as a:
             t0 = time.monotonic()
             wait_until(lambda: m.health()[peer] == "ok", 5, 0.02, "the peer to rejoin")
             assert time.monotonic() - t0 < 2.0, "rejoined only after many heartbeat intervals"
@@ -338,10 +281,10 @@ def test_peer_down_at_start_training_goes_on_then_rejoins(tmp_path: Any, token_f
             restore_from([peer], snap3, step=3)
 
 
-def test_peer_killed_between_saves_is_skipped_then_rejoins(tmp_path: Any, token_file: str) -> None:
+def test_peer_killed_between_saves_is_skipped_then_rejoins(tmp_path: Any, peer_token_file: str) -> None:
     root = tmp_path / "agent"
     local = str(tmp_path / "local")
-    a = start_agent(root, token_file=token_file)
+    a = start_agent(root, token_file=peer_token_file)
     try:
         peer = a.url("between")
         model, opt = make_state(seed=8)
@@ -358,7 +301,7 @@ def test_peer_killed_between_saves_is_skipped_then_rejoins(tmp_path: Any, token_
             train(model, opt, seed=10)
             m.save(3, model, opt).result(timeout=60)
 
-            with agent(root, token_file=token_file, port=a.port) as back:
+            with agent(root, token_file=peer_token_file, port=a.port) as back:
                 wait_until(lambda: m.health()[peer] == "ok", 5, 0.02, "the peer to rejoin")
                 train(model, opt, seed=11)
                 h4 = m.save(4, model, opt).result(timeout=60)
@@ -370,32 +313,32 @@ def test_peer_killed_between_saves_is_skipped_then_rejoins(tmp_path: Any, token_
 
 
 # ===================================================================== 4. authentication
-def test_missing_or_wrong_token_is_rejected_and_writes_nothing(shared: AgentProc) -> None:
+def test_missing_or_wrong_token_is_rejected_and_writes_nothing(peer_agent: AgentProc) -> None:
     body = os.urandom(4096)
     path = "/v1/o/auth/" + okey(1)
-    ns_root = os.path.join(shared.root, "auth")
+    ns_root = os.path.join(peer_agent.root, "auth")
 
-    status, headers, _ = request(shared.port, "PUT", path, body, token=None)
+    status, headers, _ = request(peer_agent.port, "PUT", path, body, token=None)
     assert status == 401 and headers.get("WWW-Authenticate") == "Bearer"
-    status, _, _ = request(shared.port, "PUT", path, body, headers={"Authorization": f"Basic {TOKEN}"}, token=None)
+    status, _, _ = request(peer_agent.port, "PUT", path, body, headers={"Authorization": f"Basic {TOKEN}"}, token=None)
     assert status == 401
     for wrong in ("wrong", TOKEN[:-1], TOKEN + "x", ""):
-        status, _, _ = request(shared.port, "PUT", path, body, token=wrong)
+        status, _, _ = request(peer_agent.port, "PUT", path, body, token=wrong)
         assert status in (401, 403) and (status == 403 or wrong == ""), (wrong, status)
     status, _, _ = request(
-        shared.port, "PUT", "/v1/commit/auth/" + STEP.format(1) + "/COMMIT.json", b"{}", token="wrong"
+        peer_agent.port, "PUT", "/v1/commit/auth/" + STEP.format(1) + "/COMMIT.json", b"{}", token="wrong"
     )
     assert status == 403
-    assert request(shared.port, "GET", "/v1/health", token=None)[0] == 401
-    assert request(shared.port, "GET", "/v1/steps/auth", token="wrong")[0] == 403
+    assert request(peer_agent.port, "GET", "/v1/health", token=None)[0] == 401
+    assert request(peer_agent.port, "GET", "/v1/steps/auth", token="wrong")[0] == 403
     assert not os.path.exists(ns_root), files_under(ns_root)
 
-    with pytest.raises(ReplicaUnavailableError, match="403"):
-        PeerReplica(shared.url("auth"), token="wrong", timeout_s=5).put(okey(1), body)
+    with pytest.raises(ReplicaPermissionError, match="403"):
+        PeerReplica(peer_agent.url("auth"), token="wrong", timeout_s=5).put(okey(1), body)
     assert not os.path.exists(ns_root)
 
     # The same request with the right token is accepted: the rejections above were the token's.
-    assert request(shared.port, "PUT", path, body)[0] == 201
+    assert request(peer_agent.port, "PUT", path, body)[0] == 201
     with open(os.path.join(ns_root, STEP.format(1), "rank-00000", "o000000.bin"), "rb") as f:
         assert f.read() == body
 
@@ -423,15 +366,15 @@ def _tree(path: str) -> list[str]:
     return sorted(out)
 
 
-def test_path_traversal_and_bad_names_rejected(shared: AgentProc) -> None:
-    base = os.path.dirname(shared.root)  # the agent root's parent: where "../" would land
+def test_path_traversal_and_bad_names_rejected(peer_agent: AgentProc) -> None:
+    base = os.path.dirname(peer_agent.root)  # the agent root's parent: where "../" would land
     for d in ("etc", "outside"):
         os.makedirs(os.path.join(base, d), exist_ok=True)
     sentinel = os.path.join(base, "outside", "keep.txt")
     with open(sentinel, "w") as f:
         f.write("SENTINEL-CONTENT")
     outside_before = {p for p in _tree(base) if not p.startswith("root")}
-    root_before = files_under(shared.root)
+    root_before = files_under(peer_agent.root)
     body = b"evil" * 100
 
     bad_puts = [
@@ -456,11 +399,11 @@ def test_path_traversal_and_bad_names_rejected(shared: AgentProc) -> None:
         "/v1/commit/%2e%2e/outside/COMMIT.json",
     ]
     for path in bad_puts:
-        status, _, text = request(shared.port, "PUT", path, body)
+        status, _, text = request(peer_agent.port, "PUT", path, body)
         assert status in (400, 404), (path, status, text)
     for depth in ("0", "-1", "9", "x"):
         status, _, text = request(
-            shared.port, "PUT", "/v1/o/tr/x/y", body, headers={"X-Ckptmirror-Namespace-Depth": depth}
+            peer_agent.port, "PUT", "/v1/o/tr/x/y", body, headers={"X-Ckptmirror-Namespace-Depth": depth}
         )
         assert status in (400, 404), (depth, status, text)
     for method, path in [
@@ -473,7 +416,7 @@ def test_path_traversal_and_bad_names_rejected(shared: AgentProc) -> None:
         ("DELETE", "/v1/prefix/%2e%2e/outside"),
         ("DELETE", "/v1/prefix/tr/%2e%2e%2f%2e%2e%2foutside"),
     ]:
-        status, _, text = request(shared.port, method, path)
+        status, _, text = request(peer_agent.port, method, path)
         assert status in (400, 404), (method, path, status, text)
         assert b"SENTINEL-CONTENT" not in text
 
@@ -481,37 +424,37 @@ def test_path_traversal_and_bad_names_rejected(shared: AgentProc) -> None:
     assert os.listdir(os.path.join(base, "etc")) == []
     with open(sentinel) as f:
         assert f.read() == "SENTINEL-CONTENT"
-    assert files_under(shared.root) == root_before, "a rejected request created a file in the root"
+    assert files_under(peer_agent.root) == root_before, "a rejected request created a file in the root"
 
     # The client refuses such keys before sending anything.
     with pytest.raises(ManifestError):
-        PeerReplica(shared.url("tr"), token=TOKEN).put("../../etc/x", body)
+        PeerReplica(peer_agent.url("tr"), token=TOKEN).put("../../etc/x", body)
     with pytest.raises((ManifestError, ValueError)):
-        PeerReplica(f"peer://{HOST}:{shared.port}/..", token=TOKEN)
+        PeerReplica(f"peer://{HOST}:{peer_agent.port}/..", token=TOKEN)
 
 
 @pytest.fixture
-def planted(shared: AgentProc, tmp_path: Any) -> Iterator[dict[str, str]]:
+def planted(peer_agent: AgentProc, tmp_path: Any) -> Iterator[dict[str, str]]:
     """Symlinks planted in the agent root, each pointing at a directory outside it."""
     out = {k: str(tmp_path / f"outside-{k}") for k in ("ns", "step", "rank", "secret")}
     for d in out.values():
         os.makedirs(d)
     with open(os.path.join(out["secret"], "secret.txt"), "w") as f:
         f.write("TOP-SECRET")
-    ns = os.path.join(shared.root, "sym")
+    ns = os.path.join(peer_agent.root, "sym")
     os.makedirs(os.path.join(ns, STEP.format(2)), exist_ok=True)
     os.makedirs(os.path.join(ns, STEP.format(3), "rank-00000"), exist_ok=True)
-    os.symlink(out["ns"], os.path.join(shared.root, "evilns"))
+    os.symlink(out["ns"], os.path.join(peer_agent.root, "evilns"))
     os.symlink(out["step"], os.path.join(ns, STEP.format(1)))
     os.symlink(out["rank"], os.path.join(ns, STEP.format(2), "rank-00000"))
     os.symlink(os.path.join(out["secret"], "secret.txt"), os.path.join(ns, STEP.format(3), "rank-00000", "o000000.bin"))
     os.symlink(out["secret"], os.path.join(ns, STEP.format(4)))
     yield out
-    os.unlink(os.path.join(shared.root, "evilns"))
+    os.unlink(os.path.join(peer_agent.root, "evilns"))
     shutil.rmtree(ns)
 
 
-def test_symlinks_planted_in_root_are_not_written_through(shared: AgentProc, planted: dict[str, str]) -> None:
+def test_symlinks_planted_in_root_are_not_written_through(peer_agent: AgentProc, planted: dict[str, str]) -> None:
     body = os.urandom(10000)
     for path in [
         "/v1/o/evilns/" + okey(1),  # namespace dir is a symlink
@@ -522,7 +465,7 @@ def test_symlinks_planted_in_root_are_not_written_through(shared: AgentProc, pla
         "/v1/o/sym/" + okey(2),  # rank dir is a symlink
         "/v1/o/sym/" + STEP.format(4) + "/secret.txt",  # would overwrite the outside file
     ]:
-        status, _, text = request(shared.port, "PUT", path, body)
+        status, _, text = request(peer_agent.port, "PUT", path, body)
         assert status >= 400, (path, status, text)
     for method, path in [
         ("GET", "/v1/steps/evilns"),
@@ -531,7 +474,7 @@ def test_symlinks_planted_in_root_are_not_written_through(shared: AgentProc, pla
         ("DELETE", "/v1/o/sym/" + STEP.format(4) + "/secret.txt"),
         ("DELETE", "/v1/prefix/sym/" + STEP.format(4)),
     ]:
-        status, _, text = request(shared.port, method, path)
+        status, _, text = request(peer_agent.port, method, path)
         assert status >= 400, (method, path, status)
         assert b"TOP-SECRET" not in text
     for k in ("ns", "step", "rank"):
@@ -541,8 +484,8 @@ def test_symlinks_planted_in_root_are_not_written_through(shared: AgentProc, pla
     assert os.listdir(planted["secret"]) == ["secret.txt"]
 
     # A symlink under an object's final name is replaced by the new object, never written through.
-    assert request(shared.port, "PUT", "/v1/o/sym/" + okey(3), body)[0] == 201
-    final = os.path.join(shared.root, "sym", STEP.format(3), "rank-00000", "o000000.bin")
+    assert request(peer_agent.port, "PUT", "/v1/o/sym/" + okey(3), body)[0] == 201
+    final = os.path.join(peer_agent.root, "sym", STEP.format(3), "rank-00000", "o000000.bin")
     assert not os.path.islink(final)
     with open(final, "rb") as f:
         assert f.read() == body
@@ -550,9 +493,9 @@ def test_symlinks_planted_in_root_are_not_written_through(shared: AgentProc, pla
         assert f.read() == "TOP-SECRET"
 
 
-def test_listing_does_not_follow_a_symlinked_step_dir(shared: AgentProc, planted: dict[str, str]) -> None:
-    """BUG: GET /v1/list follows a step directory planted as a symlink and lists what is outside."""
-    status, _, text = request(shared.port, "GET", "/v1/list/sym/" + STEP.format(4))
+def test_listing_does_not_follow_a_symlinked_step_dir(peer_agent: AgentProc, planted: dict[str, str]) -> None:
+    """GET /v1/list does not follow a step directory planted as a symlink: nothing outside the root is listed."""
+    status, _, text = request(peer_agent.port, "GET", "/v1/list/sym/" + STEP.format(4))
     assert not (status == 200 and b"secret.txt" in text), f"the listing reveals a file outside the root: {text!r}"
 
 
@@ -584,8 +527,8 @@ def test_oversized_body_413(limited: AgentProc) -> None:
     assert os.path.getsize(os.path.join(limited.root, "big", STEP.format(1), "rank-00000", "o000000.bin")) == 1_000_000
 
 
-def test_missing_content_length_411(shared: AgentProc) -> None:
-    conn = http.client.HTTPConnection(HOST, shared.port, timeout=10)
+def test_missing_content_length_411(peer_agent: AgentProc) -> None:
+    conn = http.client.HTTPConnection(HOST, peer_agent.port, timeout=10)
     try:
         conn.request(
             "PUT",
@@ -601,22 +544,22 @@ def test_missing_content_length_411(shared: AgentProc) -> None:
         assert conn.getresponse().status == 411
     finally:
         conn.close()
-    assert files_under(os.path.join(shared.root, "chunked")) == []
+    assert files_under(os.path.join(peer_agent.root, "chunked")) == []
 
 
-def test_checksum_mismatch_422_and_malformed_400(shared: AgentProc) -> None:
+def test_checksum_mismatch_422_and_malformed_400(peer_agent: AgentProc) -> None:
     body = os.urandom(300_000)
     path = "/v1/o/csum/" + okey(1)
-    status, _, text = request(shared.port, "PUT", path, body, headers={CSUM: checksum(body + b"!")})
+    status, _, text = request(peer_agent.port, "PUT", path, body, headers={CSUM: checksum(body + b"!")})
     assert status == 422, text
     for bad in ("", "sha256:00", "xxh3_64:XYZ", checksum(body).upper()):
-        status, _, _ = request(shared.port, "PUT", path, body, headers={CSUM: bad})
+        status, _, _ = request(peer_agent.port, "PUT", path, body, headers={CSUM: bad})
         assert status == 400, bad
-    ns_root = os.path.join(shared.root, "csum")
+    ns_root = os.path.join(peer_agent.root, "csum")
     assert files_under(ns_root) == []  # no final object, no temp file
     # A body shorter than its Content-Length is not stored either.
     s = send_head(
-        shared.port,
+        peer_agent.port,
         "PUT",
         path,
         {"Authorization": f"Bearer {TOKEN}", CSUM: checksum(body), "Content-Length": str(len(body))},
@@ -643,15 +586,15 @@ def saved_step(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, byte
 
 
 def test_commit_only_when_objects_verified_and_only_once(
-    shared: AgentProc, saved_step: tuple[dict[str, bytes], dict[str, Any]]
+    peer_agent: AgentProc, saved_step: tuple[dict[str, bytes], dict[str, Any]]
 ) -> None:
     files, snap = saved_step
     commit_key = STEP.format(1) + "/COMMIT.json"
     manifest_key = next(k for k in files if k.endswith(".json") and k != commit_key)
     objects = sorted(k for k in files if k.endswith(".bin"))
     assert len(objects) >= 4
-    r = PeerReplica(shared.url("commit"), token=TOKEN, timeout_s=10)
-    ns_root = os.path.join(shared.root, "commit")
+    r = PeerReplica(peer_agent.url("commit"), token=TOKEN, timeout_s=10)
+    ns_root = os.path.join(peer_agent.root, "commit")
     committed = os.path.join(ns_root, commit_key)
     try:
         with pytest.raises(ReplicaError, match="409"):
@@ -684,7 +627,7 @@ def test_commit_only_when_objects_verified_and_only_once(
         other = json.dumps(doc, separators=(",", ":")).encode()
         with pytest.raises(StepExistsError):
             r.commit(commit_key, other)
-        status, _, _ = request(shared.port, "PUT", "/v1/commit/commit/" + commit_key, other)
+        status, _, _ = request(peer_agent.port, "PUT", "/v1/commit/commit/" + commit_key, other)
         assert status == 412
         r.commit(commit_key, files[commit_key])
         with open(committed, "rb") as f:
@@ -692,7 +635,7 @@ def test_commit_only_when_objects_verified_and_only_once(
         assert temp_files(ns_root) == []
     finally:
         r.close()
-    restore_from([shared.url("commit")], snap, step=1)
+    restore_from([peer_agent.url("commit")], snap, step=1)
 
 
 # ========================================================================= 7. slow clients
@@ -742,9 +685,9 @@ def test_too_many_uploads_503(limited: AgentProc) -> None:
 
 
 def test_concurrent_uploads_respect_max_uploads(limited: AgentProc) -> None:
-    """BUG: the 503 check and the counter increment are separated by an await, so a burst of
-    uploads can all pass ``--max-uploads 1``. The race is lost most of the time; a few bursts
-    make the test reliable."""
+    """A burst of simultaneous uploads cannot get past ``--max-uploads 1``: the agent takes the
+    slot in the same step as its 503 check (no await between them). A race there would be lost
+    most of the time, so the test sends a few bursts."""
     n = 6
     for burst in range(4):
         wait_idle(limited)
@@ -774,8 +717,8 @@ def test_concurrent_uploads_respect_max_uploads(limited: AgentProc) -> None:
 
 
 def test_partial_request_head_is_dropped(limited: AgentProc) -> None:
-    """BUG: a client that sends half a request head is kept forever (aiohttp's keep-alive timeout
-    is 3630 s and the agent sets no header timeout): unbounded connections from slow clients."""
+    """A client that sends half a request head is dropped within seconds, not kept for aiohttp's
+    keep-alive timeout (3630 s): slow clients cannot hold connections open without bound."""
     s = socket.create_connection((HOST, limited.port), timeout=10)
     with s:
         s.sendall(b"PUT /v1/o/slow/x/y HTTP/1.1\r\nHost: x\r\n")
@@ -789,10 +732,10 @@ def test_partial_request_head_is_dropped(limited: AgentProc) -> None:
 
 # ======================================================================== 8. free-space reserve
 @pytest.fixture(scope="module")
-def full(tmp_path_factory: pytest.TempPathFactory, token_file: str) -> Iterator[AgentProc]:
+def full(tmp_path_factory: pytest.TempPathFactory, peer_token_file: str) -> Iterator[AgentProc]:
     """An agent whose free-space reserve no disk can meet: every upload gets 507 at once."""
     base = tmp_path_factory.mktemp("full")
-    with agent(base / "root", token_file=token_file, args=["--reserve-free-bytes", str(10**18)]) as a:
+    with agent(base / "root", token_file=peer_token_file, args=["--reserve-free-bytes", str(10**18)]) as a:
         yield a
 
 
@@ -815,9 +758,8 @@ def test_free_space_reserve_507(full: AgentProc, tmp_path: Any) -> None:
 
 
 def test_fast_failing_peer_does_not_fail_the_next_save_while_local_still_writes(full: AgentProc, tmp_path: Any) -> None:
-    """BUG: Mirror._raise_unreported raises a handle's failure from the next save() when
-    committed_count == 0, even while another replica of that save is still writing (and then
-    commits). A peer that fails fast therefore stops training although the step is durable."""
+    """A peer that fails fast does not make the next save() raise while another replica of the
+    same save is still writing: that replica then commits, the step is durable and training goes on."""
     local = FaultyReplica(LocalReplica(str(tmp_path / "local")), delay_s=0.3)  # a slow local disk
     peer = full.url("fast-fail")
     model, opt = make_state(seed=21)
@@ -835,9 +777,9 @@ def test_fast_failing_peer_does_not_fail_the_next_save_while_local_still_writes(
 
 
 # ==================================================================== 9. faults on the wire
-def test_slow_connection_still_commits(shared: AgentProc, tmp_path: Any) -> None:
+def test_slow_connection_still_commits(peer_agent: AgentProc, tmp_path: Any) -> None:
     local = str(tmp_path / "local")
-    with TcpProxy(shared.port, mode="delay", delay_s=0.004) as proxy:
+    with TcpProxy(peer_agent.port, mode="delay", delay_s=0.004) as proxy:
         peer = proxy.url("slow")
         model, opt = make_state(seed=14)
         snap = snapshot(model, opt)
@@ -846,7 +788,7 @@ def test_slow_connection_still_commits(shared: AgentProc, tmp_path: Any) -> None
             assert h.stall_s < 1.0
             assert states(h.result(timeout=60)) == {local: "committed", peer: "committed"}
         assert proxy.stats.upstream_bytes > h.nbytes
-        assert os.path.isfile(os.path.join(shared.root, "slow", STEP.format(1), "COMMIT.json"))
+        assert os.path.isfile(os.path.join(peer_agent.root, "slow", STEP.format(1), "COMMIT.json"))
         res = restore_from([peer], snap, step=1)
         assert set(res.sources.values()) == {peer}
 
@@ -861,10 +803,10 @@ def _assert_nothing_partial_visible(ns_root: str, step: int) -> None:
     assert visible == [], f"partial objects visible on the agent: {visible}"
 
 
-def test_stalled_connection_fails_peer_fast_and_keeps_training(shared: AgentProc, tmp_path: Any) -> None:
+def test_stalled_connection_fails_peer_fast_and_keeps_training(peer_agent: AgentProc, tmp_path: Any) -> None:
     local = str(tmp_path / "local")
-    ns_root = os.path.join(shared.root, "stall")
-    with TcpProxy(shared.port, mode="stall", after_bytes=256 << 10) as proxy:
+    ns_root = os.path.join(peer_agent.root, "stall")
+    with TcpProxy(peer_agent.port, mode="stall", after_bytes=256 << 10) as proxy:
         peer = proxy.url("stall")
         model, opt = make_state(seed=15)
         with mirror([local, peer], peer={"timeout_s": 1}, health_interval_s=60) as m:
@@ -891,12 +833,12 @@ def test_stalled_connection_fails_peer_fast_and_keeps_training(shared: AgentProc
         _assert_nothing_partial_visible(ns_root, 1)
 
 
-def test_stalled_peer_does_not_hold_the_next_save_for_every_object(shared: AgentProc, tmp_path: Any) -> None:
-    """BUG: after the first object times out, write_step still waits for every other queued put
-    to time out too, so the staging buffer (and the next save()) is held for
-    ceil(objects / io_threads) * timeout_s instead of about one timeout_s."""
+def test_stalled_peer_does_not_hold_the_next_save_for_every_object(peer_agent: AgentProc, tmp_path: Any) -> None:
+    """Once the first object put to a stalled peer times out, the save does not wait for every
+    other queued put to time out too: the staging buffer (and the next save()) is held for about
+    one timeout_s, not ceil(objects / io_threads) * timeout_s."""
     local = str(tmp_path / "local")
-    with TcpProxy(shared.port, mode="stall", after_bytes=64 << 10) as proxy:
+    with TcpProxy(peer_agent.port, mode="stall", after_bytes=64 << 10) as proxy:
         peer = proxy.url("stall2")
         model, opt = make_state(seed=17)
         with mirror(
@@ -911,10 +853,10 @@ def test_stalled_peer_does_not_hold_the_next_save_for_every_object(shared: Agent
     assert h2.wait_s < 2.5, f"the next save() waited {h2.wait_s:.1f} s for a peer with a 1 s timeout"
 
 
-def test_reset_connection_fails_peer_and_nothing_partial(shared: AgentProc, tmp_path: Any) -> None:
+def test_reset_connection_fails_peer_and_nothing_partial(peer_agent: AgentProc, tmp_path: Any) -> None:
     local = str(tmp_path / "local")
-    ns_root = os.path.join(shared.root, "reset")
-    with TcpProxy(shared.port, mode="reset", after_bytes=300 << 10) as proxy:
+    ns_root = os.path.join(peer_agent.root, "reset")
+    with TcpProxy(peer_agent.port, mode="reset", after_bytes=300 << 10) as proxy:
         peer = proxy.url("reset")
         model, opt = make_state(seed=19)
         with mirror([local, peer], health_interval_s=60) as m:
@@ -936,16 +878,16 @@ def test_reset_connection_fails_peer_and_nothing_partial(shared: AgentProc, tmp_
 
 
 # ========================================================================= 10. health, SIGTERM
-def test_health_endpoint(shared: AgentProc) -> None:
-    doc = health(shared)
+def test_health_endpoint(peer_agent: AgentProc) -> None:
+    doc = health(peer_agent)
     assert doc["version"] == ckptmirror.__version__
     assert isinstance(doc["free_bytes"], int) and doc["free_bytes"] > 0
     assert doc["uploads_in_flight"] == 0
-    assert PeerReplica(shared.url("h"), token=TOKEN).health()["version"] == ckptmirror.__version__
+    assert PeerReplica(peer_agent.url("h"), token=TOKEN).health()["version"] == ckptmirror.__version__
 
 
-def test_sigterm_exits_zero_promptly(tmp_path: Any, token_file: str) -> None:
-    a = start_agent(tmp_path / "agent", token_file=token_file)
+def test_sigterm_exits_zero_promptly(tmp_path: Any, peer_token_file: str) -> None:
+    a = start_agent(tmp_path / "agent", token_file=peer_token_file)
     conn = http.client.HTTPConnection(HOST, a.port, timeout=5)
     try:
         conn.request("GET", "/v1/health", headers={"Authorization": f"Bearer {TOKEN}"})
@@ -960,10 +902,11 @@ def test_sigterm_exits_zero_promptly(tmp_path: Any, token_file: str) -> None:
     assert '"shutting down"' in a.log()
 
 
-def test_sigterm_with_a_stalled_upload_exits_promptly(tmp_path: Any, token_file: str) -> None:
-    """BUG: shutdown waits for in-flight handlers (aiohttp's 60 s shutdown timeout), so one
-    stalled client delays SIGTERM until its idle timeout expires."""
-    a = start_agent(tmp_path / "agent", token_file=token_file, args=["--idle-timeout-s", "20"])
+def test_sigterm_with_a_stalled_upload_exits_promptly(tmp_path: Any, peer_token_file: str) -> None:
+    """SIGTERM exits promptly with a stalled upload in flight: shutdown does not wait for the
+    handler (aiohttp's 60 s shutdown timeout) nor for the upload's idle timeout, and the upload's
+    temp file is removed."""
+    a = start_agent(tmp_path / "agent", token_file=peer_token_file, args=["--idle-timeout-s", "20"])
     try:
         s = send_head(
             a.port,

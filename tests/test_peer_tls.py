@@ -12,20 +12,22 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
-from _agent import HOST, TOKEN, AgentProc, agent, serve_command, write_token
-from torch import nn
+from _agent import HOST, TOKEN, AgentProc, agent, serve_command
+from _helpers import assert_bit_exact, make_state, snapshot
 
 import ckptmirror
 from ckptmirror.errors import ReplicaError, SaveFailedError
-from ckptmirror.replicas.peer import TOKEN_ENV, PeerReplica
+from ckptmirror.replicas.peer import PeerReplica
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+pytestmark = [
+    pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI"),
+    pytest.mark.usefixtures("no_peer_token_env"),
+]
 
-OBJECT_BYTES = 256 << 10  # the state below is ~1.3 MB: several objects per step
+DIMS = (256, 512, 128)  # the model of make_state: ~1.3 MB of parameters and momentum buffers
+OBJECT_BYTES = 256 << 10  # several objects per step
 CERT_ERROR = "CERTIFICATE_VERIFY_FAILED"
 
 
@@ -46,26 +48,18 @@ def tls_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def token_file(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return write_token(tmp_path_factory.mktemp("token") / "token")
-
-
-@pytest.fixture(scope="module")
 def tls_agent(
-    tmp_path_factory: pytest.TempPathFactory, tls_pair: tuple[str, str], token_file: str
+    tmp_path_factory: pytest.TempPathFactory, tls_pair: tuple[str, str], peer_token_file: str
 ) -> Iterator[AgentProc]:
     cert, key = tls_pair
     base = tmp_path_factory.mktemp("tls-agent")
     # --reserve-free-bytes 0: the test must not depend on how full the temp disk is.
     with agent(
-        base / "root", token_file=token_file, args=["--tls-cert", cert, "--tls-key", key, "--reserve-free-bytes", "0"]
+        base / "root",
+        token_file=peer_token_file,
+        args=["--tls-cert", cert, "--tls-key", key, "--reserve-free-bytes", "0"],
     ) as a:
         yield a
-
-
-@pytest.fixture(autouse=True)
-def _no_token_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(TOKEN_ENV, raising=False)
 
 
 def peers_url(a: AgentProc, namespace: str) -> str:
@@ -73,49 +67,7 @@ def peers_url(a: AgentProc, namespace: str) -> str:
 
 
 def plain_url(a: AgentProc, namespace: str) -> str:
-    return f"peer://{HOST}:{a.port}/{namespace}"
-
-
-# -------------------------------------------------------------------------------- models
-def make_state(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(256, 512), nn.Tanh(), nn.Linear(512, 128))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(seed)
-    opt.zero_grad(set_to_none=True)
-    model(torch.randn(8, 256, generator=g)).pow(2).mean().backward()
-    opt.step()
-    return model, opt
-
-
-def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    def copy(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return v.detach().clone()
-        if isinstance(v, dict):
-            return {k: copy(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return type(v)(copy(x) for x in v)
-        return v
-
-    return {"model": copy(model.state_dict()), "optim": copy(opt.state_dict())}
-
-
-def assert_bit_exact(actual: Any, expected: Any, path: str = "state") -> None:
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor), path
-        assert actual.dtype == expected.dtype and actual.shape == expected.shape, path
-        assert actual.contiguous().numpy().tobytes() == expected.contiguous().numpy().tobytes(), f"{path} differs"
-    elif isinstance(expected, dict):
-        assert set(actual) == set(expected), path
-        for k in expected:
-            assert_bit_exact(actual[k], expected[k], f"{path}[{k!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), path
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_bit_exact(a, e, f"{path}[{i}]")
-    else:
-        assert actual == expected, path
+    return a.url(namespace)
 
 
 # --------------------------------------------------------------------------------- tests
@@ -124,7 +76,7 @@ def test_save_and_restore_through_a_tls_peer(tls_agent: AgentProc, tls_pair: tup
     local = tmp_path / "local"
     url = peers_url(tls_agent, "roundtrip")
     opts = {"peers": {"cafile": cert, "token": TOKEN}}
-    model, opt = make_state(seed=1)
+    model, opt = make_state(1, DIMS)
     snap = snapshot(model, opt)
     with ckptmirror.Mirror([str(local), url], storage_options=opts, object_bytes=OBJECT_BYTES) as m:
         assert m.health() == {str(local): "ok", url: "ok"}
@@ -135,7 +87,7 @@ def test_save_and_restore_through_a_tls_peer(tls_agent: AgentProc, tls_pair: tup
     assert any((Path(tls_agent.root) / "roundtrip").rglob("*.bin"))
 
     shutil.rmtree(local)  # the node-local copy is gone: only the TLS peer has the checkpoint
-    fresh, fresh_opt = make_state(seed=4242)
+    fresh, fresh_opt = make_state(4242, DIMS)
     with ckptmirror.Mirror([str(local), url], storage_options=opts, object_bytes=OBJECT_BYTES) as m:
         res = m.restore(fresh, fresh_opt)
     assert res is not None and res.step == 3 and res.extra == {"epoch": 1}
@@ -157,7 +109,7 @@ def test_client_without_the_ca_fails_certificate_verification(tls_agent: AgentPr
         r.close()
 
     # Through a Mirror: the peer starts degraded, and a save that needs it fails naming the cause.
-    model, opt = make_state(seed=2)
+    model, opt = make_state(2, DIMS)
     m = ckptmirror.Mirror([url], storage_options={"peers": {"token": TOKEN, "timeout_s": 5}}, object_bytes=OBJECT_BYTES)
     try:
         assert "certificate verify failed" in m.health()[url], m.health()
@@ -193,7 +145,9 @@ def test_plain_http_client_on_the_tls_port_fails_cleanly(tls_agent: AgentProc, t
 
 
 @pytest.mark.parametrize("which", ["--tls-cert", "--tls-key"])
-def test_agent_refuses_half_a_tls_setup(which: str, tls_pair: tuple[str, str], token_file: str, tmp_path: Path) -> None:
+def test_agent_refuses_half_a_tls_setup(
+    which: str, tls_pair: tuple[str, str], peer_token_file: str, tmp_path: Path
+) -> None:
     cert, key = tls_pair
     cmd = serve_command() + [
         "serve",
@@ -204,7 +158,7 @@ def test_agent_refuses_half_a_tls_setup(which: str, tls_pair: tuple[str, str], t
         "--port",
         "0",
         "--token-file",
-        token_file,
+        peer_token_file,
     ]
     cmd += [which, cert if which == "--tls-cert" else key]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)

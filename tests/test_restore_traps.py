@@ -124,7 +124,9 @@ def test_key_prefix_mismatch_names_the_prefix(tmp_path, attr: str) -> None:
 def test_unrelated_key_mismatch_suggests_strict_false(tmp_path) -> None:
     with Mirror([str(tmp_path)]) as m:
         m.save(1, _model()).result(timeout=30)
-        other = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2), torch.nn.Linear(2, 2))
+        other = torch.nn.Sequential(
+            torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2), torch.nn.Linear(2, 2)
+        )
         with pytest.raises(StateMismatchError) as exc:
             m.restore(other)
         assert "strict=False" in str(exc.value) and "state['model']['3.weight']" in str(exc.value)

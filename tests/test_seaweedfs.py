@@ -18,25 +18,32 @@ after a short grace period (the data is thrown away anyway).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from torch import nn
+from _helpers import (
+    S3Bucket,
+    answers,
+    assert_bit_exact,
+    fill,
+    free_ports,
+    local_manifest,
+    make_net,
+    point_aws_at,
+    state_of,
+)
 
 from ckptmirror import Mirror
 from ckptmirror.errors import StepExistsError
@@ -62,29 +69,6 @@ def _weed() -> str | None:
         return found
     beside = Path(sys.executable).parent / "weed"
     return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else None
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):  # all open at once, so the n ports are distinct
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _answers(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url, timeout=1).close()
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
-    return True
 
 
 class Seaweed:
@@ -114,10 +98,11 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
     from botocore.exceptions import BotoCoreError, ClientError
 
     data = tmp_path_factory.mktemp("seaweedfs")
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports = _free_ports(8)
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports = free_ports(8)
     cmd = [
         weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
-        f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
+        f"-master.port={master}", f"-master.port.grpc={master_grpc}",
+        "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
         f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=100",
         "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
         "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
@@ -140,10 +125,9 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
             while True:
                 if proc.poll() is not None or time.monotonic() - t0 > START_TIMEOUT_S:
                     log.seek(0)
-                    pytest.fail(
-                        f"weed server did not start (exit {proc.poll()}, last error {last!r}):\n{log.read().decode(errors='replace')[-3000:]}"
-                    )
-                if _answers(endpoint + "/"):
+                    tail = log.read().decode(errors="replace")[-3000:]
+                    pytest.fail(f"weed server did not start (exit {proc.poll()}, last error {last!r}):\n{tail}")
+                if answers(endpoint + "/"):
                     try:
                         client.create_bucket(Bucket=bucket)
                     except ClientError as exc:
@@ -177,15 +161,7 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
 @pytest.fixture(autouse=True)
 def _aws_env(seaweed: Seaweed, monkeypatch: pytest.MonkeyPatch) -> None:
     """The standard AWS variables point at SeaweedFS; the developer's ~/.aws stays out."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
-    nowhere = os.path.join(tempfile.gettempdir(), f"no-aws-config-{uuid.uuid4().hex}")
-    monkeypatch.setenv("AWS_CONFIG_FILE", nowhere)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", seaweed.endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    point_aws_at(monkeypatch, seaweed.endpoint, KEY, SECRET)
 
 
 @pytest.fixture
@@ -195,59 +171,20 @@ def url(seaweed: Seaweed) -> str:
 
 
 @pytest.fixture
-def make_s3() -> Iterator[Callable[..., S3Replica]]:
-    made: list[S3Replica] = []
-
-    def make(u: str, **kw: Any) -> S3Replica:
-        r = S3Replica(u, **{"part_bytes": PART, "timeout_s": 20, "retries": 2, **kw})
-        made.append(r)
-        return r
-
-    yield make
-    for r in made:
-        r.close()
+def make_s3(make_s3: Callable[..., S3Replica]) -> Callable[..., S3Replica]:
+    """conftest's ``make_s3`` with a longer timeout: SeaweedFS is slower than moto."""
+    return functools.partial(make_s3, timeout_s=20)
 
 
 # ----------------------------------------------------------------------------- helpers
-def make_net(width: int, layers: int) -> nn.Module:
-    return nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
-
-
-def fill(net: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-    return net
-
-
-def state_of(net: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-
-def assert_bit_exact(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert sorted(actual) == sorted(expected)
-    for k, e in expected.items():
-        a = actual[k]
-        assert a.dtype == e.dtype and a.shape == e.shape, k
-        assert torch.equal(
-            a.contiguous().reshape(-1).view(torch.uint8), e.contiguous().reshape(-1).view(torch.uint8)
-        ), f"{k}: bytes differ"
-
-
 def listing(seaweed: Seaweed, u: str) -> dict[str, int]:
-    bucket, _, prefix = u.split("://", 1)[1].partition("/")
-    out: dict[str, int] = {}
-    for page in seaweed.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
-        for o in page.get("Contents", []):
-            out[o["Key"][len(prefix) + 1 :]] = o["Size"]
-    return out
+    """Visible objects under the prefix of ``u``: key -> size."""
+    return S3Bucket(u, seaweed.endpoint).sizes()
 
 
 def open_uploads(seaweed: Seaweed, u: str) -> list[str]:
-    bucket, _, prefix = u.split("://", 1)[1].partition("/")
-    resp = seaweed.client().list_multipart_uploads(Bucket=bucket, Prefix=prefix + "/")
-    return [x["Key"] for x in resp.get("Uploads", [])]
+    """Multipart uploads open under the prefix of ``u``."""
+    return S3Bucket(u, seaweed.endpoint).uploads()
 
 
 # ------------------------------------------------------------------------------- tests
@@ -361,8 +298,7 @@ def test_local_and_seaweed_fan_out_then_restore_from_seaweed_alone(
         m.wait()
         assert m.replica_steps() == {str(local): [1, 2], url: [1, 2]}
     # Encoded once: the same objects, byte for byte, on both replicas.
-    (mpath,) = (local / step_dir(2)).glob("rank-00000-*.json")
-    manifest = parse_rank_manifest(mpath.read_bytes(), mpath.name)
+    manifest = local_manifest(local, 2)
     bucket, _, prefix = url.split("://", 1)[1].partition("/")
     client = seaweed.client()
     for rec in manifest.objects:
@@ -399,8 +335,7 @@ def test_part_failing_mid_upload_leaves_nothing_visible(
         m.wait()
         assert h.replicas[str(local)].state == "committed" and h.replicas[url].state == "failed"
     assert open_uploads(seaweed, url) == []  # aborted
-    (mpath,) = (local / step_dir(1)).glob("rank-00000-*.json")
-    full = {rec.key: rec.size for rec in parse_rank_manifest(mpath.read_bytes(), mpath.name).objects}
+    full = {rec.key: rec.size for rec in local_manifest(local, 1).objects}
     visible = listing(seaweed, url)
     assert commit_key(1) not in visible and calls[2] not in visible
     for k, n in visible.items():

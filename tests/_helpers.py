@@ -1,0 +1,312 @@
+"""Helpers shared by the test files (one copy each); fixtures built on them are in ``conftest.py``.
+
+Polling (:func:`wait_until`), free ports, files on disk, log records, models and their
+bit-exact comparison, ``torchrun`` jobs, the AWS environment of an S3 test server and a boto3
+view of a bucket. The peer agent's helpers are in ``_agent.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------ polling
+def wait_until(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.02, what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` s pass (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+# -------------------------------------------------------------------------------- ports
+def free_ports(n: int, host: str = HOST) -> list[int]:
+    """``n`` distinct ports that were free a moment ago (all bound at once, then released)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port(host: str = HOST) -> int:
+    """A port that was free a moment ago: for a server started on a known port, or one nobody listens on."""
+    return free_ports(1, host)[0]
+
+
+def answers(url: str) -> bool:
+    """Whether an HTTP server answers at ``url`` (any status counts)."""
+    try:
+        urllib.request.urlopen(url, timeout=1).close()
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+# -------------------------------------------------------------------------------- files
+def files_under(root: str | os.PathLike[str]) -> list[str]:
+    """Every non-directory entry under ``root`` (relative paths, sorted), symlinks not followed."""
+    root = os.fspath(root)
+    out = []
+    for dirpath, dirs, files in os.walk(root):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
+            out.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return sorted(out)
+
+
+def temp_files(root: str | os.PathLike[str]) -> list[str]:
+    """Agent/replica temp files (``.tmp-*``) under ``root``, sorted."""
+    return [f for f in files_under(root) if os.path.basename(f).startswith(".tmp-")]
+
+
+def local_manifest(root: Path, step: int) -> Any:
+    """The rank manifest of rank 0 at ``step`` in the local replica ``root``, parsed."""
+    from ckptmirror.format import parse_rank_manifest, step_dir
+
+    (path,) = (root / step_dir(step)).glob("rank-00000-*.json")
+    return parse_rank_manifest(path.read_bytes(), path.relative_to(root).as_posix())
+
+
+# --------------------------------------------------------------------------------- logs
+def ck_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The messages of the WARNING (and worse) records ckptmirror logged."""
+    return [r.getMessage() for r in caplog.records if r.name.startswith("ckptmirror") and r.levelno >= logging.WARNING]
+
+
+# ------------------------------------------------------------------------------- models
+def make_net(width: int, layers: int) -> nn.Module:
+    """``layers`` x Linear(width, width)."""
+    return nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+
+
+def fill(net: nn.Module, seed: int) -> nn.Module:
+    """Deterministic, step-specific values (so that restoring the wrong step is caught)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return net
+
+
+def state_of(net: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the module's state dict."""
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def make_state(seed: int, dims: tuple[int, int, int] = (512, 768, 256)) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """An MLP and its SGD optimizer after one training step (momentum buffers set).
+
+    The default ``dims`` give ~2.4 MB of parameters plus momentum buffers of the same size.
+    """
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(dims[0], dims[1]), nn.Tanh(), nn.Linear(dims[1], dims[2]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    train(model, opt, seed)
+    return model, opt
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
+    """One deterministic SGD step of a :func:`make_state` model."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, model[0].in_features, generator=g)
+    opt.zero_grad(set_to_none=True)
+    model(x).pow(2).mean().backward()
+    opt.step()
+
+
+def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Deep copies of the model's and the optimizer's state dicts."""
+
+    def copy(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.detach().clone()
+        if isinstance(v, dict):
+            return {k: copy(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(copy(x) for x in v)
+        return v
+
+    return {"model": copy(model.state_dict()), "optim": copy(opt.state_dict())}
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_bit_exact(actual: Any, expected: Any, what: str = "") -> None:
+    """``actual`` has the structure of ``expected`` (dicts, lists, tuples) and every tensor the
+    same dtype, shape and bytes; other values are equal. ``what`` prefixes the messages."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), f"{what}: {type(actual).__name__}, not a tensor"
+        assert actual.dtype == expected.dtype and tuple(actual.shape) == tuple(expected.shape), (
+            f"{what}: {actual.dtype}{tuple(actual.shape)} vs {expected.dtype}{tuple(expected.shape)}"
+        )
+        assert torch.equal(_raw(actual), _raw(expected)), f"{what}: bytes differ"
+    elif isinstance(expected, np.ndarray):
+        assert isinstance(actual, np.ndarray), f"{what}: {type(actual).__name__}, not an array"
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+        assert actual.tobytes() == expected.tobytes(), f"{what}: bytes differ"
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and set(actual) == set(expected), (
+            f"{what}: keys {sorted(map(str, actual))} vs {sorted(map(str, expected))}"
+        )
+        for k in expected:
+            assert_bit_exact(actual[k], expected[k], f"{what}[{k!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), what
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_bit_exact(a, e, f"{what}[{i}]")
+    else:
+        assert actual == expected, f"{what}: {actual!r} != {expected!r}"
+
+
+# ------------------------------------------------------------------------------ torchrun
+#: Seen once in ~20 runs of a 4-rank job on 2 cores: a worker aborts in torch's C++ teardown
+#: after the job's work (and ckptmirror's threads) finished. Only that signature is retried.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def torchrun(
+    *args: str, nproc: int = 2, restarts: int = 0, timeout: float = 240, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run ``torch.distributed.run --standalone`` in the repository (the environment, AWS_* too,
+    is inherited); with ``check``, a failed job raises AssertionError with its output."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={restarts}",
+        *args,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if check and p.returncode != 0 and TEARDOWN_ABORT in p.stderr:
+        # Only that signature is retried, and the rerun is checked like the first.
+        warnings.warn(
+            f"torchrun worker aborted in torch teardown; running the job again: {p.stderr[-500:]}", stacklevel=2
+        )
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if check and p.returncode != 0:
+        raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+def read_losses(path: Path, *, once: bool = False) -> tuple[dict[int, float], list[dict[str, Any]]]:
+    """(step -> loss, the other records in order) of one rank's JSON-lines loss log.
+
+    A step trained again after a restart keeps its last loss; with ``once``, a step trained
+    twice fails the test instead.
+    """
+    out: dict[int, float] = {}
+    events: list[dict[str, Any]] = []
+    for line in path.read_text().splitlines():
+        d = json.loads(line)
+        if "step" in d:
+            assert not (once and d["step"] in out), f"step {d['step']} trained twice in {path}"
+            out[d["step"]] = d["loss"]
+        else:
+            events.append(d)
+    return out, events
+
+
+# ------------------------------------------------------------------------------------ S3
+def point_aws_at(monkeypatch: pytest.MonkeyPatch, endpoint: str, key: str = "testing", secret: str = "testing") -> None:
+    """The standard AWS variables point at ``endpoint``; the developer's ~/.aws stays out."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    nowhere = os.path.join(tempfile.gettempdir(), f"no-aws-config-{uuid.uuid4().hex}")
+    monkeypatch.setenv("AWS_CONFIG_FILE", nowhere)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
+class S3Bucket:
+    """boto3 view of the bucket behind an ``s3://bucket/prefix`` URL, to look and to damage.
+
+    Keys are relative to the prefix. Credentials come from the environment (:func:`point_aws_at`).
+    """
+
+    def __init__(self, url: str, endpoint: str) -> None:
+        import boto3
+
+        self.url = url
+        self.name, _, self.prefix = url.split("://", 1)[1].partition("/")
+        self.client = boto3.client("s3", endpoint_url=endpoint)
+
+    def full(self, key: str) -> str:
+        """The bucket key of ``key``."""
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def sizes(self) -> dict[str, int]:
+        """Visible objects under the prefix: key (relative to the prefix) -> size."""
+        out: dict[str, int] = {}
+        under = self.full("")
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=under):
+            for o in page.get("Contents", []):
+                out[o["Key"][len(under) :]] = o["Size"]
+        return out
+
+    def files(self) -> dict[str, bytes]:
+        return {k: self.get(k) for k in self.sizes()}
+
+    def get(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.name, Key=self.full(key))["Body"].read()
+
+    def put(self, key: str, body: bytes) -> None:
+        self.client.put_object(Bucket=self.name, Key=self.full(key), Body=body)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.name, Key=self.full(key))
+
+    def uploads(self) -> list[str]:
+        """Bucket keys of the multipart uploads open under the prefix."""
+        resp = self.client.list_multipart_uploads(Bucket=self.name, Prefix=self.full(""))
+        return [u["Key"] for u in resp.get("Uploads", [])]
+
+    def wipe(self) -> None:
+        """What an S3 server restarted without its data looks like: nothing left in the bucket."""
+        for u in self.client.list_multipart_uploads(Bucket=self.name).get("Uploads", []):
+            self.client.abort_multipart_upload(Bucket=self.name, Key=u["Key"], UploadId=u["UploadId"])
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name):
+            for o in page.get("Contents", []):
+                self.client.delete_object(Bucket=self.name, Key=o["Key"])
