@@ -311,11 +311,16 @@ class Mirror:
         A failure is reported once: by ``handle.result()``, or else by the next ``save()``,
         ``wait()`` or ``close()``. Raises :class:`TimeoutError` if ``timeout`` passes first.
         """
+        t0 = time.monotonic()
         with self._idle:
-            # Jobs finish after their handles resolve (slower replicas, retention): wait for all.
+            # Jobs finish after their handles resolve (slower replicas): wait for all.
             if not self._idle.wait_for(lambda: self._unfinished == 0, timeout=timeout):
                 pending = [h for h in self._handles if not h.done()]
                 raise TimeoutError(f"saves still in flight after {timeout} s: {pending}")
+        # Retention runs after the writes, on its own thread: wait() means "nothing in flight".
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
+        if not self._fanout.drain_retention(left):
+            raise TimeoutError(f"retention still deleting old steps after {timeout} s")
         self._raise_unreported()
 
     # ---------------------------------------------------------------------- restoring

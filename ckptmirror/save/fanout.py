@@ -94,6 +94,9 @@ class Fanout:
             r.url: ThreadPoolExecutor(io_threads, thread_name_prefix="ckptmirror-io") for r in self.replicas
         }
         self._replica_pool = ThreadPoolExecutor(len(self.replicas), thread_name_prefix="ckptmirror-replica")
+        # One thread: retention passes run in save order, never two on one replica at once.
+        self._retention_pool = ThreadPoolExecutor(1, thread_name_prefix="ckptmirror-retention")
+        self._retention: list[Future[None]] = []
         self._retention_owner = [True] * len(self.replicas)
         if coord is not None:
             self._retention_owner = self.elect_retention_owners()
@@ -157,21 +160,38 @@ class Fanout:
             with self._lock:
                 self._committed.add(job.step)
             job.handle._set_replica(replica.url, "committed")
-            if not self._retention_owner[pos]:
-                return  # a lower rank on this host prunes the same place
-            try:
-                removed = apply_retention(replica, job.step, keep_last)
-                if removed:
-                    log.info("retention on %s removed steps %s", replica.url, removed)
-                    gone = [s for s in removed if not self._committed_anywhere(s)]  # I/O: outside the lock
-                    with self._lock:
-                        self._committed.difference_update(gone)
-            except (CkptMirrorError, OSError) as exc:
-                # The new step is committed; failing to delete old ones loses nothing.
-                log.warning("retention on %s failed after step %d: %s", replica.url, job.step, exc)
+            if self._retention_owner[pos]:
+                # Off the write path: the staging buffer is released (and the next save can
+                # start) while old steps are deleted, so a slow replica's deletes hold no one.
+                self._retention.append(self._retention_pool.submit(self._retain, replica, job.step, keep_last))
 
         for f in [self._replica_pool.submit(one, pos, r) for pos, r in enumerate(self.replicas)]:
             f.result()
+
+    def _retain(self, replica: Replica, newest: int, keep_last: int | None) -> None:
+        """Apply retention on ``replica`` after ``newest`` committed there (background thread)."""
+        if replica.url in self._health.degraded():
+            return  # it costs nothing while down; the next save's pass catches up once it is back
+        try:
+            removed = apply_retention(replica, newest, keep_last)
+        except (CkptMirrorError, OSError) as exc:
+            # The new step is committed; failing to delete old ones loses nothing.
+            log.warning("retention on %s failed after step %d: %s", replica.url, newest, exc)
+            if isinstance(exc, OSError):
+                self._health.mark(replica, exc)
+            return
+        if removed:
+            log.info("retention on %s removed steps %s", replica.url, removed)
+            gone = [s for s in removed if not self._committed_anywhere(s)]  # I/O: outside the lock
+            with self._lock:
+                self._committed.difference_update(gone)
+
+    def drain_retention(self, timeout: float | None = None) -> bool:
+        """Wait for the retention passes queued so far; False if ``timeout`` passed first."""
+        pending = list(self._retention)
+        done, not_done = wait(pending, timeout=timeout)
+        self._retention = [f for f in self._retention if not f.done()]
+        return not not_done
 
     def _vote(
         self, save_key: str, pos: int, report: dict[str, Any], decide: Callable[[list[dict[str, Any]]], bytes]
@@ -196,11 +216,14 @@ class Fanout:
             return step in self._committed
 
     def _committed_anywhere(self, step: int) -> bool:
-        return any(is_committed(r, step) for r in self.replicas)
+        # A degraded replica is not asked (it would stall us) and may still hold the step.
+        down = self._health.degraded()
+        return any(r.url in down or is_committed(r, step) for r in self.replicas)
 
     def close(self) -> None:
-        """Shut the pools down, waiting for the transfers in flight."""
+        """Shut the pools down, waiting for the transfers and retention passes in flight."""
         self._replica_pool.shutdown(wait=True)
+        self._retention_pool.shutdown(wait=True)
         for p in self._io_pools.values():
             p.shutdown(wait=True)
         self._hash_pool.shutdown(wait=True)
