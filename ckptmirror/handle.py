@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from .errors import SaveFailedError, SaveSkippedError
+
+log = logging.getLogger("ckptmirror")
 
 ReplicaState = Literal["pending", "committed", "failed", "skipped"]
 
@@ -54,6 +58,7 @@ class SaveHandle:
         self._done = False
         self._error: BaseException | None = None
         self._observed = False
+        self._callbacks: list[Callable[[SaveHandle], object]] = []
 
     def __repr__(self) -> str:
         states = ", ".join(f"{u}={s.state}" for u, s in self._status.items())
@@ -92,6 +97,33 @@ class SaveHandle:
     def _wait_done(self, timeout: float | None) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self._done, timeout=timeout)
+
+    def add_done_callback(self, fn: Callable[[SaveHandle], object]) -> None:
+        """Call ``fn(handle)`` once the outcome is known (at once if it is already), like
+        :meth:`concurrent.futures.Future.add_done_callback`.
+
+        It runs on a background thread: keep it short (log ``stall_s``,
+        ``committed_s``, ``nbytes`` to a tracker). An exception it raises is logged, not
+        propagated. Example::
+
+            h = mirror.save(step, model, optim)
+            h.add_done_callback(lambda h: wandb.log({"ckpt/stall_s": h.stall_s, "ckpt/commit_s": h.committed_s}))
+        """
+        with self._cond:
+            if not self._done:
+                self._callbacks.append(fn)
+                return
+        self._call(fn)
+
+    def _call_all(self, callbacks: list[Callable[[SaveHandle], object]]) -> None:
+        for fn in callbacks:
+            self._call(fn)
+
+    def _call(self, fn: Callable[[SaveHandle], object]) -> None:
+        try:
+            fn(self)
+        except Exception:  # noqa: BLE001 - a user's logging hook must not fail the save path
+            log.exception("a done callback of the save of step %d raised", self.step)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The error of a failed save (after waiting for the outcome), else None."""
@@ -155,9 +187,14 @@ class SaveHandle:
             self._observed = True  # a skip is reported by a warning, not raised later
 
     def _finish(self, error: BaseException | None) -> None:
+        # Called with self._cond held; callbacks run after it is released (see _set_replica
+        # and friends), so a callback may read the handle's properties.
         self._error = error
         self._done = True
         self._cond.notify_all()
+        callbacks, self._callbacks = self._callbacks, []
+        if callbacks:
+            threading.Thread(target=self._call_all, args=(callbacks,), daemon=True).start()
 
     @property
     def _unobserved_error(self) -> BaseException | None:

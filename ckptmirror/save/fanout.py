@@ -38,7 +38,7 @@ import torch
 from ..buffers import host_bytes
 from ..checksum import checksum
 from ..dist import Coordinator, DistInfo
-from ..errors import CkptMirrorError, StepExistsError
+from ..errors import CkptMirrorError, ReplicaUnavailableError, StepExistsError
 from ..format import CommitRecord, RankRef, commit_key, parse_commit, step_dir, writer_of
 from ..handle import SaveHandle
 from ..health import ReplicaHealth
@@ -89,6 +89,7 @@ class Fanout:
         self._health = health
         self._lock = threading.Lock()
         self._committed = set(committed)
+        self._pinned: set[int] = set()  # kept out of retention (Mirror.pin)
         self._hash_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="ckptmirror-hash")
         self._io_pools = {
             r.url: ThreadPoolExecutor(io_threads, thread_name_prefix="ckptmirror-io") for r in self.replicas
@@ -173,7 +174,9 @@ class Fanout:
         if replica.url in self._health.degraded():
             return  # it costs nothing while down; the next save's pass catches up once it is back
         try:
-            removed = apply_retention(replica, newest, keep_last)
+            with self._lock:
+                pinned = frozenset(self._pinned)
+            removed = apply_retention(replica, newest, keep_last, pinned)
         except (CkptMirrorError, OSError) as exc:
             # The new step is committed; failing to delete old ones loses nothing.
             log.warning("retention on %s failed after step %d: %s", replica.url, newest, exc)
@@ -209,6 +212,45 @@ class Fanout:
         mine = [f"{self._coord.host}|{r.url}" for r in self.replicas]
         everyone = self._coord.exchange("placement", mine)
         return [all(everyone[r][pos] != mine[pos] for r in range(self.dist.rank)) for pos in range(len(mine))]
+
+    def pin(self, step: int, pinned: bool) -> None:
+        """Keep ``step`` out of retention (``pinned=True``) or give it back to it."""
+        with self._lock:
+            if pinned:
+                self._pinned.add(step)
+            else:
+                self._pinned.discard(step)
+
+    def committed_steps(self) -> set[int]:
+        """A copy of the steps committed on some replica, as far as this mirror knows."""
+        with self._lock:
+            return set(self._committed)
+
+    def delete(self, step: int) -> dict[str, BaseException]:
+        """Remove ``step`` from every replica this rank looks after; returns the failures by URL.
+
+        Degraded replicas are not asked (they would stall the caller); the step stays there
+        until ``ckptmirror prune`` or the next retention pass removes it.
+        """
+        self.drain_retention()
+        failures: dict[str, BaseException] = {}
+        down = self._health.degraded()
+        for pos, r in enumerate(self.replicas):
+            if not self._retention_owner[pos]:
+                continue
+            if r.url in down:
+                why = f"degraded ({down[r.url]}); step {step} is left there"
+                failures[r.url] = ReplicaUnavailableError(why, replica=r.url)
+                continue
+            try:
+                remove_step(r, step)
+            except (CkptMirrorError, OSError) as exc:
+                failures[r.url] = exc
+        with self._lock:
+            self._pinned.discard(step)
+            if not failures:
+                self._committed.discard(step)
+        return failures
 
     def has_committed(self, step: int) -> bool:
         """Whether ``step`` is committed on some replica, as far as this mirror knows."""

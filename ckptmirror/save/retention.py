@@ -16,7 +16,7 @@ A step is removed commit record first, so it stops existing for readers before i
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from ..errors import CkptMirrorError
@@ -42,15 +42,17 @@ def plan_retention(
     *,
     newest: int | None = None,
     all_torn: bool = False,
+    pinned: Collection[int] = (),
 ) -> RetentionPlan:
     """The retention policy, on step numbers alone (no I/O).
 
     ``newest`` is the step that counts as the newest committed one (default: the largest of
     ``committed``); it and every step above it are kept. ``keep=None`` keeps every committed step.
+    ``pinned`` steps are kept too and do not count towards ``keep`` (a framework's "best" checkpoint).
     """
     if newest is None and committed:
         newest = max(committed)
-    older = sorted(s for s in committed if newest is not None and s < newest)
+    older = sorted(s for s in committed if newest is not None and s < newest and s not in pinned)
     drop = older[: max(0, len(older) - (keep - 1))] if keep is not None else []
     gone = [s for s in sorted(torn) if all_torn or (newest is not None and s < newest)]
     return RetentionPlan(tuple(drop), tuple(gone), tuple(s for s in sorted(torn) if s not in gone))
@@ -81,7 +83,7 @@ def delete_quietly(replica: Replica, keys: list[str]) -> None:
             log.warning("could not delete %s on %s: %s (prune removes it later)", k, replica.url, exc)
 
 
-def apply_retention(replica: Replica, newest: int, keep_last: int | None) -> list[int]:
+def apply_retention(replica: Replica, newest: int, keep_last: int | None, pinned: Collection[int] = ()) -> list[int]:
     """After ``newest`` committed on ``replica``: apply :func:`plan_retention` to what is below
     it. Returns the steps deleted (committed and torn), ascending."""
     committed: list[int] = []
@@ -91,7 +93,7 @@ def apply_retention(replica: Replica, newest: int, keep_last: int | None) -> lis
         if s is None or s >= newest:
             continue  # newer steps are not ours to judge (and are kept by the policy anyway)
         (committed if is_committed(replica, s) else torn).append(s)
-    plan = plan_retention(committed, torn, keep_last, newest=newest)
+    plan = plan_retention(committed, torn, keep_last, newest=newest, pinned=pinned)
     for s in plan.torn:
         remove_torn(replica, s)
     for s in plan.drop:
