@@ -503,8 +503,9 @@ class Mirror:
         """Delete committed ``step`` from every replica (commit record first, then its objects).
 
         Refuses the newest committed step unless ``force=True`` (it is the one a restore would
-        use); a save of ``step`` still in flight is waited for first. Degraded replicas are skipped with a warning (``ckptmirror
-        prune`` removes the step there later). With several ranks, call it on every rank.
+        use); a save of ``step`` still in flight is waited for first. Degraded replicas are
+        skipped with a warning (``ckptmirror prune`` removes the step there later). With several
+        ranks, call it on every rank.
         Raises :class:`StepNotFoundError` if the step is not committed anywhere this mirror knows,
         and :class:`ReplicaError` naming the replica if a reachable replica failed to delete it.
         """
