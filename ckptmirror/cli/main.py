@@ -14,7 +14,13 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from .._version import __version__
-from ..replicas._peer_protocol import DEFAULT_PORT, TOKEN_ENV, read_token_file
+from ..replicas._peer_protocol import (
+    DEFAULT_MIN_UPLOAD_BYTES_PER_S,
+    DEFAULT_PORT,
+    DEFAULT_UPLOAD_RATE_WINDOW_S,
+    TOKEN_ENV,
+    read_token_file,
+)
 from .commands import OPS_COMMANDS, add_ops_commands, run_ops
 
 #: The agent's log levels (``serve --log-level``); the agent maps them to logging levels.
@@ -67,11 +73,21 @@ def _add_serve(sub: argparse._SubParsersAction[Any]) -> None:
         f"token: --token-file FILE, else the environment variable {TOKEN_ENV};\n"
         "--token-file wins when both are set. Clients present the same token (PeerReplica token=,\n"
         f"token_file= or {TOKEN_ENV}). Without a token the agent only listens on loopback.\n\n"
+        "per-namespace tokens: --namespace-token PREFIX=FILE (repeatable) makes the token in FILE\n"
+        "valid only on the namespace PREFIX and those under it (PREFIX/...): one job's token cannot\n"
+        "read, write, list or delete another job's namespace (403). The --token-file token stays\n"
+        "valid on every namespace (an admin token, e.g. for 'ckptmirror verify'); leave it out to\n"
+        "have none. With namespace tokens, a namespace under no PREFIX is open to the admin token only.\n\n"
+        "slow uploads: an upload must deliver --min-upload-bytes-per-s over every window of\n"
+        "--upload-rate-window-s seconds spent waiting for it (the first window is its grace period),\n"
+        "else it is cut (408), its temp file removed and its slot freed.\n\n"
         "log: JSON lines on stderr (info by default; -v adds one line per request). Once listening,\n"
         'it prints one line on stdout: {"listening": "HOST:PORT"}.\n\n'
         "exit status: 0 after SIGTERM/SIGINT, 2 for a usage error (one line on stderr), 1 otherwise.",
         epilog="examples:\n  ckptmirror serve --root /var/lib/ckptmirror\n"
         "  ckptmirror serve --root /dev/shm/ckpt --host 0.0.0.0 --token-file /etc/ckptmirror/token  # RAM tier\n"
+        "  ckptmirror serve --root /var/lib/ckptmirror --host 0.0.0.0 \\\n"
+        "      --namespace-token job-a=/etc/ckptmirror/a.token --namespace-token job-b=/etc/ckptmirror/b.token\n"
         f"  {TOKEN_ENV}=... ckptmirror serve --root /var/lib/ckptmirror --host 0.0.0.0 --port 7070\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -85,7 +101,15 @@ def _add_serve(sub: argparse._SubParsersAction[Any]) -> None:
     serve.add_argument(
         "--token-file",
         metavar="FILE",
-        help=f"file holding the shared secret clients must present (wins over {TOKEN_ENV})",
+        help=f"file holding the shared secret clients must present (wins over {TOKEN_ENV}); "
+        "with --namespace-token, the admin token valid on every namespace",
+    )
+    serve.add_argument(
+        "--namespace-token",
+        action="append",
+        default=[],
+        metavar="PREFIX=FILE",
+        help="the token in FILE is valid only on namespace PREFIX and below (repeatable)",
     )
     serve.add_argument("--tls-cert", help="TLS certificate (PEM)")
     serve.add_argument("--tls-key", help="TLS private key (PEM)")
@@ -104,6 +128,20 @@ def _add_serve(sub: argparse._SubParsersAction[Any]) -> None:
         type=float,
         default=30.0,
         help="drop an upload that sends nothing for this long (default 30)",
+    )
+    serve.add_argument(
+        "--min-upload-bytes-per-s",
+        type=int,
+        default=DEFAULT_MIN_UPLOAD_BYTES_PER_S,
+        help="cut an upload slower than this over a window; 0 turns it off "
+        f"(default {DEFAULT_MIN_UPLOAD_BYTES_PER_S} = 64 KiB/s)",
+    )
+    serve.add_argument(
+        "--upload-rate-window-s",
+        type=float,
+        default=DEFAULT_UPLOAD_RATE_WINDOW_S,
+        help=f"window the minimum upload rate is measured over, and grace period of every upload "
+        f"(default {DEFAULT_UPLOAD_RATE_WINDOW_S:g})",
     )
     serve.add_argument(
         "--no-fsync", action="store_true", help="skip fsync (only for a tmpfs root, where it is a no-op anyway)"
@@ -143,19 +181,39 @@ class _ServeUsageError(Exception):
     """A ``serve`` option that cannot work: one line on stderr, exit status 2."""
 
 
+def _read_token(option: str, token_file: str) -> str:
+    """The token in ``token_file``; a usage error naming ``option`` (the option as given, with
+    the path) if it cannot be read or is empty."""
+    try:
+        token = read_token_file(token_file)
+    except FileNotFoundError:
+        raise _ServeUsageError(f"{option}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise _ServeUsageError(f"{option}: cannot read it: {why}") from None
+    if not token:
+        raise _ServeUsageError(f"{option} is empty: write the shared token into it")
+    return token
+
+
+def _serve_namespace_tokens(specs: Sequence[str]) -> dict[str, str]:
+    """``{prefix: token}`` from the ``--namespace-token PREFIX=FILE`` options (the agent checks the prefixes)."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        prefix, sep, path = spec.partition("=")
+        prefix = prefix.strip("/")
+        if not sep or not prefix or not path:
+            raise _ServeUsageError(f"--namespace-token {spec!r}: expected PREFIX=FILE, e.g. job-a=/etc/job-a.token")
+        if prefix in out:
+            raise _ServeUsageError(f"--namespace-token {prefix!r} is given twice")
+        out[prefix] = _read_token(f"--namespace-token {prefix}={path}", path)
+    return out
+
+
 def _serve_token(token_file: str | None) -> str | None:
     """The agent's token: ``--token-file`` wins, else the environment variable, else None."""
     if token_file:
-        try:
-            token = read_token_file(token_file)
-        except FileNotFoundError:
-            raise _ServeUsageError(f"--token-file {token_file}: no such file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise _ServeUsageError(f"--token-file {token_file}: cannot read it: {why}") from None
-        if not token:
-            raise _ServeUsageError(f"--token-file {token_file} is empty: write the shared token into it")
-        return token
+        return _read_token(f"--token-file {token_file}", token_file)
     env = os.environ.get(TOKEN_ENV)
     if env is None:
         return None
@@ -177,6 +235,7 @@ def _serve(args: argparse.Namespace) -> int:
             args.host,
             args.port,
             token=_serve_token(args.token_file),
+            namespace_tokens=_serve_namespace_tokens(args.namespace_token),
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             log_level=level,
@@ -184,6 +243,8 @@ def _serve(args: argparse.Namespace) -> int:
             reserve_free_bytes=args.reserve_free_bytes,
             max_uploads=args.max_uploads,
             idle_timeout_s=args.idle_timeout_s,
+            min_upload_bytes_per_s=args.min_upload_bytes_per_s,
+            upload_rate_window_s=args.upload_rate_window_s,
             fsync=not args.no_fsync,
         )
     except (_ServeUsageError, AgentConfigError) as exc:

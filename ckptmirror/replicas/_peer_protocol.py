@@ -18,11 +18,21 @@ many leading segments of the path tail are the namespace; the rest is the key.
 ``DELETE /v1/o/<ns>/<key>``, ``/v1/prefix/<ns>/<prefix>``
 ==========================================  ====================================================
 
+Names: a name with any path segment starting with ``.`` (:data:`HIDDEN_PREFIX`) is the agent's
+own (the temp file of an upload in progress is ``.tmp-<uuid>-<name>``): every route refuses it
+(400), and listings never show one. Commit records (a segment named ``COMMIT.json``) are written
+only through ``PUT /v1/commit/``, which verifies and creates if absent: ``PUT /v1/o/`` refuses
+them (400). :func:`refused_name` says why a name is refused.
+
+Tokens: the agent's token (``--token-file``) is valid on every namespace; per-namespace tokens
+(``--namespace-token PREFIX=FILE``) only on the namespaces ``PREFIX`` and ``PREFIX/...``. A token
+the agent knows, on a namespace it is not valid for, gets 403 :data:`WRONG_NAMESPACE_TEXT`.
+
 Statuses: 401 missing token, 403 wrong token (or a path that would leave the root), 400 bad
-name/header, 404 absent, 408 idle client, 409 commit names something absent or unverified,
-411 no length, 412 commit exists, 413 too large, 422 checksum/size mismatch, 503 too many
-uploads, 507 below the free-space reserve. :data:`AGENT_STATUS` and :func:`error_for_status`
-are the two directions of the error mapping.
+name/header, 404 absent, 408 idle client or an upload slower than the agent's minimum rate,
+409 commit names something absent or unverified, 411 no length, 412 commit exists, 413 too
+large, 422 checksum/size mismatch, 503 too many uploads, 507 below the free-space reserve.
+:data:`AGENT_STATUS` and :func:`error_for_status` are the two directions of the error mapping.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from ..errors import (
     ReplicaPermissionError,
     StepExistsError,
 )
+from ..format import COMMIT_NAME
 from .base import step_of_key
 
 #: Environment variable holding the shared token, read by the client and by ``ckptmirror serve``.
@@ -46,6 +57,12 @@ TOKEN_ENV = "CKPTMIRROR_PEER_TOKEN"
 DEFAULT_PORT = 7070
 #: Addresses ``ckptmirror serve`` listens on without a token (anything else needs one).
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+#: ``ckptmirror serve``'s default minimum upload rate (``--min-upload-bytes-per-s``): far below
+#: any real link shared by 16 uploads (16 x 64 KiB/s is 1 MiB/s), far above a client that
+#: trickles bytes to hold an upload slot.
+DEFAULT_MIN_UPLOAD_BYTES_PER_S = 64 << 10
+#: The window that rate is measured over (``--upload-rate-window-s``), also each upload's grace period.
+DEFAULT_UPLOAD_RATE_WINDOW_S = 10.0
 
 # -- paths -------------------------------------------------------------------------------------
 PREFIX = "/v1"
@@ -69,6 +86,32 @@ SIZE_HEADER = "X-Ckptmirror-Size"
 # -- the bodies of the agent's authentication answers ---------------------------------------------
 MISSING_TOKEN_TEXT = "missing bearer token"  # with 401 and ``WWW-Authenticate: Bearer``
 WRONG_TOKEN_TEXT = "wrong token"  # with 403
+#: With 403: a per-namespace token used on a namespace outside its prefix. It starts like
+#: :data:`WRONG_TOKEN_TEXT` so that clients read it as an authentication rejection too.
+WRONG_NAMESPACE_TEXT = "wrong token for this namespace"
+
+# -- names -------------------------------------------------------------------------------------
+#: Names (any path segment) starting with this are the agent's own: temp files of uploads.
+HIDDEN_PREFIX = "."
+
+
+def refused_name(name: str, *, commit_record: bool = True) -> str | None:
+    """Why the agent refuses ``name`` (a namespace, key or prefix), or None if it does not.
+
+    Any segment starting with :data:`HIDDEN_PREFIX` is refused on every route: such files are
+    temp files of uploads in progress, whose partial bytes must never be read, listed, replaced
+    or deleted by a client. ``commit_record=False`` (``PUT /v1/o/``) also refuses a segment named
+    like a commit record: those are created only through ``PUT /v1/commit/``, which verifies the
+    record and never replaces one.
+    """
+    for seg in name.split("/"):
+        if seg.startswith(HIDDEN_PREFIX):
+            return f"{seg!r}: names starting with {HIDDEN_PREFIX!r} are the agent's own (uploads in progress)"
+        if not commit_record and seg == COMMIT_NAME:
+            return (
+                f"{seg!r}: commit records are written only through PUT {PREFIX}/{OP_COMMIT}/ (verified, never replaced)"
+            )
+    return None
 
 
 def route(op: str) -> str:

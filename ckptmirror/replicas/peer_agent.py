@@ -10,6 +10,18 @@ The protocol (paths, headers, statuses) is written once, in
 (:class:`~ckptmirror.replicas.peer.PeerReplica`). Here: one handler per route, the middleware
 that checks the token and turns library errors into statuses, and :func:`serve`.
 Every path is derived here from validated names; symlinks are never followed out of the root.
+
+What a client can reach, and for how long:
+
+- names starting with ``.`` (temp files of uploads in progress) are refused on every route and
+  never listed; commit records are created only through the verified, create-if-absent
+  ``/v1/commit/`` route, never through ``PUT /v1/o/``;
+- an upload must deliver ``min_upload_bytes_per_s`` over every ``upload_rate_window_s`` of
+  waiting for it (the first window is its grace period), else it is cut, its temp file removed
+  and its slot freed: a trickle of bytes would otherwise hold a slot forever, since the idle
+  timeout only bounds the wait for one read;
+- per-namespace tokens (``namespace_tokens``) confine a token to a namespace prefix; the agent's
+  own token stays valid everywhere (the admin token).
 """
 
 from __future__ import annotations
@@ -19,13 +31,15 @@ import errno
 import hmac
 import json
 import logging
+import math
 import os
 import shutil
 import signal
 import ssl
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -35,11 +49,16 @@ from ..checksum import Hasher, is_checksum
 from ..errors import CkptMirrorError, ManifestError, StepExistsError
 from ..format import MAX_MANIFEST_BYTES, TMP_PREFIX, parse_commit, parse_rank_manifest
 from . import _peer_protocol as wire
-from ._peer_protocol import CHECKSUM_HEADER, LOOPBACK_HOSTS
+from ._peer_protocol import (
+    CHECKSUM_HEADER,
+    DEFAULT_MIN_UPLOAD_BYTES_PER_S,
+    DEFAULT_UPLOAD_RATE_WINDOW_S,
+    LOOPBACK_HOSTS,
+)
 from .base import validate_key
 from .local import AtomicWriter, LocalReplica
 
-__all__ = ["Agent", "AgentConfigError", "build_app", "serve"]
+__all__ = ["Agent", "AgentConfigError", "NamespaceToken", "UploadPace", "parse_namespace_tokens", "build_app", "serve"]
 
 log = logging.getLogger("ckptmirror.agent")
 
@@ -70,6 +89,73 @@ def _event(level: int, msg: str, **fields: Any) -> None:
     log.log(level, msg, extra={"fields": fields})
 
 
+@dataclass(frozen=True)
+class NamespaceToken:
+    """A token valid only on the namespace ``prefix`` and the namespaces under it."""
+
+    prefix: tuple[str, ...]  # the prefix's segments: "jobs/a" covers "jobs/a" and "jobs/a/x", not "jobs/ab"
+    token: bytes
+
+    def covers(self, namespace: str) -> bool:
+        """Whether ``namespace`` is ``prefix`` or under it (compared segment by segment)."""
+        return tuple(namespace.split("/")[: len(self.prefix)]) == self.prefix
+
+
+def parse_namespace_tokens(tokens: Mapping[str, str] | None) -> tuple[NamespaceToken, ...]:
+    """Validated :class:`NamespaceToken` objects from ``{prefix: token}``; AgentConfigError if not valid."""
+    out = []
+    for prefix, token in (tokens or {}).items():
+        clean = prefix.strip("/")
+        try:
+            validate_key(clean, "--namespace-token")
+        except ManifestError:
+            raise AgentConfigError(
+                f"--namespace-token {prefix!r}: not a namespace prefix (segments of letters, digits, '.', '_', '-')"
+            ) from None
+        why = wire.refused_name(clean)
+        if why:
+            raise AgentConfigError(f"--namespace-token {prefix!r}: {why}")
+        if not token or not token.strip():
+            raise AgentConfigError(f"--namespace-token {prefix!r}: the token is empty")
+        out.append(NamespaceToken(tuple(clean.split("/")), token.strip().encode()))
+    return tuple(out)
+
+
+class UploadPace:
+    """The minimum-rate rule of one upload: at least ``min_bytes_per_s`` x ``window_s`` bytes (or
+    the rest of the body, if less) in every window of ``window_s`` seconds spent waiting for the
+    client. The first window is the grace period: nothing is judged before it ends.
+
+    Only time spent waiting for the client counts, not time the agent spends writing to disk:
+    a slow disk must not get its clients cut. ``min_bytes_per_s == 0`` disables the rule.
+    """
+
+    def __init__(self, min_bytes_per_s: int, window_s: float, length: int) -> None:
+        self.min_bytes_per_s = min_bytes_per_s
+        self.window_s = window_s
+        self.need = math.inf if min_bytes_per_s <= 0 else min_bytes_per_s * window_s
+        self.waited = 0.0  # seconds spent waiting for the client in this window
+        self.got = 0  # bytes received in this window
+        self.left = length  # bytes still to come when this window started
+
+    def time_left(self) -> float:
+        """Seconds of waiting left in this window (inf when the rule is off)."""
+        return math.inf if self.min_bytes_per_s <= 0 else max(0.0, self.window_s - self.waited)
+
+    def record(self, waited: float, nbytes: int) -> bool:
+        """Account one wait of ``waited`` seconds that brought ``nbytes``; False if the window
+        just ended short of the minimum (cut the upload). A window that ends on time starts the next."""
+        self.waited += waited
+        self.got += nbytes
+        if self.min_bytes_per_s <= 0 or self.waited < self.window_s:
+            return True
+        if self.got < min(self.need, self.left):
+            return False
+        self.left -= self.got
+        self.waited, self.got = 0.0, 0
+        return True
+
+
 class Agent:
     """The agent's state: root, limits, and the per-namespace replicas."""
 
@@ -82,8 +168,19 @@ class Agent:
         reserve_free_bytes: int = 1 << 30,
         max_uploads: int = 16,
         idle_timeout_s: float = 30.0,
+        min_upload_bytes_per_s: int = DEFAULT_MIN_UPLOAD_BYTES_PER_S,
+        upload_rate_window_s: float = DEFAULT_UPLOAD_RATE_WINDOW_S,
+        namespace_tokens: Mapping[str, str] | None = None,
         fsync: bool = True,
     ) -> None:
+        """``token`` is valid on every namespace (the admin token); each of ``namespace_tokens``
+        (``{prefix: token}``) only on its prefix. With neither, no request needs a token. Raises
+        AgentConfigError (before creating anything) for options that cannot work."""
+        if min_upload_bytes_per_s < 0:
+            raise AgentConfigError(f"--min-upload-bytes-per-s {min_upload_bytes_per_s}: must be 0 (off) or more")
+        if not upload_rate_window_s > 0 or math.isinf(upload_rate_window_s):
+            raise AgentConfigError(f"--upload-rate-window-s {upload_rate_window_s}: must be a positive number")
+        self.namespace_tokens = parse_namespace_tokens(namespace_tokens)
         self.root = os.path.realpath(root)
         os.makedirs(self.root, exist_ok=True)
         self.token = token.encode() if token else None
@@ -91,6 +188,8 @@ class Agent:
         self.reserve_free_bytes = reserve_free_bytes
         self.max_uploads = max_uploads
         self.idle_timeout_s = idle_timeout_s
+        self.min_upload_bytes_per_s = min_upload_bytes_per_s
+        self.upload_rate_window_s = upload_rate_window_s
         self.fsync = fsync
         self.uploads = 0
         self.pool = ThreadPoolExecutor(8, thread_name_prefix="agent-io")
@@ -110,8 +209,14 @@ class Agent:
                     except OSError:
                         pass
 
+    @property
+    def needs_token(self) -> bool:
+        """Whether every request must carry a token (the agent's own or a namespace's)."""
+        return self.token is not None or bool(self.namespace_tokens)
+
     def replica(self, ns: str) -> LocalReplica:
         validate_key(ns, "agent namespace")
+        _refuse_hidden(ns)
         r = self._replicas.get(ns)
         if r is None:
             path = os.path.join(self.root, *ns.split("/"))
@@ -151,19 +256,54 @@ def _split(request: web.Request) -> tuple[str, str]:
     return "/".join(parts[:depth]), "/".join(parts[depth:])
 
 
+def _refuse_hidden(name: str, *, commit_record: bool = True) -> None:
+    """400 for a name the agent keeps to itself (see :func:`_peer_protocol.refused_name`)."""
+    why = wire.refused_name(name, commit_record=commit_record)
+    if why:
+        raise web.HTTPBadRequest(text=f"refused name {why}")
+
+
+def _namespace_of(request: web.Request) -> str | None:
+    """The namespace a request acts on; None for one that names none (health, unknown paths)."""
+    tail = request.match_info.get(wire.TAIL)
+    if tail is None:
+        return None
+    if request.match_info.route.handler is _steps:
+        return tail  # /v1/steps/<ns>: the whole tail is the namespace
+    return _split(request)[0]
+
+
 # ------------------------------------------------------------------------------ middleware
 def _authorize(agent: Agent, request: web.Request) -> None:
-    """Refuse a request without the agent's token (401) or with another one (403)."""
-    if agent.token is None:
+    """Refuse a request without a token (401), with one the agent does not know (403), or with a
+    namespace token on a namespace outside its prefix (403). The agent's own token is valid on
+    every namespace; any known token may read ``/v1/health`` (it names no namespace)."""
+    if not agent.needs_token:
         return
     header = request.headers.get(wire.AUTHORIZATION, "")
     if not header.startswith(wire.BEARER):
         _event(logging.WARNING, "rejected: missing token", peer=request.remote, path=request.path)
         raise web.HTTPUnauthorized(text=wire.MISSING_TOKEN_TEXT, headers={"WWW-Authenticate": "Bearer"})
+    given = header[len(wire.BEARER) :].encode()
     # Constant-time: the comparison must not tell an attacker how many leading bytes were right.
-    if not hmac.compare_digest(header[len(wire.BEARER) :].encode(), agent.token):
+    # Every token is compared (no early exit), so the time does not tell which one matched either.
+    admin = agent.token is not None and hmac.compare_digest(given, agent.token)
+    scoped = [nt for nt in agent.namespace_tokens if hmac.compare_digest(given, nt.token)]
+    if admin:
+        return
+    if not scoped:
         _event(logging.WARNING, "rejected: wrong token", peer=request.remote, path=request.path)
         raise web.HTTPForbidden(text=wire.WRONG_TOKEN_TEXT)
+    ns = _namespace_of(request)
+    if ns is None:
+        return
+    try:
+        validate_key(ns, "agent namespace")  # before matching: "a/../b" must not pass as under "a"
+    except ManifestError as exc:
+        raise web.HTTPBadRequest(text=wire.error_text(exc)) from None
+    if not any(nt.covers(ns) for nt in scoped):
+        _event(logging.WARNING, "rejected: token not valid for this namespace", peer=request.remote, ns=ns)
+        raise web.HTTPForbidden(text=wire.WRONG_NAMESPACE_TEXT)
 
 
 def _trace(request: web.Request, status: int) -> None:
@@ -205,11 +345,13 @@ async def _health(request: web.Request) -> web.Response:
 
 async def _put_object(request: web.Request) -> web.Response:
     ns, key = _split(request)
+    _refuse_hidden(key, commit_record=False)  # a commit record only through /v1/commit/
     return await _receive(request, ns, key, commit=False)
 
 
 async def _put_commit(request: web.Request) -> web.Response:
     ns, key = _split(request)
+    _refuse_hidden(key)
     return await _receive(request, ns, key, commit=True)
 
 
@@ -235,21 +377,60 @@ async def _stream_body(
     """Read exactly ``length`` body bytes into ``writer``, hashing them as they pass.
 
     Returns (checksum, the body if ``keep`` else ``b""``). A client that sends nothing for the
-    idle timeout gets 408, one whose body ends early 400.
+    idle timeout gets 408, and so does one slower than the minimum rate (:class:`UploadPace`);
+    one whose body ends early gets 400. Either way the caller removes the temp file.
     """
     hasher = Hasher()
     body = bytearray() if keep else None
     received = 0
+    pace = UploadPace(agent.min_upload_bytes_per_s, agent.upload_rate_window_s, length)
+    loop = asyncio.get_running_loop()
+    last_data = loop.time()
     while received < length:
-        try:
-            chunk = await asyncio.wait_for(
-                request.content.read(min(CHUNK_BYTES, length - received)), agent.idle_timeout_s
-            )
-        except asyncio.TimeoutError:
+        started = loop.time()
+        # Wake up at the idle timeout or at the end of the rate window, whichever comes first:
+        # a client trickling a byte a second never trips the idle timeout, only the window.
+        timeout = min(agent.idle_timeout_s - (started - last_data), pace.time_left())
+        chunk: bytes | None = None
+        if timeout > 0:
+            try:
+                # Cancelling a pending read loses no data: aiohttp's reader consumes its buffer
+                # only when the read completes.
+                chunk = await asyncio.wait_for(request.content.read(min(CHUNK_BYTES, length - received)), timeout)
+            except asyncio.TimeoutError:
+                pass
+        now = loop.time()
+        if chunk is None and now - last_data >= agent.idle_timeout_s:
             _event(logging.WARNING, "upload idle, dropped", ns=ns, key=key, received=received, peer=request.remote)
-            raise web.HTTPRequestTimeout(text=f"no data for {agent.idle_timeout_s} s") from None
+            raise web.HTTPRequestTimeout(text=f"no data for {agent.idle_timeout_s} s")
+        if not pace.record(now - started, len(chunk or b"")):
+            got = received + len(chunk or b"")
+            _event(
+                logging.WARNING,
+                "upload too slow, cut",
+                ns=ns,
+                key=key,
+                received=got,
+                length=length,
+                window_bytes=pace.got,
+                window_s=pace.window_s,
+                min_bytes_per_s=pace.min_bytes_per_s,
+                peer=request.remote,
+            )
+            # The slot is freed and the temp file removed as this propagates (see _receive). The
+            # connection is not reset: aiohttp drains what the client still sends for at most
+            # 10 s (its "lingering close") and then closes it, so the client can read this 408 (a
+            # reset would discard it) while holding no slot and writing nothing to disk.
+            raise web.HTTPRequestTimeout(
+                text=f"upload too slow: {pace.got} bytes in {pace.window_s:g} s, below the agent's minimum "
+                f"of {pace.min_bytes_per_s} bytes/s (--min-upload-bytes-per-s); cut after {got} of "
+                f"{length} bytes"
+            )
+        if chunk is None:
+            continue  # the window ended on time: the next one starts
         if not chunk:
             break
+        last_data = now
         received += len(chunk)
         if body is not None:
             body += chunk
@@ -307,6 +488,7 @@ async def _get_object(request: web.Request) -> web.StreamResponse:
     """Object bytes, whole or one ``Range``; ``HEAD`` answers the headers only."""
     agent = request.app[AGENT]
     ns, key = _split(request)
+    _refuse_hidden(key)  # another upload's temp file: its bytes are partial
     replica = agent.replica(ns)
     fd = await agent.run(replica._open_read, key)
     try:
@@ -346,12 +528,16 @@ async def _steps(request: web.Request) -> web.Response:
 async def _list_prefix(request: web.Request) -> web.Response:
     agent = request.app[AGENT]
     ns, prefix = _split(request)
-    return web.json_response(await agent.run(agent.replica(ns).list_prefix, prefix))
+    _refuse_hidden(prefix)
+    keys = await agent.run(agent.replica(ns).list_prefix, prefix)
+    # Temp files of uploads in progress are not objects: a listing never shows them.
+    return web.json_response([k for k in keys if wire.refused_name(k) is None])
 
 
 async def _delete_object(request: web.Request) -> web.Response:
     agent = request.app[AGENT]
     ns, key = _split(request)
+    _refuse_hidden(key)  # deleting another upload's temp file would fail that upload
     await agent.run(agent.replica(ns).delete, key)
     agent.verified.pop((ns, key), None)
     return web.Response(status=204)
@@ -360,6 +546,7 @@ async def _delete_object(request: web.Request) -> web.Response:
 async def _delete_prefix(request: web.Request) -> web.Response:
     agent = request.app[AGENT]
     ns, prefix = _split(request)
+    _refuse_hidden(prefix)
     await agent.run(agent.replica(ns).delete_prefix, prefix)
     under = prefix.rstrip("/") + "/"
     for k in [k for k in agent.verified if k[0] == ns and k[1].startswith(under)]:
@@ -509,7 +696,10 @@ async def _run(agent: Agent, host: str, port: int, ssl_ctx: ssl.SSLContext | Non
             port=bound,
             root=agent.root,
             tls=ssl_ctx is not None,
-            auth=agent.token is not None,
+            auth=agent.needs_token,
+            namespace_tokens=len(agent.namespace_tokens),
+            min_upload_bytes_per_s=agent.min_upload_bytes_per_s,
+            upload_rate_window_s=agent.upload_rate_window_s,
             version=__version__,
         )
         # One line on stdout for whoever started us (tests, scripts) to learn the port.
@@ -530,6 +720,7 @@ def serve(
     port: int = wire.DEFAULT_PORT,
     *,
     token: str | None = None,
+    namespace_tokens: Mapping[str, str] | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
     log_level: str | int = "info",
@@ -537,19 +728,21 @@ def serve(
 ) -> None:
     """Run the agent until SIGTERM/SIGINT.
 
-    Raises :class:`AgentConfigError` before creating anything for options that cannot work: a
-    non-loopback address without a token, half a TLS setup or unreadable TLS files, a root that
-    cannot be created, an address it cannot listen on. ``limits`` go to :class:`Agent`.
+    ``token`` is valid on every namespace; ``namespace_tokens`` (``{prefix: token}``) each on
+    their prefix only. Raises :class:`AgentConfigError` before creating anything for options that
+    cannot work: a non-loopback address without any token, half a TLS setup or unreadable TLS
+    files, a bad namespace token, a root that cannot be created, an address it cannot listen on.
+    ``limits`` go to :class:`Agent`.
     """
-    if not token and host not in LOOPBACK_HOSTS:
+    if not token and not namespace_tokens and host not in LOOPBACK_HOSTS:
         raise AgentConfigError(
-            f"refusing to listen on {host} without a token: pass --token-file FILE or set {wire.TOKEN_ENV} "
-            "(the agent is a network service)"
+            f"refusing to listen on {host} without a token: pass --token-file FILE, set {wire.TOKEN_ENV} "
+            "or give --namespace-token PREFIX=FILE (the agent is a network service)"
         )
     _log_to_stderr(log_level)
     ssl_ctx = _tls_context(tls_cert, tls_key)
     try:
-        agent = Agent(root, token=token, **limits)
+        agent = Agent(root, token=token, namespace_tokens=namespace_tokens, **limits)
     except OSError as exc:
         raise AgentConfigError(f"--root {root}: cannot use it as the agent's root: {exc.strerror or exc}") from exc
     try:
