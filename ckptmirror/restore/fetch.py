@@ -143,17 +143,22 @@ class Fetcher:
     ) -> tuple[torch.Tensor, str]:
         """Read one object from the first replica where it verifies: into ``into`` (a CPU uint8
         tensor of ``size`` bytes) when given, else into this thread's reusable buffer."""
+        buf = into if into is not None else self._buffer(size)
+        return buf, self.fetch_into(key, csum, candidates, host_bytes(buf))
+
+    def fetch_into(self, key: str, csum: str, candidates: Sequence[Replica], out: memoryview) -> str:
+        """Read one object into ``out`` (exactly its size) from the first replica where it
+        verifies; return that replica's URL. ``out`` may hold garbage after a failure."""
         problems = []
         for r in candidates:
-            buf = into if into is not None else self._buffer(size)
             try:
-                r.read_into(key, host_bytes(buf))
-                got = checksum(host_bytes(buf))
+                r.read_into(key, out)
+                got = checksum(out)
                 if got != csum:
                     raise CorruptObjectError(
                         f"checksum mismatch: stored {got}, manifest {csum}", replica=r.url, key=key
                     )
-                return buf, r.url
+                return r.url
             except STEP_FAILURES as exc:
                 log.warning("object %s failed on %s, trying the next replica: %s", key, r.url, exc)
                 problems.append(str(exc))

@@ -37,7 +37,8 @@ class UndoLog:
         self._factory = factory or (lambda n: torch.empty(n, dtype=torch.uint8))
         self._buf: torch.Tensor | None = None
         self._used = 0
-        self._entries: list[tuple[torch.Tensor, torch.Tensor]] = []  # (live region, saved copy)
+        # (live region, or None for raw host memory at ptr; ptr; saved copy)
+        self._entries: list[tuple[torch.Tensor | None, int, torch.Tensor]] = []
         self._lock = threading.Lock()
 
     @property
@@ -45,39 +46,52 @@ class UndoLog:
         """Bytes copied so far."""
         return self._used
 
-    def save(self, region: torch.Tensor) -> None:
-        """Copy ``region`` (any tensor, any device) aside before it is overwritten."""
-        nbytes = region.numel() * region.element_size()
-        if nbytes == 0:
-            return
+    def _slot(self, nbytes: int) -> torch.Tensor:
         with self._lock:
             if self._buf is None:
                 self._buf = self._factory(self.capacity)
             if self._used + nbytes > self._buf.numel():
                 # More than planned (should not happen): a separate copy keeps it correct.
-                copy = torch.empty(nbytes, dtype=torch.uint8)
-            else:
-                copy = self._buf[self._used : self._used + nbytes]
-                self._used += -(-nbytes // 16) * 16  # aligned, so a copy can be viewed as any dtype
+                return torch.empty(nbytes, dtype=torch.uint8)
+            copy = self._buf[self._used : self._used + nbytes]
+            self._used += -(-nbytes // 16) * 16  # aligned, so a copy can be viewed as any dtype
+            return copy
+
+    def save_raw(self, ptr: int, nbytes: int) -> None:
+        """Copy ``nbytes`` of host memory at ``ptr`` (inside a caller's CPU tensor) aside."""
+        if nbytes <= 0:
+            return
+        copy = self._slot(nbytes)
+        # A plain memmove: it releases the GIL and never enters torch's OpenMP team, which on
+        # a busy machine makes large copies wait on descheduled threads.
+        ctypes.memmove(copy.data_ptr(), ptr, nbytes)
+        with self._lock:
+            self._entries.append((None, ptr, copy))
+
+    def save(self, region: torch.Tensor) -> None:
+        """Copy ``region`` (any tensor, any device) aside before it is overwritten."""
+        nbytes = region.numel() * region.element_size()
+        if nbytes == 0:
+            return
         if region.is_contiguous() and not region.is_cuda:
-            # A plain memmove: it releases the GIL and never enters torch's OpenMP team, which
-            # on a busy machine makes large copies wait on descheduled threads.
-            ctypes.memmove(copy.data_ptr(), region.data_ptr(), nbytes)
-        elif region.is_contiguous():
+            self.save_raw(region.data_ptr(), nbytes)
+            return
+        copy = self._slot(nbytes)
+        if region.is_contiguous():
             copy.copy_(region.detach().reshape(-1).view(torch.uint8))
         else:  # a strided view: save its values, element by element, in its own dtype
             copy.view(region.dtype).view(region.shape).copy_(region.detach())
         with self._lock:
-            self._entries.append((region, copy))
+            self._entries.append((region, 0, copy))
 
     def rollback(self) -> None:
         """Put every saved region back, newest first (a region saved twice ends at its oldest)."""
         with self._lock:
             entries, self._entries = self._entries, []
         with torch.no_grad():
-            for region, copy in reversed(entries):
-                if region.is_contiguous() and not region.is_cuda:
-                    ctypes.memmove(region.data_ptr(), copy.data_ptr(), copy.numel())
+            for region, ptr, copy in reversed(entries):
+                if region is None:
+                    ctypes.memmove(ptr, copy.data_ptr(), copy.numel())
                 elif region.is_contiguous():
                     region.detach().reshape(-1).view(torch.uint8).copy_(copy)
                 else:
