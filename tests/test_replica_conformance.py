@@ -191,16 +191,7 @@ def test_missing_object(replica: Replica) -> None:
     assert isinstance(ei.value, FileNotFoundError) and OBJ in str(ei.value)
 
 
-def test_read_into_missing_object(request: pytest.FixtureRequest, backend: Backend, replica: Replica) -> None:
-    if backend.name == "peer":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="PeerReplica.read_into wraps the agent's 404 (ObjectMissingError) in a plain ReplicaError "
-                "('read failed: ObjectMissingError: ... not found'): ObjectMissingError is not a ReplicaError, "
-                "so its except clause does not re-raise it as it is",
-            )
-        )
+def test_read_into_missing_object(replica: Replica) -> None:
     with pytest.raises(FileNotFoundError):
         replica.read_into(OBJ, memoryview(bytearray(10)))
 

@@ -15,7 +15,8 @@ Three kinds of failure matter to a caller that has just started a run:
   construction, because waiting does not fix it. (A bucket that vanishes after this client
   has used it is an outage instead: :data:`BUCKET_GONE`.)
 * **Outage** (:class:`~ckptmirror.errors.ReplicaUnavailableError`): nothing answers at the
-  endpoint (connection refused, DNS, timeout). Retried; a ``Mirror`` starts with the replica
+  endpoint (connection refused, DNS, timeout), or not within the operation's time budget.
+  Retried within that budget; a ``Mirror`` starts with the replica
   degraded and brings it back when it answers. The message names the endpoint that was tried,
   since a wrong ``AWS_ENDPOINT_URL`` looks exactly like a server that is down.
 * Everything else (:class:`~ckptmirror.errors.ReplicaError`): throttling, 5xx, a connection
@@ -94,8 +95,12 @@ _TIMED_OUT = Verdict(
     ReplicaUnavailableError,
     True,
     "no answer from the endpoint {endpoint}: timed out",
-    _ENDPOINT_FIX + "; raise timeout_s if the link is just slow",
+    _ENDPOINT_FIX + "; if the link is just slow, raise connect_timeout_s or lower min_bytes_per_s",
 )
+#: Public names for S3Replica's deadline handling: an attempt cut by its own time limit is a
+#: timeout like botocore's, and a missed budget names the endpoint the same way.
+TIMED_OUT = _TIMED_OUT
+ENDPOINT_FIX = _ENDPOINT_FIX
 
 #: A bucket this client has used before and that is gone now (deleted, or a test server
 #: restarted without its data): an outage that recreating the bucket ends, not a mistake in the

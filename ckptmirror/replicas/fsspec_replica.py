@@ -27,6 +27,16 @@ Guarantees are weaker than a dedicated backend's, and depend on the filesystem:
   (:class:`~ckptmirror.errors.ReplicaUnavailableError`). Directories, including the root, are
   made by the first write, and opening a replica writes nothing.
 
+Time budget: every operation has one deadline, :class:`~ckptmirror.replicas.base.TimeBudget`
+(``connect_timeout_s``, default 5 s, plus its body bytes at ``min_bytes_per_s``, default
+1 MiB/s; the same options as the S3 and peer backends). fsspec backends cannot be interrupted
+from outside, so each operation runs on a daemon thread and the caller stops waiting at the
+deadline with :class:`~ckptmirror.errors.ReplicaUnavailableError` (the replica is degraded); the
+call it abandons finishes or fails on its own, and never touches the caller's buffer again:
+a write copies each chunk out of it, and a read copies each chunk into it, under a lock that
+the deadline takes first. A write that is abandoned or fails is discarded, not closed (closing
+a buffered fsspec file uploads what it has), so no partial object is published.
+
 Errors: a ``PermissionError`` from the filesystem becomes
 :class:`~ckptmirror.errors.ReplicaPermissionError` (misconfiguration: raised at once, never
 retried); a network failure (connection refused, DNS, timeout, from botocore or aiohttp)
@@ -37,8 +47,11 @@ degraded and retried later). Every message names the replica.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 
@@ -52,9 +65,21 @@ from ..errors import (
     StepExistsError,
 )
 from ..format import TMP_PREFIX
-from .base import Buffer, Replica, step_of_key, validate_key
+from .base import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_MIN_BYTES_PER_S,
+    Buffer,
+    Deadline,
+    Replica,
+    TimeBudget,
+    step_of_key,
+    validate_key,
+)
+
+T = TypeVar("T")
 
 _WRITE_CHUNK = 8 << 20
+_READ_CHUNK = 8 << 20
 #: Protocols whose ``mv`` is an atomic rename within one filesystem.
 _ATOMIC_RENAME = frozenset({"file", "local"})
 
@@ -88,12 +113,47 @@ def _backend_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseE
 _NETWORK_ERRORS, _OTHER_ERRORS = _backend_errors()
 
 
+class _Abandoned(Exception):
+    """The caller stopped waiting for this operation (its deadline passed): stop touching its buffers."""
+
+
+class _Handoff:
+    """Who may touch the caller's buffer: the worker (until the deadline), then nobody.
+
+    The worker copies each chunk under ``lock`` after :meth:`check`; the caller, at the deadline,
+    takes ``lock`` and sets ``abandoned``. So once the caller has given up, no byte of its
+    buffer is read or written by the thread it left behind.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.abandoned = False
+
+    def check(self) -> None:
+        """Raise :class:`_Abandoned` if the caller gave up (call with ``lock`` held)."""
+        if self.abandoned:
+            raise _Abandoned
+
+
+def _discard(f: Any) -> None:
+    """Drop a file being written without publishing it (an upload is aborted, nothing committed)."""
+    with contextlib.suppress(Exception):
+        f.discard()
+    if isinstance(f, fsspec.spec.AbstractBufferedFile):
+        f.closed = True  # close() (and __del__) would flush the partial buffer as the object
+    else:
+        with contextlib.suppress(Exception):
+            f.close()
+
+
 class FsspecReplica(Replica):
     """A directory on any fsspec filesystem.
 
     Args:
         url: ``PROTO://path`` or ``fsspec+PROTO://path``.
         atomic_rename: whether ``mv`` is atomic on this filesystem (default: only for local files).
+        connect_timeout_s, min_bytes_per_s: every operation's time budget,
+            ``connect_timeout_s + body bytes / min_bytes_per_s`` (defaults 5 s and 1 MiB/s).
         storage_options: passed to the fsspec filesystem (credentials, endpoints, ...).
 
     Example::
@@ -102,9 +162,19 @@ class FsspecReplica(Replica):
     """
 
     read_priority = 40
+    budget: TimeBudget
 
-    def __init__(self, url: str, *, atomic_rename: bool | None = None, **storage_options: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        atomic_rename: bool | None = None,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        min_bytes_per_s: float = DEFAULT_MIN_BYTES_PER_S,
+        **storage_options: Any,
+    ) -> None:
         super().__init__(url)
+        self.budget = TimeBudget(connect_timeout_s, min_bytes_per_s)
         target = url.split("+", 1)[1] if url.lower().startswith("fsspec+") else url
         self.fs, root = fsspec.core.url_to_fs(target, **storage_options)
         self.root = root.rstrip("/")
@@ -123,6 +193,38 @@ class FsspecReplica(Replica):
     def _path(self, key: str) -> str:
         validate_key(key, self.url)
         return f"{self.root}/{key}"
+
+    def _bounded(self, op: str, key: str, nbytes: int, fn: Callable[[_Handoff, Deadline], T]) -> T:
+        """Run ``fn(handoff, deadline)`` on a daemon thread; wait for it until the deadline (which
+        ``fn`` may extend), then give up with :class:`ReplicaUnavailableError`.
+
+        A daemon thread per call, not a pool: a call stuck in its backend must never hold up a
+        later one, nor the process's exit.
+        """
+        dl = self.budget.start(op, key, nbytes)
+        handoff = _Handoff()
+        out: list[tuple[bool, Any]] = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                out.append((True, fn(handoff, dl)))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                out.append((False, exc))
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name=f"ckptmirror-fsspec-{op}", daemon=True).start()
+        while not done.wait(max(0.0, dl.remaining())):
+            if dl.expired():
+                with handoff.lock:
+                    handoff.abandoned = True
+                if not done.is_set():  # (it may have finished while we took the lock: then use its result)
+                    raise dl.missed(self.url, where=f"{self.root}/{key}" if key else self.root)
+        ok, value = out[0]
+        if ok:
+            return value
+        raise value
 
     def _guard(self, what: str, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Call ``fn``, translating the filesystem's errors into ckptmirror's."""
@@ -175,7 +277,7 @@ class FsspecReplica(Replica):
         self._bucket_seen = True
 
     # -- writing -------------------------------------------------------------------------
-    def _write(self, path: str, key: str, data: Buffer) -> None:
+    def _write(self, path: str, key: str, data: Buffer, handoff: _Handoff) -> None:
         view = memoryview(data).cast("B")
         if self.bucket is None:
             self._guard("mkdir", key, self.fs.makedirs, path.rsplit("/", 1)[0], exist_ok=True)
@@ -183,9 +285,17 @@ class FsspecReplica(Replica):
         # missing bucket (s3fs, gcsfs do), which must stay an error.
 
         def write() -> None:
-            with self.fs.open(path, "wb") as f:
+            f = self.fs.open(path, "wb")
+            try:
                 for off in range(0, len(view), _WRITE_CHUNK):
-                    f.write(view[off : off + _WRITE_CHUNK])
+                    with handoff.lock:  # a copy: the caller's buffer is never read after it gave up
+                        handoff.check()
+                        chunk = bytes(view[off : off + _WRITE_CHUNK])
+                    f.write(chunk)
+            except BaseException:
+                _discard(f)  # never publish a partial object
+                raise
+            f.close()
 
         try:
             self._guard("write", key, write)
@@ -196,12 +306,15 @@ class FsspecReplica(Replica):
 
     def put(self, key: str, data: Buffer) -> None:
         path = self._path(key)
+        self._bounded("put", key, len(memoryview(data).cast("B")), lambda h, _: self._put(path, key, data, h))
+
+    def _put(self, path: str, key: str, data: Buffer, handoff: _Handoff) -> None:
         if not self.atomic_rename:
-            return self._write(path, key, data)
+            return self._write(path, key, data, handoff)
         head, name = path.rsplit("/", 1)
         tmp = f"{head}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
         try:
-            self._write(tmp, key, data)
+            self._write(tmp, key, data, handoff)
             self._guard("rename", key, self.fs.mv, tmp, path)
         except BaseException:
             try:
@@ -227,11 +340,15 @@ class FsspecReplica(Replica):
 
     def get(self, key: str, max_bytes: int) -> bytes:
         path = self._path(key)
+        return self._bounded("get", key, 0, lambda _, dl: self._get(path, key, max_bytes, dl))
+
+    def _get(self, path: str, key: str, max_bytes: int, dl: Deadline) -> bytes:
         size = self._size_of(path, key)
         if size > max_bytes:
             raise CorruptObjectError(
                 f"object is {size} bytes, more than the {max_bytes} allowed", replica=self.url, key=key
             )
+        dl.extend(nbytes=size)  # the body's share of the budget, now that its size is known
         data = self._guard("read", key, self.fs.cat_file, path)
         if len(data) != size:
             raise CorruptObjectError(f"read {len(data)} bytes, the listing said {size}", replica=self.url, key=key)
@@ -240,14 +357,23 @@ class FsspecReplica(Replica):
     def read_into(self, key: str, out: memoryview) -> None:
         path = self._path(key)
         view = out if out.format == "B" and out.ndim == 1 else out.cast("B")
+        self._bounded("read_into", key, len(view), lambda h, _: self._read_into(path, key, view, h))
+
+    def _read_into(self, path: str, key: str, view: memoryview, handoff: _Handoff) -> None:
         size = self._size_of(path, key)
         if size != len(view):
             raise CorruptObjectError(f"size is {size} bytes, manifest says {len(view)}", replica=self.url, key=key)
 
         def read() -> int:
+            # Through a chunk of our own, copied in under the handoff lock: a read that is still
+            # running when the caller gives up must not write into a buffer it has moved on with.
+            bounce = memoryview(bytearray(min(len(view), _READ_CHUNK)))
             done = 0
             with self.fs.open(path, "rb") as f:
-                while done < len(view) and (n := f.readinto(view[done:])):
+                while done < len(view) and (n := f.readinto(bounce[: min(len(bounce), len(view) - done)])):
+                    with handoff.lock:
+                        handoff.check()
+                        view[done : done + n] = bounce[:n]
                     done += n
             return done
 
@@ -256,12 +382,16 @@ class FsspecReplica(Replica):
             raise CorruptObjectError(f"object ended after {done} of {len(view)} bytes", replica=self.url, key=key)
 
     def size(self, key: str) -> int | None:
+        path = self._path(key)
         try:
-            return self._size_of(self._path(key), key)
+            return self._bounded("size", key, 0, lambda *_: self._size_of(path, key))
         except ObjectMissingError:
             return None
 
     def list_steps(self) -> list[str]:
+        return self._bounded("list_steps", "", 0, lambda *_: self._list_steps())
+
+    def _list_steps(self) -> list[str]:
         self.fs.invalidate_cache(self.root)
         try:
             entries = self._guard("list", "", self.fs.ls, self.root, detail=True)
@@ -274,6 +404,9 @@ class FsspecReplica(Replica):
 
     def list_prefix(self, prefix: str) -> list[str]:
         path = self._path(prefix)
+        return self._bounded("list_prefix", prefix, 0, lambda *_: self._list_prefix(path, prefix))
+
+    def _list_prefix(self, path: str, prefix: str) -> list[str]:
         self.fs.invalidate_cache(path)
         try:
             found = self._guard("list", prefix, self.fs.find, path)
@@ -284,13 +417,17 @@ class FsspecReplica(Replica):
 
     # -- deleting ------------------------------------------------------------------------
     def delete(self, key: str) -> None:
+        path = self._path(key)
         try:
-            self._guard("delete", key, self.fs.rm_file, self._path(key))
+            self._bounded("delete", key, 0, lambda *_: self._guard("delete", key, self.fs.rm_file, path))
         except ObjectMissingError:
             pass
 
     def delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix)
+        self._bounded("delete_prefix", prefix, 0, lambda *_: self._delete_prefix(path, prefix))
+
+    def _delete_prefix(self, path: str, prefix: str) -> None:
         try:
             self._guard("delete", prefix, self.fs.rm, path, recursive=True)
         except ObjectMissingError:

@@ -2,9 +2,17 @@
 
 A blocking HTTP/1.1 client (``http.client``, one keep-alive connection per thread) because the
 Replica interface is called from writer threads. Bodies are sent straight from the staging
-buffer (no copy) and read straight into the caller's buffer (``readinto``). Every call has a
-socket timeout (``timeout_s``): a stalled or reset connection fails the call, and the mirror
-marks the peer degraded until its health endpoint answers again.
+buffer (no copy) and read straight into the caller's buffer (``readinto``).
+
+Time budget: every operation has one deadline (:class:`~ckptmirror.replicas.base.TimeBudget`):
+``connect_timeout_s`` (default 5 s) plus its body's bytes at ``min_bytes_per_s`` (default
+1 MiB/s; a GET learns its size from the answer's headers). Every blocking step (connect, each
+send, each read of the answer) may only wait what is left of it, so a peer that trickles one
+byte per second fails as surely as one that never answers; either raises
+:class:`~ckptmirror.errors.ReplicaUnavailableError` naming the peer, the operation, the key and
+the budget, and the mirror marks the peer degraded until its health endpoint answers again. A
+reset or closed connection is retried once, on a fresh connection, inside the same budget.
+``timeout_s`` (the older option) still works: an extra limit on each single wait.
 
 Token: the ``token=`` option, else the file named by ``token_file=``, else the environment
 variable ``CKPTMIRROR_PEER_TOKEN``; it must equal the agent's (``--token-file`` or the same
@@ -19,7 +27,9 @@ The wire rules (paths, headers, statuses) are in :mod:`ckptmirror.replicas._peer
 from __future__ import annotations
 
 import http.client
+import io
 import json
+import math
 import os
 import socket
 import ssl
@@ -28,23 +38,129 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..checksum import checksum
-from ..errors import CorruptObjectError, ReplicaConfigError, ReplicaError, ReplicaUnavailableError
+from ..errors import (
+    CorruptObjectError,
+    ObjectMissingError,
+    ReplicaConfigError,
+    ReplicaError,
+    ReplicaUnavailableError,
+)
 from . import _peer_protocol as wire
 from ._peer_protocol import LOOPBACK_HOSTS, TOKEN_ENV
-from .base import Buffer, Replica, validate_key
+from .base import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_MIN_BYTES_PER_S,
+    Buffer,
+    Deadline,
+    Replica,
+    TimeBudget,
+    validate_key,
+)
 
 __all__ = ["TOKEN_ENV", "PeerReplica"]
+
+
+class _BudgetSpent(TimeoutError):
+    """A blocking step found the operation's deadline already passed (raised before waiting)."""
+
+
+class _DeadlineMixin:
+    """An ``http.client`` connection whose every blocking step waits at most what is left of
+    the current operation's deadline (``self.deadline``, set per operation by the replica).
+
+    A per-socket timeout alone bounds each wait, not their sum: a peer that sends one byte per
+    second never trips it. So the socket is wrapped once connected, and the timeout is set
+    again, to the time left, before every send and every read.
+    """
+
+    deadline: Deadline | None = None
+    cap_s: float | None = None  # the older ``timeout_s``: a limit on each single wait
+    sock: Any
+    timeout: float | None
+
+    def wait_s(self) -> float:
+        """How long the next blocking step may wait; raises :class:`_BudgetSpent` if nothing is left."""
+        left = math.inf if self.deadline is None else self.deadline.remaining()
+        if left <= 0:
+            raise _BudgetSpent("the operation's time budget is spent")
+        return min(left, self.cap_s or math.inf)
+
+    def connect(self) -> None:
+        budget = self.deadline.budget.connect_timeout_s if self.deadline is not None else None
+        self.timeout = min(self.wait_s(), budget or math.inf)
+        super().connect()  # type: ignore[misc]
+        self.sock = _DeadlineSocket(self.sock, self)
+
+
+class _Connection(_DeadlineMixin, http.client.HTTPConnection):
+    pass
+
+
+class _TLSConnection(_DeadlineMixin, http.client.HTTPSConnection):
+    pass  # the mixin wraps the socket after the TLS handshake: reads go through TLS as before
+
+
+class _DeadlineSocket:
+    """The connected socket as ``http.client`` uses it (``sendall``, ``makefile``, ``close``),
+    each step armed with the time left of the operation's deadline."""
+
+    def __init__(self, sock: socket.socket, conn: _DeadlineMixin) -> None:
+        self._sock = sock
+        self._conn = conn
+
+    def arm(self) -> None:
+        self._sock.settimeout(self._conn.wait_s())
+
+    def sendall(self, data: Any) -> None:
+        self.arm()  # since Python 3.5 the timeout bounds the whole sendall, not each chunk
+        self._sock.sendall(data)
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        # The socket's own raw reader (it counts as an open reference: the socket stays open
+        # for a response still being read after the connection closed it), armed per read.
+        return io.BufferedReader(_DeadlineReader(self._sock.makefile("rb", buffering=0), self))
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A raw reader that arms the socket with the time left before every read."""
+
+    def __init__(self, raw: Any, owner: _DeadlineSocket) -> None:
+        super().__init__()
+        self._raw = raw
+        self._owner = owner
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        self._owner.arm()
+        return int(self._raw.readinto(b))
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
 
 
 class PeerReplica(Replica):
     """Client of a peer agent (``peer://host:port/namespace``, ``peers://`` for TLS).
 
     ``token``, ``token_file``: the shared secret (see the module docstring for the order);
-    ``timeout_s``: the socket timeout of every call; ``tls``, ``cafile``: TLS and its CA bundle.
+    ``connect_timeout_s`` (default 5 s), ``min_bytes_per_s`` (default 1 MiB/s): every operation's
+    time budget, ``connect_timeout_s + body bytes / min_bytes_per_s``; ``timeout_s`` (older
+    option, default None): an extra limit on each single wait; ``tls``, ``cafile``: TLS and its
+    CA bundle.
     """
 
     read_priority = 20
     heartbeat = True
+    budget: TimeBudget
 
     def __init__(
         self,
@@ -52,7 +168,9 @@ class PeerReplica(Replica):
         *,
         token: str | None = None,
         token_file: str | None = None,
-        timeout_s: float = 30.0,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        min_bytes_per_s: float = DEFAULT_MIN_BYTES_PER_S,
+        timeout_s: float | None = None,
         tls: bool | None = None,
         cafile: str | None = None,
     ) -> None:
@@ -66,6 +184,9 @@ class PeerReplica(Replica):
         validate_key(self.namespace, url)
         self.depth = len(self.namespace.split("/"))
         self.token, self.token_source = self._resolve_token(token, token_file)
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 (or None), got {timeout_s!r}")
+        self.budget = TimeBudget(connect_timeout_s, min_bytes_per_s)
         self.timeout_s = timeout_s
         self.tls = (parsed.scheme == "peers") if tls is None else tls
         self.ssl_ctx = ssl.create_default_context(cafile=cafile) if self.tls else None
@@ -103,6 +224,11 @@ class PeerReplica(Replica):
             f"{what} (HTTP {status}: {text or 'no body'}); pass the agent's token as token=, in {TOKEN_ENV} "
             f"or as token_file= (e.g. storage_options={{'peer': {{'token_file': PATH}}}}): it must match "
             f"the agent's --token-file or {TOKEN_ENV}"
+            + (
+                f", or the --namespace-token the agent was given for namespace {self.namespace!r}"
+                if wire.WRONG_NAMESPACE_TEXT in text
+                else ""
+            )
         )
 
     def _serve_hint(self) -> str:
@@ -112,15 +238,31 @@ class PeerReplica(Replica):
         return f"ckptmirror serve --root DIR{host} --port {self.port} --token-file FILE{tls}"
 
     # -- transport -----------------------------------------------------------------------
-    def _conn(self) -> http.client.HTTPConnection:
-        conn = getattr(self._local, "conn", None)
+    def _conn(self, deadline: Deadline) -> _DeadlineMixin:
+        """This thread's connection, bound to ``deadline`` for the operation about to use it."""
+        conn: _DeadlineMixin | None = getattr(self._local, "conn", None)
         if conn is None:
             if self.tls:
-                conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout_s, context=self.ssl_ctx)
+                conn = _TLSConnection(self.host, self.port, context=self.ssl_ctx)
             else:
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+                conn = _Connection(self.host, self.port)
+            conn.cap_s = self.timeout_s
             self._local.conn = conn
+        conn.deadline = deadline
         return conn
+
+    def _missed(self, dl: Deadline, last: BaseException | None = None, attempts: int = 1) -> ReplicaUnavailableError:
+        """The error of an operation that ran out of time (or of a wait cut by ``timeout_s``)."""
+        if not dl.expired() and self.timeout_s is not None:  # the older per-wait limit fired first
+            return ReplicaUnavailableError(
+                f"{dl.op}: no answer within timeout_s={self.timeout_s:g} (one wait), inside its time budget of "
+                f"{dl.describe()}",
+                replica=self.url,
+                key=dl.key,
+            )
+        if isinstance(last, _BudgetSpent):
+            last = None
+        return dl.missed(self.url, attempts=attempts, last=last)
 
     def _drop(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -133,6 +275,7 @@ class PeerReplica(Replica):
         method: str,
         path: str,
         key: str,
+        dl: Deadline,
         body: Buffer | None = None,
         headers: dict[str, str] | None = None,
         idempotent: bool = True,
@@ -143,11 +286,13 @@ class PeerReplica(Replica):
         hdrs.update(headers or {})
         if body is not None:
             hdrs["Content-Length"] = str(len(memoryview(body).cast("B")))
-        for attempt in (0, 1):
-            conn = self._conn()
+        for attempt in (1, 2):
+            conn = self._conn(dl)
             try:
-                conn.request(method, path, body=memoryview(body).cast("B") if body is not None else None, headers=hdrs)
-                return conn.getresponse()
+                conn.request(  # type: ignore[attr-defined]
+                    method, path, body=memoryview(body).cast("B") if body is not None else None, headers=hdrs
+                )
+                return conn.getresponse()  # type: ignore[attr-defined]
             except ConnectionRefusedError as exc:
                 # Nothing listens there: an outage (the peer is degraded and probed), but most
                 # often in the first hour an agent nobody started. Say how to start it.
@@ -163,25 +308,43 @@ class PeerReplica(Replica):
                 raise ReplicaUnavailableError(
                     f"agent not reachable: cannot resolve host {self.host!r}: {exc}", replica=self.url, key=key
                 ) from exc
+            except TimeoutError as exc:  # connect, send or the answer's headers: out of time
+                self._drop()
+                raise self._missed(dl, exc, attempt) from exc
             except ssl.SSLError as exc:
                 # A setup problem (unknown CA, plain agent), not a passing fault.
                 self._drop()
                 raise ReplicaUnavailableError(f"TLS handshake failed: {exc}", replica=self.url, key=key) from exc
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
-                # A kept-alive connection the agent closed: retry once on a fresh one.
+                # A kept-alive connection the agent closed: retry once on a fresh one, in the same budget.
                 self._drop()
-                if attempt or not idempotent and not isinstance(exc, http.client.RemoteDisconnected):
+                if (
+                    attempt == 2
+                    or dl.expired()
+                    or not idempotent
+                    and not isinstance(exc, http.client.RemoteDisconnected)
+                ):
                     hint = "" if self.tls else " (if the agent uses TLS, use a peers:// URL)"
-                    raise ReplicaError(f"connection to agent lost: {exc}{hint}", replica=self.url, key=key) from exc
+                    raise ReplicaUnavailableError(
+                        f"{dl.op}: connection to agent lost: {exc}{hint}; {attempt} attempt(s) in {dl.elapsed():.1f} s "
+                        f"of its time budget of {dl.describe()}",
+                        replica=self.url,
+                        key=key,
+                    ) from exc
             except (OSError, http.client.HTTPException) as exc:
                 self._drop()
-                what = (
-                    "timed out"
-                    if isinstance(exc, (socket.timeout, TimeoutError))
-                    else f"failed: {type(exc).__name__}: {exc}"
-                )
-                raise ReplicaError(f"{method} {what}", replica=self.url, key=key) from exc
+                raise ReplicaError(f"{method} failed: {type(exc).__name__}: {exc}", replica=self.url, key=key) from exc
         raise AssertionError("unreachable")
+
+    def _read_body(self, resp: http.client.HTTPResponse, dl: Deadline, key: str) -> bytes:
+        """The whole answer body, its share of the budget added once its size is known."""
+        try:
+            dl.extend(nbytes=max(0, int(resp.getheader("Content-Length") or 0)))
+            return resp.read()
+        except TimeoutError as exc:
+            raise self._missed(dl, exc) from exc
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise ReplicaError(f"read failed: {type(exc).__name__}: {exc}", replica=self.url, key=key) from exc
 
     def _path(self, op: str, key: str = "") -> str:
         return wire.request_path(op, self.namespace, key)
@@ -194,11 +357,13 @@ class PeerReplica(Replica):
             resp.status, text, replica=self.url, key=key, denied=self._denied(resp.status, text)
         )
 
-    def _call(self, method: str, path: str, key: str, **kw: Any) -> bytes:
-        resp = self._request(method, path, key, **kw)
+    def _call(self, op: str, method: str, path: str, key: str, nbytes: int = 0, **kw: Any) -> bytes:
+        """One operation: a request (``nbytes`` of body) and its whole answer, under one deadline."""
+        dl = self.budget.start(op, key, nbytes)
+        resp = self._request(method, path, key, dl, **kw)
         try:
             self._check(resp, key)
-            return resp.read()
+            return self._read_body(resp, dl, key)
         except BaseException:
             self._drop()
             raise
@@ -207,9 +372,11 @@ class PeerReplica(Replica):
     def put(self, key: str, data: Buffer) -> None:
         validate_key(key, self.url)
         self._call(
+            "put",
             "PUT",
             self._path(wire.OP_OBJECT, key),
             key,
+            len(memoryview(data).cast("B")),
             body=data,
             headers={wire.CHECKSUM_HEADER: checksum(data)},
             idempotent=True,
@@ -218,9 +385,11 @@ class PeerReplica(Replica):
     def commit(self, key: str, data: bytes) -> None:
         validate_key(key, self.url)
         self._call(
+            "commit",
             "PUT",
             self._path(wire.OP_COMMIT, key),
             key,
+            len(data),
             body=data,
             headers={wire.CHECKSUM_HEADER: checksum(data)},
             idempotent=False,
@@ -228,7 +397,8 @@ class PeerReplica(Replica):
 
     def get(self, key: str, max_bytes: int) -> bytes:
         validate_key(key, self.url)
-        resp = self._request("GET", self._path(wire.OP_OBJECT, key), key)
+        dl = self.budget.start("get", key)
+        resp = self._request("GET", self._path(wire.OP_OBJECT, key), key, dl)
         try:
             self._check(resp, key)
             size = int(resp.getheader("Content-Length") or -1)
@@ -236,7 +406,7 @@ class PeerReplica(Replica):
                 raise CorruptObjectError(
                     f"object is {size} bytes, more than the {max_bytes} allowed", replica=self.url, key=key
                 )
-            return resp.read()
+            return self._read_body(resp, dl, key)
         except BaseException:
             self._drop()
             raise
@@ -244,7 +414,8 @@ class PeerReplica(Replica):
     def read_into(self, key: str, out: memoryview) -> None:
         validate_key(key, self.url)
         view = out.cast("B") if out.format != "B" else out
-        resp = self._request("GET", self._path(wire.OP_OBJECT, key), key)
+        dl = self.budget.start("read_into", key, len(view))
+        resp = self._request("GET", self._path(wire.OP_OBJECT, key), key, dl)
         try:
             self._check(resp, key)
             size = int(resp.getheader("Content-Length") or -1)
@@ -258,10 +429,13 @@ class PeerReplica(Replica):
                         f"connection ended after {done} of {len(view)} bytes", replica=self.url, key=key
                     )
                 done += n
+        except TimeoutError as exc:
+            self._drop()
+            raise self._missed(dl, exc) from exc
         except (OSError, http.client.HTTPException) as exc:
             self._drop()
-            if isinstance(exc, ReplicaError):
-                raise
+            if isinstance(exc, (ReplicaError, ObjectMissingError)):
+                raise  # already ours (a 404 is a FileNotFoundError, not a failure of the link)
             raise ReplicaError(f"read failed: {type(exc).__name__}: {exc}", replica=self.url, key=key) from exc
         except BaseException:
             self._drop()
@@ -269,34 +443,43 @@ class PeerReplica(Replica):
 
     def size(self, key: str) -> int | None:
         validate_key(key, self.url)
-        resp = self._request("HEAD", self._path(wire.OP_OBJECT, key), key)
-        resp.read()
+        dl = self.budget.start("size", key)
+        resp = self._request("HEAD", self._path(wire.OP_OBJECT, key), key, dl)
+        try:
+            resp.read()
+        except TimeoutError as exc:
+            self._drop()
+            raise self._missed(dl, exc) from exc
         if resp.status == 404:
             return None
         self._check(resp, key)
         return int(resp.getheader(wire.SIZE_HEADER) or resp.getheader("Content-Length") or 0)
 
     def list_steps(self) -> list[str]:
-        return list(json.loads(self._call("GET", self._path(wire.OP_STEPS), "")))
+        return list(json.loads(self._call("list_steps", "GET", self._path(wire.OP_STEPS), "")))
 
     def list_prefix(self, prefix: str) -> list[str]:
         validate_key(prefix.rstrip("/"), self.url)
-        return list(json.loads(self._call("GET", self._path(wire.OP_LIST, prefix.rstrip("/")), prefix)))
+        path = self._path(wire.OP_LIST, prefix.rstrip("/"))
+        return list(json.loads(self._call("list_prefix", "GET", path, prefix)))
 
     def delete(self, key: str) -> None:
         validate_key(key, self.url)
-        self._call("DELETE", self._path(wire.OP_OBJECT, key), key)
+        self._call("delete", "DELETE", self._path(wire.OP_OBJECT, key), key)
 
     def delete_prefix(self, prefix: str) -> None:
         validate_key(prefix.rstrip("/"), self.url)
-        self._call("DELETE", self._path(wire.OP_PREFIX, prefix.rstrip("/")), prefix)
+        self._call("delete_prefix", "DELETE", self._path(wire.OP_PREFIX, prefix.rstrip("/")), prefix)
 
     def health(self) -> dict[str, Any]:
         """The agent's health document (version, free space, uploads in flight)."""
-        return dict(json.loads(self._call("GET", wire.HEALTH_PATH, "")))
+        return dict(json.loads(self._call("health", "GET", wire.HEALTH_PATH, "")))
 
     def ping(self) -> None:
         self.health()
+
+    def release_thread(self) -> None:
+        self._drop()
 
     def close(self) -> None:
         self._drop()

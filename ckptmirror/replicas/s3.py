@@ -19,10 +19,20 @@ instead of s3fs's file methods, because the commit protocol needs things they hi
   and a warning, once).
 * **No listing cache.** Every listing is a fresh ``ListObjectsV2``; s3fs's dircache, which can
   hide a step written by another client, is never consulted. ``size()`` is always a HEAD.
+* **A time budget per operation.** Every operation (``put``, ``get``, ``size``, a listing, ...)
+  gets one deadline, :class:`~ckptmirror.replicas.base.TimeBudget`: ``connect_timeout_s``
+  (default 5 s) plus its body bytes at ``min_bytes_per_s`` (default 1 MiB/s); a listing or a
+  multipart upload adds ``connect_timeout_s`` per further request it finds it needs. Retries
+  (at most ``retries``) happen only inside it, and each part of a multipart upload or ranged
+  read has its own attempt limit (its part's budget), so one stalled part is retried instead of
+  holding the whole object. An operation that misses its deadline raises
+  :class:`~ckptmirror.errors.ReplicaUnavailableError` naming the replica, the operation, the
+  key and the budget: an endpoint that accepts connections and never answers costs one
+  budget, not ``retries`` x a timeout.
 * **One error table.** :func:`~ckptmirror.replicas._s3_errors.classify` maps every
   botocore/aiohttp failure to one of ckptmirror's errors and says whether it is worth
   retrying; :meth:`S3Replica._retry` is the only retry loop (botocore's own retries are off),
-  with exponential backoff and jitter, and a ``timeout_s`` on every attempt. Misconfiguration
+  with exponential backoff and jitter. Misconfiguration
   (no such bucket: :class:`~ckptmirror.errors.ReplicaConfigError`; access denied, unknown key,
   wrong secret, no credentials: :class:`~ckptmirror.errors.ReplicaPermissionError`) is never
   retried, and ``Mirror()`` raises it at construction; an endpoint where nothing answers, or
@@ -37,19 +47,42 @@ A HEAD on a missing bucket answers a bare 404, indistinguishable from a missing 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import math
 import random
 import threading
+import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from functools import partial
 from typing import Any, TypeVar
 
 import s3fs
 from fsspec.asyn import sync
 
 from ..errors import CkptMirrorError, CorruptObjectError, ObjectMissingError, ReplicaError, StepExistsError
-from ._s3_errors import Verdict, _NotSupported, _PreconditionFailed, classify, detail, error_code, explain
-from .base import Buffer, Replica, step_of_key, validate_key
+from ._s3_errors import (
+    ENDPOINT_FIX,
+    TIMED_OUT,
+    Verdict,
+    _NotSupported,
+    _PreconditionFailed,
+    classify,
+    detail,
+    error_code,
+    explain,
+)
+from .base import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_MIN_BYTES_PER_S,
+    Buffer,
+    Deadline,
+    Replica,
+    TimeBudget,
+    step_of_key,
+    validate_key,
+)
 
 log = logging.getLogger("ckptmirror")
 
@@ -59,6 +92,46 @@ MIN_PART_BYTES = 5 << 20  # S3's minimum for every part but the last
 MAX_PARTS = 10_000
 _DELETE_BATCH = 1000  # DeleteObjects limit
 _PART_CHECKSUMS = ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumCRC64NVME", "ChecksumSHA1", "ChecksumSHA256")
+
+#: The deadline of the operation the current task belongs to. A context variable because the
+#: operation's requests run in tasks (parts, ranges) that copy the context when created.
+_DEADLINE: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar("ckptmirror_s3_deadline", default=None)
+
+
+_GRACE_S = 0.25
+
+
+def _earliest(dl: Deadline, cap: float) -> float:
+    """The end of one attempt: the operation's deadline (which may move) or the attempt's own limit."""
+    return min(dl.end, cap)
+
+
+class _Expired(Exception):
+    """:func:`_within` ran out of time (internal: turned into a verdict or a missed deadline)."""
+
+
+async def _within(aw: Awaitable[T], end: Callable[[], float]) -> T:
+    """Await ``aw`` until the monotonic time ``end()``, re-read whenever it passes (an operation
+    may extend its deadline meanwhile); then cancel it, wait until it has stopped (so no range
+    still writes into a caller's buffer) and raise :class:`_Expired`.
+
+    Python 3.10 has no ``asyncio.timeout()`` whose deadline can move; this is that.
+    """
+    task = asyncio.ensure_future(aw)
+    try:
+        while (left := end() - time.monotonic()) > 0:
+            done, _ = await asyncio.wait({task}, timeout=left)
+            if done:
+                return task.result()
+    except BaseException:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    if task.done() and not task.cancelled() and task.exception() is None:
+        return task.result()  # it finished in the same instant
+    raise _Expired
 
 
 def _byte_view(data: Buffer) -> memoryview:
@@ -88,8 +161,14 @@ class S3Replica(Replica):
             ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION`` (and profiles, instance roles).
         part_bytes: objects larger than this are uploaded and read as parts of this size (>= 5 MiB).
         max_concurrency: part uploads and ranged reads in flight on this replica, all objects together.
-        timeout_s: limit for every request attempt (connect, read, and the whole attempt).
-        retries: retries after the first attempt, for throttling, 5xx and network errors.
+        connect_timeout_s: the fixed part of every operation's time budget (connect, request,
+            first byte of the answer), and botocore's connect timeout. Default 5 s.
+        min_bytes_per_s: floor throughput: an operation on ``n`` bytes gets ``n / min_bytes_per_s``
+            seconds more. Default 1 MiB/s. A missed budget raises ReplicaUnavailableError.
+        timeout_s: (older option, still accepted) an extra limit on each request attempt, inside
+            the budget; None (default): the budget alone.
+        retries: at most this many retries after the first attempt (throttling, 5xx, network
+            errors), and only while the operation's budget lasts.
         s3fs_options: passed to :class:`s3fs.S3FileSystem` (e.g. ``profile``, ``config_kwargs``).
 
     Example::
@@ -98,6 +177,7 @@ class S3Replica(Replica):
     """
 
     read_priority = 30
+    budget: TimeBudget
     #: First retry delay; doubles per retry (capped at 10 s), with jitter.
     backoff_s = 0.1
 
@@ -111,7 +191,9 @@ class S3Replica(Replica):
         region: str | None = None,
         part_bytes: int = 32 << 20,
         max_concurrency: int = 8,
-        timeout_s: float = 60.0,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        min_bytes_per_s: float = DEFAULT_MIN_BYTES_PER_S,
+        timeout_s: float | None = None,
         retries: int = 5,
         **s3fs_options: Any,
     ) -> None:
@@ -122,17 +204,22 @@ class S3Replica(Replica):
             raise ValueError(f"S3 replica URL must look like s3://bucket/prefix, got {url!r}")
         if part_bytes < MIN_PART_BYTES:
             raise ValueError(f"part_bytes must be at least {MIN_PART_BYTES} (S3's minimum part size), got {part_bytes}")
-        if max_concurrency < 1 or timeout_s <= 0 or retries < 0:
-            raise ValueError("max_concurrency must be >= 1, timeout_s > 0, retries >= 0")
+        if max_concurrency < 1 or (timeout_s is not None and timeout_s <= 0) or retries < 0:
+            raise ValueError("max_concurrency must be >= 1, timeout_s > 0 (or None), retries >= 0")
+        self.budget = TimeBudget(connect_timeout_s, min_bytes_per_s)
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.part_bytes = part_bytes
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
         self.retries = retries
+        # botocore's own limits only catch what the budget would too, earlier: a connect that
+        # hangs, and a read that waits longer than a whole part is allowed (the budget, enforced
+        # around every attempt, is what bounds a trickle that never trips a per-read timeout).
+        part_s = self.budget.seconds(part_bytes)
         config = {
-            "connect_timeout": timeout_s,
-            "read_timeout": timeout_s,
+            "connect_timeout": min(connect_timeout_s, timeout_s or math.inf),
+            "read_timeout": min(part_s, timeout_s or math.inf),
             "retries": {"mode": "standard", "total_max_attempts": 1},  # _retry is the one retry loop
             "max_pool_connections": max_concurrency + 8,  # + metadata requests beside the data
         }
@@ -157,42 +244,109 @@ class S3Replica(Replica):
         validate_key(key, self.url)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _run(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        return sync(self.fs.loop, fn, *args, **kwargs)
+    def _run(
+        self, op: str, key: str, nbytes: int, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any
+    ) -> T:
+        """Run one operation on fsspec's loop under its own deadline (``nbytes``: its body size).
+
+        The deadline bounds the whole coroutine too, not only its requests: time spent waiting
+        for a part slot (held by another operation) counts, so no operation outlives its budget.
+        """
+        deadline = self.budget.start(op, key, nbytes)
+
+        async def main() -> T:
+            _DEADLINE.set(deadline)  # this task's context: seen by every task it creates
+            try:
+                # A little grace: the request that is running when the deadline passes reports it
+                # itself, with its attempts and last error; this bound is for everything else.
+                return await _within(fn(*args, **kwargs), lambda: deadline.end + _GRACE_S)
+            except _Expired:
+                raise deadline.missed(self.url, where=self._where(key), fix=await self._fix()) from None
+
+        return sync(self.fs.loop, main)
+
+    def _deadline(self, op: str, key: str) -> Deadline:
+        """The current operation's deadline (a fresh one-request budget outside an operation)."""
+        return _DEADLINE.get() or self.budget.start(op, key)
+
+    def _next_request(self) -> None:
+        """The current operation needs one more sequential request (a next page, a completion)."""
+        dl = _DEADLINE.get()
+        if dl is not None:
+            dl.extend(requests=1)
+
+    def _where(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._path(key) if key else self.prefix}"
+
+    async def _fix(self) -> str:
+        return explain(ENDPOINT_FIX, bucket=self.bucket, endpoint=await self._endpoint_url())
 
     async def _send(self, method: str, **kwargs: Any) -> Any:
         """One request on the shared aiobotocore client (tests wrap this to inject faults)."""
         client = await self.fs.set_session()
         return await getattr(client, method)(Bucket=self.bucket, **kwargs)
 
-    async def _retry(self, op: str, key: str, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Run ``attempt`` under ``timeout_s``, retrying what :func:`classify` calls transient."""
-        for n in range(self.retries + 1):
+    async def _retry(
+        self, op: str, key: str, attempt: Callable[[], Awaitable[T]], attempt_bytes: int | None = None
+    ) -> T:
+        """Run ``attempt`` inside the operation's deadline, retrying what :func:`classify` calls
+        transient while the budget lasts (and at most ``retries`` times).
+
+        ``attempt_bytes``: this request is one part of a larger operation (a multipart part, a
+        range), so each attempt is also limited to that part's own budget: a stalled part is cut
+        and retried while the operation still has time, instead of using all of it.
+        """
+        dl = self._deadline(op, key)
+        last: BaseException | None = None
+        n = 0  # attempts made
+        while True:
+            if dl.expired():
+                raise dl.missed(self.url, where=self._where(key), attempts=n, last=last, fix=await self._fix())
+            now = time.monotonic()
+            cap = math.inf if attempt_bytes is None else now + self.budget.seconds(attempt_bytes)
+            if self.timeout_s is not None:
+                cap = min(cap, now + self.timeout_s)
+            n += 1
             try:
-                result = await asyncio.wait_for(attempt(), self.timeout_s)
+                result = await _within(attempt(), partial(_earliest, dl, cap))
                 self._bucket_seen = True
                 return result
             except CkptMirrorError:
                 raise  # our own verdicts (size mismatch, ...) are final
-            except Exception as exc:
-                verdict = classify(exc, bucket_seen=self._bucket_seen)
-                if verdict is None:
+            except _Expired:
+                if dl.expired():
+                    raise dl.missed(
+                        self.url, where=self._where(key), attempts=n, last=last, fix=await self._fix()
+                    ) from last
+                exc: Exception = asyncio.TimeoutError(f"attempt cut after {cap - now:.1f} s")
+                verdict = TIMED_OUT
+            except Exception as caught:
+                exc = caught
+                found = classify(exc, bucket_seen=self._bucket_seen)
+                if found is None:
                     raise
-                if verdict.retry and n < self.retries:
-                    delay = min(self.backoff_s * 2**n, 10.0) * random.uniform(0.5, 1.0)
-                    log.debug("s3 %s %s failed (%s), retry %d in %.2f s", op, key, detail(exc), n + 1, delay)
-                    await asyncio.sleep(delay)
-                    continue
-                raise verdict.error(
-                    await self._message(op, key, n + 1, verdict, exc), replica=self.url, key=key
-                ) from exc
-        raise AssertionError("unreachable")
+                verdict = found
+            last = exc
+            delay = min(self.backoff_s * 2 ** (n - 1), 10.0) * random.uniform(0.5, 1.0)
+            if verdict.retry and n <= self.retries:
+                if delay >= dl.remaining():  # no time left for another attempt: the budget is spent
+                    raise dl.missed(
+                        self.url, where=self._where(key), attempts=n, last=exc, fix=await self._fix()
+                    ) from exc
+                log.debug("s3 %s %s failed (%s), retry %d in %.2f s", op, key, detail(exc), n, delay)
+                await asyncio.sleep(delay)
+                continue
+            raise verdict.error(await self._message(op, key, n, verdict, exc, dl), replica=self.url, key=key) from exc
 
-    async def _message(self, op: str, key: str, attempts: int, verdict: Verdict, exc: BaseException) -> str:
-        """``OP s3://bucket/key: what happened [after N attempts] (server's words); how to fix it``."""
-        where = f"s3://{self.bucket}/{self._path(key) if key else self.prefix}"
+    async def _message(
+        self, op: str, key: str, attempts: int, verdict: Verdict, exc: BaseException, dl: Deadline | None = None
+    ) -> str:
+        """``OP s3://bucket/key: what happened [after N attempts in T of its budget] (server's words); the fix``."""
+        where = self._where(key)
         endpoint = await self._endpoint_url()
         tries = f" after {attempts} attempts" if attempts > 1 else ""
+        if tries and dl is not None:
+            tries += f" in {dl.elapsed():.1f} s of its time budget of {dl.describe()}"
         msg = f"{op} {where}: {explain(verdict.meaning, bucket=self.bucket, endpoint=endpoint)}{tries} ({detail(exc)})"
         if verdict.fix:
             msg += f"; {explain(verdict.fix, bucket=self.bucket, endpoint=endpoint)}"
@@ -202,17 +356,20 @@ class S3Replica(Replica):
         """The URL the client sends requests to, however it was chosen (option, ``AWS_ENDPOINT_URL``,
         region default): what an operator has to compare with where the server really is."""
         try:
-            client = await self.fs.set_session()
+            # The client made for the request that failed; if there is none yet (its creation is
+            # what hung), a bounded wait: a message about an operation out of time must not hang.
+            client: Any = getattr(self.fs, "_s3", None) or await asyncio.wait_for(self.fs.set_session(), 1.0)
             return str(client.meta.endpoint_url)
         except Exception:  # noqa: BLE001 - a message about one failure must not fail with another
             return str(self.fs.client_kwargs.get("endpoint_url") or self.fs.endpoint_url or "the default AWS endpoint")
 
-    async def _call(self, method: str, key: str, **kwargs: Any) -> Any:
-        return await self._retry(method, key, lambda: self._send(method, **kwargs))
+    async def _call(self, method: str, key: str, *, attempt_bytes: int | None = None, **kwargs: Any) -> Any:
+        return await self._retry(method, key, lambda: self._send(method, **kwargs), attempt_bytes)
 
     # -- writing -------------------------------------------------------------------------
     def put(self, key: str, data: Buffer) -> None:
-        self._run(self._put, key, self._path(key), data)
+        path = self._path(key)
+        self._run("put", key, len(_byte_view(data)), self._put, key, path, data)
 
     async def _put(self, key: str, path: str, data: Buffer) -> None:
         view = _byte_view(data)
@@ -231,6 +388,7 @@ class S3Replica(Replica):
                 self._upload_part(key, path, upload_id, i + 1, view[off : off + part])
                 for i, off in enumerate(range(0, size, part))
             )
+            self._next_request()  # S3 may take a while to assemble a large object
             done = await self._call(
                 "complete_multipart_upload", key, Key=path, UploadId=upload_id, MultipartUpload={"Parts": parts}
             )
@@ -243,8 +401,10 @@ class S3Replica(Replica):
         except BaseException:
             await self._abort(key, path, upload_id)
             raise
+        self._next_request()
         stored = (await self._call("head_object", key, Key=path))["ContentLength"]
         if stored != size:
+            self._next_request()
             await self._call("delete_object", key, Key=path)
             raise CorruptObjectError(
                 f"completed upload holds {stored} bytes, sent {size}; deleted", replica=self.url, key=key
@@ -253,7 +413,9 @@ class S3Replica(Replica):
     async def _upload_part(self, key: str, path: str, upload_id: str, number: int, chunk: memoryview) -> dict[str, Any]:
         async with self._slots:
             body = await asyncio.to_thread(bytes, chunk)
-            resp = await self._call("upload_part", key, Key=path, UploadId=upload_id, PartNumber=number, Body=body)
+            resp = await self._call(
+                "upload_part", key, attempt_bytes=len(body), Key=path, UploadId=upload_id, PartNumber=number, Body=body
+            )
         if not resp.get("ETag"):
             raise ReplicaError(
                 f"UploadPart {number} of s3://{self.bucket}/{path} answered without an ETag", replica=self.url, key=key
@@ -262,6 +424,15 @@ class S3Replica(Replica):
         return {"PartNumber": number, "ETag": resp["ETag"], **{k: resp[k] for k in _PART_CHECKSUMS if k in resp}}
 
     async def _abort(self, key: str, path: str, upload_id: str) -> None:
+        dl = _DEADLINE.get()
+        if dl is not None and dl.expired():
+            # The endpoint did not answer in time: an abort would only hold the caller longer.
+            log.warning(
+                "multipart upload %s of s3://%s/%s left open: its operation ran out of time (delete_prefix aborts it)",
+                upload_id, self.bucket, path,
+            )  # fmt: skip
+            return
+        self._next_request()
         try:
             await self._call("abort_multipart_upload", key, Key=path, UploadId=upload_id)
         except CkptMirrorError as exc:
@@ -278,8 +449,8 @@ class S3Replica(Replica):
         if self._conditional is None:
             with self._probe_lock:
                 if self._conditional is None:
-                    self._conditional = self._run(self._probe_conditional_writes)
-        self._run(self._commit, key, path, bytes(data))
+                    self._conditional = self._run("probe conditional writes", "", 0, self._probe_conditional_writes)
+        self._run("commit", key, len(data), self._commit, key, path, bytes(data))
 
     async def _commit(self, key: str, path: str, body: bytes) -> None:
         conflict: BaseException | None = None
@@ -294,8 +465,10 @@ class S3Replica(Replica):
             try:
                 await self._call("head_object", key, Key=path)
             except ObjectMissingError:
+                self._next_request()
                 await self._call("put_object", key, Key=path, Body=body)
                 return
+        self._next_request()
         if await self._holds(key, path, body):
             return  # a retried request of ours landed first: the same commit, not a rival
         raise StepExistsError(step_of_key(key), self.url) from conflict
@@ -311,6 +484,7 @@ class S3Replica(Replica):
         probe = f"{self.prefix}/.ckptmirror-probe-{uuid.uuid4().hex}".lstrip("/")
         try:
             await self._call("put_object", "", Key=probe, Body=b"", IfNoneMatch="*")
+            self._next_request()
             await self._call("put_object", "", Key=probe, Body=b"", IfNoneMatch="*")
             why = "it ignored If-None-Match: * on an existing object"
         except _PreconditionFailed:
@@ -318,6 +492,7 @@ class S3Replica(Replica):
         except _NotSupported as exc:
             why = f"it answered {detail(exc.__cause__ or exc)}"
         finally:
+            self._next_request()
             try:
                 await self._call("delete_object", "", Key=probe)
             except CkptMirrorError:
@@ -331,7 +506,8 @@ class S3Replica(Replica):
 
     # -- reading -------------------------------------------------------------------------
     def get(self, key: str, max_bytes: int) -> bytes:
-        return self._run(self._get, key, self._path(key), max_bytes)
+        path = self._path(key)
+        return self._run("get", key, 0, self._get, key, path, max_bytes)
 
     async def _get(self, key: str, path: str, max_bytes: int) -> bytes:
         async def attempt() -> bytes:
@@ -343,6 +519,9 @@ class S3Replica(Replica):
                     raise CorruptObjectError(
                         f"object is {size} bytes, more than the {max_bytes} allowed", replica=self.url, key=key
                     )
+                dl = _DEADLINE.get()
+                if dl is not None:
+                    dl.extend(nbytes=size)  # the body's share of the budget, now that its size is known
                 data = await body.read()
             finally:
                 body.close()
@@ -355,7 +534,9 @@ class S3Replica(Replica):
         return await self._retry("get_object", key, attempt)
 
     def read_into(self, key: str, out: memoryview) -> None:
-        self._run(self._read_into, key, self._path(key), _byte_view(out))
+        path = self._path(key)
+        view = _byte_view(out)
+        self._run("read_into", key, len(view), self._read_into, key, path, view)
 
     async def _read_into(self, key: str, path: str, view: memoryview) -> None:
         head = await self._call("head_object", key, Key=path)
@@ -364,6 +545,7 @@ class S3Replica(Replica):
             raise CorruptObjectError(f"size is {size} bytes, manifest says {len(view)}", replica=self.url, key=key)
         ranged = size > self.part_bytes
         match = {"IfMatch": head["ETag"]} if ranged and head.get("ETag") else {}
+        self._next_request()  # the GETs (concurrent: one request's share for them all)
         try:
             await _all(
                 self._read_range(key, path, view, off, min(off + self.part_bytes, size), ranged, match)
@@ -395,12 +577,12 @@ class S3Replica(Replica):
                 raise CorruptObjectError(f"object ended at byte {pos}, expected {end}", replica=self.url, key=key)
 
         async with self._slots:
-            await self._retry("get_object", key, attempt)
+            await self._retry("get_object", key, attempt, attempt_bytes=end - start if ranged else None)
 
     def size(self, key: str) -> int | None:
         path = self._path(key)
         try:
-            return int(self._run(self._call, "head_object", key, Key=path)["ContentLength"])
+            return int(self._run("size", key, 0, self._call, "head_object", key, Key=path)["ContentLength"])
         except ObjectMissingError:
             return None
 
@@ -417,16 +599,21 @@ class S3Replica(Replica):
             if not resp.get("IsTruncated"):
                 return keys, dirs
             kw["ContinuationToken"] = resp["NextContinuationToken"]
+            self._next_request()  # a long listing is not a slow one: each page gets its share
 
     def _root(self) -> str:
         return f"{self.prefix}/" if self.prefix else ""
 
     def list_steps(self) -> list[str]:
         root = self._root()
-        _, dirs = self._run(self._list, root, "", True)
+        return self._run("list_steps", "", 0, self._list_steps, root)
+
+    async def _list_steps(self, root: str) -> list[str]:
+        _, dirs = await self._list(root, "", True)
         # A writer killed while its first objects were still multipart uploads leaves a step
         # that has no completed object: list it too, so retention and prune can abort them.
-        dirs = list(dirs) + self._run(self._upload_dirs, root)
+        self._next_request()
+        dirs = list(dirs) + await self._upload_dirs(root)
         names = {d[len(root) :].rstrip("/") for d in dirs}
         return sorted(n for n in names if n and not n.startswith("."))
 
@@ -444,26 +631,32 @@ class S3Replica(Replica):
             if not resp.get("IsTruncated"):
                 return sorted(out)
             kw.update(KeyMarker=resp["NextKeyMarker"], UploadIdMarker=resp["NextUploadIdMarker"])
+            self._next_request()
 
     def list_prefix(self, prefix: str) -> list[str]:
-        keys, _ = self._run(self._list, self._path(prefix) + "/", prefix, False)
+        path = self._path(prefix) + "/"
+        keys, _ = self._run("list_prefix", prefix, 0, self._list, path, prefix, False)
         return sorted(k[len(self._root()) :] for k in keys)
 
     # -- deleting ------------------------------------------------------------------------
     def delete(self, key: str) -> None:
+        path = self._path(key)
         try:
-            self._run(self._call, "delete_object", key, Key=self._path(key))
+            self._run("delete", key, 0, self._call, "delete_object", key, Key=path)
         except ObjectMissingError:
             pass
 
     def delete_prefix(self, prefix: str) -> None:
-        self._run(self._delete_prefix, prefix, self._path(prefix) + "/")
+        path = self._path(prefix) + "/"
+        self._run("delete_prefix", prefix, 0, self._delete_prefix, prefix, path)
 
     async def _delete_prefix(self, prefix: str, path: str) -> None:
         await self._abort_uploads(prefix, path)
+        self._next_request()
         keys, _ = await self._list(path, prefix, False)
         for i in range(0, len(keys), _DELETE_BATCH):
             batch = [{"Key": k} for k in keys[i : i + _DELETE_BATCH]]
+            self._next_request()
             resp = await self._call("delete_objects", prefix, Delete={"Objects": batch, "Quiet": True})
             errors = [e for e in resp.get("Errors", ()) if e.get("Code") != "NoSuchKey"]
             if errors:
@@ -480,6 +673,7 @@ class S3Replica(Replica):
         while True:
             resp = await self._call("list_multipart_uploads", prefix, **kw)
             for u in resp.get("Uploads", ()):
+                self._next_request()
                 try:
                     await self._call("abort_multipart_upload", prefix, Key=u["Key"], UploadId=u["UploadId"])
                 except ReplicaError as exc:
@@ -488,6 +682,7 @@ class S3Replica(Replica):
             if not resp.get("IsTruncated"):
                 return
             kw.update(KeyMarker=resp["NextKeyMarker"], UploadIdMarker=resp["NextUploadIdMarker"])
+            self._next_request()
 
     def close(self) -> None:
         creator = getattr(self.fs, "_s3creator", None)

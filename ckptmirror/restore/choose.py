@@ -47,6 +47,7 @@ def load_newest(
     strict_paths: Sequence[tuple[Any, ...]] = (),
     validate: Callable[[Any], None] | None = None,
     undo: BufferFactory | None = None,
+    list_timeout_s: float | None = None,
     agree: Callable[[str, Any], list[Any]] | None = None,
 ) -> Loaded | None:
     """Load ``step`` (or the newest step that verifies) for ``rank``; None if no checkpoint exists.
@@ -58,7 +59,11 @@ def load_newest(
     ``world_size=None`` (offline tools such as ``export``) reads ``rank`` of whatever world
     size the step was saved with.
     """
-    listing = list_steps(replicas)
+    listing = list_steps(replicas, timeout_s=list_timeout_s)
+    if listing.unreachable:
+        # Read only from the replicas that answered: a stalled one would cost every object a
+        # missed deadline before the next replica is tried.
+        replicas = [r for r in replicas if r.url not in listing.unreachable] or list(replicas)
     if listing.unreachable and len(listing.unreachable) == len(replicas) and agree is None:
         raise NoValidCheckpointError(
             {-1: "every replica is unreachable: " + "; ".join(f"{u}: {e}" for u, e in listing.unreachable.items())}
