@@ -1,0 +1,862 @@
+"""``MirrorStorageWriter``: ``dcp.save`` / ``dcp.async_save`` onto ckptmirror replicas.
+
+Call order (DCP's ``StorageWriter`` and ``AsyncStager`` protocols; "all" = every rank)::
+
+    stage(state_dict)            async_save only, training thread: one memcpy into a reused arena
+    reset(checkpoint_id)         all, only when dcp.save/async_save got a checkpoint_id
+    set_up_storage_writer()      all: the step is fixed; degraded replicas are pinged
+    prepare_local_plan(plan)     all: the step must not be committed yet; placement facts go out
+    prepare_global_plan(plans)   coordinator: one save id, world size, who prunes where
+    write_data(plan, planner)    all: encode, write objects (+ the rank manifest), report, return
+    finish(metadata, results)    coordinator only: DCP's metadata into rank 0's manifest, decide,
+                                 commit, wait until every rank wrote its commit record
+
+A DCP step is an ordinary ckptmirror step (``docs/FORMAT.md``): each rank's DCP write items
+are that rank's objects and rank manifest, whose tree is ``{"dcp": index, "state": {key:
+node}}`` (a tensor, a ``dtensor`` shard with its global shape and offset, or a non-tensor
+value as a JSON tree), and rank 0's index also holds DCP's ``Metadata`` as JSON. ``COMMIT.json``
+pins every rank manifest, so ``ckptmirror ls/verify/repair/prune/inspect`` work unchanged.
+
+Commit protocol, per replica position (as :class:`~ckptmirror.Mirror`, see ``dist.py``):
+ranks other than 0 write objects and manifest in ``write_data``, report to the store, and a
+background thread waits for the decision and writes their commit record. Rank 0 writes its
+objects in ``write_data`` and its manifest in ``finish`` (DCP's metadata exists only there),
+then decides: a commit record pinning every manifest when every rank reported its part
+durable, an abort otherwise. A rank whose ``write_data`` fails publishes the abort itself, as
+DCP then never calls ``finish``. ``finish`` returns after every rank acknowledged its commit
+record, so when ``dcp.save`` returns anywhere, every rank's commit records are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from torch.distributed.checkpoint.metadata import STATE_DICT_TYPE, Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.staging import AsyncStager
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future as TorchFuture
+
+from ..buffers import host_bytes
+from ..checksum import checksum
+from ..dist import DistInfo, detect
+from ..errors import (
+    CkptMirrorError,
+    ReplicaConfigError,
+    ReplicaUnavailableError,
+    SaveFailedError,
+    StepExistsError,
+    UnsupportedTypeError,
+)
+from ..format import (
+    MAX_OBJECT_BYTES,
+    CommitRecord,
+    LeafRecord,
+    ObjectRecord,
+    RankManifest,
+    RankRef,
+    StorageRecord,
+    new_token,
+    object_key,
+    rank_manifest_key,
+)
+from ..replicas import Replica
+from ..restore.check import contiguous_strides
+from ..save.encode import EncodedStep
+from ..save.fanout import commit_from_reports, commit_step
+from ..save.retention import apply_retention, is_committed
+from ..state.tree import JSON, dtype_name, flatten
+from ._codec import DCP_VERSION, Chunk, Location, looks_pickled, metadata_to_tree, parse_value_bytes, rank_index_tree
+from ._common import Votes, check_step, open_for, step_from_checkpoint_id
+from ._staging import Staging, Ticket, check_tensor, copy_into, pack
+from .planners import MirrorSavePlanner
+
+log = logging.getLogger("ckptmirror")
+
+DEFAULT_OBJECT_BYTES = 64 << 20
+#: A tensor of at least ``object_bytes // 4`` bytes gets objects of its own (the format's rule,
+#: ``format.cut_objects``): on load, an object inside one tensor is read straight into it.
+_LARGE_DIVISOR = 4
+
+
+def _cut(sizes: list[int], object_bytes: int) -> list[tuple[int, int]]:
+    """``(offset, size)`` of the objects of one run of back-to-back storages of ``sizes`` bytes.
+
+    The format's cut (``cut_objects`` in ``format.py``): a large storage starts a new object and
+    is cut into objects of ``object_bytes``; the small ones between large ones are grouped, in
+    order, into objects of at most ``object_bytes``. The objects tile the run.
+    """
+    large = max(1, object_bytes // _LARGE_DIVISOR)
+    out: list[tuple[int, int]] = []
+    group = pos = 0
+    for nbytes in sizes:
+        end = pos + nbytes
+        if nbytes >= large:
+            if pos > group:
+                out.append((group, pos - group))
+            out.extend((o, min(object_bytes, end - o)) for o in range(pos, end, object_bytes))
+            group = end
+        elif end - group > object_bytes:
+            out.append((group, pos - group))
+            group = pos
+        pos = end
+    if pos > group:
+        out.append((group, pos - group))
+    return out
+
+
+@dataclass(frozen=True)
+class _LocalInfo:
+    """``SavePlan.storage_data`` from :meth:`MirrorStorageWriter.prepare_local_plan`."""
+
+    step: int
+    world_size: int
+    places: tuple[str, ...]  # "host|url" per replica position, to elect who prunes where
+
+
+@dataclass(frozen=True)
+class _GlobalInfo:
+    """``SavePlan.storage_data`` from :meth:`MirrorStorageWriter.prepare_global_plan`."""
+
+    save_id: str
+    step: int
+    rank: int
+    world_size: int
+    prune: tuple[bool, ...]  # per position: this rank applies keep_last there
+
+
+@dataclass
+class _Entry:
+    """One write item of this rank: a tensor chunk (bytes somewhere in a buffer) or a value."""
+
+    item: WriteItem
+    key: str
+    tensor: torch.Tensor | None = None
+    node: JSON = None
+    buf: torch.Tensor | None = None  # the uint8 buffer that holds the tensor's bytes
+    start: int = 0
+    nbytes: int = 0
+    stream_offset: int = 0
+
+
+@dataclass
+class _Save:
+    """One save, as this rank runs it (DCP calls every method of a save on one thread)."""
+
+    step: int
+    rank: int
+    coordinator: bool
+    run: Any
+    skipped: dict[str, str]
+    bytes_fqns: list[str] = field(default_factory=list)
+    info: _GlobalInfo | None = None
+    votes: Votes | None = None
+    enc: EncodedStep | None = None
+    chunks: list[Chunk] = field(default_factory=list)
+    state_items: list[list[Any]] = field(default_factory=list)
+    failed: dict[int, BaseException] = field(default_factory=dict)  # positions failed in write_data
+    t0: float = field(default_factory=time.perf_counter)
+
+
+class MirrorStorageWriter(StorageWriter, AsyncStager):
+    """A DCP ``StorageWriter`` (and ``AsyncStager``) that saves each step to ckptmirror replicas.
+
+    Args:
+        replicas: this rank's replica URLs or :class:`~ckptmirror.replicas.Replica` objects, as
+            for :class:`~ckptmirror.Mirror` (``{rank}``, ``{node_rank}``... placeholders; lists
+            are per rank and matched by position).
+        step: the step to save. None: taken from the ``checkpoint_id`` given to
+            ``dcp.save``/``dcp.async_save`` (its trailing integer, e.g. ``.../step-400``), so
+            one writer can be reused for every save.
+        keep_last, object_bytes, io_threads, max_inflight, min_replicas, on_replica_error,
+            storage_options, process_group, commit_timeout_s: as for :class:`~ckptmirror.Mirror`.
+            ``process_group`` must have the ranks and rank numbers of the group DCP saves with
+            (``async_save(process_group=...)`` may be another group over the same ranks).
+            With ``on_replica_error="warn"`` a save fails only when it committed on fewer than
+            ``min_replicas`` positions (default 1); with ``"raise"``, on any replica failure.
+
+    As a stager (``dcp.async_save`` uses the writer as one), ``stage()`` copies the state into
+    a reused host arena: the training thread stalls for that one memcpy, and steady-state saves
+    allocate nothing (:attr:`staging_allocations`). Objects are then written straight from it.
+
+    Non-tensor values must come from :class:`~ckptmirror.dcp.MirrorSavePlanner`: DCP's default
+    planner pickles them, and such a save is refused before anything is written.
+    Thread-based ``async_save`` only (``AsyncCheckpointerType.PROCESS`` would copy the writer
+    into another process). Call :meth:`close` (or let the writer be collected) when done.
+    """
+
+    # DCP's async_save calls synchronize_staging() after execute when this is True; stage()
+    # is synchronous (the copy is complete when it returns), so there is nothing to wait for.
+    _synchronize_after_execute: bool = False
+
+    def __init__(
+        self,
+        replicas: Sequence[str | Replica] | str | Replica,
+        step: int | None = None,
+        *,
+        keep_last: int | None = None,
+        object_bytes: int = DEFAULT_OBJECT_BYTES,
+        io_threads: int = 4,
+        max_inflight: int = 1,
+        min_replicas: int | None = None,
+        on_replica_error: Literal["warn", "raise"] = "warn",
+        storage_options: Mapping[str, Mapping[str, Any]] | None = None,
+        process_group: Any = None,
+        commit_timeout_s: float = 300.0,
+    ) -> None:
+        super().__init__()
+        if step is not None:
+            check_step(step)
+        if keep_last is not None and keep_last < 1:
+            raise ValueError("keep_last must be >= 1 (the newest committed step is never deleted) or None")
+        if not 1 <= object_bytes <= MAX_OBJECT_BYTES:
+            raise ValueError(f"object_bytes must be in [1, {MAX_OBJECT_BYTES}]")
+        if io_threads < 1:
+            raise ValueError("io_threads must be >= 1")
+        if on_replica_error not in ("warn", "raise"):
+            raise ValueError("on_replica_error must be 'warn' or 'raise'")
+        self.step = step
+        self.keep_last = keep_last
+        self.object_bytes = object_bytes
+        self.io_threads = io_threads
+        self.on_replica_error = on_replica_error
+        self.commit_timeout_s = commit_timeout_s
+        self.dist: DistInfo = detect(process_group)
+        self.replicas, self._closer = open_for(replicas, self.dist, storage_options, self)
+        if min_replicas is not None and not 1 <= min_replicas <= len(self.replicas):
+            raise ValueError(f"min_replicas must be between 1 and {len(self.replicas)}")
+        self.min_replicas = min_replicas
+        self._staging = Staging(max_inflight)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._down: dict[str, str] = {}  # replica URL -> why it is skipped (pinged at each save)
+        self._threads: list[threading.Thread] = []
+        self._checkpoint_id: str | os.PathLike[str] | None = None
+        #: Per replica URL, the outcome of this rank's part of the last save: "committed" or why not.
+        self.last_outcome: dict[str, str] = {}
+        #: Seconds the last :meth:`stage` call took (the training thread's stall in async_save).
+        self.last_stage_s: float = 0.0
+        #: Bytes the last ``write_data`` copied into a buffer (0: written straight from the staged arena).
+        self.last_copied_bytes: int = 0
+
+    # ------------------------------------------------------------------ AsyncStager
+    def stage(self, state_dict: STATE_DICT_TYPE) -> STATE_DICT_TYPE:
+        """Copy ``state_dict`` into a reused staging arena; return the same tree over the copy.
+
+        Called by ``dcp.async_save`` on the training thread. Waits while every arena is still
+        being written by earlier saves (``max_inflight``). The caller may change its tensors
+        as soon as this returns.
+        """
+        t0 = time.perf_counter()
+        staged = self._staging.stage(state_dict)
+        self.last_stage_s = time.perf_counter() - t0
+        return staged
+
+    def synchronize_staging(self) -> None:
+        """Nothing to wait for: :meth:`stage` returns once the copy is complete."""
+
+    @property
+    def staging_allocations(self) -> int:
+        """Staging buffers allocated so far (constant in steady state)."""
+        return self._staging.pool.allocations
+
+    # ------------------------------------------------------------------ StorageWriter
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        """Remember ``checkpoint_id``: its trailing integer is the step when ``step`` is None."""
+        self._checkpoint_id = checkpoint_id
+
+    @property
+    def checkpoint_id(self) -> str | os.PathLike[str] | None:
+        """The ``checkpoint_id`` of the current save (DCP logs it), or None."""
+        return self._checkpoint_id
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        """Never chosen automatically from a ``checkpoint_id``: pass the writer explicitly."""
+        return False
+
+    def storage_meta(self) -> StorageMeta | None:
+        """The ``checkpoint_id`` of this save, as DCP records it in ``Metadata.storage_meta``."""
+        cid = self._checkpoint_id
+        return StorageMeta(checkpoint_id=None if cid is None else os.fspath(cid))
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        """Start a save on this rank: fix its step, ping degraded replicas, register for staging."""
+        if not kwargs.get("use_collectives", True):
+            raise ValueError("MirrorStorageWriter needs dcp.save(use_collectives=True): the ranks commit together")
+        rank = kwargs.get("rank", self.dist.rank)
+        if rank != self.dist.rank:
+            raise ValueError(
+                f"DCP runs this rank as rank {rank}, MirrorStorageWriter's process group as rank {self.dist.rank}: "
+                "pass MirrorStorageWriter(process_group=...) the group DCP saves with (and no no_dist=True "
+                "with several ranks)"
+            )
+        step = self.step if self.step is not None else step_from_checkpoint_id(self._checkpoint_id)
+        if step is None:
+            raise ValueError(
+                "MirrorStorageWriter does not know which step this is: pass MirrorStorageWriter(replicas, step=N) "
+                f"or a checkpoint_id ending in the step number (e.g. '.../step-400'); got {self._checkpoint_id!r}"
+            )
+        self._ping_degraded()
+        with self._lock:
+            skipped = dict(self._down)
+        self._local.save = _Save(check_step(step), rank, is_coordinator, self._staging.start_save(), skipped)
+
+    def _save_state(self) -> _Save:
+        s: _Save | None = getattr(self._local, "save", None)
+        if s is None:
+            raise RuntimeError("MirrorStorageWriter: set_up_storage_writer was not called on this thread")
+        return s
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        """Refuse a step that is committed already; send the facts the coordinator plans with."""
+        s = self._save_state()
+        for r in self.replicas:
+            if r.url in s.skipped:
+                continue
+            try:
+                committed = is_committed(r, s.step)
+            except ReplicaConfigError:
+                raise
+            except (CkptMirrorError, OSError) as exc:  # unreachable: this save skips it
+                self._mark_down(r, exc)
+                s.skipped[r.url] = f"{type(exc).__name__}: {exc}"
+                continue
+            if committed:
+                raise StepExistsError(s.step, r.url)
+        s.bytes_fqns = [item.index.fqn for item in plan.items if item.type == WriteItemType.BYTE_IO]
+        host = socket.gethostname()
+        info = _LocalInfo(s.step, self.dist.world_size, tuple(f"{host}|{r.url}" for r in self.replicas))
+        return dataclasses.replace(plan, storage_data=info)
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        """Coordinator: check that the ranks agree, draw the save id, elect who prunes where."""
+        infos = [p.storage_data for p in plans]
+        if not all(isinstance(i, _LocalInfo) for i in infos):
+            raise ValueError(
+                "MirrorStorageWriter got plans it did not prepare (a planner with enable_plan_caching=True?)"
+            )
+        first: _LocalInfo = infos[0]
+        if any(i.step != first.step for i in infos):
+            raise ValueError(f"the ranks save different steps: {[i.step for i in infos]}")
+        if any(i.world_size != len(plans) for i in infos):
+            raise ValueError(
+                f"DCP saves with {len(plans)} rank(s) but MirrorStorageWriter's process group has "
+                f"{first.world_size}: pass MirrorStorageWriter(process_group=...) the group DCP saves with"
+            )
+        if any(len(i.places) != len(first.places) for i in infos):
+            raise ValueError(
+                f"every rank needs the same number of replicas (matched by position): {[len(i.places) for i in infos]}"
+            )
+        save_id = uuid.uuid4().hex
+        out = []
+        for rank, (p, info) in enumerate(zip(plans, infos)):
+            prune = tuple(
+                all(infos[lower].places[pos] != info.places[pos] for lower in range(rank))
+                for pos in range(len(info.places))
+            )
+            out.append(dataclasses.replace(p, storage_data=_GlobalInfo(save_id, first.step, rank, len(plans), prune)))
+        return out
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> TorchFuture[list[WriteResult]]:
+        """Encode this rank's items, write its objects to every replica, report; see the module docstring."""
+        s = self._save_state()
+        info = plan.storage_data
+        if not isinstance(info, _GlobalInfo) or info.rank != s.rank:
+            raise ValueError("MirrorStorageWriter.write_data got a plan its prepare_global_plan did not make")
+        s.info = info
+        if self.dist.distributed:
+            s.votes = Votes(self.dist, f"ckptmirror/dcp/{info.save_id}", self.commit_timeout_s)
+        ticket: Ticket | None = None
+        try:
+            self._refuse_pickles(s, plan, planner)
+            entries = self._resolve(s, plan, planner)
+            ticket, arena = self._place(s, entries)
+            try:
+                views = self._encode(s, entries)
+                assert s.enc is not None
+                manifest_now = not s.coordinator  # rank 0's manifest waits for DCP's metadata (finish)
+                results = self._write_all(s, views, manifest_now)
+            finally:
+                if ticket is not None:
+                    self._staging.release(ticket)
+                if arena is not None:
+                    self._staging.pool.release(arena)
+        except BaseException as exc:
+            self._abort_everywhere(s, exc)
+            self._staging.end_save(s.run)
+            raise
+        self._staging.end_save(s.run)
+        s.failed.update(results)
+        if len(s.failed) == len(self.replicas):
+            why = {self.replicas[p].url: e for p, e in s.failed.items()}
+            self._abort_everywhere(s, SaveFailedError(s.step, why))
+            raise SaveFailedError(s.step, why, f"rank {s.rank} could not write step {s.step} to any replica")
+        if not s.coordinator:
+            self._report_and_commit_later(s)
+        out = [
+            WriteResult(index=e.item.index, size_in_bytes=e.nbytes, storage_data=Location(s.rank, e.key))
+            for e in entries
+        ]
+        fut: TorchFuture[list[WriteResult]] = TorchFuture()
+        fut.set_result(out)
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Coordinator: store DCP's metadata in rank 0's manifest, decide, commit, wait for every rank."""
+        s = self._save_state()
+        assert s.info is not None and s.enc is not None
+        try:
+            metadata.version = DCP_VERSION
+            metadata.storage_data = {wr.index: wr.storage_data for rank in results for wr in rank}
+            metadata.storage_meta = StorageMeta(
+                checkpoint_id=None if self._checkpoint_id is None else os.fspath(self._checkpoint_id),
+                save_id=s.info.save_id,
+            )
+            enc = self._with_metadata(s, metadata_to_tree(metadata))
+        except BaseException as exc:
+            self._abort_everywhere(s, exc)
+            raise
+        s.enc = enc
+        outcome: dict[int, BaseException | None] = {}
+        with ThreadPoolExecutor(len(self.replicas), thread_name_prefix="ckptmirror-dcp-commit") as pool:
+            for pos, res in zip(
+                range(len(self.replicas)), pool.map(lambda p: self._commit_coordinator(s, p), range(len(self.replicas)))
+            ):
+                outcome[pos] = res
+        if s.votes is not None:
+            s.votes.close()
+        self._record(s, outcome)
+        self._prune_later(s, [p for p, e in outcome.items() if e is None])
+        committed = [p for p, e in outcome.items() if e is None]
+        failures = {self.replicas[p].url: e for p, e in outcome.items() if e is not None}
+        need = len(self.replicas) if self.on_replica_error == "raise" else (self.min_replicas or 1)
+        if len(committed) < need:
+            raise SaveFailedError(
+                s.step,
+                failures,
+                f"step {s.step} committed on {len(committed)} of {len(self.replicas)} replica position(s), "
+                f"{need} required: " + "; ".join(f"{u}: {type(e).__name__}: {e}" for u, e in failures.items()),
+            )
+        if failures:
+            log.warning(
+                "step %d committed on %d of %d replica position(s); failed: %s",
+                s.step,
+                len(committed),
+                len(self.replicas),
+                "; ".join(f"{u}: {e}" for u, e in failures.items()),
+            )
+        log.info("step %d committed by every rank (%.3f s)", s.step, time.perf_counter() - s.t0)
+
+    # ------------------------------------------------------------------ the write phase
+    def _refuse_pickles(self, s: _Save, plan: SavePlan, planner: SavePlanner) -> None:
+        """Before anything is resolved or written: DCP's default planner would pickle the values."""
+        if isinstance(planner, MirrorSavePlanner) or not s.bytes_fqns:
+            return
+        fqn = s.bytes_fqns[0]
+        lookup = getattr(planner, "lookup_object", None)
+        value_type: type = object
+        if lookup is not None:
+            try:
+                value_type = type(lookup(next(i.index for i in plan.items if i.index.fqn == fqn)))
+            except (StopIteration, ValueError, KeyError):
+                pass  # deduplicated to another rank: the name is what matters
+        raise UnsupportedTypeError(
+            f"state_dict[{fqn!r}]",
+            value_type,
+            f"{type(planner).__name__} stores non-tensor values as torch.save (pickle) bytes, and ckptmirror "
+            "stores no pickles: pass planner=MirrorSavePlanner() to dcp.save / dcp.async_save",
+        )
+
+    def _resolve(self, s: _Save, plan: SavePlan, planner: SavePlanner) -> list[_Entry]:
+        """Every item of the plan, resolved by the planner and checked."""
+        entries: list[_Entry] = []
+        used: dict[str, int] = {}
+        for item in plan.items:
+            fqn = item.index.fqn
+            n = used.get(fqn, 0)
+            used[fqn] = n + 1
+            key = fqn if n == 0 else f"{fqn}#{n}"  # several chunks of one tensor on this rank
+            data = planner.resolve_data(item)
+            if item.type == WriteItemType.BYTE_IO:
+                raw = data.getvalue() if isinstance(data, io.BytesIO) else None
+                try:
+                    if raw is None:
+                        raise ValueError("not a BytesIO")
+                    node = parse_value_bytes(raw, fqn)
+                except (ValueError, CkptMirrorError) as exc:
+                    what = (
+                        "torch.save (pickle) bytes" if raw is not None and looks_pickled(raw) else "not ckptmirror JSON"
+                    )
+                    raise UnsupportedTypeError(
+                        f"state_dict[{fqn!r}]",
+                        type(data),
+                        f"the planner resolved it to {what}; ckptmirror stores no pickles: pass "
+                        "planner=MirrorSavePlanner() to dcp.save / dcp.async_save",
+                    ) from exc
+                entries.append(_Entry(item, key, node=node))
+                continue
+            if not isinstance(data, torch.Tensor):
+                raise TypeError(f"{fqn}: the planner resolved a tensor item to {type(data).__name__}")
+            t = data.detach()
+            check_tensor(t, f"state_dict[{fqn!r}]")
+            td = item.tensor_data
+            if td is not None and tuple(t.shape) != tuple(td.chunk.sizes):
+                raise ValueError(f"{fqn}: resolved shape {tuple(t.shape)} is not the chunk's {tuple(td.chunk.sizes)}")
+            if td is not None and t.dtype != td.properties.dtype:
+                raise ValueError(f"{fqn}: resolved dtype {t.dtype} is not the planned {td.properties.dtype}")
+            entries.append(_Entry(item, key, tensor=t, nbytes=t.numel() * t.element_size()))
+        return entries
+
+    def _place(self, s: _Save, entries: list[_Entry]) -> tuple[Ticket | None, Any]:
+        """Find each tensor's bytes: in a staged arena (async_save) or copied into one now."""
+        with_bytes = [e for e in entries if e.tensor is not None and e.nbytes]
+        ticket: Ticket | None = None
+        rest: list[_Entry] = []
+        for e in with_bytes:
+            assert e.tensor is not None
+            hit = self._staging.find(e.tensor)
+            if hit is not None and (ticket is None or hit[0] is ticket):
+                ticket = hit[0]
+                e.buf, e.start = ticket.stream, hit[1]
+            else:
+                rest.append(e)
+        # Two items viewing the same staged bytes would give overlapping storages: copy the later.
+        if ticket is not None:
+            last = -1
+            for e in sorted((e for e in with_bytes if e.buf is not None), key=lambda e: e.start):
+                if e.start < last:
+                    e.buf = None
+                    rest.append(e)
+                else:
+                    last = e.start + e.nbytes
+        arena = None
+        self.last_copied_bytes = sum(e.nbytes for e in rest)
+        if rest:
+            tensors = [e.tensor for e in rest if e.tensor is not None]
+            offsets, total = pack(tensors, [0] * len(tensors))
+            pinned = any(t.is_cuda for t in tensors)
+            if ticket is None:
+                arena = self._staging.acquire()  # dcp.save: this copy is the snapshot; the arena is reused
+                buf = arena.reserve(total, pinned=pinned)
+            else:  # a planner changed some staged tensors: a one-off buffer (the arena is in use)
+                buf = torch.empty(total, dtype=torch.uint8, pin_memory=pinned)
+            try:
+                copy_into(buf, tensors, offsets)
+            except BaseException:
+                if arena is not None:
+                    self._staging.pool.release(arena)
+                raise
+            for e, off in zip(rest, offsets):
+                e.buf, e.start = buf, off
+        return ticket, arena
+
+    def _encode(self, s: _Save, entries: list[_Entry]) -> list[memoryview]:
+        """Cut the placed bytes into objects, hash them, build this rank's manifest (rank 0: without metadata)."""
+        assert s.info is not None
+        # Runs: tensors whose bytes lie back to back in one buffer. The data stream is the runs
+        # one after the other (storages tile it, as the format requires); bytes between runs
+        # (other ranks' deduplicated items in a staging arena) are not written.
+        placed = sorted(
+            (e for e in entries if e.buf is not None and e.nbytes), key=lambda e: (self._buf_order(e.buf), e.start)
+        )
+        runs: list[list[_Entry]] = []
+        for e in placed:
+            if runs and runs[-1][-1].buf is e.buf and runs[-1][-1].start + runs[-1][-1].nbytes == e.start:
+                runs[-1].append(e)
+            else:
+                runs.append([e])
+        views: list[memoryview] = []
+        windows: list[tuple[int, int]] = []
+        pos = 0
+        for run in runs:
+            assert run[0].buf is not None
+            mv = host_bytes(run[0].buf)
+            base = run[0].start
+            for e in run:
+                e.stream_offset = pos + e.start - base
+            for off, size in _cut([e.nbytes for e in run], self.object_bytes):
+                views.append(mv[base + off : base + off + size])
+                windows.append((pos + off, size))
+            pos += run[-1].start + run[-1].nbytes - base
+        with ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="ckptmirror-hash") as pool:
+            sums = list(pool.map(checksum, views))
+        token = new_token()
+        info = s.info
+        objects = tuple(
+            ObjectRecord(object_key(info.step, info.rank, i, token), w[1], c)
+            for i, (w, c) in enumerate(zip(windows, sums))
+        )
+        # Storages in stream order (zero-byte ones at the end); leaves in the plan's order.
+        in_stream = placed + [e for e in entries if e.tensor is not None and not (e.buf is not None and e.nbytes)]
+        storage_of = {id(e): i for i, e in enumerate(in_stream)}
+        storages = tuple(StorageRecord(e.stream_offset if e.nbytes else pos, e.nbytes) for e in in_stream)
+        leaves: list[LeafRecord] = []
+        for e in entries:
+            if e.tensor is None:
+                s.state_items.append([e.key, e.node])
+                s.chunks.append(Chunk(e.item.index.fqn, None, e.key))
+                continue
+            shape = tuple(e.tensor.shape)
+            leaves.append(
+                LeafRecord("tensor", storage_of[id(e)], dtype_name(e.tensor.dtype), shape, contiguous_strides(shape), 0)
+            )
+            node: dict[str, Any] = {"t": "tensor", "i": len(leaves) - 1}
+            td = e.item.tensor_data
+            if e.item.type == WriteItemType.SHARD and td is not None:
+                # A shard of a sharded tensor (DTensor): where it sits in the global tensor, in
+                # ckptmirror's own terms, so that Mirror.load_state and export can gather it.
+                node = {"t": "dtensor", "i": node["i"], "gshape": list(td.size), "goffset": list(td.chunk.offsets)}
+            s.state_items.append([e.key, node])
+            offsets = tuple(int(o) for o in e.item.index.offset) if e.item.index.offset is not None else None
+            s.chunks.append(Chunk(e.item.index.fqn, offsets, e.key))
+        manifest = RankManifest(
+            info.step, info.rank, info.world_size, objects, storages, tuple(leaves), self._structure(s, None)
+        )
+        mbytes = manifest.to_json()
+        mkey = rank_manifest_key(info.step, info.rank, token)
+        commit = CommitRecord(info.step, info.world_size, (RankRef(info.rank, mkey, len(mbytes), checksum(mbytes)),))
+        s.enc = EncodedStep(info.step, tuple(windows), manifest, mkey, mbytes, commit.to_json())
+        return views
+
+    def _buf_order(self, buf: torch.Tensor | None) -> int:
+        """Buffers in a fixed order (by address), so that runs of one buffer stay together."""
+        return 0 if buf is None else buf.data_ptr()
+
+    def _structure(self, s: _Save, metadata: dict[str, Any] | None) -> JSON:
+        """The rank's tree: ``{"dcp": index (+ DCP's metadata on rank 0), "state": {key: node}}``."""
+        assert s.info is not None
+        index = rank_index_tree(s.info.rank, s.info.world_size, s.info.step, s.chunks, metadata)
+        return {
+            "t": "dict",
+            "items": [["dcp", flatten(index, root="dcp").structure], ["state", {"t": "dict", "items": s.state_items}]],
+        }
+
+    def _with_metadata(self, s: _Save, metadata: dict[str, Any]) -> EncodedStep:
+        """Rank 0's manifest, now with DCP's metadata (and the single-rank commit that pins it)."""
+        assert s.enc is not None and s.info is not None
+        manifest = dataclasses.replace(s.enc.manifest, structure=self._structure(s, metadata))
+        mbytes = manifest.to_json()
+        ref = RankRef(0, s.enc.manifest_key, len(mbytes), checksum(mbytes))
+        commit = CommitRecord(s.info.step, s.info.world_size, (ref,))
+        return dataclasses.replace(s.enc, manifest=manifest, manifest_bytes=mbytes, commit_bytes=commit.to_json())
+
+    def _write_all(self, s: _Save, views: list[memoryview], manifest_now: bool) -> dict[int, BaseException]:
+        """Every object (and, except on rank 0, the manifest) to every replica position at once."""
+        enc = s.enc
+        assert enc is not None
+
+        def one(pos: int) -> BaseException | None:
+            r = self.replicas[pos]
+            if r.url in s.skipped:
+                return ReplicaUnavailableError(f"skipped: degraded ({s.skipped[r.url]})", replica=r.url)
+            try:
+                with ThreadPoolExecutor(self.io_threads, thread_name_prefix="ckptmirror-io") as io_pool:
+                    futures: list[Future[None]] = [
+                        io_pool.submit(r.put, rec.key, view) for rec, view in zip(enc.manifest.objects, views)
+                    ]
+                    wait(futures, return_when=FIRST_EXCEPTION)
+                    for f in futures:
+                        f.cancel()  # not started yet: dropped once one put has failed
+                    wait(futures)
+                    for f in futures:
+                        if not f.cancelled():
+                            f.result()
+                if manifest_now:
+                    r.put(enc.manifest_key, enc.manifest_bytes)
+            except BaseException as exc:  # noqa: BLE001 - recorded per replica
+                log.warning("replica %s failed to write rank %d of step %d: %s", r.url, s.rank, s.step, exc)
+                self._mark_down(r, exc)
+                return exc
+            return None
+
+        with ThreadPoolExecutor(len(self.replicas), thread_name_prefix="ckptmirror-dcp-replica") as pool:
+            res = list(pool.map(one, range(len(self.replicas))))
+        return {pos: e for pos, e in enumerate(res) if e is not None}
+
+    # ------------------------------------------------------------------ the vote
+    def _abort_everywhere(self, s: _Save, exc: BaseException) -> None:
+        """This rank's save failed: nothing may commit, and nobody should wait for ``finish``."""
+        if s.votes is None:
+            return
+        why = f"rank {s.rank}: {type(exc).__name__}: {exc}"
+        for pos in range(len(self.replicas)):
+            try:
+                s.votes.report(Votes.SAVE, pos, {"state": "failed", "error": why})
+                s.votes.abort(pos, why)
+            except Exception as err:  # noqa: BLE001 - the store is gone too: the others time out
+                log.warning("could not publish the abort of step %d: %s", s.step, err)
+                break
+        s.votes.close()
+
+    def _report(self, s: _Save, pos: int) -> None:
+        assert s.votes is not None and s.enc is not None
+        if pos in s.failed:
+            exc = s.failed[pos]
+            why = f"rank {s.rank}: {type(exc).__name__}: {exc}"
+            s.votes.report(Votes.SAVE, pos, {"state": "failed", "error": why})
+            s.votes.abort(pos, why)
+            return
+        s.votes.report(
+            Votes.SAVE,
+            pos,
+            {
+                "state": "ok",
+                "key": s.enc.manifest_key,
+                "size": len(s.enc.manifest_bytes),
+                "checksum": checksum(s.enc.manifest_bytes),
+            },
+        )
+
+    def _report_and_commit_later(self, s: _Save) -> None:
+        """A rank other than 0: report now; a thread writes the commit records once rank 0 decides."""
+        assert s.votes is not None and s.enc is not None
+        for pos in range(len(self.replicas)):
+            self._report(s, pos)
+
+        votes, enc = s.votes, s.enc
+
+        def commit_all() -> None:
+            outcome: dict[int, BaseException | None] = {}
+            try:
+                for pos, r in enumerate(self.replicas):
+                    if pos in s.failed:
+                        outcome[pos] = s.failed[pos]
+                        continue
+                    try:
+                        commit_step(r, enc, votes.outcome(Votes.SAVE, pos))
+                        votes.ack(pos, {"state": "committed"})
+                        outcome[pos] = None
+                    except BaseException as exc:  # noqa: BLE001 - reported to rank 0 and logged
+                        log.warning("step %d not committed on %s: %s", s.step, r.url, exc)
+                        outcome[pos] = exc
+                        try:
+                            votes.ack(pos, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"})
+                        except Exception:  # noqa: BLE001 - rank 0 times out instead
+                            pass
+            finally:
+                votes.close()
+            self._record(s, outcome)
+            self._prune(s, [p for p, e in outcome.items() if e is None])
+
+        t = threading.Thread(target=commit_all, name="ckptmirror-dcp-commit", daemon=True)
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+
+    def _commit_coordinator(self, s: _Save, pos: int) -> BaseException | None:
+        """Rank 0 at one position: manifest, report, decide, commit record, every rank's acknowledgement."""
+        r = self.replicas[pos]
+        enc = s.enc
+        assert enc is not None and s.info is not None
+        try:
+            if pos not in s.failed:
+                try:
+                    r.put(enc.manifest_key, enc.manifest_bytes)
+                except BaseException as exc:  # noqa: BLE001 - this position fails; the others go on
+                    self._mark_down(r, exc)
+                    s.failed[pos] = exc
+            if s.votes is None:
+                if pos in s.failed:
+                    return s.failed[pos]
+                commit_step(r, enc, enc.commit_bytes)
+                return None
+            self._report(s, pos)
+            s.votes.decide(Votes.SAVE, pos, partial(commit_from_reports, s.step, s.info.world_size, False))
+            record = s.votes.outcome(Votes.SAVE, pos)  # CoordinationError when aborted
+            commit_step(r, enc, record)
+            bad = [a for a in s.votes.acks(pos) if a.get("state") != "committed"]
+            if bad:
+                raise SaveFailedError(
+                    s.step, {}, f"other ranks could not write the commit record at position {pos}: {bad}"
+                )
+            return None
+        except BaseException as exc:  # noqa: BLE001 - recorded per position
+            if pos in s.failed:
+                return s.failed[pos]
+            log.warning("step %d not committed at replica position %d (%s): %s", s.step, pos, r.url, exc)
+            return exc
+
+    def _record(self, s: _Save, outcome: Mapping[int, BaseException | None]) -> None:
+        self.last_outcome = {
+            self.replicas[p].url: "committed" if e is None else f"failed: {type(e).__name__}: {e}"
+            for p, e in sorted(outcome.items())
+        }
+
+    # ------------------------------------------------------------------ replicas
+    def _mark_down(self, r: Replica, exc: BaseException) -> None:
+        """A replica that failed with an OSError is skipped by later saves until it answers a ping."""
+        if isinstance(exc, OSError) and not isinstance(exc, (FileExistsError, ReplicaConfigError)):
+            with self._lock:
+                self._down[r.url] = f"{type(exc).__name__}: {exc}"
+
+    def _ping_degraded(self) -> None:
+        with self._lock:
+            down = [r for r in self.replicas if r.url in self._down]
+        for r in down:
+            try:
+                r.ping()
+            except ReplicaConfigError:
+                raise
+            except (CkptMirrorError, OSError) as exc:
+                log.info("replica %s still unreachable, skipped by this save: %s", r.url, exc)
+                continue
+            with self._lock:
+                self._down.pop(r.url, None)
+            log.info("replica %s answers again", r.url)
+
+    def _prune(self, s: _Save, committed: list[int]) -> None:
+        """``keep_last`` where this rank committed and was elected to prune."""
+        if self.keep_last is None or s.info is None:
+            return
+        for pos in committed:
+            if not s.info.prune[pos]:
+                continue
+            r = self.replicas[pos]
+            try:
+                removed = apply_retention(r, s.step, self.keep_last)
+                if removed:
+                    log.info("retention on %s removed steps %s", r.url, removed)
+            except (CkptMirrorError, OSError) as exc:
+                log.warning("retention on %s failed after step %d: %s", r.url, s.step, exc)
+
+    def _prune_later(self, s: _Save, committed: list[int]) -> None:
+        if self.keep_last is None or not committed:
+            return
+        t = threading.Thread(target=self._prune, args=(s, committed), name="ckptmirror-dcp-retention", daemon=True)
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for this rank's background commit-record and retention threads of earlier saves."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        """Wait for background threads, free the staging buffers, close the replicas opened from URLs."""
+        self.wait(self.commit_timeout_s)
+        self._staging.pool.release_memory()
+        self._closer()
+
+    def __enter__(self) -> MirrorStorageWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
