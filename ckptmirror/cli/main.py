@@ -17,6 +17,7 @@ from .._version import __version__
 from ..replicas._peer_protocol import (
     DEFAULT_MIN_UPLOAD_BYTES_PER_S,
     DEFAULT_PORT,
+    DEFAULT_SCRUB_BYTES_PER_S,
     DEFAULT_UPLOAD_RATE_WINDOW_S,
     TOKEN_ENV,
     read_token_file,
@@ -81,6 +82,13 @@ def _add_serve(sub: argparse._SubParsersAction[Any]) -> None:
         "slow uploads: an upload must deliver --min-upload-bytes-per-s over every window of\n"
         "--upload-rate-window-s seconds spent waiting for it (the first window is its grace period),\n"
         "else it is cut (408), its temp file removed and its slot freed.\n\n"
+        "metrics: GET /metrics (Prometheus text format) needs a token whenever the agent has one:\n"
+        "the --token-file token, or the read-only token of --metrics-token-file, which is valid on\n"
+        "/metrics and /v1/health only (never on the data). Namespace tokens cannot read /metrics.\n\n"
+        "scrubbing: --scrub-interval S re-reads and re-hashes every committed step (commit records,\n"
+        "rank manifests, objects) against their recorded sizes and checksums, a pass every S seconds,\n"
+        "at most --scrub-bytes-per-s. Damaged files are named on /metrics, /v1/health and the log;\n"
+        "GET /v1/scrub/NAMESPACE gives the latest results to 'ckptmirror verify'.\n\n"
         "log: JSON lines on stderr (info by default; -v adds one line per request). Once listening,\n"
         'it prints one line on stdout: {"listening": "HOST:PORT"}.\n\n'
         "exit status: 0 after SIGTERM/SIGINT, 2 for a usage error (one line on stderr), 1 otherwise.",
@@ -88,6 +96,8 @@ def _add_serve(sub: argparse._SubParsersAction[Any]) -> None:
         "  ckptmirror serve --root /dev/shm/ckpt --host 0.0.0.0 --token-file /etc/ckptmirror/token  # RAM tier\n"
         "  ckptmirror serve --root /var/lib/ckptmirror --host 0.0.0.0 \\\n"
         "      --namespace-token job-a=/etc/ckptmirror/a.token --namespace-token job-b=/etc/ckptmirror/b.token\n"
+        "  ckptmirror serve --root /var/lib/ckptmirror --host 0.0.0.0 --token-file /etc/ckptmirror/token \\\n"
+        "      --metrics-token-file /etc/ckptmirror/metrics.token --scrub-interval 86400 --scrub-bytes-per-s 50000000\n"
         f"  {TOKEN_ENV}=... ckptmirror serve --root /var/lib/ckptmirror --host 0.0.0.0 --port 7070\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -110,6 +120,25 @@ def _add_serve(sub: argparse._SubParsersAction[Any]) -> None:
         default=[],
         metavar="PREFIX=FILE",
         help="the token in FILE is valid only on namespace PREFIX and below (repeatable)",
+    )
+    serve.add_argument(
+        "--metrics-token-file",
+        metavar="FILE",
+        help="file holding a read-only token valid on GET /metrics and /v1/health only (for a Prometheus scraper)",
+    )
+    serve.add_argument(
+        "--scrub-interval",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="re-read and re-hash everything stored, a pass every S seconds (default 0: off)",
+    )
+    serve.add_argument(
+        "--scrub-bytes-per-s",
+        type=int,
+        default=DEFAULT_SCRUB_BYTES_PER_S,
+        metavar="N",
+        help=f"the scrubber reads at most N bytes/s (default {DEFAULT_SCRUB_BYTES_PER_S} = 32 MiB/s)",
     )
     serve.add_argument("--tls-cert", help="TLS certificate (PEM)")
     serve.add_argument("--tls-key", help="TLS private key (PEM)")
@@ -236,6 +265,11 @@ def _serve(args: argparse.Namespace) -> int:
             args.port,
             token=_serve_token(args.token_file),
             namespace_tokens=_serve_namespace_tokens(args.namespace_token),
+            metrics_token=(
+                _read_token(f"--metrics-token-file {args.metrics_token_file}", args.metrics_token_file)
+                if args.metrics_token_file
+                else None
+            ),
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             log_level=level,
@@ -245,6 +279,8 @@ def _serve(args: argparse.Namespace) -> int:
             idle_timeout_s=args.idle_timeout_s,
             min_upload_bytes_per_s=args.min_upload_bytes_per_s,
             upload_rate_window_s=args.upload_rate_window_s,
+            scrub_interval_s=args.scrub_interval,
+            scrub_bytes_per_s=args.scrub_bytes_per_s,
             fsync=not args.no_fsync,
         )
     except (_ServeUsageError, AgentConfigError) as exc:

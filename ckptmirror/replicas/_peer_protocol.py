@@ -7,7 +7,13 @@ many leading segments of the path tail are the namespace; the rest is the key.
 
 ==========================================  ====================================================
 ``GET  /v1/health``                          ``{"version", "free_bytes", "uploads_in_flight",
-                                             "reserve_free_bytes"}``
+                                             "reserve_free_bytes", "scrub"}`` (``scrub``: null
+                                             when off, else settings, ``passes``,
+                                             ``last_pass_end_unix``, ``damaged_count`` and
+                                             ``damaged``: the first 100 damaged files)
+``GET  /metrics``                            Prometheus text format (``_agent_metrics``)
+``GET  /v1/scrub/<ns>``                      the scrubber's latest results for a namespace
+                                             (below); 404 when the agent does not scrub
 ``PUT  /v1/o/<ns>/<key>``                    body streamed to disk; ``X-Ckptmirror-Checksum`` and
                                              ``Content-Length`` required, verified while receiving
 ``PUT  /v1/commit/<ns>/<key>``               commit record; accepted only if every manifest and
@@ -27,6 +33,27 @@ them (400). :func:`refused_name` says why a name is refused.
 Tokens: the agent's token (``--token-file``) is valid on every namespace; per-namespace tokens
 (``--namespace-token PREFIX=FILE``) only on the namespaces ``PREFIX`` and ``PREFIX/...``. A token
 the agent knows, on a namespace it is not valid for, gets 403 :data:`WRONG_NAMESPACE_TEXT`.
+The metrics token (``--metrics-token-file``) is read-only: valid on ``GET /metrics`` and
+``GET /v1/health`` only. ``/metrics`` takes the admin token too, never a namespace token (it names
+every namespace): 403 :data:`WRONG_SCOPE_TEXT`. ``/metrics`` needs a token (401 without) whenever
+the agent has any token; ``/v1/health`` shows a namespace token only its namespaces' damage.
+
+Scrub results, ``GET /v1/scrub/<ns>`` (the whole tail is the namespace; the admin token or a
+namespace token covering it), for ``ckptmirror verify`` to use instead of reading everything
+again when they are fresh::
+
+    {"namespace", "now_unix", "interval_s", "bytes_per_s",
+     "checked_unix", "age_s",          # end of the latest complete pass over it (null: none yet)
+     "steps": [{"step", "commit_checksum", "checked_unix", "age_s", "status": "ok" | "bad",
+                "ranks": [{"rank", "key", "checksum", "objects", "bytes", "verified", "manifest_ok"}],
+                "problems": [...]}],
+     "problems": [{"step", "key", "kind", "detail", "rank"}]}   # every step's, in step order
+
+A step is listed only while its result is about the bytes stored now: a write or delete in the
+step (``ckptmirror repair``, retention) drops it until it is checked again. ``commit_checksum``
+is the XXH3 of the commit record that was checked (a step deleted and saved again is another
+record). Problem kinds are ``verify``'s: missing, truncated, wrong-size, corrupt, invalid,
+unreadable. Ages are computed by the agent, so the client's clock does not matter.
 
 Statuses: 401 missing token, 403 wrong token (or a path that would leave the root), 400 bad
 name/header, 404 absent, 408 idle client or an upload slower than the agent's minimum rate,
@@ -63,15 +90,21 @@ LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 DEFAULT_MIN_UPLOAD_BYTES_PER_S = 64 << 10
 #: The window that rate is measured over (``--upload-rate-window-s``), also each upload's grace period.
 DEFAULT_UPLOAD_RATE_WINDOW_S = 10.0
+#: ``ckptmirror serve --scrub-bytes-per-s`` default: 32 MiB/s, a few percent of an NVMe drive's
+#: read rate (a fifth of one HDD's); 1 TB is scrubbed in about 9 hours.
+DEFAULT_SCRUB_BYTES_PER_S = 32 << 20
 
 # -- paths -------------------------------------------------------------------------------------
 PREFIX = "/v1"
 HEALTH_PATH = f"{PREFIX}/health"
+#: Prometheus metrics: where scrapers look by default, outside the versioned API.
+METRICS_PATH = "/metrics"
 OP_OBJECT = "o"  # PUT, GET, HEAD, DELETE one object
 OP_COMMIT = "commit"  # PUT a commit record
 OP_STEPS = "steps"  # GET the step directories of a namespace
 OP_LIST = "list"  # GET the keys under a prefix
 OP_PREFIX = "prefix"  # DELETE everything under a prefix
+OP_SCRUB = "scrub"  # GET the scrubber's latest results of a namespace
 #: Name of the path tail (``<ns>/<key>``) in the agent's routes.
 TAIL = "tail"
 
@@ -89,6 +122,9 @@ WRONG_TOKEN_TEXT = "wrong token"  # with 403
 #: With 403: a per-namespace token used on a namespace outside its prefix. It starts like
 #: :data:`WRONG_TOKEN_TEXT` so that clients read it as an authentication rejection too.
 WRONG_NAMESPACE_TEXT = "wrong token for this namespace"
+#: With 403: a known token on a route it is not valid for (the metrics token on a data route, a
+#: namespace token on ``/metrics``). It too starts like :data:`WRONG_TOKEN_TEXT`.
+WRONG_SCOPE_TEXT = "wrong token for this route"
 
 # -- names -------------------------------------------------------------------------------------
 #: Names (any path segment) starting with this are the agent's own: temp files of uploads.

@@ -21,7 +21,11 @@ What a client can reach, and for how long:
   and its slot freed: a trickle of bytes would otherwise hold a slot forever, since the idle
   timeout only bounds the wait for one read;
 - per-namespace tokens (``namespace_tokens``) confine a token to a namespace prefix; the agent's
-  own token stays valid everywhere (the admin token).
+  own token stays valid everywhere (the admin token); the metrics token (``metrics_token``) is
+  valid only on ``GET /metrics`` and ``GET /v1/health``, which name no data.
+
+``GET /metrics`` (:mod:`._agent_metrics`) and the scrubber (:mod:`._scrub`, ``--scrub-interval``)
+live in modules of their own; the handlers here only count what happens.
 """
 
 from __future__ import annotations
@@ -40,21 +44,23 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from aiohttp import web
 
 from .._version import __version__
 from ..checksum import Hasher, is_checksum
 from ..errors import CkptMirrorError, ManifestError, StepExistsError
-from ..format import MAX_MANIFEST_BYTES, TMP_PREFIX, parse_commit, parse_rank_manifest
+from ..format import MAX_MANIFEST_BYTES, TMP_PREFIX
 from . import _peer_protocol as wire
+from ._agent_metrics import CONTENT_TYPE, AgentMetrics
 from ._peer_protocol import (
     CHECKSUM_HEADER,
     DEFAULT_MIN_UPLOAD_BYTES_PER_S,
     DEFAULT_UPLOAD_RATE_WINDOW_S,
     LOOPBACK_HOSTS,
 )
+from ._scrub import DEFAULT_SCRUB_BYTES_PER_S, MAX_COMMIT_BYTES, Scrubber, commit_problems
 from .base import validate_key
 from .local import AtomicWriter, LocalReplica
 
@@ -63,8 +69,6 @@ __all__ = ["Agent", "AgentConfigError", "NamespaceToken", "UploadPace", "parse_n
 log = logging.getLogger("ckptmirror.agent")
 
 CHUNK_BYTES = 4 << 20
-#: Commit records are buffered in memory to be checked; they are ~100 bytes per rank.
-MAX_COMMIT_BYTES = 16 << 20
 
 
 class AgentConfigError(ValueError):
@@ -171,16 +175,30 @@ class Agent:
         min_upload_bytes_per_s: int = DEFAULT_MIN_UPLOAD_BYTES_PER_S,
         upload_rate_window_s: float = DEFAULT_UPLOAD_RATE_WINDOW_S,
         namespace_tokens: Mapping[str, str] | None = None,
+        metrics_token: str | None = None,
+        scrub_interval_s: float = 0.0,
+        scrub_bytes_per_s: int = DEFAULT_SCRUB_BYTES_PER_S,
         fsync: bool = True,
     ) -> None:
         """``token`` is valid on every namespace (the admin token); each of ``namespace_tokens``
-        (``{prefix: token}``) only on its prefix. With neither, no request needs a token. Raises
-        AgentConfigError (before creating anything) for options that cannot work."""
+        (``{prefix: token}``) only on its prefix; ``metrics_token`` only on ``/metrics`` and
+        ``/v1/health``. With none, no request needs a token. ``scrub_interval_s > 0`` scrubs
+        (:mod:`._scrub`) at most ``scrub_bytes_per_s``. Raises AgentConfigError (before creating
+        anything) for options that cannot work."""
+        if not 0 <= scrub_interval_s < math.inf:
+            raise AgentConfigError(f"--scrub-interval {scrub_interval_s}: must be 0 (off) or a number of seconds")
+        if scrub_bytes_per_s <= 0:
+            raise AgentConfigError(f"--scrub-bytes-per-s {scrub_bytes_per_s}: must be a positive number of bytes")
         if min_upload_bytes_per_s < 0:
             raise AgentConfigError(f"--min-upload-bytes-per-s {min_upload_bytes_per_s}: must be 0 (off) or more")
         if not upload_rate_window_s > 0 or math.isinf(upload_rate_window_s):
             raise AgentConfigError(f"--upload-rate-window-s {upload_rate_window_s}: must be a positive number")
         self.namespace_tokens = parse_namespace_tokens(namespace_tokens)
+        self.metrics_token = metrics_token.encode() if metrics_token else None
+        others = [nt.token for nt in self.namespace_tokens] + ([token.encode()] if token else [])
+        if self.metrics_token is not None and self.metrics_token in others:
+            # One token with two scopes: the read-only metrics token would also write.
+            raise AgentConfigError("--metrics-token-file: the metrics token must differ from every other token")
         self.root = os.path.realpath(root)
         os.makedirs(self.root, exist_ok=True)
         self.token = token.encode() if token else None
@@ -197,6 +215,18 @@ class Agent:
         # (namespace, key) -> (size, checksum) of objects this process received and verified,
         # so a commit need not re-read them. Objects from before a restart are re-hashed.
         self.verified: dict[tuple[str, str], tuple[int, str]] = {}
+        self.scrubber = (
+            Scrubber(
+                self.root,
+                self.replica,
+                interval_s=scrub_interval_s,
+                bytes_per_s=scrub_bytes_per_s,
+                on_damage=lambda ns, key: self.verified.pop((ns, key), None),  # a commit must re-hash it
+            )
+            if scrub_interval_s > 0
+            else None
+        )
+        self.metrics = AgentMetrics(self)
         self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:
@@ -230,6 +260,16 @@ class Agent:
             r.url = f"namespace {ns}"  # error messages go to clients: no absolute server paths
             self._replicas[ns] = r
         return r
+
+    def replica_root(self, ns: str) -> str:
+        """The directory of namespace ``ns`` (a name :func:`._scrub.find_namespaces` found)."""
+        return os.path.join(self.root, *ns.split("/"))
+
+    def changed(self, ns: str, key: str) -> None:
+        """``key`` (or the prefix) in ``ns`` was written or deleted: the scrubber's result of its
+        step is about other bytes now (after a ``ckptmirror repair``, say), so it is dropped."""
+        if self.scrubber is not None:
+            self.scrubber.invalidate(ns, key)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -268,32 +308,66 @@ def _namespace_of(request: web.Request) -> str | None:
     tail = request.match_info.get(wire.TAIL)
     if tail is None:
         return None
-    if request.match_info.route.handler is _steps:
-        return tail  # /v1/steps/<ns>: the whole tail is the namespace
+    if request.match_info.route.handler in (_steps, _scrub_results):
+        return tail  # /v1/steps/<ns>, /v1/scrub/<ns>: the whole tail is the namespace
     return _split(request)[0]
 
 
 # ------------------------------------------------------------------------------ middleware
-def _authorize(agent: Agent, request: web.Request) -> None:
-    """Refuse a request without a token (401), with one the agent does not know (403), or with a
-    namespace token on a namespace outside its prefix (403). The agent's own token is valid on
-    every namespace; any known token may read ``/v1/health`` (it names no namespace)."""
-    if not agent.needs_token:
-        return
+def _tokens(agent: Agent, request: web.Request) -> tuple[bool, bool, list[NamespaceToken]] | None:
+    """(admin token?, metrics token?, the namespace tokens it is) of the request's token; None without one.
+
+    Constant-time: the comparison must not tell an attacker how many leading bytes were right.
+    Every token is compared (no early exit), so the time does not tell which one matched either.
+    """
     header = request.headers.get(wire.AUTHORIZATION, "")
     if not header.startswith(wire.BEARER):
-        _event(logging.WARNING, "rejected: missing token", peer=request.remote, path=request.path)
-        raise web.HTTPUnauthorized(text=wire.MISSING_TOKEN_TEXT, headers={"WWW-Authenticate": "Bearer"})
+        return None
     given = header[len(wire.BEARER) :].encode()
-    # Constant-time: the comparison must not tell an attacker how many leading bytes were right.
-    # Every token is compared (no early exit), so the time does not tell which one matched either.
     admin = agent.token is not None and hmac.compare_digest(given, agent.token)
-    scoped = [nt for nt in agent.namespace_tokens if hmac.compare_digest(given, nt.token)]
-    if admin:
+    metrics = agent.metrics_token is not None and hmac.compare_digest(given, agent.metrics_token)
+    return admin, metrics, [nt for nt in agent.namespace_tokens if hmac.compare_digest(given, nt.token)]
+
+
+def _refuse(
+    agent: Agent, request: web.Request, reason: str, exc: web.HTTPException, msg: str, **fields: Any
+) -> NoReturn:
+    """Log, count (an upload refused for its token is an upload refused: ``auth``) and raise ``exc``."""
+    _event(logging.WARNING, msg, peer=request.remote, path=request.path, **fields)
+    agent.metrics.auth_refused.labels(reason=reason).inc()
+    if request.method == "PUT":
+        agent.metrics.refused("auth")
+    raise exc
+
+
+def _authorize(agent: Agent, request: web.Request) -> None:
+    """Refuse a request without a token (401), with one the agent does not know (403), or with a
+    token not valid there (403): a namespace token on a namespace outside its prefix or on
+    ``/metrics``, the metrics token anywhere but ``/metrics`` and ``/v1/health``. The agent's own
+    token is valid everywhere; any known token may read ``/v1/health`` (it names no namespace).
+    ``/metrics`` needs a token when the agent has any, the metrics token included."""
+    is_metrics = request.path == wire.METRICS_PATH
+    if not (agent.needs_token or (is_metrics and agent.metrics_token is not None)):
         return
+    found = _tokens(agent, request)
+    if found is None:
+        _refuse(
+            agent,
+            request,
+            "missing",
+            web.HTTPUnauthorized(text=wire.MISSING_TOKEN_TEXT, headers={"WWW-Authenticate": "Bearer"}),
+            "rejected: missing token",
+        )
+    admin, metrics, scoped = found
+    if admin or (metrics and request.path in (wire.METRICS_PATH, wire.HEALTH_PATH)):
+        return
+    if metrics or (scoped and is_metrics):
+        # Read-only for the metrics token; /metrics names every namespace, so not for a job's token.
+        _refuse(
+            agent, request, "scope", web.HTTPForbidden(text=wire.WRONG_SCOPE_TEXT), "rejected: token not valid here"
+        )
     if not scoped:
-        _event(logging.WARNING, "rejected: wrong token", peer=request.remote, path=request.path)
-        raise web.HTTPForbidden(text=wire.WRONG_TOKEN_TEXT)
+        _refuse(agent, request, "wrong", web.HTTPForbidden(text=wire.WRONG_TOKEN_TEXT), "rejected: wrong token")
     ns = _namespace_of(request)
     if ns is None:
         return
@@ -302,8 +376,23 @@ def _authorize(agent: Agent, request: web.Request) -> None:
     except ManifestError as exc:
         raise web.HTTPBadRequest(text=wire.error_text(exc)) from None
     if not any(nt.covers(ns) for nt in scoped):
-        _event(logging.WARNING, "rejected: token not valid for this namespace", peer=request.remote, ns=ns)
-        raise web.HTTPForbidden(text=wire.WRONG_NAMESPACE_TEXT)
+        _refuse(
+            agent,
+            request,
+            "scope",
+            web.HTTPForbidden(text=wire.WRONG_NAMESPACE_TEXT),
+            "rejected: token not valid for this namespace",
+            ns=ns,
+        )
+
+
+def _covers(agent: Agent, request: web.Request) -> Callable[[str], bool]:
+    """Which namespaces the request's token may see (``/v1/health`` names damaged objects)."""
+    found = _tokens(agent, request) if agent.needs_token else None
+    if found is None or found[0] or found[1]:
+        return lambda ns: True  # no tokens at all, the admin token, or the metrics token (sees /metrics)
+    scoped = found[2]
+    return lambda ns: any(nt.covers(ns) for nt in scoped)
 
 
 def _trace(request: web.Request, status: int) -> None:
@@ -339,20 +428,58 @@ async def _health(request: web.Request) -> web.Response:
             "free_bytes": free,
             "uploads_in_flight": agent.uploads,
             "reserve_free_bytes": agent.reserve_free_bytes,
+            "scrub": agent.scrubber.summary(_covers(agent, request)) if agent.scrubber else None,
         }
     )
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: rendered on an I/O thread (it stats every namespace's newest steps)."""
+    agent = request.app[AGENT]
+    body = await agent.run(agent.metrics.render)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _scrub_results(request: web.Request) -> web.Response:
+    """``GET /v1/scrub/<ns>``: the scrubber's latest results for ``ns`` (see ``_peer_protocol``)."""
+    agent = request.app[AGENT]
+    ns = request.match_info[wire.TAIL]
+    validate_key(ns, "agent namespace")
+    _refuse_hidden(ns)
+    if agent.scrubber is None:
+        raise web.HTTPNotFound(text="this agent does not scrub (ckptmirror serve --scrub-interval)")
+    return web.json_response(agent.scrubber.namespace_report(ns))
+
+
+class _UploadCut(web.HTTPRequestTimeout):
+    """408 for an upload cut by the agent; ``refusal`` is its reason on ``/metrics``."""
+
+    def __init__(self, refusal: str, text: str) -> None:
+        super().__init__(text=text)
+        self.refusal = refusal
+
+
+async def _put(request: web.Request, commit: bool) -> web.Response:
+    """``PUT /v1/o/`` (``commit`` False) and ``PUT /v1/commit/``, counted on ``/metrics``."""
+    metrics = request.app[AGENT].metrics
+    try:
+        ns, key = _split(request)
+        _refuse_hidden(key, commit_record=commit)  # a commit record only through /v1/commit/
+        resp = await _receive(request, ns, key, commit)
+    except (web.HTTPException, CkptMirrorError) as exc:
+        status = exc.status if isinstance(exc, web.HTTPException) else wire.status_for(exc)
+        metrics.upload_failed(status, getattr(exc, "refusal", None), commit)
+        raise
+    (metrics.commits_accepted if commit else metrics.received_objects).inc()
+    return resp
+
+
 async def _put_object(request: web.Request) -> web.Response:
-    ns, key = _split(request)
-    _refuse_hidden(key, commit_record=False)  # a commit record only through /v1/commit/
-    return await _receive(request, ns, key, commit=False)
+    return await _put(request, commit=False)
 
 
 async def _put_commit(request: web.Request) -> web.Response:
-    ns, key = _split(request)
-    _refuse_hidden(key)
-    return await _receive(request, ns, key, commit=True)
+    return await _put(request, commit=True)
 
 
 def _upload_header(agent: Agent, request: web.Request, commit: bool) -> tuple[int, str]:
@@ -402,7 +529,7 @@ async def _stream_body(
         now = loop.time()
         if chunk is None and now - last_data >= agent.idle_timeout_s:
             _event(logging.WARNING, "upload idle, dropped", ns=ns, key=key, received=received, peer=request.remote)
-            raise web.HTTPRequestTimeout(text=f"no data for {agent.idle_timeout_s} s")
+            raise _UploadCut("idle", f"no data for {agent.idle_timeout_s} s")
         if not pace.record(now - started, len(chunk or b"")):
             got = received + len(chunk or b"")
             _event(
@@ -421,10 +548,11 @@ async def _stream_body(
             # connection is not reset: aiohttp drains what the client still sends for at most
             # 10 s (its "lingering close") and then closes it, so the client can read this 408 (a
             # reset would discard it) while holding no slot and writing nothing to disk.
-            raise web.HTTPRequestTimeout(
-                text=f"upload too slow: {pace.got} bytes in {pace.window_s:g} s, below the agent's minimum "
+            raise _UploadCut(
+                "rate",
+                f"upload too slow: {pace.got} bytes in {pace.window_s:g} s, below the agent's minimum "
                 f"of {pace.min_bytes_per_s} bytes/s (--min-upload-bytes-per-s); cut after {got} of "
-                f"{length} bytes"
+                f"{length} bytes",
             )
         if chunk is None:
             continue  # the window ended on time: the next one starts
@@ -432,6 +560,7 @@ async def _stream_body(
             break
         last_data = now
         received += len(chunk)
+        agent.metrics.received_bytes.inc(len(chunk))
         if body is not None:
             body += chunk
         await agent.run(_hash_write, hasher, writer, chunk)
@@ -464,7 +593,9 @@ async def _receive(request: web.Request, ns: str, key: str, commit: bool) -> web
             _event(logging.WARNING, "checksum mismatch, dropped", ns=ns, key=key, expected=expected, got=got)
             raise web.HTTPUnprocessableEntity(text=f"checksum mismatch: received {got}, header says {expected}")
         if commit:
-            await agent.run(_check_commit, agent, ns, replica, key, body)
+            problems = await agent.run(commit_problems, replica, ns, key, body, agent.verified)
+            if problems:
+                raise web.HTTPConflict(text="commit refused: " + "; ".join(problems[:20]))
         try:
             await agent.run(writer.finish, commit)
         except StepExistsError:
@@ -474,6 +605,7 @@ async def _receive(request: web.Request, ns: str, key: str, commit: bool) -> web
                 raise
             return web.Response(status=201, text="ok (identical commit exists)")
         writer = None
+        agent.changed(ns, key)
         if not commit:
             agent.verified[(ns, key)] = (length, expected)
         _event(logging.INFO, "committed" if commit else "stored", ns=ns, key=key, bytes=length)
@@ -513,7 +645,9 @@ async def _get_object(request: web.Request) -> web.StreamResponse:
                 break
             await resp.write(chunk)
             pos += len(chunk)
+            agent.metrics.served_bytes.inc(len(chunk))
         await resp.write_eof()
+        agent.metrics.served_objects.inc()
         return resp
     finally:
         os.close(fd)
@@ -540,6 +674,7 @@ async def _delete_object(request: web.Request) -> web.Response:
     _refuse_hidden(key)  # deleting another upload's temp file would fail that upload
     await agent.run(agent.replica(ns).delete, key)
     agent.verified.pop((ns, key), None)
+    agent.changed(ns, key)
     return web.Response(status=204)
 
 
@@ -549,8 +684,11 @@ async def _delete_prefix(request: web.Request) -> web.Response:
     _refuse_hidden(prefix)
     await agent.run(agent.replica(ns).delete_prefix, prefix)
     under = prefix.rstrip("/") + "/"
-    for k in [k for k in agent.verified if k[0] == ns and k[1].startswith(under)]:
-        del agent.verified[k]
+    # list(): a copy made without releasing the GIL, while I/O threads (commit checks) and the
+    # scrubber add and remove entries.
+    for k in [k for k in list(agent.verified) if k[0] == ns and k[1].startswith(under)]:
+        agent.verified.pop(k, None)
+    agent.changed(ns, prefix)
     return web.Response(status=204)
 
 
@@ -566,7 +704,23 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_get(wire.route(wire.OP_LIST), _list_prefix)
     app.router.add_delete(wire.route(wire.OP_OBJECT), _delete_object)
     app.router.add_delete(wire.route(wire.OP_PREFIX), _delete_prefix)
+    app.router.add_get(wire.METRICS_PATH, _metrics)
+    app.router.add_get(wire.route(wire.OP_SCRUB), _scrub_results)
+    app.on_startup.append(_start_scrubber)
+    app.on_cleanup.append(_stop_scrubber)
     return app
+
+
+async def _start_scrubber(app: web.Application) -> None:
+    scrubber = app[AGENT].scrubber
+    if scrubber is not None:
+        scrubber.start()
+
+
+async def _stop_scrubber(app: web.Application) -> None:
+    scrubber = app[AGENT].scrubber
+    if scrubber is not None:
+        await asyncio.get_running_loop().run_in_executor(None, scrubber.stop)  # joins the thread
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -588,52 +742,6 @@ def _parse_range(header: str, size: int) -> tuple[int, int]:
     if not 0 <= start < end <= size:
         raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
     return start, end
-
-
-def _file_matches(agent: Agent, ns: str, replica: LocalReplica, key: str, size: int, csum: str) -> str | None:
-    """None if ``key`` is present with ``size`` and ``csum``; else what is wrong."""
-    if agent.verified.get((ns, key)) == (size, csum):
-        if replica.size(key) == size:
-            return None
-    have = replica.size(key)
-    if have is None:
-        return f"{key} is missing"
-    if have != size:
-        return f"{key} has {have} bytes, expected {size}"
-    hasher = Hasher()
-    fd = replica._open_read(key)
-    try:
-        pos = 0
-        while pos < size:
-            chunk = os.pread(fd, CHUNK_BYTES, pos)
-            if not chunk:
-                break
-            hasher.update(chunk)
-            pos += len(chunk)
-    finally:
-        os.close(fd)
-    if hasher.hexdigest() != csum:
-        return f"{key} does not match its checksum"
-    agent.verified[(ns, key)] = (size, csum)
-    return None
-
-
-def _check_commit(agent: Agent, ns: str, replica: LocalReplica, key: str, body: bytes) -> None:
-    """Refuse a commit unless every rank manifest and object it names is here and verifies."""
-    commit = parse_commit(body, key)
-    problems = []
-    for ref in commit.ranks:
-        why = _file_matches(agent, ns, replica, ref.key, ref.size, ref.checksum)
-        if why:
-            problems.append(why)
-            continue
-        manifest = parse_rank_manifest(replica.get(ref.key, MAX_MANIFEST_BYTES), ref.key)
-        for obj in manifest.objects:
-            why = _file_matches(agent, ns, replica, obj.key, obj.size, obj.checksum)
-            if why:
-                problems.append(why)
-    if problems:
-        raise web.HTTPConflict(text="commit refused: " + "; ".join(problems[:20]))
 
 
 # ----------------------------------------------------------------------------------- serve
@@ -700,6 +808,9 @@ async def _run(agent: Agent, host: str, port: int, ssl_ctx: ssl.SSLContext | Non
             namespace_tokens=len(agent.namespace_tokens),
             min_upload_bytes_per_s=agent.min_upload_bytes_per_s,
             upload_rate_window_s=agent.upload_rate_window_s,
+            metrics_token=agent.metrics_token is not None,
+            scrub_interval_s=agent.scrubber.interval_s if agent.scrubber else 0,
+            scrub_bytes_per_s=agent.scrubber.bytes_per_s if agent.scrubber else 0,
             version=__version__,
         )
         # One line on stdout for whoever started us (tests, scripts) to learn the port.
@@ -721,6 +832,7 @@ def serve(
     *,
     token: str | None = None,
     namespace_tokens: Mapping[str, str] | None = None,
+    metrics_token: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
     log_level: str | int = "info",
@@ -729,9 +841,11 @@ def serve(
     """Run the agent until SIGTERM/SIGINT.
 
     ``token`` is valid on every namespace; ``namespace_tokens`` (``{prefix: token}``) each on
-    their prefix only. Raises :class:`AgentConfigError` before creating anything for options that
-    cannot work: a non-loopback address without any token, half a TLS setup or unreadable TLS
-    files, a bad namespace token, a root that cannot be created, an address it cannot listen on.
+    their prefix only; ``metrics_token`` on ``/metrics`` and ``/v1/health`` only (it does not
+    let the agent listen beyond loopback: the data routes would be open). Raises
+    :class:`AgentConfigError` before creating anything for options that cannot work: a
+    non-loopback address without any token, half a TLS setup or unreadable TLS files, a bad
+    namespace token, a root that cannot be created, an address it cannot listen on.
     ``limits`` go to :class:`Agent`.
     """
     if not token and not namespace_tokens and host not in LOOPBACK_HOSTS:
@@ -742,7 +856,7 @@ def serve(
     _log_to_stderr(log_level)
     ssl_ctx = _tls_context(tls_cert, tls_key)
     try:
-        agent = Agent(root, token=token, namespace_tokens=namespace_tokens, **limits)
+        agent = Agent(root, token=token, namespace_tokens=namespace_tokens, metrics_token=metrics_token, **limits)
     except OSError as exc:
         raise AgentConfigError(f"--root {root}: cannot use it as the agent's root: {exc.strerror or exc}") from exc
     try:
