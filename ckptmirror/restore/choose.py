@@ -60,11 +60,12 @@ def load_newest(
     size the step was saved with.
     """
     listing = list_steps(replicas, timeout_s=list_timeout_s)
-    if listing.unreachable:
+    all_down = len(listing.unreachable) == len(replicas)
+    if listing.unreachable and not all_down:
         # Read only from the replicas that answered: a stalled one would cost every object a
         # missed deadline before the next replica is tried.
-        replicas = [r for r in replicas if r.url not in listing.unreachable] or list(replicas)
-    if listing.unreachable and len(listing.unreachable) == len(replicas) and agree is None:
+        replicas = [r for r in replicas if r.url not in listing.unreachable]
+    if all_down and agree is None:
         raise NoValidCheckpointError(
             {-1: "every replica is unreachable: " + "; ".join(f"{u}: {e}" for u, e in listing.unreachable.items())}
         )
