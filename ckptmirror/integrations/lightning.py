@@ -1,0 +1,880 @@
+"""PyTorch Lightning checkpoints through ckptmirror: asynchronous, replicated, checksummed, no pickle.
+
+::
+
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from ckptmirror.integrations.lightning import MirrorCheckpointIO
+
+    trainer = Trainer(
+        plugins=[MirrorCheckpointIO(["/local/nvme/ckpt/run1", "s3://bucket/ckpt/run1"])],
+        callbacks=[ModelCheckpoint(dirpath="checkpoints", every_n_train_steps=500, save_last=True)],
+    )
+    trainer.fit(model, datamodule=dm, ckpt_path="last")   # resumes through the plugin
+
+How Lightning's checkpoint files map onto ckptmirror:
+
+- **One ckptmirror step per ``global_step``.** ``save_checkpoint`` snapshots the checkpoint dict
+  (``Mirror.save_state``: one copy into reused host buffers) and returns; hashing and writing to
+  every replica happen in the background. ModelCheckpoint saves the same step twice (a top-k file
+  and ``last.ckpt``): the second call stores nothing, it only names the step again.
+- **Every ``path`` Lightning asks for becomes a small JSON pointer file** (step, replicas, the
+  checkpoint's top-level keys), written (temp file, fsync, rename) only once that step is committed
+  on the replicas; until then the file keeps naming the previous committed step, or does not exist.
+  ``fit(ckpt_path="last")`` lists the directory for ``last*.ckpt`` itself, so the pointers are what
+  it finds; ``load_checkpoint(path)`` reads the pointer and loads that step, each object from the
+  first replica where it verifies. The pointer's parent directory is created.
+- **``remove_checkpoint(path)``** (how ModelCheckpoint evicts top-k files) removes the pointer and
+  deletes its step from every replica (``Mirror.delete``, in the background) once no pointer this
+  plugin knows of names it any more: pointers it wrote or loaded, and those in the directories it
+  wrote to or loaded from (scanned once per directory). Before a step's last pointer goes, a release
+  marker (``.ckptmirror-release-<step>.json``, hidden, JSON) is written next to it and removed once
+  the step is deleted: a process killed mid-delete leaves it, and the next process that reads or
+  writes checkpoints in that directory finishes the delete. Steps named by a pointer are pinned
+  (``Mirror.pin``), so that ``keep_last=`` never removes a top-k or best checkpoint: with
+  ``keep_last`` set it only cleans up steps no pointer names (e.g. one committed just before a
+  crash, whose pointer was never written). The newest committed step is never deleted.
+- **``hyper_parameters``** (and ``datamodule_hyper_parameters``) are converted to storable forms
+  before the save (see :func:`storable_hparams`): ``argparse.Namespace`` -> dict,
+  ``pathlib.Path`` (any ``os.PathLike``) -> str, an ``Enum`` -> its value, a dataclass instance ->
+  dict of its fields, a named tuple -> dict, a set -> list, an OmegaConf container -> plain
+  containers; ``hparams_type`` (a class) -> its qualified name, which Lightning's own loader reads
+  as ``AttributeDict``. Anything else that ckptmirror cannot store raises
+  :class:`~ckptmirror.UnsupportedTypeError` naming the key path and how to exclude it
+  (``self.save_hyperparameters(ignore=[...])``). Other entries are stored as they are (see
+  :mod:`ckptmirror.state.tree` for what is storable); a value that is not raises the same error,
+  naming its path under ``state[...]``.
+- Nothing the plugin writes or reads is pickled: the pointers are JSON, the steps are ckptmirror
+  steps (``ckptmirror ls/verify/repair/inspect`` work on the replicas). ``load_checkpoint`` refuses a
+  file that is not a pointer (e.g. a ``torch.save`` checkpoint from before) instead of unpickling it.
+
+What is covered: single-device training and DDP (tested with ``strategy="ddp"``; for ``ddp_spawn``
+the plugin pickles without its Mirror, which each process opens on first use): Lightning's strategy
+calls ``save_checkpoint``/``remove_checkpoint`` on global rank 0 only, so the plugin's mirror is
+private to that process (``Mirror(distributed=False)``) and never waits for the other ranks; every
+rank calls ``load_checkpoint`` and reads the replicas itself (as with native checkpoints, the pointer
+and the replicas must be reachable from every rank: shared or object storage). FSDP and
+ModelParallel strategies save sharded checkpoints through ``torch.distributed.checkpoint`` and bypass
+CheckpointIO: use the DCP adapter (:mod:`ckptmirror.dcp`) there. Do not wrap this plugin in
+Lightning's ``AsyncCheckpointIO``: it clones every tensor first, while ckptmirror's save already
+returns after one copy. ``ModelCheckpoint(save_last="link")`` makes ``last.ckpt`` a symlink to a
+top-k pointer that is written only at commit; use ``save_last=True``: ckptmirror stores the step once
+either way.
+
+Limits: a run resumed from an older checkpoint that reaches a step the earlier run had committed
+replaces that step (``overwrite=True``, with a warning), as Lightning overwrites a file of the same
+name; during the rewrite that step exists nowhere. The state stored for a step is the checkpoint
+dict of the *first* ``save_checkpoint`` call
+of that step. The calls of one step differ only in the bookkeeping of ModelCheckpoint callbacks
+saving after the first (``last_model_path`` of the first save; with several ModelCheckpoint
+callbacks, the later ones' files of that step): after a resume such a file may be kept where
+Lightning would have removed it. ``LightningModule.load_from_checkpoint`` reads files itself
+(``torch.load``) and does not go through the plugin: use ``trainer.validate/test/predict(ckpt_path=
+...)``, or ``ckpt = MirrorCheckpointIO(replicas).load_checkpoint(path)`` then
+``model.load_state_dict(ckpt["state_dict"])``.
+
+Importing this module imports Lightning (``lightning``, else the standalone
+``lightning_fabric``/``pytorch_lightning``); ``import ckptmirror`` never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import CkptMirrorError, StepExistsError, StepNotFoundError, UnsupportedTypeError
+from ..handle import SaveHandle
+from ..mirror import Mirror
+from ..replicas import Replica
+
+if TYPE_CHECKING:
+    from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+else:
+    try:
+        from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+    except ImportError:  # only the standalone packages (pip install pytorch-lightning)
+        from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
+
+__all__ = ["POINTER_FORMAT", "MirrorCheckpointIO", "PointerError", "read_pointer", "storable_hparams"]
+
+log = logging.getLogger("ckptmirror.lightning")
+
+#: The ``format`` field of a pointer file.
+POINTER_FORMAT = "ckptmirror.lightning.pointer"
+POINTER_VERSION = 1
+#: The ``format`` of a release marker: ``.ckptmirror-release-<step>.json`` next to the pointer that
+#: last named a step, written before the step is deleted and removed after, so that a process
+#: killed mid-delete leaves a note the next one (scanning that directory) acts on.
+RELEASE_FORMAT = "ckptmirror.lightning.release"
+RELEASE_PREFIX = ".ckptmirror-release-"
+#: Temp files of pointer writes: ``.<name>.tmp-<32 hex>``; a crash mid-write leaves one behind.
+TMP_INFIX = ".tmp-"
+_TMP_RE = re.compile(r"\..+" + re.escape(TMP_INFIX) + r"[0-9a-f]{32}\Z")
+#: A pointer is a few hundred bytes; anything larger is not one (and is never read whole).
+MAX_POINTER_BYTES = 1 << 16
+
+#: Checkpoint entries holding hyper-parameters (LightningModule and LightningDataModule), converted
+#: by :func:`storable_hparams`, and those holding the class of an OmegaConf hparams container.
+HPARAMS_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
+HPARAMS_TYPE_KEYS = ("hparams_type", "datamodule_hparams_type")
+
+
+class PointerError(CkptMirrorError, ValueError):
+    """A file at a checkpoint path is not a valid ckptmirror pointer (``path`` names it)."""
+
+    def __init__(self, path: str, why: str) -> None:
+        self.path = path
+        super().__init__(f"{path} is not a ckptmirror checkpoint pointer: {why}")
+
+
+# ------------------------------------------------------------------------------ hparams
+def storable_hparams(value: Any, path: str = "checkpoint['hyper_parameters']", ignore_hint: str = "") -> Any:
+    """``value`` with the types ckptmirror cannot store converted to JSON-able forms, recursively.
+
+    ``argparse.Namespace`` -> dict of its attributes; ``os.PathLike`` (``pathlib.Path``) -> str;
+    ``enum.Enum`` -> its value (converted in turn); a dataclass instance -> dict of its fields; a
+    named tuple -> dict; ``set``/``frozenset`` -> list (sorted when its items sort); an OmegaConf
+    ``DictConfig``/``ListConfig`` -> plain dict/list (interpolations resolved); dict keys of those
+    kinds are converted the same way. Tensors, arrays, numbers, strings, bytes, None, dtypes and
+    devices stay (ckptmirror stores them). Anything else raises
+    :class:`~ckptmirror.UnsupportedTypeError` naming its key path, with ``ignore_hint`` appended
+    (how to leave it out). Conversions are one way: a Namespace comes back as a dict.
+    """
+    return _Converter(ignore_hint).conv(value, path, 0)
+
+
+class _Converter:
+    """One :func:`storable_hparams` call (the hint is built once, the depth is bounded)."""
+
+    MAX_DEPTH = 100
+
+    def __init__(self, ignore_hint: str) -> None:
+        self.ignore_hint = ignore_hint
+
+    def conv(self, obj: Any, path: str, depth: int) -> Any:
+        if depth > self.MAX_DEPTH:
+            raise UnsupportedTypeError(path, type(obj), f"nested deeper than {self.MAX_DEPTH}")
+        if obj is None or isinstance(obj, (bool, str, bytes, float, torch.Tensor, torch.dtype, torch.device)):
+            return obj
+        if isinstance(obj, enum.Enum):  # before int: IntEnum/IntFlag are ints too
+            return self.conv(obj.value, path, depth + 1)
+        if isinstance(obj, int):
+            return obj
+        if type(obj).__module__.startswith("numpy"):
+            return obj  # arrays and scalars: ckptmirror stores them (object dtypes are refused there)
+        if isinstance(obj, os.PathLike):
+            return os.fspath(obj)
+        if isinstance(obj, argparse.Namespace):
+            return self.conv(vars(obj), path, depth)
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+            return self.conv(fields, path, depth)
+        if type(obj).__module__.startswith("omegaconf"):
+            # An OmegaConf DictConfig/ListConfig (Hydra configs): omegaconf is imported since obj exists.
+            omegaconf = sys.modules["omegaconf"]
+            return self.conv(omegaconf.OmegaConf.to_container(obj, resolve=True), path, depth)
+        if isinstance(obj, Mapping):
+            out: dict[Any, Any] = {}
+            for k, v in obj.items():
+                key = self.conv_key(k, path)
+                out[key] = self.conv(v, f"{path}[{k!r}]", depth + 1)
+            return out
+        if isinstance(obj, tuple) and hasattr(obj, "_asdict"):  # a named tuple
+            return self.conv(dict(obj._asdict()), path, depth)
+        if type(obj) in (list, tuple):
+            items = [self.conv(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(obj)]
+            return items if type(obj) is list else tuple(items)
+        if isinstance(obj, (set, frozenset)):
+            items = list(obj)
+            try:
+                items.sort()
+            except TypeError:
+                pass  # mixed types: iteration order
+            return [self.conv(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(items)]
+        raise UnsupportedTypeError(path, type(obj), self.hint())
+
+    def conv_key(self, k: Any, path: str) -> Any:
+        if k is None or isinstance(k, (str, int, float, bool)) and not isinstance(k, enum.Enum):
+            return k
+        if isinstance(k, enum.Enum):
+            return self.conv_key(k.value, path)
+        if isinstance(k, os.PathLike):
+            return os.fspath(k)
+        raise UnsupportedTypeError(f"{path} key {k!r}", type(k), "dict keys must be str, int, float, bool or None")
+
+    def hint(self) -> str:
+        extra = f"; {self.ignore_hint}" if self.ignore_hint else ""
+        return (
+            "hyper-parameters are stored as JSON-able values: Namespace, Path, Enum, dataclasses, named tuples, sets "
+            f"and OmegaConf containers are converted, other objects are not{extra}"
+        )
+
+
+def _convert_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """A shallow copy of ``checkpoint`` whose hyper-parameter entries are storable (module doc)."""
+    out = dict(checkpoint)
+    for key in HPARAMS_KEYS:
+        if key in out:
+            owner = "self" if key == "hyper_parameters" else "your LightningDataModule's self"
+            out[key] = _convert_hparams(out[key], key, owner)
+    for key in HPARAMS_TYPE_KEYS:
+        t = out.get(key)
+        if isinstance(t, type):  # Lightning reads a str here as AttributeDict (saving._convert_loaded_hparams)
+            out[key] = f"{t.__module__}.{t.__qualname__}"
+    return out
+
+
+def _convert_hparams(hparams: Any, key: str, owner: str) -> Any:
+    """Convert one hyper-parameters entry; the error names the top-level name to ignore."""
+    root = f"checkpoint[{key!r}]"
+    if isinstance(hparams, Mapping) and not type(hparams).__module__.startswith("omegaconf"):
+        out: dict[Any, Any] = {}
+        for name, v in hparams.items():
+            hint = f"leave it out with {owner}.save_hyperparameters(ignore=[{name!r}]) or pass a plain value"
+            out[name] = storable_hparams(v, f"{root}[{name!r}]", hint)
+        return out
+    return storable_hparams(hparams, root, f"leave it out with {owner}.save_hyperparameters(ignore=[...])")
+
+
+# ------------------------------------------------------------------------------ pointers
+def _fs_of(path: str) -> tuple[Any, str, bool]:
+    """(fsspec filesystem, path inside it, whether it is the local disk) for a checkpoint path."""
+    from fsspec.core import url_to_fs
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, inner = url_to_fs(path)
+    return fs, inner, isinstance(fs, LocalFileSystem)
+
+
+def _norm(path: Any) -> str:
+    """The key a path is known by: absolute and normalised on the local disk, the URL otherwise."""
+    p = os.fspath(path)
+    if isinstance(p, bytes):
+        p = os.fsdecode(p)
+    if "://" in p and not p.startswith("file://"):
+        return p
+    return os.path.abspath(os.path.normpath(p.removeprefix("file://")))
+
+
+def _parent(path: str) -> str:
+    if "://" in path:
+        return path.rsplit("/", 1)[0]
+    return os.path.dirname(path)
+
+
+def read_pointer(path: Any, *, release: bool = False) -> dict[str, Any]:
+    """Parse the pointer file at ``path``: ``{"format", "version", "step", "replicas", "keys", ...}``.
+
+    Raises ``FileNotFoundError`` if there is no file, and :class:`PointerError` if the file is not a
+    pointer (a ``torch.save`` checkpoint, a directory, a damaged file). Never unpickles anything.
+    """
+    p = _norm(path)
+    fs, inner, local = _fs_of(p)
+    if local:
+        if os.path.isdir(inner):
+            raise PointerError(p, "it is a directory")
+        with open(inner, "rb") as f:  # FileNotFoundError as it is
+            data = f.read(MAX_POINTER_BYTES + 1)
+    else:
+        if not fs.exists(inner):
+            raise FileNotFoundError(f"checkpoint pointer not found: {p}")
+        with fs.open(inner, "rb") as f:
+            data = f.read(MAX_POINTER_BYTES + 1)
+    return _parse_pointer(p, data, RELEASE_FORMAT if release else POINTER_FORMAT)
+
+
+def _parse_pointer(path: str, data: bytes, fmt: str = POINTER_FORMAT) -> dict[str, Any]:
+    if len(data) > MAX_POINTER_BYTES:
+        raise PointerError(path, f"larger than {MAX_POINTER_BYTES} bytes (a torch.save checkpoint?)")
+    if not data.lstrip().startswith(b"{"):
+        pickled = data[:1] == b"\x80" or data[:2] == b"PK"  # pickle protocol 2+, torch.save's zip
+        what = " (a pickle or torch.save checkpoint: load it with Lightning's TorchCheckpointIO)" if pickled else ""
+        raise PointerError(path, f"not JSON{what}")
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise PointerError(path, f"invalid JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise PointerError(path, f"no 'format': {fmt!r} field")
+    if doc.get("version") != POINTER_VERSION:
+        raise PointerError(path, f"pointer version {doc.get('version')!r} (this ckptmirror reads {POINTER_VERSION})")
+    step = doc.get("step")
+    if type(step) is not int or step < 0:
+        raise PointerError(path, f"bad step {step!r}")
+    for field in ("replicas", "keys"):
+        v = doc.get(field)
+        if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            raise PointerError(path, f"'{field}' must be a list of strings")
+    return doc
+
+
+def _write_pointer(path: str, doc: Mapping[str, Any]) -> None:
+    """Write a pointer atomically: a reader sees the old one or the new one, never a torn file.
+
+    On the local disk: a temp file in the same directory, fsync, rename over ``path``, fsync the
+    directory (the parent is created). Elsewhere (an fsspec URL): one object put, which object
+    stores make atomic.
+    """
+    data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode("utf-8")
+    fs, inner, local = _fs_of(path)
+    if not local:
+        fs.makedirs(_parent(inner), exist_ok=True)
+        fs.pipe_file(inner, data)
+        return
+    directory = os.path.dirname(inner)
+    os.makedirs(directory, exist_ok=True)
+    # A name that ModelCheckpoint's last*.ckpt scan never matches (the suffix is not .ckpt).
+    tmp = os.path.join(directory, f".{os.path.basename(inner)}{TMP_INFIX}{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, inner)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_file(path: str) -> None:
+    fs, inner, local = _fs_of(path)
+    if local:
+        try:
+            os.unlink(inner)
+        except FileNotFoundError:
+            return
+        _fsync_dir(os.path.dirname(inner))
+    elif fs.exists(inner):
+        fs.rm(inner)
+
+
+def _release_path(directory: str, step: int) -> str:
+    """The release marker of ``step`` in ``directory`` (hidden; never matched by ``last*.ckpt``)."""
+    sep = "/" if "://" in directory else os.sep
+    return f"{directory}{sep}{RELEASE_PREFIX}{step:012d}.json"
+
+
+def _scan_pointers(directory: str) -> tuple[dict[str, int], dict[int, str]]:
+    """Pointer files directly in ``directory`` (normalised path -> step) and release markers
+    (step -> path); other files are ignored."""
+    pointers: dict[str, int] = {}
+    markers: dict[int, str] = {}
+    fs, inner, local = _fs_of(directory)
+    entries: list[str] = []
+    try:
+        if local:
+            with os.scandir(inner) as it:
+                for e in it:
+                    if not e.is_file(follow_symlinks=False):
+                        continue
+                    if _TMP_RE.match(e.name):
+                        # A pointer write cut short by a crash (scans precede this process's
+                        # writes to the directory): the old pointer, if any, is intact.
+                        _remove_file(e.path)
+                    elif e.stat().st_size <= MAX_POINTER_BYTES:
+                        entries.append(e.path)
+        else:
+            for d in fs.ls(inner, detail=True):
+                if d.get("type") == "file" and (d.get("size") or 0) <= MAX_POINTER_BYTES:
+                    entries.append(fs.unstrip_protocol(d["name"]))
+    except FileNotFoundError:
+        return pointers, markers
+    for full in entries:
+        try:
+            doc = read_pointer(full, release=os.path.basename(full).startswith(RELEASE_PREFIX))
+        except (OSError, PointerError):
+            continue
+        if doc["format"] == RELEASE_FORMAT:
+            markers[doc["step"]] = _norm(full)
+        else:
+            pointers[_norm(full)] = doc["step"]
+    return pointers, markers
+
+
+# ------------------------------------------------------------------------------ the plugin
+@dataclasses.dataclass
+class _Pending:
+    """A pointer to write: the step it names, the top-level keys of the save that named it, and
+    the save whose commit it waits for (None until that save is started; None for a "name" of a
+    step committed before this process, which is written at once)."""
+
+    step: int
+    keys: frozenset[str]
+    handle: SaveHandle | None
+
+
+class MirrorCheckpointIO(CheckpointIO):
+    """Lightning ``CheckpointIO`` that saves through a :class:`~ckptmirror.Mirror` (see the module doc).
+
+    Args:
+        replicas: replica URLs or :class:`~ckptmirror.Replica` objects, as for ``Mirror``.
+        on_saved: called with each step's :class:`~ckptmirror.SaveHandle` once its outcome is known
+            (on a background thread): log ``stall_s``, ``committed_s``, ``nbytes`` to a tracker.
+        **mirror_options: passed to :class:`~ckptmirror.Mirror` (``keep_last``, ``min_replicas``,
+            ``storage_options``, ``max_inflight``, ...). ``distributed`` is always False: Lightning
+            checkpoints from global rank 0 alone.
+
+    The Mirror is opened on first use (after DDP has started the processes) and closed by
+    ``teardown()`` at the end of ``fit``/``validate``/``test``, which waits for the saves in flight,
+    writes their pointers and raises a save that failed; a later call opens it again. Its health,
+    steps and handles are reachable through :attr:`mirror`.
+    """
+
+    def __init__(
+        self,
+        replicas: Sequence[str | Replica] | str | Replica,
+        *,
+        on_saved: Callable[[SaveHandle], object] | None = None,
+        **mirror_options: Any,
+    ) -> None:
+        super().__init__()
+        if isinstance(replicas, (str, Replica)):
+            replicas = [replicas]
+        if not replicas:
+            raise ValueError("MirrorCheckpointIO needs at least one replica URL")
+        if mirror_options.get("distributed") not in (None, False) or mirror_options.get("process_group") is not None:
+            raise ValueError(
+                "MirrorCheckpointIO saves from global rank 0 only (Lightning calls CheckpointIO there): "
+                "distributed= and process_group= cannot be set"
+            )
+        mirror_options.pop("distributed", None)
+        self.replicas: list[str | Replica] = list(replicas)
+        self.on_saved = on_saved
+        self.mirror_options = mirror_options
+        self._init_runtime()
+        _register_with_standalone_lightning()
+
+    def _init_runtime(self) -> None:
+        self._mirror: Mirror | None = None
+        # Guards everything below; pointer files are written and removed under it (small, fast),
+        # so that the training thread and the save threads agree on which path names which step.
+        self._lock = threading.Lock()
+        self._written: dict[str, int] = {}  # pointer on disk: path -> step
+        # Pointers to write once their step commits (path -> what and when).
+        self._pending: dict[str, _Pending] = {}
+        # Steps this process saved or loaded: their top-level keys (a step is stored once).
+        self._keys: dict[int, frozenset[str]] = {}
+        self._handles: dict[int, SaveHandle] = {}
+        self._scanned: set[str] = set()  # directories whose pointers are known
+        self._markers: dict[int, set[str]] = {}  # release markers on disk, by step
+        self._deleting: dict[int, threading.Event] = {}
+        self._releaser: ThreadPoolExecutor | None = None
+
+    # Lightning pickles the trainer (and its plugins) for ddp_spawn: the runtime state (a Mirror
+    # with threads, locks) stays behind and each process opens its own on first use.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"replicas": self.replicas, "on_saved": self.on_saved, "mirror_options": self.mirror_options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    @property
+    def mirror(self) -> Mirror:
+        """The Mirror the plugin saves to (opened now if it is not open)."""
+        with self._lock:
+            if self._mirror is None:
+                self._mirror = Mirror(self.replicas, distributed=False, **self.mirror_options)
+                self._releaser = ThreadPoolExecutor(1, thread_name_prefix="ckptmirror-lightning-release")
+            return self._mirror
+
+    # ------------------------------------------------------------------------- save
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Snapshot ``checkpoint`` as step ``checkpoint["global_step"]`` (once per step) and name it
+        ``path``; the pointer at ``path`` is written when the step has committed."""
+        if storage_options is not None:
+            raise TypeError(
+                f"Trainer.save_checkpoint(..., storage_options=...) is not supported by {type(self).__name__}: "
+                "pass storage_options to MirrorCheckpointIO(..., storage_options=...) instead"
+            )
+        step = checkpoint.get("global_step")
+        if type(step) is not int or step < 0:
+            raise ValueError(f"the checkpoint has no usable 'global_step' (got {step!r}): ckptmirror steps are ints")
+        key = _norm(path)
+        mirror = self.mirror
+        self._scan(_parent(key))
+        keys = frozenset(str(k) for k in checkpoint)
+        while True:
+            with self._lock:
+                busy = self._deleting.get(step)
+                if busy is None:
+                    mode = self._save_mode(step, keys)
+                    # Named from now on: a release of this step queued earlier sees it and backs off.
+                    # The pointer waits for the save in flight ("name") or for the one made below.
+                    entry = _Pending(step, keys, self._handles.get(step) if mode == "name" else None)
+                    self._pending[key] = entry
+                    self._unmark(step)  # named again: a release marker left for it is void
+                    break
+            busy.wait()  # the step is being deleted (an earlier timeline): let that finish first
+        if mode == "name":
+            # The same global_step again (ModelCheckpoint: top-k file, then last.ckpt), or the step
+            # this process resumed from: the state is stored or on its way; this path only names it.
+            if entry.handle is None or entry.handle.done():
+                self._write_pending(entry.handle, step, ok=True)
+            return
+        state = _convert_checkpoint(checkpoint)
+        try:
+            handle = self._save(mirror, step, state, overwrite=mode == "more")
+        except BaseException:
+            with self._lock:
+                if self._pending.get(key) is entry:
+                    del self._pending[key]
+            raise
+        with self._lock:
+            self._keys[step] = keys
+            self._handles[step] = handle
+            # Every pointer waiting for this step (this path, and others named while the earlier
+            # save of a "more" step was in flight) now waits for this save.
+            for e in self._pending.values():
+                if e.step == step:
+                    e.handle = handle
+        mirror.pin(step)
+        handle.add_done_callback(self._on_done)  # runs at once if the save is done already
+        if self.on_saved is not None:
+            handle.add_done_callback(self.on_saved)
+
+    def _save_mode(self, step: int, keys: frozenset[str]) -> str:
+        """(lock held) ``"name"``: the step is stored already with these entries; ``"more"``: this
+        process stored it with fewer (weights only), store it again; ``"new"``: save it."""
+        stored = self._keys.get(step)
+        if stored is None:
+            return "new"
+        handle = self._handles.get(step)
+        if handle is not None and handle.done() and handle.committed_s is None:
+            return "new"  # that save failed or was skipped: try again (the failure is raised first)
+        return "name" if keys <= stored else "more"
+
+    def _save(self, mirror: Mirror, step: int, state: dict[str, Any], overwrite: bool) -> SaveHandle:
+        if overwrite:
+            mirror.wait()  # the earlier save of this step may still be writing
+            log.info("step %d saved again with more entries (%s)", step, ", ".join(sorted(state)))
+            return mirror.save_state(step, state, overwrite=True)
+        try:
+            return mirror.save_state(step, state)
+        except StepExistsError:
+            # Committed by an earlier process that went past this step (the run resumed from an
+            # older checkpoint, or crashed before writing this step's pointer): this run's history
+            # replaces it, as Lightning overwrites a checkpoint file of the same name.
+            log.warning("step %d is already committed on the replicas (an earlier run); replacing it", step)
+            mirror.wait()
+            return mirror.save_state(step, state, overwrite=True)
+
+    def _on_done(self, handle: SaveHandle) -> None:
+        """A save finished (on a background thread): write or drop the pointers waiting for it.
+
+        ``committed_s`` is set only when the step committed on enough replicas; reading it does
+        not mark a failure as reported (the Mirror raises it on the next save or at teardown).
+        """
+        self._write_pending(handle, handle.step, ok=handle.committed_s is not None)
+
+    def _write_pending(self, handle: SaveHandle | None, step: int, ok: bool) -> None:
+        """Write the pointers waiting for ``handle`` (None: ``step``, committed before this
+        process) if ``ok``, else drop them; release the steps no pointer names any more."""
+        released: list[int] = []
+        with self._lock:
+            waiting = [(p, e) for p, e in self._pending.items() if e.step == step and e.handle is handle]
+            for p, e in waiting:
+                del self._pending[p]
+                if not ok:
+                    continue
+                previous = self._written.get(p)
+                if previous is not None and previous != step and not self._named(previous, besides=p):
+                    self._mark(previous, _parent(p))  # before the last pointer to it goes
+                try:
+                    _write_pointer(p, self._pointer_doc(step, e.keys))
+                except OSError as exc:
+                    log.error("could not write the checkpoint pointer %s for step %d: %s", p, step, exc)
+                    continue
+                self._written[p] = step
+                if previous is not None and previous != step:
+                    released.append(previous)
+            if not ok:
+                released.append(step)
+                if waiting:
+                    log.error("step %d was not committed; not writing its pointers %s", step, [p for p, _ in waiting])
+            released = [s for s in released if not self._named(s)]
+        for s in released:
+            self._release(s)
+
+    def _pointer_doc(self, step: int, keys: frozenset[str]) -> dict[str, Any]:
+        assert self._mirror is not None
+        return {
+            "format": POINTER_FORMAT,
+            "version": POINTER_VERSION,
+            "step": step,
+            "replicas": [r.url for r in self._mirror.replicas],
+            "keys": sorted(keys),
+            "written_unix_s": round(time.time(), 3),
+        }
+
+    # ------------------------------------------------------------------------- remove
+    def remove_checkpoint(self, path: Any) -> None:
+        """Remove the pointer at ``path``; its step is deleted once no known pointer names it."""
+        key = _norm(path)
+        self.mirror  # noqa: B018 - opened: releasing a step needs it
+        self._scan(_parent(key))
+        with self._lock:
+            pending = self._pending.pop(key, None)
+            steps = {s for s in (self._written.pop(key, None), pending.step if pending else None) if s is not None}
+            ours = False
+            try:
+                steps.add(read_pointer(key)["step"])
+                ours = True
+            except FileNotFoundError:
+                pass
+            except (OSError, PointerError) as exc:
+                # Not ours (a native checkpoint from before the switch): Lightning asked for this
+                # path, but the plugin removes only what it wrote.
+                log.warning("not removing %s: %s", key, exc)
+            released = [s for s in steps if not self._named(s)]
+            for s in released:
+                self._mark(s, _parent(key))  # before the pointer goes: a crash mid-delete leaves a note
+            if ours:
+                _remove_file(key)
+        for s in released:
+            self._release(s)
+
+    def _named(self, step: int, besides: str | None = None) -> bool:
+        """Whether a known pointer (written or pending; other than ``besides``) names ``step``
+        (lock held)."""
+        return any(s == step and p != besides for p, s in self._written.items()) or any(
+            e.step == step and p != besides for p, e in self._pending.items()
+        )
+
+    def _mark(self, step: int, directory: str) -> None:
+        """Write the release marker of ``step`` in ``directory`` (lock held): the intent to delete
+        it survives a crash; the next process that scans the directory finishes the release."""
+        path = _release_path(directory, step)
+        if path in self._markers.get(step, ()):
+            return
+        assert self._mirror is not None
+        doc = {**self._pointer_doc(step, frozenset()), "format": RELEASE_FORMAT}
+        try:
+            _write_pointer(path, doc)
+        except OSError as exc:
+            log.warning("could not write the release marker %s: %s", path, exc)
+            return
+        self._markers.setdefault(step, set()).add(path)
+
+    def _unmark(self, step: int) -> None:
+        """Remove the release markers of ``step`` (lock held): deleted, or named again."""
+        for path in self._markers.pop(step, ()):
+            try:
+                _remove_file(path)
+            except OSError as exc:
+                log.warning("could not remove the release marker %s: %s", path, exc)
+
+    def _release(self, step: int) -> None:
+        """Delete ``step`` in the background, unless it is named again by then."""
+        if self._mirror is None or self._releaser is None:
+            return
+        mirror = self._mirror
+        try:
+            self._releaser.submit(self._delete, mirror, step)
+        except RuntimeError:  # shut down (teardown raced a late callback): the step stays
+            log.debug("step %d not released: the plugin is closing", step)
+
+    def _delete(self, mirror: Mirror, step: int) -> None:
+        with self._lock:
+            if self._named(step):
+                self._unmark(step)
+                return
+            done = self._deleting[step] = threading.Event()
+        deleted = settled = False
+        try:
+            mirror.unpin(step)
+            mirror.delete(step)
+            deleted = True
+            log.info("released step %d (no checkpoint pointer names it)", step)
+        except StepNotFoundError:
+            deleted = True  # never committed (a failed save), or gone already
+        except ValueError as exc:  # the newest committed step: kept, a restore would use it
+            settled = True
+            log.debug("step %d kept: %s", step, exc)
+        except (CkptMirrorError, OSError) as exc:
+            # The marker stays: the next process that scans its directory tries again.
+            log.warning("could not delete step %d: %s (ckptmirror prune removes it later)", step, exc)
+        finally:
+            with self._lock:
+                self._deleting.pop(step, None)
+                if deleted:  # a later save of this step is a new save
+                    self._keys.pop(step, None)
+                    self._handles.pop(step, None)
+                if deleted or settled:
+                    self._unmark(step)
+            done.set()
+
+    # ------------------------------------------------------------------------- load
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Read the pointer at ``path`` and load its step from the replicas (each object from the
+        first replica where it verifies). Tensors come back on the CPU, or on ``map_location`` when
+        that is a device (a dict maps ``"cpu"``; a callable is ignored). ``weights_only`` does not
+        matter: nothing is unpickled."""
+        key = _norm(path)
+        doc = read_pointer(key)
+        step = doc["step"]
+        mirror = self.mirror
+        self._scan(_parent(key))
+        urls = [r.url for r in mirror.replicas]
+        if doc["replicas"] and not set(doc["replicas"]) & set(urls):
+            log.warning("%s names replicas %s; reading step %d from this plugin's %s", key, doc["replicas"], step, urls)
+        try:
+            loaded = mirror.load_state(step, require=True)
+        except CkptMirrorError as exc:
+            log.error("cannot load step %d named by %s: %s", step, key, exc)
+            raise
+        assert loaded is not None  # require=True raises instead
+        state = loaded[1]
+        if not isinstance(state, dict):
+            raise PointerError(key, f"step {step} does not hold a Lightning checkpoint dict")
+        with self._lock:
+            # Saving this step again (a resume that checkpoints before training on) only names it.
+            self._keys.setdefault(step, frozenset(str(k) for k in state))
+        if doc["keys"]:
+            # A weights-only save of a step stored in full earlier: return what that save held.
+            state = {k: v for k, v in state.items() if k in set(doc["keys"])}
+        device = _target_device(map_location)
+        if device is not None and device.type != "cpu":
+            state = _to_device(state, device)
+        log.info("loaded step %d for %s", step, key)
+        return state
+
+    # ------------------------------------------------------------------------- directories
+    def _scan(self, directory: str) -> None:
+        """Learn the pointers already in ``directory`` (once): they name steps too. Finish the
+        releases an earlier process marked there and did not complete (it was killed mid-delete)."""
+        with self._lock:
+            if directory in self._scanned:
+                return
+            self._scanned.add(directory)
+        found, markers = _scan_pointers(directory)
+        mirror = self._mirror
+        with self._lock:
+            for p, s in found.items():
+                self._written.setdefault(p, s)
+            for s, path in markers.items():
+                self._markers.setdefault(s, set()).add(path)
+            unfinished = sorted(s for s in markers if not self._named(s))
+        if mirror is not None:
+            for s in set(found.values()):
+                mirror.pin(s)
+        for s in unfinished:
+            log.info("finishing the release of step %d (marked in %s)", s, directory)
+            self._release(s)
+
+    # ------------------------------------------------------------------------- teardown
+    def wait(self) -> None:
+        """Block until every save so far is committed and its pointers written; raise a failed save."""
+        mirror = self._mirror
+        if mirror is None:
+            return
+        try:
+            mirror.wait()
+        finally:
+            # The done callbacks run on their own threads: write what they may not have yet.
+            with self._lock:
+                handles = {id(e.handle): e.handle for e in self._pending.values() if e.handle is not None}
+            for h in handles.values():
+                if h.done():
+                    self._on_done(h)
+            releaser = self._releaser
+            if releaser is not None:
+                releaser.submit(lambda: None).result()  # the releases queued so far
+
+    def teardown(self) -> None:
+        """End of a Trainer stage: wait for the saves (raising a failure), then close the Mirror.
+
+        Lightning also tears down after an exception in training: then a failed save is logged,
+        not raised, so that the original exception is the one the user sees.
+        """
+        mirror = self._mirror
+        if mirror is None:
+            return
+        handling = sys.exc_info()[0] is not None
+        try:
+            self.wait()
+        except Exception:
+            if not handling:
+                raise
+            log.exception("a checkpoint save failed (teardown after another error)")
+        finally:
+            with self._lock:
+                self._mirror = None
+                releaser, self._releaser = self._releaser, None
+                self._handles.clear()
+                self._keys.clear()
+                self._pending.clear()
+                self._scanned.clear()
+                self._markers.clear()
+            if releaser is not None:
+                releaser.shutdown(wait=True)
+            # wait() above reported any failure; close() frees threads and staging buffers.
+            mirror.close(raise_errors=False)
+
+
+def _target_device(map_location: Any) -> torch.device | None:
+    if isinstance(map_location, (str, torch.device)):
+        return torch.device(map_location)
+    if isinstance(map_location, Mapping) and "cpu" in map_location:
+        return torch.device(map_location["cpu"])
+    return None
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        seq = [_to_device(v, device) for v in obj]
+        return seq if type(obj) is list else tuple(seq)
+    return obj
+
+
+def _register_with_standalone_lightning() -> None:
+    """Make the plugin a CheckpointIO for ``pytorch_lightning.Trainer`` too, when that is in use.
+
+    The standalone ``pytorch_lightning`` checks plugins against ``lightning_fabric``'s CheckpointIO,
+    a different class from ``lightning.fabric``'s; registering as a virtual subclass (an ABC) lets
+    one plugin class serve both. Only done when ``lightning_fabric`` is imported already: importing
+    it here would load a second copy of Lightning for users of ``lightning``.
+    """
+    standalone = sys.modules.get("lightning_fabric.plugins.io.checkpoint_io")
+    if standalone is None:
+        return
+    base = getattr(standalone, "CheckpointIO", None)
+    if base is not None and base is not CheckpointIO and not issubclass(MirrorCheckpointIO, base):
+        base.register(MirrorCheckpointIO)
