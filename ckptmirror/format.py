@@ -11,35 +11,51 @@ step (or a retry after a crash) never write the same name: a losing writer canno
 winner's objects, and leftovers of a torn save never collide with the next attempt.
 
 A rank's *data stream* is the concatenation of its objects in order; every storage lives at
-an offset in that stream. Everything read from a replica is validated here before use: a
-manifest is untrusted input (wrong types, huge numbers, ``../`` names, duplicate keys).
+an offset in that stream, and :func:`cut_objects` is the rule that cuts it into objects.
+Everything read from a replica is validated here before use: a manifest is untrusted input
+(wrong types, huge numbers, ``../`` names, duplicate keys, documents built to exhaust memory).
+
+Version 2 (written today) stores the per-object, per-storage and per-leaf fields as columns
+(parallel JSON arrays) so that a reader builds its records without a Python step per item;
+version-1 manifests (one JSON object per leaf) are still read.
 """
 
 from __future__ import annotations
 
 import builtins
+import gc
 import json
+import math
 import re
 import secrets
+import threading
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import accumulate, chain, repeat
+from typing import Any, NamedTuple
 
 from .checksum import is_checksum
 from .errors import ManifestError
 
-FORMAT_VERSION = 1
+#: The version written; every version from 1 up to it is read.
+FORMAT_VERSION = 2
 MAX_STEP = 10**12 - 1
 MAX_RANKS = 100_000
 MAX_OBJECT_BYTES = 1 << 40  # 1 TiB: anything larger in a manifest is hostile or corrupt
 MAX_STREAM_BYTES = 1 << 50
 MAX_MANIFEST_BYTES = 256 << 20
+#: Upper bound on the memory that parsing one manifest or commit record may take, as estimated
+#: by :func:`parse_cost` before any Python object is built (see docs/FORMAT.md, "Parsing bounds").
+MAX_PARSE_MEMORY = 512 << 20
 MAX_DIMS = 64
 COMMIT_NAME = "COMMIT.json"
 
 # [0-9] and \Z, not \d and $: \d matches non-ASCII digits and $ accepts a trailing newline.
 _STEP_DIR_RE = re.compile(r"step-([0-9]{12})\Z")
-_OBJECT_KEY_RE = re.compile(r"step-[0-9]{12}/rank-[0-9]{5}/o[0-9]{6}-[0-9a-f]{8}\.bin\Z")
+_OBJECT_NAME_RE = r"rank-[0-9]{5}/o[0-9]{6}-[0-9a-f]{8}\.bin\Z"  # inside a step directory
+_OBJECT_KEY_RE = re.compile(r"step-[0-9]{12}/" + _OBJECT_NAME_RE)
 _MANIFEST_KEY_RE = re.compile(r"step-([0-9]{12})/rank-([0-9]{5})-[0-9a-f]{8}\.json\Z")
 _TOKEN_RE = re.compile(r"[0-9a-f]{8}\Z")
 
@@ -103,8 +119,12 @@ def commit_key(step: int) -> str:
     return f"{step_dir(step)}/{COMMIT_NAME}"
 
 
-@dataclass(frozen=True)
-class ObjectRecord:
+# The three per-item records are named tuples, not dataclasses: a manifest holds one per object,
+# storage and tensor (tens of thousands), and a reader builds them with ``tuple.__new__`` over
+# parsed columns without a Python call per item (a frozen dataclass costs ~1.5 us each to build).
+
+
+class ObjectRecord(NamedTuple):
     """One stored object: its key, exact size and checksum."""
 
     key: str
@@ -112,16 +132,14 @@ class ObjectRecord:
     checksum: str
 
 
-@dataclass(frozen=True)
-class StorageRecord:
+class StorageRecord(NamedTuple):
     """A byte span of the data stream that backs one or more tensors (shared storage is stored once)."""
 
     offset: int
     nbytes: int
 
 
-@dataclass(frozen=True)
-class LeafRecord:
+class LeafRecord(NamedTuple):
     """A tensor or NumPy array: a strided view of a storage span."""
 
     kind: str  # "tensor" | "ndarray"
@@ -132,6 +150,56 @@ class LeafRecord:
     offset: int  # in elements, from the start of the storage span
     requires_grad: bool = False
     parameter: bool = False
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Element strides of a C-contiguous tensor of ``shape`` (a 0-sized dimension counts as 1)."""
+    out = []
+    acc = 1
+    for d in reversed(shape):
+        out.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(out))
+
+
+#: A storage of at least ``object_bytes // LARGE_STORAGE_DIVISOR`` bytes starts its own object(s).
+LARGE_STORAGE_DIVISOR = 4
+
+
+def cut_objects(storages: Sequence[StorageRecord], object_bytes: int) -> tuple[tuple[int, int], ...]:
+    """The format's object cut: ``(offset, size)`` of each object of a data stream, in order.
+
+    ``storages`` tile the stream back to back (the writer lays them out so). A storage of at
+    least ``object_bytes // 4`` bytes (a *large* storage) starts a new object and is cut into
+    objects of ``object_bytes`` (the last one shorter) that hold no other storage's bytes; the
+    storages between two large ones are grouped, in order, into objects of at most
+    ``object_bytes``. The objects tile the stream, as readers require.
+
+    Why: an object that lies inside one tensor is read straight into it on restore (no bounce
+    copy), and an unchanged large tensor maps to the same objects from one save to the next
+    whatever changed before it in the stream (incremental saves rely on this).
+    """
+    if object_bytes < 1:
+        raise ValueError(f"object_bytes must be positive, got {object_bytes}")
+    large = max(1, object_bytes // LARGE_STORAGE_DIVISOR)
+    out: list[tuple[int, int]] = []
+    group = pos = 0  # start of the open group of small storages; end of the stream so far
+    for off, nbytes in storages:
+        if off != pos:
+            raise ValueError(f"storages do not tile the stream: one starts at {off}, the previous ends at {pos}")
+        end = off + nbytes
+        if nbytes >= large:
+            if pos > group:
+                out.append((group, pos - group))
+            out.extend((o, min(object_bytes, end - o)) for o in range(off, end, object_bytes))
+            group = end
+        elif end - group > object_bytes:
+            out.append((group, pos - group))  # pos > group: a small storage alone always fits
+            group = off
+        pos = end
+    if pos > group:
+        out.append((group, pos - group))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -153,7 +221,23 @@ class RankManifest:
         return sum(o.size for o in self.objects)
 
     def to_json(self) -> bytes:
-        """Serialise (deterministic key order)."""
+        """Serialise as format version 2 (deterministic key order): columns, not rows.
+
+        Strides are written only for the leaves whose strides are not the C-contiguous ones of
+        their shape (views, transposes, expanded tensors), as ``[leaf, [strides]]`` pairs.
+        """
+        if any(s.offset != o for s, o in zip(self.storages, accumulate((s.nbytes for s in self.storages), initial=0))):
+            raise ValueError("storages must tile the data stream back to back (format version 2 stores no offsets)")
+        types: dict[tuple[str, str], int] = {}
+        type_col = [types.setdefault((lf.kind, lf.dtype), len(types)) for lf in self.leaves]
+        contiguous: dict[tuple[int, ...], tuple[int, ...]] = {}
+        strides = []
+        for i, lf in enumerate(self.leaves):
+            c = contiguous.get(lf.shape)
+            if c is None:
+                c = contiguous[lf.shape] = contiguous_strides(lf.shape)
+            if lf.stride != c:
+                strides.append([i, list(lf.stride)])
         doc = {
             "format_version": FORMAT_VERSION,
             "kind": "ckptmirror.rank",
@@ -161,21 +245,21 @@ class RankManifest:
             "rank": self.rank,
             "world_size": self.world_size,
             "created_unix": self.created_unix,
-            "objects": [[o.key, o.size, o.checksum] for o in self.objects],
-            "storages": [[s.offset, s.nbytes] for s in self.storages],
-            "leaves": [
-                {
-                    "kind": lf.kind,
-                    "storage": lf.storage,
-                    "dtype": lf.dtype,
-                    "shape": list(lf.shape),
-                    "stride": list(lf.stride),
-                    "offset": lf.offset,
-                    "requires_grad": lf.requires_grad,
-                    "parameter": lf.parameter,
-                }
-                for lf in self.leaves
-            ],
+            "objects": {
+                "key": [o.key for o in self.objects],
+                "size": [o.size for o in self.objects],
+                "checksum": [o.checksum for o in self.objects],
+            },
+            "storages": {"nbytes": [s.nbytes for s in self.storages]},
+            "leaves": {
+                "types": [list(t) for t in types],
+                "type": type_col,
+                "storage": [lf.storage for lf in self.leaves],
+                "offset": [lf.offset for lf in self.leaves],
+                "flags": [int(lf.requires_grad) | int(lf.parameter) << 1 for lf in self.leaves],
+                "shape": [list(lf.shape) for lf in self.leaves],
+                "strides": strides,
+            },
             "structure": self.structure,
         }
         return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
@@ -224,13 +308,81 @@ class CommitRecord:
 
 # ---------------------------------------------------------------- parsing (untrusted input)
 
+# What parsing costs in Python memory, on 64-bit CPython (3.10-3.13), as upper bounds checked by
+# tests/test_format_v2.py against what documents built to be expensive really take (tracemalloc):
+#: per JSON value: the object (an int, a float, a short str: 107 bytes at worst, a one-character
+#: astral string), the slot that points at it, and its share of the records built from it
+_COST_PER_VALUE = 112
+#: per JSON object, on top of its values: the list of (key, value) pairs the duplicate check gets
+_COST_PER_OBJECT = 64
+
+
+def parse_cost(data: bytes) -> int:
+    """Estimated peak memory (bytes) of parsing ``data`` into records: an upper bound, in O(n) C time.
+
+    Every JSON value follows a ``[``, ``{``, ``,`` or ``:`` (or starts the document), so counting
+    those bytes bounds the number of values without parsing anything; the same bytes inside
+    strings only make the bound looser. The text itself is counted twice (the decoded document
+    and the strings cut from it), at four bytes a character unless it is all ASCII.
+    """
+    objects = data.count(b"{")
+    values = data.count(b",") + data.count(b":") + data.count(b"[") + objects + 1
+    per_char = 1 if data.isascii() else 4
+    return 2 * per_char * len(data) + _COST_PER_VALUE * values + _COST_PER_OBJECT * objects
+
+
+_gc_lock = threading.Lock()
+_gc_depth = 0
+_gc_resume = False
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a manifest is parsed or checked.
+
+    Parsing builds hundreds of thousands of containers in a burst, and each burst of
+    allocations triggers collections that scan every tracked object of the process (the
+    model, the optimizer, torch itself): measured 2.6x the parse time at 50k leaves. What is
+    built here is acyclic (JSON trees, tuples), so those scans find nothing to free; memory is
+    bounded by :data:`MAX_PARSE_MEMORY` instead. Nested and concurrent users share one pause; the
+    collector is re-enabled when the last one leaves, if it was enabled when the first came.
+    """
+    global _gc_depth, _gc_resume
+    with _gc_lock:
+        if _gc_depth == 0:
+            _gc_resume = gc.isenabled()
+            gc.disable()
+        _gc_depth += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_depth -= 1
+            if _gc_depth == 0 and _gc_resume:
+                gc.enable()
+
+
+def check_parse_cost(data: bytes, key: str) -> None:
+    """Refuse (:class:`ManifestError` naming ``key``) a document whose :func:`parse_cost` exceeds
+    :data:`MAX_PARSE_MEMORY`. Readers call it before parsing; the writer calls it on every
+    manifest it serialises, so that no save writes a manifest that readers would refuse."""
+    cost = parse_cost(data)
+    if cost > MAX_PARSE_MEMORY:
+        raise ManifestError(
+            f"manifest of {len(data)} bytes holds too many JSON values for its size: parsing it would take "
+            f"about {cost >> 20} MiB, over the {MAX_PARSE_MEMORY >> 20} MiB limit",
+            key=key,
+        )
+
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate JSON key {k!r}")
-        out[k] = v
+    out = dict(pairs)  # in C; only a document with a duplicate takes the slow path below
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"duplicate JSON key {k!r}")
+            seen.add(k)
     return out
 
 
@@ -238,15 +390,39 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
+def _finite_float(text: str) -> float:
+    # A literal such as 1e400 is valid JSON grammar but no double: float() makes it inf, which
+    # the format excludes as it excludes the Infinity constant (verify and inspect would choke on it).
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is beyond the range of a double")
+    return value
+
+
 def load_json(data: bytes, key: str) -> dict[str, Any]:
-    """Parse a manifest document strictly; any problem is a :class:`ManifestError` naming ``key``."""
+    """Parse a manifest document strictly; any problem is a :class:`ManifestError` naming ``key``.
+
+    Bounded before any Python object is built: at most :data:`MAX_MANIFEST_BYTES` bytes and an
+    estimated parse memory (:func:`parse_cost`) of at most :data:`MAX_PARSE_MEMORY`. UTF-8 only
+    (``json.loads`` would otherwise guess UTF-16 or UTF-32 from the first bytes).
+    """
+    if not isinstance(data, bytes):
+        data = bytes(data)
     if len(data) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"manifest of {len(data)} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit", key=key)
+    check_parse_cost(data, key)
     try:
-        doc = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"not UTF-8: {exc}", key=key) from exc
+    try:
+        with paused_gc():
+            doc = json.loads(
+                text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant, parse_float=_finite_float
+            )
     except RecursionError as exc:
         raise ManifestError("JSON nested too deeply", key=key) from exc
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:
         raise ManifestError(f"not valid JSON: {exc}", key=key) from exc
     if not isinstance(doc, dict):
         raise ManifestError("top level is not a JSON object", key=key)
@@ -262,6 +438,9 @@ def load_json(data: bytes, key: str) -> dict[str, Any]:
     if version < 1:
         raise ManifestError(f"bad format_version {version}", key=key)
     return doc
+
+
+_CHECKSUM_RE = re.compile(r"xxh3_64:[0-9a-f]{16}\Z")
 
 
 class _Fields:
@@ -303,7 +482,13 @@ class _Fields:
     def number(self, value: Any, path: builtins.str) -> float:
         if type(value) not in (int, float):
             raise self.err(path, "expected a number")
-        return float(value)
+        try:
+            out = float(value)
+        except OverflowError:  # an int of hundreds of digits
+            out = math.inf
+        if not math.isfinite(out):
+            raise self.err(path, "expected a finite number")
+        return out
 
     def checksum(self, value: Any, path: builtins.str) -> builtins.str:
         if not is_checksum(value):
@@ -318,9 +503,43 @@ class _Fields:
             raise self.err(path, f"object name {k!r} is not a valid object key")
         return k
 
+    def section(self, doc: dict[builtins.str, Any], name: builtins.str) -> dict[builtins.str, Any]:
+        value = doc.get(name)
+        if not isinstance(value, dict):
+            raise self.err(name, "expected an object of columns")
+        return value
+
+    # Columns are checked a whole list at a time, in C (map, set, min, max): a manifest has
+    # tens of thousands of leaves, and a Python step per item would be most of the parse time.
+    # Only on failure does a Python loop look for the first bad item, to name it.
+
+    def int_column(
+        self,
+        value: Any,
+        path: builtins.str,
+        lo: builtins.int,
+        hi: builtins.int,
+        length: builtins.int | None = None,
+    ) -> builtins.list[builtins.int]:
+        col = self.list(value, path, length)
+        if col and not (set(map(type, col)) <= {int} and lo <= min(col) and max(col) <= hi):
+            for i, v in enumerate(col):
+                self.int(v, f"{path}[{i}]", lo, hi)
+        return col
+
+    def str_column(
+        self, value: Any, path: builtins.str, pattern: re.Pattern[builtins.str], length: builtins.int
+    ) -> builtins.list[builtins.str]:
+        col = self.list(value, path, length)
+        if col and not (set(map(type, col)) <= {str} and all(map(pattern.match, col))):
+            for i, v in enumerate(col):
+                if not isinstance(v, str) or not pattern.match(v):
+                    raise self.err(f"{path}[{i}]", f"{v!r} does not match {pattern.pattern!r}")
+        return col
+
 
 def parse_commit(data: bytes, key: str) -> CommitRecord:
-    """Parse and validate a commit record."""
+    """Parse and validate a commit record (its layout is the same in format versions 1 and 2)."""
     doc = load_json(data, key)
     f = _Fields(key)
     if doc.get("kind") != "ckptmirror.commit":
@@ -350,7 +569,16 @@ def parse_commit(data: bytes, key: str) -> CommitRecord:
 
 
 def parse_rank_manifest(data: bytes, key: str) -> RankManifest:
-    """Parse and validate a rank manifest, including every bound a reader relies on."""
+    """Parse and validate a rank manifest (format version 1 or 2), including every bound a reader relies on.
+
+    Memory is bounded before parsing (:func:`load_json`); the leaf checks that need dtypes
+    (extent inside the storage, element counts) are :func:`ckptmirror.restore.check.validate_manifest`'s.
+    """
+    with paused_gc():
+        return _parse_rank_manifest(data, key)
+
+
+def _parse_rank_manifest(data: bytes, key: str) -> RankManifest:
     doc = load_json(data, key)
     f = _Fields(key)
     if doc.get("kind") != "ckptmirror.rank":
@@ -358,6 +586,25 @@ def parse_rank_manifest(data: bytes, key: str) -> RankManifest:
     step = f.int(doc.get("step"), "step", 0, MAX_STEP)
     world = f.int(doc.get("world_size"), "world_size", 1, MAX_RANKS)
     rank = f.int(doc.get("rank"), "rank", 0, world - 1)
+    if doc["format_version"] == 1:
+        objects, storages, leaves = _parse_v1_records(doc, f)
+    else:
+        objects, storages, leaves = _parse_v2_records(doc, f, step)
+    created = f.number(doc.get("created_unix", 0.0), "created_unix")
+    if "structure" not in doc:
+        raise f.err("structure", "missing")
+    return RankManifest(step, rank, world, objects, storages, leaves, doc["structure"], created)
+
+
+#: Leaf flags (bit 0: requires_grad, bit 1: parameter) -> each bool, by table lookup.
+_GRAD_OF_FLAGS = (False, True, False, True)
+_PARAMETER_OF_FLAGS = (False, False, True, True)
+
+_Records = tuple[tuple[ObjectRecord, ...], tuple[StorageRecord, ...], tuple[LeafRecord, ...]]
+
+
+def _parse_v1_records(doc: dict[str, Any], f: _Fields) -> _Records:
+    """Version 1: rows (``[key, size, checksum]``, ``[offset, nbytes]``, one object per leaf)."""
     objects = []
     total = 0
     for i, item in enumerate(f.list(doc.get("objects"), "objects")):
@@ -386,16 +633,14 @@ def parse_rank_manifest(data: bytes, key: str) -> RankManifest:
         if kind not in ("tensor", "ndarray"):
             raise f.err(p + ".kind", f"unknown leaf kind {kind!r}")
         sidx = f.int(item.get("storage"), p + ".storage", 0, len(storages) - 1)
-        shape = tuple(
-            f.int(d, f"{p}.shape[{j}]", 0, MAX_STREAM_BYTES)
-            for j, d in enumerate(f.list(item.get("shape"), p + ".shape"))
-        )
+        raw_shape = f.list(item.get("shape"), p + ".shape")
+        if len(raw_shape) > MAX_DIMS:
+            raise f.err(p + ".shape", "too many dimensions")
+        shape = tuple(f.int(d, f"{p}.shape[{j}]", 0, MAX_STREAM_BYTES) for j, d in enumerate(raw_shape))
         stride = tuple(
             f.int(d, f"{p}.stride[{j}]", 0, MAX_STREAM_BYTES)
             for j, d in enumerate(f.list(item.get("stride"), p + ".stride", len(shape)))
         )
-        if len(shape) > MAX_DIMS:
-            raise f.err(p + ".shape", "too many dimensions")
         leaves.append(
             LeafRecord(
                 kind=kind,
@@ -408,7 +653,66 @@ def parse_rank_manifest(data: bytes, key: str) -> RankManifest:
                 parameter=f.bool(item.get("parameter", False), p + ".parameter"),
             )
         )
-    created = f.number(doc.get("created_unix", 0.0), "created_unix")
-    if "structure" not in doc:
-        raise f.err("structure", "missing")
-    return RankManifest(step, rank, world, tuple(objects), tuple(storages), tuple(leaves), doc["structure"], created)
+    return tuple(objects), tuple(storages), tuple(leaves)
+
+
+def _parse_v2_records(doc: dict[str, Any], f: _Fields, step: int) -> _Records:
+    """Version 2: columns; records are built by ``tuple.__new__`` over zipped columns, in C."""
+    sec = f.section(doc, "objects")
+    keys = f.list(sec.get("key"), "objects.key")
+    n_obj = len(keys)
+    # Object keys of this step only: a manifest never names another step's objects.
+    f.str_column(keys, "objects.key", re.compile(step_dir(step) + "/" + _OBJECT_NAME_RE), n_obj)
+    sizes = f.int_column(sec.get("size"), "objects.size", 0, MAX_OBJECT_BYTES, n_obj)
+    sums = f.str_column(sec.get("checksum"), "objects.checksum", _CHECKSUM_RE, n_obj)
+    total = sum(sizes)
+    if total > MAX_STREAM_BYTES:
+        raise f.err("objects.size", f"total size {total} is implausible")
+    objects = tuple(map(tuple.__new__, repeat(ObjectRecord), zip(keys, sizes, sums)))
+
+    nbytes = f.int_column(f.section(doc, "storages").get("nbytes"), "storages.nbytes", 0, total)
+    offsets = list(accumulate(nbytes, initial=0))
+    if offsets[-1] != total:
+        raise f.err(
+            "storages.nbytes", f"storages cover {offsets[-1]} bytes, the objects {total}: they must tile the stream"
+        )
+    storages = tuple(map(tuple.__new__, repeat(StorageRecord), zip(offsets, nbytes)))
+
+    sec = f.section(doc, "leaves")
+    table = []
+    for j, item in enumerate(f.list(sec.get("types"), "leaves.types")):
+        kind, dtype = f.list(item, f"leaves.types[{j}]", 2)
+        if kind not in ("tensor", "ndarray"):
+            raise f.err(f"leaves.types[{j}][0]", f"unknown leaf kind {kind!r}")
+        table.append((kind, f.str(dtype, f"leaves.types[{j}][1]", 64)))
+    types = f.int_column(sec.get("type"), "leaves.type", 0, len(table) - 1)
+    n = len(types)
+    sidx = f.int_column(sec.get("storage"), "leaves.storage", 0, len(storages) - 1, n)
+    elem_offsets = f.int_column(sec.get("offset"), "leaves.offset", 0, MAX_STREAM_BYTES, n)
+    flags = f.int_column(sec.get("flags"), "leaves.flags", 0, 3, n)
+    raw_shapes = f.list(sec.get("shape"), "leaves.shape", n)
+    if raw_shapes and not (set(map(type, raw_shapes)) <= {list} and max(map(len, raw_shapes)) <= MAX_DIMS):
+        for i, sh in enumerate(raw_shapes):
+            if len(f.list(sh, f"leaves.shape[{i}]")) > MAX_DIMS:
+                raise f.err(f"leaves.shape[{i}]", "too many dimensions")
+    dims = list(chain.from_iterable(raw_shapes))
+    if dims and not (set(map(type, dims)) <= {int} and min(dims) >= 0 and max(dims) <= MAX_STREAM_BYTES):
+        for i, sh in enumerate(raw_shapes):
+            f.int_column(sh, f"leaves.shape[{i}]", 0, MAX_STREAM_BYTES)
+    shapes = list(map(tuple, raw_shapes))
+    contiguous = {sh: contiguous_strides(sh) for sh in set(shapes)}
+    strides = list(map(contiguous.__getitem__, shapes))
+    last = -1
+    for j, item in enumerate(f.list(sec.get("strides"), "leaves.strides")):
+        p = f"leaves.strides[{j}]"
+        i, st = f.list(item, p, 2)
+        i = last = f.int(i, p + "[0]", last + 1, n - 1)  # ascending: each leaf at most once
+        strides[i] = tuple(f.int_column(st, p + "[1]", 0, MAX_STREAM_BYTES, len(shapes[i])))
+    kinds = list(map([k for k, _ in table].__getitem__, types))
+    dtypes = list(map([d for _, d in table].__getitem__, types))
+    grads = list(map(_GRAD_OF_FLAGS.__getitem__, flags))
+    params = list(map(_PARAMETER_OF_FLAGS.__getitem__, flags))
+    leaves = tuple(
+        map(tuple.__new__, repeat(LeafRecord), zip(kinds, sidx, dtypes, shapes, strides, elem_offsets, grads, params))
+    )
+    return objects, storages, leaves

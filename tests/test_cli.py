@@ -508,3 +508,85 @@ def test_peer_and_s3_replicas_verify_and_repair(
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     after = cli("verify", local, peer, s3_url)
     assert after.returncode == 0, after.stdout + after.stderr
+
+
+def test_verify_tells_lagging_replicas_from_damage(reps: tuple[Path, Path]) -> None:
+    """A replica that lacks steps the other committed (absent, or torn: a writer killed between
+    its per-replica commits) is LAGGING, exit 3, not damage; damage on top of it is exit 1."""
+    a, b = reps
+    shutil.rmtree(b / step_dir(20))  # absent on b
+    (b / commit_key(30)).unlink()  # torn on b
+    text, js = cli_many(["verify", a, b], ["verify", a, b, "--json"])
+    assert text.returncode == 3, text.stdout + text.stderr
+    out = text.stdout
+    assert "DAMAGE" not in out, out
+    assert f"[2] {b} lags: step(s) 20, 30" in out, out
+    assert out.strip().splitlines()[-1].startswith("LAGGING: no damage; 2 step copy(ies) missing on 1 replica(s)"), out
+    lag = out[out.index("LAGGING (2)") :]
+    for key in (commit_key(20), commit_key(30)):
+        assert any(line.strip().startswith("lagging:") and key in line and str(b) in line for line in lag.splitlines())
+    doc = json.loads(js.stdout)
+    assert js.returncode == 3 and doc["exit_code"] == 3 and doc["status"] == "lagging", js.stdout
+    assert doc["damage"] == [] and doc["lagging"] == {str(b): [20, 30]}
+    assert {(p["step"], p["kind"]) for p in doc["problems"]} == {(20, "lagging"), (30, "lagging")}
+
+    # Damage as well: exit 1, and both sections, each naming only its own problems.
+    bad = obj(a, 10, 2)
+    flip_byte(bad)
+    text, js = cli_many(["verify", a, b], ["verify", a, b, "--json"])
+    assert text.returncode == 1, text.stdout + text.stderr
+    out = text.stdout
+    damage = out[out.index("DAMAGE (1)") : out.index("LAGGING (2)")]
+    assert rel(a, bad) in damage and "lagging:" not in damage, out
+    assert rel(a, bad) not in out[out.index("LAGGING (2)") :], out
+    assert "FAILED: 3 problem(s) (damage: 1 corrupt; 2 lagging)" in out, out
+    doc = json.loads(js.stdout)
+    assert doc["status"] == "damaged" and doc["exit_code"] == 1
+    assert [(p["key"], p["kind"]) for p in doc["damage"]] == [(rel(a, bad), "corrupt")]
+    assert doc["lagging"] == {str(b): [20, 30]}
+
+    # repair copies the good object back and completes b: verify is clean again.
+    fixed = cli("repair", a, b)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    after = ops.verify([str(a), str(b)])
+    assert (after.status, after.exit_code, after.lagging, after.damage) == ("ok", 0, {}, ())
+
+
+def test_verify_help_documents_each_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    from ckptmirror.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["verify", "--help"])
+    out = capsys.readouterr().out
+    notes = out[out.index("exit status:") :]
+    for code, word in (("0", "verified"), ("1", "damage"), ("2", "could not be reached"), ("3", "lags")):
+        assert any(line.strip().startswith(code) and word in line for line in notes.splitlines()), (code, notes)
+    assert "'ckptmirror repair' completes it" in notes
+
+
+def test_inspect_prints_an_int_too_long_for_str(tmp_path: Path) -> None:
+    """The format stores ints of any size; Python refuses to turn one of more than 4,300 digits
+    into text (ValueError). inspect prints it with its middle digits elided, and --json gives it
+    exactly, in hex."""
+    big, neg = 7**5916, -(10**4999)  # 5,000 digits each
+    with pytest.raises(ValueError):
+        str(big)  # the interpreter's limit this test is about (it runs with the default)
+    root = tmp_path / "r"
+    with ckptmirror.Mirror([str(root)]) as m:
+        m.save_state(1, {"w": torch.ones(2), "big": big, "neg": neg, "ids": [big], "small": 12345}).result()
+    txt, js = cli_many(["inspect", root], ["inspect", root, "--json"])
+    assert txt.returncode == 0, txt.stderr
+    head, tail = big // 10 ** (5000 - 12), big % 10**12
+    assert f"{head}...{tail:012d} (5000 digits)" in txt.stdout, txt.stdout
+    assert f"-{10**11}...{0:012d} (5000 digits)" in txt.stdout, txt.stdout
+    assert "12345" in txt.stdout
+    assert js.returncode == 0, js.stderr
+    values = {e["name"]: e.get("value") for e in json.loads(js.stdout)["ranks"][0]["entries"]}
+    assert values["big"] == {"int_hex": hex(big), "int_digits": 5000}
+    assert values["ids.0"] == values["big"]
+    assert int(values["neg"]["int_hex"], 16) == neg and values["neg"]["int_digits"] == 5000
+    assert values["small"] == 12345
+    # The library's report keeps the values themselves.
+    rep = ops.inspect([str(root)])
+    got = {e.name: e.value for e in rep.ranks[0].entries}
+    assert got["big"] == big and got["neg"] == neg and got["small"] == 12345

@@ -128,7 +128,7 @@ def has_manifest(root: Path, step: int) -> bool:
 
 def okey(root: Path, step: int, index: int) -> str:
     """Key of object ``index`` of rank 0 at ``step``, from its manifest."""
-    return manifest_doc(root, step)["objects"][index][0]
+    return manifest_doc(root, step)["objects"]["key"][index]
 
 
 def manifest_doc(root: Path, step: int) -> dict[str, Any]:
@@ -202,7 +202,7 @@ def test_sigkill_at_commit_protocol_phase(tmp_path: Path, spawn, caplog: pytest.
 
     width = wc.PHASE_WIDTH
     s1, s2 = root / step_dir(1), root / step_dir(2)
-    n_objects = len(manifest_doc(root, 1)["objects"])
+    n_objects = len(manifest_doc(root, 1)["objects"]["key"])
     assert n_objects >= 5, "the state must span several objects for the put phase to be mid-write"
     objs2 = (
         sorted(f.name.split("-")[0] + ".bin" for f in (s2 / "rank-00000").glob("o*.bin"))
@@ -256,7 +256,7 @@ def test_sigkill_at_commit_protocol_phase(tmp_path: Path, spawn, caplog: pytest.
         # Larger objects than the dead writer used: any stale object file would stay visible.
         save_steps(root, [2], width, object_bytes=3 * wc.PHASE_OBJECT_BYTES)
         doc = manifest_doc(root, 2)
-        want = {mkey(root, 2), commit_key(2)} | {o[0] for o in doc["objects"]}
+        want = {mkey(root, 2), commit_key(2)} | set(doc["objects"]["key"])
         got = {f"{step_dir(2)}/{f}" for f in files_under(s2)}
         assert got == want, f"stale files left in step 2: {sorted(got - want)}"
         assert steps_of(root) == [1, 2]
@@ -418,8 +418,31 @@ def hostile_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _leaf(doc: dict[str, Any], kind: str) -> dict[str, Any]:
-    return next(lf for lf in doc["leaves"] if lf["kind"] == kind)
+def _leaf(doc: dict[str, Any], kind: str) -> int:
+    """Index of the first leaf of ``kind`` in a version-2 manifest's columns."""
+    cols = doc["leaves"]
+    return next(i for i, t in enumerate(cols["type"]) if cols["types"][t][0] == kind)
+
+
+def _set_leaf(doc: dict[str, Any], i: int, **fields: Any) -> None:
+    """Set leaf ``i``'s fields (shape, stride, offset, storage, dtype) in the columns."""
+    cols = doc["leaves"]
+    for name, value in fields.items():
+        if name == "stride":
+            cols["strides"] = sorted([e for e in cols["strides"] if e[0] != i] + [[i, value]])
+        elif name == "dtype":
+            cols["types"].append([cols["types"][cols["type"][i]][0], value])
+            cols["type"][i] = len(cols["types"]) - 1
+        else:
+            cols[name][i] = value
+
+
+def _stride(doc: dict[str, Any], i: int) -> list[int]:
+    """Leaf ``i``'s strides: explicit ones, else the C-contiguous ones of its shape."""
+    from ckptmirror.format import contiguous_strides
+
+    explicit = {j: st for j, st in doc["leaves"]["strides"]}
+    return list(explicit.get(i, contiguous_strides(tuple(doc["leaves"]["shape"][i]))))
 
 
 def _with(doc: dict[str, Any], fn: Callable[[dict[str, Any]], Any]) -> bytes:
@@ -443,10 +466,9 @@ def _set(path: tuple[Any, ...]) -> Callable[[dict[str, Any], Any], None]:
     return setter
 
 
-def _overlap(d: dict[str, Any]) -> None:
-    sized = [s for s in d["storages"] if s[1] > 0]
-    assert len(sized) >= 2
-    sized[1][0] = sized[0][0]
+def _untile(d: dict[str, Any]) -> None:
+    """Storages that do not tile the stream (version 2 has no offsets, so it cannot say "overlap")."""
+    d["storages"]["nbytes"][0] += 16
 
 
 # Each builds step 2's rank manifest from the valid one (ctx: outside dir, step 1's manifest).
@@ -456,35 +478,39 @@ HOSTILE_MANIFESTS: dict[str, Callable[[dict[str, Any], dict[str, Any]], bytes]] 
     "top-level-list": lambda d, c: b"[1, 2, 3]",
     "empty": lambda d, c: b" ",
     "step-as-string": lambda d, c: _with(d, lambda x: x.__setitem__("step", "2")),
-    "shape-as-dict": lambda d, c: _with(d, lambda x: x["leaves"][0].__setitem__("shape", {"0": 4})),
+    "shape-as-dict": lambda d, c: _with(d, lambda x: x["leaves"]["shape"].__setitem__(0, {"0": 4})),
     "objects-as-dict": lambda d, c: _with(d, lambda x: x.__setitem__("objects", {"a": 1})),
-    "name-dotdot-etc-passwd": lambda d, c: _with(d, lambda x: x["objects"][0].__setitem__(0, "../../etc/passwd")),
-    "name-absolute-etc-passwd": lambda d, c: _with(d, lambda x: x["objects"][0].__setitem__(0, "/etc/passwd")),
+    "name-dotdot-etc-passwd": lambda d, c: _with(d, lambda x: x["objects"]["key"].__setitem__(0, "../../etc/passwd")),
+    "name-absolute-etc-passwd": lambda d, c: _with(d, lambda x: x["objects"]["key"].__setitem__(0, "/etc/passwd")),
     # A byte-identical copy of object 0 lies outside the root: following the name would "verify".
     "name-dotdot-to-valid-copy": lambda d, c: _with(
-        d, lambda x: x["objects"][0].__setitem__(0, "../outside/o000000.bin")
+        d, lambda x: x["objects"]["key"].__setitem__(0, "../outside/o000000.bin")
     ),
     "name-nested-dotdot-to-valid-copy": lambda d, c: _with(
-        d, lambda x: x["objects"][0].__setitem__(0, "step-000000000002/rank-00000/../../../outside/o000000.bin")
+        d, lambda x: x["objects"]["key"].__setitem__(0, "step-000000000002/rank-00000/../../../outside/o000000.bin")
     ),
     "name-absolute-to-valid-copy": lambda d, c: _with(
-        d, lambda x: x["objects"][0].__setitem__(0, str(c["outside"] / "o000000.bin"))
+        d, lambda x: x["objects"]["key"].__setitem__(0, str(c["outside"] / "o000000.bin"))
     ),
-    "name-with-nul": lambda d, c: _with(d, lambda x: x["objects"][0].__setitem__(0, x["objects"][0][0] + "\x00.x")),
+    "name-with-nul": lambda d, c: _with(
+        d, lambda x: x["objects"]["key"].__setitem__(0, x["objects"]["key"][0] + "\x00.x")
+    ),
     "name-with-backslash": lambda d, c: _with(
-        d, lambda x: x["objects"][0].__setitem__(0, "step-000000000002\\..\\..\\outside\\o000000.bin")
+        d, lambda x: x["objects"]["key"].__setitem__(0, "step-000000000002\\..\\..\\outside\\o000000.bin")
     ),
-    "name-trailing-newline": lambda d, c: _with(d, lambda x: x["objects"][0].__setitem__(0, x["objects"][0][0] + "\n")),
+    "name-trailing-newline": lambda d, c: _with(
+        d, lambda x: x["objects"]["key"].__setitem__(0, x["objects"]["key"][0] + "\n")
+    ),
     "name-unicode-digits": lambda d, c: _with(
-        d, lambda x: x["objects"][0].__setitem__(0, "step-٠٠٠٠٠٠٠٠٠٠٠٢/rank-00000/o000000-0a0b0c0d.bin")
+        d, lambda x: x["objects"]["key"].__setitem__(0, "step-٠٠٠٠٠٠٠٠٠٠٠٢/rank-00000/o000000-0a0b0c0d.bin")
     ),
-    "object-size-1e30": lambda d, c: _with(d, lambda x: x["objects"][0].__setitem__(1, 10**30)),
-    "object-size-negative": lambda d, c: _with(d, lambda x: x["objects"][0].__setitem__(1, -1)),
-    "object-checksum-malformed": lambda d, c: _with(d, lambda x: x["objects"][0].__setitem__(2, "md5:00")),
-    "storage-nbytes-1e30": lambda d, c: _with(d, lambda x: x["storages"][0].__setitem__(1, 10**30)),
-    "shape-dim-1e18": lambda d, c: _with(d, lambda x: x["leaves"][0]["shape"].__setitem__(0, 10**18)),
+    "object-size-1e30": lambda d, c: _with(d, lambda x: x["objects"]["size"].__setitem__(0, 10**30)),
+    "object-size-negative": lambda d, c: _with(d, lambda x: x["objects"]["size"].__setitem__(0, -1)),
+    "object-checksum-malformed": lambda d, c: _with(d, lambda x: x["objects"]["checksum"].__setitem__(0, "md5:00")),
+    "storage-nbytes-1e30": lambda d, c: _with(d, lambda x: x["storages"]["nbytes"].__setitem__(0, 10**30)),
+    "shape-dim-1e18": lambda d, c: _with(d, lambda x: x["leaves"]["shape"][0].__setitem__(0, 10**18)),
     "numel-overflows-int64": lambda d, c: _with(
-        d, lambda x: x["leaves"][0].update(shape=[2**50, 2**50], stride=[0, 0], offset=0)
+        d, lambda x: _set_leaf(x, 0, shape=[2**50, 2**50], stride=[0, 0], offset=0)
     ),
     "step-5000-digits": lambda d, c: _textual(d, _set(("step",)), b"9" * 5000),
     "duplicate-keys": lambda d, c: b'{"step":2,' + dumps(d)[1:],
@@ -492,20 +518,22 @@ HOSTILE_MANIFESTS: dict[str, Callable[[dict[str, Any], dict[str, Any]], bytes]] 
     "json-nested-100000": lambda d, c: _textual(d, _set(("structure",)), b"[" * 100_000 + b"]" * 100_000),
     "structure-nested-300": lambda d, c: _with(d, lambda x: x.__setitem__("structure", _nested_list(300))),
     "nan-constant": lambda d, c: _textual(d, _set(("created_unix",)), b"NaN"),
-    "infinity-in-shape": lambda d, c: _textual(d, lambda x, v: x["leaves"][0]["shape"].__setitem__(0, v), b"Infinity"),
+    "infinity-in-shape": lambda d, c: _textual(d, lambda x, v: x["leaves"]["shape"][0].__setitem__(0, v), b"Infinity"),
     "tensor-shape-outside-storage": lambda d, c: _with(
-        d, lambda x: x["leaves"][0]["shape"].__setitem__(0, x["leaves"][0]["shape"][0] * 100)
+        d, lambda x: x["leaves"]["shape"][0].__setitem__(0, x["leaves"]["shape"][0][0] * 100)
     ),
-    "tensor-stride-outside-storage": lambda d, c: _with(d, lambda x: x["leaves"][0]["stride"].__setitem__(0, 10**9)),
-    "tensor-offset-outside-storage": lambda d, c: _with(d, lambda x: x["leaves"][0].__setitem__("offset", 10**6)),
+    "tensor-stride-outside-storage": lambda d, c: _with(
+        d, lambda x: _set_leaf(x, 0, stride=[10**9] + _stride(x, 0)[1:])
+    ),
+    "tensor-offset-outside-storage": lambda d, c: _with(d, lambda x: x["leaves"]["offset"].__setitem__(0, 10**6)),
     "ndarray-stride-zero-outside-storage": lambda d, c: _with(
-        d, lambda x: _leaf(x, "ndarray").update(shape=[10**6], stride=[0])
+        d, lambda x: _set_leaf(x, _leaf(x, "ndarray"), shape=[10**6], stride=[0])
     ),
-    "ndarray-dtype-invalid": lambda d, c: _with(d, lambda x: _leaf(x, "ndarray").__setitem__("dtype", "M8[as/7]")),
-    "ndarray-dtype-object": lambda d, c: _with(d, lambda x: _leaf(x, "ndarray").__setitem__("dtype", "O")),
-    "tensor-dtype-unknown": lambda d, c: _with(d, lambda x: x["leaves"][0].__setitem__("dtype", "float1024")),
-    "storage-index-out-of-range": lambda d, c: _with(d, lambda x: x["leaves"][0].__setitem__("storage", 10**6)),
-    "overlapping-storages": lambda d, c: _with(d, _overlap),
+    "ndarray-dtype-invalid": lambda d, c: _with(d, lambda x: _set_leaf(x, _leaf(x, "ndarray"), dtype="M8[as/7]")),
+    "ndarray-dtype-object": lambda d, c: _with(d, lambda x: _set_leaf(x, _leaf(x, "ndarray"), dtype="O")),
+    "tensor-dtype-unknown": lambda d, c: _with(d, lambda x: _set_leaf(x, 0, dtype="float1024")),
+    "storage-index-out-of-range": lambda d, c: _with(d, lambda x: x["leaves"]["storage"].__setitem__(0, 10**6)),
+    "storages-do-not-tile": lambda d, c: _with(d, _untile),
     "leaf-reference-out-of-range": lambda d, c: _with(
         d, lambda x: x.__setitem__("structure", {"t": "tensor", "i": 999})
     ),
@@ -522,7 +550,7 @@ def _nested_list(depth: int) -> Any:
 
 # Each builds step 2's COMMIT.json from the valid one (ctx as above).
 HOSTILE_COMMITS: dict[str, Callable[[dict[str, Any], dict[str, Any]], bytes]] = {
-    "commit-bad-json": lambda d, c: b'{"format_version": 1, "kind": "ckptmirror.commit", ',
+    "commit-bad-json": lambda d, c: b'{"format_version": 2, "kind": "ckptmirror.commit", ',
     "commit-step-as-string": lambda d, c: _with(d, lambda x: x.__setitem__("step", "2")),
     "commit-step-of-another-dir": lambda d, c: _with(
         d, lambda x: x.update(step=1, ranks=[[0, c["mkey1"]] + x["ranks"][0][2:]])
@@ -601,7 +629,7 @@ def test_oversized_manifest_is_refused_unread(
 
 
 @pytest.mark.parametrize(
-    "case", ["tensor-shape-outside-storage", "overlapping-storages", "leaf-reference-out-of-range"]
+    "case", ["tensor-shape-outside-storage", "storages-do-not-tile", "leaf-reference-out-of-range"]
 )
 def test_manifest_error_names_the_manifest_key(tmp_path: Path, hostile_template: Path, case: str) -> None:
     """RELIABILITY.md #7: "a clear error naming the object" -- the manifest's key, as for parse errors."""
@@ -652,7 +680,7 @@ def test_pickle_payload_is_never_executed(
         data = payload + b"\0" * (size - len(payload))
         (root / okey0).write_bytes(data)
         doc = manifest_doc(root, 2)
-        doc["objects"][0][2] = checksum(data)
+        doc["objects"]["checksum"][0] = checksum(data)
         pin_manifest(root, 2, dumps(doc))
     elif where == "rank-manifest":
         pin_manifest(root, 2, payload)

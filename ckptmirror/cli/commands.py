@@ -22,7 +22,16 @@ _ENV_NOTE = (
     "Replica options come from the environment: CKPTMIRROR_PEER_TOKEN for peer:// agents, the usual\n"
     "AWS_* variables (AWS_ENDPOINT_URL for S3-compatible servers) for s3://.\n"
 )
-_EXIT_NOTE = "exit status: 0 ok, 1 problems found, 2 usage error or a replica unreachable\n"
+_EXIT_NOTE = (
+    "exit status:\n"
+    "  0  every committed step verified on every replica\n"
+    "  1  damage: a missing, truncated or corrupt object, a bad commit record or manifest, or a\n"
+    "     step that verifies nowhere (lagging copies may be there too)\n"
+    "  2  usage error, or a replica could not be reached (what it holds is unknown)\n"
+    "  3  no damage, but a replica lags: a step committed on another replica is absent or only\n"
+    "     partly written there (a writer stopped between its per-replica commits);\n"
+    "     'ckptmirror repair' completes it\n"
+)
 
 
 def _nonneg_int(text: str) -> int:
@@ -79,7 +88,10 @@ def _add_verify(add: _AddCommand) -> None:
         "would read them: commit record, rank manifests (pinned by size and checksum), and every\n"
         "object's size and xxh3 checksum. Prints a table per step, replica and rank, and names every\n"
         "missing, truncated or corrupt object with its replica. Objects are read in parallel with\n"
-        "bounded memory (--threads buffers of one object each); a progress bar shows on a terminal.",
+        "bounded memory (--threads buffers of one object each); a progress bar shows on a terminal.\n\n"
+        "Damage and lagging replicas are reported apart (sections DAMAGE and LAGGING; with --json,\n"
+        '"status", "damage" and "lagging"): a lagging replica lacks a step the others committed,\n'
+        "which is not corruption and which 'ckptmirror repair' completes.",
         "examples:\n  ckptmirror verify /data/ckpt/run1 /backup/ckpt/run1\n"
         "  ckptmirror verify /data/ckpt/run1 --step 4000\n"
         "  ckptmirror verify /data/ckpt/run1 --quick          # manifests, presence, sizes\n"

@@ -195,11 +195,22 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
                 status = "ok" if rk.ok else "BAD"
                 rows.append([label, rk.rank, f"{rk.verified}/{rk.objects}", _size(rk.bytes), status])
         lines += _table(["REPLICA", "RANK", "OBJECTS OK", "BYTES", "STATUS"], rows, "  ")
-    problems = res.problems
-    if problems:
+    # Damage and lagging copies in sections of their own: a lagging replica (a step committed
+    # elsewhere, missing here) is not broken and 'repair' completes it; damage is bytes gone wrong.
+    damage = res.damage
+    lagging = [p for p in res.problems if p.kind == "lagging"]
+    if damage:
         lines.append("")
-        lines.append("problems:")
-        lines += [f"  {p}" for p in problems]
+        lines.append(f"DAMAGE ({len(damage)}): objects or records that are missing or wrong:")
+        lines += [f"  {p}" for p in damage]
+    if lagging:
+        lines.append("")
+        lines.append(
+            f"LAGGING ({len(lagging)}): not damage: steps committed on another replica but not (fully) here,"
+            " as a writer stopped between its per-replica commits leaves them; 'ckptmirror repair' completes them:"
+        )
+        lines += [f"  {tags[u]} {u} lags: step(s) {', '.join(map(str, v))}" for u, v in res.lagging.items()]
+        lines += [f"  {p}" for p in lagging]
     torn = {u: v for u, v in res.torn.items() if v}
     if torn:
         lines.append("")
@@ -208,26 +219,38 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
     lines += _unreachable_lines(res.unreachable, tags)
     lines.append("")
     n = len(res.steps)
-    if res.exit_code == 0:
+    problems = res.problems
+    if res.status == "ok":
         lines.append(
             f"OK: {n} step(s) verified on {len(res.replicas)} replica(s) ({mode})"
             if n
             else "OK: no checkpoints on these replicas"
         )
+    elif res.status == "lagging":
+        copies = sum(len(v) for v in res.lagging.values())
+        lines.append(
+            f"LAGGING: no damage; {copies} step copy(ies) missing on {len(res.lagging)} replica(s) that the others "
+            f"hold, {n} step(s) checked ({mode}); 'ckptmirror repair' completes them"
+        )
     else:
         kinds: dict[str, int] = {}
-        for p in problems:
+        for p in damage:
             kinds[p.kind] = kinds.get(p.kind, 0) + 1
         summary = ", ".join(f"{c} {k}" for k, c in sorted(kinds.items()))
+        if lagging:
+            summary = f"damage: {summary or 'none'}; {len(lagging)} lagging"
         if problems:
             msg = f"FAILED: {len(problems)} problem(s) ({summary}) in {n} step(s) ({mode})"
             if res.unreachable:
                 msg += f"; {len(res.unreachable)} replica(s) unreachable"
-        else:
+        elif res.unreachable:
             msg = (
                 f"INCOMPLETE: {len(res.unreachable)} replica(s) unreachable; "
                 f"{n} step(s) verified on the others ({mode})"
             )
+        else:
+            lost = [s.step for s in res.steps if not s.recoverable]
+            msg = f"FAILED: step(s) {', '.join(map(str, lost))} not recoverable from these replicas ({mode})"
         if problems and all(s.recoverable for s in res.steps) and len(res.replicas) > 1:
             msg += "; 'ckptmirror repair' can fix them from the good copies"
         lines.append(msg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -91,8 +92,57 @@ class InspectReport:
         }
 
 
+class LongInt(int):
+    """An int of the state with more decimal digits than Python converts to text
+    (``sys.get_int_max_str_digits()``, 4300 by default; the format stores ints of any size).
+    The value is kept; ``str``/``repr`` show its first and last digits and how many there are,
+    and ``--json`` gives it exactly, in hex (hex conversion has no such limit)."""
+
+    def digits(self) -> int:
+        """Decimal digits of the absolute value (computed without converting to text)."""
+        n = abs(int(self))
+        d = max(1, int(n.bit_length() * 0.30102999566398120))  # log10(2): off by at most one
+        while 10**d <= n:
+            d += 1
+        while d > 1 and 10 ** (d - 1) > n:
+            d -= 1
+        return d
+
+    def __repr__(self) -> str:
+        n, d = abs(int(self)), self.digits()
+        if d <= 2 * _SHOWN:
+            return int.__repr__(self)
+        head, tail = n // 10 ** (d - _SHOWN), n % 10**_SHOWN
+        return f"{'-' if self < 0 else ''}{head}...{tail:0{_SHOWN}d} ({d} digits)"
+
+    __str__ = __repr__
+
+
+_SHOWN = 12  # leading and trailing digits a LongInt shows
+
+
+def _too_long(v: int) -> bool:
+    """Whether ``str(v)`` would raise (more digits than the interpreter's limit; 0 means none)."""
+    limit = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0
+    # bit_length * log10(2) <= digits < that + 1: only the borderline needs the exact count.
+    return limit > 0 and abs(v).bit_length() * 0.30102999566398120 >= limit - 1 and LongInt(v).digits() > limit
+
+
+def _printable(node: Any) -> Any:
+    """``node`` with every int too long to print (values and dict keys) as a :class:`LongInt`."""
+    if isinstance(node, int) and not isinstance(node, bool):
+        return LongInt(node) if _too_long(node) else node
+    if isinstance(node, dict):
+        return {_printable(k): _printable(v) for k, v in node.items()}
+    if type(node) in (list, tuple):
+        return type(node)(_printable(v) for v in node)
+    return node
+
+
 def _jsonable(v: Any) -> Any:
     """A plain value of the state as JSON; what JSON cannot hold becomes a string (or base64)."""
+    if isinstance(v, LongInt):
+        return {"int_hex": hex(v), "int_digits": v.digits()}
     if v is None or isinstance(v, (bool, int, str)):
         return v
     if isinstance(v, float):
@@ -180,7 +230,8 @@ def inspect(
                         lf.parameter,
                     )
 
-                tree = unflatten(m.structure, leaf, ref.key)
+                # Ints too long to print in decimal (the format allows any size) print elided.
+                tree = _printable(unflatten(m.structure, leaf, ref.key))
                 entries = tuple(
                     TreeEntry(
                         p, dotted(p), v if isinstance(v, LeafInfo) else None, None if isinstance(v, LeafInfo) else v

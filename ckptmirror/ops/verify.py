@@ -59,9 +59,21 @@ class StepCheck:
     replicas: tuple[ReplicaCheck, ...]
 
 
+#: What :attr:`VerifyReport.exit_code` means (``ckptmirror verify --help`` prints the same).
+EXIT_OK, EXIT_DAMAGE, EXIT_UNREACHABLE, EXIT_LAGGING = 0, 1, 2, 3
+
+
 @dataclass(frozen=True)
 class VerifyReport:
-    """What :func:`verify` found. ``exit_code``: 0 all verified, 1 problems, 2 a replica unreachable."""
+    """What :func:`verify` found.
+
+    Problems come in two sorts. *Damage* (:attr:`damage`): an object missing, truncated, of the
+    wrong size or corrupt, a commit record or rank manifest that does not parse or match, a
+    step that verifies nowhere. *Lagging* (:attr:`lagging`): a step committed on some replica
+    but not on this one, absent or only partly written here, as a writer killed between its
+    per-replica commits leaves it; nothing stored is wrong, and ``ckptmirror repair`` completes
+    the copy. :attr:`status` and :attr:`exit_code` tell them apart.
+    """
 
     replicas: tuple[str, ...]
     quick: bool
@@ -72,7 +84,7 @@ class VerifyReport:
 
     @property
     def problems(self) -> tuple[Problem, ...]:
-        """Every problem, in step and replica order."""
+        """Every problem, damage and lagging, in step and replica order."""
         out = list(self.notes)
         for s in self.steps:
             for rc in s.replicas:
@@ -80,16 +92,49 @@ class VerifyReport:
         return tuple(out)
 
     @property
-    def exit_code(self) -> int:
-        """0: everything verified; 1: problems; 2: a replica could not be reached."""
+    def damage(self) -> tuple[Problem, ...]:
+        """The problems that are damage: every kind but ``lagging``."""
+        return tuple(p for p in self.problems if p.kind != "lagging")
+
+    @property
+    def lagging(self) -> dict[str, tuple[int, ...]]:
+        """Replica -> the steps committed elsewhere but not there (absent or torn there), ascending."""
+        out: dict[str, list[int]] = {}
+        for p in self.problems:
+            if p.kind == "lagging":
+                out.setdefault(p.replica, []).append(p.step)
+        return {u: tuple(sorted(v)) for u, v in out.items()}
+
+    @property
+    def status(self) -> str:
+        """``ok``; ``lagging`` (no damage, some replica behind); ``damaged``; ``unreachable``
+        (a replica could not be listed: what it holds is unknown, whatever the others show)."""
         if self.unreachable:
-            return 2
-        return 1 if self.problems else 0
+            return "unreachable"
+        if self.damage or not all(s.recoverable for s in self.steps):
+            return "damaged"
+        return "lagging" if self.lagging else "ok"
+
+    @property
+    def exit_code(self) -> int:
+        """0 (:data:`EXIT_OK`): every step verified on every replica; 1 (:data:`EXIT_DAMAGE`):
+        damage, lagging copies or not; 2 (:data:`EXIT_UNREACHABLE`): a replica could not be
+        reached; 3 (:data:`EXIT_LAGGING`): no damage, only lagging copies ('ckptmirror repair')."""
+        return {
+            "ok": EXIT_OK,
+            "damaged": EXIT_DAMAGE,
+            "unreachable": EXIT_UNREACHABLE,
+            "lagging": EXIT_LAGGING,
+        }[self.status]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (``ckptmirror verify --json``)."""
+        """JSON-ready form (``ckptmirror verify --json``): ``problems`` holds every problem,
+        ``damage`` and ``lagging`` ({replica: [steps]}) split them; ``status`` and ``exit_code``."""
         d = dataclasses.asdict(self)
         d["problems"] = [p.to_dict() for p in self.problems]
+        d["damage"] = [p.to_dict() for p in self.damage]
+        d["lagging"] = {u: list(v) for u, v in self.lagging.items()}
+        d["status"] = self.status
         d["exit_code"] = self.exit_code
         d["torn"] = {k: list(v) for k, v in self.torn.items()}
         return d

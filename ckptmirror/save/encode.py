@@ -1,9 +1,11 @@
 """Encode: cut a snapshot's data stream into objects, hash each once, build the manifests.
 
 The second stage of the save path (after :mod:`~ckptmirror.save.snapshot`, before
-:mod:`~ckptmirror.save.fanout`). It runs on the mirror's background thread: objects are
-hashed once (xxh3, GIL released, in parallel), however many replicas they go to, and the
-rank manifest and the single-rank commit record are serialised here. Object names carry a
+:mod:`~ckptmirror.save.fanout`). It runs on the mirror's background thread: the stream is cut
+by the format's rule (:func:`~ckptmirror.format.cut_objects`: a large tensor's storage gets
+objects of its own, small ones are grouped), objects are hashed once (xxh3, GIL released, in
+parallel), however many replicas they go to, and the rank manifest and the single-rank commit
+record are serialised here. Object names carry a
 fresh writer token, so nothing a save writes can overwrite another writer's files.
 """
 
@@ -20,7 +22,17 @@ import torch
 from ..buffers import host_bytes
 from ..checksum import checksum
 from ..errors import StateMismatchError
-from ..format import CommitRecord, ObjectRecord, RankManifest, RankRef, new_token, object_key, rank_manifest_key
+from ..format import (
+    CommitRecord,
+    ObjectRecord,
+    RankManifest,
+    RankRef,
+    check_parse_cost,
+    cut_objects,
+    new_token,
+    object_key,
+    rank_manifest_key,
+)
 from .snapshot import Plan
 
 
@@ -41,17 +53,17 @@ class EncodedStep:
 def _cut_and_hash(
     p: Plan, stream: torch.Tensor, object_bytes: int, pool: ThreadPoolExecutor
 ) -> tuple[tuple[tuple[int, int], ...], list[str]]:
-    """The stream's object windows ``(offset, size)`` and the checksum of each (in parallel)."""
-    total = p.total_bytes
-    windows = tuple((off, min(object_bytes, total - off)) for off in range(0, total, object_bytes))
-    view = host_bytes(stream) if total else memoryview(b"")
+    """The stream's object windows ``(offset, size)``, cut at storage boundaries by the format's
+    rule, and the checksum of each (in parallel)."""
+    windows = cut_objects(p.storages, object_bytes)
+    view = host_bytes(stream) if p.total_bytes else memoryview(b"")
     return windows, list(pool.map(lambda w: checksum(view[w[0] : w[0] + w[1]]), windows))
 
 
 def encode(
     step: int, rank: int, world_size: int, p: Plan, stream: torch.Tensor, object_bytes: int, pool: ThreadPoolExecutor
 ) -> EncodedStep:
-    """Cut ``stream`` into objects of ``object_bytes`` and checksum each one (in parallel)."""
+    """Cut ``stream`` into objects of at most ``object_bytes`` and checksum each one (in parallel)."""
     token = new_token()
     windows, sums = _cut_and_hash(p, stream, object_bytes, pool)
     objects = tuple(
@@ -60,6 +72,7 @@ def encode(
     manifest = RankManifest(step, rank, world_size, objects, p.storages, p.leaves, p.structure)
     mbytes = manifest.to_json()
     mkey = rank_manifest_key(step, rank, token)
+    check_parse_cost(mbytes, mkey)  # fail the save rather than write a manifest no reader accepts
     ref = RankRef(rank, mkey, len(mbytes), checksum(mbytes))
     commit = CommitRecord(step, world_size, (ref,))
     return EncodedStep(step, windows, manifest, mkey, mbytes, commit.to_json())
@@ -111,6 +124,7 @@ def encode_replicated(
     manifest = RankManifest(step, 0, world_size, objects, p.storages, p.leaves, p.structure, votes[0]["created"])
     mbytes = manifest.to_json()
     mkey = rank_manifest_key(step, 0, tokens[0])
+    check_parse_cost(mbytes, mkey)
     commit = CommitRecord(step, world_size, (RankRef(0, mkey, len(mbytes), checksum(mbytes)),), replicated=True)
     owned = tuple(i for i in range(len(objects)) if i % world_size == rank)
     return EncodedStep(step, windows, manifest, mkey, mbytes, commit.to_json(), owned)
