@@ -60,7 +60,9 @@ def main() -> None:
         fill.UndoLog = real  # type: ignore[misc]
         assert all(torch.equal(fresh.sd[k], v) for k, v in state.items())
     a, b = statistics.median(times["undo"]), statistics.median(times["no undo"])
-    print(f"{args.gb} GB in {n} tensors, median of {args.repeats}: undo {a:.3f} s, no undo {b:.3f} s, ratio {a / b:.2f}x")
+    print(
+        f"{args.gb} GB in {n} tensors, median of {args.repeats}: undo {a:.3f} s, no undo {b:.3f} s, ratio {a / b:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, cast
 
+from . import shutdown
 from .dist import Coordinator, DistInfo, detect, expand_url
 from .errors import ReplicaError, ReplicaUnavailableError, StepExistsError, StepNotFoundError
 from .format import MAX_STEP
@@ -39,7 +40,7 @@ from .restore.choose import load_newest
 from .restore.discover import list_steps
 from .restore.undo import BufferFactory
 from .save.fanout import Fanout, SaveJob
-from .save.snapshot import ArenaPool, Plan, plan, plan_key, snapshot
+from .save.snapshot import ArenaPool, Plan, plan, plan_key, prepare, snapshot
 from .state.targets import Stateful, check_fits, init_sharded_optimizer_state
 from .state.tree import flatten
 
@@ -81,6 +82,13 @@ class Mirror:
         health_interval_s: how often degraded replicas are probed in the background.
         storage_options: backend options by full URL or by scheme, e.g.
             ``{"s3": {"part_bytes": 16 << 20}, "file": {"fsync": True}}``; a URL entry wins.
+        on_sigterm: ``"flush"``: on SIGTERM (how torchrun stops workers, killing them ~30 s
+            later), commit the saves in flight, at most ``sigterm_timeout_s``, then exit as the
+            process would have. Default: ``$CKPTMIRROR_ON_SIGTERM``, else ``"none"``. The Mirror
+            must be created in the main thread for this.
+        open_timeout_s: how long opening the mirror, :meth:`steps` and a restore wait for the
+            replicas to list their steps (asked concurrently); the ones that have not answered by
+            then are skipped (degraded, with a WARNING) and the others are used.
         distributed: ``False`` makes this a single process's mirror even when a process group
             exists (for code that saves from one rank only, e.g. Lightning's CheckpointIO);
             ``None`` (default) follows ``process_group``.
@@ -119,6 +127,9 @@ class Mirror:
         storage_options: Mapping[str, Mapping[str, Any]] | None = None,
         process_group: Any = None,
         distributed: bool | None = None,
+        open_timeout_s: float = 5.0,
+        on_sigterm: Literal["flush", "none"] | None = None,
+        sigterm_timeout_s: float = 20.0,
         commit_timeout_s: float = 300.0,
         replicated: bool | None = None,
     ) -> None:
@@ -139,6 +150,8 @@ class Mirror:
         self.io_threads = io_threads
         self.inflight_policy = inflight_policy
         self.replicated = replicated
+        self.open_timeout_s = open_timeout_s
+        sigterm_policy = shutdown.resolve(on_sigterm)  # bad values raise before anything is opened
         replicas = [expand_url(u, self.dist) if isinstance(u, str) else u for u in replicas]
         self.replicas: list[Replica] = open_replicas(replicas, storage_options)
         # Replicas built here from URLs are closed by close(); Replica objects stay the caller's.
@@ -146,7 +159,7 @@ class Mirror:
         try:
             # Raises ReplicaConfigError (no such bucket, access denied, wrong token) now, not
             # hours into the run; a replica that cannot be reached starts degraded instead.
-            listing = list_steps(self.replicas)
+            listing = list_steps(self.replicas, timeout_s=open_timeout_s)
         except BaseException:
             close_opened(self.replicas, replicas)
             raise
@@ -157,6 +170,10 @@ class Mirror:
             self._coord = Coordinator(self.dist, _mirror_prefix(), commit_timeout_s)
         self._fanout = Fanout(self.replicas, self.dist, self._coord, io_threads, self._health, set(listing.committed))
         self._start_threads(max_inflight)
+        self._sigterm: shutdown.SigtermFlush | None = None
+        if sigterm_policy == "flush":
+            self._sigterm = shutdown.SigtermFlush(lambda t: self.wait(timeout=t), sigterm_timeout_s)
+            self._sigterm.install()
 
     def _start_threads(self, max_inflight: int) -> None:
         """The save queue, its bookkeeping and the background threads (writer and prober)."""
@@ -429,6 +446,7 @@ class Mirror:
                 validate=validate,
                 undo=undo,
                 agree=agree,
+                list_timeout_s=self.open_timeout_s,
             )
         finally:
             pool.shutdown(wait=True)
@@ -478,21 +496,18 @@ class Mirror:
             "optim": optim.state_dict() if optim is not None else None,
             "extra": extra,
         }
-        flat = flatten(state)
-        key = plan_key(flat)
-        p = plan(flat)
+        key, p = prepare(flatten(state), self._arenas)
         if key is not None:
             self._plan_cache = (key, p)
-        self._arenas.reserve(p.total_bytes, p.needs_pinned)
         return p.total_bytes
 
     def steps(self) -> list[int]:
         """Committed steps (on any replica), ascending."""
-        return sorted(list_steps(self.replicas).committed)
+        return sorted(list_steps(self.replicas, timeout_s=self.open_timeout_s).committed)
 
     def replica_steps(self) -> dict[str, list[int]]:
         """Committed steps per replica URL."""
-        listing = list_steps(self.replicas)
+        listing = list_steps(self.replicas, timeout_s=self.open_timeout_s)
         out: dict[str, list[int]] = {r.url: [] for r in self.replicas}
         for s, urls in listing.committed.items():
             for u in urls:
@@ -553,6 +568,8 @@ class Mirror:
         finally:
             self._closed = True
             self._health.stop()
+            if self._sigterm is not None:
+                self._sigterm.uninstall()
             self._jobs.put(None)
             self._worker.join()
             self._fanout.close()

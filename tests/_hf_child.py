@@ -90,7 +90,9 @@ def make_trainer(
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    return Trainer(model=build_model(width, layers, cuda), args=args, train_dataset=Tokens(samples), callbacks=callbacks)
+    return Trainer(
+        model=build_model(width, layers, cuda), args=args, train_dataset=Tokens(samples), callbacks=callbacks
+    )
 
 
 class Crash(TrainerCallback):  # type: ignore[misc]

@@ -1,0 +1,36 @@
+"""A training process for tests/test_sigterm.py: step 1 saved, then a slow save of step 2.
+
+Usage: python tests/_sigterm_child.py ROOT DELAY_S
+The replica sleeps DELAY_S per object put (a slow disk), so step 2 is still being written when
+the test sends SIGTERM. Prints "saving 2" once step 2's snapshot is taken, then trains forever.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+import ckptmirror
+from ckptmirror.replicas import FaultyReplica, LocalReplica
+
+
+def main() -> None:
+    root, delay = sys.argv[1], float(sys.argv[2])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])
+    replica = FaultyReplica(LocalReplica(root), delay_s=delay)
+    m = ckptmirror.Mirror([replica], object_bytes=64 << 10, on_sigterm="flush", sigterm_timeout_s=60)
+    m.save(1, model).result(timeout=120)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    m.save(2, model)
+    print("saving 2", flush=True)
+    while True:  # "training": the SIGTERM arrives here
+        time.sleep(0.05)
+
+
+if __name__ == "__main__":
+    main()

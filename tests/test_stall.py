@@ -1,0 +1,284 @@
+"""The save stall: Mirror.reserve, and the staging copy that keeps save() at one memcpy.
+
+Speed is measured in benchmarks/ (bench_stall.py, repro_stall.py), never asserted here; these
+tests pin the behaviour the speed rests on: reserve plans and allocates so that the first save
+allocates and plans nothing, the staging copy is byte-exact for every layout it cuts into pieces
+and shares between threads, and it leaves torch's thread settings and the copy kernels alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import mmap
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from _helpers import assert_bit_exact, snapshot
+from torch import nn
+
+import ckptmirror
+import ckptmirror.mirror as mirror_mod
+from ckptmirror.save import snapshot as snap
+from ckptmirror.state.tree import flatten
+
+
+class Mixed(nn.Module):
+    """fp32 and bf16 layers, a frozen embedding (no grad, no optimizer state), many small norms."""
+
+    def __init__(self, width: int = 64, norms: int = 40) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.head = nn.Linear(width, 32).to(torch.bfloat16)
+        self.frozen = nn.Embedding(100, width)
+        self.frozen.requires_grad_(False)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(norms))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x + self.frozen.weight[:1])
+        for n in self.norms:
+            h = n(h)
+        return h.sum() + self.head(h.to(torch.bfloat16)).float().sum()
+
+
+def make(seed: int, width: int = 64, norms: int = 40) -> tuple[Mixed, torch.optim.Optimizer]:
+    """A model and its AdamW after one step (the optimizer state exists)."""
+    torch.manual_seed(seed)
+    model = Mixed(width, norms)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    step(model, opt, seed)
+    return model, opt
+
+
+def step(model: Mixed, opt: torch.optim.Optimizer, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    opt.zero_grad(set_to_none=True)
+    model(torch.randn(4, model.body[0].in_features, generator=g)).backward()
+    opt.step()
+
+
+def test_reserve_then_first_save_allocates_and_plans_nothing_and_restores_bit_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plans = []
+    real_plan = snap.plan
+
+    def counting_plan(flat: Any) -> snap.Plan:
+        plans.append(1)
+        return real_plan(flat)
+
+    monkeypatch.setattr(mirror_mod, "plan", counting_plan)  # what save() calls
+    monkeypatch.setattr(snap, "plan", counting_plan)  # what reserve() calls
+    model, opt = make(1)
+    counter = torch.arange(5)  # a tensor in extra that stays the same object
+    with ckptmirror.Mirror([str(tmp_path / "ckpt")]) as m:
+        assert m.staging_allocations == 0
+        nbytes = m.reserve(model, opt, extra={"epoch": 3, "counter": counter})
+        assert m.staging_allocations == 1 and len(plans) == 1
+        expected = snapshot(model, opt)
+        h = m.save(1, model, opt, extra={"epoch": 3, "counter": counter})
+        step(model, opt, 2)  # change every trainable tensor right after save() returns
+        h.result()
+        assert m.staging_allocations == 1, "the first save after reserve allocated a staging buffer"
+        assert len(plans) == 1, "the first save after reserve planned the layout again"
+        assert h.nbytes == nbytes
+        h = m.save(2, model, opt, extra={"epoch": 4, "counter": counter})
+        h.result()
+        assert m.staging_allocations == 1 and len(plans) == 1
+
+    target, target_opt = make(99)  # other values everywhere, so each one must come from the checkpoint
+    with ckptmirror.Mirror([str(tmp_path / "ckpt")]) as m:
+        r = m.restore(target, target_opt, step=1)
+    assert r is not None and r.step == 1 and r.extra["epoch"] == 3
+    assert_bit_exact(r.extra["counter"], counter, "extra.counter")
+    assert_bit_exact(snapshot(target, target_opt), expected, "state")
+    assert target.head.weight.dtype == torch.bfloat16
+    assert not target.frozen.weight.requires_grad
+
+
+def resident_fraction(t: torch.Tensor) -> float:
+    """Which fraction of the pages under a CPU tensor is in memory (mincore(2))."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    start = t.data_ptr() & ~(page - 1)
+    length = t.data_ptr() + t.numel() * t.element_size() - start
+    pages = (length + page - 1) // page
+    vec = (ctypes.c_ubyte * pages)()
+    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vec) != 0:
+        pytest.skip(f"mincore failed: errno {ctypes.get_errno()}")
+    return sum(v & 1 for v in vec) / pages
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore(2) as on Linux")
+def test_reserve_maps_every_arena_page(tmp_path: Path) -> None:
+    model, opt = make(3, width=512, norms=2)  # ~8 MB of state
+    with ckptmirror.Mirror([str(tmp_path / "ckpt")], max_inflight=2) as m:
+        nbytes = m.reserve(model, opt)
+        assert m.staging_allocations == 2
+        arenas = m._arenas._all  # white-box: the pages themselves are what reserve promises
+        for a in arenas:
+            assert a.buffer.numel() >= nbytes
+            assert resident_fraction(a.buffer[:nbytes]) == 1.0
+        handles = [m.save(i, model, opt) for i in range(4)]  # back to back: both arenas in use
+        for h in handles:
+            h.result()
+        assert m.staging_allocations == 2
+
+
+def test_state_that_changes_after_reserve_still_saves_correctly(tmp_path: Path) -> None:
+    small, small_opt = make(4, width=32, norms=3)
+    big, big_opt = make(5, width=96, norms=7)  # other shapes and more tensors
+    with ckptmirror.Mirror([str(tmp_path / "ckpt")]) as m:
+        m.reserve(small, small_opt)
+        allocs = m.staging_allocations
+        expected_big = snapshot(big, big_opt)
+        m.save(1, big, big_opt).result()
+        assert m.staging_allocations == allocs + 1  # the arena had to grow
+        expected_small = snapshot(small, small_opt)
+        m.save(2, small, small_opt).result()
+        assert m.staging_allocations == allocs + 1  # smaller: the grown arena is reused
+    for s, (seed, width, norms), expected in ((1, (11, 96, 7), expected_big), (2, (12, 32, 3), expected_small)):
+        target, target_opt = make(seed, width, norms)
+        with ckptmirror.Mirror([str(tmp_path / "ckpt")]) as m:
+            r = m.restore(target, target_opt, step=s)
+        assert r is not None and r.step == s
+        assert_bit_exact(snapshot(target, target_opt), expected, f"step {s}")
+
+
+def tricky_state() -> dict[str, Any]:
+    """Leaves whose spans split, gather, share storage, are empty, 0-d or NumPy."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(300, 200, generator=g)  # 240 KB: split into many 4 KiB pieces below
+    return {
+        "big_t": base.t(),  # non-contiguous view
+        "row": base[17],  # shares base's storage
+        "bf16": torch.randn(1000, generator=g).to(torch.bfloat16),
+        "int64": torch.randint(-(2**62), 2**62, (333,), generator=g),
+        "bool": torch.rand(77, generator=g) > 0.5,
+        "c64": torch.randn(50, dtype=torch.complex64, generator=g),
+        "empty": torch.empty(0, 3),
+        "scalar": torch.tensor(3.5),
+        "small": [torch.full((i,), float(i)) for i in range(1, 200)],  # gathered into one piece
+        "np": np.arange(5000, dtype=np.int32).reshape(50, 100)[:, ::3],  # non-contiguous array
+        "np0": np.array(2.5),
+        "frozen": nn.Parameter(torch.randn(64, 64, generator=g), requires_grad=False),
+    }
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_staging_copy_is_byte_exact_when_cut_into_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    # Tiny pieces and no size floor for threads: every branch of the copy runs on a small state.
+    monkeypatch.setattr(snap, "PIECE_BYTES", 4096)
+    monkeypatch.setattr(snap, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(snap, "COPY_THREADS", threads)
+    state = tricky_state()
+    with ckptmirror.Mirror([str(tmp_path / "ckpt")]) as m:
+        m.save_state(1, state).result()
+        m.save_state(2, state).result()  # cached plan, same arena
+        loaded = m.load_state(2)
+    assert loaded is not None
+    got = loaded[1]
+    expected = dict(state, np=np.ascontiguousarray(state["np"]))
+    assert_bit_exact(got, expected, "state")
+
+
+def test_stream_matches_a_copy_made_by_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snap, "PIECE_BYTES", 4096)
+    state = {k: v for k, v in tricky_state().items() if k not in ("np", "np0")}
+    p = snap.plan(flatten(state))
+    arena = snap.Arena()
+    stream = snap.snapshot(p, arena).clone()
+    # Independently: every span's bytes, copied by torch from a uint8 view of its storage.
+    expected = torch.cat(
+        [
+            torch.empty(0, dtype=torch.uint8).set_(sp.storage)[sp.start : sp.start + sp.nbytes].clone()
+            for sp in p.spans
+            if sp.nbytes and sp.storage is not None
+        ]
+    )
+    assert stream.numel() == p.total_bytes == expected.numel()
+    assert torch.equal(stream, expected)
+
+
+def test_host_copy_uses_no_torch_copy_kernel_and_keeps_thread_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU staging copy must not go through torch's copy (an OpenMP region per tensor)."""
+    threads, interop = torch.get_num_threads(), torch.get_num_interop_threads()
+    omp_env = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_"))}
+    monkeypatch.setattr(snap, "PARALLEL_MIN_BYTES", 0)
+    state = {f"t{i}": torch.randn(40_000) for i in range(20)}  # each past torch's 32,768-element grain
+    p = snap.plan(flatten(state))
+
+    def forbidden(*a: object, **k: object) -> None:
+        raise AssertionError("the CPU staging copy went through a torch copy kernel")
+
+    monkeypatch.setattr(torch, "_foreach_copy_", forbidden)
+    monkeypatch.setattr(torch.Tensor, "copy_", forbidden)
+    stream = snap.snapshot(p, snap.Arena())
+    monkeypatch.undo()
+    assert torch.equal(stream.view(torch.float32), torch.cat(list(state.values())))
+    assert (torch.get_num_threads(), torch.get_num_interop_threads()) == (threads, interop)
+    assert {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_"))} == omp_env
+
+
+def test_paused_gc_restores_the_callers_setting() -> None:
+    assert gc.isenabled()
+    with snap.paused_gc():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with snap.paused_gc():
+            pass
+        assert not gc.isenabled()  # the caller had disabled it: it stays disabled
+    finally:
+        gc.enable()
+
+
+def test_replan_swaps_moved_tensors_and_matches_a_fresh_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new ``torch.get_rng_state()`` in every save's extra must not cost a whole new plan."""
+    monkeypatch.setattr(snap, "PIECE_BYTES", 1024)  # the 5 KB RNG state spans several pieces
+    weights = {f"w{i}": torch.full((i + 1,), float(i)) for i in range(300)}
+    first = {"model": weights, "extra": {"rng": torch.get_rng_state()}}
+    flat0 = flatten(first)
+    p0, key0 = snap.plan(flat0), snap.plan_key(flat0)
+    torch.rand(3)  # the generator moves on: the next state holds other bytes, in a new tensor
+    second = {"model": weights, "extra": {"rng": torch.get_rng_state()}}
+    flat1 = flatten(second)
+    key1 = snap.plan_key(flat1)
+    assert key1 != key0
+    p1 = snap.replan(p0, key0, flat1, key1)
+    assert p1 is not None
+    fresh = snap.plan(flat1)
+    assert p1.storages == fresh.storages and p1.leaves == fresh.leaves and p1.total_bytes == fresh.total_bytes
+    got = snap.snapshot(p1, snap.Arena()).clone()
+    assert torch.equal(got, snap.snapshot(fresh, snap.Arena()))
+    assert not torch.equal(got, snap.snapshot(p0, snap.Arena()))  # the old plan still copies the old RNG state
+    assert len(p1.copies.pieces) == len(p0.copies.pieces)
+
+
+def test_replan_refuses_what_it_cannot_patch() -> None:
+    a, b = torch.arange(10.0), torch.arange(10.0) + 1
+    flat0 = flatten({"x": a, "y": b})
+    p0, key0 = snap.plan(flat0), snap.plan_key(flat0)
+
+    def attempt(state: dict[str, Any]) -> snap.Plan | None:
+        flat = flatten(state)
+        return snap.replan(p0, key0, flat, snap.plan_key(flat))
+
+    assert attempt({"x": a, "y": a[:]}) is None  # y now shares x's storage: one span, not two
+    assert attempt({"x": a, "y": torch.arange(12.0)[2:]}) is None  # another offset in its storage
+    assert attempt({"x": a, "y": torch.arange(10.0).view(2, 5)}) is None  # other shape
+    assert attempt({"x": a, "y": torch.arange(10)}) is None  # other dtype
+    assert attempt({"x": a, "y": b.clone()}) is not None  # same layout, other storage: patched
+    # A larger storage with the tensor at its start: the span is the tensor's bytes, as before.
+    big = torch.arange(11.0)
+    p = attempt({"x": a, "y": big[:10]})
+    assert p is not None
+    assert torch.equal(snap.snapshot(p, snap.Arena())[40:].view(torch.float32), big[:10])
