@@ -44,9 +44,11 @@ from ckptmirror.errors import (
 )
 from ckptmirror.format import (
     CommitRecord,
+    LeafRecord,
     ObjectRecord,
     RankManifest,
     RankRef,
+    StorageRecord,
     commit_key,
     object_key,
     rank_manifest_key,
@@ -117,7 +119,11 @@ COMMIT = commit_key(1)
 def _manifest(step: int, data: bytes) -> bytes:
     """A rank manifest of ``step`` whose one object (rank 0, index 0) holds ``data``."""
     obj = ObjectRecord(object_key(step, 0, 0, TOKEN), len(data), checksum(data))
-    return RankManifest(step, 0, 1, (obj,), (), (), None, created_unix=0.0).to_json()
+    # One uint8 tensor over the whole stream: storages must tile the objects' bytes (format v2).
+    storage = StorageRecord(0, len(data))
+    leaf = LeafRecord("tensor", 0, "uint8", (len(data),), (1,), 0)
+    structure = {"t": "tensor", "i": 0}
+    return RankManifest(step, 0, 1, (obj,), (storage,), (leaf,), structure, created_unix=0.0).to_json()
 
 
 def _write_step(r: Replica, step: int = 1, data: bytes = b"abc") -> None:
