@@ -52,6 +52,7 @@ __all__ = [
     "free_port",
     "serve_command",
     "start_agent",
+    "raw_request",
     "temp_files",
     "terminate",
     "wait_until",
@@ -59,6 +60,38 @@ __all__ = [
 ]
 
 TOKEN = "s3cr3t-test-token-0123456789"
+CHECKSUM_HEADER = "X-Ckptmirror-Checksum"
+
+
+def raw_request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    *,
+    token: str | None = TOKEN,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10,
+) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of one raw HTTP request to an agent on 127.0.0.1; a body gets its
+    own (correct) checksum header unless ``headers`` says otherwise."""
+    import http.client
+
+    from ckptmirror.checksum import checksum
+
+    hdrs: dict[str, str] = {}
+    if token is not None:
+        hdrs["Authorization"] = f"Bearer {token}"
+    if body is not None:
+        hdrs[CHECKSUM_HEADER] = checksum(body)
+    hdrs.update(headers or {})
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=hdrs)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
 
 
 def serve_command() -> list[str]:

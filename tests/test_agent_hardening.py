@@ -19,7 +19,6 @@ Each is bounded in time by socket timeouts and ``wait_until`` deadlines.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import socket
@@ -34,7 +33,7 @@ from typing import Any
 
 import pytest
 import torch
-from _agent import HOST, TOKEN, AgentProc, agent, files_under, temp_files, wait_until, write_token
+from _agent import HOST, TOKEN, AgentProc, agent, files_under, raw_request, temp_files, wait_until, write_token
 
 import ckptmirror
 from ckptmirror.checksum import checksum
@@ -68,20 +67,9 @@ def request(
     headers: dict[str, str] | None = None,
     timeout: float = 10,
 ) -> tuple[int, bytes]:
-    """(status, body) of one request; a body gets its own (correct) checksum header."""
-    hdrs: dict[str, str] = {}
-    if token is not None:
-        hdrs["Authorization"] = f"Bearer {token}"
-    if body is not None:
-        hdrs[CSUM] = checksum(body)
-    hdrs.update(headers or {})
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=hdrs)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+    """(status, body) of one request (see :func:`_agent.raw_request`)."""
+    status, _, data = raw_request(port, method, path, body, token=token, headers=headers, timeout=timeout)
+    return status, data
 
 
 def start_upload(port: int, path: str, length: int, first: bytes, token: str = TOKEN) -> socket.socket:

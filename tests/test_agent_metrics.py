@@ -18,7 +18,6 @@ bounded in time by socket timeouts and ``wait_until`` deadlines.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import select
@@ -32,7 +31,7 @@ from typing import Any
 
 import pytest
 import torch
-from _agent import HOST, TOKEN, AgentProc, agent, serve_command, wait_until, write_token
+from _agent import HOST, TOKEN, AgentProc, agent, raw_request, serve_command, wait_until, write_token
 from prometheus_client.parser import text_string_to_metric_families
 
 import ckptmirror
@@ -62,21 +61,11 @@ def request(
     *,
     token: str | None = TOKEN,
     headers: dict[str, str] | None = None,
+    timeout: float = 15,
 ) -> tuple[int, bytes]:
-    """(status, body) of one request; a body gets its own (correct) checksum header unless given."""
-    hdrs: dict[str, str] = {}
-    if token is not None:
-        hdrs["Authorization"] = f"Bearer {token}"
-    if body is not None:
-        hdrs[CSUM] = checksum(body)
-    hdrs.update(headers or {})
-    conn = http.client.HTTPConnection(HOST, port, timeout=15)
-    try:
-        conn.request(method, path, body=body, headers=hdrs)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+    """(status, body) of one request (see :func:`_agent.raw_request`)."""
+    status, _, data = raw_request(port, method, path, body, token=token, headers=headers, timeout=timeout)
+    return status, data
 
 
 class Samples:

@@ -32,6 +32,7 @@ from _agent import (
     agent,
     files_under,
     free_port,
+    raw_request,
     serve_command,
     start_agent,
     temp_files,
@@ -100,19 +101,7 @@ def request(
     token: str | None = TOKEN,
     timeout: float = 10,
 ) -> tuple[int, dict[str, str], bytes]:
-    hdrs: dict[str, str] = {}
-    if token is not None:
-        hdrs["Authorization"] = f"Bearer {token}"
-    if body is not None:
-        hdrs[CSUM] = checksum(body)
-    hdrs.update(headers or {})
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=hdrs)
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
+    return raw_request(port, method, path, body, token=token, headers=headers, timeout=timeout)
 
 
 def send_head(port: int, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> socket.socket:
