@@ -16,16 +16,19 @@ Module-level helpers keep one default :class:`Mirror` for a training script::
     ckptmirror.close()
 
 Without :func:`init`, the replicas come from ``CKPTMIRROR_REPLICAS`` (comma-separated URLs).
+Every environment variable ckptmirror reads is listed in :data:`ckptmirror.config.ENVIRONMENT`;
+:meth:`Mirror.metrics` and :mod:`ckptmirror.metrics` (Prometheus) report how the saves are going.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
 from typing import Any
 
+from . import config
 from ._version import __version__
+from .config import EnvConfigError
 from .dist import ring_peer
 from .errors import (
     CkptMirrorError,
@@ -53,6 +56,7 @@ __all__ = [
     "CkptMirrorError",
     "CoordinationError",
     "CorruptObjectError",
+    "EnvConfigError",
     "ManifestError",
     "Mirror",
     "NoValidCheckpointError",
@@ -82,7 +86,8 @@ __all__ = [
     "wait",
 ]
 
-ENV_REPLICAS = "CKPTMIRROR_REPLICAS"
+#: Kept here for callers that named it so; the table of variables is :mod:`ckptmirror.config`.
+ENV_REPLICAS = config.ENV_REPLICAS
 _default: Mirror | None = None
 _default_lock = threading.Lock()
 
@@ -98,11 +103,12 @@ def init(replicas: Sequence[str | Replica], **options: Any) -> Mirror:
 
 
 def get_mirror() -> Mirror:
-    """The default mirror: the one from :func:`init`, else one built from ``CKPTMIRROR_REPLICAS``."""
+    """The default mirror: the one from :func:`init`, else one built from the environment
+    (``CKPTMIRROR_REPLICAS``, and the other variables of :data:`ckptmirror.config.ENVIRONMENT`)."""
     global _default
     with _default_lock:
         if _default is None:
-            urls = [u.strip() for u in os.environ.get(ENV_REPLICAS, "").split(",") if u.strip()]
+            urls = config.replicas()
             if not urls:
                 raise CkptMirrorError(f"no replicas configured: call ckptmirror.init([...]) or set {ENV_REPLICAS}")
             _default = Mirror(urls)

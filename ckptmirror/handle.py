@@ -14,6 +14,8 @@ from .errors import SaveFailedError, SaveSkippedError
 log = logging.getLogger("ckptmirror")
 
 ReplicaState = Literal["pending", "committed", "failed", "skipped"]
+#: How a save ended: committed on enough replicas, failed, or skipped (no free staging buffer).
+Outcome = Literal["committed", "failed", "skipped"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,18 @@ class ReplicaStatus:
     state: ReplicaState
     error: BaseException | None = None
     seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class HandleEvent:
+    """What changed on a :class:`SaveHandle`, as told to its observers (see ``SaveHandle._observe``)."""
+
+    #: The replica outcomes recorded now (each replica's once: pending -> committed/failed/skipped).
+    changed: tuple[ReplicaStatus, ...]
+    #: Set on the one event that decided the save (the handle became done), else None.
+    outcome: Outcome | None
+    #: True on the one event after which no replica is pending any more.
+    settled: bool
 
 
 class SaveHandle:
@@ -59,6 +73,7 @@ class SaveHandle:
         self._error: BaseException | None = None
         self._observed = False
         self._callbacks: list[Callable[[SaveHandle], object]] = []
+        self._observers: list[Callable[[SaveHandle, HandleEvent], object]] = []
 
     def __repr__(self) -> str:
         states = ", ".join(f"{u}={s.state}" for u, s in self._status.items())
@@ -125,6 +140,44 @@ class SaveHandle:
         except Exception:  # noqa: BLE001 - a user's logging hook must not fail the save path
             log.exception("a done callback of the save of step %d raised", self.step)
 
+    def _observe(self, fn: Callable[[SaveHandle, HandleEvent], object]) -> None:
+        """Call ``fn(handle, event)`` for every replica outcome (used by :mod:`ckptmirror.metrics`).
+
+        At once for what is recorded already (one event, with the outcome if the save is decided),
+        then for each later change, on the thread that records it and with the handle's lock held:
+        whoever waits in :meth:`result` sees the observer's effect as soon as it returns, and the
+        events of one handle never interleave. So ``fn`` must be quick and must not block (the
+        handle's lock is re-entrant: reading this handle's properties is fine). Unlike
+        :meth:`add_done_callback`, it sees replicas that finish after the save was decided.
+        """
+        with self._cond:
+            self._observers.append(fn)
+            changed = tuple(s for s in self._status.values() if s.state != "pending")
+            if changed or self._done:
+                settled = bool(changed) and len(changed) == len(self._status)
+                self._emit(fn, HandleEvent(changed, self._outcome() if self._done else None, settled))
+
+    def _outcome(self) -> Outcome:
+        if self.skipped:
+            return "skipped"
+        return "committed" if self._error is None else "failed"
+
+    def _notify(self, changed: list[ReplicaStatus], was_done: bool) -> None:
+        """Tell the observers about ``changed`` (called with ``self._cond`` held, after ``_finish``)."""
+        decided = self._done and not was_done
+        if not self._observers or not (changed or decided):
+            return
+        settled = bool(changed) and all(s.state != "pending" for s in self._status.values())
+        event = HandleEvent(tuple(changed), self._outcome() if decided else None, settled)
+        for fn in list(self._observers):
+            self._emit(fn, event)
+
+    def _emit(self, fn: Callable[[SaveHandle, HandleEvent], object], event: HandleEvent) -> None:
+        try:
+            fn(self, event)
+        except Exception:  # noqa: BLE001 - bookkeeping must never fail the save path
+            log.exception("an observer of the save of step %d raised", self.step)
+
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The error of a failed save (after waiting for the outcome), else None."""
         try:
@@ -138,6 +191,8 @@ class SaveHandle:
     # -- used by the writer --------------------------------------------------------------
     def _set_replica(self, url: str, state: ReplicaState, error: BaseException | None = None) -> None:
         with self._cond:
+            was_done = self._done
+            previous = self._status.get(url)
             self._status[url] = ReplicaStatus(url, state, error, time.perf_counter() - self._started)
             committed = sum(s.state == "committed" for s in self._status.values())
             open_ = sum(s.state == "pending" for s in self._status.values())
@@ -146,6 +201,8 @@ class SaveHandle:
                 self._finish(None)
             elif not self._done and committed + open_ < self._min:
                 self._finish(self._failure())
+            changed = [self._status[url]] if previous is None or previous.state == "pending" else []
+            self._notify(changed, was_done)
 
     def _failure(self) -> SaveFailedError:
         failures = {u: s.error for u, s in self._status.items() if s.error is not None}
@@ -164,9 +221,11 @@ class SaveHandle:
     def _fail(self, error: BaseException) -> None:
         with self._cond:
             if not self._done:
+                changed = []
                 for u, s in self._status.items():
                     if s.state == "pending":
                         self._status[u] = ReplicaStatus(u, "failed", error, time.perf_counter() - self._started)
+                        changed.append(self._status[u])
                 if isinstance(error, SaveFailedError):
                     self._finish(error)
                 else:
@@ -177,14 +236,20 @@ class SaveHandle:
                     )
                     wrapped.__cause__ = error
                     self._finish(wrapped)
+                self._notify(changed, False)
 
     def _skip(self) -> None:
         with self._cond:
+            was_done = self._done
             self.skipped = True
-            for u in self._status:
+            changed = []
+            for u, s in self._status.items():
                 self._status[u] = ReplicaStatus(u, "skipped")
+                if s.state == "pending":
+                    changed.append(self._status[u])
             self._finish(SaveSkippedError(f"save of step {self.step} skipped: the previous save was still writing"))
             self._observed = True  # a skip is reported by a warning, not raised later
+            self._notify(changed, was_done)
 
     def _finish(self, error: BaseException | None) -> None:
         # Called with self._cond held; callbacks run after it is released (see _set_replica

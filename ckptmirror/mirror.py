@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, cast
 
-from . import shutdown
+from . import config, shutdown
 from .dist import Coordinator, DistInfo, detect, expand_url
 from .errors import ReplicaError, ReplicaUnavailableError, StepExistsError, StepNotFoundError
 from .format import MAX_STEP
 from .handle import SaveHandle
 from .health import ReplicaHealth
+from .metrics import MirrorMetrics
 from .replicas import Replica, close_opened, open_replicas
 from .restore.choose import load_newest
 from .restore.discover import list_steps
@@ -68,6 +69,7 @@ class Mirror:
             objects. Restore prefers them in ``read_priority`` order (local disk first).
         keep_last: keep this many committed steps per replica (None: keep all). Older steps
             are deleted only after a newer one is committed; the newest is never deleted.
+            Default: ``$CKPTMIRROR_KEEP_LAST`` (an integer, or ``none``), else None.
         object_bytes: size of the objects the data stream is cut into (default 64 MiB).
         io_threads: concurrent object transfers per replica.
         max_inflight: staging arenas; a save needs a free one (memory = this x state size).
@@ -116,7 +118,7 @@ class Mirror:
         self,
         replicas: Sequence[str | Replica],
         *,
-        keep_last: int | None = None,
+        keep_last: int | None | config.FromEnv = config.FROM_ENV,
         object_bytes: int = DEFAULT_OBJECT_BYTES,
         io_threads: int = 4,
         max_inflight: int = 1,
@@ -135,6 +137,8 @@ class Mirror:
     ) -> None:
         if isinstance(replicas, (str, Replica)):
             replicas = [replicas]
+        config.apply_log_level()  # $CKPTMIRROR_LOG_LEVEL, if set: the ckptmirror logger's level only
+        keep_last = config.keep_last(keep_last)  # an explicit argument (None included) wins
         _check_options(len(replicas), keep_last, object_bytes, inflight_policy, on_replica_error, min_replicas)
         # distributed=False: this process's private mirror even inside a process group (a
         # framework that checkpoints from rank 0 only must not wait for the other ranks' votes).
@@ -164,6 +168,7 @@ class Mirror:
             close_opened(self.replicas, replicas)
             raise
         self._health = ReplicaHealth(self.replicas, health_interval_s)
+        self._metrics = MirrorMetrics([r.url for r in self.replicas], listing.committed)
         self._health.mark_all(listing.unreachable)
         self._coord: Coordinator | None = None
         if self.dist.distributed:
@@ -272,6 +277,7 @@ class Mirror:
         if arena is None:
             log.warning("skipping save of step %d: the previous save is still writing (inflight_policy='skip')", step)
             handle._skip()
+            self._metrics.track(handle)
             return handle
         handle.wait_s = time.perf_counter() - t_wait
         try:
@@ -281,6 +287,7 @@ class Mirror:
             raise
         handle.nbytes = p.total_bytes
         handle.stall_s = time.perf_counter() - t0
+        self._metrics.track(handle)
         with self._lock:
             self._inflight_steps.add(step)
             self._handles.append(handle)
@@ -311,6 +318,14 @@ class Mirror:
     def health(self) -> dict[str, str]:
         """Per replica URL: ``"ok"`` or ``"degraded: <last error>"``."""
         return self._health.summary()
+
+    def metrics(self) -> dict[str, Any]:
+        """Operating numbers as plain, JSON-serialisable data: per replica (state, last committed
+        step and when, saves committed/failed/skipped), saves started/committed/failed/skipped,
+        stall and time-to-commit histograms, restores. Thread-safe and cheap (no replica is
+        asked). Schema: :mod:`ckptmirror.metrics`; for Prometheus, :func:`ckptmirror.metrics.register`.
+        """
+        return self._metrics.snapshot(self._health.degraded())
 
     def _raise_unreported(self) -> None:
         # A save that committed nowhere is always raised; one that committed on fewer
@@ -423,6 +438,7 @@ class Mirror:
         undo: BufferFactory | None,
     ) -> Any:
         self._check_open()
+        t0 = time.perf_counter()
         pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="ckptmirror-read")
         coord: Coordinator | None = None
         try:
@@ -448,10 +464,14 @@ class Mirror:
                 agree=agree,
                 list_timeout_s=self.open_timeout_s,
             )
+        except BaseException:
+            self._metrics.restore_finished(None, time.perf_counter() - t0, failed=True)
+            raise
         finally:
             pool.shutdown(wait=True)
             if coord is not None:
                 coord.close()
+        self._metrics.restore_finished(None if loaded is None else loaded.step, time.perf_counter() - t0)
         if loaded is None:
             urls = [r.url for r in self.replicas]
             if require:

@@ -25,21 +25,20 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from . import config
+
 log = logging.getLogger("ckptmirror")
 
-#: Environment variable that turns the behaviour on for every Mirror (``flush``) or off (``none``).
-ENV = "CKPTMIRROR_ON_SIGTERM"
+#: Environment variable that turns the behaviour on for every Mirror (``flush``) or off (``none``);
+#: its row is in :data:`ckptmirror.config.ENVIRONMENT`.
+ENV = config.ENV_ON_SIGTERM
 
 
 def resolve(on_sigterm: str | None) -> str | None:
-    """The effective policy: the argument, else the environment; ``flush`` or None."""
-    value = on_sigterm if on_sigterm is not None else os.environ.get(ENV, "none")
-    value = value.strip().lower()
-    if value in ("", "none", "off"):
-        return None
-    if value != "flush":
-        raise ValueError(f"on_sigterm (or ${ENV}) must be 'flush' or 'none', got {value!r}")
-    return value
+    """The effective policy: the argument, else the environment; ``flush`` or None.
+
+    A bad value raises :class:`~ckptmirror.config.EnvConfigError` (a ``ValueError``)."""
+    return config.on_sigterm(on_sigterm)
 
 
 class SigtermFlush:

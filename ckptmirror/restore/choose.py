@@ -16,13 +16,17 @@ ranks resume from different steps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .. import config
 from ..errors import NoValidCheckpointError, StateMismatchError, StepNotFoundError
 from ..format import CommitRecord, RankManifest
+from ..progress import Progress
 from ..replicas.base import Replica
 from .check import validate_manifest
 from .discover import list_steps
@@ -69,7 +73,8 @@ def load_newest(
         raise NoValidCheckpointError(
             {-1: "every replica is unreachable: " + "; ".join(f"{u}: {e}" for u, e in listing.unreachable.items())}
         )
-    reader = Fetcher(replicas, pool)
+    reader = _CountingFetcher(replicas, pool)
+    reader.interval_s = config.progress_interval_s()  # a bad value fails here, before any read
     if step is not None and step not in listing.committed and agree is None:
         raise StepNotFoundError(step, list(listing.committed))
     candidates = [step] if step is not None else sorted(listing.committed, reverse=True)
@@ -109,17 +114,18 @@ def load_newest(
         for s in candidates:
             try:
                 commit, manifest, objects = probe(s)
-                loaded = fill_step(
-                    reader,
-                    manifest,
-                    manifest_key(commit, rank),
-                    objects,
-                    targets,
-                    strict_paths,
-                    validate,
-                    shards_of(commit),
-                    undo=undo,
-                )
+                with reader.progress_of(manifest, rank, world_size):
+                    loaded = fill_step(
+                        reader,
+                        manifest,
+                        manifest_key(commit, rank),
+                        objects,
+                        targets,
+                        strict_paths,
+                        validate,
+                        shards_of(commit),
+                        undo=undo,
+                    )
             except STEP_FAILURES as exc:
                 if step is not None:
                     raise
@@ -141,7 +147,7 @@ def manifest_key(commit: CommitRecord, rank: int) -> str:
 
 
 def _load_agreed(
-    reader: Fetcher,
+    reader: _CountingFetcher,
     candidates: list[int],
     problems: dict[int, str],
     probe: Callable[[int], Probed],
@@ -190,17 +196,18 @@ def _load_agreed(
         assert found is not None and found[0] == lo
         try:
             _, commit, manifest, objects = found
-            loaded = fill_step(
-                reader,
-                manifest,
-                manifest_key(commit, rank),
-                objects,
-                targets,
-                strict_paths,
-                validate,
-                shards_of(commit),
-                undo=undo,
-            )
+            with reader.progress_of(manifest, rank, None):
+                loaded = fill_step(
+                    reader,
+                    manifest,
+                    manifest_key(commit, rank),
+                    objects,
+                    targets,
+                    strict_paths,
+                    validate,
+                    shards_of(commit),
+                    undo=undo,
+                )
         except STEP_FAILURES as exc:
             ok, why = False, f"{type(exc).__name__}: {exc}"
             problems[lo] = f"rank {rank}: {why}"
@@ -219,3 +226,72 @@ def _load_agreed(
             raise NoValidCheckpointError(problems)
         bound = lo - 1
     raise NoValidCheckpointError(problems)
+
+
+class _CountingFetcher(Fetcher):
+    """A :class:`Fetcher` that counts the object bytes it reads into a :class:`Progress`.
+
+    Progress is reported from here rather than from fill.py: the reads of a step all go through
+    ``fetch_into`` and ``fetch``, so counting them needs no hook in the fill code. Arguments
+    pass through untouched (``*args``/``**kwargs``), so parameters added to those methods later
+    keep working. ``fetch`` reads through ``fetch_into``: only the outermost call of a thread
+    counts, so no byte is counted twice.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.interval_s = config.DEFAULT_PROGRESS_INTERVAL_S
+        self._progress: Progress | None = None
+        self._counting = threading.local()
+
+    @contextlib.contextmanager
+    def progress_of(self, manifest: RankManifest, rank: int, world_size: int | None) -> Iterator[None]:
+        """Count the reads of one step's load (``fill_step``) and log its progress lines."""
+        total = sum(o.size for o in manifest.objects)
+        if not total:
+            yield  # nothing to read: no progress worth a line
+            return
+        who = f" (rank {rank})" if world_size != 1 else ""
+        with Progress(total, f"restore of step {manifest.step}{who}", log, self.interval_s) as p:
+            self._progress = p
+            try:
+                yield
+            finally:
+                self._progress = None
+
+    def fetch_into(self, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`Fetcher.fetch_into`, counting the bytes of ``out`` once it verified."""
+        return self._counted(super().fetch_into, args, kwargs, lambda _: _view_bytes(args, kwargs))
+
+    def fetch(self, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`Fetcher.fetch`, counting the bytes of the returned buffer once it verified."""
+        return self._counted(super().fetch, args, kwargs, _buffer_bytes)
+
+    def _counted(
+        self, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], size: Callable[[Any], int]
+    ) -> Any:
+        if getattr(self._counting, "busy", False):
+            return call(*args, **kwargs)  # inside fetch(): the outer call counts
+        self._counting.busy = True
+        try:
+            result = call(*args, **kwargs)
+        finally:
+            self._counting.busy = False
+        p = self._progress
+        if p is not None:
+            p.advance(size(result))
+        return result
+
+
+def _view_bytes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """Bytes of the buffer ``fetch_into`` filled: its (only) memoryview argument."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, memoryview):
+            return a.nbytes
+    return 0
+
+
+def _buffer_bytes(result: Any) -> int:
+    """Bytes of the tensor ``fetch`` returns first (``(buffer, url)``)."""
+    buf = result[0] if isinstance(result, tuple) and result else result
+    return int(buf.numel() * buf.element_size()) if hasattr(buf, "numel") else 0
