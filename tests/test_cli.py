@@ -590,3 +590,94 @@ def test_inspect_prints_an_int_too_long_for_str(tmp_path: Path) -> None:
     rep = ops.inspect([str(root)])
     got = {e.name: e.value for e in rep.ranks[0].entries}
     assert got["big"] == big and got["neg"] == neg and got["small"] == 12345
+
+
+def cli_tty(*args: Any) -> tuple[int, str, str]:
+    """Run the entry point with stderr on a pseudo-terminal (stdout a pipe): (status, stdout,
+    what the terminal showed). A thread drains the terminal so that a chatty bar never blocks."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    master, slave = pty.openpty()
+    # A new pseudo-terminal is 0 columns wide, and tqdm draws nothing in no columns: make it a
+    # terminal a person would have.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    shown = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every writer closed the terminal
+                return
+            if not chunk:
+                return
+            shown.extend(chunk)
+
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    try:
+        r = subprocess.run([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=slave, text=True, timeout=120)
+    finally:
+        os.close(slave)
+    t.join(10)
+    os.close(master)
+    return r.returncode, r.stdout, shown.decode("utf-8", "replace")
+
+
+def test_repair_and_export_show_a_progress_bar_on_a_terminal_only(reps: tuple[Path, Path], tmp_path: Path) -> None:
+    """On a terminal, repair (verify, copy) and export (read) show tqdm bars on stderr, as verify does;
+    with stderr not a terminal, or with --no-progress, they print nothing there."""
+    a, b = reps
+    flip_byte(obj(b, 20, 1))
+    rc, out, shown = cli_tty("repair", a, b)
+    assert rc == 0 and "copy" in out, out
+    assert "repair: verify" in shown and "repair: copy" in shown, shown
+    rc, out, shown = cli_tty("export", a, "--format", "torch", "-o", tmp_path / "x.pt")
+    assert rc == 0 and "wrote" in out, out
+    assert "export: read" in shown, shown
+    rc, _out, shown = cli_tty("export", a, "--format", "torch", "-o", tmp_path / "y.pt", "--no-progress")
+    assert rc == 0 and shown.strip() == "", shown
+    flip_byte(obj(b, 30, 1))
+    piped = cli_many(["repair", a, b], ["export", a, "--format", "torch", "-o", tmp_path / "z.pt"])
+    for r in piped:
+        assert r.returncode == 0 and r.stderr == "", (r.args, r.stderr)
+
+    # The export's bar counts every object byte it reads, against the step's size as its total.
+    bars: list[list[Any]] = []
+
+    class Bar:
+        def __init__(self, total: int, unit: str, desc: str) -> None:
+            self.record = [total, unit, desc, 0, False]
+            bars.append(self.record)
+
+        def update(self, n: int) -> None:
+            self.record[3] += n
+
+        def close(self) -> None:
+            self.record[4] = True
+
+    rep = ops.export([str(a)], str(tmp_path / "w.pt"), format="torch", step=20, progress=Bar)
+    assert rep.step == 20
+    stream = ops.inspect([str(a)], step=20).ranks[0].stream_bytes
+    assert bars == [[stream, "B", "export: read", stream, True]], (bars, stream)
+
+
+def test_verify_scrub_options_parse_durations(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--scrub-max-age`` takes seconds or a unit (s, m, h, d); anything else is a usage error."""
+    from ckptmirror.cli import build_parser
+    from ckptmirror.cli.render import _scrub_max_age
+
+    parse = build_parser().parse_args
+    for text, seconds in (("90", 90.0), ("90s", 90.0), ("30m", 1800.0), ("12h", 43200.0), ("1d", 86400.0), ("0", 0.0)):
+        assert _scrub_max_age(parse(["verify", "x", "--scrub-max-age", text])) == seconds, text
+    assert _scrub_max_age(parse(["verify", "x"])) == 86400.0  # a day by default
+    assert _scrub_max_age(parse(["verify", "x", "--no-scrub-results"])) == 0.0
+    for bad in ("-1", "1w", "soon", "inf", "nan", "d"):
+        with pytest.raises(SystemExit) as exc:
+            parse(["verify", "x", "--scrub-max-age", bad])
+        assert exc.value.code == 2, bad
+        assert "--scrub-max-age" in capsys.readouterr().err

@@ -53,12 +53,33 @@ def _pos_int(text: str) -> int:
     return v
 
 
+#: Units ``--scrub-max-age`` takes after its number (none: seconds).
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration_s(text: str) -> float:
+    """argparse type: a duration >= 0 in seconds, or with a unit: ``90``, ``30m``, ``12h``, ``1d``."""
+    t = text.strip().lower()
+    scale = _DURATION_UNITS.get(t[-1:], 0) if t else 0
+    number = t[:-1] if scale else t
+    try:
+        v = float(number) * (scale or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 3600, 90s, 30m, 12h or 1d, got {text!r}"
+        ) from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a duration >= 0, got {text!r}")
+    return v
+
+
 #: ``add(name, help, description, epilog)``: a subcommand parser with the common options and URLs.
 _AddCommand = Callable[[str, str, str, str], argparse.ArgumentParser]
 
 
 def _add_reading(p: argparse.ArgumentParser, threads_help: str) -> None:
-    """``--threads`` and ``--no-progress``, for the commands that read object data."""
+    """``--threads`` and ``--no-progress``, for the commands that read object data (a bar shows
+    on stderr only when it is a terminal)."""
     p.add_argument("--threads", type=_pos_int, default=4, help=threads_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
 
@@ -91,10 +112,18 @@ def _add_verify(add: _AddCommand) -> None:
         "bounded memory (--threads buffers of one object each); a progress bar shows on a terminal.\n\n"
         "Damage and lagging replicas are reported apart (sections DAMAGE and LAGGING; with --json,\n"
         '"status", "damage" and "lagging"): a lagging replica lacks a step the others committed,\n'
-        "which is not corruption and which 'ckptmirror repair' completes.",
+        "which is not corruption and which 'ckptmirror repair' completes.\n\n"
+        "peer agents that scrub (ckptmirror serve --scrub-interval) have re-read and re-hashed their\n"
+        "objects already: for a peer:// replica, an object is not pulled over the network when the\n"
+        "agent's result for its step is at most --scrub-max-age old and about the commit stored there\n"
+        "now (same commit record checksum, same rank manifest checksums). Steps saved or repaired since\n"
+        "the agent's last check are read as usual. The output says which objects were 'scrubbed by\n"
+        "agent at TIME' and which were read; damage the agent found counts as damage (exit status 1).",
         "examples:\n  ckptmirror verify /data/ckpt/run1 /backup/ckpt/run1\n"
         "  ckptmirror verify /data/ckpt/run1 --step 4000\n"
         "  ckptmirror verify /data/ckpt/run1 --quick          # manifests, presence, sizes\n"
+        "  ckptmirror verify /nvme/ckpt/run1 peer://node7:7070/run1 --scrub-max-age 6h\n"
+        "  ckptmirror verify peer://node7:7070/run1 --no-scrub-results   # read every byte\n"
         "  ckptmirror verify s3://bucket/run1 --json > report.json\n\n" + _ENV_NOTE + _EXIT_NOTE,
     )
     verify.add_argument("--step", type=_nonneg_int, help="only this step")
@@ -102,6 +131,18 @@ def _add_verify(add: _AddCommand) -> None:
         "--quick", action="store_true", help="check manifests, presence and sizes only; do not read object data"
     )
     verify.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    verify.add_argument(
+        "--scrub-max-age",
+        type=_duration_s,
+        default=None,
+        metavar="AGE",
+        help="use a peer agent's scrub results at most AGE old (seconds, or 30m, 12h, 1d; default 1d; 0: never)",
+    )
+    verify.add_argument(
+        "--no-scrub-results",
+        action="store_true",
+        help="read every object of peer replicas too, whatever their agents' scrub results (as --scrub-max-age 0)",
+    )
     _add_reading(verify, "objects read at once (default 4)")
 
 
@@ -115,7 +156,8 @@ def _add_repair(add: _AddCommand) -> None:
         "verifies, and write the commit record last where it is missing (this completes a torn save)\n"
         "or does not parse. An object that verifies is never overwritten. Idempotent: a second run\n"
         "finds nothing to do. Afterwards 'verify' exits 0 wherever a good copy existed.\n"
-        "Run it when no training job is writing to these replicas.",
+        "Run it when no training job is writing to these replicas. Progress bars (verify, copy) show\n"
+        "on stderr when it is a terminal (--no-progress: none).",
         "examples:\n  ckptmirror repair /nvme/ckpt/run1 /backup/ckpt/run1 --dry-run\n"
         "  ckptmirror repair /nvme/ckpt/run1 peer://node7:7070/run1   # after replacing node7's disk\n\n"
         + _ENV_NOTE
@@ -183,7 +225,8 @@ def _add_export(add: _AddCommand) -> None:
         "  safetensors: tensors; plain values as JSON strings in the metadata; tensors sharing\n"
         "               storage are cloned; bytes values are dropped (listed in the output).\n"
         "  torch:       torch.save of a flat dict of plain tensors and plain values; it loads with\n"
-        "               torch.load(path, weights_only=True).",
+        "               torch.load(path, weights_only=True).\n"
+        "A progress bar of the bytes read shows on stderr when it is a terminal (--no-progress: none).",
         "examples:\n  ckptmirror export /data/ckpt/run1 --step 4000 --format safetensors -o model.safetensors\n"
         "  ckptmirror export /data/ckpt/run1 --format torch -o last.pt     # newest step that verifies\n\n"
         + _ENV_NOTE
@@ -195,6 +238,7 @@ def _add_export(add: _AddCommand) -> None:
     export.add_argument("--rank", type=_nonneg_int, default=0, help="rank to export (default 0)")
     export.add_argument("--force", action="store_true", help="replace PATH if it exists")
     export.add_argument("--json", action="store_true", help="print what was written as JSON")
+    _add_reading(export, "objects read at once (default 4)")
 
 
 #: The operator commands' parser builders, in the order ``--help`` lists them.

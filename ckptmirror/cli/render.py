@@ -57,7 +57,7 @@ def _progress(args: argparse.Namespace) -> ops.ProgressFactory | None:
 
     def make(total: int, unit: str, desc: str) -> Any:
         return tqdm(
-            total=total,
+            total=total or None,  # 0: not known beforehand (a count and a rate, no percentage)
             unit=unit,
             unit_scale=True,
             unit_divisor=1024 if unit == "B" else 1000,
@@ -68,6 +68,15 @@ def _progress(args: argparse.Namespace) -> ops.ProgressFactory | None:
         )
 
     return make
+
+
+def _scrub_max_age(args: argparse.Namespace) -> float:
+    """``verify``'s ``scrub_max_age_s``: 0 with ``--no-scrub-results``, else ``--scrub-max-age`` or the default."""
+    from ..ops.verify import DEFAULT_SCRUB_MAX_AGE_S
+
+    if args.no_scrub_results:
+        return 0.0
+    return DEFAULT_SCRUB_MAX_AGE_S if args.scrub_max_age is None else float(args.scrub_max_age)
 
 
 # -- rendering ---------------------------------------------------------------------------------
@@ -177,7 +186,14 @@ def _ls_lines(res: ops.Listing) -> list[str]:
 def _verify_lines(res: ops.VerifyReport) -> list[str]:
     """What ``ckptmirror verify`` prints without ``--json``."""
     tags, lines = _legend(res.replicas)
-    mode = "quick: manifests, presence, sizes" if res.quick else "full: every byte read and checksummed"
+    any_scrubbed = any(rc.scrubbed is not None for s in res.steps for rc in s.replicas)
+    mode = (
+        "quick: manifests, presence, sizes"
+        if res.quick
+        else "full: every byte checksummed, read here or scrubbed by its peer agent"
+        if any_scrubbed
+        else "full: every byte read and checksummed"
+    )
     for s in res.steps:
         head = (
             f"step {s.step}: {s.world_size or '?'} rank(s), {s.objects if s.objects is not None else '?'} objects, "
@@ -190,11 +206,19 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
             label = f"{tags[rc.replica]} {rc.replica}"
             if not rc.ranks:
                 status = {"absent": "LAGGING (not here)", "torn": "LAGGING (torn here)"}.get(rc.status, "BAD commit")
-                rows.append([label, "-", "-", "-", status])
+                rows.append([label, "-", "-", "-", "-", status])
             for rk in rc.ranks:
                 status = "ok" if rk.ok else "BAD"
-                rows.append([label, rk.rank, f"{rk.verified}/{rk.objects}", _size(rk.bytes), status])
-        lines += _table(["REPLICA", "RANK", "OBJECTS OK", "BYTES", "STATUS"], rows, "  ")
+                rows.append([label, rk.rank, f"{rk.verified}/{rk.objects}", _size(rk.bytes), _how(rk), status])
+        lines += _table(["REPLICA", "RANK", "OBJECTS OK", "BYTES", "CHECKED BY", "STATUS"], rows, "  ")
+        for rc in s.replicas:
+            if rc.scrubbed is not None:
+                read = sum(rk.read for rk in rc.ranks)
+                lines.append(
+                    f"  {tags[rc.replica]} {len(rc.scrubbed.keys)} object(s) scrubbed by agent at "
+                    f"{_when(rc.scrubbed.checked_unix)} ({_age(rc.scrubbed.checked_unix)} ago), not read here"
+                    + (f"; {read} read here" if read else "")
+                )
     # Damage and lagging copies in sections of their own: a lagging replica (a step committed
     # elsewhere, missing here) is not broken and 'repair' completes it; damage is bytes gone wrong.
     damage = res.damage
@@ -211,6 +235,10 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
         )
         lines += [f"  {tags[u]} {u} lags: step(s) {', '.join(map(str, v))}" for u, v in res.lagging.items()]
         lines += [f"  {p}" for p in lagging]
+    if res.scrub:
+        lines.append("")
+        lines.append("peer agents' scrub results:")
+        lines += [f"  {tags[u]} {u}: {note}" for u, note in res.scrub.items()]
     torn = {u: v for u, v in res.torn.items() if v}
     if torn:
         lines.append("")
@@ -255,6 +283,15 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
             msg += "; 'ckptmirror repair' can fix them from the good copies"
         lines.append(msg)
     return lines
+
+
+def _how(rk: ops.RankCheck) -> str:
+    """How the objects of one rank were checked: read here, or by the peer agent's scrub."""
+    if rk.scrubbed and not rk.read:
+        return "agent scrub"
+    if rk.scrubbed:
+        return f"scrub {rk.scrubbed}, read {rk.read}"
+    return "read"
 
 
 def _repair_lines(res: ops.RepairReport) -> list[str]:
@@ -402,7 +439,14 @@ def _export_lines(res: ops.ExportReport) -> list[str]:
 _COMMANDS: dict[str, _Command[Any]] = {
     "ls": _Command(lambda a: ops.ls(a.urls), _ls_lines),
     "verify": _Command(
-        lambda a: ops.verify(a.urls, step=a.step, quick=a.quick, threads=a.threads, progress=_progress(a)),
+        lambda a: ops.verify(
+            a.urls,
+            step=a.step,
+            quick=a.quick,
+            threads=a.threads,
+            progress=_progress(a),
+            scrub_max_age_s=_scrub_max_age(a),
+        ),
         _verify_lines,
     ),
     "repair": _Command(
@@ -412,7 +456,16 @@ _COMMANDS: dict[str, _Command[Any]] = {
     "prune": _Command(lambda a: ops.prune(a.urls, keep=a.keep, dry_run=a.dry_run, all_torn=a.all_torn), _prune_lines),
     "inspect": _Command(lambda a: ops.inspect(a.urls, step=a.step, rank=a.rank), _inspect_lines),
     "export": _Command(
-        lambda a: ops.export(a.urls, a.output, format=a.format, step=a.step, rank=a.rank, overwrite=a.force),
+        lambda a: ops.export(
+            a.urls,
+            a.output,
+            format=a.format,
+            step=a.step,
+            rank=a.rank,
+            overwrite=a.force,
+            threads=a.threads,
+            progress=_progress(a),
+        ),
         _export_lines,
     ),
 }

@@ -37,6 +37,7 @@ class Progress(Protocol):
 
 
 #: ``progress(total, unit, description)`` -> a :class:`Progress`; called once per reading pass.
+#: ``total`` 0 means that it is not known beforehand (the bar counts without a percentage).
 ProgressFactory = Callable[[int, str, str], Progress]
 
 

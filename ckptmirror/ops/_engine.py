@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import CorruptObjectError, ManifestError, ObjectMissingError, ReplicaError
-from ..format import TMP_PREFIX, CommitRecord, ObjectRecord, RankManifest, commit_key, step_dir
+from ..format import TMP_PREFIX, CommitRecord, ObjectRecord, RankManifest, commit_key, step_dir, writer_of
+from ..placement import is_placement_key
 from ..replicas import Replica
 from ..restore.check import validate_manifest
 from ..restore.fetch import Fetcher
@@ -206,6 +207,16 @@ class Engine:
                 return
         self._mark_good(r.url, obj.key, obj.checksum)
 
+    def settle(self, job: ObjJob, problem: Problem | None) -> None:
+        """Record the result of ``job`` known without reading it (a peer agent's scrub results,
+        see :mod:`.verify`) exactly as :meth:`_check` records a read: checked, and good unless
+        ``problem``. Such a job is then left out of :meth:`run` and :meth:`complete`."""
+        with self._lock:
+            self.checked.add((job.replica.url, job.obj.key, job.obj.checksum))
+            if problem is None:
+                self.good.add((job.replica.url, job.obj.key, job.obj.checksum))
+        job.problem = problem
+
     def complete(self, plans: Sequence[ReplicaPlan], what: str) -> None:
         """Check, on every other replica, the items of ``plans`` that verified nowhere yet.
 
@@ -322,4 +333,10 @@ def garbage_keys(
         # Without the commit's names nothing but temp files is known to be garbage.
         return tuple(k for k in keys if k.rsplit("/", 1)[-1].startswith(TMP_PREFIX))
     named = {commit_key(step)} | {ref.key for ref in commit.ranks} | {o.key for m in manifests for o in m.objects}
-    return tuple(k for k in keys if k not in named)
+    # Format 3: a pinned writer's placement record and compressed objects (".zst") are its files too.
+    writers = {writer_of(k) for k in named} - {None}
+    return tuple(
+        k
+        for k in keys
+        if k not in named and not (writer_of(k) in writers and (k.endswith(".zst") or is_placement_key(k)))
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,8 +20,11 @@ import torch
 
 from ..errors import CkptMirrorError
 from ..replicas import Replica
+from ..replicas.base import Buffer
 from ..restore.choose import load_newest
-from ._common import UsageError, dotted, opened, walk
+from ..restore.discover import list_steps
+from ..restore.fetch import Fetcher
+from ._common import FAILURES, Progress, ProgressFactory, UsageError, dotted, opened, walk
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,79 @@ class ExportReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return dataclasses.asdict(self)
+
+
+class _Counted(Replica):
+    """``inner`` as it is, except that the object bytes read through it are counted on a progress
+    bar: the reader :func:`export` loads with (:func:`~ckptmirror.restore.choose.load_newest`)
+    has no progress hook of its own, and a multi-GB export without one looks hung."""
+
+    def __init__(self, inner: Replica, bar: Progress, lock: threading.Lock) -> None:
+        super().__init__(inner.url)
+        # Every setting a Replica declares (read preference, time budget, ...) is the inner one's,
+        # so the reader orders and times this replica exactly as it would the inner one.
+        for name, value in vars(Replica).items():
+            if not name.startswith("_") and not callable(value) and not isinstance(value, property):
+                setattr(self, name, getattr(inner, name))
+        self.inner = inner
+        self._bar = bar
+        self._lock = lock
+
+    def read_into(self, key: str, out: memoryview) -> None:
+        self.inner.read_into(key, out)
+        with self._lock:  # tqdm's update is not meant for several threads at once
+            self._bar.update(out.nbytes)
+
+    def put(self, key: str, data: Buffer) -> None:
+        self.inner.put(key, data)
+
+    def commit(self, key: str, data: bytes) -> None:
+        self.inner.commit(key, data)
+
+    def get(self, key: str, max_bytes: int) -> bytes:
+        return self.inner.get(key, max_bytes)
+
+    def size(self, key: str) -> int | None:
+        return self.inner.size(key)
+
+    def list_steps(self) -> list[str]:
+        return self.inner.list_steps()
+
+    def list_prefix(self, prefix: str) -> list[str]:
+        return self.inner.list_prefix(prefix)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+    def delete_prefix(self, prefix: str) -> None:
+        self.inner.delete_prefix(prefix)
+
+    def ping(self) -> None:
+        self.inner.ping()
+
+    def release_thread(self) -> None:
+        self.inner.release_thread()
+
+    def close(self) -> None:
+        pass  # the inner replica is closed by whoever opened it
+
+
+def _expected_bytes(replicas: Sequence[Replica], pool: ThreadPoolExecutor, step: int | None, rank: int) -> int:
+    """The bytes of ``rank`` of ``step`` (default: the newest committed), the bar's total; 0 if
+    they cannot be told (the bar then counts without a percentage). Costs a listing and two
+    small reads; the export falls back to an older step on its own if this one does not verify."""
+    try:
+        listing = list_steps(replicas)
+        candidates = [step] if step is not None else sorted(listing.committed, reverse=True)
+        if not candidates or candidates[0] not in listing.committed:
+            return 0
+        reader = Fetcher([r for r in replicas if r.url not in listing.unreachable], pool)
+        commit = reader.read_commit(candidates[0], listing.committed[candidates[0]])
+        if rank >= commit.world_size and not commit.replicated:
+            return 0
+        return reader.read_manifest(commit, rank).stream_bytes
+    except FAILURES:
+        return 0
 
 
 def _plain(v: Any, name: str, fmt: str) -> tuple[bool, Any, str]:
@@ -69,6 +146,7 @@ def export(
     overwrite: bool = False,
     threads: int = 4,
     storage_options: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: ProgressFactory | None = None,
 ) -> ExportReport:
     """Write one rank of ``step`` (default: the newest that verifies) as one file for other tools.
 
@@ -78,7 +156,8 @@ def export(
     Hugging Face loaders); ``bytes`` are dropped with a note. ``torch``: ``torch.save`` of a
     flat dict of plain tensors and plain values, loadable with ``torch.load(weights_only=True)``.
     The data is read and verified exactly as a restore reads it. The file is written to a
-    temporary name and renamed, so a failed export leaves nothing half-written.
+    temporary name and renamed, so a failed export leaves nothing half-written. ``progress``
+    (as :func:`~ckptmirror.ops.verify`'s) counts the object bytes read.
     """
     if format not in ("safetensors", "torch"):
         raise UsageError(f"--format must be safetensors or torch, got {format!r}")
@@ -91,10 +170,18 @@ def export(
         raise UsageError(f"directory {os.path.dirname(out)} does not exist")
     with opened(urls, storage_options) as replicas:
         pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="ckptmirror-export")
+        bar: Progress | None = None
         try:
-            loaded = load_newest(replicas, pool, rank=rank, world_size=None, step=step)
+            sources: Sequence[Replica] = replicas
+            if progress is not None:
+                bar = progress(_expected_bytes(replicas, pool, step, rank), "B", "export: read")
+                lock = threading.Lock()
+                sources = [_Counted(r, bar, lock) for r in replicas]
+            loaded = load_newest(sources, pool, rank=rank, world_size=None, step=step)
         finally:
             pool.shutdown(wait=True)
+            if bar is not None:
+                bar.close()
     if loaded is None:
         raise CkptMirrorError("no committed step on these replicas")
     tensors, values, dropped = _flat(loaded.state, format)

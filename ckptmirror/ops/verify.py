@@ -1,16 +1,46 @@
-"""``verify``: check every object of every committed step on every replica, each on its own."""
+"""``verify``: check every object of every committed step on every replica, each on its own.
+
+Peer agents that scrub (``ckptmirror serve --scrub-interval``) have re-read and re-hashed what
+they store already; pulling every byte over the network to hash it again costs the whole
+checkpoint's size in traffic, where their answer costs one request. So for a peer replica, a
+full verify asks the agent for its scrub results
+(:meth:`~ckptmirror.replicas.peer.PeerReplica.scrub_report`) and takes an object's result from
+them instead of reading it when all of this holds:
+
+- the agent has a finished check of the step (it publishes one per step as soon as the step is
+  done, and drops it when anything in the step is written or deleted, so it is about the bytes
+  stored now);
+- that check is younger than ``scrub_max_age_s`` (by the agent's own clock: ``age_s``);
+- it is about the commit record this verify read from that replica (same XXH3 of its bytes), and
+  its rank manifests are the ones that commit pins (same key and checksum, parsed, as many
+  objects as the manifest lists): a manifest pins each object's size and checksum, so the agent
+  checked *these* objects, not just objects of these names.
+
+Everything else (a step saved or repaired since the last pass, a rank whose manifest the agent
+could not read, an agent that does not scrub or is too old to say) is read and hashed as usual.
+Damage in the results is reported like damage found by reading (same kinds, same exit code),
+with "scrubbed by agent at ..." in front of the agent's description.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..format import commit_key
+from ..checksum import checksum
+from ..format import MAX_MANIFEST_BYTES, commit_key
 from ..replicas import Replica
-from ._common import Problem, ProgressFactory, list_reachable, opened
+from ..replicas.peer import ScrubUnavailableError
+from ._common import FAILURES, Problem, ProgressFactory, list_reachable, opened, strip_where
 from ._engine import Engine, ObjJob, ReplicaPlan, plan_problems, recoverable
+
+#: How old a peer agent's scrub results may be for ``verify`` to use them (``--scrub-max-age``):
+#: a day, the scrub interval an agent is most likely run with.
+DEFAULT_SCRUB_MAX_AGE_S = 86400.0
 
 
 @dataclass(frozen=True)
@@ -23,6 +53,8 @@ class RankCheck:
     verified: int  # objects that passed
     manifest_ok: bool
     problems: tuple[Problem, ...]
+    scrubbed: int = 0  # objects whose result is the peer agent's scrub (not read by this verify)
+    read: int = 0  # objects checked by this verify itself (read and hashed; presence and size if quick)
 
     @property
     def ok(self) -> bool:
@@ -31,14 +63,32 @@ class RankCheck:
 
 
 @dataclass(frozen=True)
+class ScrubbedBy:
+    """The objects of one step on one replica whose results came from the peer agent's scrub.
+
+    ``checked_unix``: when the agent finished checking the step, on this machine's clock (the
+    time of the answer less the agent's ``age_s``: the two machines' clocks need not agree);
+    ``keys``: those objects, damaged ones included; the step's other objects were read here.
+    """
+
+    checked_unix: float
+    age_s: float
+    keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ReplicaCheck:
-    """One step on one replica. ``status``: ``ok``, ``bad``, ``absent`` or ``torn`` (not committed here)."""
+    """One step on one replica. ``status``: ``ok``, ``bad``, ``absent`` or ``torn`` (not committed here).
+
+    ``scrubbed``: the objects taken from the peer agent's scrub results instead of being read (None: none).
+    """
 
     step: int
     replica: str
     status: str
     ranks: tuple[RankCheck, ...]
     problems: tuple[Problem, ...]
+    scrubbed: ScrubbedBy | None = None
 
     @property
     def ok(self) -> bool:
@@ -81,6 +131,8 @@ class VerifyReport:
     torn: Mapping[str, tuple[int, ...]]  # replica -> steps with objects but no commit anywhere (garbage)
     unreachable: Mapping[str, str]
     notes: tuple[Problem, ...] = ()  # problems not tied to one replica (step not found, ...)
+    #: Peer replica -> whether its agent's scrub results were used, and why not (see the module docstring).
+    scrub: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def problems(self) -> tuple[Problem, ...]:
@@ -157,11 +209,13 @@ def _step_meta(plans: Sequence[ReplicaPlan]) -> tuple[int | None, int | None, in
     return None, None, None, None
 
 
-def _replica_check(plan: ReplicaPlan) -> ReplicaCheck:
+def _replica_check(plan: ReplicaPlan, scrubbed: ScrubbedBy | None = None) -> ReplicaCheck:
     """The report of one step on one replica, once its objects have been checked."""
     ranks: list[RankCheck] = []
+    from_scrub = set(scrubbed.keys) if scrubbed else set()
     for rp in plan.ranks:
         m = rp.manifest
+        n_scrubbed = sum(1 for j in rp.jobs if j.obj.key in from_scrub)
         ranks.append(
             RankCheck(
                 rp.rank,
@@ -170,10 +224,153 @@ def _replica_check(plan: ReplicaPlan) -> ReplicaCheck:
                 sum(1 for j in rp.jobs if j.problem is None),
                 rp.manifest_problem is None and rp.invalid is None,
                 tuple(rp.problems()),
+                n_scrubbed,
+                len(rp.jobs) - n_scrubbed,
             )
         )
     problems = tuple(plan_problems(plan))
-    return ReplicaCheck(plan.step, plan.replica.url, "bad" if problems else "ok", tuple(ranks), problems)
+    status = "bad" if problems else "ok"
+    return ReplicaCheck(plan.step, plan.replica.url, status, tuple(ranks), problems, scrubbed)
+
+
+# ------------------------------------------------------------------ the peer agent's scrub results
+
+
+@dataclass(frozen=True)
+class _ScrubbedStep:
+    """One step of an agent's scrub results, as far as :func:`_use_scrub` needs it."""
+
+    commit_checksum: str
+    age_s: float
+    checked_unix: float  # on this machine's clock
+    ranks: Mapping[int, tuple[str, str, bool, int]]  # rank -> (manifest key, checksum, manifest_ok, objects)
+    problems: Mapping[str, tuple[str, str]]  # object key -> (kind, detail)
+
+
+def _parse_scrub_step(entry: Any, received: float) -> tuple[int, _ScrubbedStep] | None:
+    """(step, its result) from one entry of ``GET /v1/scrub/<ns>``; None if it does not have the
+    expected shape (then its objects are read: a result we cannot read proves nothing)."""
+    try:
+        age = float(entry["age_s"])
+        ranks = {
+            int(r["rank"]): (str(r["key"]), str(r["checksum"]), bool(r["manifest_ok"]), int(r["objects"]))
+            for r in entry["ranks"]
+        }
+        problems = {str(p["key"]): (str(p["kind"]), str(p["detail"])) for p in entry["problems"]}
+        step = int(entry["step"])
+        result = _ScrubbedStep(str(entry["commit_checksum"]), age, received - age, ranks, problems)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not math.isfinite(age) or age < 0:
+        return None
+    return step, result
+
+
+def _scrub_results(
+    replicas: Sequence[Replica], max_age_s: float, quick: bool
+) -> tuple[dict[str, dict[int, _ScrubbedStep]], dict[str, str]]:
+    """The scrub results of every peer replica whose agent has some, and per peer replica a
+    note on whether they can be used (:attr:`VerifyReport.scrub`)."""
+    results: dict[str, dict[int, _ScrubbedStep]] = {}
+    notes: dict[str, str] = {}
+    for r in replicas:
+        fetch = getattr(r, "scrub_report", None)
+        if not callable(fetch):
+            continue  # not a peer agent: nobody but this verify can check its bytes
+        if quick:
+            notes[r.url] = "not used: --quick reads no object data"
+            continue
+        if max_age_s <= 0:
+            notes[r.url] = "not used: turned off (every object is read)"
+            continue
+        try:
+            doc = fetch()
+        except ScrubUnavailableError as exc:
+            notes[r.url] = f"not used: {strip_where(str(exc), r.url, '')}"
+            continue
+        except FAILURES as exc:
+            # The reads that follow will say what is wrong with the replica; here it only
+            # means that its objects are read.
+            notes[r.url] = f"not used: could not get the agent's scrub results: {strip_where(str(exc), r.url, '')}"
+            continue
+        received = time.time()
+        parsed = (_parse_scrub_step(e, received) for e in doc["steps"])
+        results[r.url] = dict(x for x in parsed if x is not None)
+    return results, notes
+
+
+def _scrub_note(url: str, checks: Sequence[ReplicaCheck], max_age_s: float) -> str:
+    """The :attr:`VerifyReport.scrub` note of a peer replica whose agent gave its results."""
+    mine = [c for c in checks if c.replica == url and c.status in ("ok", "bad")]
+    used = [c for c in mine if c.scrubbed is not None]
+    fresh = f"at most {_duration(max_age_s)} old and about the commit stored there"
+    if not mine:
+        return "no committed step there to use them for"
+    if len(used) == len(mine) and all(rk.read == 0 for c in used for rk in c.ranks):
+        return f"used for every step ({len(used)}): no object read there ({fresh})"
+    if not used:
+        return f"not used: no result {fresh} (every object read there)"
+    return f"used for {len(used)} of {len(mine)} step(s) where {fresh}; the other objects were read"
+
+
+def _duration(seconds: float) -> str:
+    """``86400`` -> ``1d``, ``90`` -> ``90s``: the largest unit that divides it."""
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n and seconds % n == 0:
+            return f"{int(seconds // n)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _use_scrub(
+    eng: Engine, plan: ReplicaPlan, steps: Mapping[int, _ScrubbedStep] | None, max_age_s: float
+) -> tuple[list[ObjJob], ScrubbedBy | None]:
+    """Settle the objects of ``plan`` that the agent's scrub results cover (module docstring);
+    return the jobs left to read, and what was taken from the results."""
+    jobs = plan.jobs()
+    res = steps.get(plan.step) if steps is not None else None
+    if res is None or plan.commit is None or res.age_s > max_age_s:
+        return jobs, None
+    r = plan.replica
+    try:
+        # The bytes of the record the engine parsed, to compare with the agent's: a step
+        # deleted and saved again under the same number is another record (a few hundred bytes).
+        raw = r.get(commit_key(plan.step), MAX_MANIFEST_BYTES)
+    except FAILURES:
+        return jobs, None
+    if checksum(raw) != res.commit_checksum:
+        return jobs, None
+    named = {commit_key(plan.step)} | {rp.key for rp in plan.ranks} | {j.obj.key for j in jobs}
+    if not set(res.problems) <= named:
+        # Damage under a name this commit does not give (an agent that stores objects under
+        # other names than the manifest's): which of our objects it is cannot be told, so none
+        # of the step's results is taken as proof that an object is good.
+        return jobs, None
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(res.checked_unix))
+    keys: list[str] = []
+    left: list[ObjJob] = []
+    for rp in plan.ranks:
+        scrubbed = res.ranks.get(rp.rank)
+        covered = (
+            scrubbed is not None
+            and rp.manifest is not None
+            and scrubbed[:3] == (rp.key, rp.checksum, True)
+            and scrubbed[3] == len(rp.manifest.objects)
+        )
+        if not covered:
+            left.extend(rp.jobs)
+            continue
+        for job in rp.jobs:
+            bad = res.problems.get(job.obj.key)
+            problem = (
+                Problem(plan.step, r.url, job.obj.key, bad[0], f"scrubbed by agent at {when}: {bad[1]}", job.rank)
+                if bad is not None
+                else None
+            )
+            eng.settle(job, problem)
+            keys.append(job.obj.key)
+    if not keys:
+        return left, None
+    return left, ScrubbedBy(res.checked_unix, res.age_s, tuple(keys))
 
 
 def verify(
@@ -184,6 +381,7 @@ def verify(
     threads: int = 4,
     progress: ProgressFactory | None = None,
     storage_options: Mapping[str, Mapping[str, Any]] | None = None,
+    scrub_max_age_s: float = DEFAULT_SCRUB_MAX_AGE_S,
 ) -> VerifyReport:
     """Check every committed step (or ``step``) on every replica, each replica on its own.
 
@@ -192,6 +390,10 @@ def verify(
     size of every object. A step committed on one replica but not on another is reported as
     ``lagging`` on the latter; torn saves (objects without a commit) are listed as garbage, not
     as problems. See :class:`VerifyReport` for the result and its exit code.
+
+    On a peer replica whose agent scrubs, full mode takes each object's result from the agent's
+    scrub results instead of reading it, where they are at most ``scrub_max_age_s`` old and
+    about the commit stored now (see the module docstring); ``scrub_max_age_s=0`` reads everything.
     """
     with opened(urls, storage_options) as replicas:
         listing, reachable = list_reachable(replicas)
@@ -217,6 +419,8 @@ def verify(
                 Problem(-1, "", "", "unrecoverable", "the replicas hold interrupted saves but no committed step")
             )
         eng = Engine(reachable, threads, quick, progress)
+        scrub_results, scrub_notes = _scrub_results(reachable, scrub_max_age_s, quick)
+        scrubbed: dict[int, ScrubbedBy] = {}  # id(plan) -> what its agent's scrub settled
         try:
             per_step: list[tuple[int, list[ReplicaPlan], list[ReplicaCheck]]] = []
             jobs: list[ObjJob] = []
@@ -228,7 +432,10 @@ def verify(
                     if r.url in holders:
                         plan = eng.replica_plan(r, s)
                         plans.append(plan)
-                        jobs.extend(plan.jobs())
+                        left, by = _use_scrub(eng, plan, scrub_results.get(r.url), scrub_max_age_s)
+                        jobs.extend(left)
+                        if by is not None:
+                            scrubbed[id(plan)] = by
                     else:
                         is_torn = s in listing.torn.get(r.url, [])
                         status = "torn" if is_torn else "absent"
@@ -248,11 +455,22 @@ def verify(
             out_steps: list[StepCheck] = []
             order = {r.url: i for i, r in enumerate(replicas)}
             for s, plans, absent in per_step:
-                checks = sorted([_replica_check(p) for p in plans] + absent, key=lambda c: order[c.replica])
+                checks = sorted(
+                    [_replica_check(p, scrubbed.get(id(p))) for p in plans] + absent, key=lambda c: order[c.replica]
+                )
                 ws, nobj, nbytes, created = _step_meta(plans)
                 out_steps.append(StepCheck(s, ws, nobj, nbytes, created, recoverable(eng, plans), tuple(checks)))
         finally:
             eng.close()
+        all_checks = [c for st in out_steps for c in st.replicas]
+        for url in scrub_results:
+            scrub_notes[url] = _scrub_note(url, all_checks, scrub_max_age_s)
         return VerifyReport(
-            tuple(r.url for r in replicas), quick, tuple(out_steps), torn, dict(listing.unreachable), tuple(notes)
+            tuple(r.url for r in replicas),
+            quick,
+            tuple(out_steps),
+            torn,
+            dict(listing.unreachable),
+            tuple(notes),
+            scrub_notes,
         )

@@ -21,6 +21,10 @@ variable). A missing or wrong token raises :class:`~ckptmirror.errors.ReplicaPer
 :class:`~ckptmirror.errors.ReplicaUnavailableError` (an outage: the peer is degraded until it
 answers). TLS: use ``peers://`` (or ``tls=True``) with ``cafile=`` for a private CA.
 
+Scrub results: :meth:`PeerReplica.scrub_report` gives the agent's latest scrub results for the
+namespace (``ckptmirror verify`` takes fresh ones instead of reading the objects again), or
+raises :class:`ScrubUnavailableError` when the agent does not scrub or is too old to say.
+
 The wire rules (paths, headers, statuses) are in :mod:`ckptmirror.replicas._peer_protocol`.
 """
 
@@ -57,7 +61,13 @@ from .base import (
     validate_key,
 )
 
-__all__ = ["TOKEN_ENV", "PeerReplica"]
+__all__ = ["TOKEN_ENV", "PeerReplica", "ScrubUnavailableError"]
+
+
+class ScrubUnavailableError(ReplicaError):
+    """The agent has no scrub results to give: it does not scrub (``ckptmirror serve`` without
+    ``--scrub-interval``) or it is older than the ``GET /v1/scrub/`` route. Not an outage: the
+    agent answered; whoever wanted its results reads the bytes instead."""
 
 
 class _BudgetSpent(TimeoutError):
@@ -477,6 +487,41 @@ class PeerReplica(Replica):
 
     def ping(self) -> None:
         self.health()
+
+    def scrub_report(self) -> dict[str, Any]:
+        """The agent's latest scrub results for this namespace (``GET /v1/scrub/<ns>``; the
+        schema is in :mod:`._peer_protocol`), under the replica's time budget like every call.
+
+        Raises :class:`ScrubUnavailableError` naming the replica when the agent does not scrub
+        or is too old to have the route, and ReplicaError when the answer is not a results
+        document. Ages in it are the agent's (``age_s``): no clock of this machine is involved.
+        """
+        op = "scrub_report"
+        dl = self.budget.start(op, "")
+        resp = self._request("GET", self._path(wire.OP_SCRUB), "", dl)
+        try:
+            if resp.status == 404:
+                text = resp.read(4096).decode("utf-8", "replace").strip()
+                # The agent's own 404 says it does not scrub; any other 404 is aiohttp's for a
+                # route it does not know: an agent from before scrubbing was added.
+                why = (
+                    "the agent does not scrub (start it with 'ckptmirror serve --scrub-interval S')"
+                    if "scrub" in text
+                    else f"the agent has no {wire.PREFIX}/{wire.OP_SCRUB}/ route (too old: upgrade it to scrub)"
+                )
+                raise ScrubUnavailableError(f"{op}: no scrub results: {why}", replica=self.url)
+            self._check(resp, "")
+            body = self._read_body(resp, dl, "")
+        except BaseException:
+            self._drop()
+            raise
+        try:
+            doc = json.loads(body)
+        except ValueError as exc:
+            raise ReplicaError(f"{op}: the answer is not JSON: {exc}", replica=self.url) from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list):
+            raise ReplicaError(f"{op}: the answer is not a scrub results document", replica=self.url)
+        return doc
 
     def release_thread(self) -> None:
         self._drop()
