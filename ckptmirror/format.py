@@ -40,7 +40,7 @@ from .checksum import is_checksum
 from .errors import ManifestError
 
 #: The version written; every version from 1 up to it is read.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MAX_STEP = 10**12 - 1
 MAX_RANKS = 100_000
 MAX_OBJECT_BYTES = 1 << 40  # 1 TiB: anything larger in a manifest is hostile or corrupt
@@ -92,7 +92,23 @@ def rank_manifest_key(step: int, rank: int, token: str) -> str:
     return f"{step_dir(step)}/rank-{rank:05d}-{_check_token(token)}.json"
 
 
-_WRITER_RE = re.compile(r"step-[0-9]{12}/rank-([0-9]{5})(?:/o[0-9]{6})?-([0-9a-f]{8})\.(?:bin|json)\Z")
+_WRITER_RE = re.compile(
+    r"step-[0-9]{12}/rank-([0-9]{5})(?:/o[0-9]{6}-([0-9a-f]{8})\.(?:bin|zst)|-([0-9a-f]{8})\.(?:json|place\.json))\Z"
+)
+#: Stored object names (format version 3): ``.bin`` raw bytes, ``.zst`` the zstd byte-plane codec.
+STORED_OBJECT_RE = re.compile(r"step-([0-9]{12})/rank-[0-9]{5}/o[0-9]{6}-[0-9a-f]{8}\.(bin|zst)\Z")
+#: File name suffix of each codec's stored objects.
+CODEC_SUFFIX = {"none": ".bin", "zstd": ".zst"}
+
+
+def stored_object_key(home: str, codec: str) -> str:
+    """Where an object whose manifest key is ``home`` is stored when encoded with ``codec``."""
+    return home if codec == "none" else home[: -len(".bin")] + CODEC_SUFFIX[codec]
+
+
+def placement_key(step: int, rank: int, token: str) -> str:
+    """Key of the placement record of writer ``(rank, token)`` at ``step`` (format version 3)."""
+    return f"{step_dir(step)}/rank-{rank:05d}-{_check_token(token)}.place.json"
 
 
 #: Name prefix of a file being written (``.tmp-<uuid32>-<name>``): never a committed object.
@@ -105,7 +121,7 @@ def writer_of(key: str) -> tuple[int, str] | None:
     (``.tmp-<uuid>-<name>``); None for anything else (commit records and their temp files)."""
     head, _, name = key.rpartition("/")
     m = _WRITER_RE.match(f"{head}/{_TMP_RE.sub('', name, count=1)}" if name.startswith(TMP_PREFIX) else key)
-    return (int(m.group(1)), m.group(2)) if m else None
+    return (int(m.group(1)), m.group(2) or m.group(3)) if m else None
 
 
 def is_rank_manifest_key(key: str, step: int, rank: int) -> bool:
@@ -214,6 +230,9 @@ class RankManifest:
     leaves: tuple[LeafRecord, ...]
     structure: Any
     created_unix: float = field(default_factory=time.time)
+    #: The version this manifest was read as (or is written as). From version 3 on, a replica
+    #: may hold an object compressed or under an earlier step's name: see :mod:`ckptmirror.placement`.
+    format_version: int = FORMAT_VERSION
 
     @property
     def stream_bytes(self) -> int:
@@ -221,7 +240,7 @@ class RankManifest:
         return sum(o.size for o in self.objects)
 
     def to_json(self) -> bytes:
-        """Serialise as format version 2 (deterministic key order): columns, not rows.
+        """Serialise as the current format version (deterministic key order): columns, not rows.
 
         Strides are written only for the leaves whose strides are not the C-contiguous ones of
         their shape (views, transposes, expanded tensors), as ``[leaf, [strides]]`` pairs.
@@ -569,7 +588,7 @@ def parse_commit(data: bytes, key: str) -> CommitRecord:
 
 
 def parse_rank_manifest(data: bytes, key: str) -> RankManifest:
-    """Parse and validate a rank manifest (format version 1 or 2), including every bound a reader relies on.
+    """Parse and validate a rank manifest (format version 1, 2 or 3), including every bound a reader relies on.
 
     Memory is bounded before parsing (:func:`load_json`); the leaf checks that need dtypes
     (extent inside the storage, element counts) are :func:`ckptmirror.restore.check.validate_manifest`'s.
@@ -593,7 +612,7 @@ def _parse_rank_manifest(data: bytes, key: str) -> RankManifest:
     created = f.number(doc.get("created_unix", 0.0), "created_unix")
     if "structure" not in doc:
         raise f.err("structure", "missing")
-    return RankManifest(step, rank, world, objects, storages, leaves, doc["structure"], created)
+    return RankManifest(step, rank, world, objects, storages, leaves, doc["structure"], created, doc["format_version"])
 
 
 #: Leaf flags (bit 0: requires_grad, bit 1: parameter) -> each bool, by table lookup.

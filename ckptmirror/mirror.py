@@ -29,10 +29,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, cast
 
+import torch
+
 from . import config, shutdown
 from .dist import Coordinator, DistInfo, detect, expand_url
 from .errors import ReplicaError, ReplicaUnavailableError, StepExistsError, StepNotFoundError
-from .format import MAX_STEP
+from .format import MAX_STEP, cut_objects, new_token
 from .handle import SaveHandle
 from .health import ReplicaHealth
 from .metrics import MirrorMetrics
@@ -40,8 +42,9 @@ from .replicas import Replica, close_opened, open_replicas
 from .restore.choose import load_newest
 from .restore.discover import list_steps
 from .restore.undo import BufferFactory
+from .save.encode import PreWritten
 from .save.fanout import Fanout, SaveJob
-from .save.snapshot import ArenaPool, Plan, plan, plan_key, prepare, snapshot
+from .save.snapshot import Arena, ArenaPool, Plan, copy_range, plan, plan_key, prepare, snapshot
 from .state.targets import Stateful, check_fits, init_sharded_optimizer_state
 from .state.tree import flatten
 
@@ -103,6 +106,15 @@ class Mirror:
             once in total, its objects spread over the ranks. None (default): yes when the model
             given to :meth:`save` is wrapped in ``DistributedDataParallel``. The ranks verify
             that it really is identical; if not, the save fails with StateMismatchError.
+        staging_bytes: cap on each staging arena (default: none, an arena holds the whole
+            state). A state larger than the cap is snapshotted in slices: ``save()`` copies a
+            slice, writes it to the replicas and waits for that, copies the next, ..., and
+            returns once the last slice (at most ``staging_bytes``) is copied; that one is
+            written in the background like any save. The trade-off: host memory stays at
+            ``max_inflight x staging_bytes`` whatever the state's size, and the training thread
+            stalls for writing the part that did not fit (about ``(state - cap) / write speed``
+            of the slowest replica) instead of one memcpy. Correctness does not change: the
+            step holds the values at the call. At least ``object_bytes``.
 
     Example::
 
@@ -134,6 +146,7 @@ class Mirror:
         sigterm_timeout_s: float = 20.0,
         commit_timeout_s: float = 300.0,
         replicated: bool | None = None,
+        staging_bytes: int | None = None,
     ) -> None:
         if isinstance(replicas, (str, Replica)):
             replicas = [replicas]
@@ -154,6 +167,13 @@ class Mirror:
         self.io_threads = io_threads
         self.inflight_policy = inflight_policy
         self.replicated = replicated
+        if staging_bytes is not None and (
+            isinstance(staging_bytes, bool) or not isinstance(staging_bytes, int) or staging_bytes < object_bytes
+        ):
+            raise ValueError(
+                f"staging_bytes must be None or an int of at least object_bytes ({object_bytes}), got {staging_bytes!r}"
+            )
+        self.staging_bytes = staging_bytes
         self.open_timeout_s = open_timeout_s
         sigterm_policy = shutdown.resolve(on_sigterm)  # bad values raise before anything is opened
         replicas = [expand_url(u, self.dist) if isinstance(u, str) else u for u in replicas]
@@ -280,8 +300,19 @@ class Mirror:
             self._metrics.track(handle)
             return handle
         handle.wait_s = time.perf_counter() - t_wait
+        pre: PreWritten | None = None
         try:
-            stream = snapshot(p, arena)
+            if self.staging_bytes is not None and p.total_bytes > self.staging_bytes:
+                if replicated and self.dist.distributed:
+                    raise ValueError(
+                        "a replicated (DDP) state larger than staging_bytes cannot be saved in slices: "
+                        "raise staging_bytes, or pass replicated=False"
+                    )
+                if overwrite:
+                    raise ValueError("overwrite=True is not supported for a state larger than staging_bytes")
+                stream, pre = self._sliced_snapshot(step, p, arena, targets)
+            else:
+                stream = snapshot(p, arena)
         except BaseException:
             self._arenas.release(arena)
             raise
@@ -294,9 +325,42 @@ class Mirror:
             self._unfinished += 1
         self._seq += 1
         self._jobs.put(
-            SaveJob(step, handle, arena, stream, p, overwrite, targets, self._seq, replicated and self.dist.distributed)
+            SaveJob(
+                step, handle, arena, stream, p, overwrite, targets, self._seq, replicated and self.dist.distributed, pre
+            )
         )
         return handle
+
+    def _sliced_snapshot(
+        self, step: int, p: Plan, arena: Arena, targets: list[Replica]
+    ) -> tuple[torch.Tensor, PreWritten]:
+        """Snapshot a state larger than ``staging_bytes``: every slice but the last is copied
+        into the arena and written to the replicas on this thread; the last one is staged and
+        returned for the background writer (see ``staging_bytes``)."""
+        cap = cast(int, self.staging_bytes)
+        windows = cut_objects(p.storages, self.object_bytes)
+        total = p.total_bytes
+        tail = next(i for i, (off, _) in enumerate(windows) if total - off <= cap)
+        buf = arena.reserve(cap, p.needs_pinned)
+        pre = PreWritten(new_token())
+        i = 0
+        while i < tail:
+            lo = windows[i][0]
+            j = i + 1  # every object fits: object_bytes <= staging_bytes
+            while j < tail and windows[j][0] + windows[j][1] - lo <= cap:
+                j += 1
+            hi = windows[j - 1][0] + windows[j - 1][1]
+            chunk = buf[: hi - lo]
+            copy_range(p, chunk, lo, hi)
+            self._fanout.prewrite(step, pre, p, windows, j, chunk, targets)
+            i = j
+        pre.base = windows[tail][0]
+        stream = buf[: total - pre.base]
+        copy_range(p, stream, pre.base, total)
+        log.info(
+            "step %d: %d of %d bytes written before save() returned (staging_bytes=%d)", step, pre.base, total, cap
+        )
+        return stream, pre
 
     def _run(self) -> None:
         while True:
@@ -516,7 +580,7 @@ class Mirror:
             "optim": optim.state_dict() if optim is not None else None,
             "extra": extra,
         }
-        key, p = prepare(flatten(state), self._arenas)
+        key, p = prepare(flatten(state), self._arenas, self.staging_bytes)
         if key is not None:
             self._plan_cache = (key, p)
         return p.total_bytes

@@ -58,11 +58,20 @@ from ckptmirror.format import commit_key, step_dir
 from ckptmirror.replicas import FaultyReplica, LocalReplica, open_replica
 
 WIDTH = 48  # ~56 KiB of state (float32, bfloat16, int64), several objects of up to 16 KiB (few: S3 requests cost)
+#: Kept at step 0's values in every step (a frozen base): its objects are stored once and later
+#: steps reference them (incremental saves), so kills also land on references and on retention
+#: keeping a dropped step's referenced objects.
+FROZEN = ("fc1.weight",)
 OBJECT_BYTES = 16 << 10
 OBJECTS = 4
 NAMES = ("local", "peer", "s3")
 PHASES = ("put", "put-manifest", "commit", "delete-commit", "delete-prefix", "cleanup-stale", "cleanup-torn")
 ALARM_S = 120  # a writer nobody killed ends itself
+
+
+def _in_dir(key: str, step: int) -> bool:
+    """Whether ``key`` is ``step``'s directory or a file in it."""
+    return key == step_dir(step) or key.startswith(step_dir(step) + "/")
 
 
 def _block_forever() -> None:
@@ -83,7 +92,7 @@ def _mirror(urls: list[str], hooks: dict[str, Any], keep_last: int, io_threads: 
 
 
 def _save(m: Mirror, step: int, progress: str) -> None:
-    m.save(step, wc.fill(wc.Net(WIDTH), step), extra=wc.extra_for(step)).result(timeout=60)
+    m.save(step, wc.fill(wc.Net(WIDTH), step, frozen=FROZEN), extra=wc.extra_for(step)).result(timeout=60)
     _append(progress, step)
 
 
@@ -118,8 +127,8 @@ def run_phase(cmd: dict[str, Any], urls: list[str]) -> None:
                 fire(ph, key)
             elif phase == "delete-commit" and ph == "delete" and key == commit_key(a):
                 fire(ph, key)
-            elif phase == "delete-prefix" and ph == "delete" and key == step_dir(a):
-                fire(ph, key)
+            elif phase == "delete-prefix" and ph == "delete" and _in_dir(key, a) and key != commit_key(a):
+                fire(ph, key)  # the whole directory, or (referenced objects kept) its first file
             elif (
                 phase == "cleanup-stale"
                 and ph == "delete"
@@ -127,7 +136,7 @@ def run_phase(cmd: dict[str, Any], urls: list[str]) -> None:
                 and key != commit_key(a + 1)
             ):
                 fire(ph, key)
-            elif phase == "cleanup-torn" and ph == "delete" and key == step_dir(a + 1):
+            elif phase == "cleanup-torn" and ph == "delete" and _in_dir(key, a + 1):
                 fire(ph, key)
 
         return hook
@@ -139,7 +148,7 @@ def run_phase(cmd: dict[str, Any], urls: list[str]) -> None:
     m.wait()  # its retention pass too: what the hook sees next belongs to the armed save
     if phase in ("cleanup-stale", "cleanup-torn"):
         fail_all.set()
-        failed = m.save(a + 1, wc.fill(wc.Net(WIDTH), a + 1), extra=wc.extra_for(a + 1))
+        failed = m.save(a + 1, wc.fill(wc.Net(WIDTH), a + 1, frozen=FROZEN), extra=wc.extra_for(a + 1))
         assert failed.exception(timeout=60) is not None, "the first attempt at step A+1 was meant to fail"
         # The handle fails as soon as one replica did; the others are still writing: wait for
         # them (still failing) before the retry.

@@ -102,6 +102,24 @@ def local_manifest(root: Path, step: int) -> Any:
     return parse_rank_manifest(path.read_bytes(), path.relative_to(root).as_posix())
 
 
+def stored_key(root: str | os.PathLike[str], key: str) -> str:
+    """Where the local replica ``root`` holds the object whose manifest key is ``key``: itself,
+    or (format version 3) the compressed or earlier step's file its placement record names."""
+    from ckptmirror.format import writer_of
+    from ckptmirror.placement import parse_placement
+
+    w = writer_of(key)
+    if w is None:
+        return key
+    step_dir = key.split("/", 1)[0]
+    pkey = f"{step_dir}/rank-{w[0]:05d}-{w[1]}.place.json"
+    path = Path(root) / pkey
+    if not path.exists():
+        return key
+    s = parse_placement(path.read_bytes(), pkey).entries.get(key)
+    return key if s is None else s.key
+
+
 # --------------------------------------------------------------------------------- logs
 def ck_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     """The messages of the WARNING (and worse) records ckptmirror logged."""

@@ -53,11 +53,15 @@ class Net(torch.nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
 
-def fill(net: Net, step: int, seed: int = SEED) -> Net:
-    """Overwrite every tensor of ``net`` with values determined by (step, seed) only."""
+def fill(net: Net, step: int, seed: int = SEED, frozen: tuple[str, ...] = ()) -> Net:
+    """Overwrite every tensor of ``net`` with values determined by (step, seed) only; the
+    ``frozen`` ones with step 0's values whatever the step (a frozen base: incremental saves)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     with torch.no_grad():
-        for _name, t in net.state_dict().items():
+        for name, t in net.state_dict().items():
+            if name in frozen:
+                t.copy_(fill(Net(net.fc1.in_features), 0, seed).state_dict()[name])
+                continue
             if t.is_floating_point():
                 t.copy_(torch.randn(t.shape, generator=g).to(t.dtype))
             else:
@@ -65,9 +69,9 @@ def fill(net: Net, step: int, seed: int = SEED) -> Net:
     return net
 
 
-def expected_state(step: int, width: int, seed: int = SEED) -> dict[str, torch.Tensor]:
+def expected_state(step: int, width: int, seed: int = SEED, frozen: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """What ``Net(width)`` filled for ``step`` holds, as fresh tensors."""
-    return {k: v.detach().clone() for k, v in fill(Net(width), step, seed).state_dict().items()}
+    return {k: v.detach().clone() for k, v in fill(Net(width), step, seed, frozen).state_dict().items()}
 
 
 def extra_for(step: int, seed: int = SEED) -> dict:

@@ -109,13 +109,16 @@ def bucket(s3_url: str, moto_server: str) -> S3Bucket:
 @pytest.fixture
 def make_s3() -> Iterator[Callable[..., S3Replica]]:
     """``make_s3(url, **options)``: S3Replica objects (5 MiB parts, 10 s timeout, 2 retries unless
-    given), caller-owned (a Mirror does not close them), closed at teardown."""
+    given), caller-owned (a Mirror does not close them), closed at teardown. They store objects
+    raw unless given ``compression="zstd"`` (the S3 default), so that tests can compare S3's bytes
+    with a local replica's; tests/test_compression.py covers the compressed default."""
     from ckptmirror.replicas.s3 import S3Replica
 
     made: list[S3Replica] = []
 
-    def make(url: str, **kw: Any) -> S3Replica:
+    def make(url: str, compression: str = "none", **kw: Any) -> S3Replica:
         r = S3Replica(url, **{"part_bytes": S3_PART_BYTES, "timeout_s": 10, "retries": 2, **kw})
+        r.compression = compression
         made.append(r)
         return r
 

@@ -504,13 +504,18 @@ def test_slow_s3_does_not_hold_up_the_local_commit(local: Path, s3: S3Replica) -
 
 # ------------------------------------------------------------ 10. per-URL storage options
 def test_per_url_storage_options_configure_the_s3_replica(local: Path, s3_url: str, bucket: S3Bucket) -> None:
-    opts = {s3_url: {"part_bytes": PART, "timeout_s": 7}, "s3": {"part_bytes": 64 * MiB}, "file": {"fsync": False}}
+    opts = {
+        s3_url: {"part_bytes": PART, "timeout_s": 7, "compression": "none"},  # raw: the part arithmetic below
+        "s3": {"part_bytes": 64 * MiB},
+        "file": {"fsync": False},
+    }
     net = fill(make_net(**BIG), 1)
     with Mirror([str(local), s3_url], object_bytes=BIG_OBJECT, storage_options=opts) as m:
         lr, sr = m.replicas
         assert isinstance(lr, LocalReplica) and lr.fsync is False  # the "file" scheme entry
         assert isinstance(sr, S3Replica) and sr.url == s3_url
         assert sr.part_bytes == PART and sr.timeout_s == 7  # the URL entry wins over the scheme entry
+        assert sr.compression == "none" and lr.compression == "none"
         m.save(1, net).result(timeout=60)
         m.wait()
     # The 7 MiB object went up in 5 MiB parts: a multipart ETag ("...-2").
@@ -519,6 +524,7 @@ def test_per_url_storage_options_configure_the_s3_replica(local: Path, s3_url: s
     assert head["ContentLength"] == BIG_OBJECT and head["ETag"].strip('"').endswith("-2")
     with Mirror([s3_url], storage_options={"s3": {"part_bytes": 6 * MiB}}) as m:
         assert m.replicas[0].part_bytes == 6 * MiB  # a scheme entry applies when no URL entry matches
+        assert m.replicas[0].compression == "zstd"  # S3's default
         res = m.restore(fill(make_net(**BIG), 999))
         assert res.step == 1 and set(res.sources.values()) == {s3_url}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import REPO, torchrun
+from _helpers import REPO, stored_key, torchrun
 
 from ckptmirror import Mirror, NoValidCheckpointError, StateMismatchError
 from ckptmirror.format import parse_commit, parse_rank_manifest
@@ -49,7 +49,7 @@ def objects(root: Path, step: int, rank: int = 0) -> list[tuple[str, int]]:
     m = parse_rank_manifest((root / ref.key).read_bytes(), ref.key)
     out, off = [], 0
     for o in m.objects:
-        out.append((o.key, off))
+        out.append((stored_key(root, o.key), off))  # an incremental save may reference an older step's file
         off += o.size
     return out
 
@@ -62,6 +62,11 @@ def optim_object(root: Path, step: int) -> str:
     model_bytes = sum(p.numel() * p.element_size() for p in build(0)[0].parameters())
     offs = objects(root, step)
     return next(k for k, off in offs if off >= model_bytes and off + OBJ <= m.stream_bytes - 1024)
+
+
+def own(objs: list[tuple[str, int]], step: int) -> list[tuple[str, int]]:
+    """The objects of ``objs`` stored in ``step``'s own directory (not referenced from an earlier step)."""
+    return [o for o in objs if o[0].startswith(f"step-{step:012d}/")]
 
 
 def corrupt(root: Path, key: str) -> None:
@@ -123,7 +128,7 @@ def test_fallback_to_an_older_step_restores_it_bit_exact(tmp_path: Path) -> None
         old_model, old_optim = build(1)
         m.save(1, old_model, old_optim).result(timeout=60)
         m.save(2, *build(2)).result(timeout=60)
-    objs = objects(tmp_path, 2)
+    objs = own(objects(tmp_path, 2), 2)  # not one step 1 shares (incremental saves store those once)
     corrupt(tmp_path, objs[-1][0])
     model, optim = build(3)
     with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
@@ -201,7 +206,7 @@ def test_all_ranks_roll_back_together(tmp_path: Path) -> None:
     child = str(REPO / "tests" / "_atomic_child.py")
     torchrun(child, "save", str(tmp_path))
     saved = [json.loads((tmp_path / f"save-{r}.json").read_text()) for r in (0, 1)]
-    corrupt(tmp_path / "rank1", objects(tmp_path / "rank1", 2, rank=1)[-1][0])
+    corrupt(tmp_path / "rank1", own(objects(tmp_path / "rank1", 2, rank=1), 2)[-1][0])
     torchrun(child, "restore", str(tmp_path))
     got = [json.loads((tmp_path / f"restore-{r}.json").read_text()) for r in (0, 1)]
     for r in (0, 1):

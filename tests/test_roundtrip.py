@@ -745,7 +745,7 @@ def test_wait_returns_after_retention_of_finished_saves(tmp_path):
     replica = FaultyReplica(LocalReplica(str(tmp_path)), on_phase=slow_delete)
     with ckptmirror.Mirror([replica], keep_last=1) as m:
         m.save_state(1, {"v": torch.ones(2)}).result(timeout=30)
-        m.save_state(2, {"v": torch.ones(2)}).result(timeout=30)
+        m.save_state(2, {"v": torch.zeros(2)}).result(timeout=30)  # new bytes: step 1 keeps nothing
         m.wait()
         assert m.steps() == [2]
         assert step_dirs(tmp_path) == ["step-000000000002"]

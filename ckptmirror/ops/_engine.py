@@ -11,6 +11,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import CorruptObjectError, ManifestError, ObjectMissingError, ReplicaError
 from ..format import TMP_PREFIX, CommitRecord, ObjectRecord, RankManifest, commit_key, step_dir, writer_of
@@ -201,7 +202,9 @@ class Engine:
             return
         if not self.quick:
             try:
-                self.shared.fetch(obj.key, obj.size, obj.checksum, [r])  # size + xxh3, this replica only
+                # Size + xxh3 of what this replica stores (compressed bytes as the placement pins
+                # them: nothing is decoded); the manifest's own check happens on every restore.
+                reader.verify_stored(r, obj)
             except FAILURES as exc:
                 job.problem = self._describe(r, job.step, job.rank, obj.key, obj.size, exc)
                 return
@@ -322,6 +325,37 @@ def referenced(
             return commit, None, f"rank manifest {ref.key} verifies on no replica"
         ms.append(m)
     return commit, ms, None
+
+
+def storage_of(eng: Engine, r: Replica, step: int, manifests: Sequence[RankManifest]) -> dict[str, Any]:
+    """How ``r`` stores ``step``'s objects (format 3: placement records): decoded and stored bytes,
+    how many objects are compressed, how many reference an earlier step's file (and their bytes).
+    Only what ``r`` holds: objects of ranks it does not store are left out. Reads placement
+    records and key sizes, never object data."""
+    reader = eng.single[r.url]
+    own = step_dir(step) + "/"
+    out = {"raw_bytes": 0, "stored_bytes": 0, "objects": 0, "compressed": 0, "referenced": 0, "referenced_bytes": 0}
+    listed: dict[str, set[str]] = {}  # step directory -> its keys: one listing each, not a HEAD per object
+    for m in manifests:
+        for obj in m.objects:
+            try:
+                st = reader.stored(r, obj)
+                d = st.key.split("/", 1)[0]
+                if d not in listed:
+                    listed[d] = set(r.list_prefix(d))
+                if st.key not in listed[d]:
+                    continue  # not on this replica (another node's rank, or missing: verify says which)
+            except FAILURES as exc:
+                out["error"] = str(exc)  # type: ignore[assignment]
+                continue
+            out["objects"] += 1
+            out["raw_bytes"] += obj.size
+            out["stored_bytes"] += st.size
+            out["compressed"] += st.codec != "none"
+            if not st.key.startswith(own):
+                out["referenced"] += 1
+                out["referenced_bytes"] += st.size
+    return out
 
 
 def garbage_keys(

@@ -19,6 +19,7 @@ from ..restore.discover import StepListing, list_steps
 from ..restore.fetch import Fetcher
 from ..state.tree import unflatten
 from ._common import UsageError, dotted, opened, walk
+from ._engine import Engine, storage_of
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class InspectReport:
     world_size: int
     created_unix: float
     ranks: tuple[RankTree, ...]
+    #: replica URL -> how it stores the step (raw and stored bytes, compressed and referenced objects)
+    storage: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``ckptmirror inspect --json``); the tree is given as entries."""
@@ -73,6 +76,7 @@ class InspectReport:
             "step": self.step,
             "world_size": self.world_size,
             "created_unix": self.created_unix,
+            "storage": {u: dict(v) for u, v in self.storage.items()},
             "ranks": [
                 {
                     "rank": rt.rank,
@@ -239,6 +243,13 @@ def inspect(
                     for p, v in walk(tree, (), lambda x: isinstance(x, LeafInfo))
                 )
                 ranks.append(RankTree(ref.rank, len(m.objects), m.stream_bytes, entries, tree))
+            manifests = [reader.read_manifest(commit, ref.rank) for ref in commit.ranks]
+            holders = [r for r in replicas if r.url in listing.committed[s]]
+            eng = Engine(holders, 1, True, None)
+            try:
+                storage = {r.url: storage_of(eng, r, s, manifests) for r in holders}
+            finally:
+                eng.close()
         finally:
             pool.shutdown()
-        return InspectReport(s, commit.world_size, commit.created_unix, tuple(ranks))
+        return InspectReport(s, commit.world_size, commit.created_unix, tuple(ranks), storage)

@@ -9,8 +9,9 @@ from typing import Any
 
 from ..format import step_dir
 from ..replicas import Replica
+from ..save.retention import protected_keys
 from ._common import FAILURES, list_reachable, opened
-from ._engine import Engine, garbage_keys, referenced
+from ._engine import Engine, garbage_keys, referenced, storage_of
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,11 @@ class StepInfo:
     created_unix: float | None
     garbage: Mapping[str, tuple[str, ...]]  # replica -> keys under this step that no commit names
     error: str | None = None  # the commit or a manifest could not be read from any replica
+    #: replica -> how it stores the step: raw and stored bytes, compressed and referenced objects
+    storage: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    #: replicas where the directory is no step any more (no commit record) but keeps objects that
+    #: later steps reference (incremental saves); not garbage, not an interrupted save
+    kept_for_references_on: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,13 +66,36 @@ def ls(urls: Sequence[str | Replica], *, storage_options: Mapping[str, Mapping[s
         all_steps = set(listing.committed) | {s for v in listing.torn.values() for s in v}
         eng = Engine(reachable, 1, True, None)
         out: list[StepInfo] = []
+        protected: dict[str, set[str] | None] = {}
+
+        def kept(r: Replica, s: int) -> bool:
+            """Whether step ``s``'s directory on ``r`` holds only files other steps reference."""
+            if r.url not in protected:
+                on_r = {c for c, urls in listing.committed.items() if r.url in urls} | set(listing.torn.get(r.url, []))
+                protected[r.url] = protected_keys(r, sorted(on_r))
+            keys = r.list_prefix(step_dir(s))
+            refs = protected[r.url]
+            return bool(keys) and refs is not None and all(k in refs for k in keys)
+
         try:
             for s in sorted(all_steps):
                 holders = sorted(listing.committed.get(s, []), key=order.__getitem__)
                 torn_on = tuple(u for u in order if s in listing.torn.get(u, []))
+                kept_on: list[str] = []
+                for r in reachable:
+                    if r.url in torn_on:
+                        try:
+                            if kept(r, s):
+                                kept_on.append(r.url)
+                        except FAILURES:
+                            pass  # judged torn, as before: its listing below reports the error
+                torn_on = tuple(u for u in torn_on if u not in kept_on)
                 garbage: dict[str, tuple[str, ...]] = {}
+                storage: dict[str, Any] = {}
                 commit, ms, err = referenced(eng, None, s, holders) if holders else (None, None, None)
                 for r in reachable:
+                    if r.url in holders and ms is not None:
+                        storage[r.url] = storage_of(eng, r, s, ms)
                     if r.url in holders or r.url in torn_on:
                         try:
                             g = (
@@ -90,6 +119,8 @@ def ls(urls: Sequence[str | Replica], *, storage_options: Mapping[str, Mapping[s
                         commit.created_unix if commit else None,
                         garbage,
                         err,
+                        storage,
+                        tuple(kept_on),
                     )
                 )
         finally:

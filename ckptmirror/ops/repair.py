@@ -10,7 +10,8 @@ from typing import Any
 
 from ..buffers import host_bytes
 from ..errors import StepExistsError, StepNotFoundError
-from ..format import MAX_MANIFEST_BYTES, CommitRecord, commit_key, parse_commit
+from ..format import MAX_MANIFEST_BYTES, CommitRecord, ObjectRecord, commit_key, parse_commit
+from ..placement import drop_placement_entry
 from ..replicas import Replica
 from ._common import FAILURES, Problem, Progress, ProgressFactory, list_reachable, opened
 from ._engine import Engine, ObjJob, ReplicaPlan, recoverable
@@ -266,7 +267,17 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
             return RepairAction(s, r.url, key, "copy", srcs[0].url if srcs else None, size, reason)
         try:
             buf, src = eng.shared.fetch(key, size, csum, srcs)  # verified again while copying
-            r.put(key, host_bytes(buf) if size else b"")
+            data = host_bytes(buf) if size else b""
+            st = eng.single[r.url].stored(r, ObjectRecord(key, size, csum))
+            if st.codec == "none":
+                # Raw under its own name, or (an incremental save) under an earlier step's name,
+                # which holds these very bytes for every step that references it.
+                r.put(st.key, data)
+            else:
+                # Compressed there: store it raw under its own name instead, and drop the
+                # placement's entry (in that order: a crash in between leaves it damaged, not wrong).
+                r.put(key, data)
+                drop_placement_entry(r, key)
         except FAILURES as exc:
             return RepairAction(
                 s,

@@ -83,8 +83,37 @@ def options_for(
     return storage_options.get(scheme_of(url) or "file")
 
 
+#: Storage options every backend takes (how saves store objects there), not passed to its constructor.
+POLICY_OPTIONS = ("compression", "compression_level", "incremental")
+
+
+def _apply_policy(replica: Replica, policy: Mapping[str, Any]) -> Replica:
+    """Set a replica's storage policy from its ``storage_options``; bad values name the replica."""
+    comp = policy.get("compression", "auto")
+    if comp not in ("none", "zstd", "auto"):
+        raise ValueError(
+            f"storage option compression={comp!r} for {replica.url}: use 'none', 'zstd' or 'auto' "
+            "(auto: zstd for S3 and fsspec, none for local disk, memory and peers)"
+        )
+    if comp != "auto":
+        replica.compression = comp
+    level = policy.get("compression_level", replica.compression_level)
+    if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 22:
+        raise ValueError(f"storage option compression_level={level!r} for {replica.url}: an int from 1 to 22")
+    replica.compression_level = level
+    inc = policy.get("incremental", replica.incremental)
+    if not isinstance(inc, bool):
+        raise ValueError(f"storage option incremental={inc!r} for {replica.url}: True or False")
+    replica.incremental = inc
+    return replica
+
+
 def open_replica(url: str | Replica, options: Mapping[str, Any] | None = None) -> Replica:
     """Return the backend for ``url``; a :class:`Replica` instance is returned unchanged.
+
+    ``options`` go to the backend's constructor, except the storage policy every backend takes:
+    ``compression`` (``"none"``, ``"zstd"``, ``"auto"``), ``compression_level`` and
+    ``incremental`` (see :class:`~ckptmirror.replicas.base.Replica`).
 
     Raises ValueError for a URL that cannot be parsed or names an unknown scheme (suggesting
     the closest known one), ImportError naming the package to install.
@@ -93,8 +122,13 @@ def open_replica(url: str | Replica, options: Mapping[str, Any] | None = None) -
         return url
     if not isinstance(url, str) or not url:
         raise ValueError(f"replica URL must be a non-empty string, got {url!r}")
-    scheme = scheme_of(url)
     opts = dict(options or {})
+    policy = {k: opts.pop(k) for k in POLICY_OPTIONS if k in opts}
+    return _apply_policy(_open_backend(url, opts), policy)
+
+
+def _open_backend(url: str, opts: dict[str, Any]) -> Replica:
+    scheme = scheme_of(url)
     if scheme in ("", "file"):
         return LocalReplica(url, **opts)
     if scheme == "memory":

@@ -38,7 +38,8 @@ from typing import Any
 
 from ..checksum import Hasher, checksum
 from ..errors import CkptMirrorError, ManifestError, ObjectMissingError
-from ..format import MAX_MANIFEST_BYTES, commit_key, parse_commit, parse_rank_manifest, parse_step_dir
+from ..format import MAX_MANIFEST_BYTES, RankManifest, commit_key, parse_commit, parse_rank_manifest, parse_step_dir
+from ..placement import MAX_PLACEMENT_BYTES, Stored, resolve
 from ._peer_protocol import DEFAULT_SCRUB_BYTES_PER_S, HIDDEN_PREFIX
 from .base import validate_key
 from .local import LocalReplica
@@ -187,8 +188,25 @@ def commit_problems(
             problems.append(bad)
             continue
         manifest = parse_rank_manifest(replica.get(ref.key, MAX_MANIFEST_BYTES), ref.key)
-        problems.extend(p for p in (why(o.key, o.size, o.checksum) for o in manifest.objects) if p)
+        try:
+            stored = stored_objects(replica, manifest)
+        except ManifestError as exc:
+            problems.append(str(exc))
+            continue
+        problems.extend(p for p in (why(s.key, s.size, s.checksum) for s in stored.values()) if p)
     return problems
+
+
+def stored_objects(replica: LocalReplica, manifest: RankManifest) -> dict[str, Stored]:
+    """How this replica holds each object of ``manifest``: home key -> stored key, codec, size,
+    checksum (format version 3: compressed or referenced objects, from the placement records)."""
+
+    def get(key: str) -> bytes | None:
+        if replica.size(key) is None:
+            return None
+        return replica.get(key, MAX_PLACEMENT_BYTES)
+
+    return resolve(manifest, get)
 
 
 # ------------------------------------------------------------------------------ the tree
@@ -517,14 +535,28 @@ class Scrubber:
             if damage is not None:
                 problem(ref.key, damage, ref.rank)
             objects = manifest.objects if manifest else ()
+            stored: dict[str, Stored] = {}
+            if manifest is not None:
+                try:
+                    stored = stored_objects(replica, manifest)
+                except ManifestError as exc:
+                    problem(ref.key, Damage("invalid", f"placement record: {exc}"), ref.rank)
             bad = 0
             for obj in objects:
                 if obj.key in seen:
                     continue  # listed by two manifests (replicated saves): checked once
                 seen.add(obj.key)
-                d, _ = self._check(replica, obj.key, obj.size, obj.checksum, pacer)
+                st = stored.get(obj.key)
+                if st is None:  # its placement is unusable: reported above
+                    bad += 1
+                    continue
+                # The stored bytes (compressed, or an earlier step's object): no decoding needed,
+                # the placement pins their checksum. Problems are reported by the manifest's name.
+                d, _ = self._check(replica, st.key, st.size, st.checksum, pacer)
                 if d is not None:
                     bad += 1
+                    if st.key != obj.key:
+                        d = Damage(d.kind, f"{d.detail} (stored as {st.key})")
                     problem(obj.key, d, ref.rank)
             result.ranks.append(
                 RankResult(

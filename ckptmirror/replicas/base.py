@@ -192,6 +192,15 @@ class Replica(ABC):
     #: The time budget of this replica's operations (see :class:`TimeBudget`); None for local
     #: backends, whose operations are bounded by the disk.
     budget: TimeBudget | None = None
+    #: How saves store objects here (``storage_options`` ``"compression"``): ``"none"`` (raw
+    #: bytes) or ``"zstd"`` (ckptmirror's float-aware zstd byte planes, :mod:`ckptmirror.codec`).
+    #: Network backends that are usually slower than the codec (S3, fsspec) default to zstd.
+    compression: str = "none"
+    #: zstd level for ``compression="zstd"`` (``storage_options`` ``"compression_level"``).
+    compression_level: int = 1
+    #: Whether a save may reference an identical object an earlier committed step already
+    #: stored here instead of writing it again (``storage_options`` ``"incremental"``).
+    incremental: bool = True
 
     def __init__(self, url: str) -> None:
         self.url = url

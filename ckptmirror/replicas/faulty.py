@@ -39,6 +39,9 @@ class FaultyReplica(Replica):
         super().__init__(inner.url)
         self.inner = inner
         self.read_priority = inner.read_priority
+        self.compression = inner.compression
+        self.compression_level = inner.compression_level
+        self.incremental = inner.incremental
         self.fail_put_at = fail_put_at
         self.fail_error = fail_error
         self.truncate_put_at = truncate_put_at

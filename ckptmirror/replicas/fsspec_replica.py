@@ -164,6 +164,8 @@ class FsspecReplica(Replica):
     read_priority = 40
     budget: TimeBudget
 
+    compression = "zstd"  # a network store is slower than the codec: fewer bytes, sooner durable
+
     def __init__(
         self,
         url: str,

@@ -181,6 +181,8 @@ class S3Replica(Replica):
     #: First retry delay; doubles per retry (capped at 10 s), with jitter.
     backoff_s = 0.1
 
+    compression = "zstd"  # a network store is slower than the codec: fewer bytes, sooner durable
+
     def __init__(
         self,
         url: str,

@@ -11,6 +11,13 @@ The replica-facing half of the read path. For a step chosen by
 4. reads one object (:meth:`Fetcher.fetch`) from the first replica where its size and xxh3
    checksum match, into a given buffer or a per-thread one.
 
+From format version 3 a replica may hold an object compressed or under an earlier step's name
+(an incremental save): the Fetcher reads each replica's placement records
+(:mod:`ckptmirror.placement`) when it first needs that replica for a manifest, checks the stored
+bytes against the placement's size and checksum, decodes them (:mod:`ckptmirror.codec`) straight
+into the destination, and checks the decoded bytes against the manifest. A mismatch of either
+is a corrupt copy on that replica, and the next replica is tried.
+
 Only if an object verifies nowhere does the step fail (with one of :data:`STEP_FAILURES`), and
 the caller falls back to the previous step. Filling the caller's tensors is
 :mod:`~ckptmirror.restore.fill`'s job.
@@ -28,7 +35,18 @@ import torch
 from ..buffers import host_bytes
 from ..checksum import checksum
 from ..errors import CorruptObjectError, ManifestError, ObjectMissingError, ReplicaError
-from ..format import MAX_MANIFEST_BYTES, CommitRecord, RankManifest, commit_key, parse_commit, parse_rank_manifest
+from ..format import (
+    MAX_MANIFEST_BYTES,
+    CommitRecord,
+    ObjectRecord,
+    RankManifest,
+    commit_key,
+    parse_commit,
+    parse_rank_manifest,
+    placement_key,
+    writer_of,
+)
+from ..placement import MAX_PLACEMENT_BYTES, Stored, parse_placement, writers
 from ..replicas.base import Replica
 
 log = logging.getLogger("ckptmirror")
@@ -51,6 +69,11 @@ class Fetcher:
         self.replicas = sorted(replicas, key=lambda r: r.read_priority)
         self.pool = pool
         self._local = threading.local()
+        self._lock = threading.Lock()
+        #: (replica URL, home key) -> how that replica stores the object, where not raw at home
+        self._stored: dict[tuple[str, str], Stored] = {}
+        #: (replica URL, step, rank, token) -> None once resolved, or why that placement is unusable
+        self._placements: dict[tuple[str, int, int, str], str | None] = {}
 
     # -- manifests -----------------------------------------------------------------------
     def read_commit(self, step: int, urls: Sequence[str] | None = None) -> CommitRecord:
@@ -110,6 +133,81 @@ class Fetcher:
             self._local.buf = buf
         return buf[:nbytes]
 
+    def _bounce(self, nbytes: int) -> memoryview:
+        """This thread's reusable buffer for stored (encoded) bytes."""
+        buf = getattr(self._local, "enc", None)
+        if buf is None or len(buf) < nbytes:
+            buf = bytearray(nbytes)
+            self._local.enc = buf
+        return memoryview(buf)[:nbytes]
+
+    def _resolve(self, r: Replica, m: RankManifest, objs: Sequence[ObjectRecord]) -> None:
+        """Read ``r``'s placement records for the writers of ``objs`` (once per replica and writer)."""
+        for rank, token in writers(objs):
+            if m.format_version < 3:  # no placements before version 3: nothing to read
+                with self._lock:
+                    self._placements.setdefault((r.url, m.step, rank, token), None)
+            else:
+                self._resolve_writer(r, m.step, rank, token)
+
+    def _resolve_writer(self, r: Replica, step: int, rank: int, token: str) -> None:
+        slot = (r.url, step, rank, token)
+        with self._lock:
+            if slot in self._placements:
+                return
+        pkey = placement_key(step, rank, token)
+        problem: str | None = None
+        entries: dict[tuple[str, str], Stored] = {}
+        try:
+            p = parse_placement(r.get(pkey, MAX_PLACEMENT_BYTES), pkey)
+            entries = {(r.url, home): s for home, s in p.entries.items()}
+        except ObjectMissingError:
+            pass  # no placement: every object of that writer is raw under its own name
+        except STEP_FAILURES as exc:
+            problem = f"placement record {pkey}: {exc}"
+        with self._lock:
+            self._placements[slot] = problem
+            self._stored.update(entries)
+
+    def stored(self, r: Replica, obj: ObjectRecord) -> Stored:
+        """How ``r`` holds ``obj``: reads ``r``'s placement record for it on first use.
+
+        Raises :class:`ManifestError` when ``r``'s placement record for it is unusable.
+        """
+        w = writer_of(obj.key)
+        if w is not None:
+            step = int(obj.key[5:17])  # "step-NNNNNNNNNNNN/...": validated by the manifest's parser
+            self._resolve_writer(r, step, *w)
+            problem = self._placements.get((r.url, step, *w))
+            if problem:
+                raise ManifestError(problem, replica=r.url, key=obj.key)
+        s = self._stored.get((r.url, obj.key))
+        if s is None:
+            return Stored(obj.key, "none", obj.size, obj.checksum)
+        if s.codec == "none" and (s.size, s.checksum) != (obj.size, obj.checksum):
+            raise ManifestError("placement contradicts the manifest", replica=r.url, key=obj.key)
+        return s
+
+    def verify_stored(self, r: Replica, obj: ObjectRecord) -> Stored:
+        """Check what ``r`` stores for ``obj`` against its pinned size and checksum, without
+        decoding: the placement pins a compressed object's stored bytes (``verify``, ``scrub``).
+        Returns how it is stored; raises one of :data:`STEP_FAILURES`."""
+        st = self.stored(r, obj)
+        buf = self._bounce(st.size)
+        r.read_into(st.key, buf)
+        got = checksum(buf)
+        if got != st.checksum:
+            where = "" if st.key == obj.key else f" (stored as {st.key})"
+            raise CorruptObjectError(
+                f"checksum mismatch{where}: stored {got}, expected {st.checksum}", replica=r.url, key=obj.key
+            )
+        return st
+
+    def locate(self, m: RankManifest, objs: Sequence[ObjectRecord] | None = None) -> None:
+        """Read every replica's placement records for ``objs`` (default: all of ``m``'s)."""
+        for r in self.replicas:
+            self._resolve(r, m, m.objects if objs is None else objs)
+
     def preflight(self, m: RankManifest) -> ObjectPlan:
         """For each object, the replicas to read it from, preferred first.
 
@@ -120,18 +218,26 @@ class Fetcher:
         a HEAD request per object to every remote replica.
         """
         plan: ObjectPlan = {}
+        resolved: set[str] = set()
         for obj in m.objects:
             problems = []
             for idx, r in enumerate(self.replicas):
                 try:
-                    size = r.size(obj.key)
+                    if r.url not in resolved:
+                        self._resolve(r, m, m.objects)  # placements only of replicas that are asked
+                        resolved.add(r.url)
+                    st = self.stored(r, obj)
+                    size = r.size(st.key)
                 except STEP_FAILURES as exc:
                     problems.append(f"{r.url}: {exc}")
                     continue
-                if size == obj.size:
+                if size == st.size:
                     plan[obj.key] = [r, *self.replicas[idx + 1 :]]
                     break
-                problems.append(f"{r.url}: " + ("missing" if size is None else f"size {size}, expected {obj.size}"))
+                where = "" if st.key == obj.key else f" (stored as {st.key})"
+                problems.append(
+                    f"{r.url}: " + ("missing" if size is None else f"size {size}, expected {st.size}") + where
+                )
             else:
                 # Truncated somewhere is corruption; absent everywhere is a missing object.
                 cls = ObjectMissingError if all(p.endswith(": missing") for p in problems) else CorruptObjectError
@@ -152,11 +258,27 @@ class Fetcher:
         problems = []
         for r in candidates:
             try:
-                r.read_into(key, out)
+                st = self.stored(r, ObjectRecord(key, len(out), csum))
+                if st.codec == "none":
+                    r.read_into(st.key, out)
+                else:
+                    blob = self._bounce(st.size)
+                    r.read_into(st.key, blob)
+                    got = checksum(blob)
+                    if got != st.checksum:
+                        raise CorruptObjectError(
+                            f"stored bytes {st.key} do not match their checksum: {got}, placement {st.checksum}",
+                            replica=r.url,
+                            key=key,
+                        )
+                    from .. import codec  # here: zstandard is imported only by reads that decode
+
+                    codec.decode(blob, out)
                 got = checksum(out)
                 if got != csum:
+                    what = "stored" if st.codec == "none" else f"decoded ({st.codec}, from {st.key})"
                     raise CorruptObjectError(
-                        f"checksum mismatch: stored {got}, manifest {csum}", replica=r.url, key=key
+                        f"checksum mismatch: {what} {got}, manifest {csum}", replica=r.url, key=key
                     )
                 return r.url
             except STEP_FAILURES as exc:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,9 +24,11 @@ from ..checksum import checksum
 from ..errors import StateMismatchError
 from ..format import (
     CommitRecord,
+    LeafRecord,
     ObjectRecord,
     RankManifest,
     RankRef,
+    StorageRecord,
     check_parse_cost,
     cut_objects,
     new_token,
@@ -50,22 +52,50 @@ class EncodedStep:
     owned: tuple[int, ...] | None = None
 
 
+@dataclass
+class PreWritten:
+    """The part of a sliced save (``Mirror(staging_bytes=...)``) written before ``save()``
+    returned: objects ``[0, upto)`` under ``token``, on the caller's thread, slice by slice.
+    The queued job stages the stream from byte ``base`` on."""
+
+    token: str
+    upto: int = 0
+    base: int = 0
+    sums: list[str] = field(default_factory=list)
+    stored: dict[str, dict[str, Any]] = field(default_factory=dict)  # url -> home key -> Stored
+    failed: dict[str, BaseException] = field(default_factory=dict)  # url -> why it failed
+    refs: dict[str, dict[int, Any]] = field(default_factory=dict)  # url -> live references taken
+
+
 def _cut_and_hash(
-    p: Plan, stream: torch.Tensor, object_bytes: int, pool: ThreadPoolExecutor
+    p: Plan,
+    stream: torch.Tensor,
+    object_bytes: int,
+    pool: ThreadPoolExecutor,
+    pre: PreWritten | None = None,
 ) -> tuple[tuple[tuple[int, int], ...], list[str]]:
     """The stream's object windows ``(offset, size)``, cut at storage boundaries by the format's
-    rule, and the checksum of each (in parallel)."""
+    rule, and the checksum of each (in parallel; those ``pre`` wrote already are known)."""
     windows = cut_objects(p.storages, object_bytes)
-    view = host_bytes(stream) if p.total_bytes else memoryview(b"")
-    return windows, list(pool.map(lambda w: checksum(view[w[0] : w[0] + w[1]]), windows))
+    view = host_bytes(stream) if stream.numel() else memoryview(b"")
+    base, done = (pre.base, pre.upto) if pre is not None else (0, 0)
+    sums = list(pool.map(lambda w: checksum(view[w[0] - base : w[0] - base + w[1]]), windows[done:]))
+    return windows, (pre.sums[:done] if pre is not None else []) + sums
 
 
 def encode(
-    step: int, rank: int, world_size: int, p: Plan, stream: torch.Tensor, object_bytes: int, pool: ThreadPoolExecutor
+    step: int,
+    rank: int,
+    world_size: int,
+    p: Plan,
+    stream: torch.Tensor,
+    object_bytes: int,
+    pool: ThreadPoolExecutor,
+    pre: PreWritten | None = None,
 ) -> EncodedStep:
     """Cut ``stream`` into objects of at most ``object_bytes`` and checksum each one (in parallel)."""
-    token = new_token()
-    windows, sums = _cut_and_hash(p, stream, object_bytes, pool)
+    token = pre.token if pre is not None else new_token()
+    windows, sums = _cut_and_hash(p, stream, object_bytes, pool, pre)
     objects = tuple(
         ObjectRecord(object_key(step, rank, i, token), size, s) for i, ((_, size), s) in enumerate(zip(windows, sums))
     )
@@ -128,3 +158,55 @@ def encode_replicated(
     commit = CommitRecord(step, world_size, (RankRef(0, mkey, len(mbytes), checksum(mbytes)),), replicated=True)
     owned = tuple(i for i in range(len(objects)) if i % world_size == rank)
     return EncodedStep(step, windows, manifest, mkey, mbytes, commit.to_json(), owned)
+
+
+#: One object's parts for the codec: ``(offset in the object, nbytes, dtype name)``.
+Segments = list[tuple[int, int, str]]
+
+
+def _leaf_dtype(lf: LeafRecord) -> str:
+    """The codec's name for a leaf's element type: torch names, NumPy arrays by their NumPy name."""
+    if lf.kind == "tensor":
+        return lf.dtype
+    try:
+        import numpy as np
+
+        return str(np.dtype(lf.dtype).name)
+    except TypeError:
+        return "uint8"
+
+
+def object_segments(
+    storages: tuple[StorageRecord, ...], leaves: tuple[LeafRecord, ...], windows: tuple[tuple[int, int], ...]
+) -> list[Segments]:
+    """For each object window, the element type of each byte range in it (for the float-aware codec).
+
+    A storage's type is that of its first leaf (views of another dtype on the same storage are
+    rare and only cost compression, never correctness: the codec is lossless on any bytes).
+    Adjacent storages of one type are merged, so 10,000 small tensors are a handful of segments.
+    """
+    kind: list[str] = ["uint8"] * len(storages)
+    seen = [False] * len(storages)
+    for lf in leaves:
+        if not seen[lf.storage]:
+            seen[lf.storage] = True
+            kind[lf.storage] = _leaf_dtype(lf)
+    out: list[Segments] = []
+    si = 0
+    for off, size in windows:
+        end = off + size
+        segs: Segments = []
+        while si < len(storages) and storages[si].offset + storages[si].nbytes <= off:
+            si += 1
+        j = si
+        while j < len(storages) and storages[j].offset < end:
+            lo = max(off, storages[j].offset) - off
+            hi = min(end, storages[j].offset + storages[j].nbytes) - off
+            if hi > lo:
+                if segs and segs[-1][2] == kind[j] and segs[-1][0] + segs[-1][1] == lo:
+                    segs[-1] = (segs[-1][0], segs[-1][1] + hi - lo, kind[j])
+                else:
+                    segs.append((lo, hi - lo, kind[j]))
+            j += 1
+        out.append(segs)
+    return out

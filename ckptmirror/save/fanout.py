@@ -16,6 +16,15 @@ commit record with :func:`commit_from_reports`), and every rank writes the commi
 published. A rank that cannot take part (encoding failed, replica degraded) still reports, so
 that no other rank waits for its vote. A single process commits its own record directly.
 
+How each replica stores the objects is its own policy (format version 3, see
+:mod:`ckptmirror.placement`): ``compression="zstd"`` replicas get each object encoded by
+:mod:`ckptmirror.codec` (once per save for all the replicas that want it, on the I/O threads,
+never on the training thread: :class:`ObjectEncoder`), and ``incremental`` replicas get a
+reference to an identical object the previous committed save already stored there instead of
+a new copy (the fanout remembers, per replica, what its last committed save stored: the
+*index*). Objects stored otherwise than raw under their own name are listed in the replica's
+placement record, written after the objects and before the rank manifest.
+
 After a step committed on a replica, :mod:`~ckptmirror.save.retention` deletes older steps
 beyond ``keep_last`` there, by one rank per place: the lowest rank with the same host and replica URL
 (:meth:`Fanout.elect_retention_owners`), so that ranks sharing a directory do not prune it
@@ -27,7 +36,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
@@ -39,13 +49,28 @@ from ..buffers import host_bytes
 from ..checksum import checksum
 from ..dist import Coordinator, DistInfo
 from ..errors import CkptMirrorError, ReplicaUnavailableError, StepExistsError
-from ..format import CommitRecord, RankRef, commit_key, parse_commit, step_dir, writer_of
+from ..format import (
+    CommitRecord,
+    RankRef,
+    commit_key,
+    object_key,
+    parse_commit,
+    placement_key,
+    step_dir,
+    stored_object_key,
+    writer_of,
+)
 from ..handle import SaveHandle
 from ..health import ReplicaHealth
+from ..placement import Placement, Stored
 from ..replicas.base import Replica
-from .encode import EncodedStep, encode, encode_replicated
+from .encode import EncodedStep, PreWritten, Segments, encode, encode_replicated, object_segments
 from .retention import apply_retention, delete_quietly, is_committed, remove_step
 from .snapshot import Arena
+
+#: Per replica: the content ``(checksum, size)`` of each object its last committed save stored
+#: there -> how it is stored. What an incremental save may reference instead of writing.
+Index = dict[tuple[str, int], Stored]
 
 log = logging.getLogger("ckptmirror")
 
@@ -63,6 +88,79 @@ class SaveJob:
     replicas: list[Replica]  # the replicas written to (the others are skipped: degraded)
     seq: int
     replicated: bool = False
+    #: a sliced save: what was written before save() returned (the stream holds the rest)
+    pre: PreWritten | None = None
+
+
+class ObjectEncoder:
+    """Encodes a save's objects with a codec at most once, however many replicas store them so.
+
+    ``users[(codec, i)]`` is how many replicas will ask for object ``i`` encoded with ``codec``;
+    the encoded bytes are dropped once the last one has released them, so a save holds only
+    the encoded objects some replica has not written yet. The first replica to ask encodes
+    (on its I/O thread); the others wait for that result. An object that does not shrink is
+    stored raw (``get`` returns None): decoding it would cost time and save nothing.
+    """
+
+    def __init__(
+        self,
+        view: memoryview,
+        windows: Sequence[tuple[int, int]],
+        segments: Sequence[Segments],
+        users: Mapping[tuple[str, int], int],
+        levels: Mapping[str, int],
+        hints: Any,
+        base: int = 0,
+    ) -> None:
+        self._base = base  # stream offset of view[0] (a sliced save stages part of the stream)
+        self._view = view
+        self._windows = windows
+        self._segments = segments
+        self._levels = levels
+        self._hints = hints
+        self._lock = threading.Lock()
+        self._users = dict(users)
+        self._locks: dict[tuple[str, int], threading.Lock] = {k: threading.Lock() for k in users}
+        self._done: dict[tuple[str, int], tuple[bytes, str] | None] = {}
+        self.encoded_bytes = 0  # what the encodes produced (stored bytes of encoded objects)
+        self.raw_bytes = 0  # what they consumed
+
+    def _encode(self, name: str, i: int) -> tuple[bytes, str] | None:
+        from .. import codec  # here: zstandard is imported only by saves that compress
+
+        off, size = self._windows[i]
+        data = self._view[off - self._base : off - self._base + size]
+        blob = codec.encode(data, self._segments[i], level=self._levels[name], hints=self._hints, slot=i)
+        with self._lock:
+            self.raw_bytes += size
+            self.encoded_bytes += min(len(blob), size)
+        if len(blob) >= size:
+            return None
+        return blob, checksum(blob)
+
+    def get(self, name: str, i: int) -> tuple[bytes, str] | None:
+        """Object ``i`` encoded with ``name`` and the checksum of the encoded bytes; None: store it raw."""
+        key = (name, i)
+        lock = self._locks.get(key)
+        if lock is None:  # not planned (a reference that turned out to be gone): encode for this one use
+            return self._encode(name, i)
+        with lock:
+            if key not in self._done:
+                self._done[key] = self._encode(name, i)
+            return self._done[key]
+
+    def release(self, name: str, i: int) -> None:
+        """One replica is done with object ``i`` as ``name``: drop it after the last one."""
+        key = (name, i)
+        with self._lock:
+            left = self._users.get(key)
+            if left is None:
+                return
+            if left <= 1:
+                del self._users[key]
+                self._done.pop(key, None)
+            else:
+                self._users[key] = left - 1
 
 
 class Fanout:
@@ -90,6 +188,10 @@ class Fanout:
         self._lock = threading.Lock()
         self._committed = set(committed)
         self._pinned: set[int] = set()  # kept out of retention (Mirror.pin)
+        self._index: dict[str, Index] = {}  # per replica URL: see Index
+        self._index_step: dict[str, int] = {}  # the step each index was taken from
+        self._live: dict[str, Counter[str]] = {r.url: Counter() for r in replicas}  # referenced by saves in flight
+        self._hints: Any = None  # the codec's memory of incompressible planes, made on first use
         self._hash_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="ckptmirror-hash")
         self._io_pools = {
             r.url: ThreadPoolExecutor(io_threads, thread_name_prefix="ckptmirror-io") for r in self.replicas
@@ -119,11 +221,19 @@ class Fanout:
                     job.step, info.rank, info.world_size, job.plan, job.stream, object_bytes, self._hash_pool, exchange
                 )
             else:
-                enc = encode(job.step, info.rank, info.world_size, job.plan, job.stream, object_bytes, self._hash_pool)
+                enc = encode(
+                    job.step, info.rank, info.world_size, job.plan, job.stream, object_bytes, self._hash_pool, job.pre
+                )
         except BaseException as exc:
             for pos in range(len(self.replicas)):  # the other ranks are waiting for our vote
                 self._vote(save_key, pos, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}, decide)
             raise
+
+        pre = job.pre
+        mine = tuple(range(len(enc.windows))) if enc.owned is None else enc.owned
+        if pre is not None:
+            mine = tuple(i for i in mine if i >= pre.upto)  # the rest went out before save() returned
+        refs, encoder = self._plan_storage(enc, job, mine)
 
         def one(pos: int, replica: Replica) -> None:
             if replica not in job.replicas:  # skipped (degraded): still take part in the vote
@@ -134,9 +244,23 @@ class Fanout:
                     decide,
                 )
                 return
+            stored: dict[str, Stored] = {}
             try:
                 try:
-                    write_objects(replica, enc, job.stream, self._io_pools[replica.url], job.overwrite)
+                    if pre is not None and replica.url in pre.failed:
+                        raise pre.failed[replica.url]
+                    stored = write_objects(
+                        replica,
+                        enc,
+                        job.stream,
+                        self._io_pools[replica.url],
+                        job.overwrite,
+                        refs=refs.get(replica.url),
+                        encoder=encoder,
+                        live=self._live_keys(replica.url),
+                        base=pre.base if pre is not None else 0,
+                        done=pre.stored.get(replica.url) if pre is not None else None,
+                    )
                 except BaseException as exc:
                     self._vote(save_key, pos, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}, decide)
                     raise
@@ -151,15 +275,24 @@ class Fanout:
                     }
                     self._vote(save_key, pos, ref, decide)
                     commit_bytes = self._coord.outcome(save_key, pos)
-                commit_step(replica, enc, commit_bytes)
+                commit_step(replica, enc, commit_bytes, written=_written_here(enc.step, stored, enc))
             except BaseException as exc:  # noqa: BLE001 - recorded per replica
                 log.warning("replica %s failed to save step %d: %s", replica.url, job.step, exc)
                 if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
                     self._health.mark(replica, exc)
                 job.handle._set_replica(replica.url, "failed", exc)
                 return
+            finally:
+                self._unref(replica.url, refs.get(replica.url))
+                if pre is not None:
+                    self._unref(replica.url, pre.refs.get(replica.url))
             with self._lock:
                 self._committed.add(job.step)
+                if replica.incremental:
+                    self._index[replica.url] = {
+                        (o.checksum, o.size): stored[o.key] for o in enc.manifest.objects if o.key in stored
+                    }
+                    self._index_step[replica.url] = job.step
             job.handle._set_replica(replica.url, "committed")
             if self._retention_owner[pos]:
                 # Off the write path: the staging buffer is released (and the next save can
@@ -169,6 +302,121 @@ class Fanout:
         for f in [self._replica_pool.submit(one, pos, r) for pos, r in enumerate(self.replicas)]:
             f.result()
 
+    def _plan_storage(
+        self, enc: EncodedStep, job: SaveJob, mine: Sequence[int]
+    ) -> tuple[dict[str, dict[int, Stored]], ObjectEncoder | None]:
+        """Per replica, the objects it may reference instead of writing (from its index), and
+        the encoder shared by the replicas that compress. References are registered as live
+        (kept out of retention) until the save is done on that replica."""
+        view = host_bytes(job.stream) if job.stream.numel() else memoryview(b"")
+        contents = [(o.checksum, o.size) for o in enc.manifest.objects]
+        base = job.pre.base if job.pre is not None else 0
+        return self._storage_plan(contents, mine, job.replicas, job.plan, enc.windows, view, base)
+
+    def _storage_plan(
+        self,
+        contents: Sequence[tuple[str, int]],
+        mine: Sequence[int],
+        replicas: Sequence[Replica],
+        plan: Any,
+        windows: Sequence[tuple[int, int]],
+        view: memoryview,
+        base: int,
+    ) -> tuple[dict[str, dict[int, Stored]], ObjectEncoder | None]:
+        refs: dict[str, dict[int, Stored]] = {}
+        users: Counter[tuple[str, int]] = Counter()
+        with self._lock:
+            for r in replicas:
+                index = self._index.get(r.url) if r.incremental else None
+                got: dict[int, Stored] = {}
+                if index:
+                    for i in mine:
+                        s = index.get(contents[i])
+                        if s is not None:
+                            got[i] = s
+                            self._live[r.url][s.key] += 1
+                refs[r.url] = got
+                if r.compression != "none":
+                    users.update((r.compression, i) for i in mine if i not in got)
+        if not users:
+            return refs, None
+        segments = object_segments(plan.storages, plan.leaves, tuple(windows))
+        levels = {r.compression: r.compression_level for r in replicas if r.compression != "none"}
+        if self._hints is None:
+            from .. import codec
+
+            self._hints = codec.CompressionHints()
+        return refs, ObjectEncoder(view, windows, segments, users, levels, self._hints, base)
+
+    def prewrite(
+        self,
+        step: int,
+        pre: PreWritten,
+        plan: Any,
+        windows: Sequence[tuple[int, int]],
+        hi: int,
+        chunk: torch.Tensor,
+        replicas: Sequence[Replica],
+    ) -> None:
+        """Write objects ``[pre.upto, hi)`` of a sliced save, whose bytes ``chunk`` holds, to every
+        replica, and wait (the caller's thread: this is the stall a staging cap costs). Records
+        checksums, how each replica stores them and failures in ``pre``; nothing is committed."""
+        lo = pre.upto
+        if lo >= hi:
+            return
+        base = windows[lo][0]
+        view = host_bytes(chunk)
+        pre.sums.extend(self._hash_pool.map(lambda w: checksum(view[w[0] - base : w[0] - base + w[1]]), windows[lo:hi]))
+        homes = [object_key(step, self.dist.rank, i, pre.token) for i in range(hi)]
+        contents = [(pre.sums[i], windows[i][1]) for i in range(hi)]
+        idx = range(lo, hi)
+        refs, encoder = self._storage_plan(contents, idx, replicas, plan, windows, view, base)
+
+        def one(r: Replica) -> None:
+            pre.refs.setdefault(r.url, {}).update(refs[r.url])
+            if r.url in pre.failed:
+                return
+            try:
+                got = put_objects(
+                    r, homes, windows, pre.sums, view, base, self._io_pools[r.url], idx, refs[r.url], encoder
+                )
+            except BaseException as exc:  # noqa: BLE001 - the queued job reports it for this replica
+                log.warning("replica %s failed to save step %d: %s", r.url, step, exc)
+                if isinstance(exc, OSError):
+                    self._health.mark(r, exc)
+                pre.failed[r.url] = exc
+                return
+            pre.stored.setdefault(r.url, {}).update(got)
+
+        for f in [self._replica_pool.submit(one, r) for r in replicas]:
+            f.result()
+        pre.upto = hi
+
+    def _live_keys(self, url: str) -> frozenset[str]:
+        with self._lock:
+            return frozenset(k for k, n in self._live[url].items() if n > 0)
+
+    def _unref(self, url: str, refs: Mapping[int, Stored] | None) -> None:
+        if not refs:
+            return
+        with self._lock:
+            live = self._live[url]
+            for s in refs.values():
+                live[s.key] -= 1
+                if live[s.key] <= 0:
+                    del live[s.key]
+
+    def _forget(self, url: str, step: int) -> None:
+        """Drop ``url``'s index if it came from ``step`` or references it (the step is being deleted)."""
+        with self._lock:
+            index = self._index.get(url)
+            if index is None:
+                return
+            prefix = step_dir(step) + "/"
+            if self._index_step.get(url) == step or any(s.key.startswith(prefix) for s in index.values()):
+                self._index.pop(url, None)
+                self._index_step.pop(url, None)
+
     def _retain(self, replica: Replica, newest: int, keep_last: int | None) -> None:
         """Apply retention on ``replica`` after ``newest`` committed there (background thread)."""
         if replica.url in self._health.degraded():
@@ -176,7 +424,7 @@ class Fanout:
         try:
             with self._lock:
                 pinned = frozenset(self._pinned)
-            removed = apply_retention(replica, newest, keep_last, pinned)
+            removed = apply_retention(replica, newest, keep_last, pinned, self._live_keys(replica.url))
         except (CkptMirrorError, OSError) as exc:
             # The new step is committed; failing to delete old ones loses nothing.
             log.warning("retention on %s failed after step %d: %s", replica.url, newest, exc)
@@ -242,8 +490,9 @@ class Fanout:
                 why = f"degraded ({down[r.url]}); step {step} is left there"
                 failures[r.url] = ReplicaUnavailableError(why, replica=r.url)
                 continue
+            self._forget(r.url, step)
             try:
-                remove_step(r, step)
+                remove_step(r, step, self._live_keys(r.url))
             except (CkptMirrorError, OSError) as exc:
                 failures[r.url] = exc
         with self._lock:
@@ -272,26 +521,88 @@ class Fanout:
 
 
 def write_objects(
-    replica: Replica, enc: EncodedStep, stream: torch.Tensor, pool: ThreadPoolExecutor, overwrite: bool
-) -> None:
-    """Phase 1 on one replica: every object, then the rank manifest. Nothing is committed.
+    replica: Replica,
+    enc: EncodedStep,
+    stream: torch.Tensor,
+    pool: ThreadPoolExecutor,
+    overwrite: bool,
+    *,
+    refs: Mapping[int, Stored] | None = None,
+    encoder: ObjectEncoder | None = None,
+    live: Collection[str] = (),
+    base: int = 0,
+    done: Mapping[str, Stored] | None = None,
+) -> dict[str, Stored]:
+    """Phase 1 on one replica: every object, the placement record, then the rank manifest.
+    Nothing is committed. Returns how each object this rank owns is stored there, by home key.
 
-    Names carry this save's token, so nothing here can overwrite another writer's files.
+    ``refs``: objects an earlier committed step stores here with the same content; each is
+    checked to still be there with its size (else written anew) and referenced, not written.
+    ``encoder``: objects for a compressing replica come from it. Names carry this save's
+    token, so nothing here can overwrite another writer's files. ``stream`` holds the data
+    stream from byte ``base`` on; objects in ``done`` were written already (a sliced save,
+    :meth:`Fanout.prewrite`).
     """
     step = enc.step
     if is_committed(replica, step):
         if not overwrite:
             raise StepExistsError(step, replica.url)
         log.warning("overwriting committed step %d on %s", step, replica.url)
-        remove_step(replica, step)
+        remove_step(replica, step, live)
     view = host_bytes(stream) if enc.windows else memoryview(b"")
     mine = range(len(enc.windows)) if enc.owned is None else enc.owned
-    futures: list[Future[None]] = [
-        pool.submit(
-            replica.put, enc.manifest.objects[i].key, view[enc.windows[i][0] : enc.windows[i][0] + enc.windows[i][1]]
-        )
-        for i in mine
-    ]
+    done = done or {}
+    homes = [o.key for o in enc.manifest.objects]
+    todo = [i for i in mine if homes[i] not in done]
+    stored = dict(done)
+    sums = [o.checksum for o in enc.manifest.objects]
+    stored.update(put_objects(replica, homes, enc.windows, sums, view, base, pool, todo, refs or {}, encoder))
+    stored = {homes[i]: stored[homes[i]] for i in mine}
+    special = {home: s for home, s in stored.items() if s.key != home}
+    if special:
+        rank, token = writer_of(next(iter(special)))  # type: ignore[misc]  # object keys always name one
+        replica.put(placement_key(step, rank, token), Placement(step, rank, token, special).to_json())
+    replica.put(enc.manifest_key, enc.manifest_bytes)
+    return stored
+
+
+def put_objects(
+    replica: Replica,
+    homes: Sequence[str],
+    windows: Sequence[tuple[int, int]],
+    sums: Sequence[str],
+    view: memoryview,
+    base: int,
+    pool: ThreadPoolExecutor,
+    indices: Sequence[int],
+    refs: Mapping[int, Stored],
+    encoder: ObjectEncoder | None,
+) -> dict[str, Stored]:
+    """Store objects ``indices`` on ``replica`` (in parallel on ``pool``): referenced, compressed
+    or raw, by its policy. ``view`` holds the data stream from byte ``base`` on. Returns how each
+    is stored, by home key; the first failure is raised once the puts in flight are done."""
+    name = replica.compression
+
+    def put_one(i: int) -> Stored:
+        home = homes[i]
+        ref = refs.get(i)
+        if ref is not None and replica.size(ref.key) == ref.size:
+            return ref  # unchanged since a committed step stored it here: reference it
+        off, size = windows[i]
+        if name != "none" and encoder is not None:
+            try:
+                got = encoder.get(name, i)
+                if got is not None:
+                    blob, blob_sum = got
+                    key = stored_object_key(home, name)
+                    replica.put(key, blob)
+                    return Stored(key, name, len(blob), blob_sum)
+            finally:
+                encoder.release(name, i)
+        replica.put(home, view[off - base : off - base + size])
+        return Stored(home, "none", size, sums[i])
+
+    futures: list[Future[Stored]] = [pool.submit(put_one, i) for i in indices]
     wait(futures, return_when=FIRST_EXCEPTION)
     for f in futures:
         f.cancel()  # not started yet: dropped once one put has failed
@@ -299,23 +610,39 @@ def write_objects(
     for f in futures:
         if not f.cancelled():
             f.result()  # first failure wins
-    replica.put(enc.manifest_key, enc.manifest_bytes)
+    return {homes[i]: f.result() for i, f in zip(indices, futures)}
 
 
-def commit_step(replica: Replica, enc: EncodedStep, commit_bytes: bytes) -> None:
+def _written_here(step: int, stored: Mapping[str, Stored], enc: EncodedStep) -> list[str]:
+    """The files this save wrote into ``step``'s directory (references to older steps excluded)."""
+    prefix = step_dir(step) + "/"
+    keys = [s.key for s in stored.values() if s.key.startswith(prefix)]
+    special = [home for home, s in stored.items() if s.key != home]
+    if special:
+        w = writer_of(special[0])
+        if w is not None:
+            keys.append(placement_key(step, *w))
+    return keys + [enc.manifest_key]
+
+
+def commit_step(replica: Replica, enc: EncodedStep, commit_bytes: bytes, written: Sequence[str] | None = None) -> None:
     """Phase 2 on one replica: write the commit record, then drop what it does not reference.
 
     Leftovers are recognised by their writer token: files of the step whose (rank, token) is
     not pinned by the commit belong to a torn or losing attempt. Deciding this only after the
     commit matters on shared replicas, where other ranks' files are being written meanwhile.
+    ``written``: the files this save put in the step's directory (default: the objects raw
+    under their own names and the manifest), taken back if another writer won.
     """
     step = enc.step
     try:
         replica.commit(commit_key(step), commit_bytes)
     except StepExistsError:
         # Another writer committed this step first: our objects are garbage; take them back.
-        mine = range(len(enc.windows)) if enc.owned is None else enc.owned
-        delete_quietly(replica, [enc.manifest.objects[i].key for i in mine] + [enc.manifest_key])
+        if written is None:
+            mine = range(len(enc.windows)) if enc.owned is None else enc.owned
+            written = [enc.manifest.objects[i].key for i in mine] + [enc.manifest_key]
+        delete_quietly(replica, list(written))
         raise
     pinned = {writer_of(ref.key) for ref in parse_commit(commit_bytes, commit_key(step)).ranks}
     pinned |= {writer_of(rec.key) for rec in enc.manifest.objects}  # replicated: objects of every rank

@@ -11,6 +11,15 @@ each save (``Mirror(keep_last=...)``) and by ``ckptmirror prune``:
   unless the caller says otherwise (``prune --all-torn``).
 
 A step is removed commit record first, so it stops existing for readers before its objects go.
+
+Incremental saves (format version 3) make a step's objects outlive its commit record: a later
+step's placement record (:mod:`ckptmirror.placement`) may reference an object stored under an
+earlier step's name. Removal therefore never deletes a file that a placement record in a step
+directory that stays references (:func:`protected_keys`), nor one a save of this process has
+in flight (``live``). If a placement that stays cannot be read, nothing but commit records is
+deleted in that pass: a file left behind is garbage a later pass removes; a file deleted too
+early would be a committed step's missing object. The order, and the kill tests behind it, are
+in docs/FORMAT.md ("Incremental saves").
 """
 
 from __future__ import annotations
@@ -19,8 +28,9 @@ import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from ..errors import CkptMirrorError
+from ..errors import CkptMirrorError, ManifestError
 from ..format import commit_key, parse_step_dir, step_dir
+from ..placement import MAX_PLACEMENT_BYTES, is_placement_key, parse_placement
 from ..replicas.base import Replica
 
 log = logging.getLogger("ckptmirror")
@@ -63,15 +73,65 @@ def is_committed(replica: Replica, step: int) -> bool:
     return replica.size(commit_key(step)) is not None
 
 
-def remove_step(replica: Replica, step: int) -> None:
-    """Delete a step: the commit first, so that the step stops existing before its objects go."""
-    replica.delete(commit_key(step))
-    replica.delete_prefix(step_dir(step))
+def protected_keys(replica: Replica, keep: Collection[int]) -> set[str] | None:
+    """Keys in other steps' directories that the placement records of steps ``keep`` reference.
+
+    None when one of those placement records cannot be read or parsed: the caller must then
+    delete nothing that could be referenced (every file but commit records).
+    """
+    out: set[str] = set()
+    for s in keep:
+        for k in replica.list_prefix(step_dir(s)):
+            if not is_placement_key(k):
+                continue
+            try:
+                out |= parse_placement(replica.get(k, MAX_PLACEMENT_BYTES), k).references()
+            except (ManifestError, OSError) as exc:
+                log.warning(
+                    "placement %s on %s is unreadable (%s): keeping every object this pass", k, replica.url, exc
+                )
+                return None
+    return out
 
 
-def remove_torn(replica: Replica, step: int) -> None:
-    """Delete everything an interrupted save of ``step`` left (it has no commit record)."""
-    replica.delete_prefix(step_dir(step))
+def remove_steps(
+    replica: Replica, drop: Collection[int], torn: Collection[int] = (), live: Collection[str] = ()
+) -> None:
+    """Remove committed steps ``drop`` and torn steps ``torn`` from ``replica``.
+
+    Commit records go first (each step stops existing before any of its files go); then every
+    file of those step directories that no remaining step references (:func:`protected_keys`)
+    and no save in flight uses (``live``: stored keys).
+    """
+    gone = set(drop) | set(torn)
+    if not gone:
+        return
+    for s in sorted(drop):
+        replica.delete(commit_key(s))
+    remaining = [n for name in replica.list_steps() if (n := parse_step_dir(name)) is not None and n not in gone]
+    protected = protected_keys(replica, remaining)
+    if protected is None:
+        return
+    protected |= set(live)
+    for s in sorted(gone):
+        prefix = step_dir(s) + "/"
+        if not any(k.startswith(prefix) for k in protected):
+            replica.delete_prefix(step_dir(s))  # nothing of it is referenced: one call (a batch on S3)
+            continue
+        keep = [k for k in replica.list_prefix(step_dir(s)) if k in protected]
+        delete_quietly(replica, [k for k in replica.list_prefix(step_dir(s)) if k not in protected])
+        log.debug("step %d on %s: kept %d object(s) later steps reference", s, replica.url, len(keep))
+
+
+def remove_step(replica: Replica, step: int, live: Collection[str] = ()) -> None:
+    """Delete a step: the commit first, then its files that no other step references."""
+    remove_steps(replica, [step], (), live)
+
+
+def remove_torn(replica: Replica, step: int, live: Collection[str] = ()) -> None:
+    """Delete what an interrupted save of ``step`` left (it has no commit record), but what
+    other steps reference: a dropped step's directory keeps referenced objects and looks torn."""
+    remove_steps(replica, (), [step], live)
 
 
 def delete_quietly(replica: Replica, keys: list[str]) -> None:
@@ -83,7 +143,9 @@ def delete_quietly(replica: Replica, keys: list[str]) -> None:
             log.warning("could not delete %s on %s: %s (prune removes it later)", k, replica.url, exc)
 
 
-def apply_retention(replica: Replica, newest: int, keep_last: int | None, pinned: Collection[int] = ()) -> list[int]:
+def apply_retention(
+    replica: Replica, newest: int, keep_last: int | None, pinned: Collection[int] = (), live: Collection[str] = ()
+) -> list[int]:
     """After ``newest`` committed on ``replica``: apply :func:`plan_retention` to what is below
     it. Returns the steps deleted (committed and torn), ascending."""
     committed: list[int] = []
@@ -94,8 +156,5 @@ def apply_retention(replica: Replica, newest: int, keep_last: int | None, pinned
             continue  # newer steps are not ours to judge (and are kept by the policy anyway)
         (committed if is_committed(replica, s) else torn).append(s)
     plan = plan_retention(committed, torn, keep_last, newest=newest, pinned=pinned)
-    for s in plan.torn:
-        remove_torn(replica, s)
-    for s in plan.drop:
-        remove_step(replica, s)
+    remove_steps(replica, plan.drop, plan.torn, live)
     return sorted(plan.torn + plan.drop)

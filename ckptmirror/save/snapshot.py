@@ -25,6 +25,7 @@ synchronised before :func:`snapshot` returns: the caller may modify its tensors 
 
 from __future__ import annotations
 
+import bisect
 import copy
 import dataclasses
 import gc
@@ -385,7 +386,7 @@ def replan(
     )
 
 
-def prepare(flat: Flattened, pool: ArenaPool) -> tuple[tuple[object, ...] | None, Plan]:
+def prepare(flat: Flattened, pool: ArenaPool, cap: int | None = None) -> tuple[tuple[object, ...] | None, Plan]:
     """Plan ``flat`` and grow and map every arena of ``pool`` for it: what :meth:`Mirror.reserve` does.
 
     Returns the plan's cache key (None: not reusable) and the plan. Ends with a full garbage
@@ -395,7 +396,7 @@ def prepare(flat: Flattened, pool: ArenaPool) -> tuple[tuple[object, ...] | None
     """
     key = plan_key(flat)
     p = plan(flat)
-    pool.reserve(p.total_bytes, p.needs_pinned)
+    pool.reserve(p.total_bytes if cap is None else min(cap, p.total_bytes), p.needs_pinned)
     gc.collect()
     return key, p
 
@@ -505,6 +506,34 @@ def snapshot(p: Plan, arena: Arena) -> torch.Tensor:
             # may change its tensors as soon as we return.
             torch.cuda.current_stream(dev).synchronize()
     return stream
+
+
+def copy_range(p: Plan, dst: torch.Tensor, lo: int, hi: int) -> None:
+    """Copy bytes ``[lo, hi)`` of ``p``'s data stream into ``dst`` (a uint8 host tensor of
+    ``hi - lo`` bytes): one slice of a snapshot, for a state larger than the staging cap
+    (``Mirror(staging_bytes=...)``). Same copies as :func:`snapshot`, span by span."""
+    if dst.numel() != hi - lo:
+        raise ValueError(f"destination of {dst.numel()} bytes for a range of {hi - lo}")
+    host = host_array(dst) if hi > lo else None
+    offsets = [sp.offset for sp in p.spans]
+    devices: set[torch.device] = set()
+    i = max(0, bisect.bisect_right(offsets, lo) - 1)
+    while i < len(p.spans) and p.spans[i].offset < hi:
+        sp = p.spans[i]
+        i += 1
+        a, b = max(lo, sp.offset), min(hi, sp.offset + sp.nbytes)
+        if a >= b:
+            continue
+        src = _span_source(sp)[a - sp.offset : b - sp.offset]
+        if isinstance(src, torch.Tensor):  # a device tensor: DMA into the (pinned) staging buffer
+            dst[a - lo : b - lo].copy_(src, non_blocking=src.is_cuda)
+            devices.add(src.device)
+        else:
+            assert host is not None
+            np.copyto(host[a - lo : b - lo], src, casting="no")
+    for dev in devices:
+        if dev.type == "cuda":
+            torch.cuda.current_stream(dev).synchronize()
 
 
 def _copy_pieces(dst: np.ndarray, pieces: list[_Piece], threads: int) -> None:

@@ -1,0 +1,230 @@
+"""Incremental saves (format version 3): unchanged objects are referenced, not written again.
+
+* a frozen base: after the first save, each save writes only the objects that changed, and its
+  placement record references the earlier step's files; every step restores bit-exact;
+* retention and ``Mirror.delete`` keep objects a retained step references, even though the step
+  that stored them is gone (its commit record first), and delete them once nothing references them;
+* a referenced file that vanished behind the mirror's back is written again, never referenced;
+* ``{"incremental": False}`` keeps every step self-contained;
+* ``verify``, ``repair`` and ``prune`` keep working with references; a save in flight keeps what it
+  references alive through a concurrent retention pass.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _helpers import assert_bit_exact, files_under
+
+from ckptmirror import Mirror
+from ckptmirror.format import step_dir
+from ckptmirror.ops import repair, verify
+from ckptmirror.placement import parse_placement
+from ckptmirror.replicas import LocalReplica
+from ckptmirror.save.retention import apply_retention
+
+OBJ = 64 << 10
+
+
+def frozen_base_state(step: int) -> dict[str, Any]:
+    """A 95% frozen base (identical in every step) and a small trainable head (new each step)."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"base.{i}": torch.randn(64, 1024, generator=g) for i in range(8)}  # 8 x 256 KiB
+    h = torch.Generator().manual_seed(step)
+    head = {"head.weight": torch.randn(64, 64, generator=h), "head.bias": torch.randn(64, generator=h)}
+    return {"model": {**base, **head}, "step": step}
+
+
+def step_bytes(root: Path, step: int) -> int:
+    d = root / step_dir(step)
+    return sum((d / f).stat().st_size for f in files_under(d)) if d.exists() else 0
+
+
+def save_steps(root: Path, steps: range, **kw: Any) -> None:
+    with Mirror([str(root)], object_bytes=OBJ, **kw) as m:
+        for s in steps:
+            m.save_state(s, frozen_base_state(s)).result(timeout=60)
+        m.wait()
+
+
+def test_unchanged_objects_are_referenced_and_every_step_restores(tmp_path: Path) -> None:
+    save_steps(tmp_path, range(1, 4))
+    full, second, third = (step_bytes(tmp_path, s) for s in (1, 2, 3))
+    head_bytes = (64 * 64 + 64) * 4
+    # Only the head (and the manifest, commit and placement records) is written after the first save.
+    assert second < head_bytes + 8 * 1024 + 0.05 * full, (full, second)
+    assert third < head_bytes + 8 * 1024 + 0.05 * full
+    (pkey,) = [f for f in files_under(tmp_path / step_dir(3)) if f.endswith(".place.json")]
+    key = f"{step_dir(3)}/{pkey}"
+    p = parse_placement((tmp_path / key).read_bytes(), key)
+    assert p.references() and all(k.startswith(step_dir(1) + "/") for k in p.references())
+    for s in (1, 2, 3):
+        with Mirror([str(tmp_path)]) as m:
+            got = m.load_state(s, require=True)
+        assert got is not None
+        assert_bit_exact(got[1], frozen_base_state(s), f"step {s}: ")
+    assert verify([str(tmp_path)]).exit_code == 0
+
+
+def test_incremental_false_keeps_every_step_self_contained(tmp_path: Path) -> None:
+    save_steps(tmp_path, range(1, 3), storage_options={"file": {"incremental": False}})
+    assert step_bytes(tmp_path, 2) >= step_bytes(tmp_path, 1) * 0.95
+    assert not any(f.endswith(".place.json") for f in files_under(tmp_path))
+
+
+def test_retention_keeps_referenced_objects_of_a_dropped_step_then_removes_them(tmp_path: Path) -> None:
+    save_steps(tmp_path, range(1, 4), keep_last=1)
+    # Step 1 and 2 are gone as steps (no commit record), but step 1's base objects stay: step 3 uses them.
+    assert not (tmp_path / step_dir(1) / "COMMIT.json").exists()
+    left = files_under(tmp_path / step_dir(1))
+    assert left and all(f.endswith(".bin") for f in left)
+    assert not (tmp_path / step_dir(2)).exists()  # nothing of step 2 is referenced
+    with Mirror([str(tmp_path)]) as m:
+        assert m.steps() == [3]
+        got = m.load_state(require=True)
+    assert got is not None
+    assert_bit_exact(got[1], frozen_base_state(3))
+    assert verify([str(tmp_path)]).exit_code == 0
+    # A new base: nothing references step 1 any more, and the next retention pass removes it.
+    with Mirror([str(tmp_path)], object_bytes=OBJ, keep_last=1) as m:
+        new = frozen_base_state(4)
+        new["model"] = {k: v + 1 for k, v in new["model"].items()}
+        m.save_state(4, new).result(timeout=60)  # another process: writes everything
+        m.save_state(5, frozen_base_state(5)).result(timeout=60)
+        m.wait()
+    assert not (tmp_path / step_dir(1)).exists()
+
+
+def test_delete_of_the_step_holding_the_objects_keeps_them_for_later_steps(tmp_path: Path) -> None:
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
+        for s in (1, 2):
+            m.save_state(s, frozen_base_state(s)).result(timeout=60)
+        m.delete(1)
+        assert m.steps() == [2]
+        # The index came from step 2, which references step 1's files: still there.
+        m.save_state(3, frozen_base_state(3)).result(timeout=60)
+        m.wait()
+    for s in (2, 3):
+        with Mirror([str(tmp_path)]) as m:
+            got = m.load_state(s, require=True)
+        assert got is not None
+        assert_bit_exact(got[1], frozen_base_state(s))
+
+
+def test_a_referenced_file_that_vanished_is_written_again(tmp_path: Path) -> None:
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
+        m.save_state(1, frozen_base_state(1)).result(timeout=60)
+        victim = sorted(files_under(tmp_path / step_dir(1)))[0]
+        (tmp_path / step_dir(1) / victim).unlink()  # behind the mirror's back
+        m.save_state(2, frozen_base_state(2)).result(timeout=60)
+    with Mirror([str(tmp_path)]) as m:
+        got = m.load_state(2, require=True)
+    assert got is not None
+    assert_bit_exact(got[1], frozen_base_state(2))
+    (pkey,) = [f for f in files_under(tmp_path / step_dir(2)) if f.endswith(".place.json")]
+    key = f"{step_dir(2)}/{pkey}"
+    refs = parse_placement((tmp_path / key).read_bytes(), key).references()
+    assert refs and f"{step_dir(1)}/{victim}" not in refs  # the others are referenced, the lost one written
+
+
+def test_live_references_survive_a_concurrent_retention_pass(tmp_path: Path) -> None:
+    save_steps(tmp_path, range(1, 3), storage_options={"file": {"incremental": False}})
+    r = LocalReplica(str(tmp_path))
+    live = {f"{step_dir(1)}/{f}" for f in files_under(tmp_path / step_dir(1)) if f.endswith(".bin")}
+    assert live
+    removed = apply_retention(r, 2, keep_last=1, live=live)
+    assert removed == [1]
+    assert not (tmp_path / step_dir(1) / "COMMIT.json").exists()
+    assert {f"{step_dir(1)}/{f}" for f in files_under(tmp_path / step_dir(1))} == live
+
+
+def test_an_unreadable_placement_stops_retention_from_deleting_objects(tmp_path: Path) -> None:
+    save_steps(tmp_path, range(1, 3))
+    (pkey,) = [f for f in files_under(tmp_path / step_dir(2)) if f.endswith(".place.json")]
+    (tmp_path / step_dir(2) / pkey).write_bytes(b"{damaged")
+    before = files_under(tmp_path / step_dir(1))
+    removed = apply_retention(LocalReplica(str(tmp_path)), 2, keep_last=1)
+    assert removed == [1]
+    # Only the commit record went: without step 2's placement nothing else can be ruled unreferenced.
+    assert files_under(tmp_path / step_dir(1)) == [f for f in before if f != "COMMIT.json"]
+
+
+def test_repair_copies_what_a_step_references(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    with Mirror([str(a), str(b)], object_bytes=OBJ) as m:
+        for s in (1, 2):
+            m.save_state(s, frozen_base_state(s)).result(timeout=60)
+    # Lose a referenced base object on b: step 2 there is damaged, a still holds it.
+    (pkey,) = [f for f in files_under(b / step_dir(2)) if f.endswith(".place.json")]
+    key = f"{step_dir(2)}/{pkey}"
+    ref = sorted(parse_placement((b / key).read_bytes(), key).references())[0]
+    (b / ref).unlink()
+    assert verify([str(b)]).exit_code != 0
+    repair([str(a), str(b)])
+    assert verify([str(a), str(b)]).exit_code == 0
+    with Mirror([str(b)]) as m:
+        got = m.load_state(2, require=True)
+    assert got is not None
+    assert_bit_exact(got[1], frozen_base_state(2))
+
+
+def test_prune_keeps_what_the_kept_steps_reference(tmp_path: Path) -> None:
+    save_steps(tmp_path, range(1, 5))
+    proc = subprocess.run(
+        [sys.executable, "-m", "ckptmirror", "prune", str(tmp_path), "--keep", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with Mirror([str(tmp_path)]) as m:
+        assert m.steps() == [4]
+        got = m.load_state(require=True)
+    assert got is not None
+    assert_bit_exact(got[1], frozen_base_state(4))
+    assert verify([str(tmp_path)]).exit_code == 0
+
+
+@pytest.mark.parametrize("replicated", [False])
+def test_a_restarted_writer_starts_with_a_full_save(tmp_path: Path, replicated: bool) -> None:
+    """The index lives in the writing process: after a restart the first save writes everything
+    (and so never references a file it has not checked), the following ones are incremental."""
+    save_steps(tmp_path, range(1, 2))
+    save_steps(tmp_path, range(2, 4))
+    assert step_bytes(tmp_path, 2) >= step_bytes(tmp_path, 1) * 0.95
+    assert step_bytes(tmp_path, 3) < step_bytes(tmp_path, 1) * 0.1
+
+
+def test_ls_and_inspect_show_stored_and_raw_bytes_per_replica(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    with Mirror(
+        [str(a), str(b)], object_bytes=OBJ, keep_last=1, storage_options={str(b): {"compression": "zstd"}}
+    ) as m:
+        for s in (1, 2, 3):
+            m.save_state(s, frozen_base_state(s)).result(timeout=60)
+        m.wait()
+
+    def cli(*args: str) -> Any:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ckptmirror", *args, "--json", str(a), str(b)], capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    listing = cli("ls")
+    by_step = {s["step"]: s for s in listing["steps"]}
+    # Step 1 is gone as a step, but its directories keep the base objects step 3 references.
+    assert by_step[1]["committed_on"] == [] and sorted(by_step[1]["kept_for_references_on"]) == sorted([str(a), str(b)])
+    assert by_step[1]["garbage"] == {} and by_step[1]["torn_on"] == []
+    st = by_step[3]["storage"]
+    assert st[str(a)]["raw_bytes"] == st[str(b)]["raw_bytes"] == st[str(a)]["stored_bytes"]
+    assert st[str(b)]["stored_bytes"] < st[str(b)]["raw_bytes"] and st[str(b)]["compressed"] > 0
+    assert st[str(a)]["referenced"] == st[str(b)]["referenced"] > 0
+    report = cli("inspect")
+    assert report["step"] == 3 and report["storage"] == st
