@@ -26,6 +26,9 @@ class ReplicaStatus:
     state: ReplicaState
     error: BaseException | None = None
     seconds: float | None = None
+    #: bytes this rank wrote to the replica for this save (objects as stored, placement record,
+    #: manifest): less than the state with compression, far less with incremental saves
+    written_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -189,11 +192,13 @@ class SaveHandle:
         return None
 
     # -- used by the writer --------------------------------------------------------------
-    def _set_replica(self, url: str, state: ReplicaState, error: BaseException | None = None) -> None:
+    def _set_replica(
+        self, url: str, state: ReplicaState, error: BaseException | None = None, written_bytes: int | None = None
+    ) -> None:
         with self._cond:
             was_done = self._done
             previous = self._status.get(url)
-            self._status[url] = ReplicaStatus(url, state, error, time.perf_counter() - self._started)
+            self._status[url] = ReplicaStatus(url, state, error, time.perf_counter() - self._started, written_bytes)
             committed = sum(s.state == "committed" for s in self._status.values())
             open_ = sum(s.state == "pending" for s in self._status.values())
             if not self._done and committed >= self._min:

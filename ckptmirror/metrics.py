@@ -140,6 +140,7 @@ class _ReplicaStats:
     failed: int = 0
     skipped: int = 0
     committed_bytes: int = 0
+    written_bytes: int = 0
     last_step: int | None = None
     last_unix: float | None = None
 
@@ -195,6 +196,7 @@ class MirrorMetrics:
                     if status.state == "committed":
                         st.committed += 1
                         st.committed_bytes += h.nbytes
+                        st.written_bytes += status.written_bytes or 0
                         st.last_step, st.last_unix = h.step, now
                         if not first_seen[0] and status.seconds is not None:
                             first_seen[0] = True
@@ -246,6 +248,7 @@ class MirrorMetrics:
                     "saves_failed": st.failed,
                     "saves_skipped": st.skipped,
                     "committed_state_bytes": st.committed_bytes,
+                    "written_bytes": st.written_bytes,
                 }
                 for url, st in self._replicas.items()
             }
@@ -289,6 +292,10 @@ METRIC_NAMES: dict[str, tuple[str, str]] = {
     "ckptmirror_replica_saves_failed": ("counter", "Saves that failed on the replica"),
     "ckptmirror_replica_saves_skipped": ("counter", "Saves that skipped the replica (degraded, or skipped)"),
     "ckptmirror_replica_committed_state_bytes": ("counter", "State bytes of the saves committed on the replica"),
+    "ckptmirror_replica_written_bytes": (
+        "counter",
+        "Bytes written to the replica by committed saves (as stored: compressed, new objects only)",
+    ),
     "ckptmirror_saves_started": ("counter", "Saves started (handles returned by save())"),
     "ckptmirror_saves_committed": ("counter", "Saves committed on min_replicas replicas"),
     "ckptmirror_saves_failed": ("counter", "Saves that failed"),
@@ -367,6 +374,7 @@ class MirrorCollector:
             "ckptmirror_replica_saves_failed": lambda r: r["saves_failed"],
             "ckptmirror_replica_saves_skipped": lambda r: r["saves_skipped"],
             "ckptmirror_replica_committed_state_bytes": lambda r: r["committed_state_bytes"],
+            "ckptmirror_replica_written_bytes": lambda r: r["written_bytes"],
         }
         for name, get in per_replica.items():
             f = family(name, ["replica"])

@@ -228,3 +228,16 @@ def test_ls_and_inspect_show_stored_and_raw_bytes_per_replica(tmp_path: Path) ->
     assert st[str(a)]["referenced"] == st[str(b)]["referenced"] > 0
     report = cli("inspect")
     assert report["step"] == 3 and report["storage"] == st
+
+
+def test_handles_and_metrics_count_the_bytes_really_written(tmp_path: Path) -> None:
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
+        first = m.save_state(1, frozen_base_state(1)).result(timeout=60)
+        second = m.save_state(2, frozen_base_state(2)).result(timeout=60)
+        w1 = first.replicas[str(tmp_path)].written_bytes
+        w2 = second.replicas[str(tmp_path)].written_bytes
+        assert w1 is not None and w2 is not None
+        assert w1 >= first.nbytes and w2 < 0.05 * w1, (w1, w2)
+        # the handle's figure is what landed in the step's directory
+        assert abs(w2 - step_bytes(tmp_path, 2)) < 1024
+        assert m.metrics()["replicas"][str(tmp_path)]["written_bytes"] == w1 + w2

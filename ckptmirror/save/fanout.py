@@ -293,7 +293,8 @@ class Fanout:
                         (o.checksum, o.size): stored[o.key] for o in enc.manifest.objects if o.key in stored
                     }
                     self._index_step[replica.url] = job.step
-            job.handle._set_replica(replica.url, "committed")
+            written = _written_bytes(enc.step, stored, enc)
+            job.handle._set_replica(replica.url, "committed", written_bytes=written)
             if self._retention_owner[pos]:
                 # Off the write path: the staging buffer is released (and the next save can
                 # start) while old steps are deleted, so a slow replica's deletes hold no one.
@@ -611,6 +612,15 @@ def put_objects(
         if not f.cancelled():
             f.result()  # first failure wins
     return {homes[i]: f.result() for i, f in zip(indices, futures)}
+
+
+def _written_bytes(step: int, stored: Mapping[str, Stored], enc: EncodedStep) -> int:
+    """Bytes this rank wrote for this save on one replica: objects as stored in this step's
+    directory (referenced ones cost nothing), its placement record, the rank manifest."""
+    prefix = step_dir(step) + "/"
+    special = {h: s for h, s in stored.items() if s.key != h}
+    placement = len(Placement(step, 0, "00000000", special).to_json()) if special else 0  # about its size
+    return sum(s.size for s in stored.values() if s.key.startswith(prefix)) + placement + len(enc.manifest_bytes)
 
 
 def _written_here(step: int, stored: Mapping[str, Stored], enc: EncodedStep) -> list[str]:
