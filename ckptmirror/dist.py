@@ -17,6 +17,16 @@ matched by position; URLs may differ between ranks, e.g. node-local paths):
    On a shared replica (S3, a shared filesystem) several ranks write identical bytes: the first
    creates it, the others find it identical, which the Replica contract defines as success.
 
+Two optional moves, for callers whose ranks can fail before rank 0 gets to decide (the DCP
+adapter: DCP never calls the coordinator's ``finish`` after a rank's ``write_data`` raised):
+
+* :meth:`Coordinator.abort`: a rank that reported ``failed`` publishes the abort itself, so
+  that nobody waits ``commit_timeout_s`` for a decision that will never come. It cannot race
+  with a commit: rank 0 publishes one only after every report is ``ok``;
+* :meth:`Coordinator.ack` / :meth:`Coordinator.acks`: after step 3 each rank acknowledges its
+  commit record and rank 0 waits for every acknowledgement, so that rank 0 returns only once
+  every rank's (possibly node-local) commit record is written.
+
 So a step is committed at position ``p`` only after every rank's shard is durable at ``p``.
 A node-local replica holds only its node's shards; a reader takes the commit record from any
 replica and each object from any replica where it verifies against the pinned checksums, so
@@ -158,15 +168,28 @@ class Coordinator:
             self._wait(keys, f"every rank's report for replica position {pos}")
             reports = [json.loads(self.store.get(k)) for k in keys]
         except CoordinationError as exc:
-            self.store.set(self._k(save, pos, "commit"), json.dumps({"abort": str(exc)}))
+            self._decision(save, pos, {"abort": str(exc)})
             return
         bad = {r: rep for r, rep in enumerate(reports) if rep.get("state") != "ok"}
         if bad:
             why = "; ".join(f"rank {r}: {rep.get('state')}: {rep.get('error', '')}" for r, rep in bad.items())
-            self.store.set(self._k(save, pos, "commit"), json.dumps({"abort": why}))
+            self._decision(save, pos, {"abort": why})
             return
         commit = build_commit(reports)
-        self.store.set(self._k(save, pos, "commit"), json.dumps({"commit": commit.decode()}))
+        self._decision(save, pos, {"commit": commit.decode()})
+
+    def _decision(self, save: str, pos: int, doc: dict[str, str]) -> None:
+        """The one key that holds ``pos``'s decision, whoever publishes it (rank 0, or a failing rank)."""
+        self.store.set(self._k(save, pos, "commit"), json.dumps(doc))
+
+    def abort(self, save: str, pos: int, why: str) -> None:
+        """Any rank: publish that nothing commits at ``pos``; :meth:`outcome` then raises ``why``.
+
+        Only after this rank reported a state other than ``ok`` at ``pos`` (or never will
+        report ``ok`` there): rank 0 commits only when every report is ``ok``, so the abort
+        cannot overwrite a commit that some rank already acted on.
+        """
+        self._decision(save, pos, {"abort": why})
 
     def outcome(self, save: str, pos: int) -> bytes:
         """The commit record rank 0 published for ``pos``; CoordinationError on abort/timeout."""
@@ -176,6 +199,17 @@ class Coordinator:
         if "abort" in doc:
             raise CoordinationError(f"step not committed at replica position {pos}: {doc['abort']}")
         return str(doc["commit"]).encode()
+
+    def ack(self, save: str, pos: int, payload: dict[str, Any]) -> None:
+        """This rank's outcome of writing the commit record at ``pos``: ``{"state": "committed"}``
+        or ``{"state": "failed", "error": ...}`` (any JSON the waiting rank understands)."""
+        self.store.set(self._k(save, pos, "ack", self.info.rank), json.dumps(payload))
+
+    def acks(self, save: str, pos: int) -> list[dict[str, Any]]:
+        """Every other rank's :meth:`ack` at ``pos``, in rank order (CoordinationError after the timeout)."""
+        keys = [self._k(save, pos, "ack", r) for r in range(self.info.world_size) if r != self.info.rank]
+        self._wait(keys, f"every rank's commit record at replica position {pos}")
+        return [json.loads(self.store.get(k)) for k in keys]
 
     # -- restore agreement ---------------------------------------------------------------
     def exchange(self, round_key: str, value: Any) -> list[Any]:

@@ -55,8 +55,8 @@ def urls(root: Path) -> list[str]:
     return [str(root / "local-{rank}"), str(root / "shared")]
 
 
-def job(nproc: int, *args: str) -> None:
-    torchrun(str(CHILD), *args, nproc=nproc, timeout=300)
+def job(nproc: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return torchrun(str(CHILD), *args, nproc=nproc, timeout=300)
 
 
 def assert_same(ref_path: Path, got_path: Path) -> None:
@@ -145,11 +145,44 @@ def test_a_dcp_step_is_a_ckptmirror_step(saved: Path, tmp_path: Path) -> None:
     assert committed_steps([str(root / "shared")]) == [3, 4]
 
 
+def test_objects_are_cut_by_the_formats_rule(saved: Path) -> None:
+    # As the main save path: format.cut_objects over the rank's whole stream (object_bytes=2048
+    # in the child), also where the async_save arena holds other ranks' items between runs.
+    from itertools import accumulate
+
+    from ckptmirror.format import LARGE_STORAGE_DIVISOR, cut_objects, parse_rank_manifest
+
+    for step in (2, 3, 4):
+        commit = parse_commit((saved / "shared" / commit_key(step)).read_bytes(), commit_key(step))
+        for ref in commit.ranks:
+            m = parse_rank_manifest((saved / "shared" / ref.key).read_bytes(), ref.key)
+            sizes = [o.size for o in m.objects]
+            windows = tuple(zip(accumulate(sizes, initial=0), sizes))
+            assert windows == cut_objects(m.storages, 2048), (step, ref.rank)
+            large = [st for st in m.storages if st.nbytes >= 2048 // LARGE_STORAGE_DIVISOR]
+            assert large and len(large) < len([st for st in m.storages if st.nbytes]), "both kinds are exercised"
+
+
+def test_an_object_across_runs_is_joined_and_one_inside_a_run_is_a_view() -> None:
+    from ckptmirror.dcp.writer import _window_bytes
+
+    a, b, c = bytearray(b"0123456789"), bytearray(b"abc"), bytearray(b"XYZW")
+    starts, spans = [0, 10, 13], [memoryview(a), memoryview(b), memoryview(c)]
+    inside = _window_bytes(starts, spans, 2, 5)
+    assert bytes(inside) == b"23456" and inside.obj is a, "a view, no copy"
+    assert bytes(_window_bytes(starts, spans, 10, 3)) == b"abc"
+    assert bytes(_window_bytes(starts, spans, 8, 7)) == b"89abcXY"
+    assert bytes(_window_bytes(starts, spans, 0, 17)) == b"0123456789abcXYZW"
+
+
 # ----------------------------------------------------------------------------- loading
 
 
 def test_load_on_2_ranks_newest_without_pickle(saved: Path) -> None:
-    job(2, "load", str(saved), "two", "newest", *urls(saved))
+    p = job(2, "load", str(saved), "two", "newest", *urls(saved))
+    # Rank 1 reads what DCP had rank 0 store (and the other way round): from the shared
+    # replica, without first trying its own node's disk, which cannot hold it, and warning.
+    assert "trying the next replica" not in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
     assert_same(saved / "reference-4.safetensors", saved / "restored-two.safetensors")
     expect = json.loads((saved / "values-4.json").read_text())
     for out in result(saved, "two"):
@@ -164,6 +197,9 @@ def test_load_a_given_step(saved: Path) -> None:
     job(2, "load", str(saved), "step3", "3", *urls(saved))
     assert_same(saved / "reference-3.safetensors", saved / "restored-step3.safetensors")
     assert {out["step"] for out in result(saved, "step3")} == {3}
+    # Step 2 came from dcp.save, which writes large tensors from where they are (no staging copy).
+    job(2, "load", str(saved), "step2", "2", *urls(saved))
+    assert_same(saved / "reference-2.safetensors", saved / "restored-step2.safetensors")
 
 
 def test_load_on_4_ranks_reshards(saved: Path) -> None:
@@ -248,6 +284,22 @@ def test_newest_step_unrecoverable_on_one_rank_all_ranks_load_the_previous(saved
     job(2, "load", str(root), "fallback", "newest", *urls(root))
     assert {out["step"] for out in result(root, "fallback")} == {3}
     assert_same(root / "reference-3.safetensors", root / "restored-fallback.safetensors")
+
+
+def test_a_given_step_unrecoverable_on_one_rank_fails_the_load_on_every_rank(saved: Path, tmp_path: Path) -> None:
+    # No vote for a step the caller names: the rank that cannot load it raises while DCP plans,
+    # and DCP's planning collective fails the load everywhere, at once (no wait for a vote).
+    root = copy_of(saved, tmp_path)
+    name = sorted((root / "shared" / step_dir(4) / "rank-00001").iterdir())[0].name
+    for place in ("local-1", "shared"):
+        p = root / place / step_dir(4) / "rank-00001" / name
+        p.write_bytes(p.read_bytes()[:-1])
+    t0 = time.monotonic()
+    p = torchrun(str(CHILD), "load", str(root), "given", "4", *urls(root), nproc=2, timeout=300, check=False)
+    assert p.returncode != 0
+    assert time.monotonic() - t0 < 50, "well under the 60 s commit_timeout_s of the child's reader"
+    assert name in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
+    assert not list(root.glob("result-given-*.json")), "no rank finished the load"
 
 
 def test_rank_killed_mid_save_leaves_no_commit(saved: Path, tmp_path: Path) -> None:
@@ -379,6 +431,24 @@ def test_async_save_in_one_process_reuses_its_staging_buffer(tmp_path: Path) -> 
     assert bool((target["model"]["weight"] == 4).all())
 
 
+def test_dcp_save_writes_large_tensors_from_where_they_are(tmp_path: Path) -> None:
+    # object_bytes=4096: tensors of at least 1024 bytes get objects of their own, written
+    # straight from the caller's memory; the small ones are packed into the reused arena.
+    state = {
+        "big": torch.arange(1024, dtype=torch.float32),
+        "bf16": torch.ones(600, dtype=torch.bfloat16),
+        "small": torch.arange(10, dtype=torch.int64),
+        "strided": torch.arange(2048, dtype=torch.float32).reshape(32, 64).t(),
+    }
+    w = MirrorStorageWriter([str(tmp_path)], step=1, object_bytes=4096)
+    dcp.save(state, storage_writer=w, planner=MirrorSavePlanner())
+    assert w.last_copied_bytes == 80 + 8192, "only the small and the non-contiguous tensor were copied"
+    target = {k: torch.zeros_like(v).contiguous() if k != "strided" else torch.zeros(64, 32) for k, v in state.items()}
+    dcp.load(target, storage_reader=MirrorStorageReader([str(tmp_path)]), planner=MirrorLoadPlanner())
+    for k, v in state.items():
+        assert torch.equal(target[k], v), k
+
+
 def test_a_tensor_inside_a_tuple_is_refused() -> None:
     with pytest.raises(ckptmirror.UnsupportedTypeError, match=r"state_dict\['x'\]\[0\]"):
         encode_value((torch.ones(1), 2), "x")
@@ -438,6 +508,34 @@ def test_metadata_round_trips_through_json() -> None:
         bad = metadata_to_tree(md)
         bad["storage"] = bad["storage"][1:]
         tree_to_metadata(bad, "k", 2)
+
+
+def test_the_fast_index_decoder_agrees_with_unflatten() -> None:
+    from ckptmirror.dcp._codec import decode_plain
+    from ckptmirror.state.tree import flatten, unflatten
+
+    def no_leaf(*a: Any) -> Any:
+        raise AssertionError("no tensors here")
+
+    trees: list[Any] = [
+        {"a": [1, 2, [3, [4, None]]], "b": {"c": "x", "d": 1.5, "e": True}},
+        {"t": (1, (2, "x")), "big": 2**80, "nan": float("nan"), "inf": [float("-inf")], 3: "int key"},
+        [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]],  # past the fast depth
+        "plain",
+        None,
+    ]
+    for tree in trees:
+        node = flatten(tree).structure
+        fast, slow = decode_plain(node, "k"), unflatten(node, no_leaf, "k")
+        assert repr(fast) == repr(slow), (fast, slow)  # repr: nan == nan
+    bad = [
+        {"t": "dict", "items": [["a", 1], ["a", 2]]},
+        {"t": "list", "v": [{"t": "nope"}]},
+        {"t": "dict", "items": [["a", {"t": "tensor", "i": 0}]]},
+    ]
+    for node in bad:
+        with pytest.raises(ckptmirror.ManifestError):
+            decode_plain(node, "k")
 
 
 def test_import_ckptmirror_does_not_import_dcp() -> None:

@@ -1,15 +1,15 @@
-"""What the DCP writer and reader share: steps from checkpoint ids, opening replicas, the vote.
+"""What the DCP writer and reader share: steps from checkpoint ids, opening replicas, bad steps.
 
-The vote is :class:`~ckptmirror.dist.Coordinator`'s commit protocol plus two moves that DCP's
-call order needs (see :class:`Votes`): a rank that fails its write publishes the abort itself
-(DCP then never calls ``finish()``, the coordinator's only chance to decide), and every rank
-acknowledges its commit record, so that ``finish()`` returns only once every rank's
-node-local commit is written.
+The writer's vote is :class:`~ckptmirror.dist.Coordinator`'s commit protocol with its two
+optional moves, which DCP's call order needs: a rank that fails its write publishes the abort
+itself (:meth:`~ckptmirror.dist.Coordinator.abort`: DCP then never calls ``finish()``, the
+coordinator's only chance to decide), and every rank acknowledges its commit record
+(:meth:`~ckptmirror.dist.Coordinator.ack`), so that ``finish()`` returns only once every
+rank's node-local commit is written.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..dist import Coordinator, DistInfo, expand_url
+from ..dist import DistInfo, expand_url
 from ..format import MAX_STEP
 from ..replicas import Replica, close_opened, open_replicas
 
@@ -63,37 +63,6 @@ def open_for(
     urls = [expand_url(u, info) if isinstance(u, str) else u for u in replicas]
     opened = open_replicas(urls, storage_options)
     return opened, weakref.finalize(owner, close_opened, opened, urls)
-
-
-class Votes(Coordinator):
-    """The commit vote of one DCP save, under its own store prefix (the save id).
-
-    Keys per replica position ``pos`` (``save`` is always ``"s"``: the prefix is the save)::
-
-        rank/R   R's report: {"state": "ok", key, size, checksum} or {"state": "failed", error}
-        commit   the decision: {"commit": record} from rank 0, or {"abort": why} from anyone
-        ack/R    R's commit record written (or why not): {"state": "committed" | "failed", ...}
-
-    Rank 0 publishes a commit only after every report is ``ok``, and a rank that reports
-    ``failed`` never reports ``ok`` for the same position, so an abort published by a failing
-    rank can never race with a commit.
-    """
-
-    SAVE = "s"
-
-    def abort(self, pos: int, why: str) -> None:
-        """Publish that nothing commits at ``pos`` (a rank failed before ``finish()`` could decide)."""
-        self.store.set(self._k(self.SAVE, pos, "commit"), json.dumps({"abort": why}))
-
-    def ack(self, pos: int, payload: dict[str, Any]) -> None:
-        """This rank's outcome of writing the commit record at ``pos``."""
-        self.store.set(self._k(self.SAVE, pos, "ack", self.info.rank), json.dumps(payload))
-
-    def acks(self, pos: int) -> list[dict[str, Any]]:
-        """Every other rank's :meth:`ack` at ``pos`` (CoordinationError after the timeout)."""
-        keys = [self._k(self.SAVE, pos, "ack", r) for r in range(self.info.world_size) if r != self.info.rank]
-        self._wait(keys, f"every rank's commit record at replica position {pos}")
-        return [json.loads(self.store.get(k)) for k in keys]
 
 
 _counter_lock = threading.Lock()

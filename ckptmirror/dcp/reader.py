@@ -29,6 +29,7 @@ when the step holds any) as ckptmirror JSON.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import io
 import logging
 import os
@@ -37,15 +38,17 @@ import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future as TorchFuture
 
-from ..buffers import byte_view
+from ..buffers import byte_view, copy_bytes, host_array
 from ..dist import Coordinator, DistInfo, detect
 from ..errors import CorruptObjectError, ManifestError, NoValidCheckpointError, StepNotFoundError
 from ..format import CommitRecord, RankManifest, commit_key
@@ -53,19 +56,12 @@ from ..replicas import Replica
 from ..restore.check import ManifestCheck, contiguous_strides, validate_manifest
 from ..restore.discover import list_steps
 from ..restore.fetch import STEP_FAILURES, Fetcher, ObjectPlan
-from ..state.tree import JSON, unflatten
-from ._codec import Location, RankIndex, parse_rank_index, tree_to_metadata, value_bytes_of_node
+from ..state.tree import JSON
+from ._codec import Location, RankIndex, decode_plain, parse_rank_index, tree_to_metadata, value_bytes_of_node
 from ._common import check_step, is_bad, mark_bad, next_load_prefix, open_for, step_from_checkpoint_id
 from .planners import MirrorLoadPlanner
 
 log = logging.getLogger("ckptmirror")
-
-
-@dataclass(frozen=True)
-class _Leaf:
-    """A tensor reference in a decoded rank tree."""
-
-    index: int
 
 
 @dataclass
@@ -80,6 +76,39 @@ class _Step:
     raw_state: list[dict[str, JSON]]  # per rank: state key -> its JSON node as stored
     metadata: Metadata
     plans: dict[int, ObjectPlan] = field(default_factory=dict)  # rank -> preflighted objects
+    _leaf_of: dict[int, dict[str, int]] = field(default_factory=dict)
+    _object_starts: dict[int, list[int]] = field(default_factory=dict)
+
+    def leaf_of(self, rank: int) -> dict[str, int]:
+        """State key -> leaf index of ``rank``'s tensors (computed once per rank and step)."""
+        out = self._leaf_of.get(rank)
+        if out is None:
+            paths = self.checks[rank].paths.items()
+            out = {path[1]: i for i, path in paths if len(path) == 2 and path[0] == "state"}
+            self._leaf_of[rank] = out
+        return out
+
+    def object_starts(self, rank: int) -> list[int]:
+        """Stream offset of each object of ``rank``."""
+        out = self._object_starts.get(rank)
+        if out is None:
+            out = list(accumulate((o.size for o in self.manifests[rank].objects), initial=0))[:-1]
+            self._object_starts[rank] = out
+        return out
+
+
+@dataclass
+class _RankRead:
+    """What one load reads of one stored rank: the storages it needs and the objects that hold them."""
+
+    rank: int
+    users: dict[int, list[tuple[ReadItem, int, torch.Tensor]]] = field(default_factory=dict)  # storage -> requests
+    buffers: dict[int, torch.Tensor] = field(default_factory=dict)  # storage -> its bytes' destination (uint8)
+    direct: set[int] = field(default_factory=set)  # storages whose destination is the target itself
+    objects: dict[int, list[tuple[int, np.ndarray]]] = field(default_factory=dict)  # object -> (offset, dst)
+    into: dict[int, torch.Tensor] = field(default_factory=dict)  # object -> where it is read whole
+    plan: ObjectPlan = field(default_factory=dict)
+    manifest: RankManifest | None = None
 
 
 class MirrorStorageReader(StorageReader):
@@ -215,10 +244,12 @@ class MirrorStorageReader(StorageReader):
             if req.type != LoadItemType.BYTE_IO:
                 by_rank.setdefault(storage[req.storage_index].rank, []).append(req)
         try:
-            with ThreadPoolExecutor(self.io_threads, thread_name_prefix="ckptmirror-read") as pool:
-                fetcher = Fetcher(self.replicas, pool)
-                for rank in sorted(by_rank):
-                    self._read_rank(fetcher, chosen, rank, by_rank[rank], planner)
+            # A new Fetcher per load: its per-thread bounce buffers are freed with it.
+            fetcher = Fetcher(self.replicas, self._executor())
+            ranks = [self._plan_rank(fetcher, chosen, rank, by_rank[rank], planner) for rank in sorted(by_rank)]
+            self._read_objects(fetcher, ranks)
+            for rr in ranks:
+                self._finish_rank(chosen, rr, planner)
         except STEP_FAILURES as exc:
             mark_bad([r.url for r in self.replicas], chosen.step)
             raise CorruptObjectError(
@@ -236,39 +267,40 @@ class MirrorStorageReader(StorageReader):
         wanted = self.requested if self.requested is not None else step_from_checkpoint_id(self._checkpoint_id)
         agree = None
         coord: Coordinator | None = None
-        if self.dist.distributed:
-            coord = Coordinator(self.dist, next_load_prefix(), self.commit_timeout_s)
+        prefix = next_load_prefix()  # taken by every load, so that the ranks' counters stay in step
+        if self.dist.distributed and wanted is None:
+            # Only "the newest step every rank can recover" needs a vote. A step named by the
+            # caller is the same on every rank, and a rank that cannot load it raises here,
+            # inside DCP's planning collective, which fails the load on every rank.
+            coord = Coordinator(self.dist, prefix, self.commit_timeout_s)
             agree = coord.exchange
         candidates = [wanted] if wanted is not None else sorted(listing.committed, reverse=True)
         candidates = [s for s in candidates if s in listing.committed]
         problems: dict[int, str] = {}
-        with ThreadPoolExecutor(self.io_threads, thread_name_prefix="ckptmirror-read") as pool:
-            fetcher = Fetcher(self.replicas, pool)
+        fetcher = Fetcher(self.replicas, self._executor())
 
-            def probe(s: int) -> _Step:
-                if is_bad(urls, s):
-                    raise CorruptObjectError(
-                        "an object failed to verify anywhere in an earlier load", key=commit_key(s)
-                    )
-                return self._probe(fetcher, s, listing.committed[s])
+        def probe(s: int) -> _Step:
+            if is_bad(urls, s):
+                raise CorruptObjectError("an object failed to verify anywhere in an earlier load", key=commit_key(s))
+            return self._probe(fetcher, s, listing.committed[s])
 
-            try:
-                if agree is None:
-                    for s in candidates:
-                        try:
-                            return probe(s)
-                        except STEP_FAILURES as exc:
-                            if wanted is not None:
-                                raise
-                            log.warning("step %d cannot be loaded, falling back to an older step: %s", s, exc)
-                            problems[s] = f"{type(exc).__name__}: {exc}"
-                    if problems:
-                        raise NoValidCheckpointError(problems)
-                    raise StepNotFoundError(wanted, list(listing.committed), urls)
-                return self._agree(candidates, probe, agree, problems, wanted, listing.committed, urls)
-            finally:
-                if coord is not None:
-                    coord.close()
+        try:
+            if agree is None:
+                for s in candidates:
+                    try:
+                        return probe(s)
+                    except STEP_FAILURES as exc:
+                        if wanted is not None:
+                            raise
+                        log.warning("step %d cannot be loaded, falling back to an older step: %s", s, exc)
+                        problems[s] = f"{type(exc).__name__}: {exc}"
+                if problems:
+                    raise NoValidCheckpointError(problems)
+                raise StepNotFoundError(wanted, list(listing.committed), urls)
+            return self._agree(candidates, probe, agree, problems, wanted, listing.committed, urls)
+        finally:
+            if coord is not None:
+                coord.close()
 
     def _agree(
         self,
@@ -317,13 +349,18 @@ class MirrorStorageReader(StorageReader):
         for r in range(commit.world_size):
             m = fetcher.read_manifest(commit, r)
             key = commit.manifest_ref(r).key
-            check = validate_manifest(m, key)
-            tree = unflatten(m.structure, lambda kind, i, path: _Leaf(i), key)
-            index = parse_rank_index(tree, key, commit.world_size, r, s)
+            check = validate_manifest(m, key)  # the whole tree, the index included, is valid
+            top = _items(m.structure) or {}
+            state = _items(top.get("state"))
+            # Only the index is decoded again (the fast way: it is most of the tree on rank 0,
+            # DCP's metadata); the state's nodes are handed on as stored.
+            dcp = decode_plain(top["dcp"], key) if "dcp" in top else None
+            index = parse_rank_index({"dcp": dcp, "state": state}, key, commit.world_size, r, s)
+            assert state is not None  # parse_rank_index refuses a tree without a state dict
             manifests.append(m)
             checks.append(check)
             indexes.append(index)
-            raw.append(_raw_state(m.structure, key))
+            raw.append(state)
         if indexes[0].metadata is None:
             raise ManifestError("rank 0's manifest holds no DCP metadata", key=commit.manifest_ref(0).key)
         md = tree_to_metadata(indexes[0].metadata, commit.manifest_ref(0).key, commit.world_size)
@@ -338,120 +375,139 @@ class MirrorStorageReader(StorageReader):
         return chosen
 
     # ------------------------------------------------------------------ reading
-    def _read_rank(
+    def _plan_rank(
         self, fetcher: Fetcher, chosen: _Step, rank: int, reqs: list[ReadItem], planner: LoadPlanner
-    ) -> None:
-        """Read the stored chunks of ``rank`` that ``reqs`` need and copy each request into place.
+    ) -> _RankRead:
+        """Where each stored storage of ``rank`` that ``reqs`` need goes, and the objects that hold them.
 
-        A chunk requested whole into a contiguous CPU tensor of its dtype is read straight into
-        that tensor; anything else goes through a buffer of the chunk's size.
+        A storage requested whole into a contiguous CPU tensor of its dtype is read straight into
+        that tensor; anything else (part of a chunk when resharding, another dtype or device) goes
+        through a buffer of the storage's size, copied into the targets afterwards.
         """
         m, check = chosen.manifests[rank], chosen.checks[rank]
-        leaf_of = {path[1]: i for i, path in check.paths.items() if len(path) == 2 and path[0] == "state"}
+        leaf_of = chosen.leaf_of(rank)
         storage_data: dict[MetadataIndex, Location] = chosen.metadata.storage_data
-        per_storage: dict[int, list[tuple[ReadItem, int, torch.Tensor]]] = {}
+        rr = _RankRead(rank)
         for req in reqs:
             leaf = leaf_of[storage_data[req.storage_index].key]
             target = planner.resolve_tensor(req).detach()
-            per_storage.setdefault(m.leaves[leaf].storage, []).append((req, leaf, target))
-        buffers: dict[int, torch.Tensor] = {}
-        direct: set[int] = set()
-        for sidx, users in per_storage.items():
+            rr.users.setdefault(m.leaves[leaf].storage, []).append((req, leaf, target))
+        for sidx, users in rr.users.items():
             rec = m.storages[sidx]
             req, leaf, target = users[0]
             lf = m.leaves[leaf]
             if (
-                len(users) == 1
-                and rec.nbytes
+                rec.nbytes
+                and len(users) == 1
                 and lf.offset == 0
                 and lf.stride == contiguous_strides(lf.shape)
-                and all(o == 0 for o in req.storage_offsets)
+                and not any(req.storage_offsets)
                 and tuple(req.lengths) == lf.shape
                 and target.device.type == "cpu"
                 and target.is_contiguous()
                 and target.dtype == check.dtypes[leaf]
                 and target.numel() * target.element_size() == rec.nbytes
             ):
-                buffers[sidx] = byte_view(
+                buf = byte_view(
                     target.untyped_storage(), int(target.storage_offset()) * target.element_size(), rec.nbytes
                 )
-                direct.add(sidx)
+                rr.direct.add(sidx)
             else:
-                buffers[sidx] = torch.empty(rec.nbytes, dtype=torch.uint8)
-        self._fill_buffers(fetcher, chosen, rank, buffers)
-        for sidx, users in per_storage.items():
+                buf = torch.empty(rec.nbytes, dtype=torch.uint8)
+            rr.buffers[sidx] = buf
+        # The objects overlapping the wanted storages, each with the pieces it fills.
+        order = sorted((i for i in rr.buffers if m.storages[i].nbytes), key=lambda i: m.storages[i].offset)
+        obj_start = chosen.object_starts(rank)
+        for sidx in order:
+            rec = m.storages[sidx]
+            dst = host_array(rr.buffers[sidx])
+            j = max(0, bisect.bisect_right(obj_start, rec.offset) - 1)
+            while j < len(m.objects) and obj_start[j] < rec.offset + rec.nbytes:
+                lo, hi = obj_start[j], obj_start[j] + m.objects[j].size
+                a, b = max(lo, rec.offset), min(hi, rec.offset + rec.nbytes)
+                if a < b:
+                    pieces = rr.objects.setdefault(j, [])
+                    pieces.append((a - lo, dst[a - rec.offset : b - rec.offset]))
+                    if a == lo and b == hi and len(pieces) == 1:
+                        # The whole object lies in this storage: read it straight into place.
+                        rr.into[j] = rr.buffers[sidx][a - rec.offset : b - rec.offset]
+                    else:
+                        rr.into.pop(j, None)
+                j += 1
+        # Objects of a rank probed without a preflight (DCP reads another rank's deduplicated
+        # items): find the replica that holds each one now, as for the own rank's, so that a
+        # node-local replica that holds only its own node's ranks is not tried (and warned about).
+        plan = chosen.plans.setdefault(rank, {})
+        missing = [m.objects[j] for j in rr.objects if m.objects[j].key not in plan]
+        if missing:
+            plan.update(fetcher.preflight(dataclasses.replace(m, objects=tuple(missing))))
+        rr.plan = plan
+        rr.manifest = m
+        return rr
+
+    def _read_objects(self, fetcher: Fetcher, ranks: list[_RankRead]) -> None:
+        """Read every needed object once, verified: straight into its storage when it lies in one,
+        else into a per-thread buffer whose pieces are copied out (NumPy: no OpenMP region)."""
+        jobs = [(rr, j) for rr in ranks for j in sorted(rr.objects)]
+        lock = threading.Lock()
+
+        def work(job: tuple[_RankRead, int]) -> None:
+            rr, j = job
+            assert rr.manifest is not None
+            obj = rr.manifest.objects[j]
+            into = rr.into.get(j)
+            buf, url = fetcher.fetch(obj.key, obj.size, obj.checksum, rr.plan.get(obj.key, fetcher.replicas), into=into)
+            with lock:
+                self.sources[obj.key] = url
+            if into is None:
+                src = host_array(buf)
+                for off, dst in rr.objects[j]:
+                    copy_bytes(dst, src[off : off + len(dst)])
+
+        if len(jobs) == 1:
+            work(jobs[0])  # nothing to overlap with: no hand-off to a pool thread
+            return
+        futures = [fetcher.pool.submit(work, job) for job in jobs]
+        wait(futures)
+        for f in futures:
+            f.result()
+
+    def _finish_rank(self, chosen: _Step, rr: _RankRead, planner: LoadPlanner) -> None:
+        """Copy the buffered storages' requested regions into their targets; hand every target back."""
+        m, check = chosen.manifests[rr.rank], chosen.checks[rr.rank]
+        for sidx, users in rr.users.items():
             for req, leaf, target in users:
-                if sidx not in direct:
+                if sidx not in rr.direct:
                     lf = m.leaves[leaf]
                     dtype = check.dtypes[leaf]
                     assert dtype is not None
                     src = torch.empty(0, dtype=dtype).set_(
-                        buffers[sidx].untyped_storage(), lf.offset, lf.shape, lf.stride
+                        rr.buffers[sidx].untyped_storage(), lf.offset, lf.shape, lf.stride
                     )
                     for dim, (start, length) in enumerate(zip(req.storage_offsets, req.lengths)):
                         src = src.narrow(dim, start, length)
                     if tuple(target.shape) != tuple(src.shape):
                         raise ManifestError(
                             f"{req.storage_index.fqn}: stored region {tuple(src.shape)}, target {tuple(target.shape)}",
-                            key=chosen.commit.manifest_ref(rank).key,
+                            key=chosen.commit.manifest_ref(rr.rank).key,
                         )
                     with torch.no_grad():
                         target.copy_(src)
                 planner.commit_tensor(req, target)
 
-    def _fill_buffers(self, fetcher: Fetcher, chosen: _Step, rank: int, buffers: dict[int, torch.Tensor]) -> None:
-        """Read every object overlapping a wanted storage once, verified, into the storage buffers.
-
-        An object inside one storage is read straight into that storage's buffer; one that
-        spans several is read into a per-thread buffer and its pieces copied out.
-        """
-        m = chosen.manifests[rank]
-        order = sorted((i for i in buffers if m.storages[i].nbytes), key=lambda i: m.storages[i].offset)
-        starts = [m.storages[i].offset for i in order]
-        obj_start = []
-        acc = 0
-        for o in m.objects:
-            obj_start.append(acc)
-            acc += o.size
-        wanted: set[int] = set()
-        for i in order:
-            rec = m.storages[i]
-            first = max(0, bisect.bisect_right(obj_start, rec.offset) - 1)
-            wanted.update(range(first, bisect.bisect_left(obj_start, rec.offset + rec.nbytes)))
-        plan = chosen.plans.get(rank, {})
-        lock = threading.Lock()
-
-        def work(j: int) -> None:
-            obj = m.objects[j]
-            lo, hi = obj_start[j], obj_start[j] + obj.size
-            k = max(0, bisect.bisect_right(starts, lo) - 1)
-            candidates = plan.get(obj.key, fetcher.replicas)
-            into = None
-            if order:
-                rec = m.storages[order[k]]
-                if rec.offset <= lo and hi <= rec.offset + rec.nbytes:
-                    into = buffers[order[k]][lo - rec.offset : hi - rec.offset]
-            buf, url = fetcher.fetch(obj.key, obj.size, obj.checksum, candidates, into=into)
-            with lock:
-                self.sources[obj.key] = url
-            if into is not None:
-                return
-            while k < len(order) and starts[k] < hi:
-                rec = m.storages[order[k]]
-                a, b = max(lo, rec.offset), min(hi, rec.offset + rec.nbytes)
-                if a < b:
-                    buffers[order[k]][a - rec.offset : b - rec.offset].copy_(buf[a - lo : b - lo])
-                k += 1
-
-        futures = [fetcher.pool.submit(work, j) for j in sorted(wanted)]
-        wait(futures)
-        for f in futures:
-            f.result()
+    def _executor(self) -> ThreadPoolExecutor:
+        """This reader's object-reading threads, started once for the probe and every read."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="ckptmirror-read")
+        return self._pool
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        """Close the replicas opened from URLs."""
+        """Stop the reading threads; close the replicas opened from URLs."""
         self._chosen = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self._closer()
 
     def __enter__(self) -> MirrorStorageReader:
@@ -461,13 +517,14 @@ class MirrorStorageReader(StorageReader):
         self.close()
 
 
-def _raw_state(structure: JSON, key: str) -> dict[str, JSON]:
-    """``state`` of a rank tree as stored: key -> JSON node (values are handed on as they are)."""
-    try:
-        top = {k: v for k, v in structure["items"]}
-        return {k: v for k, v in top["state"]["items"]}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ManifestError("rank tree has no 'state' dict", key=key) from exc
+def _items(node: JSON) -> dict[str, JSON] | None:
+    """The entries of a dict node as stored (key -> JSON node), or None when it is no such node.
+
+    Used on trees that :func:`validate_manifest` accepted: a dict node's items are pairs there.
+    """
+    if not (isinstance(node, dict) and node.get("t") == "dict"):
+        return None
+    return {k: v for k, v in node["items"] if isinstance(k, str)}
 
 
 def _check_locations(

@@ -29,6 +29,7 @@ record, so when ``dcp.save`` returns anywhere, every rank's commit records are w
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import io
 import logging
@@ -52,7 +53,7 @@ from torch.futures import Future as TorchFuture
 
 from ..buffers import host_bytes
 from ..checksum import checksum
-from ..dist import DistInfo, detect
+from ..dist import Coordinator, DistInfo, detect
 from ..errors import (
     CkptMirrorError,
     ReplicaConfigError,
@@ -62,6 +63,7 @@ from ..errors import (
     UnsupportedTypeError,
 )
 from ..format import (
+    LARGE_STORAGE_DIVISOR,
     MAX_OBJECT_BYTES,
     CommitRecord,
     LeafRecord,
@@ -69,6 +71,8 @@ from ..format import (
     RankManifest,
     RankRef,
     StorageRecord,
+    check_parse_cost,
+    cut_objects,
     new_token,
     object_key,
     rank_manifest_key,
@@ -80,42 +84,56 @@ from ..save.fanout import commit_from_reports, commit_step
 from ..save.retention import apply_retention, is_committed
 from ..state.tree import JSON, dtype_name, flatten
 from ._codec import DCP_VERSION, Chunk, Location, looks_pickled, metadata_to_tree, parse_value_bytes, rank_index_tree
-from ._common import Votes, check_step, open_for, step_from_checkpoint_id
+from ._common import check_step, open_for, step_from_checkpoint_id
 from ._staging import Staging, Ticket, check_tensor, copy_into, pack
 from .planners import MirrorSavePlanner
 
 log = logging.getLogger("ckptmirror")
 
-DEFAULT_OBJECT_BYTES = 64 << 20
-#: A tensor of at least ``object_bytes // 4`` bytes gets objects of its own (the format's rule,
-#: ``format.cut_objects``): on load, an object inside one tensor is read straight into it.
-_LARGE_DIVISOR = 4
+#: Smaller than :class:`~ckptmirror.Mirror`'s 64 MiB, for how DCP reads: a rank reads the
+#: replicated items that DCP had another rank store, and when resharding, parts of every rank's
+#: chunks, and each object it touches is read whole to verify its checksum. With 16 MiB objects
+#: that costs at most 16 MiB per object touched, and every storage of at least 4 MiB (the cut's
+#: large storages: FSDP shards of most layers) gets objects of its own, read straight into the
+#: target tensor. Measured (benchmarks/bench_dcp.py, 2 ranks, 20M parameters, 10 MB shards,
+#: idle machine): dcp.load 0.05 s, 0.19 s with 64 MiB objects (FileSystemReader: 0.06-0.10 s);
+#: saves no slower (more objects, written in parallel). See benchmarks/results/dcp_2026-12-01.txt.
+DEFAULT_OBJECT_BYTES = 16 << 20
+#: The ``save`` name of every vote key: each save votes under its own store prefix (its save id),
+#: so the name itself needs to tell nothing apart. Keys per replica position ``pos``::
+#:
+#:     s/pos/rank/R   R's report: {"state": "ok", key, size, checksum} or {"state": "failed", error}
+#:     s/pos/commit   the decision: {"commit": record} from rank 0, or {"abort": why} from anyone
+#:     s/pos/ack/R    R's commit record written (or why not): {"state": "committed" | "failed", ...}
+_SAVE = "s"
 
 
-def _cut(sizes: list[int], object_bytes: int) -> list[tuple[int, int]]:
-    """``(offset, size)`` of the objects of one run of back-to-back storages of ``sizes`` bytes.
+def _plain(e: _Entry) -> bool:
+    """A tensor that is not a shard of a sharded one: replicated, and read by every rank."""
+    return e.item.type != WriteItemType.SHARD
 
-    The format's cut (``cut_objects`` in ``format.py``): a large storage starts a new object and
-    is cut into objects of ``object_bytes``; the small ones between large ones are grouped, in
-    order, into objects of at most ``object_bytes``. The objects tile the run.
+
+def _window_bytes(starts: list[int], spans: list[memoryview], off: int, size: int) -> memoryview:
+    """The bytes of stream window ``[off, off + size)``; run ``i`` holds ``spans[i]`` from ``starts[i]``.
+
+    A window inside one run is a view of its buffer (no copy: every large tensor's objects are).
+    Only a group of small storages that straddles runs (buffers of their own, or a staged arena
+    with other ranks' deduplicated items between) is joined into a copy, at most one object's
+    worth per run boundary.
     """
-    large = max(1, object_bytes // _LARGE_DIVISOR)
-    out: list[tuple[int, int]] = []
-    group = pos = 0
-    for nbytes in sizes:
-        end = pos + nbytes
-        if nbytes >= large:
-            if pos > group:
-                out.append((group, pos - group))
-            out.extend((o, min(object_bytes, end - o)) for o in range(pos, end, object_bytes))
-            group = end
-        elif end - group > object_bytes:
-            out.append((group, pos - group))
-            group = pos
-        pos = end
-    if pos > group:
-        out.append((group, pos - group))
-    return out
+    i = bisect.bisect_right(starts, off) - 1
+    start, mv = starts[i], spans[i]
+    if off + size <= start + len(mv):
+        return mv[off - start : off - start + size]
+    parts = []
+    end = off + size
+    while off < end:
+        start, mv = starts[i], spans[i]
+        take = min(end, start + len(mv)) - off
+        parts.append(mv[off - start : off - start + take])
+        off += take
+        i += 1
+    return memoryview(b"".join(parts))
 
 
 @dataclass(frozen=True)
@@ -163,7 +181,7 @@ class _Save:
     skipped: dict[str, str]
     bytes_fqns: list[str] = field(default_factory=list)
     info: _GlobalInfo | None = None
-    votes: Votes | None = None
+    votes: Coordinator | None = None
     enc: EncodedStep | None = None
     chunks: list[Chunk] = field(default_factory=list)
     state_items: list[list[Any]] = field(default_factory=list)
@@ -181,7 +199,10 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         step: the step to save. None: taken from the ``checkpoint_id`` given to
             ``dcp.save``/``dcp.async_save`` (its trailing integer, e.g. ``.../step-400``), so
             one writer can be reused for every save.
-        keep_last, object_bytes, io_threads, max_inflight, min_replicas, on_replica_error,
+        object_bytes: size of the objects each rank's bytes are cut into (the format's cut,
+            ``format.cut_objects``); default 16 MiB, a quarter of ``Mirror``'s, see
+            :data:`DEFAULT_OBJECT_BYTES`.
+        keep_last, io_threads, max_inflight, min_replicas, on_replica_error,
             storage_options, process_group, commit_timeout_s: as for :class:`~ckptmirror.Mirror`.
             ``process_group`` must have the ranks and rank numbers of the group DCP saves with
             (``async_save(process_group=...)`` may be another group over the same ranks).
@@ -249,7 +270,8 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         self.last_outcome: dict[str, str] = {}
         #: Seconds the last :meth:`stage` call took (the training thread's stall in async_save).
         self.last_stage_s: float = 0.0
-        #: Bytes the last ``write_data`` copied into a buffer (0: written straight from the staged arena).
+        #: Bytes the last ``write_data`` copied into a buffer (0: written straight from the staged
+        #: arena, or from the tensors themselves, as every tensor of at least ``object_bytes // 4``).
         self.last_copied_bytes: int = 0
 
     # ------------------------------------------------------------------ AsyncStager
@@ -379,7 +401,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
             raise ValueError("MirrorStorageWriter.write_data got a plan its prepare_global_plan did not make")
         s.info = info
         if self.dist.distributed:
-            s.votes = Votes(self.dist, f"ckptmirror/dcp/{info.save_id}", self.commit_timeout_s)
+            s.votes = Coordinator(self.dist, f"ckptmirror/dcp/{info.save_id}", self.commit_timeout_s)
         ticket: Ticket | None = None
         try:
             self._refuse_pickles(s, plan, planner)
@@ -522,7 +544,8 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         return entries
 
     def _place(self, s: _Save, entries: list[_Entry]) -> tuple[Ticket | None, Any]:
-        """Find each tensor's bytes: in a staged arena (async_save) or copied into one now."""
+        """Find each tensor's bytes: in a staged arena (async_save), in the tensor itself (a large
+        one), or copied into an arena now."""
         with_bytes = [e for e in entries if e.tensor is not None and e.nbytes]
         ticket: Ticket | None = None
         rest: list[_Entry] = []
@@ -543,11 +566,26 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                     rest.append(e)
                 else:
                     last = e.start + e.nbytes
+        # A large tensor's bytes are written from where they are: the cut gives it objects of its
+        # own (views, no copy), and it cannot change while they are written (dcp.save blocks its
+        # caller; async_save hands over staged copies). Small ones are packed into the reused
+        # arena, so that their shared objects are views too; device and strided tensors are
+        # copied, as their bytes must be on the host and back to back.
+        large = max(1, self.object_bytes // LARGE_STORAGE_DIVISOR)
+        copied: list[_Entry] = []
+        for e in rest:
+            t = e.tensor
+            assert t is not None
+            if e.nbytes >= large and t.device.type == "cpu" and t.is_contiguous():
+                e.buf, e.start = t.reshape(-1).view(torch.uint8), 0
+            else:
+                copied.append(e)
+        rest = copied
         arena = None
         self.last_copied_bytes = sum(e.nbytes for e in rest)
         if rest:
             tensors = [e.tensor for e in rest if e.tensor is not None]
-            offsets, total = pack(tensors, [0] * len(tensors))
+            offsets, total = pack(tensors, [0 if _plain(e) else 1 for e in rest])
             pinned = any(t.is_cuda for t in tensors)
             if ticket is None:
                 arena = self._staging.acquire()  # dcp.save: this copy is the snapshot; the arena is reused
@@ -569,9 +607,14 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         assert s.info is not None
         # Runs: tensors whose bytes lie back to back in one buffer. The data stream is the runs
         # one after the other (storages tile it, as the format requires); bytes between runs
-        # (other ranks' deduplicated items in a staging arena) are not written.
+        # (other ranks' deduplicated items in a staging arena) are not written. Plain tensors
+        # come first: DCP stores each replicated one on one rank only, so every other rank
+        # reads it from there, and each object it lies in is read whole (to verify it). Kept
+        # together, they share as few objects as the cut allows: objects of their own when a
+        # large storage follows them.
         placed = sorted(
-            (e for e in entries if e.buf is not None and e.nbytes), key=lambda e: (self._buf_order(e.buf), e.start)
+            (e for e in entries if e.buf is not None and e.nbytes),
+            key=lambda e: (not _plain(e), self._buf_order(e.buf), e.start),
         )
         runs: list[list[_Entry]] = []
         for e in placed:
@@ -579,19 +622,21 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                 runs[-1].append(e)
             else:
                 runs.append([e])
-        views: list[memoryview] = []
-        windows: list[tuple[int, int]] = []
         pos = 0
+        starts: list[int] = []  # stream offset of each run
+        spans: list[memoryview] = []  # its bytes
         for run in runs:
             assert run[0].buf is not None
-            mv = host_bytes(run[0].buf)
             base = run[0].start
             for e in run:
                 e.stream_offset = pos + e.start - base
-            for off, size in _cut([e.nbytes for e in run], self.object_bytes):
-                views.append(mv[base + off : base + off + size])
-                windows.append((pos + off, size))
-            pos += run[-1].start + run[-1].nbytes - base
+            size = run[-1].start + run[-1].nbytes - base
+            starts.append(pos)
+            spans.append(host_bytes(run[0].buf)[base : base + size])
+            pos += size
+        # The format's cut over the whole stream, as the main save path cuts it (encode.py).
+        windows = cut_objects([StorageRecord(e.stream_offset, e.nbytes) for e in placed], self.object_bytes)
+        views = [_window_bytes(starts, spans, off, size) for off, size in windows]
         with ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="ckptmirror-hash") as pool:
             sums = list(pool.map(checksum, views))
         token = new_token()
@@ -628,6 +673,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         )
         mbytes = manifest.to_json()
         mkey = rank_manifest_key(info.step, info.rank, token)
+        check_parse_cost(mbytes, mkey)  # fail the save rather than write a manifest no reader accepts
         commit = CommitRecord(info.step, info.world_size, (RankRef(info.rank, mkey, len(mbytes), checksum(mbytes)),))
         s.enc = EncodedStep(info.step, tuple(windows), manifest, mkey, mbytes, commit.to_json())
         return views
@@ -695,8 +741,8 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         why = f"rank {s.rank}: {type(exc).__name__}: {exc}"
         for pos in range(len(self.replicas)):
             try:
-                s.votes.report(Votes.SAVE, pos, {"state": "failed", "error": why})
-                s.votes.abort(pos, why)
+                s.votes.report(_SAVE, pos, {"state": "failed", "error": why})
+                s.votes.abort(_SAVE, pos, why)
             except Exception as err:  # noqa: BLE001 - the store is gone too: the others time out
                 log.warning("could not publish the abort of step %d: %s", s.step, err)
                 break
@@ -707,11 +753,11 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         if pos in s.failed:
             exc = s.failed[pos]
             why = f"rank {s.rank}: {type(exc).__name__}: {exc}"
-            s.votes.report(Votes.SAVE, pos, {"state": "failed", "error": why})
-            s.votes.abort(pos, why)
+            s.votes.report(_SAVE, pos, {"state": "failed", "error": why})
+            s.votes.abort(_SAVE, pos, why)
             return
         s.votes.report(
-            Votes.SAVE,
+            _SAVE,
             pos,
             {
                 "state": "ok",
@@ -737,14 +783,14 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                         outcome[pos] = s.failed[pos]
                         continue
                     try:
-                        commit_step(r, enc, votes.outcome(Votes.SAVE, pos))
-                        votes.ack(pos, {"state": "committed"})
+                        commit_step(r, enc, votes.outcome(_SAVE, pos))
+                        votes.ack(_SAVE, pos, {"state": "committed"})
                         outcome[pos] = None
                     except BaseException as exc:  # noqa: BLE001 - reported to rank 0 and logged
                         log.warning("step %d not committed on %s: %s", s.step, r.url, exc)
                         outcome[pos] = exc
                         try:
-                            votes.ack(pos, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"})
+                            votes.ack(_SAVE, pos, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"})
                         except Exception:  # noqa: BLE001 - rank 0 times out instead
                             pass
             finally:
@@ -775,10 +821,10 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                 commit_step(r, enc, enc.commit_bytes)
                 return None
             self._report(s, pos)
-            s.votes.decide(Votes.SAVE, pos, partial(commit_from_reports, s.step, s.info.world_size, False))
-            record = s.votes.outcome(Votes.SAVE, pos)  # CoordinationError when aborted
+            s.votes.decide(_SAVE, pos, partial(commit_from_reports, s.step, s.info.world_size, False))
+            record = s.votes.outcome(_SAVE, pos)  # CoordinationError when aborted
             commit_step(r, enc, record)
-            bad = [a for a in s.votes.acks(pos) if a.get("state") != "committed"]
+            bad = [a for a in s.votes.acks(_SAVE, pos) if a.get("state") != "committed"]
             if bad:
                 raise SaveFailedError(
                     s.step, {}, f"other ranks could not write the commit record at position {pos}: {bad}"
