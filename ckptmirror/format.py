@@ -182,36 +182,48 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 LARGE_STORAGE_DIVISOR = 4
 
 
-def cut_objects(storages: Sequence[StorageRecord], object_bytes: int) -> tuple[tuple[int, int], ...]:
+def cut_objects(
+    storages: Sequence[StorageRecord], object_bytes: int, frozen: Sequence[bool] | None = None
+) -> tuple[tuple[int, int], ...]:
     """The format's object cut: ``(offset, size)`` of each object of a data stream, in order.
 
     ``storages`` tile the stream back to back (the writer lays them out so). A storage of at
     least ``object_bytes // 4`` bytes (a *large* storage) starts a new object and is cut into
     objects of ``object_bytes`` (the last one shorter) that hold no other storage's bytes; the
     storages between two large ones are grouped, in order, into objects of at most
-    ``object_bytes``. The objects tile the stream, as readers require.
+    ``object_bytes``. ``frozen`` (one flag per storage, optional) keeps frozen and changing
+    small storages apart: a group also ends where the flag changes (empty storages take
+    either side). The objects tile the stream, as readers require.
 
     Why: an object that lies inside one tensor is read straight into it on restore (no bounce
     copy), and an unchanged large tensor maps to the same objects from one save to the next
-    whatever changed before it in the stream (incremental saves rely on this).
+    whatever changed before it in the stream (incremental saves rely on this). The flags do the
+    same for small tensors: a frozen layer norm that shares an object with a trainable bias is
+    written again on every save, one that does not is referenced.
     """
     if object_bytes < 1:
         raise ValueError(f"object_bytes must be positive, got {object_bytes}")
+    if frozen is not None and len(frozen) != len(storages):
+        raise ValueError(f"{len(frozen)} frozen flags for {len(storages)} storages")
     large = max(1, object_bytes // LARGE_STORAGE_DIVISOR)
     out: list[tuple[int, int]] = []
     group = pos = 0  # start of the open group of small storages; end of the stream so far
-    for off, nbytes in storages:
+    side: bool | None = None  # the frozen flag of the open group's non-empty storages
+    for i, (off, nbytes) in enumerate(storages):
         if off != pos:
             raise ValueError(f"storages do not tile the stream: one starts at {off}, the previous ends at {pos}")
         end = off + nbytes
+        flag = frozen[i] if frozen is not None and nbytes else None
         if nbytes >= large:
             if pos > group:
                 out.append((group, pos - group))
             out.extend((o, min(object_bytes, end - o)) for o in range(off, end, object_bytes))
-            group = end
-        elif end - group > object_bytes:
+            group, side = end, None
+        elif end - group > object_bytes or (flag is not None and side is not None and flag != side):
             out.append((group, pos - group))  # pos > group: a small storage alone always fits
-            group = off
+            group, side = off, flag
+        elif side is None:
+            side = flag
         pos = end
     if pos > group:
         out.append((group, pos - group))

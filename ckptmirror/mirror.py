@@ -23,7 +23,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -44,7 +45,7 @@ from .restore.discover import list_steps
 from .restore.undo import BufferFactory
 from .save.encode import PreWritten
 from .save.fanout import Fanout, SaveJob
-from .save.snapshot import Arena, ArenaPool, Plan, copy_range, plan, plan_key, prepare, snapshot
+from .save.snapshot import Arena, ArenaPool, Plan, copy_range, frozen_flags, plan, plan_key, prepare, snapshot
 from .state.targets import Stateful, check_fits, init_sharded_optimizer_state
 from .state.tree import flatten
 
@@ -251,7 +252,7 @@ class Mirror:
             "optim": optim.state_dict() if optim is not None else None,
             "extra": extra,
         }
-        return self._save(step, state, overwrite, t0, replicated)
+        return self._save(step, state, overwrite, t0, replicated, model)
 
     def save_state(
         self, step: int, state: Any, *, overwrite: bool = False, replicated: bool | None = None
@@ -261,7 +262,9 @@ class Mirror:
             step, state, overwrite, time.perf_counter(), bool(replicated if replicated is not None else self.replicated)
         )
 
-    def _save(self, step: int, state: Any, overwrite: bool, t0: float, replicated: bool) -> SaveHandle:
+    def _save(
+        self, step: int, state: Any, overwrite: bool, t0: float, replicated: bool, model: Any = None
+    ) -> SaveHandle:
         self._check_open()
         self._raise_unreported()
         if type(step) is not int or not 0 <= step <= MAX_STEP:
@@ -310,7 +313,7 @@ class Mirror:
                     )
                 if overwrite:
                     raise ValueError("overwrite=True is not supported for a state larger than staging_bytes")
-                stream, pre = self._sliced_snapshot(step, p, arena, targets)
+                stream, pre = self._sliced_snapshot(step, p, arena, targets, model)
             else:
                 stream = snapshot(p, arena)
         except BaseException:
@@ -326,23 +329,36 @@ class Mirror:
         self._seq += 1
         self._jobs.put(
             SaveJob(
-                step, handle, arena, stream, p, overwrite, targets, self._seq, replicated and self.dist.distributed, pre
+                step,
+                handle,
+                arena,
+                stream,
+                p,
+                overwrite,
+                targets,
+                self._seq,
+                replicated and self.dist.distributed,
+                pre,
+                _model_ref(model),
             )
         )
         return handle
 
     def _sliced_snapshot(
-        self, step: int, p: Plan, arena: Arena, targets: list[Replica]
+        self, step: int, p: Plan, arena: Arena, targets: list[Replica], model: Any = None
     ) -> tuple[torch.Tensor, PreWritten]:
         """Snapshot a state larger than ``staging_bytes``: every slice but the last is copied
         into the arena and written to the replicas on this thread; the last one is staged and
         returned for the background writer (see ``staging_bytes``)."""
         cap = cast(int, self.staging_bytes)
-        windows = cut_objects(p.storages, self.object_bytes)
+        # The slices are written now, so the cut (and the frozen flags it keeps apart) is made
+        # here, on the caller's thread; the background encoder reuses it through ``pre``.
+        frozen = frozen_flags(p, model) if model is not None and self._fanout.incremental else None
+        windows = cut_objects(p.storages, self.object_bytes, frozen)
         total = p.total_bytes
         tail = next(i for i, (off, _) in enumerate(windows) if total - off <= cap)
         buf = arena.reserve(cap, p.needs_pinned)
-        pre = PreWritten(new_token())
+        pre = PreWritten(new_token(), frozen=frozen)
         i = 0
         while i < tail:
             lo = windows[i][0]
@@ -715,3 +731,14 @@ def _check_options(
         raise ValueError("on_replica_error must be 'warn' or 'raise'")
     if min_replicas is not None and not 1 <= min_replicas <= n_replicas:
         raise ValueError(f"min_replicas must be between 1 and {n_replicas}")
+
+
+def _model_ref(model: Any) -> Callable[[], Any] | None:
+    """How the background writer finds ``model`` (for its frozen parameters) without keeping
+    it alive: a weak reference where the type allows one (``nn.Module`` does)."""
+    if model is None:
+        return None
+    try:
+        return weakref.ref(model)
+    except TypeError:
+        return lambda: model

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -220,6 +221,44 @@ def test_cut_objects_rule_holds_on_random_layouts(seed: int) -> None:
             assert not any(s.offset < off + size and off < s.offset + s.nbytes for s in large)
 
 
+def test_cut_objects_keeps_frozen_and_changing_small_storages_apart() -> None:
+    # small storages (all < 1024 // 4): frozen, frozen, empty, changing, changing, frozen
+    sizes = [100, 100, 0, 50, 50, 100]
+    offsets = [0, 100, 200, 200, 250, 300]
+    storages = [fmt.StorageRecord(o, n) for o, n in zip(offsets, sizes)]
+    assert fmt.cut_objects(storages, 1024) == ((0, 400),)  # no flags: one group
+    flags = [True, True, False, False, False, True]  # the empty one's flag does not matter
+    assert fmt.cut_objects(storages, 1024, flags) == ((0, 200), (200, 100), (300, 100))
+    flags[2] = True
+    assert fmt.cut_objects(storages, 1024, flags) == ((0, 200), (200, 100), (300, 100))
+    with pytest.raises(ValueError, match="2 frozen flags for 6 storages"):
+        fmt.cut_objects(storages, 1024, [True, False])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_cut_objects_with_frozen_flags_tiles_and_never_mixes(seed: int) -> None:
+    rng = random.Random(1000 + seed)
+    object_bytes = rng.choice([64, 1000, 1024])
+    storages = _random_layout(rng, object_bytes)
+    flags = [rng.random() < 0.5 for _ in storages]
+    windows = fmt.cut_objects(storages, object_bytes, flags)
+    assert sum(w[1] for w in windows) == sum(s.nbytes for s in storages)
+    assert [w[0] for w in windows] == [sum(w[1] for w in windows[:i]) for i in range(len(windows))]
+    assert all(0 < size <= object_bytes for _, size in windows)
+    for off, size in windows:
+        inside = {
+            flags[i] for i, s in enumerate(storages) if s.nbytes and s.offset < off + size and off < s.offset + s.nbytes
+        }
+        assert len(inside) == 1, (off, size, inside)  # every object is all frozen or all changing
+    # large storages are cut exactly as without flags
+    plain = fmt.cut_objects(storages, object_bytes)
+    large = [s for s in storages if s.nbytes >= max(1, object_bytes // fmt.LARGE_STORAGE_DIVISOR)]
+    for s in large:
+        assert [w for w in windows if s.offset <= w[0] < s.offset + s.nbytes] == [
+            w for w in plain if s.offset <= w[0] < s.offset + s.nbytes
+        ]
+
+
 def test_unchanged_large_tensor_keeps_its_objects_when_what_precedes_it_changes() -> None:
     """What incremental saves need: the objects of an unchanged large tensor are the same
     (size, and bytes relative to the tensor) whatever small tensors come before it."""
@@ -244,7 +283,7 @@ def test_saved_weight_then_bias_objects_land_inside_their_tensors(tmp_path: Path
         m.save(1, net).result(timeout=60)
     raw = manifest_path(tmp_path, 1).read_bytes()
     doc = json.loads(raw)
-    assert doc["format_version"] == 2
+    assert doc["format_version"] == fmt.FORMAT_VERSION  # columns since version 2
     man = fmt.parse_rank_manifest(raw, "k")
     starts = [sum(o.size for o in man.objects[:j]) for j in range(len(man.objects))]
     windows = [(start, o.size) for start, o in zip(starts, man.objects)]
@@ -301,9 +340,9 @@ def test_v1_manifest_and_its_v2_rewrite_parse_to_the_same_records() -> None:
     raw = (V1_STEP / V1_MANIFEST_KEY).read_bytes()
     m1 = fmt.parse_rank_manifest(raw, V1_MANIFEST_KEY)
     v2 = m1.to_json()
-    assert json.loads(v2)["format_version"] == 2
+    assert json.loads(v2)["format_version"] == fmt.FORMAT_VERSION
     m2 = fmt.parse_rank_manifest(v2, V1_MANIFEST_KEY)
-    assert m2 == m1
+    assert m2 == dataclasses.replace(m1, format_version=fmt.FORMAT_VERSION)  # the rewrite is current
     assert len(v2) < len(raw)
     validate_manifest(m2, V1_MANIFEST_KEY)
 
@@ -319,7 +358,10 @@ def test_save_writes_columns_and_round_trips(tmp_path: Path) -> None:
 
     raw = manifest_path(tmp_path, 3).read_bytes()
     doc = json.loads(raw)
-    assert doc["format_version"] == 2 and json.loads((tmp_path / fmt.commit_key(3)).read_bytes())["format_version"] == 2
+    assert (
+        doc["format_version"] == fmt.FORMAT_VERSION
+        and json.loads((tmp_path / fmt.commit_key(3)).read_bytes())["format_version"] == fmt.FORMAT_VERSION
+    )
     leaves = doc["leaves"]
     n = len(leaves["type"])
     assert {len(leaves[k]) for k in ("type", "storage", "offset", "flags", "shape")} == {n}

@@ -241,3 +241,69 @@ def test_handles_and_metrics_count_the_bytes_really_written(tmp_path: Path) -> N
         # the handle's figure is what landed in the step's directory
         assert abs(w2 - step_bytes(tmp_path, 2)) < 1024
         assert m.metrics()["replicas"][str(tmp_path)]["written_bytes"] == w1 + w2
+
+
+class _Frozen(torch.nn.Module):
+    """A model whose small frozen tensors sit between trainable ones in the state dict: a
+    frozen embedding and blocks, each with a small trainable adapter, then a trainable head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList()
+        for _ in range(6):
+            block = torch.nn.ModuleDict(
+                {
+                    "norm": torch.nn.LayerNorm(256),  # frozen, small
+                    "proj": torch.nn.Linear(256, 256),  # frozen, 256 KiB: small at object_bytes 4 MiB
+                    "adapter": torch.nn.Linear(256, 4, bias=False),  # trainable, small
+                }
+            )
+            block["norm"].requires_grad_(False)
+            block["proj"].requires_grad_(False)
+            self.blocks.append(block)
+        self.head = torch.nn.Linear(256, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b["proj"](b["norm"](x)) + b["adapter"](x).sum(-1, keepdim=True)
+        return self.head(x)
+
+
+def test_frozen_parameters_of_a_real_model_are_not_written_again(tmp_path: Path) -> None:
+    """With Mirror.save(model, optim) the cut keeps frozen parameters (requires_grad False)
+    out of the objects that hold trainable ones, so a save after the first writes about the
+    trainable share (weights + AdamW state), not the groups they happen to share with frozen
+    tensors. Without that, every group of small tensors holding an adapter is written again."""
+    torch.manual_seed(0)
+    model = _Frozen()
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert trainable < 0.05 * total
+
+    def train() -> None:
+        optim.zero_grad()
+        model(torch.randn(4, 256)).sum().backward()
+        optim.step()
+
+    train()
+    with Mirror([str(tmp_path)], object_bytes=4 << 20) as m:
+        first = m.save(1, model, optim).result(timeout=60)
+        written = []
+        for s in (2, 3):
+            train()
+            h = m.save(s, model, optim).result(timeout=60)
+            w = h.replicas[str(tmp_path)].written_bytes
+            assert w is not None
+            written.append(w)
+        w1 = first.replicas[str(tmp_path)].written_bytes
+        assert w1 is not None and w1 > total
+        # trainable weights + exp_avg + exp_avg_sq, plus metadata (manifest, placement, commit)
+        # and AdamW's step counters: well under one frozen block (~260 KiB)
+        for w in written:
+            assert w < 3 * trainable + 64 * 1024, (w, trainable)
+        got = m.load_state(3)
+    flat = model.state_dict()
+    for k, v in flat.items():
+        assert torch.equal(got[1]["model"][k], v), k
+    assert torch.equal(got[1]["optim"]["state"][0]["exp_avg"], optim.state_dict()["state"][0]["exp_avg"])

@@ -12,7 +12,7 @@ fresh writer token, so nothing a save writes can overwrite another writer's file
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +65,7 @@ class PreWritten:
     stored: dict[str, dict[str, Any]] = field(default_factory=dict)  # url -> home key -> Stored
     failed: dict[str, BaseException] = field(default_factory=dict)  # url -> why it failed
     refs: dict[str, dict[int, Any]] = field(default_factory=dict)  # url -> live references taken
+    frozen: tuple[bool, ...] | None = None  # the frozen flags the slices were cut with
 
 
 def _cut_and_hash(
@@ -73,10 +74,12 @@ def _cut_and_hash(
     object_bytes: int,
     pool: ThreadPoolExecutor,
     pre: PreWritten | None = None,
+    frozen: Sequence[bool] | None = None,
 ) -> tuple[tuple[tuple[int, int], ...], list[str]]:
     """The stream's object windows ``(offset, size)``, cut at storage boundaries by the format's
-    rule, and the checksum of each (in parallel; those ``pre`` wrote already are known)."""
-    windows = cut_objects(p.storages, object_bytes)
+    rule (frozen storages kept apart), and the checksum of each (in parallel; those ``pre``
+    wrote already are known)."""
+    windows = cut_objects(p.storages, object_bytes, pre.frozen if pre is not None else frozen)
     view = host_bytes(stream) if stream.numel() else memoryview(b"")
     base, done = (pre.base, pre.upto) if pre is not None else (0, 0)
     sums = list(pool.map(lambda w: checksum(view[w[0] - base : w[0] - base + w[1]]), windows[done:]))
@@ -92,10 +95,11 @@ def encode(
     object_bytes: int,
     pool: ThreadPoolExecutor,
     pre: PreWritten | None = None,
+    frozen: Sequence[bool] | None = None,
 ) -> EncodedStep:
     """Cut ``stream`` into objects of at most ``object_bytes`` and checksum each one (in parallel)."""
     token = pre.token if pre is not None else new_token()
-    windows, sums = _cut_and_hash(p, stream, object_bytes, pool, pre)
+    windows, sums = _cut_and_hash(p, stream, object_bytes, pool, pre, frozen)
     objects = tuple(
         ObjectRecord(object_key(step, rank, i, token), size, s) for i, ((_, size), s) in enumerate(zip(windows, sums))
     )
@@ -117,6 +121,7 @@ def encode_replicated(
     object_bytes: int,
     pool: ThreadPoolExecutor,
     exchange: Callable[[str, Any], list[Any]],
+    frozen: Sequence[bool] | None = None,
 ) -> EncodedStep:
     """Encode a state that is identical on every rank (DDP) so that it is stored once in total.
 
@@ -126,7 +131,7 @@ def encode_replicated(
     written by rank ``i % world_size`` under that rank's token; one manifest (rank 0's name,
     identical bytes on every rank) describes them all.
     """
-    windows, sums = _cut_and_hash(p, stream, object_bytes, pool)
+    windows, sums = _cut_and_hash(p, stream, object_bytes, pool, None, frozen)
     probe = RankManifest(
         step,
         0,

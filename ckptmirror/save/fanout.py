@@ -66,7 +66,7 @@ from ..placement import Placement, Stored
 from ..replicas.base import Replica
 from .encode import EncodedStep, PreWritten, Segments, encode, encode_replicated, object_segments
 from .retention import apply_retention, delete_quietly, is_committed, remove_step
-from .snapshot import Arena
+from .snapshot import Arena, frozen_flags
 
 #: Per replica: the content ``(checksum, size)`` of each object its last committed save stored
 #: there -> how it is stored. What an incremental save may reference instead of writing.
@@ -90,6 +90,9 @@ class SaveJob:
     replicated: bool = False
     #: a sliced save: what was written before save() returned (the stream holds the rest)
     pre: PreWritten | None = None
+    #: the saved model, for its frozen parameters (see ``snapshot.frozen_flags``); a weak
+    #: reference's call (None once the model is gone)
+    model: Callable[[], Any] | None = None
 
 
 class ObjectEncoder:
@@ -204,6 +207,11 @@ class Fanout:
         if coord is not None:
             self._retention_owner = self.elect_retention_owners()
 
+    @property
+    def incremental(self) -> bool:
+        """Whether some replica takes incremental saves (then the cut keeps frozen tensors apart)."""
+        return any(r.incremental for r in self.replicas)
+
     def write(self, job: SaveJob, object_bytes: int, keep_last: int | None) -> None:
         """Write ``job`` to every replica in parallel; each outcome is recorded on ``job.handle``.
 
@@ -214,15 +222,33 @@ class Fanout:
         save_key = f"{job.seq}-{job.step}"
         decide = partial(commit_from_reports, job.step, info.world_size, job.replicated)
         try:
+            model = job.model() if job.model is not None and self.incremental else None
+            frozen = frozen_flags(job.plan, model) if model is not None and job.pre is None else None
             if job.replicated:
                 assert self._coord is not None
                 exchange = partial(_prefixed, self._coord.exchange, save_key)
                 enc = encode_replicated(
-                    job.step, info.rank, info.world_size, job.plan, job.stream, object_bytes, self._hash_pool, exchange
+                    job.step,
+                    info.rank,
+                    info.world_size,
+                    job.plan,
+                    job.stream,
+                    object_bytes,
+                    self._hash_pool,
+                    exchange,
+                    frozen,
                 )
             else:
                 enc = encode(
-                    job.step, info.rank, info.world_size, job.plan, job.stream, object_bytes, self._hash_pool, job.pre
+                    job.step,
+                    info.rank,
+                    info.world_size,
+                    job.plan,
+                    job.stream,
+                    object_bytes,
+                    self._hash_pool,
+                    job.pre,
+                    frozen,
                 )
         except BaseException as exc:
             for pos in range(len(self.replicas)):  # the other ranks are waiting for our vote
