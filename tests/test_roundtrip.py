@@ -918,3 +918,43 @@ def test_module_level_without_init_or_env_var_raises(monkeypatch, default_mirror
     monkeypatch.delenv(ckptmirror.ENV_REPLICAS, raising=False)
     with pytest.raises(ckptmirror.CkptMirrorError):
         ckptmirror.restore(torch.nn.Linear(1, 1))
+
+
+def test_flatten_fast_paths_encode_exactly_as_the_rules_say() -> None:
+    """flatten() takes shortcuts for plain tensors in dicts and plain ints/strings in lists
+    (the bulk of a state dict); they must give the documented encoding, and leave the rest
+    (enums, big ints, str subclasses, parameters, meta tensors) to the general rules."""
+    import enum
+
+    from ckptmirror.state.tree import MAX_DEPTH, flatten
+
+    class Color(enum.IntEnum):
+        RED = 1
+
+    class Name(str):
+        pass
+
+    w, p = torch.ones(2), torch.nn.Parameter(torch.zeros(3))
+    f = flatten({"w": w, 7: p, Name("n"): [3, "s", 2**70, Color.RED, True, w], -(2**63): None})
+    assert f.structure == {
+        "t": "dict",
+        "items": [
+            ["w", {"t": "tensor", "i": 0}],
+            [7, {"t": "tensor", "i": 1}],
+            [
+                "n",
+                {"t": "list", "v": [3, "s", {"t": "int", "v": hex(2**70)}, 1, True, {"t": "tensor", "i": 2}]},
+            ],
+            [-(2**63), None],
+        ],
+    }
+    assert [type(k) for k, _ in f.structure["items"][:3]] == [str, int, str]  # Name -> plain str
+    assert f.leaves[0] is w and f.leaves[1] is p and f.leaves[2] is w
+    assert f.paths == [("w",), (7,), (Name("n"), 5)]
+    with pytest.raises(ckptmirror.UnsupportedTypeError, match=r"state\['m'\]"):
+        flatten({"m": torch.empty(2, device="meta")})
+    deep: Any = {"t": torch.ones(1)}
+    for _ in range(MAX_DEPTH):
+        deep = {"d": deep}
+    with pytest.raises(ckptmirror.UnsupportedTypeError, match="nested deeper"):
+        flatten(deep)
