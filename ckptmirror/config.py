@@ -1,8 +1,8 @@
 """Configuration by environment: the one table of ``CKPTMIRROR_*`` variables, and their parsers.
 
 Every environment variable the library or ``ckptmirror serve`` reads is a row of
-:data:`ENVIRONMENT` (name, meaning, default); docs/configuration.md is generated from it and
-checked against it. Rules, the same for every variable:
+:data:`ENVIRONMENT` (name, meaning, default); docs/configuration.md's table must match it
+row for row (tests/test_docs.py fails otherwise and prints the table to paste). Rules, the same for every variable:
 
 * an explicit argument (``Mirror(keep_last=3)``, ``on_sigterm=``, ``--token-file``) always wins
   over the environment; the environment only fills in what the caller left out;
