@@ -499,7 +499,9 @@ def test_slow_s3_does_not_hold_up_the_local_commit(local: Path, s3: S3Replica) -
         st = h.replicas
     assert st[s3.url].state == "committed"
     assert st[s3.url].seconds >= 0.9  # objects, manifest, commit: at least 3 delays
-    assert st[str(local)].seconds < st[s3.url].seconds / 3, st
+    # (the order is the point, asserted above while S3 was still pending; a ratio of seconds
+    # failed once on a loaded CI machine and says nothing more)
+    assert st[str(local)].seconds < st[s3.url].seconds, st
 
 
 # ------------------------------------------------------------ 10. per-URL storage options

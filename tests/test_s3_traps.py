@@ -56,6 +56,10 @@ from ckptmirror.replicas.s3 import S3Replica
 
 #: S3 replica options that make an unreachable endpoint fail in about a second, not minutes.
 FAST = {"timeout_s": 1.0, "retries": 0}
+#: For tests where the server answers and the point is how its answer is classified: no retries,
+#: and a budget a loaded machine's moto answers within (FAST's 1 s cut a slow answer in CI,
+#: which then read as an outage instead of the answer under test).
+ANSWERED = {"timeout_s": 10.0, "retries": 0}
 #: The same for s3fs under the fsspec backend (botocore's own timeouts and retries).
 FAST_FSSPEC = {
     "skip_instance_cache": True,  # s3fs caches instances by options, not by the AWS_* environment
@@ -163,7 +167,7 @@ def test_missing_bucket_fails_the_mirror_at_construction(
 
 def test_missing_bucket_is_a_config_error_on_every_operation(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
     point_aws_at(monkeypatch, moto_server)
-    r = S3Replica(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/run", **FAST)
+    r = S3Replica(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/run", **ANSWERED)
     try:
         for op in (r.list_steps, lambda: r.put("x", b"1"), lambda: r.get("x", 10), lambda: r.delete_prefix("x")):
             with pytest.raises(ReplicaConfigError, match="does not exist.*aws s3 mb"):
@@ -199,7 +203,7 @@ def test_bucket_that_vanishes_after_use_is_an_outage_not_a_config_error(
 
     def make() -> S3Replica | FsspecReplica:
         if backend == "s3":
-            return S3Replica(f"s3://{bucket}/run", **FAST)
+            return S3Replica(f"s3://{bucket}/run", **ANSWERED)
         return FsspecReplica(f"fsspec+s3://{bucket}/run", **FAST_FSSPEC)
 
     used, fresh = make(), None
@@ -249,7 +253,7 @@ def test_refused_credentials_fail_the_mirror_at_construction(
     point_aws_at(monkeypatch, auth_moto.endpoint, *creds)
     url = f"s3://{auth_moto.bucket}/run"
     with pytest.raises(ReplicaPermissionError) as ei:
-        Mirror([str(tmp_path / "a"), url], storage_options={"s3": {**FAST, "retries": 2}})
+        Mirror([str(tmp_path / "a"), url], storage_options={"s3": {**ANSWERED, "retries": 2}})
     err = ei.value
     assert isinstance(err, ReplicaConfigError) and isinstance(err, PermissionError)
     msg = str(err)

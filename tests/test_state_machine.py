@@ -218,14 +218,16 @@ def committed_in(keys: dict[str, bool]) -> set[int]:
 
 def retention_deletes(keys: dict[str, bool], newest: int, keep: int | None) -> list[tuple[str, int]]:
     """The deletes the retention policy does on a replica holding ``keys`` after ``newest``
-    committed there, in order: torn older steps (directory), then every dropped step (commit
-    record, then directory), oldest first (docs: save/retention.py)."""
+    committed there, in order (format version 3, docs/FORMAT.md "Incremental saves"): the commit
+    records of every dropped step, oldest first, so that each stops existing before any file
+    goes; then the directories of the dropped and the torn older steps, ascending (each one
+    call: no step here references another's files, every save being a new Mirror's first)."""
     here = {_step_of(k) for k in keys}
     commits = committed_in(keys)
     older = sorted(s for s in here if s < newest and s in commits)
     torn = sorted(s for s in here if s < newest and s not in commits)
     drop = older[: max(0, len(older) - (keep - 1))] if keep is not None else []
-    return [("dir", t) for t in torn] + [op for d in drop for op in (("commit", d), ("dir", d))]
+    return [("commit", d) for d in drop] + [("dir", s) for s in sorted(drop + torn)]
 
 
 # ------------------------------------------------------------------------------- the model
