@@ -45,7 +45,18 @@ from .restore.discover import list_steps
 from .restore.undo import BufferFactory
 from .save.encode import PreWritten
 from .save.fanout import Fanout, SaveJob
-from .save.snapshot import Arena, ArenaPool, Plan, copy_range, frozen_flags, plan, plan_key, prepare, snapshot
+from .save.snapshot import (
+    Arena,
+    ArenaPool,
+    Plan,
+    copy_range,
+    frozen_flags,
+    paused_gc,
+    plan,
+    plan_key,
+    prepare,
+    snapshot,
+)
 from .state.targets import Stateful, check_fits, init_sharded_optimizer_state
 from .state.tree import flatten
 
@@ -275,8 +286,12 @@ class Mirror:
             inflight = step in self._inflight_steps
         if inflight or (not overwrite and self._fanout.has_committed(step)):
             raise StepExistsError(step)
-        flat = flatten(state)
-        key = plan_key(flat)
+        # The collector off while ~3 objects a tensor are built: a full collection started by
+        # them walks every object of the training process (at 50k tensors it doubled the stall
+        # of every other save, 0.3 -> 0.55 s). Garbage made meanwhile waits for the next one.
+        with paused_gc():
+            flat = flatten(state)
+            key = plan_key(flat)
         cached = self._plan_cache
         if key is not None and cached is not None and cached[0] == key:
             p = dataclasses.replace(cached[1], structure=flat.structure)  # same tensors: reuse views
