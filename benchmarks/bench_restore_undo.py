@@ -22,7 +22,14 @@ from ckptmirror.restore import fill
 
 
 class _NoUndo(fill.UndoLog):
-    def save(self, region: torch.Tensor) -> None:  # keeps nothing: the old behaviour
+    """Keeps nothing: the behaviour before all-or-nothing restore. Both ways of saving a region
+    are replaced (host targets go through save_raw; an earlier version of this script replaced
+    only save() and so compared the undo log with itself)."""
+
+    def save(self, region: torch.Tensor) -> None:
+        return None
+
+    def save_raw(self, ptr: int, nbytes: int) -> None:
         return None
 
 
