@@ -53,6 +53,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _models import Block
 
 MB = 1e6
 CONTENDERS = ("ckptmirror incremental", "ckptmirror full", "dcp.save")
@@ -64,32 +65,13 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------- the model
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
-        self.ln2 = nn.LayerNorm(d)
-        self.up = nn.Linear(d, 4 * d)
-        self.down = nn.Linear(4 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
-        x = x + self.out(a)
-        return x + self.down(F.gelu(self.up(self.ln2(x))))
-
-
 class Model(nn.Module):
     """Frozen base (embedding + blocks + final norm), trainable head (norm + 2 Linear)."""
 
     def __init__(self, d: int, blocks: int, vocab: int, head_out: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(Block(d, max(1, d // 64)) for _ in range(blocks))
+        self.blocks = nn.ModuleList(Block(d) for _ in range(blocks))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, head_out))
         self.to(dtype)

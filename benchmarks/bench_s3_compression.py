@@ -56,6 +56,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _models import Block
 
 MB = 1e6
 GB = 1e9
@@ -195,25 +196,6 @@ def seaweed(datadir: str, start_timeout_s: float = 60.0) -> Iterator[Seaweed]:
 
 
 # ------------------------------------------------------------------------------------ states
-class Block(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.heads = max(1, d // 64)
-        self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
-        self.ln2 = nn.LayerNorm(d)
-        self.up = nn.Linear(d, 4 * d)
-        self.down = nn.Linear(4 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
-        x = x + self.out(a)
-        return x + self.down(F.gelu(self.up(self.ln2(x))))
-
-
 class LM(nn.Module):
     def __init__(self, d: int, blocks: int, vocab: int) -> None:
         super().__init__()

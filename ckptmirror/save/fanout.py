@@ -224,32 +224,13 @@ class Fanout:
         try:
             model = job.model() if job.model is not None and self.incremental else None
             frozen = frozen_flags(job.plan, model) if model is not None and job.pre is None else None
+            common = (job.step, info.rank, info.world_size, job.plan, job.stream, object_bytes, self._hash_pool)
             if job.replicated:
                 assert self._coord is not None
                 exchange = partial(_prefixed, self._coord.exchange, save_key)
-                enc = encode_replicated(
-                    job.step,
-                    info.rank,
-                    info.world_size,
-                    job.plan,
-                    job.stream,
-                    object_bytes,
-                    self._hash_pool,
-                    exchange,
-                    frozen,
-                )
+                enc = encode_replicated(*common, exchange, frozen)
             else:
-                enc = encode(
-                    job.step,
-                    info.rank,
-                    info.world_size,
-                    job.plan,
-                    job.stream,
-                    object_bytes,
-                    self._hash_pool,
-                    job.pre,
-                    frozen,
-                )
+                enc = encode(*common, job.pre, frozen)
         except BaseException as exc:
             for pos in range(len(self.replicas)):  # the other ranks are waiting for our vote
                 self._vote(save_key, pos, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}, decide)
