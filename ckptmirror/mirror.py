@@ -57,7 +57,7 @@ from .save.snapshot import (
     prepare,
     snapshot,
 )
-from .state.targets import Stateful, check_fits, init_sharded_optimizer_state
+from .state.targets import Stateful, check_fits, init_sharded_optimizer_state, stock_loading
 from .state.tree import flatten
 
 log = logging.getLogger("ckptmirror")
@@ -74,6 +74,13 @@ class RestoreResult:
     #: object key -> URL of the replica that served it
     sources: Mapping[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+
+
+def _filled_in_place(loaded: Any, target: Any) -> bool:
+    """Whether every entry of the loaded state dict is the target's own tensor (filled in place)."""
+    if not isinstance(loaded, dict) or not isinstance(target, dict):
+        return False
+    return all(target.get(k) is v for k, v in loaded.items())
 
 
 class Mirror:
@@ -487,26 +494,40 @@ class Mirror:
         # The undo log (what restore overwrites in place, kept until the state is loaded) lives
         # in a staging arena: the first save needs that memory anyway, so a run pays no extra.
         arena = self._arenas.acquire(block=False)
+        # With torch's own load_state_dict (no overrides, no hooks), nothing can fail once the
+        # bytes verified and the ranks agreed: local objects then wait, verified where they lie,
+        # and land just before it, with no undo copy (see restore/undo.py).
+        defer = stock_loading(model, optim)
         try:
             factory = (lambda n: arena.reserve(n, pinned=False)) if arena is not None else None
             validate = partial(check_fits, model, optim, targets)
-            loaded = self._load(step, targets, strict_paths, validate, require, factory)
+            loaded = self._load(step, targets, strict_paths, validate, require, factory, defer)
             if loaded is None:
                 return None
             state = loaded.state
             optim_touched = False
+            landed = False
             try:
-                if model is not None and strict:
+                deferred = loaded.landing is not None and loaded.landing.nbytes > 0
+                loaded.land(self.io_threads)
+                landed = deferred
+                if model is not None and defer and _filled_in_place(state["model"], targets["model"]):
+                    pass  # torch's own loading would copy each tensor onto itself (seconds at 50k tensors)
+                elif model is not None and strict:
                     model.load_state_dict(state["model"])
                 elif model is not None:  # keys only the target has keep their values (nn.Module)
                     cast(Any, model).load_state_dict(state["model"], strict=False)
                 if optim is not None and state["optim"] is not None:
                     optim_touched = True
                     optim.load_state_dict(state["optim"])
-            except BaseException:
+            except BaseException as exc:
+                if landed:
+                    # Not expected (torch's own loading, checked before): the bytes are in, and
+                    # undoing only the part with an undo copy would mix two steps.
+                    exc.add_note(f"ckptmirror: the model and optimizer tensors hold step {loaded.step} completely")
+                    raise
                 # All or nothing: put the caller's tensors back, then the optimizer's groups.
-                if loaded.undo is not None:
-                    loaded.undo.rollback()
+                loaded.abandon()
                 if optim_touched and optim is not None:
                     optim.load_state_dict(targets["optim"])
                 raise
@@ -531,6 +552,7 @@ class Mirror:
         validate: Any,
         require: bool,
         undo: BufferFactory | None,
+        defer: bool = False,
     ) -> Any:
         self._check_open()
         t0 = time.perf_counter()
@@ -558,6 +580,7 @@ class Mirror:
                 undo=undo,
                 agree=agree,
                 list_timeout_s=self.open_timeout_s,
+                defer=defer,
             )
         except BaseException:
             self._metrics.restore_finished(None, time.perf_counter() - t0, failed=True)

@@ -17,13 +17,18 @@ from _helpers import REPO, stored_key, torchrun
 
 from ckptmirror import Mirror, NoValidCheckpointError, StateMismatchError
 from ckptmirror.format import parse_commit, parse_rank_manifest
+from ckptmirror.replicas.local import LocalReplica
 
 OBJ = 4 << 10  # small objects: a few dozen per step, so first/middle/last differ
 
 
-def build(seed: int, width: int = 64) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build(seed: int, width: int = 64, hooked: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A small model and its AdamW state. ``hooked``: the model has a load_state_dict hook, so
+    restore cannot land bytes after every check and takes the undo-log path instead."""
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Linear(width, width), torch.nn.Linear(width, 8))
+    if hooked:
+        model.register_load_state_dict_post_hook(lambda module, keys: None)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(4, width)).sum().backward()
     optim.step()
@@ -86,8 +91,9 @@ def saved(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.parametrize("loading", ["stock", "hooked"])
 @pytest.mark.parametrize("which", ["first", "middle", "last", "optimizer"])
-def test_corrupt_object_on_the_only_replica_leaves_the_target_untouched(saved: Path, which: str) -> None:
+def test_corrupt_object_on_the_only_replica_leaves_the_target_untouched(saved: Path, which: str, loading: str) -> None:
     objs = objects(saved, 7)
     assert len(objs) >= 10, "the test needs many objects"
     key = {
@@ -97,7 +103,7 @@ def test_corrupt_object_on_the_only_replica_leaves_the_target_untouched(saved: P
         "optimizer": optim_object(saved, 7),
     }[which]
     corrupt(saved, key)
-    model, optim = build(2)
+    model, optim = build(2, hooked=loading == "hooked")
     before = raw(model, optim)
     with Mirror([str(saved)], object_bytes=OBJ) as m:
         with pytest.raises(NoValidCheckpointError):
@@ -192,12 +198,42 @@ def test_strict_false_with_extra_keys_in_the_target_restores(saved: Path) -> Non
 
 
 def test_successful_restore_keeps_no_undo_memory_beyond_the_staging_arena(saved: Path) -> None:
-    model, optim = build(2)
+    model, optim = build(2, hooked=True)
     with Mirror([str(saved)], object_bytes=OBJ) as m:
         m.restore(model, optim)
         allocated = m.staging_allocations
+        assert allocated == 1  # the undo log borrowed the staging arena
         m.save(8, model, optim).result(timeout=60)  # the first save reuses the arena the undo log used
         assert m.staging_allocations == allocated
+
+
+def test_stock_loading_restores_from_local_disk_without_an_undo_copy(saved: Path) -> None:
+    """torch's own load_state_dict: local objects verify where they lie and land after every
+    check, so nothing is copied aside (the staging arena is not even allocated)."""
+    model, optim = build(2)
+    with Mirror([str(saved)], object_bytes=OBJ) as m:
+        res = m.restore(model, optim)
+        assert res is not None and res.step == 7
+        assert m.staging_allocations == 0
+    src_model, src_optim = build(1)
+    assert same(raw(model, optim), raw(src_model, src_optim))
+
+
+@pytest.mark.parametrize("loading", ["stock", "hooked"])
+def test_corrupt_local_copy_is_read_from_the_next_replica(tmp_path: Path, loading: str) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    with Mirror([str(a), str(b)], object_bytes=OBJ) as m:
+        m.save(7, *build(1)).result(timeout=60)
+    objs = objects(a, 7)
+    for key, _ in (objs[0], objs[len(objs) // 2], objs[-1]):
+        corrupt(a, key)
+    model, optim = build(2, hooked=loading == "hooked")
+    with Mirror([str(a), str(b)], object_bytes=OBJ) as m:
+        res = m.restore(model, optim)
+    assert res is not None and res.step == 7
+    assert {res.sources[k] for k, _ in (objs[0], objs[-1])} == {LocalReplica(str(b)).url}
+    assert res.sources[objs[1][0]] == LocalReplica(str(a)).url
+    assert same(raw(model, optim), raw(*build(1)))
 
 
 def test_all_ranks_roll_back_together(tmp_path: Path) -> None:
@@ -218,3 +254,34 @@ def test_all_ranks_roll_back_together(tmp_path: Path) -> None:
     for r in (0, 1):
         assert got[r].get("error") == "NoValidCheckpointError", got
         assert got[r]["after"] == got[r]["before"], f"rank {r} was left modified"
+
+
+def test_stock_loading_is_recognised_and_anything_else_keeps_the_undo_copy() -> None:
+    from ckptmirror.state.targets import stock_loading
+
+    def plain() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2), torch.nn.LayerNorm(2))
+
+    m = plain()
+    assert stock_loading(m, torch.optim.AdamW(m.parameters()))
+    assert stock_loading(m, None) and stock_loading(None, torch.optim.SGD(m.parameters(), lr=0.1))
+    hooked = plain()
+    hooked[0].register_load_state_dict_post_hook(lambda module, keys: None)
+    assert not stock_loading(hooked, None)
+    copies = plain()
+    copies[1]._register_state_dict_hook(lambda *a: None)  # may hand out copies
+    assert not stock_loading(copies, None)
+
+    class Own(torch.nn.Linear):
+        def _load_from_state_dict(self, *a, **k):  # type: ignore[no-untyped-def]
+            return super()._load_from_state_dict(*a, **k)
+
+    assert not stock_loading(torch.nn.Sequential(Own(2, 2)), None)
+    assert not stock_loading(build(0, hooked=True)[0], None)
+    opt = torch.optim.AdamW(m.parameters())
+    opt.load_state_dict = lambda sd: None  # type: ignore[method-assign]
+    assert not stock_loading(m, opt)
+    opt2 = torch.optim.AdamW(m.parameters())
+    opt2.register_load_state_dict_pre_hook(lambda o, sd: None)
+    assert not stock_loading(m, opt2)
+    assert not stock_loading(object(), None)

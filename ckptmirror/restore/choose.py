@@ -53,6 +53,7 @@ def load_newest(
     undo: BufferFactory | None = None,
     list_timeout_s: float | None = None,
     agree: Callable[[str, Any], list[Any]] | None = None,
+    defer: bool = False,
 ) -> Loaded | None:
     """Load ``step`` (or the newest step that verifies) for ``rank``; None if no checkpoint exists.
 
@@ -60,6 +61,8 @@ def load_newest(
     the ranks settle on the newest step that every one of them can recover (commit readable,
     own manifest verified, every own object present somewhere with its size), load it, and if
     any rank's load fails they all move on to an older step together.
+    ``defer=True``: local objects are verified in place and wait in :attr:`Loaded.landing`;
+    the caller lands them (:meth:`Loaded.land`) or drops them (:meth:`Loaded.abandon`).
     ``world_size=None`` (offline tools such as ``export``) reads ``rank`` of whatever world
     size the step was saved with.
     """
@@ -125,6 +128,7 @@ def load_newest(
                         validate,
                         shards_of(commit),
                         undo=undo,
+                        defer=defer,
                     )
             except STEP_FAILURES as exc:
                 if step is not None:
@@ -137,7 +141,7 @@ def load_newest(
             return loaded
         raise NoValidCheckpointError(problems)
     return _load_agreed(
-        reader, candidates, problems, probe, shards_of, rank, step, targets, strict_paths, validate, undo, agree
+        reader, candidates, problems, probe, shards_of, rank, step, targets, strict_paths, validate, undo, agree, defer
     )
 
 
@@ -159,6 +163,7 @@ def _load_agreed(
     validate: Callable[[Any], None] | None,
     undo: BufferFactory | None,
     agree: Callable[[str, Any], list[Any]],
+    defer: bool,
 ) -> Loaded | None:
     """The several-ranks half of :func:`load_newest`: vote on a step, load it, fall back together."""
     bound = candidates[0] if candidates else -1
@@ -207,19 +212,25 @@ def _load_agreed(
                     validate,
                     shards_of(commit),
                     undo=undo,
+                    defer=defer,
                 )
         except STEP_FAILURES as exc:
             ok, why = False, f"{type(exc).__name__}: {exc}"
             problems[lo] = f"rank {rank}: {why}"
-        results = agree(f"load{rnd}", {"ok": ok, "why": why})
+        try:
+            results = agree(f"load{rnd}", {"ok": ok, "why": why})
+        except BaseException:
+            if ok:
+                loaded.abandon()  # the ranks cannot agree (a peer died): this rank keeps its tensors
+            raise
         if all(v["ok"] for v in results):
             if lo != candidates[0]:
                 log.warning("all ranks restored step %d (newer steps could not be restored everywhere)", lo)
             return loaded
         failed = {r: v["why"] for r, v in enumerate(results) if not v["ok"]}
         log.warning("step %d failed to load on rank(s) %s; all ranks fall back together", lo, sorted(failed))
-        if ok and loaded.undo is not None:
-            loaded.undo.rollback()  # this rank's load worked, but the ranks must not mix steps
+        if ok:
+            loaded.abandon()  # this rank's load worked, but the ranks must not mix steps
         for r, w in failed.items():
             problems.setdefault(lo, f"rank {r}: {w}")
         if step is not None:
@@ -232,7 +243,7 @@ class _CountingFetcher(Fetcher):
     """A :class:`Fetcher` that counts the object bytes it reads into a :class:`Progress`.
 
     Progress is reported from here rather than from fill.py: the reads of a step all go through
-    ``fetch_into`` and ``fetch``, so counting them needs no hook in the fill code. Arguments
+    ``fetch_into``, ``fetch`` and ``verify_mapped``, so counting them needs no hook in the fill code. Arguments
     pass through untouched (``*args``/``**kwargs``), so parameters added to those methods later
     keep working. ``fetch`` reads through ``fetch_into``: only the outermost call of a thread
     counts, so no byte is counted twice.
@@ -267,6 +278,10 @@ class _CountingFetcher(Fetcher):
         """:meth:`Fetcher.fetch`, counting the bytes of the returned buffer once it verified."""
         return self._counted(super().fetch, args, kwargs, _buffer_bytes)
 
+    def verify_mapped(self, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`Fetcher.verify_mapped`, counting the object's bytes once they verified in place."""
+        return self._counted(super().verify_mapped, args, kwargs, _mapped_bytes)
+
     def _counted(
         self, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], size: Callable[[Any], int]
     ) -> Any:
@@ -289,6 +304,12 @@ def _view_bytes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
         if isinstance(a, memoryview):
             return a.nbytes
     return 0
+
+
+def _mapped_bytes(result: Any) -> int:
+    """Bytes of the mapping ``verify_mapped`` returns first (``(mapping or None, url, replicas)``)."""
+    mapping = result[0] if isinstance(result, tuple) and result else None
+    return int(mapping.size) if mapping is not None else 0
 
 
 def _buffer_bytes(result: Any) -> int:

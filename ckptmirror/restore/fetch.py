@@ -29,6 +29,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import torch
 
@@ -56,6 +57,18 @@ STEP_FAILURES = (CorruptObjectError, ObjectMissingError, ManifestError, ReplicaE
 
 #: Object key -> the replicas to read it from, preferred first (see :meth:`Fetcher.preflight`).
 ObjectPlan = dict[str, list[Replica]]
+
+
+class Mapped(Protocol):
+    """An object's stored bytes mapped into memory (:class:`~ckptmirror.replicas.local.MappedObject`)."""
+
+    addr: int
+    size: int
+
+    @property
+    def buffer(self) -> object: ...
+
+    def close(self) -> None: ...
 
 
 class Fetcher:
@@ -251,6 +264,38 @@ class Fetcher:
         tensor of ``size`` bytes) when given, else into this thread's reusable buffer."""
         buf = into if into is not None else self._buffer(size)
         return buf, self.fetch_into(key, csum, candidates, host_bytes(buf))
+
+    def verify_mapped(
+        self, key: str, size: int, csum: str, candidates: Sequence[Replica]
+    ) -> tuple[Mapped | None, str, Sequence[Replica]]:
+        """Verify one object where it lies, without copying it, when the first candidate can map
+        its files (local disk) and stores it raw.
+
+        Returns ``(mapping, url, candidates)``: the verified mapping (the caller copies from it
+        and closes it) and its replica's URL; or ``None`` and the candidates to read it from
+        instead: all of them when mapping does not apply, the others when this copy failed.
+        """
+        r = candidates[0] if candidates else None
+        mapper = getattr(r, "map_object", None)
+        if r is None or mapper is None:
+            return None, "", candidates
+        try:
+            st = self.stored(r, ObjectRecord(key, size, csum))
+            if st.codec != "none":
+                return None, "", candidates  # compressed: decoded through the usual read
+            mo: Mapped | None = mapper(st.key, size)  # its own name or an earlier step's (incremental)
+            if mo is None:
+                return None, "", candidates
+            got = checksum(mo.buffer)  # type: ignore[arg-type]  # a buffer: xxhash reads the mapped pages
+            if got != csum:
+                mo.close()
+                raise CorruptObjectError(f"checksum mismatch: stored {got}, manifest {csum}", replica=r.url, key=key)
+            return mo, r.url, candidates
+        except STEP_FAILURES as exc:
+            log.warning("object %s failed on %s, trying the next replica: %s", key, r.url, exc)
+            if len(candidates) == 1:
+                raise CorruptObjectError(f"no replica holds a verifying copy: {exc}", key=key) from exc
+            return None, "", candidates[1:]
 
     def fetch_into(self, key: str, csum: str, candidates: Sequence[Replica], out: memoryview) -> str:
         """Read one object into ``out`` (exactly its size) from the first replica where it

@@ -29,12 +29,13 @@ import torch
 
 from ..buffers import byte_view
 from ..errors import StateMismatchError
-from ..format import RankManifest
+from ..format import ObjectRecord, RankManifest
+from ..replicas.base import Replica
 from ..state.reshard import Piece, StoredShard, Want, copy_piece, plan_pieces
 from ..state.tree import dtensor_local, is_dtensor, key_path, unflatten
 from .check import ManifestCheck, contiguous_strides, validate_manifest
 from .fetch import Fetcher, ObjectPlan
-from .undo import BufferFactory, UndoLog
+from .undo import BufferFactory, Landing, UndoLog
 
 log = logging.getLogger("ckptmirror")
 
@@ -48,6 +49,20 @@ class Loaded:
     sources: dict[str, str] = field(default_factory=dict)  # object key -> replica URL
     #: what was overwritten in the caller's tensors (None when nothing of theirs was written)
     undo: UndoLog | None = None
+    #: verified bytes for the caller's tensors that have not landed yet (``defer=True``)
+    landing: Landing | None = None
+
+    def land(self, threads: int = 2) -> None:
+        """Copy the verified bytes that wait in :attr:`landing` into the caller's tensors."""
+        if self.landing is not None:
+            self.landing.land(threads)
+
+    def abandon(self) -> None:
+        """The restore failed: put back what landed, drop what waits."""
+        if self.undo is not None:
+            self.undo.rollback()
+        if self.landing is not None:
+            self.landing.discard()
 
 
 class _Target:
@@ -91,6 +106,7 @@ def fill_step(
     validate: Callable[[Any], None] | None = None,
     shards: Callable[[], list[tuple[RankManifest, str]]] | None = None,
     undo: BufferFactory | None = None,
+    defer: bool = False,
 ) -> Loaded:
     """Rebuild the state of ``m``; fill tensors of ``targets`` (same tree shape) in place.
 
@@ -99,6 +115,11 @@ def fill_step(
     its buffer), and if anything fails the log is rolled back before the error propagates. On
     success the log travels on :attr:`Loaded.undo`, so that the caller can still roll back
     (ranks that disagree, a ``load_state_dict`` that raises) or release it.
+
+    ``defer=True``: objects on local disk are verified where they lie and do not land yet;
+    they wait in :attr:`Loaded.landing` until the caller calls :meth:`Loaded.land` (after
+    every check that can fail), and need no undo copy. Objects from other replicas land (with
+    undo) as before.
 
     ``object_plan`` is ``fetcher.preflight(m)``, taken once by the caller when it chose the step.
     ``validate`` receives the state tree with :class:`~ckptmirror.restore.check.LeafSpec` placeholders for the
@@ -130,11 +151,12 @@ def fill_step(
     if targets is not None:
         planned = sum(_nbytes(t) for t in leaf_targets.values()) + sum(_nbytes(w.local) for w in wants)
         loaded.undo = UndoLog(planned, undo)
+        if defer:
+            loaded.landing = Landing()
     try:
         _fill(fetcher, m, key, object_plan, storage_targets, leaf_targets, dtypes, values, stored, pieces, loaded)
     except BaseException:
-        if loaded.undo is not None:
-            loaded.undo.rollback()
+        loaded.abandon()
         raise
     return loaded
 
@@ -176,7 +198,7 @@ def _fill(
                 saved_wants.add(id(p.want))
                 undo.save(p.want.local)
             copy_piece(p, leaf)
-    leaves = _build_leaves(m, storage_targets, leaf_targets, dtypes, values, undo)
+    leaves = _build_leaves(m, storage_targets, leaf_targets, dtypes, values, undo, loaded.landing)
     loaded.state = unflatten(m.structure, lambda kind, i, path: leaves[i], key)
 
 
@@ -274,6 +296,7 @@ def _storage_targets(
     for i, lf in enumerate(m.leaves):
         users.setdefault(lf.storage, []).append(i)
     out: list[_Target | None] = []
+    contiguous: dict[tuple[int, ...], tuple[int, ...]] = {}  # shapes repeat: once per shape
     for s, rec in enumerate(m.storages):
         direct = None
         members = users.get(s, [])
@@ -283,13 +306,17 @@ def _storage_targets(
         if len(members) == 1 and members[0] in leaf_targets:
             i = members[0]
             lf, t = m.leaves[i], leaf_targets[i]
+            cs = contiguous.get(lf.shape)
+            if cs is None:
+                cs = contiguous[lf.shape] = contiguous_strides(lf.shape)
+            # The stored layout first (plain Python), then the target's (torch calls).
             if (
                 lf.offset == 0
+                and lf.stride == cs
+                and type(t) in (torch.Tensor, torch.nn.Parameter)
                 and t.dtype == dtypes[i]
                 and t.numel() * esizes[i] == rec.nbytes
-                and type(t) in (torch.Tensor, torch.nn.Parameter)
                 and t.is_contiguous()
-                and lf.stride == contiguous_strides(lf.shape)
             ):
                 direct = t
         if direct is not None and rec.nbytes and direct.is_cuda:
@@ -325,6 +352,7 @@ def _read_objects(
         acc += o.size
     lock = threading.Lock()
     failed = threading.Event()
+    landing = loaded.landing
 
     def work(j: int) -> None:
         if failed.is_set():
@@ -337,7 +365,15 @@ def _read_objects(
         rec0 = m.storages[order[k]] if order else None
         tgt0 = targets[order[k]] if order else None
         undo = loaded.undo
+        cands: Sequence[Replica] = plan[obj.key]
         try:
+            if landing is not None:
+                rest = _deferred(fetcher, m, obj, cands, order, targets, k, lo, hi, landing)
+                if isinstance(rest, str):
+                    with lock:
+                        loaded.sources[obj.key] = rest
+                    return
+                cands = rest
             if (
                 rec0 is not None
                 and tgt0 is not None
@@ -349,11 +385,11 @@ def _read_objects(
                 addr = tgt0.ptr + lo - rec0.offset
                 if undo is not None:
                     undo.save_raw(addr, hi - lo)  # before the first byte of the caller's tensor changes
-                url = fetcher.fetch_into(obj.key, obj.checksum, plan[obj.key], _host_memory(addr, hi - lo))
+                url = fetcher.fetch_into(obj.key, obj.checksum, cands, _host_memory(addr, hi - lo))
                 with lock:
                     loaded.sources[obj.key] = url
                 return
-            buf, url = fetcher.fetch(obj.key, obj.size, obj.checksum, plan[obj.key])
+            buf, url = fetcher.fetch(obj.key, obj.size, obj.checksum, cands)
         except BaseException:
             failed.set()
             raise
@@ -393,6 +429,53 @@ def _read_objects(
         f.result()
 
 
+def _deferred(
+    fetcher: Fetcher,
+    m: RankManifest,
+    obj: ObjectRecord,
+    cands: Sequence[Replica],
+    order: list[int],
+    targets: Sequence[_Target | None],
+    k: int,
+    lo: int,
+    hi: int,
+    landing: Landing,
+) -> str | Sequence[Replica]:
+    """Verify object ``obj`` (stream bytes ``[lo, hi)``) where it lies and queue its bytes for
+    the caller's tensors in ``landing``; returns the replica's URL when done, else the replicas
+    to read it from the usual way (not mappable, or this copy failed).
+
+    Applies when every storage the object touches is in host memory and at least one is the
+    caller's: the bytes for fresh buffers are copied at once (nothing of the caller's to
+    protect), those for the caller's tensors wait.
+    """
+    parts: list[tuple[_Target, int, int, int]] = []  # target, its offset, offset in the object, bytes
+    while k < len(order):
+        rec = m.storages[order[k]]
+        if rec.offset >= hi:
+            break
+        a, b = max(lo, rec.offset), min(hi, rec.offset + rec.nbytes)
+        tgt = targets[order[k]]
+        k += 1
+        if a < b and tgt is not None:
+            if not tgt.ptr:
+                return cands  # a CUDA target: copied by torch, the usual way
+            parts.append((tgt, a - rec.offset, a - lo, b - a))
+    if not any(t.direct is not None for t, *_ in parts):
+        return cands  # nothing of the caller's: the usual read lands it at once, with no undo
+    mo, url, rest = fetcher.verify_mapped(obj.key, obj.size, obj.checksum, cands)
+    if mo is None:
+        return rest
+    waiting = []
+    for tgt, t_off, o_off, n in parts:
+        if tgt.direct is not None:
+            waiting.append((tgt.ptr + t_off, mo.addr + o_off, n))
+        else:
+            ctypes.memmove(tgt.ptr + t_off, mo.addr + o_off, n)
+    landing.add(mo, waiting)
+    return url
+
+
 def _build_leaves(
     m: RankManifest,
     targets: list[_Target | None],
@@ -400,6 +483,7 @@ def _build_leaves(
     dtypes: list[torch.dtype | None],
     values: dict[int, Any],
     undo: UndoLog | None,
+    landing: Landing | None,
 ) -> list[Any]:
     out: list[Any] = []
     for i, lf in enumerate(m.leaves):
@@ -425,10 +509,13 @@ def _build_leaves(
         t = torch.empty(0, dtype=dtype).set_(tgt.dest.untyped_storage(), lf.offset, lf.shape, lf.stride)
         if i in leaf_targets:
             target = leaf_targets[i]
-            if undo is not None:
-                undo.save(target)
-            with torch.no_grad():
-                target.copy_(t)
+            if landing is not None and not target.is_cuda:
+                landing.add_tensor(target, t)  # lands with the rest, after every check
+            else:
+                if undo is not None:
+                    undo.save(target)
+                with torch.no_grad():
+                    target.copy_(t)
             out.append(values.get(i, target))
             continue
         if lf.parameter:

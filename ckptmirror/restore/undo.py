@@ -11,6 +11,12 @@ released; nothing is kept.
 Cost: one memcpy of the bytes restored in place, into a buffer the caller provides (the
 mirror lends its staging arena, which the first save needs anyway, so a run pays no extra
 memory and no extra page faults for it).
+
+Objects on local disk skip that copy: they are verified where they lie (mapped read-only,
+:class:`~ckptmirror.replicas.local.MappedObject`) and their bytes wait in a :class:`Landing`
+until every object of the step verified, every rank agreed and nothing is left that can fail;
+only then :meth:`Landing.land` copies them in. Nothing of theirs needs undoing, because
+nothing of theirs landed before the point of no return.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import torch
 
@@ -104,3 +112,84 @@ class UndoLog:
             self._entries = []
             self._buf = None
             self._used = 0
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+#: Copies smaller than this land on the calling thread; larger ones are split over threads.
+_PARALLEL_BYTES = 32 << 20
+_CHUNK = 8 << 20
+
+
+class Landing:
+    """Verified bytes that wait outside the caller's tensors until nothing can fail any more.
+
+    Holds host-to-host copies ``(destination address, source address, bytes)`` from verified
+    mappings (kept open until the copies are done), and tensor copies from fresh buffers.
+    :meth:`land` performs them all; :meth:`discard` drops them (the restore failed: the caller's
+    tensors were never touched by them). Thread-safe to fill.
+    """
+
+    def __init__(self) -> None:
+        self._keep: list[_Closable] = []
+        self._copies: list[tuple[int, int, int]] = []
+        self._tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes waiting to land."""
+        with self._lock:
+            return sum(n for _, _, n in self._copies) + sum(d.numel() * d.element_size() for d, _ in self._tensors)
+
+    def add(self, source: _Closable, copies: list[tuple[int, int, int]]) -> None:
+        """Copies ``(dst, src, nbytes)`` out of ``source``, which stays open until landed or discarded."""
+        with self._lock:
+            self._keep.append(source)
+            self._copies.extend(copies)
+
+    def add_tensor(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """``dst.copy_(src)`` later (a caller's tensor that is not filled byte for byte)."""
+        with self._lock:
+            self._tensors.append((dst, src))
+
+    def land(self, threads: int = 2) -> None:
+        """Copy everything into place, then release the sources."""
+        with self._lock:
+            copies, tensors = self._copies, self._tensors
+            self._copies, self._tensors = [], []
+        try:
+            total = sum(n for _, _, n in copies)
+            if threads > 1 and total >= _PARALLEL_BYTES:
+                # Large copies in chunks, so that one big tensor also spreads over the threads.
+                pieces = [
+                    (dst + off, src + off, min(_CHUNK, n - off))
+                    for dst, src, n in copies
+                    for off in range(0, n, _CHUNK)
+                ]
+                with ThreadPoolExecutor(threads, thread_name_prefix="ckptmirror-land") as pool:
+                    # memmove through ctypes releases the GIL: the threads copy in parallel.
+                    for f in [pool.submit(_move_all, pieces[i::threads]) for i in range(threads)]:
+                        f.result()
+            else:
+                _move_all(copies)
+            with torch.no_grad():
+                for dst, src in tensors:
+                    dst.copy_(src)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Drop whatever has not landed and release the sources (idempotent)."""
+        with self._lock:
+            keep, self._keep = self._keep, []
+            self._copies, self._tensors = [], []
+        for k in keep:
+            k.close()
+
+
+def _move_all(copies: list[tuple[int, int, int]]) -> None:
+    for dst, src, n in copies:
+        ctypes.memmove(dst, src, n)

@@ -74,3 +74,46 @@ def check_fits(model: Stateful | None, optim: Stateful | None, targets: dict[str
                     f"optimizer param group {i} has {len(tg.get('params', ()))} parameter(s), "
                     f"the checkpoint {len(sg.get('params', ()))}"
                 )
+
+
+def stock_loading(model: Any, optim: Any) -> bool:
+    """Whether ``load_state_dict`` of ``model`` and ``optim`` is torch's own, without hooks.
+
+    Then, once :func:`check_fits` and the key/shape match passed, loading cannot refuse the
+    restored state (it only copies tensors onto themselves and sets the optimizer's groups),
+    so restore may land the last verified bytes right before it without keeping an undo copy
+    of them (:class:`~ckptmirror.restore.undo.Landing`). Anything else (an override, a load
+    hook, a module with its own ``_load_from_state_dict``) may refuse after the bytes landed
+    and keeps the undo copy. The module's ``state_dict()`` must be torch's own too (then it
+    hands out the module's own tensors, which restore fills in place).
+    """
+    if model is not None:
+        if not isinstance(model, torch.nn.Module) or {"load_state_dict", "state_dict"} & set(vars(model)):
+            return False
+        if type(model).load_state_dict is not torch.nn.Module.load_state_dict:
+            return False
+        if type(model).state_dict is not torch.nn.Module.state_dict:
+            return False
+        for mod in model.modules():
+            # Hooks on loading may refuse or transform; hooks on state_dict() may hand out copies
+            # instead of the module's own tensors (then only load_state_dict moves the values in).
+            for hooks in ("_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"):
+                if getattr(mod, hooks, None):
+                    return False
+            for hooks in ("_state_dict_hooks", "_state_dict_pre_hooks"):
+                if getattr(mod, hooks, None):
+                    return False
+            for method in ("_load_from_state_dict", "_save_to_state_dict"):
+                own = getattr(type(mod), method, None)
+                if method in vars(mod) or not getattr(own, "__module__", "").startswith("torch."):
+                    return False
+    if optim is not None:
+        if not isinstance(optim, torch.optim.Optimizer) or "load_state_dict" in vars(optim):
+            return False
+        if type(optim).load_state_dict is not torch.optim.Optimizer.load_state_dict:
+            return False
+        if getattr(optim, "_optimizer_load_state_dict_pre_hooks", None) or getattr(
+            optim, "_optimizer_load_state_dict_post_hooks", None
+        ):
+            return False
+    return True
