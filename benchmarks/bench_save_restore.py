@@ -456,6 +456,80 @@ def run_contender(name: str, args: argparse.Namespace, workdir: str) -> dict[str
     return res
 
 
+# ------------------------------------------------------------------------ CPU accounting
+def thread_cpu() -> dict[int, tuple[str, float]]:
+    """Per Python thread of this process (main excepted): (name, user + system CPU seconds).
+
+    Read from /proc/self/task/<tid>/stat (clock ticks): the CPU a save's background threads
+    spent, kernel copies included, apart from the training threads running meanwhile. Torch's
+    OpenMP workers are not Python threads, so they are not counted. Empty off Linux.
+    """
+    out: dict[int, tuple[str, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for t in threading.enumerate():
+        if t is threading.main_thread() or t.native_id is None:
+            continue
+        try:
+            with open(f"/proc/self/task/{t.native_id}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[t.native_id] = (t.name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per thread family (the name without its ``_N`` suffix) between two readings."""
+    out: dict[str, float] = {}
+    for tid, (name, cpu) in after.items():
+        spent = cpu - (before[tid][1] if tid in before and before[tid][0] == name else 0.0)
+        family = name.rsplit("_", 1)[0] if name.rsplit("_", 1)[-1].isdigit() else name
+        out[family] = out.get(family, 0.0) + spent
+    return out
+
+
+def part_limits(nbytes: int, workdir: str, object_bytes: int = 64 << 20) -> dict[str, float]:
+    """CPU seconds per GB of the parts of a save, each alone on one thread, on ``nbytes`` bytes:
+    memcpy into a mapped buffer (the snapshot), xxh3 (the checksums), and the write syscalls
+    (objects of ``object_bytes`` written to new files in ``workdir``, each fsynced: the
+    kernel's copy into the page cache and the writeback). Best of three."""
+    import numpy as np
+    import xxhash
+
+    src = np.ones(nbytes, dtype=np.uint8)
+    dst = np.zeros(nbytes, dtype=np.uint8)
+
+    def best(fn: Callable[[], object]) -> float:
+        times = []
+        for _ in range(3):
+            c0 = time.thread_time()
+            fn()
+            times.append(time.thread_time() - c0)
+        return min(times) / (nbytes / GB)
+
+    def write() -> None:
+        view = src.data
+        paths = []
+        for i, lo in enumerate(range(0, nbytes, object_bytes)):
+            paths.append(os.path.join(workdir, f"limit-{i}"))
+            fd = os.open(paths[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            part, done = view[lo : lo + object_bytes], 0
+            while done < len(part):
+                done += os.write(fd, part[done:])
+            os.fsync(fd)
+            os.close(fd)
+        for p in paths:
+            os.unlink(p)
+
+    os.makedirs(workdir, exist_ok=True)
+    return {
+        "memcpy": best(lambda: np.copyto(dst, src)),
+        "xxh3": best(lambda: xxhash.xxh3_64_intdigest(dst.data)),
+        "write_syscalls": best(write),
+    }
+
+
 # ---------------------------------------------------------------------------- slowdown mode
 def run_slowdown(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     """Median training-step time with no save, while ckptmirror writes, while dcp.async_save writes.
@@ -491,12 +565,18 @@ def run_slowdown(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     m = ckptmirror.Mirror([os.path.join(workdir, "ckptmirror")], keep_last=None)
 
     def start_cm(r: int):
+        threads_before = thread_cpu()
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         h = m.save(r, model, optim)
         stall = time.perf_counter() - t0
+        stall_cpu = time.thread_time() - c0
 
         def finish() -> float:
             h.result()
+            m.wait()  # retention too: every background thread is done with this save
+            spent = cpu_spent(threads_before, thread_cpu())
+            out["ckptmirror"].setdefault("cpu", []).append({"save_call": stall_cpu, **spent})
             return h.committed_s or 0.0
 
         return stall, h.done, finish, None
@@ -550,6 +630,10 @@ def run_slowdown(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         m.close(raise_errors=False)
     res["baseline_steps"] = base
     res.update(out)
+    try:
+        res["part_limits"] = part_limits(res["state_bytes"], os.path.join(workdir, "limits"))
+    except OSError as exc:
+        log(f"slowdown: part limits not measured: {exc}")
     res["load_end"] = load_probe()
     log(f"slowdown: no save: median step {statistics.median(base) * 1e3:.0f} ms over {len(base)} steps")
     shutil.rmtree(workdir, ignore_errors=True)
@@ -842,6 +926,34 @@ def print_slowdown(sd: dict[str, Any]) -> None:
         "\n'training time lost per save' = stall + the sum, over the steps that overlapped the write, of "
         "(step time - median no-save step): what one background save costs the loop in all."
     )
+    print_cpu(sd)
+
+
+def print_cpu(sd: dict[str, Any]) -> None:
+    """CPU-seconds per GB of a ckptmirror save, by thread family, against its parts' limits."""
+    cpu = (sd.get("ckptmirror") or {}).get("cpu")
+    if not cpu:
+        return
+    gb = sd["state_bytes"] / GB
+    fams = sorted({k for rec in cpu for k in rec}, key=lambda k: (k != "save_call", k))
+    print("\n### CPU per GB saved (ckptmirror, median over rounds)\n")
+    print(
+        "Thread CPU time (user + system, /proc) of each thread family from save() to the save's end "
+        "(retention included), per GB of state; 'save_call' is the training thread inside save() (the "
+        "snapshot copy). Limits: each part alone on one thread, on the same bytes.\n"
+    )
+    print("| part | CPU-s/GB |")
+    print("|---|---:|")
+    bg = [sum(v for k, v in rec.items() if k != "save_call") / gb for rec in cpu]
+    for k in fams:
+        print(f"| {k} | {fmt(med([rec.get(k, 0.0) / gb for rec in cpu]))} |")
+    print(f"| **background total** | **{fmt(med(bg))}** |")
+    lim = sd.get("part_limits")
+    if lim:
+        print(f"| limit: memcpy (snapshot) | {fmt(lim['memcpy'])} |")
+        print(f"| limit: xxh3 | {fmt(lim['xxh3'])} |")
+        print(f"| limit: write syscalls (64 MiB files, fsync) | {fmt(lim['write_syscalls'])} |")
+        print(f"| **limit: background (xxh3 + write syscalls)** | **{fmt(lim['xxh3'] + lim['write_syscalls'])}** |")
 
 
 # ----------------------------------------------------------------------------------- main

@@ -26,7 +26,9 @@ from .errors import CkptMirrorError
 from .replicas._peer_protocol import TOKEN_ENV
 
 __all__ = [
+    "DEFAULT_BACKGROUND_NICE",
     "ENVIRONMENT",
+    "ENV_BACKGROUND_NICE",
     "ENV_KEEP_LAST",
     "ENV_LOG_LEVEL",
     "ENV_ON_SIGTERM",
@@ -38,6 +40,7 @@ __all__ = [
     "EnvVar",
     "FromEnv",
     "apply_log_level",
+    "background_nice",
     "keep_last",
     "log_level",
     "on_sigterm",
@@ -50,6 +53,7 @@ ENV_KEEP_LAST = "CKPTMIRROR_KEEP_LAST"
 ENV_LOG_LEVEL = "CKPTMIRROR_LOG_LEVEL"
 ENV_ON_SIGTERM = "CKPTMIRROR_ON_SIGTERM"
 ENV_PROGRESS_INTERVAL_S = "CKPTMIRROR_PROGRESS_INTERVAL_S"
+ENV_BACKGROUND_NICE = "CKPTMIRROR_BACKGROUND_NICE"
 #: Defined next to the peer wire protocol (the client and ``ckptmirror serve`` both read it).
 ENV_PEER_TOKEN = TOKEN_ENV
 
@@ -57,6 +61,8 @@ ENV_PEER_TOKEN = TOKEN_ENV
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: Default of :data:`ENV_PROGRESS_INTERVAL_S`: seconds between two progress lines of a restore.
 DEFAULT_PROGRESS_INTERVAL_S = 5.0
+#: Default of :data:`ENV_BACKGROUND_NICE`: the nice value of a save's background threads.
+DEFAULT_BACKGROUND_NICE = 10
 
 
 class EnvVar(NamedTuple):
@@ -98,6 +104,13 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         ENV_PROGRESS_INTERVAL_S,
         "Seconds between two INFO progress lines (bytes, rate, ETA) of a restore; a positive number.",
         str(DEFAULT_PROGRESS_INTERVAL_S),
+    ),
+    EnvVar(
+        ENV_BACKGROUND_NICE,
+        "Linux: nice value (0-19) of the threads a Mirror owns that write saves in the background "
+        "(hash, I/O, replica and retention threads), so that they yield the CPU to the training loop; "
+        "0 leaves them at the process's priority. Never applied to the thread that calls save().",
+        str(DEFAULT_BACKGROUND_NICE),
     ),
     EnvVar(
         ENV_PEER_TOKEN,
@@ -209,3 +222,19 @@ def progress_interval_s() -> float:
     if not (seconds > 0 and math.isfinite(seconds)):
         raise EnvConfigError(f"${ENV_PROGRESS_INTERVAL_S}={value!r} is not accepted: use a positive number of seconds")
     return seconds
+
+
+def background_nice() -> int:
+    """The nice value of a save's background threads (:data:`ENV_BACKGROUND_NICE`): 0 to 19."""
+    value = _env(ENV_BACKGROUND_NICE)
+    if value is None:
+        return DEFAULT_BACKGROUND_NICE
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 19:
+        raise EnvConfigError(
+            f"${ENV_BACKGROUND_NICE}={value!r} is not accepted: use an integer from 0 (no change) to 19 (lowest)"
+        )
+    return n

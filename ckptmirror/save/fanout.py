@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from .. import config
 from ..buffers import host_bytes
 from ..checksum import checksum
 from ..dist import Coordinator, DistInfo
@@ -65,6 +66,7 @@ from ..health import ReplicaHealth
 from ..placement import Placement, Stored
 from ..replicas.base import Replica
 from .encode import EncodedStep, PreWritten, Segments, encode, encode_replicated, object_segments
+from .priority import lower_priority
 from .retention import apply_retention, delete_quietly, is_committed, remove_step
 from .snapshot import Arena, frozen_flags
 
@@ -195,17 +197,21 @@ class Fanout:
         self._index_step: dict[str, int] = {}  # the step each index was taken from
         self._live: dict[str, Counter[str]] = {r.url: Counter() for r in replicas}  # referenced by saves in flight
         self._hints: Any = None  # the codec's memory of incompressible planes, made on first use
-        self._hash_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="ckptmirror-hash")
-        self._io_pools = {
-            r.url: ThreadPoolExecutor(io_threads, thread_name_prefix="ckptmirror-io") for r in self.replicas
-        }
-        self._replica_pool = ThreadPoolExecutor(len(self.replicas), thread_name_prefix="ckptmirror-replica")
+        # Every worker of these pools runs at a lower CPU priority (save.priority): they are the
+        # library's own threads, and the training loop should win the CPU over them.
+        self.nice = config.background_nice()
+        self._hash_pool = self._pool(max(2, os.cpu_count() or 2), "ckptmirror-hash")
+        self._io_pools = {r.url: self._pool(io_threads, "ckptmirror-io") for r in self.replicas}
+        self._replica_pool = self._pool(len(self.replicas), "ckptmirror-replica")
         # One thread: retention passes run in save order, never two on one replica at once.
-        self._retention_pool = ThreadPoolExecutor(1, thread_name_prefix="ckptmirror-retention")
+        self._retention_pool = self._pool(1, "ckptmirror-retention")
         self._retention: list[Future[None]] = []
         self._retention_owner = [True] * len(self.replicas)
         if coord is not None:
             self._retention_owner = self.elect_retention_owners()
+
+    def _pool(self, workers: int, name: str) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=lower_priority, initargs=(self.nice,))
 
     @property
     def incremental(self) -> bool:
