@@ -483,6 +483,14 @@ class Mirror:
         not fit the model or optimizer. All or nothing: when it raises, every tensor of
         ``model`` and ``optim`` holds exactly what it held before the call.
         """
+        # The cyclic GC paused: a restore builds ~10 objects per tensor, and at 10k tensors the
+        # collections that triggers took a third of the restore (0.52 s -> 0.32 s without them).
+        with paused_gc():
+            return self._restore(model, optim, step, strict, require)
+
+    def _restore(
+        self, model: Stateful | None, optim: Stateful | None, step: int | None, strict: bool, require: bool
+    ) -> RestoreResult | None:
         t0 = time.perf_counter()
         if optim is not None:
             init_sharded_optimizer_state(optim)
@@ -541,7 +549,8 @@ class Mirror:
     def load_state(self, step: int | None = None, *, require: bool = False) -> tuple[int, Any] | None:
         """Return ``(step, state)`` for the newest step that verifies (or ``step``), or None
         (with a WARNING naming the replicas; ``require=True`` raises :class:`StepNotFoundError`)."""
-        loaded = self._load(step, None, [], None, require, None)
+        with paused_gc():
+            loaded = self._load(step, None, [], None, require, None)
         return None if loaded is None else (loaded.step, loaded.state)
 
     def _load(

@@ -285,3 +285,34 @@ def test_stock_loading_is_recognised_and_anything_else_keeps_the_undo_copy() -> 
     opt2.register_load_state_dict_pre_hook(lambda o, sd: None)
     assert not stock_loading(m, opt2)
     assert not stock_loading(object(), None)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_landing_copies_small_and_large_regions_and_releases_the_sources(threads: int) -> None:
+    from ckptmirror.restore.undo import Landing
+
+    class Source:
+        closed = 0
+
+        def close(self) -> None:
+            Source.closed += 1
+
+    sizes = [1, 1000, 300 << 10, 40 << 20, 9 << 20]  # under and over the small and chunk sizes
+    srcs = [torch.randint(0, 255, (n,), dtype=torch.uint8) for n in sizes]
+    dsts = [torch.zeros(n, dtype=torch.uint8) for n in sizes]
+    landing = Landing()
+    landing.add(Source(), [(d.data_ptr(), s.data_ptr(), d.numel()) for d, s in zip(dsts, srcs)])
+    whole, part = torch.zeros(4, 4), torch.arange(16.0).reshape(4, 4)
+    landing.add_tensor(whole.t(), part)  # a strided destination lands through torch
+    assert landing.nbytes == sum(sizes) + 64
+    assert all(not d.any() for d in dsts), "nothing lands before land()"
+    landing.land(threads)
+    assert all(torch.equal(d, s) for d, s in zip(dsts, srcs))
+    assert torch.equal(whole.t(), part)
+    assert Source.closed == 1 and landing.nbytes == 0
+    dropped = Landing()
+    other = srcs[0] ^ 0xFF  # differs in every byte from what dsts[0] holds
+    dropped.add(Source(), [(dsts[0].data_ptr(), other.data_ptr(), 1)])
+    dropped.discard()
+    dropped.land(threads)  # nothing left to land
+    assert Source.closed == 2 and torch.equal(dsts[0], srcs[0])

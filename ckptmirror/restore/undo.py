@@ -121,6 +121,7 @@ class _Closable(Protocol):
 #: Copies smaller than this land on the calling thread; larger ones are split over threads.
 _PARALLEL_BYTES = 32 << 20
 _CHUNK = 8 << 20
+_SMALL = 256 << 10
 
 
 class Landing:
@@ -161,20 +162,26 @@ class Landing:
             copies, tensors = self._copies, self._tensors
             self._copies, self._tensors = [], []
         try:
-            total = sum(n for _, _, n in copies)
-            if threads > 1 and total >= _PARALLEL_BYTES:
-                # Large copies in chunks, so that one big tensor also spreads over the threads.
-                pieces = [
-                    (dst + off, src + off, min(_CHUNK, n - off))
-                    for dst, src, n in copies
-                    for off in range(0, n, _CHUNK)
-                ]
+            # Small copies on this thread in one loop: spread over threads, each memmove's GIL
+            # hand-off costs more than the copy. Large ones in chunks on the pool, so that one
+            # big tensor also spreads over it.
+            small = [c for c in copies if c[2] < _SMALL]
+            large = [
+                (dst + off, src + off, min(_CHUNK, n - off))
+                for dst, src, n in copies
+                if n >= _SMALL
+                for off in range(0, n, _CHUNK)
+            ]
+            if threads > 1 and sum(n for _, _, n in large) >= _PARALLEL_BYTES:
                 with ThreadPoolExecutor(threads, thread_name_prefix="ckptmirror-land") as pool:
                     # memmove through ctypes releases the GIL: the threads copy in parallel.
-                    for f in [pool.submit(_move_all, pieces[i::threads]) for i in range(threads)]:
+                    futures = [pool.submit(_move_all, large[i::threads]) for i in range(threads)]
+                    _move_all(small)
+                    for f in futures:
                         f.result()
             else:
-                _move_all(copies)
+                _move_all(small)
+                _move_all(large)
             with torch.no_grad():
                 for dst, src in tensors:
                     dst.copy_(src)

@@ -1,0 +1,137 @@
+"""Restore speed at every tensor count: ckptmirror against a raw read and torch.load.
+
+Usage: python benchmarks/bench_restore.py [--quick] [--gb 0.3] [--counts 6,1000,10000,50000]
+       [--repeats 3] [--dir DIR] [--out results.md]
+
+For each tensor count, one module with that many parameters (every fourth one bf16, the rest
+fp32; sizes equal, ``--gb`` in all) is saved once to a local replica, then restored into a
+fresh module of the same shape, page cache warm, alternating:
+
+* ``ckptmirror``: ``Mirror.restore(model)`` (every checksum verified, all or nothing);
+* ``raw read``: the same bytes, written once back to back into one file, read with ``readv``
+  straight into the preallocated parameters (no checksum, no format: the limit);
+* ``torch.load``: ``torch.load(weights_only=True)`` of a ``torch.save`` of the state dict, then
+  ``load_state_dict`` (what a plain restore costs).
+
+Prints the medians and the ratios "raw read time / ckptmirror time" (speed as a fraction of the
+raw read; the issue's target is >= 0.5) and "torch.load time / ckptmirror time" (>= 1: not
+slower than torch.load). Each count runs in its own process, so memory from one count does
+not slow the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+RAW_IOV = 1024  # IOV_MAX on Linux: readv takes at most this many buffers per call
+
+
+def build(n: int, gb: float, seed: int) -> torch.nn.Module:
+    per = max(1, int(gb * 1e9 / 4 / n))
+    g = torch.Generator().manual_seed(seed)
+    mod = torch.nn.Module()
+    for i in range(n):
+        t = torch.randn(per, generator=g)
+        mod.register_parameter(f"p{i}", torch.nn.Parameter(t if i % 4 else t.to(torch.bfloat16)))
+    return mod
+
+
+def one_count(n: int, gb: float, repeats: int, workdir: str) -> dict[str, object]:
+    import ckptmirror
+
+    src = build(n, gb, 0)
+    fresh = build(n, gb, 1)
+    params = list(fresh.parameters())
+    nbytes = sum(p.numel() * p.element_size() for p in params)
+    rep = os.path.join(workdir, f"rep-{n}")
+    raw_path = os.path.join(workdir, f"raw-{n}.bin")
+    pt_path = os.path.join(workdir, f"state-{n}.pt")
+    with open(raw_path, "wb") as f:
+        for p in src.parameters():
+            f.write(p.detach().reshape(-1).view(torch.uint8).numpy().tobytes())
+    torch.save(src.state_dict(), pt_path)
+    views = [memoryview(p.detach().reshape(-1).view(torch.uint8).numpy()) for p in params]
+
+    def raw() -> None:
+        fd = os.open(raw_path, os.O_RDONLY)
+        try:
+            for i in range(0, len(views), RAW_IOV):
+                os.readv(fd, views[i : i + RAW_IOV])
+        finally:
+            os.close(fd)
+
+    def tload() -> None:
+        fresh.load_state_dict(torch.load(pt_path, weights_only=True))
+
+    times: dict[str, list[float]] = {"ckptmirror": [], "raw read": [], "torch.load": []}
+    with ckptmirror.Mirror([rep]) as m:
+        m.save(1, src).result()
+        runs = {"ckptmirror": lambda: m.restore(fresh), "raw read": raw, "torch.load": tload}
+        for fn in runs.values():
+            fn()  # warm the page cache and every code path once
+        for _ in range(repeats):
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        m.restore(fresh)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), src.parameters())), "restore not bit-exact"
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"tensors": n, "gb": nbytes / 1e9, "median_s": med, "all_s": times}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="0.1 GB states, 2 repeats")
+    ap.add_argument("--gb", type=float, default=0.3)
+    ap.add_argument("--counts", default="6,1000,10000,50000")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dir", default=None, help="where the replicas and files go (default: a temp dir)")
+    ap.add_argument("--out", default=None, help="also write the table (markdown) here")
+    ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # child: one count
+    args = ap.parse_args()
+    gb, repeats = (0.1, 2) if args.quick else (args.gb, args.repeats)
+    if args.one is not None:
+        assert args.dir is not None
+        print(json.dumps(one_count(args.one, gb, repeats, args.dir)))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.dir) as d:
+        for n in (int(c) for c in args.counts.split(",")):
+            cmd = [sys.executable, __file__, "--one", str(n), "--dir", d, "--gb", str(gb), "--repeats", str(repeats)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(f"{n} tensors done", file=sys.stderr)
+    lines = [
+        f"Restore from local disk, page cache warm, medians of {repeats} ({time.strftime('%Y-%m-%d')}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__})",
+        "",
+        "| tensors | GB | ckptmirror (s) | raw read (s) | torch.load + load_state_dict (s) "
+        "| speed vs raw read | torch.load time / ckptmirror time |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        med = r["median_s"]
+        lines.append(
+            f"| {r['tensors']:,} | {r['gb']:.2f} | {med['ckptmirror']:.3f} | {med['raw read']:.3f} | "
+            f"{med['torch.load']:.3f} | {med['raw read'] / med['ckptmirror']:.2f}x | "
+            f"{med['torch.load'] / med['ckptmirror']:.2f}x |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
