@@ -233,13 +233,29 @@ def _match_targets(
             f"{key_path('state', prefix + (k,))} is in the checkpoint but not in the target" for k in only_stored
         ]
         hints += _key_hints(only_target, only_stored)
+    plain = (torch.Tensor, torch.nn.Parameter)
+    parent_path: tuple[Any, ...] | None = None
+    parent: Any = None
     for i, path in paths.items():
-        t = _lookup(targets, path)
+        # Leaves come in tree order: siblings share a parent, looked up once (50k lookups of
+        # ("model", key) otherwise walk the tree from the root each time).
+        if path[:-1] != parent_path:
+            parent_path = path[:-1]
+            parent = _lookup(targets, parent_path)
+        t = _lookup(parent, path[-1:]) if path else targets
         if not isinstance(t, torch.Tensor):
             continue
         lf = m.leaves[i]
         if lf.kind != "tensor":
             problems.append(f"{key_path('state', path)}: checkpoint holds a numpy array, target a tensor")
+            continue
+        if type(t) in plain and i not in check.dtensors:  # the common case: one shape compare
+            if t.shape != lf.shape:
+                problems.append(
+                    f"{key_path('state', path)}: checkpoint shape {list(lf.shape)}, target shape {list(t.shape)}"
+                )
+            else:
+                out[i] = t
             continue
         stored_g, stored_off = check.dtensors.get(i, (lf.shape, (0,) * len(lf.shape)))
         if is_dtensor(t) or i in check.dtensors:
