@@ -860,6 +860,130 @@ def test_fsync_eio_fails_the_step_without_retry(tmp_path: Path, monkeypatch: pyt
     assert_restores(root, 1)
 
 
+@needs_proc
+def test_every_name_is_durable_before_the_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Directories are fsynced once each (not once per file), but after every rename into them
+    and before the commit record's link; new directories' entries in their parents too."""
+    root = tmp_path / "root"
+    save_steps(root, [1])
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
+
+    def fsync(fd: int) -> None:
+        path = fd_path(fd)
+        real_fsync(fd)
+        with lock:
+            events.append(("dirsync" if os.path.isdir(path) else "fsync", path))
+
+    def replace(src: Any, dst: Any, **kw: Any) -> None:
+        real_replace(src, dst, **kw)
+        with lock:
+            events.append(("rename", str(dst)))
+
+    def link(src: Any, dst: Any, **kw: Any) -> None:
+        real_link(src, dst, **kw)
+        with lock:
+            events.append(("link", str(dst)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
+    with Mirror([str(root)], object_bytes=OBJ) as m:
+        m.save(2, wc.fill(wc.Net(W), 2), extra=wc.extra_for(2, wc.SEED)).result(timeout=30)
+    monkeypatch.undo()
+    real = os.path.realpath(root)
+    step = os.path.join(real, step_dir(2))
+    ev = [(k, p) for k, p in events if p.startswith(step) or p == real]
+    commit_at = ev.index(("link", os.path.join(real, commit_key(2))))
+    renames = [(i, p) for i, (k, p) in enumerate(ev) if k == "rename"]
+    assert len(renames) >= 8, renames  # 7 objects and the manifest
+    for i, p in renames:
+        assert i < commit_at, f"{p} renamed after the commit"
+        syncs = [j for j, (k, d) in enumerate(ev) if k == "dirsync" and d == os.path.dirname(p) and i < j < commit_at]
+        assert syncs, f"the directory of {p} is not fsynced between its rename and the commit"
+    for d in (step, real):  # the new step directory's entry in the root, the rank directory's in the step
+        assert any(k == "dirsync" and q == d for k, q in ev[:commit_at]), f"{d} not fsynced before the commit"
+    assert ("dirsync", step) in ev[commit_at:], "the commit's directory is fsynced after the link"
+    rank_dir_syncs = [p for k, p in ev if k == "dirsync" and p.endswith("rank-00000")]
+    assert len(rank_dir_syncs) == 1, f"one fsync of the objects' directory per save, got {len(rank_dir_syncs)}"
+    assert_restores(root, 2)
+
+
+@needs_proc
+def test_directory_fsync_eio_fails_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "root"
+    save_steps(root, [1])
+    real_fsync = os.fsync
+    attempts: list[str] = []
+
+    def fsync(fd: int) -> None:
+        path = fd_path(fd)
+        if step_dir(2) in path and path.endswith("rank-00000") and os.path.isdir(path):
+            attempts.append(path)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with Mirror([str(root)], object_bytes=OBJ) as m:
+        with pytest.raises(SaveFailedError) as ei:
+            m.save(2, wc.fill(wc.Net(W), 2)).result(timeout=30)
+        m.wait(timeout=30)
+    assert len(attempts) == 1, attempts
+    assert "EIO" in str(ei.value) and "directory fsync" in str(ei.value)
+    assert not (root / commit_key(2)).exists()
+    monkeypatch.undo()
+    assert steps_of(root) == [1]
+    assert_restores(root, 1)
+
+
+def test_writeback_error_fails_the_put(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An I/O error from the early writeback (sync_file_range) fails the put like a write error."""
+    from ckptmirror.replicas import local
+
+    root = tmp_path / "root"
+    save_steps(root, [1])
+
+    def writeback(fd: int, offset: int, nbytes: int) -> bool:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(local, "_writeback", writeback)
+    monkeypatch.setattr(local, "_sync_file_range", lambda *a: 0)  # "available", whatever the platform
+    with Mirror([str(root)], object_bytes=OBJ) as m:
+        with pytest.raises(SaveFailedError) as ei:
+            m.save(2, wc.fill(wc.Net(W), 2)).result(timeout=30)
+    assert "EIO" in str(ei.value)
+    assert not (root / commit_key(2)).exists()
+    assert temp_files(root) == []
+    monkeypatch.undo()
+    assert_restores(root, 1)
+
+
+def test_drop_cache_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``drop_cache=True``: every file's pages are dropped once fsynced; saves restore bit-exact."""
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise here")
+    root = tmp_path / "root"
+    advised: list[int] = []
+    real = os.posix_fadvise
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append(advice)
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    save_steps(root, [1, 2], storage_options={"file": {"drop_cache": True}})
+    assert advised and set(advised) == {os.POSIX_FADV_DONTNEED}
+    n = len(advised)
+    save_steps(root, [3])  # off by default
+    assert len(advised) == n
+    monkeypatch.undo()
+    assert_restores(root, 3)
+    assert_restores(root, 2, at=2)
+    with pytest.raises(ValueError, match="drop_cache"):
+        LocalReplica(str(root), drop_cache="yes")  # type: ignore[arg-type]
+
+
 # ============================================================ 9. step already committed
 def test_saving_a_committed_step_is_refused_unless_overwrite(tmp_path: Path) -> None:
     root = tmp_path / "root"

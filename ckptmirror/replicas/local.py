@@ -5,16 +5,30 @@ destination directory, written, fsynced, renamed into place, then the directory 
 A failed fsync is never retried (after "fsyncgate", a retry can report durability that is
 not there): the put fails, and with it this replica's copy of the step. Commits use
 ``link()``, which fails if the target exists, so a commit is never replaced.
+
+A save writes many objects into one directory: it puts them with ``sync_dir=False`` (each
+file is still fsynced before its rename) and then calls :meth:`LocalReplica.sync_dirs` once,
+which fsyncs each of their directories once, before anything that depends on them (the
+manifest, the commit record) is written. A directory this replica creates gets its own
+entry made durable too (its parent fsynced) before the next directory fsync returns.
+
+``drop_cache=True`` (storage option, off by default) drops a file's pages from the page cache
+once it is durable (``POSIX_FADV_DONTNEED`` after the fsync): a save then leaves no cached
+copy behind (the kernel keeps no clean pages that it must later reclaim), at the cost that a
+restore soon after reads the objects from the disk instead of memory.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
 import shutil
+import sys
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -27,6 +41,42 @@ _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_BINARY = getattr(os, "O_BINARY", 0)
 #: Map every page at once (one call instead of a page fault per 64 KiB): Linux only.
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+#: Bytes per write call when writeback is started as the file is written (see _writeback).
+_WRITEBACK_CHUNK = 16 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def _writeback(fd: int, offset: int, nbytes: int) -> bool:
+    """Start (not wait for) the writeback of bytes ``[offset, offset + nbytes)`` of ``fd``, so
+    that the disk writes a file while the rest of it is still being copied in and the fsync at
+    the end has little left to do. Only a head start: durability still comes from the fsync
+    (which also reports any error of this writeback). Raises OSError for an I/O error; False
+    when the call is not supported here (then it is not tried again for this file)."""
+    if _sync_file_range is None:
+        return False
+    if _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EIO, errno.ENOSPC, errno.EDQUOT):
+        raise OSError(err, os.strerror(err))
+    return False
 
 
 class MappedObject:
@@ -81,13 +131,22 @@ class LocalReplica(Replica):
 
     read_priority = 10
 
-    def __init__(self, url: str, *, fsync: bool = True, create: bool = False) -> None:
+    def __init__(self, url: str, *, fsync: bool = True, create: bool = False, drop_cache: bool = False) -> None:
         """The root directory is created by the first write (``create=True``: now). Until then,
         reads of a missing root find nothing: opening a replica to restore from never creates
-        a directory, so a mistyped path stays visible instead of becoming an empty replica."""
+        a directory, so a mistyped path stays visible instead of becoming an empty replica.
+
+        ``drop_cache``: drop each written file's pages from the page cache once it is durable
+        (see the module's docstring); only with ``fsync`` (unsynced pages cannot be dropped)."""
         super().__init__(url)
+        if not isinstance(drop_cache, bool):
+            raise ValueError(f"storage option drop_cache={drop_cache!r} for {url}: True or False")
         self.root = os.path.realpath(path_from_url(url))
         self.fsync = fsync
+        self.drop_cache = drop_cache and fsync and hasattr(os, "posix_fadvise")
+        # Directories whose entries were added by a mkdir of ours and not fsynced yet.
+        self._dirty_dirs: set[str] = set()
+        self._dirty_lock = threading.Lock()
         if create:
             os.makedirs(self.root, exist_ok=True)
 
@@ -111,23 +170,62 @@ class LocalReplica(Replica):
     # -- writing -------------------------------------------------------------------------
     def _sync_parent(self, path: str, key: str) -> None:
         if self.fsync:
-            try:
-                fsync_dir(os.path.dirname(path))
-            except OSError as exc:
-                raise self._err(exc, key, "directory fsync (not retried)") from exc
+            self._sync_dirs_now({os.path.dirname(path)}, key)
+
+    def _sync_dirs_now(self, dirs: set[str], key: str) -> None:
+        """fsync ``dirs`` and every directory a mkdir of ours added an entry to since the last time."""
+        with self._dirty_lock:
+            created = set(self._dirty_dirs)  # left in the set until fsynced: a concurrent caller syncs them too
+        try:
+            # Deepest first: a new directory's own entries, then its entry in its parent.
+            for d in sorted(dirs | created, key=lambda p: (-p.count(os.sep), p)):
+                fsync_dir(d)
+        except OSError as exc:
+            raise self._err(exc, key, "directory fsync (not retried)") from exc
+        if created:
+            with self._dirty_lock:
+                self._dirty_dirs -= created
+
+    def sync_dirs(self, keys: Iterable[str]) -> None:
+        """Make the names of ``keys``, put with ``sync_dir=False``, durable: one fsync per
+        directory holding them (and of the parents of directories created meanwhile)."""
+        if not self.fsync:
+            return
+        keys = list(keys)
+        if keys:
+            self._sync_dirs_now({os.path.dirname(self._path(k)) for k in keys}, keys[0])
+
+    def _makedirs(self, d: str, key: str) -> None:
+        """Create ``d`` and its missing parents; remember the parents whose entries changed."""
+        if os.path.isdir(d):
+            return
+        missing = []
+        p = d
+        while (p == self.root or p.startswith(self.root + os.sep)) and not os.path.isdir(p):
+            missing.append(p)
+            p = os.path.dirname(p)
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as exc:
+            raise self._err(exc, key, "mkdir") from exc
+        if self.fsync:
+            with self._dirty_lock:
+                self._dirty_dirs.update(os.path.dirname(m) for m in missing)
 
     def open_writer(self, key: str) -> AtomicWriter:
         """Start an atomic write of ``key``: feed chunks, then ``finish()`` (or ``abort()``)."""
         return AtomicWriter(self, key, self._path(key))
 
-    def put(self, key: str, data: Buffer) -> None:
+    def put(self, key: str, data: Buffer, *, sync_dir: bool = True) -> None:
+        """Write ``key`` durably. ``sync_dir=False``: its directory is not fsynced (the file
+        is): the caller calls :meth:`sync_dirs` before relying on the name."""
         w = self.open_writer(key)
         try:
             w.write(data)
         except BaseException:
             w.abort()
             raise
-        w.finish()
+        w.finish(sync_dir=sync_dir)
 
     def commit(self, key: str, data: bytes) -> None:
         w = self.open_writer(key)
@@ -277,11 +375,9 @@ class AtomicWriter:
         self.path = path
         self.written = 0
         d = os.path.dirname(path)
-        try:
-            os.makedirs(d, exist_ok=True)
-        except OSError as exc:
-            raise replica._err(exc, key, "mkdir") from exc
+        replica._makedirs(d, key)
         self.tmp = os.path.join(d, f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
+        self.writeback = replica.fsync and _sync_file_range is not None
         try:
             self.fd: int | None = os.open(
                 self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY, 0o644
@@ -290,20 +386,30 @@ class AtomicWriter:
             raise replica._err(exc, key, "create") from exc
 
     def write(self, data: Buffer) -> None:
-        """Append ``data``; on failure the temp file is removed and a ReplicaError raised."""
+        """Append ``data``; on failure the temp file is removed and a ReplicaError raised.
+
+        With fsync on, writeback starts chunk by chunk as the data is written (the disk works
+        while the rest is copied into the page cache); the fsync in :meth:`finish` still makes
+        it durable."""
         assert self.fd is not None
         view = memoryview(data).cast("B")
         done = 0
+        chunk = _WRITEBACK_CHUNK if self.writeback else 64 << 20
         try:
             while done < len(view):
-                done += os.write(self.fd, view[done : done + (64 << 20)])
+                n = os.write(self.fd, view[done : done + chunk])
+                if self.writeback:
+                    self.writeback = _writeback(self.fd, self.written + done, n)
+                done += n
         except OSError as exc:
             self.abort()
             raise self.replica._err(exc, self.key, "write") from exc
         self.written += done
 
-    def finish(self, exclusive: bool = False) -> None:
-        """Make the object durable under its name. ``exclusive``: fail if the name exists."""
+    def finish(self, exclusive: bool = False, sync_dir: bool = True) -> None:
+        """Make the object durable under its name. ``exclusive``: fail if the name exists.
+        ``sync_dir=False``: the file is fsynced, its directory is left to the caller
+        (:meth:`LocalReplica.sync_dirs`)."""
         assert self.fd is not None
         r, key = self.replica, self.key
         try:
@@ -312,6 +418,11 @@ class AtomicWriter:
                     os.fsync(self.fd)
                 except OSError as exc:
                     raise r._err(exc, key, "fsync (not retried)") from exc
+                if r.drop_cache:
+                    try:
+                        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    except OSError:
+                        pass  # advice only: the data is durable either way
             os.close(self.fd)
             self.fd = None
             try:
@@ -325,7 +436,8 @@ class AtomicWriter:
                 raise r._err(exc, key, "link" if exclusive else "rename") from exc
         finally:
             self.abort()
-        r._sync_parent(self.path, key)
+        if sync_dir:
+            r._sync_parent(self.path, key)
 
     def abort(self) -> None:
         """Drop the temp file (idempotent)."""

@@ -64,7 +64,8 @@ from ..format import (
 from ..handle import SaveHandle
 from ..health import ReplicaHealth
 from ..placement import Placement, Stored
-from ..replicas.base import Replica
+from ..replicas.base import Buffer, Replica
+from ..replicas.local import LocalReplica
 from .encode import EncodedStep, PreWritten, Segments, encode, encode_replicated, object_segments
 from .priority import lower_priority
 from .retention import apply_retention, delete_quietly, is_committed, remove_step
@@ -570,13 +571,33 @@ def write_objects(
     todo = [i for i in mine if homes[i] not in done]
     stored = dict(done)
     sums = [o.checksum for o in enc.manifest.objects]
-    stored.update(put_objects(replica, homes, enc.windows, sums, view, base, pool, todo, refs or {}, encoder))
+    # Local disk, when this save can need no placement record (nothing referenced, nothing
+    # compressed): the manifest is written alongside the objects, and every name is made
+    # durable by the one directory-fsync pass after them all. The commit still comes after.
+    early = (
+        isinstance(replica, LocalReplica)
+        and not refs
+        and (encoder is None or replica.compression == "none")
+        and all(s.key == h for h, s in done.items())
+    )
+    extra = ((enc.manifest_key, enc.manifest_bytes),) if early else ()
+    stored.update(put_objects(replica, homes, enc.windows, sums, view, base, pool, todo, refs or {}, encoder, extra))
     stored = {homes[i]: stored[homes[i]] for i in mine}
+    if early:
+        return stored
     special = {home: s for home, s in stored.items() if s.key != home}
+    records: list[tuple[str, bytes]] = []
     if special:
         rank, token = writer_of(next(iter(special)))  # type: ignore[misc]  # object keys always name one
-        replica.put(placement_key(step, rank, token), Placement(step, rank, token, special).to_json())
-    replica.put(enc.manifest_key, enc.manifest_bytes)
+        records.append((placement_key(step, rank, token), Placement(step, rank, token, special).to_json()))
+    records.append((enc.manifest_key, enc.manifest_bytes))
+    for key, data in records:  # the placement before the manifest (retention reads placements first)
+        if isinstance(replica, LocalReplica):
+            replica.put(key, data, sync_dir=False)
+        else:
+            replica.put(key, data)
+    if isinstance(replica, LocalReplica):
+        replica.sync_dirs([k for k, _ in records])
     return stored
 
 
@@ -591,11 +612,26 @@ def put_objects(
     indices: Sequence[int],
     refs: Mapping[int, Stored],
     encoder: ObjectEncoder | None,
+    extra: Sequence[tuple[str, bytes]] = (),
 ) -> dict[str, Stored]:
     """Store objects ``indices`` on ``replica`` (in parallel on ``pool``): referenced, compressed
     or raw, by its policy. ``view`` holds the data stream from byte ``base`` on. Returns how each
-    is stored, by home key; the first failure is raised once the puts in flight are done."""
+    is stored, by home key; the first failure is raised once the puts in flight are done.
+    ``extra``: (key, bytes) records put on the pool alongside (first).
+
+    Every file is durable under its name on return. On local disk, each is fsynced by the
+    thread that wrote it and renamed; the directories are fsynced once each, after them all
+    (:meth:`LocalReplica.sync_dirs`), instead of once per file."""
     name = replica.compression
+    local = replica if isinstance(replica, LocalReplica) else None
+    written: list[str] = []
+
+    def put(key: str, data: Buffer) -> None:
+        if local is not None:
+            local.put(key, data, sync_dir=False)
+            written.append(key)  # list.append is atomic
+        else:
+            replica.put(key, data)
 
     def put_one(i: int) -> Stored:
         home = homes[i]
@@ -609,21 +645,25 @@ def put_objects(
                 if got is not None:
                     blob, blob_sum = got
                     key = stored_object_key(home, name)
-                    replica.put(key, blob)
+                    put(key, blob)
                     return Stored(key, name, len(blob), blob_sum)
             finally:
                 encoder.release(name, i)
-        replica.put(home, view[off - base : off - base + size])
+        put(home, view[off - base : off - base + size])
         return Stored(home, "none", size, sums[i])
 
+    side: list[Future[None]] = [pool.submit(put, key, data) for key, data in extra]
     futures: list[Future[Stored]] = [pool.submit(put_one, i) for i in indices]
-    wait(futures, return_when=FIRST_EXCEPTION)
-    for f in futures:
+    every: list[Future[Any]] = [*side, *futures]
+    wait(every, return_when=FIRST_EXCEPTION)
+    for f in every:
         f.cancel()  # not started yet: dropped once one put has failed
-    wait(futures)
-    for f in futures:
+    wait(every)
+    for f in every:
         if not f.cancelled():
             f.result()  # first failure wins
+    if local is not None and written:
+        local.sync_dirs(written)
     return {homes[i]: f.result() for i, f in zip(indices, futures)}
 
 
