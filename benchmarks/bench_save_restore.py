@@ -353,7 +353,9 @@ class CkptMirror(Contender):
         self.ckptmirror = ckptmirror
         # keep_last=None: retention deletes would otherwise run in the background during the
         # next measurement; this script removes the directory itself at the end.
-        self.m = ckptmirror.Mirror([workdir], keep_last=None)
+        # incremental=False: the state does not change between these saves, and an incremental
+        # save would write nothing; every contender writes the whole state each time.
+        self.m = ckptmirror.Mirror([workdir], keep_last=None, storage_options={"file": {"incremental": False}})
         self.last_step = -1
 
     def save(self, i, model, optim):
