@@ -177,6 +177,7 @@ def test_staging_copy_is_byte_exact_when_cut_into_pieces(
     # Tiny pieces and no size floor for threads: every branch of the copy runs on a small state.
     monkeypatch.setattr(snap, "PIECE_BYTES", 4096)
     monkeypatch.setattr(snap, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(snap, "PARALLEL_MIN_AVERAGE", 0)
     monkeypatch.setattr(snap, "COPY_THREADS", threads)
     state = tricky_state()
     with ckptmirror.Mirror([str(tmp_path / "ckpt")]) as m:
@@ -282,3 +283,119 @@ def test_replan_refuses_what_it_cannot_patch() -> None:
     p = attempt({"x": a, "y": big[:10]})
     assert p is not None
     assert torch.equal(snap.snapshot(p, snap.Arena())[40:].view(torch.float32), big[:10])
+
+
+# ---------------------------------------------------------------- the plan cache's key and flatten
+def _same_address_changes(t: torch.Tensor) -> dict[str, Any]:
+    """Tensors at ``t``'s data pointer (``t``: 12 float32 in a 3x4 layout) that are laid out
+    otherwise: a plan made for ``t`` must never be reused for any of them."""
+    c = torch.view_as_complex(t.view(6, 2))
+    return {
+        "shape": t.view(4, 3),
+        "strides": t.as_strided((4, 3), (1, 4)),
+        "dtype": t.view(torch.int32),
+        "requires_grad": t.detach().requires_grad_(True),
+        "parameter": nn.Parameter(t.detach(), requires_grad=False),
+        "fewer elements": t[:2],
+        "complex": c,
+        "conj": c.conj(),
+        "neg": c._neg_view(),
+    }
+
+
+@pytest.mark.parametrize("layouts", [True, False], ids=["layouts", "by-column"])
+def test_plan_key_tells_apart_every_change_at_the_same_address(monkeypatch: pytest.MonkeyPatch, layouts: bool) -> None:
+    from ckptmirror.state import tree
+
+    if not layouts:
+        monkeypatch.setattr(tree, "_guards_ok", False)  # as on a torch without TensorGuards
+        monkeypatch.setattr(tree, "_LAYOUTS", [])
+    else:
+        assert tree._layouts_work(), "TensorGuards misbehaves here: every save checks column by column"
+    base = torch.arange(12.0).view(3, 4)
+    others = {f"w{i}": torch.full((i + 1,), float(i)) for i in range(20)}  # > the bulk path's minimum
+    key0 = snap.plan_key(flatten({"model": others, "x": base}))
+    assert key0 is not None
+    assert snap.plan_key(flatten({"model": dict(others), "x": base.view(3, 4)})) == key0  # same layout
+    for what, t in _same_address_changes(base).items():
+        assert t.data_ptr() == base.data_ptr()
+        key = snap.plan_key(flatten({"model": others, "x": t}))
+        assert key != key0, what
+    # the same tensor object, changed in place
+    t = base.clone()
+    key1 = snap.plan_key(flatten({"model": others, "x": t}))
+    for what, change in [
+        ("t_", lambda: t.t_()),
+        ("as_strided_", lambda: t.as_strided_((2, 6), (6, 1))),
+        ("requires_grad_", lambda: t.requires_grad_(True)),
+        (".data", lambda: setattr(t, "data", t.data.view(12))),
+    ]:
+        change()
+        key = snap.plan_key(flatten({"model": others, "x": t}))
+        assert key != key1, what
+        key1 = key
+    # a tensor of the big dict moved to other storage (set_), or the dict changed shape
+    moved = dict(others, w3=others["w3"].clone())
+    assert snap.plan_key(flatten({"model": moved, "x": base})) != key0
+    assert snap.plan_key(flatten({"model": {**others, "w20": torch.ones(1)}, "x": base})) != key0
+    assert snap.plan_key(flatten({"model": others, "x": base, "np": np.zeros(2)})) is None
+
+
+def test_save_never_reuses_a_plan_for_a_state_laid_out_otherwise(tmp_path: Path) -> None:
+    """End to end: same data pointers, other layouts, saved one after the other with the plan cache."""
+    base = torch.arange(12.0).view(3, 4)
+    others = {f"w{i}": torch.full((i + 1,), float(i)) for i in range(20)}
+    variants = {"base": base, **_same_address_changes(base)}
+    with ckptmirror.Mirror([str(tmp_path / "ckpt")]) as m:
+        for i, t in enumerate(variants.values()):
+            m.save_state(i, {"model": others, "x": t}).result()
+        for i, (what, t) in enumerate(variants.items()):
+            loaded = m.load_state(i)
+            assert loaded is not None
+            got = loaded[1]["x"]
+            assert type(got) is type(t) and got.dtype == t.dtype and got.shape == t.shape, what
+            assert got.stride() == t.stride() or not t.is_contiguous(), what
+            assert got.requires_grad == t.requires_grad, what
+            assert torch.equal(got.detach().resolve_conj().resolve_neg(), t.detach().resolve_conj().resolve_neg()), what
+            assert_bit_exact(loaded[1]["model"], others, what)
+
+
+def test_bulk_flatten_encodes_as_the_per_entry_path() -> None:
+    p = nn.Parameter(torch.ones(2))
+    state = {
+        "model": {f"layer{i}.w": torch.full((i + 1,), float(i)) for i in range(30)} | {"p": p},
+        "optim": {
+            "state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(2)}},
+            "param_groups": [{"lr": 0.1, "params": [0]}],
+        },
+        "mixed": {f"k{i}": (torch.ones(1) if i % 2 else i) for i in range(20)},  # not all tensors: per entry
+        "intkeys": {i: torch.ones(1) for i in range(20)},  # not all str keys: per entry
+        "list": [torch.zeros(3)],
+    }
+    fast, slow = flatten(state), flatten(state, _fast=False)
+    assert fast.structure == slow.structure
+    assert fast.paths == slow.paths
+    assert len(fast.leaves) == len(slow.leaves) and all(a is b for a, b in zip(fast.leaves, slow.leaves))
+    assert fast.layout is None  # a leaf in a list is not taken by the fast path
+    only_dicts = flatten({"model": state["model"]})
+    assert only_dicts.layout is not None and only_dicts.layout.matches(only_dicts.leaves)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: torch.empty(3, device="meta"),
+        lambda: torch.ones(2, 2).to_sparse(),
+        lambda: torch.ones(3).as_subclass(_Sub),
+    ],
+    ids=["meta", "sparse", "subclass"],
+)
+def test_bulk_flatten_refuses_what_the_per_entry_path_refuses(bad: Any) -> None:
+    good = {f"w{i}": torch.ones(i + 1) for i in range(30)}
+    flatten({"model": good})  # a layout for these 30 tensors is made and kept
+    with pytest.raises(ckptmirror.UnsupportedTypeError, match=r"state\['model'\]\['w7'\]"):
+        flatten({"model": {**good, "w7": bad()}})
+
+
+class _Sub(torch.Tensor):
+    pass
