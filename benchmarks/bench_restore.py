@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import torch
 from _models import many_params as build  # `build`: profiling scripts import it from here
@@ -80,6 +81,34 @@ def one_count(n: int, gb: float, repeats: int, workdir: str) -> dict[str, object
     return {"tensors": n, "gb": nbytes / 1e9, "median_s": med, "all_s": times}
 
 
+def chart(path: str, rows: list[dict[str, Any]]) -> None:
+    """Restore seconds against tensor count (log-log), one line per contender."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
+    styles: dict[str, dict[str, Any]] = {
+        "raw read": dict(color="black", marker="o"),
+        "ckptmirror": dict(color="tab:blue", marker="s"),
+        "torch.load": dict(color="tab:green", marker="v"),
+    }
+    xs = [r["tensors"] for r in rows]
+    for name, style in styles.items():
+        ax.plot(xs, [r["median_s"][name] for r in rows], label=name, **style)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tensors in the state")
+    ax.set_ylabel("restore time (s, median)")
+    gb = statistics.median(r["gb"] for r in rows)
+    ax.set_title(f"Restore from local disk, {gb:.2f} GB, page cache warm")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="0.1 GB states, 2 repeats")
@@ -88,6 +117,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", default=None, help="where the replicas and files go (default: a temp dir)")
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
+    ap.add_argument("--json", default=None, help="also write the measurements here")
+    ap.add_argument("--chart", default=None, help="draw restore time against tensor count into this PNG")
+    ap.add_argument("--from-json", default=None, help="only print the table (and chart) of an earlier --json")
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # child: one count
     args = ap.parse_args()
     gb, repeats = (0.1, 2) if args.quick else (args.gb, args.repeats)
@@ -96,12 +128,23 @@ def main() -> None:
         print(json.dumps(one_count(args.one, gb, repeats, args.dir)))
         return
     rows = []
-    with tempfile.TemporaryDirectory(dir=args.dir) as d:
-        for n in (int(c) for c in args.counts.split(",")):
-            cmd = [sys.executable, __file__, "--one", str(n), "--dir", d, "--gb", str(gb), "--repeats", str(repeats)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(f"{n} tensors done", file=sys.stderr)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        rows, repeats = saved["rows"], saved["repeats"]
+    else:
+        with tempfile.TemporaryDirectory(dir=args.dir) as d:
+            for n in (int(c) for c in args.counts.split(",")):
+                cmd = [sys.executable, __file__, "--one", str(n), "--dir", d, "--gb", str(gb)]
+                cmd += ["--repeats", str(repeats)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                rows.append(json.loads(out.strip().splitlines()[-1]))
+                print(f"{n} tensors done", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"repeats": repeats, "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+    if args.chart:
+        chart(args.chart, rows)
     lines = [
         f"Restore from local disk, page cache warm, medians of {repeats} ({time.strftime('%Y-%m-%d')}, "
         f"{os.cpu_count()} cores, torch {torch.__version__})",
