@@ -64,8 +64,12 @@ _LAYER_PARAMS = (
 _MODEL_PARAMS = 7e9
 
 
-def synthetic_manifest(n_leaves: int, object_bytes: int = 64 << 20) -> fmt.RankManifest:
-    """A rank manifest of about ``n_leaves`` leaves (a multiple of 4) with realistic shapes."""
+def synthetic_manifest(n_leaves: int, object_bytes: int = 64 << 20, compact: bool = True) -> fmt.RankManifest:
+    """A rank manifest of about ``n_leaves`` leaves (a multiple of 4) with realistic shapes.
+
+    ``compact``: its structure as the library writes it today (``tensors`` nodes, format version
+    4); else as versions 1-3 wrote it (a ``{"t": "tensor", "i": n}`` node per tensor).
+    """
     n_params = max(1, n_leaves // 4)
     layers = -(-n_params // len(_LAYER_PARAMS))
     h = max(64, int((_MODEL_PARAMS / (13 * layers)) ** 0.5) // 64 * 64)  # 13 h^2 parameters per layer
@@ -85,7 +89,9 @@ def synthetic_manifest(n_leaves: int, object_bytes: int = 64 << 20) -> fmt.RankM
             {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1, "params": list(range(n_params))}
         ],
     }
-    flat = flatten({"model": model, "optim": optim, "extra": None})
+    state = {"model": model, "optim": optim, "extra": None}
+    # compact=False: the structure as format versions 1-3 write it (one JSON object per tensor).
+    flat = flatten(state) if compact else flatten(state, _fast=False)
     # flatten() orders the leaves model first, then per parameter: step, exp_avg, exp_avg_sq.
     model_shapes = [shape for _, shape in names]
     leaf_shapes = model_shapes + [s for shape in model_shapes for s in ((), shape, shape)]
@@ -158,12 +164,15 @@ def bench_parse(leaf_counts: Sequence[int], repeats: int) -> None:
     key = fmt.rank_manifest_key(42, 0, "1f2e3d4c")
     for n in leaf_counts:
         m = synthetic_manifest(n)
-        docs = {"v1": to_json_v1(m)}
-        if fmt.FORMAT_VERSION > 1:
-            docs[f"v{fmt.FORMAT_VERSION}"] = m.to_json()
+        old = synthetic_manifest(n, compact=False)  # the structure of versions 1-3
+        docs = {"v1": to_json_v1(old)}
+        # Version 3: today's columns, the structure without tensors nodes.
+        docs["v3"] = old.to_json().replace(b'{"format_version":%d,' % fmt.FORMAT_VERSION, b'{"format_version":3,', 1)
+        docs[f"v{fmt.FORMAT_VERSION}"] = m.to_json()
         for name, data in docs.items():
             parsed = fmt.parse_rank_manifest(data, key)
             assert parsed.leaves == m.leaves and parsed.storages == m.storages and parsed.objects == m.objects
+            assert parsed.format_version == int(name[1:])
             cols = [
                 _times(lambda d=data: fmt.parse_rank_manifest(d, key), repeats),
                 _times(lambda p=parsed: validate_manifest(p, key), repeats),

@@ -17,7 +17,9 @@ Everything read from a replica is validated here before use: a manifest is untru
 
 Version 2 (written today) stores the per-object, per-storage and per-leaf fields as columns
 (parallel JSON arrays) so that a reader builds its records without a Python step per item;
-version-1 manifests (one JSON object per leaf) are still read.
+version-1 manifests (one JSON object per leaf) are still read. Version 3 added placement
+records; version 4 the state tree's ``tensors`` node (:mod:`ckptmirror.state.tree`), so that
+large state dicts and optimizer states are not one JSON object per tensor.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ from .checksum import is_checksum
 from .errors import ManifestError
 
 #: The version written; every version from 1 up to it is read.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+#: The first version whose state tree may hold ``tensors`` nodes (see :mod:`ckptmirror.state.tree`).
+COMPACT_TREE_VERSION = 4
 MAX_STEP = 10**12 - 1
 MAX_RANKS = 100_000
 MAX_OBJECT_BYTES = 1 << 40  # 1 TiB: anything larger in a manifest is hostile or corrupt
@@ -600,7 +604,7 @@ def parse_commit(data: bytes, key: str) -> CommitRecord:
 
 
 def parse_rank_manifest(data: bytes, key: str) -> RankManifest:
-    """Parse and validate a rank manifest (format version 1, 2 or 3), including every bound a reader relies on.
+    """Parse and validate a rank manifest (format version 1 to 4), including every bound a reader relies on.
 
     Memory is bounded before parsing (:func:`load_json`); the leaf checks that need dtypes
     (extent inside the storage, element counts) are :func:`ckptmirror.restore.check.validate_manifest`'s.
@@ -625,6 +629,26 @@ def _parse_rank_manifest(data: bytes, key: str) -> RankManifest:
     if "structure" not in doc:
         raise f.err("structure", "missing")
     return RankManifest(step, rank, world, objects, storages, leaves, doc["structure"], created, doc["format_version"])
+
+
+class _BadShape(Exception):
+    """A shape that is too long or holds something else than ints in bounds (see below)."""
+
+
+class _ContiguousStrides(dict[tuple[int, ...], tuple[int, ...]]):
+    """shape -> its C-contiguous strides, after checking the shape, on its first lookup.
+
+    A dict lookup in C for every shape seen before; a shape of more than :data:`MAX_DIMS`
+    dimensions, or whose dimensions are not ints in ``[0, MAX_STREAM_BYTES]``, raises
+    :class:`_BadShape` before any arithmetic on it. Dimensions are ints (checked before): a hit
+    is an equal shape.
+    """
+
+    def __missing__(self, shape: tuple[Any, ...]) -> tuple[int, ...]:
+        if len(shape) > MAX_DIMS or (shape and not (min(shape) >= 0 and max(shape) <= MAX_STREAM_BYTES)):
+            raise _BadShape
+        out = self[shape] = contiguous_strides(shape)
+        return out
 
 
 #: Leaf flags (bit 0: requires_grad, bit 1: parameter) -> each bool, by table lookup.
@@ -722,25 +746,38 @@ def _parse_v2_records(doc: dict[str, Any], f: _Fields, step: int) -> _Records:
     elem_offsets = f.int_column(sec.get("offset"), "leaves.offset", 0, MAX_STREAM_BYTES, n)
     flags = f.int_column(sec.get("flags"), "leaves.flags", 0, 3, n)
     raw_shapes = f.list(sec.get("shape"), "leaves.shape", n)
-    if raw_shapes and not (set(map(type, raw_shapes)) <= {list} and max(map(len, raw_shapes)) <= MAX_DIMS):
+    if raw_shapes and not set(map(type, raw_shapes)) <= {list}:
         for i, sh in enumerate(raw_shapes):
-            if len(f.list(sh, f"leaves.shape[{i}]")) > MAX_DIMS:
-                raise f.err(f"leaves.shape[{i}]", "too many dimensions")
-    dims = list(chain.from_iterable(raw_shapes))
-    if dims and not (set(map(type, dims)) <= {int} and min(dims) >= 0 and max(dims) <= MAX_STREAM_BYTES):
-        for i, sh in enumerate(raw_shapes):
-            f.int_column(sh, f"leaves.shape[{i}]", 0, MAX_STREAM_BYTES)
+            f.list(sh, f"leaves.shape[{i}]")
     shapes = list(map(tuple, raw_shapes))
-    contiguous = {sh: contiguous_strides(sh) for sh in set(shapes)}
-    strides = list(map(contiguous.__getitem__, shapes))
+    # The type of every dimension is checked in one pass (2.0 and True equal 2 and 1: the lookup
+    # below cannot tell them apart); then each distinct shape is checked (length, bounds) and its
+    # C-contiguous strides computed once, on its first leaf. A shape that fails names its leaf.
+    contiguous = _ContiguousStrides()
+    try:
+        if not set(map(type, chain.from_iterable(raw_shapes))) <= {int}:
+            raise _BadShape
+        strides = list(map(contiguous.__getitem__, shapes))
+        # Leaves of one shape share one tuple: fewer objects for the collector to scan later.
+        canonical = {sh: sh for sh in contiguous}
+        shapes = list(map(canonical.__getitem__, shapes))
+    except _BadShape:
+        for i, sh in enumerate(raw_shapes):
+            if len(sh) > MAX_DIMS:
+                raise f.err(f"leaves.shape[{i}]", "too many dimensions") from None
+            f.int_column(sh, f"leaves.shape[{i}]", 0, MAX_STREAM_BYTES)
+        raise AssertionError("unreachable: a bad shape was found") from None
     last = -1
     for j, item in enumerate(f.list(sec.get("strides"), "leaves.strides")):
         p = f"leaves.strides[{j}]"
         i, st = f.list(item, p, 2)
         i = last = f.int(i, p + "[0]", last + 1, n - 1)  # ascending: each leaf at most once
         strides[i] = tuple(f.int_column(st, p + "[1]", 0, MAX_STREAM_BYTES, len(shapes[i])))
-    kinds = list(map([k for k, _ in table].__getitem__, types))
-    dtypes = list(map([d for _, d in table].__getitem__, types))
+    if len(table) == 1:  # one (kind, dtype) for every leaf: no lookup per leaf
+        kinds, dtypes = [table[0][0]] * n, [table[0][1]] * n
+    else:
+        kinds = list(map([k for k, _ in table].__getitem__, types))
+        dtypes = list(map([d for _, d in table].__getitem__, types))
     grads = list(map(_GRAD_OF_FLAGS.__getitem__, flags))
     params = list(map(_PARAMETER_OF_FLAGS.__getitem__, flags))
     leaves = tuple(

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import ManifestError
-from ..format import RankManifest, contiguous_strides, paused_gc
+from ..format import COMPACT_TREE_VERSION, RankManifest, contiguous_strides, paused_gc
 from ..state.reshard import Box
 from ..state.tree import DTYPES_BY_NAME, dtype_from_name, key_path, unflatten
 
@@ -88,37 +88,51 @@ def _check_storages(m: RankManifest, key: str) -> None:
         end = m.storages[i].offset + m.storages[i].nbytes
 
 
-def _check_leaf_bounds(m: RankManifest, key: str) -> list[int]:
+def _check_leaf_bounds(m: RankManifest, key: str, kinds: list[str], dtypes: list[str]) -> list[int]:
     """Storages must not overlap and every leaf must lie inside its storage span.
 
     A leaf holds at most as many elements as its span (non-overlapping layouts cannot hold
     more), or :data:`MAX_EXPANDED_ELEMENTS` if its strides overlap. Returns each leaf's element
-    size. A manifest that fails is rejected before any read.
+    size. A manifest that fails is rejected before any read. ``kinds`` and ``dtypes`` are the
+    leaves' columns.
 
     The common leaf (C-contiguous strides) is checked a whole column at a time in C (``map``
     over the columns); only leaves with other strides take a Python step each.
     """
     _check_storages(m, key)
-    if not m.leaves:
+    leaves = m.leaves
+    if not leaves:
         return []
-    kinds, sidx, dtypes, shapes, strides, offsets, _, _ = zip(*m.leaves)
-    types = list(zip(kinds, dtypes))
-    size_of = {}
-    for t in dict.fromkeys(types):  # first appearance order, so that the error names the first bad leaf
-        size_of[t] = _elem_size(*t, f"leaves[{types.index(t)}]", key)
-    esizes = list(map(size_of.__getitem__, types))
+    n = len(leaves)
+    if kinds.count("tensor") == n and dtypes.count(dtypes[0]) == n:  # one dtype: one size
+        esizes = [_elem_size("tensor", dtypes[0], "leaves[0]", key)] * n
+    elif kinds.count("tensor") == n:  # the dtype name alone gives the size
+        size_of = {}
+        for d in dict.fromkeys(dtypes):  # first appearance order, so that the error names the first bad leaf
+            size_of[d] = _elem_size("tensor", d, f"leaves[{dtypes.index(d)}]", key)
+        esizes = list(map(size_of.__getitem__, dtypes))
+    else:
+        types = list(zip(kinds, dtypes))
+        tsize_of = {}
+        for t in dict.fromkeys(types):
+            tsize_of[t] = _elem_size(*t, f"leaves[{types.index(t)}]", key)
+        esizes = list(map(tsize_of.__getitem__, types))
+    shapes = list(map(_SHAPE, leaves))
+    strides = list(map(_STRIDE, leaves))
+    offsets = list(map(_OFFSET, leaves))
     numels = list(map(math.prod, shapes))
-    contiguous = {sh: contiguous_strides(sh) for sh in set(shapes)}
-    regular = list(map(operator.eq, strides, map(contiguous.__getitem__, shapes)))
-    span = list(map([s.nbytes for s in m.storages].__getitem__, sidx))
-    # A C-contiguous leaf with elements ends at byte (offset + numel) * esize; others count 0 here.
-    ends = map(operator.mul, map(operator.mul, map(operator.add, offsets, numels), esizes), map(bool, numels))
-    ends = map(operator.mul, ends, regular)
+    regular = list(map(operator.eq, strides, map(_StridesCache().__getitem__, shapes)))
+    span = list(map(list(map(_NBYTES, m.storages)).__getitem__, map(_STORAGE, leaves)))
+    # A C-contiguous leaf ends at byte (offset + numel) * esize. Checked for every leaf at once
+    # first; only if that fails are leaves without elements or with other strides set aside.
+    ends = list(map(operator.mul, map(operator.add, offsets, numels), esizes))
     if not all(map(operator.le, ends, span)):
-        for i, (end, nb) in enumerate(zip(map(operator.mul, map(operator.add, offsets, numels), esizes), span)):
-            if numels[i] and regular[i] and end > nb:
-                raise ManifestError(f"leaves[{i}] reaches byte {end} of a {nb}-byte storage", key=key)
-    for i in compress(range(len(kinds)), map(operator.not_, regular)):
+        for i in compress(range(n), map(operator.gt, ends, span)):
+            if numels[i] and regular[i]:
+                raise ManifestError(f"leaves[{i}] reaches byte {ends[i]} of a {span[i]}-byte storage", key=key)
+    if regular.count(True) == n:
+        return esizes
+    for i in compress(range(n), map(operator.not_, regular)):
         numel = numels[i]
         if not numel:
             continue
@@ -172,33 +186,97 @@ def validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
 
 
 def _validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
-    esizes = _check_leaf_bounds(m, key)
-    n_leaves = len(m.leaves)
-    kinds = list(map(operator.itemgetter(0), m.leaves))
-    types = list(zip(kinds, map(operator.itemgetter(2), m.leaves)))
+    leaves = m.leaves
+    n_leaves = len(leaves)
+    kinds = list(map(_KIND, leaves))
+    dtype_names = list(map(_DTYPE, leaves))
+    esizes = _check_leaf_bounds(m, key, kinds, dtype_names)
     # _check_leaf_bounds accepted every (kind, dtype): a tensor's dtype name is a known one.
-    torch_dtypes = {t: DTYPES_BY_NAME[t[1]] if t[0] == "tensor" else None for t in set(types)}
-    dtypes: list[torch.dtype | None] = list(map(torch_dtypes.__getitem__, types))
+    all_tensors = kinds.count("tensor") == n_leaves
+    dtypes: list[torch.dtype | None]
+    if all_tensors and n_leaves and dtype_names.count(dtype_names[0]) == n_leaves:  # one dtype (common)
+        dtypes = [DTYPES_BY_NAME[dtype_names[0]]] * n_leaves
+        # One read-only LeafSpec per distinct shape: leaves alike share theirs.
+        spec_of = _SpecCache()
+        spec_of.kind, spec_of.dtype = "tensor", dtype_names[0]
+        specs = list(map(spec_of.__getitem__, map(_SHAPE, leaves)))
+    else:
+        if all_tensors:  # a dtype name is enough
+            dtypes = list(map(DTYPES_BY_NAME.__getitem__, dtype_names))
+        else:
+            types = list(zip(kinds, dtype_names))
+            torch_dtypes = {t: DTYPES_BY_NAME[t[1]] if t[0] == "tensor" else None for t in set(types)}
+            dtypes = list(map(torch_dtypes.__getitem__, types))
+        # One read-only LeafSpec per distinct (kind, dtype, shape): leaves alike share theirs.
+        specs = list(map(_SpecsCache().__getitem__, zip(kinds, dtype_names, map(_SHAPE, leaves))))
     paths: dict[int, tuple[Any, ...]] = {}
     dtensors: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-    leaves = m.leaves
 
     def collect(kind: str, i: int, path: tuple[Any, ...]) -> Any:
         leaf_kind = "tensor" if kind == "dtensor" else kind
         if not 0 <= i < n_leaves or kinds[i] != leaf_kind or i in paths:
             raise ManifestError(f"bad or repeated {kind} reference {i} at {key_path('state', path)}", key=key)
         paths[i] = path
-        lf = leaves[i]
-        return LeafSpec(lf.kind, lf.dtype, lf.shape)
+        return specs[i]
 
-    skeleton = unflatten(m.structure, collect, key, dtensors)
-    if len(paths) != len(m.leaves):
-        raise ManifestError(f"{len(m.leaves) - len(paths)} leaves are never referenced by the structure", key=key)
+    def collect_range(start: int, stop: int, kpaths: list[tuple[Any, ...]]) -> list[Any]:
+        # A tensors node: leaves start..stop-1, all plain tensors, none referenced before.
+        if not (
+            0 <= start <= stop <= n_leaves
+            and kinds[start:stop].count("tensor") == stop - start
+            and paths.keys().isdisjoint(range(start, stop))
+        ):
+            for i, path in zip(range(start, stop), kpaths):  # names the first bad reference
+                collect("tensor", i, path)
+        paths.update(zip(range(start, stop), kpaths))
+        return specs[start:stop]
+
+    skeleton = unflatten(
+        m.structure, collect, key, dtensors, bulk=collect_range, compact=m.format_version >= COMPACT_TREE_VERSION
+    )
+    if len(paths) != n_leaves:
+        raise ManifestError(f"{n_leaves - len(paths)} leaves are never referenced by the structure", key=key)
     for i, (gshape, goffset) in dtensors.items():
-        shape = m.leaves[i].shape
+        shape = leaves[i].shape
         if len(gshape) != len(shape) or any(o + n > g for o, n, g in zip(goffset, shape, gshape)):
             raise ManifestError(
                 f"leaves[{i}]: shard {list(shape)} at {list(goffset)} does not fit the global shape {list(gshape)}",
                 key=key,
             )
     return ManifestCheck(esizes, dtypes, paths, skeleton, dtensors)
+
+
+_KIND = operator.itemgetter(0)
+_STORAGE = operator.itemgetter(1)
+_DTYPE = operator.itemgetter(2)
+_SHAPE = operator.itemgetter(3)
+_STRIDE = operator.itemgetter(4)
+_OFFSET = operator.itemgetter(5)
+_NBYTES = operator.itemgetter(1)
+
+
+class _SpecsCache(dict[tuple[str, str, tuple[int, ...]], LeafSpec]):
+    """(kind, dtype, shape) -> its LeafSpec, made on first use (a dict lookup in C after that)."""
+
+    def __missing__(self, t: tuple[str, str, tuple[int, ...]]) -> LeafSpec:
+        spec = self[t] = LeafSpec(*t)
+        return spec
+
+
+class _SpecCache(dict[tuple[int, ...], LeafSpec]):
+    """shape -> the LeafSpec of a leaf of ``kind`` and ``dtype`` of that shape, made on first use."""
+
+    kind: str
+    dtype: str
+
+    def __missing__(self, shape: tuple[int, ...]) -> LeafSpec:
+        spec = self[shape] = LeafSpec(self.kind, self.dtype, shape)
+        return spec
+
+
+class _StridesCache(dict[tuple[int, ...], tuple[int, ...]]):
+    """shape -> its C-contiguous strides, computed on first use."""
+
+    def __missing__(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        out = self[shape] = contiguous_strides(shape)
+        return out

@@ -22,7 +22,14 @@ bytes                   ``{"t": "bytes", "v": base64}``
 tensor / ndarray        ``{"t": "tensor", "i": index}`` / ``{"t": "ndarray", "i": index}``
 DTensor (FSDP2, TP)     ``{"t": "dtensor", "i": index, "gshape": [..], "goffset": [..]}``: the local shard
 numpy scalar            ``{"t": "npscalar", "dtype": "<f8", "v": base64 of its bytes}``
+large dict of tensors   ``{"t": "tensors", "keys": [k, ...], "i": first}`` (version 4): ``{k_j: tensor first + j}``
+large dict of records   ``{"t": "tensors", "keys": [k, ...], "fields": [f, ...], "i": first}`` (version 4):
+                        ``{k_j: {f_c: tensor first + j * len(fields) + c}}`` (an optimizer's per-parameter state)
 ======================  ============================================================
+
+The two ``tensors`` forms (keys: str or int64 ints, distinct; fields: distinct str) are what a
+state dict and an optimizer state are mostly made of: written as one node with no JSON object
+per tensor, they are read in bulk (a few C passes) instead of one generic node at a time.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain, product, repeat
 from operator import attrgetter
 from typing import Any
 
@@ -125,12 +133,13 @@ def flatten(state: Any, root: str = "state", *, _fast: bool = True) -> Flattened
                 # per-entry branching: ~0.3 us a tensor, was ~1.3 us), checked in bulk below.
                 keys = list(obj)
                 vals = list(obj.values())
-                if set(map(type, keys)) == _STR_ONLY and set(map(type, vals)) <= _PLAIN_TYPES:
-                    items, kpaths = _bulk_items(path, len(leaves), keys)
-                    leaves.extend(vals)
-                    fast.extend(vals)
+                bulk = _bulk_node(path, len(leaves), keys, vals)
+                if bulk is not None:
+                    node, tensors, kpaths = bulk
+                    leaves.extend(tensors)
+                    fast.extend(tensors)
                     paths.extend(kpaths)
-                    return {"t": "dict", "items": items}
+                    return node
             items = []
             for k, v in obj.items():
                 tk = type(k)
@@ -203,30 +212,62 @@ def flatten(state: Any, root: str = "state", *, _fast: bool = True) -> Flattened
     return Flattened(structure, leaves, paths, layout if fast is not None and len(fast) == len(leaves) else None)
 
 
-def _bulk_items(path: tuple[Any, ...], base: int, keys: list[str]) -> tuple[list[Any], list[tuple[Any, ...]]]:
-    """The items of a dict of tensors under ``keys`` (leaf indices from ``base``), and their key paths.
+def _bulk_node(
+    path: tuple[Any, ...], base: int, keys: list[Any], vals: list[Any]
+) -> tuple[JSON, list[Any], list[tuple[Any, ...]]] | None:
+    """The ``tensors`` node of a large dict (leaf indices from ``base``), its tensors in reference
+    order and their key paths; None when the dict is not one (then it is encoded entry by entry).
 
-    A large dict's are kept and handed out again while its keys stay the same (a model's state
-    dict, save after save): building them is ~0.3 us a tensor of save()'s stall, comparing the
-    keys ~0.02 us. So structures of successive saves share these lists: like every structure,
-    they are never modified once made.
+    Two shapes qualify, both checked a whole column at a time: str or int64 keys to plain tensors
+    (a state dict), and str or int64 keys to dicts that all have the same str keys, in the same
+    order, to plain tensors (an optimizer's per-parameter state: ``{0: {"step": t, "exp_avg": t,
+    ...}, ...}``).
+
+    A large dict's node and key paths are kept and handed out again while its keys stay the same
+    (a model's state dict, save after save): building the key paths is ~0.1 us a tensor of
+    save()'s stall, comparing the keys ~0.02 us. So structures of successive saves share these
+    nodes: like every structure, they are never modified once made.
     """
+    key_types = set(map(type, keys))
+    if not key_types <= _KEY_TYPES:
+        return None
+    if int in key_types:
+        ints = [k for k in keys if type(k) is int]
+        if min(ints) < _I64_MIN or max(ints) > _I64_MAX:
+            return None
+    val_types = set(map(type, vals))
+    fields: list[str] | None = None
+    if val_types <= _PLAIN_TYPES:
+        tensors = vals
+    elif val_types == _DICT_ONLY and len(path) + 1 < MAX_DEPTH:
+        fields = list(vals[0])
+        if not fields or set(map(type, fields)) != _STR_ONLY or not all(map(fields.__eq__, map(list, vals))):
+            return None
+        tensors = list(chain.from_iterable(map(dict.values, vals)))
+        if not set(map(type, tensors)) <= _PLAIN_TYPES:
+            return None
+    else:
+        return None
     cache_key = (path, base)
-    if len(keys) >= _BULK_CACHE_MIN:
+    if len(tensors) >= _BULK_CACHE_MIN:
         hit = _BULK_CACHE.get(cache_key)
-        if hit is not None and hit[0] == keys:
-            return hit[1], hit[2]
-    items: list[Any] = [[k, {"t": "tensor", "i": i}] for k, i in zip(keys, range(base, base + len(keys)))]
-    kpaths = [(*path, k) for k in keys]
-    if len(keys) >= _BULK_CACHE_MIN:
+        if hit is not None and hit[0] == keys and hit[1] == fields:
+            return hit[2], tensors, hit[3]
+    node: dict[str, Any] = {"t": "tensors", "keys": keys, "i": base}
+    if fields is None:
+        kpaths = list(map(path.__add__, zip(keys)))
+    else:
+        node = {"t": "tensors", "keys": keys, "fields": fields, "i": base}
+        kpaths = list(map(path.__add__, product(keys, fields)))
+    if len(tensors) >= _BULK_CACHE_MIN:
         if len(_BULK_CACHE) >= _BULK_CACHE_MAX:
             _BULK_CACHE.clear()
-        _BULK_CACHE[cache_key] = (keys, items, kpaths)
-    return items, kpaths
+        _BULK_CACHE[cache_key] = (keys, fields, node, kpaths)
+    return node, tensors, kpaths
 
 
-#: (key path, first leaf index) -> (keys, items, key paths) of large dicts of tensors (see above).
-_BULK_CACHE: dict[tuple[tuple[Any, ...], int], tuple[list[str], list[Any], list[tuple[Any, ...]]]] = {}
+#: (key path, first leaf index) -> (keys, fields, node, key paths) of large dicts of tensors (see above).
+_BULK_CACHE: dict[tuple[tuple[Any, ...], int], tuple[list[Any], list[str] | None, JSON, list[tuple[Any, ...]]]] = {}
 _BULK_CACHE_MIN = 512
 _BULK_CACHE_MAX = 16
 
@@ -398,6 +439,10 @@ _dtype = attrgetter("dtype")
 _is_meta = attrgetter("is_meta")
 _PLAIN_TYPES = frozenset({_Tensor, _Parameter})
 _STR_ONLY = {str}
+_DICT_ONLY = {dict}
+_KEY_TYPES = frozenset({str, int})
+#: What :meth:`_Decoder.decode` returns as it is (JSON scalars).
+_SCALAR_TYPES = frozenset({str, int, float, bool, type(None)})
 #: Dicts of at least this many entries are tried for the bulk path (below it the per-entry loop is as fast).
 _BULK_MIN = 8
 
@@ -459,16 +504,22 @@ def unflatten(
     leaf: Callable[[str, int, tuple[Any, ...]], Any],
     where: str = "",
     dtensors: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
+    *,
+    bulk: Callable[[int, int, list[tuple[Any, ...]]], Sequence[Any]] | None = None,
+    compact: bool = True,
 ) -> Any:
     """Rebuild a tree from ``structure``; ``leaf(kind, index, path)`` supplies tensors/arrays.
 
     ``kind`` is ``"tensor"``, ``"ndarray"`` or ``"dtensor"`` (a shard of a sharded tensor; its
     global shape and offset are put in ``dtensors[index]`` when that dict is given).
+    ``bulk(start, stop, paths)``, when given, supplies the tensors of a ``tensors`` node at
+    once (leaves ``start`` to ``stop - 1``, ``paths`` their key paths), in place of a ``leaf``
+    call each. ``compact=False`` refuses ``tensors`` nodes (manifests before format version 4).
     Everything is validated: a structure that is not of the closed encoding above raises
     :class:`ManifestError` naming ``where`` (the manifest) and the key path inside it.
     """
     try:
-        return _Decoder(leaf, where, dtensors).decode(structure, ())
+        return _Decoder(leaf, where, dtensors, bulk, compact).decode(structure, ())
     except RecursionError as exc:
         raise ManifestError("structure nested too deeply", key=where) from exc
 
@@ -481,10 +532,14 @@ class _Decoder:
         leaf: Callable[[str, int, tuple[Any, ...]], Any],
         where: str,
         dtensors: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] | None,
+        bulk: Callable[[int, int, list[tuple[Any, ...]]], Sequence[Any]] | None = None,
+        compact: bool = True,
     ) -> None:
         self.leaf = leaf
         self.where = where
         self.dtensors = dtensors
+        self.bulk = bulk
+        self.compact = compact
 
     def bad(self, msg: str, path: tuple[Any, ...]) -> ManifestError:
         return ManifestError(f"{msg} at {key_path('state', path)}", key=self.where)
@@ -534,11 +589,59 @@ class _Decoder:
                 out[k] = self.decode(v, path + (k,))
         return out
 
+    def tensors_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> dict[Any, Any]:
+        """A large dict of tensors, or of same-keyed dicts of tensors, as one node (version 4)."""
+        if not self.compact:
+            raise self.bad(f"unknown node type {t!r}", path)  # what readers of versions 1-3 always said
+        if set(node) - _TENSORS_FIELDS:
+            raise self.bad(f"tensors node with unknown fields {sorted(set(node) - _TENSORS_FIELDS)}", path)
+        keys, base, fields = node["keys"], node["i"], node.get("fields")
+        if not isinstance(keys, list):
+            raise self.bad("tensors keys must be a list", path)
+        if type(base) is not int or base < 0:
+            raise self.bad("tensors first leaf index must be a non-negative int", path)
+        key_types = set(map(type, keys))
+        if not key_types <= _KEY_TYPES:
+            bad = next(k for k in keys if type(k) not in _KEY_TYPES)
+            raise self.bad(f"tensors key {bad!r} is not a str or an int", path)
+        if int in key_types:
+            ints = [k for k in keys if type(k) is int]
+            if min(ints) < _I64_MIN or max(ints) > _I64_MAX:
+                raise self.bad("tensors int key beyond int64", path)
+        if len(set(keys)) != len(keys):
+            seen: set[Any] = set()
+            for k in keys:
+                if k in seen:
+                    raise self.bad(f"duplicate dict key {k!r}", path)
+                seen.add(k)
+        width = 1
+        if fields is not None:
+            if not (isinstance(fields, list) and fields and set(map(type, fields)) == _STR_ONLY):
+                raise self.bad("tensors fields must be a non-empty list of str", path)
+            if len(set(fields)) != len(fields):
+                raise self.bad("duplicate tensors field", path)
+            width = len(fields)
+        if len(path) + (1 if fields is None else 2) > MAX_DEPTH:
+            raise self.bad(f"structure nested deeper than {MAX_DEPTH}", path)
+        n = len(keys) * width
+        kpaths = list(map(path.__add__, zip(keys) if fields is None else product(keys, fields)))
+        if self.bulk is not None:
+            values = self.bulk(base, base + n, kpaths)
+        else:
+            values = list(map(self.leaf, repeat("tensor"), range(base, base + n), kpaths))
+        if fields is None:
+            return dict(zip(keys, values))
+        rows = zip(*[values[c::width] for c in range(width)])  # each key's tensors, in field order
+        return dict(zip(keys, map(dict, map(zip, repeat(fields), rows))))
+
     def seq_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> list[Any] | tuple[Any, ...]:
         v = node["v"]
         if not isinstance(v, list):
             raise self.bad(f"{t} payload must be a list", path)
-        seq = [self.decode(x, path + (i,)) for i, x in enumerate(v)]
+        if len(path) < MAX_DEPTH and set(map(type, v)) <= _SCALAR_TYPES:
+            seq = list(v)  # scalars only (an optimizer's parameter indices): nothing to decode
+        else:
+            seq = [self.decode(x, path + (i,)) for i, x in enumerate(v)]
         return seq if t == "list" else tuple(seq)
 
     def float_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> float:
@@ -615,4 +718,6 @@ _NODE_DECODERS: dict[str, Callable[[_Decoder, dict[str, Any], tuple[Any, ...], s
     "ndarray": _Decoder.leaf_node,
     "dtensor": _Decoder.leaf_node,
     "npscalar": _Decoder.npscalar_node,
+    "tensors": _Decoder.tensors_node,
 }
+_TENSORS_FIELDS = frozenset({"t", "keys", "fields", "i"})
