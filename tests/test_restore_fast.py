@@ -1,0 +1,281 @@
+"""The column-at-a-time restore path (issue #10): many small tensors, and every way a target
+or a stored leaf can leave the common case (fresh buffers, shared storages, views, strided or
+mismatched targets), each still restored bit-exact or refused before anything changed."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ckptmirror import Mirror, NoValidCheckpointError, StateMismatchError
+from ckptmirror.format import parse_commit, parse_rank_manifest
+from ckptmirror.restore import fill
+from ckptmirror.restore.undo import Landing, UndoLog
+
+OBJ = 16 << 10  # objects of many small tensors each, and tensors that span several objects
+
+
+def many(n: int, seed: int) -> torch.nn.Module:
+    """``n`` small parameters of mixed dtypes and shapes, a buffer and a large tensor."""
+    g = torch.Generator().manual_seed(seed)
+    mod = torch.nn.Module()
+    for i in range(n):
+        shape = (3 + i % 5,) if i % 3 else (2, 2 + i % 4)
+        t = torch.randn(shape, generator=g)
+        mod.register_parameter(f"p{i}", torch.nn.Parameter(t if i % 4 else t.to(torch.bfloat16)))
+    mod.register_buffer("steps", torch.arange(7))
+    mod.register_parameter("big", torch.nn.Parameter(torch.randn(40_000, generator=g)))  # ~10 objects
+    mod.register_parameter("empty", torch.nn.Parameter(torch.empty(0)))
+    return mod
+
+
+def raw(sd: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().contiguous().reshape(-1).view(torch.uint8) for k, v in sd.items()}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def objects(root: Path, step: int) -> list[str]:
+    ck = f"step-{step:012d}/COMMIT.json"
+    ref = parse_commit((root / ck).read_bytes(), ck).ranks[0]
+    return [o.key for o in parse_rank_manifest((root / ref.key).read_bytes(), ref.key).objects]
+
+
+def corrupt(root: Path, key: str) -> None:
+    p = root / key
+    p.write_bytes(bytes(b ^ 0xFF for b in p.read_bytes()))
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["landing", "undo-log"])
+def test_many_small_tensors_restore_bit_exact_in_place(tmp_path: Path, hooked: bool) -> None:
+    src = many(400, 0)
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
+        m.save(1, src).result(timeout=60)
+    dst = many(400, 1)
+    if hooked:  # the undo-log path (restore cannot defer the landing)
+        dst.register_load_state_dict_post_hook(lambda module, keys: None)
+    ptrs = {k: v.data_ptr() for k, v in dst.state_dict().items()}
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
+        res = m.restore(dst)
+    assert res is not None and res.step == 1
+    assert same(raw(dst.state_dict()), raw(src.state_dict()))
+    assert {k: v.data_ptr() for k, v in dst.state_dict().items()} == ptrs, "not filled in place"
+
+
+def test_corrupt_object_among_many_small_tensors_leaves_every_tensor_untouched(tmp_path: Path) -> None:
+    src = many(400, 0)
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
+        m.save(1, src).result(timeout=60)
+    keys = objects(tmp_path, 1)
+    assert len(keys) > 10
+    corrupt(tmp_path, keys[len(keys) // 3])
+    dst = many(400, 1)
+    before = raw(dst.state_dict())
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m, pytest.raises(NoValidCheckpointError) as err:
+        m.restore(dst)
+    assert keys[len(keys) // 3] in str(err.value) and str(tmp_path) in str(err.value)
+    assert same(raw(dst.state_dict()), before)
+
+
+def odd(seed: int) -> torch.nn.Module:
+    """Tensors off the common case: two views of one storage (one at an offset), a transposed
+    one, a strided parameter, integers."""
+    g = torch.Generator().manual_seed(seed)
+    mod = torch.nn.Module()
+    base = torch.randn(64, generator=g)
+    mod.register_buffer("a", base[:16])
+    mod.register_buffer("b", base[16:40].view(4, 6))
+    mod.register_buffer("t", torch.randn(5, 7, generator=g).t())
+    mod.register_parameter("strided", torch.nn.Parameter(torch.randn(66, generator=g)[::2]))
+    mod.register_buffer("ints", torch.randint(0, 1000, (11,), generator=g))
+    mod.register_parameter("plain", torch.nn.Parameter(torch.randn(500, generator=g)))
+    return mod
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["landing", "undo-log"])
+def test_targets_off_the_common_case_restore_bit_exact(tmp_path: Path, hooked: bool) -> None:
+    src = odd(0)
+    with Mirror([str(tmp_path)], object_bytes=256) as m:
+        m.save(1, src).result(timeout=60)
+        dst = odd(1)
+        if hooked:
+            dst.register_load_state_dict_post_hook(lambda module, keys: None)
+        ptrs = {k: v.data_ptr() for k, v in dst.state_dict().items()}
+        m.restore(dst)
+        assert same(raw(dst.state_dict()), raw(src.state_dict()))
+        assert {k: v.data_ptr() for k, v in dst.state_dict().items()} == ptrs
+        # without targets: new tensors, the shared storage still shared
+        step, loaded = m.load_state(require=True)  # type: ignore[misc]
+    assert step == 1
+    assert same(raw(loaded["model"]), raw(src.state_dict()))
+    a, b = loaded["model"]["a"], loaded["model"]["b"]
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def test_shape_and_key_mismatches_are_refused_before_any_write(tmp_path: Path) -> None:
+    src = many(50, 0)
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
+        m.save(1, src).result(timeout=60)
+        # one shape differs
+        dst = many(50, 1)
+        dst.p7 = torch.nn.Parameter(torch.zeros(99))
+        before = raw(dst.state_dict())
+        with pytest.raises(StateMismatchError, match=r"p7.*checkpoint shape \[5\].*target shape \[99\]"):
+            m.restore(dst)
+        assert same(raw(dst.state_dict()), before)
+        # as many keys, one renamed: named on both sides
+        dst = many(50, 1)
+        dst.register_parameter("renamed", dst.p3)
+        del dst.p3
+        before = raw(dst.state_dict())
+        with pytest.raises(StateMismatchError) as err:
+            m.restore(dst)
+        assert "renamed" in str(err.value) and "in the target but not in the checkpoint" in str(err.value)
+        assert "p3" in str(err.value) and "in the checkpoint but not in the target" in str(err.value)
+        assert same(raw(dst.state_dict()), before)
+        # a dtype that differs is filled through a fresh buffer and converted by torch, as before
+        dst = many(50, 1).double()
+        m.restore(dst)
+        for k, v in src.state_dict().items():
+            assert torch.equal(dst.state_dict()[k], v.to(dst.state_dict()[k].dtype)), k
+
+
+def test_model_and_optimizer_nested_state_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(30)])
+    optim = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    optim.step()
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
+        m.save(1, model, optim, extra={"nested": [1, (2.5, "x"), {"t": torch.ones(3)}]}).result(timeout=60)
+        torch.manual_seed(1)
+        model2 = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(30)])
+        optim2 = torch.optim.AdamW(model2.parameters())
+        model2(torch.randn(2, 8)).sum().backward()
+        optim2.step()
+        res = m.restore(model2, optim2)
+    assert res is not None
+    assert res.extra["nested"][:2] == [1, (2.5, "x")] and torch.equal(res.extra["nested"][2]["t"], torch.ones(3))
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    s1, s2 = optim.state_dict(), optim2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    for k in s1["state"]:
+        for name, v in s1["state"][k].items():
+            assert torch.equal(v, s2["state"][k][name]), (k, name)
+
+
+def test_state_tree_falls_back_to_decoding_when_the_skeleton_does_not_match(tmp_path: Path) -> None:
+    with Mirror([str(tmp_path)]) as m:
+        m.save(1, None, extra={"a": torch.ones(2), "b": [torch.zeros(1), 3]}).result(timeout=60)
+    ck = "step-000000000001/COMMIT.json"
+    ref = parse_commit((tmp_path / ck).read_bytes(), ck).ranks[0]
+    man = parse_rank_manifest((tmp_path / ref.key).read_bytes(), ref.key)
+    check = fill.validate_manifest(man, ref.key)
+    leaves = ["L0", "L1"]
+    tree = fill._state_tree(man, check, leaves, ref.key)
+    assert tree["extra"] == {"a": "L0", "b": ["L1", 3]}
+    short = dataclasses.replace(check, skeleton={"extra": {"a": check.skeleton["extra"]["a"]}})
+    assert fill._state_tree(man, short, leaves, ref.key) == tree  # one placeholder too few
+    long = dataclasses.replace(check, skeleton=[check.skeleton, check.skeleton])
+    assert fill._state_tree(man, long, leaves, ref.key) == tree  # too many
+
+
+def test_landing_columns_and_undo_capacity_on_first_use() -> None:
+    srcs = [torch.randint(0, 255, (n,), dtype=torch.uint8) for n in (3, 300 << 10, 5)]
+    dsts = [torch.zeros_like(s) for s in srcs]
+
+    class Source:
+        closed = 0
+
+        def close(self) -> None:
+            Source.closed += 1
+
+    landing = Landing()
+    landing.add_columns(Source(), [d.data_ptr() for d in dsts[:2]], [s.data_ptr() for s in srcs[:2]], [3, 300 << 10])
+    landing.add(Source(), [(dsts[2].data_ptr(), srcs[2].data_ptr(), 5)])
+    landing.add(Source(), [])
+    assert landing.nbytes == 3 + (300 << 10) + 5
+    landing.land(2)
+    assert all(torch.equal(d, s) for d, s in zip(dsts, srcs)) and Source.closed == 3
+
+    calls = []
+
+    def size() -> int:
+        calls.append(1)
+        return 64
+
+    log = UndoLog(size)
+    assert not calls, "sized on first use only"
+    t = torch.arange(4.0)
+    log.save(t)
+    log.save_raw(t.data_ptr(), 8)
+    assert calls == [1] and log.capacity == 64 and log.saved_bytes == 32
+    t.zero_()
+    log.rollback()
+    assert torch.equal(t, torch.arange(4.0))
+
+
+class _WithExtra(torch.nn.Module):
+    """Stock loading, plus extra state: its tensors fill in place, the extra state needs loading."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        torch.nn.init.constant_(self.lin.weight, float(seed))
+        self.note = {"seed": seed}
+
+    def get_extra_state(self) -> Any:
+        return dict(self.note)
+
+    def set_extra_state(self, state: Any) -> None:
+        self.note = dict(state)
+
+
+def test_extra_state_is_loaded_although_every_tensor_filled_in_place(tmp_path: Path) -> None:
+    src = _WithExtra(1)
+    with Mirror([str(tmp_path)]) as m:
+        m.save(1, src).result(timeout=60)
+        dst = _WithExtra(2)
+        m.restore(dst)
+    assert dst.note == {"seed": 1}
+    assert torch.equal(dst.lin.weight, src.lin.weight)
+
+
+def test_optimizer_groups_are_looked_up_by_hash_with_the_same_answers() -> None:
+    from ckptmirror.mirror import _IdList, _indexed_groups
+
+    state = {"state": {}, "param_groups": [{"lr": 0.1, "params": [3, 1, 2]}, {"params": (4,)}, "odd"]}
+    out = _indexed_groups(state)
+    assert out == state and type(state["param_groups"][0]["params"]) is list, "the input is not changed"
+    ids = out["param_groups"][0]["params"]
+    assert isinstance(ids, _IdList) and list(ids) == [3, 1, 2]
+    assert 1 in ids and 4 not in ids and [1] not in ids and 1.0 in ids
+    assert out["param_groups"][1:] == state["param_groups"][1:]
+    assert _indexed_groups(None) is None and _indexed_groups({"x": 1}) == {"x": 1}
+
+
+def test_model_and_optimizer_with_many_parameters_in_one_group(tmp_path: Path) -> None:
+    src, dst = many(600, 0), many(600, 1)
+    opts = []
+    for mod in (src, dst):
+        opt = torch.optim.Adam(mod.parameters(), lr=1e-3)
+        for p in mod.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        opts.append(opt)
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
+        m.save(1, src, opts[0]).result(timeout=60)
+        m.restore(dst, opts[1])
+    assert same(raw(dst.state_dict()), raw(src.state_dict()))
+    s1, s2 = opts[0].state_dict(), opts[1].state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    for k, st in s1["state"].items():
+        assert all(torch.equal(v, s2["state"][k][name]) for name, v in st.items())
+    assert type(opts[1].param_groups[0]["params"]) is list
