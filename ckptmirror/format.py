@@ -32,6 +32,7 @@ import re
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -607,7 +608,8 @@ def parse_rank_manifest(data: bytes, key: str) -> RankManifest:
     """Parse and validate a rank manifest (format version 1 to 4), including every bound a reader relies on.
 
     Memory is bounded before parsing (:func:`load_json`); the leaf checks that need dtypes
-    (extent inside the storage, element counts) are :func:`ckptmirror.restore.check.validate_manifest`'s.
+    (extent inside the storage, element counts) are :func:`ckptmirror.restore.check.validate_manifest`'s,
+    which reuses what parsing checked and built (:func:`parsed_columns`) instead of redoing it.
     """
     with paused_gc():
         return _parse_rank_manifest(data, key)
@@ -621,22 +623,86 @@ def _parse_rank_manifest(data: bytes, key: str) -> RankManifest:
     step = f.int(doc.get("step"), "step", 0, MAX_STEP)
     world = f.int(doc.get("world_size"), "world_size", 1, MAX_RANKS)
     rank = f.int(doc.get("rank"), "rank", 0, world - 1)
+    columns: ParsedColumns | None = None
     if doc["format_version"] == 1:
         objects, storages, leaves = _parse_v1_records(doc, f)
     else:
-        objects, storages, leaves = _parse_v2_records(doc, f, step)
+        objects, storages, leaves, columns = _parse_v2_records(doc, f, step)
     created = f.number(doc.get("created_unix", 0.0), "created_unix")
     if "structure" not in doc:
         raise f.err("structure", "missing")
-    return RankManifest(step, rank, world, objects, storages, leaves, doc["structure"], created, doc["format_version"])
+    m = RankManifest(step, rank, world, objects, storages, leaves, doc["structure"], created, doc["format_version"])
+    if columns is not None:
+        columns.leaves, columns.storages = leaves, storages
+        _PARSED[id(m)] = columns
+        weakref.finalize(m, _PARSED.pop, id(m), None)
+    return m
+
+
+class ParsedColumns:
+    """What parsing a columnar manifest (version 2 on) already checked and built, for
+    :func:`ckptmirror.restore.check.validate_manifest` not to check or build it again.
+
+    Private to the library: :func:`parsed_columns` hands it out only for the very records it
+    describes (``leaves`` and ``storages`` are the manifest's own tuples), so a manifest built or
+    altered otherwise is validated from its records alone. What it vouches for: the storages
+    tile the stream (so none overlap); every shape is checked; ``shapes`` holds each distinct
+    shape once, ``shape_index`` each leaf's index into it; ``irregular`` the leaves whose strides
+    are not the C-contiguous ones of their shape, ascending; the columns are the records' own.
+    """
+
+    __slots__ = (
+        "leaves",
+        "storages",
+        "table",
+        "type_index",
+        "kinds",
+        "dtypes",
+        "shapes",
+        "shape_index",
+        "irregular",
+        "storage_index",
+        "offsets",
+        "nbytes",
+    )
+
+    leaves: tuple[LeafRecord, ...]
+    storages: tuple[StorageRecord, ...]
+    table: list[tuple[str, str]]  # the distinct (kind, dtype) of the leaves
+    type_index: list[int]  # each leaf's index into ``table``
+    kinds: list[str]
+    dtypes: list[str]
+    shapes: list[tuple[int, ...]]  # each distinct shape once, in first appearance order
+    shape_index: list[int]  # each leaf's index into ``shapes``
+    irregular: list[int]
+    storage_index: list[int]
+    offsets: list[int]
+    nbytes: list[int]  # each storage's
+
+    def __init__(self, **kw: Any) -> None:
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+#: id(manifest) -> its ParsedColumns, while the manifest lives (weakref.finalize removes it).
+_PARSED: dict[int, ParsedColumns] = {}
+
+
+def parsed_columns(m: RankManifest) -> ParsedColumns | None:
+    """The :class:`ParsedColumns` of a manifest returned by :func:`parse_rank_manifest`, if its
+    records are still the parsed ones; None otherwise."""
+    c = _PARSED.get(id(m))
+    if c is None or c.leaves is not m.leaves or c.storages is not m.storages:
+        return None
+    return c
 
 
 class _BadShape(Exception):
     """A shape that is too long or holds something else than ints in bounds (see below)."""
 
 
-class _ContiguousStrides(dict[tuple[int, ...], tuple[int, ...]]):
-    """shape -> its C-contiguous strides, after checking the shape, on its first lookup.
+class _ShapeIndex(dict[tuple[int, ...], int]):
+    """shape -> its number (first appearance order), after checking the shape, on its first lookup.
 
     A dict lookup in C for every shape seen before; a shape of more than :data:`MAX_DIMS`
     dimensions, or whose dimensions are not ints in ``[0, MAX_STREAM_BYTES]``, raises
@@ -644,10 +710,10 @@ class _ContiguousStrides(dict[tuple[int, ...], tuple[int, ...]]):
     is an equal shape.
     """
 
-    def __missing__(self, shape: tuple[Any, ...]) -> tuple[int, ...]:
+    def __missing__(self, shape: tuple[Any, ...]) -> int:
         if len(shape) > MAX_DIMS or (shape and not (min(shape) >= 0 and max(shape) <= MAX_STREAM_BYTES)):
             raise _BadShape
-        out = self[shape] = contiguous_strides(shape)
+        out = self[shape] = len(self)
         return out
 
 
@@ -656,6 +722,7 @@ _GRAD_OF_FLAGS = (False, True, False, True)
 _PARAMETER_OF_FLAGS = (False, False, True, True)
 
 _Records = tuple[tuple[ObjectRecord, ...], tuple[StorageRecord, ...], tuple[LeafRecord, ...]]
+_RecordsAndColumns = tuple[tuple[ObjectRecord, ...], tuple[StorageRecord, ...], tuple[LeafRecord, ...], "ParsedColumns"]
 
 
 def _parse_v1_records(doc: dict[str, Any], f: _Fields) -> _Records:
@@ -711,7 +778,7 @@ def _parse_v1_records(doc: dict[str, Any], f: _Fields) -> _Records:
     return tuple(objects), tuple(storages), tuple(leaves)
 
 
-def _parse_v2_records(doc: dict[str, Any], f: _Fields, step: int) -> _Records:
+def _parse_v2_records(doc: dict[str, Any], f: _Fields, step: int) -> _RecordsAndColumns:
     """Version 2: columns; records are built by ``tuple.__new__`` over zipped columns, in C."""
     sec = f.section(doc, "objects")
     keys = f.list(sec.get("key"), "objects.key")
@@ -749,30 +816,35 @@ def _parse_v2_records(doc: dict[str, Any], f: _Fields, step: int) -> _Records:
     if raw_shapes and not set(map(type, raw_shapes)) <= {list}:
         for i, sh in enumerate(raw_shapes):
             f.list(sh, f"leaves.shape[{i}]")
-    shapes = list(map(tuple, raw_shapes))
     # The type of every dimension is checked in one pass (2.0 and True equal 2 and 1: the lookup
-    # below cannot tell them apart); then each distinct shape is checked (length, bounds) and its
-    # C-contiguous strides computed once, on its first leaf. A shape that fails names its leaf.
-    contiguous = _ContiguousStrides()
+    # below cannot tell them apart); then each distinct shape is checked (length, bounds) and
+    # numbered on its first leaf. A shape that fails names its leaf.
+    index_of = _ShapeIndex()
     try:
         if not set(map(type, chain.from_iterable(raw_shapes))) <= {int}:
             raise _BadShape
-        strides = list(map(contiguous.__getitem__, shapes))
-        # Leaves of one shape share one tuple: fewer objects for the collector to scan later.
-        canonical = {sh: sh for sh in contiguous}
-        shapes = list(map(canonical.__getitem__, shapes))
+        shape_index = list(map(index_of.__getitem__, map(tuple, raw_shapes)))
     except _BadShape:
         for i, sh in enumerate(raw_shapes):
             if len(sh) > MAX_DIMS:
                 raise f.err(f"leaves.shape[{i}]", "too many dimensions") from None
             f.int_column(sh, f"leaves.shape[{i}]", 0, MAX_STREAM_BYTES)
         raise AssertionError("unreachable: a bad shape was found") from None
+    # Leaves of one shape share one shape tuple and one strides tuple: fewer objects to build,
+    # and for the collector to scan later.
+    shape_table = list(index_of)
+    shapes = list(map(shape_table.__getitem__, shape_index))
+    strides = list(map(list(map(contiguous_strides, shape_table)).__getitem__, shape_index))
+    irregular = []
     last = -1
     for j, item in enumerate(f.list(sec.get("strides"), "leaves.strides")):
         p = f"leaves.strides[{j}]"
         i, st = f.list(item, p, 2)
         i = last = f.int(i, p + "[0]", last + 1, n - 1)  # ascending: each leaf at most once
-        strides[i] = tuple(f.int_column(st, p + "[1]", 0, MAX_STREAM_BYTES, len(shapes[i])))
+        st = tuple(f.int_column(st, p + "[1]", 0, MAX_STREAM_BYTES, len(shapes[i])))
+        if st != strides[i]:
+            strides[i] = st
+            irregular.append(i)
     if len(table) == 1:  # one (kind, dtype) for every leaf: no lookup per leaf
         kinds, dtypes = [table[0][0]] * n, [table[0][1]] * n
     else:
@@ -783,4 +855,16 @@ def _parse_v2_records(doc: dict[str, Any], f: _Fields, step: int) -> _Records:
     leaves = tuple(
         map(tuple.__new__, repeat(LeafRecord), zip(kinds, sidx, dtypes, shapes, strides, elem_offsets, grads, params))
     )
-    return objects, storages, leaves
+    columns = ParsedColumns(
+        table=table,
+        type_index=types,
+        kinds=kinds,
+        dtypes=dtypes,
+        shapes=shape_table,
+        shape_index=shape_index,
+        irregular=irregular,
+        storage_index=sidx,
+        offsets=elem_offsets,
+        nbytes=nbytes,
+    )
+    return objects, storages, leaves, columns

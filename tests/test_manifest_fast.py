@@ -8,6 +8,7 @@ malformed node, key or column is refused naming where it is.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -227,3 +228,198 @@ def test_leaf_bounds_are_still_checked_with_one_dtype() -> None:
     unknown = fmt.RankManifest(**{**m.__dict__, "leaves": tuple(lf._replace(dtype="float99") for lf in m.leaves)})
     with pytest.raises(ManifestError, match="unknown dtype 'float99'"):
         validate_manifest(unknown, KEY)
+
+
+# ------------------------------------------------ what parsing hands to validation (ParsedColumns)
+
+
+def _mixed_doc() -> dict[str, Any]:
+    """A manifest of every kind of leaf: several dtypes, an array, views at offsets, shared
+    storages, non-contiguous and expanded strides, empty tensors; structure: a tensor node each."""
+    specs = [
+        ("tensor", 0, "float32", (4, 3), (3, 1), 0),
+        ("tensor", 0, "float32", (3, 4), (1, 3), 0),  # a transpose of the same storage
+        ("tensor", 0, "float32", (2,), (1,), 10),  # a view at an offset
+        ("tensor", 1, "bfloat16", (5,), (1,), 0),
+        ("tensor", 2, "int64", (0, 7), (7, 1), 0),  # empty
+        ("tensor", 3, "float32", (8, 1000), (0, 1), 0),  # expanded
+        ("ndarray", 4, "<f8", (2, 2), (2, 1), 0),
+        ("tensor", 5, "float32", (), (), 0),
+    ]
+    nbytes = [48, 10, 0, 4000, 32, 4]
+    storages, off = [], 0
+    for nb in nbytes:
+        storages.append(fmt.StorageRecord(off, nb))
+        off += nb
+    leaves = tuple(fmt.LeafRecord(*s, i % 2 == 0, i % 3 == 0) for i, s in enumerate(specs))
+    structure = {"t": "list", "v": [{"t": lf.kind, "i": i} for i, lf in enumerate(leaves)]}
+    objects = (fmt.ObjectRecord(fmt.object_key(7, 0, 0, "0badc0de"), off, "xxh3_64:0123456789abcdef"),)
+    m = fmt.RankManifest(7, 0, 1, objects, tuple(storages), leaves, structure, 1.0)
+    return json.loads(m.to_json())
+
+
+def _both_ways(data: bytes) -> tuple[Any, Any]:
+    """validate_manifest on a parsed manifest (with its ParsedColumns) and on a copy of it (without):
+    each a ManifestCheck or the ManifestError's message."""
+    import dataclasses
+
+    parsed = fmt.parse_rank_manifest(data, KEY)
+    copy = dataclasses.replace(parsed)
+    assert fmt.parsed_columns(parsed) is not None and fmt.parsed_columns(copy) is None
+    out = []
+    for m in (parsed, copy):
+        try:
+            out.append(validate_manifest(m, KEY))
+        except ManifestError as exc:
+            out.append(str(exc))
+    return out[0], out[1]
+
+
+def test_parsed_columns_give_what_the_records_give() -> None:
+    fast, general = _both_ways(json.dumps(_mixed_doc()).encode())
+    assert not isinstance(fast, str), fast
+    assert (fast.esizes, fast.dtypes, fast.paths, fast.skeleton, fast.dtensors) == (
+        general.esizes,
+        general.dtypes,
+        general.paths,
+        general.skeleton,
+        general.dtensors,
+    )
+    assert fast.esizes == [4, 4, 4, 2, 8, 4, 8, 4]
+
+
+def test_parsed_columns_are_only_used_for_the_parsed_records() -> None:
+    data = json.dumps(_mixed_doc()).encode()
+    m = fmt.parse_rank_manifest(data, KEY)
+    assert fmt.parsed_columns(m) is not None
+    big = m.leaves[3]._replace(shape=(50,), stride=(1,))  # beyond its 10-byte storage
+    altered = fmt.RankManifest(**{**m.__dict__, "leaves": (*m.leaves[:3], big, *m.leaves[4:])})
+    assert fmt.parsed_columns(altered) is None
+    with pytest.raises(ManifestError, match=r"leaves\[3\] reaches byte 100 of a 10-byte storage"):
+        validate_manifest(altered, KEY)
+    # Records swapped in place (object.__setattr__ on the frozen dataclass) are not vouched for either.
+    object.__setattr__(m, "leaves", altered.leaves)
+    assert fmt.parsed_columns(m) is None
+    with pytest.raises(ManifestError, match=r"leaves\[3\] reaches byte 100"):
+        validate_manifest(m, KEY)
+
+
+def test_parsed_columns_are_dropped_with_their_manifest() -> None:
+    import gc
+
+    before = len(fmt._PARSED)
+    m = fmt.parse_rank_manifest(json.dumps(_mixed_doc()).encode(), KEY)
+    assert len(fmt._PARSED) == before + 1
+    del m
+    gc.collect()
+    assert len(fmt._PARSED) == before
+
+
+def _leaf_edit(i: int, **cols: Any) -> Any:
+    def edit(doc: dict[str, Any]) -> None:
+        lv = doc["leaves"]
+        for name, value in cols.items():
+            if name == "strides":
+                lv["strides"] = sorted([e for e in lv["strides"] if e[0] != i] + [[i, value]])
+            elif name == "types":
+                lv["types"].append(value)
+                lv["type"][i] = len(lv["types"]) - 1
+            else:
+                lv[name][i] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (_leaf_edit(0, shape=[5, 3]), r"leaves\[0\] reaches byte 60 of a 48-byte storage"),
+        (_leaf_edit(2, offset=11), r"leaves\[2\] reaches byte 52 of a 48-byte storage"),
+        (_leaf_edit(3, shape=[6]), r"leaves\[3\] reaches byte 12 of a 10-byte storage"),
+        (_leaf_edit(1, strides=[1, 4]), r"leaves\[1\] reaches byte 60 of a 48-byte storage"),
+        (_leaf_edit(5, shape=[16778, 1000]), r"leaves\[5\]: 16778000 elements over a 4000-byte storage"),
+        (_leaf_edit(6, strides=[1, 2]), r"leaves\[6\]: ndarray strides must be C-contiguous"),
+        (_leaf_edit(6, types=["ndarray", "O"]), r"leaves\[6\]: numpy dtype 'O' holds objects"),
+        (_leaf_edit(3, types=["tensor", "float99"]), r"unknown dtype 'float99'"),
+        (_leaf_edit(4, offset=10**9), None),  # an empty leaf has no extent: accepted
+        (_leaf_edit(0, strides=[3, 1]), None),  # listed strides that are the contiguous ones
+        (_leaf_edit(7, shape=[1], strides=[5]), None),
+    ],
+)
+def test_bounds_from_parsed_columns_name_the_leaf_as_the_records_do(edit: Any, match: str | None) -> None:
+    doc = _mixed_doc()
+    edit(doc)
+    fast, general = _both_ways(json.dumps(doc).encode())
+    if match is None:
+        assert not isinstance(fast, str) and not isinstance(general, str), (fast, general)
+        assert (fast.esizes, fast.dtypes, fast.paths, fast.skeleton) == (
+            general.esizes,
+            general.dtypes,
+            general.paths,
+            general.skeleton,
+        )
+    else:
+        assert isinstance(fast, str) and fast == general, (fast, general)
+        assert re.search(match, fast) and KEY in fast, fast
+
+
+def test_one_dtype_with_views_at_offsets_and_irregular_strides() -> None:
+    # One (kind, dtype) for every leaf: the per-shape table path, with offsets and a transpose.
+    storages = (fmt.StorageRecord(0, 64), fmt.StorageRecord(64, 16))
+    leaves = (
+        fmt.LeafRecord("tensor", 0, "float32", (4, 4), (4, 1), 0),
+        fmt.LeafRecord("tensor", 0, "float32", (4, 4), (1, 4), 0),
+        fmt.LeafRecord("tensor", 0, "float32", (4,), (1,), 12),
+        fmt.LeafRecord("tensor", 1, "float32", (4,), (1,), 0),
+    )
+    structure = {"t": "tensors", "keys": ["a", "b", "c", "d"], "i": 0}
+    objects = (fmt.ObjectRecord(fmt.object_key(7, 0, 0, "0badc0de"), 80, "xxh3_64:0123456789abcdef"),)
+    doc = json.loads(fmt.RankManifest(7, 0, 1, objects, storages, leaves, structure, 1.0).to_json())
+    fast, general = _both_ways(json.dumps(doc).encode())
+    assert not isinstance(fast, str) and fast.skeleton == general.skeleton and fast.esizes == [4] * 4
+    assert fast.skeleton["c"] is fast.skeleton["d"], "leaves of one shape share one LeafSpec"
+    doc["leaves"]["offset"][2] = 13  # now reaches byte 68 of 64
+    fast, general = _both_ways(json.dumps(doc).encode())
+    assert fast == general and "leaves[2] reaches byte 68 of a 64-byte storage" in fast
+
+
+def _adam_state(n: int) -> dict[str, Any]:
+    leaves = [torch.zeros(64, 32) for _ in range(n)]
+    return {
+        "model": {f"layers.{i}.weight": leaves[i] for i in range(n)},
+        "optim": {
+            "state": {i: {"step": torch.zeros(()), "exp_avg": leaves[i], "exp_avg_sq": leaves[i]} for i in range(n)},
+            "param_groups": [{"lr": 1e-3, "params": list(range(n))}],
+        },
+    }
+
+
+# The densest compact documents: scalar leaves (the fewest bytes a leaf), many fields a key.
+_COMPACT_STATES = {
+    "adam-10k-leaves": lambda: _adam_state(2500),
+    "scalars": lambda: {i: torch.zeros(()) for i in range(20_000)},
+    "scalars-8-fields": lambda: {i: {f"f{c}": torch.zeros(()) for c in range(8)} for i in range(3000)},
+}
+
+
+@pytest.mark.parametrize("case", sorted(_COMPACT_STATES))
+def test_parse_cost_bounds_parse_and_validation_of_a_compact_manifest(case: str) -> None:
+    """Version 4's tensors nodes: fewer bytes a leaf, the same bound on what reading them builds."""
+    import gc
+    import tracemalloc
+
+    flat = flatten(_COMPACT_STATES[case]())
+    data = _manifest(flat.structure, list(flat.leaves)).to_json()
+    assert b'"t":"tensors"' in data
+    gc.collect()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        check = validate_manifest(fmt.parse_rank_manifest(data, KEY), KEY)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert len(check.paths) == len(flat.leaves)
+    cost = fmt.parse_cost(data)
+    assert peak <= cost, f"parsing took {peak} bytes, the estimate says {cost}"

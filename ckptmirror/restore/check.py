@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import compress
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import ManifestError
-from ..format import COMPACT_TREE_VERSION, RankManifest, contiguous_strides, paused_gc
+from ..format import COMPACT_TREE_VERSION, ParsedColumns, RankManifest, contiguous_strides, parsed_columns, paused_gc
 from ..state.reshard import Box
 from ..state.tree import DTYPES_BY_NAME, dtype_from_name, key_path, unflatten
 
@@ -130,15 +131,21 @@ def _check_leaf_bounds(m: RankManifest, key: str, kinds: list[str], dtypes: list
         for i in compress(range(n), map(operator.gt, ends, span)):
             if numels[i] and regular[i]:
                 raise ManifestError(f"leaves[{i}] reaches byte {ends[i]} of a {span[i]}-byte storage", key=key)
-    if regular.count(True) == n:
-        return esizes
-    for i in compress(range(n), map(operator.not_, regular)):
-        numel = numels[i]
+    if regular.count(True) != n:
+        _check_irregular(m, key, compress(range(n), map(operator.not_, regular)), esizes, span)
+    return esizes
+
+
+def _check_irregular(m: RankManifest, key: str, which: Iterable[int], esizes: list[int], span: list[int]) -> None:
+    """The bounds of leaves ``which``, whose strides are not C-contiguous: one Python step each."""
+    for i in which:
+        lf = m.leaves[i]
+        numel = math.prod(lf.shape)
         if not numel:
             continue
-        if kinds[i] == "ndarray":
+        if lf.kind == "ndarray":
             raise ManifestError(f"leaves[{i}]: ndarray strides must be C-contiguous", key=key)
-        last = offsets[i] + sum((d - 1) * s for d, s in zip(shapes[i], strides[i]))
+        last = lf.offset + sum((d - 1) * s for d, s in zip(lf.shape, lf.stride))
         if (last + 1) * esizes[i] > span[i]:
             raise ManifestError(
                 f"leaves[{i}] reaches byte {(last + 1) * esizes[i]} of a {span[i]}-byte storage", key=key
@@ -146,9 +153,45 @@ def _check_leaf_bounds(m: RankManifest, key: str, kinds: list[str], dtypes: list
         if numel > max(span[i] // esizes[i], MAX_EXPANDED_ELEMENTS):
             raise ManifestError(
                 f"leaves[{i}]: {numel} elements over a {span[i]}-byte storage (overlapping strides "
-                f"{list(strides[i])}); an expanded leaf may hold at most {MAX_EXPANDED_ELEMENTS}",
+                f"{list(lf.stride)}); an expanded leaf may hold at most {MAX_EXPANDED_ELEMENTS}",
                 key=key,
             )
+
+
+def _check_parsed_bounds(m: RankManifest, key: str, c: ParsedColumns) -> list[int] | None:
+    """:func:`_check_leaf_bounds` on what parsing built (:class:`ckptmirror.format.ParsedColumns`):
+    storages are known to tile the stream; element sizes, element counts and byte extents are
+    computed once per distinct type and shape, then looked up per leaf by index. Returns the
+    element sizes, or None if some leaf may be out of bounds (the caller then runs
+    :func:`_check_leaf_bounds`, which names it).
+    """
+    n = len(m.leaves)
+    if not n:
+        return []
+    table, types = c.table, c.type_index
+    size_of = [0] * len(table)
+    for j in dict.fromkeys(types) if len(table) > 1 else (0,):  # first appearance order: names the first bad leaf
+        size_of[j] = _elem_size(*table[j], f"leaves[{types.index(j)}]", key)
+    numel_of = list(map(math.prod, c.shapes))
+    span = list(map(c.nbytes.__getitem__, c.storage_index))
+    zero_offsets = c.offsets.count(0) == n
+    if len(table) == 1:
+        esizes = [size_of[0]] * n
+        if zero_offsets:  # the byte extent of a C-contiguous leaf depends on its shape alone
+            ends = list(map([k * size_of[0] for k in numel_of].__getitem__, c.shape_index))
+        else:
+            ends = [(o + k) * size_of[0] for o, k in zip(c.offsets, map(numel_of.__getitem__, c.shape_index))]
+    else:
+        esizes = list(map(size_of.__getitem__, types))
+        numels = map(numel_of.__getitem__, c.shape_index)
+        ends = list(map(operator.mul, map(operator.add, c.offsets, numels) if not zero_offsets else numels, esizes))
+    if not all(map(operator.le, ends, span)):
+        irregular = set(c.irregular)
+        bad = compress(range(n), map(operator.gt, ends, span))
+        if any(i not in irregular and numel_of[c.shape_index[i]] for i in bad):
+            return None
+    if c.irregular:
+        _check_irregular(m, key, c.irregular, esizes, span)
     return esizes
 
 
@@ -188,27 +231,40 @@ def validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
 def _validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
     leaves = m.leaves
     n_leaves = len(leaves)
-    kinds = list(map(_KIND, leaves))
-    dtype_names = list(map(_DTYPE, leaves))
-    esizes = _check_leaf_bounds(m, key, kinds, dtype_names)
-    # _check_leaf_bounds accepted every (kind, dtype): a tensor's dtype name is a known one.
-    all_tensors = kinds.count("tensor") == n_leaves
+    c = parsed_columns(m)
+    esizes = _check_parsed_bounds(m, key, c) if c is not None else None
     dtypes: list[torch.dtype | None]
-    if all_tensors and n_leaves and dtype_names.count(dtype_names[0]) == n_leaves:  # one dtype (common)
-        dtypes = [DTYPES_BY_NAME[dtype_names[0]]] * n_leaves
-        # One read-only LeafSpec per distinct shape: leaves alike share theirs.
-        spec_of = _SpecCache()
-        spec_of.kind, spec_of.dtype = "tensor", dtype_names[0]
-        specs = list(map(spec_of.__getitem__, map(_SHAPE, leaves)))
+    if c is not None and esizes is not None and len(c.table) == 1:
+        # One (kind, dtype) for every leaf (the common case): one LeafSpec per distinct shape,
+        # looked up by each leaf's shape index; nothing is hashed per leaf.
+        kind, dtype_name = c.table[0]
+        kinds = c.kinds
+        all_tensors = kind == "tensor"
+        dtypes = [DTYPES_BY_NAME[dtype_name] if all_tensors else None] * n_leaves
+        spec_table = [LeafSpec(kind, dtype_name, sh) for sh in c.shapes]
+        specs = list(map(spec_table.__getitem__, c.shape_index))
     else:
-        if all_tensors:  # a dtype name is enough
-            dtypes = list(map(DTYPES_BY_NAME.__getitem__, dtype_names))
+        kinds = list(map(_KIND, leaves))
+        dtype_names = list(map(_DTYPE, leaves))
+        if esizes is None:
+            esizes = _check_leaf_bounds(m, key, kinds, dtype_names)
+        # _check_leaf_bounds accepted every (kind, dtype): a tensor's dtype name is a known one.
+        all_tensors = kinds.count("tensor") == n_leaves
+        if all_tensors and n_leaves and dtype_names.count(dtype_names[0]) == n_leaves:  # one dtype (common)
+            dtypes = [DTYPES_BY_NAME[dtype_names[0]]] * n_leaves
+            # One read-only LeafSpec per distinct shape: leaves alike share theirs.
+            spec_of = _SpecCache()
+            spec_of.kind, spec_of.dtype = "tensor", dtype_names[0]
+            specs = list(map(spec_of.__getitem__, map(_SHAPE, leaves)))
         else:
-            types = list(zip(kinds, dtype_names))
-            torch_dtypes = {t: DTYPES_BY_NAME[t[1]] if t[0] == "tensor" else None for t in set(types)}
-            dtypes = list(map(torch_dtypes.__getitem__, types))
-        # One read-only LeafSpec per distinct (kind, dtype, shape): leaves alike share theirs.
-        specs = list(map(_SpecsCache().__getitem__, zip(kinds, dtype_names, map(_SHAPE, leaves))))
+            if all_tensors:  # a dtype name is enough
+                dtypes = list(map(DTYPES_BY_NAME.__getitem__, dtype_names))
+            else:
+                types = list(zip(kinds, dtype_names))
+                torch_dtypes = {t: DTYPES_BY_NAME[t[1]] if t[0] == "tensor" else None for t in set(types)}
+                dtypes = list(map(torch_dtypes.__getitem__, types))
+            # One read-only LeafSpec per distinct (kind, dtype, shape): leaves alike share theirs.
+            specs = list(map(_SpecsCache().__getitem__, zip(kinds, dtype_names, map(_SHAPE, leaves))))
     paths: dict[int, tuple[Any, ...]] = {}
     dtensors: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
@@ -223,7 +279,7 @@ def _validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
         # A tensors node: leaves start..stop-1, all plain tensors, none referenced before.
         if not (
             0 <= start <= stop <= n_leaves
-            and kinds[start:stop].count("tensor") == stop - start
+            and (all_tensors or kinds[start:stop].count("tensor") == stop - start)
             and paths.keys().isdisjoint(range(start, stop))
         ):
             for i, path in zip(range(start, stop), kpaths):  # names the first bad reference

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import math
+import operator
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -605,7 +606,7 @@ class _Decoder:
             bad = next(k for k in keys if type(k) not in _KEY_TYPES)
             raise self.bad(f"tensors key {bad!r} is not a str or an int", path)
         if int in key_types:
-            ints = [k for k in keys if type(k) is int]
+            ints = keys if len(key_types) == 1 else [k for k in keys if type(k) is int]
             if min(ints) < _I64_MIN or max(ints) > _I64_MAX:
                 raise self.bad("tensors int key beyond int64", path)
         if len(set(keys)) != len(keys):
@@ -631,8 +632,12 @@ class _Decoder:
             values = list(map(self.leaf, repeat("tensor"), range(base, base + n), kpaths))
         if fields is None:
             return dict(zip(keys, values))
-        rows = zip(*[values[c::width] for c in range(width)])  # each key's tensors, in field order
-        return dict(zip(keys, map(dict, map(zip, repeat(fields), rows))))
+        # Each key's dict: a copy of one template (its keys in field order), then one column of
+        # values set at a time, in C (3x faster than dict(zip(fields, row)) per key).
+        rows = list(map(dict.copy, repeat(dict.fromkeys(fields), len(keys))))
+        for c, fname in enumerate(fields):
+            any(map(operator.setitem, rows, repeat(fname), values[c::width]))  # setitem returns None
+        return dict(zip(keys, rows))
 
     def seq_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> list[Any] | tuple[Any, ...]:
         v = node["v"]
