@@ -40,6 +40,8 @@ import tempfile
 import time
 from typing import Any
 
+from _memory import proc_status, reset_peak
+
 CONTENDERS = ["s3 none", "s3 zstd", "local+s3", "raw s3fs"]
 KEY, SECRET, BUCKET = "bench", "bench-secret", "ckptmirror-mem"
 MiB = 1 << 20
@@ -48,23 +50,6 @@ GB = 1e9
 
 def log(msg: str) -> None:
     print(f"[bench_s3_memory {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def proc_status() -> dict[str, int]:
-    """VmRSS and VmHWM of this process, in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, val = line.split(":", 1)
-                out[key] = int(val.split()[0]) * 1024
-    return out
-
-
-def reset_peak() -> None:
-    """VmHWM back to the current RSS (Linux >= 4.0, own process)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def build_state(gb: float) -> Any:
@@ -112,7 +97,8 @@ def run_one(name: str, gb: float, repeats: int, endpoint: str, workdir: str) -> 
         out["rss_after_reserve"] = proc_status()["VmRSS"] - base
         for i in range(repeats):
             before = proc_status()["VmRSS"]
-            reset_peak()
+            if not reset_peak():
+                raise SystemExit("cannot reset the peak RSS (/proc/self/clear_refs): Linux >= 4.0 needed")
             t0 = time.perf_counter()
             off = 0
             for t in tensors:
@@ -132,7 +118,8 @@ def run_one(name: str, gb: float, repeats: int, endpoint: str, workdir: str) -> 
         out["rss_after_reserve"] = proc_status()["VmRSS"] - base
         for i in range(repeats):
             before = proc_status()["VmRSS"]
-            reset_peak()
+            if not reset_peak():
+                raise SystemExit("cannot reset the peak RSS (/proc/self/clear_refs): Linux >= 4.0 needed")
             t0 = time.perf_counter()
             m.save(i, model, opt).result()
             secs = time.perf_counter() - t0

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from _memory import proc_status, reset_peak
 
 GB = 1e9
 LAYERS = 6  # default; set from --layers
@@ -54,28 +55,6 @@ CONTENDERS = ["reference", "torch.save+fsync", "dcp.save", "dcp.async_save", "ck
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- memory probes
-def proc_status() -> dict[str, int]:
-    """VmRSS and VmHWM of this process, in bytes (from /proc/self/status)."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, val = line.split(":", 1)
-                out[key] = int(val.split()[0]) * 1024
-    return out
-
-
-def reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0, own process, no root needed)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def load_probe() -> dict[str, float]:
