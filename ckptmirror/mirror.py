@@ -56,7 +56,7 @@ from .save.snapshot import (
     plan,
     plan_key,
     prepare,
-    snapshot,
+    stage,
 )
 from .state.targets import Stateful, check_fits, init_sharded_optimizer_state, stock_loading
 from .state.tree import flatten
@@ -359,6 +359,7 @@ class Mirror:
             return handle
         handle.wait_s = time.perf_counter() - t_wait
         pre: PreWritten | None = None
+        finish: Callable[[], None] | None = None  # what the writer does first (see snapshot.stage)
         try:
             if self.staging_bytes is not None and p.total_bytes > self.staging_bytes:
                 if replicated and self.dist.distributed:
@@ -370,7 +371,7 @@ class Mirror:
                     raise ValueError("overwrite=True is not supported for a state larger than staging_bytes")
                 stream, pre = self._sliced_snapshot(step, p, arena, targets, model)
             else:
-                stream = snapshot(p, arena)
+                stream, finish = stage(p, arena, self.staging_bytes)
         except BaseException:
             self._arenas.release(arena)
             raise
@@ -395,6 +396,7 @@ class Mirror:
                 replicated and self.dist.distributed,
                 pre,
                 _model_ref(model),
+                finish,
             )
         )
         return handle
@@ -660,9 +662,11 @@ class Mirror:
         allocates nothing (:attr:`staging_allocations` unchanged) and stalls like a steady one.
 
         Cost: memory, ``max_inflight`` x the state's tensor bytes (host memory; pinned when the
-        state is on a GPU), held from now on instead of from the first save; time, the planning
-        plus one page-faulting pass over that memory (~0.6 s per GB of unpinned memory on a
-        2-core VM). It waits for saves in flight to release their arenas.
+        state is on a GPU; a CPU state of hundreds of small tensors adds the allocator's gaps
+        between them, at most a quarter more: see ``snapshot.COALESCE_MIN``), held from now on
+        instead of from the first save; time, the planning plus one page-faulting pass over
+        that memory (~0.6 s per GB of unpinned memory on a 2-core VM). It waits for saves in
+        flight to release their arenas.
 
         Pass the state you will save. An optimizer that creates its state lazily (AdamW, Adam)
         has none before its first step: reserve after :meth:`restore` or after that step, else

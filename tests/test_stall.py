@@ -409,3 +409,143 @@ def test_bulk_flatten_refuses_what_the_per_entry_path_refuses(bad: Any) -> None:
 
 class _Sub(torch.Tensor):
     pass
+
+
+# ---------------------------------------------------------------- coalesced copies of small storages
+JUNK = 0xAB  # what the memory between the storages holds: it must never reach the stream
+
+
+def back_to_back(n: int, gap: int | list[int], seed: int = 0) -> tuple[np.ndarray, list[torch.Tensor]]:
+    """``n`` small tensors of mixed dtypes and sizes whose storages lie one after the other in one
+    buffer, ``gap`` bytes of junk apart (one gap for all, or one per pair): what an allocator
+    makes of tensors created in a row, at known addresses."""
+    g = np.random.default_rng(seed)
+    gaps = [gap] * n if isinstance(gap, int) else gap
+    dtypes = [np.float32, np.int64, np.int16, np.float64]
+    sizes = [int(g.integers(1, 40)) * np.dtype(dtypes[i % 4]).itemsize for i in range(n)]
+    buf = np.full(sum(sizes) + sum(gaps) + 8 * n + 64, JUNK, dtype=np.uint8)
+    base = (-buf.ctypes.data) % 16  # 16-aligned starts: every dtype's view is aligned
+    out, pos = [], base
+    for i, nb in enumerate(sizes):
+        pos += (-pos) % 8  # keep int64/float64 aligned: the gap grows by at most 7 bytes
+        arr = buf[pos : pos + nb].view(dtypes[i % 4])
+        arr[...] = g.integers(-1000, 1000, arr.size)
+        out.append(torch.from_numpy(arr))  # its own storage, pointing into buf
+        pos += nb + gaps[i]
+    return buf, out
+
+
+def storage_by_storage(p: snap.Plan) -> torch.Tensor:
+    """The stream as an independent copy makes it: every span's bytes, by torch, in order."""
+    return torch.cat(
+        [
+            torch.empty(0, dtype=torch.uint8).set_(sp.storage)[sp.start : sp.start + sp.nbytes].clone()
+            for sp in p.spans
+            if sp.nbytes and sp.storage is not None
+        ]
+    )
+
+
+def test_small_storages_in_a_row_are_copied_as_runs_and_the_gaps_never_reach_the_stream() -> None:
+    buf, small = back_to_back(400, 48)
+    big = torch.randn(40_000)  # a large storage (160 KB): laid out first, copied on its own
+    state = {"a": small[:200], "big": big, "b": small[200:], "bf16": torch.randn(3000).to(torch.bfloat16)}
+    p = snap.plan(flatten(state))
+    c = p.copies
+    assert len(c.in_run) >= 390 and c.moves, "adjacent small storages should be coalesced"
+    assert c.staging_bytes > p.total_bytes  # the gaps are staged ...
+    sizes = [sp.nbytes for sp in p.spans if sp.nbytes]
+    first_small = next(i for i, n in enumerate(sizes) if n < snap.SMALL_SPAN)
+    assert all(n < snap.SMALL_SPAN for n in sizes[first_small:])  # small storages last
+    arena = snap.Arena()
+    stream, finish = snap.stage(p, arena)
+    assert not torch.equal(stream, storage_by_storage(p))  # ... and closed only by finish()
+    finish()
+    assert torch.equal(stream, storage_by_storage(p))
+    buf[buf == JUNK] = 0x11  # other junk, other values: a cached plan copies what is there now
+    for t in small:
+        t.add_(1)
+    big.mul_(2)
+    assert torch.equal(snap.snapshot(p, arena), storage_by_storage(p))
+
+
+@pytest.mark.parametrize(
+    ("gaps", "coalesced"),
+    [
+        ("max", True),  # MAX_GAP bytes apart: still one run
+        ("over", False),  # one more: every storage alone
+        ("backwards", False),  # each storage before the previous one in memory
+    ],
+)
+def test_only_storages_close_enough_in_order_are_coalesced(gaps: str, coalesced: bool) -> None:
+    n = 300
+    if gaps == "backwards":
+        buf, ts = back_to_back(n, 8)
+        ts = ts[::-1]
+    else:
+        # an 8-byte dtype everywhere keeps the gaps exact (no alignment padding)
+        gap = snap.MAX_GAP if gaps == "max" else snap.MAX_GAP + 1
+        size = 8192  # large enough that MAX_GAP_SHARE does not refuse the gaps
+        assert gap <= snap.MAX_GAP_SHARE * size
+        buf = np.full(n * (size + gap) + 64, JUNK, dtype=np.uint8)
+        base = (-buf.ctypes.data) % 16
+        at = [base + i * (size + gap) for i in range(n)]
+        ts = [torch.from_numpy(buf[a : a + size].view(np.int64)) for a in at]
+        for i, t in enumerate(ts):
+            t.fill_(i)
+    p = snap.plan(flatten({"t": ts}))
+    assert bool(p.copies.moves) == coalesced
+    assert torch.equal(snap.snapshot(p, snap.Arena()), storage_by_storage(p))
+
+
+def test_a_run_is_not_coalesced_when_its_gaps_cost_too_much_staging(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snap, "MAX_GAP_SHARE", 0.01)
+    buf, ts = back_to_back(300, 200)  # gaps of 200 bytes between storages of ~150: far over 1%
+    p = snap.plan(flatten({"t": ts}))
+    assert not p.copies.moves and p.copies.staging_bytes == p.total_bytes
+    assert torch.equal(snap.snapshot(p, snap.Arena()), storage_by_storage(p))
+
+
+def test_replan_of_a_tensor_moved_out_of_a_run_copies_its_new_bytes() -> None:
+    buf, ts = back_to_back(300, 16)
+    state = {"t": list(ts)}
+    flat0 = flatten(state)
+    p0, key0 = snap.plan(flat0), snap.plan_key(flat0)
+    assert 150 in {p0.leaves[i].storage for i in range(len(ts))} and p0.copies.moves
+    j = p0.leaves[150].storage
+    assert j in p0.copies.in_run
+    moved = ts[150].clone().add_(7)  # same layout, new storage elsewhere
+    state["t"][150] = moved
+    flat1 = flatten(state)
+    key1 = snap.plan_key(flat1)
+    p1 = snap.replan(p0, key0, flat1, key1)
+    assert p1 is not None and j in p1.copies.fixups
+    got = snap.snapshot(p1, snap.Arena())
+    assert torch.equal(got, storage_by_storage(p1))
+    assert torch.equal(got, snap.snapshot(snap.plan(flat1), snap.Arena()))
+    ts[150].fill_(-5)  # the old tensor's bytes (still covered by the run) must not come back
+    assert torch.equal(snap.snapshot(p1, snap.Arena()), storage_by_storage(p1))
+
+
+def test_coalesced_state_saves_restores_and_respects_the_staging_cap(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    # Tensors created in a row by torch itself, as a model's small parameters are.
+    state = {f"layer{i}": torch.randn(200 + 7 * (i % 100)) for i in range(600)}
+    state["big"] = torch.randn(100_000)
+    p = snap.plan(flatten(state))
+    if not p.copies.moves:
+        pytest.skip("this allocator did not place the tensors in a row")
+    for cap, label in ((None, "loose"), (p.total_bytes, "cap between the stream and its gaps")):
+        with ckptmirror.Mirror([str(tmp_path / label)], staging_bytes=cap, object_bytes=1 << 16) as m:
+            m.reserve(None, extra=state)
+            allocs = m.staging_allocations
+            for step_ in (1, 2):
+                for t in state.values():
+                    t.add_(1)
+                m.save_state(step_, {"model": None, "optim": None, "extra": state}).result()
+                assert m.staging_allocations == allocs
+                if cap is not None:
+                    assert all(a.buffer.numel() <= cap for a in m._arenas._all)
+                loaded = m.load_state(step_)
+            assert loaded is not None
+            assert_bit_exact(loaded[1]["extra"], state, label)

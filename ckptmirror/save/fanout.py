@@ -96,6 +96,8 @@ class SaveJob:
     #: the saved model, for its frozen parameters (see ``snapshot.frozen_flags``); a weak
     #: reference's call (None once the model is gone)
     model: Callable[[], Any] | None = None
+    #: work left from the snapshot, done before anything reads ``stream`` (see ``snapshot.stage``)
+    finish: Callable[[], None] | None = None
 
 
 class ObjectEncoder:
@@ -229,6 +231,8 @@ class Fanout:
         save_key = f"{job.seq}-{job.step}"
         decide = partial(commit_from_reports, job.step, info.world_size, job.replicated)
         try:
+            if job.finish is not None:
+                job.finish()
             model = job.model() if job.model is not None and self.incremental else None
             frozen = frozen_flags(job.plan, model) if model is not None and job.pre is None else None
             common = (job.step, info.rank, info.world_size, job.plan, job.stream, object_bytes, self._hash_pool)

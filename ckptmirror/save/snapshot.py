@@ -27,14 +27,17 @@ from __future__ import annotations
 
 import bisect
 import copy
+import ctypes
 import dataclasses
 import gc
 import math
+import mmap
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from itertools import repeat
 from operator import attrgetter
 from typing import cast
@@ -42,7 +45,7 @@ from typing import cast
 import numpy as np  # torch imports it anyway
 import torch
 
-from ..buffers import byte_view, fault_in, gather_bytes, host_array
+from ..buffers import byte_view, fault_in, gather_bytes, host_array, host_bytes
 from ..format import LeafRecord, StorageRecord
 from ..state.tree import Flattened, dtype_name, find_layout, make_layout
 
@@ -63,6 +66,36 @@ COPY_THREADS = 2
 PARALLEL_MIN_BYTES = PIECE_BYTES
 #: ... and the average host span at least this large (see :class:`_Copies`).
 PARALLEL_MIN_AVERAGE = 64 << 10
+
+# ------------------------------------------------------------------ coalesced copies of small storages
+# A state of many small tensors costs the host copy ~1 us a storage in per-call work (NumPy's
+# ``concatenate``, or a hand-written ``memmove`` loop: the memcpy floor itself), which at 50,000
+# tensors in 0.1 GB is most of the copy. But small storages that were allocated one after the
+# other lie one after the other in memory, a few hundred bytes apart (the allocator's headers
+# and the tensors' own C++ objects in between). Such a *run* is copied in one ``memmove``, gaps
+# included, into a "loose" staging layout; the background writer then closes the gaps (moves
+# each storage down to its place in the stream) before anything hashes or writes the stream.
+# The stream, the manifest and the objects are exactly those of a storage-by-storage copy: the
+# gap bytes never leave the staging buffer. Measured (50,000 tensors, 0.1 GB): 43 runs; the copy
+# went from ~50 ms to ~15 ms of save()'s stall, the gap closing costs the writer ~40 ms.
+#
+# Why reading the gaps is safe: a gap is shorter than a page, so each of its bytes lies in the
+# page of the last byte of the storage before it or in that of the first byte of the storage
+# after it, both of which are mapped while the plan holds the two storages (it does, see
+# ``_Copies.keep``). Nothing read from a gap is kept: the closing overwrites or drops it.
+
+#: A plan coalesces only with at least this many small host storages (fewer: per-call costs
+#: are small, and the stream keeps the plain layout).
+COALESCE_MIN = 256
+#: A storage of fewer bytes is *small*: with coalescing on, small host storages are laid out
+#: after all the others (in state order), so that closing the gaps moves only their bytes.
+SMALL_SPAN = 64 << 10
+#: Two small storages are in one run when the second starts at most this many bytes after the
+#: first ends. Below a page, for the safety argument above.
+MAX_GAP = min(1024, mmap.PAGESIZE - 1)
+#: Coalesce only when the gaps add at most this share of the stream's bytes to the staging
+#: buffer (else copy storage by storage): 50,000 tensors in 0.1 GB staged 20% more.
+MAX_GAP_SHARE = 0.25
 
 
 @dataclass
@@ -88,26 +121,57 @@ class _Copies:
     """The copy list of a plan, built once: with a cached plan, a steady-state snapshot only
     copies bytes.
 
-    Host sources (CPU storages, NumPy arrays) are flat uint8 NumPy views, cut into pieces of
-    about :data:`PIECE_BYTES`: consecutive small spans are gathered into one piece (one C call
-    for thousands of tensors), large spans are split (so that two threads can share them).
-    Nothing goes through ``Tensor.copy_`` on the host: see :mod:`ckptmirror.buffers` for why.
-    Device sources (CUDA) stay torch views, copied with ``non_blocking=True``.
+    Host sources (CPU storages, NumPy arrays, coalesced runs of small storages) are flat uint8
+    NumPy views, cut into pieces of about :data:`PIECE_BYTES`: consecutive small sources are
+    gathered into one piece (one C call for thousands of tensors), large spans are split (so
+    that two threads can share them). Nothing goes through ``Tensor.copy_`` on the host: see
+    :mod:`ckptmirror.buffers` for why. Device sources (CUDA) stay torch views, copied with
+    ``non_blocking=True``.
+
+    ``loose`` (one staging offset per span) and ``runs`` (lists of span indices, each copied as
+    one range of memory) describe a coalesced plan (see :data:`COALESCE_MIN`); without them the
+    staging layout is the stream's.
     """
 
-    def __init__(self, spans: tuple[_Span, ...]) -> None:
+    def __init__(
+        self,
+        spans: tuple[_Span, ...],
+        loose: list[int] | None = None,
+        runs: list[list[int]] | None = None,
+        moves: list[tuple[int, int, int]] | None = None,
+    ) -> None:
         self.pieces: list[_Piece] = []
         self.device: list[tuple[int, int, torch.Tensor]] = []  # (span index, stream offset, view)
-        host: list[tuple[int, _Span, np.ndarray]] = []
+        #: (staging offset, source) of the spans of a run that moved since the run was made
+        #: (see :meth:`patched`): copied after the pieces, over the run's stale bytes
+        self.fixups: dict[int, tuple[int, np.ndarray]] = {}
+        #: where each span is staged; the gap closing of :meth:`close_gaps`, (to, from, bytes)
+        self.loose = loose if loose is not None else [sp.offset for sp in spans]
+        self.moves = moves or []
+        self.in_run: frozenset[int] = frozenset(j for r in runs or () for j in r)
+        #: the storages a run's memory range covers, alive as long as these copies are (a run's
+        #: array points into them without holding them)
+        self.keep = tuple(spans[j].storage for j in self.in_run)
+        self.staging_bytes = max((o + sp.nbytes for o, sp in zip(self.loose, spans)), default=0)
+        run_at = {r[0]: r for r in runs or ()}
+        # (span index or -1 for a run, staging offset, bytes, flat uint8 source)
+        host: list[tuple[int, int, int, np.ndarray]] = []
         for j, sp in enumerate(spans):
-            if sp.nbytes == 0:
+            if sp.nbytes == 0 or (j in self.in_run and j not in run_at):
+                continue
+            if j in run_at:
+                r = run_at[j]
+                last = spans[r[-1]]
+                first_addr = _address(sp)
+                n = _address(last) + last.nbytes - first_addr
+                host.append((-1, self.loose[j], n, _raw_bytes(first_addr, n)))
                 continue
             src = _span_source(sp)
             if isinstance(src, torch.Tensor):
                 self.device.append((j, sp.offset, src))
             else:
-                host.append((j, sp, src))
-        self.host_bytes = sum(sp.nbytes for _, sp, _ in host)
+                host.append((j, self.loose[j], sp.nbytes, src))
+        self.host_bytes = sum(n for _, _, n, _ in host)
         #: Threads for the host copy: one for small states, and for states of many small
         #: tensors, whose copy is mostly NumPy's per-array work under the GIL (50,000 tensors
         #: in 0.1 GB: 0.024 s on one thread, 0.04-0.05 s on two).
@@ -125,24 +189,24 @@ class _Copies:
         run: list[np.ndarray] = []
         run_spans: list[int] = []
         run_start = run_end = 0
-        for j, sp, src in host:
-            if run and run_end != sp.offset:  # a device span lies in between: close the run
+        for j, off, nbytes, src in host:
+            if run and run_end != off:  # a device span lies in between: close the run
                 self.pieces.append(_Piece(run_start, run_end, run, run_spans))
                 run, run_spans = [], []
             if not run:
-                run_start = run_end = sp.offset
-            if sp.nbytes >= piece:
+                run_start = run_end = off
+            if nbytes >= piece:
                 if run:
                     self.pieces.append(_Piece(run_start, run_end, run, run_spans))
                     run, run_spans = [], []
-                for lo in range(0, sp.nbytes, piece):
-                    hi = min(sp.nbytes, lo + piece)
-                    self.pieces.append(_Piece(sp.offset + lo, sp.offset + hi, [src[lo:hi]], [j]))
-                run_start = run_end = sp.offset + sp.nbytes
+                for lo in range(0, nbytes, piece):
+                    hi = min(nbytes, lo + piece)
+                    self.pieces.append(_Piece(off + lo, off + hi, [src[lo:hi]], [j]))
+                run_start = run_end = off + nbytes
                 continue
             run.append(src)
             run_spans.append(j)
-            run_end += sp.nbytes
+            run_end += nbytes
             if run_end - run_start >= piece:
                 self.pieces.append(_Piece(run_start, run_end, run, run_spans))
                 run, run_spans = [], []
@@ -154,36 +218,112 @@ class _Copies:
         self._dst_device: list[torch.Tensor] = []
 
     def destinations(self, stream: torch.Tensor) -> tuple[np.ndarray, list[torch.Tensor]]:
-        """The stream as a NumPy array, and the destination view of each device span (cached
-        per arena buffer)."""
+        """The staging buffer as a NumPy array, and the destination view of each device span
+        (cached per arena buffer)."""
         if self._dst_for != stream.data_ptr() or self._dst_host is None:
             self._dst_host = host_array(stream)
             self._dst_device = [stream[off : off + src.numel()] for _, off, src in self.device]
             self._dst_for = stream.data_ptr()
         return self._dst_host, self._dst_device
 
+    def close_gaps(self, staged: torch.Tensor) -> None:
+        """Move every coalesced storage down to its stream offset (in order, so no source is
+        overwritten before it is moved: each one moves down by the gaps before it)."""
+        if not self.moves:
+            return
+        # memoryview slice assignment is one memmove (overlap-safe) at ~0.8 us a call, about half
+        # of a NumPy slice assignment's or ctypes.memmove's per-call cost
+        mv = host_bytes(staged)
+        for to, frm, n in self.moves:
+            mv[to : to + n] = mv[frm : frm + n]
+
     def patched(self, spans: tuple[_Span, ...], changed: set[int]) -> _Copies:
         """These copies with the sources of spans ``changed`` taken anew from ``spans`` (same layout)."""
         new = copy.copy(self)
         fresh = {j: _span_source(spans[j]) for j in changed}
+        new.fixups = dict(self.fixups)
+        for j in changed & self.in_run:
+            # Copied as part of a run: the run still copies the old storage's bytes (kept alive
+            # by ``keep``), and the new ones are copied over them afterwards.
+            src = fresh.pop(j)
+            assert isinstance(src, np.ndarray)  # a run holds host spans only
+            new.fixups[j] = (self.loose[j], src)
         new.device = []
         for j, off, v in self.device:
-            src = fresh.get(j, v)
-            assert isinstance(src, torch.Tensor)  # a device span stays a device span
-            new.device.append((j, off, src))
+            dsrc = fresh.get(j, v)
+            assert isinstance(dsrc, torch.Tensor)  # a device span stays a device span
+            new.device.append((j, off, dsrc))
         new.pieces = []
         for pc in self.pieces:
-            if changed.isdisjoint(pc.spans):
+            if fresh.keys().isdisjoint(pc.spans):
                 new.pieces.append(pc)
                 continue
             srcs = list(pc.srcs)
             for k, j in enumerate(pc.spans):
                 if j in fresh:
-                    sp, src = spans[j], fresh[j]
-                    assert isinstance(src, np.ndarray)  # a host span stays a host span
-                    srcs[k] = src[max(pc.start, sp.offset) - sp.offset : min(pc.end, sp.offset + sp.nbytes) - sp.offset]
+                    sp, hsrc, base = spans[j], fresh[j], self.loose[j]
+                    assert isinstance(hsrc, np.ndarray)  # a host span stays a host span
+                    srcs[k] = hsrc[max(pc.start, base) - base : min(pc.end, base + sp.nbytes) - base]
             new.pieces.append(_Piece(pc.start, pc.end, srcs, pc.spans))
         return new
+
+
+def _address(sp: _Span) -> int:
+    """Where a CPU storage span's bytes start in memory."""
+    assert sp.storage is not None
+    return int(sp.storage.data_ptr()) + sp.start
+
+
+def _raw_bytes(address: int, nbytes: int) -> np.ndarray:
+    """A flat uint8 NumPy array over ``nbytes`` of memory at ``address`` (no copy, no owner: the
+    caller keeps the memory alive)."""
+    return np.ctypeslib.as_array((ctypes.c_ubyte * nbytes).from_address(address))
+
+
+def _coalesce(
+    spans: list[_Span], first_small: int
+) -> tuple[list[int], list[list[int]], list[tuple[int, int, int]]] | None:
+    """Runs of the small storages ``spans[first_small:]`` (laid out last, in order) that lie one
+    after the other in memory: (staging offset per span, runs, gap-closing moves), or None when
+    coalescing would not pay (few runs of two or more, or too many gap bytes)."""
+    loose = [sp.offset for sp in spans]
+    runs: list[list[int]] = []
+    cur: list[int] = []
+    shift = 0  # gap bytes staged so far
+    end_addr = -1
+    for j in range(first_small, len(spans)):
+        sp = spans[j]
+        addr = _address(sp)
+        gap = addr - end_addr
+        if cur and 0 <= gap <= MAX_GAP:
+            shift += gap
+            cur.append(j)
+        else:
+            if len(cur) > 1:
+                runs.append(cur)
+            cur = [j]
+        loose[j] = sp.offset + shift
+        end_addr = addr + sp.nbytes
+    if len(cur) > 1:
+        runs.append(cur)
+    coalesced = sum(len(r) for r in runs)
+    total = spans[-1].offset + spans[-1].nbytes
+    if coalesced - len(runs) < COALESCE_MIN // 2 or shift > MAX_GAP_SHARE * total:
+        return None
+    # Spans not in a run keep their own copy; their staging offset still includes the gaps
+    # staged before them (the loose layout only grows). Consecutive moves that stay adjacent
+    # (no gap between the two storages) are one move.
+    moves: list[tuple[int, int, int]] = []
+    for j in range(first_small, len(spans)):
+        n = spans[j].nbytes
+        to, frm = spans[j].offset, loose[j]
+        if frm == to or n == 0:
+            continue
+        if moves and moves[-1][0] + moves[-1][2] == to and moves[-1][1] + moves[-1][2] == frm:
+            moves[-1] = (moves[-1][0], moves[-1][1], moves[-1][2] + n)
+        else:
+            moves.append((to, frm, n))
+    return loose, runs, moves
 
 
 def _span_source(sp: _Span) -> np.ndarray | torch.Tensor:
@@ -329,10 +469,25 @@ def _plan(flat: Flattened) -> Plan:
         for m in members:
             leaf_span[m] = len(spans)
         spans.append(_Span(first, None, lo, hi - lo))
+    first_small = len(spans)
+    if all(sp.storage is None or sp.storage.device.type == "cpu" for sp in spans):
+        small = [sp.storage is not None and 0 < sp.nbytes < SMALL_SPAN for sp in spans]
+        count = sum(small)
+        if count >= COALESCE_MIN:
+            # Small storages last (each part in state order): closing the gaps of a coalesced
+            # copy then moves only their bytes (see COALESCE_MIN).
+            order = [j for j in range(len(spans)) if not small[j]] + [j for j in range(len(spans)) if small[j]]
+            new_index = [0] * len(order)
+            for k, j in enumerate(order):
+                new_index[j] = k
+            spans = [spans[j] for j in order]
+            leaf_span = {i: new_index[j] for i, j in leaf_span.items()}
+            first_small = len(spans) - count
     offset = 0
     for sp in spans:
         sp.offset = offset
         offset += sp.nbytes
+    coalesced = _coalesce(spans, first_small) if first_small < len(spans) else None
     leaves = []
     for i in range(len(flat.leaves)):
         sp = spans[leaf_span[i]]
@@ -365,7 +520,7 @@ def _plan(flat: Flattened) -> Plan:
         structure=flat.structure,
         total_bytes=offset,
         needs_pinned=needs_pinned,
-        copies=_Copies(frozen),
+        copies=_Copies(frozen, *coalesced) if coalesced is not None else _Copies(frozen),
     )
 
 
@@ -455,9 +610,21 @@ def prepare(flat: Flattened, pool: ArenaPool, cap: int | None = None) -> tuple[t
     """
     key = plan_key(flat)
     p = plan(flat)
-    pool.reserve(p.total_bytes if cap is None else min(cap, p.total_bytes), p.needs_pinned)
+    pool.reserve(staging_need(p, cap), p.needs_pinned)
     gc.collect()
     return key, p
+
+
+def staging_need(p: Plan, cap: int | None = None) -> int:
+    """The bytes of staging buffer a save of ``p`` uses under a staging cap of ``cap`` bytes:
+    the cap for a state larger than it (a sliced save), else the staging layout's size (the
+    stream plus the gaps of a coalesced copy) when it fits, else the stream's."""
+    staged = p.copies.staging_bytes
+    if cap is None:
+        return staged
+    if p.total_bytes > cap:
+        return cap
+    return staged if staged <= cap else p.total_bytes
 
 
 class Arena:
@@ -542,15 +709,40 @@ class ArenaPool:
 
 
 def snapshot(p: Plan, arena: Arena) -> torch.Tensor:
-    """Copy every span into the arena; return the stream (a uint8 CPU tensor of ``total_bytes``).
+    """Copy every span into the arena; return the stream (a uint8 CPU tensor of ``total_bytes``)."""
+    stream, finish = stage(p, arena)
+    finish()
+    return stream
+
+
+def stage(p: Plan, arena: Arena, cap: int | None = None) -> tuple[torch.Tensor, Callable[[], None]]:
+    """Copy every span into the arena: what ``save()`` waits for.
+
+    Returns the stream (a uint8 CPU tensor of ``total_bytes``) and the work left before it may
+    be read: closing the gaps of a coalesced copy (see :data:`COALESCE_MIN`), for the background
+    writer; a no-op for other plans. A coalesced plan whose staging layout exceeds ``cap`` bytes
+    is copied storage by storage instead, straight into the stream.
 
     Host bytes are copied by NumPy on this thread (plus one helper thread for large states),
     never by an OpenMP team: see :mod:`ckptmirror.buffers`. A cached plan's views hold the data
     pointers its tensors had when it was made; :func:`plan_key` (which includes every leaf's
     data pointer) is what makes reusing it safe.
     """
-    stream = arena.reserve(p.total_bytes, p.needs_pinned)
     c = p.copies
+    if cap is not None and c.staging_bytes > cap:
+        stream = arena.reserve(p.total_bytes, p.needs_pinned)
+        copy_range(p, stream, 0, p.total_bytes)
+        return stream, _nothing
+    staged = arena.reserve(c.staging_bytes, p.needs_pinned)
+    _copy_staged(c, staged)
+    return staged[: p.total_bytes], partial(c.close_gaps, staged)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _copy_staged(c: _Copies, stream: torch.Tensor) -> None:
     dst, device_dst = c.destinations(stream)
     # Device copies first: they run on the device's DMA engines while the host copies below.
     devices: set[torch.device] = set()
@@ -559,12 +751,13 @@ def snapshot(p: Plan, arena: Arena) -> torch.Tensor:
         devices.add(src.device)
     if c.pieces:
         _copy_pieces(dst, c.pieces, c.threads)
+    for off, fix in c.fixups.values():
+        gather_bytes(dst[off : off + len(fix)], [fix])
     for dev in devices:
         if dev.type == "cuda":
             # The copies were queued on each device's current stream; wait for them so the caller
             # may change its tensors as soon as we return.
             torch.cuda.current_stream(dev).synchronize()
-    return stream
 
 
 def copy_range(p: Plan, dst: torch.Tensor, lo: int, hi: int) -> None:
