@@ -549,3 +549,80 @@ def test_coalesced_state_saves_restores_and_respects_the_staging_cap(tmp_path: P
                 loaded = m.load_state(step_)
             assert loaded is not None
             assert_bit_exact(loaded[1]["extra"], state, label)
+
+
+# ---------------------------------------------------------------- speculative staging (Mirror._speculate)
+def many_small(seed: int, n: int = 600) -> dict[str, torch.Tensor]:
+    """Small tensors back to back in memory plus a large one: a coalesced plan, whatever the
+    allocator did before."""
+    _, small = back_to_back(n, 16, seed)
+    state = {f"layer{i}": t for i, t in enumerate(small)}
+    state["big"] = torch.randn(100_000, generator=torch.Generator().manual_seed(seed))
+    return state
+
+
+def test_speculative_staging_is_used_patched_or_thrown_away_and_always_saves_the_state_at_the_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = many_small(5)
+    assert snap.plan(flatten({"model": None, "optim": None, "extra": state})).copies.gil_light
+    outcomes: list[bool] = []
+    real = mirror_mod.reuse_staged
+
+    def spy(p: snap.Plan, copied: snap.Plan, staged: torch.Tensor) -> bool:
+        outcomes.append(real(p, copied, staged))
+        return outcomes[-1]
+
+    monkeypatch.setattr(mirror_mod, "reuse_staged", spy)
+    expected: dict[int, dict[str, torch.Tensor]] = {}
+    with ckptmirror.Mirror([str(tmp_path / "ckpt")], keep_last=None) as m:
+        m.reserve(None, extra=state)
+        allocs = m.staging_allocations
+        for step_, change in enumerate(["values", "values", "moved", "values", "reshaped", "values"], start=1):
+            if change == "values":
+                for t in state.values():
+                    t.add_(1)
+            elif change == "moved":  # a new tensor laid out as the old: the plan is patched
+                state["layer300"] = state["layer300"].clone().mul_(3)
+            else:  # another shape: the copy made by the last plan is thrown away
+                state["layer7"] = torch.randn(17).double()
+            m.save_state(step_, {"model": None, "optim": None, "extra": state}).result()
+            expected[step_] = {k: v.clone() for k, v in state.items()}
+        assert m.staging_allocations == allocs
+        for step_, want in expected.items():
+            loaded = m.load_state(step_)
+            assert loaded is not None
+            assert_bit_exact(loaded[1]["extra"], want, f"step {step_}")
+    # every save but the first bet on the last plan: same plan, patched plan, other plan
+    assert outcomes == [True, True, True, True, False, True]
+
+
+def test_a_failed_speculation_or_a_bad_state_leaves_the_mirror_working(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = many_small(6)
+    with ckptmirror.Mirror([str(tmp_path / "ckpt")]) as m:
+        m.save_state(1, state).result()
+        assert m._plan_cache is not None and m._plan_cache[1].copies.gil_light
+        real_stage = mirror_mod.stage
+        calls = {"n": 0}
+
+        def failing_once(*a: Any, **k: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 1:  # the speculative copy, on the stager thread
+                raise RuntimeError("copy failed")
+            return real_stage(*a, **k)
+
+        monkeypatch.setattr(mirror_mod, "stage", failing_once)
+        state["big"].fill_(2.0)
+        m.save_state(2, state).result()  # staged again on the caller's thread
+        assert calls["n"] == 2
+        monkeypatch.undo()
+        with pytest.raises(TypeError, match="bad"):
+            m.save_state(3, {**state, "bad": object()})  # fails after the bet started
+        assert len(m._arenas._free) == len(m._arenas._all)  # its arena came back
+        state["big"].fill_(3.0)
+        m.save_state(4, state).result()
+        loaded = m.load_state(4)
+    assert loaded is not None
+    assert_bit_exact(loaded[1], state, "step 4")

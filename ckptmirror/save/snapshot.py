@@ -67,6 +67,9 @@ PARALLEL_MIN_BYTES = PIECE_BYTES
 #: ... and the average host span at least this large (see :class:`_Copies`).
 PARALLEL_MIN_AVERAGE = 64 << 10
 
+#: A host copy whose sources average at least this many bytes is mostly GIL-free (see ``gil_light``).
+GIL_LIGHT_AVERAGE = 16 << 10
+
 # ------------------------------------------------------------------ coalesced copies of small storages
 # A state of many small tensors costs the host copy ~1 us a storage in per-call work (NumPy's
 # ``concatenate``, or a hand-written ``memmove`` loop: the memcpy floor itself), which at 50,000
@@ -172,6 +175,12 @@ class _Copies:
             else:
                 host.append((j, self.loose[j], sp.nbytes, src))
         self.host_bytes = sum(n for _, _, n, _ in host)
+        #: Whether copying these is mostly memmoves that NumPy runs without the GIL (so another
+        #: thread may check the state meanwhile: see ``Mirror``'s speculative staging): the GIL is
+        #: held ~1 us a source, a source of 16 KiB takes ~2 us to copy.
+        self.gil_light = bool(host) and not self.device and self.host_bytes >= GIL_LIGHT_AVERAGE * len(host)
+        #: (copies, spans) when these were patched from other copies (:meth:`patched`)
+        self.base: tuple[_Copies, frozenset[int]] | None = None
         #: Threads for the host copy: one for small states, and for states of many small
         #: tensors, whose copy is mostly NumPy's per-array work under the GIL (50,000 tensors
         #: in 0.1 GB: 0.024 s on one thread, 0.04-0.05 s on two).
@@ -240,6 +249,7 @@ class _Copies:
     def patched(self, spans: tuple[_Span, ...], changed: set[int]) -> _Copies:
         """These copies with the sources of spans ``changed`` taken anew from ``spans`` (same layout)."""
         new = copy.copy(self)
+        new.base = (self, frozenset(changed))
         fresh = {j: _span_source(spans[j]) for j in changed}
         new.fixups = dict(self.fixups)
         for j in changed & self.in_run:
@@ -740,6 +750,24 @@ def stage(p: Plan, arena: Arena, cap: int | None = None) -> tuple[torch.Tensor, 
 
 def _nothing() -> None:
     pass
+
+
+def reuse_staged(p: Plan, copied: Plan, staged: torch.Tensor) -> bool:
+    """Whether ``staged``, just staged by :func:`stage` for ``copied`` (uncapped), holds ``p``'s
+    staging: ``p`` copies the same sources, or was patched from ``copied`` by :func:`replan`
+    (then the patched spans are copied again here, from their new sources). False: stage anew."""
+    c = p.copies
+    if c is copied.copies:
+        return True
+    if c.base is None or c.base[0] is not copied.copies or c.device:
+        return False
+    dst, _ = c.destinations(staged)
+    for j in c.base[1]:
+        src = _span_source(p.spans[j])
+        assert isinstance(src, np.ndarray)  # host spans only (no device copies)
+        off = c.loose[j]
+        gather_bytes(dst[off : off + src.nbytes], [src])
+    return True
 
 
 def _copy_staged(c: _Copies, stream: torch.Tensor) -> None:
