@@ -30,14 +30,17 @@ import json
 import math
 import re
 import secrets
+import sys
+import sysconfig
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import accumulate, chain, repeat
-from typing import Any, NamedTuple
+from itertools import accumulate, chain, repeat, starmap
+from operator import countOf
+from typing import Any, NamedTuple, TypeVar
 
 from .checksum import is_checksum
 from .errors import ManifestError
@@ -55,6 +58,8 @@ MAX_MANIFEST_BYTES = 256 << 20
 #: by :func:`parse_cost` before any Python object is built (see docs/FORMAT.md, "Parsing bounds").
 MAX_PARSE_MEMORY = 512 << 20
 MAX_DIMS = 64
+#: A manifest of at least this many bytes (a few thousand leaves) is parsed with ``paused_gc(promote=True)``.
+_PROMOTE_BYTES = 256 << 10
 COMMIT_NAME = "COMMIT.json"
 
 # [0-9] and \Z, not \d and $: \d matches non-ASCII digits and $ accepts a trailing newline.
@@ -370,10 +375,18 @@ def parse_cost(data: bytes) -> int:
 _gc_lock = threading.Lock()
 _gc_depth = 0
 _gc_resume = False
+_gc_promote_now = False
+#: Whether :func:`paused_gc` may hand what a pause built to the oldest generation (see there):
+#: CPython with a GIL only, where ``gc.freeze()`` and ``gc.unfreeze()`` splice the generations'
+#: lists in constant time (the free-threaded build walks the heap). Cleared for good once the
+#: process is seen to keep objects frozen itself.
+_gc_can_promote = (
+    sys.implementation.name == "cpython" and hasattr(gc, "freeze") and not sysconfig.get_config_var("Py_GIL_DISABLED")
+)
 
 
 @contextmanager
-def paused_gc() -> Iterator[None]:
+def paused_gc(promote: bool = False) -> Iterator[None]:
     """Pause Python's cyclic garbage collector while a manifest is parsed or checked.
 
     Parsing builds hundreds of thousands of containers in a burst, and each burst of
@@ -382,26 +395,62 @@ def paused_gc() -> Iterator[None]:
     built here is acyclic (JSON trees, tuples), so those scans find nothing to free; memory is
     bounded by :data:`MAX_PARSE_MEMORY` instead. Nested and concurrent users share one pause; the
     collector is re-enabled when the last one leaves, if it was enabled when the first came.
+
+    ``promote`` (for a large manifest; decided by the first user): re-enabled as is, the
+    collector would scan everything the pause left behind at its next allocation (the records
+    of every leaf: 15-20 ms at 50k leaves, a sixth of parse and validation), again one
+    generation up later, and find nothing. So the young generations are collected when the
+    pause starts (a few thousand objects at most), and what they hold when it ends, the pause's
+    survivors, joins the oldest generation unscanned (``gc.freeze()`` then ``gc.unfreeze()``:
+    two list splices), where full collections see it like any other long-lived object. Not in a
+    process that keeps objects frozen itself (``gc.get_freeze_count()``): that would release them.
     """
-    global _gc_depth, _gc_resume
+    global _gc_depth, _gc_resume, _gc_promote_now
     with _gc_lock:
-        if _gc_depth == 0:
+        first = _gc_depth == 0
+        if first:
             _gc_resume = gc.isenabled()
+            _gc_promote_now = promote and _gc_resume and _gc_can_promote
             gc.disable()
         _gc_depth += 1
+        collect = first and _gc_promote_now
     try:
+        if collect:  # outside the lock: finalizers run here
+            gc.collect(1)
         yield
     finally:
         with _gc_lock:
             _gc_depth -= 1
             if _gc_depth == 0 and _gc_resume:
+                if _gc_promote_now:
+                    _promote_young()
                 gc.enable()
+
+
+def _promote_young() -> None:
+    """Move the young generations' objects to the oldest one without scanning them (see
+    :func:`paused_gc`); nothing where the process keeps objects frozen."""
+    global _gc_can_promote
+    if gc.get_freeze_count():  # walks the frozen objects: once, never again after
+        _gc_can_promote = False
+        return
+    gc.freeze()
+    gc.unfreeze()
+
+
+#: The most :func:`parse_cost` can charge a byte of a document: four bytes a character, counted
+#: twice, and a JSON object (a value and an object) at every byte.
+_MAX_COST_PER_BYTE = 2 * 4 + _COST_PER_VALUE + _COST_PER_OBJECT
 
 
 def check_parse_cost(data: bytes, key: str) -> None:
     """Refuse (:class:`ManifestError` naming ``key``) a document whose :func:`parse_cost` exceeds
     :data:`MAX_PARSE_MEMORY`. Readers call it before parsing; the writer calls it on every
-    manifest it serialises, so that no save writes a manifest that readers would refuse."""
+    manifest it serialises, so that no save writes a manifest that readers would refuse.
+
+    A document too short to exceed the limit whatever its bytes (under 2.9 MB) is not counted."""
+    if len(data) * _MAX_COST_PER_BYTE + _COST_PER_VALUE <= MAX_PARSE_MEMORY:
+        return
     cost = parse_cost(data)
     if cost > MAX_PARSE_MEMORY:
         raise ManifestError(
@@ -558,10 +607,14 @@ class _Fields:
         length: builtins.int | None = None,
     ) -> builtins.list[builtins.int]:
         col = self.list(value, path, length)
-        if col and not (set(map(type, col)) <= {int} and lo <= min(col) and max(col) <= hi):
-            for i, v in enumerate(col):
-                self.int(v, f"{path}[{i}]", lo, hi)
+        if col and not (_all_of_type(col, int) and _ints_within(col, lo, hi)):
+            self.first_bad_int(col, path, lo, hi)
         return col
+
+    def first_bad_int(self, col: builtins.list[Any], path: builtins.str, lo: builtins.int, hi: builtins.int) -> None:
+        """Raise naming the first item of ``col`` that is not an int in ``[lo, hi]``, if any."""
+        for i, v in enumerate(col):
+            self.int(v, f"{path}[{i}]", lo, hi)
 
     def str_column(
         self, value: Any, path: builtins.str, pattern: re.Pattern[builtins.str], length: builtins.int
@@ -572,6 +625,26 @@ class _Fields:
                 if not isinstance(v, str) or not pattern.match(v):
                     raise self.err(f"{path}[{i}]", f"{v!r} does not match {pattern.pattern!r}")
         return col
+
+
+def _all_of_type(col: list[Any], t: type) -> bool:
+    """Whether every item of ``col`` is exactly a ``t`` (a bool is not an int, nor a float),
+    counted in C (a third cheaper than the set of their types)."""
+    return countOf(map(type, col), t) == len(col)
+
+
+def _ints_within(col: list[int], lo: int, hi: int) -> bool:
+    """Whether every item of ``col`` (ints, checked before) lies in ``[lo, hi]``, in C.
+
+    A column of one value (the element offsets, the type of a one-dtype manifest) is recognised
+    by ``list.count`` (mostly an identity compare: JSON decodes small ints to shared objects), a
+    column of a few possible values (flags, types) by its set, any other by ``min`` and ``max``.
+    """
+    if col[0] == col[-1] and col.count(col[0]) == len(col):
+        return lo <= col[0] <= hi
+    if hi - lo < 16:
+        return set(col) <= set(range(lo, hi + 1))
+    return lo <= min(col) and max(col) <= hi
 
 
 def parse_commit(data: bytes, key: str) -> CommitRecord:
@@ -611,7 +684,7 @@ def parse_rank_manifest(data: bytes, key: str) -> RankManifest:
     (extent inside the storage, element counts) are :func:`ckptmirror.restore.check.validate_manifest`'s,
     which reuses what parsing checked and built (:func:`parsed_columns`) instead of redoing it.
     """
-    with paused_gc():
+    with paused_gc(promote=len(data) >= _PROMOTE_BYTES):
         return _parse_rank_manifest(data, key)
 
 
@@ -721,6 +794,7 @@ class _ShapeIndex(dict[tuple[int, ...], int]):
 _GRAD_OF_FLAGS = (False, True, False, True)
 _PARAMETER_OF_FLAGS = (False, False, True, True)
 
+_R = TypeVar("_R", bound=tuple[Any, ...])
 _Records = tuple[tuple[ObjectRecord, ...], tuple[StorageRecord, ...], tuple[LeafRecord, ...]]
 _RecordsAndColumns = tuple[tuple[ObjectRecord, ...], tuple[StorageRecord, ...], tuple[LeafRecord, ...], "ParsedColumns"]
 
@@ -778,6 +852,12 @@ def _parse_v1_records(doc: dict[str, Any], f: _Fields) -> _Records:
     return tuple(objects), tuple(storages), tuple(leaves)
 
 
+def _records(cls: type[_R], *columns: Iterable[Any]) -> tuple[_R, ...]:
+    """One ``cls`` (a named tuple) per row of ``columns``, by ``tuple.__new__`` in C (``starmap``
+    passes each ``(cls, row)`` pair as the call's arguments, with no tuple built per call)."""
+    return tuple(starmap(tuple.__new__, zip(repeat(cls), zip(*columns))))
+
+
 def _parse_v2_records(doc: dict[str, Any], f: _Fields, step: int) -> _RecordsAndColumns:
     """Version 2: columns; records are built by ``tuple.__new__`` over zipped columns, in C."""
     sec = f.section(doc, "objects")
@@ -790,15 +870,20 @@ def _parse_v2_records(doc: dict[str, Any], f: _Fields, step: int) -> _RecordsAnd
     total = sum(sizes)
     if total > MAX_STREAM_BYTES:
         raise f.err("objects.size", f"total size {total} is implausible")
-    objects = tuple(map(tuple.__new__, repeat(ObjectRecord), zip(keys, sizes, sums)))
+    objects = _records(ObjectRecord, keys, sizes, sums)
 
-    nbytes = f.int_column(f.section(doc, "storages").get("nbytes"), "storages.nbytes", 0, total)
+    # Sizes that are ints, none negative, and add up to ``total``: then none exceeds ``total``,
+    # which is only looked for (to name the item) when they do not add up.
+    nbytes = f.list(f.section(doc, "storages").get("nbytes"), "storages.nbytes")
+    if nbytes and not (_all_of_type(nbytes, int) and min(nbytes) >= 0):
+        f.first_bad_int(nbytes, "storages.nbytes", 0, total)
     offsets = list(accumulate(nbytes, initial=0))
     if offsets[-1] != total:
+        f.first_bad_int(nbytes, "storages.nbytes", 0, total)
         raise f.err(
             "storages.nbytes", f"storages cover {offsets[-1]} bytes, the objects {total}: they must tile the stream"
         )
-    storages = tuple(map(tuple.__new__, repeat(StorageRecord), zip(offsets, nbytes)))
+    storages = _records(StorageRecord, offsets, nbytes)
 
     sec = f.section(doc, "leaves")
     table = []
@@ -813,7 +898,7 @@ def _parse_v2_records(doc: dict[str, Any], f: _Fields, step: int) -> _RecordsAnd
     elem_offsets = f.int_column(sec.get("offset"), "leaves.offset", 0, MAX_STREAM_BYTES, n)
     flags = f.int_column(sec.get("flags"), "leaves.flags", 0, 3, n)
     raw_shapes = f.list(sec.get("shape"), "leaves.shape", n)
-    if raw_shapes and not set(map(type, raw_shapes)) <= {list}:
+    if not _all_of_type(raw_shapes, list):
         for i, sh in enumerate(raw_shapes):
             f.list(sh, f"leaves.shape[{i}]")
     # The type of every dimension is checked in one pass (2.0 and True equal 2 and 1: the lookup
@@ -833,7 +918,6 @@ def _parse_v2_records(doc: dict[str, Any], f: _Fields, step: int) -> _RecordsAnd
     # Leaves of one shape share one shape tuple and one strides tuple: fewer objects to build,
     # and for the collector to scan later.
     shape_table = list(index_of)
-    shapes = list(map(shape_table.__getitem__, shape_index))
     strides = list(map(list(map(contiguous_strides, shape_table)).__getitem__, shape_index))
     irregular = []
     last = -1
@@ -841,7 +925,7 @@ def _parse_v2_records(doc: dict[str, Any], f: _Fields, step: int) -> _RecordsAnd
         p = f"leaves.strides[{j}]"
         i, st = f.list(item, p, 2)
         i = last = f.int(i, p + "[0]", last + 1, n - 1)  # ascending: each leaf at most once
-        st = tuple(f.int_column(st, p + "[1]", 0, MAX_STREAM_BYTES, len(shapes[i])))
+        st = tuple(f.int_column(st, p + "[1]", 0, MAX_STREAM_BYTES, len(shape_table[shape_index[i]])))
         if st != strides[i]:
             strides[i] = st
             irregular.append(i)
@@ -850,11 +934,16 @@ def _parse_v2_records(doc: dict[str, Any], f: _Fields, step: int) -> _RecordsAnd
     else:
         kinds = list(map([k for k, _ in table].__getitem__, types))
         dtypes = list(map([d for _, d in table].__getitem__, types))
-    grads = list(map(_GRAD_OF_FLAGS.__getitem__, flags))
-    params = list(map(_PARAMETER_OF_FLAGS.__getitem__, flags))
-    leaves = tuple(
-        map(tuple.__new__, repeat(LeafRecord), zip(kinds, sidx, dtypes, shapes, strides, elem_offsets, grads, params))
-    )
+    # The columns that hold one value for every leaf (flags, offsets, often) are repeated, not
+    # looked up per leaf.
+    grads: Iterable[bool]
+    params: Iterable[bool]
+    if n and flags.count(flags[0]) == n:
+        grads, params = repeat(_GRAD_OF_FLAGS[flags[0]]), repeat(_PARAMETER_OF_FLAGS[flags[0]])
+    else:
+        grads, params = map(_GRAD_OF_FLAGS.__getitem__, flags), map(_PARAMETER_OF_FLAGS.__getitem__, flags)
+    shapes = map(shape_table.__getitem__, shape_index)
+    leaves = _records(LeafRecord, kinds, sidx, dtypes, shapes, strides, elem_offsets, grads, params)
     columns = ParsedColumns(
         table=table,
         type_index=types,

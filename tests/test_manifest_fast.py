@@ -307,6 +307,7 @@ def test_parsed_columns_are_only_used_for_the_parsed_records() -> None:
 def test_parsed_columns_are_dropped_with_their_manifest() -> None:
     import gc
 
+    gc.collect()  # manifests that earlier tests left in garbage cycles (tracebacks) must not count
     before = len(fmt._PARSED)
     m = fmt.parse_rank_manifest(json.dumps(_mixed_doc()).encode(), KEY)
     assert len(fmt._PARSED) == before + 1
@@ -423,3 +424,164 @@ def test_parse_cost_bounds_parse_and_validation_of_a_compact_manifest(case: str)
     assert len(check.paths) == len(flat.leaves)
     cost = fmt.parse_cost(data)
     assert peak <= cost, f"parsing took {peak} bytes, the estimate says {cost}"
+
+
+# ------------------------------------------------ column checks: fast paths name the item as before
+
+
+def _storages_doc(nbytes: list[Any]) -> bytes:
+    m = _manifest({"t": "list", "v": [{"t": "tensor", "i": 0}, {"t": "tensor", "i": 1}]}, [torch.zeros(2, 2)] * 2)
+    doc = json.loads(m.to_json())  # two 16-byte storages, one 32-byte object
+    doc["storages"]["nbytes"] = nbytes
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "match"),
+    [
+        # A column of one value (offsets, the type of a one-dtype manifest)...
+        ("offset", [-1, -1], r"leaves\.offset\[0\]: -1 is outside"),
+        ("type", [1, 1], r"leaves\.type\[0\]: 1 is outside \[0, 0\]"),
+        ("flags", [4, 4], r"leaves\.flags\[0\]: 4 is outside \[0, 3\]"),
+        ("flags", [True, True], r"leaves\.flags\[0\]: expected an int, got bool"),
+        ("offset", [0.0, 0.0], r"leaves\.offset\[0\]: expected an int, got float"),
+        ("type", [0, False], r"leaves\.type\[1\]: expected an int, got bool"),
+        # ... of a few possible values (flags, types)...
+        ("flags", [3, -1], r"leaves\.flags\[1\]: -1 is outside \[0, 3\]"),
+        ("flags", [1, 2.0], r"leaves\.flags\[1\]: expected an int, got float"),
+        ("flags", [0, None], r"leaves\.flags\[1\]: expected an int, got NoneType"),
+        # ... or of any (storage indices, offsets).
+        ("storage", [-1, 1], r"leaves\.storage\[0\]: -1 is outside \[0, 1\]"),
+        ("offset", [0, 1 << 60], r"leaves\.offset\[1\]: \d+ is outside"),
+        ("storage", [0, "1"], r"leaves\.storage\[1\]: expected an int, got str"),
+    ],
+)
+def test_int_columns_of_one_or_few_values_name_the_item(column: str, value: Any, match: str) -> None:
+    with pytest.raises(ManifestError, match=match) as exc:
+        fmt.parse_rank_manifest(_columns_doc(**{column: value}), KEY)
+    assert KEY in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("nbytes", "match"),
+    [
+        ([16, -16, 32], r"storages\.nbytes\[1\]: -16 is outside \[0, 32\]"),  # adds up, one negative
+        ([48, 0], r"storages\.nbytes\[0\]: 48 is outside \[0, 32\]"),  # more than the objects hold
+        ([16, 8], r"storages cover 24 bytes, the objects 32: they must tile the stream"),
+        ([16, True], r"storages\.nbytes\[1\]: expected an int, got bool"),
+        ([16, 16.0], r"storages\.nbytes\[1\]: expected an int, got float"),
+        ([], r"storages cover 0 bytes, the objects 32"),
+        ("16", r"storages\.nbytes: expected a list, got str"),
+    ],
+)
+def test_storage_sizes_are_checked_as_before(nbytes: Any, match: str) -> None:
+    assert fmt.parse_rank_manifest(_storages_doc([16, 16]), KEY).storages[1] == (16, 16)
+    with pytest.raises(ManifestError, match=match) as exc:
+        fmt.parse_rank_manifest(_storages_doc(nbytes), KEY)
+    assert KEY in str(exc.value)
+
+
+@pytest.mark.parametrize("flags", [[0, 0, 0], [3, 3, 3], [1, 1, 1], [2, 0, 3], [1, 3, 1]])
+def test_leaf_flags_of_one_or_several_values_give_each_leaf_its_own(flags: list[int]) -> None:
+    m = _manifest({"t": "tensors", "keys": ["a", "b", "c"], "i": 0}, [torch.zeros(2)] * 3)
+    doc = json.loads(m.to_json())
+    doc["leaves"]["flags"] = flags
+    parsed = fmt.parse_rank_manifest(json.dumps(doc).encode(), KEY)
+    assert [(lf.requires_grad, lf.parameter) for lf in parsed.leaves] == [(bool(f & 1), bool(f & 2)) for f in flags]
+    assert all(type(lf.requires_grad) is bool and type(lf.parameter) is bool for lf in parsed.leaves)
+
+
+def test_short_documents_skip_counting_but_never_exceed_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The densest documents parse_cost can see: every byte an object, or a value, non-ASCII text.
+    for data in (b"{" * 1000, b"[" * 999 + b"]", b"," * 1000, "é".encode() * 500, b"[" + b"{}," * 333 + b"]"):
+        assert fmt.parse_cost(data) <= len(data) * fmt._MAX_COST_PER_BYTE + fmt._COST_PER_VALUE
+    data = _columns_doc()
+    cost = fmt.parse_cost(data)
+    monkeypatch.setattr(fmt, "MAX_PARSE_MEMORY", cost)  # below the bound for its length: counted, and fits
+    assert len(data) * fmt._MAX_COST_PER_BYTE > cost
+    fmt.parse_rank_manifest(data, KEY)
+    monkeypatch.setattr(fmt, "MAX_PARSE_MEMORY", cost - 1)
+    with pytest.raises(ManifestError, match="too many JSON values"):
+        fmt.parse_rank_manifest(data, KEY)
+
+
+@pytest.mark.parametrize(
+    ("nodes", "bad"),
+    [
+        # Leaves referenced out of order: a tensors node after references to later leaves.
+        ([("tensors", 8, 8), ("tensors", 0, 8)], None),
+        ([("tensor", 12, 1), ("tensors", 0, 8), ("tensors", 8, 4), ("tensor", 13, 1), ("tensors", 14, 2)], None),
+        ([("tensors", 8, 8), ("tensors", 4, 8)], r"repeated tensor reference 8 at state\[1\]\['k4'\]"),
+        ([("tensor", 5, 1), ("tensors", 0, 8)], r"repeated tensor reference 5 at state\[1\]\['k5'\]"),
+        ([("tensors", 0, 8), ("tensor", 3, 1)], r"repeated tensor reference 3 at state\[1\]"),
+        ([("tensors", 0, 8), ("tensors", 7, 9)], r"repeated tensor reference 7 at state\[1\]\['k0'\]"),
+    ],
+)
+def test_tensors_nodes_in_any_order_refuse_a_leaf_referenced_twice(nodes: list[Any], bad: str | None) -> None:
+    def node(kind: str, first: int, count: int) -> dict[str, Any]:
+        if kind == "tensor":
+            return {"t": "tensor", "i": first}
+        return {"t": "tensors", "keys": [f"k{j}" for j in range(count)], "i": first}
+
+    structure = {"t": "list", "v": [node(*n) for n in nodes]}
+    m = _roundtrip(_manifest(structure, [torch.zeros(2) for _ in range(16)]))
+    if bad is None:
+        check = validate_manifest(m, KEY)
+        assert sorted(check.paths) == list(range(16))
+    else:
+        with pytest.raises(ManifestError, match=bad):
+            validate_manifest(m, KEY)
+
+
+# ------------------------------------------------ the collector around large manifests
+
+
+def _large_manifest(n: int = 12_000) -> bytes:
+    flat = flatten(_adam_state(n // 4))
+    return _manifest(flat.structure, list(flat.leaves)).to_json()
+
+
+def test_a_large_manifest_leaves_no_young_objects_behind() -> None:
+    """What parsing and checking a large manifest built joins the oldest generation unscanned:
+    the collector's next young collection does not walk its records (see format.paused_gc)."""
+    import gc
+
+    if not fmt._gc_can_promote:
+        pytest.skip("no constant-time promotion on this interpreter")
+    data = _large_manifest()
+    assert len(data) >= fmt._PROMOTE_BYTES
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    m = fmt.parse_rank_manifest(data, KEY)
+    assert gc.get_count()[0] < 1000, gc.get_count()  # 24,000 records built, none left young
+    check = validate_manifest(m, KEY)
+    assert gc.get_count()[0] < 1000, gc.get_count()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert len(check.paths) == len(m.leaves) == 12_000
+    # The caller's own collector setting stays, and then nothing is moved.
+    del m, check
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        kept = fmt.parse_rank_manifest(data, KEY)
+        assert gc.get_count()[0] > before + 24_000 and not gc.isenabled()
+        del kept
+    finally:
+        gc.enable()
+    gc.collect()
+
+
+def test_objects_the_process_froze_stay_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    if not fmt._gc_can_promote:
+        pytest.skip("no constant-time promotion on this interpreter")
+    monkeypatch.setattr(fmt, "_gc_can_promote", True)  # restored after: the test turns it off
+    data = _large_manifest()
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        validate_manifest(fmt.parse_rank_manifest(data, KEY), KEY)
+        assert gc.get_freeze_count() == frozen and gc.isenabled()
+        assert not fmt._gc_can_promote  # noticed once, then never tried again
+    finally:
+        gc.unfreeze()
