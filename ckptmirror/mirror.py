@@ -80,6 +80,34 @@ class RestoreResult:
     seconds: float = 0.0
 
 
+def _restore_targets(model: Stateful, stock: bool) -> Any:
+    """The model's state dict to restore into: its own tensors, which restore fills in place.
+
+    With torch's own ``state_dict`` and no hooks (``stock``, see
+    :func:`~ckptmirror.state.targets.stock_loading`), ``keep_vars=True``: the parameters
+    themselves instead of a ``detach()``ed alias of each, the same storages. Building and then
+    freeing those aliases is most of what ``state_dict()`` costs: measured at 50k tensors on a
+    2-core VM, 0.17 s against 0.02 s. (Restore then reads the parameters' attributes, which
+    costs more than reading the fresh aliases': they lie far apart in memory. Measured over the
+    whole restore, the parameters still come out ~0.1 s ahead at 50k tensors.)
+    Restore writes their bytes through raw pointers or under ``no_grad``, so autograd never
+    sees the difference. A subclass (DTensor) is not filled this way: its local shard is taken
+    with ``to_local()``, which must not be a differentiable view of a parameter, so any tensor
+    subclass in the state dict means the plain ``state_dict()``.
+    """
+    if not stock:
+        return model.state_dict()
+    sd = cast(Any, model).state_dict(keep_vars=True)
+    kinds = set(map(type, sd.values()))
+    if any(issubclass(k, torch.Tensor) and k not in _PLAIN_TENSORS for k in kinds):
+        return model.state_dict()
+    return sd
+
+
+#: Tensor types whose ``keep_vars=True`` state dict entry restore may fill (see _restore_targets).
+_PLAIN_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
 #: :meth:`Mirror._speculate` bets only on plans of at least this many leaves (fewer: the
 #: checks it would overlap take microseconds).
 SPECULATE_MIN_LEAVES = 256
@@ -625,18 +653,18 @@ class Mirror:
         t0 = time.perf_counter()
         if optim is not None:
             init_sharded_optimizer_state(optim)
+        # With torch's own load_state_dict (no overrides, no hooks), nothing can fail once the
+        # bytes verified and the ranks agreed: local objects then wait, verified where they lie,
+        # and land just before it, with no undo copy (see restore/undo.py).
+        defer = stock_loading(model, optim)
         targets = {
-            "model": model.state_dict() if model is not None else None,
+            "model": _restore_targets(model, defer) if model is not None else None,
             "optim": optim.state_dict() if optim is not None else None,
         }
         strict_paths = [("model",)] if (strict and model is not None) else []
         # The undo log (what restore overwrites in place, kept until the state is loaded) lives
         # in a staging arena: the first save needs that memory anyway, so a run pays no extra.
         arena = self._arenas.acquire(block=False)
-        # With torch's own load_state_dict (no overrides, no hooks), nothing can fail once the
-        # bytes verified and the ranks agreed: local objects then wait, verified where they lie,
-        # and land just before it, with no undo copy (see restore/undo.py).
-        defer = stock_loading(model, optim)
         try:
             factory = (lambda n: arena.reserve(n, pinned=False)) if arena is not None else None
             validate = partial(check_fits, model, optim, targets)

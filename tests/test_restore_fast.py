@@ -279,3 +279,71 @@ def test_model_and_optimizer_with_many_parameters_in_one_group(tmp_path: Path) -
     for k, st in s1["state"].items():
         assert all(torch.equal(v, s2["state"][k][name]) for name, v in st.items())
     assert type(opts[1].param_groups[0]["params"]) is list
+
+
+def test_objects_verified_ahead_are_read_once_and_always_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckptmirror.replicas.local import LocalReplica
+    from ckptmirror.restore.fetch import Fetcher
+
+    mapped: list[Any] = []
+    reads: list[str] = []
+    real_map, real_read = LocalReplica.map_object, Fetcher.fetch_into
+
+    def map_object(self: LocalReplica, key: str, size: int) -> Any:
+        mo = real_map(self, key, size)
+        mapped.append(mo)
+        return mo
+
+    def fetch_into(self: Fetcher, key: str, *args: Any, **kwargs: Any) -> str:
+        reads.append(key)
+        return real_read(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(LocalReplica, "map_object", map_object)
+    monkeypatch.setattr(Fetcher, "fetch_into", fetch_into)
+
+    def closed() -> bool:
+        return all(mo.buffer.closed for mo in mapped if mo is not None)
+
+    src = many(60, 0)
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
+        m.save(1, src).result(timeout=60)
+        n_objects = len(objects(tmp_path, 1))
+        # Filled in place: each object mapped and verified once, ahead, and read no other way.
+        dst = many(60, 1)
+        m.restore(dst)
+        assert same(raw(dst.state_dict()), raw(src.state_dict()))
+        assert len(mapped) == n_objects and not reads and closed()
+        # Refused (a shape differs) while objects were being verified: every mapping closed.
+        mapped.clear()
+        dst = many(60, 1)
+        dst.p7 = torch.nn.Parameter(torch.zeros(99))
+        before = raw(dst.state_dict())
+        with pytest.raises(StateMismatchError):
+            m.restore(dst)
+        assert same(raw(dst.state_dict()), before) and closed()
+        # Other dtypes: fresh buffers (the large tensor's objects hold nothing else), filled out of
+        # the verified mappings, not read again.
+        mapped.clear()
+        dst = many(60, 1).double()
+        m.restore(dst)
+        for k, v in src.state_dict().items():
+            assert torch.equal(dst.state_dict()[k], v.to(dst.state_dict()[k].dtype)), k
+        assert len(mapped) == n_objects and not reads and closed()
+
+
+def test_an_object_verified_ahead_for_a_cuda_target_is_read_again_the_usual_way() -> None:
+    # _host_first guessed host memory, and a storage of the object turned out to be a CUDA
+    # target's (ptr 0): the mapping is closed and the object read the usual way.
+    class Mapping:
+        addr, size, closed = 0, 8, False
+
+        def close(self) -> None:
+            self.closed = True
+
+    mo, cands = Mapping(), ["replica"]
+    obj = fill.ObjectRecord("step-000000000001/rank-00000/o000000-00000000.bin", 8, "xxh3_64:" + "0" * 16)
+    landing = Landing()
+    got = fill._deferred(None, obj, cands, 0, 8, [0], [8], [0], [True], landing, (mo, "url", []))  # type: ignore[arg-type]
+    assert got is cands and mo.closed and landing.nbytes == 0
