@@ -9,7 +9,9 @@ save ROOT URL ...          train 4 deterministic steps; dcp.save step 2 (a reuse
 load ROOT TAG STEP URL ... build the model with other weights, sharded over this world size, and
                            dcp.load (STEP "newest" or a number) with pickle.load(s), pickle.Unpickler
                            and torch.load made to raise; write the full tensors (rank 0) to
-                           ROOT/restored-TAG.safetensors and ROOT/result-TAG-<rank>.json
+                           ROOT/restored-TAG.safetensors and ROOT/result-TAG-<rank>.json. TAG and
+                           STEP may be comma-separated lists of the same length: one load each, in
+                           turn, in this job (a model of its own each; one torchrun start for all)
 kill ROOT URL ...          launched by hand (not torchrun): step 1 is saved; during step 2 rank 1
                            SIGKILLs itself after its first object; rank 0 records what dcp.save did
 """
@@ -234,7 +236,11 @@ def main() -> int:
     if mode == "save":
         save(root, sys.argv[3:])
     elif mode == "load":
-        load(root, sys.argv[3], sys.argv[4], sys.argv[5:])
+        tags, steps = sys.argv[3].split(","), sys.argv[4].split(",")
+        assert len(tags) == len(steps), (tags, steps)
+        for tag, step in zip(tags, steps):
+            load(root, tag, step, sys.argv[5:])
+            dist.barrier()
     elif mode == "kill":
         return kill(root, sys.argv[3:])
     dist.barrier()

@@ -1,15 +1,22 @@
 """A torchrun worker for tests/test_fsdp.py: FSDP2 (fully_shard) on CPU with gloo.
 
+    torchrun ... _fsdp_child.py MODE ROOT [MODE ROOT ...]
+
 save ROOT:    train 3 deterministic steps, save step 3 to ROOT/ckpt, and write the full
               (unsharded) model and optimizer tensors to ROOT/reference.safetensors.
 restore ROOT: build the model with other weights, shard it over this world size, restore,
               and write the full tensors to ROOT/restored-<world>.safetensors (rank 0).
+
+Several (MODE, ROOT) pairs run one after the other in the same job (each with its own model,
+optimizer and Mirror), as a job that resumes and then saves does: one torchrun start, and its
+process group, serve them all.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,11 +47,21 @@ def full(model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict[str, torc
 
 
 def main() -> int:
-    mode, root = sys.argv[1], sys.argv[2]
+    args = sys.argv[1:]
+    assert args and len(args) % 2 == 0, "usage: _fsdp_child.py MODE ROOT [MODE ROOT ...]"
     dist.init_process_group("gloo")
-    world, rank = dist.get_world_size(), dist.get_rank()
     torch.set_num_threads(1)
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for mode, root in zip(args[::2], args[1::2]):
+        assert mode in ("save", "restore"), mode
+        run(mode, root, mesh)
+        dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def run(mode: str, root: str, mesh: Any) -> None:
+    world, rank = dist.get_world_size(), dist.get_rank()
     model = build(seed=1 if mode == "save" else 99)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
@@ -70,9 +87,6 @@ def main() -> int:
         if rank == 0:
             save_file(got, os.path.join(root, f"restored-{world}.safetensors"))
     mirror.close()
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Helpers shared by the test files (one copy each); fixtures built on them are in ``conftest.py``.
 
 Polling (:func:`wait_until`), free ports, files on disk, log records, models and their
-bit-exact comparison, ``torchrun`` jobs, the AWS environment of an S3 test server and a boto3
+bit-exact comparison, child scripts forked from a server that imported their framework once
+(:class:`ForkServer`), ``torchrun`` jobs, the AWS environment of an S3 test server and a boto3
 view of a bucket. The peer agent's helpers are in ``_agent.py``.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
@@ -213,18 +216,129 @@ def assert_bit_exact(actual: Any, expected: Any, what: str = "") -> None:
         assert actual == expected, f"{what}: {actual!r} != {expected!r}"
 
 
+# --------------------------------------------------------------------------- fork server
+class Forked:
+    """A child of a :class:`ForkServer`: ``pid``, ``wait``, ``kill``, ``returncode`` as a Popen's,
+    its stdout and stderr in files."""
+
+    def __init__(self, server: ForkServer, pid: int, stdout: Path, stderr: Path) -> None:
+        self.server, self.pid, self.stdout_path, self.stderr_path = server, pid, stdout, stderr
+        self.returncode: int | None = None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The exit code (negative: the signal that ended it); TimeoutExpired as Popen.wait."""
+        if self.returncode is None:
+            self.returncode = self.server.wait(self.pid, 1e9 if timeout is None else timeout)
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired(f"forked child {self.pid}", timeout or 0.0)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        """The exit code if the child has exited (the server reported it), else None."""
+        if self.returncode is None:
+            self.returncode = self.server.wait(self.pid, 0.0)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Wait, then (stdout, stderr) as text, as ``Popen.communicate`` gives them."""
+        self.wait(timeout)
+        return self.stdout_path.read_text(errors="replace"), self.stderr_path.read_text(errors="replace")
+
+
+class ForkServer:
+    """``tests/_fork_server.py``: imports ``modules`` once, then forks each child script from
+    that process (see there). :meth:`popen` starts one; children run concurrently.
+
+    For child scripts whose cost is mostly importing a framework: a fresh interpreter per child
+    pays that every time. Each child is still a process of its own, started after the server
+    ran nothing but imports, and ends as the script would (``os._exit``, signals, exit codes).
+    """
+
+    def __init__(self, modules: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 300) -> None:
+        self.log = log
+        with open(log, "ab") as f:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "_fork_server.py"), *modules],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=f,
+                env=env,
+                cwd=REPO,
+            )
+        self._buf = b""
+        self._exited: dict[int, int] = {}  # pid -> os.waitpid status, reported but not yet collected
+        doc = self._next(timeout)
+        assert doc == {"ready": True}, f"fork server not ready after {timeout} s ({doc}):\n{self._said()}"
+
+    def _said(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+    def _next(self, timeout: float) -> dict[str, Any] | None:
+        """The server's next line, or None if it said nothing within ``timeout`` s."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return None
+            data = os.read(self.proc.stdout.fileno(), 1 << 16)
+            if not data:
+                raise AssertionError(f"fork server exited ({self.proc.poll()}):\n{self._said()}")
+            self._buf += data
+        line, self._buf = self._buf.split(b"\n", 1)
+        doc: dict[str, Any] = json.loads(line)
+        return doc
+
+    def popen(self, argv: list[str], cwd: str | os.PathLike[str], stdout: Path, stderr: Path | None = None) -> Forked:
+        """Fork ``python argv...`` in ``cwd``; its stdout goes to ``stdout`` (appended), its stderr
+        to ``stderr`` (default: the same file)."""
+        stderr = stdout if stderr is None else stderr
+        assert self.proc.stdin is not None
+        cmd = {"argv": [str(a) for a in argv], "cwd": str(cwd), "stdout": str(stdout), "stderr": str(stderr)}
+        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+        self.proc.stdin.flush()
+        while True:
+            doc = self._next(60.0)
+            assert doc is not None, f"the fork server did not fork within 60 s:\n{self._said()}"
+            if "status" in doc:
+                self._exited[doc["pid"]] = doc["status"]
+            else:
+                return Forked(self, int(doc["pid"]), stdout, stderr)
+
+    def wait(self, pid: int, timeout: float) -> int | None:
+        """The exit code of child ``pid`` (negative: killed by that signal), or None after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while pid not in self._exited:
+            doc = self._next(deadline - time.monotonic())
+            if doc is None:
+                return None
+            self._exited[doc["pid"]] = doc["status"]
+        return os.waitstatus_to_exitcode(self._exited.pop(pid))
+
+    def close(self) -> None:
+        """End of commands: the server waits for its children, then exits."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc.stdout.close()
+
+
 # ------------------------------------------------------------------------------ torchrun
 #: Seen once in ~20 runs of a 4-rank job on 2 cores: a worker aborts in torch's C++ teardown
 #: after the job's work (and ckptmirror's threads) finished. Only that signature is retried.
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
-def torchrun(
-    *args: str, nproc: int = 2, restarts: int = 0, timeout: float = 240, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    """Run ``torch.distributed.run --standalone`` in the repository (the environment, AWS_* too,
-    is inherited); with ``check``, a failed job raises AssertionError with its output."""
-    cmd = [
+def _torchrun_cmd(args: tuple[str, ...], nproc: int, restarts: int) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -233,17 +347,72 @@ def torchrun(
         f"--max-restarts={restarts}",
         *args,
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+_TORCHRUN_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun(
+    *args: str, nproc: int = 2, restarts: int = 0, timeout: float = 240, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run ``torch.distributed.run --standalone`` in the repository (the environment, AWS_* too,
+    is inherited); with ``check``, a failed job raises AssertionError with its output."""
+    cmd = _torchrun_cmd(args, nproc, restarts)
+    env = dict(os.environ, **_TORCHRUN_ENV)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    return _torchrun_checked(p, cmd, env, timeout, check)
+
+
+def _torchrun_checked(
+    p: subprocess.CompletedProcess[str], cmd: list[str], env: dict[str, str], timeout: float, check: bool
+) -> subprocess.CompletedProcess[str]:
     if check and p.returncode != 0 and TEARDOWN_ABORT in p.stderr:
         # Only that signature is retried, and the rerun is checked like the first.
         warnings.warn(
-            f"torchrun worker aborted in torch teardown; running the job again: {p.stderr[-500:]}", stacklevel=2
+            f"torchrun worker aborted in torch teardown; running the job again: {p.stderr[-500:]}", stacklevel=3
         )
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     if check and p.returncode != 0:
         raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p
+
+
+class TorchrunJob:
+    """A :func:`torchrun` job started in the background (``torchrun_start``), for a test to run
+    an independent job (a reference run) alongside its others; :meth:`result` waits and checks
+    it as :func:`torchrun` does."""
+
+    def __init__(self, args: tuple[str, ...], nproc: int, restarts: int, timeout: float, check: bool) -> None:
+        self.cmd = _torchrun_cmd(args, nproc, restarts)
+        self.env = dict(os.environ, **_TORCHRUN_ENV)
+        self.timeout, self.check = timeout, check
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env, cwd=REPO
+        )
+
+    def result(self) -> subprocess.CompletedProcess[str]:
+        try:
+            out, err = self.proc.communicate(timeout=max(1.0, self.timeout - (time.monotonic() - self.t0)))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise
+        p = subprocess.CompletedProcess(self.cmd, self.proc.returncode, out, err)
+        return _torchrun_checked(p, self.cmd, self.env, self.timeout, self.check)
+
+    def kill(self) -> None:
+        """For a test leaving early: the job is not left running."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def torchrun_start(
+    *args: str, nproc: int = 2, restarts: int = 0, timeout: float = 240, check: bool = True
+) -> TorchrunJob:
+    """:func:`torchrun` without waiting for it: ``.result()`` gives what torchrun would have."""
+    return TorchrunJob(args, nproc, restarts, timeout, check)
 
 
 def read_losses(path: Path, *, once: bool = False) -> tuple[dict[int, float], list[dict[str, Any]]]:

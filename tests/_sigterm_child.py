@@ -1,8 +1,9 @@
 """A training process for tests/test_sigterm.py: step 1 saved, then a slow save of step 2.
 
 Usage: python tests/_sigterm_child.py ROOT DELAY_S
-The replica sleeps DELAY_S per object put (a slow disk), so step 2 is still being written when
-the test sends SIGTERM. Prints "saving 2" once step 2's snapshot is taken, then trains forever.
+The replica sleeps DELAY_S per object put (a slow disk) from step 2 on (step 1 is written at full
+speed: it only has to be there), so step 2 is still being written when the test sends SIGTERM.
+Prints "saving 2" once step 2's snapshot is taken, then trains forever.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ def main() -> None:
     root, delay = sys.argv[1], float(sys.argv[2])
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])
-    replica = FaultyReplica(LocalReplica(root), delay_s=delay)
+    replica = FaultyReplica(LocalReplica(root))
     m = ckptmirror.Mirror([replica], object_bytes=64 << 10, on_sigterm="flush", sigterm_timeout_s=60)
     m.save(1, model).result(timeout=120)
+    replica.delay_s = delay  # the slow disk: step 2's puts (and its commit) wait DELAY_S each
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)

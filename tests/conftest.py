@@ -1,5 +1,6 @@
 """Shared fixtures: real servers on 127.0.0.1 (an S3 server and a peer agent, each started once
-per session), fresh buckets and namespaces per test, and S3Replica objects closed at teardown.
+per session), fresh buckets and namespaces per test, S3Replica objects closed at teardown, and
+the uninterrupted reference run of the DDP example (run once for the files that compare with it).
 
 The helpers these build on are in ``_helpers.py`` (generic) and ``_agent.py`` (the peer agent).
 """
@@ -13,11 +14,12 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from _agent import AgentProc, agent, write_token
-from _helpers import S3Bucket, answers, free_port, point_aws_at
+from _helpers import REPO, S3Bucket, answers, free_port, point_aws_at, torchrun
 
 if TYPE_CHECKING:
     from ckptmirror.replicas.s3 import S3Replica
@@ -157,3 +159,16 @@ def no_peer_token_env(monkeypatch: pytest.MonkeyPatch) -> None:
     from ckptmirror.replicas.peer import TOKEN_ENV
 
     monkeypatch.delenv(TOKEN_ENV, raising=False)
+
+
+# --------------------------------------------------------------------------- torchrun DDP
+@pytest.fixture(scope="session")
+def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference of the DDP example (``examples/torchrun_ddp.py``): 2 ranks under real
+    torchrun, 20 steps, saving every 5 to its default replicas (``node{node_rank}-local`` and
+    ``shared``), never interrupted. Its loss logs and final digests are what a crashed or
+    resumed run must reproduce; checkpointing does not change the training, so one run serves
+    tests/test_distributed.py and tests/test_distributed_s3.py. Tests only read it."""
+    root = tmp_path_factory.mktemp("ddp-ref")
+    torchrun(str(REPO / "examples" / "torchrun_ddp.py"), "--ckpt", str(root), "--steps", "20")
+    return root

@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("accelerate", reason="the [accelerate] extra is not installed")
 
 import torch  # noqa: E402
-from _helpers import REPO, assert_bit_exact, files_under, torchrun  # noqa: E402
+from _helpers import REPO, assert_bit_exact, files_under, torchrun, torchrun_start  # noqa: E402
 
 import ckptmirror  # noqa: E402
 from ckptmirror.integrations.accelerate import MirrorState  # noqa: E402
@@ -137,20 +137,25 @@ def test_ddp_two_processes_crash_resume_is_bit_exact(tmp_path: Path) -> None:
     states differ); the step commits once both parts are durable and both load it back."""
     ra, rb = tmp_path / "replica-a", tmp_path / "replica-b"
     replicas = f"{ra},{rb}"
-    # 40 samples, 2 processes: 5 batches per process and epoch, 15 in all.
-    crash = torchrun(CHILD, "crash", "--replicas", replicas, "--project", str(tmp_path / "p1"), "--crash-at", "14",
-                     check=False)  # fmt: skip
-    assert crash.returncode != 0 and '"crashed_at": 14' in crash.stdout, crash.stdout + crash.stderr[-3000:]
-    with ckptmirror.Mirror([str(ra), str(rb)], distributed=False) as m:
-        assert m.steps() == [4, 8, 12]
-    assert len(list((ra / "step-000000000012").glob("rank-*.json"))) == 2  # one manifest per process
-    assert_no_pickle(ra)
-    corrupt_step(ra, 12)
-    res = torchrun(CHILD, "resume", "--replicas", replicas, "--project", str(tmp_path / "p3"),
-                   "--weights", str(tmp_path / "resumed.safetensors"))  # fmt: skip
-    ref = torchrun(
+    # The uninterrupted reference shares nothing with the other jobs: it runs alongside them.
+    reference = torchrun_start(
         CHILD, "reference", "--project", str(tmp_path / "p2"), "--weights", str(tmp_path / "ref.safetensors")
     )
+    try:
+        # 40 samples, 2 processes: 5 batches per process and epoch, 15 in all.
+        crash = torchrun(CHILD, "crash", "--replicas", replicas, "--project", str(tmp_path / "p1"), "--crash-at",
+                         "14", check=False)  # fmt: skip
+        assert crash.returncode != 0 and '"crashed_at": 14' in crash.stdout, crash.stdout + crash.stderr[-3000:]
+        with ckptmirror.Mirror([str(ra), str(rb)], distributed=False) as m:
+            assert m.steps() == [4, 8, 12]
+        assert len(list((ra / "step-000000000012").glob("rank-*.json"))) == 2  # one manifest per process
+        assert_no_pickle(ra)
+        corrupt_step(ra, 12)
+        res = torchrun(CHILD, "resume", "--replicas", replicas, "--project", str(tmp_path / "p3"),
+                       "--weights", str(tmp_path / "resumed.safetensors"))  # fmt: skip
+        ref = reference.result()
+    finally:
+        reference.kill()
     got, want = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (res, ref))
     assert (got["processes"], got["resumed_from"], got["progress"]) == (2, 12, 12)
     assert (got["batches"], got["loss_sum"]) == (want["batches"], want["loss_sum"])

@@ -178,8 +178,15 @@ def test_an_object_across_runs_is_joined_and_one_inside_a_run_is_a_view() -> Non
 # ----------------------------------------------------------------------------- loading
 
 
-def test_load_on_2_ranks_newest_without_pickle(saved: Path) -> None:
-    p = job(2, "load", str(saved), "two", "newest", *urls(saved))
+@pytest.fixture(scope="module")
+def loaded_on_2(saved: Path) -> subprocess.CompletedProcess[str]:
+    """One 2-rank job that loads ``saved`` three times, each into a model of its own: the newest
+    step (tag "two"), step 3 ("step3") and step 2 ("step2"); its output covers all three."""
+    return job(2, "load", str(saved), "two,step3,step2", "newest,3,2", *urls(saved))
+
+
+def test_load_on_2_ranks_newest_without_pickle(saved: Path, loaded_on_2: subprocess.CompletedProcess[str]) -> None:
+    p = loaded_on_2
     # Rank 1 reads what DCP had rank 0 store (and the other way round): from the shared
     # replica, without first trying its own node's disk, which cannot hold it, and warning.
     assert "trying the next replica" not in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
@@ -193,13 +200,12 @@ def test_load_on_2_ranks_newest_without_pickle(saved: Path) -> None:
         assert mine and all(out["sources"][k] == str(saved / f"local-{out['rank']}") for k in mine), out
 
 
-def test_load_a_given_step(saved: Path) -> None:
-    job(2, "load", str(saved), "step3", "3", *urls(saved))
+def test_load_a_given_step(saved: Path, loaded_on_2: subprocess.CompletedProcess[str]) -> None:
     assert_same(saved / "reference-3.safetensors", saved / "restored-step3.safetensors")
     assert {out["step"] for out in result(saved, "step3")} == {3}
     # Step 2 came from dcp.save, which writes large tensors from where they are (no staging copy).
-    job(2, "load", str(saved), "step2", "2", *urls(saved))
     assert_same(saved / "reference-2.safetensors", saved / "restored-step2.safetensors")
+    assert {out["step"] for out in result(saved, "step2")} == {2}
 
 
 def test_load_on_4_ranks_reshards(saved: Path) -> None:

@@ -155,7 +155,11 @@ def test_demo_says_no_and_fails_when_the_restore_is_wrong(
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # not the child's 1: the demo must compute its reference with 1 anyway
     try:
-        rc = demo.run_demo(str(tmp_path / "demo"), steps=40, save_every=5)
+        # Few steps: the kill comes at step 11 (the earliest the demo allows: after the saves of
+        # steps 5 and 10), with steps to spare so the child is still running when it comes. What
+        # is checked here is the verdict on a damaged restore, not the training length (the
+        # README run above goes the default 40 steps).
+        rc = demo.run_demo(str(tmp_path / "demo"), steps=15, save_every=5)
         assert torch.get_num_threads() == 2, "the demo did not put the caller's thread count back"
     finally:
         torch.set_num_threads(threads)

@@ -27,11 +27,10 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reference: 2-rank DDP, 20 steps, saving every 5, never interrupted."""
-    root = tmp_path_factory.mktemp("ddp-ref")
-    torchrun(str(EXAMPLE), "--ckpt", str(root), "--steps", "20")
-    return root
+def uninterrupted(ddp_reference: Path) -> Path:
+    """The reference: 2-rank DDP, 20 steps, saving every 5, never interrupted (conftest.py's
+    ``ddp_reference``, which tests/test_distributed_s3.py compares with too)."""
+    return ddp_reference
 
 
 def test_ddp_state_is_written_once_spread_over_ranks(uninterrupted: Path) -> None:
@@ -100,9 +99,20 @@ def _results(root: Path, n: int = 2) -> list[dict[str, Any]]:
     return [json.loads((root / f"result-{r}.json").read_text()) for r in range(n)]
 
 
-def test_per_rank_shards_node_local_and_shared(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def per_rank_saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 2-rank job of ``_dist_child.py save``: per-rank state, steps 1 and 2, to node-local
+    replicas ``local-{rank}`` and a ``shared`` one under the returned directory, with each rank's
+    result-<rank>.json. Tests read it; one that changes it works on a copy."""
+    root = tmp_path_factory.mktemp("per-rank")
+    torchrun(str(CHILD), "save", str(root), str(root / "local-{rank}"), str(root / "shared"))
+    return root
+
+
+def test_per_rank_shards_node_local_and_shared(per_rank_saved: Path, tmp_path: Path) -> None:
+    tmp_path = tmp_path / "job"
+    shutil.copytree(per_rank_saved, tmp_path)  # this test deletes a replica: a copy of its own
     local, shared = str(tmp_path / "local-{rank}"), str(tmp_path / "shared")
-    torchrun(str(CHILD), "save", str(tmp_path), local, shared)
     assert all(r["steps"] == [1, 2] for r in _results(tmp_path))
     for r in (0, 1):
         keys = {p.name for p in (tmp_path / f"local-{r}" / step_dir(2)).iterdir()}
@@ -119,9 +129,8 @@ def test_per_rank_shards_node_local_and_shared(tmp_path: Path) -> None:
     assert str(tmp_path / "shared") in res[1]["served"][0]
 
 
-def test_per_rank_state_refuses_another_world_size(tmp_path: Path) -> None:
-    torchrun(str(CHILD), "save", str(tmp_path), str(tmp_path / "shared"))
-    with ckptmirror.Mirror([str(tmp_path / "shared")]) as m:
+def test_per_rank_state_refuses_another_world_size(per_rank_saved: Path) -> None:
+    with ckptmirror.Mirror([str(per_rank_saved / "shared")]) as m:
         with pytest.raises(ckptmirror.StateMismatchError, match="2 rank"):
             m.load_state()
 
@@ -157,8 +166,7 @@ def test_rank_killed_mid_save_never_commits_and_nobody_hangs(tmp_path: Path) -> 
         assert m.steps() == [1]
 
 
-def test_export_one_rank_of_a_per_rank_checkpoint(tmp_path: Path) -> None:
-    torchrun(str(CHILD), "save", str(tmp_path), str(tmp_path / "shared"))
+def test_export_one_rank_of_a_per_rank_checkpoint(per_rank_saved: Path, tmp_path: Path) -> None:
     out = tmp_path / "rank1.safetensors"
     p = subprocess.run(
         [
@@ -166,7 +174,7 @@ def test_export_one_rank_of_a_per_rank_checkpoint(tmp_path: Path) -> None:
             "-m",
             "ckptmirror",
             "export",
-            str(tmp_path / "shared"),
+            str(per_rank_saved / "shared"),
             "--rank",
             "1",
             "--format",

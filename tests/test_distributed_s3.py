@@ -22,16 +22,14 @@ EXAMPLE = REPO / "examples" / "torchrun_ddp.py"
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
-def test_replacement_node_resumes_from_s3_with_identical_losses(s3_url: str, tmp_path: Path) -> None:
-    ref, run = tmp_path / "reference", tmp_path / "run"
-    ref.mkdir()
+def test_replacement_node_resumes_from_s3_with_identical_losses(
+    s3_url: str, tmp_path: Path, ddp_reference: Path
+) -> None:
+    # The reference: 20 steps, never interrupted (conftest.py's ddp_reference, shared with
+    # tests/test_distributed.py: where it checkpoints does not change its losses).
+    ref, run = ddp_reference, tmp_path / "run"
     run.mkdir()
     local = str(run / "node{node_rank}-local")
-
-    # The reference: 20 steps, never interrupted, node-local replica only.
-    torchrun(
-        str(EXAMPLE), "--ckpt", str(ref), "--steps", "20", "--replicas", str(ref / "node{node_rank}-local"), timeout=120
-    )
 
     # The job: 10 steps, checkpoints (every 5) to the node-local directory and to S3.
     torchrun(str(EXAMPLE), "--ckpt", str(run), "--steps", "10", "--replicas", f"{local},{s3_url}", timeout=120)

@@ -1,7 +1,8 @@
 """Fault-injection tests: the faults of docs/RELIABILITY.md that a local-disk replica must survive.
 
 Everything runs on real files under ``tmp_path``; crashes are real ``SIGKILL``s of a writer
-subprocess (``tests/_writer_child.py``) at exact points of the commit protocol (a
+subprocess (``tests/_writer_child.py``, forked from a server that imported torch and ckptmirror
+once: ``_helpers.ForkServer``) at exact points of the commit protocol (a
 ``FaultyReplica.on_phase`` hook writes a marker file and blocks) and at random points.
 Expected values are recomputed from (step, seed): nothing is checked through pickle or
 ``torch.save``.
@@ -24,14 +25,23 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from _helpers import assert_bit_exact, ck_warnings, files_under, state_of, temp_files, wait_until
+from _helpers import (
+    Forked,
+    ForkServer,
+    assert_bit_exact,
+    ck_warnings,
+    files_under,
+    state_of,
+    temp_files,
+    wait_until,
+)
 
 from ckptmirror import (
     CkptMirrorError,
@@ -156,14 +166,23 @@ def pin_manifest(root: Path, step: int, manifest: bytes) -> None:
 
 
 # ------------------------------------------------------------------ writer subprocesses
-@pytest.fixture
-def spawn(tmp_path: Path):
-    procs: list[subprocess.Popen[bytes]] = []
+@pytest.fixture(scope="module")
+def writers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]:
+    """Forks the writer processes (``python _writer_child.py ...``) from one process that imported
+    torch and ckptmirror once: a fresh interpreter per writer spends seconds importing them."""
+    server = ForkServer(["_writer_child", "ckptmirror", "ckptmirror.replicas", "ckptmirror.format"],
+                        tmp_path_factory.mktemp("writers") / "server.log")  # fmt: skip
+    yield server
+    server.close()
 
-    def start(*args: Any) -> subprocess.Popen[bytes]:
+
+@pytest.fixture
+def spawn(tmp_path: Path, writers: ForkServer):
+    procs: list[Forked] = []
+
+    def start(*args: Any) -> Forked:
         log_path = tmp_path / f"child-{len(procs)}.log"
-        with open(log_path, "wb") as log:
-            p = subprocess.Popen([sys.executable, str(CHILD), *map(str, args)], stdout=log, stderr=subprocess.STDOUT)
+        p = writers.popen([str(CHILD), *map(str, args)], os.getcwd(), log_path)
         p.log_path = log_path  # type: ignore[attr-defined]
         procs.append(p)
         return p
@@ -175,7 +194,7 @@ def spawn(tmp_path: Path):
             p.wait(timeout=30)
 
 
-def wait_for_marker(p: subprocess.Popen[bytes], marker: Path, timeout: float = 60.0) -> str:
+def wait_for_marker(p: Forked, marker: Path, timeout: float = 60.0) -> str:
     deadline = time.monotonic() + timeout
     while not marker.exists():
         if p.poll() is not None:
@@ -186,7 +205,7 @@ def wait_for_marker(p: subprocess.Popen[bytes], marker: Path, timeout: float = 6
     return marker.read_text()
 
 
-def sigkill(p: subprocess.Popen[bytes]) -> None:
+def sigkill(p: Forked) -> None:
     os.kill(p.pid, signal.SIGKILL)
     p.wait(timeout=30)
     assert p.returncode == -signal.SIGKILL, f"writer ended with {p.returncode}, not by SIGKILL"

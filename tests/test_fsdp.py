@@ -33,6 +33,10 @@ def assert_same(ref_path: Path, got_path: Path) -> None:
         assert torch.equal(ref[k], got[k]), f"{k} differs after restore"
 
 
+# Three jobs in all (a torchrun start costs more than the work): 2 ranks save; 4 ranks restore
+# that (2 -> 4), then save; 2 ranks restore the 4-rank checkpoint (4 -> 2), then the 2-rank one.
+# Each restore builds its model with other weights and writes what it restored to a file of
+# its own (restored-<world>.safetensors under the checkpoint's directory); the tests compare.
 @pytest.fixture(scope="module")
 def saved_by_2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fsdp2")
@@ -40,20 +44,30 @@ def saved_by_2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_fsdp2_round_trip_same_world_size(saved_by_2: Path) -> None:
-    fsdp_job(2, "restore", str(saved_by_2))
+@pytest.fixture(scope="module")
+def saved_by_4(saved_by_2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 ranks restore the 2-rank checkpoint (restored-4 under saved_by_2), then save their own."""
+    root = tmp_path_factory.mktemp("fsdp4")
+    fsdp_job(4, "restore", str(saved_by_2), "save", str(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def restored_by_2(saved_by_2: Path, saved_by_4: Path) -> None:
+    """2 ranks restore the 4-rank checkpoint, then the 2-rank one (restored-2 under each)."""
+    fsdp_job(2, "restore", str(saved_by_4), "restore", str(saved_by_2))
+
+
+def test_fsdp2_round_trip_same_world_size(saved_by_2: Path, restored_by_2: None) -> None:
     assert_same(saved_by_2 / "reference.safetensors", saved_by_2 / "restored-2.safetensors")
 
 
-def test_fsdp2_reshards_2_to_4(saved_by_2: Path) -> None:
-    fsdp_job(4, "restore", str(saved_by_2))
+def test_fsdp2_reshards_2_to_4(saved_by_2: Path, saved_by_4: Path) -> None:
     assert_same(saved_by_2 / "reference.safetensors", saved_by_2 / "restored-4.safetensors")
 
 
-def test_fsdp2_reshards_4_to_2(tmp_path: Path) -> None:
-    fsdp_job(4, "save", str(tmp_path))
-    fsdp_job(2, "restore", str(tmp_path))
-    assert_same(tmp_path / "reference.safetensors", tmp_path / "restored-2.safetensors")
+def test_fsdp2_reshards_4_to_2(saved_by_4: Path, restored_by_2: None) -> None:
+    assert_same(saved_by_4 / "reference.safetensors", saved_by_4 / "restored-2.safetensors")
 
 
 def test_fsdp2_checkpoint_consolidates_into_a_plain_model(saved_by_2: Path) -> None:

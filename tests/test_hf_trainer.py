@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import pytest
 pytest.importorskip("transformers", reason="the [transformers] extra is not installed")
 
 import torch  # noqa: E402
-from _helpers import REPO, assert_bit_exact, files_under  # noqa: E402
+from _helpers import REPO, Forked, ForkServer, assert_bit_exact, files_under  # noqa: E402
 
 import ckptmirror  # noqa: E402
 from ckptmirror.integrations.transformers import FORMAT, MARKER, MirrorCallback, materialize  # noqa: E402
@@ -39,14 +40,35 @@ DEVICES = [
 
 
 # ------------------------------------------------------------------------------ helpers
-def child(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO
-    )
+@pytest.fixture(scope="module")
+def child(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Forked | subprocess.Popen[str]]]:
+    """``child(*args)`` starts ``python _hf_child.py ARGS`` (env ENV, cwd the repository). On the
+    CPU it is forked from a server that imported the child's modules (transformers' Trainer,
+    GPT-2) once: seconds of CPU a child would otherwise spend on its imports each time. A
+    ``--cuda`` child is a fresh interpreter (CUDA and fork do not mix)."""
+    base = tmp_path_factory.mktemp("hf-children")
+    server = ForkServer(["_hf_child"], base / "server.log", env=ENV)
+    n = iter(range(1 << 30))
+
+    def start(*args: str) -> Forked | subprocess.Popen[str]:
+        if "--cuda" in args:
+            return subprocess.Popen(
+                [sys.executable, CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                cwd=REPO,
+            )  # fmt: skip
+        i = next(n)
+        return server.popen([CHILD, *args], REPO, base / f"{i}.out", base / f"{i}.err")
+
+    yield start
+    server.close()
 
 
-def finish(p: subprocess.Popen[str], rc: int = 0, timeout: float = 240) -> dict[str, Any]:
-    out, err = p.communicate(timeout=timeout)
+def finish(p: Forked | subprocess.Popen[str], rc: int = 0, timeout: float = 240) -> dict[str, Any]:
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise
     assert p.returncode == rc, f"child exited {p.returncode}, expected {rc}:\n{out[-2000:]}\n{err[-4000:]}"
     return dict(json.loads(out.strip().splitlines()[-1]))
 
@@ -94,7 +116,9 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 # -------------------------------------------------------------------------- the proof
 @pytest.mark.parametrize("device", DEVICES)
-def test_crash_resume_is_bit_exact_and_hf_layout(tmp_path: Path, device: str) -> None:
+def test_crash_resume_is_bit_exact_and_hf_layout(
+    tmp_path: Path, device: str, child: Callable[..., Forked | subprocess.Popen[str]]
+) -> None:
     ra, rb = tmp_path / "replica-a", tmp_path / "replica-b"
     replicas = f"{ra},{rb}"
     dev = ["--cuda"] if device == "cuda" else []

@@ -1,6 +1,7 @@
 """ckptmirror.integrations.lightning.MirrorCheckpointIO with the real Lightning (CPU).
 
-The proof (module fixtures, child processes: tests/_lightning_child.py): a tiny LightningModule
+The proof (module fixtures, child processes: tests/_lightning_child.py, forked from a server
+that imported Lightning once): a tiny LightningModule
 trains with the plugin and two local replicas and is killed hard (``os._exit``) mid-epoch after some
 saves; a new process resumes with ``fit(ckpt_path="last")`` through the plugin. Lightning is not
 bit-exact when resuming mid-epoch against an uninterrupted run, so the reference is Lightning's own
@@ -26,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ import torch
 pytest.importorskip("lightning", reason="the Lightning tests need lightning (pip install -e '.[lightning]')")
 
 import lightning as L  # noqa: E402
+from _helpers import Forked, ForkServer  # noqa: E402
 from _lightning_child import CRASH_CODE, Arch, Opt  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
@@ -56,36 +59,43 @@ CHILD_TIMEOUT_S = 600
 
 
 # ------------------------------------------------------------------------- child processes
-def start(cfg: dict[str, Any], cwd: Path, name: str) -> subprocess.Popen[bytes]:
-    """Start one training process in ``cwd``; its config and stderr go next to ``cwd``."""
+#: What a training child imports: loaded once by the module's fork server (_helpers.ForkServer),
+#: which forks every child; a fresh interpreter per child would import Lightning each time.
+PRELOAD = ["lightning", "lightning.pytorch.callbacks", "ckptmirror.integrations.lightning"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]:
+    """The fork server of this module's training children."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CHILD.parent.parent), os.environ.get("PYTHONPATH", "")])}
+    server = ForkServer(PRELOAD, tmp_path_factory.mktemp("lightning-server") / "server.log", env=env)
+    yield server
+    server.close()
+
+
+def start(runs: ForkServer, cfg: dict[str, Any], cwd: Path, name: str) -> Forked:
+    """Start one training process in ``cwd``; its config and output go next to ``cwd``."""
     cfg_path = cwd.parent / f"{name}.json"
     cfg_path.write_text(json.dumps({**cfg, "out": str(cwd.parent / f"{name}.out.json")}))
     cwd.mkdir(parents=True, exist_ok=True)
-    log = open(cwd.parent / f"{name}.log", "wb")  # noqa: SIM115 - closed by finish()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CHILD.parent.parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, str(CHILD), str(cfg_path)], cwd=cwd, stdout=log, stderr=log, env=env)
-    proc.log = log  # type: ignore[attr-defined]
-    proc.name = name  # type: ignore[attr-defined]
-    proc.base = cwd.parent  # type: ignore[attr-defined]
-    return proc
+    return runs.popen([str(CHILD), str(cfg_path)], cwd, cwd.parent / f"{name}.log")
 
 
-def finish(proc: subprocess.Popen[bytes], expect_rc: int = 0) -> dict[str, Any] | None:
+def finish(proc: Forked, expect_rc: int = 0) -> dict[str, Any] | None:
     """Wait for a child; check its exit status; return its result JSON (None after a crash)."""
     try:
         rc = proc.wait(CHILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         proc.kill()
-        rc = proc.wait()
-    proc.log.close()  # type: ignore[attr-defined]
+        rc = proc.wait(60)
     log = child_log(proc)
-    assert rc == expect_rc, f"{proc.name} exited {rc}, expected {expect_rc}:\n{log[-4000:]}"  # type: ignore[attr-defined]
-    out = proc.base / f"{proc.name}.out.json"  # type: ignore[attr-defined]
+    assert rc == expect_rc, f"{proc.stdout_path.stem} exited {rc}, expected {expect_rc}:\n{log[-4000:]}"
+    out = proc.stdout_path.with_suffix(".out.json")
     return json.loads(out.read_text()) if expect_rc == 0 else None
 
 
-def child_log(proc: subprocess.Popen[bytes]) -> str:
-    return (proc.base / f"{proc.name}.log").read_text(errors="replace")  # type: ignore[attr-defined]
+def child_log(proc: Forked) -> str:
+    return proc.stdout_path.read_text(errors="replace")
 
 
 def mirror_cfg(**kw: Any) -> dict[str, Any]:
@@ -104,13 +114,13 @@ class Crashed:
 
 
 @pytest.fixture(scope="module")
-def crashed(tmp_path_factory: pytest.TempPathFactory) -> Crashed:
+def crashed(tmp_path_factory: pytest.TempPathFactory, runs: ForkServer) -> Crashed:
     """A mirror run killed at CRASH_AT and, alongside, a native run saving every EVERY steps."""
     base = tmp_path_factory.mktemp("lightning")
     run, ref = base / "run", base / "ref"
-    native = start({"checkpoint_io": "native", "ckpt_dir": "nck", "every": EVERY, "top_k": -1,
+    native = start(runs, {"checkpoint_io": "native", "ckpt_dir": "nck", "every": EVERY, "top_k": -1,
                     "max_steps": MAX_STEPS}, ref, "native_full")  # fmt: skip
-    crash = start(mirror_cfg(crash_at=CRASH_AT), run, "mirror_crash")
+    crash = start(runs, mirror_cfg(crash_at=CRASH_AT), run, "mirror_crash")
     finish(crash, expect_rc=CRASH_CODE)
     finish(native)
     step = read_pointer(run / "ck" / "last.ckpt")["step"]
@@ -129,7 +139,7 @@ class Resumed:
 
 
 @pytest.fixture(scope="module")
-def resumed(crashed: Crashed) -> Resumed:
+def resumed(crashed: Crashed, runs: ForkServer) -> Resumed:
     """Three resumes at once: native from its file of the crash step, the plugin from "last", and
     the plugin from "last" in the copy whose replica rA has every object corrupted."""
     flipped = 0
@@ -143,6 +153,7 @@ def resumed(crashed: Crashed) -> Resumed:
     (native_file,) = (crashed.ref / "nck").glob(f"epoch=*-step={crashed.step}.ckpt")
     procs = [
         start(
+            runs,
             {
                 "checkpoint_io": "native",
                 "ckpt_dir": "nck_resumed",
@@ -155,8 +166,8 @@ def resumed(crashed: Crashed) -> Resumed:
             crashed.ref,
             "native_resume",
         ),  # fmt: skip
-        start(mirror_cfg(), crashed.run, "mirror_resume"),
-        start(mirror_cfg(), crashed.copy, "corrupted_resume"),
+        start(runs, mirror_cfg(), crashed.run, "mirror_resume"),
+        start(runs, mirror_cfg(), crashed.copy, "corrupted_resume"),
     ]
     native, mirror, corrupted = (finish(p) for p in procs)
     assert native is not None and mirror is not None and corrupted is not None
@@ -504,15 +515,15 @@ def test_options_and_import_isolation() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_ddp_saves_from_rank_zero_and_every_rank_resumes(tmp_path: Path) -> None:
+def test_ddp_saves_from_rank_zero_and_every_rank_resumes(tmp_path: Path, runs: ForkServer) -> None:
     """DDP on CPU (2 processes, gloo): rank 0 alone saves through its private mirror; a second
     job resumes from last.ckpt on both ranks, which end with the same weights."""
     run = tmp_path / "run"
     cfg = mirror_cfg(max_steps=7, devices=2, strategy="ddp")
-    first = finish(start(cfg, run, "ddp_first"))
+    first = finish(start(runs, cfg, run, "ddp_first"))
     assert first is not None and first["started_at"] == 0
     assert read_pointer(run / "ck" / "last.ckpt")["step"] == 6
-    second = finish(start({**cfg, "max_steps": 10}, run, "ddp_resume"))
+    second = finish(start(runs, {**cfg, "max_steps": 10}, run, "ddp_resume"))
     other = json.loads((tmp_path / "ddp_resume.out.json.rank1").read_text())
     assert second is not None and second["started_at"] == other["started_at"] == 6
     assert second["global_step"] == other["global_step"] == 10
