@@ -108,6 +108,15 @@ def _restore_targets(model: Stateful, stock: bool) -> Any:
 _PLAIN_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
+def _state_of(model: Stateful | None, optim: Stateful | None, extra: Any) -> dict[str, Any]:
+    """What :meth:`Mirror.save` saves and :meth:`Mirror.reserve` plans for."""
+    return {
+        "model": model.state_dict() if model is not None else None,
+        "optim": optim.state_dict() if optim is not None else None,
+        "extra": extra,
+    }
+
+
 #: :meth:`Mirror._speculate` bets only on plans of at least this many leaves (fewer: the
 #: checks it would overlap take microseconds).
 SPECULATE_MIN_LEAVES = 256
@@ -367,15 +376,7 @@ class Mirror:
         t0 = time.perf_counter()  # the stall includes building the state dicts
         if replicated is None:
             replicated = self.replicated if self.replicated is not None else _is_ddp(model)
-
-        def state() -> dict[str, Any]:
-            return {
-                "model": model.state_dict() if model is not None else None,
-                "optim": optim.state_dict() if optim is not None else None,
-                "extra": extra,
-            }
-
-        return self._save(step, state, overwrite, t0, replicated, model)
+        return self._save(step, partial(_state_of, model, optim, extra), overwrite, t0, replicated, model)
 
     def save_state(
         self, step: int, state: Any, *, overwrite: bool = False, replicated: bool | None = None
@@ -799,12 +800,7 @@ class Mirror:
         arenas grow if they must.
         """
         self._check_open()
-        state = {
-            "model": model.state_dict() if model is not None else None,
-            "optim": optim.state_dict() if optim is not None else None,
-            "extra": extra,
-        }
-        key, p = prepare(flatten(state), self._arenas, self.staging_bytes)
+        key, p = prepare(flatten(_state_of(model, optim, extra)), self._arenas, self.staging_bytes)
         if key is not None:
             self._plan_cache = (key, p)
         return p.total_bytes
