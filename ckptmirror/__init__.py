@@ -24,9 +24,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import config
+
+# The subpackages named like the functions below, imported first (they are light: docstrings)
+# so that the functions win the names: a package's first import binds it as an attribute of
+# its parent, and ``ckptmirror.mirror`` (imported on first use, below) imports both.
+from . import restore as _restore_path  # noqa: F401
+from . import save as _save_path  # noqa: F401
 from ._version import __version__
 from .config import EnvConfigError
 from .dist import ring_peer
@@ -49,8 +55,32 @@ from .errors import (
     UnsupportedTypeError,
 )
 from .handle import ReplicaStatus, SaveHandle
-from .mirror import Mirror, RestoreResult, Stateful
 from .replicas import Replica
+
+if TYPE_CHECKING:
+    from .mirror import Mirror, RestoreResult, Stateful
+
+#: Names imported on first use (PEP 562): ``ckptmirror.mirror`` imports torch (~3 CPU-seconds),
+#: which the command line, the peer agent (``ckptmirror serve``) and the operator commands
+#: (``ls``, ``verify``, ``repair``, ``prune``) never need. ``from ckptmirror import Mirror``
+#: and ``ckptmirror.Mirror`` work as before.
+_LAZY = {"Mirror": "mirror", "RestoreResult": "mirror", "Stateful": "state.targets"}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'ckptmirror' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)  # binds no name of ours: see above
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "CkptMirrorError",
@@ -98,6 +128,8 @@ def init(replicas: Sequence[str | Replica], **options: Any) -> Mirror:
     with _default_lock:
         if _default is not None:
             _default.close()
+        from .mirror import Mirror
+
         _default = Mirror(replicas, **options)
         return _default
 
@@ -111,6 +143,8 @@ def get_mirror() -> Mirror:
             urls = config.replicas()
             if not urls:
                 raise CkptMirrorError(f"no replicas configured: call ckptmirror.init([...]) or set {ENV_REPLICAS}")
+            from .mirror import Mirror
+
             _default = Mirror(urls)
         return _default
 

@@ -19,24 +19,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import operator
 import os
 import queue
 import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, cast
 
-import torch
-
 from . import config, shutdown
 from .dist import Coordinator, DistInfo, detect, expand_url
 from .errors import ReplicaError, ReplicaUnavailableError, StepExistsError, StepNotFoundError
-from .format import MAX_STEP, cut_objects, new_token
+from .format import MAX_STEP
 from .handle import SaveHandle
 from .health import ReplicaHealth
 from .metrics import MirrorMetrics
@@ -46,22 +43,27 @@ from .restore.discover import list_steps
 from .restore.undo import BufferFactory
 from .save.encode import PreWritten
 from .save.fanout import Fanout, SaveJob
+from .save.sliced import sliced_snapshot
 from .save.snapshot import (
-    Arena,
     ArenaPool,
     Plan,
-    copy_range,
-    frozen_flags,
     paused_gc,
     plan,
     plan_key,
     prepare,
     replan,
-    reuse_staged,
     stage,
-    staging_need,
 )
-from .state.targets import Stateful, check_fits, init_sharded_optimizer_state, stock_loading
+from .save.speculate import speculate
+from .state.targets import (
+    Stateful,
+    check_fits,
+    filled_in_place,
+    indexed_groups,
+    init_sharded_optimizer_state,
+    restore_targets,
+    stock_loading,
+)
 from .state.tree import flatten
 
 log = logging.getLogger("ckptmirror")
@@ -80,34 +82,6 @@ class RestoreResult:
     seconds: float = 0.0
 
 
-def _restore_targets(model: Stateful, stock: bool) -> Any:
-    """The model's state dict to restore into: its own tensors, which restore fills in place.
-
-    With torch's own ``state_dict`` and no hooks (``stock``, see
-    :func:`~ckptmirror.state.targets.stock_loading`), ``keep_vars=True``: the parameters
-    themselves instead of a ``detach()``ed alias of each, the same storages. Building and then
-    freeing those aliases is most of what ``state_dict()`` costs: measured at 50k tensors on a
-    2-core VM, 0.17 s against 0.02 s. (Restore then reads the parameters' attributes, which
-    costs more than reading the fresh aliases': they lie far apart in memory. Measured over the
-    whole restore, the parameters still come out ~0.1 s ahead at 50k tensors.)
-    Restore writes their bytes through raw pointers or under ``no_grad``, so autograd never
-    sees the difference. A subclass (DTensor) is not filled this way: its local shard is taken
-    with ``to_local()``, which must not be a differentiable view of a parameter, so any tensor
-    subclass in the state dict means the plain ``state_dict()``.
-    """
-    if not stock:
-        return model.state_dict()
-    sd = cast(Any, model).state_dict(keep_vars=True)
-    kinds = set(map(type, sd.values()))
-    if any(issubclass(k, torch.Tensor) and k not in _PLAIN_TENSORS for k in kinds):
-        return model.state_dict()
-    return sd
-
-
-#: Tensor types whose ``keep_vars=True`` state dict entry restore may fill (see _restore_targets).
-_PLAIN_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
-
-
 def _state_of(model: Stateful | None, optim: Stateful | None, extra: Any) -> dict[str, Any]:
     """What :meth:`Mirror.save` saves and :meth:`Mirror.reserve` plans for."""
     return {
@@ -115,82 +89,6 @@ def _state_of(model: Stateful | None, optim: Stateful | None, extra: Any) -> dic
         "optim": optim.state_dict() if optim is not None else None,
         "extra": extra,
     }
-
-
-#: :meth:`Mirror._speculate` bets only on plans of at least this many leaves (fewer: the
-#: checks it would overlap take microseconds).
-SPECULATE_MIN_LEAVES = 256
-
-
-class _Speculation:
-    """A copy of the state into ``arena`` by the last plan, running while save() checks the state."""
-
-    def __init__(
-        self, plan: Plan, arena: Arena, future: Future[tuple[torch.Tensor, Callable[[], None]]], wait_s: float
-    ) -> None:
-        self.plan = plan
-        self.arena = arena
-        self.future = future
-        self.wait_s = wait_s  # how long acquiring the arena waited for saves in flight
-
-    def wait(self) -> tuple[torch.Tensor, Callable[[], None]] | None:
-        """The copy's (stream, finish), once it is over; None if it failed (then stage anew)."""
-        try:
-            return self.future.result()
-        except Exception:  # noqa: BLE001 - the bet failed: save() stages the state itself, and reports
-            return None
-
-    def take(self, p: Plan) -> tuple[torch.Tensor, Callable[[], None]] | None:
-        """The staging for ``p`` if the bet holds (``p`` is the plan copied, or patched from
-        it); None: the arena's bytes are stale, stage ``p`` anew (into the same arena)."""
-        done = self.wait()
-        if done is None:
-            return None
-        staged = self.arena.reserve(self.plan.copies.staging_bytes, pinned=False)  # the buffer copied into
-        return done if reuse_staged(p, self.plan, staged) else None
-
-    def discard(self, pool: ArenaPool) -> None:
-        self.wait()
-        pool.release(self.arena)
-
-
-def _filled_in_place(loaded: Any, target: Any) -> bool:
-    """Whether every entry of the loaded state dict is the target's own tensor (filled in place)."""
-    if not isinstance(loaded, dict) or not isinstance(target, dict):
-        return False
-    # In C (map over the columns): a generator over 50k entries costs 10 ms.
-    return all(map(operator.is_, map(target.get, loaded), loaded.values()))
-
-
-class _IdList(list[Any]):
-    """A param group's parameter ids, with a membership test by hash.
-
-    torch's ``Optimizer.load_state_dict`` looks up, for every state tensor, the group of its
-    parameter with ``param_id in group["params"]``: a scan of the list, quadratic in the
-    parameters of a group (9 s for a 20k-parameter Adam). The answers are the same.
-    """
-
-    _index: frozenset[Any] | None = None
-
-    def __contains__(self, item: object) -> bool:
-        if self._index is None:
-            self._index = frozenset(self)
-        try:
-            return item in self._index
-        except TypeError:  # unhashable: the list's own scan
-            return list.__contains__(self, item)
-
-
-def _indexed_groups(state: Any) -> Any:
-    """``state`` (an optimizer's state dict) with each group's ``params`` an :class:`_IdList`;
-    anything else as it is (a shallow copy: the caller's dicts are not changed)."""
-    if not isinstance(state, dict) or not isinstance(state.get("param_groups"), list):
-        return state
-    groups = [
-        {**g, "params": _IdList(g["params"])} if isinstance(g, dict) and type(g.get("params")) is list else g
-        for g in state["param_groups"]
-    ]
-    return {**state, "param_groups": groups}
 
 
 class Mirror:
@@ -336,7 +234,7 @@ class Mirror:
         self._seq = 0
         self._restores = 0
         self._plan_cache: tuple[tuple[object, ...], Plan] | None = None
-        self._stager: ThreadPoolExecutor | None = None  # see _speculate
+        self._stager: ThreadPoolExecutor | None = None  # see _stage_executor
         self._lock = threading.Lock()  # guards the handles and in-flight bookkeeping below
         self._handles: list[SaveHandle] = []
         self._unfinished = 0  # queued or running background jobs (retention included)
@@ -410,7 +308,13 @@ class Mirror:
         if inflight or (not overwrite and self._fanout.has_committed(step)):
             raise StepExistsError(step)
         cached = self._plan_cache
-        spec = self._speculate(cached[1] if cached is not None else None)
+        spec = speculate(
+            cached[1] if cached is not None else None,
+            self._arenas,
+            self.staging_bytes,
+            self.inflight_policy == "wait",
+            self._stage_executor,
+        )
         try:
             state = make_state()
             # The collector off while ~3 objects a tensor are built: a full collection started
@@ -464,7 +368,8 @@ class Mirror:
                     )
                 if overwrite:
                     raise ValueError("overwrite=True is not supported for a state larger than staging_bytes")
-                stream, pre = self._sliced_snapshot(step, p, arena, targets, model)
+                cap = cast(int, self.staging_bytes)
+                stream, pre = sliced_snapshot(self._fanout, step, p, arena, targets, cap, self.object_bytes, model)
             else:
                 stream, finish = stage(p, arena, self.staging_bytes)
         except BaseException:
@@ -498,67 +403,11 @@ class Mirror:
         )
         return handle
 
-    def _speculate(self, last: Plan | None) -> _Speculation | None:
-        """Start copying the state into a free arena by the last save's plan, on another thread,
-        before checking that the plan still fits: a bet that pays at thousands of tensors.
-
-        Building and checking the state (``state_dict()``, :func:`flatten`, :func:`plan_key`)
-        is per-tensor Python work under the GIL, ~2 us a tensor; a coalesced copy is a few large
-        memmoves that NumPy runs without the GIL. Run side by side, the stall is about the longer
-        of the two instead of their sum. Safe to bet: the plan holds every storage it reads, so
-        a state that changed meanwhile only means the copy is thrown away (or patched, when
-        :func:`replan` patched the plan) and done again. Only for host-only plans whose copy is
-        mostly large memmoves, of many tensors, that fit the staging cap, with an arena free now.
-        """
-        if (
-            last is None
-            or len(last.leaves) < SPECULATE_MIN_LEAVES
-            or not last.copies.gil_light
-            or (self.staging_bytes is not None and staging_need(last) > self.staging_bytes)
-        ):
-            return None
-        # Waiting here for an arena (inflight_policy="wait") is the wait save() would make anyway.
-        t_wait = time.perf_counter()
-        arena = self._arenas.acquire(block=self.inflight_policy == "wait")
-        if arena is None:
-            return None
+    def _stage_executor(self) -> ThreadPoolExecutor:
+        """The stager thread of :func:`~ckptmirror.save.speculate.speculate`, made when first needed."""
         if self._stager is None:
             self._stager = ThreadPoolExecutor(1, thread_name_prefix="ckptmirror-stage")
-        return _Speculation(last, arena, self._stager.submit(stage, last, arena), time.perf_counter() - t_wait)
-
-    def _sliced_snapshot(
-        self, step: int, p: Plan, arena: Arena, targets: list[Replica], model: Any = None
-    ) -> tuple[torch.Tensor, PreWritten]:
-        """Snapshot a state larger than ``staging_bytes``: every slice but the last is copied
-        into the arena and written to the replicas on this thread; the last one is staged and
-        returned for the background writer (see ``staging_bytes``)."""
-        cap = cast(int, self.staging_bytes)
-        # The slices are written now, so the cut (and the frozen flags it keeps apart) is made
-        # here, on the caller's thread; the background encoder reuses it through ``pre``.
-        frozen = frozen_flags(p, model) if model is not None and self._fanout.incremental else None
-        windows = cut_objects(p.storages, self.object_bytes, frozen)
-        total = p.total_bytes
-        tail = next(i for i, (off, _) in enumerate(windows) if total - off <= cap)
-        buf = arena.reserve(cap, p.needs_pinned)
-        pre = PreWritten(new_token(), frozen=frozen)
-        i = 0
-        while i < tail:
-            lo = windows[i][0]
-            j = i + 1  # every object fits: object_bytes <= staging_bytes
-            while j < tail and windows[j][0] + windows[j][1] - lo <= cap:
-                j += 1
-            hi = windows[j - 1][0] + windows[j - 1][1]
-            chunk = buf[: hi - lo]
-            copy_range(p, chunk, lo, hi)
-            self._fanout.prewrite(step, pre, p, windows, j, chunk, targets)
-            i = j
-        pre.base = windows[tail][0]
-        stream = buf[: total - pre.base]
-        copy_range(p, stream, pre.base, total)
-        log.info(
-            "step %d: %d of %d bytes written before save() returned (staging_bytes=%d)", step, pre.base, total, cap
-        )
-        return stream, pre
+        return self._stager
 
     def _run(self) -> None:
         while True:
@@ -659,7 +508,7 @@ class Mirror:
         # and land just before it, with no undo copy (see restore/undo.py).
         defer = stock_loading(model, optim)
         targets = {
-            "model": _restore_targets(model, defer) if model is not None else None,
+            "model": restore_targets(model, defer) if model is not None else None,
             "optim": optim.state_dict() if optim is not None else None,
         }
         strict_paths = [("model",)] if (strict and model is not None) else []
@@ -679,7 +528,7 @@ class Mirror:
                 deferred = loaded.landing is not None and loaded.landing.nbytes > 0
                 loaded.land(self.io_threads)
                 landed = deferred
-                if model is not None and defer and _filled_in_place(state["model"], targets["model"]):
+                if model is not None and defer and filled_in_place(state["model"], targets["model"]):
                     pass  # torch's own loading would copy each tensor onto itself (seconds at 50k tensors)
                 elif model is not None and strict:
                     model.load_state_dict(state["model"])
@@ -687,7 +536,7 @@ class Mirror:
                     cast(Any, model).load_state_dict(state["model"], strict=False)
                 if optim is not None and state["optim"] is not None:
                     optim_touched = True
-                    optim.load_state_dict(_indexed_groups(state["optim"]))
+                    optim.load_state_dict(indexed_groups(state["optim"]))
             except BaseException as exc:
                 if landed:
                     # Not expected (torch's own loading, checked before): the bytes are in, and
@@ -697,7 +546,7 @@ class Mirror:
                 # All or nothing: put the caller's tensors back, then the optimizer's groups.
                 loaded.abandon()
                 if optim_touched and optim is not None:
-                    optim.load_state_dict(_indexed_groups(targets["optim"]))
+                    optim.load_state_dict(indexed_groups(targets["optim"]))
                 raise
             if loaded.undo is not None:
                 loaded.undo.release()

@@ -249,16 +249,16 @@ def test_extra_state_is_loaded_although_every_tensor_filled_in_place(tmp_path: P
 
 
 def test_optimizer_groups_are_looked_up_by_hash_with_the_same_answers() -> None:
-    from ckptmirror.mirror import _IdList, _indexed_groups
+    from ckptmirror.state.targets import IdList, indexed_groups
 
     state = {"state": {}, "param_groups": [{"lr": 0.1, "params": [3, 1, 2]}, {"params": (4,)}, "odd"]}
-    out = _indexed_groups(state)
+    out = indexed_groups(state)
     assert out == state and type(state["param_groups"][0]["params"]) is list, "the input is not changed"
     ids = out["param_groups"][0]["params"]
-    assert isinstance(ids, _IdList) and list(ids) == [3, 1, 2]
+    assert isinstance(ids, IdList) and list(ids) == [3, 1, 2]
     assert 1 in ids and 4 not in ids and [1] not in ids and 1.0 in ids
     assert out["param_groups"][1:] == state["param_groups"][1:]
-    assert _indexed_groups(None) is None and _indexed_groups({"x": 1}) == {"x": 1}
+    assert indexed_groups(None) is None and indexed_groups({"x": 1}) == {"x": 1}
 
 
 def test_model_and_optimizer_with_many_parameters_in_one_group(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from torch import nn
 
 import ckptmirror
 import ckptmirror.mirror as mirror_mod
+import ckptmirror.save.speculate as speculate_mod
 from ckptmirror.save import snapshot as snap
 from ckptmirror.state.tree import flatten, unflatten
 
@@ -551,7 +552,7 @@ def test_coalesced_state_saves_restores_and_respects_the_staging_cap(tmp_path: P
             assert_bit_exact(loaded[1]["extra"], state, label)
 
 
-# ---------------------------------------------------------------- speculative staging (Mirror._speculate)
+# ---------------------------------------------------------------- speculative staging (save/speculate.py)
 def many_small(seed: int, n: int = 600) -> dict[str, torch.Tensor]:
     """Small tensors back to back in memory plus a large one: a coalesced plan, whatever the
     allocator did before."""
@@ -567,13 +568,13 @@ def test_speculative_staging_is_used_patched_or_thrown_away_and_always_saves_the
     state = many_small(5)
     assert snap.plan(flatten({"model": None, "optim": None, "extra": state})).copies.gil_light
     outcomes: list[bool] = []
-    real = mirror_mod.reuse_staged
+    real = speculate_mod.reuse_staged
 
     def spy(p: snap.Plan, copied: snap.Plan, staged: torch.Tensor) -> bool:
         outcomes.append(real(p, copied, staged))
         return outcomes[-1]
 
-    monkeypatch.setattr(mirror_mod, "reuse_staged", spy)
+    monkeypatch.setattr(speculate_mod, "reuse_staged", spy)
     expected: dict[int, dict[str, torch.Tensor]] = {}
     with ckptmirror.Mirror([str(tmp_path / "ckpt")], keep_last=None) as m:
         m.reserve(None, extra=state)
@@ -613,7 +614,8 @@ def test_a_failed_speculation_or_a_bad_state_leaves_the_mirror_working(
                 raise RuntimeError("copy failed")
             return real_stage(*a, **k)
 
-        monkeypatch.setattr(mirror_mod, "stage", failing_once)
+        monkeypatch.setattr(speculate_mod, "stage", failing_once)  # the bet
+        monkeypatch.setattr(mirror_mod, "stage", failing_once)  # the copy save() makes when it fails
         state["big"].fill_(2.0)
         m.save_state(2, state).result()  # staged again on the caller's thread
         assert calls["n"] == 2

@@ -5,6 +5,8 @@
 3. :mod:`~ckptmirror.restore.fetch`: read commit, manifest and objects from the replica that
    holds verifying copies (checksums on every byte).
 4. :mod:`~ckptmirror.restore.check`: validate a manifest before any tensor is touched.
-5. :mod:`~ckptmirror.restore.fill`: match the stored leaves to the caller's tensors and fill
-   them in place.
+5. :mod:`~ckptmirror.restore.match`: match the stored leaves to the caller's tensors, and
+   decide where each storage's bytes land.
+6. :mod:`~ckptmirror.restore.fill`: read the objects and fill the caller's tensors in place
+   (:mod:`~ckptmirror.restore.undo`: all or nothing).
 """

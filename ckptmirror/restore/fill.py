@@ -4,7 +4,8 @@ The last stage of the read path. Given a manifest whose objects were preflighted
 (:mod:`~ckptmirror.restore.fetch`), :func:`fill_step`:
 
 1. checks the manifest (:func:`~ckptmirror.restore.check.validate_manifest`) and matches the
-   stored leaves onto the restore targets (keys, shapes, dtypes) *before* any tensor is touched;
+   stored leaves onto the restore targets (:mod:`~ckptmirror.restore.match`: keys, shapes,
+   dtypes, where each storage lands) *before* any tensor is touched;
 2. reads objects in parallel through the :class:`~ckptmirror.restore.fetch.Fetcher` (verified
    there) and scatters them into the target tensors in place; an object that lies inside one
    contiguous CPU target is read straight into it, with no copy;
@@ -19,29 +20,32 @@ from __future__ import annotations
 import bisect
 import ctypes
 import logging
-import math
 import operator
 import threading
-from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from itertools import accumulate, compress, islice, repeat
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
-from ..buffers import byte_view
 from ..errors import StateMismatchError
 from ..format import ObjectRecord, RankManifest
 from ..replicas.base import Replica
-from ..state.reshard import Piece, StoredShard, Want, copy_piece, plan_pieces
-from ..state.tree import dtensor_local, is_dtensor, key_path, unflatten
-from .check import LeafSpec, ManifestCheck, contiguous_strides, validate_manifest
+from ..state.reshard import Piece, StoredShard, copy_piece, plan_pieces
+from ..state.tree import unflatten
+from .check import LeafSpec, ManifestCheck, validate_manifest
 from .fetch import Fetcher, Mapped, ObjectPlan
+from .match import StorageTargets, match_targets, scatter, storage_targets
 from .undo import BufferFactory, Landing, UndoLog
 
 log = logging.getLogger("ckptmirror")
+
+#: Columns of the manifest's records (NamedTuples), read with itemgetter in C.
+_STORAGE = operator.itemgetter(1)  # LeafRecord
+_START, _NBYTES = operator.itemgetter(0), operator.itemgetter(1)  # StorageRecord
+_SIZE = operator.itemgetter(1)  # ObjectRecord
 
 
 @dataclass
@@ -69,47 +73,9 @@ class Loaded:
             self.landing.discard()
 
 
-class _Targets:
-    """Where the bytes of each storage go, as columns (one entry per storage).
-
-    Columns, not an object per storage: at 50k tensors, building and walking 50k Python
-    objects cost a tenth of a second; lists built with ``map`` in C cost a few milliseconds.
-
-    * ``read[s]``: whether storage ``s`` is read at all (False: only resharded leaves use it);
-    * ``is_direct[s]``: whether the bytes land straight in the caller's tensor;
-    * ``dest[s]``: a fresh uint8 buffer, or a CUDA target's byte view; None for a host target;
-    * ``ptr[s]``: the host address of the first byte, so that bytes land with a plain memmove
-      (per-storage torch views and copies cost microseconds each); 0 for a CUDA target, whose
-      bytes go through ``dest``.
-    """
-
-    __slots__ = ("dest", "is_direct", "ptr", "read")
-
-    def __init__(self, n: int) -> None:
-        self.read = [True] * n
-        self.is_direct = [False] * n
-        self.dest: list[torch.Tensor | None] = [None] * n
-        self.ptr = [0] * n
-
-    def fresh(self, s: int, nbytes: int) -> None:
-        """Storage ``s`` goes to a new buffer (not the caller's tensor)."""
-        dest = self.dest[s] = torch.empty(nbytes, dtype=torch.uint8)
-        self.ptr[s] = dest.data_ptr()
-
-
 def _host_memory(ptr: int, nbytes: int) -> memoryview:
     """A writable memoryview of ``nbytes`` at host address ``ptr`` (no copy, no torch call)."""
     return memoryview((ctypes.c_ubyte * nbytes).from_address(ptr)).cast("B")
-
-
-def _lookup(tree: Any, path: tuple[Any, ...]) -> Any:
-    node = tree
-    for k in path:
-        try:
-            node = node[k]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return node
 
 
 def fill_step(
@@ -147,7 +113,7 @@ def fill_step(
     The per-tensor work is done a column at a time (``map``, ``compress``, ``zip`` over the
     manifest's columns and the targets), not with a Python step and objects per tensor: at 50k
     tensors each Python step per tensor costs tens of milliseconds. The one exception reads the
-    target tensors' attributes, where memory, not Python, sets the cost (:class:`_TargetCols`).
+    target tensors' attributes, where memory, not Python, sets the cost (:class:`TargetCols`).
     """
     # Local objects verified on the pool while the manifest is checked and the targets are
     # matched here (see _Ahead): the objects' records were checked when the manifest was parsed.
@@ -178,7 +144,7 @@ def _fill_step(
 ) -> Loaded:
     """:func:`fill_step` once the manifest is checked (and its objects are verified ahead)."""
     paths = check.paths
-    leaf_targets, wants, values, target_cols = _match_targets(m, check, targets, strict_paths)
+    leaf_targets, wants, values, target_cols = match_targets(m, check, targets, strict_paths)
     if validate is not None:
         validate(check.skeleton)
     pieces: list[Piece] = []
@@ -198,7 +164,7 @@ def _fill_step(
     if wants:
         want_paths = {w.path for w in wants}
         skip = {i for i, p in paths.items() if p in want_paths}
-    storage_targets = _storage_targets(m, leaf_targets, check.dtypes, check.esizes, skip, target_cols)
+    dests = storage_targets(m, leaf_targets, check.dtypes, check.esizes, skip, target_cols)
     loaded = Loaded(m.step, None)
     if targets is not None:
         regions = [*leaf_targets.values(), *(w.local for w in wants)]
@@ -207,7 +173,7 @@ def _fill_step(
         if defer:
             loaded.landing = Landing()
     try:
-        _fill(fetcher, m, key, check, object_plan, storage_targets, leaf_targets, values, stored, pieces, loaded, ahead)
+        _fill(fetcher, m, key, check, object_plan, dests, leaf_targets, values, stored, pieces, loaded, ahead)
     except BaseException:
         loaded.abandon()
         raise
@@ -291,31 +257,13 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-#: Columns of the manifest's records (NamedTuples), read with itemgetter in C.
-_KIND, _STORAGE, _SHAPE, _STRIDE, _OFFSET = (operator.itemgetter(k) for k in (0, 1, 3, 4, 5))  # LeafRecord
-_START, _NBYTES = operator.itemgetter(0), operator.itemgetter(1)  # StorageRecord
-_SIZE = operator.itemgetter(1)  # ObjectRecord
-_PARENT, _LAST = operator.itemgetter(slice(None, -1)), operator.itemgetter(-1)  # of a key path
-#: The tensor types filled byte for byte; other tensor types (DTensor, subclasses) take the general path.
-_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
-_PLAIN_DICTS = (dict, OrderedDict)
-
-
-def _scatter(column: list[Any], at: list[int], values: Iterable[Any]) -> None:
-    """``column[i] = v`` for each ``i`` of ``at`` and ``v`` of ``values``, in C."""
-    if len(at) == len(column) and at == list(range(len(column))):
-        column[:] = values  # the common case: every entry, in order
-    else:
-        deque(map(column.__setitem__, at, values), maxlen=0)
-
-
 def _fill(
     fetcher: Fetcher,
     m: RankManifest,
     key: str,
     check: ManifestCheck,
     object_plan: ObjectPlan,
-    storage_targets: _Targets,
+    dests: StorageTargets,
     leaf_targets: dict[int, torch.Tensor],
     values: dict[int, Any],
     stored: list[tuple[RankManifest, ManifestCheck, ObjectPlan]],
@@ -325,12 +273,12 @@ def _fill(
 ) -> None:
     """The writing half of :func:`fill_step`: read objects, reshard, build the state tree."""
     undo = loaded.undo
-    _read_objects(fetcher, m, object_plan, storage_targets, loaded, ahead)
+    _read_objects(fetcher, m, object_plan, dests, loaded, ahead)
     saved_wants: set[int] = set()
     for src in sorted({p.source for p in pieces}):
         sm, sc, splan = stored[src]
         needed = {sm.leaves[p.leaf].storage for p in pieces if p.source == src}
-        bufs = _Targets(len(sm.storages))
+        bufs = StorageTargets(len(sm.storages))
         bufs.read = [j in needed for j in range(len(sm.storages))]
         for j in needed:
             bufs.fresh(j, sm.storages[j].nbytes)
@@ -344,7 +292,7 @@ def _fill(
                 saved_wants.add(id(p.want))
                 undo.save(p.want.local)
             copy_piece(p, leaf)
-    leaves = _build_leaves(m, storage_targets, leaf_targets, check.dtypes, values, undo, loaded.landing)
+    leaves = _build_leaves(m, dests, leaf_targets, check.dtypes, values, undo, loaded.landing)
     loaded.state = _state_tree(m, check, leaves, key)
 
 
@@ -396,328 +344,13 @@ def _refill(node: Any, it: Iterator[Any]) -> Any:
     return node  # a scalar, a torch.Size, a dtype: immutable
 
 
-class _Paths:
-    """The key paths of the leaves as columns: each one's parent path and last key (None and
-    None for the root), and ``cuts``, where the runs of siblings start (and the end): leaves
-    come in tree order, so the children of one parent are a run."""
-
-    __slots__ = ("cuts", "lasts", "parents")
-
-    def __init__(self, paths: list[tuple[Any, ...]]) -> None:
-        n = len(paths)
-        if n and all(paths):
-            p0 = paths[0]
-            depth = len(p0)
-            if all(map(operator.eq, map(len, paths), repeat(depth))) and all(
-                all(map(operator.eq, map(operator.itemgetter(j), paths), repeat(p0[j]))) for j in range(depth - 1)
-            ):  # one parent (a state dict): compared a key position at a time, no tuple per path
-                self.parents: list[Any] = [p0[:-1]] * n
-                self.lasts: list[Any] = list(map(_LAST, paths))
-                self.cuts = [0, n]
-                return
-            self.parents, self.lasts = list(map(_PARENT, paths)), list(map(_LAST, paths))
-        else:
-            self.parents = [p[:-1] if p else None for p in paths]
-            self.lasts = [p[-1] if p else None for p in paths]
-        self.cuts = [0, *compress(range(1, n), map(operator.ne, self.parents[1:], self.parents)), n] if n else [0]
-
-    def runs(self) -> Iterator[tuple[Any, int, int]]:
-        """(parent path, start, end) of each run of siblings."""
-        cuts = self.cuts
-        return zip(map(self.parents.__getitem__, cuts[:-1]), cuts, cuts[1:])
-
-
-def _gather(targets: Any, cols: _Paths) -> list[Any]:
-    """The target at each key path (None where it has none), looked up once per parent and
-    its children read in one ``map`` (50k lookups of ("model", key) would otherwise walk the
-    tree from the root each time)."""
-    out: list[Any] = []
-    lasts = cols.lasts
-    up_path: Any = None  # the last run's grandparent, and what it is in the targets
-    up: Any = None
-    for parent_path, a, b in cols.runs():
-        if parent_path is None:  # a leaf at the root: the target itself
-            out += [targets] * (b - a)
-            continue
-        if parent_path and parent_path[:-1] == up_path:  # a sibling of the last run's parent
-            parent = _lookup(up, parent_path[-1:])  # (an optimizer's state: one run per parameter)
-        else:
-            parent = _lookup(targets, parent_path)
-            if parent_path:
-                up_path = parent_path[:-1]
-                up = _lookup(targets, up_path)
-        if type(parent) in _PLAIN_DICTS:
-            out += map(parent.get, lasts[a:b])
-        else:
-            out += [_lookup(parent, (k,)) for k in lasts[a:b]]
-    return out
-
-
-class _TargetCols:
-    """What restore needs to know of each target tensor, as columns, read in one pass.
-
-    * ``shapes``, ``dtypes``: each tensor's;
-    * ``ptrs``: the address of the first byte of a contiguous CPU tensor, else 0 (not filled
-      byte for byte from host memory);
-    * ``cuda``: whether it is a contiguous CUDA tensor (filled through a byte view).
-
-    Entries for tensors of other types (subclasses) are None, None, 0, False: such a tensor is
-    never filled byte for byte, and none of its attributes is read here.
-
-    One Python step per tensor that reads all of them, not a ``map`` per attribute: each read
-    chases the tensor's Python object, its TensorImpl and its storage, which lie far apart (next
-    to each tensor's data), and at 10k-50k tensors they no longer stay in the CPU caches and TLB
-    from one pass to the next. Measured at 50k parameters on a 2-core VM: this one pass takes
-    about half the time of five ``map`` passes (~90 ms against ~180 ms, the machine busy);
-    reading them in blocks of a few hundred tensors, a ``map`` each, is no faster.
-    """
-
-    __slots__ = ("cuda", "dtypes", "ptrs", "shapes")
-
-    def __init__(self, ts: Iterable[Any]) -> None:
-        shapes: list[torch.Size | None] = []
-        dtypes: list[torch.dtype | None] = []
-        ptrs: list[int] = []
-        cuda: list[bool] = []
-        plain = _PLAIN
-        for t in ts:
-            if type(t) not in plain:
-                shapes.append(None)
-                dtypes.append(None)
-                ptrs.append(0)
-                cuda.append(False)
-                continue
-            shapes.append(t.shape)
-            dtypes.append(t.dtype)
-            if not t.is_contiguous():
-                ptrs.append(0)
-                cuda.append(False)
-            elif t.is_cpu:
-                ptrs.append(t.data_ptr())
-                cuda.append(False)
-            else:  # a CUDA tensor, or another device's (filled through a fresh buffer and copy_)
-                ptrs.append(0)
-                cuda.append(t.is_cuda)
-        self.shapes, self.dtypes, self.ptrs, self.cuda = shapes, dtypes, ptrs, cuda
-
-
-def _match_targets(
-    m: RankManifest, check: ManifestCheck, targets: Any, strict_paths: Sequence[tuple[Any, ...]]
-) -> tuple[dict[int, torch.Tensor], list[Want], dict[int, Any], _TargetCols | None]:
-    """Map stored leaves onto the caller's tensors.
-
-    Returns the tensors to fill in place (for a DTensor: its local shard), the targets that
-    need resharding, what to put in the returned tree instead of a new tensor, and, where the
-    common case read them, the :class:`_TargetCols` of the tensors to fill (in their order).
-    """
-    out: dict[int, torch.Tensor] = {}
-    wants: list[Want] = []
-    values: dict[int, Any] = {}
-    paths = check.paths
-    if targets is None:
-        _consolidate(m, check, set(), wants, values)
-        return out, wants, values, None
-    idx = list(paths)
-    pl = list(paths.values())
-    cols = _Paths(pl)
-    ts = _gather(targets, cols)
-    problems = []
-    hints: list[str] = []
-    for prefix in strict_paths:
-        sub = _lookup(targets, prefix)
-        if not isinstance(sub, dict):
-            continue
-        runs, deep_keys = _under(cols, prefix)
-        if not deep_keys and len(runs) == 1:
-            a, b = runs[0]
-            if len(sub) == b - a and not any(map(operator.is_, ts[a:b], repeat(None))):
-                continue  # every stored key found in it (dict keys are unique), and no other
-        leaf_keys = set().union(*(cols.lasts[a:b] for a, b in runs))
-        stored_keys = leaf_keys | deep_keys
-        only_target = [k for k, v in sub.items() if isinstance(v, torch.Tensor) and k not in leaf_keys]
-        only_stored = [k for k in stored_keys if k not in sub]
-        problems += [
-            f"{key_path('state', prefix + (k,))} is in the target but not in the checkpoint" for k in only_target
-        ]
-        problems += [
-            f"{key_path('state', prefix + (k,))} is in the checkpoint but not in the target" for k in only_stored
-        ]
-        hints += _key_hints(only_target, only_stored)
-    kinds = set(map(type, ts))
-    if not check.dtensors and not any(k not in _PLAIN and issubclass(k, torch.Tensor) for k in kinds):
-        # The common case, a column at a time: plain tensors (and non-tensors, which are left
-        # alone), stored as tensors of the same shapes. Anything else takes the general loop,
-        # which names every problem.
-        if kinds <= _PLAIN:
-            il, tl = idx, ts
-        else:
-            sel = list(compress(range(len(ts)), map(_PLAIN.__contains__, map(type, ts))))
-            il, tl = list(map(idx.__getitem__, sel)), list(map(ts.__getitem__, sel))
-        lfs = m.leaves if il == list(range(len(m.leaves))) else list(map(m.leaves.__getitem__, il))
-        if all(map(operator.eq, map(_KIND, lfs), repeat("tensor"))):
-            tcols = _TargetCols(tl)  # everything restore reads of the targets, while they are in cache
-            if all(map(operator.eq, tcols.shapes, map(_SHAPE, lfs))):
-                if problems:
-                    _mismatch(m, problems, hints)
-                return dict(zip(il, tl)), wants, values, tcols
-    for i, path, t in zip(idx, pl, ts):
-        if not isinstance(t, torch.Tensor):
-            continue
-        lf = m.leaves[i]
-        if lf.kind != "tensor":
-            problems.append(f"{key_path('state', path)}: checkpoint holds a numpy array, target a tensor")
-            continue
-        if type(t) in _PLAIN and i not in check.dtensors:  # the common case: one shape compare
-            if t.shape != lf.shape:
-                problems.append(
-                    f"{key_path('state', path)}: checkpoint shape {list(lf.shape)}, target shape {list(t.shape)}"
-                )
-            else:
-                out[i] = t
-            continue
-        stored_g, stored_off = check.dtensors.get(i, (lf.shape, (0,) * len(lf.shape)))
-        if is_dtensor(t) or i in check.dtensors:
-            local, gshape, offset = dtensor_local(t) if is_dtensor(t) else (t, tuple(t.shape), (0,) * t.dim())
-            if tuple(gshape) != tuple(stored_g):
-                problems.append(
-                    f"{key_path('state', path)}: checkpoint global shape {list(stored_g)}, target {list(gshape)}"
-                )
-                continue
-            values[i] = t
-            if tuple(local.shape) == lf.shape and tuple(offset) == tuple(stored_off):
-                out[i] = local  # same layout: fill this rank's shard in place
-            else:
-                wants.append(Want(path, local, tuple(offset), tuple(gshape)))
-        elif tuple(t.shape) != lf.shape:
-            problems.append(
-                f"{key_path('state', path)}: checkpoint shape {list(lf.shape)}, target shape {list(t.shape)}"
-            )
-        else:
-            out[i] = t
-    if problems:
-        _mismatch(m, problems, hints)
-    _consolidate(m, check, (set(values) | set(out)) if check.dtensors else set(), wants, values)
-    return out, wants, values, None
-
-
-def _mismatch(m: RankManifest, problems: list[str], hints: list[str]) -> NoReturn:
-    more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-    raise StateMismatchError(
-        f"step {m.step} does not fit the restore target:\n  " + "\n  ".join(problems[:50]) + more + "".join(hints)
-    )
-
-
-def _under(cols: _Paths, prefix: tuple[Any, ...]) -> tuple[list[tuple[int, int]], set[Any]]:
-    """Where the stored leaves right under ``prefix`` are (runs of ``cols``), and the keys
-    under ``prefix`` of deeper subtrees."""
-    n = len(prefix)
-    runs = []
-    deep = set()
-    for parent, a, b in cols.runs():
-        if parent is None:
-            continue
-        if parent == prefix:
-            runs.append((a, b))
-        elif len(parent) > n and parent[:n] == prefix:
-            deep.add(parent[n])
-    return runs, deep
-
-
-def _consolidate(
-    m: RankManifest, check: ManifestCheck, handled: set[int], wants: list[Want], values: dict[int, Any]
-) -> None:
-    """A stored shard with nothing to fill becomes a new, whole tensor (gathered from every
-    rank's shards): a plain process reading a sharded checkpoint gets full tensors."""
-    for i, (gshape, _) in check.dtensors.items():
-        if i in handled:
-            continue
-        dtype = check.dtypes[i]
-        assert dtype is not None
-        whole = torch.empty(gshape, dtype=dtype)
-        values[i] = whole
-        wants.append(Want(check.paths[i], whole, (0,) * len(gshape), tuple(gshape)))
-
-
-def _storage_targets(
-    m: RankManifest,
-    leaf_targets: dict[int, torch.Tensor],
-    dtypes: list[torch.dtype | None],
-    esizes: list[int],
-    skip: set[int],
-    cols: _TargetCols | None = None,
-) -> _Targets:
-    """Where each storage's bytes go; not read: storages only resharded leaves use.
-
-    A storage lands straight in the caller's tensor when it is the only leaf's, stored
-    C-contiguous from its start, and the tensor is a plain contiguous one (on the CPU or a
-    CUDA device) of the same dtype and byte size; the stored layout is checked first, then the
-    target's, each a column at a time. ``cols``: the targets' :class:`_TargetCols`, in the
-    order of ``leaf_targets``, where :func:`_match_targets` read them already.
-    """
-    ns, nl = len(m.storages), len(m.leaves)
-    out = _Targets(ns)
-    sidx = list(map(_STORAGE, m.leaves))
-    iota = list(range(max(ns, nl)))
-    one_each = sidx == iota[:nl] and ns == nl  # leaf i is storage i's only leaf (the writer's usual layout)
-    users = Counter() if one_each else Counter(sidx)
-    if skip:
-        for s, c in Counter(map(sidx.__getitem__, skip)).items():
-            if one_each or c == users[s]:
-                out.read[s] = False  # every leaf of it is resharded
-    nbytes = list(map(_NBYTES, m.storages))
-    if leaf_targets:
-        li = list(leaf_targets)
-        if cols is None:
-            cols = _TargetCols(leaf_targets.values())
-        every = li == iota[:nl]  # every leaf has a target, in order
-        sl = sidx if every else list(map(sidx.__getitem__, li))
-        lfs = m.leaves if every else list(map(m.leaves.__getitem__, li))
-        shapes = list(map(_SHAPE, lfs))
-        contiguous = {sh: contiguous_strides(sh) for sh in set(shapes)}
-        # The candidates as columns: leaf, storage, leaf record, stored shape, then the target's
-        # dtype, host address and CUDA flag (read already: no torch call here).
-        cand: list[list[Any]] = [li, sl, list(lfs), shapes, cols.dtypes, cols.ptrs, cols.cuda]
-        # Each check over all candidates at once, short-circuiting (all() over a map, no list);
-        # only where one fails somewhere is it made a mask, and the candidates narrowed down.
-        # Every target's shape is its leaf's (_match_targets): a C-contiguous leaf from the
-        # start of its storage, of the same dtype, fills the storage iff their sizes agree.
-        checks: list[Callable[[list[list[Any]]], Iterable[Any]]] = [
-            lambda c: map(bool, map(nbytes.__getitem__, c[1])),
-            lambda c: map(operator.not_, map(_OFFSET, c[2])),
-            lambda c: map(operator.eq, map(_STRIDE, c[2]), map(contiguous.__getitem__, c[3])),
-            lambda c: map(
-                operator.eq,
-                map(operator.mul, map(math.prod, c[3]), map(esizes.__getitem__, c[0])),
-                map(nbytes.__getitem__, c[1]),
-            ),
-            # then the target's: the stored dtype, and in host memory or on a CUDA device
-            lambda c: map(operator.is_, c[4], map(dtypes.__getitem__, c[0])),
-            lambda c: map(operator.or_, map(bool, c[5]), c[6]),
-        ]
-        if skip:  # else every storage is read
-            checks.insert(0, lambda c: map(out.read.__getitem__, c[1]))
-        if not one_each:
-            checks.insert(0, lambda c: map(operator.eq, map(users.__getitem__, c[1]), repeat(1)))
-        for chk in checks:
-            if not all(chk(cand)):
-                mask = list(chk(cand))
-                cand = [list(compress(col, mask)) for col in cand]
-        ds, ptrs, cuda = cand[1], cand[5], cand[6]
-        _scatter(out.is_direct, ds, [True] * len(ds))
-        if any(cuda):  # bytes go through a byte view of the tensor (ptr stays 0)
-            for s, i in zip(compress(ds, cuda), compress(cand[0], cuda)):
-                t = leaf_targets[i]
-                out.dest[s] = byte_view(t.untyped_storage(), int(t.storage_offset()) * t.element_size(), nbytes[s])
-            host = list(map(operator.not_, cuda))
-            ds, ptrs = list(compress(ds, host)), list(compress(ptrs, host))
-        _scatter(out.ptr, ds, ptrs)
-    for s in compress(range(ns), map(operator.gt, out.read, out.is_direct)):  # read, not direct
-        out.fresh(s, nbytes[s])
-    return out
-
-
 def _read_objects(
-    fetcher: Fetcher, m: RankManifest, plan: ObjectPlan, targets: _Targets, loaded: Loaded, ahead: _Ahead | None = None
+    fetcher: Fetcher,
+    m: RankManifest,
+    plan: ObjectPlan,
+    targets: StorageTargets,
+    loaded: Loaded,
+    ahead: _Ahead | None = None,
 ) -> None:
     # Storages with bytes that are read, by offset; the manifest check guarantees they do not
     # overlap, so the storages an object touches are a contiguous run found by bisection.
@@ -876,7 +509,7 @@ def _deferred(
 
 def _build_leaves(
     m: RankManifest,
-    targets: _Targets,
+    targets: StorageTargets,
     leaf_targets: dict[int, torch.Tensor],
     dtypes: list[torch.dtype | None],
     values: dict[int, Any],
@@ -893,7 +526,7 @@ def _build_leaves(
     if len(di) == nl:
         return list(direct_values)
     out: list[Any] = [None] * nl
-    _scatter(out, di, direct_values)
+    scatter(out, di, direct_values)
     for i in compress(range(nl), map(operator.not_, on_direct)):
         lf = m.leaves[i]
         if not targets.read[lf.storage]:  # filled by resharding
@@ -933,31 +566,3 @@ def _build_leaves(
 
 
 #: Prefixes that wrappers add to every key: DDP/DataParallel, torch.compile, FSDP1, checkpoint wrappers.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "model.")
-
-
-def _key_hints(only_target: list[Any], only_stored: list[Any]) -> list[str]:
-    """Say how to fix a key mismatch when it looks like a wrapper's prefix on one side only."""
-    if not only_target and not only_stored:
-        return []
-    tgt = [k for k in only_target if isinstance(k, str)]
-    sto = [k for k in only_stored if isinstance(k, str)]
-    out = []
-    for extra, base, side in ((tgt, set(sto), "target"), (sto, set(tgt), "checkpoint")):
-        for p in _common_prefixes(extra):
-            if extra and base and all(k.startswith(p) and k[len(p) :] in base for k in extra):
-                other = "checkpoint" if side == "target" else "target"
-                out.append(
-                    f"\n  hint: the {side}'s keys start with {p!r} and the {other}'s do not (a wrapper such as "
-                    "DistributedDataParallel or torch.compile adds it): restore into the unwrapped model "
-                    "(model.module, model._orig_mod) or save it unwrapped"
-                )
-                return out
-    out.append("\n  hint: pass strict=False to restore only the keys both have (the others keep their values)")
-    return out
-
-
-def _common_prefixes(keys: list[str]) -> list[str]:
-    """Candidate prefixes: the known wrapper prefixes, then the first dotted component of the keys."""
-    firsts = {k.split(".", 1)[0] + "." for k in keys if "." in k}
-    return [*_WRAPPER_PREFIXES, *sorted(firsts - set(_WRAPPER_PREFIXES))]

@@ -6,11 +6,17 @@ state tensors (:func:`init_sharded_optimizer_state`), so that there is something
 before any tensor is written, the stored state tree is checked against what
 ``load_state_dict`` would accept (:func:`check_fits`), so that a checkpoint that does not fit
 is refused with :class:`StateMismatchError` while the caller's state is still untouched.
+
+Then the filling itself: :func:`restore_targets` hands restore the model's own tensors to fill,
+:func:`filled_in_place` says when ``load_state_dict`` can be skipped (every tensor filled
+already), and :func:`indexed_groups` makes torch's ``Optimizer.load_state_dict`` linear in the
+parameters instead of quadratic.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import operator
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -117,3 +123,70 @@ def stock_loading(model: Any, optim: Any) -> bool:
         ):
             return False
     return True
+
+
+def restore_targets(model: Stateful, stock: bool) -> Any:
+    """The model's state dict to restore into: its own tensors, which restore fills in place.
+
+    With torch's own ``state_dict`` and no hooks (``stock``, see
+    :func:`~ckptmirror.state.targets.stock_loading`), ``keep_vars=True``: the parameters
+    themselves instead of a ``detach()``ed alias of each, the same storages. Building and then
+    freeing those aliases is most of what ``state_dict()`` costs: measured at 50k tensors on a
+    2-core VM, 0.17 s against 0.02 s. (Restore then reads the parameters' attributes, which
+    costs more than reading the fresh aliases': they lie far apart in memory. Measured over the
+    whole restore, the parameters still come out ~0.1 s ahead at 50k tensors.)
+    Restore writes their bytes through raw pointers or under ``no_grad``, so autograd never
+    sees the difference. A subclass (DTensor) is not filled this way: its local shard is taken
+    with ``to_local()``, which must not be a differentiable view of a parameter, so any tensor
+    subclass in the state dict means the plain ``state_dict()``.
+    """
+    if not stock:
+        return model.state_dict()
+    sd = cast(Any, model).state_dict(keep_vars=True)
+    kinds = set(map(type, sd.values()))
+    if any(issubclass(k, torch.Tensor) and k not in _PLAIN_TENSORS for k in kinds):
+        return model.state_dict()
+    return sd
+
+
+#: Tensor types whose ``keep_vars=True`` state dict entry restore may fill (see restore_targets).
+_PLAIN_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
+def filled_in_place(loaded: Any, target: Any) -> bool:
+    """Whether every entry of the loaded state dict is the target's own tensor (filled in place)."""
+    if not isinstance(loaded, dict) or not isinstance(target, dict):
+        return False
+    # In C (map over the columns): a generator over 50k entries costs 10 ms.
+    return all(map(operator.is_, map(target.get, loaded), loaded.values()))
+
+
+class IdList(list[Any]):
+    """A param group's parameter ids, with a membership test by hash.
+
+    torch's ``Optimizer.load_state_dict`` looks up, for every state tensor, the group of its
+    parameter with ``param_id in group["params"]``: a scan of the list, quadratic in the
+    parameters of a group (9 s for a 20k-parameter Adam). The answers are the same.
+    """
+
+    _index: frozenset[Any] | None = None
+
+    def __contains__(self, item: object) -> bool:
+        if self._index is None:
+            self._index = frozenset(self)
+        try:
+            return item in self._index
+        except TypeError:  # unhashable: the list's own scan
+            return list.__contains__(self, item)
+
+
+def indexed_groups(state: Any) -> Any:
+    """``state`` (an optimizer's state dict) with each group's ``params`` an :class:`IdList`;
+    anything else as it is (a shallow copy: the caller's dicts are not changed)."""
+    if not isinstance(state, dict) or not isinstance(state.get("param_groups"), list):
+        return state
+    groups = [
+        {**g, "params": IdList(g["params"])} if isinstance(g, dict) and type(g.get("params")) is list else g
+        for g in state["param_groups"]
+    ]
+    return {**state, "param_groups": groups}
