@@ -24,8 +24,8 @@ from torch import nn
 
 import ckptmirror
 import ckptmirror.mirror as mirror_mod
-import ckptmirror.save.speculate as speculate_mod
 from ckptmirror.save import snapshot as snap
+from ckptmirror.save import speculate as speculate_mod
 from ckptmirror.state.tree import flatten, unflatten
 
 
