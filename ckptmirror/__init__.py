@@ -61,8 +61,8 @@ if TYPE_CHECKING:
     from .mirror import Mirror, RestoreResult, Stateful
 
 #: Names imported on first use (PEP 562): ``ckptmirror.mirror`` imports torch (~3 CPU-seconds),
-#: which the command line, the peer agent (``ckptmirror serve``) and the operator commands
-#: (``ls``, ``verify``, ``repair``, ``prune``) never need. ``from ckptmirror import Mirror``
+#: which the command line's parser and the peer agent (``ckptmirror serve``) never need (the
+#: operator commands still import it, for the manifest check). ``from ckptmirror import Mirror``
 #: and ``ckptmirror.Mirror`` work as before.
 _LAZY = {"Mirror": "mirror", "RestoreResult": "mirror", "Stateful": "state.targets"}
 
