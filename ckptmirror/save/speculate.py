@@ -9,6 +9,11 @@ their sum. It is a bet, and safe to make: the plan holds every storage it reads,
 that changed meanwhile only means the copy is thrown away (or patched, when
 :func:`~ckptmirror.save.snapshot.replan` patched the plan) and done again
 (:meth:`Speculation.take`).
+
+Limit, measured at 50k tensors in 0.1 GB: the copy alone takes ~20 ms, but beside the checks
+it takes ~70 ms and ends after them. NumPy gives the GIL up around each source range and needs
+it back after each, while the checks hold it through long C calls (``TensorGuards.check``, the
+data-pointer ``map``). There the bet gains next to nothing; at 10k tensors ~10%.
 """
 
 from __future__ import annotations
