@@ -387,7 +387,9 @@ _gc_can_promote = (
 
 @contextmanager
 def paused_gc(promote: bool = False) -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while a manifest is parsed or checked.
+    """Pause Python's cyclic garbage collector while a manifest is parsed or checked, or while a
+    save builds per-leaf objects (``flatten``, ``plan_key``: at 50,000 tensors ``plan_key``
+    took 0.05 s paused, 0.06-0.14 s not).
 
     Parsing builds hundreds of thousands of containers in a burst, and each burst of
     allocations triggers collections that scan every tracked object of the process (the

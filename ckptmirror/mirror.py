@@ -33,7 +33,7 @@ from typing import Any, Literal, cast
 from . import config, shutdown
 from .dist import Coordinator, DistInfo, detect, expand_url
 from .errors import ReplicaError, ReplicaUnavailableError, StepExistsError, StepNotFoundError
-from .format import MAX_STEP
+from .format import MAX_STEP, paused_gc
 from .handle import SaveHandle
 from .health import ReplicaHealth
 from .metrics import MirrorMetrics
@@ -47,7 +47,6 @@ from .save.sliced import sliced_snapshot
 from .save.snapshot import (
     ArenaPool,
     Plan,
-    paused_gc,
     plan,
     plan_key,
     prepare,
