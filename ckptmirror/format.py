@@ -28,6 +28,7 @@ import builtins
 import gc
 import json
 import math
+import operator
 import re
 import secrets
 import sys
@@ -176,6 +177,12 @@ class LeafRecord(NamedTuple):
     offset: int  # in elements, from the start of the storage span
     requires_grad: bool = False
     parameter: bool = False
+
+
+#: Column getters of the records, for ``map`` over many records in C (no Python call a record).
+LEAF_KIND, LEAF_STORAGE, LEAF_DTYPE, LEAF_SHAPE, LEAF_STRIDE, LEAF_OFFSET = map(operator.itemgetter, range(6))
+STORAGE_OFFSET, STORAGE_NBYTES = map(operator.itemgetter, range(2))
+OBJECT_SIZE = operator.itemgetter(1)
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

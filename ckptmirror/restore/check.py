@@ -21,7 +21,21 @@ from typing import Any
 import torch
 
 from ..errors import ManifestError
-from ..format import COMPACT_TREE_VERSION, ParsedColumns, RankManifest, contiguous_strides, parsed_columns, paused_gc
+from ..format import (
+    COMPACT_TREE_VERSION,
+    LEAF_DTYPE,
+    LEAF_KIND,
+    LEAF_OFFSET,
+    LEAF_SHAPE,
+    LEAF_STORAGE,
+    LEAF_STRIDE,
+    STORAGE_NBYTES,
+    ParsedColumns,
+    RankManifest,
+    contiguous_strides,
+    parsed_columns,
+    paused_gc,
+)
 from ..state.reshard import Box
 from ..state.tree import DTYPES_BY_NAME, dtype_from_name, key_path, unflatten
 
@@ -121,12 +135,12 @@ def _check_leaf_bounds(m: RankManifest, key: str, kinds: list[str], dtypes: list
         for t in dict.fromkeys(types):
             tsize_of[t] = _elem_size(*t, f"leaves[{types.index(t)}]", key)
         esizes = list(map(tsize_of.__getitem__, types))
-    shapes = list(map(_SHAPE, leaves))
-    strides = list(map(_STRIDE, leaves))
-    offsets = list(map(_OFFSET, leaves))
+    shapes = list(map(LEAF_SHAPE, leaves))
+    strides = list(map(LEAF_STRIDE, leaves))
+    offsets = list(map(LEAF_OFFSET, leaves))
     numels = list(map(math.prod, shapes))
     regular = list(map(operator.eq, strides, map(_StridesCache().__getitem__, shapes)))
-    span = list(map(list(map(_NBYTES, m.storages)).__getitem__, map(_STORAGE, leaves)))
+    span = list(map(list(map(STORAGE_NBYTES, m.storages)).__getitem__, map(LEAF_STORAGE, leaves)))
     # A C-contiguous leaf ends at byte (offset + numel) * esize. Checked for every leaf at once
     # first; only if that fails are leaves without elements or with other strides set aside.
     ends = list(map(operator.mul, map(operator.add, offsets, numels), esizes))
@@ -249,8 +263,8 @@ def _validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
         spec_table = [LeafSpec(kind, dtype_name, sh) for sh in c.shapes]
         specs = list(map(spec_table.__getitem__, c.shape_index))
     else:
-        kinds = list(map(_KIND, leaves))
-        dtype_names = list(map(_DTYPE, leaves))
+        kinds = list(map(LEAF_KIND, leaves))
+        dtype_names = list(map(LEAF_DTYPE, leaves))
         if esizes is None:
             esizes = _check_leaf_bounds(m, key, kinds, dtype_names)
         # _check_leaf_bounds accepted every (kind, dtype): a tensor's dtype name is a known one.
@@ -260,7 +274,7 @@ def _validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
             # One read-only LeafSpec per distinct shape: leaves alike share theirs.
             spec_of = _SpecCache()
             spec_of.kind, spec_of.dtype = "tensor", dtype_names[0]
-            specs = list(map(spec_of.__getitem__, map(_SHAPE, leaves)))
+            specs = list(map(spec_of.__getitem__, map(LEAF_SHAPE, leaves)))
         else:
             if all_tensors:  # a dtype name is enough
                 dtypes = list(map(DTYPES_BY_NAME.__getitem__, dtype_names))
@@ -269,7 +283,7 @@ def _validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
                 torch_dtypes = {t: DTYPES_BY_NAME[t[1]] if t[0] == "tensor" else None for t in set(types)}
                 dtypes = list(map(torch_dtypes.__getitem__, types))
             # One read-only LeafSpec per distinct (kind, dtype, shape): leaves alike share theirs.
-            specs = list(map(_SpecsCache().__getitem__, zip(kinds, dtype_names, map(_SHAPE, leaves))))
+            specs = list(map(_SpecsCache().__getitem__, zip(kinds, dtype_names, map(LEAF_SHAPE, leaves))))
     paths: dict[int, tuple[Any, ...]] = {}
     dtensors: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     top, seen = -1, 0  # the greatest leaf index among the first ``seen`` keys of ``paths``
@@ -315,15 +329,6 @@ def _validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
                 key=key,
             )
     return ManifestCheck(esizes, dtypes, paths, skeleton, dtensors)
-
-
-_KIND = operator.itemgetter(0)
-_STORAGE = operator.itemgetter(1)
-_DTYPE = operator.itemgetter(2)
-_SHAPE = operator.itemgetter(3)
-_STRIDE = operator.itemgetter(4)
-_OFFSET = operator.itemgetter(5)
-_NBYTES = operator.itemgetter(1)
 
 
 class _SpecsCache(dict[tuple[str, str, tuple[int, ...]], LeafSpec]):

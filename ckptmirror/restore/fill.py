@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import StateMismatchError
-from ..format import ObjectRecord, RankManifest
+from ..format import LEAF_STORAGE, OBJECT_SIZE, STORAGE_NBYTES, STORAGE_OFFSET, ObjectRecord, RankManifest
 from ..replicas.base import Replica
 from ..state.reshard import Piece, StoredShard, copy_piece, plan_pieces
 from ..state.tree import unflatten
@@ -41,11 +41,6 @@ from .match import StorageTargets, match_targets, scatter, storage_targets
 from .undo import BufferFactory, Landing, UndoLog
 
 log = logging.getLogger("ckptmirror")
-
-#: Columns of the manifest's records (NamedTuples), read with itemgetter in C.
-_STORAGE = operator.itemgetter(1)  # LeafRecord
-_START, _NBYTES = operator.itemgetter(0), operator.itemgetter(1)  # StorageRecord
-_SIZE = operator.itemgetter(1)  # ObjectRecord
 
 
 @dataclass
@@ -355,8 +350,8 @@ def _read_objects(
     # Storages with bytes that are read, by offset; the manifest check guarantees they do not
     # overlap, so the storages an object touches are a contiguous run found by bisection.
     # Objects that hold none of them are not read.
-    offsets = list(map(_START, m.storages))
-    sizes = list(map(_NBYTES, m.storages))
+    offsets = list(map(STORAGE_OFFSET, m.storages))
+    sizes = list(map(STORAGE_NBYTES, m.storages))
     read = list(map(operator.and_, map(bool, sizes), targets.read))
     starts: list[int]
     ptrs: list[int]
@@ -376,7 +371,7 @@ def _read_objects(
         # Per position in ``order``: where its bytes go.
         ptrs = list(map(targets.ptr.__getitem__, order))
         direct = list(map(targets.is_direct.__getitem__, order))
-    obj_offsets = list(accumulate(map(_SIZE, m.objects), initial=0))
+    obj_offsets = list(accumulate(map(OBJECT_SIZE, m.objects), initial=0))
     lock = threading.Lock()
     failed = threading.Event()
     landing = loaded.landing
@@ -517,7 +512,7 @@ def _build_leaves(
     landing: Landing | None,
 ) -> list[Any]:
     nl = len(m.leaves)
-    sidx = list(map(_STORAGE, m.leaves))
+    sidx = list(map(LEAF_STORAGE, m.leaves))
     on_direct = list(map(targets.is_direct.__getitem__, sidx))  # filled in place: the target itself
     di = list(compress(range(nl), on_direct))
     direct_values: Iterable[Any] = map(leaf_targets.__getitem__, di)

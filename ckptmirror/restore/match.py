@@ -22,7 +22,7 @@ import torch
 
 from ..buffers import byte_view
 from ..errors import StateMismatchError
-from ..format import RankManifest
+from ..format import LEAF_KIND, LEAF_OFFSET, LEAF_SHAPE, LEAF_STORAGE, LEAF_STRIDE, STORAGE_NBYTES, RankManifest
 from ..state.reshard import Want
 from ..state.tree import dtensor_local, is_dtensor, key_path
 from .check import ManifestCheck, contiguous_strides
@@ -66,10 +66,6 @@ def lookup(tree: Any, path: tuple[Any, ...]) -> Any:
     return node
 
 
-#: Columns of the manifest's records (NamedTuples), read with itemgetter in C.
-_KIND, _STORAGE, _SHAPE, _STRIDE, _OFFSET = (operator.itemgetter(k) for k in (0, 1, 3, 4, 5))  # LeafRecord
-_START, _NBYTES = operator.itemgetter(0), operator.itemgetter(1)  # StorageRecord
-_SIZE = operator.itemgetter(1)  # ObjectRecord
 _PARENT, _LAST = operator.itemgetter(slice(None, -1)), operator.itemgetter(-1)  # of a key path
 #: The tensor types filled byte for byte; other tensor types (DTensor, subclasses) take the general path.
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
@@ -242,9 +238,9 @@ def match_targets(
             sel = list(compress(range(len(ts)), map(_PLAIN.__contains__, map(type, ts))))
             il, tl = list(map(idx.__getitem__, sel)), list(map(ts.__getitem__, sel))
         lfs = m.leaves if il == list(range(len(m.leaves))) else list(map(m.leaves.__getitem__, il))
-        if all(map(operator.eq, map(_KIND, lfs), repeat("tensor"))):
+        if all(map(operator.eq, map(LEAF_KIND, lfs), repeat("tensor"))):
             tcols = TargetCols(tl)  # everything restore reads of the targets, while they are in cache
-            if all(map(operator.eq, tcols.shapes, map(_SHAPE, lfs))):
+            if all(map(operator.eq, tcols.shapes, map(LEAF_SHAPE, lfs))):
                 if problems:
                     _mismatch(m, problems, hints)
                 return dict(zip(il, tl)), wants, values, tcols
@@ -344,7 +340,7 @@ def storage_targets(
     """
     ns, nl = len(m.storages), len(m.leaves)
     out = StorageTargets(ns)
-    sidx = list(map(_STORAGE, m.leaves))
+    sidx = list(map(LEAF_STORAGE, m.leaves))
     iota = list(range(max(ns, nl)))
     one_each = sidx == iota[:nl] and ns == nl  # leaf i is storage i's only leaf (the writer's usual layout)
     users = Counter() if one_each else Counter(sidx)
@@ -352,7 +348,7 @@ def storage_targets(
         for s, c in Counter(map(sidx.__getitem__, skip)).items():
             if one_each or c == users[s]:
                 out.read[s] = False  # every leaf of it is resharded
-    nbytes = list(map(_NBYTES, m.storages))
+    nbytes = list(map(STORAGE_NBYTES, m.storages))
     if leaf_targets:
         li = list(leaf_targets)
         if cols is None:
@@ -360,7 +356,7 @@ def storage_targets(
         every = li == iota[:nl]  # every leaf has a target, in order
         sl = sidx if every else list(map(sidx.__getitem__, li))
         lfs = m.leaves if every else list(map(m.leaves.__getitem__, li))
-        shapes = list(map(_SHAPE, lfs))
+        shapes = list(map(LEAF_SHAPE, lfs))
         contiguous = {sh: contiguous_strides(sh) for sh in set(shapes)}
         # The candidates as columns: leaf, storage, leaf record, stored shape, then the target's
         # dtype, host address and CUDA flag (read already: no torch call here).
@@ -371,8 +367,8 @@ def storage_targets(
         # start of its storage, of the same dtype, fills the storage iff their sizes agree.
         checks: list[Callable[[list[list[Any]]], Iterable[Any]]] = [
             lambda c: map(bool, map(nbytes.__getitem__, c[1])),
-            lambda c: map(operator.not_, map(_OFFSET, c[2])),
-            lambda c: map(operator.eq, map(_STRIDE, c[2]), map(contiguous.__getitem__, c[3])),
+            lambda c: map(operator.not_, map(LEAF_OFFSET, c[2])),
+            lambda c: map(operator.eq, map(LEAF_STRIDE, c[2]), map(contiguous.__getitem__, c[3])),
             lambda c: map(
                 operator.eq,
                 map(operator.mul, map(math.prod, c[3]), map(esizes.__getitem__, c[0])),
