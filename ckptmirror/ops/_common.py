@@ -13,8 +13,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import torch
-
 from ..errors import CkptMirrorError
 from ..replicas import Replica, close_opened, scheme_of
 from ..replicas import open_replicas as _open_replicas
@@ -151,9 +149,12 @@ def strip_where(msg: str, url: str, key: str) -> str:
 
 
 def walk(node: Any, path: tuple[Any, ...], is_leaf: Callable[[Any], bool]) -> Iterator[tuple[tuple[Any, ...], Any]]:
-    """Yield (path, value) for every leaf and plain value; empty containers are values."""
-    # torch.Size is a tuple subclass; it is one value, not a container of ints.
-    if is_leaf(node) or isinstance(node, torch.Size):
+    """Yield (path, value) for every leaf and plain value; empty containers are values.
+
+    Only plain lists and tuples are walked into: a ``torch.Size`` (a tuple subclass) is one
+    value, not a container of ints.
+    """
+    if is_leaf(node):
         yield path, node
     elif isinstance(node, dict) and node:
         for k, v in node.items():

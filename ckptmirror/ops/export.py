@@ -14,17 +14,17 @@ import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CkptMirrorError
 from ..replicas import Replica
 from ..replicas.base import Buffer
-from ..restore.choose import load_newest
 from ..restore.discover import list_steps
 from ..restore.fetch import Fetcher
 from ._common import FAILURES, Progress, ProgressFactory, UsageError, dotted, opened, walk
+
+if TYPE_CHECKING:  # imported by the functions that build tensors: the other commands run without torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,8 @@ def _expected_bytes(replicas: Sequence[Replica], pool: ThreadPoolExecutor, step:
 
 def _plain(v: Any, name: str, fmt: str) -> tuple[bool, Any, str]:
     """(keep, converted value, note) for a non-tensor value."""
+    import torch
+
     if isinstance(v, torch.Size):
         return True, [int(d) for d in v], ""
     if isinstance(v, (torch.dtype, torch.device)):
@@ -159,6 +161,13 @@ def export(
     temporary name and renamed, so a failed export leaves nothing half-written. ``progress``
     (as :func:`~ckptmirror.ops.verify`'s) counts the object bytes read.
     """
+    try:
+        import torch
+
+        from ..restore.choose import load_newest  # the restore path
+    except ImportError as exc:  # only export builds tensors: the other commands run without torch
+        raise CkptMirrorError(f"export needs torch to build the tensors it writes ({exc}); pip install torch") from exc
+
     if format not in ("safetensors", "torch"):
         raise UsageError(f"--format must be safetensors or torch, got {format!r}")
     out = os.path.abspath(out)
@@ -212,6 +221,7 @@ def export(
 def _flat(state: Any, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
     """The state as dotted names: tensors (arrays converted), plain values, and "name: why" for what was dropped."""
     import numpy as np
+    import torch
 
     tensors: dict[str, torch.Tensor] = {}
     values: dict[str, Any] = {}
@@ -252,6 +262,7 @@ def _save_safetensors(
     those copied because the format wants each tensor contiguous and alone in its storage.
     """
     import safetensors.torch as st
+    import torch
     from safetensors.torch import save_file
 
     supported = set(getattr(st, "_TYPES", {}).values())

@@ -17,7 +17,7 @@ from ..replicas import Replica
 from ..restore.check import validate_manifest
 from ..restore.discover import StepListing, list_steps
 from ..restore.fetch import Fetcher
-from ..state.tree import unflatten
+from ..state.decode import unflatten
 from ._common import UsageError, dotted, opened, walk
 from ._engine import Engine, storage_of
 

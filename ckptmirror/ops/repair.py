@@ -8,7 +8,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..buffers import host_bytes
 from ..errors import StepExistsError, StepNotFoundError
 from ..format import MAX_MANIFEST_BYTES, CommitRecord, ObjectRecord, commit_key, parse_commit
 from ..placement import drop_placement_entry
@@ -266,8 +265,8 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
         if dry_run:
             return RepairAction(s, r.url, key, "copy", srcs[0].url if srcs else None, size, reason)
         try:
-            buf, src = eng.shared.fetch(key, size, csum, srcs)  # verified again while copying
-            data = host_bytes(buf) if size else b""
+            data = bytearray(size)  # not a tensor: repair runs without torch
+            src = eng.shared.fetch_into(key, csum, srcs, memoryview(data))  # verified again while copying
             st = eng.single[r.url].stored(r, ObjectRecord(key, size, csum))
             if st.codec == "none":
                 # Raw under its own name, or (an incremental save) under an earlier step's name,

@@ -15,10 +15,9 @@ import math
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import compress, islice
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ManifestError
 from ..format import (
@@ -36,8 +35,12 @@ from ..format import (
     parsed_columns,
     paused_gc,
 )
-from ..state.reshard import Box
-from ..state.tree import DTYPES_BY_NAME, dtype_from_name, key_path, unflatten
+from ..state.decode import dtype_itemsize, key_path, unflatten
+
+if TYPE_CHECKING:  # checking a manifest needs no torch (the operator commands run without it)
+    import torch
+
+    from ..state.reshard import Box
 
 __all__ = ["MAX_EXPANDED_ELEMENTS", "LeafSpec", "ManifestCheck", "contiguous_strides", "validate_manifest"]
 
@@ -79,7 +82,7 @@ class LeafSpec:
 def _elem_size(kind: str, dtype: str, where: str, key: str) -> int:
     """Element size of a leaf's dtype; a :class:`ManifestError` for unknown or object dtypes."""
     if kind == "tensor":
-        return dtype_from_name(dtype, key).itemsize
+        return dtype_itemsize(dtype, key)
     import numpy as np
 
     try:
@@ -218,10 +221,22 @@ class ManifestCheck:
     """What :func:`validate_manifest` learned about a manifest that passed every check."""
 
     esizes: list[int]  # element size of each leaf
-    dtypes: list[torch.dtype | None]  # torch dtype of each tensor leaf (None for arrays)
+    dtype_names: list[str | None]  # dtype name of each tensor leaf (None for arrays)
     paths: dict[int, tuple[Any, ...]]  # key path of each leaf
     skeleton: Any  # the state tree with LeafSpec placeholders
     dtensors: dict[int, tuple[tuple[int, ...], tuple[int, ...]]]  # leaf -> (global shape, offset)
+
+    @cached_property
+    def dtypes(self) -> list[torch.dtype | None]:
+        """The torch dtype of each tensor leaf (None for arrays), looked up on first use: the
+        checks themselves need only the names (see :mod:`ckptmirror.state.decode`)."""
+        from ..state.tree import DTYPES_BY_NAME
+
+        names = self.dtype_names
+        if names and names.count(names[0]) == len(names):  # one dtype (common): one lookup
+            return [None if names[0] is None else DTYPES_BY_NAME[names[0]]] * len(names)
+        table = {n: None if n is None else DTYPES_BY_NAME[n] for n in set(names)}
+        return list(map(table.__getitem__, names))
 
     def boxes(self, m: RankManifest) -> dict[tuple[Any, ...], tuple[int, tuple[int, ...], Box]]:
         """path -> (leaf, global shape, box) of every tensor leaf; a plain tensor is one box
@@ -252,14 +267,14 @@ def _validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
     n_leaves = len(leaves)
     c = parsed_columns(m)
     esizes = _check_parsed_bounds(m, key, c) if c is not None else None
-    dtypes: list[torch.dtype | None]
+    names: list[str | None]
     if c is not None and esizes is not None and len(c.table) == 1:
         # One (kind, dtype) for every leaf (the common case): one LeafSpec per distinct shape,
         # looked up by each leaf's shape index; nothing is hashed per leaf.
         kind, dtype_name = c.table[0]
         kinds = c.kinds
         all_tensors = kind == "tensor"
-        dtypes = [DTYPES_BY_NAME[dtype_name] if all_tensors else None] * n_leaves
+        names = [dtype_name if all_tensors else None] * n_leaves
         spec_table = [LeafSpec(kind, dtype_name, sh) for sh in c.shapes]
         specs = list(map(spec_table.__getitem__, c.shape_index))
     else:
@@ -270,18 +285,16 @@ def _validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
         # _check_leaf_bounds accepted every (kind, dtype): a tensor's dtype name is a known one.
         all_tensors = kinds.count("tensor") == n_leaves
         if all_tensors and n_leaves and dtype_names.count(dtype_names[0]) == n_leaves:  # one dtype (common)
-            dtypes = [DTYPES_BY_NAME[dtype_names[0]]] * n_leaves
+            names = [dtype_names[0]] * n_leaves
             # One read-only LeafSpec per distinct shape: leaves alike share theirs.
             spec_of = _SpecCache()
             spec_of.kind, spec_of.dtype = "tensor", dtype_names[0]
             specs = list(map(spec_of.__getitem__, map(LEAF_SHAPE, leaves)))
         else:
-            if all_tensors:  # a dtype name is enough
-                dtypes = list(map(DTYPES_BY_NAME.__getitem__, dtype_names))
+            if all_tensors:
+                names = list(dtype_names)
             else:
-                types = list(zip(kinds, dtype_names))
-                torch_dtypes = {t: DTYPES_BY_NAME[t[1]] if t[0] == "tensor" else None for t in set(types)}
-                dtypes = list(map(torch_dtypes.__getitem__, types))
+                names = [d if k == "tensor" else None for k, d in zip(kinds, dtype_names)]
             # One read-only LeafSpec per distinct (kind, dtype, shape): leaves alike share theirs.
             specs = list(map(_SpecsCache().__getitem__, zip(kinds, dtype_names, map(LEAF_SHAPE, leaves))))
     paths: dict[int, tuple[Any, ...]] = {}
@@ -328,7 +341,7 @@ def _validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
                 f"leaves[{i}]: shard {list(shape)} at {list(goffset)} does not fit the global shape {list(gshape)}",
                 key=key,
             )
-    return ManifestCheck(esizes, dtypes, paths, skeleton, dtensors)
+    return ManifestCheck(esizes, names, paths, skeleton, dtensors)
 
 
 class _SpecsCache(dict[tuple[str, str, tuple[int, ...]], LeafSpec]):

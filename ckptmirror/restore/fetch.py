@@ -29,11 +29,8 @@ import logging
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-
-from ..buffers import host_bytes
 from ..checksum import checksum
 from ..errors import CorruptObjectError, ManifestError, ObjectMissingError, ReplicaError
 from ..format import (
@@ -49,6 +46,9 @@ from ..format import (
 )
 from ..placement import MAX_PLACEMENT_BYTES, Stored, parse_placement, writers
 from ..replicas.base import Replica
+
+if TYPE_CHECKING:  # verify, repair and ls read through a Fetcher without torch; restore has it loaded
+    import torch
 
 log = logging.getLogger("ckptmirror")
 
@@ -140,6 +140,8 @@ class Fetcher:
 
     # -- objects -------------------------------------------------------------------------
     def _buffer(self, nbytes: int) -> torch.Tensor:
+        import torch
+
         buf = getattr(self._local, "buf", None)
         if buf is None or buf.numel() < nbytes:
             buf = torch.empty(nbytes, dtype=torch.uint8)
@@ -262,6 +264,8 @@ class Fetcher:
     ) -> tuple[torch.Tensor, str]:
         """Read one object from the first replica where it verifies: into ``into`` (a CPU uint8
         tensor of ``size`` bytes) when given, else into this thread's reusable buffer."""
+        from ..buffers import host_bytes
+
         buf = into if into is not None else self._buffer(size)
         return buf, self.fetch_into(key, csum, candidates, host_bytes(buf))
 

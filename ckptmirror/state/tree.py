@@ -36,28 +36,31 @@ from __future__ import annotations
 
 import base64
 import math
-import operator
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import chain, product, repeat
+from itertools import chain, product
 from operator import attrgetter
 from typing import Any
 
 import torch
 
 from ..errors import ManifestError, UnsupportedTypeError
+from .decode import _I64_MAX, _I64_MIN, _KEY_TYPES, _STR_ONLY, JSON, MAX_DEPTH, key_path, unflatten
 
-JSON = Any  # a JSON-compatible value
-
-#: Nesting deeper than this is refused on save and on load (a hostile manifest could
-#: otherwise exhaust the interpreter stack).
-MAX_DEPTH = 200
-
-
-def key_path(root: str, keys: tuple[Any, ...]) -> str:
-    """Render a key path the way a user would index the state: ``state['optim'][0]``."""
-    return root + "".join(f"[{k!r}]" for k in keys)
+# ``unflatten`` and ``key_path`` live in the torch-free :mod:`.decode` (the operator commands
+# read manifests without torch); they are re-exported here, next to ``flatten``.
+__all__ = [
+    "DTYPES_BY_NAME",
+    "JSON",
+    "MAX_DEPTH",
+    "Flattened",
+    "dtype_from_name",
+    "dtype_name",
+    "flatten",
+    "key_path",
+    "unflatten",
+]
 
 
 @dataclass(frozen=True)
@@ -431,7 +434,6 @@ def dtensor_local(t: Any) -> tuple[torch.Tensor, list[int], list[int]]:
     return local, [int(d) for d in t.shape], [int(o) for o in goffset]
 
 
-_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
 _strided = torch.strided
@@ -439,11 +441,7 @@ _layout = attrgetter("layout")
 _dtype = attrgetter("dtype")
 _is_meta = attrgetter("is_meta")
 _PLAIN_TYPES = frozenset({_Tensor, _Parameter})
-_STR_ONLY = {str}
 _DICT_ONLY = {dict}
-_KEY_TYPES = frozenset({str, int})
-#: What :meth:`_Decoder.decode` returns as it is (JSON scalars).
-_SCALAR_TYPES = frozenset({str, int, float, bool, type(None)})
 #: Dicts of at least this many entries are tried for the bulk path (below it the per-entry loop is as fast).
 _BULK_MIN = 8
 
@@ -498,231 +496,3 @@ def dtype_from_name(name: str, where: str = "") -> torch.dtype:
     if d is None:
         raise ManifestError(f"unknown dtype {name!r}", key=where)
     return d
-
-
-def unflatten(
-    structure: JSON,
-    leaf: Callable[[str, int, tuple[Any, ...]], Any],
-    where: str = "",
-    dtensors: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
-    *,
-    bulk: Callable[[int, int, list[tuple[Any, ...]]], Sequence[Any]] | None = None,
-    compact: bool = True,
-) -> Any:
-    """Rebuild a tree from ``structure``; ``leaf(kind, index, path)`` supplies tensors/arrays.
-
-    ``kind`` is ``"tensor"``, ``"ndarray"`` or ``"dtensor"`` (a shard of a sharded tensor; its
-    global shape and offset are put in ``dtensors[index]`` when that dict is given).
-    ``bulk(start, stop, paths)``, when given, supplies the tensors of a ``tensors`` node at
-    once (leaves ``start`` to ``stop - 1``, ``paths`` their key paths), in place of a ``leaf``
-    call each. ``compact=False`` refuses ``tensors`` nodes (manifests before format version 4).
-    Everything is validated: a structure that is not of the closed encoding above raises
-    :class:`ManifestError` naming ``where`` (the manifest) and the key path inside it.
-    """
-    try:
-        return _Decoder(leaf, where, dtensors, bulk, compact).decode(structure, ())
-    except RecursionError as exc:
-        raise ManifestError("structure nested too deeply", key=where) from exc
-
-
-class _Decoder:
-    """One :func:`unflatten` call: :meth:`decode` checks a node and hands it to its type's method."""
-
-    def __init__(
-        self,
-        leaf: Callable[[str, int, tuple[Any, ...]], Any],
-        where: str,
-        dtensors: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] | None,
-        bulk: Callable[[int, int, list[tuple[Any, ...]]], Sequence[Any]] | None = None,
-        compact: bool = True,
-    ) -> None:
-        self.leaf = leaf
-        self.where = where
-        self.dtensors = dtensors
-        self.bulk = bulk
-        self.compact = compact
-
-    def bad(self, msg: str, path: tuple[Any, ...]) -> ManifestError:
-        return ManifestError(f"{msg} at {key_path('state', path)}", key=self.where)
-
-    def decode(self, node: JSON, path: tuple[Any, ...]) -> Any:
-        if len(path) > MAX_DEPTH:
-            raise self.bad(f"structure nested deeper than {MAX_DEPTH}", path)
-        if node is None or isinstance(node, (bool, str, int, float)):
-            return node
-        if not isinstance(node, dict):
-            raise self.bad(f"unexpected JSON {type(node).__name__}", path)
-        t = node.get("t")
-        if not isinstance(t, str) or t not in _NODE_DECODERS:  # isinstance first: a list "t" is unhashable
-            raise self.bad(f"unknown node type {t!r}", path)
-        try:
-            return _NODE_DECODERS[t](self, node, path, t)
-        except ManifestError:
-            raise
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            # A node of a known type with missing or ill-typed fields: one error naming the node.
-            raise self.bad(f"malformed {t!r} node ({type(exc).__name__}: {exc})", path) from exc
-
-    def dict_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> dict[Any, Any]:
-        out: dict[Any, Any] = {}
-        items = node["items"]
-        if not isinstance(items, list):
-            raise self.bad("dict items must be a list", path)
-        children_fit = len(path) < MAX_DEPTH
-        for pair in items:
-            if not (isinstance(pair, list) and len(pair) == 2):
-                raise self.bad("dict item must be a [key, value] pair", path)
-            k, v = pair
-            if type(k) is not str:
-                k = self.decode(k, path)
-                if not (k is None or isinstance(k, (str, int, float, bool))):
-                    raise self.bad("dict key of unsupported type", path)
-            if k in out:
-                raise self.bad(f"duplicate dict key {k!r}", path)
-            if children_fit and type(v) is dict and v.get("t") == "tensor":
-                # The common leaf (a state dict's entry), without the generic dispatch: this
-                # loop runs once per tensor, 50k times for a large model's state.
-                i = v.get("i")
-                if type(i) is not int:
-                    raise self.bad("leaf index must be an int", path + (k,))
-                out[k] = self.leaf("tensor", i, path + (k,))
-            else:
-                out[k] = self.decode(v, path + (k,))
-        return out
-
-    def tensors_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> dict[Any, Any]:
-        """A large dict of tensors, or of same-keyed dicts of tensors, as one node (version 4)."""
-        if not self.compact:
-            raise self.bad(f"unknown node type {t!r}", path)  # what readers of versions 1-3 always said
-        if set(node) - _TENSORS_FIELDS:
-            raise self.bad(f"tensors node with unknown fields {sorted(set(node) - _TENSORS_FIELDS)}", path)
-        keys, base, fields = node["keys"], node["i"], node.get("fields")
-        if not isinstance(keys, list):
-            raise self.bad("tensors keys must be a list", path)
-        if type(base) is not int or base < 0:
-            raise self.bad("tensors first leaf index must be a non-negative int", path)
-        key_types = set(map(type, keys))
-        if not key_types <= _KEY_TYPES:
-            bad = next(k for k in keys if type(k) not in _KEY_TYPES)
-            raise self.bad(f"tensors key {bad!r} is not a str or an int", path)
-        if int in key_types:
-            ints = keys if len(key_types) == 1 else [k for k in keys if type(k) is int]
-            if min(ints) < _I64_MIN or max(ints) > _I64_MAX:
-                raise self.bad("tensors int key beyond int64", path)
-        if len(set(keys)) != len(keys):
-            seen: set[Any] = set()
-            for k in keys:
-                if k in seen:
-                    raise self.bad(f"duplicate dict key {k!r}", path)
-                seen.add(k)
-        width = 1
-        if fields is not None:
-            if not (isinstance(fields, list) and fields and set(map(type, fields)) == _STR_ONLY):
-                raise self.bad("tensors fields must be a non-empty list of str", path)
-            if len(set(fields)) != len(fields):
-                raise self.bad("duplicate tensors field", path)
-            width = len(fields)
-        if len(path) + (1 if fields is None else 2) > MAX_DEPTH:
-            raise self.bad(f"structure nested deeper than {MAX_DEPTH}", path)
-        n = len(keys) * width
-        kpaths = list(map(path.__add__, zip(keys) if fields is None else product(keys, fields)))
-        if self.bulk is not None:
-            values = self.bulk(base, base + n, kpaths)
-        else:
-            values = list(map(self.leaf, repeat("tensor"), range(base, base + n), kpaths))
-        if fields is None:
-            return dict(zip(keys, values))
-        # Each key's dict: a copy of one template (its keys in field order), then one column of
-        # values set at a time, in C (3x faster than dict(zip(fields, row)) per key).
-        rows = list(map(dict.copy, repeat(dict.fromkeys(fields), len(keys))))
-        for c, fname in enumerate(fields):
-            any(map(operator.setitem, rows, repeat(fname), values[c::width]))  # setitem returns None
-        return dict(zip(keys, rows))
-
-    def seq_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> list[Any] | tuple[Any, ...]:
-        v = node["v"]
-        if not isinstance(v, list):
-            raise self.bad(f"{t} payload must be a list", path)
-        if len(path) < MAX_DEPTH and set(map(type, v)) <= _SCALAR_TYPES:
-            seq = list(v)  # scalars only (an optimizer's parameter indices): nothing to decode
-        else:
-            seq = [self.decode(x, path + (i,)) for i, x in enumerate(v)]
-        return seq if t == "list" else tuple(seq)
-
-    def float_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> float:
-        v = node["v"]
-        if v not in ("nan", "-nan", "inf", "-inf"):
-            raise self.bad(f"bad float {v!r}", path)
-        return float(v)
-
-    def int_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> int:
-        v = node["v"]
-        if not isinstance(v, str) or len(v) > (1 << 20):
-            raise self.bad("bad big int", path)
-        return int(v, 16)
-
-    def size_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> torch.Size:
-        v = node["v"]
-        if not (isinstance(v, list) and all(type(d) is int and d >= 0 for d in v)):
-            raise self.bad("torch.Size must be a list of non-negative ints", path)
-        return torch.Size(v)
-
-    def dtype_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> torch.dtype:
-        return dtype_from_name(node["v"], self.where)
-
-    def device_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> torch.device:
-        v = node["v"]
-        if not isinstance(v, str) or len(v) > 64:
-            raise self.bad("bad device", path)
-        return torch.device(v)
-
-    def bytes_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> bytes:
-        return base64.b64decode(node["v"], validate=True)
-
-    def leaf_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> Any:
-        i = node["i"]
-        if type(i) is not int:
-            raise self.bad("leaf index must be an int", path)
-        if t == "dtensor":
-            gshape, goffset = node["gshape"], node["goffset"]
-            if not (
-                isinstance(gshape, list)
-                and isinstance(goffset, list)
-                and len(gshape) == len(goffset) <= 64
-                and all(type(d) is int and 0 <= d < (1 << 50) for d in gshape + goffset)
-            ):
-                raise self.bad("dtensor needs gshape and goffset: equal-length lists of non-negative ints", path)
-            if self.dtensors is not None:
-                self.dtensors[i] = (tuple(gshape), tuple(goffset))
-        return self.leaf(t, i, path)
-
-    def npscalar_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> Any:
-        import numpy as np
-
-        dt = np.dtype(node["dtype"])
-        if dt.hasobject:
-            raise self.bad("object numpy scalar", path)
-        raw = base64.b64decode(node["v"], validate=True)
-        if len(raw) != dt.itemsize:
-            raise self.bad("numpy scalar size mismatch", path)
-        return np.frombuffer(raw, dtype=dt)[0]
-
-
-#: Node type (``"t"``) -> the :class:`_Decoder` method that decodes it; any other type is refused.
-_NODE_DECODERS: dict[str, Callable[[_Decoder, dict[str, Any], tuple[Any, ...], str], Any]] = {
-    "dict": _Decoder.dict_node,
-    "list": _Decoder.seq_node,
-    "tuple": _Decoder.seq_node,
-    "float": _Decoder.float_node,
-    "int": _Decoder.int_node,
-    "size": _Decoder.size_node,
-    "dtype": _Decoder.dtype_node,
-    "device": _Decoder.device_node,
-    "bytes": _Decoder.bytes_node,
-    "tensor": _Decoder.leaf_node,
-    "ndarray": _Decoder.leaf_node,
-    "dtensor": _Decoder.leaf_node,
-    "npscalar": _Decoder.npscalar_node,
-    "tensors": _Decoder.tensors_node,
-}
-_TENSORS_FIELDS = frozenset({"t", "keys", "fields", "i"})
