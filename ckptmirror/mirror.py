@@ -94,8 +94,8 @@ class Mirror:
     """Replicated, checksummed, asynchronous checkpoints of a training state.
 
     Args:
-        replicas: URLs (``/path``, ``file:///path``, ``memory://name``) or :class:`Replica`
-            objects. Restore prefers them in ``read_priority`` order (local disk first).
+        replicas: URLs (``/path`` or a ``pathlib.Path``, ``file:///path``, ``memory://name``) or
+            :class:`Replica` objects. Restore prefers them in ``read_priority`` order (local disk first).
         keep_last: keep this many committed steps per replica (None: keep all). Older steps
             are deleted only after a newer one is committed; the newest is never deleted.
             Default: ``$CKPTMIRROR_KEEP_LAST`` (an integer, or ``none``), else None.
@@ -154,7 +154,7 @@ class Mirror:
 
     def __init__(
         self,
-        replicas: Sequence[str | Replica],
+        replicas: Sequence[str | os.PathLike[str] | Replica] | str | os.PathLike[str] | Replica,
         *,
         keep_last: int | None | config.FromEnv = config.FROM_ENV,
         object_bytes: int = DEFAULT_OBJECT_BYTES,
@@ -174,11 +174,13 @@ class Mirror:
         replicated: bool | None = None,
         staging_bytes: int | None = None,
     ) -> None:
-        if isinstance(replicas, (str, Replica)):
+        if isinstance(replicas, (str, os.PathLike, Replica)):
             replicas = [replicas]
+        # A pathlib.Path is a local directory, as its string is (storage_options key by the string).
+        given: list[str | Replica] = [os.fspath(u) if isinstance(u, os.PathLike) else u for u in replicas]
         config.apply_log_level()  # $CKPTMIRROR_LOG_LEVEL, if set: the ckptmirror logger's level only
         keep_last = config.keep_last(keep_last)  # an explicit argument (None included) wins
-        _check_options(len(replicas), keep_last, object_bytes, inflight_policy, on_replica_error, min_replicas)
+        _check_options(len(given), keep_last, object_bytes, inflight_policy, on_replica_error, min_replicas)
         # distributed=False: this process's private mirror even inside a process group (a
         # framework that checkpoints from rank 0 only must not wait for the other ranks' votes).
         self.dist: DistInfo = DistInfo() if distributed is False else detect(process_group)
@@ -202,16 +204,16 @@ class Mirror:
         self.staging_bytes = staging_bytes
         self.open_timeout_s = open_timeout_s
         sigterm_policy = shutdown.resolve(on_sigterm)  # bad values raise before anything is opened
-        replicas = [expand_url(u, self.dist) if isinstance(u, str) else u for u in replicas]
-        self.replicas: list[Replica] = open_replicas(replicas, storage_options)
+        urls = [expand_url(u, self.dist) if isinstance(u, str) else u for u in given]
+        self.replicas: list[Replica] = open_replicas(urls, storage_options)
         # Replicas built here from URLs are closed by close(); Replica objects stay the caller's.
-        self._owned = [r for r, u in zip(self.replicas, replicas) if not isinstance(u, Replica)]
+        self._owned = [r for r, u in zip(self.replicas, urls) if not isinstance(u, Replica)]
         try:
             # Raises ReplicaConfigError (no such bucket, access denied, wrong token) now, not
             # hours into the run; a replica that cannot be reached starts degraded instead.
             listing = list_steps(self.replicas, timeout_s=open_timeout_s)
         except BaseException:
-            close_opened(self.replicas, replicas)
+            close_opened(self.replicas, urls)
             raise
         self._health = ReplicaHealth(self.replicas, health_interval_s)
         self._metrics = MirrorMetrics([r.url for r in self.replicas], listing.committed)

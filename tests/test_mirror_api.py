@@ -23,6 +23,22 @@ def committed_dirs(root: Path) -> list[int]:
     return sorted(int(p.parent.name.split("-")[1]) for p in root.glob("step-*/COMMIT.json"))
 
 
+def test_replicas_given_as_paths_are_local_directories(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    # storage_options by the path's string, as for a string URL: zstd on b only.
+    with Mirror([a, b], storage_options={str(b): {"compression": "zstd"}}) as m:
+        m.save(1, model(1)).result(timeout=30)
+        assert [r.url for r in m.replicas] == [str(a), str(b)]
+    assert committed_dirs(a) == committed_dirs(b) == [1]
+    assert list(a.glob("step-*/rank-*/*.bin")) and not list(a.glob("step-*/rank-*/*.zst"))
+    assert list(b.glob("step-*/rank-*/*.zst")) and not list(b.glob("step-*/rank-*/*.bin"))
+    fresh = model(2)
+    with Mirror(b) as m:  # one Path, not in a list
+        result = m.restore(fresh)
+        assert result is not None and result.step == 1
+    assert torch.equal(fresh.weight, model(1).weight)
+
+
 def test_delete_removes_a_step_from_every_replica(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     with Mirror([str(a), str(b)]) as m:
