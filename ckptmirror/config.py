@@ -62,11 +62,13 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: Default of :data:`ENV_PROGRESS_INTERVAL_S`: seconds between two progress lines of a restore.
 DEFAULT_PROGRESS_INTERVAL_S = 5.0
 #: Default of :data:`ENV_BACKGROUND_NICE`: the nice value of a save's background threads.
-#: 19, the lowest: on a 2-core CPU training run (both cores busy) nice 10 still slowed the
-#: steps that overlap a write 1.46x, nice 15 1.11x and nice 19 1.04x; the write took 6 s, 12 s
-#: and 15 s of its 1.2 GB (bench_save_restore.py --slowdown, 2026-12-01). Training time lost per
-#: save: 2.6 s, 1.5 s, 1.1 s. Where the cores have idle time (a GPU run) nothing changes.
-DEFAULT_BACKGROUND_NICE = 19
+#: 15: on a 2-core CPU training run (both cores busy) nice 10 still slowed the steps that
+#: overlap a write 1.46x, nice 15 1.10-1.11x and nice 19 1.04x; the write of 1.2 GB took 6 s,
+#: 12-13 s and 15 s (bench_save_restore.py --slowdown, 2026-12-01). Not 19: where other processes
+#: (data loader workers) keep every core busy, a save gets about 1/70 of a core at 19, 1/30 at
+#: 15, and a write that lags the next save() holds the training thread. Where the cores have
+#: idle time (most GPU runs) the value changes nothing.
+DEFAULT_BACKGROUND_NICE = 15
 
 
 class EnvVar(NamedTuple):

@@ -4,13 +4,14 @@ On a machine whose cores the training loop keeps busy (a CPU training run, the d
 of a GPU one), every CPU-second a background save spends (hashing, the kernel's copies into
 the page cache, Python) is taken from the training threads. Raising the nice value of the
 threads that write saves in the background (:data:`~ckptmirror.config.ENV_BACKGROUND_NICE`,
-default 19) makes the scheduler give the CPU to the training threads first; the save uses
+default 15) makes the scheduler give the CPU to the training threads first; the save uses
 what they leave (a CPU training loop leaves gaps: its threads wait on each other and on memory),
-and still gets a share when they take everything (nice 19 against 0: about 1/70 of a contended
+and still gets a share when they take everything (nice 15 against 0: about 1/30 of a contended
 core), so it never starves. Measured on a 2-core CPU training run (1.2 GB saved): the
-overlapping steps 1.04x the no-save step at nice 19 (write 15 s), 1.11x at 15 (12 s), 1.46x at
-10 (6 s): a busy training loop pays less and the write takes longer, which
-:meth:`~ckptmirror.handle.SaveHandle.result` reports as it is.
+overlapping steps 1.04x the no-save step at nice 19 (write 15 s), 1.10-1.11x at 15 (12-13 s),
+1.46x at 10 (6 s): a busy training loop pays less and the write takes longer, which
+:meth:`~ckptmirror.handle.SaveHandle.result` reports as it is. 15, not 19: a save must still
+finish before the next one on a machine whose every core other processes keep busy.
 
 Linux only: there, ``setpriority(PRIO_PROCESS, tid)`` changes one thread. Elsewhere (macOS)
 the same call changes the whole process, so nothing is done. An unprivileged process may raise
