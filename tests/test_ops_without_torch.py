@@ -12,9 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import ckptmirror
+from ckptmirror.cli.main import main
 from ckptmirror.format import step_dir
 from ckptmirror.state.decode import DTYPE_ITEMSIZES, dtype_itemsize
 from ckptmirror.state.tree import DTYPES_BY_NAME
@@ -32,9 +34,9 @@ class _NoTorch:
 sys.meta_path.insert(0, _NoTorch())
 from ckptmirror.cli.main import main
 code = main(sys.argv[1:])
-assert "torch" not in sys.modules
 sys.exit(code)
 """
+# ("torch" stays out of sys.modules by construction; the return codes carry the test.)
 
 
 def cli_without_torch(*args: object) -> subprocess.CompletedProcess[str]:
@@ -67,12 +69,35 @@ def test_the_dtype_table_is_torchs() -> None:
         raise AssertionError("an unknown dtype name was accepted")
 
 
-def test_ls_verify_inspect_repair_prune_run_without_torch(tmp_path: Path) -> None:
+def test_an_unknown_dtype_without_torch_is_a_manifest_error() -> None:
+    # A manifest of a newer torch's dtype, checked where there is no torch: the manifest's
+    # fault, named, not an ImportError.
+    code = _NO_TORCH.split("from ckptmirror.cli")[0] + (
+        "import ckptmirror\n"
+        "from ckptmirror.state.decode import dtype_itemsize\n"
+        "assert dtype_itemsize('float8_e5m2') == 1\n"
+        "try:\n"
+        "    dtype_itemsize('float1024', 'step-000000000001/rank-00000-abcdef01.json')\n"
+        "except ckptmirror.ManifestError as exc:\n"
+        "    assert 'float1024' in str(exc) and 'rank-00000-abcdef01.json' in str(exc), exc\n"
+        "else:\n"
+        "    raise SystemExit('accepted')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+# Torch objects among the plain values (what Lightning keeps in its hyperparameters): the
+# commands check and show them without torch, as a process with torch shows them.
+_TORCH_VALUES = {"dtype": torch.bfloat16, "shape": torch.Size([2, 3]), "device": torch.device("cpu", 0)}
+
+
+def test_ls_verify_inspect_repair_prune_run_without_torch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     with ckptmirror.Mirror([str(a), str(b)], storage_options={str(b): {"compression": "zstd"}}) as m:
         for step in (1, 2):
             model, opt = _train_state(step)
-            m.save(step, model, opt).result()
+            m.save(step, model, opt, extra=_TORCH_VALUES).result()
 
     ls = cli_without_torch("ls", a, b, "--json")
     assert ls.returncode == 0, ls.stderr
@@ -84,20 +109,34 @@ def test_ls_verify_inspect_repair_prune_run_without_torch(tmp_path: Path) -> Non
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "OK: 2 step(s) verified on 2 replica(s)" in ok.stdout
 
-    inspected = cli_without_torch("inspect", a, "--json")
-    assert inspected.returncode == 0, inspected.stderr
-    text = inspected.stdout
-    assert "bfloat16" in text and "float32" in text and "exp_avg" in text, text[:2000]
+    # inspect shows what a process with torch shows (here, the same command in this process).
+    for args in (["inspect", str(a), "--json"], ["inspect", str(a)]):
+        without = cli_without_torch(*args)
+        assert without.returncode == 0, without.stderr
+        assert main(args) == 0
+        assert without.stdout == capsys.readouterr().out
+    text = without.stdout
+    for shown in (
+        "bfloat16",
+        "float32",
+        "exp_avg",
+        "torch.bfloat16",
+        "torch.Size([2, 3])",
+        "device(type='cpu', index=0)",
+    ):
+        assert shown in text, (shown, text[:3000])
 
     # Damage the newest step on a: one object flipped, one removed.
     objs = sorted((a / step_dir(2) / "rank-00000").glob("o*.bin"))
-    assert len(objs) >= 1
+    assert len(objs) >= 2
     data = bytearray(objs[0].read_bytes())
     data[3] ^= 0x40
     objs[0].write_bytes(bytes(data))
+    objs[1].unlink()
     bad = cli_without_torch("verify", "--no-progress", a, b)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "corrupt" in bad.stdout and objs[0].name in bad.stdout, bad.stdout
+    assert "missing" in bad.stdout and objs[1].name in bad.stdout, bad.stdout
 
     fixed = cli_without_torch("repair", "--no-progress", a, b)
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
@@ -117,7 +156,8 @@ def test_ls_verify_inspect_repair_prune_run_without_torch(tmp_path: Path) -> Non
     model, opt = _train_state(2)
     fresh, fresh_opt = _train_state(7)
     with ckptmirror.Mirror([str(a)]) as m:
-        assert m.restore(fresh, fresh_opt).step == 2
+        result = m.restore(fresh, fresh_opt)
+        assert result is not None and result.step == 2 and result.extra == _TORCH_VALUES
     for p, q in zip(model.parameters(), fresh.parameters()):
         assert torch.equal(p, q) and p.dtype == q.dtype
     assert json.dumps(opt.state_dict()["param_groups"]) == json.dumps(fresh_opt.state_dict()["param_groups"])

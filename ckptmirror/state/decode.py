@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import operator
+import re
 import sys
 from collections.abc import Callable, Sequence
 from itertools import product, repeat
@@ -81,10 +82,48 @@ def dtype_itemsize(name: str, where: str = "") -> int:
     """
     size = DTYPE_ITEMSIZES.get(name) if isinstance(name, str) and "torch" not in sys.modules else None
     if size is None:
-        from .tree import dtype_from_name
-
+        try:
+            from .tree import dtype_from_name
+        except ImportError:  # no torch here at all: the table is all there is
+            raise ManifestError(f"unknown dtype {name!r}", key=where) from None
         size = dtype_from_name(name, where).itemsize
     return size
+
+
+# Torch-typed values of the state, decoded in a process that has not loaded torch (the operator
+# commands): checked as a restore checks them, and shown as torch shows them, without torch.
+
+
+class SizeValue(tuple[int, ...]):
+    """A ``torch.Size`` of the state, decoded without torch (a tuple subclass, as it is)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"torch.Size({list(self)})"
+
+
+class DtypeValue(str):
+    """A ``torch.dtype`` of the state, decoded without torch: its ``str()``, ``torch.bfloat16``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return str.__str__(self)
+
+
+class DeviceValue(str):
+    """A ``torch.device`` of the state, decoded without torch: its ``str()``, ``cuda:0``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        kind, _, index = str.__str__(self).partition(":")
+        return f"device(type={kind!r}, index={index})" if index else f"device(type={kind!r})"
+
+
+#: What ``torch.device`` accepts, by shape (a device type, then an optional index).
+_DEVICE_RE = re.compile(r"[a-z][a-z0-9_]*(:[0-9]+)?\Z")
 
 
 def key_path(root: str, keys: tuple[Any, ...]) -> str:
@@ -253,28 +292,35 @@ class _Decoder:
             raise self.bad("bad big int", path)
         return int(v, 16)
 
-    # The three torch-typed values import torch when one is met, not before: a state whose
-    # structure holds none (most) is decoded without it.
+    # The three torch-typed values: torch's own objects where torch is loaded (every restore:
+    # they go into the caller's state), else stand-ins (the operator commands, which only check
+    # and show them). Decoding never imports torch.
 
-    def size_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> torch.Size:
+    def size_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> torch.Size | SizeValue:
         v = node["v"]
         if not (isinstance(v, list) and all(type(d) is int and d >= 0 for d in v)):
             raise self.bad("torch.Size must be a list of non-negative ints", path)
-        import torch
+        torch = sys.modules.get("torch")
+        return SizeValue(v) if torch is None else torch.Size(v)
 
-        return torch.Size(v)
-
-    def dtype_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> torch.dtype:
+    def dtype_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> torch.dtype | DtypeValue:
+        v = node["v"]
+        if "torch" not in sys.modules:
+            dtype_itemsize(v, self.where)  # a known name, or a ManifestError
+            return DtypeValue("torch." + v)
         from .tree import dtype_from_name
 
-        return dtype_from_name(node["v"], self.where)
+        return dtype_from_name(v, self.where)
 
-    def device_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> torch.device:
+    def device_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> torch.device | DeviceValue:
         v = node["v"]
         if not isinstance(v, str) or len(v) > 64:
             raise self.bad("bad device", path)
-        import torch
-
+        torch = sys.modules.get("torch")
+        if torch is None:
+            if not _DEVICE_RE.match(v):
+                raise self.bad(f"bad device {v!r}", path)
+            return DeviceValue(v)
         return torch.device(v)
 
     def bytes_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> bytes:
