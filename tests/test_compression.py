@@ -258,15 +258,25 @@ def test_stored_key_helper_resolves_compressed_objects(tmp_path: Path) -> None:
     assert stored_key(comp, home) == st.key != home
 
 
-def test_repair_heals_a_corrupt_compressed_object_from_a_raw_replica(tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "missing"])
+def test_repair_heals_a_damaged_compressed_object_from_a_raw_replica(tmp_path: Path, damage: str) -> None:
     from ckptmirror.ops import repair
 
     raw, comp = tmp_path / "raw", tmp_path / "zstd"
     state = state_of_every_dtype(8)
     save([str(comp), str(raw)], state, storage_options=zstd_opts(comp))
     home, st, _ = _compressed(comp)
-    (comp / st.key).write_bytes(b"\x00" * st.size)  # same size, wrong bytes
-    assert verify([str(comp)]).exit_code != 0
+    if damage == "corrupt":
+        (comp / st.key).write_bytes(b"\x00" * st.size)  # same size, wrong bytes
+    elif damage == "truncated":
+        (comp / st.key).write_bytes((comp / st.key).read_bytes()[: st.size // 2])
+    else:
+        (comp / st.key).unlink()
+    # Named as what it is, under the manifest's key, saying where the compressed bytes lie (it
+    # once said "missing ... .bin: not found" for each of the three).
+    (problem,) = verify([str(comp)]).damage
+    assert (problem.key, problem.kind) == (home, damage), problem
+    assert f"stored as {st.key}" in problem.detail, problem
     report = repair([str(raw), str(comp)], storage_options=zstd_opts(comp))
     assert any(a.key == home and a.done for a in report.actions), report.actions
     assert verify([str(comp)]).exit_code == 0

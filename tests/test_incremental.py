@@ -165,7 +165,11 @@ def test_repair_copies_what_a_step_references(tmp_path: Path) -> None:
     key = f"{step_dir(2)}/{pkey}"
     ref = sorted(parse_placement((b / key).read_bytes(), key).references())[0]
     (b / ref).unlink()
-    assert verify([str(b)]).exit_code != 0
+    # Missing for step 1, and for step 2, which keeps that object under step 1's name.
+    damage = sorted(verify([str(b)]).damage, key=lambda p: p.step)
+    assert [(p.step, p.kind) for p in damage] == [(1, "missing"), (2, "missing")], damage
+    assert damage[0].key == ref and damage[0].detail == "not found", damage
+    assert damage[1].key != ref and damage[1].detail == f"not found (stored as {ref})", damage
     repair([str(a), str(b)])
     assert verify([str(a), str(b)]).exit_code == 0
     with Mirror([str(b)]) as m:

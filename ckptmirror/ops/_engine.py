@@ -115,21 +115,40 @@ class Engine:
         commit, problem = self.commit_on(r, step)
         return self.plan(r, step, commit) if commit is not None else ReplicaPlan(r, step, None, problem)
 
-    def _describe(self, r: Replica, step: int, rank: int | None, key: str, size: int, exc: BaseException) -> Problem:
+    def _describe(
+        self,
+        r: Replica,
+        step: int,
+        rank: int | None,
+        key: str,
+        size: int,
+        exc: BaseException,
+        obj: ObjectRecord | None = None,
+    ) -> Problem:
         """The :class:`Problem` for a failed read of ``key``, named by its size on ``r``.
 
-        The reader's errors say that a read failed; the size on the replica says how.
+        The reader's errors say that a read failed; the size on the replica says how. For an
+        object (``obj``, its record), the size looked at is that of what ``r`` stores for it,
+        by its placement record: compressed (``.zst``), or an earlier step's object (incremental).
         """
+        stored_key, stored_size = key, size
+        if obj is not None:
+            try:
+                st = self.single[r.url].stored(r, obj)
+                stored_key, stored_size = st.key, st.size
+            except FAILURES:  # an unusable placement record: the read's own error says so
+                pass
+        as_ = "" if stored_key == key else f" (stored as {stored_key})"
         try:
-            got = r.size(key)
+            got = r.size(stored_key)
         except FAILURES as e2:
-            return Problem(step, r.url, key, "unreadable", strip_where(str(e2), r.url, key), rank)
+            return Problem(step, r.url, key, "unreadable", strip_where(str(e2), r.url, key) + as_, rank)
         if got is None:
-            return Problem(step, r.url, key, "missing", "not found", rank)
-        if got < size:
-            return Problem(step, r.url, key, "truncated", f"{got} bytes, recorded {size}", rank)
-        if got > size:
-            return Problem(step, r.url, key, "wrong-size", f"{got} bytes, recorded {size}", rank)
+            return Problem(step, r.url, key, "missing", "not found" + as_, rank)
+        if got < stored_size:
+            return Problem(step, r.url, key, "truncated", f"{got} bytes, recorded {stored_size}{as_}", rank)
+        if got > stored_size:
+            return Problem(step, r.url, key, "wrong-size", f"{got} bytes, recorded {stored_size}{as_}", rank)
         kind = "unreadable" if isinstance(exc, ReplicaError) else "corrupt"
         return Problem(step, r.url, key, kind, strip_where(str(exc), r.url, key), rank)
 
@@ -198,7 +217,7 @@ class Engine:
             # Presence and size: exactly the reader's preflight, for this one object.
             reader.preflight(RankManifest(job.step, job.rank, job.rank + 1, (obj,), (), (), None))
         except FAILURES as exc:
-            job.problem = self._describe(r, job.step, job.rank, obj.key, obj.size, exc)
+            job.problem = self._describe(r, job.step, job.rank, obj.key, obj.size, exc, obj)
             return
         if not self.quick:
             try:
@@ -206,7 +225,7 @@ class Engine:
                 # them: nothing is decoded); the manifest's own check happens on every restore.
                 reader.verify_stored(r, obj)
             except FAILURES as exc:
-                job.problem = self._describe(r, job.step, job.rank, obj.key, obj.size, exc)
+                job.problem = self._describe(r, job.step, job.rank, obj.key, obj.size, exc, obj)
                 return
         self._mark_good(r.url, obj.key, obj.checksum)
 
