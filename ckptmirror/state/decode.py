@@ -294,7 +294,7 @@ class _Decoder:
 
     # The three torch-typed values: torch's own objects where torch is loaded (every restore:
     # they go into the caller's state), else stand-ins (the operator commands, which only check
-    # and show them). Decoding never imports torch.
+    # and show them). Decoding imports torch only to ask it about a dtype name the table lacks.
 
     def size_node(self, node: dict[str, Any], path: tuple[Any, ...], t: str) -> torch.Size | SizeValue:
         v = node["v"]
