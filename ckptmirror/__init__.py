@@ -61,9 +61,9 @@ if TYPE_CHECKING:
     from .mirror import Mirror, RestoreResult, Stateful
 
 #: Names imported on first use (PEP 562): ``ckptmirror.mirror`` imports torch (~3 CPU-seconds),
-#: which the command line's parser and the peer agent (``ckptmirror serve``) never need (the
-#: operator commands still import it, for the manifest check). ``from ckptmirror import Mirror``
-#: and ``ckptmirror.Mirror`` work as before.
+#: which the command line, the operator commands but ``export`` and the peer agent
+#: (``ckptmirror serve``) never need. ``from ckptmirror import Mirror`` and ``ckptmirror.Mirror``
+#: work as before.
 _LAZY = {"Mirror": "mirror", "RestoreResult": "mirror", "Stateful": "state.targets"}
 
 

@@ -4,9 +4,10 @@ The other half of :mod:`ckptmirror.state.tree` (whose docstring describes the en
 apart because the operator commands (``ckptmirror verify``, ``ls``, ``repair``, ``prune``,
 ``inspect``) check manifests, which takes decoding the structure and every leaf's element
 size, but never build a tensor: without torch they start in a fraction of a second instead of
-~3 CPU-seconds, and run on a machine that has no torch at all. Torch is imported here only
-for the values that are torch objects (``torch.Size``, dtypes, devices inside the state) and
-for a dtype name that the table below does not know.
+~3 CPU-seconds, and run on a machine that has no torch at all. Torch values inside the state
+(``torch.Size``, dtypes, devices) become torch's objects where torch is loaded (a restore) and
+checked stand-ins elsewhere; torch is imported here only to ask about a dtype name that the
+table below does not know.
 """
 
 from __future__ import annotations
