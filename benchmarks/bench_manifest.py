@@ -5,8 +5,9 @@ Builds the rank manifest of a synthetic transformer-like state (``model.layers.L
 realistic shapes plus an AdamW state of ``step``/``exp_avg``/``exp_avg_sq`` per parameter, so
 four leaves per parameter; 7B parameters at every leaf count, so more leaves means smaller
 tensors, as in MoE models) for each leaf count, serialises it in the layout the library writes
-today and in the version-1 layout (rows of per-leaf JSON objects, kept here so that the two can
-be compared after the format moved on), and times what a reader does before it reads a byte of
+today, in the version-4 layout (every column a plain list, a shape per leaf) and in the
+version-1 layout (rows of per-leaf JSON objects, kept here so that the layouts can be compared
+after the format moved on), and times what a reader does before it reads a byte of
 data: :func:`ckptmirror.format.parse_rank_manifest` then
 :func:`ckptmirror.restore.check.validate_manifest`, with the garbage collector as the process
 has it. No tensor data is allocated: the leaves are records. Reported: the median wall time and
@@ -166,8 +167,10 @@ def bench_parse(leaf_counts: Sequence[int], repeats: int) -> None:
         m = synthetic_manifest(n)
         old = synthetic_manifest(n, compact=False)  # the structure of versions 1-3
         docs = {"v1": to_json_v1(old)}
-        # Version 3: today's columns, the structure without tensors nodes.
-        docs["v3"] = old.to_json().replace(b'{"format_version":%d,' % fmt.FORMAT_VERSION, b'{"format_version":3,', 1)
+        # Version 3: version 4's columns, the structure without tensors nodes.
+        docs["v3"] = old.to_json(version=4).replace(b'{"format_version":4,', b'{"format_version":3,', 1)
+        # Version 4: tensors nodes; every column a plain list, a shape per leaf.
+        docs["v4"] = m.to_json(version=4)
         docs[f"v{fmt.FORMAT_VERSION}"] = m.to_json()
         for name, data in docs.items():
             parsed = fmt.parse_rank_manifest(data, key)

@@ -39,7 +39,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import accumulate, chain, repeat, starmap
+from itertools import accumulate, chain, compress, islice, repeat, starmap
 from operator import countOf
 from typing import Any, NamedTuple, TypeVar
 
@@ -47,9 +47,14 @@ from .checksum import is_checksum
 from .errors import ManifestError
 
 #: The version written; every version from 1 up to it is read.
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 #: The first version whose state tree may hold ``tensors`` nodes (see :mod:`ckptmirror.state.tree`).
 COMPACT_TREE_VERSION = 4
+#: The first version whose int columns may be runs and whose leaf shapes may be a table plus an
+#: index column (see :func:`encode_ints` and docs/FORMAT.md, "Int columns").
+RUNS_VERSION = 5
+#: A column shorter than this is written as a plain list (runs would save nothing worth it).
+RUNS_MIN_ITEMS = 64
 MAX_STEP = 10**12 - 1
 MAX_RANKS = 100_000
 MAX_OBJECT_BYTES = 1 << 40  # 1 TiB: anything larger in a manifest is hostile or corrupt
@@ -60,7 +65,7 @@ MAX_MANIFEST_BYTES = 256 << 20
 MAX_PARSE_MEMORY = 512 << 20
 MAX_DIMS = 64
 #: A manifest of at least this many bytes (a few thousand leaves) is parsed with ``paused_gc(promote=True)``.
-_PROMOTE_BYTES = 256 << 10
+_PROMOTE_BYTES = 64 << 10  # ~25 bytes a leaf in version 5 (runs, a shape table)
 COMMIT_NAME = "COMMIT.json"
 
 # [0-9] and \Z, not \d and $: \d matches non-ASCII digits and $ accepts a trailing newline.
@@ -199,6 +204,43 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 LARGE_STORAGE_DIVISOR = 4
 
 
+def encode_ints(col: list[int]) -> list[int] | dict[str, list[int]]:
+    """An int column as written from format version 5: ``col`` itself, or ``{"runs": [first,
+    step, count, ...]}`` (each triple the ints ``first, first + step, ..., first + (count - 1) *
+    step``; the runs in order) where that takes at most half as many numbers, and the column
+    has at least :data:`RUNS_MIN_ITEMS` items.
+
+    Greedy, each run as long as it goes. The run boundaries (where the difference between
+    neighbours changes) are found in C; the Python loop then takes one step per run, and gives
+    up as soon as runs stop paying.
+    """
+    n = len(col)
+    if n < RUNS_MIN_ITEMS:
+        return col
+    if col.count(col[0]) == n:  # one value (offsets, flags, the type of one dtype): one run
+        return {"runs": [col[0], 0, n]}
+    diffs = list(map(operator.sub, islice(col, 1, None), col))  # diffs[k] = col[k + 1] - col[k]
+    # Where a new difference starts: diffs[k] != diffs[k - 1].
+    bounds = list(compress(range(1, n - 1), map(operator.ne, islice(diffs, 1, None), diffs)))
+    limit = n // 2  # numbers in the runs, at most
+    if len(bounds) > limit:  # every run takes at least one boundary
+        return col
+    runs: list[int] = []
+    i = b = 0
+    while i < n:
+        if i == n - 1:
+            runs += (col[i], 0, 1)
+            break
+        while b < len(bounds) and bounds[b] <= i:
+            b += 1
+        end = bounds[b] if b < len(bounds) else n - 1  # diffs[i:end] are all diffs[i]: items i..end
+        runs += (col[i], diffs[i], end - i + 1)
+        if len(runs) > limit:
+            return col
+        i = end + 1
+    return {"runs": runs}
+
+
 def cut_objects(
     storages: Sequence[StorageRecord], object_bytes: int, frozen: Sequence[bool] | None = None
 ) -> tuple[tuple[int, int], ...]:
@@ -268,14 +310,35 @@ class RankManifest:
         """Total size of the rank's data stream."""
         return sum(o.size for o in self.objects)
 
-    def to_json(self) -> bytes:
-        """Serialise as the current format version (deterministic key order): columns, not rows.
+    def to_json(self, version: int = FORMAT_VERSION) -> bytes:
+        """Serialise as format ``version`` (the current one, or 4 for tests and benchmarks that
+        compare layouts; deterministic key order): columns, not rows.
 
         Strides are written only for the leaves whose strides are not the C-contiguous ones of
-        their shape (views, transposes, expanded tensors), as ``[leaf, [strides]]`` pairs.
+        their shape (views, transposes, expanded tensors), as ``[leaf, [strides]]`` pairs. From
+        version 5, an int column is written as runs where that is much shorter (a column of one
+        value, or ``0, 1, 2, ...``), and the shapes as a table of the distinct ones plus each
+        leaf's index into it where shapes repeat (see docs/FORMAT.md, "Int columns"): a 50,000-leaf
+        manifest is about half the bytes and parses in about half the time.
         """
+        return self.encode(version)[0]
+
+    def encode(self, version: int = FORMAT_VERSION) -> tuple[bytes, int]:
+        """:meth:`to_json`, and how many items its int columns hold as runs: what a reader charges
+        on top of the document's :func:`parse_cost` (see :func:`check_parse_cost`)."""
+        if version not in (4, FORMAT_VERSION):
+            raise ValueError(f"can write format version 4 or {FORMAT_VERSION}, not {version}")
         if any(s.offset != o for s, o in zip(self.storages, accumulate((s.nbytes for s in self.storages), initial=0))):
             raise ValueError("storages must tile the data stream back to back (format version 2 stores no offsets)")
+        run_items = 0
+
+        def ints(col: list[int]) -> Any:
+            nonlocal run_items
+            out = encode_ints(col) if version >= RUNS_VERSION else col
+            if out is not col:
+                run_items += len(col)
+            return out
+
         types: dict[tuple[str, str], int] = {}
         type_col = [types.setdefault((lf.kind, lf.dtype), len(types)) for lf in self.leaves]
         contiguous: dict[tuple[int, ...], tuple[int, ...]] = {}
@@ -286,8 +349,24 @@ class RankManifest:
                 c = contiguous[lf.shape] = contiguous_strides(lf.shape)
             if lf.stride != c:
                 strides.append([i, list(lf.stride)])
+        leaves: dict[str, Any] = {
+            "types": [list(t) for t in types],
+            "type": ints(type_col),
+            "storage": ints([lf.storage for lf in self.leaves]),
+            "offset": ints([lf.offset for lf in self.leaves]),
+            "flags": ints([int(lf.requires_grad) | int(lf.parameter) << 1 for lf in self.leaves]),
+        }
+        n = len(self.leaves)
+        # ``contiguous`` holds each distinct shape once, in first appearance order.
+        if version >= RUNS_VERSION and n >= RUNS_MIN_ITEMS and 2 * len(contiguous) <= n:
+            shape_of = {shape: j for j, shape in enumerate(contiguous)}
+            leaves["shapes"] = [list(shape) for shape in contiguous]
+            leaves["shape"] = ints([shape_of[lf.shape] for lf in self.leaves])
+        else:
+            leaves["shape"] = [list(lf.shape) for lf in self.leaves]
+        leaves["strides"] = strides
         doc = {
-            "format_version": FORMAT_VERSION,
+            "format_version": version,
             "kind": "ckptmirror.rank",
             "step": self.step,
             "rank": self.rank,
@@ -295,22 +374,14 @@ class RankManifest:
             "created_unix": self.created_unix,
             "objects": {
                 "key": [o.key for o in self.objects],
-                "size": [o.size for o in self.objects],
+                "size": ints([o.size for o in self.objects]),
                 "checksum": [o.checksum for o in self.objects],
             },
-            "storages": {"nbytes": [s.nbytes for s in self.storages]},
-            "leaves": {
-                "types": [list(t) for t in types],
-                "type": type_col,
-                "storage": [lf.storage for lf in self.leaves],
-                "offset": [lf.offset for lf in self.leaves],
-                "flags": [int(lf.requires_grad) | int(lf.parameter) << 1 for lf in self.leaves],
-                "shape": [list(lf.shape) for lf in self.leaves],
-                "strides": strides,
-            },
+            "storages": {"nbytes": ints([s.nbytes for s in self.storages])},
+            "leaves": leaves,
             "structure": self.structure,
         }
-        return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+        return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode(), run_items
 
 
 @dataclass(frozen=True)
@@ -363,20 +434,31 @@ class CommitRecord:
 _COST_PER_VALUE = 112
 #: per JSON object, on top of its values: the list of (key, value) pairs the duplicate check gets
 _COST_PER_OBJECT = 64
+#: per item expanded from runs (format version 5), which the document's bytes do not count: the
+#: int in its column and its share of the records and checks built per leaf, as a JSON value
+#: for each column a leaf has in version 4 would have been charged (tests/test_format_v5.py)
+_COST_PER_RUN_ITEM = 2 * _COST_PER_VALUE
 
 
-def parse_cost(data: bytes) -> int:
+def parse_cost(data: bytes, run_items: int = 0) -> int:
     """Estimated peak memory (bytes) of parsing ``data`` into records: an upper bound, in O(n) C time.
 
     Every JSON value follows a ``[``, ``{``, ``,`` or ``:`` (or starts the document), so counting
     those bytes bounds the number of values without parsing anything; the same bytes inside
     strings only make the bound looser. The text itself is counted twice (the decoded document
     and the strings cut from it), at four bytes a character unless it is all ASCII.
+    ``run_items``: items the document's int columns hold as runs (format version 5), which its
+    bytes do not show, at :data:`_COST_PER_RUN_ITEM` each.
     """
     objects = data.count(b"{")
     values = data.count(b",") + data.count(b":") + data.count(b"[") + objects + 1
     per_char = 1 if data.isascii() else 4
-    return 2 * per_char * len(data) + _COST_PER_VALUE * values + _COST_PER_OBJECT * objects
+    return (
+        2 * per_char * len(data)
+        + _COST_PER_VALUE * values
+        + _COST_PER_OBJECT * objects
+        + _COST_PER_RUN_ITEM * run_items
+    )
 
 
 _gc_lock = threading.Lock()
@@ -452,21 +534,32 @@ def _promote_young() -> None:
 _MAX_COST_PER_BYTE = 2 * 4 + _COST_PER_VALUE + _COST_PER_OBJECT
 
 
-def check_parse_cost(data: bytes, key: str) -> None:
-    """Refuse (:class:`ManifestError` naming ``key``) a document whose :func:`parse_cost` exceeds
-    :data:`MAX_PARSE_MEMORY`. Readers call it before parsing; the writer calls it on every
-    manifest it serialises, so that no save writes a manifest that readers would refuse.
+def check_parse_cost(data: bytes, key: str, run_items: int = 0) -> None:
+    """Refuse (:class:`ManifestError` naming ``key``) a document whose :func:`parse_cost`, plus
+    ``run_items`` items its int columns hold as runs (format version 5: what
+    :meth:`RankManifest.encode` returns), exceeds :data:`MAX_PARSE_MEMORY`. Readers call it
+    before parsing (and charge runs as they meet them); the writer calls it on every manifest
+    it serialises, so that no save writes a manifest that readers would refuse.
 
     A document too short to exceed the limit whatever its bytes (under 2.9 MB) is not counted."""
-    if len(data) * _MAX_COST_PER_BYTE + _COST_PER_VALUE <= MAX_PARSE_MEMORY:
-        return
-    cost = parse_cost(data)
-    if cost > MAX_PARSE_MEMORY:
+    cost = _cost_over_limit(data, run_items)
+    if cost is not None:
         raise ManifestError(
-            f"manifest of {len(data)} bytes holds too many JSON values for its size: parsing it would take "
-            f"about {cost >> 20} MiB, over the {MAX_PARSE_MEMORY >> 20} MiB limit",
+            f"manifest of {len(data)} bytes holds too many JSON values for its size"
+            + (f" ({run_items} of them as runs)" if run_items else "")
+            + f": parsing it would take about {cost >> 20} MiB, over the {MAX_PARSE_MEMORY >> 20} MiB limit",
             key=key,
         )
+
+
+def _cost_over_limit(data: bytes, run_items: int) -> int | None:
+    """The estimated cost of parsing ``data`` with ``run_items`` items expanded from runs, if it
+    exceeds :data:`MAX_PARSE_MEMORY`; None if it does not (counted only when it might)."""
+    extra = run_items * _COST_PER_RUN_ITEM
+    if len(data) * _MAX_COST_PER_BYTE + _COST_PER_VALUE + extra <= MAX_PARSE_MEMORY:
+        return None
+    cost = parse_cost(data, run_items)
+    return cost if cost > MAX_PARSE_MEMORY else None
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -543,8 +636,13 @@ class _Fields:
     # The methods are named after the builtins they check, and in the class body those names
     # shadow the builtins: annotations spell them ``builtins.int`` etc.
 
-    def __init__(self, key: builtins.str) -> None:
+    def __init__(self, key: builtins.str, data: bytes | None = None, runs: builtins.bool = False) -> None:
         self.key = key
+        #: The document (for the memory bound of what runs expand to) and whether its int
+        #: columns may be runs (format version 5 on).
+        self.data = data
+        self.runs_ok = runs
+        self.expanded = 0  # items expanded from runs so far
 
     def err(self, path: builtins.str, msg: builtins.str) -> ManifestError:
         return ManifestError(f"field {path}: {msg}", key=self.key)
@@ -615,10 +713,67 @@ class _Fields:
         hi: builtins.int,
         length: builtins.int | None = None,
     ) -> builtins.list[builtins.int]:
+        if self.runs_ok and isinstance(value, dict):
+            return self.runs(value, path, lo, hi, length)
         col = self.list(value, path, length)
         if col and not (_all_of_type(col, int) and _ints_within(col, lo, hi)):
             self.first_bad_int(col, path, lo, hi)
         return col
+
+    def ints(self, value: Any, path: builtins.str, lo: builtins.int, hi: builtins.int) -> Any:
+        """``value`` with its runs expanded (ints in ``[lo, hi]``) if it is runs; else as it is,
+        for the caller's own checks."""
+        if self.runs_ok and isinstance(value, dict):
+            return self.runs(value, path, lo, hi, None)
+        return value
+
+    def runs(
+        self, value: dict[builtins.str, Any], path: builtins.str, lo: builtins.int, hi: builtins.int, length: Any
+    ) -> builtins.list[builtins.int]:
+        """Expand ``{"runs": [first, step, count, ...]}`` (format version 5): every item an int
+        in ``[lo, hi]``, ``length`` items in all if given. Checked per run (the ends of a run
+        bound its items), and the memory its items take is charged before they are built."""
+        if builtins.list(value) != ["runs"]:
+            raise self.err(path, 'expected a list, or an object {"runs": [...]}')
+        p = path + ".runs"
+        flat = self.list(value["runs"], p)
+        if len(flat) % 3:
+            raise self.err(p, f"expected (first, step, count) triples, got {len(flat)} numbers")
+        if flat and not _all_of_type(flat, builtins.int):
+            self.first_bad_int(flat, p, -MAX_STREAM_BYTES, MAX_STREAM_BYTES)
+        firsts, steps, counts = flat[0::3], flat[1::3], flat[2::3]
+        if counts and min(counts) < 1:
+            j = next(j for j, c in enumerate(counts) if c < 1)
+            raise self.err(f"{p}[{3 * j + 2}]", f"a run holds at least 1 item, got {counts[j]}")
+        total = sum(counts)
+        if length is not None and total != length:
+            raise self.err(path, f"the runs hold {total} items, expected {length}")
+        self.charge(total, path)
+        lasts = builtins.list(map(operator.add, firsts, map(operator.mul, steps, map(operator.sub, counts, repeat(1)))))
+        if firsts and not (lo <= min(min(firsts), min(lasts)) and max(max(firsts), max(lasts)) <= hi):
+            for j, (a, z) in enumerate(zip(firsts, lasts)):
+                for v in (a, z):
+                    if not lo <= v <= hi:
+                        raise self.err(
+                            f"{p}[{3 * j}]",
+                            f"run of {counts[j]} from {a} by {steps[j]} reaches {v}, outside [{lo}, {hi}]",
+                        )
+        out: builtins.list[builtins.int] = []
+        for a, step, c in zip(firsts, steps, counts):
+            out += repeat(a, c) if step == 0 else range(a, a + step * c, step)
+        return out
+
+    def charge(self, items: builtins.int, path: builtins.str) -> None:
+        """Count ``items`` more ints expanded from runs against :data:`MAX_PARSE_MEMORY`, on top
+        of the document's :func:`parse_cost`: a few bytes of runs may stand for millions of items."""
+        self.expanded += items
+        cost = _cost_over_limit(self.data if self.data is not None else b"", self.expanded)
+        if cost is not None:
+            raise self.err(
+                path,
+                f"runs of {self.expanded} items in all: reading the manifest would take about "
+                f"{cost >> 20} MiB, over the {MAX_PARSE_MEMORY >> 20} MiB limit",
+            )
 
     def first_bad_int(self, col: builtins.list[Any], path: builtins.str, lo: builtins.int, hi: builtins.int) -> None:
         """Raise naming the first item of ``col`` that is not an int in ``[lo, hi]``, if any."""
@@ -699,7 +854,7 @@ def parse_rank_manifest(data: bytes, key: str) -> RankManifest:
 
 def _parse_rank_manifest(data: bytes, key: str) -> RankManifest:
     doc = load_json(data, key)
-    f = _Fields(key)
+    f = _Fields(key, data, runs=doc["format_version"] >= RUNS_VERSION)
     if doc.get("kind") != "ckptmirror.rank":
         raise f.err("kind", "not a ckptmirror rank manifest")
     step = f.int(doc.get("step"), "step", 0, MAX_STEP)
@@ -808,6 +963,37 @@ _Records = tuple[tuple[ObjectRecord, ...], tuple[StorageRecord, ...], tuple[Leaf
 _RecordsAndColumns = tuple[tuple[ObjectRecord, ...], tuple[StorageRecord, ...], tuple[LeafRecord, ...], "ParsedColumns"]
 
 
+def _check_shape(sh: Any, f: _Fields, path: str) -> list[int]:
+    """One shape: a list of at most :data:`MAX_DIMS` ints in ``[0, MAX_STREAM_BYTES]``."""
+    f.list(sh, path)
+    if len(sh) > MAX_DIMS:
+        raise f.err(path, "too many dimensions")
+    return f.int_column(sh, path, 0, MAX_STREAM_BYTES)
+
+
+def _shape_list(raw_shapes: list[Any], f: _Fields) -> tuple[list[tuple[int, ...]], list[int]]:
+    """A column of one shape per leaf (versions 2-4; version 5 where shapes do not repeat):
+    (each distinct shape once, in first appearance order; each leaf's index into them)."""
+    if not _all_of_type(raw_shapes, list):
+        for i, sh in enumerate(raw_shapes):
+            f.list(sh, f"leaves.shape[{i}]")
+    # The type of every dimension is checked in one pass (2.0 and True equal 2 and 1: the lookup
+    # below cannot tell them apart); then each distinct shape is checked (length, bounds) and
+    # numbered on its first leaf. A shape that fails names its leaf.
+    index_of = _ShapeIndex()
+    try:
+        if not set(map(type, chain.from_iterable(raw_shapes))) <= {int}:
+            raise _BadShape
+        shape_index = list(map(index_of.__getitem__, map(tuple, raw_shapes)))
+    except _BadShape:
+        for i, sh in enumerate(raw_shapes):
+            _check_shape(sh, f, f"leaves.shape[{i}]")
+        raise AssertionError("unreachable: a bad shape was found") from None
+    # Leaves of one shape share one shape tuple and one strides tuple: fewer objects to build,
+    # and for the collector to scan later.
+    return list(index_of), shape_index
+
+
 def _parse_v1_records(doc: dict[str, Any], f: _Fields) -> _Records:
     """Version 1: rows (``[key, size, checksum]``, ``[offset, nbytes]``, one object per leaf)."""
     objects = []
@@ -883,7 +1069,7 @@ def _parse_v2_records(doc: dict[str, Any], f: _Fields, step: int) -> _RecordsAnd
 
     # Sizes that are ints, none negative, and add up to ``total``: then none exceeds ``total``,
     # which is only looked for (to name the item) when they do not add up.
-    nbytes = f.list(f.section(doc, "storages").get("nbytes"), "storages.nbytes")
+    nbytes = f.list(f.ints(f.section(doc, "storages").get("nbytes"), "storages.nbytes", 0, total), "storages.nbytes")
     if nbytes and not (_all_of_type(nbytes, int) and min(nbytes) >= 0):
         f.first_bad_int(nbytes, "storages.nbytes", 0, total)
     offsets = list(accumulate(nbytes, initial=0))
@@ -906,27 +1092,15 @@ def _parse_v2_records(doc: dict[str, Any], f: _Fields, step: int) -> _RecordsAnd
     sidx = f.int_column(sec.get("storage"), "leaves.storage", 0, len(storages) - 1, n)
     elem_offsets = f.int_column(sec.get("offset"), "leaves.offset", 0, MAX_STREAM_BYTES, n)
     flags = f.int_column(sec.get("flags"), "leaves.flags", 0, 3, n)
-    raw_shapes = f.list(sec.get("shape"), "leaves.shape", n)
-    if not _all_of_type(raw_shapes, list):
-        for i, sh in enumerate(raw_shapes):
-            f.list(sh, f"leaves.shape[{i}]")
-    # The type of every dimension is checked in one pass (2.0 and True equal 2 and 1: the lookup
-    # below cannot tell them apart); then each distinct shape is checked (length, bounds) and
-    # numbered on its first leaf. A shape that fails names its leaf.
-    index_of = _ShapeIndex()
-    try:
-        if not set(map(type, chain.from_iterable(raw_shapes))) <= {int}:
-            raise _BadShape
-        shape_index = list(map(index_of.__getitem__, map(tuple, raw_shapes)))
-    except _BadShape:
-        for i, sh in enumerate(raw_shapes):
-            if len(sh) > MAX_DIMS:
-                raise f.err(f"leaves.shape[{i}]", "too many dimensions") from None
-            f.int_column(sh, f"leaves.shape[{i}]", 0, MAX_STREAM_BYTES)
-        raise AssertionError("unreachable: a bad shape was found") from None
-    # Leaves of one shape share one shape tuple and one strides tuple: fewer objects to build,
-    # and for the collector to scan later.
-    shape_table = list(index_of)
+    if f.runs_ok and "shapes" in sec:
+        # Version 5: a table of shapes (each checked here) and each leaf's index into it.
+        shape_table = [
+            tuple(_check_shape(sh, f, f"leaves.shapes[{j}]"))
+            for j, sh in enumerate(f.list(sec["shapes"], "leaves.shapes"))
+        ]
+        shape_index = f.int_column(sec.get("shape"), "leaves.shape", 0, len(shape_table) - 1, n)
+    else:
+        shape_table, shape_index = _shape_list(f.list(sec.get("shape"), "leaves.shape", n), f)
     strides = list(map(list(map(contiguous_strides, shape_table)).__getitem__, shape_index))
     irregular = []
     last = -1
