@@ -23,6 +23,7 @@ step, and the median restore time.
     python benchmarks/bench_manifest.py                 # 1k, 10k, 50k leaves
     python benchmarks/bench_manifest.py --leaves 50000 --repeats 9
     python benchmarks/bench_manifest.py --cut           # ~1 minute
+    python benchmarks/bench_manifest.py --fresh --leaves 10000 50000 --repeats 9   # a process per parse
 """
 
 from __future__ import annotations
@@ -186,6 +187,42 @@ def bench_parse(leaf_counts: Sequence[int], repeats: int) -> None:
             sys.stdout.flush()
 
 
+def _one_fresh(n: int, version: int) -> None:
+    """``--one``: parse + validate one manifest once, in this (fresh) process; print CPU ms as JSON."""
+    data = synthetic_manifest(n).to_json(version=version)
+    key = fmt.rank_manifest_key(42, 0, "1f2e3d4c")
+    c0 = time.process_time()
+    parsed = fmt.parse_rank_manifest(data, key)
+    c1 = time.process_time()
+    validate_manifest(parsed, key)
+    c2 = time.process_time()
+    print(json.dumps({"bytes": len(data), "parse": (c1 - c0) * 1e3, "validate": (c2 - c1) * 1e3}))
+
+
+def bench_fresh(leaf_counts: Sequence[int], repeats: int) -> None:
+    """Each parse in its own fresh process (as a restore meets it: once, nothing cached),
+    versions 4 and 5 alternating; medians of ``repeats`` (CPU ms)."""
+    import subprocess
+
+    print(f"fresh processes, versions 4 and {fmt.FORMAT_VERSION} alternating, medians of {repeats} (CPU ms)")
+    print("| leaves | layout | bytes | parse | validate | parse+validate |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for n in leaf_counts:
+        runs: dict[int, list[dict[str, float]]] = {4: [], fmt.FORMAT_VERSION: []}
+        for _ in range(repeats):
+            for v in runs:
+                cmd = [sys.executable, __file__, "--one", str(v), "--leaves", str(n)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                runs[v].append(json.loads(out.strip().splitlines()[-1]))
+        for v, rs in runs.items():
+            med = {k: statistics.median(r[k] for r in rs) for k in ("parse", "validate")}
+            total = statistics.median(r["parse"] + r["validate"] for r in rs)
+            print(
+                f"| {n} | v{v} | {int(rs[0]['bytes']):,} | {med['parse']:.1f} | {med['validate']:.1f} | {total:.1f} |"
+            )
+            sys.stdout.flush()
+
+
 def _stream_cut(storages: Sequence[fmt.StorageRecord], object_bytes: int) -> tuple[tuple[int, int], ...]:
     """The version-1 cut: every ``object_bytes`` of the stream, whatever the tensors."""
     total = sum(s.nbytes for s in storages)
@@ -267,8 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--object-mib", type=int, default=8, help="--cut: object_bytes in MiB")
     ap.add_argument("--total-mib", type=int, default=256, help="--cut: size of the state in MiB")
     ap.add_argument("--divisors", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="--cut: thresholds B/d")
+    ap.add_argument("--fresh", action="store_true", help="each parse in a fresh process, versions 4 and 5")
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # --fresh's child: the format version
     args = ap.parse_args(argv)
-    if args.cut:
+    if args.one is not None:
+        _one_fresh(args.leaves[0], args.one)
+    elif args.fresh:
+        bench_fresh(args.leaves, args.repeats)
+    elif args.cut:
         bench_cut(args.object_mib, args.total_mib, args.divisors, min(args.repeats, 3))
     else:
         bench_parse(args.leaves, args.repeats)
