@@ -323,9 +323,10 @@ class RankManifest:
         """
         return self.encode(version)[0]
 
-    def encode(self, version: int = FORMAT_VERSION) -> tuple[bytes, int]:
+    def encode(self, version: int = FORMAT_VERSION, runs: bool = True) -> tuple[bytes, int]:
         """:meth:`to_json`, and how many items its int columns hold as runs: what a reader charges
-        on top of the document's :func:`parse_cost` (see :func:`check_parse_cost`)."""
+        on top of the document's :func:`parse_cost` (see :func:`check_parse_cost`).
+        ``runs=False``: every int column a plain list (version 5 still; see :func:`serialise`)."""
         if version not in (4, FORMAT_VERSION):
             raise ValueError(f"can write format version 4 or {FORMAT_VERSION}, not {version}")
         if any(s.offset != o for s, o in zip(self.storages, accumulate((s.nbytes for s in self.storages), initial=0))):
@@ -334,7 +335,7 @@ class RankManifest:
 
         def ints(col: list[int]) -> Any:
             nonlocal run_items
-            out = encode_ints(col) if version >= RUNS_VERSION else col
+            out = encode_ints(col) if runs and version >= RUNS_VERSION else col
             if out is not col:
                 run_items += len(col)
             return out
@@ -550,6 +551,21 @@ def check_parse_cost(data: bytes, key: str, run_items: int = 0) -> None:
             + f": parsing it would take about {cost >> 20} MiB, over the {MAX_PARSE_MEMORY >> 20} MiB limit",
             key=key,
         )
+
+
+def serialise(manifest: RankManifest, key: str) -> bytes:
+    """What a writer stores for ``manifest`` (at ``key``): its JSON, refused
+    (:class:`ManifestError`) if readers would refuse it (:func:`check_parse_cost`).
+
+    Runs are charged at :data:`_COST_PER_RUN_ITEM` an item, more than the plain int they stand
+    for costs (:data:`_COST_PER_VALUE`), so near the limit runs can make a manifest cost more than
+    its plain form: then it is written with plain columns, and any manifest that version 4 could
+    write, version 5 can too."""
+    data, run_items = manifest.encode()
+    if run_items and _cost_over_limit(data, run_items) is not None:
+        data, run_items = manifest.encode(runs=False)
+    check_parse_cost(data, key, run_items)
+    return data
 
 
 def _cost_over_limit(data: bytes, run_items: int) -> int | None:
@@ -842,7 +858,7 @@ def parse_commit(data: bytes, key: str) -> CommitRecord:
 
 
 def parse_rank_manifest(data: bytes, key: str) -> RankManifest:
-    """Parse and validate a rank manifest (format version 1 to 4), including every bound a reader relies on.
+    """Parse and validate a rank manifest (format version 1 to 5), including every bound a reader relies on.
 
     Memory is bounded before parsing (:func:`load_json`); the leaf checks that need dtypes
     (extent inside the storage, element counts) are :func:`ckptmirror.restore.check.validate_manifest`'s,
@@ -942,13 +958,16 @@ class _ShapeIndex(dict[tuple[int, ...], int]):
     """shape -> its number (first appearance order), after checking the shape, on its first lookup.
 
     A dict lookup in C for every shape seen before; a shape of more than :data:`MAX_DIMS`
-    dimensions, or whose dimensions are not ints in ``[0, MAX_STREAM_BYTES]``, raises
-    :class:`_BadShape` before any arithmetic on it. Dimensions are ints (checked before): a hit
+    dimensions, whose dimensions are not ints in ``[0, MAX_STREAM_BYTES]``, or that holds more
+    elements than a stream could (:func:`_too_many_elements`), raises :class:`_BadShape` before
+    any other arithmetic on it. Dimensions are ints (checked before): a hit
     is an equal shape.
     """
 
     def __missing__(self, shape: tuple[Any, ...]) -> int:
         if len(shape) > MAX_DIMS or (shape and not (min(shape) >= 0 and max(shape) <= MAX_STREAM_BYTES)):
+            raise _BadShape
+        if _too_many_elements(shape):
             raise _BadShape
         out = self[shape] = len(self)
         return out
@@ -963,12 +982,26 @@ _Records = tuple[tuple[ObjectRecord, ...], tuple[StorageRecord, ...], tuple[Leaf
 _RecordsAndColumns = tuple[tuple[ObjectRecord, ...], tuple[StorageRecord, ...], tuple[LeafRecord, ...], "ParsedColumns"]
 
 
+def _too_many_elements(shape: Sequence[int]) -> bool:
+    """Whether a shape (ints in bounds) holds more than :data:`MAX_STREAM_BYTES` elements. No
+    leaf can: a C-contiguous one lies inside its storage (an element takes at least a byte), an
+    expanded one holds at most ``MAX_EXPANDED_ELEMENTS``. Refused while parsing, because element
+    counts and extents are computed per leaf later, and a shape table (version 5) lets every leaf
+    point at one huge shape for the price of an int: 900,000 leaves of 2^2560 elements took 841
+    MiB to check, past the memory the limit allows."""
+    return bool(shape) and 0 not in shape and math.prod(shape) > MAX_STREAM_BYTES
+
+
 def _check_shape(sh: Any, f: _Fields, path: str) -> list[int]:
-    """One shape: a list of at most :data:`MAX_DIMS` ints in ``[0, MAX_STREAM_BYTES]``."""
+    """One shape: a list of at most :data:`MAX_DIMS` ints in ``[0, MAX_STREAM_BYTES]``, with at
+    most :data:`MAX_STREAM_BYTES` elements."""
     f.list(sh, path)
     if len(sh) > MAX_DIMS:
         raise f.err(path, "too many dimensions")
-    return f.int_column(sh, path, 0, MAX_STREAM_BYTES)
+    dims = f.int_column(sh, path, 0, MAX_STREAM_BYTES)
+    if _too_many_elements(dims):
+        raise f.err(path, f"about 2^{math.prod(dims).bit_length() - 1} elements, more than any leaf can hold (2^50)")
+    return dims
 
 
 def _shape_list(raw_shapes: list[Any], f: _Fields) -> tuple[list[tuple[int, ...]], list[int]]:
@@ -1108,7 +1141,10 @@ def _parse_v2_records(doc: dict[str, Any], f: _Fields, step: int) -> _RecordsAnd
         p = f"leaves.strides[{j}]"
         i, st = f.list(item, p, 2)
         i = last = f.int(i, p + "[0]", last + 1, n - 1)  # ascending: each leaf at most once
-        st = tuple(f.int_column(st, p + "[1]", 0, MAX_STREAM_BYTES, len(shape_table[shape_index[i]])))
+        # A plain list (runs are for columns): f.list first, as int_column would take runs.
+        st = tuple(
+            f.int_column(f.list(st, p + "[1]"), p + "[1]", 0, MAX_STREAM_BYTES, len(shape_table[shape_index[i]]))
+        )
         if st != strides[i]:
             strides[i] = st
             irregular.append(i)

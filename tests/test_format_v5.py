@@ -8,7 +8,8 @@
   version 4 parse to the same records and validate to the same result;
 * hostile runs and shape tables are refused naming the field, and runs that stand for more
   items than the parse memory limit admits are refused before a single item is built; the
-  writer refuses to write what a reader would refuse.
+  writer drops runs where a reader would refuse them, and refuses what a reader would refuse
+  anyway.
 """
 
 from __future__ import annotations
@@ -279,6 +280,10 @@ HOSTILE_V5: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "shapes-negative-dim": (_set(("leaves", "shapes", 0), [8, -4]), r"leaves\.shapes\[0\]\[1\]: -4 is outside"),
     "shapes-float-dim": (_set(("leaves", "shapes", 0), [8, 4.0]), r"leaves\.shapes\[0\]\[1\]: expected an int"),
     "shapes-65-dims": (_set(("leaves", "shapes", 0), [1] * 65), r"leaves\.shapes\[0\]: too many dimensions"),
+    "strides-as-runs": (
+        _set(("leaves", "strides"), [[0, {"runs": [4, -3, 2]}]]),
+        r"leaves\.strides\[0\]\[1\]: expected a list",
+    ),
     # A valid shape, larger than the leaf's storage: caught by the bounds check, naming the leaf.
     "shapes-outside-storage": (_set(("leaves", "shapes", 0), [8, 400]), r"leaves\[0\] reaches byte"),
 }
@@ -345,22 +350,57 @@ def test_runs_are_charged_across_columns(monkeypatch: pytest.MonkeyPatch) -> Non
     assert fmt.parse_rank_manifest(data, KEY).leaves == m.leaves
 
 
-def test_the_writer_refuses_a_manifest_whose_runs_a_reader_would_refuse(
+def test_near_the_limit_the_writer_drops_runs_and_past_it_refuses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     state = _big_state()
     with ckptmirror.Mirror([str(tmp_path)]) as m:
         m.save_state(1, state).result(timeout=60)
         rel = next(f for f in files_under(tmp_path) if f.endswith(".json") and "/rank-00000-" in f)
-        data = (tmp_path / rel).read_bytes()
-        # Room for the document's own bytes, not for the items its runs hold.
-        monkeypatch.setattr(fmt, "MAX_PARSE_MEMORY", fmt.parse_cost(data) + 1)
-        with pytest.raises(ManifestError, match=r"runs"):
-            fmt.parse_rank_manifest(data, rel)
-        with pytest.raises(CkptMirrorError, match=r"too many JSON values for its size \(\d+ of them as runs\)"):
-            m.save_state(2, state).result(timeout=60)
+        m1 = fmt.parse_rank_manifest((tmp_path / rel).read_bytes(), rel)
+        runs_doc, run_items = m1.encode()
+        plain_doc, none = m1.encode(runs=False)
+        assert none == 0 and b'"runs"' not in plain_doc and run_items > 0
+        with_runs, plain = fmt.parse_cost(runs_doc, run_items), fmt.parse_cost(plain_doc)
+        assert plain < with_runs, "runs are charged more than the plain ints they stand for"
+        # Room for the plain columns, not for the runs: a reader refuses the runs...
+        monkeypatch.setattr(fmt, "MAX_PARSE_MEMORY", plain)
+        with pytest.raises(ManifestError, match=r"runs of \d+ items in all"):
+            fmt.parse_rank_manifest(runs_doc, rel)
+        # ... so the writer writes plain columns (still version 5), which restore.
+        m.save_state(2, state).result(timeout=60)
+        rel2 = next(f for f in files_under(tmp_path) if f.endswith(".json") and "step-000000000002/rank-00000-" in f)
+        doc2 = (tmp_path / rel2).read_bytes()
+        assert b'"runs"' not in doc2 and json.loads(doc2)["format_version"] == 5
+        got = m.load_state(2, require=True)
+        assert got is not None
+        assert_identical(got[1], state)
+        # Room for neither: the save fails rather than write a step no reader accepts.
+        monkeypatch.setattr(fmt, "MAX_PARSE_MEMORY", plain - 1)
+        with pytest.raises(CkptMirrorError, match=r"too many JSON values for its size"):
+            m.save_state(3, state).result(timeout=60)
         monkeypatch.setattr(fmt, "MAX_PARSE_MEMORY", 512 << 20)
-        assert m.steps() == [1]
+        assert m.steps() == [1, 2]
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_shape_of_more_elements_than_any_stream_is_refused_while_parsing(version: int) -> None:
+    """Element counts and extents are computed per leaf later: a table (version 5) would let
+    every leaf point at one huge shape for the price of an int."""
+    doc = _doc()
+    if version == 5:
+        doc["leaves"]["shapes"][1] = [1 << 40] * 64
+        path = r"leaves\.shapes\[1\]"
+    else:
+        doc = json.loads(fmt.parse_rank_manifest(json.dumps(doc).encode(), KEY).to_json(version=4))
+        doc["leaves"]["shape"][1] = [1 << 26, 1 << 25]  # 2^51 elements, each dimension in bounds
+        path = r"leaves\.shape\[1\]"
+    with pytest.raises(ManifestError, match=path + r": .* elements, more than any leaf can hold"):
+        fmt.parse_rank_manifest(json.dumps(doc).encode(), KEY)
+    # A shape with a 0 dimension holds no element, whatever the others.
+    doc = _doc()
+    doc["leaves"]["shapes"].append([0, 1 << 50])
+    fmt.parse_rank_manifest(json.dumps(doc).encode(), KEY)
 
 
 def test_the_cost_of_a_version_5_manifest_bounds_what_reading_it_takes() -> None:

@@ -71,11 +71,11 @@ from ..format import (
     RankManifest,
     RankRef,
     StorageRecord,
-    check_parse_cost,
     cut_objects,
     new_token,
     object_key,
     rank_manifest_key,
+    serialise,
 )
 from ..replicas import Replica
 from ..restore.check import contiguous_strides
@@ -671,9 +671,8 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         manifest = RankManifest(
             info.step, info.rank, info.world_size, objects, storages, tuple(leaves), self._structure(s, None)
         )
-        mbytes, run_items = manifest.encode()
         mkey = rank_manifest_key(info.step, info.rank, token)
-        check_parse_cost(mbytes, mkey, run_items)  # fail the save rather than write a manifest no reader accepts
+        mbytes = serialise(manifest, mkey)  # fails the save rather than write a manifest no reader accepts
         commit = CommitRecord(info.step, info.world_size, (RankRef(info.rank, mkey, len(mbytes), checksum(mbytes)),))
         s.enc = EncodedStep(info.step, tuple(windows), manifest, mkey, mbytes, commit.to_json())
         return views
@@ -695,8 +694,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         """Rank 0's manifest, now with DCP's metadata (and the single-rank commit that pins it)."""
         assert s.enc is not None and s.info is not None
         manifest = dataclasses.replace(s.enc.manifest, structure=self._structure(s, metadata))
-        mbytes, run_items = manifest.encode()
-        check_parse_cost(mbytes, s.enc.manifest_key, run_items)  # the metadata makes it larger
+        mbytes = serialise(manifest, s.enc.manifest_key)  # the metadata makes it larger: checked again
         ref = RankRef(0, s.enc.manifest_key, len(mbytes), checksum(mbytes))
         commit = CommitRecord(s.info.step, s.info.world_size, (ref,))
         return dataclasses.replace(s.enc, manifest=manifest, manifest_bytes=mbytes, commit_bytes=commit.to_json())

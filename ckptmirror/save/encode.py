@@ -29,11 +29,11 @@ from ..format import (
     RankManifest,
     RankRef,
     StorageRecord,
-    check_parse_cost,
     cut_objects,
     new_token,
     object_key,
     rank_manifest_key,
+    serialise,
 )
 from .snapshot import Plan
 
@@ -104,9 +104,8 @@ def encode(
         ObjectRecord(object_key(step, rank, i, token), size, s) for i, ((_, size), s) in enumerate(zip(windows, sums))
     )
     manifest = RankManifest(step, rank, world_size, objects, p.storages, p.leaves, p.structure)
-    mbytes, run_items = manifest.encode()
     mkey = rank_manifest_key(step, rank, token)
-    check_parse_cost(mbytes, mkey, run_items)  # fail the save rather than write a manifest no reader accepts
+    mbytes = serialise(manifest, mkey)  # fails the save rather than write a manifest no reader accepts
     ref = RankRef(rank, mkey, len(mbytes), checksum(mbytes))
     commit = CommitRecord(step, world_size, (ref,))
     return EncodedStep(step, windows, manifest, mkey, mbytes, commit.to_json())
@@ -157,9 +156,8 @@ def encode_replicated(
         for i, (w, c) in enumerate(zip(windows, sums))
     )
     manifest = RankManifest(step, 0, world_size, objects, p.storages, p.leaves, p.structure, votes[0]["created"])
-    mbytes, run_items = manifest.encode()
     mkey = rank_manifest_key(step, 0, tokens[0])
-    check_parse_cost(mbytes, mkey, run_items)
+    mbytes = serialise(manifest, mkey)
     commit = CommitRecord(step, world_size, (RankRef(0, mkey, len(mbytes), checksum(mbytes)),), replicated=True)
     owned = tuple(i for i in range(len(objects)) if i % world_size == rank)
     return EncodedStep(step, windows, manifest, mkey, mbytes, commit.to_json(), owned)
