@@ -8,6 +8,7 @@ view of a bucket. The peer agent's helpers are in ``_agent.py``.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 import urllib.error
 import urllib.request
 import uuid
@@ -38,6 +40,21 @@ T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------ polling
+def traced_peak(fn: Callable[[], T]) -> tuple[T, int]:
+    """``fn()`` and the peak of the Python memory it allocated (tracemalloc), in bytes, after a
+    full collection so that earlier garbage does not count."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        result = fn()
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    return result, peak
+
+
 def wait_until(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.02, what: str = "condition") -> T:
     """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` s pass (AssertionError)."""
     deadline = time.monotonic() + timeout

@@ -24,7 +24,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _helpers import traced_peak
 
 import ckptmirror
 from ckptmirror import format as fmt
@@ -498,16 +498,7 @@ def test_parse_cost_bounds_parse_and_validation_of_a_real_manifest() -> None:
 
 
 def _assert_cost_bounds(data: bytes, parse: Callable[[], Any]) -> None:
-    gc.collect()
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        result = parse()
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
-    del result
+    _, peak = traced_peak(parse)
     cost = fmt.parse_cost(data)
     assert peak <= cost, f"parsing took {peak} bytes, the estimate says {cost}"
     assert peak > cost / 20, f"the estimate ({cost}) is far too loose for a peak of {peak}"

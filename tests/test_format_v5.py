@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 import torch
-from _helpers import files_under
-from test_format_v2 import assert_identical, v1_fixture_state
+from _helpers import files_under, traced_peak
+from test_format_v2 import _mut, assert_identical, v1_fixture_state
 
 import ckptmirror
 from ckptmirror import format as fmt
@@ -230,62 +230,52 @@ def _doc() -> dict[str, Any]:
     return doc
 
 
-def _set(path: tuple[Any, ...], value: Any) -> Callable[[dict[str, Any]], None]:
-    def apply(doc: dict[str, Any]) -> None:
-        node: Any = doc
-        for k in path[:-1]:
-            node = node[k]
-        node[path[-1]] = value
-
-    return apply
-
-
 HOSTILE_V5: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
-    "runs-not-triples": (_set(("leaves", "offset"), {"runs": [0, 0]}), r"leaves\.offset\.runs: expected \(first"),
-    "runs-count-zero": (_set(("leaves", "offset"), {"runs": [0, 0, 900, 0, 0, 0]}), r"leaves\.offset\.runs\[5\]"),
+    "runs-not-triples": (_mut(("leaves", "offset"), {"runs": [0, 0]}), r"leaves\.offset\.runs: expected \(first"),
+    "runs-count-zero": (_mut(("leaves", "offset"), {"runs": [0, 0, 900, 0, 0, 0]}), r"leaves\.offset\.runs\[5\]"),
     "runs-count-negative": (
-        _set(("leaves", "offset"), {"runs": [0, 0, 901, 0, 0, -1]}),
+        _mut(("leaves", "offset"), {"runs": [0, 0, 901, 0, 0, -1]}),
         r"leaves\.offset\.runs\[5\]: a run holds at least 1",
     ),
-    "runs-too-few-items": (_set(("leaves", "offset"), {"runs": [0, 0, 899]}), r"leaves\.offset: the runs hold 899"),
-    "runs-too-many-items": (_set(("leaves", "storage"), {"runs": [0, 1, 901]}), r"leaves\.storage: the runs hold 901"),
-    "runs-bool": (_set(("leaves", "offset"), {"runs": [0, 0, True]}), r"leaves\.offset\.runs\[2\]: expected an int"),
-    "runs-float": (_set(("leaves", "offset"), {"runs": [0.0, 0, 900]}), r"leaves\.offset\.runs\[0\]: expected an int"),
-    "runs-as-string": (_set(("leaves", "offset"), {"runs": "0,0,900"}), r"leaves\.offset\.runs: expected a list"),
+    "runs-too-few-items": (_mut(("leaves", "offset"), {"runs": [0, 0, 899]}), r"leaves\.offset: the runs hold 899"),
+    "runs-too-many-items": (_mut(("leaves", "storage"), {"runs": [0, 1, 901]}), r"leaves\.storage: the runs hold 901"),
+    "runs-bool": (_mut(("leaves", "offset"), {"runs": [0, 0, True]}), r"leaves\.offset\.runs\[2\]: expected an int"),
+    "runs-float": (_mut(("leaves", "offset"), {"runs": [0.0, 0, 900]}), r"leaves\.offset\.runs\[0\]: expected an int"),
+    "runs-as-string": (_mut(("leaves", "offset"), {"runs": "0,0,900"}), r"leaves\.offset\.runs: expected a list"),
     "runs-extra-field": (
-        _set(("leaves", "offset"), {"runs": [0, 0, 900], "x": 1}),
+        _mut(("leaves", "offset"), {"runs": [0, 0, 900], "x": 1}),
         r'leaves\.offset: expected a list, or an object \{"runs"',
     ),
     "runs-step-past-the-storages": (
-        _set(("leaves", "storage"), {"runs": [0, 2, 900]}),
+        _mut(("leaves", "storage"), {"runs": [0, 2, 900]}),
         r"leaves\.storage\.runs\[0\]: run of 900 from 0 by 2 reaches 1798, outside \[0, 899\]",
     ),
     "runs-negative-step-below-zero": (
-        _set(("leaves", "offset"), {"runs": [5, -1, 900]}),
+        _mut(("leaves", "offset"), {"runs": [5, -1, 900]}),
         r"leaves\.offset\.runs\[0\]: .* reaches -894",
     ),
-    "runs-flags-beyond-3": (_set(("leaves", "flags"), {"runs": [0, 1, 900]}), r"leaves\.flags\.runs\[0\]"),
-    "runs-type-beyond-table": (_set(("leaves", "type"), {"runs": [0, 0, 899, 7, 0, 1]}), r"leaves\.type\.runs\[3\]"),
-    "runs-object-size": (_set(("objects", "size"), {"runs": [1, 0, 2]}), r"objects\.size: the runs hold 2 items"),
+    "runs-flags-beyond-3": (_mut(("leaves", "flags"), {"runs": [0, 1, 900]}), r"leaves\.flags\.runs\[0\]"),
+    "runs-type-beyond-table": (_mut(("leaves", "type"), {"runs": [0, 0, 899, 7, 0, 1]}), r"leaves\.type\.runs\[3\]"),
+    "runs-object-size": (_mut(("objects", "size"), {"runs": [1, 0, 2]}), r"objects\.size: the runs hold 2 items"),
     "runs-nbytes-do-not-tile": (
-        _set(("storages", "nbytes"), {"runs": [4, 0, 900]}),
+        _mut(("storages", "nbytes"), {"runs": [4, 0, 900]}),
         r"storages cover 3600 bytes, the objects",
     ),
     "shape-index-beyond-table": (
-        _set(("leaves", "shape"), {"runs": [0, 0, 899, 4, 0, 1]}),
+        _mut(("leaves", "shape"), {"runs": [0, 0, 899, 4, 0, 1]}),
         r"leaves\.shape\.runs\[3\]: .*outside \[0, 3\]",
     ),
-    "shapes-not-a-list": (_set(("leaves", "shapes"), {"0": [4]}), r"leaves\.shapes: expected a list"),
-    "shapes-entry-not-a-list": (_set(("leaves", "shapes", 0), 32), r"leaves\.shapes\[0\]: expected a list"),
-    "shapes-negative-dim": (_set(("leaves", "shapes", 0), [8, -4]), r"leaves\.shapes\[0\]\[1\]: -4 is outside"),
-    "shapes-float-dim": (_set(("leaves", "shapes", 0), [8, 4.0]), r"leaves\.shapes\[0\]\[1\]: expected an int"),
-    "shapes-65-dims": (_set(("leaves", "shapes", 0), [1] * 65), r"leaves\.shapes\[0\]: too many dimensions"),
+    "shapes-not-a-list": (_mut(("leaves", "shapes"), {"0": [4]}), r"leaves\.shapes: expected a list"),
+    "shapes-entry-not-a-list": (_mut(("leaves", "shapes", 0), 32), r"leaves\.shapes\[0\]: expected a list"),
+    "shapes-negative-dim": (_mut(("leaves", "shapes", 0), [8, -4]), r"leaves\.shapes\[0\]\[1\]: -4 is outside"),
+    "shapes-float-dim": (_mut(("leaves", "shapes", 0), [8, 4.0]), r"leaves\.shapes\[0\]\[1\]: expected an int"),
+    "shapes-65-dims": (_mut(("leaves", "shapes", 0), [1] * 65), r"leaves\.shapes\[0\]: too many dimensions"),
     "strides-as-runs": (
-        _set(("leaves", "strides"), [[0, {"runs": [4, -3, 2]}]]),
+        _mut(("leaves", "strides"), [[0, {"runs": [4, -3, 2]}]]),
         r"leaves\.strides\[0\]\[1\]: expected a list",
     ),
     # A valid shape, larger than the leaf's storage: caught by the bounds check, naming the leaf.
-    "shapes-outside-storage": (_set(("leaves", "shapes", 0), [8, 400]), r"leaves\[0\] reaches byte"),
+    "shapes-outside-storage": (_mut(("leaves", "shapes", 0), [8, 400]), r"leaves\[0\] reaches byte"),
 }
 
 
@@ -414,17 +404,7 @@ def test_the_cost_of_a_version_5_manifest_bounds_what_reading_it_takes() -> None
     objects = (fmt.ObjectRecord(fmt.object_key(3, 0, 0, "0badc0de"), 4 * n, "xxh3_64:0123456789abcdef"),)
     data, run_items = fmt.RankManifest(3, 0, 1, objects, storages, leaves, flat.structure, 1.0).encode()
     assert run_items >= 5 * n
-    import gc
-
-    gc.collect()
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        check = validate_manifest(fmt.parse_rank_manifest(data, KEY), KEY)
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
+    check, peak = traced_peak(lambda: validate_manifest(fmt.parse_rank_manifest(data, KEY), KEY))
     assert len(check.paths) == n
     cost = fmt.parse_cost(data, run_items)
     assert fmt.parse_cost(data) < peak <= cost, (fmt.parse_cost(data), peak, cost)

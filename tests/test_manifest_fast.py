@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from _helpers import traced_peak
 
 from ckptmirror import format as fmt
 from ckptmirror.errors import ManifestError
@@ -408,21 +409,10 @@ _COMPACT_STATES = {
 def test_parse_cost_bounds_parse_and_validation_of_a_compact_manifest(case: str) -> None:
     """Version 4's tensors nodes and version 5's runs: fewer bytes a leaf, the same bound on what
     reading them builds (runs charged per item they hold)."""
-    import gc
-    import tracemalloc
-
     flat = flatten(_COMPACT_STATES[case]())
     data, run_items = _manifest(flat.structure, list(flat.leaves)).encode()
     assert b'"t":"tensors"' in data and run_items >= len(flat.leaves)  # version 5: columns as runs
-    gc.collect()
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        check = validate_manifest(fmt.parse_rank_manifest(data, KEY), KEY)
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
+    check, peak = traced_peak(lambda: validate_manifest(fmt.parse_rank_manifest(data, KEY), KEY))
     assert len(check.paths) == len(flat.leaves)
     cost = fmt.parse_cost(data, run_items)
     assert peak <= cost, f"parsing took {peak} bytes, the estimate says {cost}"
