@@ -89,13 +89,52 @@ class MappedObject:
     in place), so the pages cannot change between the two.
     """
 
-    __slots__ = ("_mm", "addr", "size")
+    __slots__ = ("_ident", "_mm", "addr", "key", "path", "replica", "size")
 
-    def __init__(self, mm: mmap.mmap, size: int) -> None:
+    def __init__(
+        self,
+        mm: mmap.mmap,
+        size: int,
+        path: str = "",
+        ident: tuple[int, int] = (0, 0),
+        replica: str = "",
+        key: str = "",
+    ) -> None:
         self._mm = mm
         self.size = size
         # Only the address is kept: a live buffer export would stop close() from unmapping.
         self.addr = int(np.frombuffer(mm, dtype=np.uint8).ctypes.data)
+        self.path = path  # where it was mapped from ("" if unknown), with the file's (device, inode)
+        self._ident = ident
+        self.replica = replica
+        self.key = key
+
+    def reopen(self) -> int | None:
+        """A read-only descriptor on the very file that is mapped, or None.
+
+        Restore lands the verified bytes with ``preadv`` on it (:mod:`~ckptmirror.restore.vread`)
+        rather than copying out of the mapping. The path is opened again (keeping a descriptor
+        per mapped object could run out of them at thousands of objects) and kept only if it is
+        still the same file, by device and inode: while the mapping lives, the inode cannot be
+        freed and its number reused. A path that names another file now (the object was
+        replaced, e.g. by a repair) gives None: the caller copies out of the mapping. The same
+        file cut shorter since (it should never be) still gives its descriptor: reading it
+        fails cleanly, where copying out of the mapping past its end would die of SIGBUS.
+        """
+        if not self.path:
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_BINARY)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == self._ident:
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+        return None
 
     @property
     def buffer(self) -> mmap.mmap:
@@ -302,15 +341,15 @@ class LocalReplica(Replica):
             return None
         fd = self._open_read(key)
         try:
-            got = os.fstat(fd).st_size
-            if got != size:
-                raise CorruptObjectError(f"size is {got} bytes, manifest says {size}", replica=self.url, key=key)
+            st = os.fstat(fd)
+            if st.st_size != size:
+                raise CorruptObjectError(f"size is {st.st_size} bytes, manifest says {size}", replica=self.url, key=key)
             mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ)
         except OSError as exc:
             raise self._err(exc, key, "map") from exc
         finally:
-            os.close(fd)  # the mapping keeps the file's pages; the descriptor is not needed
-        return MappedObject(mm, size)
+            os.close(fd)  # the mapping keeps the file's pages; MappedObject.reopen() opens it again
+        return MappedObject(mm, size, self._path(key), (st.st_dev, st.st_ino), self.url, key)
 
     def size(self, key: str) -> int | None:
         try:

@@ -15,21 +15,27 @@ memory and no extra page faults for it).
 Objects on local disk skip that copy: they are verified where they lie (mapped read-only,
 :class:`~ckptmirror.replicas.local.MappedObject`) and their bytes wait in a :class:`Landing`
 until every object of the step verified, every rank agreed and nothing is left that can fail;
-only then :meth:`Landing.land` copies them in. Nothing of theirs needs undoing, because
-nothing of theirs landed before the point of no return.
+only then :meth:`Landing.land` copies them in: with ``preadv`` on the verified object file, up
+to 1024 tensors a system call (:mod:`~ckptmirror.restore.vread`), on two threads. Nothing of
+theirs needs undoing, because nothing of theirs landed before the point of no return.
 """
 
 from __future__ import annotations
 
 import ctypes
 import operator
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import compress, repeat
-from typing import Protocol
+from typing import Protocol, cast
 
+import numpy as np
 import torch
+
+from ..errors import CorruptObjectError
+from . import vread
 
 #: Returns a host uint8 buffer of at least the given number of bytes.
 BufferFactory = Callable[[int], torch.Tensor]
@@ -143,6 +149,11 @@ class Landing:
     :meth:`land` performs them all; :meth:`discard` drops them (the restore failed: the caller's
     tensors were never touched by them). Thread-safe to fill.
 
+    A mapping that is a local object file (:meth:`~ckptmirror.replicas.local.MappedObject.reopen`)
+    lands by reading that file with ``preadv`` (:mod:`~ckptmirror.restore.vread`): at 50k small
+    tensors it takes a third of the time of one ``memmove`` per tensor. Anything else is copied
+    out of the mapping.
+
     The copies are kept as three columns, not a tuple each: a restore of 50k small tensors
     queues 50k of them.
     """
@@ -153,6 +164,8 @@ class Landing:
         self._src: list[int] = []
         self._n: list[int] = []
         self._tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # (source, first, end): the copies [first, end) of the columns come out of source
+        self._spans: list[tuple[_Closable, int, int]] = []
         self._lock = threading.Lock()
 
     @property
@@ -170,6 +183,7 @@ class Landing:
         """Like :meth:`add`, the copies given as columns: ``nbytes[i]`` bytes from ``src[i]`` to ``dst[i]``."""
         with self._lock:
             self._keep.append(source)
+            self._spans.append((source, len(self._dst), len(self._dst) + len(dst)))
             self._dst += dst
             self._src += src
             self._n += nbytes
@@ -180,11 +194,23 @@ class Landing:
             self._tensors.append((dst, src))
 
     def land(self, threads: int = 2) -> None:
-        """Copy everything into place, then release the sources."""
+        """Copy everything into place, then release the sources.
+
+        Raises :class:`~ckptmirror.errors.CorruptObjectError` (naming the object and its replica)
+        if an object file cannot be read in full any more (cut shorter, a disk error): it was
+        verified, and committed objects never change, so this means the disk or someone else
+        changed it. The caller's tensors then hold part of the step: the error says so.
+        """
         with self._lock:
-            dst, src, n, tensors = self._dst, self._src, self._n, self._tensors
-            self._dst, self._src, self._n, self._tensors = [], [], [], []
+            dst, src, n, tensors, spans = self._dst, self._src, self._n, self._tensors, self._spans
+            self._dst, self._src, self._n, self._tensors, self._spans = [], [], [], [], []
+        fds: list[int] = []
         try:
+            if vread.AVAILABLE and spans:
+                # Out of verified object files: preadv, up to 1024 copies a call (see vread).
+                # What cannot be read that way (no file, replaced since) is copied below.
+                files, dst, src, n = _plan_files(spans, dst, src, n, fds)
+                _read_files(files, threads)
             # Small copies on this thread in one loop: spread over threads, each memmove's GIL
             # hand-off costs more than the copy. Large ones in chunks on the pool, so that one
             # big tensor also spreads over it.
@@ -215,15 +241,102 @@ class Landing:
                 for d_t, s_t in tensors:
                     d_t.copy_(s_t)
         finally:
+            for fd in fds:
+                os.close(fd)
             self.discard()
 
     def discard(self) -> None:
         """Drop whatever has not landed and release the sources (idempotent)."""
         with self._lock:
             keep, self._keep = self._keep, []
-            self._dst, self._src, self._n, self._tensors = [], [], [], []
+            self._dst, self._src, self._n, self._tensors, self._spans = [], [], [], [], []
         for k in keep:
             k.close()
+
+
+class _File(Protocol):
+    """A verified mapping that can also be read as a file (:class:`~ckptmirror.replicas.local.MappedObject`)."""
+
+    addr: int
+    replica: str
+    key: str
+
+    def reopen(self) -> int | None: ...
+
+
+#: One file's copies: its descriptor, its plan, the mapping it was verified as.
+_FilePlan = tuple[int, vread.Plan, _File]
+
+
+def _plan_files(
+    spans: list[tuple[_Closable, int, int]], dst: list[int], src: list[int], n: list[int], fds: list[int]
+) -> tuple[list[_FilePlan], list[int], list[int], list[int]]:
+    """Split the copies into those read from their object files (planned per file; each opened
+    descriptor appended to ``fds``) and the rest (returned as columns, copied with memmove)."""
+    files: list[_FilePlan] = []
+    rest: list[tuple[int, int]] = []
+    for source, a, b in spans:
+        fd = source.reopen() if hasattr(source, "reopen") and a < b else None
+        if fd is None:
+            rest.append((a, b))
+            continue
+        fds.append(fd)
+        f = cast(_File, source)
+        offsets = np.asarray(src[a:b], dtype=np.int64) - f.addr  # addresses in the mapping -> file offsets
+        files.append((fd, vread.plan(dst[a:b], offsets, n[a:b], _CHUNK), f))
+    covered = sum(b - a for a, b in rest)
+    if covered == len(dst):
+        return files, dst, src, n
+    cols = tuple([x for a, b in rest for x in col[a:b]] for col in (dst, src, n))
+    return files, cols[0], cols[1], cols[2]
+
+
+def _read_files(files: list[_FilePlan], threads: int) -> None:
+    """Perform every file's calls, split over ``threads`` threads by bytes (in order, so that
+    each thread reads runs of the files)."""
+    units = [(i, c, nb) for i, (_, p, _) in enumerate(files) for c, (_, _, _, nb) in enumerate(p.calls)]
+    if not units:
+        return
+    total = sum(u[2] for u in units) or 1
+    threads = max(1, min(threads, len(units)))
+    groups: list[list[tuple[int, int, int]]] = [[] for _ in range(threads)]
+    done = 0
+    for u in units:
+        groups[min(threads - 1, done * threads // total)].append(u)
+        done += u[2]
+    errors: list[BaseException] = []
+
+    def run(group: list[tuple[int, int, int]]) -> None:
+        i = 0
+        try:
+            while i < len(group):
+                fi = group[i][0]
+                j = i
+                while j < len(group) and group[j][0] == fi:
+                    j += 1
+                fd, p, _ = files[fi]
+                try:
+                    vread.read(fd, p, [u[1] for u in group[i:j]])
+                except OSError as exc:
+                    f = files[fi][2]
+                    raise CorruptObjectError(
+                        f"the object file changed after it was verified ({exc}); the caller's tensors hold "
+                        "part of the restored step and part of what they held before: restore again",
+                        replica=f.replica,
+                        key=f.key,
+                    ) from exc
+                i = j
+        except BaseException as exc:  # re-raised on the calling thread
+            errors.append(exc)
+
+    workers = [threading.Thread(target=run, args=(g,), name="ckptmirror-land") for g in groups[1:] if g]
+    for w in workers:
+        w.start()
+    run(groups[0])
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
 
 
 def _move_all(dst: Sequence[int], src: Sequence[int], nbytes: Sequence[int]) -> None:
