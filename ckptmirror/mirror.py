@@ -491,7 +491,9 @@ class Mirror:
         :class:`NoValidCheckpointError` when checkpoints exist but none verifies, and
         :class:`StateMismatchError` (before any tensor is modified) when the checkpoint does
         not fit the model or optimizer. All or nothing: when it raises, every tensor of
-        ``model`` and ``optim`` holds exactly what it held before the call.
+        ``model`` and ``optim`` holds exactly what it held before the call; the one exception is
+        a local object file cut shorter (or unreadable) by something else after it verified, and
+        the :class:`CorruptObjectError` then says that the tensors hold part of the step.
         """
         # The cyclic GC paused: a restore builds ~10 objects per tensor, and at 10k tensors the
         # collections that triggers took a third of the restore (0.52 s -> 0.32 s without them).

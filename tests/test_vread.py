@@ -85,6 +85,29 @@ def test_plan_and_read_land_every_byte_where_it_belongs(tmp_path: Path, monkeypa
         assert got[d - base : d - base + n] == data[o : o + n]
 
 
+def test_copies_out_of_file_order_and_one_huge_copy_with_one_copy_a_call(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setattr(vread, "IOV_MAX", 1)
+    rng = random.Random(9)
+    data = rng.randbytes(100_000)
+    path = tmp_path / "obj"
+    path.write_bytes(data)
+    # One huge copy (cut into 37 pieces of 2,711 bytes and a rest), then small ones listed backwards.
+    offs = [0] + [90_000 + 1000 * k for k in reversed(range(10))]
+    lens = [90_000] + [1000] * 10
+    out = torch.zeros(sum(lens), dtype=torch.uint8)
+    dst = [out.data_ptr()] + [out.data_ptr() + 90_000 + 1000 * k for k in range(10)]
+    p = vread.plan(dst, offs, lens, 2711)
+    assert len(p.calls) == len(p.iov) == 34 + 10  # 90,000 / 2,711 = 33.2: 34 pieces
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        vread.read(fd, p, range(len(p.calls)))
+    finally:
+        os.close(fd)
+    got = out.numpy().tobytes()
+    assert got[:90_000] == data[:90_000]
+    assert got[90_000:] == b"".join(data[o : o + 1000] for o in offs[1:])
+
+
 def test_zero_length_copies_are_dropped_and_an_empty_plan_reads_nothing(tmp_path: Path) -> None:
     p = vread.plan([1, 2], [0, 0], [0, 0], 100)
     assert p.calls == [] and p.iov.shape == (0, 2)
@@ -187,16 +210,33 @@ def _mapped(tmp_path: Path, data: bytes) -> tuple[LocalReplica, Any]:
     return rep, mo
 
 
-def _land(mo: Any, n: int, each: int, monkeypatch: Any) -> tuple[torch.Tensor, list[int]]:
-    out = torch.zeros(n * each, dtype=torch.uint8)
+def _open_files() -> list[str]:
+    """The files this process holds open (descriptors, mmap's own duplicate included)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass  # the listing's own descriptor, closed already
+    return out
+
+
+def _land(mos: Any, n: int, each: int, monkeypatch: Any) -> tuple[torch.Tensor, list[int]]:
+    """Land ``n`` copies of ``each`` bytes out of each mapping in ``mos``, one after the other."""
+    mos = mos if isinstance(mos, list) else [mos]
+    out = torch.zeros(len(mos) * n * each, dtype=torch.uint8)
     reads: list[int] = []
     real = vread.read
     monkeypatch.setattr(vread, "read", lambda fd, p, calls: (reads.append(len(calls)), real(fd, p, calls))[1])
     landing = Landing()
-    landing.add_columns(
-        mo, [out.data_ptr() + i * each for i in range(n)], [mo.addr + i * each for i in range(n)], [each] * n
-    )
-    landing.land(threads=2)
+    for k, mo in enumerate(mos):
+        base = out.data_ptr() + k * n * each
+        landing.add_columns(mo, [base + i * each for i in range(n)], [mo.addr + i * each for i in range(n)], [each] * n)
+    try:
+        landing.land(threads=2)
+    finally:
+        # Landed or failed, the mappings are closed and no descriptor on an object file is left.
+        assert not [f for f in _open_files() if "/rep/step-" in f], "a descriptor was left open"
     return out, reads
 
 
@@ -221,14 +261,37 @@ def test_a_replaced_object_file_lands_the_verified_bytes_from_the_mapping(tmp_pa
     assert out.numpy().tobytes() == data
 
 
-def test_an_object_file_cut_short_after_verifying_fails_loudly_naming_it(tmp_path: Path, monkeypatch: Any) -> None:
+@pytest.mark.parametrize("cut", [100, 500 * 64 - 10], ids=["early", "near-the-end"])
+def test_an_object_file_cut_short_after_verifying_fails_loudly_naming_it(
+    tmp_path: Path, monkeypatch: Any, cut: int
+) -> None:
+    monkeypatch.setattr(vread, "IOV_MAX", 7)  # many calls, on both threads: the failing one may be either
     data = random.Random(4).randbytes(500 * 64)
     rep, mo = _mapped(tmp_path, data)
-    os.truncate(mo.path, 100)  # never happens to a committed object; copying from the mapping would SIGBUS
+    os.truncate(mo.path, cut)  # never happens to a committed object; copying from the mapping would SIGBUS
     with pytest.raises(CorruptObjectError) as err:
         _land(mo, 500, 64, monkeypatch)
     msg = str(err.value)
     assert "o0.bin" in msg and rep.url in msg and "restore again" in msg
+
+
+def test_one_replaced_and_one_intact_object_each_land_their_verified_bytes(tmp_path: Path, monkeypatch: Any) -> None:
+    rep = LocalReplica(str(tmp_path / "rep"), create=True)
+    datas, mos = [], []
+    for k in range(3):
+        data = random.Random(10 + k).randbytes(700 * 48)
+        key = f"step-000000000001/rank-00000/o{k}.bin"
+        rep.put(key, data)
+        mo = rep.map_object(key, len(data))
+        assert mo is not None
+        datas.append(data)
+        mos.append(mo)
+    other = tmp_path / "other"
+    other.write_bytes(bytes(len(datas[1])))
+    os.replace(other, mos[1].path)  # the middle one: copied out of its mapping, the others read
+    out, reads = _land(mos, 700, 48, monkeypatch)
+    assert out.numpy().tobytes() == b"".join(datas)
+    assert sum(reads) == 2 * 1, "one call per intact file (700 copies of 48 bytes: one call each)"
 
 
 @pytest.mark.parametrize("available", [True, False], ids=["preadv", "memmove"])

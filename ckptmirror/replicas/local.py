@@ -39,6 +39,7 @@ from .base import Buffer, Replica, step_of_key, validate_key
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_BINARY = getattr(os, "O_BINARY", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
 #: Map every page at once (one call instead of a page fault per 64 KiB): Linux only.
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 #: Bytes per write call when writeback is started as the file is written (see _writeback).
@@ -124,7 +125,8 @@ class MappedObject:
         if not self.path:
             return None
         try:
-            fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_BINARY)
+            # O_NONBLOCK: a FIFO put under the name must not block the restore (no effect on files).
+            fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_BINARY | _O_NONBLOCK)
         except OSError:
             return None
         try:

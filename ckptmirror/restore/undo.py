@@ -16,7 +16,7 @@ Objects on local disk skip that copy: they are verified where they lie (mapped r
 :class:`~ckptmirror.replicas.local.MappedObject`) and their bytes wait in a :class:`Landing`
 until every object of the step verified, every rank agreed and nothing is left that can fail;
 only then :meth:`Landing.land` copies them in: with ``preadv`` on the verified object file, up
-to 1024 tensors a system call (:mod:`~ckptmirror.restore.vread`), on two threads. Nothing of
+to 1024 tensors a system call (:mod:`~ckptmirror.restore.vread`), on ``io_threads`` threads. Nothing of
 theirs needs undoing, because nothing of theirs landed before the point of no return.
 """
 
@@ -258,6 +258,7 @@ class _File(Protocol):
     """A verified mapping that can also be read as a file (:class:`~ckptmirror.replicas.local.MappedObject`)."""
 
     addr: int
+    size: int
     replica: str
     key: str
 
@@ -283,9 +284,11 @@ def _plan_files(
         fds.append(fd)
         f = cast(_File, source)
         offsets = np.asarray(src[a:b], dtype=np.int64) - f.addr  # addresses in the mapping -> file offsets
+        sizes = np.asarray(n[a:b], dtype=np.int64)
+        if int(offsets.min()) < 0 or int((offsets + sizes).max()) > f.size:
+            raise AssertionError(f"landing copies outside the mapping of {f.key} ({f.size} bytes)")
         files.append((fd, vread.plan(dst[a:b], offsets, n[a:b], _CHUNK), f))
-    covered = sum(b - a for a, b in rest)
-    if covered == len(dst):
+    if sum(b - a for a, b in rest) == len(dst):  # no file read: every copy is left
         return files, dst, src, n
     cols = tuple([x for a, b in rest for x in col[a:b]] for col in (dst, src, n))
     return files, cols[0], cols[1], cols[2]
@@ -320,8 +323,9 @@ def _read_files(files: list[_FilePlan], threads: int) -> None:
                 except OSError as exc:
                     f = files[fi][2]
                     raise CorruptObjectError(
-                        f"the object file changed after it was verified ({exc}); the caller's tensors hold "
-                        "part of the restored step and part of what they held before: restore again",
+                        f"reading the object file after it verified failed ({exc}): it was cut shorter or the "
+                        "disk failed; the caller's tensors hold part of the restored step and part of what "
+                        "they held before: restore again",
                         replica=f.replica,
                         key=f.key,
                     ) from exc
@@ -329,12 +333,20 @@ def _read_files(files: list[_FilePlan], threads: int) -> None:
         except BaseException as exc:  # re-raised on the calling thread
             errors.append(exc)
 
-    workers = [threading.Thread(target=run, args=(g,), name="ckptmirror-land") for g in groups[1:] if g]
-    for w in workers:
-        w.start()
-    run(groups[0])
-    for w in workers:
-        w.join()
+    started: list[threading.Thread] = []
+    try:
+        for g in groups[1:]:
+            if g:
+                w = threading.Thread(target=run, args=(g,), name="ckptmirror-land")
+                w.start()
+                started.append(w)
+        run(groups[0])
+    finally:
+        # Every started reader is done before this returns or raises: the caller closes the
+        # descriptors next, and a reader still writing into the tensors after an error would
+        # race whatever the caller does about it.
+        for w in started:
+            w.join()
     if errors:
         raise errors[0]
 

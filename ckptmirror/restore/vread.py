@@ -19,9 +19,10 @@ tensors  memmove, one call each   preadv, 1 / 2 threads   raw ``readv``
 The bytes are those that were verified: the file is read through a descriptor opened on the
 very inode that was mapped and checksummed (see
 :meth:`~ckptmirror.replicas.local.MappedObject.reopen`), and committed objects are never
-rewritten in place. A file that changed anyway (truncated, a disk error after its pages were
-evicted) makes the read fail with an error, where a copy out of the mapping would have died of
-SIGBUS.
+rewritten in place. A file cut shorter since, or one that cannot be read any more (a disk error
+after its pages were evicted), makes the read fail with an error, where a copy out of the
+mapping would have died of SIGBUS. A rewrite in place of the same length would land unverified
+bytes, as a copy out of the shared mapping would: nothing in ckptmirror does that.
 
 Linux only (``preadv`` through libc with a 64-bit ``off_t``); elsewhere :data:`AVAILABLE` is
 False and the caller copies out of the mapping instead.
@@ -41,7 +42,9 @@ import numpy as np
 #: Destinations per ``preadv`` call (the kernel refuses more with EINVAL).
 IOV_MAX = 1024
 try:
-    IOV_MAX = max(1, min(int(os.sysconf("SC_IOV_MAX")), 1 << 16))
+    # Linux's limit is 1024 (UIO_MAXIOV); a libc may report less, never honour more, or -1.
+    _v = int(os.sysconf("SC_IOV_MAX"))
+    IOV_MAX = _v if 0 < _v <= 1024 else 1024
 except (ValueError, OSError, AttributeError):
     pass
 
