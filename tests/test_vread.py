@@ -313,3 +313,31 @@ def test_restores_of_many_small_tensors_land_bit_exact_either_way(
     assert same(raw(dst.state_dict()), raw(src.state_dict()))
     assert [t.data_ptr() for t in dst.state_dict().values()] == ptrs
     assert (sum(reads) > 0) == available
+
+
+def test_restore_reports_an_object_cut_short_between_verifying_and_landing(tmp_path: Path, monkeypatch: Any) -> None:
+    """The whole path: Mirror.restore raises (no fallback to an older step, no silent success),
+    the error names the object, and the process survives (a copy out of the mapping would SIGBUS)."""
+    src = many(1500, 0)
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
+        m.save(1, src).result(timeout=60)
+        with torch.no_grad():
+            for t in src.parameters():
+                t.add_(1)  # step 2 has objects of its own; step 1 stays intact (a fallback would succeed)
+        m.save(2, src).result(timeout=60)
+    real_land = Landing.land
+    cut: list[str] = []
+
+    def land_after_cutting(self: Landing, threads: int = 2) -> None:
+        for source, _, _ in self._spans:
+            if not cut:
+                cut.append(source.key)  # type: ignore[attr-defined]
+                os.truncate(source.path, 10)  # type: ignore[attr-defined]
+        real_land(self, threads)
+
+    monkeypatch.setattr(Landing, "land", land_after_cutting)
+    dst = many(1500, 1)
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m, pytest.raises(CorruptObjectError) as err:
+        m.restore(dst)
+    assert cut and cut[0] in str(err.value) and "step-000000000002" in cut[0]
+    assert "part of the restored step" in str(err.value)
