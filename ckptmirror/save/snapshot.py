@@ -367,8 +367,10 @@ def plan_key(flat: Flattened) -> tuple[object, ...] | None:
     Two keys compare equal only if, leaf by leaf, the data pointers are equal and the Python
     type, dtype, device, shape, strides and ``requires_grad`` are too, with no lazy conjugate or
     negative bit: then the old plan copies the same bytes into the same places, and its leaf
-    records (dtype, shape, strides, offset, flags) still hold. The storage offset is not part
-    of it: with the data pointer, shape, strides and dtype it changes no byte copied nor record.
+    records (dtype, shape, strides, offset, flags) still hold; so must
+    :attr:`~ckptmirror.state.tree.Flattened.plain`, which sets flags too. The storage offset is
+    not part of it: with the data pointer, shape, strides and dtype it changes no byte copied
+    nor record.
 
     None when the plan must not be reused: NumPy leaves are copied to contiguous arrays and
     lazily conjugated/negated tensors are resolved into new tensors, both anew on every save.
@@ -386,7 +388,7 @@ def plan_key(flat: Flattened) -> tuple[object, ...] | None:
         layout = find_layout(leaves) or make_layout(leaves)
     if layout is not None:
         with paused_gc():
-            return (tuple(map(_Tensor.data_ptr, leaves)), layout)
+            return (tuple(map(_Tensor.data_ptr, leaves)), layout, flat.plain)
     if not all(map(isinstance, leaves, repeat(torch.Tensor))):
         return None
     if any(map(_Tensor.is_conj, leaves)) or any(map(_Tensor.is_neg, leaves)):
@@ -399,6 +401,7 @@ def plan_key(flat: Flattened) -> tuple[object, ...] | None:
             tuple(map(_dtype, leaves)),
             tuple(map(_requires_grad, leaves)),
             tuple(map(type, leaves)),
+            flat.plain,
         )
 
 
@@ -479,6 +482,7 @@ def _plan(flat: Flattened) -> Plan:
         offset += sp.nbytes
     coalesced = _coalesce(spans, first_small) if first_small < len(spans) else None
     leaves = []
+    plain = flat.plain  # leaves recorded as state_dict()'s detached aliases would be
     for i in range(len(flat.leaves)):
         sp = spans[leaf_span[i]]
         obj: torch.Tensor | np.ndarray = tensors[i] if i in tensors else arrays[i]
@@ -494,8 +498,8 @@ def _plan(flat: Flattened) -> Plan:
                     shape=tuple(obj.shape),
                     stride=tuple(obj.stride()),
                     offset=elem_off,
-                    requires_grad=bool(src.requires_grad),
-                    parameter=isinstance(src, torch.nn.Parameter),
+                    requires_grad=i >= plain and bool(src.requires_grad),
+                    parameter=i >= plain and isinstance(src, torch.nn.Parameter),
                 )
             )
         else:

@@ -94,25 +94,8 @@ def stock_loading(model: Any, optim: Any) -> bool:
     hands out the module's own tensors, which restore fills in place).
     """
     if model is not None:
-        if not isinstance(model, torch.nn.Module) or {"load_state_dict", "state_dict"} & set(vars(model)):
+        if not _stock_state_dict(model, loading=True):
             return False
-        if type(model).load_state_dict is not torch.nn.Module.load_state_dict:
-            return False
-        if type(model).state_dict is not torch.nn.Module.state_dict:
-            return False
-        for mod in model.modules():
-            # Hooks on loading may refuse or transform; hooks on state_dict() may hand out copies
-            # instead of the module's own tensors (then only load_state_dict moves the values in).
-            for hooks in ("_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"):
-                if getattr(mod, hooks, None):
-                    return False
-            for hooks in ("_state_dict_hooks", "_state_dict_pre_hooks"):
-                if getattr(mod, hooks, None):
-                    return False
-            for method in ("_load_from_state_dict", "_save_to_state_dict"):
-                own = getattr(type(mod), method, None)
-                if method in vars(mod) or not getattr(own, "__module__", "").startswith("torch."):
-                    return False
     if optim is not None:
         if not isinstance(optim, torch.optim.Optimizer) or "load_state_dict" in vars(optim):
             return False
@@ -123,6 +106,58 @@ def stock_loading(model: Any, optim: Any) -> bool:
         ):
             return False
     return True
+
+
+def _stock_state_dict(model: Any, loading: bool = False) -> bool:
+    """Whether ``model.state_dict()`` is torch's own, without hooks, in every submodule (and,
+    with ``loading``, ``load_state_dict`` too): then it hands out the module's own tensors, and
+    ``keep_vars=True`` gives the very tensors that ``detach()`` would alias."""
+    if not isinstance(model, torch.nn.Module):
+        return False
+    names = {"load_state_dict", "state_dict"} if loading else {"state_dict"}
+    if names & set(vars(model)):
+        return False
+    if loading and type(model).load_state_dict is not torch.nn.Module.load_state_dict:
+        return False
+    if type(model).state_dict is not torch.nn.Module.state_dict:
+        return False
+    hook_lists: tuple[str, ...] = ("_state_dict_hooks", "_state_dict_pre_hooks")
+    methods: tuple[str, ...] = ("_save_to_state_dict",)
+    if loading:
+        hook_lists += ("_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+        methods += ("_load_from_state_dict",)
+    for mod in model.modules():
+        # Hooks on loading may refuse or transform; hooks on state_dict() may hand out copies
+        # instead of the module's own tensors (then only load_state_dict moves the values in).
+        for hooks in hook_lists:
+            if getattr(mod, hooks, None):
+                return False
+        for method in methods:
+            own = getattr(type(mod), method, None)
+            if method in vars(mod) or not getattr(own, "__module__", "").startswith("torch."):
+                return False
+    return True
+
+
+def module_state(model: Stateful) -> tuple[Any, int]:
+    """``model.state_dict()`` for a save, and how many of its leaves to record as plain tensors.
+
+    torch's ``state_dict()`` makes a ``detach()``ed alias of every parameter and buffer, and
+    building (then freeing) those aliases is most of what it costs: at 50k tensors 0.17 s
+    against 0.02 s for ``keep_vars=True`` (2-core VM), several times the whole copy of a 0.1 GB
+    state, on the training thread. So where ``state_dict()`` is torch's own and unhooked
+    (:func:`_stock_state_dict`) and every entry is a plain tensor or parameter, this takes the
+    module's own tensors (same storages, same bytes) and returns their number: the snapshot
+    records them as the aliases would be recorded, plain tensors without ``requires_grad``
+    (:attr:`~ckptmirror.state.tree.Flattened.plain`), so the checkpoint is the same either way.
+    Anything else (hooks, overrides, tensor subclasses such as DTensor, extra state that is not
+    a tensor) gets the plain ``state_dict()`` and 0.
+    """
+    if _stock_state_dict(model):
+        sd = cast(Any, model).state_dict(keep_vars=True)
+        if isinstance(sd, dict) and set(map(type, sd.values())) <= _PLAIN_TENSORS:
+            return sd, len(sd)
+    return model.state_dict(), 0
 
 
 def restore_targets(model: Stateful, stock: bool) -> Any:

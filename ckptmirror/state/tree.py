@@ -73,6 +73,11 @@ class Flattened:
     #: The :class:`TensorLayout` of ``leaves`` when flatten() found or made one on its way (every
     #: leaf a plain tensor, none lazily conjugated or negated), for the plan cache's key; else None.
     layout: TensorLayout | None = field(default=None, compare=False, repr=False)
+    #: The first ``plain`` leaves are recorded as plain tensors (not parameters, no
+    #: ``requires_grad``) whatever they are: a module's own tensors, taken with
+    #: ``state_dict(keep_vars=True)`` instead of the ``detach()``ed alias ``state_dict()`` makes of
+    #: each (see :func:`~ckptmirror.state.targets.module_state`). Part of the plan cache's key.
+    plain: int = 0
 
 
 def _is_numpy(obj: Any, attr: str) -> bool:

@@ -1,0 +1,126 @@
+"""Saving a module's own tensors (state_dict(keep_vars=True)) instead of the detached aliases
+state_dict() makes: the checkpoint must be the same either way (issue #10, the save stall at
+many tensors), and anything that is not torch's own, unhooked state_dict() keeps the old path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ckptmirror import Mirror
+from ckptmirror.format import RankManifest, parse_commit, parse_rank_manifest
+from ckptmirror.state.targets import module_state
+
+
+class Net(nn.Module):
+    """Frozen and trainable parameters, bf16, tied weights, buffers of several dtypes, an empty one."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(50, 16)
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.BatchNorm1d(32), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight  # tied
+        self.lowp = nn.Parameter(torch.randn(7, 3).to(torch.bfloat16))
+        self.empty = nn.Parameter(torch.empty(0))
+        self.register_buffer("steps", torch.arange(5))
+        self.emb.requires_grad_(False)  # frozen
+
+
+def manifest(root: Path, step: int) -> RankManifest:
+    ck = f"step-{step:012d}/COMMIT.json"
+    ref = parse_commit((root / ck).read_bytes(), ck).ranks[0]
+    return parse_rank_manifest((root / ref.key).read_bytes(), ref.key)
+
+
+def _hooked(model: nn.Module) -> nn.Module:
+    """A no-op state_dict hook: state_dict() is no longer torch's own, unhooked one."""
+    model._register_state_dict_hook(lambda module, sd, prefix, local_metadata: None)
+    return model
+
+
+def test_module_state_takes_the_modules_own_tensors_only_when_it_is_safe() -> None:
+    net = Net(0)
+    sd, plain = module_state(net)
+    assert plain == len(sd) > 0
+    assert sd["body.0.weight"] is net.body[0].weight, "the parameter itself, not a detached alias"
+    sd, plain = module_state(_hooked(Net(0)))
+    assert plain == 0 and type(sd["body.0.weight"]) is torch.Tensor and not sd["body.0.weight"].requires_grad
+
+    class Extra(Net):
+        def get_extra_state(self) -> Any:
+            return {"note": "not a tensor"}
+
+        def set_extra_state(self, state: Any) -> None:
+            pass
+
+    sd, plain = module_state(Extra(0))
+    assert plain == 0 and sd["_extra_state"] == {"note": "not a tensor"}
+
+    class Own(Net):
+        def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+            return super().state_dict(*args, **kwargs)
+
+    assert module_state(Own(0))[1] == 0
+
+
+@pytest.mark.parametrize("fast_first", [True, False], ids=["own-then-aliases", "aliases-then-own"])
+def test_the_checkpoint_is_the_same_as_with_detached_aliases(tmp_path: Path, fast_first: bool) -> None:
+    fast, slow = Net(3), _hooked(Net(3))
+    opt = torch.optim.AdamW([p for p in fast.parameters() if p.requires_grad], lr=0.1)
+    with Mirror([str(tmp_path)]) as m:
+        # The same Mirror, so the second save meets the first one's cached plan: the flags of the
+        # records are part of its key and must not leak from one path into the other.
+        first, second = (fast, slow) if fast_first else (slow, fast)
+        m.save(1, first, opt).result(timeout=60)
+        m.save(2, second, opt).result(timeout=60)
+    a, b = manifest(tmp_path, 1), manifest(tmp_path, 2)
+    assert a.leaves == b.leaves
+    assert a.storages == b.storages
+    assert a.structure == b.structure
+    assert [o.checksum for o in a.objects] == [o.checksum for o in b.objects]
+    model_leaves = a.leaves[: len(fast.state_dict())]
+    assert not any(lf.parameter or lf.requires_grad for lf in model_leaves), "recorded as state_dict() records them"
+    assert any(lf.dtype == "bfloat16" for lf in model_leaves)
+
+
+def test_a_saved_modules_state_loads_as_plain_tensors_and_restores_bit_exact(tmp_path: Path) -> None:
+    src = Net(5)
+    with torch.no_grad():
+        src.body[2].running_mean.add_(1.5)
+    with Mirror([str(tmp_path)]) as m:
+        m.save(1, src).result(timeout=60)
+        got = m.load_state()
+        dst = Net(6)
+        res = m.restore(dst)
+    assert got is not None and res is not None and res.step == 1
+    state = got[1]["model"]
+    assert all(type(t) is torch.Tensor and not t.requires_grad for t in state.values())
+    for k, v in src.state_dict().items():
+        assert torch.equal(state[k], v), k
+        assert torch.equal(dst.state_dict()[k], v), k
+    assert dst.head.weight is dst.emb.weight, "ties survive"
+    assert not dst.emb.weight.requires_grad and dst.body[0].weight.requires_grad, "flags of the target kept"
+
+
+def test_save_calls_state_dict_with_keep_vars_for_a_stock_module(tmp_path: Path, monkeypatch: Any) -> None:
+    calls: list[bool] = []
+    real = nn.Module.state_dict
+
+    def spy(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not args and kwargs.get("prefix", "") == "":
+            calls.append(bool(kwargs.get("keep_vars", False)))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "state_dict", spy)
+    with Mirror([str(tmp_path)]) as m:
+        m.save(1, Net(0)).result(timeout=60)
+        assert calls == [True]
+        calls.clear()
+        m.save(2, _hooked(Net(0))).result(timeout=60)
+        assert calls == [False]
