@@ -44,17 +44,10 @@ import time
 import warnings
 from typing import Any
 
+from _load import start_load
+
 CONTENDERS = ["fs", "mirror"]
 NAMES = {"fs": "FileSystemWriter/Reader", "mirror": "MirrorStorageWriter/Reader"}
-
-# One competing CPU-bound process (a core's worth of work), as in bench_stall.py.
-LOAD_CODE = """
-import torch
-torch.set_num_threads(1)
-a = torch.randn(256, 256)
-while True:
-    a = (a @ a).tanh_()
-"""
 
 
 def log(msg: str) -> None:
@@ -285,8 +278,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for machine in args.machine.split(","):
         procs: list[subprocess.Popen[bytes]] = []
         if machine == "loaded":
-            env = dict(os.environ, OMP_NUM_THREADS="1")
-            procs = [subprocess.Popen([sys.executable, "-c", LOAD_CODE], env=env) for _ in range(os.cpu_count() or 2)]
+            procs = start_load()
             time.sleep(1.0)
         elif machine != "idle":
             raise SystemExit(f"--machine: idle or loaded, not {machine!r}")

@@ -19,6 +19,12 @@ once ("first") and ``--repeats`` more times ("steady": the median), waits for ev
 durable before the next, and ``os.sync()``s in between (untimed). Checkpoints go under
 ``--dir`` and are deleted after each contender.
 
+``--module``: the tensors are the parameters of one ``nn.Module`` instead, and each contender
+gets the state the way its users do, inside the timed stall: ``Mirror.save(step, module)`` (which
+calls ``state_dict()`` itself), ``dcp.async_save({"model": module.state_dict()})``,
+``torch.save({"model": module.state_dict()})``. At 10k-50k tensors torch's ``state_dict()``
+alone (a ``detach()``ed alias per tensor) costs more than copying a 0.1 GB state.
+
 Prints a Markdown table of seconds and one of ratios (stall / memcpy floor, steady), and with
 ``--chart PATH`` draws stall against tensor count (matplotlib). ``--quick`` runs small sizes.
 
@@ -41,14 +47,9 @@ import tempfile
 import time
 from typing import Any
 
+from _load import start_load
+
 CONTENDERS = ["floor", "ckptmirror", "ckptmirror-noreserve", "dcp.async_save", "torch.save"]
-LOAD_CODE = """
-import torch
-torch.set_num_threads(1)
-a = torch.randn(256, 256)
-while True:
-    a = (a @ a).tanh_()
-"""
 
 
 def log(msg: str) -> None:
@@ -157,10 +158,22 @@ def run_floor(state: dict[str, Any], repeats: int) -> dict[str, Any]:
     }
 
 
-def run_ckptmirror(state: dict[str, Any], repeats: int, workdir: str, reserve: bool) -> dict[str, Any]:
+def as_module(state: dict[str, Any]) -> Any:
+    """An ``nn.Module`` whose parameters are the tensors of ``state`` (the same storages)."""
+    import torch
+
+    mod = torch.nn.Module()
+    for i, t in enumerate(state.values()):
+        mod.register_parameter(f"p{i}", torch.nn.Parameter(t))
+    return mod
+
+
+def run_ckptmirror(
+    state: dict[str, Any], repeats: int, workdir: str, reserve: bool, module: Any = None
+) -> dict[str, Any]:
     import ckptmirror
 
-    holder = Holder(state)
+    holder = module if module is not None else Holder(state)
     out: dict[str, Any] = {}
     with ckptmirror.Mirror([workdir], keep_last=1) as m:
         if reserve:
@@ -179,7 +192,7 @@ def run_ckptmirror(state: dict[str, Any], repeats: int, workdir: str, reserve: b
     return out
 
 
-def run_dcp(state: dict[str, Any], repeats: int, workdir: str) -> dict[str, Any]:
+def run_dcp(state: dict[str, Any], repeats: int, workdir: str, module: Any = None) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
     stalls = []
@@ -187,7 +200,7 @@ def run_dcp(state: dict[str, Any], repeats: int, workdir: str) -> dict[str, Any]
         os.sync()
         path = os.path.join(workdir, f"step-{i}")
         t0 = time.perf_counter()
-        fut = dcp.async_save({"model": state}, checkpoint_id=path)
+        fut = dcp.async_save({"model": module.state_dict() if module is not None else state}, checkpoint_id=path)
         stalls.append(time.perf_counter() - t0)
         fut.result()
         if i:
@@ -195,7 +208,7 @@ def run_dcp(state: dict[str, Any], repeats: int, workdir: str) -> dict[str, Any]
     return {"first": stalls[0], "steady": stalls[1:]}
 
 
-def run_torch_save(state: dict[str, Any], repeats: int, workdir: str) -> dict[str, Any]:
+def run_torch_save(state: dict[str, Any], repeats: int, workdir: str, module: Any = None) -> dict[str, Any]:
     import torch
 
     stalls = []
@@ -204,7 +217,7 @@ def run_torch_save(state: dict[str, Any], repeats: int, workdir: str) -> dict[st
         path = os.path.join(workdir, f"step-{i}.pt")
         t0 = time.perf_counter()
         with open(path, "wb") as f:
-            torch.save({"model": state}, f)
+            torch.save({"model": module.state_dict() if module is not None else state}, f)
             f.flush()
             os.fsync(f.fileno())
         stalls.append(time.perf_counter() - t0)
@@ -219,6 +232,7 @@ def run_contender(args: argparse.Namespace) -> dict[str, Any]:
     size = int(float(args.size) * 1e9)
     t0 = time.perf_counter()
     state = build_state(size, args.count)
+    module = as_module(state) if args.module else None
     build_s = time.perf_counter() - t0
     workdir = tempfile.mkdtemp(prefix=f"stall-{args.contender}-", dir=args.dir)
     busy0 = cpu_busy()
@@ -227,13 +241,13 @@ def run_contender(args: argparse.Namespace) -> dict[str, Any]:
         if args.contender == "floor":
             res = run_floor(state, args.repeats)
         elif args.contender == "ckptmirror":
-            res = run_ckptmirror(state, args.repeats, workdir, reserve=True)
+            res = run_ckptmirror(state, args.repeats, workdir, reserve=True, module=module)
         elif args.contender == "ckptmirror-noreserve":
-            res = run_ckptmirror(state, args.repeats, workdir, reserve=False)
+            res = run_ckptmirror(state, args.repeats, workdir, reserve=False, module=module)
         elif args.contender == "dcp.async_save":
-            res = run_dcp(state, args.repeats, workdir)
+            res = run_dcp(state, args.repeats, workdir, module)
         elif args.contender == "torch.save":
-            res = run_torch_save(state, args.repeats, workdir)
+            res = run_torch_save(state, args.repeats, workdir, module)
         else:
             raise SystemExit(f"unknown contender {args.contender}")
     finally:
@@ -257,8 +271,7 @@ def run_contender(args: argparse.Namespace) -> dict[str, Any]:
 def run_cell(args: argparse.Namespace, size: str, count: int, loaded: bool) -> list[dict[str, Any]]:
     procs: list[subprocess.Popen[bytes]] = []
     if loaded:
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        procs = [subprocess.Popen([sys.executable, "-c", LOAD_CODE], env=env) for _ in range(os.cpu_count() or 2)]
+        procs = start_load()
         time.sleep(1.0)
     out = []
     try:
@@ -266,6 +279,7 @@ def run_cell(args: argparse.Namespace, size: str, count: int, loaded: bool) -> l
             la = loadavg()
             cmd = [sys.executable, os.path.abspath(__file__), "--contender", c, "--size", size]
             cmd += ["--count", str(count), "--repeats", str(args.repeats), "--dir", args.dir]
+            cmd += ["--module"] if args.module else []
             t0 = time.perf_counter()
             try:
                 cp = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.timeout_s)
@@ -320,6 +334,8 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], elapsed: flo
         f"- each contender in its own process; first save, then median of {args.repeats} steady saves; "
         f"the whole run took {elapsed / 60:.1f} min"
     )
+    if getattr(args, "module", False):
+        print("- `--module`: the tensors are one nn.Module's parameters; each stall includes getting its state_dict()")
     print("- 'other CPUs' = CPUs' worth of work by other processes during the cell's ckptmirror run (load included)\n")
     print("## Ratios: stall / memcpy floor (steady floor)\n")
     head = "| GB | tensors | machine | other CPUs | floor steady (s) | floor first (s) |"
@@ -430,6 +446,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write every record here")
     ap.add_argument("--chart", default=None, help="draw stall against tensor count into this PNG")
     ap.add_argument("--from-json", default=None, help="only print the tables (and chart) of an earlier --json")
+    ap.add_argument("--module", action="store_true", help="the tensors as one nn.Module's parameters (see above)")
     ap.add_argument("--contender", help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
     ap.add_argument("--count", type=int, help=argparse.SUPPRESS)

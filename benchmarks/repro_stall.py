@@ -39,6 +39,8 @@ import threading
 import time
 from typing import Any
 
+from _load import start_load
+
 VARIANTS = [
     "legacy",
     "legacy+PASSIVE",
@@ -48,20 +50,6 @@ VARIANTS = [
     "legacy+overlap",
     "fixed+overlap",
 ]
-
-LOAD_CODE = """
-import torch
-torch.set_num_threads(1)
-a = torch.randn(256, 256)
-while True:
-    a = (a @ a).tanh_()
-"""
-
-
-def start_load(n: int) -> list[subprocess.Popen[bytes]]:
-    """``n`` single-threaded torch processes multiplying matrices until killed (a training job's load)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return [subprocess.Popen([sys.executable, "-c", LOAD_CODE], env=env) for _ in range(n)]
 
 
 def stop_load(procs: list[subprocess.Popen[bytes]]) -> None:
