@@ -124,3 +124,35 @@ def test_save_calls_state_dict_with_keep_vars_for_a_stock_module(tmp_path: Path,
         calls.clear()
         m.save(2, _hooked(Net(0))).result(timeout=60)
         assert calls == [False]
+
+
+class Counter(nn.Module):
+    """A module with extra state (not a parameter or buffer), as a tensor or as a dict."""
+
+    def __init__(self, as_tensor: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.count = 0
+        self.as_tensor = as_tensor
+
+    def get_extra_state(self) -> Any:
+        return torch.tensor([float(self.count)]) if self.as_tensor else {"count": self.count}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.count = int(state.item()) if self.as_tensor else state["count"]
+
+
+@pytest.mark.parametrize("as_tensor", [True, False], ids=["tensor", "dict"])
+def test_extra_state_is_saved_and_restored_through_set_extra_state(tmp_path: Path, as_tensor: bool) -> None:
+    # The tensor case was lost: restore filled the tensor get_extra_state() had just made, saw
+    # every entry "filled in place", and skipped load_state_dict(), so set_extra_state() never ran.
+    src = Counter(as_tensor)
+    src.count = 7
+    assert module_state(src)[1] == 0, "extra state: not the module's own tensors"
+    with Mirror([str(tmp_path)]) as m:
+        m.save(1, src).result(timeout=60)
+        dst = Counter(as_tensor)
+        res = m.restore(dst)
+    assert res is not None and res.step == 1
+    assert dst.count == 7
+    assert torch.equal(dst.lin.weight, src.lin.weight)

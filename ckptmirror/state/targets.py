@@ -136,7 +136,20 @@ def _stock_state_dict(model: Any, loading: bool = False) -> bool:
             own = getattr(type(mod), method, None)
             if method in vars(mod) or not getattr(own, "__module__", "").startswith("torch."):
                 return False
+        # Extra state (get_extra_state/set_extra_state) is not the module's own tensor: a tensor
+        # that get_extra_state() makes anew would be filled in place and dropped, and only
+        # load_state_dict() hands it to set_extra_state(). Such a module is never stock.
+        cls = type(mod)
+        if (
+            getattr(cls, "get_extra_state", _GET_EXTRA) is not _GET_EXTRA
+            or getattr(cls, "set_extra_state", _SET_EXTRA) is not _SET_EXTRA
+        ):
+            return False
     return True
+
+
+_GET_EXTRA = torch.nn.Module.get_extra_state
+_SET_EXTRA = torch.nn.Module.set_extra_state
 
 
 def module_state(model: Stateful) -> tuple[Any, int]:
