@@ -74,8 +74,8 @@ def test_the_checkpoint_is_the_same_as_with_detached_aliases(tmp_path: Path, fas
     fast, slow = Net(3), _hooked(Net(3))
     opt = torch.optim.AdamW([p for p in fast.parameters() if p.requires_grad], lr=0.1)
     with Mirror([str(tmp_path)]) as m:
-        # The same Mirror, so the second save meets the first one's cached plan: the flags of the
-        # records are part of its key and must not leak from one path into the other.
+        # The same Mirror: the second save is planned anew (other tensors, other layout), and its
+        # records must not differ from the first's.
         first, second = (fast, slow) if fast_first else (slow, fast)
         m.save(1, first, opt).result(timeout=60)
         m.save(2, second, opt).result(timeout=60)
@@ -108,22 +108,40 @@ def test_a_saved_modules_state_loads_as_plain_tensors_and_restores_bit_exact(tmp
     assert not dst.emb.weight.requires_grad and dst.body[0].weight.requires_grad, "flags of the target kept"
 
 
-def test_save_calls_state_dict_with_keep_vars_for_a_stock_module(tmp_path: Path, monkeypatch: Any) -> None:
-    calls: list[bool] = []
+def test_save_flattens_a_stock_modules_own_tensors(tmp_path: Path, monkeypatch: Any) -> None:
+    import ckptmirror.mirror as mirror_mod
+
+    seen: list[tuple[Any, int]] = []
+    real = mirror_mod._flatten_state
+    monkeypatch.setattr(
+        mirror_mod, "_flatten_state", lambda state, plain: (seen.append((state, plain)), real(state, plain))[1]
+    )
+    net, hooked = Net(0), _hooked(Net(0))
+    with Mirror([str(tmp_path)]) as m:
+        m.save(1, net).result(timeout=60)
+        m.save(2, hooked).result(timeout=60)
+    (own, n_own), (aliases, n_aliases) = seen
+    assert n_own == len(own["model"]) and own["model"]["body.0.weight"] is net.body[0].weight
+    assert n_aliases == 0 and aliases["model"]["body.0.weight"] is not hooked.body[0].weight
+
+
+def test_a_child_or_a_library_replacing_state_dict_is_not_stock(monkeypatch: Any) -> None:
+    class Half(nn.Linear):
+        def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # a child's own state_dict()
+            return super().state_dict(*args, **kwargs)
+
+    assert module_state(nn.Sequential(Half(2, 2)))[1] == 0
+    child = nn.Linear(2, 2)
+    child.state_dict = child.state_dict  # type: ignore[method-assign]  # an instance patch on a child
+    assert module_state(nn.Sequential(child))[1] == 0
+    assert module_state(nn.Sequential(nn.Linear(2, 2)))[1] == 2
     real = nn.Module.state_dict
 
-    def spy(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if not args and kwargs.get("prefix", "") == "":
-            calls.append(bool(kwargs.get("keep_vars", False)))
+    def wrapper(self: nn.Module, *args: Any, **kwargs: Any) -> Any:  # a library's wrapper
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(nn.Module, "state_dict", spy)
-    with Mirror([str(tmp_path)]) as m:
-        m.save(1, Net(0)).result(timeout=60)
-        assert calls == [True]
-        calls.clear()
-        m.save(2, _hooked(Net(0))).result(timeout=60)
-        assert calls == [False]
+    monkeypatch.setattr(nn.Module, "state_dict", wrapper)
+    assert module_state(nn.Sequential(nn.Linear(2, 2)))[1] == 0
 
 
 class Counter(nn.Module):

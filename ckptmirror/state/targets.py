@@ -119,7 +119,7 @@ def _stock_state_dict(model: Any, loading: bool = False) -> bool:
         return False
     if loading and type(model).load_state_dict is not torch.nn.Module.load_state_dict:
         return False
-    if type(model).state_dict is not torch.nn.Module.state_dict:
+    if not _torch_state_dict(type(model).state_dict):
         return False
     hook_lists: tuple[str, ...] = ("_state_dict_hooks", "_state_dict_pre_hooks")
     methods: tuple[str, ...] = ("_save_to_state_dict",)
@@ -127,6 +127,10 @@ def _stock_state_dict(model: Any, loading: bool = False) -> bool:
         hook_lists += ("_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
         methods += ("_load_from_state_dict",)
     for mod in model.modules():
+        # torch's state_dict() calls each child's state_dict() (with keep_vars): each must be
+        # torch's own too. (load_state_dict() does not recurse through the children's.)
+        if "state_dict" in vars(mod) or not _torch_state_dict(type(mod).state_dict):
+            return False
         # Hooks on loading may refuse or transform; hooks on state_dict() may hand out copies
         # instead of the module's own tensors (then only load_state_dict moves the values in).
         for hooks in hook_lists:
@@ -150,6 +154,17 @@ def _stock_state_dict(model: Any, loading: bool = False) -> bool:
 
 _GET_EXTRA = torch.nn.Module.get_extra_state
 _SET_EXTRA = torch.nn.Module.set_extra_state
+
+
+def _torch_state_dict(fn: Any) -> bool:
+    """Whether ``fn`` is torch's own ``Module.state_dict``: compared by where its code lives, so
+    that a library that replaced ``nn.Module.state_dict`` itself (a wrapper, even one made with
+    ``functools.wraps``) does not pass for it."""
+    code = getattr(fn, "__code__", None)
+    return fn is torch.nn.Module.state_dict and code is not None and code.co_filename == _MODULE_FILE
+
+
+_MODULE_FILE = torch.nn.modules.module.__file__  # not the function's: it may be replaced already
 
 
 def module_state(model: Stateful) -> tuple[Any, int]:
