@@ -133,6 +133,14 @@ def _expected(data: bytes, n: int = 40, each: int = 300) -> bytes:
     return b"".join(data[i * each : (i + 1) * each] for i in reversed(range(n)))
 
 
+def _read_all(path: Path, p: vread.Plan) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        vread.read(fd, p, range(len(p.calls)))
+    finally:
+        os.close(fd)
+
+
 def test_a_short_read_continues_where_it_stopped(tmp_path: Path, monkeypatch: Any) -> None:
     path, data, out, p = _file_and_plan(tmp_path)
     real_preadv, real_pread = vread._FNS  # type: ignore[misc]
@@ -146,11 +154,7 @@ def test_a_short_read_continues_where_it_stopped(tmp_path: Path, monkeypatch: An
         return got + extra
 
     monkeypatch.setattr(vread, "_FNS", (short_preadv, real_pread))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        vread.read(fd, p, range(len(p.calls)))
-    finally:
-        os.close(fd)
+    _read_all(path, p)
     assert calls == [40]
     assert out.numpy().tobytes() == _expected(data)
 
@@ -168,11 +172,7 @@ def test_eintr_is_retried(tmp_path: Path, monkeypatch: Any) -> None:
         return real_preadv(fd, iov, count, off)
 
     monkeypatch.setattr(vread, "_FNS", (interrupted, real_pread))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        vread.read(fd, p, range(len(p.calls)))
-    finally:
-        os.close(fd)
+    _read_all(path, p)
     assert len(tries) == 2
     assert out.numpy().tobytes() == _expected(data)
 
