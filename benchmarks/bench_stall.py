@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from _load import start_load
@@ -192,7 +193,7 @@ def run_ckptmirror(
     return out
 
 
-def run_dcp(state: dict[str, Any], repeats: int, workdir: str, module: Any = None) -> dict[str, Any]:
+def run_dcp(get_state: Callable[[], Any], repeats: int, workdir: str) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
     stalls = []
@@ -200,7 +201,7 @@ def run_dcp(state: dict[str, Any], repeats: int, workdir: str, module: Any = Non
         os.sync()
         path = os.path.join(workdir, f"step-{i}")
         t0 = time.perf_counter()
-        fut = dcp.async_save({"model": module.state_dict() if module is not None else state}, checkpoint_id=path)
+        fut = dcp.async_save({"model": get_state()}, checkpoint_id=path)
         stalls.append(time.perf_counter() - t0)
         fut.result()
         if i:
@@ -208,7 +209,7 @@ def run_dcp(state: dict[str, Any], repeats: int, workdir: str, module: Any = Non
     return {"first": stalls[0], "steady": stalls[1:]}
 
 
-def run_torch_save(state: dict[str, Any], repeats: int, workdir: str, module: Any = None) -> dict[str, Any]:
+def run_torch_save(get_state: Callable[[], Any], repeats: int, workdir: str) -> dict[str, Any]:
     import torch
 
     stalls = []
@@ -217,7 +218,7 @@ def run_torch_save(state: dict[str, Any], repeats: int, workdir: str, module: An
         path = os.path.join(workdir, f"step-{i}.pt")
         t0 = time.perf_counter()
         with open(path, "wb") as f:
-            torch.save({"model": module.state_dict() if module is not None else state}, f)
+            torch.save({"model": get_state()}, f)
             f.flush()
             os.fsync(f.fileno())
         stalls.append(time.perf_counter() - t0)
@@ -233,6 +234,8 @@ def run_contender(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     state = build_state(size, args.count)
     module = as_module(state) if args.module else None
+    # What each contender saves, taken inside its timed stall: the module's state_dict() with --module.
+    get_state: Callable[[], Any] = module.state_dict if module is not None else (lambda: state)
     build_s = time.perf_counter() - t0
     workdir = tempfile.mkdtemp(prefix=f"stall-{args.contender}-", dir=args.dir)
     busy0 = cpu_busy()
@@ -245,9 +248,9 @@ def run_contender(args: argparse.Namespace) -> dict[str, Any]:
         elif args.contender == "ckptmirror-noreserve":
             res = run_ckptmirror(state, args.repeats, workdir, reserve=False, module=module)
         elif args.contender == "dcp.async_save":
-            res = run_dcp(state, args.repeats, workdir, module)
+            res = run_dcp(get_state, args.repeats, workdir)
         elif args.contender == "torch.save":
-            res = run_torch_save(state, args.repeats, workdir, module)
+            res = run_torch_save(get_state, args.repeats, workdir)
         else:
             raise SystemExit(f"unknown contender {args.contender}")
     finally:

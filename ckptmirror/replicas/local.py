@@ -92,20 +92,12 @@ class MappedObject:
 
     __slots__ = ("_ident", "_mm", "addr", "key", "path", "replica", "size")
 
-    def __init__(
-        self,
-        mm: mmap.mmap,
-        size: int,
-        path: str = "",
-        ident: tuple[int, int] = (0, 0),
-        replica: str = "",
-        key: str = "",
-    ) -> None:
+    def __init__(self, mm: mmap.mmap, size: int, path: str, ident: tuple[int, int], replica: str, key: str) -> None:
         self._mm = mm
         self.size = size
         # Only the address is kept: a live buffer export would stop close() from unmapping.
         self.addr = int(np.frombuffer(mm, dtype=np.uint8).ctypes.data)
-        self.path = path  # where it was mapped from ("" if unknown), with the file's (device, inode)
+        self.path = path  # where it was mapped from, with the file's (device, inode)
         self._ident = ident
         self.replica = replica
         self.key = key
@@ -122,8 +114,6 @@ class MappedObject:
         file cut shorter since (it should never be) still gives its descriptor: reading it
         fails cleanly, where copying out of the mapping past its end would die of SIGBUS.
         """
-        if not self.path:
-            return None
         try:
             # O_NONBLOCK: a FIFO put under the name must not block the restore (no effect on files).
             fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_BINARY | _O_NONBLOCK)

@@ -28,7 +28,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from itertools import compress, repeat
+from itertools import compress, groupby, repeat
 from typing import Protocol, cast
 
 import numpy as np
@@ -307,48 +307,29 @@ def _read_files(files: list[_FilePlan], threads: int) -> None:
     for u in units:
         groups[min(threads - 1, done * threads // total)].append(u)
         done += u[2]
-    errors: list[BaseException] = []
 
     def run(group: list[tuple[int, int, int]]) -> None:
-        i = 0
-        try:
-            while i < len(group):
-                fi = group[i][0]
-                j = i
-                while j < len(group) and group[j][0] == fi:
-                    j += 1
-                fd, p, _ = files[fi]
-                try:
-                    vread.read(fd, p, [u[1] for u in group[i:j]])
-                except OSError as exc:
-                    f = files[fi][2]
-                    raise CorruptObjectError(
-                        f"reading the object file after it verified failed ({exc}): it was cut shorter or the "
-                        "disk failed; the caller's tensors hold part of the restored step and part of what "
-                        "they held before: restore again",
-                        replica=f.replica,
-                        key=f.key,
-                    ) from exc
-                i = j
-        except BaseException as exc:  # re-raised on the calling thread
-            errors.append(exc)
+        for fi, units_of_file in groupby(group, key=operator.itemgetter(0)):
+            fd, p, f = files[fi]
+            try:
+                vread.read(fd, p, [u[1] for u in units_of_file])
+            except OSError as exc:
+                raise CorruptObjectError(
+                    f"reading the object file after it verified failed ({exc}): it was cut shorter or the "
+                    "disk failed; the caller's tensors hold part of the restored step and part of what "
+                    "they held before: restore again",
+                    replica=f.replica,
+                    key=f.key,
+                ) from exc
 
-    started: list[threading.Thread] = []
-    try:
-        for g in groups[1:]:
-            if g:
-                w = threading.Thread(target=run, args=(g,), name="ckptmirror-land")
-                w.start()
-                started.append(w)
+    # Leaving the pool waits for every reader it started, also when this thread's share raised:
+    # the caller closes the descriptors next, and a reader still writing into the tensors after
+    # an error would race whatever the caller does about it.
+    with ThreadPoolExecutor(max(1, threads - 1), thread_name_prefix="ckptmirror-land") as pool:
+        futures = [pool.submit(run, g) for g in groups[1:] if g]
         run(groups[0])
-    finally:
-        # Every started reader is done before this returns or raises: the caller closes the
-        # descriptors next, and a reader still writing into the tensors after an error would
-        # race whatever the caller does about it.
-        for w in started:
-            w.join()
-    if errors:
-        raise errors[0]
+    for fut in futures:
+        fut.result()
 
 
 def _move_all(dst: Sequence[int], src: Sequence[int], nbytes: Sequence[int]) -> None:
