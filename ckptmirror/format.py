@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import accumulate, chain, compress, islice, repeat, starmap
 from operator import countOf
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, overload
 
 from .checksum import is_checksum
 from .errors import ManifestError
@@ -64,6 +64,8 @@ MAX_MANIFEST_BYTES = 256 << 20
 #: by :func:`parse_cost` before any Python object is built (see docs/FORMAT.md, "Parsing bounds").
 MAX_PARSE_MEMORY = 512 << 20
 MAX_DIMS = 64
+#: At least this many records are built with ``paused_gc(promote=True)`` (see :class:`LeafColumns`).
+_PROMOTE_RECORDS = 4096
 #: A manifest of at least this many bytes (a few thousand leaves) is parsed with ``paused_gc(promote=True)``.
 _PROMOTE_BYTES = 64 << 10  # ~25 bytes a leaf in version 5 (runs, a shape table)
 COMMIT_NAME = "COMMIT.json"
@@ -186,8 +188,161 @@ class LeafRecord(NamedTuple):
 
 #: Column getters of the records, for ``map`` over many records in C (no Python call a record).
 LEAF_KIND, LEAF_STORAGE, LEAF_DTYPE, LEAF_SHAPE, LEAF_STRIDE, LEAF_OFFSET = map(operator.itemgetter, range(6))
+_LEAF_GRAD, _LEAF_PARAMETER = operator.itemgetter(6), operator.itemgetter(7)
 STORAGE_OFFSET, STORAGE_NBYTES = map(operator.itemgetter, range(2))
 OBJECT_SIZE = operator.itemgetter(1)
+
+
+#: Leaf flags (bit 0: requires_grad, bit 1: parameter) -> each bool, by table lookup.
+_GRAD_OF_FLAGS = (False, True, False, True)
+_PARAMETER_OF_FLAGS = (False, False, True, True)
+
+_R = TypeVar("_R", bound=tuple[Any, ...])
+
+
+def _records(cls: type[_R], *columns: Iterable[Any]) -> tuple[_R, ...]:
+    """One ``cls`` (a named tuple) per row of ``columns``, by ``tuple.__new__`` in C (``starmap``
+    passes each ``(cls, row)`` pair as the call's arguments, with no tuple built per call)."""
+    return tuple(starmap(tuple.__new__, zip(repeat(cls), zip(*columns))))
+
+
+class _LazyRecords(Sequence[_R]):
+    """A read-only sequence of records kept as columns, each record built only when asked for.
+
+    A reader of a 50,000-leaf manifest built a named tuple per leaf and per storage (~30 ms on
+    a 2-core VM) that the common restore never looks at: it reads whole columns
+    (:func:`leaf_columns`, :func:`storage_columns`). Indexing, iterating or comparing builds
+    every record once (in C, :func:`_records`) and keeps them. Equal to a tuple of equal records.
+    """
+
+    __slots__ = ("_built",)
+    _cls: type[_R]
+
+    def __init__(self) -> None:
+        self._built: tuple[_R, ...] | None = None
+
+    def _columns(self) -> tuple[Iterable[Any], ...]:
+        raise NotImplementedError
+
+    @property
+    def records(self) -> tuple[_R, ...]:
+        """Every record, built on first use."""
+        if self._built is None:
+            with paused_gc(promote=len(self) >= _PROMOTE_RECORDS):  # acyclic: see paused_gc
+                self._built = _records(self._cls, *self._columns())
+        return self._built
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, i: int) -> _R: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[_R, ...]: ...
+    def __getitem__(self, i: int | slice) -> _R | tuple[_R, ...]:
+        return self.records[i]
+
+    def __iter__(self) -> Iterator[_R]:
+        return iter(self.records)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _LazyRecords):
+            other = other.records
+        return isinstance(other, tuple) and self.records == other
+
+    def __hash__(self) -> int:
+        return hash(self.records)
+
+    def __repr__(self) -> str:
+        return repr(self.records)
+
+
+class LeafColumns(_LazyRecords[LeafRecord]):
+    """The leaves of a manifest as columns (one list per field, one entry per leaf): what
+    :func:`parse_rank_manifest` returns as :attr:`RankManifest.leaves`, and what
+    :func:`leaf_columns` makes of any other manifest's records."""
+
+    __slots__ = ("dtypes", "flags", "kinds", "offsets", "shapes", "storage", "strides")
+    _cls = LeafRecord
+
+    def __init__(
+        self,
+        kinds: list[str],
+        storage: list[int],
+        dtypes: list[str],
+        shapes: list[tuple[int, ...]],
+        strides: list[tuple[int, ...]],
+        offsets: list[int],
+        flags: list[int],
+    ) -> None:
+        super().__init__()
+        self.kinds, self.storage, self.dtypes, self.shapes = kinds, storage, dtypes, shapes
+        self.strides, self.offsets, self.flags = strides, offsets, flags  # flags: bit 0 requires_grad, 1 parameter
+
+    @classmethod
+    def of(cls, leaves: Sequence[LeafRecord]) -> LeafColumns:
+        """The columns of ``leaves`` (records built elsewhere: a writer's), a ``map`` in C each."""
+        if isinstance(leaves, LeafColumns):
+            return leaves
+        kinds, storage, dtypes, shapes, strides, offsets = (
+            list(map(get, leaves))
+            for get in (LEAF_KIND, LEAF_STORAGE, LEAF_DTYPE, LEAF_SHAPE, LEAF_STRIDE, LEAF_OFFSET)
+        )
+        params = map(operator.lshift, map(_LEAF_PARAMETER, leaves), repeat(1))
+        out = cls(
+            kinds, storage, dtypes, shapes, strides, offsets, list(map(operator.or_, map(_LEAF_GRAD, leaves), params))
+        )
+        out._built = tuple(leaves)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    def _columns(self) -> tuple[Iterable[Any], ...]:
+        flags = self.flags
+        grads: Iterable[bool]
+        params: Iterable[bool]
+        if flags and flags.count(flags[0]) == len(flags):  # one value for every leaf (common): no lookup each
+            grads, params = repeat(_GRAD_OF_FLAGS[flags[0]]), repeat(_PARAMETER_OF_FLAGS[flags[0]])
+        else:
+            grads, params = map(_GRAD_OF_FLAGS.__getitem__, flags), map(_PARAMETER_OF_FLAGS.__getitem__, flags)
+        return self.kinds, self.storage, self.dtypes, self.shapes, self.strides, self.offsets, grads, params
+
+
+class StorageColumns(_LazyRecords[StorageRecord]):
+    """The storages of a manifest as columns: see :class:`LeafColumns`."""
+
+    __slots__ = ("nbytes", "offsets")
+    _cls = StorageRecord
+
+    def __init__(self, offsets: list[int], nbytes: list[int]) -> None:
+        super().__init__()
+        self.offsets, self.nbytes = offsets, nbytes
+
+    @classmethod
+    def of(cls, storages: Sequence[StorageRecord]) -> StorageColumns:
+        """The columns of ``storages``."""
+        if isinstance(storages, StorageColumns):
+            return storages
+        out = cls(list(map(STORAGE_OFFSET, storages)), list(map(STORAGE_NBYTES, storages)))
+        out._built = tuple(storages)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.nbytes)
+
+    def _columns(self) -> tuple[Iterable[Any], ...]:
+        return self.offsets, self.nbytes
+
+
+def leaf_columns(m: RankManifest) -> LeafColumns:
+    """``m``'s leaves as columns: a parsed manifest's own (nothing built), else from its records."""
+    return LeafColumns.of(m.leaves)
+
+
+def storage_columns(m: RankManifest) -> StorageColumns:
+    """``m``'s storages as columns: see :func:`leaf_columns`."""
+    return StorageColumns.of(m.storages)
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -297,8 +452,10 @@ class RankManifest:
     rank: int
     world_size: int
     objects: tuple[ObjectRecord, ...]
-    storages: tuple[StorageRecord, ...]
-    leaves: tuple[LeafRecord, ...]
+    #: A tuple, or (from :func:`parse_rank_manifest`) the same as columns: read whole columns
+    #: with :func:`storage_columns` and :func:`leaf_columns`.
+    storages: Sequence[StorageRecord]
+    leaves: Sequence[LeafRecord]
     structure: Any
     created_unix: float = field(default_factory=time.time)
     #: The version this manifest was read as (or is written as). From version 3 on, a replica
@@ -877,6 +1034,8 @@ def _parse_rank_manifest(data: bytes, key: str) -> RankManifest:
     world = f.int(doc.get("world_size"), "world_size", 1, MAX_RANKS)
     rank = f.int(doc.get("rank"), "rank", 0, world - 1)
     columns: ParsedColumns | None = None
+    storages: Sequence[StorageRecord]
+    leaves: Sequence[LeafRecord]
     if doc["format_version"] == 1:
         objects, storages, leaves = _parse_v1_records(doc, f)
     else:
@@ -919,8 +1078,8 @@ class ParsedColumns:
         "nbytes",
     )
 
-    leaves: tuple[LeafRecord, ...]
-    storages: tuple[StorageRecord, ...]
+    leaves: Sequence[LeafRecord]
+    storages: Sequence[StorageRecord]
     table: list[tuple[str, str]]  # the distinct (kind, dtype) of the leaves
     type_index: list[int]  # each leaf's index into ``table``
     kinds: list[str]
@@ -973,13 +1132,8 @@ class _ShapeIndex(dict[tuple[int, ...], int]):
         return out
 
 
-#: Leaf flags (bit 0: requires_grad, bit 1: parameter) -> each bool, by table lookup.
-_GRAD_OF_FLAGS = (False, True, False, True)
-_PARAMETER_OF_FLAGS = (False, False, True, True)
-
-_R = TypeVar("_R", bound=tuple[Any, ...])
 _Records = tuple[tuple[ObjectRecord, ...], tuple[StorageRecord, ...], tuple[LeafRecord, ...]]
-_RecordsAndColumns = tuple[tuple[ObjectRecord, ...], tuple[StorageRecord, ...], tuple[LeafRecord, ...], "ParsedColumns"]
+_RecordsAndColumns = tuple[tuple[ObjectRecord, ...], "StorageColumns", "LeafColumns", "ParsedColumns"]
 
 
 def _too_many_elements(shape: Sequence[int]) -> bool:
@@ -1080,12 +1234,6 @@ def _parse_v1_records(doc: dict[str, Any], f: _Fields) -> _Records:
     return tuple(objects), tuple(storages), tuple(leaves)
 
 
-def _records(cls: type[_R], *columns: Iterable[Any]) -> tuple[_R, ...]:
-    """One ``cls`` (a named tuple) per row of ``columns``, by ``tuple.__new__`` in C (``starmap``
-    passes each ``(cls, row)`` pair as the call's arguments, with no tuple built per call)."""
-    return tuple(starmap(tuple.__new__, zip(repeat(cls), zip(*columns))))
-
-
 def _parse_v2_records(doc: dict[str, Any], f: _Fields, step: int) -> _RecordsAndColumns:
     """Version 2: columns; records are built by ``tuple.__new__`` over zipped columns, in C."""
     sec = f.section(doc, "objects")
@@ -1111,7 +1259,8 @@ def _parse_v2_records(doc: dict[str, Any], f: _Fields, step: int) -> _RecordsAnd
         raise f.err(
             "storages.nbytes", f"storages cover {offsets[-1]} bytes, the objects {total}: they must tile the stream"
         )
-    storages = _records(StorageRecord, offsets, nbytes)
+    offsets.pop()  # the end of the stream
+    storages = StorageColumns(offsets, nbytes)
 
     sec = f.section(doc, "leaves")
     table = []
@@ -1153,16 +1302,10 @@ def _parse_v2_records(doc: dict[str, Any], f: _Fields, step: int) -> _RecordsAnd
     else:
         kinds = list(map([k for k, _ in table].__getitem__, types))
         dtypes = list(map([d for _, d in table].__getitem__, types))
-    # The columns that hold one value for every leaf (flags, offsets, often) are repeated, not
-    # looked up per leaf.
-    grads: Iterable[bool]
-    params: Iterable[bool]
-    if n and flags.count(flags[0]) == n:
-        grads, params = repeat(_GRAD_OF_FLAGS[flags[0]]), repeat(_PARAMETER_OF_FLAGS[flags[0]])
-    else:
-        grads, params = map(_GRAD_OF_FLAGS.__getitem__, flags), map(_PARAMETER_OF_FLAGS.__getitem__, flags)
-    shapes = map(shape_table.__getitem__, shape_index)
-    leaves = _records(LeafRecord, kinds, sidx, dtypes, shapes, strides, elem_offsets, grads, params)
+    # Columns, not records: see LeafColumns.
+    leaves = LeafColumns(
+        kinds, sidx, dtypes, list(map(shape_table.__getitem__, shape_index)), strides, elem_offsets, flags
+    )
     columns = ParsedColumns(
         table=table,
         type_index=types,

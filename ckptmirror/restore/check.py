@@ -13,36 +13,31 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from itertools import compress, islice
+from itertools import chain, compress, repeat
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ManifestError
 from ..format import (
     COMPACT_TREE_VERSION,
-    LEAF_DTYPE,
-    LEAF_KIND,
-    LEAF_OFFSET,
-    LEAF_SHAPE,
-    LEAF_STORAGE,
-    LEAF_STRIDE,
-    STORAGE_NBYTES,
     ParsedColumns,
     RankManifest,
     contiguous_strides,
+    leaf_columns,
     parsed_columns,
     paused_gc,
+    storage_columns,
 )
-from ..state.decode import dtype_itemsize, key_path, unflatten
+from ..state.decode import dtype_itemsize, key_path, node_paths, unflatten
 
 if TYPE_CHECKING:  # checking a manifest needs no torch (the operator commands run without it)
     import torch
 
     from ..state.reshard import Box
 
-__all__ = ["MAX_EXPANDED_ELEMENTS", "LeafSpec", "ManifestCheck", "contiguous_strides", "validate_manifest"]
+__all__ = ["MAX_EXPANDED_ELEMENTS", "KeyPaths", "LeafSpec", "ManifestCheck", "contiguous_strides", "validate_manifest"]
 
 #: A manifest of at least this many leaves is checked with ``paused_gc(promote=True)``.
 _PROMOTE_LEAVES = 4096
@@ -79,6 +74,81 @@ class LeafSpec:
         return hash((self.kind, self.dtype, self.shape))
 
 
+class KeyPaths:
+    """The key paths of a manifest's leaves, as columns, in the structure's (tree) order.
+
+    ``order[j]`` is a leaf index, ``parents[j]`` its parent's key path (None for a leaf at the
+    root) and ``lasts[j]`` its last key (None at the root); :attr:`cuts` are where the runs of
+    siblings start (and the end). Leaves of one parent come in one run, and share one parent
+    tuple: a ``tensors`` node of 50,000 leaves adds its keys and one parent, not a tuple per
+    leaf (which took ~40 ms to build and index at 50k, restore's and verify's every time).
+    Full paths are built only where asked (:meth:`path`, :attr:`ManifestCheck.paths`).
+    """
+
+    __slots__ = ("lasts", "order", "parents")
+
+    def __init__(self) -> None:
+        self.order: list[int] = []
+        self.parents: list[tuple[Any, ...] | None] = []
+        self.lasts: list[Any] = []
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def _parent(self, parent: tuple[Any, ...]) -> tuple[Any, ...]:
+        # The previous entry's parent object where equal, so that a run shares one object
+        # (:attr:`cuts` compares identities).
+        prev = self.parents[-1] if self.parents else None
+        return prev if prev is not None and prev == parent else parent
+
+    def add(self, i: int, path: tuple[Any, ...]) -> None:
+        """Leaf ``i`` at ``path``."""
+        self.order.append(i)
+        if path:
+            self.parents.append(self._parent(path[:-1]))
+            self.lasts.append(path[-1])
+        else:
+            self.parents.append(None)
+            self.lasts.append(None)
+
+    def add_node(self, start: int, stop: int, path: tuple[Any, ...], keys: list[Any], fields: list[str] | None) -> None:
+        """Leaves ``start`` to ``stop - 1``, a ``tensors`` node at ``path`` (see
+        :func:`ckptmirror.state.decode.unflatten`), in C: one parent tuple per key at most."""
+        self.order += range(start, stop)
+        if fields is None:
+            self.parents += repeat(self._parent(path), stop - start)
+            self.lasts += keys
+        else:
+            parents = list(map(path.__add__, zip(keys)))
+            if parents:
+                parents[0] = self._parent(parents[0])
+            self.parents += chain.from_iterable(map(repeat, parents, repeat(len(fields))))
+            self.lasts += fields * len(keys)
+
+    @property
+    def cuts(self) -> list[int]:
+        """Where each run of siblings starts, and the end."""
+        n = len(self.order)
+        if not n:
+            return [0]
+        ps = self.parents
+        return [0, *compress(range(1, n), map(operator.is_not, ps[1:], ps)), n]
+
+    def runs(self) -> Iterator[tuple[tuple[Any, ...] | None, int, int]]:
+        """(parent path, start, end) of each run of siblings."""
+        cuts = self.cuts
+        return zip(map(self.parents.__getitem__, cuts[:-1]), cuts, cuts[1:])
+
+    def path(self, j: int) -> tuple[Any, ...]:
+        """The key path of entry ``j`` (of leaf ``order[j]``)."""
+        parent = self.parents[j]
+        return () if parent is None else parent + (self.lasts[j],)
+
+    def paths(self) -> list[tuple[Any, ...]]:
+        """The key path of every entry, in order (a tuple built per leaf)."""
+        return list(map(self.path, range(len(self.order))))
+
+
 def _elem_size(kind: str, dtype: str, where: str, key: str) -> int:
     """Element size of a leaf's dtype; a :class:`ManifestError` for unknown or object dtypes."""
     if kind == "tensor":
@@ -98,7 +168,8 @@ def _check_storages(m: RankManifest, key: str) -> None:
     """Storages must not overlap (storages of no bytes are exempt)."""
     if not m.storages:
         return
-    offsets, nbytes = zip(*m.storages)
+    sc = storage_columns(m)
+    offsets, nbytes = sc.offsets, sc.nbytes
     # The writer lays storages out in index order, back to back: one pass in C proves that.
     if all(map(operator.le, map(operator.add, offsets, nbytes), offsets[1:])):
         return
@@ -121,10 +192,10 @@ def _check_leaf_bounds(m: RankManifest, key: str, kinds: list[str], dtypes: list
     over the columns); only leaves with other strides take a Python step each.
     """
     _check_storages(m, key)
-    leaves = m.leaves
-    if not leaves:
+    if not m.leaves:
         return []
-    n = len(leaves)
+    lc = leaf_columns(m)
+    n = len(lc)
     if kinds.count("tensor") == n and dtypes.count(dtypes[0]) == n:  # one dtype: one size
         esizes = [_elem_size("tensor", dtypes[0], "leaves[0]", key)] * n
     elif kinds.count("tensor") == n:  # the dtype name alone gives the size
@@ -138,12 +209,10 @@ def _check_leaf_bounds(m: RankManifest, key: str, kinds: list[str], dtypes: list
         for t in dict.fromkeys(types):
             tsize_of[t] = _elem_size(*t, f"leaves[{types.index(t)}]", key)
         esizes = list(map(tsize_of.__getitem__, types))
-    shapes = list(map(LEAF_SHAPE, leaves))
-    strides = list(map(LEAF_STRIDE, leaves))
-    offsets = list(map(LEAF_OFFSET, leaves))
+    shapes, strides, offsets = lc.shapes, lc.strides, lc.offsets
     numels = list(map(math.prod, shapes))
     regular = list(map(operator.eq, strides, map(_StridesCache().__getitem__, shapes)))
-    span = list(map(list(map(STORAGE_NBYTES, m.storages)).__getitem__, map(LEAF_STORAGE, leaves)))
+    span = list(map(storage_columns(m).nbytes.__getitem__, lc.storage))
     # A C-contiguous leaf ends at byte (offset + numel) * esize. Checked for every leaf at once
     # first; only if that fails are leaves without elements or with other strides set aside.
     ends = list(map(operator.mul, map(operator.add, offsets, numels), esizes))
@@ -158,14 +227,15 @@ def _check_leaf_bounds(m: RankManifest, key: str, kinds: list[str], dtypes: list
 
 def _check_irregular(m: RankManifest, key: str, which: Iterable[int], esizes: list[int], span: list[int]) -> None:
     """The bounds of leaves ``which``, whose strides are not C-contiguous: one Python step each."""
+    lc = leaf_columns(m)
     for i in which:
-        lf = m.leaves[i]
-        numel = math.prod(lf.shape)
+        shape, stride = lc.shapes[i], lc.strides[i]
+        numel = math.prod(shape)
         if not numel:
             continue
-        if lf.kind == "ndarray":
+        if lc.kinds[i] == "ndarray":
             raise ManifestError(f"leaves[{i}]: ndarray strides must be C-contiguous", key=key)
-        last = lf.offset + sum((d - 1) * s for d, s in zip(lf.shape, lf.stride))
+        last = lc.offsets[i] + sum((d - 1) * s for d, s in zip(shape, stride))
         if (last + 1) * esizes[i] > span[i]:
             raise ManifestError(
                 f"leaves[{i}] reaches byte {(last + 1) * esizes[i]} of a {span[i]}-byte storage", key=key
@@ -173,7 +243,7 @@ def _check_irregular(m: RankManifest, key: str, which: Iterable[int], esizes: li
         if numel > max(span[i] // esizes[i], MAX_EXPANDED_ELEMENTS):
             raise ManifestError(
                 f"leaves[{i}]: {numel} elements over a {span[i]}-byte storage (overlapping strides "
-                f"{list(lf.stride)}); an expanded leaf may hold at most {MAX_EXPANDED_ELEMENTS}",
+                f"{list(stride)}); an expanded leaf may hold at most {MAX_EXPANDED_ELEMENTS}",
                 key=key,
             )
 
@@ -222,9 +292,15 @@ class ManifestCheck:
 
     esizes: list[int]  # element size of each leaf
     dtype_names: list[str | None]  # dtype name of each tensor leaf (None for arrays)
-    paths: dict[int, tuple[Any, ...]]  # key path of each leaf
+    keys: KeyPaths  # key path of each leaf, as columns, in tree order
     skeleton: Any  # the state tree with LeafSpec placeholders
     dtensors: dict[int, tuple[tuple[int, ...], tuple[int, ...]]]  # leaf -> (global shape, offset)
+
+    @cached_property
+    def paths(self) -> dict[int, tuple[Any, ...]]:
+        """leaf -> its key path, in tree order; built on first use (a tuple per leaf): the
+        common restore reads :attr:`keys` instead."""
+        return dict(zip(self.keys.order, self.keys.paths()))
 
     @cached_property
     def dtypes(self) -> list[torch.dtype | None]:
@@ -263,8 +339,7 @@ def validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
 
 
 def _validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
-    leaves = m.leaves
-    n_leaves = len(leaves)
+    n_leaves = len(m.leaves)
     c = parsed_columns(m)
     esizes = _check_parsed_bounds(m, key, c) if c is not None else None
     names: list[str | None]
@@ -278,8 +353,8 @@ def _validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
         spec_table = [LeafSpec(kind, dtype_name, sh) for sh in c.shapes]
         specs = list(map(spec_table.__getitem__, c.shape_index))
     else:
-        kinds = list(map(LEAF_KIND, leaves))
-        dtype_names = list(map(LEAF_DTYPE, leaves))
+        lc = leaf_columns(m)
+        kinds, dtype_names = lc.kinds, lc.dtypes
         if esizes is None:
             esizes = _check_leaf_bounds(m, key, kinds, dtype_names)
         # _check_leaf_bounds accepted every (kind, dtype): a tensor's dtype name is a known one.
@@ -289,59 +364,56 @@ def _validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
             # One read-only LeafSpec per distinct shape: leaves alike share theirs.
             spec_of = _SpecCache()
             spec_of.kind, spec_of.dtype = "tensor", dtype_names[0]
-            specs = list(map(spec_of.__getitem__, map(LEAF_SHAPE, leaves)))
+            specs = list(map(spec_of.__getitem__, lc.shapes))
         else:
             if all_tensors:
                 names = list(dtype_names)
             else:
                 names = [d if k == "tensor" else None for k, d in zip(kinds, dtype_names)]
             # One read-only LeafSpec per distinct (kind, dtype, shape): leaves alike share theirs.
-            specs = list(map(_SpecsCache().__getitem__, zip(kinds, dtype_names, map(LEAF_SHAPE, leaves))))
-    paths: dict[int, tuple[Any, ...]] = {}
+            specs = list(map(_SpecsCache().__getitem__, zip(kinds, dtype_names, lc.shapes)))
+    keys = KeyPaths()
     dtensors: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-    top, seen = -1, 0  # the greatest leaf index among the first ``seen`` keys of ``paths``
+    # seen[i]: whether leaf i is referenced yet. A tensors node checks its whole range at once
+    # (bytearray.find in C), so a 50k-leaf state takes no Python step per leaf.
+    seen = bytearray(n_leaves)
 
     def collect(kind: str, i: int, path: tuple[Any, ...]) -> Any:
         leaf_kind = "tensor" if kind == "dtensor" else kind
-        if not 0 <= i < n_leaves or kinds[i] != leaf_kind or i in paths:
+        if not 0 <= i < n_leaves or kinds[i] != leaf_kind or seen[i]:
             raise ManifestError(f"bad or repeated {kind} reference {i} at {key_path('state', path)}", key=key)
-        paths[i] = path
+        seen[i] = 1
+        keys.add(i, path)
         return specs[i]
 
-    def unreferenced(start: int, stop: int) -> bool:
-        # Whether no leaf of start..stop-1 is referenced yet: in O(1) when every leaf referenced
-        # so far comes before start (a writer numbers leaves in tree order), else one lookup each.
-        nonlocal top, seen
-        if len(paths) > seen:  # keys are only added, at the end: look at the new ones
-            top = max(top, max(islice(reversed(paths), len(paths) - seen)))
-            seen = len(paths)
-        return top < start or paths.keys().isdisjoint(range(start, stop))
-
-    def collect_range(start: int, stop: int, kpaths: list[tuple[Any, ...]]) -> list[Any]:
+    def collect_node(
+        start: int, stop: int, path: tuple[Any, ...], node_keys: list[Any], fields: list[str] | None
+    ) -> list[Any]:
         # A tensors node: leaves start..stop-1, all plain tensors, none referenced before.
         if not (
             0 <= start <= stop <= n_leaves
             and (all_tensors or kinds[start:stop].count("tensor") == stop - start)
-            and unreferenced(start, stop)
+            and seen.find(1, start, stop) == -1
         ):
-            for i, path in zip(range(start, stop), kpaths):  # names the first bad reference
-                collect("tensor", i, path)
-        paths.update(zip(range(start, stop), kpaths))
+            for i, p in zip(range(start, stop), node_paths(path, node_keys, fields)):  # names the first bad one
+                collect("tensor", i, p)
+        seen[start:stop] = b"\x01" * (stop - start)
+        keys.add_node(start, stop, path, node_keys, fields)
         return specs[start:stop]
 
     skeleton = unflatten(
-        m.structure, collect, key, dtensors, bulk=collect_range, compact=m.format_version >= COMPACT_TREE_VERSION
+        m.structure, collect, key, dtensors, bulk=collect_node, compact=m.format_version >= COMPACT_TREE_VERSION
     )
-    if len(paths) != n_leaves:
-        raise ManifestError(f"{n_leaves - len(paths)} leaves are never referenced by the structure", key=key)
+    if len(keys) != n_leaves:  # none is referenced twice: so some are never referenced
+        raise ManifestError(f"{n_leaves - len(keys)} leaves are never referenced by the structure", key=key)
     for i, (gshape, goffset) in dtensors.items():
-        shape = leaves[i].shape
+        shape = leaf_columns(m).shapes[i]
         if len(gshape) != len(shape) or any(o + n > g for o, n, g in zip(goffset, shape, gshape)):
             raise ManifestError(
                 f"leaves[{i}]: shard {list(shape)} at {list(goffset)} does not fit the global shape {list(gshape)}",
                 key=key,
             )
-    return ManifestCheck(esizes, names, paths, skeleton, dtensors)
+    return ManifestCheck(esizes, names, keys, skeleton, dtensors)
 
 
 class _SpecsCache(dict[tuple[str, str, tuple[int, ...]], LeafSpec]):

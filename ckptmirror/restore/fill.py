@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import StateMismatchError
-from ..format import LEAF_STORAGE, OBJECT_SIZE, STORAGE_NBYTES, STORAGE_OFFSET, ObjectRecord, RankManifest
+from ..format import OBJECT_SIZE, ObjectRecord, RankManifest, leaf_columns, storage_columns
 from ..replicas.base import Replica
 from ..state.reshard import Piece, StoredShard, copy_piece, plan_pieces
 from ..state.tree import unflatten
@@ -138,7 +138,6 @@ def _fill_step(
     ahead: _Ahead | None,
 ) -> Loaded:
     """:func:`fill_step` once the manifest is checked (and its objects are verified ahead)."""
-    paths = check.paths
     leaf_targets, wants, values, target_cols = match_targets(m, check, targets, strict_paths)
     if validate is not None:
         validate(check.skeleton)
@@ -158,7 +157,7 @@ def _fill_step(
     skip: set[int] = set()
     if wants:
         want_paths = {w.path for w in wants}
-        skip = {i for i, p in paths.items() if p in want_paths}
+        skip = {i for i, p in check.paths.items() if p in want_paths}
     dests = storage_targets(m, leaf_targets, check.dtypes, check.esizes, skip, target_cols)
     loaded = Loaded(m.step, None)
     if targets is not None:
@@ -294,12 +293,12 @@ def _fill(
 def _state_tree(m: RankManifest, check: ManifestCheck, leaves: list[Any], key: str) -> Any:
     """The state tree with ``leaves`` in it.
 
-    The validated skeleton holds a placeholder per leaf, in the order of ``check.paths``: its
+    The validated skeleton holds a placeholder per leaf, in the order of ``check.keys``: its
     containers (dicts, lists, tuples: all the structure decodes to) are rebuilt around the
     leaves, a dict of leaves in one C call. Should the skeleton not hold exactly one
     placeholder per leaf, the structure is decoded again instead.
     """
-    it = iter(list(map(leaves.__getitem__, check.paths)))
+    it = iter(list(map(leaves.__getitem__, check.keys.order)))
     try:
         tree = _refill(check.skeleton, it)
         if next(it, _END) is _END:
@@ -350,8 +349,8 @@ def _read_objects(
     # Storages with bytes that are read, by offset; the manifest check guarantees they do not
     # overlap, so the storages an object touches are a contiguous run found by bisection.
     # Objects that hold none of them are not read.
-    offsets = list(map(STORAGE_OFFSET, m.storages))
-    sizes = list(map(STORAGE_NBYTES, m.storages))
+    sc = storage_columns(m)
+    offsets, sizes = sc.offsets, sc.nbytes
     read = list(map(operator.and_, map(bool, sizes), targets.read))
     starts: list[int]
     ptrs: list[int]
@@ -512,7 +511,7 @@ def _build_leaves(
     landing: Landing | None,
 ) -> list[Any]:
     nl = len(m.leaves)
-    sidx = list(map(LEAF_STORAGE, m.leaves))
+    sidx = leaf_columns(m).storage
     on_direct = list(map(targets.is_direct.__getitem__, sidx))  # filled in place: the target itself
     di = list(compress(range(nl), on_direct))
     direct_values: Iterable[Any] = map(leaf_targets.__getitem__, di)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import operator
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import compress, repeat
 from typing import Any, NoReturn
 
@@ -22,10 +22,10 @@ import torch
 
 from ..buffers import byte_view
 from ..errors import StateMismatchError
-from ..format import LEAF_KIND, LEAF_OFFSET, LEAF_SHAPE, LEAF_STORAGE, LEAF_STRIDE, STORAGE_NBYTES, RankManifest
+from ..format import RankManifest, leaf_columns, storage_columns
 from ..state.reshard import Want
 from ..state.tree import dtensor_local, is_dtensor, key_path
-from .check import ManifestCheck, contiguous_strides
+from .check import KeyPaths, ManifestCheck, contiguous_strides
 
 
 class StorageTargets:
@@ -66,7 +66,6 @@ def lookup(tree: Any, path: tuple[Any, ...]) -> Any:
     return node
 
 
-_PARENT, _LAST = operator.itemgetter(slice(None, -1)), operator.itemgetter(-1)  # of a key path
 #: The tensor types filled byte for byte; other tensor types (DTensor, subclasses) take the general path.
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _PLAIN_DICTS = (dict, OrderedDict)
@@ -80,38 +79,7 @@ def scatter(column: list[Any], at: list[int], values: Iterable[Any]) -> None:
         deque(map(column.__setitem__, at, values), maxlen=0)
 
 
-class _Paths:
-    """The key paths of the leaves as columns: each one's parent path and last key (None and
-    None for the root), and ``cuts``, where the runs of siblings start (and the end): leaves
-    come in tree order, so the children of one parent are a run."""
-
-    __slots__ = ("cuts", "lasts", "parents")
-
-    def __init__(self, paths: list[tuple[Any, ...]]) -> None:
-        n = len(paths)
-        if n and all(paths):
-            p0 = paths[0]
-            depth = len(p0)
-            if all(map(operator.eq, map(len, paths), repeat(depth))) and all(
-                all(map(operator.eq, map(operator.itemgetter(j), paths), repeat(p0[j]))) for j in range(depth - 1)
-            ):  # one parent (a state dict): compared a key position at a time, no tuple per path
-                self.parents: list[Any] = [p0[:-1]] * n
-                self.lasts: list[Any] = list(map(_LAST, paths))
-                self.cuts = [0, n]
-                return
-            self.parents, self.lasts = list(map(_PARENT, paths)), list(map(_LAST, paths))
-        else:
-            self.parents = [p[:-1] if p else None for p in paths]
-            self.lasts = [p[-1] if p else None for p in paths]
-        self.cuts = [0, *compress(range(1, n), map(operator.ne, self.parents[1:], self.parents)), n] if n else [0]
-
-    def runs(self) -> Iterator[tuple[Any, int, int]]:
-        """(parent path, start, end) of each run of siblings."""
-        cuts = self.cuts
-        return zip(map(self.parents.__getitem__, cuts[:-1]), cuts, cuts[1:])
-
-
-def _gather(targets: Any, cols: _Paths) -> list[Any]:
+def _gather(targets: Any, cols: KeyPaths) -> list[Any]:
     """The target at each key path (None where it has none), looked up once per parent and
     its children read in one ``map`` (50k lookups of ("model", key) would otherwise walk the
     tree from the root each time)."""
@@ -197,13 +165,11 @@ def match_targets(
     out: dict[int, torch.Tensor] = {}
     wants: list[Want] = []
     values: dict[int, Any] = {}
-    paths = check.paths
     if targets is None:
         _consolidate(m, check, set(), wants, values)
         return out, wants, values, None
-    idx = list(paths)
-    pl = list(paths.values())
-    cols = _Paths(pl)
+    cols = check.keys
+    idx = cols.order
     ts = _gather(targets, cols)
     problems = []
     hints: list[str] = []
@@ -237,14 +203,15 @@ def match_targets(
         else:
             sel = list(compress(range(len(ts)), map(_PLAIN.__contains__, map(type, ts))))
             il, tl = list(map(idx.__getitem__, sel)), list(map(ts.__getitem__, sel))
-        lfs = m.leaves if il == list(range(len(m.leaves))) else list(map(m.leaves.__getitem__, il))
-        if all(map(operator.eq, map(LEAF_KIND, lfs), repeat("tensor"))):
+        lc = leaf_columns(m)
+        every = il == list(range(len(lc)))
+        if all(map(operator.eq, lc.kinds if every else map(lc.kinds.__getitem__, il), repeat("tensor"))):
             tcols = TargetCols(tl)  # everything restore reads of the targets, while they are in cache
-            if all(map(operator.eq, tcols.shapes, map(LEAF_SHAPE, lfs))):
+            if all(map(operator.eq, tcols.shapes, lc.shapes if every else map(lc.shapes.__getitem__, il))):
                 if problems:
                     _mismatch(m, problems, hints)
                 return dict(zip(il, tl)), wants, values, tcols
-    for i, path, t in zip(idx, pl, ts):
+    for i, path, t in zip(idx, cols.paths(), ts):
         if not isinstance(t, torch.Tensor):
             continue
         lf = m.leaves[i]
@@ -291,7 +258,7 @@ def _mismatch(m: RankManifest, problems: list[str], hints: list[str]) -> NoRetur
     )
 
 
-def _under(cols: _Paths, prefix: tuple[Any, ...]) -> tuple[list[tuple[int, int]], set[Any]]:
+def _under(cols: KeyPaths, prefix: tuple[Any, ...]) -> tuple[list[tuple[int, int]], set[Any]]:
     """Where the stored leaves right under ``prefix`` are (runs of ``cols``), and the keys
     under ``prefix`` of deeper subtrees."""
     n = len(prefix)
@@ -338,9 +305,10 @@ def storage_targets(
     target's, each a column at a time. ``cols``: the targets' :class:`TargetCols`, in the
     order of ``leaf_targets``, where :func:`match_targets` read them already.
     """
-    ns, nl = len(m.storages), len(m.leaves)
+    lc = leaf_columns(m)
+    ns, nl = len(m.storages), len(lc)
     out = StorageTargets(ns)
-    sidx = list(map(LEAF_STORAGE, m.leaves))
+    sidx = lc.storage
     iota = list(range(max(ns, nl)))
     one_each = sidx == iota[:nl] and ns == nl  # leaf i is storage i's only leaf (the writer's usual layout)
     users = Counter() if one_each else Counter(sidx)
@@ -348,35 +316,36 @@ def storage_targets(
         for s, c in Counter(map(sidx.__getitem__, skip)).items():
             if one_each or c == users[s]:
                 out.read[s] = False  # every leaf of it is resharded
-    nbytes = list(map(STORAGE_NBYTES, m.storages))
+    nbytes = storage_columns(m).nbytes
     if leaf_targets:
         li = list(leaf_targets)
         if cols is None:
             cols = TargetCols(leaf_targets.values())
         every = li == iota[:nl]  # every leaf has a target, in order
-        sl = sidx if every else list(map(sidx.__getitem__, li))
-        lfs = m.leaves if every else list(map(m.leaves.__getitem__, li))
-        shapes = list(map(LEAF_SHAPE, lfs))
+        sl, offsets, strides, shapes = sidx, lc.offsets, lc.strides, lc.shapes
+        if not every:
+            sl, offsets = list(map(sl.__getitem__, li)), list(map(offsets.__getitem__, li))
+            strides, shapes = list(map(strides.__getitem__, li)), list(map(shapes.__getitem__, li))
         contiguous = {sh: contiguous_strides(sh) for sh in set(shapes)}
-        # The candidates as columns: leaf, storage, leaf record, stored shape, then the target's
-        # dtype, host address and CUDA flag (read already: no torch call here).
-        cand: list[list[Any]] = [li, sl, list(lfs), shapes, cols.dtypes, cols.ptrs, cols.cuda]
+        # The candidates as columns: leaf, storage, the stored offset, strides and shape, then
+        # the target's dtype, host address and CUDA flag (read already: no torch call here).
+        cand: list[list[Any]] = [li, sl, offsets, strides, shapes, cols.dtypes, cols.ptrs, cols.cuda]
         # Each check over all candidates at once, short-circuiting (all() over a map, no list);
         # only where one fails somewhere is it made a mask, and the candidates narrowed down.
         # Every target's shape is its leaf's (match_targets): a C-contiguous leaf from the
         # start of its storage, of the same dtype, fills the storage iff their sizes agree.
         checks: list[Callable[[list[list[Any]]], Iterable[Any]]] = [
             lambda c: map(bool, map(nbytes.__getitem__, c[1])),
-            lambda c: map(operator.not_, map(LEAF_OFFSET, c[2])),
-            lambda c: map(operator.eq, map(LEAF_STRIDE, c[2]), map(contiguous.__getitem__, c[3])),
+            lambda c: map(operator.not_, c[2]),
+            lambda c: map(operator.eq, c[3], map(contiguous.__getitem__, c[4])),
             lambda c: map(
                 operator.eq,
-                map(operator.mul, map(math.prod, c[3]), map(esizes.__getitem__, c[0])),
+                map(operator.mul, map(math.prod, c[4]), map(esizes.__getitem__, c[0])),
                 map(nbytes.__getitem__, c[1]),
             ),
             # then the target's: the stored dtype, and in host memory or on a CUDA device
-            lambda c: map(operator.is_, c[4], map(dtypes.__getitem__, c[0])),
-            lambda c: map(operator.or_, map(bool, c[5]), c[6]),
+            lambda c: map(operator.is_, c[5], map(dtypes.__getitem__, c[0])),
+            lambda c: map(operator.or_, map(bool, c[6]), c[7]),
         ]
         if skip:  # else every storage is read
             checks.insert(0, lambda c: map(out.read.__getitem__, c[1]))
@@ -386,7 +355,7 @@ def storage_targets(
             if not all(chk(cand)):
                 mask = list(chk(cand))
                 cand = [list(compress(col, mask)) for col in cand]
-        ds, ptrs, cuda = cand[1], cand[5], cand[6]
+        ds, ptrs, cuda = cand[1], cand[6], cand[7]
         scatter(out.is_direct, ds, [True] * len(ds))
         if any(cuda):  # bytes go through a byte view of the tensor (ptr stays 0)
             for s, i in zip(compress(ds, cuda), compress(cand[0], cuda)):

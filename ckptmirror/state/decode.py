@@ -132,22 +132,34 @@ def key_path(root: str, keys: tuple[Any, ...]) -> str:
     return root + "".join(f"[{k!r}]" for k in keys)
 
 
+#: ``bulk(start, stop, path, keys, fields)``: the values of a ``tensors`` node's leaves (see :func:`unflatten`).
+BulkLeaves = Callable[[int, int, tuple[Any, ...], list[Any], "list[str] | None"], Sequence[Any]]
+
+
+def node_paths(path: tuple[Any, ...], keys: list[Any], fields: list[str] | None) -> list[tuple[Any, ...]]:
+    """The key path of each leaf of a ``tensors`` node at ``path``, in leaf order."""
+    return list(map(path.__add__, zip(keys) if fields is None else product(keys, fields)))
+
+
 def unflatten(
     structure: JSON,
     leaf: Callable[[str, int, tuple[Any, ...]], Any],
     where: str = "",
     dtensors: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
     *,
-    bulk: Callable[[int, int, list[tuple[Any, ...]]], Sequence[Any]] | None = None,
+    bulk: BulkLeaves | None = None,
     compact: bool = True,
 ) -> Any:
     """Rebuild a tree from ``structure``; ``leaf(kind, index, path)`` supplies tensors/arrays.
 
     ``kind`` is ``"tensor"``, ``"ndarray"`` or ``"dtensor"`` (a shard of a sharded tensor; its
     global shape and offset are put in ``dtensors[index]`` when that dict is given).
-    ``bulk(start, stop, paths)``, when given, supplies the tensors of a ``tensors`` node at
-    once (leaves ``start`` to ``stop - 1``, ``paths`` their key paths), in place of a ``leaf``
-    call each. ``compact=False`` refuses ``tensors`` nodes (manifests before format version 4).
+    ``bulk(start, stop, path, keys, fields)``, when given, supplies the tensors of a
+    ``tensors`` node at once (leaves ``start`` to ``stop - 1`` of the dict at ``path``: their
+    key paths are ``path + (k,)`` for each of ``keys``, or ``path + (k, f)`` for each of
+    ``keys`` and, inside it, each of ``fields`` where that is not None), in place of a ``leaf``
+    call each: no key path is built per leaf. ``compact=False`` refuses ``tensors`` nodes
+    (manifests before format version 4).
     Everything is validated: a structure that is not of the closed encoding above raises
     :class:`ManifestError` naming ``where`` (the manifest) and the key path inside it.
     """
@@ -165,7 +177,7 @@ class _Decoder:
         leaf: Callable[[str, int, tuple[Any, ...]], Any],
         where: str,
         dtensors: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] | None,
-        bulk: Callable[[int, int, list[tuple[Any, ...]]], Sequence[Any]] | None = None,
+        bulk: BulkLeaves | None = None,
         compact: bool = True,
     ) -> None:
         self.leaf = leaf
@@ -257,11 +269,10 @@ class _Decoder:
         if len(path) + (1 if fields is None else 2) > MAX_DEPTH:
             raise self.bad(f"structure nested deeper than {MAX_DEPTH}", path)
         n = len(keys) * width
-        kpaths = list(map(path.__add__, zip(keys) if fields is None else product(keys, fields)))
         if self.bulk is not None:
-            values = self.bulk(base, base + n, kpaths)
+            values = self.bulk(base, base + n, path, keys, fields)
         else:
-            values = list(map(self.leaf, repeat("tensor"), range(base, base + n), kpaths))
+            values = list(map(self.leaf, repeat("tensor"), range(base, base + n), node_paths(path, keys, fields)))
         if fields is None:
             return dict(zip(keys, values))
         # Each key's dict: a copy of one template (its keys in field order), then one column of
