@@ -211,8 +211,10 @@ class _LazyRecords(Sequence[_R]):
 
     A reader of a 50,000-leaf manifest built a named tuple per leaf and per storage (~30 ms on
     a 2-core VM) that the common restore never looks at: it reads whole columns
-    (:func:`leaf_columns`, :func:`storage_columns`). Indexing, iterating or comparing builds
-    every record once (in C, :func:`_records`) and keeps them. Equal to a tuple of equal records.
+    (:func:`leaf_columns`, :func:`storage_columns`). Indexing builds the one record asked for;
+    iterating, slicing, comparing or hashing builds every record once (in C, :func:`_records`)
+    and keeps them. Equal to a tuple of equal records. The columns are the manifest's: read them,
+    never change them (a parsed manifest's checks vouch for them as parsed).
     """
 
     __slots__ = ("_built",)
@@ -224,13 +226,20 @@ class _LazyRecords(Sequence[_R]):
     def _columns(self) -> tuple[Iterable[Any], ...]:
         raise NotImplementedError
 
+    def _row(self, i: int) -> _R:
+        raise NotImplementedError
+
     @property
     def records(self) -> tuple[_R, ...]:
-        """Every record, built on first use."""
-        if self._built is None:
-            with paused_gc(promote=len(self) >= _PROMOTE_RECORDS):  # acyclic: see paused_gc
-                self._built = _records(self._cls, *self._columns())
-        return self._built
+        """Every record, built on first use (once: concurrent first users wait for one build)."""
+        built = self._built
+        if built is None:
+            with _RECORDS_LOCK:
+                built = self._built
+                if built is None:
+                    with paused_gc(promote=len(self) >= _PROMOTE_RECORDS):  # acyclic: see paused_gc
+                        built = self._built = _records(self._cls, *self._columns())
+        return built
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -240,6 +249,8 @@ class _LazyRecords(Sequence[_R]):
     @overload
     def __getitem__(self, i: slice) -> tuple[_R, ...]: ...
     def __getitem__(self, i: int | slice) -> _R | tuple[_R, ...]:
+        if self._built is None and not isinstance(i, slice):
+            return self._row(i)  # one record (IndexError as a tuple raises it)
         return self.records[i]
 
     def __iter__(self) -> Iterator[_R]:
@@ -255,6 +266,10 @@ class _LazyRecords(Sequence[_R]):
 
     def __repr__(self) -> str:
         return repr(self.records)
+
+
+#: Held while a manifest's records are built (rarely: off restore's common path).
+_RECORDS_LOCK = threading.Lock()
 
 
 class LeafColumns(_LazyRecords[LeafRecord]):
@@ -298,6 +313,19 @@ class LeafColumns(_LazyRecords[LeafRecord]):
     def __len__(self) -> int:
         return len(self.kinds)
 
+    def _row(self, i: int) -> LeafRecord:
+        f = self.flags[i]
+        return LeafRecord(
+            self.kinds[i],
+            self.storage[i],
+            self.dtypes[i],
+            self.shapes[i],
+            self.strides[i],
+            self.offsets[i],
+            _GRAD_OF_FLAGS[f],
+            _PARAMETER_OF_FLAGS[f],
+        )
+
     def _columns(self) -> tuple[Iterable[Any], ...]:
         flags = self.flags
         grads: Iterable[bool]
@@ -330,6 +358,9 @@ class StorageColumns(_LazyRecords[StorageRecord]):
 
     def __len__(self) -> int:
         return len(self.nbytes)
+
+    def _row(self, i: int) -> StorageRecord:
+        return StorageRecord(self.offsets[i], self.nbytes[i])
 
     def _columns(self) -> tuple[Iterable[Any], ...]:
         return self.offsets, self.nbytes
@@ -1056,8 +1087,9 @@ class ParsedColumns:
     :func:`ckptmirror.restore.check.validate_manifest` not to check or build it again.
 
     Private to the library: :func:`parsed_columns` hands it out only for the very records it
-    describes (``leaves`` and ``storages`` are the manifest's own tuples), so a manifest built or
-    altered otherwise is validated from its records alone. What it vouches for: the storages
+    describes (``leaves`` and ``storages`` are the manifest's own :class:`LeafColumns` and
+    :class:`StorageColumns`, whose columns nobody changes), so a manifest built or altered
+    otherwise is validated from its records alone. What it vouches for: the storages
     tile the stream (so none overlap); every shape is checked; ``shapes`` holds each distinct
     shape once, ``shape_index`` each leaf's index into it; ``irregular`` the leaves whose strides
     are not the C-contiguous ones of their shape, ascending; the columns are the records' own.

@@ -407,7 +407,7 @@ def _validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
     if len(keys) != n_leaves:  # none is referenced twice: so some are never referenced
         raise ManifestError(f"{n_leaves - len(keys)} leaves are never referenced by the structure", key=key)
     for i, (gshape, goffset) in dtensors.items():
-        shape = leaf_columns(m).shapes[i]
+        shape = m.leaves[i].shape  # one record (see format.LeafColumns)
         if len(gshape) != len(shape) or any(o + n > g for o, n, g in zip(goffset, shape, gshape)):
             raise ManifestError(
                 f"leaves[{i}]: shard {list(shape)} at {list(goffset)} does not fit the global shape {list(gshape)}",
