@@ -121,6 +121,7 @@ def _with_model_node(node: dict[str, Any], n: int = 4) -> fmt.RankManifest:
     ("node", "match"),
     [
         ({"t": "tensors", "keys": ["a", "b", "a", "c"], "i": 0}, r"duplicate dict key 'a' at state\['model'\]"),
+        ({"t": "tensors", "keys": [7, 7], "fields": ["u", "v"], "i": 0}, r"duplicate dict key 7 at state\['model'\]"),
         ({"t": "tensors", "keys": ["a", 1.5, "b", "c"], "i": 0}, r"tensors key 1.5 is not a str or an int"),
         ({"t": "tensors", "keys": ["a", ["x"], "b", "c"], "i": 0}, r"is not a str or an int at state\['model'\]"),
         ({"t": "tensors", "keys": ["a", True, "b", "c"], "i": 0}, r"tensors key True is not a str or an int"),

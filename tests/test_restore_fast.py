@@ -347,3 +347,19 @@ def test_an_object_verified_ahead_for_a_cuda_target_is_read_again_the_usual_way(
     landing = Landing()
     got = fill._deferred(None, obj, cands, 0, 8, [0], [8], [0], [True], landing, (mo, "url", []))  # type: ignore[arg-type]
     assert got is cands and mo.closed and landing.nbytes == 0
+
+
+def test_filled_in_place_holds_only_where_every_entry_is_the_targets_own() -> None:
+    from ckptmirror.state.targets import filled_in_place
+
+    a, b, c = torch.zeros(1), torch.zeros(1), torch.zeros(1)
+    target = {"a": a, "b": b, "c": c}
+    assert filled_in_place({"a": a, "b": b, "c": c}, target)  # the stored order: compared in order
+    assert filled_in_place({"c": c, "a": a, "b": b}, target)  # another order: looked up
+    assert not filled_in_place({"a": a, "b": c, "c": b}, target)  # same tensors, other keys
+    assert not filled_in_place({"a": a, "x": b, "c": c}, target)  # a key the target lacks
+    assert not filled_in_place({"a": a, "b": b, "c": torch.zeros(1)}, target)  # a new tensor
+    # Fewer entries than the target: each one is the target's own (keys only the target has keep
+    # their values: nn.Module's strict loading refuses them before this is asked).
+    assert filled_in_place({"a": a, "b": b}, target)
+    assert not filled_in_place([a], target) and not filled_in_place({"a": a}, [a])
