@@ -234,11 +234,12 @@ class _LazyRecords(Sequence[_R]):
         """Every record, built on first use (once: concurrent first users wait for one build)."""
         built = self._built
         if built is None:
-            with _RECORDS_LOCK:
+            # The pause first, then the lock: the pause may collect (and run finalizers, which
+            # may read records too) as it starts; while the lock is held nothing collects.
+            with paused_gc(promote=len(self) >= _PROMOTE_RECORDS), _RECORDS_LOCK:  # acyclic: see paused_gc
                 built = self._built
                 if built is None:
-                    with paused_gc(promote=len(self) >= _PROMOTE_RECORDS):  # acyclic: see paused_gc
-                        built = self._built = _records(self._cls, *self._columns())
+                    built = self._built = _records(self._cls, *self._columns())
         return built
 
     def __len__(self) -> int:

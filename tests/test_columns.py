@@ -213,3 +213,45 @@ def test_a_restore_from_a_replica_never_builds_a_record(tmp_path: Path, monkeypa
         assert torch.equal(v, want[k]), k
     assert json.dumps(str(fresh_opt.state_dict()["param_groups"])) == want_opt
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_a_finalizer_that_reads_records_while_they_are_built_does_not_hang(tmp_path: Path) -> None:
+    """Building a large manifest's records starts a GC pause that may collect first; a finalizer
+    run by that collection which reads another manifest's records must not wait for a lock the
+    same thread holds (it did: the process hung with its collector off). In a subprocess, so that
+    a hang is a failed test, not a hung suite."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "finalizer.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import gc, sys, threading
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            from ckptmirror import format as fmt
+            from test_columns import KEY, _manifest, _records
+
+            recs = _records(5000)
+            data = _manifest(recs, {{"t": "tensors", "keys": [f"k{{i}}" for i in range(5000)], "i": 0}}).to_json()
+            p, q = fmt.parse_rank_manifest(data, KEY), fmt.parse_rank_manifest(data, KEY)
+            seen = []
+
+            class Holder:
+                def __del__(self):
+                    seen.append(len(list(q.leaves)))
+
+            h = Holder()
+            h.self = h  # a cycle: only a collection frees it
+            del h
+            t = threading.Thread(target=lambda: seen.append(len(p.leaves.records)), daemon=True)
+            t.start()
+            t.join(60)
+            print("hung" if t.is_alive() else "ok", sorted(seen), gc.isenabled())
+            """
+        )
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ok", "[5000,", "5000]", "True"], out.stdout

@@ -580,3 +580,19 @@ def test_objects_the_process_froze_stay_frozen(monkeypatch: pytest.MonkeyPatch) 
         assert not fmt._gc_can_promote  # noticed once, then never tried again
     finally:
         gc.unfreeze()
+
+
+def test_a_tensors_node_claiming_millions_of_leaves_is_refused_without_building_their_paths() -> None:
+    """2,000 keys x 2,000 fields: four million leaf references in ~20 KB of JSON, against a
+    manifest of four leaves. The first reference past the end is named after building a few key
+    paths, not four million (~400 MB)."""
+    node = {"t": "tensors", "keys": [f"k{i}" for i in range(2000)], "fields": [f"f{j}" for j in range(2000)], "i": 0}
+    m = _with_model_node(node)
+
+    def refuse() -> str:
+        with pytest.raises(ManifestError, match=r"reference 4 at state\['model'\]\['k0'\]\['f4'\]") as exc:
+            validate_manifest(m, KEY)
+        return str(exc.value)
+
+    _, peak = traced_peak(refuse)
+    assert peak < 8 << 20, peak

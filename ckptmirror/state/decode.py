@@ -16,7 +16,7 @@ import base64
 import operator
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import product, repeat
 from typing import TYPE_CHECKING, Any
 
@@ -136,9 +136,11 @@ def key_path(root: str, keys: tuple[Any, ...]) -> str:
 BulkLeaves = Callable[[int, int, tuple[Any, ...], list[Any], "list[str] | None"], Sequence[Any]]
 
 
-def node_paths(path: tuple[Any, ...], keys: list[Any], fields: list[str] | None) -> list[tuple[Any, ...]]:
-    """The key path of each leaf of a ``tensors`` node at ``path``, in leaf order."""
-    return list(map(path.__add__, zip(keys) if fields is None else product(keys, fields)))
+def node_paths(path: tuple[Any, ...], keys: list[Any], fields: list[str] | None) -> Iterator[tuple[Any, ...]]:
+    """The key path of each leaf of a ``tensors`` node at ``path``, in leaf order, one at a time
+    (a caller that stops at the first bad leaf builds no more: a hostile node may claim far more
+    leaves than the manifest holds)."""
+    return map(path.__add__, zip(keys) if fields is None else product(keys, fields))
 
 
 def unflatten(
