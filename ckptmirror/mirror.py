@@ -318,6 +318,14 @@ class Mirror:
             raise ValueError("overwrite=True is not supported with several ranks: save under a new step")
         with self._lock:
             inflight = step in self._inflight_steps
+        if inflight and overwrite:
+            # An earlier save of this step is still finishing: its handle resolves once enough
+            # replicas committed, while slower ones may still be writing and its bookkeeping ends
+            # after. Asked to replace it, wait for it (as delete() does): never write the step
+            # alongside it, and never refuse an overwrite with "pass overwrite=True".
+            with self._idle:
+                self._idle.wait_for(lambda: step not in self._inflight_steps)
+            inflight = False
         if inflight or (not overwrite and self._fanout.has_committed(step)):
             raise StepExistsError(step)
         cached = self._plan_cache

@@ -764,6 +764,11 @@ def test_saving_committed_step_is_refused_unless_overwrite(tmp_path):
         with pytest.raises(ckptmirror.StepExistsError):
             m.save_state(6, {"v": torch.ones(1)})
         h.result(timeout=30)
+        # ... and asked to overwrite a step whose save is still finishing, it waits for that save
+        h = m.save_state(7, {"v": torch.zeros(1 << 20)})
+        m.save_state(7, {"v": torch.ones(1), "tag": "second"}, overwrite=True).result(timeout=30)
+        assert h.result(timeout=30) is h
+        assert m.load_state(step=7)[1]["tag"] == "second"
         assert m.load_state(step=5)[1]["tag"] == "first"
 
     # a new Mirror over the same directory knows what is committed
@@ -772,7 +777,7 @@ def test_saving_committed_step_is_refused_unless_overwrite(tmp_path):
             m2.save_state(5, {"tag": "third"})
         assert m2.load_state(step=5)[1]["tag"] == "first"
         m2.save_state(5, {"v": torch.tensor([3.0, 4.0]), "tag": "replaced"}, overwrite=True).result(timeout=30)
-        assert m2.steps() == [5, 6]
+        assert m2.steps() == [5, 6, 7]
         _, st = m2.load_state(step=5)
     assert st["tag"] == "replaced"
     assert_tensor_same(torch.tensor([3.0, 4.0]), st["v"])
