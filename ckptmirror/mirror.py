@@ -316,16 +316,12 @@ class Mirror:
             raise ValueError(f"step must be an int in [0, {MAX_STEP}], got {step!r}")
         if overwrite and self.dist.distributed:
             raise ValueError("overwrite=True is not supported with several ranks: save under a new step")
+        if overwrite:
+            # Asked to replace the step: after a save of it still finishing, never alongside it,
+            # and never refused with "pass overwrite=True".
+            self._await_step(step)
         with self._lock:
             inflight = step in self._inflight_steps
-        if inflight and overwrite:
-            # An earlier save of this step is still finishing: its handle resolves once enough
-            # replicas committed, while slower ones may still be writing and its bookkeeping ends
-            # after. Asked to replace it, wait for it (as delete() does): never write the step
-            # alongside it, and never refuse an overwrite with "pass overwrite=True".
-            with self._idle:
-                self._idle.wait_for(lambda: step not in self._inflight_steps)
-            inflight = False
         if inflight or (not overwrite and self._fanout.has_committed(step)):
             raise StepExistsError(step)
         cached = self._plan_cache
@@ -423,6 +419,12 @@ class Mirror:
             )
         )
         return handle
+
+    def _await_step(self, step: int) -> None:
+        """Wait until no save of ``step`` is in flight. Its handle resolves once enough replicas
+        committed; slower ones may still be writing, and its bookkeeping ends just after."""
+        with self._idle:
+            self._idle.wait_for(lambda: step not in self._inflight_steps)
 
     def _stage_executor(self) -> ThreadPoolExecutor:
         """The stager thread of :func:`~ckptmirror.save.speculate.speculate`, made when first needed."""
@@ -701,8 +703,7 @@ class Mirror:
         and :class:`ReplicaError` naming the replica if a reachable replica failed to delete it.
         """
         self._check_open()
-        with self._idle:  # a save of this step still writing to the slower replicas: let it finish
-            self._idle.wait_for(lambda: step not in self._inflight_steps)
+        self._await_step(step)
         known = self._fanout.committed_steps()
         if step not in known:
             raise StepNotFoundError(step, sorted(known), [r.url for r in self.replicas])

@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ManifestError
 from ..format import (
     COMPACT_TREE_VERSION,
+    LeafColumns,
     ParsedColumns,
     RankManifest,
+    StorageColumns,
     contiguous_strides,
     leaf_columns,
     parsed_columns,
@@ -164,38 +166,35 @@ def _elem_size(kind: str, dtype: str, where: str, key: str) -> int:
     return int(dt.itemsize)
 
 
-def _check_storages(m: RankManifest, key: str) -> None:
+def _check_storages(sc: StorageColumns, key: str) -> None:
     """Storages must not overlap (storages of no bytes are exempt)."""
-    if not m.storages:
-        return
-    sc = storage_columns(m)
     offsets, nbytes = sc.offsets, sc.nbytes
     # The writer lays storages out in index order, back to back: one pass in C proves that.
     if all(map(operator.le, map(operator.add, offsets, nbytes), offsets[1:])):
         return
     end = 0
-    for i in sorted((i for i, s in enumerate(m.storages) if s.nbytes), key=lambda i: m.storages[i].offset):
-        if m.storages[i].offset < end:
+    for i in sorted(compress(range(len(nbytes)), nbytes), key=offsets.__getitem__):
+        if offsets[i] < end:
             raise ManifestError(f"storages[{i}] overlaps another storage", key=key)
-        end = m.storages[i].offset + m.storages[i].nbytes
+        end = offsets[i] + nbytes[i]
 
 
-def _check_leaf_bounds(m: RankManifest, key: str, kinds: list[str], dtypes: list[str]) -> list[int]:
+def _check_leaf_bounds(m: RankManifest, key: str, lc: LeafColumns) -> list[int]:
     """Storages must not overlap and every leaf must lie inside its storage span.
 
     A leaf holds at most as many elements as its span (non-overlapping layouts cannot hold
     more), or :data:`MAX_EXPANDED_ELEMENTS` if its strides overlap. Returns each leaf's element
-    size. A manifest that fails is rejected before any read. ``kinds`` and ``dtypes`` are the
-    leaves' columns.
+    size. A manifest that fails is rejected before any read. ``lc``: the leaves' columns.
 
     The common leaf (C-contiguous strides) is checked a whole column at a time in C (``map``
     over the columns); only leaves with other strides take a Python step each.
     """
-    _check_storages(m, key)
-    if not m.leaves:
-        return []
-    lc = leaf_columns(m)
+    sc = storage_columns(m)
+    _check_storages(sc, key)
     n = len(lc)
+    if not n:
+        return []
+    kinds, dtypes = lc.kinds, lc.dtypes
     if kinds.count("tensor") == n and dtypes.count(dtypes[0]) == n:  # one dtype: one size
         esizes = [_elem_size("tensor", dtypes[0], "leaves[0]", key)] * n
     elif kinds.count("tensor") == n:  # the dtype name alone gives the size
@@ -212,7 +211,7 @@ def _check_leaf_bounds(m: RankManifest, key: str, kinds: list[str], dtypes: list
     shapes, strides, offsets = lc.shapes, lc.strides, lc.offsets
     numels = list(map(math.prod, shapes))
     regular = list(map(operator.eq, strides, map(_StridesCache().__getitem__, shapes)))
-    span = list(map(storage_columns(m).nbytes.__getitem__, lc.storage))
+    span = list(map(sc.nbytes.__getitem__, lc.storage))
     # A C-contiguous leaf ends at byte (offset + numel) * esize. Checked for every leaf at once
     # first; only if that fails are leaves without elements or with other strides set aside.
     ends = list(map(operator.mul, map(operator.add, offsets, numels), esizes))
@@ -221,13 +220,12 @@ def _check_leaf_bounds(m: RankManifest, key: str, kinds: list[str], dtypes: list
             if numels[i] and regular[i]:
                 raise ManifestError(f"leaves[{i}] reaches byte {ends[i]} of a {span[i]}-byte storage", key=key)
     if regular.count(True) != n:
-        _check_irregular(m, key, compress(range(n), map(operator.not_, regular)), esizes, span)
+        _check_irregular(lc, key, compress(range(n), map(operator.not_, regular)), esizes, span)
     return esizes
 
 
-def _check_irregular(m: RankManifest, key: str, which: Iterable[int], esizes: list[int], span: list[int]) -> None:
+def _check_irregular(lc: LeafColumns, key: str, which: Iterable[int], esizes: list[int], span: list[int]) -> None:
     """The bounds of leaves ``which``, whose strides are not C-contiguous: one Python step each."""
-    lc = leaf_columns(m)
     for i in which:
         shape, stride = lc.shapes[i], lc.strides[i]
         numel = math.prod(shape)
@@ -282,7 +280,7 @@ def _check_parsed_bounds(m: RankManifest, key: str, c: ParsedColumns) -> list[in
         if any(i not in irregular and numel_of[c.shape_index[i]] for i in bad):
             return None
     if c.irregular:
-        _check_irregular(m, key, c.irregular, esizes, span)
+        _check_irregular(leaf_columns(m), key, c.irregular, esizes, span)
     return esizes
 
 
@@ -356,7 +354,7 @@ def _validate_manifest(m: RankManifest, key: str) -> ManifestCheck:
         lc = leaf_columns(m)
         kinds, dtype_names = lc.kinds, lc.dtypes
         if esizes is None:
-            esizes = _check_leaf_bounds(m, key, kinds, dtype_names)
+            esizes = _check_leaf_bounds(m, key, lc)
         # _check_leaf_bounds accepted every (kind, dtype): a tensor's dtype name is a known one.
         all_tensors = kinds.count("tensor") == n_leaves
         if all_tensors and n_leaves and dtype_names.count(dtype_names[0]) == n_leaves:  # one dtype (common)

@@ -223,9 +223,12 @@ def filled_in_place(loaded: Any, target: Any) -> bool:
     # In C (map over the columns): a generator over 50k entries costs 10 ms. The loaded dict is
     # rebuilt in the stored order, usually the target's: then its values are compared in order
     # and its keys as a list (a pointer or a short memcmp each), not looked up (~20 ms at 50k).
-    if len(loaded) == len(target) and all(map(operator.is_, loaded.values(), target.values())):
-        if list(loaded) == list(target):
-            return True
+    if (
+        len(loaded) == len(target)
+        and all(map(operator.is_, loaded.values(), target.values()))
+        and list(loaded) == list(target)
+    ):
+        return True
     return all(map(operator.is_, map(target.get, loaded), loaded.values()))
 
 
