@@ -37,7 +37,7 @@ from _models import many_params as build  # `build`: profiling scripts import it
 RAW_IOV = 1024  # IOV_MAX on Linux: readv takes at most this many buffers per call
 
 
-def one_count(n: int, gb: float, repeats: int, workdir: str) -> dict[str, object]:
+def one_count(n: int, gb: float, repeats: int, workdir: str, with_torch_load: bool = True) -> dict[str, object]:
     import ckptmirror
 
     src = build(n, gb, 0)
@@ -50,7 +50,8 @@ def one_count(n: int, gb: float, repeats: int, workdir: str) -> dict[str, object
     with open(raw_path, "wb") as f:
         for p in src.parameters():
             f.write(p.detach().reshape(-1).view(torch.uint8).numpy().tobytes())
-    torch.save(src.state_dict(), pt_path)
+    if with_torch_load:
+        torch.save(src.state_dict(), pt_path)
     views = [memoryview(p.detach().reshape(-1).view(torch.uint8).numpy()) for p in params]
 
     def raw() -> None:
@@ -68,6 +69,8 @@ def one_count(n: int, gb: float, repeats: int, workdir: str) -> dict[str, object
     with ckptmirror.Mirror([rep]) as m:
         m.save(1, src).result()
         runs = {"ckptmirror": lambda: m.restore(fresh), "raw read": raw, "torch.load": tload}
+        if not with_torch_load:
+            del runs["torch.load"], times["torch.load"]
         for fn in runs.values():
             fn()  # warm the page cache and every code path once
         for _ in range(repeats):
@@ -96,6 +99,8 @@ def chart(path: str, rows: list[dict[str, Any]]) -> None:
     }
     xs = [r["tensors"] for r in rows]
     for name, style in styles.items():
+        if not all(name in r["median_s"] for r in rows):
+            continue  # (--no-torch-load)
         ax.plot(xs, [r["median_s"][name] for r in rows], label=name, **style)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -120,12 +125,17 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the measurements here")
     ap.add_argument("--chart", default=None, help="draw restore time against tensor count into this PNG")
     ap.add_argument("--from-json", default=None, help="only print the table (and chart) of an earlier --json")
+    ap.add_argument(
+        "--no-torch-load",
+        action="store_true",
+        help="leave torch.load out (seconds per run at 50k tensors): for A/B runs of ckptmirror against itself",
+    )
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # child: one count
     args = ap.parse_args()
     gb, repeats = (0.1, 2) if args.quick else (args.gb, args.repeats)
     if args.one is not None:
         assert args.dir is not None
-        print(json.dumps(one_count(args.one, gb, repeats, args.dir)))
+        print(json.dumps(one_count(args.one, gb, repeats, args.dir, not args.no_torch_load)))
         return
     rows = []
     if args.from_json:
@@ -136,7 +146,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=args.dir) as d:
             for n in (int(c) for c in args.counts.split(",")):
                 cmd = [sys.executable, __file__, "--one", str(n), "--dir", d, "--gb", str(gb)]
-                cmd += ["--repeats", str(repeats)]
+                cmd += ["--repeats", str(repeats)] + (["--no-torch-load"] if args.no_torch_load else [])
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 rows.append(json.loads(out.strip().splitlines()[-1]))
                 print(f"{n} tensors done", file=sys.stderr)
@@ -154,7 +164,7 @@ def main() -> None:
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        med = r["median_s"]
+        med = {"torch.load": float("nan"), **r["median_s"]}
         lines.append(
             f"| {r['tensors']:,} | {r['gb']:.2f} | {med['ckptmirror']:.3f} | {med['raw read']:.3f} | "
             f"{med['torch.load']:.3f} | {med['raw read'] / med['ckptmirror']:.2f}x | "

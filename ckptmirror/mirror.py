@@ -540,10 +540,12 @@ class Mirror:
         # The undo log (what restore overwrites in place, kept until the state is loaded) lives
         # in a staging arena: the first save needs that memory anyway, so a run pays no extra.
         arena = self._arenas.acquire(block=False)
+        # One pool for the whole restore: its threads, started while reading, land the bytes too.
+        pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="ckptmirror-read")
         try:
             factory = (lambda n: arena.reserve(n, pinned=False)) if arena is not None else None
             validate = partial(check_fits, model, optim, targets)
-            loaded = self._load(step, targets, strict_paths, validate, require, factory, defer)
+            loaded = self._load(step, targets, strict_paths, validate, require, factory, defer, pool)
             if loaded is None:
                 return None
             state = loaded.state
@@ -551,7 +553,7 @@ class Mirror:
             landed = False
             try:
                 deferred = loaded.landing is not None and loaded.landing.nbytes > 0
-                loaded.land(self.io_threads)
+                loaded.land(self.io_threads, pool)
                 landed = deferred
                 if model is not None and defer and filled_in_place(state["model"], targets["model"]):
                     pass  # torch's own loading would copy each tensor onto itself (seconds at 50k tensors)
@@ -576,6 +578,7 @@ class Mirror:
             if loaded.undo is not None:
                 loaded.undo.release()
         finally:
+            pool.shutdown(wait=True)
             if arena is not None:
                 self._arenas.release(arena)
         return RestoreResult(loaded.step, state["extra"], loaded.sources, time.perf_counter() - t0)
@@ -596,10 +599,13 @@ class Mirror:
         require: bool,
         undo: BufferFactory | None,
         defer: bool = False,
+        shared_pool: ThreadPoolExecutor | None = None,
     ) -> Any:
+        """The newest step that verifies (or ``step``), read with ``shared_pool`` (the caller's,
+        left running) or a pool of its own."""
         self._check_open()
         t0 = time.perf_counter()
-        pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="ckptmirror-read")
+        pool = shared_pool or ThreadPoolExecutor(self.io_threads, thread_name_prefix="ckptmirror-read")
         coord: Coordinator | None = None
         try:
             agree = None
@@ -629,7 +635,8 @@ class Mirror:
             self._metrics.restore_finished(None, time.perf_counter() - t0, failed=True)
             raise
         finally:
-            pool.shutdown(wait=True)
+            if shared_pool is None:
+                pool.shutdown(wait=True)
             if coord is not None:
                 coord.close()
         self._metrics.restore_finished(None if loaded is None else loaded.step, time.perf_counter() - t0)

@@ -363,3 +363,133 @@ def test_filled_in_place_holds_only_where_every_entry_is_the_targets_own() -> No
     # their values: nn.Module's strict loading refuses them before this is asked).
     assert filled_in_place({"a": a, "b": b}, target)
     assert not filled_in_place([a], target) and not filled_in_place({"a": a}, [a])
+
+
+def _manifest(root: Path, step: int) -> Any:
+    ck = f"step-{step:012d}/COMMIT.json"
+    ref = parse_commit((root / ck).read_bytes(), ck).ranks[0]
+    return parse_rank_manifest((root / ref.key).read_bytes(), ref.key), ref.key
+
+
+def test_the_manifest_check_proves_the_exact_layout_only_where_every_leaf_fills_its_storage(tmp_path: Path) -> None:
+    """``ManifestCheck.exact`` (every leaf C-contiguous from its storage's first byte to its
+    last) lets restore skip the per-leaf layout checks: it must be False wherever one leaf is a
+    view at an offset, a shorter view, or strided; computed alike from what parsing built and
+    from records (a manifest the writer holds)."""
+    from ckptmirror.restore.check import validate_manifest
+
+    tied = torch.nn.Module()  # two keys, one storage, each filling it: exact (the two users are checked apart)
+    tied.register_parameter("w", torch.nn.Parameter(torch.randn(6)))
+    tied.register_parameter("v", tied.w)
+    transposed = torch.nn.Module()  # fills its storage, from its first byte, in other strides
+    transposed.register_buffer("t", torch.randn(5, 7).t())
+    cases = {"plain": (many(30, 0), True), "odd": (odd(0), False), "tied": (tied, True), "t": (transposed, False)}
+    for step, (name, (mod, want)) in enumerate(cases.items(), start=1):
+        with Mirror([str(tmp_path)]) as m:
+            m.save(step, mod).result(timeout=60)
+        mf, key = _manifest(tmp_path, step)
+        assert validate_manifest(mf, key).exact is want, name
+        as_records = dataclasses.replace(mf, leaves=tuple(mf.leaves), storages=tuple(mf.storages))
+        assert validate_manifest(as_records, key).exact is want, f"{name}, as records"
+    # A leaf that ends where its storage ends but starts past its first byte (the writer stores
+    # a lone view from its own first byte; a hand-made manifest): not exact.
+    mf, key = _manifest(tmp_path, 3)
+    assert len(mf.leaves) == 2 and validate_manifest(mf, key).exact
+    shifted = tuple(lf._replace(shape=(4,), stride=(1,), offset=2) for lf in mf.leaves)
+    assert validate_manifest(dataclasses.replace(mf, leaves=shifted), key).exact is False
+
+
+def test_the_targets_dict_is_kept_as_the_loaded_one_where_every_stored_key_fills_its_tensor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the model's dict holds exactly the stored keys and every one fills the model's own
+    tensor (straight, or copied in: another dtype, an empty tensor), the loaded state holds the
+    target's dict itself, not a copy rebuilt leaf by leaf; the values are right either way."""
+    import ckptmirror.mirror as mirror_mod
+
+    seen: list[tuple[Any, Any]] = []
+    real = mirror_mod.filled_in_place
+
+    def spy(loaded: Any, target: Any) -> bool:
+        seen.append((loaded, target))
+        return real(loaded, target)
+
+    monkeypatch.setattr(mirror_mod, "filled_in_place", spy)
+    src = many(80, 0)
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
+        m.save(1, src).result(timeout=60)
+        for dtype in (None, torch.float64):
+            seen.clear()
+            dst = many(80, 1)
+            if dtype is not None:
+                dst.p5 = torch.nn.Parameter(dst.p5.detach().to(dtype))  # a fresh buffer, copied in
+            m.restore(dst)
+            for k, v in src.state_dict().items():
+                assert torch.equal(dst.state_dict()[k], v.to(dst.state_dict()[k].dtype)), k
+            assert len(seen) == 1 and seen[0][0] is seen[0][1], "the target's dict, kept"
+
+
+def test_a_target_dict_is_kept_only_where_the_tree_would_hold_the_same() -> None:
+    from ckptmirror.restore.check import KeyPaths, LeafSpec, ManifestCheck
+
+    keys = KeyPaths()
+    keys.add_node(0, 3, ("model",), ["a", "b", "c"], None)
+    spec = LeafSpec("tensor", "float32", (1,))
+    skeleton = {"model": {"a": spec, "b": spec, "c": spec}, "extra": None}
+    check = ManifestCheck([4] * 3, ["float32"] * 3, keys, skeleton, {})
+    t = {i: torch.zeros(1) for i in range(3)}
+    sub = {"a": t[0], "b": t[1], "c": t[2]}
+    whole = [(("model",), 0, 3, sub)]
+    assert fill._reused(check, t, whole, {}) == {id(skeleton["model"]): sub}
+    tree = fill._state_tree(None, check, [t[0], t[1], t[2]], "k", fill._reused(check, t, whole, {}))  # type: ignore[arg-type]
+    assert tree["model"] is sub and tree["extra"] is None
+    assert fill._reused(check, {0: t[0], 2: t[2]}, whole, {}) == {}  # "b" fills no tensor of the target's
+    assert fill._reused(check, t, whole, {1: object()}) == {}  # a DTensor's entry is not the tensor filled
+    assert fill._reused(check, t, [(("model",), 0, 2, sub)], {}) == {}  # the node holds more than the run
+
+
+def test_placeholders_of_a_parsed_manifest_of_several_dtypes_are_those_of_its_records(tmp_path: Path) -> None:
+    """The skeleton's placeholders, found by type and shape index for a parsed manifest of
+    several dtypes, are those built from each record's kind, dtype and shape."""
+    from ckptmirror.restore.check import LeafSpec, validate_manifest
+
+    with Mirror([str(tmp_path)]) as m:
+        m.save(1, many(40, 0)).result(timeout=60)
+    mf, key = _manifest(tmp_path, 1)
+    parsed = validate_manifest(mf, key).skeleton["model"]
+    want = {
+        k: LeafSpec("tensor", str(v.dtype).removeprefix("torch."), tuple(v.shape))
+        for k, v in many(40, 0).state_dict().items()
+    }
+    assert len({s.dtype for s in want.values()}) == 3  # float32, bfloat16, int64
+    assert parsed == want
+    as_records = dataclasses.replace(mf, leaves=tuple(mf.leaves), storages=tuple(mf.storages))
+    assert validate_manifest(as_records, key).skeleton["model"] == want
+
+
+def test_a_restore_on_one_io_thread_verifies_ahead_and_lands_without_waiting_on_itself(tmp_path: Path) -> None:
+    """One I/O thread: the verifying lane, the reads that wait for its results and the landing's
+    helpers share it (a deadlock would hang: run in a child process with a deadline)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_restore_fast import many, raw, same
+        from ckptmirror import Mirror
+        src = many(300, 0)
+        with Mirror([{str(tmp_path)!r}], object_bytes=16 << 10) as m:
+            m.save(1, src).result(timeout=60)
+        for threads in (1, 2):
+            dst = many(300, 1)
+            with Mirror([{str(tmp_path)!r}], io_threads=threads) as m:
+                assert m.restore(dst).step == 1
+            assert same(raw(dst.state_dict()), raw(src.state_dict())), threads
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -328,12 +328,12 @@ def test_restore_reports_an_object_cut_short_between_verifying_and_landing(tmp_p
     real_land = Landing.land
     cut: list[str] = []
 
-    def land_after_cutting(self: Landing, threads: int = 2) -> None:
+    def land_after_cutting(self: Landing, threads: int = 2, pool: Any = None) -> None:
         for source, _, _ in self._spans:
             if not cut:
                 cut.append(source.key)  # type: ignore[attr-defined]
                 os.truncate(source.path, 10)  # type: ignore[attr-defined]
-        real_land(self, threads)
+        real_land(self, threads, pool)
 
     monkeypatch.setattr(Landing, "land", land_after_cutting)
     dst = many(1500, 1)

@@ -22,14 +22,16 @@ import ctypes
 import logging
 import operator
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, wait
+from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass, field
 from itertools import accumulate, compress, islice, repeat
 from typing import Any
 
 import torch
 
+from ..buffers import usable_cpus
 from ..errors import StateMismatchError
 from ..format import OBJECT_SIZE, ObjectRecord, RankManifest, leaf_columns, storage_columns
 from ..replicas.base import Replica
@@ -37,7 +39,7 @@ from ..state.reshard import Piece, StoredShard, copy_piece, plan_pieces
 from ..state.tree import unflatten
 from .check import LeafSpec, ManifestCheck, validate_manifest
 from .fetch import Fetcher, Mapped, ObjectPlan
-from .match import StorageTargets, match_targets, scatter, storage_targets
+from .match import StorageTargets, Whole, lookup, match_targets, scatter, storage_targets
 from .undo import BufferFactory, Landing, UndoLog
 
 log = logging.getLogger("ckptmirror")
@@ -55,10 +57,11 @@ class Loaded:
     #: verified bytes for the caller's tensors that have not landed yet (``defer=True``)
     landing: Landing | None = None
 
-    def land(self, threads: int = 2) -> None:
-        """Copy the verified bytes that wait in :attr:`landing` into the caller's tensors."""
+    def land(self, threads: int = 2, pool: Executor | None = None) -> None:
+        """Copy the verified bytes that wait in :attr:`landing` into the caller's tensors
+        (see :meth:`~ckptmirror.restore.undo.Landing.land`)."""
         if self.landing is not None:
-            self.landing.land(threads)
+            self.landing.land(threads, pool)
 
     def abandon(self) -> None:
         """The restore failed: put back what landed, drop what waits."""
@@ -138,7 +141,7 @@ def _fill_step(
     ahead: _Ahead | None,
 ) -> Loaded:
     """:func:`fill_step` once the manifest is checked (and its objects are verified ahead)."""
-    leaf_targets, wants, values, target_cols = match_targets(m, check, targets, strict_paths)
+    leaf_targets, wants, values, target_cols, whole = match_targets(m, check, targets, strict_paths)
     if validate is not None:
         validate(check.skeleton)
     pieces: list[Piece] = []
@@ -158,7 +161,7 @@ def _fill_step(
     if wants:
         want_paths = {w.path for w in wants}
         skip = {i for i, p in check.paths.items() if p in want_paths}
-    dests = storage_targets(m, leaf_targets, check.dtypes, check.esizes, skip, target_cols)
+    dests = storage_targets(m, leaf_targets, check.dtypes, check.esizes, skip, target_cols, check.exact)
     loaded = Loaded(m.step, None)
     if targets is not None:
         regions = [*leaf_targets.values(), *(w.local for w in wants)]
@@ -167,7 +170,7 @@ def _fill_step(
         if defer:
             loaded.landing = Landing()
     try:
-        _fill(fetcher, m, key, check, object_plan, dests, leaf_targets, values, stored, pieces, loaded, ahead)
+        _fill(fetcher, m, key, check, object_plan, dests, leaf_targets, values, stored, pieces, loaded, ahead, whole)
     except BaseException:
         loaded.abandon()
         raise
@@ -191,20 +194,59 @@ class _Ahead:
     closes what nobody took (the step failed before its reads, or an object held only
     resharded storages).
 
-    No deadlock on the shared pool: every verification is queued before any read, and a read
-    that waits for one only starts once all of them have started; they wait for nothing.
+    One lane first, more once the main thread needs the results (:meth:`hurry`): the main
+    thread's checks are the restore's critical path, and on a machine with few cores, every
+    verifying thread beyond one takes CPU time from them (four lanes on two cores left the
+    main thread a fraction of a core). Once the main thread waits for the results, every lane
+    helps finish them.
+
+    No deadlock on the shared pool: the lanes are queued before any read, and they wait for
+    nothing; a read that waits for an object's result waits for a lane that runs or is queued
+    ahead of it.
     """
 
     def __init__(self, fetcher: Fetcher, m: RankManifest, plan: ObjectPlan) -> None:
-        self._futures: list[Future[_Verified] | None] = [
-            fetcher.pool.submit(fetcher.verify_mapped, o.key, o.size, o.checksum, plan[o.key]) for o in m.objects
-        ]
+        self._fetcher = fetcher
+        futures: list[Future[_Verified]] = [Future() for _ in m.objects]
+        self._jobs = deque((f, o.key, o.size, o.checksum, plan[o.key]) for f, o in zip(futures, m.objects))
+        self._futures: list[Future[_Verified] | None] = list(futures)
+        self._lanes = 1
+        self._hurried = False
+        self._lock = threading.Lock()
+        fetcher.pool.submit(self._lane)
+
+    def _lane(self) -> None:
+        """Verify queued objects until none is left (one lane of the pool)."""
+        verify = self._fetcher.verify_mapped
+        while True:
+            try:
+                f, key, size, checksum, cands = self._jobs.popleft()  # atomic: lanes share the deque
+            except IndexError:
+                return
+            if not f.set_running_or_notify_cancel():
+                continue  # dropped: the step failed already
+            try:
+                f.set_result(verify(key, size, checksum, cands))
+            except BaseException as exc:
+                f.set_exception(exc)
+
+    def hurry(self) -> None:
+        """The main thread waits for the results now: every lane the pool and the CPUs allow."""
+        with self._lock:  # (reads may call it from the pool)
+            if self._hurried:
+                return
+            self._hurried = True
+            lanes = min(self._fetcher.pool._max_workers, usable_cpus(), len(self._jobs) + 1)
+            for _ in range(lanes - self._lanes):
+                self._fetcher.pool.submit(self._lane)
+            self._lanes = max(lanes, self._lanes)
 
     def take(self, j: int) -> _Verified:
         """Object ``j``'s result (waits for it); raises what verifying it raised."""
         f = self._futures[j]
         self._futures[j] = None
         assert f is not None, "each object's result is taken once"
+        self.hurry()
         return f.result()
 
     def drop(self) -> None:
@@ -264,6 +306,7 @@ def _fill(
     pieces: list[Piece],
     loaded: Loaded,
     ahead: _Ahead | None = None,
+    whole: Sequence[Whole] = (),
 ) -> None:
     """The writing half of :func:`fill_step`: read objects, reshard, build the state tree."""
     undo = loaded.undo
@@ -287,20 +330,49 @@ def _fill(
                 undo.save(p.want.local)
             copy_piece(p, leaf)
     leaves = _build_leaves(m, dests, leaf_targets, check.dtypes, values, undo, loaded.landing)
-    loaded.state = _state_tree(m, check, leaves, key)
+    loaded.state = _state_tree(m, check, leaves, key, _reused(check, leaf_targets, whole, values))
 
 
-def _state_tree(m: RankManifest, check: ManifestCheck, leaves: list[Any], key: str) -> Any:
+def _reused(
+    check: ManifestCheck, leaf_targets: dict[int, torch.Tensor], whole: Sequence[Whole], values: dict[int, Any]
+) -> dict[int, Any]:
+    """The caller's dicts that the state tree may hold as they are: ``id(skeleton node) -> dict``.
+
+    A dict of the targets that holds exactly the stored keys of one skeleton node
+    (:data:`~ckptmirror.restore.match.Whole`), every one of them filled into the target's own
+    tensor (straight, or copied in: :func:`_build_leaves` puts the target in the tree either
+    way), is what rebuilding that node would make: the same keys, each with the target's
+    tensor. Kept as it is, the state tree costs nothing for it, and the caller sees at once
+    that it was filled in place (at 50k tensors, rebuilding the dict and then comparing it with
+    the target's took ~30 ms).
+    """
+    if values or not whole:  # (values: DTensors, whose tree entry is not the tensor filled)
+        return {}
+    out: dict[int, Any] = {}
+    order = check.keys.order
+    every = len(leaf_targets) == len(order)
+    for prefix, a, b, sub in whole:
+        node = lookup(check.skeleton, prefix)
+        if type(node) is dict and len(node) == b - a:  # the run's leaves, and nothing else
+            if every or all(map(leaf_targets.__contains__, order[a:b])):
+                out[id(node)] = sub
+    return out
+
+
+def _state_tree(
+    m: RankManifest, check: ManifestCheck, leaves: list[Any], key: str, reuse: dict[int, Any] | None = None
+) -> Any:
     """The state tree with ``leaves`` in it.
 
     The validated skeleton holds a placeholder per leaf, in the order of ``check.keys``: its
     containers (dicts, lists, tuples: all the structure decodes to) are rebuilt around the
     leaves, a dict of leaves in one C call. Should the skeleton not hold exactly one
-    placeholder per leaf, the structure is decoded again instead.
+    placeholder per leaf, the structure is decoded again instead. ``reuse``: skeleton nodes
+    (by id) to put the given object in place of, its leaves skipped (see :func:`_reused`).
     """
     it = iter(list(map(leaves.__getitem__, check.keys.order)))
     try:
-        tree = _refill(check.skeleton, it)
+        tree = _refill(check.skeleton, it, reuse or {})
         if next(it, _END) is _END:
             return tree
     except _ShortSkeleton:
@@ -316,7 +388,7 @@ _END = object()
 _WALKED = frozenset((dict, list, tuple, LeafSpec))
 
 
-def _refill(node: Any, it: Iterator[Any]) -> Any:
+def _refill(node: Any, it: Iterator[Any], reuse: dict[int, Any]) -> Any:
     t = type(node)
     if t is LeafSpec:
         v = next(it, _END)
@@ -324,16 +396,20 @@ def _refill(node: Any, it: Iterator[Any]) -> Any:
             raise _ShortSkeleton
         return v
     if t is dict:
+        if reuse and id(node) in reuse:  # its leaves, in order: skipped
+            if len(list(islice(it, len(node)))) != len(node):
+                raise _ShortSkeleton
+            return reuse[id(node)]
         if node and set(map(type, node.values())) == {LeafSpec}:  # a state dict: all leaves
             vals = list(islice(it, len(node)))
             if len(vals) != len(node):
                 raise _ShortSkeleton
             return dict(zip(node, vals))
-        return {k: _refill(v, it) for k, v in node.items()}
+        return {k: _refill(v, it, reuse) for k, v in node.items()}
     if t is list or t is tuple:
         if _WALKED.isdisjoint(map(type, node)):  # scalars only (parameter ids, betas)
             return list(node) if t is list else node
-        seq = [_refill(v, it) for v in node]
+        seq = [_refill(v, it, reuse) for v in node]
         return seq if t is list else tuple(seq)
     return node  # a scalar, a torch.Size, a dtype: immutable
 
@@ -434,6 +510,8 @@ def _read_objects(
         k = bisect.bisect_right(ends, obj_offsets[j])
         if k < len(starts) and starts[k] < obj_offsets[j + 1]:
             wanted.append(j)
+    if ahead is not None:
+        ahead.hurry()  # the lanes before the reads that wait for them
     futures = [fetcher.pool.submit(work, j) for j in wanted]
     # Every read must be over before we return or raise: a straggler writing into the
     # targets after a fallback to an older step would mix two steps.

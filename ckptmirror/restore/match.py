@@ -153,21 +153,28 @@ class TargetCols:
         self.shapes, self.dtypes, self.ptrs, self.cuda = shapes, dtypes, ptrs, cuda
 
 
+#: A dict of the targets under a strict path whose keys are exactly those of one run of stored
+#: leaves: (its path, the run's start and end in ``check.keys``, the dict).
+Whole = tuple[tuple[Any, ...], int, int, dict[Any, Any]]
+
+
 def match_targets(
     m: RankManifest, check: ManifestCheck, targets: Any, strict_paths: Sequence[tuple[Any, ...]]
-) -> tuple[dict[int, torch.Tensor], list[Want], dict[int, Any], TargetCols | None]:
+) -> tuple[dict[int, torch.Tensor], list[Want], dict[int, Any], TargetCols | None, list[Whole]]:
     """Map stored leaves onto the caller's tensors.
 
     Returns the tensors to fill in place (for a DTensor: its local shard), the targets that
-    need resharding, what to put in the returned tree instead of a new tensor, and, where the
-    common case read them, the :class:`TargetCols` of the tensors to fill (in their order).
+    need resharding, what to put in the returned tree instead of a new tensor, where the
+    common case read them, the :class:`TargetCols` of the tensors to fill (in their order),
+    and the dicts under ``strict_paths`` that hold exactly the stored keys there (:data:`Whole`).
     """
     out: dict[int, torch.Tensor] = {}
     wants: list[Want] = []
     values: dict[int, Any] = {}
+    whole: list[Whole] = []
     if targets is None:
         _consolidate(m, check, set(), wants, values)
-        return out, wants, values, None
+        return out, wants, values, None, whole
     cols = check.keys
     idx = cols.order
     ts = _gather(targets, cols)
@@ -181,6 +188,7 @@ def match_targets(
         if not deep_keys and len(runs) == 1:
             a, b = runs[0]
             if len(sub) == b - a and not any(map(operator.is_, ts[a:b], repeat(None))):
+                whole.append((prefix, a, b, sub))
                 continue  # every stored key found in it (dict keys are unique), and no other
         leaf_keys = set().union(*(cols.lasts[a:b] for a, b in runs))
         stored_keys = leaf_keys | deep_keys
@@ -210,7 +218,7 @@ def match_targets(
             if all(map(operator.eq, tcols.shapes, lc.shapes if every else map(lc.shapes.__getitem__, il))):
                 if problems:
                     _mismatch(m, problems, hints)
-                return dict(zip(il, tl)), wants, values, tcols
+                return dict(zip(il, tl)), wants, values, tcols, whole
     for i, path, t in zip(idx, cols.paths(), ts):
         if not isinstance(t, torch.Tensor):
             continue
@@ -248,7 +256,7 @@ def match_targets(
     if problems:
         _mismatch(m, problems, hints)
     _consolidate(m, check, (set(values) | set(out)) if check.dtensors else set(), wants, values)
-    return out, wants, values, None
+    return out, wants, values, None, whole
 
 
 def _mismatch(m: RankManifest, problems: list[str], hints: list[str]) -> NoReturn:
@@ -296,6 +304,7 @@ def storage_targets(
     esizes: list[int],
     skip: set[int],
     cols: TargetCols | None = None,
+    exact: bool = False,
 ) -> StorageTargets:
     """Where each storage's bytes go; not read: storages only resharded leaves use.
 
@@ -303,7 +312,9 @@ def storage_targets(
     C-contiguous from its start, and the tensor is a plain contiguous one (on the CPU or a
     CUDA device) of the same dtype and byte size; the stored layout is checked first, then the
     target's, each a column at a time. ``cols``: the targets' :class:`TargetCols`, in the
-    order of ``leaf_targets``, where :func:`match_targets` read them already.
+    order of ``leaf_targets``, where :func:`match_targets` read them already. ``exact``: the
+    manifest check proved every leaf C-contiguous from the start of its storage and as long as
+    it (:attr:`ManifestCheck.exact`), so the stored layout is not checked leaf by leaf again.
     """
     lc = leaf_columns(m)
     ns, nl = len(m.storages), len(lc)
@@ -322,30 +333,37 @@ def storage_targets(
         if cols is None:
             cols = TargetCols(leaf_targets.values())
         every = li == iota[:nl]  # every leaf has a target, in order
-        sl, offsets, strides, shapes = sidx, lc.offsets, lc.strides, lc.shapes
-        if not every:
-            sl, offsets = list(map(sl.__getitem__, li)), list(map(offsets.__getitem__, li))
-            strides, shapes = list(map(strides.__getitem__, li)), list(map(shapes.__getitem__, li))
-        contiguous = {sh: contiguous_strides(sh) for sh in set(shapes)}
-        # The candidates as columns: leaf, storage, the stored offset, strides and shape, then
-        # the target's dtype, host address and CUDA flag (read already: no torch call here).
-        cand: list[list[Any]] = [li, sl, offsets, strides, shapes, cols.dtypes, cols.ptrs, cols.cuda]
+        sl = sidx if every else list(map(sidx.__getitem__, li))
+        # The candidates as columns: leaf, storage, then the target's dtype, host address and
+        # CUDA flag (read already: no torch call here).
+        cand: list[list[Any]] = [li, sl, cols.dtypes, cols.ptrs, cols.cuda]
         # Each check over all candidates at once, short-circuiting (all() over a map, no list);
         # only where one fails somewhere is it made a mask, and the candidates narrowed down.
-        # Every target's shape is its leaf's (match_targets): a C-contiguous leaf from the
-        # start of its storage, of the same dtype, fills the storage iff their sizes agree.
-        checks: list[Callable[[list[list[Any]]], Iterable[Any]]] = [
-            lambda c: map(bool, map(nbytes.__getitem__, c[1])),
-            lambda c: map(operator.not_, c[2]),
-            lambda c: map(operator.eq, c[3], map(contiguous.__getitem__, c[4])),
-            lambda c: map(
-                operator.eq,
-                map(operator.mul, map(math.prod, c[4]), map(esizes.__getitem__, c[0])),
-                map(nbytes.__getitem__, c[1]),
-            ),
+        checks: list[Callable[[list[list[Any]]], Iterable[Any]]] = []
+        if 0 in nbytes:
+            checks.append(lambda c: map(bool, map(nbytes.__getitem__, c[1])))
+        if not exact:
+            # Every target's shape is its leaf's (match_targets): a C-contiguous leaf from the
+            # start of its storage, of the same dtype, fills the storage iff their sizes agree.
+            offsets, strides, shapes = lc.offsets, lc.strides, lc.shapes
+            contiguous = {sh: contiguous_strides(sh) for sh in set(shapes)}
+            checks += [
+                lambda c: map(operator.not_, map(offsets.__getitem__, c[0])),
+                lambda c: map(
+                    operator.eq,
+                    map(strides.__getitem__, c[0]),
+                    map(contiguous.__getitem__, map(shapes.__getitem__, c[0])),
+                ),
+                lambda c: map(
+                    operator.eq,
+                    map(operator.mul, map(math.prod, map(shapes.__getitem__, c[0])), map(esizes.__getitem__, c[0])),
+                    map(nbytes.__getitem__, c[1]),
+                ),
+            ]
+        checks += [
             # then the target's: the stored dtype, and in host memory or on a CUDA device
-            lambda c: map(operator.is_, c[5], map(dtypes.__getitem__, c[0])),
-            lambda c: map(operator.or_, map(bool, c[6]), c[7]),
+            lambda c: map(operator.is_, c[2], map(dtypes.__getitem__, c[0])),
+            lambda c: map(operator.or_, map(bool, c[3]), c[4]),
         ]
         if skip:  # else every storage is read
             checks.insert(0, lambda c: map(out.read.__getitem__, c[1]))
@@ -355,7 +373,7 @@ def storage_targets(
             if not all(chk(cand)):
                 mask = list(chk(cand))
                 cand = [list(compress(col, mask)) for col in cand]
-        ds, ptrs, cuda = cand[1], cand[6], cand[7]
+        ds, ptrs, cuda = cand[1], cand[3], cand[4]
         scatter(out.is_direct, ds, [True] * len(ds))
         if any(cuda):  # bytes go through a byte view of the tensor (ptr stays 0)
             for s, i in zip(compress(ds, cuda), compress(cand[0], cuda)):

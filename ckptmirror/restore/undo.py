@@ -27,13 +27,14 @@ import operator
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from itertools import compress, groupby, repeat
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
 
+from ..buffers import usable_cpus
 from ..errors import CorruptObjectError
 from . import vread
 
@@ -193,8 +194,10 @@ class Landing:
         with self._lock:
             self._tensors.append((dst, src))
 
-    def land(self, threads: int = 2) -> None:
-        """Copy everything into place, then release the sources.
+    def land(self, threads: int = 2, pool: Executor | None = None) -> None:
+        """Copy everything into place on up to ``threads`` threads (no more than the CPUs this
+        process may use), then release the sources. ``pool``: where the helper threads come
+        from (the restore's own, started already); by default threads started for this.
 
         Raises :class:`~ckptmirror.errors.CorruptObjectError` (naming the object and its replica)
         if an object file cannot be read in full any more (cut shorter, a disk error): it was
@@ -204,13 +207,14 @@ class Landing:
         with self._lock:
             dst, src, n, tensors, spans = self._dst, self._src, self._n, self._tensors, self._spans
             self._dst, self._src, self._n, self._tensors, self._spans = [], [], [], [], []
+        threads = max(1, min(threads, usable_cpus()))
         fds: list[int] = []
         try:
             if vread.AVAILABLE and spans:
                 # Out of verified object files: preadv, up to 1024 copies a call (see vread).
                 # What cannot be read that way (no file, replaced since) is copied below.
                 files, dst, src, n = _plan_files(spans, dst, src, n, fds)
-                _read_files(files, threads)
+                _read_files(files, threads, pool)
             # Small copies on this thread in one loop: spread over threads, each memmove's GIL
             # hand-off costs more than the copy. Large ones in chunks on the pool, so that one
             # big tensor also spreads over it.
@@ -228,12 +232,14 @@ class Landing:
                         large[1].append(s + off)
                         large[2].append(min(_CHUNK, k - off))
             if threads > 1 and sum(large[2]) >= _PARALLEL_BYTES:
-                with ThreadPoolExecutor(threads, thread_name_prefix="ckptmirror-land") as pool:
-                    # memmove through ctypes releases the GIL: the threads copy in parallel.
-                    futures = [pool.submit(_move_all, *(c[i::threads] for c in large)) for i in range(threads)]
+                # memmove through ctypes releases the GIL: the threads copy in parallel.
+                parts = [[c[i::threads] for c in large] for i in range(threads)]
+
+                def own() -> None:  # the small copies, then a share of the large ones
                     _move_all(sd, ss, sn)
-                    for f in futures:
-                        f.result()
+                    _move_all(*parts[0])
+
+                _on_helpers(pool, threads, [(_move_all, *p) for p in parts[1:]], own)
             else:
                 _move_all(sd, ss, sn)
                 _move_all(*large)
@@ -294,7 +300,28 @@ def _plan_files(
     return files, cols[0], cols[1], cols[2]
 
 
-def _read_files(files: list[_FilePlan], threads: int) -> None:
+def _on_helpers(pool: Executor | None, threads: int, helpers: list[tuple[Any, ...]], own: Callable[[], None]) -> None:
+    """Run each ``(fn, *args)`` of ``helpers`` on ``pool`` (or on up to ``threads - 1`` threads
+    started for it) and ``own`` on this thread; returns once every one is over, raising the
+    first error. Waiting for all of them also when one raised: the caller closes the
+    descriptors next, and a helper still writing into the tensors after an error would race
+    whatever the caller does about it."""
+    own_pool = pool is None and bool(helpers)
+    ex = ThreadPoolExecutor(max(1, threads - 1), thread_name_prefix="ckptmirror-land") if own_pool else pool
+    futures: list[Future[Any]] = []
+    try:
+        assert ex is not None or not helpers
+        futures = [ex.submit(*h) for h in helpers] if ex is not None else []
+        own()
+    finally:
+        wait(futures)
+        if own_pool and ex is not None:
+            ex.shutdown(wait=True)
+    for fut in futures:
+        fut.result()
+
+
+def _read_files(files: list[_FilePlan], threads: int, pool: Executor | None = None) -> None:
     """Perform every file's calls, split over ``threads`` threads by bytes (in order, so that
     each thread reads runs of the files)."""
     units = [(i, c, nb) for i, (_, p, _) in enumerate(files) for c, (_, _, _, nb) in enumerate(p.calls)]
@@ -322,14 +349,7 @@ def _read_files(files: list[_FilePlan], threads: int) -> None:
                     key=f.key,
                 ) from exc
 
-    # Leaving the pool waits for every reader it started, also when this thread's share raised:
-    # the caller closes the descriptors next, and a reader still writing into the tensors after
-    # an error would race whatever the caller does about it.
-    with ThreadPoolExecutor(max(1, threads - 1), thread_name_prefix="ckptmirror-land") as pool:
-        futures = [pool.submit(run, g) for g in groups[1:] if g]
-        run(groups[0])
-    for fut in futures:
-        fut.result()
+    _on_helpers(pool, threads, [(run, g) for g in groups[1:] if g], lambda: run(groups[0]))
 
 
 def _move_all(dst: Sequence[int], src: Sequence[int], nbytes: Sequence[int]) -> None:

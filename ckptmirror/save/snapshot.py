@@ -32,7 +32,6 @@ import dataclasses
 import gc
 import math
 import mmap
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from typing import cast
 import numpy as np  # torch imports it anyway
 import torch
 
-from ..buffers import byte_view, fault_in, gather_bytes, host_array, host_bytes
+from ..buffers import byte_view, fault_in, gather_bytes, host_array, host_bytes, usable_cpus
 from ..format import LeafRecord, StorageRecord, paused_gc  # one pause shared with restore
 from ..state.tree import Flattened, dtype_name, find_layout, make_layout
 
@@ -807,8 +806,7 @@ def _copy_pieces(dst: np.ndarray, pieces: list[_Piece], threads: int) -> None:
     a helper that is slow to start (a busy machine) takes none and costs nothing; one that is
     descheduled mid-piece delays the caller by at most one piece.
     """
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = min(threads, len(pieces), usable)
+    threads = min(threads, len(pieces), usable_cpus())
     if threads <= 1:
         for pc in pieces:
             gather_bytes(dst[pc.start : pc.end], pc.srcs)

@@ -218,6 +218,8 @@ _PLAIN_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
 
 def filled_in_place(loaded: Any, target: Any) -> bool:
     """Whether every entry of the loaded state dict is the target's own tensor (filled in place)."""
+    if loaded is target and isinstance(target, dict):
+        return True  # restore kept the target's dict as the loaded one (see restore.fill._reused)
     if not isinstance(loaded, dict) or not isinstance(target, dict):
         return False
     # In C (map over the columns): a generator over 50k entries costs 10 ms. The loaded dict is
