@@ -40,6 +40,7 @@ from .metrics import MirrorMetrics
 from .replicas import Replica, close_opened, open_replicas
 from .restore.choose import load_newest
 from .restore.discover import list_steps
+from .restore.switch import brisk_switching
 from .restore.undo import BufferFactory
 from .save.encode import PreWritten
 from .save.fanout import Fanout, SaveJob
@@ -519,7 +520,9 @@ class Mirror:
         """
         # The cyclic GC paused: a restore builds ~10 objects per tensor, and at 10k tensors the
         # collections that triggers took a third of the restore (0.52 s -> 0.32 s without them).
-        with paused_gc():
+        # The GIL handed over every 0.5 ms, not 5: the objects verify on the pool meanwhile, and
+        # each of their returns from a GIL-free call waited out the interval (restore/switch.py).
+        with paused_gc(), brisk_switching():
             return self._restore(model, optim, step, strict, require)
 
     def _restore(
