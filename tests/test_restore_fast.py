@@ -493,3 +493,54 @@ def test_a_restore_on_one_io_thread_verifies_ahead_and_lands_without_waiting_on_
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_a_stateful_whose_state_dict_is_its_live_dict_gets_a_loaded_dict_of_its_own(tmp_path: Path) -> None:
+    """Not torch's loading: the loaded dict must not be the object's own (its loader clears its
+    dict, then fills it from the one given: the same dict would lose every key)."""
+
+    class Live:
+        def __init__(self, v: float) -> None:
+            self.sd = {"w": torch.full((4,), v), "b": torch.full((2,), v)}
+
+        def state_dict(self) -> dict[str, torch.Tensor]:
+            return self.sd
+
+        def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+            self.sd.clear()
+            self.sd.update(sd)
+
+    with Mirror([str(tmp_path)]) as m:
+        m.save(1, Live(1.0)).result(timeout=60)  # type: ignore[arg-type]
+        dst = Live(0.0)
+        m.restore(dst)  # type: ignore[arg-type]
+    assert sorted(dst.sd) == ["b", "w"]
+    assert torch.equal(dst.sd["w"], torch.ones(4)) and torch.equal(dst.sd["b"], torch.ones(2))
+
+
+def test_landing_helpers_already_started_are_waited_for_when_a_later_one_cannot_start() -> None:
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ckptmirror.restore.undo import _on_helpers
+
+    done = threading.Event()
+
+    def slow() -> None:
+        time.sleep(0.3)
+        done.set()
+
+    class Refusing(ThreadPoolExecutor):
+        calls = 0
+
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("cannot schedule new futures")
+            return super().submit(*args, **kwargs)
+
+    with Refusing(2) as pool:
+        with pytest.raises(RuntimeError, match="cannot schedule"):
+            _on_helpers(pool, 3, [(slow,), (slow,)], lambda: None)
+        assert done.is_set(), "returned while the first helper was still running"  # (before the pool's own wait)

@@ -170,7 +170,11 @@ def _fill_step(
         if defer:
             loaded.landing = Landing()
     try:
-        _fill(fetcher, m, key, check, object_plan, dests, leaf_targets, values, stored, pieces, loaded, ahead, whole)
+        # The caller's own dicts in the loaded tree only where torch's own loading follows
+        # (defer): a Stateful whose state_dict() is its live dict and whose loader clears it
+        # first would otherwise load its own emptied dict.
+        kept = whole if defer else ()
+        _fill(fetcher, m, key, check, object_plan, dests, leaf_targets, values, stored, pieces, loaded, ahead, kept)
     except BaseException:
         loaded.abandon()
         raise

@@ -310,8 +310,9 @@ def _on_helpers(pool: Executor | None, threads: int, helpers: list[tuple[Any, ..
     ex = ThreadPoolExecutor(max(1, threads - 1), thread_name_prefix="ckptmirror-land") if own_pool else pool
     futures: list[Future[Any]] = []
     try:
-        assert ex is not None or not helpers
-        futures = [ex.submit(*h) for h in helpers] if ex is not None else []
+        for h in helpers:  # (appended one by one: those submitted before a failing submit are waited for)
+            assert ex is not None
+            futures.append(ex.submit(*h))
         own()
     finally:
         wait(futures)
