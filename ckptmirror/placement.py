@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, NamedTuple
 from .checksum import checksum
 from .errors import ManifestError
 from .format import (
-    _CHECKSUM_RE,
     FORMAT_VERSION,
     MAX_MANIFEST_BYTES,
     MAX_OBJECT_BYTES,
@@ -41,12 +40,12 @@ from .format import (
     STORED_OBJECT_RE,
     ObjectRecord,
     RankManifest,
-    _Fields,
     load_json,
     placement_key,
     step_dir,
     writer_of,
 )
+from .format.jsondoc import _CHECKSUM_RE, _Fields  # the format's own field checks
 
 if TYPE_CHECKING:
     from .replicas.base import Replica

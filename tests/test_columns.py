@@ -202,8 +202,8 @@ def test_a_restore_from_a_replica_never_builds_a_record(tmp_path: Path, monkeypa
         built.append(len(self))
         raise AssertionError("a record was built")
 
-    monkeypatch.setattr(fmt._LazyRecords, "records", property(refuse))
-    monkeypatch.setattr(fmt._LazyRecords, "_row", refuse)
+    monkeypatch.setattr(fmt.records._LazyRecords, "records", property(refuse))
+    monkeypatch.setattr(fmt.records._LazyRecords, "_row", refuse)
     monkeypatch.setattr(KeyPaths, "paths", refuse)  # nor a key path per leaf
     with ckptmirror.Mirror([str(tmp_path)]) as mirror:
         result = mirror.restore(model, fresh_opt)

@@ -507,15 +507,15 @@ def _assert_cost_bounds(data: bytes, parse: Callable[[], Any]) -> None:
 def test_memory_budget_refuses_readers_and_writers_alike(tmp_path: Path, monkeypatch) -> None:
     data = _synthetic_manifest(250)
     fmt.parse_rank_manifest(data, "k")
-    monkeypatch.setattr(fmt, "MAX_PARSE_MEMORY", fmt.parse_cost(data) - 1)
+    monkeypatch.setattr(fmt.jsondoc, "MAX_PARSE_MEMORY", fmt.parse_cost(data) - 1)
     with pytest.raises(ManifestError, match="too many JSON values"):
         fmt.parse_rank_manifest(data, "k")
     # A save whose manifest readers would refuse fails, instead of writing an unreadable step.
-    monkeypatch.setattr(fmt, "MAX_PARSE_MEMORY", 1 << 10)
+    monkeypatch.setattr(fmt.jsondoc, "MAX_PARSE_MEMORY", 1 << 10)
     with ckptmirror.Mirror([str(tmp_path)]) as m:
         with pytest.raises(CkptMirrorError, match="too many JSON values"):
             m.save_state(1, {"w": torch.ones(3)}).result(timeout=60)
-        monkeypatch.setattr(fmt, "MAX_PARSE_MEMORY", 512 << 20)
+        monkeypatch.setattr(fmt.jsondoc, "MAX_PARSE_MEMORY", 512 << 20)
         assert m.steps() == []
 
 

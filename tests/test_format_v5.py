@@ -164,7 +164,7 @@ def test_encode_ints_round_trips_and_writes_runs_only_where_they_pay(i: int) -> 
         counts = out["runs"][2::3]
         assert min(counts) >= 1 and sum(counts) == len(col)
     # The reader expands them to the same column.
-    f = fmt._Fields("k", b"", runs=True)
+    f = fmt.jsondoc._Fields("k", b"", runs=True)
     assert f.int_column(out, "c", min(col), max(col), len(col)) == col
 
 
@@ -332,11 +332,11 @@ def test_runs_are_charged_across_columns(monkeypatch: pytest.MonkeyPatch) -> Non
     data = json.dumps(doc).encode()
     m = fmt.parse_rank_manifest(data, KEY)
     # Each leaf column alone would fit; all of them together do not.
-    monkeypatch.setattr(fmt, "MAX_PARSE_MEMORY", fmt.parse_cost(data, 2 * 900))
+    monkeypatch.setattr(fmt.jsondoc, "MAX_PARSE_MEMORY", fmt.parse_cost(data, 2 * 900))
     with pytest.raises(ManifestError, match=r"runs of \d+ items in all") as ei:
         fmt.parse_rank_manifest(data, KEY)
     assert "leaves." in str(ei.value)
-    monkeypatch.setattr(fmt, "MAX_PARSE_MEMORY", 512 << 20)
+    monkeypatch.setattr(fmt.jsondoc, "MAX_PARSE_MEMORY", 512 << 20)
     assert fmt.parse_rank_manifest(data, KEY).leaves == m.leaves
 
 
@@ -355,7 +355,7 @@ def test_near_the_limit_the_writer_drops_runs_and_past_it_refuses(
         assert plain < with_runs, "runs are charged more than the plain ints they stand for"
         # Room for the plain columns, not for the runs: a reader refuses the runs... (midway: the
         # next step's manifest differs by a few bytes, its time and token)
-        monkeypatch.setattr(fmt, "MAX_PARSE_MEMORY", (plain + with_runs) // 2)
+        monkeypatch.setattr(fmt.jsondoc, "MAX_PARSE_MEMORY", (plain + with_runs) // 2)
         with pytest.raises(ManifestError, match=r"runs of \d+ items in all"):
             fmt.parse_rank_manifest(runs_doc, rel)
         # ... so the writer writes plain columns (still version 5), which restore.
@@ -367,10 +367,10 @@ def test_near_the_limit_the_writer_drops_runs_and_past_it_refuses(
         assert got is not None
         assert_identical(got[1], state)
         # Room for neither: the save fails rather than write a step no reader accepts.
-        monkeypatch.setattr(fmt, "MAX_PARSE_MEMORY", plain // 2)
+        monkeypatch.setattr(fmt.jsondoc, "MAX_PARSE_MEMORY", plain // 2)
         with pytest.raises(CkptMirrorError, match=r"too many JSON values for its size"):
             m.save_state(3, state).result(timeout=60)
-        monkeypatch.setattr(fmt, "MAX_PARSE_MEMORY", 512 << 20)
+        monkeypatch.setattr(fmt.jsondoc, "MAX_PARSE_MEMORY", 512 << 20)
         assert m.steps() == [1, 2]
 
 

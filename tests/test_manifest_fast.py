@@ -311,12 +311,12 @@ def test_parsed_columns_are_dropped_with_their_manifest() -> None:
     import gc
 
     gc.collect()  # manifests that earlier tests left in garbage cycles (tracebacks) must not count
-    before = len(fmt._PARSED)
+    before = len(fmt.parse._PARSED)
     m = fmt.parse_rank_manifest(json.dumps(_mixed_doc()).encode(), KEY)
-    assert len(fmt._PARSED) == before + 1
+    assert len(fmt.parse._PARSED) == before + 1
     del m
     gc.collect()
-    assert len(fmt._PARSED) == before
+    assert len(fmt.parse._PARSED) == before
 
 
 def _leaf_edit(i: int, **cols: Any) -> Any:
@@ -487,13 +487,13 @@ def test_leaf_flags_of_one_or_several_values_give_each_leaf_its_own(flags: list[
 def test_short_documents_skip_counting_but_never_exceed_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     # The densest documents parse_cost can see: every byte an object, or a value, non-ASCII text.
     for data in (b"{" * 1000, b"[" * 999 + b"]", b"," * 1000, "é".encode() * 500, b"[" + b"{}," * 333 + b"]"):
-        assert fmt.parse_cost(data) <= len(data) * fmt._MAX_COST_PER_BYTE + fmt._COST_PER_VALUE
+        assert fmt.parse_cost(data) <= len(data) * fmt.jsondoc._MAX_COST_PER_BYTE + fmt.jsondoc._COST_PER_VALUE
     data = _columns_doc()
     cost = fmt.parse_cost(data)
-    monkeypatch.setattr(fmt, "MAX_PARSE_MEMORY", cost)  # below the bound for its length: counted, and fits
-    assert len(data) * fmt._MAX_COST_PER_BYTE > cost
+    monkeypatch.setattr(fmt.jsondoc, "MAX_PARSE_MEMORY", cost)  # below the bound for its length: counted, and fits
+    assert len(data) * fmt.jsondoc._MAX_COST_PER_BYTE > cost
     fmt.parse_rank_manifest(data, KEY)
-    monkeypatch.setattr(fmt, "MAX_PARSE_MEMORY", cost - 1)
+    monkeypatch.setattr(fmt.jsondoc, "MAX_PARSE_MEMORY", cost - 1)
     with pytest.raises(ManifestError, match="too many JSON values"):
         fmt.parse_rank_manifest(data, KEY)
 
@@ -539,10 +539,10 @@ def test_a_large_manifest_leaves_no_young_objects_behind() -> None:
     the collector's next young collection does not walk its records (see format.paused_gc)."""
     import gc
 
-    if not fmt._gc_can_promote:
+    if not fmt.gcpause._gc_can_promote:
         pytest.skip("no constant-time promotion on this interpreter")
     data = _large_manifest()
-    assert len(data) >= fmt._PROMOTE_BYTES
+    assert len(data) >= fmt.parse._PROMOTE_BYTES
     assert gc.isenabled() and gc.get_freeze_count() == 0
     m = fmt.parse_rank_manifest(data, KEY)
     assert gc.get_count()[0] < 1000, gc.get_count()
@@ -568,16 +568,16 @@ def test_a_large_manifest_leaves_no_young_objects_behind() -> None:
 def test_objects_the_process_froze_stay_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
     import gc
 
-    if not fmt._gc_can_promote:
+    if not fmt.gcpause._gc_can_promote:
         pytest.skip("no constant-time promotion on this interpreter")
-    monkeypatch.setattr(fmt, "_gc_can_promote", True)  # restored after: the test turns it off
+    monkeypatch.setattr(fmt.gcpause, "_gc_can_promote", True)  # restored after: the test turns it off
     data = _large_manifest()
     gc.freeze()
     try:
         frozen = gc.get_freeze_count()
         validate_manifest(fmt.parse_rank_manifest(data, KEY), KEY)
         assert gc.get_freeze_count() == frozen and gc.isenabled()
-        assert not fmt._gc_can_promote  # noticed once, then never tried again
+        assert not fmt.gcpause._gc_can_promote  # noticed once, then never tried again
     finally:
         gc.unfreeze()
 

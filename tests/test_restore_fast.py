@@ -334,7 +334,7 @@ def test_objects_verified_ahead_are_read_once_and_always_closed(
 
 
 def test_an_object_verified_ahead_for_a_cuda_target_is_read_again_the_usual_way() -> None:
-    # _host_first guessed host memory, and a storage of the object turned out to be a CUDA
+    # ahead.host_first guessed host memory, and a storage of the object turned out to be a CUDA
     # target's (ptr 0): the mapping is closed and the object read the usual way.
     class Mapping:
         addr, size, closed = 0, 8, False

@@ -22,23 +22,22 @@ import ctypes
 import logging
 import operator
 import threading
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, wait
+from concurrent.futures import Executor, wait
 from dataclasses import dataclass, field
 from itertools import accumulate, compress, islice, repeat
 from typing import Any
 
 import torch
 
-from ..buffers import usable_cpus
 from ..errors import StateMismatchError
 from ..format import OBJECT_SIZE, ObjectRecord, RankManifest, leaf_columns, storage_columns
 from ..replicas.base import Replica
 from ..state.reshard import Piece, StoredShard, copy_piece, plan_pieces
 from ..state.tree import unflatten
+from .ahead import Ahead, Verified, host_first
 from .check import LeafSpec, ManifestCheck, validate_manifest
-from .fetch import Fetcher, Mapped, ObjectPlan
+from .fetch import Fetcher, ObjectPlan
 from .match import StorageTargets, Whole, lookup, match_targets, scatter, storage_targets
 from .undo import BufferFactory, Landing, UndoLog
 
@@ -100,7 +99,7 @@ def fill_step(
     they wait in :attr:`Loaded.landing` until the caller calls :meth:`Loaded.land` (after
     every check that can fail), and need no undo copy. Objects from other replicas land (with
     undo) as before. The verifying starts on the fetcher's pool before the manifest is checked and
-    the targets are matched (:class:`_Ahead`), and runs meanwhile.
+    the targets are matched (:class:`Ahead`), and runs meanwhile.
 
     ``object_plan`` is ``fetcher.preflight(m)``, taken once by the caller when it chose the step.
     ``validate`` receives the state tree with :class:`~ckptmirror.restore.check.LeafSpec` placeholders for the
@@ -114,8 +113,8 @@ def fill_step(
     target tensors' attributes, where memory, not Python, sets the cost (:class:`TargetCols`).
     """
     # Local objects verified on the pool while the manifest is checked and the targets are
-    # matched here (see _Ahead): the objects' records were checked when the manifest was parsed.
-    ahead = _Ahead(fetcher, m, object_plan) if defer and targets is not None and _host_first(targets) else None
+    # matched here (see Ahead): the objects' records were checked when the manifest was parsed.
+    ahead = Ahead(fetcher, m, object_plan) if defer and targets is not None and host_first(targets) else None
     try:
         check = validate_manifest(m, key)
         return _fill_step(
@@ -138,7 +137,7 @@ def _fill_step(
     shards: Callable[[], list[tuple[RankManifest, str]]] | None,
     undo: BufferFactory | None,
     defer: bool,
-    ahead: _Ahead | None,
+    ahead: Ahead | None,
 ) -> Loaded:
     """:func:`fill_step` once the manifest is checked (and its objects are verified ahead)."""
     leaf_targets, wants, values, target_cols, whole = match_targets(m, check, targets, strict_paths)
@@ -181,118 +180,6 @@ def _fill_step(
     return loaded
 
 
-#: What :meth:`Fetcher.verify_mapped` returns: the verified mapping (or None), its replica's URL,
-#: the replicas to read the object from otherwise.
-_Verified = tuple[Mapped | None, str, Sequence[Replica]]
-
-
-class _Ahead:
-    """The objects of a step verified ahead, where they lie (``Fetcher.verify_mapped``), on the
-    fetcher's pool while the main thread checks the manifest and matches the targets.
-
-    Only for restores whose local objects wait in a :class:`Landing` (``defer``): verifying
-    touches no tensor, and mapping and checksumming the objects (~30 ms of a core for 0.26 GB
-    here) and checking the manifest and matching 10k targets (~30 ms of Python) then run side
-    by side, not one after the other.
-    :func:`_read_objects` takes each result once, for the object's own read; :meth:`drop`
-    closes what nobody took (the step failed before its reads, or an object held only
-    resharded storages).
-
-    One lane first, more once the main thread needs the results (:meth:`hurry`): the main
-    thread's checks are the restore's critical path, and on a machine with few cores, every
-    verifying thread beyond one takes CPU time from them (four lanes on two cores left the
-    main thread a fraction of a core). Once the main thread waits for the results, every lane
-    helps finish them.
-
-    No deadlock on the shared pool: the lanes are queued before any read, and they wait for
-    nothing; a read that waits for an object's result waits for a lane that runs or is queued
-    ahead of it.
-    """
-
-    def __init__(self, fetcher: Fetcher, m: RankManifest, plan: ObjectPlan) -> None:
-        self._fetcher = fetcher
-        futures: list[Future[_Verified]] = [Future() for _ in m.objects]
-        self._jobs = deque((f, o.key, o.size, o.checksum, plan[o.key]) for f, o in zip(futures, m.objects))
-        self._futures: list[Future[_Verified] | None] = list(futures)
-        self._lanes = 1
-        self._hurried = False
-        self._lock = threading.Lock()
-        fetcher.pool.submit(self._lane)
-
-    def _lane(self) -> None:
-        """Verify queued objects until none is left (one lane of the pool)."""
-        verify = self._fetcher.verify_mapped
-        while True:
-            try:
-                f, key, size, checksum, cands = self._jobs.popleft()  # atomic: lanes share the deque
-            except IndexError:
-                return
-            if not f.set_running_or_notify_cancel():
-                continue  # dropped: the step failed already
-            try:
-                f.set_result(verify(key, size, checksum, cands))
-            except BaseException as exc:
-                f.set_exception(exc)
-
-    def hurry(self) -> None:
-        """The main thread waits for the results now: every lane the pool and the CPUs allow."""
-        with self._lock:  # (reads may call it from the pool)
-            if self._hurried:
-                return
-            self._hurried = True
-            lanes = min(self._fetcher.pool._max_workers, usable_cpus(), len(self._jobs) + 1)
-            for _ in range(lanes - self._lanes):
-                self._fetcher.pool.submit(self._lane)
-            self._lanes = max(lanes, self._lanes)
-
-    def take(self, j: int) -> _Verified:
-        """Object ``j``'s result (waits for it); raises what verifying it raised."""
-        f = self._futures[j]
-        self._futures[j] = None
-        assert f is not None, "each object's result is taken once"
-        self.hurry()
-        return f.result()
-
-    def drop(self) -> None:
-        """Close the mappings nobody took, after the verifications under way (idempotent)."""
-        futures, self._futures = self._futures, []
-        for f in futures:
-            if f is not None:
-                f.cancel()  # not started yet: never will
-        for f in futures:
-            if f is None or f.cancelled():
-                continue
-            try:
-                mo = f.result()[0]
-            except BaseException:  # the step failed already, or never needed this object
-                continue
-            if mo is not None:
-                mo.close()
-
-
-def _host_first(tree: Any) -> bool:
-    """Whether the first tensor in ``tree`` is in host memory (or there is none): the guess,
-    made before the targets are matched, that verifying objects ahead pays. An object that then
-    meets a CUDA target is read again the usual way (see :func:`_deferred`)."""
-    t = _first_tensor(tree, 0)
-    return t is None or t.device.type == "cpu"
-
-
-def _first_tensor(node: Any, depth: int) -> torch.Tensor | None:
-    if isinstance(node, torch.Tensor):
-        return node
-    if depth > 64 or not isinstance(node, (dict, list, tuple)):
-        return None
-    for v in node.values() if isinstance(node, dict) else node:
-        if isinstance(v, torch.Tensor):
-            return v
-        if isinstance(v, (dict, list, tuple)):
-            t = _first_tensor(v, depth + 1)
-            if t is not None:
-                return t
-    return None
-
-
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -309,7 +196,7 @@ def _fill(
     stored: list[tuple[RankManifest, ManifestCheck, ObjectPlan]],
     pieces: list[Piece],
     loaded: Loaded,
-    ahead: _Ahead | None = None,
+    ahead: Ahead | None = None,
     whole: Sequence[Whole] = (),
 ) -> None:
     """The writing half of :func:`fill_step`: read objects, reshard, build the state tree."""
@@ -424,7 +311,7 @@ def _read_objects(
     plan: ObjectPlan,
     targets: StorageTargets,
     loaded: Loaded,
-    ahead: _Ahead | None = None,
+    ahead: Ahead | None = None,
 ) -> None:
     # Storages with bytes that are read, by offset; the manifest check guarantees they do not
     # overlap, so the storages an object touches are a contiguous run found by bisection.
@@ -535,7 +422,7 @@ def _deferred(
     ptrs: list[int],
     direct: list[bool],
     landing: Landing,
-    verified: _Verified | None = None,
+    verified: Verified | None = None,
 ) -> str | Sequence[Replica]:
     """Verify object ``obj`` (stream bytes ``[lo, hi)``) where it lies and queue its bytes for
     the caller's tensors in ``landing``; returns the replica's URL when done, else the replicas
@@ -545,7 +432,7 @@ def _deferred(
     (fresh lists: they may be changed). Applies when every one is in host memory and at least
     one is the caller's: the bytes for fresh buffers are copied at once (nothing of the
     caller's to protect), those for the caller's tensors wait. ``verified``: the object's
-    :meth:`Fetcher.verify_mapped` result, where it was verified ahead (:class:`_Ahead`); then
+    :meth:`Fetcher.verify_mapped` result, where it was verified ahead (:class:`Ahead`); then
     an object of fresh buffers only is copied out of the verified mapping too.
     """
     if verified is None:
@@ -557,7 +444,7 @@ def _deferred(
     mo, url, rest = verified
     if mo is None:
         return rest
-    if not all(ptrs):  # a CUDA target (the guess of _host_first was wrong): verified again the usual way
+    if not all(ptrs):  # a CUDA target (the guess of host_first was wrong): verified again the usual way
         mo.close()
         return cands
     first = starts[:]  # the part of each storage inside the object: only the ends can be cut
