@@ -468,8 +468,9 @@ def test_placeholders_of_a_parsed_manifest_of_several_dtypes_are_those_of_its_re
 
 
 def test_a_restore_on_one_io_thread_verifies_ahead_and_lands_without_waiting_on_itself(tmp_path: Path) -> None:
-    """One I/O thread: the verifying lane, the reads that wait for its results and the landing's
-    helpers share it (a deadlock would hang: run in a child process with a deadline)."""
+    """One I/O thread: the verifying lane and the reads that wait for its results share it; two:
+    the landing's helper runs on the restore's pool too (a deadlock would hang: run in a child
+    process with a deadline)."""
     import subprocess
     import sys
     import textwrap

@@ -62,12 +62,14 @@ def test_nested_and_concurrent_uses_share_one_change_and_a_callers_own_change_is
 
     t = threading.Thread(target=other)
     t.start()
-    assert inside.wait(10)
-    with brisk_switching():
-        pass
-    assert sys.getswitchinterval() == pytest.approx(RESTORE_SWITCH_INTERVAL), "the other thread is still inside"
-    leave.set()
-    t.join(10)
+    try:
+        assert inside.wait(10)
+        with brisk_switching():
+            pass
+        assert sys.getswitchinterval() == pytest.approx(RESTORE_SWITCH_INTERVAL), "the other thread is still inside"
+    finally:  # (a failure above must not leave the other thread inside for the next tests)
+        leave.set()
+        t.join(10)
     assert sys.getswitchinterval() == pytest.approx(0.005)
     # A caller that sets its own interval meanwhile keeps it; one shorter already is left alone.
     with brisk_switching():
@@ -77,3 +79,11 @@ def test_nested_and_concurrent_uses_share_one_change_and_a_callers_own_change_is
     with brisk_switching():
         assert sys.getswitchinterval() == pytest.approx(0.0001)
     assert sys.getswitchinterval() == pytest.approx(0.0001)
+
+
+def test_an_interval_the_interpreter_rounds_is_put_back_too() -> None:
+    """The interpreter keeps whole microseconds: an interval it rounds is still recognised as
+    ours at the end, and the caller's put back."""
+    with brisk_switching(0.00012345):
+        assert sys.getswitchinterval() < 0.000124
+    assert sys.getswitchinterval() == pytest.approx(0.005)

@@ -80,7 +80,8 @@ class Ahead:
             if self._hurried:
                 return
             self._hurried = True
-            lanes = min(self._fetcher.pool._max_workers, usable_cpus(), len(self._jobs) + 1)
+            # (Lanes beyond the pool's threads queue behind the reads, find nothing left, and end.)
+            lanes = min(usable_cpus(), len(self._jobs) + 1)
             for _ in range(lanes - self._lanes):
                 self._fetcher.pool.submit(self._lane)
             self._lanes = max(lanes, self._lanes)
@@ -113,7 +114,7 @@ class Ahead:
 def host_first(tree: Any) -> bool:
     """Whether the first tensor in ``tree`` is in host memory (or there is none): the guess,
     made before the targets are matched, that verifying objects ahead pays. An object that then
-    meets a CUDA target is read again the usual way (see :func:`_deferred`)."""
+    meets a CUDA target is read again the usual way (see :func:`~ckptmirror.restore.fill._deferred`)."""
     t = _first_tensor(tree, 0)
     return t is None or t.device.type == "cpu"
 

@@ -27,19 +27,24 @@ RESTORE_SWITCH_INTERVAL = 0.0005
 
 _lock = threading.Lock()
 _depth = 0
-_saved: float | None = None
+_saved: float | None = None  # the caller's interval, while ours is in force
+_ours = 0.0  # ours, as the interpreter keeps it (whole microseconds, rounded down)
 
 
 @contextmanager
 def brisk_switching(interval: float = RESTORE_SWITCH_INTERVAL) -> Iterator[None]:
-    """Run the body with the GIL switch interval at most ``interval`` (see the module's doc)."""
-    global _depth, _saved
+    """Run the body with the GIL switch interval at most ``interval`` (see the module's doc).
+
+    The first of overlapping users decides: a nested or concurrent one runs with the interval in
+    force when it came."""
+    global _depth, _saved, _ours
     with _lock:
         if _depth == 0:
             before = sys.getswitchinterval()
             if before > interval:
                 _saved = before
                 sys.setswitchinterval(interval)
+                _ours = sys.getswitchinterval()
             else:
                 _saved = None  # short already: left alone
         _depth += 1
@@ -50,6 +55,6 @@ def brisk_switching(interval: float = RESTORE_SWITCH_INTERVAL) -> Iterator[None]
             _depth -= 1
             if _depth == 0 and _saved is not None:
                 # Put back only our own change: a caller that set another interval meanwhile keeps it.
-                if abs(sys.getswitchinterval() - interval) < 1e-9:
+                if sys.getswitchinterval() == _ours:
                     sys.setswitchinterval(_saved)
                 _saved = None
