@@ -545,3 +545,24 @@ def test_landing_helpers_already_started_are_waited_for_when_a_later_one_cannot_
         with pytest.raises(RuntimeError, match="cannot schedule"):
             _on_helpers(pool, 3, [(slow,), (slow,)], lambda: None)
         assert done.is_set(), "returned while the first helper was still running"  # (before the pool's own wait)
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["landing", "undo-log"])
+def test_a_stored_transposed_tensor_restores_into_a_contiguous_one_by_value(tmp_path: Path, hooked: bool) -> None:
+    """A storage whose leaf is not C-contiguous (stored transposed) must not be read byte for byte
+    into a contiguous target of the same shape: the manifest is not exact, the layout is checked."""
+    src = torch.nn.Module()
+    src.register_buffer("t", torch.arange(35.0).reshape(5, 7).t())  # (7, 5), strides (1, 7)
+    src.register_buffer("s", torch.arange(66.0)[::2])  # strided
+    with Mirror([str(tmp_path)]) as m:
+        m.save(1, src).result(timeout=60)
+    dst = torch.nn.Module()
+    dst.register_buffer("t", torch.zeros(7, 5))  # contiguous
+    dst.register_buffer("s", torch.zeros(33))
+    if hooked:
+        dst.register_load_state_dict_post_hook(lambda module, keys: None)
+    ptr = dst.t.data_ptr()
+    with Mirror([str(tmp_path)]) as m:
+        m.restore(dst)
+    assert torch.equal(dst.t, src.t) and torch.equal(dst.s, src.s)
+    assert dst.t.data_ptr() == ptr and dst.t.is_contiguous()
