@@ -80,7 +80,7 @@ class Ahead:
             if self._hurried:
                 return
             self._hurried = True
-            # (Lanes beyond the pool's threads queue behind the reads, find nothing left, and end.)
+            # (Lanes beyond the pool's threads wait in its queue, find nothing left when they start, and end.)
             lanes = min(usable_cpus(), len(self._jobs) + 1)
             for _ in range(lanes - self._lanes):
                 self._fetcher.pool.submit(self._lane)
