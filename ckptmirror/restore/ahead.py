@@ -33,16 +33,16 @@ class Ahead:
     Only for restores whose local objects wait in a :class:`Landing` (``defer``): verifying
     touches no tensor, and mapping and checksumming the objects (~30 ms of a core for 0.26 GB
     here) and checking the manifest and matching 10k targets (~30 ms of Python) then run side
-    by side, not one after the other.
-    :func:`~ckptmirror.restore.fill._read_objects` takes each result once, for the object's own read; :meth:`drop`
-    closes what nobody took (the step failed before its reads, or an object held only
-    resharded storages).
+    by side, not one after the other. :func:`~ckptmirror.restore.fill._read_objects` takes
+    each result once, for the object's own read; :meth:`drop` closes what nobody took (the
+    step failed before its reads, or an object held only resharded storages).
 
     One lane first, more once the main thread needs the results (:meth:`hurry`): the main
-    thread's checks are the restore's critical path, and on a machine with few cores, every
-    verifying thread beyond one takes CPU time from them (four lanes on two cores left the
-    main thread a fraction of a core). Once the main thread waits for the results, every lane
-    helps finish them.
+    thread's checks are the restore's critical path, and every verifying thread beyond the
+    first competes with them for the CPUs and the GIL. Measured in-process on 2 cores against
+    one thread per object from the start (12 alternating rounds, medians): 10k tensors
+    112 -> 106 ms, 50k 360 -> 336 ms, 1k 55 -> 58 ms (noisy). Once the main thread waits for
+    the results, every lane helps finish them.
 
     No deadlock on the shared pool: the lanes are queued before any read, and they wait for
     nothing; a read that waits for an object's result waits for a lane that runs or is queued
