@@ -26,9 +26,8 @@ import torch
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask: a container's cpuset, ``taskset``).
 
-    Copying and hashing threads beyond this number only take CPU time from each other and from
-    the training thread (measured on 2 cores: four verifying threads left the restoring thread a
-    fraction of a core)."""
+    Copying and hashing threads beyond this number cannot run at once: they only take CPU time
+    from each other and from the calling thread (and each start of one waits for the GIL)."""
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return os.cpu_count() or 1
