@@ -54,7 +54,6 @@ class Ahead:
         futures: list[Future[Verified]] = [Future() for _ in m.objects]
         self._jobs = deque((f, o.key, o.size, o.checksum, plan[o.key]) for f, o in zip(futures, m.objects))
         self._futures: list[Future[Verified] | None] = list(futures)
-        self._lanes = 1
         self._hurried = False
         self._lock = threading.Lock()
         fetcher.pool.submit(self._lane)
@@ -80,11 +79,10 @@ class Ahead:
             if self._hurried:
                 return
             self._hurried = True
-            # (Lanes beyond the pool's threads wait in its queue, find nothing left when they start, and end.)
-            lanes = min(usable_cpus(), len(self._jobs) + 1)
-            for _ in range(lanes - self._lanes):
+            # One lane runs already. (Lanes beyond the pool's threads wait in its queue, find
+            # nothing left when they start, and end.)
+            for _ in range(min(usable_cpus(), len(self._jobs) + 1) - 1):
                 self._fetcher.pool.submit(self._lane)
-            self._lanes = max(lanes, self._lanes)
 
     def take(self, j: int) -> Verified:
         """Object ``j``'s result (waits for it); raises what verifying it raised."""

@@ -306,18 +306,20 @@ def _on_helpers(pool: Executor | None, threads: int, helpers: list[tuple[Any, ..
     first error. Waiting for all of them also when one raised: the caller closes the
     descriptors next, and a helper still writing into the tensors after an error would race
     whatever the caller does about it."""
-    own_pool = pool is None and bool(helpers)
-    ex = ThreadPoolExecutor(max(1, threads - 1), thread_name_prefix="ckptmirror-land") if own_pool else pool
+    started = None
+    if pool is None and helpers:
+        started = ThreadPoolExecutor(max(1, threads - 1), thread_name_prefix="ckptmirror-land")
+    ex = pool or started
     futures: list[Future[Any]] = []
     try:
         for h in helpers:  # (appended one by one: those submitted before a failing submit are waited for)
-            assert ex is not None
+            assert ex is not None  # (helpers: a pool given, or started above)
             futures.append(ex.submit(*h))
         own()
     finally:
         wait(futures)
-        if own_pool and ex is not None:
-            ex.shutdown(wait=True)
+        if started is not None:
+            started.shutdown(wait=True)
     for fut in futures:
         fut.result()
 
