@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -345,7 +346,8 @@ def test_an_object_verified_ahead_for_a_cuda_target_is_read_again_the_usual_way(
     mo, cands = Mapping(), ["replica"]
     obj = fill.ObjectRecord("step-000000000001/rank-00000/o000000-00000000.bin", 8, "xxh3_64:" + "0" * 16)
     landing = Landing()
-    got = fill._deferred(None, obj, cands, 0, 8, [0], [8], [0], [True], landing, (mo, "url", []))  # type: ignore[arg-type]
+    cols = fill._Cols(np.array([0]), np.array([8]), np.array([0]), np.array([True]))
+    got = fill._deferred(None, obj, cands, 0, 8, cols, landing, (mo, "url", []))  # type: ignore[arg-type]
     assert got is cands and mo.closed and landing.nbytes == 0
 
 

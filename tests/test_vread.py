@@ -329,7 +329,7 @@ def test_restore_reports_an_object_cut_short_between_verifying_and_landing(tmp_p
     cut: list[str] = []
 
     def land_after_cutting(self: Landing, threads: int = 2, pool: Any = None) -> None:
-        for source, _, _ in self._spans:
+        for source, *_ in self._spans:
             if not cut:
                 cut.append(source.key)  # type: ignore[attr-defined]
                 os.truncate(source.path, 10)  # type: ignore[attr-defined]
