@@ -87,12 +87,13 @@ class KeyPaths:
     Full paths are built only where asked (:meth:`path`, :attr:`ManifestCheck.paths`).
     """
 
-    __slots__ = ("lasts", "order", "parents")
+    __slots__ = ("_cuts", "lasts", "order", "parents")
 
     def __init__(self) -> None:
         self.order: list[int] = []
         self.parents: list[tuple[Any, ...] | None] = []
         self.lasts: list[Any] = []
+        self._cuts: list[int] = [0]  # cuts of the first _cuts[-1] entries (entries are only appended)
 
     def __len__(self) -> int:
         return len(self.order)
@@ -133,8 +134,10 @@ class KeyPaths:
         n = len(self.order)
         if not n:
             return [0]
-        ps = self.parents
-        return [0, *compress(range(1, n), map(operator.is_not, ps[1:], ps)), n]
+        if self._cuts[-1] != n:  # computed once per length: restore asks for them twice (~4 ms at 50k)
+            ps = self.parents
+            self._cuts = [0, *compress(range(1, n), map(operator.is_not, ps[1:], ps)), n]
+        return list(self._cuts)
 
     def runs(self) -> Iterator[tuple[tuple[Any, ...] | None, int, int]]:
         """(parent path, start, end) of each run of siblings."""

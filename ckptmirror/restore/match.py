@@ -213,9 +213,10 @@ def match_targets(
             il, tl = list(map(idx.__getitem__, sel)), list(map(ts.__getitem__, sel))
         lc = leaf_columns(m)
         every = il == list(range(len(lc)))
-        if all(map(operator.eq, lc.kinds if every else map(lc.kinds.__getitem__, il), repeat("tensor"))):
+        if (lc.kinds.count("tensor") == len(lc)) if every else all(map("tensor".__eq__, map(lc.kinds.__getitem__, il))):
             tcols = TargetCols(tl)  # everything restore reads of the targets, while they are in cache
-            if all(map(operator.eq, tcols.shapes, lc.shapes if every else map(lc.shapes.__getitem__, il))):
+            # (list equality: one C loop, each torch.Size compared with its stored tuple)
+            if tcols.shapes == (lc.shapes if every else list(map(lc.shapes.__getitem__, il))):
                 if problems:
                     _mismatch(m, problems, hints)
                 return dict(zip(il, tl)), wants, values, tcols, whole
