@@ -625,3 +625,45 @@ def test_key_path_cuts_are_computed_again_after_entries_are_added() -> None:
     assert keys.cuts == [0, 2, 3]
     keys.cuts.append(99)  # the caller's copy
     assert keys.cuts == [0, 2, 3] and [p for p, _, _ in keys.runs()] == [("a",), ("b",)]
+
+
+def test_the_read_plan_matches_a_storage_by_storage_reference() -> None:
+    """_read_plan (array operations) against a plain loop: storages listed in or out of stream
+    order, some empty, some not read; objects of random sizes, some holding no storage read."""
+    import random
+
+    from ckptmirror.restore.match import StorageTargets
+
+    rng = random.Random(7)
+    for case in range(300):
+        n = rng.randrange(0, 12)
+        sizes = [rng.choice((0, 1, 3, 8, 40)) for _ in range(n)]
+        starts, at = [], 0
+        for sz in sizes:
+            at += rng.choice((0, 0, 5))  # gaps between storages (other storages' bytes, padding)
+            starts.append(at)
+            at += sz
+        listed = list(range(n))
+        if case % 2:
+            rng.shuffle(listed)  # storages listed out of stream order
+        offsets, nbytes = [starts[i] for i in listed], [sizes[i] for i in listed]
+        targets = StorageTargets(n)
+        targets.read = [rng.random() < 0.7 for _ in range(n)]
+        targets.is_direct = [rng.random() < 0.5 for _ in range(n)]
+        targets.ptr = [rng.randrange(1 << 40) for _ in range(n)]
+        inner = sorted(rng.sample(range(1, at), min(4, at - 1))) if at > 1 else []
+        cuts = [0, *inner, at] if at else [0]
+        cols, order, wanted = fill._read_plan(offsets, nbytes, targets, cuts)
+        ref = sorted((s for s in range(n) if targets.read[s] and nbytes[s]), key=lambda s: offsets[s])
+        got_order = list(range(n)) if order is None else order.tolist()
+        assert got_order == ref, case
+        assert cols.starts.tolist() == [offsets[s] for s in ref]
+        assert cols.ends.tolist() == [offsets[s] + nbytes[s] for s in ref]
+        assert cols.ptrs.tolist() == [targets.ptr[s] for s in ref]
+        assert cols.direct.tolist() == [targets.is_direct[s] for s in ref]
+        want = [
+            j
+            for j in range(len(cuts) - 1)
+            if any(offsets[s] < cuts[j + 1] and offsets[s] + nbytes[s] > cuts[j] for s in ref)
+        ]
+        assert wanted == want, case
