@@ -570,38 +570,48 @@ def test_a_stored_transposed_tensor_restores_into_a_contiguous_one_by_value(tmp_
     assert dst.t.data_ptr() == ptr and dst.t.is_contiguous()
 
 
-def test_storage_targets_decides_on_its_short_path_as_on_the_general_one(tmp_path: Path) -> None:
+def test_storage_targets_decides_on_its_short_path_as_on_the_general_one(tmp_path: Path, monkeypatch: Any) -> None:
     """Where every leaf fills its own storage and the manifest proved the layout, storage_targets
     checks the targets in two C-level scans (dtypes, host addresses). Its decisions must be those
     of the general path (``exact=False`` takes it): every storage straight into its tensor, and
-    a target of another dtype or a non-contiguous one gets a fresh buffer."""
+    a target of another dtype or a non-contiguous one gets a fresh buffer. A manifest that is
+    not exact (a stored transposed tensor) never takes the short path."""
+    from ckptmirror.restore import match
     from ckptmirror.restore.check import validate_manifest
-    from ckptmirror.restore.match import match_targets, storage_targets
 
-    def module(seed: int) -> torch.nn.Module:
+    general = []  # calls of the general path's scatter (the short path makes none)
+    real_scatter = match.scatter
+    monkeypatch.setattr(match, "scatter", lambda *a: (general.append(1), real_scatter(*a))[1])
+
+    def module(seed: int, transposed: bool = False) -> torch.nn.Module:
         g = torch.Generator().manual_seed(seed)
         mod = torch.nn.Module()
         for i in range(12):
             t = torch.randn((3 + i % 4, 2), generator=g)
             mod.register_parameter(f"p{i}", torch.nn.Parameter(t if i % 3 else t.to(torch.bfloat16)))
         mod.register_buffer("steps", torch.arange(5))
+        if transposed:
+            mod.register_buffer("t", torch.randn(5, 7, generator=g).t())
         return mod
 
-    with Mirror([str(tmp_path)]) as m:
-        m.save(1, module(0)).result(timeout=60)
-    mf, key = _manifest(tmp_path, 1)
-    check = validate_manifest(mf, key)
-    assert check.exact
-
-    def decide(sd: dict[str, Any], exact: bool) -> tuple[list[Any], ...]:
-        leaf_targets, _, _, cols, _ = match_targets(mf, check, {"model": sd, "optim": None}, [("model",)])
-        out = storage_targets(mf, leaf_targets, check.dtypes, check.esizes, set(), cols, exact)
+    def decide(step: int, sd: dict[str, Any], exact: bool | None = None) -> tuple[list[Any], ...]:
+        mf, key = _manifest(tmp_path, step)
+        check = validate_manifest(mf, key)
+        leaf_targets, _, _, cols, _ = match.match_targets(mf, check, {"model": sd, "optim": None}, [("model",)])
+        general.clear()
+        out = match.storage_targets(
+            mf, leaf_targets, check.dtypes, check.esizes, set(), cols, check.exact if exact is None else exact
+        )
         ptrs = [p if d else None for p, d in zip(out.ptr, out.is_direct)]
         return list(out.read), list(out.is_direct), ptrs, [d is None for d in out.dest]
 
+    with Mirror([str(tmp_path)]) as m:
+        m.save(1, module(0)).result(timeout=60)
+        m.save(2, module(0, transposed=True)).result(timeout=60)
     plain = dict(module(1).state_dict(keep_vars=True))
-    short = decide(plain, True)
-    assert short == decide(plain, False) and all(short[1])
+    short = decide(1, plain)
+    assert not general, "the short path was not taken"
+    assert short == decide(1, plain, exact=False) and general and all(short[1])
     assert short[2] == [t.data_ptr() for t in plain.values()]  # (the stored order is the module's)
     for name, change in (
         ("another dtype", lambda t: t.detach().double()),
@@ -609,9 +619,14 @@ def test_storage_targets_decides_on_its_short_path_as_on_the_general_one(tmp_pat
     ):
         other = dict(plain)
         other["p4"] = change(other["p4"])
-        got = decide(other, True)
-        assert got == decide(other, False), name
+        got = decide(1, other)
+        assert got == decide(1, other, exact=False), name
         assert got[1].count(False) == 1 and not got[3][list(plain).index("p4")], name  # p4 alone: a fresh buffer
+    # Stored transposed: its storage is not filled straight into the (contiguous) target.
+    with_t = dict(module(1, transposed=True).state_dict(keep_vars=True))
+    got = decide(2, with_t)
+    assert general, "a manifest that is not exact took the short path"
+    assert got[1] == [k != "t" for k in with_t], got[1]
 
 
 def test_key_path_cuts_are_computed_again_after_entries_are_added() -> None:
@@ -623,7 +638,7 @@ def test_key_path_cuts_are_computed_again_after_entries_are_added() -> None:
     assert keys.cuts == [0, 2]
     keys.add(2, ("b", "z"))
     assert keys.cuts == [0, 2, 3]
-    keys.cuts.append(99)  # the caller's copy
+    keys.cuts.insert(1, 1)  # the caller's copy (its last entry unchanged: the cache would not notice)
     assert keys.cuts == [0, 2, 3] and [p for p, _, _ in keys.runs()] == [("a",), ("b",)]
 
 

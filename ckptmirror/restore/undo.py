@@ -184,8 +184,8 @@ class Landing:
 
     def add_columns(self, source: _Closable, dst: _Ints, src: _Ints, nbytes: _Ints) -> None:
         """Like :meth:`add`, the copies given as columns (sequences or arrays of ints):
-        ``nbytes[i]`` bytes from ``src[i]`` to ``dst[i]``."""
-        d, s, n = (np.asarray(c, dtype=np.int64) for c in (dst, src, nbytes))
+        ``nbytes[i]`` bytes from ``src[i]`` to ``dst[i]``. Copied: the caller may reuse its arrays."""
+        d, s, n = (np.array(c, dtype=np.int64) for c in (dst, src, nbytes))
         with self._lock:
             self._keep.append(source)
             self._spans.append((source, d, s, n))
