@@ -1,15 +1,17 @@
 #!/usr/bin/env python
 """Where one restore's time goes, stage by stage (wall clock on the calling thread).
 
-    python benchmarks/restore_stages.py --tensors 50000 --gb 0.26 --repeats 7
+    python benchmarks/restore_stages.py --tensors 50000 --gb 0.3 --repeats 7
 
-Builds the module of ``bench_restore.py`` (``--tensors`` parameters, every fourth bf16, ``--gb``
-in all), saves it once to a local replica and restores it ``--repeats`` times into a fresh
-module (after one warm-up), page cache warm. Each stage is a function of the restore path,
-wrapped with a timer: the medians per restore are printed, stages nested in others included in
-both (``match_targets`` holds ``_gather`` and ``TargetCols``; ``fill_step`` holds the checks,
-the match and the reads; ``load_newest`` holds ``fill_step`` and reading the manifest).
-``_deferred`` runs on the pool's threads: its figure is the sum over them, CPU not wall clock.
+Builds the module of ``bench_restore.py`` (``--tensors`` parameters, every fourth bf16;
+``--gb`` counts them all at fp32 sizes, as there: ``--gb 0.3`` is a 0.26 GB state), saves it
+once to a local replica and restores it ``--repeats`` times into a fresh module (after one
+warm-up), page cache warm. Each stage is a function of the restore path, wrapped with a timer:
+the medians per restore are printed, stages nested in others included in both
+(``match_targets`` holds ``_gather`` and ``TargetCols``; ``fill_step`` holds the checks, the
+match and the reads; ``load_newest`` holds ``fill_step`` and reading the manifest).
+``_deferred`` runs on the pool's threads: its figure is their wall time summed per restore
+(GIL waits included), not the calling thread's.
 A profiling aid for one machine state, not a contender: compare stages within one run.
 """
 
@@ -66,7 +68,7 @@ def instrument() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tensors", type=int, default=50000)
-    ap.add_argument("--gb", type=float, default=0.26)
+    ap.add_argument("--gb", type=float, default=0.3)
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     src, fresh = build(args.tensors, args.gb, 0), build(args.tensors, args.gb, 1)
@@ -79,10 +81,11 @@ def main() -> None:
             t0 = time.perf_counter()
             m.restore(fresh)
             T["TOTAL"].append(time.perf_counter() - t0)
-    print(f"{args.tensors} tensors, {args.gb} GB, medians of {args.repeats} restores (ms):")
+    nbytes = sum(p.numel() * p.element_size() for p in src.parameters())
+    print(f"{args.tensors} tensors, {nbytes / 1e9:.2f} GB, medians of {args.repeats} restores (ms):")
     for k, v in T.items():
         if k == "_deferred":
-            print(f"  {k:30s} {sum(v) / args.repeats * 1e3:8.1f}  (CPU on the pool, summed per restore)")
+            print(f"  {k:30s} {sum(v) / args.repeats * 1e3:8.1f}  (pool threads' wall time, summed per restore)")
         else:
             print(f"  {k:30s} {statistics.median(v) * 1e3:8.1f}")
 

@@ -622,8 +622,10 @@ def test_storage_targets_decides_on_its_short_path_as_on_the_general_one(tmp_pat
         got = decide(1, other)
         assert got == decide(1, other, exact=False), name
         assert got[1].count(False) == 1 and not got[3][list(plain).index("p4")], name  # p4 alone: a fresh buffer
-    # Stored transposed: its storage is not filled straight into the (contiguous) target.
+    # Stored transposed: its storage is not filled straight into a contiguous target (its
+    # address is known, so only the manifest's layout can keep it off the short path).
     with_t = dict(module(1, transposed=True).state_dict(keep_vars=True))
+    with_t["t"] = with_t["t"].contiguous()
     got = decide(2, with_t)
     assert general, "a manifest that is not exact took the short path"
     assert got[1] == [k != "t" for k in with_t], got[1]
@@ -682,3 +684,23 @@ def test_the_read_plan_matches_a_storage_by_storage_reference() -> None:
             if any(offsets[s] < cuts[j + 1] and offsets[s] + nbytes[s] > cuts[j] for s in ref)
         ]
         assert wanted == want, case
+
+
+def test_landing_copies_the_columns_it_is_given() -> None:
+    """A caller may reuse its arrays after add_columns: what lands is what was added."""
+
+    class Source:
+        def close(self) -> None:
+            pass
+
+    src = torch.arange(8, dtype=torch.uint8)
+    dst = torch.zeros(8, dtype=torch.uint8)
+    d = np.array([dst.data_ptr()], dtype=np.int64)
+    s_ = np.array([src.data_ptr()], dtype=np.int64)
+    n = np.array([8], dtype=np.int64)
+    landing = Landing()
+    landing.add_columns(Source(), d, s_, n)
+    n[0] = 2  # reused by the caller
+    d[0] += 4
+    landing.land()
+    assert dst.tolist() == list(range(8))
