@@ -52,8 +52,13 @@ def instrument() -> None:
     choose = importlib.import_module("ckptmirror.restore.choose")
     mirror = importlib.import_module("ckptmirror.mirror")
     undo = importlib.import_module("ckptmirror.restore.undo")
-    for name in ("validate_manifest", "match_targets", "storage_targets", "_read_objects", "_deferred"):
+    try:
+        reads = importlib.import_module("ckptmirror.restore.reads")
+    except ImportError:  # an older tree: the reads were part of fill
+        reads = fill
+    for name in ("validate_manifest", "match_targets", "storage_targets", "_read_objects"):
         setattr(fill, name, timed(name, getattr(fill, name)))
+    reads._deferred = timed("_deferred", reads._deferred)
     for name in ("_build_leaves", "_state_tree"):
         setattr(fill, name, timed(name, getattr(fill, name)))
     match._gather = timed("_gather", match._gather)

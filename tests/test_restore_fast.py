@@ -14,7 +14,7 @@ import torch
 
 from ckptmirror import Mirror, NoValidCheckpointError, StateMismatchError
 from ckptmirror.format import parse_commit, parse_rank_manifest
-from ckptmirror.restore import fill
+from ckptmirror.restore import fill, reads
 from ckptmirror.restore.undo import Landing, UndoLog
 
 OBJ = 16 << 10  # objects of many small tensors each, and tensors that span several objects
@@ -344,10 +344,10 @@ def test_an_object_verified_ahead_for_a_cuda_target_is_read_again_the_usual_way(
             self.closed = True
 
     mo, cands = Mapping(), ["replica"]
-    obj = fill.ObjectRecord("step-000000000001/rank-00000/o000000-00000000.bin", 8, "xxh3_64:" + "0" * 16)
+    obj = reads.ObjectRecord("step-000000000001/rank-00000/o000000-00000000.bin", 8, "xxh3_64:" + "0" * 16)
     landing = Landing()
-    cols = fill._Cols(np.array([0]), np.array([8]), np.array([0]), np.array([True]))
-    got = fill._deferred(None, obj, cands, 0, 8, cols, landing, (mo, "url", []))  # type: ignore[arg-type]
+    cols = reads._Cols(np.array([0]), np.array([8]), np.array([0]), np.array([True]))
+    got = reads._deferred(None, obj, cands, 0, 8, cols, landing, (mo, "url", []))  # type: ignore[arg-type]
     assert got is cands and mo.closed and landing.nbytes == 0
 
 
@@ -670,7 +670,7 @@ def test_the_read_plan_matches_a_storage_by_storage_reference() -> None:
         targets.ptr = [rng.randrange(1 << 40) for _ in range(n)]
         inner = sorted(rng.sample(range(1, at), min(4, at - 1))) if at > 1 else []
         cuts = [0, *inner, at] if at else [0]
-        cols, order, wanted = fill._read_plan(offsets, nbytes, targets, cuts)
+        cols, order, wanted = reads._read_plan(offsets, nbytes, targets, cuts)
         ref = sorted((s for s in range(n) if targets.read[s] and nbytes[s]), key=lambda s: offsets[s])
         got_order = list(range(n)) if order is None else order.tolist()
         assert got_order == ref, case

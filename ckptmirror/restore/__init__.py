@@ -7,6 +7,6 @@
 4. :mod:`~ckptmirror.restore.check`: validate a manifest before any tensor is touched.
 5. :mod:`~ckptmirror.restore.match`: match the stored leaves to the caller's tensors, and
    decide where each storage's bytes land.
-6. :mod:`~ckptmirror.restore.fill`: read the objects and fill the caller's tensors in place
-   (:mod:`~ckptmirror.restore.undo`: all or nothing).
+6. :mod:`~ckptmirror.restore.fill`: read the objects (:mod:`~ckptmirror.restore.reads`) and
+   fill the caller's tensors in place (:mod:`~ckptmirror.restore.undo`: all or nothing).
 """

@@ -33,7 +33,7 @@ class Ahead:
     Only for restores whose local objects wait in a :class:`Landing` (``defer``): verifying
     touches no tensor, and mapping and checksumming the objects (~30 ms of a core for 0.26 GB
     here) and checking the manifest and matching 10k targets (~30 ms of Python) then run side
-    by side, not one after the other. :func:`~ckptmirror.restore.fill._read_objects` takes
+    by side, not one after the other. :func:`~ckptmirror.restore.reads._read_objects` takes
     each result once, for the object's own read; :meth:`drop` closes what nobody took (the
     step failed before its reads, or an object held only resharded storages).
 
@@ -112,7 +112,7 @@ class Ahead:
 def host_first(tree: Any) -> bool:
     """Whether the first tensor in ``tree`` is in host memory (or there is none): the guess,
     made before the targets are matched, that verifying objects ahead pays. An object that then
-    meets a CUDA target is read again the usual way (see :func:`~ckptmirror.restore.fill._deferred`)."""
+    meets a CUDA target is read again the usual way (see :func:`~ckptmirror.restore.reads._deferred`)."""
     t = _first_tensor(tree, 0)
     return t is None or t.device.type == "cpu"
 
