@@ -18,6 +18,7 @@ the commit record started and ended.
     python benchmarks/bench_durable.py --gb 0.3,1.2 --rounds 5
     python benchmarks/bench_durable.py --gb 0.3 --rounds 3 --trace
     python benchmarks/bench_durable.py --gb 0.3 --drop-cache   # storage option drop_cache=True
+    python benchmarks/bench_durable.py --gb 3 --direct-io      # + the same save with direct_io=True
 """
 
 from __future__ import annotations
@@ -166,14 +167,24 @@ def run_size(gb: float, args: argparse.Namespace, tracer: Tracer | None) -> dict
     if args.drop_cache:
         opts["drop_cache"] = True
     m = ckptmirror.Mirror([os.path.join(workdir, "ckpt")], keep_last=None, storage_options={"file": opts})
+    # --direct-io: a third contender, the same save with the direct_io option, in the same rounds
+    mirrors = {"cm": m}
+    if args.direct_io:
+        mirrors["cmd"] = ckptmirror.Mirror(
+            [os.path.join(workdir, "ckpt-direct")],
+            keep_last=None,
+            storage_options={"file": {**opts, "direct_io": True}},
+        )
     rows = []
     try:
         holder = _Holder(state)
         target = _Holder({k: torch.zeros_like(v) for k, v in state.items()}) if args.restore else holder
-        m.reserve(holder)
+        for mm in mirrors.values():
+            mm.reserve(holder)
+        who_all = ["raw", *mirrors]
         for r in range(args.rounds + 1):
             rec: dict[str, Any] = {}
-            order = ("raw", "cm") if r % 2 == 0 else ("cm", "raw")
+            order = who_all[r % len(who_all) :] + who_all[: r % len(who_all)]  # each goes first in turn
             for who in order:
                 os.sync()
                 if who == "raw":
@@ -181,41 +192,59 @@ def run_size(gb: float, args: argparse.Namespace, tracer: Tracer | None) -> dict
                     rec["raw"] = raw_write(arena, path)
                     os.unlink(path)
                 else:
-                    if tracer is not None:
+                    mm = mirrors[who]
+                    if tracer is not None and who == "cm":
                         tracer.start()
                     t0 = time.perf_counter()
-                    h = m.save(r, holder)
-                    rec["stall"] = time.perf_counter() - t0
+                    h = mm.save(r, holder)
+                    rec[f"stall_{who}"] = time.perf_counter() - t0
                     h.result()
-                    rec["cm"] = time.perf_counter() - t0
-                    if tracer is not None:
+                    rec[who] = time.perf_counter() - t0
+                    if tracer is not None and who == "cm":
                         rec["trace"] = summarize(tracer.stop(), rec["cm"])
                     if args.restore:  # right after the save, as a job restarted at once would
                         t1 = time.perf_counter()
-                        m.restore(target, step=r)
-                        rec["restore"] = time.perf_counter() - t1
-                    m.delete(r, force=True)  # untimed: keep the disk from filling
+                        mm.restore(target, step=r)
+                        rec[f"restore_{who}"] = time.perf_counter() - t1
+                    mm.delete(r, force=True)  # untimed: keep the disk from filling
             rec["ratio"] = rec["cm"] / rec["raw"]
+            if "cmd" in rec:
+                rec["ratio_direct"] = rec["cmd"] / rec["raw"]
             log(
                 f"{gb} GB round {r}{' (warm-up)' if r == 0 else ''}: ckptmirror {rec['cm']:.3f}s "
-                f"(stall {rec['stall']:.3f}s), raw {rec['raw']:.3f}s, ratio {rec['ratio']:.2f}x"
-                + (f", restore {rec['restore']:.3f}s" if "restore" in rec else "")
+                f"(stall {rec['stall_cm']:.3f}s), raw {rec['raw']:.3f}s, ratio {rec['ratio']:.2f}x"
+                + (f", restore {rec['restore_cm']:.3f}s" if "restore_cm" in rec else "")
+                + (
+                    f"; direct_io {rec['cmd']:.3f}s (stall {rec['stall_cmd']:.3f}s), ratio {rec['ratio_direct']:.2f}x"
+                    + (f", restore {rec['restore_cmd']:.3f}s" if "restore_cmd" in rec else "")
+                    if "cmd" in rec
+                    else ""
+                )
             )
             if "trace" in rec:
                 print(rec["trace"], file=sys.stderr)
             rows.append(rec)
     finally:
-        m.close()
+        for mm in mirrors.values():
+            mm.close()
         shutil.rmtree(workdir, ignore_errors=True)
     steady = rows[1:] or rows
-    return {
+    out: dict[str, Any] = {
         "gb": real / GB,
         "cm": statistics.median(x["cm"] for x in steady),
         "raw": statistics.median(x["raw"] for x in steady),
         "ratio": statistics.median(x["ratio"] for x in steady),
         "ratios": [round(x["ratio"], 2) for x in steady],
-        "restore": statistics.median(x["restore"] for x in steady) if args.restore else None,
+        "restore": statistics.median(x["restore_cm"] for x in steady) if args.restore else None,
     }
+    if args.direct_io:
+        out["direct"] = {
+            "cm": statistics.median(x["cmd"] for x in steady),
+            "ratio": statistics.median(x["ratio_direct"] for x in steady),
+            "ratios": [round(x["ratio_direct"], 2) for x in steady],
+            "restore": statistics.median(x["restore_cmd"] for x in steady) if args.restore else None,
+        }
+    return out
 
 
 def main() -> int:
@@ -226,6 +255,9 @@ def main() -> int:
     p.add_argument("--dir", default=os.path.join(os.getcwd(), "bench-out"), help="target directory")
     p.add_argument("--trace", action="store_true", help="print where each save's time goes")
     p.add_argument("--drop-cache", action="store_true", help="local replica option drop_cache=True")
+    p.add_argument(
+        "--direct-io", action="store_true", help="add a contender: the same save with direct_io=True (O_DIRECT)"
+    )
     p.add_argument("--restore", action="store_true", help="also time a restore of each step right after its save")
     args = p.parse_args()
     os.makedirs(args.dir, exist_ok=True)
@@ -242,6 +274,13 @@ def main() -> int:
     for o in out:
         rs = "n/a" if o["restore"] is None else f"{o['restore']:.3f}"
         print(f"| {o['gb']:.2f} | {o['cm']:.3f} | {o['raw']:.3f} | **{o['ratio']:.2f}x** | {o['ratios']} | {rs} |")
+        d = o.get("direct")
+        if d is not None:
+            rs = "n/a" if d["restore"] is None else f"{d['restore']:.3f}"
+            print(
+                f"| {o['gb']:.2f}, direct_io | {d['cm']:.3f} | {o['raw']:.3f} | **{d['ratio']:.2f}x** "
+                f"| {d['ratios']} | {rs} |"
+            )
     return 0
 
 

@@ -39,6 +39,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -51,6 +52,10 @@ BATCH = 16
 
 # Contender subprocesses, in run order. "reference" produces two rows (memcpy floor, raw write+fsync).
 CONTENDERS = ["reference", "torch.save+fsync", "dcp.save", "dcp.async_save", "ckptmirror"]
+
+
+#: The slowdown run's third contender: ckptmirror with the local replica's direct_io option.
+DIRECT = "ckptmirror direct_io"
 
 
 def log(msg: str) -> None:
@@ -489,12 +494,11 @@ def part_limits(nbytes: int, workdir: str, object_bytes: int = 64 << 20) -> dict
             times.append(time.thread_time() - c0)
         return min(times) / (nbytes / GB)
 
-    def write() -> None:
-        view = src.data
+    def write(flags: int = 0, view: memoryview = src.data) -> None:
         paths = []
         for i, lo in enumerate(range(0, nbytes, object_bytes)):
             paths.append(os.path.join(workdir, f"limit-{i}"))
-            fd = os.open(paths[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(paths[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flags, 0o644)
             part, done = view[lo : lo + object_bytes], 0
             while done < len(part):
                 done += os.write(fd, part[done:])
@@ -508,7 +512,25 @@ def part_limits(nbytes: int, workdir: str, object_bytes: int = 64 << 20) -> dict
         "memcpy": best(lambda: np.copyto(dst, src)),
         "xxh3": best(lambda: xxhash.xxh3_64_intdigest(dst.data)),
         "write_syscalls": best(write),
+        # The same writes past the page cache, from a page-aligned buffer of whole pages (as
+        # O_DIRECT wants; object_bytes is a whole number of pages).
+        **(
+            {"write_direct": best(partial(write, os.O_DIRECT, _aligned_ones(nbytes)))}
+            if hasattr(os, "O_DIRECT")
+            else {}
+        ),
     }
+
+
+def _aligned_ones(nbytes: int) -> memoryview:
+    """``nbytes`` (rounded down to whole pages) of ones in a page-aligned buffer."""
+    import mmap
+
+    import numpy as np
+
+    a = np.frombuffer(mmap.mmap(-1, nbytes // 4096 * 4096), dtype=np.uint8)
+    a[:] = 1
+    return a.data
 
 
 # ---------------------------------------------------------------------------- slowdown mode
@@ -544,8 +566,12 @@ def run_slowdown(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     base = [step() for _ in range(args.slowdown_baseline_steps)]
 
     m = ckptmirror.Mirror([os.path.join(workdir, "ckptmirror")], keep_last=None)
+    # The same save with the local replica's direct_io option (O_DIRECT: no page-cache copy).
+    m_direct = ckptmirror.Mirror(
+        [os.path.join(workdir, "ckptmirror-direct")], keep_last=None, storage_options={"file": {"direct_io": True}}
+    )
 
-    def start_cm(r: int):
+    def start_cm(r: int, m: Any = m, label: str = "ckptmirror"):
         threads_before = thread_cpu()
         c0 = time.thread_time()
         t0 = time.perf_counter()
@@ -557,7 +583,7 @@ def run_slowdown(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
             h.result()
             m.wait()  # retention too: every background thread is done with this save
             spent = cpu_spent(threads_before, thread_cpu())
-            out["ckptmirror"].setdefault("cpu", []).append({"save_call": stall_cpu, **spent})
+            out[label].setdefault("cpu", []).append({"save_call": stall_cpu, **spent})
             return h.committed_s or 0.0
 
         return stall, h.done, finish, None
@@ -579,7 +605,11 @@ def run_slowdown(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
 
         return stall, fut.done, finish, path
 
-    modes = {"ckptmirror": start_cm, "dcp.async_save": start_dcp}
+    modes = {
+        "ckptmirror": start_cm,
+        "dcp.async_save": start_dcp,
+        DIRECT: partial(start_cm, m=m_direct, label=DIRECT),
+    }
     out: dict[str, dict[str, list[Any]]] = {
         k: {"steps": [], "round_steps": [], "stalls": [], "write_s": []} for k in modes
     }
@@ -609,6 +639,7 @@ def run_slowdown(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
                 base.extend(step() for _ in range(args.slowdown_baseline_steps))
     finally:
         m.close(raise_errors=False)
+        m_direct.close(raise_errors=False)
     res["baseline_steps"] = base
     res.update(out)
     try:
@@ -892,7 +923,7 @@ def print_slowdown(sd: dict[str, Any]) -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     print(f"| no save | {base * 1e3:.0f} | {len(sd['baseline_steps'])} | 1.00x | | | |")
-    for key in ("ckptmirror", "dcp.async_save"):
+    for key in ("ckptmirror", DIRECT, "dcp.async_save"):
         d = sd.get(key)
         if not d:
             continue
@@ -907,17 +938,18 @@ def print_slowdown(sd: dict[str, Any]) -> None:
         "\n'training time lost per save' = stall + the sum, over the steps that overlapped the write, of "
         "(step time - median no-save step): what one background save costs the loop in all."
     )
-    print_cpu(sd)
+    print_cpu(sd, "ckptmirror")
+    print_cpu(sd, DIRECT)
 
 
-def print_cpu(sd: dict[str, Any]) -> None:
+def print_cpu(sd: dict[str, Any], label: str) -> None:
     """CPU-seconds per GB of a ckptmirror save, by thread family, against its parts' limits."""
-    cpu = (sd.get("ckptmirror") or {}).get("cpu")
+    cpu = (sd.get(label) or {}).get("cpu")
     if not cpu:
         return
     gb = sd["state_bytes"] / GB
     fams = sorted({k for rec in cpu for k in rec}, key=lambda k: (k != "save_call", k))
-    print("\n### CPU per GB saved (ckptmirror, median over rounds)\n")
+    print(f"\n### CPU per GB saved ({label}, median over rounds)\n")
     print(
         "Thread CPU time (user + system, /proc) of each thread family from save() to the save's end "
         "(retention included), per GB of state; 'save_call' is the training thread inside save() (the "
@@ -933,8 +965,10 @@ def print_cpu(sd: dict[str, Any]) -> None:
     if lim:
         print(f"| limit: memcpy (snapshot) | {fmt(lim['memcpy'])} |")
         print(f"| limit: xxh3 | {fmt(lim['xxh3'])} |")
-        print(f"| limit: write syscalls (64 MiB files, fsync) | {fmt(lim['write_syscalls'])} |")
-        print(f"| **limit: background (xxh3 + write syscalls)** | **{fmt(lim['xxh3'] + lim['write_syscalls'])}** |")
+        direct = label == DIRECT and "write_direct" in lim
+        write = lim["write_direct"] if direct else lim["write_syscalls"]
+        print(f"| limit: write syscalls (64 MiB files, fsync{', O_DIRECT' if direct else ''}) | {fmt(write)} |")
+        print(f"| **limit: background (xxh3 + write syscalls)** | **{fmt(lim['xxh3'] + write)}** |")
 
 
 # ----------------------------------------------------------------------------------- main

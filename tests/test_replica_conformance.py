@@ -1,6 +1,7 @@
 """One conformance suite for every replica backend, plus what only S3 can get wrong.
 
-Every test taking ``backend`` runs against: a local directory (LocalReplica), an in-memory
+Every test taking ``backend`` runs against: a local directory (LocalReplica, and again with
+its ``direct_io`` option), an in-memory
 store (MemoryReplica), a real moto S3 server on 127.0.0.1 (S3Replica), a local directory
 through fsspec (FsspecReplica), and a real ``ckptmirror serve`` agent process on 127.0.0.1
 (PeerReplica; the session's agent of conftest.py, one namespace per test).
@@ -73,11 +74,15 @@ class Backend:
     make: Callable[..., Replica]  # a new client on the same storage
 
 
-@pytest.fixture(params=["local", "memory", "s3", "fsspec", "peer"])
+@pytest.fixture(params=["local", "local-direct", "memory", "s3", "fsspec", "peer"])
 def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Backend]:
     name = request.param
     if name == "local":
         yield Backend(name, str(tmp_path / "replica"), lambda **kw: LocalReplica(str(tmp_path / "replica"), **kw))
+    elif name == "local-direct":  # the direct_io option (O_DIRECT writes); its URL form gets it from storage_options
+        yield Backend(
+            name, str(tmp_path / "replica"), lambda **kw: LocalReplica(str(tmp_path / "replica"), direct_io=True, **kw)
+        )
     elif name == "memory":
         url = f"memory://conformance-{uuid.uuid4().hex}"
         yield Backend(name, url, lambda: MemoryReplica(url))
@@ -348,6 +353,7 @@ def test_open_replica_dispatch(backend: Backend) -> None:
     r = open_replica(backend.url)
     expected = {
         "local": LocalReplica,
+        "local-direct": LocalReplica,
         "memory": MemoryReplica,
         "s3": S3Replica,
         "fsspec": FsspecReplica,

@@ -175,6 +175,11 @@ def _add_serve(sub: argparse._SubParsersAction[Any]) -> None:
     serve.add_argument(
         "--no-fsync", action="store_true", help="skip fsync (only for a tmpfs root, where it is a no-op anyway)"
     )
+    serve.add_argument(
+        "--direct-io",
+        action="store_true",
+        help="write received objects with O_DIRECT, past the page cache (Linux; see docs/replicas/local.md)",
+    )
     log_opts = serve.add_mutually_exclusive_group()
     log_opts.add_argument("-v", "--verbose", action="store_true", help="log at debug level: one line per request")
     log_opts.add_argument(
@@ -282,6 +287,7 @@ def _serve(args: argparse.Namespace) -> int:
             scrub_interval_s=args.scrub_interval,
             scrub_bytes_per_s=args.scrub_bytes_per_s,
             fsync=not args.no_fsync,
+            direct_io=args.direct_io,
         )
     except (_ServeUsageError, AgentConfigError) as exc:
         print(f"ckptmirror serve: error: {exc} (see 'ckptmirror serve --help')", file=sys.stderr)

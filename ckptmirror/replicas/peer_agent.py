@@ -179,11 +179,13 @@ class Agent:
         scrub_interval_s: float = 0.0,
         scrub_bytes_per_s: int = DEFAULT_SCRUB_BYTES_PER_S,
         fsync: bool = True,
+        direct_io: bool = False,
     ) -> None:
         """``token`` is valid on every namespace (the admin token); each of ``namespace_tokens``
         (``{prefix: token}``) only on its prefix; ``metrics_token`` only on ``/metrics`` and
         ``/v1/health``. With none, no request needs a token. ``scrub_interval_s > 0`` scrubs
-        (:mod:`._scrub`) at most ``scrub_bytes_per_s``. Raises AgentConfigError (before creating
+        (:mod:`._scrub`) at most ``scrub_bytes_per_s``. ``direct_io``: write received objects
+        past the page cache (the local replica's option of that name). Raises AgentConfigError (before creating
         anything) for options that cannot work."""
         if not 0 <= scrub_interval_s < math.inf:
             raise AgentConfigError(f"--scrub-interval {scrub_interval_s}: must be 0 (off) or a number of seconds")
@@ -209,6 +211,7 @@ class Agent:
         self.min_upload_bytes_per_s = min_upload_bytes_per_s
         self.upload_rate_window_s = upload_rate_window_s
         self.fsync = fsync
+        self.direct_io = direct_io
         self.uploads = 0
         self.pool = ThreadPoolExecutor(8, thread_name_prefix="agent-io")
         self._replicas: dict[str, LocalReplica] = {}
@@ -254,7 +257,7 @@ class Agent:
             if not (real == self.root or real.startswith(self.root + os.sep)):
                 raise ManifestError("namespace escapes the agent root", key=ns)
             # create=False: a rejected request must not leave an empty namespace behind.
-            r = LocalReplica(path, fsync=self.fsync, create=False)
+            r = LocalReplica(path, fsync=self.fsync, create=False, direct_io=self.direct_io)
             if not (r.root == self.root or r.root.startswith(self.root + os.sep)):
                 raise ManifestError("namespace escapes the agent root through a symlink", key=ns)
             r.url = f"namespace {ns}"  # error messages go to clients: no absolute server paths
