@@ -514,3 +514,23 @@ class S3Bucket:
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name):
             for o in page.get("Contents", []):
                 self.client.delete_object(Bucket=self.name, Key=o["Key"])
+
+
+def takes_o_direct(directory: str | os.PathLike[str]) -> bool:
+    """Whether files in ``directory`` can be opened with ``O_DIRECT`` (Linux; tmpfs before
+    kernel 6.6 and some FUSE filesystems refuse it with EINVAL)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    path = os.path.join(directory, f".o-direct-probe-{uuid.uuid4().hex}")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | flag, 0o600)
+    except OSError:
+        return False
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    os.close(fd)
+    return True

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _helpers import takes_o_direct
 
 from ckptmirror import Mirror
 from ckptmirror.errors import ReplicaError
@@ -29,6 +30,31 @@ pytestmark = pytest.mark.skipif(not _direct.supported(), reason="O_DIRECT is Lin
 
 KEY = "step-000000000001/rank-00000/o{}.bin"
 A = _direct.ALIGN
+
+
+@pytest.fixture(autouse=True)
+def _checked_writes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every write to a descriptor in O_DIRECT mode is checked for what the strictest device
+    wants (address, file offset and length multiples of 4 KiB), so that a misaligned write is a
+    test failure here rather than an EINVAL that quietly turns the option off, or passes on a
+    disk with 512-byte blocks. And the tests that expect O_DIRECT need a filesystem that takes it."""
+    if not takes_o_direct(tmp_path):
+        pytest.skip(f"{tmp_path} refuses O_DIRECT")
+    real_write = os.write
+
+    def write(fd: int, data: Any) -> int:
+        if _direct_flag(fd):
+            view = memoryview(data).cast("B")
+            addr = np.frombuffer(view, dtype=np.uint8).ctypes.data if len(view) else 0
+            offset = os.lseek(fd, 0, os.SEEK_CUR)
+            assert addr % A == 0 and offset % A == 0 and len(view) % A == 0, (addr % A, offset, len(view))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+
+
+def _direct_flag(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & _direct.O_DIRECT)
 
 
 def _aligned(nbytes: int, seed: int = 0) -> np.ndarray:
@@ -85,6 +111,7 @@ def _cached_pages(path: Path) -> tuple[int, int]:
         (0, 2 * _direct.CHUNK + 77),  # aligned source, a partial last block
         (3, 2 * _direct.CHUNK + 4 * A),  # unaligned source: through the bounce buffer
         (16, A - 1),
+        (512, 2 * _direct.CHUNK + 3 * A),  # aligned for a 512-byte-block disk, not for 4 KiB ones
         (A, 10 * A + 9),
     ],
 )
@@ -97,16 +124,25 @@ def test_put_writes_every_byte(tmp_path: Path, offset: int, nbytes: int) -> None
     assert r.get(KEY.format(0), max_bytes=nbytes + 1) == src[offset:].tobytes()
 
 
-def test_streamed_writes_in_odd_pieces(tmp_path: Path) -> None:
-    """The peer agent streams a body in pieces of any size: held-back partial blocks join the next."""
+@pytest.mark.parametrize("seed", range(6))
+def test_streamed_writes_in_odd_pieces(tmp_path: Path, seed: int) -> None:
+    """The peer agent streams a body in pieces of any size: held-back partial blocks join the
+    next piece, whatever the cuts (fixed ones, then random ones, many shorter than a block)."""
     r = LocalReplica(str(tmp_path), direct_io=True, create=True)
     src = _aligned(3 * _direct.CHUNK + 1234, seed=5)
-    cuts = [0, 1, 100, A - 1, A + 7, 3 * A, _direct.CHUNK + 3, 2 * _direct.CHUNK + A, len(src)]
+    if seed == 0:
+        cuts = [0, 1, 100, A - 1, A + 7, 3 * A, _direct.CHUNK + 3, 2 * _direct.CHUNK + A, len(src)]
+    else:
+        rng = np.random.default_rng(seed)
+        small = rng.integers(1, 3 * A, 40)  # held-back bytes + piece < a block, and more
+        big = rng.integers(1, _direct.CHUNK, 6)
+        cuts = sorted({0, len(src), *np.cumsum(small).tolist(), *(int(x) for x in rng.choice(len(src), 6)), *big})
     w = r.open_writer(KEY.format(1))
     for lo, hi in zip(cuts, cuts[1:]):
         w.write(memoryview(src[lo:hi]))
     w.finish()
     assert _read(tmp_path, KEY.format(1)) == src.tobytes()
+    assert r.direct_io  # no write was refused: every direct one was aligned (see _checked_writes)
 
 
 def test_direct_io_leaves_the_page_cache_alone(tmp_path: Path) -> None:
@@ -131,10 +167,6 @@ def test_direct_io_leaves_the_page_cache_alone(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ refusals and failures
-def _direct_flag(fd: int) -> bool:
-    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & _direct.O_DIRECT)
-
-
 def test_open_refused_falls_back_once_with_a_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -195,6 +227,29 @@ def test_write_refused_midway_goes_on_buffered(
     assert _read(tmp_path, KEY.format(1)) == src.tobytes()
 
 
+def test_short_aligned_write_goes_on_direct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A direct write that stops after whole blocks: the rest follows from where it stopped."""
+    real_write = os.write
+    shorted: list[int] = []
+
+    def fake_write(fd: int, data: Any) -> int:
+        if _direct_flag(fd) and len(data) > A and len(shorted) < 3:
+            shorted.append(fd)
+            return real_write(fd, memoryview(data)[:A])
+        return real_write(fd, data)
+
+    r = LocalReplica(str(tmp_path), direct_io=True, create=True)
+    src = _aligned(2 * _direct.CHUNK + 3, seed=6)
+    monkeypatch.setattr(os, "write", fake_write)
+    r.put(KEY.format(0), memoryview(src[7:]))  # through the bounce buffer
+    r.put(KEY.format(1), memoryview(src))  # straight from the buffer
+    monkeypatch.undo()
+    assert len(shorted) == 3
+    assert _read(tmp_path, KEY.format(0)) == src[7:].tobytes()
+    assert _read(tmp_path, KEY.format(1)) == src.tobytes()
+    assert r.direct_io
+
+
 def test_short_unaligned_write_goes_on_buffered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A direct write that stops mid-block leaves the offset unaligned: the rest goes buffered."""
     real_write = os.write
@@ -238,6 +293,24 @@ def test_write_error_removes_the_temp_file_and_names_the_replica(
     monkeypatch.undo()
     assert str(tmp_path) in str(info.value) and KEY.format(0) in str(info.value)
     assert r.direct_io  # an I/O error is not a refusal: nothing is turned off
+    assert list((tmp_path / "step-000000000001" / "rank-00000").iterdir()) == []
+
+
+def test_tail_write_error_fails_the_put(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last partial block is written buffered at the end: its failure fails the put too."""
+    real_write = os.write
+
+    def fake_write(fd: int, data: Any) -> int:
+        if not _direct_flag(fd) and len(data) == 77:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    r = LocalReplica(str(tmp_path), direct_io=True, create=True)
+    monkeypatch.setattr(os, "write", fake_write)
+    with pytest.raises(ReplicaError, match="ENOSPC") as info:
+        r.put(KEY.format(0), memoryview(_aligned(4 * A + 77)))
+    monkeypatch.undo()
+    assert KEY.format(0) in str(info.value)
     assert list((tmp_path / "step-000000000001" / "rank-00000").iterdir()) == []
 
 
@@ -335,7 +408,9 @@ def _expected(step: int) -> dict[str, torch.Tensor]:
 def test_sigkill_mid_save_loses_nothing_durable(tmp_path: Path) -> None:
     """A writer saving with direct_io in a loop is SIGKILLed at random moments: each time the
     newest committed step is at least the last one reported durable and restores bit-exact,
-    and ``verify`` finds no damage (a torn step is garbage, never a step)."""
+    and ``verify`` finds no damage (a torn step is garbage, never a step). A process kill, not
+    a power cut: the page cache survives it, so this checks the commit protocol with O_DIRECT
+    files and temp files left mid-write, not the fsyncs."""
     import random
     import select
     import signal
@@ -381,3 +456,41 @@ def test_sigkill_mid_save_loses_nothing_durable(tmp_path: Path) -> None:
         assert report.damage == (), report.damage
         start = got[0] + 1
     assert interrupted >= 2, f"only {interrupted} of 4 kills landed inside a save"
+
+
+# ------------------------------------------------------------------ straight from the staging buffer
+def test_staging_arena_starts_on_a_page() -> None:
+    from ckptmirror.save.snapshot import Arena
+
+    a = Arena()
+    for n in (1, 4097, 10 << 20, 3 << 20):
+        assert a.reserve(n, pinned=False).data_ptr() % mmap.PAGESIZE == 0, n
+
+
+@pytest.mark.parametrize("first", [1 << 20, (1 << 20) + 3])
+def test_saved_objects_skip_the_bounce_buffer_when_aligned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: int
+) -> None:
+    """Tensors of whole pages (as in most models) put every object at a page multiple of the
+    page-aligned staging buffer: O_DIRECT writes them from there, with no bounce copy. A tensor
+    of an odd size shifts the objects after it: those go through the bounce buffer."""
+    bounced: list[int] = []
+    real = _direct._bounce
+
+    def counting() -> np.ndarray:
+        bounced.append(1)
+        return real()
+
+    monkeypatch.setattr(_direct, "_bounce", counting)
+    state = {"a": torch.randn(first), "b": torch.randn(3 << 20), "c": torch.randn(4096 * 5)}
+    opts = {"file": {"direct_io": True, "incremental": False}}
+    with Mirror([str(tmp_path / "ckpt")], storage_options=opts, object_bytes=4 << 20) as m:
+        m.save_state(1, state).result(timeout=60)
+        got = m.load_state(1)
+    assert got is not None
+    for k, v in state.items():
+        assert torch.equal(got[1][k], v), k
+    if first % 1024 == 0:
+        assert bounced == [], f"{len(bounced)} bounce copies for page-aligned objects"
+    else:
+        assert bounced, "objects after an odd-sized tensor cannot be aligned: expected bounce copies"

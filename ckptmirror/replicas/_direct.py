@@ -10,17 +10,18 @@ price: a restore soon after reads the objects from the disk, not from memory.
 
 ``O_DIRECT`` wants the buffer's address, the file offset and the length aligned to the
 device's logical block size. :class:`DirectFile` writes whole blocks of :data:`ALIGN` bytes:
-straight from the caller's buffer where its address is aligned, else through a per-thread
+straight from the caller's buffer where its address is aligned (the staging arena starts on a
+page, so an object that starts at a 4 KiB multiple of the stream is), else through a per-thread
 bounce buffer (one memcpy, no GIL: NumPy copies without it); the last partial block is held
 back and written through the page cache when the file is finished (the fsync after covers
 it). A filesystem that refuses ``O_DIRECT`` (``EINVAL``) turns it off for the rest of the
-file, which is then written the ordinary way: the option can cost speed, never a write.
+file, which is then written the ordinary way: a refusal can cost speed, never a write (any
+other error fails the write, as it would without the option).
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
 import os
 import sys
@@ -49,7 +50,9 @@ def _bounce() -> np.ndarray:
     I/O pool's threads live as long as their mirror, so each makes one)."""
     buf: np.ndarray | None = getattr(_local, "buf", None)
     if buf is None:
-        buf = np.frombuffer(mmap.mmap(-1, CHUNK), dtype=np.uint8)  # anonymous maps are page-aligned
+        # Anonymous maps are page-aligned. Private: a child forked later gets its own copy,
+        # where a shared map would let its writes change the bytes of ours in flight.
+        buf = np.frombuffer(mmap.mmap(-1, CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=np.uint8)
         _local.buf = buf
     return buf
 
@@ -131,6 +134,8 @@ class DirectFile:
             done += n
 
     def _buffered(self) -> None:
+        import fcntl  # here: the module is imported on every platform, fcntl exists on POSIX only
+
         flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
         fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~O_DIRECT)
         self.direct = False

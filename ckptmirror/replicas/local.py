@@ -132,6 +132,7 @@ class LocalReplica(Replica):
         #: whether new files are opened with O_DIRECT: turned off for good (with one warning)
         #: the first time this filesystem refuses it
         self.direct_io = direct_io and _direct.supported()
+        self._direct_lock = threading.Lock()  # one warning, however many I/O threads are refused at once
         # Directories whose entries were added by a mkdir of ours and not fsynced yet.
         self._dirty_dirs: set[str] = set()
         self._dirty_lock = threading.Lock()
@@ -201,7 +202,9 @@ class LocalReplica(Replica):
                 self._dirty_dirs.update(os.path.dirname(m) for m in missing)
 
     def _direct_refused(self, exc: OSError) -> None:
-        if self.direct_io:
+        with self._direct_lock:
+            if not self.direct_io:
+                return
             self.direct_io = False
             log.warning(
                 "replica %s: the filesystem refused O_DIRECT (%s); direct_io is off for this replica, "

@@ -637,7 +637,12 @@ class Arena:
         """
         if self.buffer.numel() < nbytes or (pinned and not self.pinned):
             self.buffer = torch.empty(0, dtype=torch.uint8)  # free the old one before allocating
-            self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+            # Starting on a page: an object at a page multiple of the stream (a 4 KiB multiple
+            # of bytes before it, as in most models) is then written with O_DIRECT straight
+            # from here, with no bounce copy (a local replica's direct_io option).
+            whole = torch.empty(nbytes + mmap.PAGESIZE, dtype=torch.uint8, pin_memory=pinned)
+            start = -whole.data_ptr() % mmap.PAGESIZE
+            self.buffer = whole[start : start + nbytes]
             self.pinned = pinned
             self.allocations += 1
         if prefault and not self.pinned:
