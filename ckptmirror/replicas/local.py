@@ -404,7 +404,9 @@ class AtomicWriter:
 
         With fsync on, writeback starts chunk by chunk as the data is written (the disk works
         while the rest is copied into the page cache); the fsync in :meth:`finish` still makes
-        it durable."""
+        it durable. With ``direct_io`` the bytes go past the page cache
+        (:class:`~ckptmirror.replicas._direct.DirectFile`), the last partial block at
+        :meth:`finish`."""
         assert self.fd is not None
         view = memoryview(data).cast("B")
         if self.direct is not None:
