@@ -79,27 +79,35 @@ Importing this module imports Lightning (``lightning``, else the standalone
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import enum
-import json
 import logging
-import os
-import re
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import CkptMirrorError, StepExistsError, StepNotFoundError, UnsupportedTypeError
+from ..errors import CkptMirrorError, StepExistsError, StepNotFoundError
 from ..handle import SaveHandle
 from ..mirror import Mirror
 from ..replicas import Replica
+from ._lightning_hparams import _convert_checkpoint, storable_hparams
+from ._lightning_pointers import (
+    POINTER_FORMAT,
+    POINTER_VERSION,
+    RELEASE_FORMAT,
+    PointerError,
+    _norm,
+    _parent,
+    _release_path,
+    _remove_file,
+    _scan_pointers,
+    _write_pointer,
+    read_pointer,
+)
 
 if TYPE_CHECKING:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -113,316 +121,7 @@ __all__ = ["POINTER_FORMAT", "MirrorCheckpointIO", "PointerError", "read_pointer
 
 log = logging.getLogger("ckptmirror.lightning")
 
-#: The ``format`` field of a pointer file.
-POINTER_FORMAT = "ckptmirror.lightning.pointer"
-POINTER_VERSION = 1
-#: The ``format`` of a release marker: ``.ckptmirror-release-<step>.json`` next to the pointer that
-#: last named a step, written before the step is deleted and removed after, so that a process
-#: killed mid-delete leaves a note the next one (scanning that directory) acts on.
-RELEASE_FORMAT = "ckptmirror.lightning.release"
-RELEASE_PREFIX = ".ckptmirror-release-"
-#: Temp files of pointer writes: ``.<name>.tmp-<32 hex>``; a crash mid-write leaves one behind.
-TMP_INFIX = ".tmp-"
-_TMP_RE = re.compile(r"\..+" + re.escape(TMP_INFIX) + r"[0-9a-f]{32}\Z")
-#: A pointer is a few hundred bytes; anything larger is not one (and is never read whole).
-MAX_POINTER_BYTES = 1 << 16
 
-#: Checkpoint entries holding hyper-parameters (LightningModule and LightningDataModule), converted
-#: by :func:`storable_hparams`, and those holding the class of an OmegaConf hparams container.
-HPARAMS_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
-HPARAMS_TYPE_KEYS = ("hparams_type", "datamodule_hparams_type")
-
-
-class PointerError(CkptMirrorError, ValueError):
-    """A file at a checkpoint path is not a valid ckptmirror pointer (``path`` names it)."""
-
-    def __init__(self, path: str, why: str) -> None:
-        self.path = path
-        super().__init__(f"{path} is not a ckptmirror checkpoint pointer: {why}")
-
-
-# ------------------------------------------------------------------------------ hparams
-def storable_hparams(value: Any, path: str = "checkpoint['hyper_parameters']", ignore_hint: str = "") -> Any:
-    """``value`` with the types ckptmirror cannot store converted to JSON-able forms, recursively.
-
-    ``argparse.Namespace`` -> dict of its attributes; ``os.PathLike`` (``pathlib.Path``) -> str;
-    ``enum.Enum`` -> its value (converted in turn); a dataclass instance -> dict of its fields; a
-    named tuple -> dict; ``set``/``frozenset`` -> list (sorted when its items sort); an OmegaConf
-    ``DictConfig``/``ListConfig`` -> plain dict/list (interpolations resolved); dict keys of those
-    kinds are converted the same way. Tensors, arrays, numbers, strings, bytes, None, dtypes and
-    devices stay (ckptmirror stores them). Anything else raises
-    :class:`~ckptmirror.UnsupportedTypeError` naming its key path, with ``ignore_hint`` appended
-    (how to leave it out). Conversions are one way: a Namespace comes back as a dict.
-    """
-    return _Converter(ignore_hint).conv(value, path, 0)
-
-
-class _Converter:
-    """One :func:`storable_hparams` call (the hint is built once, the depth is bounded)."""
-
-    MAX_DEPTH = 100
-
-    def __init__(self, ignore_hint: str) -> None:
-        self.ignore_hint = ignore_hint
-
-    def conv(self, obj: Any, path: str, depth: int) -> Any:
-        if depth > self.MAX_DEPTH:
-            raise UnsupportedTypeError(path, type(obj), f"nested deeper than {self.MAX_DEPTH}")
-        if obj is None or isinstance(obj, (bool, str, bytes, float, torch.Tensor, torch.dtype, torch.device)):
-            return obj
-        if isinstance(obj, enum.Enum):  # before int: IntEnum/IntFlag are ints too
-            return self.conv(obj.value, path, depth + 1)
-        if isinstance(obj, int):
-            return obj
-        if type(obj).__module__.startswith("numpy"):
-            return obj  # arrays and scalars: ckptmirror stores them (object dtypes are refused there)
-        if isinstance(obj, os.PathLike):
-            return os.fspath(obj)
-        if isinstance(obj, argparse.Namespace):
-            return self.conv(vars(obj), path, depth)
-        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-            return self.conv(fields, path, depth)
-        if type(obj).__module__.startswith("omegaconf"):
-            # An OmegaConf DictConfig/ListConfig (Hydra configs): omegaconf is imported since obj exists.
-            omegaconf = sys.modules["omegaconf"]
-            return self.conv(omegaconf.OmegaConf.to_container(obj, resolve=True), path, depth)
-        if isinstance(obj, Mapping):
-            out: dict[Any, Any] = {}
-            for k, v in obj.items():
-                key = self.conv_key(k, path)
-                out[key] = self.conv(v, f"{path}[{k!r}]", depth + 1)
-            return out
-        if isinstance(obj, tuple) and hasattr(obj, "_asdict"):  # a named tuple
-            return self.conv(dict(obj._asdict()), path, depth)
-        if type(obj) in (list, tuple):
-            items = [self.conv(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(obj)]
-            return items if type(obj) is list else tuple(items)
-        if isinstance(obj, (set, frozenset)):
-            items = list(obj)
-            try:
-                items.sort()
-            except TypeError:
-                pass  # mixed types: iteration order
-            return [self.conv(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(items)]
-        raise UnsupportedTypeError(path, type(obj), self.hint())
-
-    def conv_key(self, k: Any, path: str) -> Any:
-        if k is None or isinstance(k, (str, int, float, bool)) and not isinstance(k, enum.Enum):
-            return k
-        if isinstance(k, enum.Enum):
-            return self.conv_key(k.value, path)
-        if isinstance(k, os.PathLike):
-            return os.fspath(k)
-        raise UnsupportedTypeError(f"{path} key {k!r}", type(k), "dict keys must be str, int, float, bool or None")
-
-    def hint(self) -> str:
-        extra = f"; {self.ignore_hint}" if self.ignore_hint else ""
-        return (
-            "hyper-parameters are stored as JSON-able values: Namespace, Path, Enum, dataclasses, named tuples, sets "
-            f"and OmegaConf containers are converted, other objects are not{extra}"
-        )
-
-
-def _convert_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """A shallow copy of ``checkpoint`` whose hyper-parameter entries are storable (module doc)."""
-    out = dict(checkpoint)
-    for key in HPARAMS_KEYS:
-        if key in out:
-            owner = "self" if key == "hyper_parameters" else "your LightningDataModule's self"
-            out[key] = _convert_hparams(out[key], key, owner)
-    for key in HPARAMS_TYPE_KEYS:
-        t = out.get(key)
-        if isinstance(t, type):  # Lightning reads a str here as AttributeDict (saving._convert_loaded_hparams)
-            out[key] = f"{t.__module__}.{t.__qualname__}"
-    return out
-
-
-def _convert_hparams(hparams: Any, key: str, owner: str) -> Any:
-    """Convert one hyper-parameters entry; the error names the top-level name to ignore."""
-    root = f"checkpoint[{key!r}]"
-    if isinstance(hparams, Mapping) and not type(hparams).__module__.startswith("omegaconf"):
-        out: dict[Any, Any] = {}
-        for name, v in hparams.items():
-            hint = f"leave it out with {owner}.save_hyperparameters(ignore=[{name!r}]) or pass a plain value"
-            out[name] = storable_hparams(v, f"{root}[{name!r}]", hint)
-        return out
-    return storable_hparams(hparams, root, f"leave it out with {owner}.save_hyperparameters(ignore=[...])")
-
-
-# ------------------------------------------------------------------------------ pointers
-def _fs_of(path: str) -> tuple[Any, str, bool]:
-    """(fsspec filesystem, path inside it, whether it is the local disk) for a checkpoint path."""
-    from fsspec.core import url_to_fs
-    from fsspec.implementations.local import LocalFileSystem
-
-    fs, inner = url_to_fs(path)
-    return fs, inner, isinstance(fs, LocalFileSystem)
-
-
-def _norm(path: Any) -> str:
-    """The key a path is known by: absolute and normalised on the local disk, the URL otherwise."""
-    p = os.fspath(path)
-    if isinstance(p, bytes):
-        p = os.fsdecode(p)
-    if "://" in p and not p.startswith("file://"):
-        return p
-    return os.path.abspath(os.path.normpath(p.removeprefix("file://")))
-
-
-def _parent(path: str) -> str:
-    if "://" in path:
-        return path.rsplit("/", 1)[0]
-    return os.path.dirname(path)
-
-
-def read_pointer(path: Any, *, release: bool = False) -> dict[str, Any]:
-    """Parse the pointer file at ``path``: ``{"format", "version", "step", "replicas", "keys", ...}``.
-
-    Raises ``FileNotFoundError`` if there is no file, and :class:`PointerError` if the file is not a
-    pointer (a ``torch.save`` checkpoint, a directory, a damaged file). Never unpickles anything.
-    """
-    p = _norm(path)
-    fs, inner, local = _fs_of(p)
-    if local:
-        if os.path.isdir(inner):
-            raise PointerError(p, "it is a directory")
-        with open(inner, "rb") as f:  # FileNotFoundError as it is
-            data = f.read(MAX_POINTER_BYTES + 1)
-    else:
-        if not fs.exists(inner):
-            raise FileNotFoundError(f"checkpoint pointer not found: {p}")
-        with fs.open(inner, "rb") as f:
-            data = f.read(MAX_POINTER_BYTES + 1)
-    return _parse_pointer(p, data, RELEASE_FORMAT if release else POINTER_FORMAT)
-
-
-def _parse_pointer(path: str, data: bytes, fmt: str = POINTER_FORMAT) -> dict[str, Any]:
-    if len(data) > MAX_POINTER_BYTES:
-        raise PointerError(path, f"larger than {MAX_POINTER_BYTES} bytes (a torch.save checkpoint?)")
-    if not data.lstrip().startswith(b"{"):
-        pickled = data[:1] == b"\x80" or data[:2] == b"PK"  # pickle protocol 2+, torch.save's zip
-        what = " (a pickle or torch.save checkpoint: load it with Lightning's TorchCheckpointIO)" if pickled else ""
-        raise PointerError(path, f"not JSON{what}")
-    try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise PointerError(path, f"invalid JSON ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("format") != fmt:
-        raise PointerError(path, f"no 'format': {fmt!r} field")
-    if doc.get("version") != POINTER_VERSION:
-        raise PointerError(path, f"pointer version {doc.get('version')!r} (this ckptmirror reads {POINTER_VERSION})")
-    step = doc.get("step")
-    if type(step) is not int or step < 0:
-        raise PointerError(path, f"bad step {step!r}")
-    for field in ("replicas", "keys"):
-        v = doc.get(field)
-        if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
-            raise PointerError(path, f"'{field}' must be a list of strings")
-    return doc
-
-
-def _write_pointer(path: str, doc: Mapping[str, Any]) -> None:
-    """Write a pointer atomically: a reader sees the old one or the new one, never a torn file.
-
-    On the local disk: a temp file in the same directory, fsync, rename over ``path``, fsync the
-    directory (the parent is created). Elsewhere (an fsspec URL): one object put, which object
-    stores make atomic.
-    """
-    data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode("utf-8")
-    fs, inner, local = _fs_of(path)
-    if not local:
-        fs.makedirs(_parent(inner), exist_ok=True)
-        fs.pipe_file(inner, data)
-        return
-    directory = os.path.dirname(inner)
-    os.makedirs(directory, exist_ok=True)
-    # A name that ModelCheckpoint's last*.ckpt scan never matches (the suffix is not .ckpt).
-    tmp = os.path.join(directory, f".{os.path.basename(inner)}{TMP_INFIX}{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, inner)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove_file(path: str) -> None:
-    fs, inner, local = _fs_of(path)
-    if local:
-        try:
-            os.unlink(inner)
-        except FileNotFoundError:
-            return
-        _fsync_dir(os.path.dirname(inner))
-    elif fs.exists(inner):
-        fs.rm(inner)
-
-
-def _release_path(directory: str, step: int) -> str:
-    """The release marker of ``step`` in ``directory`` (hidden; never matched by ``last*.ckpt``)."""
-    sep = "/" if "://" in directory else os.sep
-    return f"{directory}{sep}{RELEASE_PREFIX}{step:012d}.json"
-
-
-def _scan_pointers(directory: str) -> tuple[dict[str, int], dict[int, str]]:
-    """Pointer files directly in ``directory`` (normalised path -> step) and release markers
-    (step -> path); other files are ignored."""
-    pointers: dict[str, int] = {}
-    markers: dict[int, str] = {}
-    fs, inner, local = _fs_of(directory)
-    entries: list[str] = []
-    try:
-        if local:
-            with os.scandir(inner) as it:
-                for e in it:
-                    if not e.is_file(follow_symlinks=False):
-                        continue
-                    if _TMP_RE.match(e.name):
-                        # A pointer write cut short by a crash (scans precede this process's
-                        # writes to the directory): the old pointer, if any, is intact.
-                        _remove_file(e.path)
-                    elif e.stat().st_size <= MAX_POINTER_BYTES:
-                        entries.append(e.path)
-        else:
-            for d in fs.ls(inner, detail=True):
-                if d.get("type") == "file" and (d.get("size") or 0) <= MAX_POINTER_BYTES:
-                    entries.append(fs.unstrip_protocol(d["name"]))
-    except FileNotFoundError:
-        return pointers, markers
-    for full in entries:
-        try:
-            doc = read_pointer(full, release=os.path.basename(full).startswith(RELEASE_PREFIX))
-        except (OSError, PointerError):
-            continue
-        if doc["format"] == RELEASE_FORMAT:
-            markers[doc["step"]] = _norm(full)
-        else:
-            pointers[_norm(full)] = doc["step"]
-    return pointers, markers
-
-
-# ------------------------------------------------------------------------------ the plugin
 @dataclasses.dataclass
 class _Pending:
     """A pointer to write: the step it names, the top-level keys of the save that named it, and
