@@ -42,11 +42,11 @@ from .restore.choose import load_newest
 from .restore.discover import list_steps
 from .restore.switch import brisk_switching
 from .restore.undo import BufferFactory
+from .save.arena import ArenaPool
 from .save.encode import PreWritten
 from .save.fanout import Fanout, SaveJob
 from .save.sliced import sliced_snapshot
 from .save.snapshot import (
-    ArenaPool,
     Plan,
     plan,
     plan_key,

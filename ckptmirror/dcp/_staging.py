@@ -32,7 +32,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from ..errors import UnsupportedTypeError
-from ..save.snapshot import Arena, ArenaPool
+from ..save.arena import Arena, ArenaPool
 from ..state.tree import DTYPES_BY_NAME
 
 log = logging.getLogger("ckptmirror")

@@ -66,10 +66,11 @@ from ..health import ReplicaHealth
 from ..placement import Placement, Stored
 from ..replicas.base import Buffer, Replica
 from ..replicas.local import LocalReplica
+from .arena import Arena
 from .encode import EncodedStep, PreWritten, Segments, encode, encode_replicated, object_segments
 from .priority import lower_priority
 from .retention import apply_retention, delete_quietly, is_committed, remove_step
-from .snapshot import Arena, frozen_flags
+from .snapshot import frozen_flags
 
 #: Per replica: the content ``(checksum, size)`` of each object its last committed save stored
 #: there -> how it is stored. What an incremental save may reference instead of writing.

@@ -15,9 +15,10 @@ import torch
 
 from ..format import cut_objects, new_token
 from ..replicas.base import Replica
+from .arena import Arena
 from .encode import PreWritten
 from .fanout import Fanout
-from .snapshot import Arena, Plan, copy_range, frozen_flags
+from .snapshot import Plan, copy_range, frozen_flags
 
 log = logging.getLogger("ckptmirror")
 

@@ -43,9 +43,10 @@ from typing import cast
 import numpy as np  # torch imports it anyway
 import torch
 
-from ..buffers import byte_view, fault_in, gather_bytes, host_array, host_bytes, usable_cpus
+from ..buffers import byte_view, gather_bytes, host_array, host_bytes, usable_cpus
 from ..format import LeafRecord, StorageRecord, paused_gc  # one pause shared with restore
 from ..state.tree import Flattened, dtype_name, find_layout, make_layout
+from .arena import Arena, ArenaPool
 
 #: Storage spans start at a multiple of this, so views of every dtype (element sizes up to
 #: 16 bytes) that share a storage keep an integral element offset.
@@ -618,92 +619,6 @@ def staging_need(p: Plan, cap: int | None = None) -> int:
     if p.total_bytes > cap:
         return cap
     return staged if staged <= cap else p.total_bytes
-
-
-class Arena:
-    """One reusable host buffer. ``capacity`` only grows; steady state reuses the pages."""
-
-    def __init__(self) -> None:
-        self.buffer: torch.Tensor = torch.empty(0, dtype=torch.uint8)
-        self.pinned = False
-        self.allocations = 0
-
-    def reserve(self, nbytes: int, pinned: bool, prefault: bool = False) -> torch.Tensor:
-        """A uint8 tensor of at least ``nbytes``; reallocated only if too small or not pinned as needed.
-
-        ``prefault`` maps the buffer's first ``nbytes`` right away (one page-faulting pass; pages
-        mapped already cost a cache miss each), so the next copy into it runs at memcpy speed.
-        Pinned buffers are mapped when allocated.
-        """
-        if self.buffer.numel() < nbytes or (pinned and not self.pinned):
-            self.buffer = torch.empty(0, dtype=torch.uint8)  # free the old one before allocating
-            # Starting on a page: an object at a page multiple of the stream (a 4 KiB multiple
-            # of bytes before it, as in most models) is then written with O_DIRECT straight
-            # from here, with no bounce copy (a local replica's direct_io option).
-            whole = torch.empty(nbytes + mmap.PAGESIZE, dtype=torch.uint8, pin_memory=pinned)
-            start = -whole.data_ptr() % mmap.PAGESIZE
-            self.buffer = whole[start : start + nbytes]
-            self.pinned = pinned
-            self.allocations += 1
-        if prefault and not self.pinned:
-            # Also when the buffer exists: a restore's undo log may have used only part of it.
-            fault_in(self.buffer[:nbytes])
-        return self.buffer[:nbytes]
-
-    def release_memory(self) -> None:
-        self.buffer = torch.empty(0, dtype=torch.uint8)
-        self.pinned = False
-
-
-class ArenaPool:
-    """``count`` arenas; :meth:`acquire` blocks (or fails fast) while all are in use by writers."""
-
-    def __init__(self, count: int) -> None:
-        if count < 1:
-            raise ValueError("max_inflight must be at least 1")
-        self._free = [Arena() for _ in range(count)]
-        self._all = list(self._free)
-        self._cond = threading.Condition()
-
-    def acquire(self, block: bool, timeout: float | None = None) -> Arena | None:
-        with self._cond:
-            if not block and not self._free:
-                return None
-            if not self._cond.wait_for(lambda: bool(self._free), timeout=timeout):
-                return None
-            return self._free.pop()
-
-    def release(self, arena: Arena) -> None:
-        with self._cond:
-            self._free.append(arena)
-            self._cond.notify()
-
-    def reserve(self, nbytes: int, pinned: bool) -> None:
-        """Grow every arena to ``nbytes`` and map its pages now, waiting for in-flight saves.
-
-        Each arena is taken out of the pool while it is faulted in, so a concurrent save waits
-        for it rather than copying into it.
-        """
-        for _ in range(len(self._all)):
-            arena = self.acquire(block=True)
-            assert arena is not None  # a blocking acquire without timeout returns one
-            try:
-                arena.reserve(nbytes, pinned, prefault=True)
-            finally:
-                # At the front: the next acquire takes another arena (pop() takes from the end).
-                with self._cond:
-                    self._free.insert(0, arena)
-                    self._cond.notify()
-
-    @property
-    def allocations(self) -> int:
-        """How many buffer allocations all arenas have made (steady state: constant)."""
-        return sum(a.allocations for a in self._all)
-
-    def release_memory(self) -> None:
-        with self._cond:
-            for a in self._all:
-                a.release_memory()
 
 
 def snapshot(p: Plan, arena: Arena) -> torch.Tensor:

@@ -24,7 +24,8 @@ from concurrent.futures import Executor, Future
 
 import torch
 
-from .snapshot import Arena, ArenaPool, Plan, reuse_staged, stage, staging_need
+from .arena import Arena, ArenaPool
+from .snapshot import Plan, reuse_staged, stage, staging_need
 
 #: :func:`speculate` bets only on plans of at least this many leaves (fewer: the checks it
 #: would overlap take microseconds).
