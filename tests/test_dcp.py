@@ -164,15 +164,15 @@ def test_objects_are_cut_by_the_formats_rule(saved: Path) -> None:
 
 
 def test_an_object_across_runs_is_joined_and_one_inside_a_run_is_a_view() -> None:
-    from ckptmirror.dcp.writer import _window_bytes
+    from ckptmirror.dcp._items import window_bytes
 
     a, b, c = bytearray(b"0123456789"), bytearray(b"abc"), bytearray(b"XYZW")
     starts, spans = [0, 10, 13], [memoryview(a), memoryview(b), memoryview(c)]
-    inside = _window_bytes(starts, spans, 2, 5)
+    inside = window_bytes(starts, spans, 2, 5)
     assert bytes(inside) == b"23456" and inside.obj is a, "a view, no copy"
-    assert bytes(_window_bytes(starts, spans, 10, 3)) == b"abc"
-    assert bytes(_window_bytes(starts, spans, 8, 7)) == b"89abcXY"
-    assert bytes(_window_bytes(starts, spans, 0, 17)) == b"0123456789abcXYZW"
+    assert bytes(window_bytes(starts, spans, 10, 3)) == b"abc"
+    assert bytes(window_bytes(starts, spans, 8, 7)) == b"89abcXY"
+    assert bytes(window_bytes(starts, spans, 0, 17)) == b"0123456789abcXYZW"
 
 
 # ----------------------------------------------------------------------------- loading

@@ -29,9 +29,7 @@ record, so when ``dcp.save`` returns anywhere, every rank's commit records are w
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
-import io
 import logging
 import os
 import socket
@@ -40,18 +38,16 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch.distributed.checkpoint.metadata import STATE_DICT_TYPE, Metadata, StorageMeta
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future as TorchFuture
 
-from ..buffers import host_bytes
 from ..checksum import checksum
 from ..dist import Coordinator, DistInfo, detect
 from ..errors import (
@@ -60,33 +56,28 @@ from ..errors import (
     ReplicaUnavailableError,
     SaveFailedError,
     StepExistsError,
-    UnsupportedTypeError,
 )
 from ..format import (
     LARGE_STORAGE_DIVISOR,
     MAX_OBJECT_BYTES,
-    CommitRecord,
-    LeafRecord,
-    ObjectRecord,
-    RankManifest,
-    RankRef,
-    StorageRecord,
-    cut_objects,
-    new_token,
-    object_key,
-    rank_manifest_key,
-    serialise,
 )
 from ..replicas import Replica
-from ..restore.check import contiguous_strides
-from ..save.encode import EncodedStep
 from ..save.fanout import commit_from_reports, commit_step
 from ..save.retention import apply_retention, is_committed
-from ..state.tree import JSON, dtype_name, flatten
-from ._codec import DCP_VERSION, Chunk, Location, looks_pickled, metadata_to_tree, parse_value_bytes, rank_index_tree
+from ._codec import DCP_VERSION, Location, metadata_to_tree
 from ._common import check_step, open_for, step_from_checkpoint_id
-from ._staging import Staging, Ticket, check_tensor, copy_into, pack
-from .planners import MirrorSavePlanner
+from ._items import (
+    DcpSave,
+    Entry,
+    GlobalInfo,
+    LocalInfo,
+    encode_items,
+    is_plain,
+    refuse_pickles,
+    resolve_items,
+    with_metadata,
+)
+from ._staging import Staging, Ticket, copy_into, pack
 
 log = logging.getLogger("ckptmirror")
 
@@ -106,87 +97,6 @@ DEFAULT_OBJECT_BYTES = 16 << 20
 #:     s/pos/commit   the decision: {"commit": record} from rank 0, or {"abort": why} from anyone
 #:     s/pos/ack/R    R's commit record written (or why not): {"state": "committed" | "failed", ...}
 _SAVE = "s"
-
-
-def _plain(e: _Entry) -> bool:
-    """A tensor that is not a shard of a sharded one: replicated, and read by every rank."""
-    return e.item.type != WriteItemType.SHARD
-
-
-def _window_bytes(starts: list[int], spans: list[memoryview], off: int, size: int) -> memoryview:
-    """The bytes of stream window ``[off, off + size)``; run ``i`` holds ``spans[i]`` from ``starts[i]``.
-
-    A window inside one run is a view of its buffer (no copy: every large tensor's objects are).
-    Only a group of small storages that straddles runs (buffers of their own, or a staged arena
-    with other ranks' deduplicated items between) is joined into a copy, at most one object's
-    worth per run boundary.
-    """
-    i = bisect.bisect_right(starts, off) - 1
-    start, mv = starts[i], spans[i]
-    if off + size <= start + len(mv):
-        return mv[off - start : off - start + size]
-    parts = []
-    end = off + size
-    while off < end:
-        start, mv = starts[i], spans[i]
-        take = min(end, start + len(mv)) - off
-        parts.append(mv[off - start : off - start + take])
-        off += take
-        i += 1
-    return memoryview(b"".join(parts))
-
-
-@dataclass(frozen=True)
-class _LocalInfo:
-    """``SavePlan.storage_data`` from :meth:`MirrorStorageWriter.prepare_local_plan`."""
-
-    step: int
-    world_size: int
-    places: tuple[str, ...]  # "host|url" per replica position, to elect who prunes where
-
-
-@dataclass(frozen=True)
-class _GlobalInfo:
-    """``SavePlan.storage_data`` from :meth:`MirrorStorageWriter.prepare_global_plan`."""
-
-    save_id: str
-    step: int
-    rank: int
-    world_size: int
-    prune: tuple[bool, ...]  # per position: this rank applies keep_last there
-
-
-@dataclass
-class _Entry:
-    """One write item of this rank: a tensor chunk (bytes somewhere in a buffer) or a value."""
-
-    item: WriteItem
-    key: str
-    tensor: torch.Tensor | None = None
-    node: JSON = None
-    buf: torch.Tensor | None = None  # the uint8 buffer that holds the tensor's bytes
-    start: int = 0
-    nbytes: int = 0
-    stream_offset: int = 0
-
-
-@dataclass
-class _Save:
-    """One save, as this rank runs it (DCP calls every method of a save on one thread)."""
-
-    step: int
-    rank: int
-    coordinator: bool
-    run: Any
-    skipped: dict[str, str]
-    bytes_fqns: list[str] = field(default_factory=list)
-    info: _GlobalInfo | None = None
-    votes: Coordinator | None = None
-    enc: EncodedStep | None = None
-    chunks: list[Chunk] = field(default_factory=list)
-    state_items: list[list[Any]] = field(default_factory=list)
-    failed: dict[int, BaseException] = field(default_factory=dict)  # positions failed in write_data
-    t0: float = field(default_factory=time.perf_counter)
 
 
 class MirrorStorageWriter(StorageWriter, AsyncStager):
@@ -335,10 +245,10 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         self._ping_degraded()
         with self._lock:
             skipped = dict(self._down)
-        self._local.save = _Save(check_step(step), rank, is_coordinator, self._staging.start_save(), skipped)
+        self._local.save = DcpSave(check_step(step), rank, is_coordinator, self._staging.start_save(), skipped)
 
-    def _save_state(self) -> _Save:
-        s: _Save | None = getattr(self._local, "save", None)
+    def _save_state(self) -> DcpSave:
+        s: DcpSave | None = getattr(self._local, "save", None)
         if s is None:
             raise RuntimeError("MirrorStorageWriter: set_up_storage_writer was not called on this thread")
         return s
@@ -361,17 +271,17 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                 raise StepExistsError(s.step, r.url)
         s.bytes_fqns = [item.index.fqn for item in plan.items if item.type == WriteItemType.BYTE_IO]
         host = socket.gethostname()
-        info = _LocalInfo(s.step, self.dist.world_size, tuple(f"{host}|{r.url}" for r in self.replicas))
+        info = LocalInfo(s.step, self.dist.world_size, tuple(f"{host}|{r.url}" for r in self.replicas))
         return dataclasses.replace(plan, storage_data=info)
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """Coordinator: check that the ranks agree, draw the save id, elect who prunes where."""
         infos = [p.storage_data for p in plans]
-        if not all(isinstance(i, _LocalInfo) for i in infos):
+        if not all(isinstance(i, LocalInfo) for i in infos):
             raise ValueError(
                 "MirrorStorageWriter got plans it did not prepare (a planner with enable_plan_caching=True?)"
             )
-        first: _LocalInfo = infos[0]
+        first: LocalInfo = infos[0]
         if any(i.step != first.step for i in infos):
             raise ValueError(f"the ranks save different steps: {[i.step for i in infos]}")
         if any(i.world_size != len(plans) for i in infos):
@@ -390,25 +300,25 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                 all(infos[lower].places[pos] != info.places[pos] for lower in range(rank))
                 for pos in range(len(info.places))
             )
-            out.append(dataclasses.replace(p, storage_data=_GlobalInfo(save_id, first.step, rank, len(plans), prune)))
+            out.append(dataclasses.replace(p, storage_data=GlobalInfo(save_id, first.step, rank, len(plans), prune)))
         return out
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> TorchFuture[list[WriteResult]]:
         """Encode this rank's items, write its objects to every replica, report; see the module docstring."""
         s = self._save_state()
         info = plan.storage_data
-        if not isinstance(info, _GlobalInfo) or info.rank != s.rank:
+        if not isinstance(info, GlobalInfo) or info.rank != s.rank:
             raise ValueError("MirrorStorageWriter.write_data got a plan its prepare_global_plan did not make")
         s.info = info
         if self.dist.distributed:
             s.votes = Coordinator(self.dist, f"ckptmirror/dcp/{info.save_id}", self.commit_timeout_s)
         ticket: Ticket | None = None
         try:
-            self._refuse_pickles(s, plan, planner)
-            entries = self._resolve(s, plan, planner)
+            refuse_pickles(s, plan, planner)
+            entries = resolve_items(s, plan, planner)
             ticket, arena = self._place(s, entries)
             try:
-                views = self._encode(s, entries)
+                views = encode_items(s, entries, self.object_bytes)
                 assert s.enc is not None
                 manifest_now = not s.coordinator  # rank 0's manifest waits for DCP's metadata (finish)
                 results = self._write_all(s, views, manifest_now)
@@ -448,7 +358,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                 checkpoint_id=None if self._checkpoint_id is None else os.fspath(self._checkpoint_id),
                 save_id=s.info.save_id,
             )
-            enc = self._with_metadata(s, metadata_to_tree(metadata))
+            enc = with_metadata(s, metadata_to_tree(metadata))
         except BaseException as exc:
             self._abort_everywhere(s, exc)
             raise
@@ -484,71 +394,12 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         log.info("step %d committed by every rank (%.3f s)", s.step, time.perf_counter() - s.t0)
 
     # ------------------------------------------------------------------ the write phase
-    def _refuse_pickles(self, s: _Save, plan: SavePlan, planner: SavePlanner) -> None:
-        """Before anything is resolved or written: DCP's default planner would pickle the values."""
-        if isinstance(planner, MirrorSavePlanner) or not s.bytes_fqns:
-            return
-        fqn = s.bytes_fqns[0]
-        lookup = getattr(planner, "lookup_object", None)
-        value_type: type = object
-        if lookup is not None:
-            try:
-                value_type = type(lookup(next(i.index for i in plan.items if i.index.fqn == fqn)))
-            except (StopIteration, ValueError, KeyError):
-                pass  # deduplicated to another rank: the name is what matters
-        raise UnsupportedTypeError(
-            f"state_dict[{fqn!r}]",
-            value_type,
-            f"{type(planner).__name__} stores non-tensor values as torch.save (pickle) bytes, and ckptmirror "
-            "stores no pickles: pass planner=MirrorSavePlanner() to dcp.save / dcp.async_save",
-        )
-
-    def _resolve(self, s: _Save, plan: SavePlan, planner: SavePlanner) -> list[_Entry]:
-        """Every item of the plan, resolved by the planner and checked."""
-        entries: list[_Entry] = []
-        used: dict[str, int] = {}
-        for item in plan.items:
-            fqn = item.index.fqn
-            n = used.get(fqn, 0)
-            used[fqn] = n + 1
-            key = fqn if n == 0 else f"{fqn}#{n}"  # several chunks of one tensor on this rank
-            data = planner.resolve_data(item)
-            if item.type == WriteItemType.BYTE_IO:
-                raw = data.getvalue() if isinstance(data, io.BytesIO) else None
-                try:
-                    if raw is None:
-                        raise ValueError("not a BytesIO")
-                    node = parse_value_bytes(raw, fqn)
-                except (ValueError, CkptMirrorError) as exc:
-                    what = (
-                        "torch.save (pickle) bytes" if raw is not None and looks_pickled(raw) else "not ckptmirror JSON"
-                    )
-                    raise UnsupportedTypeError(
-                        f"state_dict[{fqn!r}]",
-                        type(data),
-                        f"the planner resolved it to {what}; ckptmirror stores no pickles: pass "
-                        "planner=MirrorSavePlanner() to dcp.save / dcp.async_save",
-                    ) from exc
-                entries.append(_Entry(item, key, node=node))
-                continue
-            if not isinstance(data, torch.Tensor):
-                raise TypeError(f"{fqn}: the planner resolved a tensor item to {type(data).__name__}")
-            t = data.detach()
-            check_tensor(t, f"state_dict[{fqn!r}]")
-            td = item.tensor_data
-            if td is not None and tuple(t.shape) != tuple(td.chunk.sizes):
-                raise ValueError(f"{fqn}: resolved shape {tuple(t.shape)} is not the chunk's {tuple(td.chunk.sizes)}")
-            if td is not None and t.dtype != td.properties.dtype:
-                raise ValueError(f"{fqn}: resolved dtype {t.dtype} is not the planned {td.properties.dtype}")
-            entries.append(_Entry(item, key, tensor=t, nbytes=t.numel() * t.element_size()))
-        return entries
-
-    def _place(self, s: _Save, entries: list[_Entry]) -> tuple[Ticket | None, Any]:
+    def _place(self, s: DcpSave, entries: list[Entry]) -> tuple[Ticket | None, Any]:
         """Find each tensor's bytes: in a staged arena (async_save), in the tensor itself (a large
         one), or copied into an arena now."""
         with_bytes = [e for e in entries if e.tensor is not None and e.nbytes]
         ticket: Ticket | None = None
-        rest: list[_Entry] = []
+        rest: list[Entry] = []
         for e in with_bytes:
             assert e.tensor is not None
             hit = self._staging.find(e.tensor)
@@ -572,7 +423,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         # arena, so that their shared objects are views too; device and strided tensors are
         # copied, as their bytes must be on the host and back to back.
         large = max(1, self.object_bytes // LARGE_STORAGE_DIVISOR)
-        copied: list[_Entry] = []
+        copied: list[Entry] = []
         for e in rest:
             t = e.tensor
             assert t is not None
@@ -585,7 +436,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         self.last_copied_bytes = sum(e.nbytes for e in rest)
         if rest:
             tensors = [e.tensor for e in rest if e.tensor is not None]
-            offsets, total = pack(tensors, [0 if _plain(e) else 1 for e in rest])
+            offsets, total = pack(tensors, [0 if is_plain(e) else 1 for e in rest])
             pinned = any(t.is_cuda for t in tensors)
             if ticket is None:
                 arena = self._staging.acquire()  # dcp.save: this copy is the snapshot; the arena is reused
@@ -602,104 +453,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                 e.buf, e.start = buf, off
         return ticket, arena
 
-    def _encode(self, s: _Save, entries: list[_Entry]) -> list[memoryview]:
-        """Cut the placed bytes into objects, hash them, build this rank's manifest (rank 0: without metadata)."""
-        assert s.info is not None
-        # Runs: tensors whose bytes lie back to back in one buffer. The data stream is the runs
-        # one after the other (storages tile it, as the format requires); bytes between runs
-        # (other ranks' deduplicated items in a staging arena) are not written. Plain tensors
-        # come first: DCP stores each replicated one on one rank only, so every other rank
-        # reads it from there, and each object it lies in is read whole (to verify it). Kept
-        # together, they share as few objects as the cut allows: objects of their own when a
-        # large storage follows them.
-        placed = sorted(
-            (e for e in entries if e.buf is not None and e.nbytes),
-            key=lambda e: (not _plain(e), self._buf_order(e.buf), e.start),
-        )
-        runs: list[list[_Entry]] = []
-        for e in placed:
-            if runs and runs[-1][-1].buf is e.buf and runs[-1][-1].start + runs[-1][-1].nbytes == e.start:
-                runs[-1].append(e)
-            else:
-                runs.append([e])
-        pos = 0
-        starts: list[int] = []  # stream offset of each run
-        spans: list[memoryview] = []  # its bytes
-        for run in runs:
-            assert run[0].buf is not None
-            base = run[0].start
-            for e in run:
-                e.stream_offset = pos + e.start - base
-            size = run[-1].start + run[-1].nbytes - base
-            starts.append(pos)
-            spans.append(host_bytes(run[0].buf)[base : base + size])
-            pos += size
-        # The format's cut over the whole stream, as the main save path cuts it (encode.py).
-        windows = cut_objects([StorageRecord(e.stream_offset, e.nbytes) for e in placed], self.object_bytes)
-        views = [_window_bytes(starts, spans, off, size) for off, size in windows]
-        with ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="ckptmirror-hash") as pool:
-            sums = list(pool.map(checksum, views))
-        token = new_token()
-        info = s.info
-        objects = tuple(
-            ObjectRecord(object_key(info.step, info.rank, i, token), w[1], c)
-            for i, (w, c) in enumerate(zip(windows, sums))
-        )
-        # Storages in stream order (zero-byte ones at the end); leaves in the plan's order.
-        in_stream = placed + [e for e in entries if e.tensor is not None and not (e.buf is not None and e.nbytes)]
-        storage_of = {id(e): i for i, e in enumerate(in_stream)}
-        storages = tuple(StorageRecord(e.stream_offset if e.nbytes else pos, e.nbytes) for e in in_stream)
-        leaves: list[LeafRecord] = []
-        for e in entries:
-            if e.tensor is None:
-                s.state_items.append([e.key, e.node])
-                s.chunks.append(Chunk(e.item.index.fqn, None, e.key))
-                continue
-            shape = tuple(e.tensor.shape)
-            leaves.append(
-                LeafRecord("tensor", storage_of[id(e)], dtype_name(e.tensor.dtype), shape, contiguous_strides(shape), 0)
-            )
-            node: dict[str, Any] = {"t": "tensor", "i": len(leaves) - 1}
-            td = e.item.tensor_data
-            if e.item.type == WriteItemType.SHARD and td is not None:
-                # A shard of a sharded tensor (DTensor): where it sits in the global tensor, in
-                # ckptmirror's own terms, so that Mirror.load_state and export can gather it.
-                node = {"t": "dtensor", "i": node["i"], "gshape": list(td.size), "goffset": list(td.chunk.offsets)}
-            s.state_items.append([e.key, node])
-            offsets = tuple(int(o) for o in e.item.index.offset) if e.item.index.offset is not None else None
-            s.chunks.append(Chunk(e.item.index.fqn, offsets, e.key))
-        manifest = RankManifest(
-            info.step, info.rank, info.world_size, objects, storages, tuple(leaves), self._structure(s, None)
-        )
-        mkey = rank_manifest_key(info.step, info.rank, token)
-        mbytes = serialise(manifest, mkey)  # fails the save rather than write a manifest no reader accepts
-        commit = CommitRecord(info.step, info.world_size, (RankRef(info.rank, mkey, len(mbytes), checksum(mbytes)),))
-        s.enc = EncodedStep(info.step, tuple(windows), manifest, mkey, mbytes, commit.to_json())
-        return views
-
-    def _buf_order(self, buf: torch.Tensor | None) -> int:
-        """Buffers in a fixed order (by address), so that runs of one buffer stay together."""
-        return 0 if buf is None else buf.data_ptr()
-
-    def _structure(self, s: _Save, metadata: dict[str, Any] | None) -> JSON:
-        """The rank's tree: ``{"dcp": index (+ DCP's metadata on rank 0), "state": {key: node}}``."""
-        assert s.info is not None
-        index = rank_index_tree(s.info.rank, s.info.world_size, s.info.step, s.chunks, metadata)
-        return {
-            "t": "dict",
-            "items": [["dcp", flatten(index, root="dcp").structure], ["state", {"t": "dict", "items": s.state_items}]],
-        }
-
-    def _with_metadata(self, s: _Save, metadata: dict[str, Any]) -> EncodedStep:
-        """Rank 0's manifest, now with DCP's metadata (and the single-rank commit that pins it)."""
-        assert s.enc is not None and s.info is not None
-        manifest = dataclasses.replace(s.enc.manifest, structure=self._structure(s, metadata))
-        mbytes = serialise(manifest, s.enc.manifest_key)  # the metadata makes it larger: checked again
-        ref = RankRef(0, s.enc.manifest_key, len(mbytes), checksum(mbytes))
-        commit = CommitRecord(s.info.step, s.info.world_size, (ref,))
-        return dataclasses.replace(s.enc, manifest=manifest, manifest_bytes=mbytes, commit_bytes=commit.to_json())
-
-    def _write_all(self, s: _Save, views: list[memoryview], manifest_now: bool) -> dict[int, BaseException]:
+    def _write_all(self, s: DcpSave, views: list[memoryview], manifest_now: bool) -> dict[int, BaseException]:
         """Every object (and, except on rank 0, the manifest) to every replica position at once."""
         enc = s.enc
         assert enc is not None
@@ -733,7 +487,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         return {pos: e for pos, e in enumerate(res) if e is not None}
 
     # ------------------------------------------------------------------ the vote
-    def _abort_everywhere(self, s: _Save, exc: BaseException) -> None:
+    def _abort_everywhere(self, s: DcpSave, exc: BaseException) -> None:
         """This rank's save failed: nothing may commit, and nobody should wait for ``finish``."""
         if s.votes is None:
             return
@@ -747,7 +501,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                 break
         s.votes.close()
 
-    def _report(self, s: _Save, pos: int) -> None:
+    def _report(self, s: DcpSave, pos: int) -> None:
         assert s.votes is not None and s.enc is not None
         if pos in s.failed:
             exc = s.failed[pos]
@@ -766,7 +520,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
             },
         )
 
-    def _report_and_commit_later(self, s: _Save) -> None:
+    def _report_and_commit_later(self, s: DcpSave) -> None:
         """A rank other than 0: report now; a thread writes the commit records once rank 0 decides."""
         assert s.votes is not None and s.enc is not None
         for pos in range(len(self.replicas)):
@@ -802,7 +556,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
         t.start()
 
-    def _commit_coordinator(self, s: _Save, pos: int) -> BaseException | None:
+    def _commit_coordinator(self, s: DcpSave, pos: int) -> BaseException | None:
         """Rank 0 at one position: manifest, report, decide, commit record, every rank's acknowledgement."""
         r = self.replicas[pos]
         enc = s.enc
@@ -835,7 +589,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
             log.warning("step %d not committed at replica position %d (%s): %s", s.step, pos, r.url, exc)
             return exc
 
-    def _record(self, s: _Save, outcome: Mapping[int, BaseException | None]) -> None:
+    def _record(self, s: DcpSave, outcome: Mapping[int, BaseException | None]) -> None:
         self.last_outcome = {
             self.replicas[p].url: "committed" if e is None else f"failed: {type(e).__name__}: {e}"
             for p, e in sorted(outcome.items())
@@ -863,7 +617,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                 self._down.pop(r.url, None)
             log.info("replica %s answers again", r.url)
 
-    def _prune(self, s: _Save, committed: list[int]) -> None:
+    def _prune(self, s: DcpSave, committed: list[int]) -> None:
         """``keep_last`` where this rank committed and was elected to prune."""
         if self.keep_last is None or s.info is None:
             return
@@ -878,7 +632,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
             except (CkptMirrorError, OSError) as exc:
                 log.warning("retention on %s failed after step %d: %s", r.url, s.step, exc)
 
-    def _prune_later(self, s: _Save, committed: list[int]) -> None:
+    def _prune_later(self, s: DcpSave, committed: list[int]) -> None:
         if self.keep_last is None or not committed:
             return
         t = threading.Thread(target=self._prune, args=(s, committed), name="ckptmirror-dcp-retention", daemon=True)
