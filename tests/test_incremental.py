@@ -117,6 +117,54 @@ def test_delete_of_the_step_holding_the_objects_keeps_them_for_later_steps(tmp_p
         assert_bit_exact(got[1], frozen_base_state(s))
 
 
+def test_overwriting_the_step_that_holds_the_objects_keeps_them_for_later_steps(tmp_path: Path) -> None:
+    # Step 2 references step 1's base objects; step 1 is then saved again (overwrite=True, as a
+    # run resumed from an older checkpoint does). The new step 1's commit drops the files of the
+    # old attempt, but not those step 2 references.
+    other = frozen_base_state(1)
+    other["model"] = {k: v * 2 for k, v in other["model"].items()}
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
+        for s in (1, 2):
+            m.save_state(s, frozen_base_state(s)).result(timeout=60)
+        old = set(files_under(tmp_path / step_dir(1)))
+        m.save_state(1, other, overwrite=True).result(timeout=60)
+        m.wait()
+        assert m.steps() == [1, 2]
+    left = set(files_under(tmp_path / step_dir(1)))
+    assert old & left, "the objects step 2 references were deleted"
+    for s, want in ((1, other), (2, frozen_base_state(2))):
+        with Mirror([str(tmp_path)]) as m:
+            got = m.load_state(s, require=True)
+        assert got is not None
+        assert_bit_exact(got[1], want, f"step {s}: ")
+    assert verify([str(tmp_path)]).exit_code == 0
+    # Once step 2 goes, nothing references the old files; dropping step 1 then removes them all.
+    with Mirror([str(tmp_path)]) as m:
+        m.delete(2, force=True)
+        m.delete(1, force=True)
+    assert not (tmp_path / step_dir(1)).exists()
+
+
+def test_a_step_saved_again_after_retention_dropped_it_keeps_what_later_steps_reference(tmp_path: Path) -> None:
+    # keep_last=1: step 1 is dropped as a step, its base objects stay for step 2. A run resumed
+    # from step 0 then saves step 1 again (no commit record: no overwrite needed); that commit
+    # drops the dropped attempt's files, but not those step 2 references.
+    save_steps(tmp_path, range(1, 3), keep_last=1)
+    assert files_under(tmp_path / step_dir(1))
+    other = frozen_base_state(1)
+    other["model"] = {k: v - 1 for k, v in other["model"].items()}
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
+        m.save_state(1, other).result(timeout=60)
+        m.wait()
+        assert m.steps() == [1, 2]
+    for s, want in ((1, other), (2, frozen_base_state(2))):
+        with Mirror([str(tmp_path)]) as m:
+            got = m.load_state(s, require=True)
+        assert got is not None
+        assert_bit_exact(got[1], want, f"step {s}: ")
+    assert verify([str(tmp_path)]).exit_code == 0
+
+
 def test_a_referenced_file_that_vanished_is_written_again(tmp_path: Path) -> None:
     with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
         m.save_state(1, frozen_base_state(1)).result(timeout=60)

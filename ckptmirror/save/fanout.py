@@ -56,6 +56,7 @@ from ..format import (
     commit_key,
     object_key,
     parse_commit,
+    parse_step_dir,
     placement_key,
     step_dir,
     stored_object_key,
@@ -69,7 +70,7 @@ from ..replicas.local import LocalReplica
 from .arena import Arena
 from .encode import EncodedStep, PreWritten, Segments, encode, encode_replicated, object_segments
 from .priority import lower_priority
-from .retention import apply_retention, delete_quietly, is_committed, remove_step
+from .retention import apply_retention, delete_quietly, is_committed, protected_keys, remove_step
 from .snapshot import frozen_flags
 
 #: Per replica: the content ``(checksum, size)`` of each object its last committed save stored
@@ -294,7 +295,13 @@ class Fanout:
                     }
                     self._vote(save_key, pos, ref, decide)
                     commit_bytes = self._coord.outcome(save_key, pos)
-                commit_step(replica, enc, commit_bytes, written=_written_here(enc.step, stored, enc))
+                commit_step(
+                    replica,
+                    enc,
+                    commit_bytes,
+                    written=_written_here(enc.step, stored, enc),
+                    live=self._live_keys(replica.url),
+                )
             except BaseException as exc:  # noqa: BLE001 - recorded per replica
                 log.warning("replica %s failed to save step %d: %s", replica.url, job.step, exc)
                 if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
@@ -693,14 +700,24 @@ def _written_here(step: int, stored: Mapping[str, Stored], enc: EncodedStep) -> 
     return keys + [enc.manifest_key]
 
 
-def commit_step(replica: Replica, enc: EncodedStep, commit_bytes: bytes, written: Sequence[str] | None = None) -> None:
+def commit_step(
+    replica: Replica,
+    enc: EncodedStep,
+    commit_bytes: bytes,
+    written: Sequence[str] | None = None,
+    live: Collection[str] = (),
+) -> None:
     """Phase 2 on one replica: write the commit record, then drop what it does not reference.
 
     Leftovers are recognised by their writer token: files of the step whose (rank, token) is
-    not pinned by the commit belong to a torn or losing attempt. Deciding this only after the
-    commit matters on shared replicas, where other ranks' files are being written meanwhile.
-    ``written``: the files this save put in the step's directory (default: the objects raw
-    under their own names and the manifest), taken back if another writer won.
+    not pinned by the commit belong to a torn or losing attempt, or to an earlier save of this
+    step number (overwritten, or dropped by retention) whose objects later steps still
+    reference (incremental saves). Those stay: no file that a placement record in another step
+    directory references, nor one a save of this process has in flight (``live``), is deleted
+    (:func:`~ckptmirror.save.retention.protected_keys`, as retention decides). Deciding this only
+    after the commit matters on shared replicas, where other ranks' files are being written
+    meanwhile. ``written``: the files this save put in the step's directory (default: the
+    objects raw under their own names and the manifest), taken back if another writer won.
     """
     step = enc.step
     try:
@@ -717,6 +734,13 @@ def commit_step(replica: Replica, enc: EncodedStep, commit_bytes: bytes, written
     # Only files that name their writer: a commit record's temp file may be another rank's
     # commit of these same bytes, in flight right now on a shared replica.
     stale = [k for k in replica.list_prefix(step_dir(step)) if (w := writer_of(k)) is not None and w not in pinned]
+    if stale:
+        others = [n for name in replica.list_steps() if (n := parse_step_dir(name)) is not None and n != step]
+        protected = protected_keys(replica, others)
+        if protected is None:  # an unreadable placement (logged): any of them may be referenced
+            return
+        protected |= set(live)
+        stale = [k for k in stale if k not in protected]
     if stale:
         log.info("removing %d leftover file(s) of interrupted saves of step %d on %s", len(stale), step, replica.url)
         delete_quietly(replica, stale)
