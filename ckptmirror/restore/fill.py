@@ -31,7 +31,7 @@ import torch
 from ..errors import StateMismatchError
 from ..format import RankManifest, leaf_columns
 from ..state.reshard import Piece, StoredShard, copy_piece, plan_pieces
-from ..state.tree import unflatten
+from ..state.tree import key_path, unflatten
 from .ahead import Ahead, host_first
 from .check import LeafSpec, ManifestCheck, validate_manifest
 from .fetch import Fetcher, ObjectPlan
@@ -154,6 +154,17 @@ def _fill_step(
         want_paths = {w.path for w in wants}
         skip = {i for i, p in check.paths.items() if p in want_paths}
     dests = storage_targets(m, leaf_targets, check.dtypes, check.esizes, skip, target_cols, check.exact)
+    if dests.untied:
+        sidx = leaf_columns(m).storage
+        untied = set(dests.untied)
+        paths = check.paths
+        keys = [key_path("state", paths[i]) for i in leaf_targets if sidx[i] in untied]
+        log.warning(
+            "step %d: targets %s share memory (tied weights?) but the checkpoint holds them as separate tensors: "
+            "each is copied in turn, so they hold the last one's values (as torch's load_state_dict does)",
+            m.step,
+            ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else ""),
+        )
     loaded = Loaded(m.step, None)
     if targets is not None:
         regions = [*leaf_targets.values(), *(w.local for w in wants)]

@@ -18,7 +18,9 @@ from collections.abc import Callable, Iterable, Sequence
 from itertools import compress, repeat
 from typing import Any, NoReturn
 
+import numpy as np
 import torch
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from ..buffers import byte_view
 from ..errors import StateMismatchError
@@ -42,13 +44,15 @@ class StorageTargets:
       bytes go through ``dest``.
     """
 
-    __slots__ = ("dest", "is_direct", "ptr", "read")
+    __slots__ = ("dest", "is_direct", "ptr", "read", "untied")
 
     def __init__(self, n: int) -> None:
         self.read = [True] * n
         self.is_direct = [False] * n
         self.dest: list[torch.Tensor | None] = [None] * n
         self.ptr = [0] * n
+        #: Storages that would have landed straight in targets sharing memory (see :func:`_untie`).
+        self.untied: list[int] = []
 
     def fresh(self, s: int, nbytes: int) -> None:
         """Storage ``s`` goes to a new buffer (not the caller's tensor)."""
@@ -217,11 +221,21 @@ def match_targets(
             tcols = TargetCols(tl)  # everything restore reads of the targets, while they are in cache
             # (list equality: one C loop, each torch.Size compared with its stored tuple)
             if tcols.shapes == (lc.shapes if every else list(map(lc.shapes.__getitem__, il))):
+                # Not filled byte for byte (no host address): the few that need a closer look.
+                odd = list(compress(range(len(tl)), map(operator.not_, tcols.ptrs)))
+                problems += _unfillable(check, [il[k] for k in odd], [tl[k] for k in odd])
                 if problems:
                     _mismatch(m, problems, hints)
                 return dict(zip(il, tl)), wants, values, tcols, whole
     for i, path, t in zip(idx, cols.paths(), ts):
         if not isinstance(t, torch.Tensor):
+            continue
+        if isinstance(t, (UninitializedParameter, UninitializedBuffer)):  # a lazy module's: no shape, no data yet
+            problems.append(
+                f"{key_path('state', path)}: the target is an uninitialized lazy parameter or buffer "
+                "(torch.nn.LazyLinear and the like): run one forward pass (or "
+                "module.initialize_parameters(...)) to materialise it, then restore"
+            )
             continue
         lf = m.leaves[i]
         if lf.kind != "tensor":
@@ -254,10 +268,53 @@ def match_targets(
             )
         else:
             out[i] = t
+    odd = [i for i, t in out.items() if not (type(t) in _PLAIN and t.is_cpu and t.is_contiguous())]
+    problems += _unfillable(check, odd, [out[i] for i in odd])
     if problems:
-        _mismatch(m, problems, hints)
+        _mismatch(m, problems, hints or _shape_hint(problems))
     _consolidate(m, check, (set(values) | set(out)) if check.dtensors else set(), wants, values)
     return out, wants, values, None, whole
+
+
+def _unfillable(check: ManifestCheck, leaves: Sequence[int], ts: Sequence[torch.Tensor]) -> list[str]:
+    """Problems with targets that no restore can fill (checked before any is touched, so that
+    the failure leaves every target as it was): on the meta device (no data: a copy into it does
+    nothing), or whose elements share memory (an expanded, stride-0 tensor: the copy into it
+    would fail half-way through the landing). ``leaves``: their leaf indices, ``ts``: the tensors;
+    only targets not filled byte for byte from host memory need this look."""
+    bad: list[tuple[int, str]] = []
+    for i, t in zip(leaves, ts):
+        if t.device.type == "meta":
+            bad.append(
+                (
+                    i,
+                    "the target is on the meta device (it holds no data, so nothing would be loaded): materialise "
+                    "the module first, e.g. module.to_empty(device='cpu'), then restore",
+                )
+            )
+        elif t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
+            bad.append(
+                (
+                    i,
+                    f"the target's elements share memory (an expanded tensor: shape {list(t.shape)}, strides "
+                    f"{list(t.stride())}), so it cannot be filled: give the module a tensor of its own there (e.g. "
+                    "register the buffer as x.expand(...).clone())",
+                )
+            )
+    if not bad:
+        return []
+    paths = check.paths  # every leaf's path: built once, only for the message
+    return [f"{key_path('state', paths[i])}: {why}" for i, why in bad]
+
+
+def _shape_hint(problems: list[str]) -> list[str]:
+    """The fix for shape mismatches: the target was built with another configuration."""
+    if not any(" shape " in p for p in problems):
+        return []
+    return [
+        "\n  hint: build the target with the configuration the checkpoint was saved with (`ckptmirror inspect "
+        "<replica> --step N` lists the stored shapes)"
+    ]
 
 
 def _mismatch(m: RankManifest, problems: list[str], hints: list[str]) -> NoReturn:
@@ -342,6 +399,7 @@ def storage_targets(
             if cols.dtypes == dtypes and 0 not in cols.ptrs:
                 out.is_direct = [True] * ns
                 out.ptr = list(cols.ptrs)
+                _untie(out, nbytes)
                 return out
         sl = sidx if every else list(map(sidx.__getitem__, li))
         # The candidates as columns: leaf, storage, then the target's dtype, host address and
@@ -392,9 +450,43 @@ def storage_targets(
             host = list(map(operator.not_, cuda))
             ds, ptrs = list(compress(ds, host)), list(compress(ptrs, host))
         scatter(out.ptr, ds, ptrs)
+        _untie(out, nbytes)
     for s in compress(range(ns), map(operator.gt, out.read, out.is_direct)):  # read, not direct
-        out.fresh(s, nbytes[s])
+        if out.dest[s] is None:
+            out.fresh(s, nbytes[s])
     return out
+
+
+def _untie(out: StorageTargets, nbytes: list[int]) -> None:
+    """Storages that would land straight in host memory another one lands in too go to fresh
+    buffers instead (``out.untied``), and are copied into their targets one after the other.
+
+    Such targets share memory (tied weights, e.g. an embedding and an output layer) where the
+    checkpoint holds separate tensors: reads landing in parallel would leave a mix of both.
+    Copied in leaf order, the last one wins, as with torch's ``load_state_dict``. One NumPy pass
+    over the addresses, which are usually ascending already (then no sort).
+    """
+    p = np.array(out.ptr, dtype=np.int64)
+    n = np.array(nbytes, dtype=np.int64)
+    sel = np.flatnonzero(np.array(out.is_direct, dtype=bool) & (p != 0) & (n > 0))
+    if len(sel) < 2:
+        return
+    ps, ns = p[sel], n[sel]
+    if bool(np.all(ps[1:] >= ps[:-1] + ns[:-1])):
+        return  # ascending and disjoint: the usual case
+    o = np.argsort(ps, kind="stable")
+    ps, ns, sel = ps[o], ns[o], sel[o]
+    reach = np.maximum.accumulate(ps + ns)  # the end of the furthest range so far
+    starts = np.empty(len(ps), dtype=bool)
+    starts[0] = True
+    starts[1:] = ps[1:] >= reach[:-1]  # a range that starts a new group of overlapping ones
+    group = np.cumsum(starts)
+    hit = sorted(int(s) for s in sel[np.bincount(group)[group] > 1])
+    for s in hit:
+        out.is_direct[s] = False
+        out.ptr[s] = 0
+        out.fresh(s, nbytes[s])
+    out.untied = hit
 
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "model.")
