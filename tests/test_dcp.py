@@ -402,6 +402,26 @@ def test_values_round_trip_and_plain_tensors(tmp_path: Path) -> None:
     assert tree["dcp"]["format"] == "ckptmirror.dcp/1" and "metadata" in tree["dcp"]
 
 
+def test_a_failed_load_says_the_tensors_may_hold_part_of_the_step_and_leaves_values(tmp_path: Path) -> None:
+    state = small_state()
+    w = MirrorStorageWriter([str(tmp_path / "a")], object_bytes=64)
+    dcp.save(state, checkpoint_id="run1/step-000007", storage_writer=w, planner=MirrorSavePlanner())
+    objects = sorted((tmp_path / "a" / step_dir(7)).rglob("o*.bin"))
+    last = objects[-1]
+    data = bytearray(last.read_bytes())
+    data[-1] ^= 0xFF  # the only replica's last object no longer matches its checksum
+    last.write_bytes(bytes(data))
+    target = small_state()
+    target["extra"] = {"epoch": -1, "big": -1}
+    r = MirrorStorageReader([str(tmp_path / "a")])
+    with pytest.raises(BaseException) as exc:  # DCP's CheckpointException is a BaseException
+        dcp.load(target, storage_reader=r, planner=MirrorLoadPlanner())
+    msg = str(exc.value)
+    assert "step 7 cannot be read" in msg and "may now hold part of step 7" in msg, msg
+    assert "do not train on this state_dict" in msg
+    assert target["extra"] == {"epoch": -1, "big": -1}  # the values are loaded last: untouched
+
+
 def test_step_comes_from_the_checkpoint_id_or_is_required(tmp_path: Path) -> None:
     w = MirrorStorageWriter([str(tmp_path)])
     with pytest.raises(BaseException, match="which step"):

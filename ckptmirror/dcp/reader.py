@@ -236,9 +236,6 @@ class MirrorStorageReader(StorageReader):
                 f"{type(planner).__name__} would unpickle them with torch.load: pass planner=MirrorLoadPlanner() "
                 "to dcp.load"
             )
-        for req in values:
-            loc = storage[req.storage_index]
-            planner.load_bytes(req, io.BytesIO(value_bytes_of_node(chosen.raw_state[loc.rank][loc.key])))
         by_rank: dict[int, list[ReadItem]] = {}
         for req in plan.items:
             if req.type != LoadItemType.BYTE_IO:
@@ -253,9 +250,15 @@ class MirrorStorageReader(StorageReader):
         except STEP_FAILURES as exc:
             mark_bad([r.url for r in self.replicas], chosen.step)
             raise CorruptObjectError(
-                f"step {chosen.step} cannot be read: {exc}. The step is marked bad in this process: loading "
+                f"step {chosen.step} cannot be read: {exc}. DCP loads into the state_dict's tensors in place, "
+                f"so some of them may now hold part of step {chosen.step} (its non-tensor values were not "
+                "loaded): do not train on this state_dict. The step is marked bad in this process: loading "
                 "again falls back to an older step on every rank"
             ) from exc
+        # The values last: a load that failed above left them as they were.
+        for req in values:
+            loc = storage[req.storage_index]
+            planner.load_bytes(req, io.BytesIO(value_bytes_of_node(chosen.raw_state[loc.rank][loc.key])))
         fut: TorchFuture[None] = TorchFuture()
         fut.set_result(None)
         return fut
