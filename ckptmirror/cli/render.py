@@ -224,8 +224,9 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
             if not rc.ranks:
                 status = {"absent": "LAGGING (not here)", "torn": "LAGGING (torn here)"}.get(rc.status, "BAD commit")
                 rows.append([label, "-", "-", "-", "-", status])
+            differs = any(p.kind == "disagree" for p in rc.problems)
             for rk in rc.ranks:
-                status = "ok" if rk.ok else "BAD"
+                status = ("ok" if rk.ok else "BAD") + (", ANOTHER CHECKPOINT" if differs else "")
                 rows.append([label, rk.rank, f"{rk.verified}/{rk.objects}", _size(rk.bytes), _how(rk), status])
         lines += _table(["REPLICA", "RANK", "OBJECTS OK", "BYTES", "CHECKED BY", "STATUS"], rows, "  ")
         for rc in s.replicas:
@@ -296,8 +297,15 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
         else:
             lost = [s.step for s in res.steps if not s.recoverable]
             msg = f"FAILED: step(s) {', '.join(map(str, lost))} not recoverable from these replicas ({mode})"
-        if problems and all(s.recoverable for s in res.steps) and len(res.replicas) > 1:
+        disagree = sorted({p.step for p in damage if p.kind == "disagree"})
+        fixable = [p for p in problems if p.kind != "disagree"]
+        if fixable and all(s.recoverable for s in res.steps) and len(res.replicas) > 1:
             msg += "; 'ckptmirror repair' can fix them from the good copies"
+        if disagree:
+            msg += (
+                f"; the replicas hold different checkpoints under step(s) {', '.join(map(str, disagree))}: "
+                "delete the foreign copy, then run 'ckptmirror repair' (see DAMAGE)"
+            )
         lines.append(msg)
     return lines
 
@@ -363,6 +371,14 @@ def _prune_lines(res: ops.PruneReport) -> list[str]:
             (f"{verb} torn saves", _steps_text(p.removed_torn)),
             (f"{verb} leftovers", garbage),
         ]
+        if p.kept_for_references:
+            rows.append(
+                (
+                    "kept for references",
+                    f"{_steps_text(p.kept_for_references)} (not interrupted saves: they hold objects that kept steps "
+                    "reference; their other files count as leftovers)",
+                )
+            )
         if p.skipped_torn:
             rows.append(
                 (

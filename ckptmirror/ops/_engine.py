@@ -8,7 +8,7 @@ pool; see :mod:`ckptmirror.ops` for why. Nothing here writes to a replica.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +18,9 @@ from ..format import TMP_PREFIX, CommitRecord, ObjectRecord, RankManifest, commi
 from ..placement import is_placement_key
 from ..replicas import Replica
 from ..restore.check import validate_manifest
+from ..restore.discover import StepListing
 from ..restore.fetch import Fetcher
+from ..save.retention import protected_keys
 from ._common import FAILURES, Problem, ProgressFactory, strip_where
 
 #: Name prefix of a replica's temporary files (an upload that has not been renamed yet).
@@ -393,3 +395,75 @@ def garbage_keys(
         for k in keys
         if k not in named and not (writer_of(k) in writers and (k.endswith(".zst") or is_placement_key(k)))
     )
+
+
+# ----------------------------------------------------------------- directories kept for references
+
+
+def holds_only_referenced(r: Replica, step: int, refs: Collection[str] | None) -> bool:
+    """Whether ``step``'s directory on ``r`` is not empty and holds only keys in ``refs``.
+
+    ``refs``: the keys that the placement records of the steps that stay reference
+    (:func:`~ckptmirror.save.retention.protected_keys`; None when one of them is unreadable: then
+    nothing is known to be referenced). Such a directory, without a commit record, is what
+    retention leaves of a step whose objects later steps reference (incremental saves): no
+    interrupted save, no garbage. Raises what listing the directory raises.
+    """
+    if refs is None:
+        return False
+    keys = r.list_prefix(step_dir(step))
+    return bool(keys) and all(k in refs for k in keys)
+
+
+class KeptForReferences:
+    """Which step directories without a commit record only keep objects that other steps on the
+    same replica reference (:func:`holds_only_referenced`), for ``ls``, ``verify`` and ``prune``.
+
+    The placement records of every step on a replica (committed or torn, as ``listing`` says)
+    are read once per replica, on first use.
+    """
+
+    def __init__(self, listing: StepListing) -> None:
+        self._listing = listing
+        self._refs: dict[str, set[str] | None] = {}
+
+    def steps_on(self, url: str) -> list[int]:
+        """Every step with a directory on the replica ``url`` (committed or torn), ascending."""
+        on = {c for c, urls in self._listing.committed.items() if url in urls}
+        return sorted(on | set(self._listing.torn.get(url, [])))
+
+    def refs(self, r: Replica) -> set[str] | None:
+        """The keys the placement records of ``r``'s steps reference (None: one is unreadable)."""
+        if r.url not in self._refs:
+            self._refs[r.url] = protected_keys(r, self.steps_on(r.url))
+        return self._refs[r.url]
+
+    def __call__(self, r: Replica, step: int) -> bool:
+        """Whether ``step``'s directory on ``r`` holds only files other steps there reference.
+        Raises what reading ``r`` raises (the caller then judges the directory torn)."""
+        return holds_only_referenced(r, step, self.refs(r))
+
+    def split(
+        self, replicas: Sequence[Replica], torn: Mapping[str, Sequence[int]]
+    ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+        """``torn`` (replica URL -> steps without a commit there) split into the steps that are
+        torn indeed and those only kept for references, per replica; a replica that cannot be
+        read keeps its steps as torn."""
+        really: dict[str, tuple[int, ...]] = {}
+        kept: dict[str, tuple[int, ...]] = {}
+        by_url = {r.url: r for r in replicas}
+        for url, steps in torn.items():
+            r = by_url.get(url)
+            mine: list[int] = []
+            for s in steps:
+                try:
+                    if r is not None and self(r, s):
+                        mine.append(s)
+                except FAILURES:
+                    pass  # judged torn, as before: what is wrong with the replica shows elsewhere
+            if mine:
+                kept[url] = tuple(mine)
+            left = tuple(s for s in steps if s not in mine)
+            if left:
+                really[url] = left
+        return really, kept

@@ -9,9 +9,8 @@ from typing import Any
 
 from ..format import step_dir
 from ..replicas import Replica
-from ..save.retention import protected_keys
 from ._common import FAILURES, list_reachable, opened
-from ._engine import Engine, garbage_keys, referenced, storage_of
+from ._engine import Engine, KeptForReferences, garbage_keys, referenced, storage_of
 
 
 @dataclass(frozen=True)
@@ -66,29 +65,14 @@ def ls(urls: Sequence[str | Replica], *, storage_options: Mapping[str, Mapping[s
         all_steps = set(listing.committed) | {s for v in listing.torn.values() for s in v}
         eng = Engine(reachable, 1, True, None)
         out: list[StepInfo] = []
-        protected: dict[str, set[str] | None] = {}
-
-        def kept(r: Replica, s: int) -> bool:
-            """Whether step ``s``'s directory on ``r`` holds only files other steps reference."""
-            if r.url not in protected:
-                on_r = {c for c, urls in listing.committed.items() if r.url in urls} | set(listing.torn.get(r.url, []))
-                protected[r.url] = protected_keys(r, sorted(on_r))
-            keys = r.list_prefix(step_dir(s))
-            refs = protected[r.url]
-            return bool(keys) and refs is not None and all(k in refs for k in keys)
+        kept = KeptForReferences(listing)  # "holds only files other steps reference"
 
         try:
             for s in sorted(all_steps):
                 holders = sorted(listing.committed.get(s, []), key=order.__getitem__)
                 torn_on = tuple(u for u in order if s in listing.torn.get(u, []))
-                kept_on: list[str] = []
-                for r in reachable:
-                    if r.url in torn_on:
-                        try:
-                            if kept(r, s):
-                                kept_on.append(r.url)
-                        except FAILURES:
-                            pass  # judged torn, as before: its listing below reports the error
+                _, kept_by_url = kept.split(reachable, {u: [s] for u in torn_on})
+                kept_on = [u for u in torn_on if u in kept_by_url]
                 torn_on = tuple(u for u in torn_on if u not in kept_on)
                 garbage: dict[str, tuple[str, ...]] = {}
                 storage: dict[str, Any] = {}

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
+from ..format import step_dir
 from ..replicas import Replica
-from ..save.retention import plan_retention, remove_step, remove_torn
+from ..save.retention import OUTAGES, plan_retention, protected_keys, remove_step, remove_torn
 from ._common import FAILURES, UsageError, list_reachable, opened
 from ._engine import Engine, garbage_keys, recoverable, referenced
 
@@ -27,6 +28,10 @@ class PruneResult:
     removed_garbage: tuple[str, ...]  # leftover keys inside kept steps (temp files, unnamed objects)
     skipped_torn: tuple[int, ...]  # torn saves newer than the newest commit: maybe a save in progress
     errors: tuple[str, ...] = ()
+    #: directories without a commit record that keep objects steps staying here reference
+    #: (incremental saves: a step retention dropped): not torn saves, kept; whatever else they
+    #: hold is in ``removed_garbage``
+    kept_for_references: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,12 @@ def prune(
     are removed. As a safeguard, committed steps are removed only if at least one step that
     stays passes a quick verification (commit, manifests, presence and sizes) across the
     replicas; otherwise only garbage goes and ``refused`` says why.
+
+    A directory without a commit record that holds objects a step staying on that replica
+    references (incremental saves: what retention leaves of a dropped step) is no torn save:
+    those objects stay, its other files are removed as leftovers, and the step is listed in
+    ``kept_for_references``. A replica that stops answering (an outage, a missed time budget)
+    is left at once: the rest of its removals are reported as not done.
     """
     if type(keep) is not int or keep < 1:
         raise UsageError(f"--keep must be at least 1 (the newest committed step is never removed), got {keep!r}")
@@ -111,13 +122,18 @@ def prune(
                         garbage.extend(garbage_keys(r, s, commit, ms))
                     except FAILURES as exc:
                         errors.append(f"listing step {s}: {exc}")
+                torn_old, for_refs = _split_torn(r, torn_old, [s for s in committed if s not in drop] + skipped, errors)
+                for leftovers in for_refs.values():
+                    garbage.extend(leftovers)
                 if dry_run:
                     removed_steps, removed_torn, removed_garbage = drop, torn_old, garbage
                 else:
                     # Oldest first; remove_step deletes the commit first, then the objects.
-                    removed_steps = _each(drop, partial(remove_step, r), "removing step {}", errors)
-                    removed_torn = _each(torn_old, partial(remove_torn, r), "removing torn step {}", errors)
-                    removed_garbage = _each(garbage, r.delete, "removing {}", errors)
+                    rm = _Remover(errors)
+                    removed_steps = rm.each(drop, partial(remove_step, r), "removing step {}")
+                    # Newest first: a torn save's placement may reference an older torn directory's files.
+                    removed_torn = sorted(rm.each(torn_old[::-1], partial(remove_torn, r), "removing torn step {}"))
+                    removed_garbage = rm.each(garbage, r.delete, "removing {}")
                 results.append(
                     PruneResult(
                         u,
@@ -127,6 +143,7 @@ def prune(
                         tuple(removed_garbage),
                         tuple(skipped),
                         tuple(errors),
+                        tuple(sorted(for_refs)),
                     )
                 )
         finally:
@@ -134,17 +151,71 @@ def prune(
         return PruneReport(keep, dry_run, tuple(results), refused, dict(listing.unreachable))
 
 
-def _each(items: Sequence[T], remove: Callable[[T], object], what: str, errors: list[str]) -> list[T]:
-    """Call ``remove`` on each item in order; return the items it removed.
-
-    A failure is noted in ``errors`` as ``"<what, formatted with the item>: <error>"``, and the
-    next item is still tried: one undeletable key must not keep the others.
-    """
-    done: list[T] = []
-    for item in items:
+def _split_torn(
+    r: Replica, torn: Sequence[int], stay: Sequence[int], errors: list[str]
+) -> tuple[list[int], dict[int, list[str]]]:
+    """Split ``torn`` (steps without a commit record on ``r`` that this prune removes) into the
+    torn saves indeed, and the directories that keep objects steps ``stay`` reference (step ->
+    its other files: leftovers). When a placement record of a step that stays cannot be read,
+    nothing is known to be unreferenced: those steps are kept whole and an error says so."""
+    if not torn:
+        return [], {}
+    try:
+        refs = protected_keys(r, stay, raise_outage=True)
+    except FAILURES as exc:
+        errors.append(f"reading the placement records of the kept steps: {exc}; torn steps {list(torn)} kept")
+        return [], {}
+    if refs is None:
+        errors.append(
+            f"a placement record of a kept step is unreadable (see the log): torn steps {list(torn)} kept, "
+            "since any of their files may be referenced; run 'ckptmirror verify'"
+        )
+        return [], {}
+    really: list[int] = []
+    for_refs: dict[int, list[str]] = {}
+    for s in torn:
         try:
-            remove(item)
-            done.append(item)
+            keys = r.list_prefix(step_dir(s))
         except FAILURES as exc:
-            errors.append(f"{what.format(item)}: {exc}")
-    return done
+            errors.append(f"listing torn step {s}: {exc}")
+            continue
+        if any(k in refs for k in keys):
+            for_refs[s] = [k for k in keys if k not in refs]
+        else:
+            really.append(s)
+    return really, for_refs
+
+
+class _Remover:
+    """Removals on one replica, in order; a failure is noted in ``errors`` as
+    ``"<what, formatted with the item>: <error>"`` and the next item is still tried (one
+    undeletable key must not keep the others), but after an outage (:data:`OUTAGES`: the replica
+    does not answer) nothing more is tried there: each try would wait a whole time budget."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        self.halted = False
+
+    def each(self, items: Sequence[T], remove: Callable[[T], object], what: str) -> list[T]:
+        """Call ``remove`` on each item in order; return the items it removed."""
+        done: list[T] = []
+        untried: list[T] = []
+        for item in items:
+            if self.halted:
+                untried.append(item)
+                continue
+            try:
+                remove(item)
+                done.append(item)
+            except OUTAGES as exc:
+                self.halted = True
+                self.errors.append(f"{what.format(item)}: {exc}")
+            except FAILURES as exc:
+                self.errors.append(f"{what.format(item)}: {exc}")
+        if untried:
+            self.errors.append(
+                f"{what.format(untried[0])}"
+                + (f" and {len(untried) - 1} more" if len(untried) > 1 else "")
+                + ": not tried, the replica stopped answering"
+            )
+        return done

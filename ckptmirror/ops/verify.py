@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..checksum import checksum
-from ..format import MAX_MANIFEST_BYTES, commit_key
+from ..format import MAX_MANIFEST_BYTES, CommitRecord, commit_key
 from ..replicas import Replica
 from ..replicas.peer import ScrubUnavailableError
 from ._common import FAILURES, Problem, ProgressFactory, list_reachable, opened, strip_where
-from ._engine import Engine, ObjJob, ReplicaPlan, plan_problems, recoverable
+from ._engine import Engine, KeptForReferences, ObjJob, ReplicaPlan, plan_problems, recoverable
 
 #: How old a peer agent's scrub results may be for ``verify`` to use them (``--scrub-max-age``):
 #: a day, the scrub interval an agent is most likely run with.
@@ -119,7 +119,8 @@ class VerifyReport:
 
     Problems come in two sorts. *Damage* (:attr:`damage`): an object missing, truncated, of the
     wrong size or corrupt, a commit record or rank manifest that does not parse or match, a
-    step that verifies nowhere. *Lagging* (:attr:`lagging`): a step committed on some replica
+    step that verifies nowhere, replicas that hold different checkpoints under one step number
+    (``disagree``: their commit records differ). *Lagging* (:attr:`lagging`): a step committed on some replica
     but not on this one, absent or only partly written here, as a writer killed between its
     per-replica commits leaves it; nothing stored is wrong, and ``ckptmirror repair`` completes
     the copy. :attr:`status` and :attr:`exit_code` tell them apart.
@@ -133,6 +134,9 @@ class VerifyReport:
     notes: tuple[Problem, ...] = ()  # problems not tied to one replica (step not found, ...)
     #: Peer replica -> whether its agent's scrub results were used, and why not (see the module docstring).
     scrub: Mapping[str, str] = field(default_factory=dict)
+    #: Replica -> step directories without a commit record that only keep objects later steps
+    #: there reference (incremental saves: what retention leaves of a dropped step); not torn.
+    kept_for_references: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def problems(self) -> tuple[Problem, ...]:
@@ -189,6 +193,7 @@ class VerifyReport:
         d["status"] = self.status
         d["exit_code"] = self.exit_code
         d["torn"] = {k: list(v) for k, v in self.torn.items()}
+        d["kept_for_references"] = {k: list(v) for k, v in self.kept_for_references.items()}
         return d
 
 
@@ -209,8 +214,11 @@ def _step_meta(plans: Sequence[ReplicaPlan]) -> tuple[int | None, int | None, in
     return None, None, None, None
 
 
-def _replica_check(plan: ReplicaPlan, scrubbed: ScrubbedBy | None = None) -> ReplicaCheck:
-    """The report of one step on one replica, once its objects have been checked."""
+def _replica_check(
+    plan: ReplicaPlan, scrubbed: ScrubbedBy | None = None, extra: Sequence[Problem] = ()
+) -> ReplicaCheck:
+    """The report of one step on one replica, once its objects have been checked; ``extra``:
+    problems found by comparing it with the other replicas (:func:`_disagreements`)."""
     ranks: list[RankCheck] = []
     from_scrub = set(scrubbed.keys) if scrubbed else set()
     for rp in plan.ranks:
@@ -228,9 +236,61 @@ def _replica_check(plan: ReplicaPlan, scrubbed: ScrubbedBy | None = None) -> Rep
                 len(rp.jobs) - n_scrubbed,
             )
         )
-    problems = tuple(plan_problems(plan))
+    problems = tuple(plan_problems(plan)) + tuple(extra)
     status = "bad" if problems else "ok"
     return ReplicaCheck(plan.step, plan.replica.url, status, tuple(ranks), problems, scrubbed)
+
+
+def _when_exact(ts: float) -> str:
+    ms = int(round((ts % 1) * 1000)) % 1000
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + f".{ms:03d}"
+
+
+def _commit_difference(here: CommitRecord, there: CommitRecord) -> str:
+    """How two commit records of one step differ, in words (``here`` vs ``there``)."""
+    parts: list[str] = []
+    if [(r.key, r.checksum) for r in here.ranks] != [(r.key, r.checksum) for r in there.ranks]:
+        a = here.ranks[0].key if here.ranks else "-"
+        b = there.ranks[0].key if there.ranks else "-"
+        parts.append(f"rank manifests {a} here, {b} there" if a != b else "other rank manifest checksums")
+    if here.world_size != there.world_size:
+        parts.append(f"{here.world_size} rank(s) here, {there.world_size} there")
+    if here.created_unix != there.created_unix:
+        parts.append(f"saved {_when_exact(here.created_unix)} here, {_when_exact(there.created_unix)} there")
+    return "; ".join(parts) or "other fields"
+
+
+def _disagreements(eng: Engine, step: int, plans: Sequence[ReplicaPlan]) -> dict[int, list[Problem]]:
+    """id(plan) -> a ``disagree`` problem, for each replica whose commit record of ``step``
+    differs from the one a restore would read.
+
+    One save writes the same commit record to every replica, so two replicas with different
+    records hold different checkpoints under one step number (a step directory copied from
+    another run, a step overwritten while a replica was down), each of which may verify on its
+    own. A restore reads the commit of the first replica in read order (local disk first, then
+    the order given) where it parses; the others are flagged.
+    """
+    valid = [p for p in plans if p.commit is not None]
+    if len({p.commit for p in valid}) <= 1:
+        return {}
+    rank = {r.url: i for i, r in enumerate(eng.replicas)}
+    valid.sort(key=lambda p: rank[p.replica.url])
+    first = valid[0]
+    assert first.commit is not None
+    same = [p.replica.url for p in valid if p.commit == first.commit]
+    out: dict[int, list[Problem]] = {}
+    for p in valid:
+        if p.commit == first.commit:
+            continue
+        assert p.commit is not None
+        detail = (
+            f"step {step} here is another checkpoint than on {', '.join(same)}: the commit records differ "
+            f"({_commit_difference(p.commit, first.commit)}); a restore of step {step} reads the one on "
+            f"{first.replica.url}. Delete step {step} on the replica(s) holding the foreign copy, then "
+            "'ckptmirror repair' with all the replicas copies the other one there"
+        )
+        out[id(p)] = [Problem(step, p.replica.url, commit_key(step), "disagree", detail)]
+    return out
 
 
 # ------------------------------------------------------------------ the peer agent's scrub results
@@ -389,7 +449,11 @@ def verify(
     ``quick`` checks commit records, rank manifests (they are small), and the presence and
     size of every object. A step committed on one replica but not on another is reported as
     ``lagging`` on the latter; torn saves (objects without a commit) are listed as garbage, not
-    as problems. See :class:`VerifyReport` for the result and its exit code.
+    as problems, and a directory that only keeps objects later steps reference (a step that
+    retention dropped, incremental saves) is neither. Replicas whose commit records of one step
+    differ hold different checkpoints under that number: damage of kind ``disagree`` on each
+    replica whose record is not the one a restore would read. See :class:`VerifyReport` for the
+    result and its exit code.
 
     On a peer replica whose agent scrubs, full mode takes each object's result from the agent's
     scrub results instead of reading it, where they are at most ``scrub_max_age_s`` old and
@@ -397,9 +461,10 @@ def verify(
     """
     with opened(urls, storage_options) as replicas:
         listing, reachable = list_reachable(replicas)
-        # Torn copies of a step committed elsewhere are "lagging" problems, not garbage.
+        # Torn copies of a step committed elsewhere are "lagging" problems, not garbage. A directory
+        # that only keeps objects later steps reference (a step retention dropped) is neither.
         torn = {u: tuple(sorted(s for s in v if s not in listing.committed)) for u, v in listing.torn.items()}
-        torn = {u: v for u, v in torn.items() if v}
+        torn, kept = KeptForReferences(listing).split(reachable, {u: v for u, v in torn.items() if v})
         notes: list[Problem] = []
         if step is not None and step not in listing.committed:
             notes.append(
@@ -414,7 +479,7 @@ def verify(
             steps: list[int] = []
         else:
             steps = sorted(listing.committed) if step is None else [step]
-        if not steps and step is None and any(listing.torn.values()):
+        if not steps and step is None and any(torn.values()):
             notes.append(
                 Problem(-1, "", "", "unrecoverable", "the replicas hold interrupted saves but no committed step")
             )
@@ -455,8 +520,10 @@ def verify(
             out_steps: list[StepCheck] = []
             order = {r.url: i for i, r in enumerate(replicas)}
             for s, plans, absent in per_step:
+                differ = _disagreements(eng, s, plans)
                 checks = sorted(
-                    [_replica_check(p, scrubbed.get(id(p))) for p in plans] + absent, key=lambda c: order[c.replica]
+                    [_replica_check(p, scrubbed.get(id(p)), differ.get(id(p), ())) for p in plans] + absent,
+                    key=lambda c: order[c.replica],
                 )
                 ws, nobj, nbytes, created = _step_meta(plans)
                 out_steps.append(StepCheck(s, ws, nobj, nbytes, created, recoverable(eng, plans), tuple(checks)))
@@ -473,4 +540,5 @@ def verify(
             dict(listing.unreachable),
             tuple(notes),
             scrub_notes,
+            kept,
         )

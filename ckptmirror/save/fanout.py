@@ -70,7 +70,14 @@ from ..replicas.local import LocalReplica
 from .arena import Arena
 from .encode import EncodedStep, PreWritten, Segments, encode, encode_replicated, object_segments
 from .priority import lower_priority
-from .retention import apply_retention, delete_quietly, is_committed, protected_keys, remove_step
+from .retention import (
+    RetentionStopped,
+    apply_retention,
+    delete_quietly,
+    is_committed,
+    protected_keys,
+    remove_step,
+)
 from .snapshot import frozen_flags
 
 #: Per replica: the content ``(checksum, size)`` of each object its last committed save stored
@@ -212,8 +219,11 @@ class Fanout:
         self._retention_pool = self._pool(1, "ckptmirror-retention")
         self._retention: list[Future[None]] = []
         self._retention_owner = [True] * len(self.replicas)
+        # Per position: (this rank's index, size) of the group of ranks that write to the same
+        # replica there; a replicated (DDP) state's objects are spread over that group only.
+        self._share = [(0, 1)] * len(self.replicas)
         if coord is not None:
-            self._retention_owner = self.elect_retention_owners()
+            self._retention_owner, self._share = self.elect_retention_owners()
 
     def _pool(self, workers: int, name: str) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=lower_priority, initargs=(self.nice,))
@@ -250,10 +260,12 @@ class Fanout:
             raise
 
         pre = job.pre
-        mine = tuple(range(len(enc.windows))) if enc.owned is None else enc.owned
+        owned_at = self._owned_at(enc)
+        mine = tuple(range(len(enc.windows))) if owned_at is None else tuple(sorted(set().union(*owned_at)))
         if pre is not None:
             mine = tuple(i for i in mine if i >= pre.upto)  # the rest went out before save() returned
-        refs, encoder = self._plan_storage(enc, job, mine)
+        by_url = None if owned_at is None else {r.url: owned_at[pos] for pos, r in enumerate(self.replicas)}
+        refs, encoder = self._plan_storage(enc, job, mine, by_url)
 
         def one(pos: int, replica: Replica) -> None:
             if replica not in job.replicas:  # skipped (degraded): still take part in the vote
@@ -280,6 +292,7 @@ class Fanout:
                         live=self._live_keys(replica.url),
                         base=pre.base if pre is not None else 0,
                         done=pre.stored.get(replica.url) if pre is not None else None,
+                        owned=owned_at[pos] if owned_at is not None else None,
                     )
                 except BaseException as exc:
                     self._vote(save_key, pos, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}, decide)
@@ -330,15 +343,16 @@ class Fanout:
             f.result()
 
     def _plan_storage(
-        self, enc: EncodedStep, job: SaveJob, mine: Sequence[int]
+        self, enc: EncodedStep, job: SaveJob, mine: Sequence[int], by_url: Mapping[str, Sequence[int]] | None = None
     ) -> tuple[dict[str, dict[int, Stored]], ObjectEncoder | None]:
         """Per replica, the objects it may reference instead of writing (from its index), and
         the encoder shared by the replicas that compress. References are registered as live
-        (kept out of retention) until the save is done on that replica."""
+        (kept out of retention) until the save is done on that replica. ``by_url``: the objects
+        this rank writes to each replica, where they differ by replica (a replicated step)."""
         view = host_bytes(job.stream) if job.stream.numel() else memoryview(b"")
         contents = [(o.checksum, o.size) for o in enc.manifest.objects]
         base = job.pre.base if job.pre is not None else 0
-        return self._storage_plan(contents, mine, job.replicas, job.plan, enc.windows, view, base)
+        return self._storage_plan(contents, mine, job.replicas, job.plan, enc.windows, view, base, by_url)
 
     def _storage_plan(
         self,
@@ -349,6 +363,7 @@ class Fanout:
         windows: Sequence[tuple[int, int]],
         view: memoryview,
         base: int,
+        by_url: Mapping[str, Sequence[int]] | None = None,
     ) -> tuple[dict[str, dict[int, Stored]], ObjectEncoder | None]:
         refs: dict[str, dict[int, Stored]] = {}
         users: Counter[tuple[str, int]] = Counter()
@@ -356,15 +371,16 @@ class Fanout:
             for r in replicas:
                 index = self._index.get(r.url) if r.incremental else None
                 got: dict[int, Stored] = {}
+                ours = mine if by_url is None else by_url.get(r.url, mine)
                 if index:
-                    for i in mine:
+                    for i in ours:
                         s = index.get(contents[i])
                         if s is not None:
                             got[i] = s
                             self._live[r.url][s.key] += 1
                 refs[r.url] = got
                 if r.compression != "none":
-                    users.update((r.compression, i) for i in mine if i not in got)
+                    users.update((r.compression, i) for i in ours if i not in got)
         if not users:
             return refs, None
         segments = object_segments(plan.storages, plan.leaves, tuple(windows))
@@ -445,24 +461,47 @@ class Fanout:
                 self._index_step.pop(url, None)
 
     def _retain(self, replica: Replica, newest: int, keep_last: int | None) -> None:
-        """Apply retention on ``replica`` after ``newest`` committed there (background thread)."""
+        """Apply retention on ``replica`` after ``newest`` committed there (background thread).
+
+        The pass stops at the first sign of an outage, or as soon as the replica is marked
+        degraded by anyone else (a failed save, the health probe): each further delete would
+        cost a whole time budget, and ``wait()``/``close()`` wait for this pass. What it leaves
+        is garbage the next pass or ``ckptmirror prune`` removes.
+        """
         if replica.url in self._health.degraded():
             return  # it costs nothing while down; the next save's pass catches up once it is back
         try:
             with self._lock:
                 pinned = frozenset(self._pinned)
-            removed = apply_retention(replica, newest, keep_last, pinned, self._live_keys(replica.url))
+            removed = apply_retention(
+                replica, newest, keep_last, pinned, self._live_keys(replica.url), stop=self._stop_if_degraded(replica)
+            )
         except (CkptMirrorError, OSError) as exc:
             # The new step is committed; failing to delete old ones loses nothing.
-            log.warning("retention on %s failed after step %d: %s", replica.url, newest, exc)
-            if isinstance(exc, OSError):
-                self._health.mark(replica, exc)
+            log.warning("retention on %s after step %d: %s", replica.url, newest, exc)
+            self._mark_after_removal(replica, exc)
             return
         if removed:
             log.info("retention on %s removed steps %s", replica.url, removed)
             gone = [s for s in removed if not self._committed_anywhere(s)]  # I/O: outside the lock
             with self._lock:
                 self._committed.difference_update(gone)
+
+    def _stop_if_degraded(self, replica: Replica) -> Callable[[], str | None]:
+        """``stop`` of a removal pass on ``replica``: why to stop once it is marked degraded."""
+
+        def stop() -> str | None:
+            why = self._health.degraded().get(replica.url)
+            return None if why is None else f"the replica was marked degraded meanwhile: {why}"
+
+        return stop
+
+    def _mark_after_removal(self, replica: Replica, exc: BaseException) -> None:
+        """Mark ``replica`` degraded after a removal failed with ``exc`` (an ``OSError``), unless
+        the pass stopped because it was marked already (that keeps the first error's text)."""
+        cause: BaseException | str = exc.cause if isinstance(exc, RetentionStopped) else exc
+        if isinstance(cause, OSError):
+            self._health.mark(replica, cause)
 
     def drain_retention(self, timeout: float | None = None) -> bool:
         """Wait for the retention passes queued so far; False if ``timeout`` passed first."""
@@ -481,12 +520,40 @@ class Fanout:
         if self.dist.rank == 0:
             self._coord.decide(save_key, pos, decide)
 
-    def elect_retention_owners(self) -> list[bool]:
-        """Per position: whether this rank prunes it (the lowest rank with the same host and URL)."""
+    def elect_retention_owners(self) -> tuple[list[bool], list[tuple[int, int]]]:
+        """Per position: whether this rank prunes it (the lowest rank with the same host and
+        URL), and this rank's share of a replicated state there (:func:`replica_identity`):
+        ``(index, size)`` of the ranks that write to the same replica, in rank order."""
         assert self._coord is not None
-        mine = [f"{self._coord.host}|{r.url}" for r in self.replicas]
+        host = self._coord.host
+        mine = [[f"{host}|{r.url}", replica_identity(r, host, self.dist.rank)] for r in self.replicas]
         everyone = self._coord.exchange("placement", mine)
-        return [all(everyone[r][pos] != mine[pos] for r in range(self.dist.rank)) for pos in range(len(mine))]
+        rank, n = self.dist.rank, len(mine)
+        owners = [all(everyone[r][pos][0] != mine[pos][0] for r in range(rank)) for pos in range(n)]
+        share = []
+        for pos in range(n):
+            group = [r for r in range(len(everyone)) if everyone[r][pos][1] == mine[pos][1]]
+            share.append((group.index(rank), len(group)))
+        return owners, share
+
+    def _owned_at(self, enc: EncodedStep) -> list[tuple[int, ...]] | None:
+        """Per position, the objects of a replicated step this rank writes there (None: not a
+        replicated step; then every object is this rank's own).
+
+        Each replica must end up with every object: a restore reads them all from the replicas
+        it can reach, and a node-local disk or a ring peer is reachable from its node only.
+        So the objects are spread over the ranks that write to the same replica (all ranks on
+        a shared one: stored once in total), not over the world: before, object ``i`` went only
+        to rank ``i mod world_size``'s replicas, and a DDP state kept on node-local disks alone
+        could be restored by no rank. Object ``i``'s key names rank ``i mod world_size`` as its
+        writer; a writer's objects all go to one member of each group (the member ``writer mod
+        group size``), so that each member's placement record is its own.
+        """
+        if enc.owned is None:
+            return None
+        world = self.dist.world_size
+        n = len(enc.windows)
+        return [tuple(i for i in range(n) if (i % world) % size == k) for k, size in self._share]
 
     def pin(self, step: int, pinned: bool) -> None:
         """Keep ``step`` out of retention (``pinned=True``) or give it back to it."""
@@ -519,9 +586,11 @@ class Fanout:
                 continue
             self._forget(r.url, step)
             try:
-                remove_step(r, step, self._live_keys(r.url))
+                remove_step(r, step, self._live_keys(r.url), stop=self._stop_if_degraded(r))
             except (CkptMirrorError, OSError) as exc:
                 failures[r.url] = exc
+                if isinstance(exc, ReplicaUnavailableError):
+                    self._mark_after_removal(r, exc)
         with self._lock:
             self._pinned.discard(step)
             if not failures:
@@ -559,6 +628,7 @@ def write_objects(
     live: Collection[str] = (),
     base: int = 0,
     done: Mapping[str, Stored] | None = None,
+    owned: Sequence[int] | None = None,
 ) -> dict[str, Stored]:
     """Phase 1 on one replica: every object, the placement record, then the rank manifest.
     Nothing is committed. Returns how each object this rank owns is stored there, by home key.
@@ -568,7 +638,8 @@ def write_objects(
     ``encoder``: objects for a compressing replica come from it. Names carry this save's
     token, so nothing here can overwrite another writer's files. ``stream`` holds the data
     stream from byte ``base`` on; objects in ``done`` were written already (a sliced save,
-    :meth:`Fanout.prewrite`).
+    :meth:`Fanout.prewrite`). ``owned``: the objects this rank writes here (default: all, or
+    ``enc.owned`` for a replicated step; see :meth:`Fanout._owned_at`).
     """
     step = enc.step
     if is_committed(replica, step):
@@ -577,7 +648,7 @@ def write_objects(
         log.warning("overwriting committed step %d on %s", step, replica.url)
         remove_step(replica, step, live)
     view = host_bytes(stream) if enc.windows else memoryview(b"")
-    mine = range(len(enc.windows)) if enc.owned is None else enc.owned
+    mine = owned if owned is not None else range(len(enc.windows)) if enc.owned is None else enc.owned
     done = done or {}
     homes = [o.key for o in enc.manifest.objects]
     todo = [i for i in mine if homes[i] not in done]
@@ -698,6 +769,24 @@ def _written_here(step: int, stored: Mapping[str, Stored], enc: EncodedStep) -> 
         if w is not None:
             keys.append(placement_key(step, *w))
     return keys + [enc.manifest_key]
+
+
+def replica_identity(replica: Replica, host: str, rank: int) -> str:
+    """What makes two ranks' replicas at one position the same store (:meth:`Fanout._owned_at`).
+
+    A network store (S3, a peer agent, fsspec) is its URL, whoever writes it. A local directory
+    is its URL on one host: the same path on two nodes is two disks (a shared filesystem
+    mounted at the same path on both is then counted twice: each node writes a whole copy of
+    a replicated state, identical files, which is correct if wasteful). Anything else (an
+    in-memory replica, a wrapper) is private to its process.
+    """
+    url = replica.url
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if isinstance(replica, LocalReplica) or scheme in ("", "file"):
+        return f"{host}|{url}"
+    if scheme == "memory":
+        return f"{host}|{os.getpid()}|{rank}|{url}"
+    return url  # s3://, peer://, peers://, an fsspec protocol: one store, reached over the network
 
 
 def commit_step(

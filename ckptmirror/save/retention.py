@@ -20,20 +20,62 @@ in flight (``live``). If a placement that stays cannot be read, nothing but comm
 deleted in that pass: a file left behind is garbage a later pass removes; a file deleted too
 early would be a committed step's missing object. The order, and the kill tests behind it, are
 in docs/FORMAT.md ("Incremental saves").
+
+A pass stops at the first sign that the replica is out (:data:`OUTAGES`: an outage or a missed
+time budget), or when the caller's ``stop`` says so (the mirror: the replica was marked degraded
+meanwhile), and raises :class:`RetentionStopped` naming what it left: going on would cost a
+full time budget per file, for deletes that lose nothing by waiting. What is left is garbage
+that a later pass or ``ckptmirror prune`` removes.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
-from ..errors import CkptMirrorError, ManifestError
+from ..errors import CkptMirrorError, ManifestError, ReplicaUnavailableError
 from ..format import commit_key, parse_step_dir, step_dir
 from ..placement import MAX_PLACEMENT_BYTES, is_placement_key, parse_placement
 from ..replicas.base import Replica
 
 log = logging.getLogger("ckptmirror")
+
+#: Errors that mean the replica is out (an outage, a missed time budget), not that one key is
+#: bad: a removal pass stops at the first one instead of paying a budget for every file left.
+OUTAGES: tuple[type[BaseException], ...] = (ReplicaUnavailableError, TimeoutError)
+
+#: ``stop()`` of a removal pass: None to go on, or why to stop (asked before every delete).
+Stop = Callable[[], str | None]
+
+
+class RetentionStopped(ReplicaUnavailableError):
+    """A removal pass stopped before it was done: the replica stopped answering (``cause``: the
+    error), or the caller's ``stop`` said so (``cause``: its reason). ``left`` says what stays
+    (garbage a later pass or ``ckptmirror prune`` removes); nothing that stays committed is touched."""
+
+    def __init__(self, replica: str, left: str, cause: BaseException | str) -> None:
+        self.left = left
+        self.cause = cause
+        if isinstance(cause, BaseException):
+            why = f"{type(cause).__name__}: {_unprefixed(str(cause), replica)}"
+        else:
+            why = cause
+        super().__init__(
+            f"stopped removing old steps ({why}); left for a later pass or 'ckptmirror prune': {left}", replica=replica
+        )
+
+
+def _unprefixed(msg: str, url: str) -> str:
+    """``msg`` without the ``replica URL, `` / ``replica URL: `` an error of that replica starts with."""
+    for prefix in (f"replica {url}, ", f"replica {url}: "):
+        if msg.startswith(prefix):
+            return msg[len(prefix) :]
+    return msg
+
+
+def _steps(steps: Sequence[int]) -> str:
+    return f"step {steps[0]}" if len(steps) == 1 else "steps " + ", ".join(map(str, steps))
 
 
 @dataclass(frozen=True)
@@ -73,11 +115,12 @@ def is_committed(replica: Replica, step: int) -> bool:
     return replica.size(commit_key(step)) is not None
 
 
-def protected_keys(replica: Replica, keep: Collection[int]) -> set[str] | None:
+def protected_keys(replica: Replica, keep: Collection[int], *, raise_outage: bool = False) -> set[str] | None:
     """Keys in other steps' directories that the placement records of steps ``keep`` reference.
 
     None when one of those placement records cannot be read or parsed: the caller must then
-    delete nothing that could be referenced (every file but commit records).
+    delete nothing that could be referenced (every file but commit records). ``raise_outage``:
+    raise an :data:`OUTAGES` error while reading one instead (the replica is out, not the record).
     """
     out: set[str] = set()
     for s in keep:
@@ -87,6 +130,8 @@ def protected_keys(replica: Replica, keep: Collection[int]) -> set[str] | None:
             try:
                 out |= parse_placement(replica.get(k, MAX_PLACEMENT_BYTES), k).references()
             except (ManifestError, OSError) as exc:
+                if raise_outage and isinstance(exc, OUTAGES):
+                    raise
                 log.warning(
                     "placement %s on %s is unreadable (%s): keeping every object this pass", k, replica.url, exc
                 )
@@ -95,66 +140,150 @@ def protected_keys(replica: Replica, keep: Collection[int]) -> set[str] | None:
 
 
 def remove_steps(
-    replica: Replica, drop: Collection[int], torn: Collection[int] = (), live: Collection[str] = ()
+    replica: Replica,
+    drop: Collection[int],
+    torn: Collection[int] = (),
+    live: Collection[str] = (),
+    stop: Stop | None = None,
 ) -> None:
     """Remove committed steps ``drop`` and torn steps ``torn`` from ``replica``.
 
     Commit records go first (each step stops existing before any of its files go); then every
     file of those step directories that no remaining step references (:func:`protected_keys`)
     and no save in flight uses (``live``: stored keys).
+
+    Raises :class:`RetentionStopped` at the first :data:`OUTAGES` error, or as soon as ``stop()``
+    gives a reason (asked before every delete), naming what is left; a single file that cannot be
+    deleted for another reason is logged and the pass goes on.
     """
-    gone = set(drop) | set(torn)
+    gone = sorted(set(drop) | set(torn))
     if not gone:
         return
-    for s in sorted(drop):
-        replica.delete(commit_key(s))
-    remaining = [n for name in replica.list_steps() if (n := parse_step_dir(name)) is not None and n not in gone]
-    protected = protected_keys(replica, remaining)
-    if protected is None:
-        return
-    protected |= set(live)
-    for s in sorted(gone):
-        prefix = step_dir(s) + "/"
-        if not any(k.startswith(prefix) for k in protected):
-            replica.delete_prefix(step_dir(s))  # nothing of it is referenced: one call (a batch on S3)
-            continue
-        keep = [k for k in replica.list_prefix(step_dir(s)) if k in protected]
-        delete_quietly(replica, [k for k in replica.list_prefix(step_dir(s)) if k not in protected])
-        log.debug("step %d on %s: kept %d object(s) later steps reference", s, replica.url, len(keep))
+    commits = sorted(drop)
+    state = {"commits": 0, "dirs": 0, "files": -1}  # progress, for what a stop leaves
+
+    def left() -> str:
+        parts: list[str] = []
+        if state["commits"] < len(commits):
+            parts.append(f"the commit record of {_steps(commits[state['commits'] :])} (still committed)")
+        rest = gone[state["dirs"] :]
+        if rest and state["files"] >= 0:
+            parts.append(f"{state['files']} file(s) of step {rest[0]}")
+            rest = rest[1:]
+        if rest:
+            parts.append(f"the files of {_steps(rest)}")
+        return ", ".join(parts) or "nothing"
+
+    def check_stop() -> None:
+        why = stop() if stop is not None else None
+        if why is not None:
+            raise RetentionStopped(replica.url, left(), why)
+
+    try:
+        for s in commits:
+            check_stop()
+            replica.delete(commit_key(s))
+            state["commits"] += 1
+        remaining = [n for name in replica.list_steps() if (n := parse_step_dir(name)) is not None and n not in gone]
+        protected = protected_keys(replica, remaining, raise_outage=True)
+        if protected is None:
+            return
+        protected |= set(live)
+        for s in gone:
+            check_stop()
+            prefix = step_dir(s) + "/"
+            if not any(k.startswith(prefix) for k in protected):
+                replica.delete_prefix(step_dir(s))  # nothing of it is referenced: one call (a batch on S3)
+                state["dirs"] += 1
+                continue
+            keys = replica.list_prefix(step_dir(s))
+            doomed = [k for k in keys if k not in protected]
+            state["files"] = len(doomed)
+            n_left, outage = _delete_each(replica, doomed, stop)
+            if outage is not None:
+                state["files"] = n_left
+                raise RetentionStopped(replica.url, left(), outage)
+            state["dirs"] += 1
+            state["files"] = -1
+            log.debug("step %d on %s: kept %d object(s) later steps reference", s, replica.url, len(keys) - len(doomed))
+    except OUTAGES as exc:
+        if isinstance(exc, RetentionStopped):
+            raise
+        raise RetentionStopped(replica.url, left(), exc) from exc
 
 
-def remove_step(replica: Replica, step: int, live: Collection[str] = ()) -> None:
+def remove_step(replica: Replica, step: int, live: Collection[str] = (), stop: Stop | None = None) -> None:
     """Delete a step: the commit first, then its files that no other step references."""
-    remove_steps(replica, [step], (), live)
+    remove_steps(replica, [step], (), live, stop)
 
 
-def remove_torn(replica: Replica, step: int, live: Collection[str] = ()) -> None:
+def remove_torn(replica: Replica, step: int, live: Collection[str] = (), stop: Stop | None = None) -> None:
     """Delete what an interrupted save of ``step`` left (it has no commit record), but what
     other steps reference: a dropped step's directory keeps referenced objects and looks torn."""
-    remove_steps(replica, (), [step], live)
+    remove_steps(replica, (), [step], live, stop)
 
 
-def delete_quietly(replica: Replica, keys: list[str]) -> None:
-    """Delete ``keys``, logging (not raising) failures: what stays is garbage ``prune`` removes."""
-    for k in keys:
+def _delete_each(replica: Replica, keys: Sequence[str], stop: Stop | None) -> tuple[int, BaseException | str | None]:
+    """Delete ``keys`` one by one. A key that fails for its own reasons is logged and skipped; an
+    :data:`OUTAGES` error, or a reason from ``stop()``, ends the loop at once.
+
+    Returns ``(0, None)`` when every key was tried, else (how many keys are left, the outage or reason).
+    """
+    for i, k in enumerate(keys):
+        why = stop() if stop is not None else None
+        if why is not None:
+            return len(keys) - i, why
         try:
             replica.delete(k)
+        except OUTAGES as exc:
+            return len(keys) - i, exc
         except (CkptMirrorError, OSError) as exc:
             log.warning("could not delete %s on %s: %s (prune removes it later)", k, replica.url, exc)
+    return 0, None
+
+
+def delete_quietly(replica: Replica, keys: list[str]) -> int:
+    """Delete ``keys``, logging (not raising) failures: what stays is garbage ``prune`` removes.
+
+    Stops at the first :data:`OUTAGES` error (one log line says how many files it left) instead of
+    waiting a time budget per file. Returns the number of keys left undeleted by such a stop.
+    """
+    n_left, outage = _delete_each(replica, keys, None)
+    if outage is not None:
+        msg = _unprefixed(str(outage), replica.url)
+        log.warning(
+            "stopped deleting on %s: %s: %s; %d of %d file(s) left for a later pass or 'ckptmirror prune'",
+            replica.url,
+            type(outage).__name__,
+            msg,
+            n_left,
+            len(keys),
+        )
+    return n_left
 
 
 def apply_retention(
-    replica: Replica, newest: int, keep_last: int | None, pinned: Collection[int] = (), live: Collection[str] = ()
+    replica: Replica,
+    newest: int,
+    keep_last: int | None,
+    pinned: Collection[int] = (),
+    live: Collection[str] = (),
+    stop: Stop | None = None,
 ) -> list[int]:
     """After ``newest`` committed on ``replica``: apply :func:`plan_retention` to what is below
-    it. Returns the steps deleted (committed and torn), ascending."""
+    it. Returns the steps deleted (committed and torn), ascending. Raises
+    :class:`RetentionStopped` when the replica stops answering or ``stop()`` gives a reason
+    (:func:`remove_steps`)."""
     committed: list[int] = []
     torn: list[int] = []
-    for name in replica.list_steps():
-        s = parse_step_dir(name)
-        if s is None or s >= newest:
-            continue  # newer steps are not ours to judge (and are kept by the policy anyway)
-        (committed if is_committed(replica, s) else torn).append(s)
+    try:
+        for name in replica.list_steps():
+            s = parse_step_dir(name)
+            if s is None or s >= newest:
+                continue  # newer steps are not ours to judge (and are kept by the policy anyway)
+            (committed if is_committed(replica, s) else torn).append(s)
+    except OUTAGES as exc:
+        raise RetentionStopped(replica.url, "every old step (nothing was deleted)", exc) from exc
     plan = plan_retention(committed, torn, keep_last, newest=newest, pinned=pinned)
-    remove_steps(replica, plan.drop, plan.torn, live)
+    remove_steps(replica, plan.drop, plan.torn, live, stop)
     return sorted(plan.torn + plan.drop)
