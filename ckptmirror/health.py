@@ -74,6 +74,9 @@ class ReplicaHealth:
                     r.ping()
                 except Exception as exc:  # noqa: BLE001 - recorded as degraded
                     self.mark(r, exc)
+                    # What waits on it now would wait out its own budget (an upload sent to a
+                    # stopped agent, waiting for the answer): cut it, the save moves on.
+                    r.abort_inflight(f"{type(exc).__name__}: {exc}")
                     continue
                 with self._lock:
                     was_down = self._degraded.pop(r.url, None) is not None

@@ -142,7 +142,8 @@ class Mirror:
         commit_timeout_s: how long the ranks wait for each other to commit a step; a rank that
             dies mid-save means that step never commits, after at most this long.
         replicated: whether the saved state is identical on every rank, so that it is stored
-            once in total, its objects spread over the ranks. None (default): yes when the model
+            once per replica, its objects spread over the ranks that write to that replica (all
+            of them on a shared one: once in total). None (default): yes when the model
             given to :meth:`save` is wrapped in ``DistributedDataParallel``. The ranks verify
             that it really is identical; if not, the save fails with StateMismatchError.
         staging_bytes: cap on each staging arena (default: none, an arena holds the whole

@@ -7,7 +7,8 @@ Run on CPU with two processes::
 Replicas: a node-local directory per node (``{node_rank}`` is filled in per rank) and a shared
 one standing in for S3 or a shared filesystem; ``--replicas`` overrides them (``s3://...``,
 ``peer://...``). The DDP model and its optimizer are identical on every rank, so ckptmirror
-stores them once in total, each rank writing a share of the objects.
+stores them once per replica: the shared one once in total, each rank writing a share of
+the objects; each node's directory whole, written by that node's ranks.
 
 Crash and resume: ``--crash-at-step N`` SIGKILLs rank ``--crash-rank`` right after it starts
 saving step N, the first time only (a marker file remembers). Under

@@ -16,8 +16,8 @@ many leading segments of the path tail are the namespace; the rest is the key.
                                              (below); 404 when the agent does not scrub
 ``PUT  /v1/o/<ns>/<key>``                    body streamed to disk; ``X-Ckptmirror-Checksum`` and
                                              ``Content-Length`` required, verified while receiving
-``PUT  /v1/commit/<ns>/<key>``               commit record; accepted only if every manifest and
-                                             object it names is present and verified; 412 if it exists
+``PUT  /v1/commit/<ns>/<key>``               commit record; accepted only if what it must hold
+                                             here (below) is present and verified; 412 if it exists
 ``GET  /v1/o/<ns>/<key>`` (``Range``)         object bytes; ``HEAD`` for the size (``X-Ckptmirror-Size``)
 ``GET  /v1/steps/<ns>``                      step directories (JSON list)
 ``GET  /v1/list/<ns>/<prefix>``              keys under a prefix (JSON list)
@@ -29,6 +29,27 @@ own (the temp file of an upload in progress is ``.tmp-<uuid>-<name>``): every ro
 (400), and listings never show one. Commit records (a segment named ``COMMIT.json``) are written
 only through ``PUT /v1/commit/``, which verifies and creates if absent: ``PUT /v1/o/`` refuses
 them (400). :func:`refused_name` says why a name is refused.
+
+Commits, ``PUT /v1/commit/``: without :data:`WRITERS_HEADER` every rank manifest the record
+names, and every object they name, must be present and verify (a client that sends no header,
+an older one included, gets exactly the rule agents always applied). With it, the client names
+the writers ``<rank>-<token>`` (``,``-separated; :data:`NO_WRITERS` for none) whose files it put
+into this namespace for the step, and the namespace may hold only part of the step, as a
+node-local disk does (``ring_peer``: each node's namespace holds that node's ranks):
+
+- per-rank record: the manifests of the named writers are required (at least one of them must
+  be named by the record); another rank's manifest may be absent, and if present it must
+  verify with every object it names;
+- replicated record (``"replicated": true``, one manifest written by every rank): the manifest
+  is required, and every object of the named writers; another writer's objects may be absent
+  all together, but if any of them is here, all of them must be and verify.
+
+Either way every file that is here and named must verify, and a record of which nothing is here
+is refused (409). An agent that accepts a record naming more than the namespace holds keeps
+what it held (manifests, object writers) next to it, in the hidden file
+``step-S/.held-<checksum of the record>.json``: the scrubber then requires exactly that, and
+reports ranks the namespace never held as ``not_held``, not as damage. An older agent ignores
+the header and keeps the strict rule (it refuses such a commit with 409, as before).
 
 Tokens: the agent's token (``--token-file``) is valid on every namespace; per-namespace tokens
 (``--namespace-token PREFIX=FILE``) only on the namespaces ``PREFIX`` and ``PREFIX/...``. A token
@@ -45,10 +66,17 @@ again when they are fresh::
     {"namespace", "now_unix", "interval_s", "bytes_per_s",
      "checked_unix", "age_s",          # end of the latest complete pass over it (null: none yet)
      "steps": [{"step", "commit_checksum", "checked_unix", "age_s", "status": "ok" | "bad",
-                "ranks": [{"rank", "key", "checksum", "objects", "bytes", "verified", "manifest_ok"}],
+                "ranks": [{"rank", "key", "checksum", "objects", "bytes", "verified", "manifest_ok",
+                           "not_held"}],
+                "not_held_ranks": [rank, ...],
                 "problems": [...]}],
      "problems": [{"step", "key", "kind", "detail", "rank"}]}   # every step's, in step order
 
+``not_held_ranks``: ranks whose manifest this namespace does not hold (it holds a node's share of
+the step, see Commits above); they are not checked and not damage. A rank's ``objects`` and
+``bytes`` count the objects checked here; ``not_held`` the objects of its manifest this namespace
+does not hold (other ranks' share of a replicated step), so ``objects`` is then less than the
+manifest lists and ``verify`` reads that rank's objects itself instead of taking these results.
 A step is listed only while its result is about the bytes stored now: a write or delete in the
 step (``ckptmirror repair``, retention) drops it until it is checked again. ``commit_checksum``
 is the XXH3 of the commit record that was checked (a step deleted and saved again is another
@@ -64,6 +92,9 @@ large, 422 checksum/size mismatch, 503 too many uploads, 507 below the free-spac
 
 from __future__ import annotations
 
+import re
+import threading
+from collections.abc import Iterable
 from urllib.parse import quote
 
 from ..errors import (
@@ -75,7 +106,7 @@ from ..errors import (
     ReplicaPermissionError,
     StepExistsError,
 )
-from ..format import COMMIT_NAME
+from ..format import COMMIT_NAME, parse_commit, parse_step_dir, writer_of
 from .base import step_of_key
 
 #: Environment variable holding the shared token, read by the client and by ``ckptmirror serve``.
@@ -115,6 +146,16 @@ CHECKSUM_HEADER = "X-Ckptmirror-Checksum"
 DEPTH_HEADER = "X-Ckptmirror-Namespace-Depth"
 DEFAULT_DEPTH = 1
 SIZE_HEADER = "X-Ckptmirror-Size"
+#: ``PUT /v1/commit/``: the writers ``<rank>-<token>`` whose files the client put into the namespace
+#: for the step (see Commits in the module docstring); absent: every file the record names must be here.
+WRITERS_HEADER = "X-Ckptmirror-Commit-Writers"
+#: The :data:`WRITERS_HEADER` value of a client that put no object of its own (a replicated step's
+#: rank that owns no object wrote only the manifest).
+NO_WRITERS = "none"
+#: A longer :data:`WRITERS_HEADER` value is not sent (aiohttp refuses header lines over 8 KiB): the
+#: client then sends none, and the commit needs every file it names (what a full copy has).
+MAX_WRITERS_HEADER_BYTES = 4096
+_WRITER_ITEM_RE = re.compile(r"([0-9]{1,9})-([0-9a-f]{8})\Z")
 
 # -- the bodies of the agent's authentication answers ---------------------------------------------
 MISSING_TOKEN_TEXT = "missing bearer token"  # with 401 and ``WWW-Authenticate: Bearer``
@@ -233,3 +274,109 @@ def error_for_status(status: int, text: str, *, replica: str, key: str, denied: 
     if status == 422:
         return CorruptObjectError(f"agent rejected the body: {text}", replica=replica, key=key)
     return ReplicaError(f"agent answered HTTP {status}: {text}", replica=replica, key=key)
+
+
+# -- commits: which writers' files the client put ---------------------------------------------------
+def format_writers(writers: Iterable[tuple[int, str]]) -> str:
+    """The :data:`WRITERS_HEADER` value naming ``writers`` ((rank, token) pairs)."""
+    items = sorted(set(writers))
+    return ",".join(f"{rank}-{token}" for rank, token in items) if items else NO_WRITERS
+
+
+def parse_writers(value: str) -> frozenset[tuple[int, str]]:
+    """The writers a :data:`WRITERS_HEADER` value names; ValueError (the agent answers 400) if malformed."""
+    value = value.strip()
+    if len(value) > MAX_WRITERS_HEADER_BYTES:
+        raise ValueError(f"{WRITERS_HEADER} is longer than {MAX_WRITERS_HEADER_BYTES} bytes")
+    if value == NO_WRITERS:
+        return frozenset()
+    out = set()
+    for item in value.split(","):
+        m = _WRITER_ITEM_RE.match(item.strip())
+        if m is None:
+            raise ValueError(f"{WRITERS_HEADER}: {item.strip()[:40]!r} is not <rank>-<8 hex digit token>")
+        out.add((int(m.group(1)), m.group(2)))
+    return frozenset(out)
+
+
+def _is_manifest_key(key: str) -> bool:
+    """Whether ``key`` (a name :func:`writer_of` knows) is a rank manifest (``step-S/rank-R-T.json``)."""
+    return key.count("/") == 1 and key.endswith(".json") and not key.endswith(".place.json")
+
+
+class WriteLog:
+    """The client's record of what it put into its namespace, per step, for the
+    :data:`WRITERS_HEADER` of its commit (:meth:`header`).
+
+    Per step: the rank manifests put, and the writers ``(rank, token)`` of the other files put
+    (objects, compressed objects, placement records). Thread-safe (puts come from I/O threads);
+    at most :attr:`MAX_STEPS` steps are remembered (the oldest are forgotten: their commits, if
+    any still come, need every file they name).
+    """
+
+    MAX_STEPS = 64
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._steps: dict[int, tuple[set[str], set[tuple[int, str]]]] = {}
+
+    def wrote(self, key: str) -> None:
+        """``key`` was put (durably: the agent acknowledged it)."""
+        w = writer_of(key)
+        step = parse_step_dir(key.split("/", 1)[0])
+        if w is None or step is None:
+            return
+        with self._lock:
+            entry = self._steps.get(step)
+            if entry is None:
+                if len(self._steps) >= self.MAX_STEPS:
+                    del self._steps[min(self._steps)]
+                entry = self._steps[step] = (set(), set())
+            if _is_manifest_key(key):
+                entry[0].add(key)
+            else:
+                entry[1].add(w)
+
+    def forget(self, key: str) -> None:
+        """``key`` (or the prefix: a step directory) was deleted: a manifest deleted is no longer
+        claimed, a step directory deleted is forgotten."""
+        head = key.rstrip("/")
+        step = parse_step_dir(head.split("/", 1)[0])
+        if step is None:
+            return
+        with self._lock:
+            if "/" not in head:
+                self._steps.pop(step, None)
+            elif step in self._steps:
+                self._steps[step][0].discard(head)
+
+    def header(self, key: str, body: bytes) -> str | None:
+        """The :data:`WRITERS_HEADER` value for committing ``body`` as ``key``, or None to send none.
+
+        None (every file the record names must then be here) when this client put none of the
+        record's manifests (a commit retried by another process, a record it did not write), when
+        it put every one of them (a full copy: the header would change nothing), or when the value
+        would exceed :data:`MAX_WRITERS_HEADER_BYTES`. A record that does not parse gets none: the
+        agent refuses it anyway.
+        """
+        try:
+            commit = parse_commit(body, key)
+        except CkptMirrorError:
+            return None
+        with self._lock:
+            entry = self._steps.get(commit.step)
+            if entry is None:
+                return None
+            manifests, writers = set(entry[0]), set(entry[1])
+        if commit.replicated:
+            # One manifest, written by every rank; each rank's objects are its own.
+            if not commit.ranks or commit.ranks[0].key not in manifests:
+                return None
+            claimed = writers
+        else:
+            pinned = [writer_of(ref.key) for ref in commit.ranks if ref.key in manifests]
+            claimed = {w for w in pinned if w is not None}
+            if not claimed or len(claimed) == len(commit.ranks):
+                return None
+        value = format_writers(claimed)
+        return value if len(value) <= MAX_WRITERS_HEADER_BYTES else None

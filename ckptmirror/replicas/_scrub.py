@@ -2,8 +2,17 @@
 before it is accepted, and the scrubber.
 
 :func:`check_file` is the one check of a stored file (size, then XXH3 over its bytes); the agent's
-commit check (:func:`commit_problems`) and the scrubber both use it, so "damaged" means the same
+commit check (:func:`check_commit`) and the scrubber both use it, so "damaged" means the same
 thing in both places.
+
+A namespace may hold only part of a step, as a node-local disk does: with ``ring_peer`` each
+node's namespace holds that node's ranks, while the commit record names every rank. The commit
+check accepts that when the client names the writers whose files it put there (see Commits in
+``_peer_protocol``), and keeps what the namespace held next to the commit record (:class:`Held`);
+the scrubber then reports the ranks (and, for a replicated step, the other writers' objects)
+the namespace never held as ``not_held``, not as damage, while a manifest or object it held and
+lost, or one that is here and damaged, is damage as anywhere else. A namespace without a Held
+record must hold everything its commit records name.
 
 The :class:`Scrubber` (``ckptmirror serve --scrub-interval S --scrub-bytes-per-s N``) is a
 thread that re-reads everything the agent holds, namespace by namespace: every committed step's
@@ -27,18 +36,29 @@ Problem kinds are those of ``ckptmirror verify`` (:class:`ckptmirror.ops.Problem
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import threading
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..checksum import Hasher, checksum
 from ..errors import CkptMirrorError, ManifestError, ObjectMissingError
-from ..format import MAX_MANIFEST_BYTES, RankManifest, commit_key, parse_commit, parse_rank_manifest, parse_step_dir
+from ..format import (
+    MAX_MANIFEST_BYTES,
+    RankManifest,
+    commit_key,
+    parse_commit,
+    parse_rank_manifest,
+    parse_step_dir,
+    step_dir,
+    writer_of,
+)
 from ..placement import MAX_PLACEMENT_BYTES, Stored, resolve
 from ._peer_protocol import DEFAULT_SCRUB_BYTES_PER_S, HIDDEN_PREFIX
 from .base import validate_key
@@ -47,11 +67,16 @@ from .local import LocalReplica
 __all__ = [
     "DEFAULT_SCRUB_BYTES_PER_S",
     "Damage",
+    "Held",
     "Pacer",
     "Scrubber",
+    "check_commit",
     "check_file",
     "commit_problems",
+    "drop_held",
     "find_namespaces",
+    "held_key",
+    "read_held",
 ]
 
 log = logging.getLogger("ckptmirror.agent")
@@ -162,14 +187,125 @@ def check_file(
     return None, bytes(body) if body is not None else b""
 
 
-def commit_problems(
-    replica: LocalReplica, ns: str, key: str, body: bytes, verified: MutableMapping[tuple[str, str], tuple[int, str]]
-) -> list[str]:
-    """What is wrong with committing ``body`` as ``key`` in ``ns`` (empty: accept it): every rank
-    manifest and object it names must be here and verify. ``verified`` holds ``(ns, key) ->
-    (size, checksum)`` of files this process received and verified: those are not read again
-    (only their size is checked), since a commit follows its objects within seconds and the
-    scrubber re-reads everything later; files that verify here are added to it."""
+Writer = tuple[int, str]  # (rank, token), as object and manifest names carry it (format.writer_of)
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a namespace holds of a committed step whose record names more than that (a node's
+    share: ``ring_peer``, see ``_peer_protocol``): the rank manifests present and verified when
+    the commit was accepted, and the writers whose objects were (replicated steps: each rank
+    writes its own share of the one manifest's objects).
+
+    The agent keeps it next to the commit record (:func:`held_key`, a hidden name no client can
+    read, write or delete; it goes with the step directory); the scrubber then requires exactly
+    that. Without one, every file the record names must be here (the rule of a full copy)."""
+
+    manifests: frozenset[str]
+    writers: frozenset[Writer]
+
+    def to_json(self, commit_checksum: str) -> bytes:
+        doc = {
+            "kind": HELD_KIND,
+            "commit_checksum": commit_checksum,
+            "manifests": sorted(self.manifests),
+            "writers": [[r, t] for r, t in sorted(self.writers)],
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def parse(cls, data: bytes, commit_checksum: str) -> Held | None:
+        """The record in ``data`` if it is one, about the commit record ``commit_checksum``; else None."""
+        try:
+            doc = json.loads(data)
+            if doc["kind"] != HELD_KIND or doc["commit_checksum"] != commit_checksum:
+                return None
+            manifests = frozenset(str(k) for k in doc["manifests"])
+            writers = frozenset((int(r), str(t)) for r, t in doc["writers"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        return cls(manifests, writers)
+
+
+#: Name prefix (in the step directory) of the :class:`Held` record of a commit; hidden (``.``).
+HELD_PREFIX = ".held-"
+HELD_KIND = "ckptmirror.agent.held"
+
+
+def held_key(step: int, commit_checksum: str) -> str:
+    """Where the :class:`Held` record of the commit record with checksum ``commit_checksum`` is kept
+    (named after the record: a step committed again with another record never reads the old one)."""
+    return f"{step_dir(step)}/{HELD_PREFIX}{commit_checksum.rsplit(':', 1)[-1]}.json"
+
+
+def read_held(replica: LocalReplica, step: int, commit_checksum: str) -> Held | None:
+    """The :class:`Held` record of that commit record, or None (none: the namespace must hold it all)."""
+    try:
+        data = replica.get(held_key(step, commit_checksum), MAX_COMMIT_BYTES)
+    except CkptMirrorError:
+        return None
+    return Held.parse(data, commit_checksum)
+
+
+def drop_held(replica: LocalReplica, step: int) -> None:
+    """Remove every :class:`Held` record of ``step`` (its commit record was deleted)."""
+    d = os.path.join(replica.root, step_dir(step))
+    try:
+        names = [e.name for e in os.scandir(d) if e.name.startswith(HELD_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        try:
+            replica.delete(f"{step_dir(step)}/{name}")
+        except CkptMirrorError:
+            pass  # left behind: named after a record that is gone, never read again
+
+
+def _absent(replica: LocalReplica, key: str) -> bool:
+    """Whether ``key`` is not here (a file that cannot be looked at is here: checking it says what is wrong)."""
+    try:
+        return replica.size(key) is None
+    except CkptMirrorError:
+        return False
+
+
+def _not_held_writers(
+    replica: LocalReplica, manifest: RankManifest, stored: Mapping[str, Stored], required: AbstractSet[Writer]
+) -> set[Writer]:
+    """The writers of ``manifest``'s objects that this namespace does not hold: not in ``required``
+    and none of their objects here. A writer with any object here must have all of them."""
+    by_writer: dict[Writer, list[str]] = {}
+    for obj in manifest.objects:
+        w = writer_of(obj.key)
+        st = stored.get(obj.key)
+        if w is not None and st is not None:
+            by_writer.setdefault(w, []).append(st.key)
+    return {w for w, keys in by_writer.items() if w not in required and all(_absent(replica, k) for k in keys)}
+
+
+def check_commit(
+    replica: LocalReplica,
+    ns: str,
+    key: str,
+    body: bytes,
+    verified: MutableMapping[tuple[str, str], tuple[int, str]],
+    writers: frozenset[Writer] | None = None,
+) -> tuple[list[str], Held | None]:
+    """What is wrong with committing ``body`` as ``key`` in ``ns`` (empty: accept it), and, when
+    the namespace holds only part of what the record names, what it holds (else None).
+
+    ``writers`` None (no ``X-Ckptmirror-Commit-Writers`` header: an older client, or one that put
+    all or none of the step here): every rank manifest and object the record names must be here
+    and verify. Otherwise ``writers`` are those whose files the client put here (see Commits in
+    ``_peer_protocol``): their manifests (a replicated record's one manifest always) and objects
+    must be here and verify; another rank's manifest, or another writer's objects of a replicated
+    step, may be absent, but what is here must verify (a writer with some objects here, all of
+    them), and a record of which no manifest is here is refused.
+
+    ``verified`` holds ``(ns, key) -> (size, checksum)`` of files this process received and
+    verified: those are not read again (only their size is checked), since a commit follows its
+    objects within seconds and the scrubber re-reads everything later; files that verify here are
+    added to it."""
 
     def why(k: str, size: int, csum: str) -> str | None:
         if verified.get((ns, k)) == (size, csum) and replica.size(k) == size:
@@ -181,20 +317,59 @@ def commit_problems(
         return None
 
     commit = parse_commit(body, key)
-    problems = []
+    problems: list[str] = []
+    if writers is not None and not commit.replicated and not any(writer_of(r.key) in writers for r in commit.ranks):
+        problems.append("it names none of the rank manifests this client says it wrote here")
+    manifests: set[str] = set()
+    held_writers: set[Writer] = set()
+    partial = False
     for ref in commit.ranks:
+        required = writers is None or commit.replicated or writer_of(ref.key) in writers
+        if not required and _absent(replica, ref.key):
+            partial = True  # another node's rank: not held here
+            continue
         bad = why(ref.key, ref.size, ref.checksum)
         if bad:
             problems.append(bad)
             continue
+        manifests.add(ref.key)
         manifest = parse_rank_manifest(replica.get(ref.key, MAX_MANIFEST_BYTES), ref.key)
         try:
             stored = stored_objects(replica, manifest)
         except ManifestError as exc:
             problems.append(str(exc))
             continue
-        problems.extend(p for p in (why(s.key, s.size, s.checksum) for s in stored.values()) if p)
-    return problems
+        skip: set[Writer] = set()
+        if writers is not None and commit.replicated:
+            skip = _not_held_writers(replica, manifest, stored, writers)
+            partial = partial or bool(skip)
+        for obj in manifest.objects:
+            w = writer_of(obj.key)
+            if w in skip:
+                continue
+            st = stored[obj.key]
+            bad = why(st.key, st.size, st.checksum)
+            if bad:
+                problems.append(bad)
+            elif w is not None:
+                held_writers.add(w)
+    if not manifests and not problems:
+        problems.append(f"none of the {len(commit.ranks)} rank manifest(s) it names is here")
+    if problems or not partial:
+        return problems, None
+    return [], Held(frozenset(manifests), frozenset(held_writers))
+
+
+def commit_problems(
+    replica: LocalReplica,
+    ns: str,
+    key: str,
+    body: bytes,
+    verified: MutableMapping[tuple[str, str], tuple[int, str]],
+    writers: frozenset[Writer] | None = None,
+) -> list[str]:
+    """What is wrong with committing ``body`` as ``key`` in ``ns`` (:func:`check_commit`'s problems)."""
+    return check_commit(replica, ns, key, body, verified, writers)[0]
 
 
 def stored_objects(replica: LocalReplica, manifest: RankManifest) -> dict[str, Stored]:
@@ -264,7 +439,9 @@ def newest_committed(ns_root: str) -> tuple[int, float] | None:
 # ------------------------------------------------------------------------------- results
 @dataclass
 class RankResult:
-    """One rank manifest of one step, as ``verify``'s ``RankCheck`` has it."""
+    """One rank manifest of one step, as ``verify``'s ``RankCheck`` has it; ``objects`` and
+    ``bytes`` count the objects checked here, ``not_held`` those of the manifest this namespace
+    does not hold (another writer's share of a replicated step, see :class:`Held`)."""
 
     rank: int
     key: str
@@ -273,6 +450,7 @@ class RankResult:
     bytes: int
     verified: int
     manifest_ok: bool
+    not_held: int = 0
 
 
 @dataclass
@@ -285,6 +463,8 @@ class StepResult:
     checked_unix: float
     ranks: list[RankResult] = field(default_factory=list)
     problems: list[dict[str, Any]] = field(default_factory=list)
+    #: Ranks whose manifest this namespace does not hold (a node's share of the step: :class:`Held`).
+    not_held_ranks: list[int] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -514,6 +694,10 @@ class Scrubber:
         with self.lock:
             self.files_checked += 1
         result = StepResult(step, checksum(record), 0.0)
+        # A namespace that holds a node's share of the step (the agent accepted the commit with
+        # only that here) has its Held record: what it does not hold is not damage. Without one,
+        # it must hold everything the commit record names.
+        held = read_held(replica, step, result.commit_checksum)
 
         def problem(k: str, damage: Damage, rank: int | None = None) -> None:
             result.problems.append({"step": step, "key": k, "kind": damage.kind, "detail": damage.detail, "rank": rank})
@@ -525,6 +709,9 @@ class Scrubber:
             commit = None
         seen: set[str] = set()
         for ref in commit.ranks if commit else ():
+            if held is not None and ref.key not in held.manifests and _absent(replica, ref.key):
+                result.not_held_ranks.append(ref.rank)  # another node's rank
+                continue
             damage, body = self._check(replica, ref.key, ref.size, ref.checksum, pacer, keep=True)
             manifest = None
             if damage is None:
@@ -541,8 +728,14 @@ class Scrubber:
                     stored = stored_objects(replica, manifest)
                 except ManifestError as exc:
                     problem(ref.key, Damage("invalid", f"placement record: {exc}"), ref.rank)
+            skip: set[Writer] = set()
+            if held is not None and commit is not None and commit.replicated and manifest is not None and stored:
+                # Another rank's share of a replicated step: absent all together, unless this
+                # namespace held it at the commit (then it is damage).
+                skip = _not_held_writers(replica, manifest, stored, held.writers)
+            mine = [o for o in objects if writer_of(o.key) not in skip] if skip else list(objects)
             bad = 0
-            for obj in objects:
+            for obj in mine:
                 if obj.key in seen:
                     continue  # listed by two manifests (replicated saves): checked once
                 seen.add(obj.key)
@@ -563,10 +756,11 @@ class Scrubber:
                     ref.rank,
                     ref.key,
                     ref.checksum,
-                    len(objects),
-                    sum(o.size for o in objects),
-                    len(objects) - bad,
+                    len(mine),
+                    sum(o.size for o in mine),
+                    len(mine) - bad,
                     damage is None,
+                    len(objects) - len(mine),
                 )
             )
         # Retention deletes the commit record first, then the step: files missing because the

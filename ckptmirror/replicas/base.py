@@ -251,6 +251,11 @@ class Replica(ABC):
         """Raise if the replica cannot be reached; used to bring a degraded replica back."""
         self.list_steps()
 
+    def abort_inflight(self, why: str) -> None:  # noqa: B027 - optional hook: backends without long waits
+        """Make operations waiting on this replica now fail at once (``why`` goes into their
+        error): called when its health check finds it unresponsive, so that an upload whose
+        answer never comes does not hold a save for its whole time budget. Optional."""
+
     def release_thread(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing per thread
         """Release what the calling thread holds on this replica (a keep-alive connection), before
         a short-lived thread ends; the replica stays usable from every thread."""

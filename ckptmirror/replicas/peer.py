@@ -38,6 +38,7 @@ import os
 import socket
 import ssl
 import threading
+import weakref
 from typing import Any
 from urllib.parse import urlparse
 
@@ -72,6 +73,19 @@ class ScrubUnavailableError(ReplicaError):
 
 class _BudgetSpent(TimeoutError):
     """A blocking step found the operation's deadline already passed (raised before waiting)."""
+
+
+class _Stalled(TimeoutError):
+    """An upload made no progress: the agent took none of a piece of the body within
+    ``connect_timeout_s`` plus the piece at ``min_bytes_per_s`` (see :meth:`_DeadlineSocket.sendall`)."""
+
+    def __init__(self, waited_s: float) -> None:
+        super().__init__(f"no progress for {waited_s:.1f} s")
+        self.waited_s = waited_s
+
+
+#: Bodies are sent in pieces of this size, each under its own progress limit (see ``sendall``).
+SEND_PIECE = 1 << 20
 
 
 class _DeadlineMixin:
@@ -122,8 +136,30 @@ class _DeadlineSocket:
         self._sock.settimeout(self._conn.wait_s())
 
     def sendall(self, data: Any) -> None:
-        self.arm()  # since Python 3.5 the timeout bounds the whole sendall, not each chunk
-        self._sock.sendall(data)
+        """Send ``data`` in pieces of :data:`SEND_PIECE`, each allowed what is left of the
+        deadline but at most ``connect_timeout_s`` plus the piece at ``min_bytes_per_s``.
+
+        The deadline alone lets a stalled agent (stopped, its disk hung) hold a 64 MiB upload
+        for the whole budget (69 s by default), and with it the staging buffer the next save()
+        waits for; measured. A peer that takes no data for that long counts as down, as a link
+        slower than ``min_bytes_per_s`` does. Since Python 3.5 a socket timeout bounds a whole
+        ``sendall``, hence the pieces.
+        """
+        view = memoryview(data)
+        if view.itemsize != 1 or view.ndim != 1:
+            view = view.cast("B")
+        dl = self._conn.deadline
+        for off in range(0, max(len(view), 1), SEND_PIECE):
+            piece = view[off : off + SEND_PIECE]
+            wait = self._conn.wait_s()
+            limit = wait if dl is None else dl.budget.connect_timeout_s + len(piece) / dl.budget.min_bytes_per_s
+            self._sock.settimeout(min(wait, limit))
+            try:
+                self._sock.sendall(piece)
+            except TimeoutError:
+                if limit < wait:  # the progress limit fired, not the deadline
+                    raise _Stalled(limit) from None
+                raise
 
     def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
         # The socket's own raw reader (it counts as an open reference: the socket stays open
@@ -201,6 +237,14 @@ class PeerReplica(Replica):
         self.tls = (parsed.scheme == "peers") if tls is None else tls
         self.ssl_ctx = ssl.create_default_context(cafile=cafile) if self.tls else None
         self._local = threading.local()
+        # What this client put, per step: its commits name those writers (wire.WRITERS_HEADER).
+        self._wrote = wire.WriteLog()
+        # Every connection this replica opened (any thread), so that abort_inflight() can cut
+        # them; and a count of aborts, so that an operation cut by one is not retried.
+        self._conns: weakref.WeakSet[_DeadlineMixin] = weakref.WeakSet()
+        self._conns_lock = threading.Lock()
+        self._aborts = 0
+        self._abort_why = ""
 
     def _resolve_token(self, token: str | None, token_file: str | None) -> tuple[str | None, str | None]:
         """(token, where it came from, for error messages); (None, None) when none was given."""
@@ -258,8 +302,30 @@ class PeerReplica(Replica):
                 conn = _Connection(self.host, self.port)
             conn.cap_s = self.timeout_s
             self._local.conn = conn
+            with self._conns_lock:
+                self._conns.add(conn)
         conn.deadline = deadline
         return conn
+
+    def abort_inflight(self, why: str) -> None:
+        """Cut every connection of this replica (the operations waiting on them fail at once,
+        with an error that says why, and are not retried); later operations connect anew.
+
+        Called when the heartbeat finds the agent unresponsive: an upload already sent, waiting
+        for the stopped agent's answer, would otherwise wait out its whole time budget (69 s
+        for a 64 MiB object by default), holding the staging buffer the next save() needs."""
+        with self._conns_lock:
+            self._aborts += 1
+            self._abort_why = why
+            conns = list(self._conns)
+        for conn in conns:
+            sock = getattr(conn, "sock", None)
+            if sock is None:
+                continue
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in send or recv on it
+            except OSError:
+                pass  # closed meanwhile
 
     def _missed(self, dl: Deadline, last: BaseException | None = None, attempts: int = 1) -> ReplicaUnavailableError:
         """The error of an operation that ran out of time (or of a wait cut by ``timeout_s``)."""
@@ -267,6 +333,15 @@ class PeerReplica(Replica):
             return ReplicaUnavailableError(
                 f"{dl.op}: no answer within timeout_s={self.timeout_s:g} (one wait), inside its time budget of "
                 f"{dl.describe()}",
+                replica=self.url,
+                key=dl.key,
+            )
+        if isinstance(last, _Stalled):
+            b = dl.budget
+            return ReplicaUnavailableError(
+                f"{dl.op}: the agent took no data for {last.waited_s:.1f} s (connect_timeout_s={b.connect_timeout_s:g} "
+                f"+ a piece of {SEND_PIECE} bytes at min_bytes_per_s={b.min_bytes_per_s:.0f}): stalled or overloaded, "
+                f"after {dl.elapsed():.1f} s of its time budget of {dl.describe()}",
                 replica=self.url,
                 key=dl.key,
             )
@@ -296,6 +371,7 @@ class PeerReplica(Replica):
         hdrs.update(headers or {})
         if body is not None:
             hdrs["Content-Length"] = str(len(memoryview(body).cast("B")))
+        aborts = self._aborts
         for attempt in (1, 2):
             conn = self._conn(dl)
             try:
@@ -320,6 +396,8 @@ class PeerReplica(Replica):
                 ) from exc
             except TimeoutError as exc:  # connect, send or the answer's headers: out of time
                 self._drop()
+                if self._aborts != aborts:
+                    raise self._cut(dl) from exc
                 raise self._missed(dl, exc, attempt) from exc
             except ssl.SSLError as exc:
                 # A setup problem (unknown CA, plain agent), not a passing fault.
@@ -328,6 +406,8 @@ class PeerReplica(Replica):
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 # A kept-alive connection the agent closed: retry once on a fresh one, in the same budget.
                 self._drop()
+                if self._aborts != aborts:  # cut by abort_inflight(): the agent is not answering
+                    raise self._cut(dl) from exc
                 if (
                     attempt == 2
                     or dl.expired()
@@ -343,8 +423,19 @@ class PeerReplica(Replica):
                     ) from exc
             except (OSError, http.client.HTTPException) as exc:
                 self._drop()
+                if self._aborts != aborts:
+                    raise self._cut(dl) from exc
                 raise ReplicaError(f"{method} failed: {type(exc).__name__}: {exc}", replica=self.url, key=key) from exc
         raise AssertionError("unreachable")
+
+    def _cut(self, dl: Deadline) -> ReplicaUnavailableError:
+        """The error of an operation whose connection :meth:`abort_inflight` cut."""
+        return ReplicaUnavailableError(
+            f"{dl.op}: cut after {dl.elapsed():.1f} s of its time budget of {dl.describe()}: the agent stopped "
+            f"answering its health checks ({self._abort_why})",
+            replica=self.url,
+            key=dl.key,
+        )
 
     def _read_body(self, resp: http.client.HTTPResponse, dl: Deadline, key: str) -> bytes:
         """The whole answer body, its share of the budget added once its size is known."""
@@ -391,9 +482,19 @@ class PeerReplica(Replica):
             headers={wire.CHECKSUM_HEADER: checksum(data)},
             idempotent=True,
         )
+        self._wrote.wrote(key)
 
     def commit(self, key: str, data: bytes) -> None:
+        """Create the commit record ``key``. The request names the writers whose files this
+        client put for the step (``wire.WRITERS_HEADER``), so that the agent requires exactly
+        those and accepts a namespace that holds only this node's share of the step, as a
+        node-local disk does (``ring_peer``); without them (nothing put here by this client,
+        or all of it) every file the record names must be there."""
         validate_key(key, self.url)
+        headers = {wire.CHECKSUM_HEADER: checksum(data)}
+        writers = self._wrote.header(key, data)
+        if writers is not None:
+            headers[wire.WRITERS_HEADER] = writers
         self._call(
             "commit",
             "PUT",
@@ -401,7 +502,7 @@ class PeerReplica(Replica):
             key,
             len(data),
             body=data,
-            headers={wire.CHECKSUM_HEADER: checksum(data)},
+            headers=headers,
             idempotent=False,
         )
 
@@ -475,10 +576,12 @@ class PeerReplica(Replica):
 
     def delete(self, key: str) -> None:
         validate_key(key, self.url)
+        self._wrote.forget(key)
         self._call("delete", "DELETE", self._path(wire.OP_OBJECT, key), key)
 
     def delete_prefix(self, prefix: str) -> None:
         validate_key(prefix.rstrip("/"), self.url)
+        self._wrote.forget(prefix)
         self._call("delete_prefix", "DELETE", self._path(wire.OP_PREFIX, prefix.rstrip("/")), prefix)
 
     def health(self) -> dict[str, Any]:

@@ -49,9 +49,9 @@ from typing import Any, NoReturn
 from aiohttp import web
 
 from .._version import __version__
-from ..checksum import Hasher, is_checksum
+from ..checksum import Hasher, checksum, is_checksum
 from ..errors import CkptMirrorError, ManifestError, StepExistsError
-from ..format import MAX_MANIFEST_BYTES, TMP_PREFIX
+from ..format import COMMIT_NAME, MAX_MANIFEST_BYTES, TMP_PREFIX, parse_step_dir
 from . import _peer_protocol as wire
 from ._agent_metrics import CONTENT_TYPE, AgentMetrics
 from ._peer_protocol import (
@@ -60,7 +60,15 @@ from ._peer_protocol import (
     DEFAULT_UPLOAD_RATE_WINDOW_S,
     LOOPBACK_HOSTS,
 )
-from ._scrub import DEFAULT_SCRUB_BYTES_PER_S, MAX_COMMIT_BYTES, Scrubber, commit_problems
+from ._scrub import (
+    DEFAULT_SCRUB_BYTES_PER_S,
+    MAX_COMMIT_BYTES,
+    Held,
+    Scrubber,
+    check_commit,
+    drop_held,
+    held_key,
+)
 from .base import validate_key
 from .local import AtomicWriter, LocalReplica
 
@@ -595,16 +603,22 @@ async def _receive(request: web.Request, ns: str, key: str, commit: bool) -> web
         if got != expected:
             _event(logging.WARNING, "checksum mismatch, dropped", ns=ns, key=key, expected=expected, got=got)
             raise web.HTTPUnprocessableEntity(text=f"checksum mismatch: received {got}, header says {expected}")
+        held_written: str | None = None
         if commit:
-            problems = await agent.run(commit_problems, replica, ns, key, body, agent.verified)
+            writers = _commit_writers(request)
+            problems, held = await agent.run(check_commit, replica, ns, key, body, agent.verified, writers)
             if problems:
                 raise web.HTTPConflict(text="commit refused: " + "; ".join(problems[:20]))
+            if held is not None:
+                held_written = await agent.run(_keep_held, replica, key, body, held)
         try:
             await agent.run(writer.finish, commit)
         except StepExistsError:
             writer = None
             # Retrying a commit whose answer was lost must succeed, if it is the same record.
             if not (commit and await agent.run(replica._holds, key, body)):
+                if held_written is not None:  # named after our record, which lost: never read
+                    await agent.run(replica.delete, held_written)
                 raise
             return web.Response(status=201, text="ok (identical commit exists)")
         writer = None
@@ -617,6 +631,35 @@ async def _receive(request: web.Request, ns: str, key: str, commit: bool) -> web
         agent.uploads -= 1
         if writer is not None:
             await agent.run(writer.abort)
+
+
+def _commit_writers(request: web.Request) -> frozenset[tuple[int, str]] | None:
+    """The writers a commit's client put files for (``wire.WRITERS_HEADER``); None without the header.
+
+    Without it the commit needs every file the record names (the rule for clients that predate the
+    header: they expect the agent to vouch for the whole step). With it, the namespace may hold
+    only the named writers' share of the step (``_scrub.check_commit``)."""
+    value = request.headers.get(wire.WRITERS_HEADER)
+    if value is None:
+        return None
+    try:
+        return wire.parse_writers(value)
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+
+
+def _keep_held(replica: LocalReplica, key: str, body: bytes, held: Held) -> str | None:
+    """Write the Held record of the commit record ``body`` (before the record itself becomes
+    visible, so that the scrubber never sees the step without it) and return its key; None when
+    ``key`` exists already (the commit then ends in 412, or finds an identical record that has
+    its own) or is not in a step directory (the scrubber only reads those)."""
+    step = parse_step_dir(key.split("/", 1)[0])
+    if step is None or replica.size(key) is not None:
+        return None
+    csum = checksum(body)
+    hkey = held_key(step, csum)
+    replica.put(hkey, held.to_json(csum))
+    return hkey
 
 
 async def _get_object(request: web.Request) -> web.StreamResponse:
@@ -675,7 +718,12 @@ async def _delete_object(request: web.Request) -> web.Response:
     agent = request.app[AGENT]
     ns, key = _split(request)
     _refuse_hidden(key)  # deleting another upload's temp file would fail that upload
-    await agent.run(agent.replica(ns).delete, key)
+    replica = agent.replica(ns)
+    await agent.run(replica.delete, key)
+    head, _, name = key.partition("/")
+    step = parse_step_dir(head)
+    if name == COMMIT_NAME and step is not None:
+        await agent.run(drop_held, replica, step)  # what the namespace held of that commit
     agent.verified.pop((ns, key), None)
     agent.changed(ns, key)
     return web.Response(status=204)

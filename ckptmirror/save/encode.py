@@ -122,7 +122,7 @@ def encode_replicated(
     exchange: Callable[[str, Any], list[Any]],
     frozen: Sequence[bool] | None = None,
 ) -> EncodedStep:
-    """Encode a state that is identical on every rank (DDP) so that it is stored once in total.
+    """Encode a state that is identical on every rank (DDP) so that it is stored once per replica.
 
     Every rank hashes every object (xxh3 is ~30x faster than the disk, so this costs little) and
     the ranks compare a digest of layout and checksums: a state marked replicated that differs

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     # After init_process_group: the Mirror finds the group and every rank saves its part.
-    # DDP state is identical on every rank, so it is stored once in total, spread over the ranks.
+    # DDP state is identical on every rank, so it is stored once per replica: the node's ranks
+    # share the writing of its disk and its ring namespace, the ranks of all nodes that of S3.
     mirror = ckptmirror.Mirror(
         replica_urls(args, node_index()),
         keep_last=args.keep_last,
