@@ -155,6 +155,13 @@ def test_replicas_holding_different_checkpoints_under_one_step_fail_verify(tmp_p
     rc, v = cli_json("verify", l2, l1)
     assert rc == 1 and [(p["replica"], p["kind"]) for p in v["damage"]] == [(str(l1), "disagree")], v
 
+    # repair does not pick one: it reports the disagreement and fails, changing nothing.
+    before = sorted(p.name for p in (l1 / step_dir(3)).rglob("*"))
+    r = cli("repair", l1, l2)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "CANNOT REPAIR" in r.stdout and "disagree" in r.stdout and "Delete step 3" in r.stdout, r.stdout
+    assert sorted(p.name for p in (l1 / step_dir(3)).rglob("*")) == before
+
     # What the message says to do: delete the foreign copy, then repair copies the other one there.
     shutil.rmtree(l1 / step_dir(3))
     r = cli("repair", l1, l2)

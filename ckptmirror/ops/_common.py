@@ -107,8 +107,10 @@ class Problem:
     ``kind`` is one of ``missing``, ``truncated`` (shorter than recorded, zero length included),
     ``wrong-size`` (longer), ``corrupt`` (checksum mismatch), ``invalid`` (a commit or manifest
     that does not parse or validate), ``unreadable`` (the backend failed to read it),
-    ``lagging`` (the step is committed on another replica but not on this one) and
-    ``unrecoverable`` (no replica holds a verifying copy).
+    ``lagging`` (the step is committed on another replica but not on this one),
+    ``disagree`` (this replica's commit record of the step differs from the one a restore reads:
+    another checkpoint under the same step number) and ``unrecoverable`` (no replica holds a
+    verifying copy).
     """
 
     step: int

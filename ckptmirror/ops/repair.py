@@ -14,6 +14,7 @@ from ..placement import drop_placement_entry
 from ..replicas import Replica
 from ._common import FAILURES, Problem, Progress, ProgressFactory, list_reachable, opened
 from ._engine import Engine, ObjJob, ReplicaPlan, recoverable
+from .verify import _disagreements
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,11 @@ def repair(
                 per_step[s] = plans
             eng.run(jobs, "repair: verify")
             eng.complete([p for plans in per_step.values() for p in plans], "repair: other copies")
+            # Replicas that hold another checkpoint under the same step: not repair's to choose
+            # which one is right (verify reports them too; its message says what to do).
+            for s, plans in per_step.items():
+                for found in _disagreements(eng, s, plans).values():
+                    unrecoverable.extend(found)
             # 2. Replicas without a usable commit get the first commit that is recoverable;
             #    whatever they already hold of it (a torn save) is verified before anything is copied.
             late_ids: set[int] = set()
