@@ -20,7 +20,7 @@ exception already means the same thing, the error also subclasses it, so existin
     ├── SaveFailedError                          a background save failed; carries per-replica failures
     ├── SaveSkippedError                         a save was skipped by the in-flight policy
     ├── CoordinationError                        ranks could not agree: one failed, died or timed out
-    └── NoValidCheckpointError                   checkpoints exist, but none verifies
+    └── NoValidCheckpointError                   checkpoints exist, but none verifies (damage, not an outage)
 
 Errors that concern one replica or one object carry ``replica`` and ``key`` attributes, and
 their message names both, because "checksum mismatch" alone does not tell an operator which
@@ -29,7 +29,7 @@ disk to look at.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 
 class CkptMirrorError(Exception):
@@ -144,10 +144,25 @@ class NoValidCheckpointError(CkptMirrorError):
     """Checkpoints exist, but none of them verifies. ``problems`` maps each step to what was wrong.
 
     ckptmirror raises this instead of returning ``None`` so that a training job never silently
-    starts from scratch over a directory full of damaged checkpoints.
+    starts from scratch over a directory full of damaged checkpoints. It means damage: some copy
+    failed its size, checksum or parse check (or is missing everywhere it was looked for). A
+    restore that fails only because no replica could be reached or read raises
+    :class:`ReplicaUnavailableError` instead. ``replicas`` (the URLs looked at) go into the
+    message's fix; ``note`` is a line about the restore as a whole (e.g. which ranks failed).
     """
 
-    def __init__(self, problems: Mapping[int, str]) -> None:
+    def __init__(self, problems: Mapping[int, str], *, replicas: Sequence[str] = (), note: str = "") -> None:
         self.problems = dict(problems)
-        lines = "\n".join(f"  step {s}: {p}" for s, p in sorted(self.problems.items(), reverse=True))
-        super().__init__(f"checkpoints exist but none can be restored:\n{lines}")
+        self.replicas = list(replicas)
+        lines = [
+            f"  step {s}: {p}" if s >= 0 else f"  {p}"  # a negative key: not about one step
+            for s, p in sorted(self.problems.items(), reverse=True)
+        ]
+        if note:
+            lines.append(f"  {note}")
+        urls = " ".join(self.replicas) if self.replicas else "REPLICA..."
+        fix = (
+            f"run 'ckptmirror verify {urls}' to see what is damaged, 'ckptmirror repair {urls}' to "
+            "re-replicate it from a good copy, or restore an older step with step=N"
+        )
+        super().__init__("checkpoints exist but none can be restored:\n" + "\n".join(lines) + "\n" + fix)

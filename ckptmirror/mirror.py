@@ -512,7 +512,9 @@ class Mirror:
         Returns None when no checkpoint exists at all, after logging a WARNING that names every
         replica looked at (a mistyped path shows there; nothing is created). ``require=True``
         raises :class:`StepNotFoundError` instead: use it when a run must resume. Raises
-        :class:`NoValidCheckpointError` when checkpoints exist but none verifies, and
+        :class:`NoValidCheckpointError` when checkpoints exist but none verifies (some copy
+        failed its checks), :class:`ReplicaUnavailableError` when the replicas that hold them
+        could not be reached or read (an outage: retry once they are back), and
         :class:`StateMismatchError` (before any tensor is modified) when the checkpoint does
         not fit the model or optimizer. All or nothing: when it raises, every tensor of
         ``model`` and ``optim`` holds exactly what it held before the call; the one exception is
@@ -634,6 +636,7 @@ class Mirror:
                 agree=agree,
                 list_timeout_s=self.open_timeout_s,
                 defer=defer,
+                on_unavailable=self._health.mark,  # a replica that stalls mid-restore shows in health()
             )
         except BaseException:
             self._metrics.restore_finished(None, time.perf_counter() - t0, failed=True)

@@ -50,7 +50,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from torch import nn
 
 from ckptmirror import Mirror, NoValidCheckpointError, StateMismatchError
-from ckptmirror.errors import ReplicaError
+from ckptmirror.errors import ReplicaError, ReplicaUnavailableError
 from ckptmirror.format import commit_key, parse_step_dir, step_dir
 from ckptmirror.replicas import FaultyReplica, LocalReplica, Replica
 from ckptmirror.replicas.memory import MemoryReplica
@@ -242,10 +242,10 @@ class Model:
     last: int = 0  # the last step a save was attempted for
 
     def expected_restore(self, layout: str) -> tuple[str, int | None]:
-        """("ok", step), ("mismatch", step), ("none", None) or ("invalid", None)."""
+        """("ok", step), ("mismatch", step), ("none", None), ("invalid", None) or ("outage", None)."""
         up = [n for n in NAMES if self.reachable[n]]
         if not up:
-            return "invalid", None  # every replica unreachable: an outage, not a fresh start
+            return "outage", None  # every replica unreachable: an outage, not a fresh start nor damage
         candidates = sorted({s for n in up for s in committed_in(self.keys[n])}, reverse=True)
         if not candidates:
             return "none", None
@@ -433,6 +433,8 @@ class CheckpointMachine(RuleBasedStateMachine):
                 got = ("none", None) if res is None else ("ok", res.step)
             except NoValidCheckpointError:
                 got = ("invalid", None)
+            except ReplicaUnavailableError:
+                got = ("outage", None)
             except StateMismatchError:
                 got = ("mismatch", step)  # the error does not carry its step; the kind is what counts
         assert got == (want, step), f"restore gave {got}, the model expects {(want, step)}: {self.model}"

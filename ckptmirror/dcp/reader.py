@@ -242,7 +242,7 @@ class MirrorStorageReader(StorageReader):
                 by_rank.setdefault(storage[req.storage_index].rank, []).append(req)
         try:
             # A new Fetcher per load: its per-thread bounce buffers are freed with it.
-            fetcher = Fetcher(self.replicas, self._executor())
+            fetcher = Fetcher(self.replicas, self._executor(), skip_unavailable=True)
             ranks = [self._plan_rank(fetcher, chosen, rank, by_rank[rank], planner) for rank in sorted(by_rank)]
             self._read_objects(fetcher, ranks)
             for rr in ranks:
@@ -280,7 +280,7 @@ class MirrorStorageReader(StorageReader):
         candidates = [wanted] if wanted is not None else sorted(listing.committed, reverse=True)
         candidates = [s for s in candidates if s in listing.committed]
         problems: dict[int, str] = {}
-        fetcher = Fetcher(self.replicas, self._executor())
+        fetcher = Fetcher(self.replicas, self._executor(), skip_unavailable=True)
 
         def probe(s: int) -> _Step:
             if is_bad(urls, s):
@@ -334,7 +334,9 @@ class MirrorStorageReader(StorageReader):
             lo = min(steps)
             if lo < 0:
                 lost = [r for r, v in enumerate(votes) if v["step"] < 0]
-                raise NoValidCheckpointError({**problems, -1: f"rank(s) {lost} cannot recover a step the others can"})
+                raise NoValidCheckpointError(
+                    problems, replicas=urls, note=f"rank(s) {lost} cannot recover a step the others can"
+                )
             if lo == max(steps):
                 assert found is not None
                 if lo != candidates[0]:

@@ -260,6 +260,14 @@ def _commit_difference(here: CommitRecord, there: CommitRecord) -> str:
     return "; ".join(parts) or "other fields"
 
 
+def _pins(c: CommitRecord) -> tuple[object, ...]:
+    """What identifies the checkpoint a commit record commits: the rank manifests it pins (key,
+    size, checksum: a save's own token is in every key), the world size, whether replicated.
+    Not its creation time: the records one save writes at each replica position may differ
+    there (a DCP save decides each position on its own)."""
+    return (c.step, c.world_size, c.replicated, tuple((r.rank, r.key, r.size, r.checksum) for r in c.ranks))
+
+
 def _disagreements(eng: Engine, step: int, plans: Sequence[ReplicaPlan]) -> dict[int, list[Problem]]:
     """id(plan) -> a ``disagree`` problem, for each replica whose commit record of ``step``
     differs from the one a restore would read.
@@ -271,16 +279,16 @@ def _disagreements(eng: Engine, step: int, plans: Sequence[ReplicaPlan]) -> dict
     the order given) where it parses; the others are flagged.
     """
     valid = [p for p in plans if p.commit is not None]
-    if len({p.commit for p in valid}) <= 1:
+    if len({_pins(p.commit) for p in valid if p.commit is not None}) <= 1:
         return {}
     rank = {r.url: i for i, r in enumerate(eng.replicas)}
     valid.sort(key=lambda p: rank[p.replica.url])
     first = valid[0]
     assert first.commit is not None
-    same = [p.replica.url for p in valid if p.commit == first.commit]
+    same = [p.replica.url for p in valid if p.commit is not None and _pins(p.commit) == _pins(first.commit)]
     out: dict[int, list[Problem]] = {}
     for p in valid:
-        if p.commit == first.commit:
+        if p.commit is None or _pins(p.commit) == _pins(first.commit):
             continue
         assert p.commit is not None
         detail = (

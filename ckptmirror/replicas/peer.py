@@ -535,9 +535,12 @@ class PeerReplica(Replica):
             done = 0
             while done < len(view):
                 n = resp.readinto(view[done:])
-                if not n:
-                    raise CorruptObjectError(
-                        f"connection ended after {done} of {len(view)} bytes", replica=self.url, key=key
+                if not n:  # the agent stopped or the link dropped: an outage, not a damaged copy
+                    raise ReplicaUnavailableError(
+                        f"read_into: the connection ended after {done} of {len(view)} bytes (the agent stopped or "
+                        "the link dropped)",
+                        replica=self.url,
+                        key=key,
                     )
                 done += n
         except TimeoutError as exc:

@@ -7,7 +7,16 @@ every object present somewhere with its size: one preflight per step) and loaded
 :func:`~ckptmirror.restore.fill.fill_step`.
 A step that fails with one of :data:`~ckptmirror.restore.fetch.STEP_FAILURES` is skipped with a
 warning naming what was wrong, and the previous step is tried. Checkpoints that exist but
-none of which verifies raise :class:`NoValidCheckpointError`.
+none of which verifies raise :class:`NoValidCheckpointError` (damage: some copy failed its
+checks). When no step failed that way, only because no replica holding it could be reached or
+read, the error is a :class:`ReplicaUnavailableError` that says so and what to do; the same when
+no replica can even be listed. Running out of memory (``ENOMEM``) is raised as it is, at once:
+an older step would not fix it.
+
+Within one restore a replica that raised :class:`ReplicaUnavailableError` (a missed time
+budget, a refused connection) is not asked again (``Fetcher(skip_unavailable=True)``): a
+stalled or slow replica costs one time budget, not one per object, and ``on_unavailable`` hears
+of it (the mirror's replica health).
 
 With several ranks, the ranks settle on the newest step that every one of them can recover,
 and if any rank's load fails they all move on to an older step together, so that no two
@@ -24,13 +33,19 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .. import config
-from ..errors import NoValidCheckpointError, StateMismatchError, StepNotFoundError
+from ..errors import (
+    NoValidCheckpointError,
+    ReplicaConfigError,
+    ReplicaUnavailableError,
+    StateMismatchError,
+    StepNotFoundError,
+)
 from ..format import CommitRecord, RankManifest
 from ..progress import Progress
 from ..replicas.base import Replica
 from .check import validate_manifest
 from .discover import list_steps
-from .fetch import STEP_FAILURES, Fetcher, ObjectPlan
+from .fetch import STEP_FAILURES, Fetcher, ObjectPlan, OnUnavailable, is_damage, out_of_memory
 from .fill import Loaded, fill_step
 from .undo import BufferFactory
 
@@ -38,6 +53,13 @@ from .undo import BufferFactory
 Probed = tuple[CommitRecord, RankManifest, ObjectPlan]
 
 log = logging.getLogger("ckptmirror")
+
+#: The end of every error that says replicas could not be reached or read.
+OUTAGE_FIX = (
+    "nothing was changed: not the replicas, not a tensor of the model or optimizer. Start the peer "
+    "agent ('ckptmirror serve') or bring the replica back, check the network, the endpoint and the "
+    "credentials, then restore again"
+)
 
 
 def load_newest(
@@ -54,6 +76,7 @@ def load_newest(
     list_timeout_s: float | None = None,
     agree: Callable[[str, Any], list[Any]] | None = None,
     defer: bool = False,
+    on_unavailable: OnUnavailable | None = None,
 ) -> Loaded | None:
     """Load ``step`` (or the newest step that verifies) for ``rank``; None if no checkpoint exists.
 
@@ -65,24 +88,34 @@ def load_newest(
     the caller lands them (:meth:`Loaded.land`) or drops them (:meth:`Loaded.abandon`).
     ``world_size=None`` (offline tools such as ``export``) reads ``rank`` of whatever world
     size the step was saved with.
+    ``on_unavailable(replica, error)`` is called once for each replica that could not be listed
+    or stopped answering during the restore (``ReplicaHealth.mark`` fits).
+
+    Raises :class:`NoValidCheckpointError` when checkpoints exist and some copy of every one
+    failed its checks; :class:`ReplicaUnavailableError` when none could be restored only because
+    no replica holding it could be reached or read (or no replica could be listed at all).
     """
     listing = list_steps(replicas, timeout_s=list_timeout_s)
-    all_down = len(listing.unreachable) == len(replicas)
+    all_down = bool(replicas) and len(listing.unreachable) == len(replicas)
+    if on_unavailable is not None:
+        for r in replicas:
+            if r.url in listing.unreachable:
+                _report(on_unavailable, r, listing.unreachable[r.url])
     if listing.unreachable and not all_down:
         # Read only from the replicas that answered: a stalled one would cost every object a
         # missed deadline before the next replica is tried.
         replicas = [r for r in replicas if r.url not in listing.unreachable]
     if all_down and agree is None:
-        raise NoValidCheckpointError(
-            {-1: "every replica is unreachable: " + "; ".join(f"{u}: {e}" for u, e in listing.unreachable.items())}
-        )
-    reader = _CountingFetcher(replicas, pool)
+        raise _nobody_listed(listing.unreachable)
+    reader = _CountingFetcher(replicas, pool, skip_unavailable=True, on_unavailable=on_unavailable)
     reader.interval_s = config.progress_interval_s()  # a bad value fails here, before any read
     if step is not None and step not in listing.committed and agree is None:
         raise StepNotFoundError(step, list(listing.committed))
     candidates = [step] if step is not None else sorted(listing.committed, reverse=True)
     candidates = [s for s in candidates if s in listing.committed]
     problems: dict[int, str] = {}
+    failures: dict[int, BaseException] = {}
+    urls = [r.url for r in replicas]
 
     def probe(s: int) -> Probed:
         commit = reader.read_commit(s, listing.committed[s])
@@ -131,18 +164,78 @@ def load_newest(
                         defer=defer,
                     )
             except STEP_FAILURES as exc:
+                if out_of_memory(exc):
+                    # Not the checkpoint's fault, and an older step would only be a worse answer.
+                    exc.add_note(
+                        f"ckptmirror: out of memory while restoring step {s}; the model and optimizer are "
+                        "unchanged. Free memory (or lower io_threads / object_bytes) and restore again"
+                    )
+                    raise
                 if step is not None:
+                    if not is_damage(exc):
+                        exc.add_note(f"ckptmirror: step {s} could not be read; {OUTAGE_FIX}")
                     raise
                 log.warning("step %d cannot be restored, falling back to an older step: %s", s, exc)
                 problems[s] = f"{type(exc).__name__}: {exc}"
+                failures[s] = exc
                 continue
             if problems:
                 log.warning("restored step %d after skipping newer steps %s", s, sorted(problems, reverse=True))
             return loaded
-        raise NoValidCheckpointError(problems)
+        if any(is_damage(e) for e in failures.values()):
+            raise NoValidCheckpointError(problems, replicas=urls)
+        raise _unreadable_steps(problems, list(failures.values()))
     return _load_agreed(
-        reader, candidates, problems, probe, shards_of, rank, step, targets, strict_paths, validate, undo, agree, defer
+        reader,
+        candidates,
+        problems,
+        probe,
+        shards_of,
+        rank,
+        step,
+        targets,
+        strict_paths,
+        validate,
+        undo,
+        agree,
+        defer,
+        all_down,
+        listing.unreachable,
+        urls,
     )
+
+
+def _report(on_unavailable: OnUnavailable, r: Replica, why: BaseException | str) -> None:
+    try:
+        on_unavailable(r, why)
+    except Exception:  # noqa: BLE001 - reporting must not fail the restore
+        log.exception("reporting replica %s as unavailable failed", r.url)
+
+
+def _nobody_listed(unreachable: dict[str, str]) -> ReplicaUnavailableError:
+    """The error of a restore that could list no replica at all."""
+    detail = "; ".join(f"{u}: {e}" for u, e in unreachable.items())
+    return ReplicaUnavailableError(
+        f"no replica could be reached, so it is not known whether a checkpoint exists ({detail}); "
+        f"restore does not start from scratch when it cannot look: {OUTAGE_FIX}",
+        replica=next(iter(unreachable)) if len(unreachable) == 1 else "",
+    )
+
+
+def _unreadable_steps(problems: dict[int, str], failures: list[BaseException]) -> BaseException:
+    """The error of a restore whose steps all failed for lack of a replica that could be read
+    (none failed a check): the misconfiguration when that is all there was, else an outage."""
+    if failures and all(isinstance(e, ReplicaConfigError) for e in failures):
+        return failures[0]  # e.g. a peer token refused: its message names the fix
+    lines = "".join(f"\n  step {s}: {p}" for s, p in sorted(problems.items(), reverse=True) if s >= 0)
+    lines += "".join(f"\n  {p}" for s, p in problems.items() if s < 0)
+    urls = {getattr(e, "replica", "") for e in failures}
+    exc = ReplicaUnavailableError(
+        f"checkpoints exist but no replica that holds them could be reached or read:{lines}\n{OUTAGE_FIX}",
+        replica=urls.pop() if len(urls) == 1 else "",
+    )
+    exc.__cause__ = failures[0] if failures else None
+    return exc
 
 
 def manifest_key(commit: CommitRecord, rank: int) -> str:
@@ -164,9 +257,27 @@ def _load_agreed(
     undo: BufferFactory | None,
     agree: Callable[[str, Any], list[Any]],
     defer: bool,
+    all_down: bool = False,
+    unreachable: dict[str, str] | None = None,
+    urls: Sequence[str] = (),
 ) -> Loaded | None:
-    """The several-ranks half of :func:`load_newest`: vote on a step, load it, fall back together."""
+    """The several-ranks half of :func:`load_newest`: vote on a step, load it, fall back together.
+
+    Every vote carries whether the rank saw damage (a copy that failed its checks) and whether
+    it could list none of its replicas, so that every rank raises the same kind of error: damage
+    anywhere gives :class:`NoValidCheckpointError`, outages alone :class:`ReplicaUnavailableError`.
+    """
     bound = candidates[0] if candidates else -1
+    failures: list[BaseException] = []
+    damaged = False  # some rank saw damage (from the votes: the same on every rank)
+
+    def give_up(note: str = "") -> BaseException:
+        if damaged:
+            return NoValidCheckpointError(problems, replicas=urls, note=note)
+        if note:
+            problems[-1] = note
+        return _unreadable_steps(problems, failures)
+
     for rnd in range(len(candidates) * 2 + 2):
         mine, error = -1, None
         found: tuple[int, CommitRecord, RankManifest, ObjectPlan] | None = None
@@ -181,19 +292,39 @@ def _load_agreed(
             except STEP_FAILURES as exc:
                 log.warning("step %d cannot be restored on rank %d: %s", s, rank, exc)
                 problems[s] = f"rank {rank}: {type(exc).__name__}: {exc}"
-        votes = agree(f"probe{rnd}", {"step": mine, "any": bool(candidates), "error": error})
+                failures.append(exc)
+        vote = {
+            "step": mine,
+            "any": bool(candidates),
+            "error": error,
+            "down": all_down,
+            "damage": any(is_damage(e) for e in failures),
+        }
+        votes = agree(f"probe{rnd}", vote)
         errors = [f"rank {r}: {v['error']}" for r, v in enumerate(votes) if v["error"]]
         if errors:
             raise StateMismatchError("; ".join(errors))
+        damaged = damaged or any(v.get("damage") for v in votes)
         if not any(v["any"] for v in votes):
+            down = [r for r, v in enumerate(votes) if v.get("down")]
+            if down:  # not "no checkpoint": some rank could not look
+                raise ReplicaUnavailableError(
+                    f"rank(s) {down} could reach none of their replicas, so it is not known whether a "
+                    "checkpoint exists"
+                    + (
+                        f" ({'; '.join(f'{u}: {e}' for u, e in unreachable.items())})"
+                        if all_down and unreachable
+                        else ""
+                    )
+                    + f"; restore does not start from scratch when it cannot look: {OUTAGE_FIX}"
+                )
             return None  # no rank sees any committed step: a fresh start
         steps = [v["step"] for v in votes]
         lo, hi = min(steps), max(steps)
         if lo < 0:
             lost = [r for r, v in enumerate(votes) if v["step"] < 0]
-            raise NoValidCheckpointError(
-                {**problems, -1: f"rank(s) {lost} cannot recover any step that the others can"}
-            )
+            why = "could reach none of their replicas" if all(votes[r].get("down") for r in lost) else ""
+            raise give_up(f"rank(s) {lost} {why or 'cannot recover any step that the others can'}")
         if lo != hi:
             bound = lo  # someone cannot go that far: everyone looks at or below the lowest
             continue
@@ -217,12 +348,14 @@ def _load_agreed(
         except STEP_FAILURES as exc:
             ok, why = False, f"{type(exc).__name__}: {exc}"
             problems[lo] = f"rank {rank}: {why}"
+            failures.append(exc)
         try:
-            results = agree(f"load{rnd}", {"ok": ok, "why": why})
+            results = agree(f"load{rnd}", {"ok": ok, "why": why, "damage": any(is_damage(e) for e in failures)})
         except BaseException:
             if ok:
                 loaded.abandon()  # the ranks cannot agree (a peer died): this rank keeps its tensors
             raise
+        damaged = damaged or any(v.get("damage") for v in results)
         if all(v["ok"] for v in results):
             if lo != candidates[0]:
                 log.warning("all ranks restored step %d (newer steps could not be restored everywhere)", lo)
@@ -234,9 +367,9 @@ def _load_agreed(
         for r, w in failed.items():
             problems.setdefault(lo, f"rank {r}: {w}")
         if step is not None:
-            raise NoValidCheckpointError(problems)
+            raise give_up()
         bound = lo - 1
-    raise NoValidCheckpointError(problems)
+    raise give_up()
 
 
 class _CountingFetcher(Fetcher):

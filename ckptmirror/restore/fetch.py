@@ -21,18 +21,38 @@ is a corrupt copy on that replica, and the next replica is tried.
 Only if an object verifies nowhere does the step fail (with one of :data:`STEP_FAILURES`), and
 the caller falls back to the previous step. Filling the caller's tensors is
 :mod:`~ckptmirror.restore.fill`'s job.
+
+Damage and outages are kept apart. A copy that fails its size, checksum or parse check is
+damage (:class:`CorruptObjectError`, :class:`ManifestError`; absent everywhere:
+:class:`ObjectMissingError`): that replica is still asked for the other objects. A replica that
+cannot be reached or read (:class:`ReplicaError`, e.g. a missed time budget, or ``ENOMEM``
+mapping a file) is not damage: when every copy failed that way the error raised is that
+failure as it is (several: a :class:`ReplicaUnavailableError` naming each), never a
+"corrupt" one (:func:`is_damage` tells them apart). With ``skip_unavailable`` (a restore), a
+replica that raised :class:`ReplicaUnavailableError` once is not asked again by this Fetcher:
+a stalled or too slow peer costs one time budget, not one per object; ``on_unavailable`` is
+told (the mirror's replica health).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
 from ..checksum import checksum
-from ..errors import CorruptObjectError, ManifestError, ObjectMissingError, ReplicaError
+from ..errors import (
+    CorruptObjectError,
+    ManifestError,
+    ObjectMissingError,
+    ReplicaConfigError,
+    ReplicaError,
+    ReplicaPermissionError,
+    ReplicaUnavailableError,
+)
 from ..format import (
     MAX_MANIFEST_BYTES,
     CommitRecord,
@@ -58,6 +78,65 @@ STEP_FAILURES = (CorruptObjectError, ObjectMissingError, ManifestError, ReplicaE
 #: Object key -> the replicas to read it from, preferred first (see :meth:`Fetcher.preflight`).
 ObjectPlan = dict[str, list[Replica]]
 
+#: Why a placement record cannot be used: the class to raise, its text, the original error.
+_Unusable = tuple[type[ManifestError | ReplicaError], str, BaseException]
+
+#: Told once per replica that a :class:`Fetcher` stops asking (``ReplicaHealth.mark`` fits).
+OnUnavailable = Callable[[Replica, "BaseException | str"], None]
+
+
+def is_damage(exc: BaseException) -> bool:
+    """Whether a step failure is damage (a copy failed its checks, or is missing everywhere it
+    was looked for), as opposed to replicas that could not be reached or read."""
+    return isinstance(exc, (CorruptObjectError, ManifestError, ObjectMissingError))
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is this process running out of memory (``ENOMEM``,
+    :class:`MemoryError`): nothing a replica or an older step can fix."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _kind(exc: BaseException) -> type[ManifestError | ReplicaError]:
+    """The class to raise again for a placement record that could not be used: damage is a
+    :class:`ManifestError`; a replica that could not be read keeps the kind of its failure."""
+    for cls in (ReplicaPermissionError, ReplicaConfigError, ReplicaUnavailableError, ReplicaError):
+        if isinstance(exc, cls):
+            return cls
+    return ManifestError
+
+
+def _failed_check(exc: BaseException) -> bool:
+    """A copy that was read and failed its size, checksum or parse check (not merely absent)."""
+    return isinstance(exc, (CorruptObjectError, ManifestError))
+
+
+def _unreadable(errors: Sequence[BaseException], key: str) -> BaseException:
+    """What to raise when no replica gave a copy and none failed a check: the replicas' own
+    failure when there is one (or one is running out of memory), else a
+    :class:`ReplicaUnavailableError` naming each replica's."""
+    unread = [e for e in errors if not is_damage(e)]
+    oom = next((e for e in unread if out_of_memory(e)), None)
+    if oom is not None:
+        return oom
+    if len(errors) == 1:
+        return errors[0]
+    urls = {getattr(e, "replica", "") for e in unread}
+    exc = ReplicaUnavailableError(
+        "no replica could be reached or read: " + "; ".join(str(e) for e in errors),
+        replica=urls.pop() if len(urls) == 1 else "",
+        key=key,
+    )
+    exc.__cause__ = unread[0]
+    return exc
+
 
 class Mapped(Protocol):
     """An object's stored bytes mapped into memory (:class:`~ckptmirror.replicas.local.MappedObject`)."""
@@ -76,46 +155,107 @@ class Fetcher:
 
     Replicas are tried in ``read_priority`` order (local disk first). ``pool`` runs the object
     reads of :func:`~ckptmirror.restore.fill.fill_step`.
+
+    ``skip_unavailable``: once a replica raises :class:`ReplicaUnavailableError` (it missed a
+    time budget, refused the connection), it is not asked again by this Fetcher (the rest of
+    one restore: later objects, preflights and steps), and ``on_unavailable(replica, exc)`` is
+    called once for it. Off by default: the operator commands judge every replica on its own.
     """
 
-    def __init__(self, replicas: Sequence[Replica], pool: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        replicas: Sequence[Replica],
+        pool: ThreadPoolExecutor,
+        *,
+        skip_unavailable: bool = False,
+        on_unavailable: OnUnavailable | None = None,
+    ) -> None:
         self.replicas = sorted(replicas, key=lambda r: r.read_priority)
         self.pool = pool
+        self.skip_unavailable = skip_unavailable
+        self.on_unavailable = on_unavailable
         self._local = threading.local()
         self._lock = threading.Lock()
         #: (replica URL, home key) -> how that replica stores the object, where not raw at home
         self._stored: dict[tuple[str, str], Stored] = {}
-        #: (replica URL, step, rank, token) -> None once resolved, or why that placement is unusable
-        self._placements: dict[tuple[str, int, int, str], str | None] = {}
+        #: (replica URL, step, rank, token) -> None once resolved, or why that placement is
+        #: unusable: the class to raise (see _kind), its text and the original error
+        self._placements: dict[tuple[str, int, int, str], _Unusable | None] = {}
+        #: replica URL -> the outage that took it out of this Fetcher's reads (skip_unavailable)
+        self._down: dict[str, ReplicaUnavailableError] = {}
+
+    # -- replicas that stopped answering -------------------------------------------------------
+    def unavailable(self) -> dict[str, ReplicaUnavailableError]:
+        """URL -> outage of the replicas this Fetcher no longer asks (``skip_unavailable``)."""
+        with self._lock:
+            return dict(self._down)
+
+    def _failed(self, r: Replica, exc: BaseException) -> None:
+        """Note that ``r`` failed with ``exc``: an outage takes it out of this Fetcher's reads."""
+        if not self.skip_unavailable or not isinstance(exc, ReplicaUnavailableError):
+            return
+        with self._lock:
+            first = r.url not in self._down
+            if first:
+                self._down[r.url] = exc
+        if not first:
+            return
+        log.warning("replica %s is unavailable (%s); reading from the other replicas from now on", r.url, exc)
+        if self.on_unavailable is not None:
+            try:
+                self.on_unavailable(r, exc)
+            except Exception:  # noqa: BLE001 - reporting must not fail the read
+                log.exception("reporting replica %s as unavailable failed", r.url)
+
+    def _skip(self, r: Replica, key: str) -> ReplicaUnavailableError | None:
+        """The error standing for ``r`` when this Fetcher no longer asks it, else None."""
+        down = self._down.get(r.url)
+        if down is None:
+            return None
+        why = str(down) if len(str(down)) <= 200 else str(down)[:197] + "..."  # in full where it happened
+        return ReplicaUnavailableError(
+            f"not asked: unavailable earlier in this restore ({why})", replica=r.url, key=key
+        )
 
     # -- manifests -----------------------------------------------------------------------
     def read_commit(self, step: int, urls: Sequence[str] | None = None) -> CommitRecord:
         """The commit record of ``step`` from the first replica where it parses."""
-        errors = []
+        errors: list[BaseException] = []
+        key = commit_key(step)
         for r in self.replicas:
             if urls is not None and r.url not in urls:
                 continue
-            key = commit_key(step)
+            skipped = self._skip(r, key)
+            if skipped is not None:
+                errors.append(skipped)
+                continue
             try:
                 return parse_commit(r.get(key, MAX_MANIFEST_BYTES), key)
             except STEP_FAILURES as exc:
+                self._failed(r, exc)
                 if isinstance(exc, ManifestError) and not exc.replica:
                     exc = ManifestError(str(exc).split(": ", 1)[-1], replica=r.url, key=key)
                 errors.append(exc)
-        raise (
-            errors[0]
-            if len(errors) == 1
-            else ManifestError(
-                "no replica holds a valid commit: " + "; ".join(str(e) for e in errors), key=commit_key(step)
-            )
-        )
+        if not errors:
+            raise ObjectMissingError("no replica to read the commit record from", key=key)
+        if len(errors) == 1:
+            raise errors[0]
+        if any(is_damage(e) for e in errors):
+            raise ManifestError("no replica holds a valid commit: " + "; ".join(str(e) for e in errors), key=key)
+        raise _unreadable(errors, key)
 
     def read_manifest(self, commit: CommitRecord, rank: int) -> RankManifest:
         """The rank manifest, verified against the commit's pin, from any replica."""
         ref = commit.manifest_ref(rank)
         errors: list[str] = []
+        failures: list[BaseException] = []
         parse_failures = 0
         for r in self.replicas:
+            skipped = self._skip(r, ref.key)
+            if skipped is not None:
+                errors.append(str(skipped))
+                failures.append(skipped)
+                continue
             try:
                 data = r.get(ref.key, MAX_MANIFEST_BYTES)
                 if len(data) != ref.size or checksum(data) != ref.checksum:
@@ -133,8 +273,13 @@ class Fetcher:
             except ManifestError as exc:
                 parse_failures += 1
                 errors.append(f"{r.url}: {exc}")
+                failures.append(exc)
             except STEP_FAILURES as exc:
+                self._failed(r, exc)
                 errors.append(str(exc))
+                failures.append(exc)
+        if failures and not any(_failed_check(e) for e in failures) and not all(is_damage(e) for e in failures):
+            raise _unreadable(failures, ref.key)  # nothing failed a check: not damage
         cls = ManifestError if parse_failures == len(errors) else CorruptObjectError
         raise cls("no replica holds a valid, verifying copy: " + "; ".join(errors), key=ref.key)
 
@@ -171,7 +316,7 @@ class Fetcher:
             if slot in self._placements:
                 return
         pkey = placement_key(step, rank, token)
-        problem: str | None = None
+        problem: _Unusable | None = None
         entries: dict[tuple[str, str], Stored] = {}
         try:
             p = parse_placement(r.get(pkey, MAX_PLACEMENT_BYTES), pkey)
@@ -179,7 +324,8 @@ class Fetcher:
         except ObjectMissingError:
             pass  # no placement: every object of that writer is raw under its own name
         except STEP_FAILURES as exc:
-            problem = f"placement record {pkey}: {exc}"
+            self._failed(r, exc)
+            problem = (_kind(exc), f"placement record {pkey}: {exc}", exc)
         with self._lock:
             self._placements[slot] = problem
             self._stored.update(entries)
@@ -187,7 +333,8 @@ class Fetcher:
     def stored(self, r: Replica, obj: ObjectRecord) -> Stored:
         """How ``r`` holds ``obj``: reads ``r``'s placement record for it on first use.
 
-        Raises :class:`ManifestError` when ``r``'s placement record for it is unusable.
+        Raises :class:`ManifestError` when ``r``'s placement record for it is unusable, the
+        replica's error (a :class:`ReplicaError`) when it could not be read.
         """
         w = writer_of(obj.key)
         if w is not None:
@@ -195,7 +342,7 @@ class Fetcher:
             self._resolve_writer(r, step, *w)
             problem = self._placements.get((r.url, step, *w))
             if problem:
-                raise ManifestError(problem, replica=r.url, key=obj.key)
+                raise problem[0](problem[1], replica=r.url, key=obj.key) from problem[2]
         s = self._stored.get((r.url, obj.key))
         if s is None:
             return Stored(obj.key, "none", obj.size, obj.checksum)
@@ -236,7 +383,13 @@ class Fetcher:
         resolved: set[str] = set()
         for obj in m.objects:
             problems = []
+            unread: list[BaseException] = []  # replicas that could not be asked or read
             for idx, r in enumerate(self.replicas):
+                skipped = self._skip(r, obj.key)
+                if skipped is not None:
+                    problems.append(f"{r.url}: {skipped}")
+                    unread.append(skipped)
+                    continue
                 try:
                     if r.url not in resolved:
                         self._resolve(r, m, m.objects)  # placements only of replicas that are asked
@@ -244,7 +397,10 @@ class Fetcher:
                     st = self.stored(r, obj)
                     size = r.size(st.key)
                 except STEP_FAILURES as exc:
+                    self._failed(r, exc)
                     problems.append(f"{r.url}: {exc}")
+                    if not is_damage(exc):
+                        unread.append(exc)
                     continue
                 if size == st.size:
                     plan[obj.key] = [r, *self.replicas[idx + 1 :]]
@@ -254,8 +410,15 @@ class Fetcher:
                     f"{r.url}: " + ("missing" if size is None else f"size {size}, expected {st.size}") + where
                 )
             else:
-                # Truncated somewhere is corruption; absent everywhere is a missing object.
-                cls = ObjectMissingError if all(p.endswith(": missing") for p in problems) else CorruptObjectError
+                # Truncated somewhere is corruption; absent everywhere is a missing object;
+                # absent or unreadable everywhere (nothing truncated) is an outage, not damage.
+                missing = [p for p in problems if p.endswith(": missing")]
+                if unread and len(missing) + len(unread) == len(problems):
+                    if len(unread) == 1 and not missing:
+                        raise unread[0]
+                    gone = [ObjectMissingError("missing", replica=p[: -len(": missing")]) for p in missing]
+                    raise _unreadable(gone + unread, obj.key)
+                cls = ObjectMissingError if len(missing) == len(problems) else CorruptObjectError
                 raise cls("no replica holds it with the recorded size (" + "; ".join(problems) + ")", key=obj.key)
         return plan
 
@@ -283,6 +446,11 @@ class Fetcher:
         mapper = getattr(r, "map_object", None)
         if r is None or mapper is None:
             return None, "", candidates
+        skipped = self._skip(r, key)
+        if skipped is not None:
+            if len(candidates) == 1:
+                raise skipped
+            return None, "", candidates[1:]
         try:
             st = self.stored(r, ObjectRecord(key, size, csum))
             if st.codec != "none":
@@ -296,16 +464,23 @@ class Fetcher:
                 raise CorruptObjectError(f"checksum mismatch: stored {got}, manifest {csum}", replica=r.url, key=key)
             return mo, r.url, candidates
         except STEP_FAILURES as exc:
-            log.warning("object %s failed on %s, trying the next replica: %s", key, r.url, exc)
+            self._failed(r, exc)
             if len(candidates) == 1:
+                if not is_damage(exc):
+                    raise  # could not be read (an outage, ENOMEM): not a corrupt copy
                 raise CorruptObjectError(f"no replica holds a verifying copy: {exc}", key=key) from exc
+            log.warning("object %s failed on %s, trying the next replica: %s", key, r.url, exc)
             return None, "", candidates[1:]
 
     def fetch_into(self, key: str, csum: str, candidates: Sequence[Replica], out: memoryview) -> str:
         """Read one object into ``out`` (exactly its size) from the first replica where it
         verifies; return that replica's URL. ``out`` may hold garbage after a failure."""
-        problems = []
+        problems: list[BaseException] = []
         for r in candidates:
+            skipped = self._skip(r, key)
+            if skipped is not None:
+                problems.append(skipped)
+                continue
             try:
                 st = self.stored(r, ObjectRecord(key, len(out), csum))
                 if st.codec == "none":
@@ -331,6 +506,9 @@ class Fetcher:
                     )
                 return r.url
             except STEP_FAILURES as exc:
+                self._failed(r, exc)
                 log.warning("object %s failed on %s, trying the next replica: %s", key, r.url, exc)
-                problems.append(str(exc))
-        raise CorruptObjectError("no replica holds a verifying copy: " + "; ".join(problems), key=key)
+                problems.append(exc)
+        if problems and not any(_failed_check(e) for e in problems) and not all(is_damage(e) for e in problems):
+            raise _unreadable(problems, key)  # not damage: an outage
+        raise CorruptObjectError("no replica holds a verifying copy: " + "; ".join(map(str, problems)), key=key)
