@@ -77,6 +77,14 @@ def main() -> int:
         except ckptmirror.SaveFailedError as exc:
             out["replicated"] = f"failed: {exc}"
         out["replicated_states"] = states(h)
+        # Step 2, the same state: every object referenced from step 1 (incremental), so each
+        # replica gets a placement record per writer whose objects the rank wrote there.
+        h2 = rep.save_state(2, replicated_state(), replicated=True)
+        try:
+            h2.result(timeout=60)
+            out["replicated2"] = "ok"
+        except ckptmirror.SaveFailedError as exc:
+            out["replicated2"] = f"failed: {exc}"
         rep.close()
     elif mode == "restore":
         served: list[str] = []

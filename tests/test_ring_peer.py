@@ -117,10 +117,17 @@ def test_each_replica_alone_holds_the_replicated_state(ring: Ring) -> None:
     # namespace is a whole copy (before, each held one rank's round-robin share, and no rank
     # could restore without a shared replica). A replaced node restores from its peer alone.
     for url in (str(ring.root / "replocal-0"), str(ring.root / "replocal-1"), ring.url(0, "run2"), ring.url(1, "run2")):
-        with ckptmirror.Mirror([url], storage_options={"peer": {"token": TOKEN}}) as m:
-            res = m.load_state()
-        assert res is not None and res[0] == 1
-        assert_bit_exact(res[1], replicated_state())
+        for step in (1, 2):  # step 2 references step 1's objects through one placement record per writer
+            with ckptmirror.Mirror([url], storage_options={"peer": {"token": TOKEN}}) as m:
+                res = m.load_state(step, require=True)
+            assert res is not None and res[0] == step
+            assert_bit_exact(res[1], replicated_state())
+        rc, v = _verify(url) if url.startswith("peer") else (None, None)
+        assert rc in (None, 0), v
+    for r in (0, 1):
+        assert ring.saved[r]["replicated2"] == "ok", ring.saved[r]
+        places = sorted(p.name for p in (ring.root / f"replocal-{r}" / step_dir(2)).glob("*.place.json"))
+        assert [n[:10] for n in places] == ["rank-00000", "rank-00001"], places
 
 
 # -------------------------------------------------------------------------- the commit check
@@ -287,7 +294,7 @@ def test_scrubber_reports_what_a_namespace_never_held_as_not_held(ring: Ring) ->
             [rank] = res["ranks"]
             assert rank["rank"] == node and rank["manifest_ok"] and rank["not_held"] == 0, (step, rank)
             assert rank["verified"] == rank["objects"] >= 2, (step, rank)
-        [rep] = _scrubbed(ring.peer(ring.url(node, "run2")), [1]).values()
+        rep = _scrubbed(ring.peer(ring.url(node, "run2")), [1])[1]
         assert rep["status"] == "ok" and rep["problems"] == [] and rep["not_held_ranks"] == [], rep
         [rank] = rep["ranks"]
         assert rank["verified"] == rank["objects"] >= 2 and rank["not_held"] == 0, rank  # a whole copy

@@ -668,11 +668,10 @@ def write_objects(
     stored = {homes[i]: stored[homes[i]] for i in mine}
     if early:
         return stored
-    special = {home: s for home, s in stored.items() if s.key != home}
-    records: list[tuple[str, bytes]] = []
-    if special:
-        rank, token = writer_of(next(iter(special)))  # type: ignore[misc]  # object keys always name one
-        records.append((placement_key(step, rank, token), Placement(step, rank, token, special).to_json()))
+    records: list[tuple[str, bytes]] = [
+        (placement_key(step, rank, token), Placement(step, rank, token, entries).to_json())
+        for (rank, token), entries in _special_by_writer(stored).items()
+    ]
     records.append((enc.manifest_key, enc.manifest_bytes))
     for key, data in records:  # the placement before the manifest (retention reads placements first)
         if isinstance(replica, LocalReplica):
@@ -750,12 +749,27 @@ def put_objects(
     return {homes[i]: f.result() for i, f in zip(indices, futures)}
 
 
+def _special_by_writer(stored: Mapping[str, Stored]) -> dict[tuple[int, str], dict[str, Stored]]:
+    """The objects stored other than raw under their own name (compressed, or an earlier step's
+    object), grouped by the writer their home key names: one placement record each, as readers
+    look a record up by its objects' writer. A rank writes for one writer unless it writes a
+    replicated state's objects for several (:meth:`Fanout._owned_at`)."""
+    out: dict[tuple[int, str], dict[str, Stored]] = {}
+    for home, st in stored.items():
+        if st.key != home:
+            w = writer_of(home)
+            assert w is not None  # object keys always name their writer
+            out.setdefault(w, {})[home] = st
+    return out
+
+
 def _written_bytes(step: int, stored: Mapping[str, Stored], enc: EncodedStep) -> int:
     """Bytes this rank wrote for this save on one replica: objects as stored in this step's
     directory (referenced ones cost nothing), its placement record, the rank manifest."""
     prefix = step_dir(step) + "/"
-    special = {h: s for h, s in stored.items() if s.key != h}
-    placement = len(Placement(step, 0, "00000000", special).to_json()) if special else 0  # about its size
+    placement = sum(  # about their size
+        len(Placement(step, 0, "00000000", entries).to_json()) for entries in _special_by_writer(stored).values()
+    )
     return sum(s.size for s in stored.values() if s.key.startswith(prefix)) + placement + len(enc.manifest_bytes)
 
 
@@ -763,11 +777,7 @@ def _written_here(step: int, stored: Mapping[str, Stored], enc: EncodedStep) -> 
     """The files this save wrote into ``step``'s directory (references to older steps excluded)."""
     prefix = step_dir(step) + "/"
     keys = [s.key for s in stored.values() if s.key.startswith(prefix)]
-    special = [home for home, s in stored.items() if s.key != home]
-    if special:
-        w = writer_of(special[0])
-        if w is not None:
-            keys.append(placement_key(step, *w))
+    keys += [placement_key(step, *w) for w in _special_by_writer(stored)]
     return keys + [enc.manifest_key]
 
 
