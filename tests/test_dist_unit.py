@@ -132,3 +132,21 @@ def test_coordinator_exchange_returns_every_rank_in_order() -> None:
     assert c0.exchange("r0", {"step": 5}) == [{"step": 5}, {"step": 7}]
     t.join(5)
     assert done == [[{"step": 5}, {"step": 7}]]
+
+
+def test_replica_identity_groups_ranks_that_write_the_same_store(tmp_path) -> None:
+    # What a replicated (DDP) state's objects are spread over: ranks whose identity is equal.
+    from ckptmirror.replicas import LocalReplica, MemoryReplica
+    from ckptmirror.replicas.peer import PeerReplica
+    from ckptmirror.save.fanout import replica_identity
+
+    net = PeerReplica("peer://n1:7070/run1")
+    assert replica_identity(net, "hostA", 0) == replica_identity(net, "hostB", 1)  # one agent, every node
+    loop = PeerReplica("peer://127.0.0.1:7070/run1")  # each node's own agent on its loopback
+    assert replica_identity(loop, "hostA", 0) != replica_identity(loop, "hostB", 1)
+    assert replica_identity(loop, "hostA", 0) == replica_identity(loop, "hostA", 1)
+    disk = LocalReplica(str(tmp_path))  # the same path on two nodes is two disks
+    assert replica_identity(disk, "hostA", 0) != replica_identity(disk, "hostB", 1)
+    assert replica_identity(disk, "hostA", 0) == replica_identity(disk, "hostA", 1)
+    mem = MemoryReplica("memory://x")  # private to its process
+    assert replica_identity(mem, "hostA", 0) != replica_identity(mem, "hostA", 1)

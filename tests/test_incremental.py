@@ -145,6 +145,35 @@ def test_overwriting_the_step_that_holds_the_objects_keeps_them_for_later_steps(
     assert not (tmp_path / step_dir(1)).exists()
 
 
+def test_a_step_saved_again_keeps_the_earlier_files_its_own_placements_reference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Step 1 saved again (overwrite=True) with the same base: its placement record references
+    # the earlier save's files in its own directory. This process's in-flight references
+    # (``live``) cover them here; on a shared replica another rank's need not, so they are
+    # switched off: the commit must keep them by the step's own placement records.
+    from ckptmirror.save import fanout
+
+    original = fanout.commit_step
+
+    def without_live(*a: Any, **k: Any) -> None:
+        k["live"] = ()
+        original(*a, **k)
+
+    with Mirror([str(tmp_path)], object_bytes=OBJ) as m:
+        m.save_state(1, frozen_base_state(1)).result(timeout=60)
+        monkeypatch.setattr(fanout, "commit_step", without_live)
+        m.save_state(1, frozen_base_state(1), overwrite=True).result(timeout=60)
+        m.wait()
+    places = [f for f in files_under(tmp_path / step_dir(1)) if f.endswith(".place.json")]
+    assert places, "the second save referenced the first one's files"
+    with Mirror([str(tmp_path)]) as m:
+        got = m.load_state(1, require=True)
+    assert got is not None
+    assert_bit_exact(got[1], frozen_base_state(1))
+    assert verify([str(tmp_path)]).exit_code == 0
+
+
 def test_a_step_saved_again_after_retention_dropped_it_keeps_what_later_steps_reference(tmp_path: Path) -> None:
     # keep_last=1: step 1 is dropped as a step, its base objects stay for step 2. A run resumed
     # from step 0 then saves step 1 again (no commit record: no overwrite needed); that commit

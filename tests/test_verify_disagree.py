@@ -157,10 +157,13 @@ def test_replicas_holding_different_checkpoints_under_one_step_fail_verify(tmp_p
 
     # repair does not pick one: it reports the disagreement and fails, changing nothing.
     before = sorted(p.name for p in (l1 / step_dir(3)).rglob("*"))
-    r = cli("repair", l1, l2)
+    l3 = tmp_path / "l3"  # a third replica without the step: repair must not copy either version there
+    l3.mkdir()
+    r = cli("repair", l2, l1, l3)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "CANNOT REPAIR" in r.stdout and "disagree" in r.stdout and "Delete step 3" in r.stdout, r.stdout
     assert sorted(p.name for p in (l1 / step_dir(3)).rglob("*")) == before
+    assert not (l3 / step_dir(3)).exists(), "repair chose one of the two checkpoints"
 
     # What the message says to do: delete the foreign copy, then repair copies the other one there.
     shutil.rmtree(l1 / step_dir(3))

@@ -187,9 +187,13 @@ def repair(
             eng.complete([p for plans in per_step.values() for p in plans], "repair: other copies")
             # Replicas that hold another checkpoint under the same step: not repair's to choose
             # which one is right (verify reports them too; its message says what to do).
+            disputed = set()
             for s, plans in per_step.items():
                 for found in _disagreements(eng, s, plans).values():
                     unrecoverable.extend(found)
+                    disputed.add(s)
+            for s in disputed:  # nothing is copied or committed for it: which copy is right is the user's call
+                del per_step[s]
             # 2. Replicas without a usable commit get the first commit that is recoverable;
             #    whatever they already hold of it (a torn save) is verified before anything is copied.
             late_ids: set[int] = set()

@@ -49,7 +49,7 @@ from .. import config
 from ..buffers import host_bytes
 from ..checksum import checksum
 from ..dist import Coordinator, DistInfo
-from ..errors import CkptMirrorError, ReplicaUnavailableError, StepExistsError
+from ..errors import CkptMirrorError, ManifestError, ReplicaUnavailableError, StepExistsError
 from ..format import (
     CommitRecord,
     RankRef,
@@ -64,7 +64,8 @@ from ..format import (
 )
 from ..handle import SaveHandle
 from ..health import ReplicaHealth
-from ..placement import Placement, Stored
+from ..placement import MAX_PLACEMENT_BYTES, Placement, Stored, is_placement_key, parse_placement
+from ..replicas._peer_protocol import LOOPBACK_HOSTS
 from ..replicas.base import Buffer, Replica
 from ..replicas.local import LocalReplica
 from .arena import Arena
@@ -749,6 +750,23 @@ def put_objects(
     return {homes[i]: f.result() for i, f in zip(indices, futures)}
 
 
+def _own_references(replica: Replica, step: int, pinned: Collection[Any]) -> set[str] | None:
+    """The stored keys the committed step's own placement records (of the writers its commit
+    pins) name: on a shared replica another rank of this save may reference a file an earlier
+    save of this step number left in this directory, which ``protected_keys`` (references
+    across steps) does not cover. None if one of those records cannot be read."""
+    out: set[str] = set()
+    for k in replica.list_prefix(step_dir(step)):
+        if not is_placement_key(k) or writer_of(k) not in pinned:
+            continue
+        try:
+            out |= {st.key for st in parse_placement(replica.get(k, MAX_PLACEMENT_BYTES), k).entries.values()}
+        except (ManifestError, OSError) as exc:
+            log.warning("placement %s on %s is unreadable (%s): keeping the step's other files", k, replica.url, exc)
+            return None
+    return out
+
+
 def _special_by_writer(stored: Mapping[str, Stored]) -> dict[tuple[int, str], dict[str, Stored]]:
     """The objects stored other than raw under their own name (compressed, or an earlier step's
     object), grouped by the writer their home key names: one placement record each, as readers
@@ -796,6 +814,10 @@ def replica_identity(replica: Replica, host: str, rank: int) -> str:
         return f"{host}|{url}"
     if scheme == "memory":
         return f"{host}|{os.getpid()}|{rank}|{url}"
+    netloc = url.split("://", 1)[1].split("/", 1)[0]
+    hostname = netloc.rsplit(":", 1)[0].strip("[]").lower() if netloc else ""
+    if hostname in LOOPBACK_HOSTS:  # an agent (or an S3 endpoint) on each node's own loopback
+        return f"{host}|{url}"
     return url  # s3://, peer://, peers://, an fsspec protocol: one store, reached over the network
 
 
@@ -836,9 +858,10 @@ def commit_step(
     if stale:
         others = [n for name in replica.list_steps() if (n := parse_step_dir(name)) is not None and n != step]
         protected = protected_keys(replica, others)
-        if protected is None:  # an unreadable placement (logged): any of them may be referenced
+        own = _own_references(replica, step, pinned)
+        if protected is None or own is None:  # an unreadable placement (logged): any may be referenced
             return
-        protected |= set(live)
+        protected |= own | set(live)
         stale = [k for k in stale if k not in protected]
     if stale:
         log.info("removing %d leftover file(s) of interrupted saves of step %d on %s", len(stale), step, replica.url)
