@@ -273,3 +273,32 @@ def test_a_replica_with_one_bad_copy_is_still_read_for_the_other_objects(tmp_pat
     local = LocalReplica(str(root)).url
     assert res.sources[key] == peer_url, res.sources[key]
     assert all(u == local for k, u in res.sources.items() if k != key), sorted(set(res.sources.values()))
+
+
+def test_a_disk_read_error_is_damage_not_an_outage(tmp_path: Path) -> None:
+    # EIO reading an object off the only replica: a damaged medium, not a passing outage. The
+    # restore reports damage (with what to run) and leaves the tensors as they were.
+    import errno
+
+    from ckptmirror.errors import ReplicaError
+
+    torch.manual_seed(0)
+    src = torch.nn.Linear(64, 64)
+    with Mirror([str(tmp_path)]) as m:
+        m.save(1, src).result(timeout=60)
+
+    def eio(phase: str, key: str) -> None:
+        if phase == "get" and key.endswith(".bin"):
+            raise ReplicaError("read failed", replica=str(tmp_path), key=key) from OSError(
+                errno.EIO, "Input/output error"
+            )
+
+    bad = FaultyReplica(LocalReplica(str(tmp_path)), on_phase=eio)
+    bad.read_priority = 10**6  # not mapped in place: read through the wrapper
+    torch.manual_seed(1)
+    dst = torch.nn.Linear(64, 64)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with Mirror([bad]) as m, pytest.raises(NoValidCheckpointError) as exc:
+        m.restore(dst)
+    assert "ckptmirror verify" in str(exc.value), str(exc.value)
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())

@@ -85,10 +85,25 @@ _Unusable = tuple[type[ManifestError | ReplicaError], str, BaseException]
 OnUnavailable = Callable[[Replica, "BaseException | str"], None]
 
 
+#: ``errno`` values of a read that failed because the medium is damaged (a bad sector, a
+#: filesystem checksum error), not because the replica is out of reach.
+_MEDIA_ERRNOS = frozenset(e for e in (errno.EIO, getattr(errno, "EBADMSG", None), getattr(errno, "EUCLEAN", None)) if e)
+
+
 def is_damage(exc: BaseException) -> bool:
-    """Whether a step failure is damage (a copy failed its checks, or is missing everywhere it
-    was looked for), as opposed to replicas that could not be reached or read."""
-    return isinstance(exc, (CorruptObjectError, ManifestError, ObjectMissingError))
+    """Whether a step failure is damage (a copy failed its checks, is missing everywhere it was
+    looked for, or could not be read off a damaged disk: ``EIO``), as opposed to replicas that
+    could not be reached or read for a passing reason."""
+    if isinstance(exc, (CorruptObjectError, ManifestError, ObjectMissingError)):
+        return True
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _MEDIA_ERRNOS:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def out_of_memory(exc: BaseException) -> bool:
