@@ -165,3 +165,30 @@ def test_an_agent_that_never_answers_is_cut_by_the_heartbeat(tmp_path: Path, pee
     assert took < budget / 3, f"save 2 took {took:.1f} s (its budget {budget:.0f} s)"
     assert stall < budget / 3, f"save 3 stalled {stall:.1f} s"
     assert "stopped answering its health checks" in err, err
+
+
+def test_an_upload_that_keeps_moving_is_not_cut(peer_agent: AgentProc) -> None:
+    # A failed health check cuts only connections that moved nothing for connect_timeout_s: an
+    # upload still flowing (a slow link, an agent whose disk is busy) is left to finish.
+    from _agent import TcpProxy
+
+    with TcpProxy(peer_agent.port, mode="delay", delay_s=0.02) as proxy:  # ~3 MB/s, 64 KiB pieces
+        peer = PeerReplica(proxy.url("moving"), token=TOKEN, connect_timeout_s=BUDGET_S)
+        data = os.urandom(8 << 20)
+        errors: list[BaseException] = []
+
+        def put() -> None:
+            try:
+                peer.put("step-000000000001/rank-00000/o000000-0000abcd.bin", data)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        t = threading.Thread(target=put)
+        t.start()
+        time.sleep(1.5)
+        assert t.is_alive(), "the upload finished before the check: slow the proxy down"
+        peer.abort_inflight("a health check failed (test)")
+        t.join(60)
+        assert not errors, errors
+        assert peer.size("step-000000000001/rank-00000/o000000-0000abcd.bin") == len(data)
+        peer.close()

@@ -38,6 +38,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 import weakref
 from typing import Any
 from urllib.parse import urlparse
@@ -99,6 +100,8 @@ class _DeadlineMixin:
 
     deadline: Deadline | None = None
     cap_s: float | None = None  # the older ``timeout_s``: a limit on each single wait
+    progress_at = 0.0  # time.monotonic() of the last byte sent or received (see abort_inflight)
+    cut = False  # cut by abort_inflight: what fails on it is reported so, and not retried
     sock: Any
     timeout: float | None
 
@@ -149,6 +152,7 @@ class _DeadlineSocket:
         if view.itemsize != 1 or view.ndim != 1:
             view = view.cast("B")
         dl = self._conn.deadline
+        self._conn.progress_at = time.monotonic()
         for off in range(0, max(len(view), 1), SEND_PIECE):
             piece = view[off : off + SEND_PIECE]
             wait = self._conn.wait_s()
@@ -156,6 +160,7 @@ class _DeadlineSocket:
             self._sock.settimeout(min(wait, limit))
             try:
                 self._sock.sendall(piece)
+                self._conn.progress_at = time.monotonic()
             except TimeoutError:
                 if limit < wait:  # the progress limit fired, not the deadline
                     raise _Stalled(limit) from None
@@ -186,7 +191,10 @@ class _DeadlineReader(io.RawIOBase):
 
     def readinto(self, b: Any) -> int:
         self._owner.arm()
-        return int(self._raw.readinto(b))
+        n = int(self._raw.readinto(b))
+        if n:
+            self._owner._conn.progress_at = time.monotonic()
+        return n
 
     def close(self) -> None:
         if not self.closed:
@@ -240,10 +248,9 @@ class PeerReplica(Replica):
         # What this client put, per step: its commits name those writers (wire.WRITERS_HEADER).
         self._wrote = wire.WriteLog()
         # Every connection this replica opened (any thread), so that abort_inflight() can cut
-        # them; and a count of aborts, so that an operation cut by one is not retried.
+        # them (each is marked ``cut``, so that what fails on it is reported so and not retried).
         self._conns: weakref.WeakSet[_DeadlineMixin] = weakref.WeakSet()
         self._conns_lock = threading.Lock()
-        self._aborts = 0
         self._abort_why = ""
 
     def _resolve_token(self, token: str | None, token_file: str | None) -> tuple[str | None, str | None]:
@@ -314,16 +321,23 @@ class PeerReplica(Replica):
         Called when the heartbeat finds the agent unresponsive: an upload already sent, waiting
         for the stopped agent's answer, would otherwise wait out its whole time budget (69 s
         for a 64 MiB object by default), holding the staging buffer the next save() needs."""
+        now = time.monotonic()
         with self._conns_lock:
-            self._aborts += 1
             self._abort_why = why
-            conns = list(self._conns)
+            # Only connections that moved nothing for a while: an upload still flowing to an
+            # agent slow to answer its health checks (its disk busy) is left to finish.
+            conns = [c for c in self._conns if now - c.progress_at >= self.budget.connect_timeout_s]
         for conn in conns:
+            conn.cut = True
             sock = getattr(conn, "sock", None)
-            if sock is None:
+            raw = getattr(sock, "_sock", sock)  # under the _DeadlineSocket wrapper
+            if not isinstance(raw, socket.socket):
                 continue
             try:
-                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in send or recv on it
+                # The plain socket's shutdown, also under TLS: SSLSocket.shutdown would first
+                # drop its TLS state while another thread may be sending through it. This
+                # wakes a thread blocked in send or recv on it; the TLS layer then fails.
+                socket.socket.shutdown(raw, socket.SHUT_RDWR)
             except OSError:
                 pass  # closed meanwhile
 
@@ -371,7 +385,6 @@ class PeerReplica(Replica):
         hdrs.update(headers or {})
         if body is not None:
             hdrs["Content-Length"] = str(len(memoryview(body).cast("B")))
-        aborts = self._aborts
         for attempt in (1, 2):
             conn = self._conn(dl)
             try:
@@ -396,17 +409,19 @@ class PeerReplica(Replica):
                 ) from exc
             except TimeoutError as exc:  # connect, send or the answer's headers: out of time
                 self._drop()
-                if self._aborts != aborts:
+                if conn.cut:
                     raise self._cut(dl) from exc
                 raise self._missed(dl, exc, attempt) from exc
             except ssl.SSLError as exc:
                 # A setup problem (unknown CA, plain agent), not a passing fault.
                 self._drop()
+                if conn.cut:
+                    raise self._cut(dl) from exc
                 raise ReplicaUnavailableError(f"TLS handshake failed: {exc}", replica=self.url, key=key) from exc
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 # A kept-alive connection the agent closed: retry once on a fresh one, in the same budget.
                 self._drop()
-                if self._aborts != aborts:  # cut by abort_inflight(): the agent is not answering
+                if conn.cut:  # cut by abort_inflight(): the agent is not answering
                     raise self._cut(dl) from exc
                 if (
                     attempt == 2
@@ -423,7 +438,7 @@ class PeerReplica(Replica):
                     ) from exc
             except (OSError, http.client.HTTPException) as exc:
                 self._drop()
-                if self._aborts != aborts:
+                if conn.cut:
                     raise self._cut(dl) from exc
                 raise ReplicaError(f"{method} failed: {type(exc).__name__}: {exc}", replica=self.url, key=key) from exc
         raise AssertionError("unreachable")
