@@ -422,6 +422,31 @@ def test_a_failed_load_says_the_tensors_may_hold_part_of_the_step_and_leaves_val
     assert target["extra"] == {"epoch": -1, "big": -1}  # the values are loaded last: untouched
 
 
+def test_a_load_that_cannot_reach_the_replica_is_an_outage_not_damage(tmp_path: Path) -> None:
+    from ckptmirror.errors import ReplicaUnavailableError
+    from ckptmirror.replicas import FaultyReplica, LocalReplica
+
+    state = small_state()
+    w = MirrorStorageWriter([str(tmp_path / "a")], object_bytes=64)
+    dcp.save(state, checkpoint_id="run1/step-000008", storage_writer=w, planner=MirrorSavePlanner())
+
+    def down(phase: str, key: str) -> None:
+        if phase == "get" and key.endswith(".bin"):
+            raise ReplicaUnavailableError("injected: no answer within its time budget", replica="a", key=key)
+
+    flaky = FaultyReplica(LocalReplica(str(tmp_path / "a")), on_phase=down)
+    flaky.read_priority = 10**6  # read through the wrapper, not mapped in place
+    with pytest.raises(BaseException) as exc:  # DCP's CheckpointException is a BaseException
+        dcp.load(small_state(), storage_reader=MirrorStorageReader([flaky]), planner=MirrorLoadPlanner())
+    msg = str(exc.value)
+    assert "step 8 could not be read" in msg and "load again once the replicas answer" in msg, msg
+    # Not marked bad: the next load (the replica back) reads step 8 itself.
+    target = small_state()
+    r = MirrorStorageReader([str(tmp_path / "a")])
+    dcp.load(target, storage_reader=r, planner=MirrorLoadPlanner())
+    assert r.step == 8
+
+
 def test_step_comes_from_the_checkpoint_id_or_is_required(tmp_path: Path) -> None:
     w = MirrorStorageWriter([str(tmp_path)])
     with pytest.raises(BaseException, match="which step"):

@@ -50,12 +50,18 @@ from torch.futures import Future as TorchFuture
 
 from ..buffers import byte_view, copy_bytes, host_array
 from ..dist import Coordinator, DistInfo, detect
-from ..errors import CorruptObjectError, ManifestError, NoValidCheckpointError, StepNotFoundError
+from ..errors import (
+    CorruptObjectError,
+    ManifestError,
+    NoValidCheckpointError,
+    ReplicaUnavailableError,
+    StepNotFoundError,
+)
 from ..format import CommitRecord, RankManifest, commit_key
 from ..replicas import Replica
 from ..restore.check import ManifestCheck, contiguous_strides, validate_manifest
 from ..restore.discover import list_steps
-from ..restore.fetch import STEP_FAILURES, Fetcher, ObjectPlan
+from ..restore.fetch import STEP_FAILURES, Fetcher, ObjectPlan, is_damage
 from ..state.tree import JSON
 from ._codec import Location, RankIndex, decode_plain, parse_rank_index, tree_to_metadata, value_bytes_of_node
 from ._common import check_step, is_bad, mark_bad, next_load_prefix, open_for, step_from_checkpoint_id
@@ -248,6 +254,12 @@ class MirrorStorageReader(StorageReader):
             for rr in ranks:
                 self._finish_rank(chosen, rr, planner)
         except STEP_FAILURES as exc:
+            if not is_damage(exc):  # no replica could be reached or read: the step may be intact
+                raise ReplicaUnavailableError(
+                    f"step {chosen.step} could not be read: {exc}. DCP loads into the state_dict's tensors in "
+                    f"place, so some of them may now hold part of step {chosen.step}: do not train on this "
+                    "state_dict; load again once the replicas answer"
+                ) from exc
             mark_bad([r.url for r in self.replicas], chosen.step)
             raise CorruptObjectError(
                 f"step {chosen.step} cannot be read: {exc}. DCP loads into the state_dict's tensors in place, "

@@ -458,22 +458,43 @@ def storage_targets(
 
 
 def _untie(out: StorageTargets, nbytes: list[int]) -> None:
-    """Storages that would land straight in host memory another one lands in too go to fresh
+    """Storages that would land straight in memory another one lands in too go to fresh
     buffers instead (``out.untied``), and are copied into their targets one after the other.
 
     Such targets share memory (tied weights, e.g. an embedding and an output layer) where the
     checkpoint holds separate tensors: reads landing in parallel would leave a mix of both.
     Copied in leaf order, the last one wins, as with torch's ``load_state_dict``. One NumPy pass
-    over the addresses, which are usually ascending already (then no sort).
+    over the host addresses, which are usually ascending already (then no sort); CUDA targets
+    (filled through byte views, ``dest``) by device, where there are any.
     """
-    p = np.array(out.ptr, dtype=np.int64)
+    hit = _overlapping(out.ptr, nbytes, out.is_direct)
+    cuda = [s for s, d in enumerate(out.dest) if out.is_direct[s] and d is not None and d.is_cuda]
+    if cuda:
+        dest = out.dest
+        for dev in {dest[s].device for s in cuda}:  # type: ignore[union-attr]
+            on = [s for s in cuda if dest[s].device == dev]  # type: ignore[union-attr]
+            addr = [dest[s].data_ptr() for s in on]  # type: ignore[union-attr]
+            found = _overlapping(addr, [nbytes[s] for s in on], [True] * len(on))
+            hit += [on[i] for i in found]
+    for s in hit:
+        out.is_direct[s] = False
+        out.ptr[s] = 0
+        out.dest[s] = None
+        out.fresh(s, nbytes[s])  # a host buffer: the target is filled by copy_ (CUDA too)
+    out.untied = sorted(hit)
+
+
+def _overlapping(ptr: Sequence[int], nbytes: Sequence[int], direct: Sequence[bool]) -> list[int]:
+    """Indices of the ranges ``[ptr, ptr + nbytes)`` (those with ``direct`` set, a non-zero
+    address and bytes) that overlap another one."""
+    p = np.array(ptr, dtype=np.int64)
     n = np.array(nbytes, dtype=np.int64)
-    sel = np.flatnonzero(np.array(out.is_direct, dtype=bool) & (p != 0) & (n > 0))
+    sel = np.flatnonzero(np.array(direct, dtype=bool) & (p != 0) & (n > 0))
     if len(sel) < 2:
-        return
+        return []
     ps, ns = p[sel], n[sel]
     if bool(np.all(ps[1:] >= ps[:-1] + ns[:-1])):
-        return  # ascending and disjoint: the usual case
+        return []  # ascending and disjoint: the usual case
     o = np.argsort(ps, kind="stable")
     ps, ns, sel = ps[o], ns[o], sel[o]
     reach = np.maximum.accumulate(ps + ns)  # the end of the furthest range so far
@@ -481,12 +502,7 @@ def _untie(out: StorageTargets, nbytes: list[int]) -> None:
     starts[0] = True
     starts[1:] = ps[1:] >= reach[:-1]  # a range that starts a new group of overlapping ones
     group = np.cumsum(starts)
-    hit = sorted(int(s) for s in sel[np.bincount(group)[group] > 1])
-    for s in hit:
-        out.is_direct[s] = False
-        out.ptr[s] = 0
-        out.fresh(s, nbytes[s])
-    out.untied = hit
+    return [int(s) for s in sel[np.bincount(group)[group] > 1]]
 
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "model.")
