@@ -48,6 +48,15 @@ def urls(root: str, agents: list[str], ns: str, rank: int, local: str) -> list[s
     return [os.path.join(root, f"{local}-{rank}"), ckptmirror.ring_peer(agents, ns, node_rank=rank)]
 
 
+def outcome(handle: Any) -> str:
+    """ "ok", or why the save failed."""
+    try:
+        handle.result(timeout=60)
+        return "ok"
+    except ckptmirror.SaveFailedError as exc:
+        return f"failed: {exc}"
+
+
 def states(handle: Any) -> dict[str, list[str]]:
     return {u: [s.state, str(s.error or "")] for u, s in handle.replicas.items()}
 
@@ -62,29 +71,16 @@ def main() -> int:
         m = ckptmirror.Mirror(urls(root, agents, "run1", rank, "local"), **opts)
         for step in (1, 2):
             h = m.save_state(step, rank_state(rank, step))
-            try:
-                h.result(timeout=60)
-                out[f"step{step}"] = "ok"
-            except ckptmirror.SaveFailedError as exc:
-                out[f"step{step}"] = f"failed: {exc}"
+            out[f"step{step}"] = outcome(h)
             out[f"states{step}"] = states(h)
         m.close()
         rep = ckptmirror.Mirror(urls(root, agents, "run2", rank, "replocal"), **opts)
         h = rep.save_state(1, replicated_state(), replicated=True)
-        try:
-            h.result(timeout=60)
-            out["replicated"] = "ok"
-        except ckptmirror.SaveFailedError as exc:
-            out["replicated"] = f"failed: {exc}"
+        out["replicated"] = outcome(h)
         out["replicated_states"] = states(h)
         # Step 2, the same state: every object referenced from step 1 (incremental), so each
         # replica gets a placement record per writer whose objects the rank wrote there.
-        h2 = rep.save_state(2, replicated_state(), replicated=True)
-        try:
-            h2.result(timeout=60)
-            out["replicated2"] = "ok"
-        except ckptmirror.SaveFailedError as exc:
-            out["replicated2"] = f"failed: {exc}"
+        out["replicated2"] = outcome(rep.save_state(2, replicated_state(), replicated=True))
         rep.close()
     elif mode == "restore":
         served: list[str] = []

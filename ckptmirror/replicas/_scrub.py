@@ -72,7 +72,6 @@ __all__ = [
     "Scrubber",
     "check_commit",
     "check_file",
-    "commit_problems",
     "drop_held",
     "find_namespaces",
     "held_key",
@@ -358,18 +357,6 @@ def check_commit(
     if problems or not partial:
         return problems, None
     return [], Held(frozenset(manifests), frozenset(held_writers))
-
-
-def commit_problems(
-    replica: LocalReplica,
-    ns: str,
-    key: str,
-    body: bytes,
-    verified: MutableMapping[tuple[str, str], tuple[int, str]],
-    writers: frozenset[Writer] | None = None,
-) -> list[str]:
-    """What is wrong with committing ``body`` as ``key`` in ``ns`` (:func:`check_commit`'s problems)."""
-    return check_commit(replica, ns, key, body, verified, writers)[0]
 
 
 def stored_objects(replica: LocalReplica, manifest: RankManifest) -> dict[str, Stored]:

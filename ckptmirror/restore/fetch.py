@@ -96,24 +96,23 @@ def is_damage(exc: BaseException) -> bool:
     could not be reached or read for a passing reason."""
     if isinstance(exc, (CorruptObjectError, ManifestError, ObjectMissingError)):
         return True
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _MEDIA_ERRNOS:
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+    return _in_chain(exc, lambda e: isinstance(e, OSError) and e.errno in _MEDIA_ERRNOS)
 
 
 def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it) is this process running out of memory (``ENOMEM``,
     :class:`MemoryError`): nothing a replica or an older step can fix."""
+    return _in_chain(exc, lambda e: isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM))
+
+
+def _in_chain(exc: BaseException, pred: Callable[[BaseException], bool]) -> bool:
+    """Whether ``pred`` holds for ``exc`` or an exception that caused it (``__cause__``, else
+    ``__context__``; a cycle is walked once)."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
+        if pred(e):
             return True
         e = e.__cause__ or e.__context__
     return False
