@@ -112,6 +112,10 @@ def test_save_and_async_save_commit_on_every_replica(saved: Path) -> None:
     for r in (0, 1):
         names = {p.name for p in (saved / f"local-{r}" / step_dir(4)).iterdir()}
         assert f"rank-0000{r}" in names and f"rank-0000{1 - r}" not in names, names
+        # ... and say so in a share record written with the commit (a shared one holds all: none).
+        [share] = (saved / f"local-{r}" / step_dir(4)).glob("share-*.json")
+        assert json.loads(share.read_bytes())["ranks"] == [r], share
+    assert not list((saved / "shared").glob("step-*/share-*.json"))
     files = [p for p in saved.rglob("*") if p.is_file() and "local-" in str(p) or "shared" in str(p)]
     assert not [p for p in files if p.name.endswith((".metadata", ".distcp", ".pt"))]
     for p in (saved / "shared").rglob("*.bin"):
@@ -125,6 +129,10 @@ def test_a_dcp_step_is_a_ckptmirror_step(saved: Path, tmp_path: Path) -> None:
     p = cli("verify", str(root / "shared"))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "3 step(s) verified" in p.stdout, p.stdout
+    # A node-local replica alone verifies too: its rank checked, the other node's not its to hold.
+    p = cli("verify", str(root / "local-0"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "rank(s) 1 not checked" in p.stdout and "not held here (partial replica)" in p.stdout, p.stdout
     p = cli("ls", str(root / "shared"), "--json")
     assert p.returncode == 0, p.stderr
     assert [s["step"] for s in json.loads(p.stdout)["steps"]] == [2, 3, 4], p.stdout

@@ -38,7 +38,7 @@ from _ring_child import replicated_state
 
 import ckptmirror
 from ckptmirror.errors import ReplicaError
-from ckptmirror.format import commit_key, parse_rank_manifest, step_dir
+from ckptmirror.format import commit_key, is_rank_manifest_key, parse_rank_manifest, step_dir
 from ckptmirror.replicas import _peer_protocol as wire
 from ckptmirror.replicas.peer import PeerReplica
 
@@ -135,7 +135,7 @@ def _share(ring: Ring, node: int) -> tuple[str, str, list[str], dict[str, bytes]
     """(commit key, this node's manifest key, its object keys, the files) of step 1 of ``node``'s disk."""
     files = ring.shares[node]
     ckey = commit_key(1)
-    mkey = next(k for k in files if k.endswith(".json") and k != ckey and not k.endswith(".place.json"))
+    mkey = next(k for k in files if is_rank_manifest_key(k, 1, node))
     return ckey, mkey, sorted(k for k in files if k.endswith(".bin")), files
 
 
@@ -361,16 +361,71 @@ def test_verify_checks_the_held_share_from_the_scrub_results(ring: Ring) -> None
         assert against == [], against
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ckptmirror verify (ops/verify.py, ops/_engine.py) still reports a rank that a partial "
-    "replica never held (a node-local or ring_peer namespace) as a missing manifest and the step as "
-    "unrecoverable from that replica alone; it needs the 'not held here' notion the agent has",
-)
-def test_verify_accepts_a_ring_peer_namespace(ring: Ring) -> None:
+def test_verify_accepts_a_partial_replica_alone(ring: Ring) -> None:
+    # Each node's disk and ring namespace holds its own rank only: the share record written
+    # with the commit says so, and verify checks that rank and leaves the other node's alone.
     for node in (0, 1):
-        code, doc = _verify(ring.url(node))
-        assert code == 0, doc["damage"]
+        for url in (ring.url(node), str(ring.root / f"local-{node}")):
+            code, doc = _verify(url)
+            assert code == 0 and doc["damage"] == [] and doc["status"] == "ok", (url, doc["damage"])
+            assert [s["step"] for s in doc["steps"]] == [1, 2]
+            for step in doc["steps"]:
+                assert step["unchecked_ranks"] == [1 - node] and step["recoverable"], step
+                [check] = step["replicas"]
+                held = {rk["rank"]: rk["held"] for rk in check["ranks"]}
+                assert held == {node: True, 1 - node: False}, check
+                mine = next(rk for rk in check["ranks"] if rk["rank"] == node)
+                assert mine["verified"] == mine["objects"] >= 2 and mine["manifest_ok"], mine
+    # Both nodes' replicas together: every rank checked, none left unchecked.
+    code, doc = _verify(ring.url(0), ring.url(1), str(ring.root / "local-0"), str(ring.root / "local-1"))
+    assert code == 0, doc["damage"]
+    assert all(s["unchecked_ranks"] == [] and s["recoverable"] for s in doc["steps"]), doc["steps"]
+    # The text says which ranks were not checked.
+    env = dict(os.environ, **{wire.TOKEN_ENV: TOKEN})
+    out = subprocess.run(
+        [*serve_command(), "verify", "--no-progress", str(ring.root / "local-0")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    ).stdout
+    assert "not held here (partial replica)" in out and "rank(s) 1 not checked" in out, out
+
+
+def test_a_partial_replica_still_answers_for_the_ranks_it_holds(ring: Ring, tmp_path: Path) -> None:
+    src = ring.root / "local-0"
+    shares = sorted((src / step_dir(2)).glob("share-*.json"))
+    assert len(shares) == 1 and json.loads(shares[0].read_bytes())["ranks"] == [0]
+    # Its own rank's manifest lost: damage, as on any replica (the share record lists rank 0).
+    lost = tmp_path / "lost"
+    shutil.copytree(src, lost)
+    mine = next(p for p in (lost / step_dir(2)).glob("rank-00000-*.json") if not p.name.endswith(".place.json"))
+    mine.unlink()
+    code, doc = _verify(str(lost))
+    assert code == 1 and any(p["key"].endswith(mine.name) and p["kind"] == "missing" for p in doc["damage"]), doc
+    # Without its share record, the replica is held to the rule of a full copy: rank 1 is missing.
+    strict = tmp_path / "strict"
+    shutil.copytree(src, strict)
+    for p in strict.glob("step-*/share-*.json"):
+        p.unlink()
+    code, doc = _verify(str(strict))
+    assert code == 1 and any("rank-00001" in p["key"] and p["kind"] == "missing" for p in doc["damage"]), doc
+    # A share record about another commit (the step saved again under its number) is not read.
+    other = tmp_path / "other"
+    shutil.copytree(src, other)
+    rec = next((other / step_dir(2)).glob("share-*.json"))
+    rec.rename(rec.with_name("share-0123456789abcdef.json"))
+    code, doc = _verify(str(other), "--step", "2")
+    assert code == 1 and any("rank-00001" in p["key"] for p in doc["damage"]), doc
+    # prune leaves share records alone (they are the commit's), repair copies nothing for rank 1.
+    from ckptmirror import ops
+
+    both = [str(src), str(ring.root / "local-1")]
+    listing = ops.ls(both)
+    assert [s.step for s in listing.steps] == [1, 2] and all(s.error is None for s in listing.steps), listing
+    assert all(not s.garbage for s in listing.steps), [s.garbage for s in listing.steps]
+    rep = ops.repair([str(src)], dry_run=True)
+    assert rep.exit_code == 0 and rep.actions == () and rep.unrecoverable == (), rep
 
 
 # -------------------------------------------------------------------------- the replaced node

@@ -226,9 +226,17 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
                 rows.append([label, "-", "-", "-", "-", status])
             differs = any(p.kind == "disagree" for p in rc.problems)
             for rk in rc.ranks:
+                if not rk.held:
+                    rows.append([label, rk.rank, "-", "-", "-", "not held here (partial replica)"])
+                    continue
                 status = ("ok" if rk.ok else "BAD") + (", ANOTHER CHECKPOINT" if differs else "")
                 rows.append([label, rk.rank, f"{rk.verified}/{rk.objects}", _size(rk.bytes), _how(rk), status])
         lines += _table(["REPLICA", "RANK", "OBJECTS OK", "BYTES", "CHECKED BY", "STATUS"], rows, "  ")
+        if s.unchecked_ranks:
+            lines.append(
+                f"  rank(s) {', '.join(map(str, s.unchecked_ranks))} not checked: no replica given holds them "
+                "(each is a partial replica, a node's share); verify the other nodes' replicas too"
+            )
         for rc in s.replicas:
             if rc.scrubbed is not None:
                 read = sum(rk.read for rk in rc.ranks)
@@ -266,9 +274,13 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
     lines.append("")
     n = len(res.steps)
     problems = res.problems
+    partial = sorted({s.step for s in res.steps if s.unchecked_ranks})
     if res.status == "ok":
         lines.append(
-            f"OK: {n} step(s) verified on {len(res.replicas)} replica(s) ({mode})"
+            (
+                f"OK: {n} step(s) verified on {len(res.replicas)} replica(s) ({mode})"
+                + (f"; step(s) {_steps_text(partial)}: only the ranks these replicas hold" if partial else "")
+            )
             if n
             else "OK: no checkpoints on these replicas"
         )

@@ -81,6 +81,9 @@ class LocalInfo:
     step: int
     world_size: int
     places: tuple[str, ...]  # "host|url" per replica position, to elect who prunes where
+    #: per position, which store the replica is (:func:`~ckptmirror.save.fanout.replica_identity`):
+    #: the ranks with the same one write to one replica (a node-local one holds their share only)
+    identities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ class GlobalInfo:
     rank: int
     world_size: int
     prune: tuple[bool, ...]  # per position: this rank applies keep_last there
+    #: per position, the ranks that write to the same replica as this one (its share record)
+    groups: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass

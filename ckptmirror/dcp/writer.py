@@ -62,7 +62,7 @@ from ..format import (
     MAX_OBJECT_BYTES,
 )
 from ..replicas import Replica
-from ..save.fanout import commit_from_reports, commit_step
+from ..save.fanout import commit_from_reports, commit_step, replica_identity, share_record
 from ..save.retention import apply_retention, is_committed
 from ._codec import DCP_VERSION, Location, metadata_to_tree
 from ._common import check_step, open_for, step_from_checkpoint_id
@@ -271,7 +271,12 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                 raise StepExistsError(s.step, r.url)
         s.bytes_fqns = [item.index.fqn for item in plan.items if item.type == WriteItemType.BYTE_IO]
         host = socket.gethostname()
-        info = LocalInfo(s.step, self.dist.world_size, tuple(f"{host}|{r.url}" for r in self.replicas))
+        info = LocalInfo(
+            s.step,
+            self.dist.world_size,
+            tuple(f"{host}|{r.url}" for r in self.replicas),
+            tuple(replica_identity(r, host, self.dist.rank) for r in self.replicas),
+        )
         return dataclasses.replace(plan, storage_data=info)
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
@@ -300,7 +305,13 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                 all(infos[lower].places[pos] != info.places[pos] for lower in range(rank))
                 for pos in range(len(info.places))
             )
-            out.append(dataclasses.replace(p, storage_data=GlobalInfo(save_id, first.step, rank, len(plans), prune)))
+            groups = tuple(
+                tuple(r for r, other in enumerate(infos) if other.identities[pos] == info.identities[pos])
+                for pos in range(len(info.identities))
+            )
+            out.append(
+                dataclasses.replace(p, storage_data=GlobalInfo(save_id, first.step, rank, len(plans), prune, groups))
+            )
         return out
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> TorchFuture[list[WriteResult]]:
@@ -526,7 +537,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         for pos in range(len(self.replicas)):
             self._report(s, pos)
 
-        votes, enc = s.votes, s.enc
+        votes = s.votes
 
         def commit_all() -> None:
             outcome: dict[int, BaseException | None] = {}
@@ -536,7 +547,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                         outcome[pos] = s.failed[pos]
                         continue
                     try:
-                        commit_step(r, enc, votes.outcome(_SAVE, pos))
+                        self._commit(s, pos, votes.outcome(_SAVE, pos))
                         votes.ack(_SAVE, pos, {"state": "committed"})
                         outcome[pos] = None
                     except BaseException as exc:  # noqa: BLE001 - reported to rank 0 and logged
@@ -555,6 +566,17 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         with self._lock:
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
         t.start()
+
+    def _commit(self, s: DcpSave, pos: int, record: bytes) -> None:
+        """Write the commit record ``record`` at ``pos``, after the share record that says which
+        ranks the replica holds where only some ranks write to it (a node-local directory)."""
+        assert s.enc is not None and s.info is not None
+        r = self.replicas[pos]
+        group = s.info.groups[pos] if s.info.groups else range(s.info.world_size)
+        share = share_record(s.step, tuple(group), s.info.world_size, False, record)
+        if share is not None:
+            r.put(*share)
+        commit_step(r, s.enc, record)
 
     def _commit_coordinator(self, s: DcpSave, pos: int) -> BaseException | None:
         """Rank 0 at one position: manifest, report, decide, commit record, every rank's acknowledgement."""
@@ -576,7 +598,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
             self._report(s, pos)
             s.votes.decide(_SAVE, pos, partial(commit_from_reports, s.step, s.info.world_size, False))
             record = s.votes.outcome(_SAVE, pos)  # CoordinationError when aborted
-            commit_step(r, enc, record)
+            self._commit(s, pos, record)
             bad = [a for a in s.votes.acks(_SAVE, pos) if a.get("state") != "committed"]
             if bad:
                 raise SaveFailedError(

@@ -24,8 +24,9 @@ large state dicts and optimizer states are not one JSON object per tensor.
 The package, by concern: :mod:`.names` (versions, limits, keys), :mod:`.records` (records
 as columns, the object cut), :mod:`.manifest` (manifest and commit record, and how they are
 written), :mod:`.jsondoc` (bounds and strict parsing of untrusted JSON), :mod:`.parse` (reading
-every format version), :mod:`.gcpause` (the GC pause around them). The public names are
-imported from here (``from ckptmirror.format import ...``); private helpers stay in their module.
+every format version), :mod:`.share` (which ranks a partial replica holds), :mod:`.gcpause`
+(the GC pause around them). The public names are imported from here (``from ckptmirror.format
+import ...``); private helpers stay in their module.
 """
 
 from __future__ import annotations
@@ -99,6 +100,12 @@ from .records import (
     leaf_columns,
     storage_columns,
 )
+from .share import (
+    MAX_SHARE_BYTES,
+    ShareRecord,
+    is_share_key,
+    share_key,
+)
 
 __all__ = [
     "CODEC_SUFFIX",
@@ -120,6 +127,7 @@ __all__ = [
     "MAX_OBJECT_BYTES",
     "MAX_PARSE_MEMORY",
     "MAX_RANKS",
+    "MAX_SHARE_BYTES",
     "MAX_STEP",
     "MAX_STREAM_BYTES",
     "OBJECT_SIZE",
@@ -132,12 +140,14 @@ __all__ = [
     "STORAGE_NBYTES",
     "STORAGE_OFFSET",
     "STORED_OBJECT_RE",
+    "ShareRecord",
     "StorageColumns",
     "StorageRecord",
     "TMP_PREFIX",
     "check_parse_cost",
     "commit_key",
     "contiguous_strides",
+    "is_share_key",
     "cut_objects",
     "encode_ints",
     "is_rank_manifest_key",
@@ -154,6 +164,7 @@ __all__ = [
     "placement_key",
     "rank_manifest_key",
     "serialise",
+    "share_key",
     "step_dir",
     "storage_columns",
     "stored_object_key",

@@ -13,8 +13,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..checksum import checksum
 from ..errors import CorruptObjectError, ManifestError, ObjectMissingError, ReplicaError
-from ..format import TMP_PREFIX, CommitRecord, ObjectRecord, RankManifest, commit_key, step_dir, writer_of
+from ..format import (
+    MAX_MANIFEST_BYTES,
+    MAX_SHARE_BYTES,
+    TMP_PREFIX,
+    CommitRecord,
+    ObjectRecord,
+    RankManifest,
+    ShareRecord,
+    commit_key,
+    is_share_key,
+    share_key,
+    step_dir,
+    writer_of,
+)
 from ..placement import is_placement_key
 from ..replicas import Replica
 from ..restore.check import validate_manifest
@@ -49,6 +63,9 @@ class RankPlan:
     manifest_problem: Problem | None
     invalid: Problem | None
     jobs: list[ObjJob]
+    #: False: the rank is not meant to be on this replica (a partial replica: its share record
+    #: leaves the rank out and the rank's manifest is absent); nothing of it is checked here.
+    held: bool = True
 
     def problems(self) -> list[Problem]:
         """The manifest's problems, then those of its objects (once they have been checked)."""
@@ -91,6 +108,7 @@ class Engine:
         self._lock = threading.Lock()
         self._manifests: dict[tuple[str, str], RankManifest | None] = {}
         self._invalid: dict[tuple[str, str], str | None] = {}
+        self._shares: dict[tuple[str, int], ShareRecord | None] = {}
 
     def close(self) -> None:
         """Wait for the object reads in flight and stop the thread pool."""
@@ -176,6 +194,21 @@ class Engine:
                 self._invalid[k] = str(exc)
         return self._invalid[k]
 
+    def share_on(self, r: Replica, step: int) -> ShareRecord | None:
+        """``r``'s share record of the commit record of ``step`` stored there (which ranks it
+        holds: :mod:`ckptmirror.format.share`), cached; None if it has none that is about that
+        record (then ``r`` must hold every rank)."""
+        k = (r.url, step)
+        if k not in self._shares:
+            share = None
+            try:
+                csum = checksum(r.get(commit_key(step), MAX_MANIFEST_BYTES))
+                share = ShareRecord.parse(r.get(share_key(step, csum), MAX_SHARE_BYTES), step, csum)
+            except FAILURES:
+                pass  # no usable record: the rule of a full copy
+            self._shares[k] = share
+        return self._shares[k]
+
     def plan(self, r: Replica, step: int, commit: CommitRecord) -> ReplicaPlan:
         """Check ``r``'s rank manifests against ``commit`` and list its object checks."""
         plan = ReplicaPlan(r, step, commit, None)
@@ -187,6 +220,11 @@ class Engine:
             except FAILURES as exc:
                 mprob = self._describe(r, step, ref.rank, ref.key, ref.size, exc)
                 m = self.manifest_anywhere(commit, ref.rank)  # still check this replica's objects
+                share = self.share_on(r, step) if mprob.kind == "missing" else None
+                if share is not None and ref.rank not in share.ranks:
+                    # Another node's rank on a partial replica: never written here, nothing to check.
+                    plan.ranks.append(RankPlan(ref.rank, ref.key, ref.size, ref.checksum, m, None, None, [], False))
+                    continue
             invalid = None
             if m is not None:
                 why = self._validate(m, ref.key, ref.checksum)
@@ -299,7 +337,7 @@ def plan_problems(plan: ReplicaPlan) -> list[Problem]:
         out.append(plan.commit_problem)
     for rp in plan.ranks:
         out.extend(rp.problems())  # a rank without a manifest has no object jobs
-        if rp.manifest is None:
+        if rp.manifest is None and rp.held:
             out.append(
                 Problem(
                     plan.step,
@@ -313,13 +351,32 @@ def plan_problems(plan: ReplicaPlan) -> list[Problem]:
     return out
 
 
+def unchecked_ranks(plans: Sequence[ReplicaPlan]) -> tuple[int, ...]:
+    """The ranks of a step that no replica checked here holds: every replica with a commit is a
+    partial one whose share record leaves them out (they are on other nodes' replicas)."""
+    held: set[int] = set()
+    seen: set[int] = set()
+    for plan in plans:
+        if plan.commit is None:
+            continue
+        for rp in plan.ranks:
+            seen.add(rp.rank)
+            if rp.held:
+                held.add(rp.rank)
+    return tuple(sorted(seen - held))
+
+
 def recoverable(eng: Engine, plans: Sequence[ReplicaPlan]) -> bool:
-    """Whether some commit of the step has every manifest and object verifying somewhere."""
+    """Whether some commit of the step has every manifest and object verifying somewhere, but
+    for the ranks no replica here holds (:func:`unchecked_ranks`: they cannot be judged here)."""
+    unchecked = set(unchecked_ranks(plans))
     for plan in plans:
         if plan.commit is None:
             continue
         ok = True
         for rp in plan.ranks:
+            if rp.rank in unchecked:
+                continue
             if rp.manifest is None or rp.invalid is not None or not eng.good_anywhere(rp.key, rp.checksum):
                 ok = False
                 break
@@ -393,7 +450,9 @@ def garbage_keys(
     return tuple(
         k
         for k in keys
-        if k not in named and not (writer_of(k) in writers and (k.endswith(".zst") or is_placement_key(k)))
+        if k not in named
+        and not (writer_of(k) in writers and (k.endswith(".zst") or is_placement_key(k)))
+        and not is_share_key(k)  # which ranks the replica holds (tiny; one per commit of the step)
     )
 
 

@@ -114,6 +114,8 @@ def _needs(plan: ReplicaPlan, eng: Engine) -> tuple[list[_Copy], list[_Copy], li
     blocked: list[Problem] = []
     r = plan.replica
     for rp in plan.ranks:
+        if not rp.held:
+            continue  # another node's rank on a partial replica: it never belonged here
         if rp.invalid is not None:
             blocked.append(rp.invalid)
         if rp.manifest is None:

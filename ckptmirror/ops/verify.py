@@ -36,7 +36,7 @@ from ..format import MAX_MANIFEST_BYTES, CommitRecord, commit_key
 from ..replicas import Replica
 from ..replicas.peer import ScrubUnavailableError
 from ._common import FAILURES, Problem, ProgressFactory, list_reachable, opened, strip_where
-from ._engine import Engine, KeptForReferences, ObjJob, ReplicaPlan, plan_problems, recoverable
+from ._engine import Engine, KeptForReferences, ObjJob, ReplicaPlan, plan_problems, recoverable, unchecked_ranks
 
 #: How old a peer agent's scrub results may be for ``verify`` to use them (``--scrub-max-age``):
 #: a day, the scrub interval an agent is most likely run with.
@@ -55,6 +55,9 @@ class RankCheck:
     problems: tuple[Problem, ...]
     scrubbed: int = 0  # objects whose result is the peer agent's scrub (not read by this verify)
     read: int = 0  # objects checked by this verify itself (read and hashed; presence and size if quick)
+    #: False: a partial replica that is not meant to hold this rank (its share record, written
+    #: with the commit, leaves it out; see :mod:`ckptmirror.format.share`); nothing checked here.
+    held: bool = True
 
     @property
     def ok(self) -> bool:
@@ -107,6 +110,10 @@ class StepCheck:
     created_unix: float | None
     recoverable: bool
     replicas: tuple[ReplicaCheck, ...]
+    #: Ranks that no replica checked here holds: each is a partial replica (a node-local
+    #: directory, a ``ring_peer`` namespace) whose share record leaves them out. They are on
+    #: other nodes' replicas; ``recoverable`` is about the other ranks only.
+    unchecked_ranks: tuple[int, ...] = ()
 
 
 #: What :attr:`VerifyReport.exit_code` means (``ckptmirror verify --help`` prints the same).
@@ -234,6 +241,7 @@ def _replica_check(
                 tuple(rp.problems()),
                 n_scrubbed,
                 len(rp.jobs) - n_scrubbed,
+                rp.held,
             )
         )
     problems = tuple(plan_problems(plan)) + tuple(extra)
@@ -534,7 +542,11 @@ def verify(
                     key=lambda c: order[c.replica],
                 )
                 ws, nobj, nbytes, created = _step_meta(plans)
-                out_steps.append(StepCheck(s, ws, nobj, nbytes, created, recoverable(eng, plans), tuple(checks)))
+                out_steps.append(
+                    StepCheck(
+                        s, ws, nobj, nbytes, created, recoverable(eng, plans), tuple(checks), unchecked_ranks(plans)
+                    )
+                )
         finally:
             eng.close()
         all_checks = [c for st in out_steps for c in st.replicas]

@@ -53,11 +53,13 @@ from ..errors import CkptMirrorError, ManifestError, ReplicaUnavailableError, St
 from ..format import (
     CommitRecord,
     RankRef,
+    ShareRecord,
     commit_key,
     object_key,
     parse_commit,
     parse_step_dir,
     placement_key,
+    share_key,
     step_dir,
     stored_object_key,
     writer_of,
@@ -223,8 +225,11 @@ class Fanout:
         # Per position: (this rank's index, size) of the group of ranks that write to the same
         # replica there; a replicated (DDP) state's objects are spread over that group only.
         self._share = [(0, 1)] * len(self.replicas)
+        # Per position: the ranks that write to the same replica there (this one's group).
+        self._groups: list[tuple[int, ...]] = [(dist.rank,)] * len(self.replicas)
         if coord is not None:
-            self._retention_owner, self._share = self.elect_retention_owners()
+            self._retention_owner, self._groups = self.elect_retention_owners()
+            self._share = [(g.index(dist.rank), len(g)) for g in self._groups]
 
     def _pool(self, workers: int, name: str) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=lower_priority, initargs=(self.nice,))
@@ -309,6 +314,9 @@ class Fanout:
                     }
                     self._vote(save_key, pos, ref, decide)
                     commit_bytes = self._coord.outcome(save_key, pos)
+                share = share_record(job.step, self._groups[pos], info.world_size, job.replicated, commit_bytes)
+                if share is not None:  # before the commit: verify reads it as soon as the step exists
+                    replica.put(*share)
                 commit_step(
                     replica,
                     enc,
@@ -521,21 +529,19 @@ class Fanout:
         if self.dist.rank == 0:
             self._coord.decide(save_key, pos, decide)
 
-    def elect_retention_owners(self) -> tuple[list[bool], list[tuple[int, int]]]:
+    def elect_retention_owners(self) -> tuple[list[bool], list[tuple[int, ...]]]:
         """Per position: whether this rank prunes it (the lowest rank with the same host and
-        URL), and this rank's share of a replicated state there (:func:`replica_identity`):
-        ``(index, size)`` of the ranks that write to the same replica, in rank order."""
+        URL), and the ranks that write to the same replica there (:func:`replica_identity`),
+        in rank order: this rank's group, which shares a replicated state's objects out and,
+        if it is not the whole world, says in a share record which ranks the replica holds."""
         assert self._coord is not None
         host = self._coord.host
         mine = [[f"{host}|{r.url}", replica_identity(r, host, self.dist.rank)] for r in self.replicas]
         everyone = self._coord.exchange("placement", mine)
         rank, n = self.dist.rank, len(mine)
         owners = [all(everyone[r][pos][0] != mine[pos][0] for r in range(rank)) for pos in range(n)]
-        share = []
-        for pos in range(n):
-            group = [r for r in range(len(everyone)) if everyone[r][pos][1] == mine[pos][1]]
-            share.append((group.index(rank), len(group)))
-        return owners, share
+        groups = [tuple(r for r in range(len(everyone)) if everyone[r][pos][1] == mine[pos][1]) for pos in range(n)]
+        return owners, groups
 
     def _owned_at(self, enc: EncodedStep) -> list[tuple[int, ...]] | None:
         """Per position, the objects of a replicated step this rank writes there (None: not a
@@ -819,6 +825,19 @@ def replica_identity(replica: Replica, host: str, rank: int) -> str:
     if hostname in LOOPBACK_HOSTS:  # an agent (or an S3 endpoint) on each node's own loopback
         return f"{host}|{url}"
     return url  # s3://, peer://, peers://, an fsspec protocol: one store, reached over the network
+
+
+def share_record(
+    step: int, group: Sequence[int], world_size: int, replicated: bool, commit_bytes: bytes
+) -> tuple[str, bytes] | None:
+    """The share record (key, bytes) a rank of ``group`` (the ranks that write to one replica)
+    puts there before the commit record ``commit_bytes`` (:mod:`ckptmirror.format.share`): None
+    where the replica is to hold the whole step (every rank writes there, or the state is
+    replicated). Every rank of the group puts the same bytes."""
+    if replicated or len(group) >= world_size:
+        return None
+    csum = checksum(commit_bytes)
+    return share_key(step, csum), ShareRecord(step, csum, tuple(group)).to_json()
 
 
 def commit_step(
