@@ -428,6 +428,29 @@ def test_a_partial_replica_still_answers_for_the_ranks_it_holds(ring: Ring, tmp_
     assert rep.exit_code == 0 and rep.actions == () and rep.unrecoverable == (), rep
 
 
+def test_prune_of_an_agents_directory_keeps_what_the_agent_held(ring: Ring, tmp_path: Path) -> None:
+    # An operator runs prune on an agent's namespace as a local path: the agent's hidden records
+    # of what the namespace held (its scrubber needs them) and the share records are no garbage.
+    from ckptmirror import ops
+
+    # Both nodes' namespaces together: every rank manifest is found, so the files no commit
+    # names are known (alone, a partial namespace lacks the other rank's manifest to tell).
+    dirs = [tmp_path / f"node{n}" for n in (0, 1)]
+    before: dict[Path, tuple[list[str], list[str]]] = {}
+    for n, d in enumerate(dirs):
+        shutil.copytree(ring.ns_root(n), d)
+        held = sorted(p.relative_to(d).as_posix() for p in d.glob("step-*/.held-*.json"))
+        shares = sorted(p.relative_to(d).as_posix() for p in d.glob("step-*/share-*.json"))
+        assert len(held) == 2 and len(shares) == 2, (held, shares)
+        before[d] = (held, shares)
+    rep = ops.prune([str(d) for d in dirs], keep=5)
+    assert rep.exit_code == 0 and rep.refused is None, rep
+    assert all(r.removed_garbage == () for r in rep.replicas), rep.replicas
+    for d, (held, shares) in before.items():
+        assert sorted(p.relative_to(d).as_posix() for p in d.glob("step-*/.held-*.json")) == held
+        assert sorted(p.relative_to(d).as_posix() for p in d.glob("step-*/share-*.json")) == shares
+
+
 # -------------------------------------------------------------------------- the replaced node
 @pytest.fixture(scope="module")
 def restored(ring: Ring) -> list[dict[str, Any]]:

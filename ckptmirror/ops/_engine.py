@@ -31,6 +31,7 @@ from ..format import (
 )
 from ..placement import is_placement_key
 from ..replicas import Replica
+from ..replicas._scrub import HELD_PREFIX
 from ..restore.check import validate_manifest
 from ..restore.discover import StepListing
 from ..restore.fetch import Fetcher
@@ -453,6 +454,9 @@ def garbage_keys(
         if k not in named
         and not (writer_of(k) in writers and (k.endswith(".zst") or is_placement_key(k)))
         and not is_share_key(k)  # which ranks the replica holds (tiny; one per commit of the step)
+        # A peer agent's own record of what its namespace held at the commit (its scrubber needs
+        # it), seen when the agent's directory is given as a local path.
+        and not k.rsplit("/", 1)[-1].startswith(HELD_PREFIX)
     )
 
 
