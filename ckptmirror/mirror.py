@@ -698,7 +698,11 @@ class Mirror:
         return sorted(list_steps(self.replicas, timeout_s=self.open_timeout_s).committed)
 
     def replica_steps(self) -> dict[str, list[int]]:
-        """Committed steps per replica URL."""
+        """Committed steps per replica URL, ascending.
+
+        A replica that cannot be listed within ``open_timeout_s`` is given as ``[]`` (what it
+        holds is unknown, not nothing) and logged at WARNING with the error; ``ckptmirror ls``
+        and :func:`ckptmirror.ops.ls` report it as unreachable."""
         listing = list_steps(self.replicas, timeout_s=self.open_timeout_s)
         out: dict[str, list[int]] = {r.url: [] for r in self.replicas}
         for s, urls in listing.committed.items():
