@@ -61,15 +61,24 @@ class ReplicaHealth:
         self._thread = threading.Thread(target=self._probe, name="ckptmirror-health", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop the prober (it finishes the ping in progress, bounded by the replica's deadline)."""
+    def stop(self, timeout: float | None = 0.0) -> bool:
+        """Stop the prober: no ping starts after this. Waits up to ``timeout`` seconds (None: no
+        limit) for a ping in progress, which its replica's own deadline bounds; True if the
+        prober thread has ended (or never ran)."""
         self._stop.set()
+        t = self._thread
+        if t is None or t is threading.current_thread():
+            return True
+        t.join(timeout)
+        return not t.is_alive()
 
     def _probe(self) -> None:
         while not self._stop.wait(self.interval_s):
             with self._lock:
                 probe = [r for r in self.replicas if r.url in self._degraded or r.heartbeat]
             for r in probe:
+                if self._stop.is_set():
+                    return  # closing: the replicas are about to be closed under it
                 try:
                     r.ping()
                 except Exception as exc:  # noqa: BLE001 - recorded as degraded

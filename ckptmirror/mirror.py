@@ -68,6 +68,8 @@ from .state.targets import (
 from .state.tree import Flattened, flatten
 
 log = logging.getLogger("ckptmirror")
+#: How long close() waits for a health ping in progress before it closes the replicas.
+_HEALTH_JOIN_S = 2.0
 
 DEFAULT_OBJECT_BYTES = 64 << 20
 
@@ -762,7 +764,7 @@ class Mirror:
                 self.wait()
         finally:
             self._closed = True
-            self._health.stop()
+            self._health.stop()  # no new ping; the one in progress is waited for below
             if self._sigterm is not None:
                 self._sigterm.uninstall()
             self._jobs.put(None)
@@ -774,6 +776,11 @@ class Mirror:
                 self._stager.shutdown(wait=True)
             self._arenas.release_memory()
             self._plan_cache = None
+            # A ping in progress ends within its replica's budget; waiting a little lets the
+            # usual case (an instant ping) end before its replica is closed under it, and a
+            # prober still stuck after that only ever marks a replica of a closed mirror.
+            if not self._health.stop(timeout=_HEALTH_JOIN_S):
+                log.debug("health prober still in a ping at close; it ends within the replica's budget")
             for r in self._owned:
                 r.close()
 

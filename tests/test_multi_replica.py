@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -546,3 +548,44 @@ def test_second_mirror_cannot_recommit_a_step_on_either_replica(local: Path, s3:
     res, got = restore_fresh([s3], SMALL)
     assert res.step == 1
     assert_bit_exact(got, state_of(fill(make_net(**SMALL), 1)))
+
+
+class _SlowPing(LocalReplica):
+    """A local replica whose heartbeat ping takes a while, counting pings that start after close."""
+
+    heartbeat = True
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.closed = False
+        self.in_ping = 0
+        self.after_close = 0
+
+    def ping(self) -> None:
+        if self.closed:
+            self.after_close += 1
+        self.in_ping += 1
+        try:
+            time.sleep(0.3)
+        finally:
+            self.in_ping -= 1
+
+    def close(self) -> None:
+        self.closed = True
+        super().close()
+
+
+def test_close_stops_the_health_prober_before_closing_the_replicas(tmp_path: Path) -> None:
+    slow = _SlowPing(str(tmp_path / "r"))
+    m = Mirror([slow], object_bytes=MiB, health_interval_s=0.01)
+    m.save(1, make_net(**SMALL)).result(timeout=30)
+    deadline = time.monotonic() + 10
+    while not slow.in_ping and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert slow.in_ping, "the prober never pinged"
+    m.close()
+    # The ping in progress was waited for, and none started after: the prober thread is gone.
+    assert not [t for t in threading.enumerate() if t.name.startswith("ckptmirror-health") and t.is_alive()]
+    slow.close()
+    time.sleep(0.1)
+    assert slow.after_close == 0 and slow.in_ping == 0
