@@ -149,7 +149,7 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=4, help="saves (each followed at once by a training step)")
+    ap.add_argument("--rounds", type=int, default=7, help="saves (each followed at once by a training step)")
     ap.add_argument("--repeats", type=int, default=3, help="steady floor copies")
     # A dry run of this script's own logic on the CPU (no streams, no pinned memory): for testing it.
     ap.add_argument("--device", default="cuda:0", help=argparse.SUPPRESS)
@@ -265,6 +265,16 @@ def main() -> int:
     print(
         f"| stall / floor, first / steady | {rows[0]['stall'] / floor:.2f} / {statistics.median(steady) / floor:.2f} |"
     )
+    # Per stream: a save issued on a side stream orders its copies after that stream's queued
+    # work; the two can differ, and one median over both hides which one is slow.
+    for stream in ("default", "side"):
+        mine = [r["stall"] for r in rows[1:] if r["stream"] == stream]
+        if mine:
+            med = statistics.median(mine)
+            print(
+                f"| steady stall on the {stream} stream, median of {len(mine)} (s) / floor "
+                f"| {med:.4f} / {med / floor:.2f} |"
+            )
     print(f"| training step alone, median (s) | {statistics.median(alone):.4f} |")
     print(
         "| training step overlapping a save's write, median (s) "
