@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     resumed = mirror.restore(model, optim)
     start = resumed.step + 1 if resumed else 1
+    os.makedirs(args.ckpt, exist_ok=True)  # the loss log lives there even when no replica does
     log_path = os.path.join(args.ckpt, f"losses-rank{rank}.jsonl")
     with open(log_path, "a", encoding="utf-8") as log:
         if resumed:

@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     resumed = mirror.restore(model, optim)  # reshards if the world size changed
     start = resumed.step + 1 if resumed else 1
+    os.makedirs(args.ckpt, exist_ok=True)  # the loss log lives there even when no replica does
     with open(os.path.join(args.ckpt, f"losses-rank{rank}.jsonl"), "a", encoding="utf-8") as log:
         if resumed:
             log.write(json.dumps({"resumed_from": resumed.step, "world_size": world}) + "\n")

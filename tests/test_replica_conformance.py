@@ -17,6 +17,7 @@ leaves the replica.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -40,6 +41,7 @@ from ckptmirror.errors import (
     ObjectMissingError,
     ReplicaConfigError,
     ReplicaError,
+    ReplicaPermissionError,
     ReplicaUnavailableError,
     StepExistsError,
 )
@@ -468,13 +470,112 @@ def test_s3_throttling_is_retried_with_backoff(s3_url: str) -> None:
     r.put(OBJ, b"data")
     assert r.calls.count("put_object") == 3 and r.get(OBJ, 10) == b"data"
 
+    # Throttling is not counted against `retries`: a server that throttles every other request
+    # still takes every write and read (with six attempts, a 50% SlowDown failed within ~3 s).
+    seen = {"n": 0}
+
+    async def half(method: str, kw: dict[str, Any], send: Any) -> Any:
+        seen["n"] += 1
+        if seen["n"] % 2 or seen["n"] <= 6:  # six in a row first, then every other one
+            raise _client_error("SlowDown", 503)
+        return await send(method, **kw)
+
+    r = _Injecting(s3_url, half, retries=0)
+    r.put(OBJ, b"half")
+    assert r.calls.count("put_object") == 8
+    assert r.get(OBJ, 10) == b"half"
+
+    # Throttled for the whole budget: an outage (the replica is skipped, degraded and probed),
+    # naming the throttling as the last error.
     async def always(method: str, kw: dict[str, Any], send: Any) -> Any:
         raise _client_error("SlowDown", 503)
 
-    r = _Injecting(s3_url, always, retries=2)
-    with pytest.raises(ReplicaError, match="throttled.*after 3 attempts") as ei:
+    r = _Injecting(s3_url, always, retries=2, connect_timeout_s=1.0, timeout_s=None)
+    t0 = time.monotonic()
+    with pytest.raises(ReplicaUnavailableError, match="time budget.*SlowDown"):
         r.put(OBJ, b"data")
-    assert not isinstance(ei.value, ReplicaUnavailableError)
+    assert 0.5 < time.monotonic() - t0 < 5 and r.calls.count("put_object") > 3
+
+
+def test_s3_other_errors_keep_their_retry_limit(s3_url: str) -> None:
+    async def always(method: str, kw: dict[str, Any], send: Any) -> Any:
+        raise _client_error("InternalError", 500)
+
+    r = _Injecting(s3_url, always, retries=2)
+    with pytest.raises(ReplicaError, match="transient server error.*after 3 attempts") as ei:
+        r.put(OBJ, b"data")
+    assert not isinstance(ei.value, ReplicaUnavailableError) and r.calls.count("put_object") == 3
+
+
+def test_s3_answers_without_content_length_are_read_and_checked(s3_url: str) -> None:
+    # A gateway that re-sends GET bodies chunked gives no Content-Length (a bare KeyError before).
+    async def chunked(method: str, kw: dict[str, Any], send: Any) -> Any:
+        resp = await send(method, **kw)
+        if method == "get_object":
+            resp.pop("ContentLength", None)
+        return resp
+
+    r = _Injecting(s3_url, chunked)
+    small, big = _payload(1000), _payload(3 * PART + 17)
+    r.put(OBJ, small)
+    assert r.get(OBJ, 1000) == small
+    with pytest.raises(CorruptObjectError, match="more than the 999 bytes allowed"):
+        r.get(OBJ, 999)
+    out = bytearray(len(small))
+    r.read_into(OBJ, memoryview(out))
+    assert bytes(out) == small
+    r.put(OBJ, big)  # ranged reads
+    out = bytearray(len(big))
+    r.read_into(OBJ, memoryview(out))
+    assert bytes(out) == big
+
+    async def no_head_size(method: str, kw: dict[str, Any], send: Any) -> Any:
+        resp = await send(method, **kw)
+        if method == "head_object":
+            resp.pop("ContentLength", None)
+        return resp
+
+    r = _Injecting(s3_url, no_head_size)
+    with pytest.raises(ReplicaError, match="HEAD answered without a Content-Length") as ei:
+        r.size(OBJ)
+    assert OBJ in str(ei.value)
+
+
+def test_s3_bare_400_on_head_names_the_credentials_and_region(s3_url: str) -> None:
+    async def expired(method: str, kw: dict[str, Any], send: Any) -> Any:
+        raise _client_error("400", 400, "HeadObject")  # what botocore makes of a bodiless 400
+
+    r = _Injecting(s3_url, expired)
+    with pytest.raises(ReplicaPermissionError, match="expired or invalid session token.*AWS_SESSION_TOKEN.*region"):
+        r.size(OBJ)
+
+    async def bad_argument(method: str, kw: dict[str, Any], send: Any) -> Any:
+        raise _client_error("InvalidArgument", 400)  # a 400 with a code of its own: not that
+
+    r = _Injecting(s3_url, bad_argument)
+    with pytest.raises(ReplicaError, match="InvalidArgument") as ei2:
+        r.put(OBJ, b"x")
+    assert not isinstance(ei2.value, ReplicaPermissionError)
+
+
+def test_s3_a_stalled_upload_start_is_cut_at_the_connect_budget(s3_url: str) -> None:
+    # CreateMultipartUpload is one small request: a stalled one is cut after connect_timeout_s and
+    # retried, not left to wait out the budget of the whole (large) object.
+    stalled = {"n": 1}
+
+    async def hook(method: str, kw: dict[str, Any], send: Any) -> Any:
+        if method == "create_multipart_upload" and stalled["n"]:
+            stalled["n"] -= 1
+            await asyncio.sleep(60)
+        return await send(method, **kw)
+
+    r = _Injecting(s3_url, hook, connect_timeout_s=1.0, min_bytes_per_s=1 << 20, timeout_s=None)
+    data = _payload(3 * PART)  # a budget of 1 s + 3 x PART at 1 MiB/s
+    t0 = time.monotonic()
+    r.put(OBJ, data)
+    took = time.monotonic() - t0
+    assert r.calls.count("create_multipart_upload") == 2 and took < 1.0 + 3 * PART / (1 << 20), took
+    assert r.size(OBJ) == len(data)
 
 
 def test_s3_access_denied_names_bucket_and_key(s3_url: str) -> None:

@@ -98,9 +98,11 @@ _TIMED_OUT = Verdict(
     _ENDPOINT_FIX + "; if the link is just slow, raise connect_timeout_s or lower min_bytes_per_s",
 )
 #: Public names for S3Replica's deadline handling: an attempt cut by its own time limit is a
-#: timeout like botocore's, and a missed budget names the endpoint the same way.
+#: timeout like botocore's, and a missed budget names the endpoint the same way; throttling is
+#: retried while the budget lasts, not a fixed number of times.
 TIMED_OUT = _TIMED_OUT
 ENDPOINT_FIX = _ENDPOINT_FIX
+THROTTLED = _THROTTLED
 
 #: A bucket this client has used before and that is gone now (deleted, or a test server
 #: restarted without its data): an outage that recreating the bucket ends, not a mistake in the
@@ -135,6 +137,13 @@ ERRORS: dict[str, Verdict] = {
     "ExpiredToken": _PERMISSION._replace(meaning="permission denied: the session token has expired"),
     "InvalidToken": _PERMISSION._replace(meaning="permission denied: the session token is not valid"),
     "403": _PERMISSION,  # HEAD: a bare 403, whatever the reason
+    # HEAD: a bare 400 (no body, so no code) is what S3 answers to an expired or malformed
+    # session token, or to a request signed for another region than the bucket's.
+    "400": _PERMISSION._replace(
+        meaning="bad request (a bare 400, as S3 answers a HEAD with an expired or invalid session "
+        "token, or one signed for another region than the bucket's)",
+        fix=_CREDENTIALS_FIX + ", and the region (region= in storage_options['s3'] or AWS_DEFAULT_REGION)",
+    ),
     "PreconditionFailed": Verdict(_PreconditionFailed, False, "precondition failed"),
     "412": Verdict(_PreconditionFailed, False, "precondition failed"),
     "NotImplemented": Verdict(_NotSupported, False, "not implemented by the server"),
@@ -167,7 +176,9 @@ def classify(exc: BaseException, *, bucket_seen: bool = False) -> Verdict | None
         if bucket_seen and error_code(exc) == "NoSuchBucket":
             return BUCKET_GONE
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        found = ERRORS.get(str(error_code(exc))) or ERRORS.get(str(status))
+        # By code; by status where the body had none. Not "400" by status: a 400 with a code of
+        # its own (InvalidArgument, BadDigest, ...) is not the bare one of a HEAD (see ERRORS).
+        found = ERRORS.get(str(error_code(exc))) or (ERRORS.get(str(status)) if status != 400 else None)
         if found is None:
             found = Verdict(ReplicaError, isinstance(status, int) and status >= 500, "request failed")
         return found

@@ -54,7 +54,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from functools import partial
 from typing import Any, TypeVar
 
@@ -64,6 +64,7 @@ from fsspec.asyn import sync
 from ..errors import CkptMirrorError, CorruptObjectError, ObjectMissingError, ReplicaError, StepExistsError
 from ._s3_errors import (
     ENDPOINT_FIX,
+    THROTTLED,
     TIMED_OUT,
     Verdict,
     _NotSupported,
@@ -137,6 +138,19 @@ async def _within(aw: Awaitable[T], end: Callable[[], float]) -> T:
 def _byte_view(data: Buffer) -> memoryview:
     view = memoryview(data)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _content_length(head: Mapping[str, Any], url: str, key: str) -> int:
+    """The size a HEAD answer gives; an answer without one is the server's fault, named."""
+    size = head.get("ContentLength")
+    if not isinstance(size, int):
+        raise ReplicaError(
+            "HEAD answered without a Content-Length: the S3 server (or a proxy in front of it) does not "
+            "say how large the object is; fix the server or the proxy",
+            replica=url,
+            key=key,
+        )
+    return size
 
 
 async def _all(aws: Iterable[Awaitable[T]]) -> list[T]:
@@ -330,7 +344,11 @@ class S3Replica(Replica):
                 verdict = found
             last = exc
             delay = min(self.backoff_s * 2 ** (n - 1), 10.0) * random.uniform(0.5, 1.0)
-            if verdict.retry and n <= self.retries:
+            # Throttling asks the client to slow down, not to give up: it is retried while the
+            # budget lasts, with the backoff growing, whatever ``retries`` says (with the six
+            # attempts that bounds other errors, a 50% SlowDown failed saves and restores
+            # after ~3 s of a 30 s budget).
+            if verdict.retry and (n <= self.retries or verdict is THROTTLED):
                 if delay >= dl.remaining():  # no time left for another attempt: the budget is spent
                     raise dl.missed(
                         self.url, where=self._where(key), attempts=n, last=exc, fix=await self._fix()
@@ -384,7 +402,7 @@ class S3Replica(Replica):
     async def _put_multipart(self, key: str, path: str, view: memoryview) -> None:
         size = len(view)
         part = max(self.part_bytes, -(-size // MAX_PARTS))
-        upload_id = (await self._call("create_multipart_upload", key, Key=path))["UploadId"]
+        upload_id = (await self._call("create_multipart_upload", key, attempt_bytes=0, Key=path))["UploadId"]
         try:
             parts = await _all(
                 self._upload_part(key, path, upload_id, i + 1, view[off : off + part])
@@ -404,7 +422,7 @@ class S3Replica(Replica):
             await self._abort(key, path, upload_id)
             raise
         self._next_request()
-        stored = (await self._call("head_object", key, Key=path))["ContentLength"]
+        stored = _content_length(await self._call("head_object", key, attempt_bytes=0, Key=path), self.url, key)
         if stored != size:
             self._next_request()
             await self._call("delete_object", key, Key=path)
@@ -436,7 +454,7 @@ class S3Replica(Replica):
             return
         self._next_request()
         try:
-            await self._call("abort_multipart_upload", key, Key=path, UploadId=upload_id)
+            await self._call("abort_multipart_upload", key, attempt_bytes=0, Key=path, UploadId=upload_id)
         except CkptMirrorError as exc:
             log.warning(
                 "could not abort multipart upload %s of s3://%s/%s (delete_prefix removes it): %s",
@@ -512,22 +530,34 @@ class S3Replica(Replica):
         return self._run("get", key, 0, self._get, key, path, max_bytes)
 
     async def _get(self, key: str, path: str, max_bytes: int) -> bytes:
+        extended = False
+
         async def attempt() -> bytes:
+            nonlocal extended
             resp = await self._send("get_object", Key=path)
             body = resp["Body"]
             try:
-                size = resp["ContentLength"]
-                if size > max_bytes:
+                # A gateway that re-sends the body chunked gives no Content-Length: then read at
+                # most one byte past the limit, and the length read is all there is to check.
+                size = resp.get("ContentLength")
+                if size is not None and size > max_bytes:
                     raise CorruptObjectError(
                         f"object is {size} bytes, more than the {max_bytes} allowed", replica=self.url, key=key
                     )
                 dl = _DEADLINE.get()
-                if dl is not None:
-                    dl.extend(nbytes=size)  # the body's share of the budget, now that its size is known
-                data = await body.read()
+                if dl is not None and size is not None and not extended:
+                    # The body's share of the budget, now that its size is known: once per
+                    # operation, not per attempt (a trickling server would stretch it each time).
+                    dl.extend(nbytes=size)
+                    extended = True
+                data = await (body.read() if size is not None else body.read(max_bytes + 1))
             finally:
                 body.close()
-            if len(data) != size:
+            if size is None and len(data) > max_bytes:
+                raise CorruptObjectError(
+                    f"object is more than the {max_bytes} bytes allowed", replica=self.url, key=key
+                )
+            if size is not None and len(data) != size:
                 raise CorruptObjectError(
                     f"read {len(data)} bytes, Content-Length said {size}", replica=self.url, key=key
                 )
@@ -541,8 +571,8 @@ class S3Replica(Replica):
         self._run("read_into", key, len(view), self._read_into, key, path, view)
 
     async def _read_into(self, key: str, path: str, view: memoryview) -> None:
-        head = await self._call("head_object", key, Key=path)
-        size = head["ContentLength"]
+        head = await self._call("head_object", key, attempt_bytes=0, Key=path)
+        size = _content_length(head, self.url, key)
         if size != len(view):
             raise CorruptObjectError(f"size is {size} bytes, manifest says {len(view)}", replica=self.url, key=key)
         ranged = size > self.part_bytes
@@ -564,19 +594,25 @@ class S3Replica(Replica):
             resp = await self._send("get_object", Key=path, **kw)
             body = resp["Body"]
             try:
-                if resp["ContentLength"] != end - start:
+                length = resp.get("ContentLength")  # None: a chunked answer; the bytes read are checked
+                if length is not None and length != end - start:
                     raise CorruptObjectError(
-                        f"asked for bytes {start}-{end - 1}, got {resp['ContentLength']} bytes",
+                        f"asked for bytes {start}-{end - 1}, got {length} bytes",
                         replica=self.url,
                         key=key,
                     )
                 pos = start
                 while pos < end and (n := await body.readinto(view[pos:end])):
                     pos += n
+                more = b"" if length is not None or pos != end else await body.read(1)
             finally:
                 body.close()
             if pos != end:
                 raise CorruptObjectError(f"object ended at byte {pos}, expected {end}", replica=self.url, key=key)
+            if more:
+                raise CorruptObjectError(
+                    f"answer longer than the {end - start} bytes asked for", replica=self.url, key=key
+                )
 
         async with self._slots:
             await self._retry("get_object", key, attempt, attempt_bytes=end - start if ranged else None)
@@ -584,7 +620,8 @@ class S3Replica(Replica):
     def size(self, key: str) -> int | None:
         path = self._path(key)
         try:
-            return int(self._run("size", key, 0, self._call, "head_object", key, Key=path)["ContentLength"])
+            head = self._run("size", key, 0, self._call, "head_object", key, attempt_bytes=0, Key=path)
+            return _content_length(head, self.url, key)
         except ObjectMissingError:
             return None
 
