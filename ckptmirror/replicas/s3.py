@@ -181,8 +181,9 @@ class S3Replica(Replica):
             seconds more. Default 1 MiB/s. A missed budget raises ReplicaUnavailableError.
         timeout_s: (older option, still accepted) an extra limit on each request attempt, inside
             the budget; None (default): the budget alone.
-        retries: at most this many retries after the first attempt (throttling, 5xx, network
-            errors), and only while the operation's budget lasts.
+        retries: at most this many retries after the first attempt (5xx, network errors), and
+            only while the operation's budget lasts. Throttling (SlowDown, 503, 429) is retried
+            while the budget lasts whatever this says; throttled throughout, it is an outage.
         s3fs_options: passed to :class:`s3fs.S3FileSystem` (e.g. ``profile``, ``config_kwargs``).
 
     Example::
