@@ -302,3 +302,32 @@ def test_a_disk_read_error_is_damage_not_an_outage(tmp_path: Path) -> None:
         m.restore(dst)
     assert "ckptmirror verify" in str(exc.value), str(exc.value)
     assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())
+
+
+# ------------------------------------------- 4. verify and repair: an outage is not damage
+@pytest.mark.parametrize("how", ["stopped", "silent"])
+def test_verify_of_a_replica_that_stops_answering_is_an_outage_in_one_budget(
+    tmp_path: Path, peer: Peer, how: str
+) -> None:
+    # Before: every object of the stopped peer cost a time budget (191 s for 64 objects of an
+    # S3 replica behind a stalled proxy) and was reported as damage, the steps "NOT RECOVERABLE"
+    # (exit 1), which invites an operator to delete good checkpoints.
+    from ckptmirror import ops
+    from ckptmirror.cli.render import _verify_lines
+
+    local = str(tmp_path / "local")
+    save_steps([local, peer.replica()], (1, 2))
+    report, took = timed(
+        lambda: ops.verify([LocalReplica(local), peer.at_first_object_read(peer.replica(), how)], threads=4)
+    )
+    assert took < 6 * BUDGET_S, took  # before: 2 steps x 33 objects x a budget / 4 threads
+    assert report.damage == () and report.status == "unreachable" and report.exit_code == 2, report.damage
+    assert list(report.unavailable) == [peer.url] and all(s.recoverable for s in report.steps)
+    text = "\n".join(_verify_lines(report))
+    assert "UNAVAILABLE (1 replica(s))" in text and "INCOMPLETE" in text, text
+    assert "NOT RECOVERABLE" not in text and "DAMAGE" not in text, text
+
+    # repair writes nothing to it and says why (exit 2, as for an unreachable replica).
+    peer.broken = ""
+    rep = ops.repair([LocalReplica(local), peer.at_first_object_read(peer.replica(), how)], dry_run=True)
+    assert rep.exit_code == 2 and not [a for a in rep.actions if a.replica == peer.url], rep.actions

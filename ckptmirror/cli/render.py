@@ -217,7 +217,17 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
             f"{_size(s.bytes)}, saved {_when(s.created_unix)} ({_age(s.created_unix)} ago)"
         )
         lines.append("")
-        lines.append(head + ("" if s.recoverable else "  -- NOT RECOVERABLE from these replicas"))
+        stopped = any(p.kind == "unavailable" for rc in s.replicas for p in rc.problems)
+        lines.append(
+            head
+            + (
+                ""
+                if s.recoverable
+                else "  -- NOT VERIFIED: a replica stopped answering (see UNAVAILABLE)"
+                if stopped
+                else "  -- NOT RECOVERABLE from these replicas"
+            )
+        )
         rows: list[list[Any]] = []
         for rc in s.replicas:
             label = f"{tags[rc.replica]} {rc.replica}"
@@ -229,7 +239,10 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
                 if not rk.held:
                     rows.append([label, rk.rank, "-", "-", "-", "not held here (partial replica)"])
                     continue
-                status = ("ok" if rk.ok else "BAD") + (", ANOTHER CHECKPOINT" if differs else "")
+                outage = not rk.ok and all(p.kind == "unavailable" for p in rk.problems)
+                status = ("ok" if rk.ok else "UNAVAILABLE" if outage else "BAD") + (
+                    ", ANOTHER CHECKPOINT" if differs else ""
+                )
                 rows.append([label, rk.rank, f"{rk.verified}/{rk.objects}", _size(rk.bytes), _how(rk), status])
         lines += _table(["REPLICA", "RANK", "OBJECTS OK", "BYTES", "CHECKED BY", "STATUS"], rows, "  ")
         if s.unchecked_ranks:
@@ -253,6 +266,18 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
         lines.append("")
         lines.append(f"DAMAGE ({len(damage)}): objects or records that are missing or wrong:")
         lines += [f"  {p}" for p in damage]
+    unavailable = res.unavailable
+    if unavailable:
+        lines.append("")
+        lines.append(
+            f"UNAVAILABLE ({len(unavailable)} replica(s)): not damage: they stopped answering during the check "
+            "(no answer within the time budget, refused, or throttled throughout), so what they hold was not "
+            "checked; run verify again once they answer:"
+        )
+        lines += [
+            f"  {tags[u]} {u}: {len(ps)} item(s) not checked; first: {ps[0].key}: {ps[0].detail}"
+            for u, ps in unavailable.items()
+        ]
     if lagging:
         lines.append("")
         lines.append(
@@ -297,10 +322,17 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
         summary = ", ".join(f"{c} {k}" for k, c in sorted(kinds.items()))
         if lagging:
             summary = f"damage: {summary or 'none'}; {len(lagging)} lagging"
-        if problems:
-            msg = f"FAILED: {len(problems)} problem(s) ({summary}) in {n} step(s) ({mode})"
+        if damage or lagging:
+            msg = f"FAILED: {len(damage) + len(lagging)} problem(s) ({summary}) in {n} step(s) ({mode})"
             if res.unreachable:
                 msg += f"; {len(res.unreachable)} replica(s) unreachable"
+            if unavailable:
+                msg += f"; {len(unavailable)} replica(s) stopped answering (not checked)"
+        elif unavailable:
+            msg = (
+                f"INCOMPLETE: {len(unavailable) + len(res.unreachable)} replica(s) unreachable or stopped "
+                f"answering, no damage found; {n} step(s) checked on the others ({mode})"
+            )
         elif res.unreachable:
             msg = (
                 f"INCOMPLETE: {len(res.unreachable)} replica(s) unreachable; "
@@ -310,7 +342,7 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
             lost = [s.step for s in res.steps if not s.recoverable]
             msg = f"FAILED: step(s) {', '.join(map(str, lost))} not recoverable from these replicas ({mode})"
         disagree = sorted({p.step for p in damage if p.kind == "disagree"})
-        fixable = [p for p in problems if p.kind != "disagree"]
+        fixable = [p for p in problems if p.kind not in ("disagree", "unavailable")]
         if fixable and all(s.recoverable for s in res.steps) and len(res.replicas) > 1:
             msg += "; 'ckptmirror repair' can fix them from the good copies"
         if disagree:

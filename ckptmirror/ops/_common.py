@@ -107,6 +107,8 @@ class Problem:
     ``kind`` is one of ``missing``, ``truncated`` (shorter than recorded, zero length included),
     ``wrong-size`` (longer), ``corrupt`` (checksum mismatch), ``invalid`` (a commit or manifest
     that does not parse or validate), ``unreadable`` (the backend failed to read it),
+    ``unavailable`` (the replica stopped answering during the run: an outage, not damage; what it
+    holds was not checked),
     ``lagging`` (the step is committed on another replica but not on this one),
     ``disagree`` (this replica's commit record of the step differs from the one a restore reads:
     another checkpoint under the same step number) and ``unrecoverable`` (no replica holds a

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..checksum import checksum
-from ..errors import CorruptObjectError, ManifestError, ObjectMissingError, ReplicaError
+from ..errors import CorruptObjectError, ManifestError, ObjectMissingError, ReplicaError, ReplicaUnavailableError
 from ..format import (
     MAX_MANIFEST_BYTES,
     MAX_SHARE_BYTES,
@@ -102,26 +102,57 @@ class Engine:
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="ckptmirror-verify")
         # One reader over all replicas (its per-thread buffer serves every object read), and
         # one per replica for commits and manifests, so a replica is never judged by another's copy.
-        self.shared = Fetcher(self.replicas, self.pool)
-        self.single = {r.url: Fetcher([r], self.pool) for r in self.replicas}
+        # skip_unavailable: a replica that stopped answering is not asked again by that reader
+        # (each ask would cost a time budget); its reads fail at once as unavailable.
+        self.shared = Fetcher(self.replicas, self.pool, skip_unavailable=True)
+        self.single = {r.url: Fetcher([r], self.pool, skip_unavailable=True) for r in self.replicas}
         self.good: set[tuple[str, str, str]] = set()  # (replica url, key, checksum) that verified
         self.checked: set[tuple[str, str, str]] = set()  # ... that were checked
         self._lock = threading.Lock()
         self._manifests: dict[tuple[str, str], RankManifest | None] = {}
         self._invalid: dict[tuple[str, str], str | None] = {}
         self._shares: dict[tuple[str, int], ShareRecord | None] = {}
+        #: replica URL -> the outage that stopped it answering in this run: what it holds is not
+        #: asked again (each ask would cost its time budget) and is reported ``unavailable``
+        self.down: dict[str, str] = {}
 
     def close(self) -> None:
         """Wait for the object reads in flight and stop the thread pool."""
         self.pool.shutdown(wait=True)
 
+    # -- replicas that stop answering -------------------------------------------------------
+    def unavailable(self, r: Replica, step: int, key: str, rank: int | None = None) -> Problem | None:
+        """The ``unavailable`` problem standing for ``key`` if ``r`` stopped answering earlier in
+        this run (then nothing is asked of it), else None."""
+        why = self.down.get(r.url)
+        if why is None:
+            return None
+        return Problem(step, r.url, key, "unavailable", f"not checked: the replica stopped answering ({why})", rank)
+
+    def _outage(self, r: Replica, step: int, key: str, exc: BaseException, rank: int | None) -> Problem | None:
+        """If ``exc`` is an outage (no answer within the time budget, refused, throttled
+        throughout), note ``r`` as down for the rest of the run and return its ``unavailable``
+        problem: what ``r`` holds is unknown, which is not damage. Else None."""
+        if not isinstance(exc, ReplicaUnavailableError):
+            return None
+        text = strip_where(str(exc), r.url, key)
+        with self._lock:
+            self.down.setdefault(r.url, text if len(text) <= 300 else text[:297] + "...")
+        return Problem(step, r.url, key, "unavailable", text, rank)
+
     # -- commits and manifests ------------------------------------------------------------
     def commit_on(self, r: Replica, step: int) -> tuple[CommitRecord | None, Problem | None]:
         """``r``'s own commit record of ``step``, parsed by the reader, or what is wrong with it."""
         key = commit_key(step)
+        down = self.unavailable(r, step, key)
+        if down is not None:
+            return None, down
         try:
             return self.single[r.url].read_commit(step), None
         except FAILURES as exc:
+            outage = self._outage(r, step, key, exc, None)
+            if outage is not None:
+                return None, outage
             kind = (
                 "missing"
                 if isinstance(exc, ObjectMissingError)
@@ -152,6 +183,9 @@ class Engine:
         object (``obj``, its record), the size looked at is that of what ``r`` stores for it,
         by its placement record: compressed (``.zst``), or an earlier step's object (incremental).
         """
+        outage = self._outage(r, step, key, exc, rank) or self.unavailable(r, step, key, rank)
+        if outage is not None:
+            return outage
         stored_key, stored_size = key, size
         if obj is not None:
             try:
@@ -163,6 +197,9 @@ class Engine:
         try:
             got = r.size(stored_key)
         except FAILURES as e2:
+            outage = self._outage(r, step, key, e2, rank)
+            if outage is not None:
+                return outage
             return Problem(step, r.url, key, "unreadable", strip_where(str(e2), r.url, key) + as_, rank)
         if got is None:
             return Problem(step, r.url, key, "missing", "not found" + as_, rank)
@@ -200,6 +237,8 @@ class Engine:
         holds: :mod:`ckptmirror.format.share`), cached; None if it has none that is about that
         record (then ``r`` must hold every rank)."""
         k = (r.url, step)
+        if r.url in self.down:
+            return None
         if k not in self._shares:
             share = None
             try:
@@ -253,6 +292,10 @@ class Engine:
         r, obj = job.replica, job.obj
         with self._lock:
             self.checked.add((r.url, obj.key, obj.checksum))
+        down = self.unavailable(r, job.step, obj.key, job.rank)
+        if down is not None:
+            job.problem = down
+            return
         reader = self.single[r.url]
         try:
             # Presence and size: exactly the reader's preflight, for this one object.
@@ -338,7 +381,8 @@ def plan_problems(plan: ReplicaPlan) -> list[Problem]:
         out.append(plan.commit_problem)
     for rp in plan.ranks:
         out.extend(rp.problems())  # a rank without a manifest has no object jobs
-        if rp.manifest is None and rp.held:
+        outage = rp.manifest_problem is not None and rp.manifest_problem.kind == "unavailable"
+        if rp.manifest is None and rp.held and not outage:  # an outage says so already
             out.append(
                 Problem(
                     plan.step,

@@ -50,8 +50,9 @@ class RepairReport:
 
     @property
     def exit_code(self) -> int:
-        """0: nothing left to repair (or, in a dry run, everything repairable); 1: not; 2: unreachable."""
-        if self.unreachable:
+        """0: nothing left to repair (or, in a dry run, everything repairable); 1: not; 2: a replica
+        unreachable, or it stopped answering during the run (what it holds is unknown)."""
+        if self.unreachable or any(p.kind == "unavailable" for p in self.unrecoverable):
             return 2
         if self.unrecoverable or any(a.error for a in self.actions):
             return 1
@@ -118,6 +119,9 @@ def _needs(plan: ReplicaPlan, eng: Engine) -> tuple[list[_Copy], list[_Copy], li
             continue  # another node's rank on a partial replica: it never belonged here
         if rp.invalid is not None:
             blocked.append(rp.invalid)
+        if rp.manifest_problem is not None and rp.manifest_problem.kind == "unavailable":
+            blocked.append(rp.manifest_problem)  # stopped answering: nothing is written to it
+            continue
         if rp.manifest is None:
             blocked.append(
                 Problem(
@@ -138,8 +142,9 @@ def _needs(plan: ReplicaPlan, eng: Engine) -> tuple[list[_Copy], list[_Copy], li
         for j in rp.jobs:
             if j.problem is None:
                 continue
-            if j.problem.kind == "unreadable":
-                # The backend failed to read it: the object may be fine; never overwrite it blindly.
+            if j.problem.kind in ("unreadable", "unavailable"):
+                # The backend failed to read it, or stopped answering: the object may be fine;
+                # never overwrite it blindly.
                 blocked.append(j.problem)
             elif eng.sources(j.obj.key, j.obj.checksum, r):
                 copies.append((j.obj.key, j.obj.size, j.obj.checksum, _reason(j.problem)))
@@ -205,7 +210,7 @@ def repair(
                 for i, plan in enumerate(originals):
                     if plan.commit is not None:
                         continue
-                    if plan.commit_problem is not None and plan.commit_problem.kind == "unreadable":
+                    if plan.commit_problem is not None and plan.commit_problem.kind in ("unreadable", "unavailable"):
                         unrecoverable.append(plan.commit_problem)
                         continue
                     source = next((p for p in originals if p.commit is not None and recoverable(eng, [p])), None)

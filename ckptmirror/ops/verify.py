@@ -156,8 +156,19 @@ class VerifyReport:
 
     @property
     def damage(self) -> tuple[Problem, ...]:
-        """The problems that are damage: every kind but ``lagging``."""
-        return tuple(p for p in self.problems if p.kind != "lagging")
+        """The problems that are damage: every kind but ``lagging`` and ``unavailable``."""
+        return tuple(p for p in self.problems if p.kind not in ("lagging", "unavailable"))
+
+    @property
+    def unavailable(self) -> dict[str, tuple[Problem, ...]]:
+        """Replica -> its ``unavailable`` problems: it stopped answering during the check (no
+        answer within its time budget, refused, throttled throughout), so what it holds there
+        was not checked. An outage, not damage: the exit status is 2, as for ``unreachable``."""
+        out: dict[str, list[Problem]] = {}
+        for p in self.problems:
+            if p.kind == "unavailable":
+                out.setdefault(p.replica, []).append(p)
+        return {u: tuple(v) for u, v in out.items()}
 
     @property
     def lagging(self) -> dict[str, tuple[int, ...]]:
@@ -171,8 +182,9 @@ class VerifyReport:
     @property
     def status(self) -> str:
         """``ok``; ``lagging`` (no damage, some replica behind); ``damaged``; ``unreachable``
-        (a replica could not be listed: what it holds is unknown, whatever the others show)."""
-        if self.unreachable:
+        (a replica could not be listed, or stopped answering during the check: what it holds is
+        unknown, whatever the others show)."""
+        if self.unreachable or self.unavailable:
             return "unreachable"
         if self.damage or not all(s.recoverable for s in self.steps):
             return "damaged"
@@ -197,6 +209,7 @@ class VerifyReport:
         d["problems"] = [p.to_dict() for p in self.problems]
         d["damage"] = [p.to_dict() for p in self.damage]
         d["lagging"] = {u: list(v) for u, v in self.lagging.items()}
+        d["unavailable"] = {u: len(v) for u, v in self.unavailable.items()}
         d["status"] = self.status
         d["exit_code"] = self.exit_code
         d["torn"] = {k: list(v) for k, v in self.torn.items()}
