@@ -11,6 +11,10 @@ Modes (one JSON line on stdout at the end, for the test to read):
   ``resume --from-checkpoint DIR`` is HF's own resume from one of them.
 
 ``--cuda`` trains on the GPU in fp16 (a grad scaler) with HF's ``full_determinism``.
+``--eval-steps N`` evaluates every N steps on a small eval set (the eval DataLoader draws from the
+torch RNG), tracks ``best_metric`` (eval_loss) and adds an ``EarlyStoppingCallback`` (a stateful
+callback, after the MirrorCallback in the list; its counter moves at every evaluation) that never
+stops this short run.
 
 The model has dropout and the data is shuffled, so a resume is bit-exact only if the RNG states,
 the data position and the optimizer/scheduler states all come back.
@@ -27,7 +31,14 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    EarlyStoppingCallback,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from ckptmirror.integrations.transformers import MirrorCallback, materialize
 
@@ -70,7 +81,10 @@ def make_trainer(
     layers: int = 1,
     samples: int = SAMPLES,
     cuda: bool = False,
+    eval_steps: int = 0,
+    logging_steps: int = 5,
 ) -> Trainer:
+    evaluating = eval_steps > 0
     args = TrainingArguments(
         output_dir=out,
         per_device_train_batch_size=4,
@@ -80,7 +94,12 @@ def make_trainer(
         lr_scheduler_type="linear",
         save_strategy=save_strategy,
         save_steps=save_steps,
-        logging_steps=5,
+        logging_steps=logging_steps,
+        eval_strategy="steps" if evaluating else "no",
+        eval_steps=eval_steps or None,
+        per_device_eval_batch_size=4,
+        metric_for_best_model="eval_loss" if evaluating else None,
+        greater_is_better=False if evaluating else None,
         report_to=[],
         use_cpu=not cuda,
         # On a GPU: fp16 with a grad scaler (saved and restored too), deterministic kernels.
@@ -90,8 +109,15 @@ def make_trainer(
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    if evaluating:
+        # No eval loss improves by 1.0 here: its counter counts the evaluations after the first.
+        callbacks = [*callbacks, EarlyStoppingCallback(early_stopping_patience=1000, early_stopping_threshold=1.0)]
     return Trainer(
-        model=build_model(width, layers, cuda), args=args, train_dataset=Tokens(samples), callbacks=callbacks
+        model=build_model(width, layers, cuda),
+        args=args,
+        train_dataset=Tokens(samples),
+        eval_dataset=Tokens(6) if evaluating else None,
+        callbacks=callbacks,
     )
 
 
@@ -130,10 +156,19 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--samples", type=int, default=SAMPLES)
     p.add_argument("--cuda", action="store_true", help="train on the GPU, fp16 (grad scaler), deterministic")
+    p.add_argument("--eval-steps", type=int, default=0, help="evaluate every N steps (0: no evaluation)")
+    p.add_argument("--logging-steps", type=int, default=5)
     p.add_argument("--from-checkpoint", default="", help="resume: HF's own resume from this directory")
     a = p.parse_args()
     replicas = [r for r in a.replicas.split(",") if r]
-    size = {"width": a.width, "layers": a.layers, "samples": a.samples, "cuda": a.cuda}
+    size = {
+        "width": a.width,
+        "layers": a.layers,
+        "samples": a.samples,
+        "cuda": a.cuda,
+        "eval_steps": a.eval_steps,
+        "logging_steps": a.logging_steps,
+    }
     report: dict[str, Any] = {}
     t0 = time.perf_counter()
     if a.mode == "crash":
@@ -155,6 +190,8 @@ def main() -> None:
         trainer.train(resume_from_checkpoint=path)
         final_weights(trainer, a.weights)
         report["stall_s"] = cb.last_handle.stall_s if cb.last_handle else None
+        # MirrorCallback wraps Trainer._maybe_log_save_evaluate during train() only.
+        report["still_wrapped"] = "_maybe_log_save_evaluate" in vars(trainer)
     elif a.mode == "reference":
         trainer = make_trainer(a.out, a.max_steps, [], **size)
         trainer.train()

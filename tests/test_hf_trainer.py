@@ -284,3 +284,69 @@ def test_importing_ckptmirror_imports_no_framework() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------------- evaluation on a save step
+def _timeless(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``log_history`` without the wall-clock entries (runtime, throughput) that differ run to run."""
+    return [{k: v for k, v in e.items() if not k.endswith(("_runtime", "_per_second"))} for e in history]
+
+
+def test_resume_is_bit_exact_when_evaluation_runs_on_a_save_step(
+    tmp_path: Path, child: Callable[..., Forked | subprocess.Popen[str]]
+) -> None:
+    """eval_steps == save_steps == logging_steps: after ``on_step_end`` HF logs the step and
+    evaluates (the eval DataLoader's iterator draws from the torch RNG; log_history, best_metric
+    and EarlyStoppingCallback change), then writes its own checkpoint. A snapshot taken at
+    ``on_step_end`` resumes with another torch RNG state and without that step's evaluation: the
+    resumed run then drifts from the uninterrupted one. MirrorCallback saves where HF would."""
+    ra, run, ref = tmp_path / "replica", tmp_path / "run", tmp_path / "ref"
+    ev = ["--eval-steps", "4", "--logging-steps", "4"]
+    crash = child("crash", "--replicas", str(ra), "--out", str(run), "--crash-at", "10", *ev)
+    native = child("native", "--out", str(ref), "--weights", str(tmp_path / "ref.safetensors"), *ev)
+    assert finish(crash, rc=17) == {"crashed_at": 10}
+    assert finish(native)["global_step"] == 15
+    with ckptmirror.Mirror([str(ra)], distributed=False) as m:
+        assert m.steps() == [4, 8]  # one save per save step, evaluation or not
+
+    res = finish(child("resume", "--replicas", str(ra), "--out", str(run),
+                       "--weights", str(tmp_path / "resumed.safetensors"), *ev))  # fmt: skip
+    assert res["resumed_from"] == str(run / "checkpoint-8")
+    assert res["still_wrapped"] is False
+
+    # The materialized checkpoint-8 holds what HF's own checkpoint-8 holds: the RNG state after
+    # the step's evaluation, and a trainer state with that evaluation in it.
+    ours, hf = run / "checkpoint-8", ref / "checkpoint-8"
+    from transformers.trainer_pt_utils import safe_globals
+
+    with safe_globals():
+        assert_bit_exact(
+            torch.load(ours / "rng_state.pth", weights_only=True),
+            torch.load(hf / "rng_state.pth", weights_only=True),
+            "rng_state.pth",
+        )
+    a, b = json.loads((ours / "trainer_state.json").read_text()), json.loads((hf / "trainer_state.json").read_text())
+    for d in (a, b):
+        d["log_history"] = _timeless(d["log_history"])
+    hf_eval = [e for e in b["log_history"] if e["step"] == 8 and "eval_loss" in e]
+    assert len(hf_eval) == 1, b["log_history"]
+    assert [e for e in a["log_history"] if e["step"] == 8 and "eval_loss" in e] == hf_eval
+    assert any(e["step"] == 8 and "loss" in e for e in a["log_history"])  # the step's loss log too
+    assert a["best_metric"] is not None
+    # EarlyStoppingCallback (after MirrorCallback in the list) has counted step 8's evaluation.
+    counter = a["stateful_callbacks"]["EarlyStoppingCallback"]["attributes"]["early_stopping_patience_counter"]
+    assert counter == 1
+    # Differences by design: HF's own saving (save_strategy="steps") also records which of its
+    # checkpoints is the best; with save_strategy="no" neither run has one. See the first test
+    # for save_steps and should_save.
+    for d in (a, b):
+        d.pop("save_steps")
+        d["stateful_callbacks"]["TrainerControl"]["args"].pop("should_save")
+    assert (b.pop("best_global_step"), b.pop("best_model_checkpoint")) == (8, str(hf))
+    assert (a.pop("best_global_step"), a.pop("best_model_checkpoint")) == (None, None)
+    assert a == b
+
+    assert_bit_exact(load_weights(tmp_path / "resumed.safetensors"), load_weights(tmp_path / "ref.safetensors"), "w")
+    # Steps 12 and 15 (the last, evaluated at the end) saved once each.
+    with ckptmirror.Mirror([str(ra)], distributed=False) as m:
+        assert m.steps() == [4, 8, 12, 15]

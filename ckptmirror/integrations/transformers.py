@@ -11,13 +11,23 @@ The two lines a user adds::
 
 How it works:
 
-- :class:`MirrorCallback` saves from ``on_step_end`` every ``save_steps`` optimizer steps (and at
-  the last step, as HF does): the model, the optimizer, the LR scheduler, the grad scaler if
-  any, the RNG states (python, numpy, torch CPU and accelerator) and the ``TrainerState`` as
-  JSON. ``save()`` returns after one copy into staging memory; hashing and writing to every
-  replica happen in the background. HF's own ``on_save`` fires only after HF wrote its files,
-  so a callback there would save no time: the callback replaces HF's saving
-  (``save_strategy="no"``) instead of doubling it.
+- :class:`MirrorCallback` saves every ``save_steps`` optimizer steps (and at the last step, as
+  HF does): the model, the optimizer, the LR scheduler, the grad scaler if any, the RNG states
+  (python, numpy, torch CPU and accelerator) and the ``TrainerState`` as JSON. ``save()``
+  returns after one copy into staging memory; hashing and writing to every replica happen in
+  the background. HF's own ``on_save`` fires only after HF wrote its files (and not at all with
+  ``save_strategy="no"``), so a callback there would save no time: the callback replaces HF's
+  saving (``save_strategy="no"``) instead of doubling it.
+- The snapshot is taken where HF's own ``_save_checkpoint`` would take it: ``on_step_end``
+  marks the step, and the save runs when ``Trainer._maybe_log_save_evaluate`` returns for that
+  step (the callback wraps that method on the Trainer instance from ``on_train_begin`` to
+  ``on_train_end``), after the step's logging and evaluation. Evaluation draws from the torch
+  RNG (the eval DataLoader's iterator takes a seed) and updates ``log_history``,
+  ``best_metric`` and stateful callbacks such as ``EarlyStoppingCallback``, some of it after
+  every ``on_evaluate`` callback has run: a snapshot taken earlier would resume with another
+  RNG state than HF's own resume, and without that step's evaluation. Where the Trainer is
+  not found (or has no such method) the callback saves at ``on_step_end`` instead, with a
+  WARNING.
 - :func:`materialize` loads the newest step that verifies on any replica (falling back object
   by object to another replica, and step by step to older steps) and writes it back out as
   ``output_dir/checkpoint-N`` in the Trainer's own layout. ``trainer.train(resume_from_checkpoint=
@@ -54,13 +64,16 @@ does not read it on resume.
 
 Scope: one training process (``args.world_size == 1``), without DeepSpeed or FSDP (their
 checkpoints are sharded files of their own); the callback raises ``NotImplementedError`` at
-``on_train_begin`` otherwise. The saved ``TrainerState`` is the one at ``on_step_end``: the
-loss logged at that same step (HF logs after ``on_step_end``) is not in its ``log_history``.
+``on_train_begin`` otherwise. The saved ``TrainerState`` is the one HF would save at that
+step: its ``log_history`` holds that step's loss log and evaluation. ``best_global_step`` and
+``best_model_checkpoint`` stay unset, as in any run with ``save_strategy="no"`` (HF sets them
+only for checkpoints it writes itself).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -68,7 +81,7 @@ import random
 import shutil
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
@@ -130,6 +143,10 @@ class MirrorCallback(TrainerCallback):  # type: ignore[misc,unused-ignore]  # An
         self.last_handle: SaveHandle | None = None
         self._trainer: Any = None
         self._preexisting: set[int] = set()
+        #: The step marked at ``on_step_end``, saved when HF's ``_maybe_log_save_evaluate`` returns.
+        self._pending: int | None = None
+        #: Whether ``_maybe_log_save_evaluate`` is wrapped (else: save at ``on_step_end``).
+        self._hooked = False
 
     # ------------------------------------------------------------------------ events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -142,17 +159,85 @@ class MirrorCallback(TrainerCallback):  # type: ignore[misc,unused-ignore]  # An
                 str(getattr(args.save_strategy, "value", args.save_strategy)),
             )
         self._trainer = trainer
+        self._pending = None
         if self.mirror is None:
             self.mirror = Mirror(self.replicas, distributed=False, **self.mirror_options)
             self._preexisting = set(self.mirror.steps())
+        self._hooked = self._hook(trainer)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step = int(state.global_step)
         if step % self.save_steps == 0 or (state.max_steps and step >= state.max_steps):
-            self.save(state, control, kwargs.get("model"), kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
+            if self._hooked:
+                # HF logs, evaluates (RNG draws, log_history, best_metric, EarlyStopping) and
+                # saves its own checkpoint after on_step_end: save where it would.
+                self._pending = step
+            else:
+                self.save(state, control, kwargs.get("model"), kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
+
+    # A marked step still unsaved here means that _maybe_log_save_evaluate did not run after
+    # on_step_end (a Trainer subclass with a loop of its own): save it late rather than never.
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._save_pending(late=True)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._save_pending(late=True)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.close()
+        try:
+            self._save_pending(late=True)
+        finally:
+            self.close()
+
+    # ------------------------------------------------------------------ save point
+    def _hook(self, trainer: Any) -> bool:
+        """Wrap ``trainer._maybe_log_save_evaluate`` (on the instance) to save the marked step
+        when it returns: HF's own save point, after the step's logging and evaluation."""
+        if trainer is None:
+            return False
+        inner = getattr(trainer, "_maybe_log_save_evaluate", None)
+        if not callable(inner):
+            log.warning(
+                "MirrorCallback: %s has no _maybe_log_save_evaluate; saving at on_step_end, before the step's "
+                "logging and evaluation (a resume may not be bit-exact when evaluation runs on a save step)",
+                type(trainer).__name__,
+            )
+            return False
+        if getattr(inner, "_ckptmirror_callback", None) is self:
+            return True  # still in place: an earlier train() raised before on_train_end
+
+        @functools.wraps(inner)
+        def maybe_log_save_evaluate_then_mirror(*args: Any, **kwargs: Any) -> Any:
+            out = inner(*args, **kwargs)
+            self._save_pending()
+            return out
+
+        maybe_log_save_evaluate_then_mirror._ckptmirror_callback = self  # type: ignore[attr-defined]
+        trainer._maybe_log_save_evaluate = maybe_log_save_evaluate_then_mirror
+        return True
+
+    def _unhook(self, trainer: Any) -> None:
+        wrapper: Callable[..., Any] | None = vars(trainer).get("_maybe_log_save_evaluate") if trainer else None
+        if wrapper is not None and getattr(wrapper, "_ckptmirror_callback", None) is self:
+            del trainer._maybe_log_save_evaluate  # the class's method again
+        self._hooked = False
+
+    def _save_pending(self, late: bool = False) -> None:
+        step, self._pending = self._pending, None
+        trainer = self._trainer
+        if step is None or trainer is None:
+            return
+        if late:
+            log.warning(
+                "MirrorCallback: Trainer._maybe_log_save_evaluate did not run after step %d; saving it now", step
+            )
+        state = trainer.state
+        if int(state.global_step) != step:
+            raise RuntimeError(
+                f"MirrorCallback: step {step} was to be saved, but the Trainer is at {state.global_step}"
+            )
+        handler = trainer.callback_handler
+        self.save(state, trainer.control, handler.model, handler.optimizer, handler.lr_scheduler)
 
     # ----------------------------------------------------------------------- saving
     def save(self, state: Any, control: Any, model: Any, optimizer: Any, lr_scheduler: Any) -> SaveHandle:
@@ -160,7 +245,7 @@ class MirrorCallback(TrainerCallback):  # type: ignore[misc,unused-ignore]  # An
         if self.mirror is None:
             raise RuntimeError("MirrorCallback.save before on_train_begin (or after on_train_end)")
         if model is None or optimizer is None:
-            raise RuntimeError("MirrorCallback needs the Trainer's model and optimizer (on_step_end kwargs)")
+            raise RuntimeError("MirrorCallback needs the Trainer's model and optimizer (callback kwargs)")
         step = int(state.global_step)
         payload = {
             "format": FORMAT,
@@ -207,7 +292,10 @@ class MirrorCallback(TrainerCallback):  # type: ignore[misc,unused-ignore]  # An
     def close(self) -> None:
         """Wait for the last save (raises if it failed) and release the mirror."""
         m, self.mirror = self.mirror, None
+        if self._trainer is not None:
+            self._unhook(self._trainer)
         self._trainer = None
+        self._pending = None
         if m is not None:
             m.close()
 
