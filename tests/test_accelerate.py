@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("accelerate", reason="the [accelerate] extra is not installed")
 
 import torch  # noqa: E402
-from _helpers import REPO, assert_bit_exact, files_under, torchrun, torchrun_start  # noqa: E402
+from _helpers import REPO, assert_bit_exact, files_under, snapshot, torchrun, torchrun_start  # noqa: E402
 
 import ckptmirror  # noqa: E402
 from ckptmirror.integrations.accelerate import MirrorState  # noqa: E402
@@ -162,6 +162,28 @@ def test_ddp_two_processes_crash_resume_is_bit_exact(tmp_path: Path) -> None:
     assert_bit_exact(load_weights(tmp_path / "resumed.safetensors"), load_weights(tmp_path / "ref.safetensors"), "w")
 
 
+def test_ddp_resume_from_older_step_replaces_the_newer_ones(tmp_path: Path) -> None:
+    """Two processes resume from step 4 (step 8 is damaged): on reaching step 8 every process
+    deletes the old step 8, then they save it anew (Mirror refuses overwrite=True with several
+    ranks; before the fix both processes raised StepExistsError here, on every restart)."""
+    r = tmp_path / "replica"
+    common = ("--replicas", str(r), "--epochs", "2")  # 5 batches per process and epoch: 10 in all
+    crash = torchrun(CHILD, "crash", *common, "--project", str(tmp_path / "p1"), "--crash-at", "8", check=False)
+    assert crash.returncode != 0 and '"crashed_at": 8' in crash.stdout, crash.stdout + crash.stderr[-3000:]
+    corrupt_step(r, 8)
+    step4 = {p: p.stat().st_mtime_ns for p in (r / "step-000000000004").rglob("*")}
+    res = torchrun(CHILD, "resume", *common, "--project", str(tmp_path / "p2"))
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (got["resumed_from"], got["batches"]) == (4, 10)
+    assert "step 8 was committed by an earlier run" in res.stderr
+    with ckptmirror.Mirror([str(r)], distributed=False) as m:
+        assert m.steps() == [4, 8]
+    v = verify(r)  # the damaged step 8 is gone: the new one verifies
+    assert v.returncode == 0, v.stdout + v.stderr
+    # The step resumed from was not touched.
+    assert {p: p.stat().st_mtime_ns for p in (r / "step-000000000004").rglob("*")} == step4
+
+
 # ---------------------------------------------------------------------- in process
 @pytest.fixture
 def accelerator() -> Iterator[Any]:
@@ -273,3 +295,84 @@ def test_unsupported_value_names_its_key_path(tmp_path: Path, accelerator: Any) 
         with pytest.raises(ckptmirror.UnsupportedTypeError, match=r"\['custom'\]\[0\]\['value'\]"):
             ckpt.save(1)
         assert ckpt.mirror.steps() == []
+
+
+def test_registered_module_that_does_not_fit_leaves_state_untouched(tmp_path: Path, accelerator: Any) -> None:
+    """A registered module (an EMA head) changed shape: refused before the model, the optimizer or
+    the RNG is touched (it used to load them, then fail with a raw size-mismatch RuntimeError)."""
+    acc = accelerator
+    model, opt, dl, sched = prepared(acc, 0)
+    ema = torch.nn.Linear(4, 4)
+    acc.register_for_checkpointing(ema)
+    with MirrorState(acc, [str(tmp_path / "r")]) as ckpt:
+        ckpt.save(5)
+    ema.weight.data, ema.bias.data = torch.zeros(5, 4), torch.zeros(5)  # now a Linear(4, 5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    before, rng = snapshot(model, opt), torch.get_rng_state()
+    with MirrorState(acc, [str(tmp_path / "r")]) as ckpt:
+        with pytest.raises(ckptmirror.StateMismatchError, match=r"registered object 0 \(Linear\): weight is .*Fix"):
+            ckpt.load()
+    assert_bit_exact(snapshot(model, opt), before, "model and optimizer")
+    assert_bit_exact(torch.get_rng_state(), rng, "rng")
+
+
+class Fussy(Box):
+    """A registered object that loads only a state of its own version (after it took its value)."""
+
+    version = 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "version": self.version}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        super().load_state_dict(sd)
+        if sd["version"] != self.version:
+            raise ValueError(f"version {sd['version']}, expected {self.version}")
+
+
+def test_failed_load_puts_everything_back(tmp_path: Path, accelerator: Any) -> None:
+    """A registered object's load_state_dict raises: what was loaded before it (RNG, dataloader,
+    another registered object, the object itself) is put back, the models and optimizers were not
+    touched, and the error names the object at fault and the fix."""
+    acc = accelerator
+    model, opt, dl, sched = prepared(acc, 0)
+    box, fussy = Box([1, 2]), Fussy("saved")
+    acc.register_for_checkpointing(box)
+    acc.register_for_checkpointing(fussy)
+    with MirrorState(acc, [str(tmp_path / "r")]) as ckpt:
+        ckpt.save(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    box.value, fussy.value, fussy.version = [3], "now", 2
+    dl.set_epoch(7)
+    acc.step = 9
+    before, rng = snapshot(model, opt), torch.get_rng_state()
+    sched_before = sched.state_dict()
+    with MirrorState(acc, [str(tmp_path / "r")]) as ckpt:
+        with pytest.raises(ckptmirror.StateMismatchError, match=r"registered object 1 \(Fussy\) failed \(ValueError.*"
+                           r"as it was before load\(\)\. Fix: register_for_checkpointing"):  # fmt: skip
+            ckpt.load()
+    assert (box.value, fussy.value, dl.iteration, dl.get_sampler().epoch, acc.step) == ([3], "now", 7, 7, 9)
+    assert_bit_exact(snapshot(model, opt), before, "model and optimizer")
+    assert_bit_exact(torch.get_rng_state(), rng, "rng")
+    assert sched.state_dict() == sched_before
+
+
+def test_single_process_replaces_an_earlier_runs_step_once(tmp_path: Path, accelerator: Any) -> None:
+    """A step committed before this MirrorState was created is replaced when saved again; one it
+    saved itself is not."""
+    acc = accelerator
+    prepared(acc, 0)
+    with MirrorState(acc, [str(tmp_path / "r")]) as ckpt:
+        ckpt.save(4)
+        ckpt.save(8)
+    with MirrorState(acc, [str(tmp_path / "r")]) as ckpt:
+        assert ckpt.load(step=4) == 4
+        ckpt.save(8)  # the earlier run's step 8: replaced
+        ckpt.wait()
+        with pytest.raises(ckptmirror.StepExistsError):
+            ckpt.save(8)  # this run's own step 8
+        assert ckpt.mirror.steps() == [4, 8]

@@ -24,8 +24,8 @@ What one step holds - everything ``accelerator.save_state`` writes, nothing pick
 stores JSON plus raw tensor bytes; an unsupported value raises ``UnsupportedTypeError`` naming
 its key path, e.g. ``state['custom'][0]['fn']`` for the first registered object):
 
-- every prepared model (``unwrap_model(...).state_dict()``: no ``module.``/``_orig_mod.`` prefixes,
-  so a run saved under DDP resumes in one process and back), optimizer and scheduler;
+- every prepared model (``unwrap_model(...).state_dict()``: the plain model's keys, no
+  ``module.``/``_orig_mod.`` prefixes), optimizer and scheduler;
 - the ``state_dict()`` of every object passed to ``register_for_checkpointing``;
 - per prepared dataloader: its epoch counter (``iteration``), the seedable sampler's epoch and
   seed, and a ``StatefulDataLoader``'s ``state_dict()`` (``use_stateful_dataloader=True``);
@@ -39,8 +39,10 @@ and :meth:`~MirrorState.load` with the same step: each stores its own part (its 
 differ), the step commits when every process's part is durable, and ``load`` agrees on the
 newest step every process can restore. Every process stores the whole state, so the replicas
 hold ``num_processes`` copies of the (replicated) model; resume with the same number of
-processes. FSDP, DeepSpeed, Megatron-LM and XLA are not covered (their checkpoints are sharded
-or engine-specific): the constructor raises ``NotImplementedError`` there.
+processes (``load`` refuses a step saved by another number, e.g. a DDP run's step in one
+process, with :class:`~ckptmirror.StateMismatchError`). FSDP, DeepSpeed, Megatron-LM and XLA
+are not covered (their checkpoints are sharded or engine-specific): the constructor raises
+``NotImplementedError`` there.
 
 A bit-exact mid-epoch resume needs the data position (skip the batches already seen, as
 above) and RNG draws in the same order as the uninterrupted run. As with Accelerate's own
@@ -48,19 +50,27 @@ above) and RNG draws in the same order as the uninterrupted run. As with Acceler
 its base seed from the global torch RNG unless the DataLoader has its own ``generator``: pass
 ``DataLoader(..., generator=torch.Generator().manual_seed(seed))`` so that draw does not shift
 the RNG (``tests/test_accelerate.py`` resumes bit-exactly that way).
+
+A run that resumes from an older step than the newest (the newest did not verify, or
+``load(step=...)``) saves the newer steps again: a step committed before this
+:class:`MirrorState` was created is replaced when saved again (with several processes, every
+process deletes it, then they save it anew; all processes take the same decision). A step this
+:class:`MirrorState` saved itself is never replaced: saving it again raises
+:class:`~ckptmirror.StepExistsError`.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import StateMismatchError
+from ..errors import ReplicaError, StateMismatchError, StepNotFoundError
 from ..handle import SaveHandle
 from ..mirror import Mirror
 from ..replicas import Replica
@@ -87,6 +97,9 @@ class MirrorState:
         replicas: replica URLs or :class:`~ckptmirror.Replica` objects, as for :class:`~ckptmirror.Mirror`.
         **mirror_options: passed to :class:`~ckptmirror.Mirror`. ``keep_last`` defaults to the
             accelerator's ``project_configuration.total_limit``.
+
+    With several processes, create it on every process: the constructor agrees with the others
+    on the steps committed before this run (those a save replaces).
     """
 
     def __init__(self, accelerator: Any, replicas: Sequence[str | Replica], **mirror_options: Any) -> None:
@@ -108,8 +121,12 @@ class MirrorState:
         reps = [replicas] if isinstance(replicas, (str, Replica)) else list(replicas)
         self.mirror = Mirror(reps, **mirror_options)
         # Steps committed before this run began: saving one again replaces it (a resume from an
-        # older step abandons the newer ones), where the mirror allows it (one process).
-        self._preexisting = set(self.mirror.steps())
+        # older step abandons the newer ones), once. The same set on every process (the union of
+        # what each lists), so that every process takes the same decision in save().
+        self._stale: set[int] = set(self.mirror.steps())
+        self._rounds = 0  # exchanges made through the mirror's store (each needs its own key)
+        if self.mirror.dist.distributed:
+            self._stale = set().union(*self._all_gather(sorted(self._stale)))
         self.last_handle: SaveHandle | None = None
 
     def __enter__(self) -> MirrorState:
@@ -123,7 +140,9 @@ class MirrorState:
         """Snapshot the whole training state as ``step`` (default: ``project_configuration.iteration``,
         the number ``save_state`` would use); return once it is copied (the rest is in the background).
 
-        Increments ``project_configuration.iteration`` as ``save_state`` does.
+        Increments ``project_configuration.iteration`` as ``save_state`` does. A ``step`` committed
+        before this object was created (by an earlier run) is replaced, once; one saved by this
+        object raises :class:`~ckptmirror.StepExistsError`.
         """
         acc = self.accelerator
         if step is None:
@@ -141,10 +160,41 @@ class MirrorState:
             "iteration": int(acc.project_configuration.iteration) + 1,
             "num_processes": int(acc.num_processes),
         }
-        overwrite = step in self._preexisting and not self.mirror.dist.distributed
-        self.last_handle = self.mirror.save_state(step, state, overwrite=overwrite)
+        stale = step in self._stale
+        self._stale.discard(step)  # replaced once: a second save of it is this run's own step
+        if stale and self.mirror.dist.distributed:
+            # Mirror refuses overwrite=True with several processes: every process deletes the
+            # step first, and none saves it before all have.
+            self._delete_everywhere(step)
+            stale = False
+        self.last_handle = self.mirror.save_state(step, state, overwrite=stale)
         acc.project_configuration.iteration += 1
         return self.last_handle
+
+    def _all_gather(self, value: Any) -> list[Any]:
+        """Every process's ``value`` (JSON), in rank order, through the mirror's coordination
+        store: no collective on the training group (NCCL would need device tensors) and no
+        pickle (``all_gather_object`` pickles)."""
+        coord = self.mirror._coord
+        assert coord is not None  # a distributed Mirror always has one
+        self._rounds += 1
+        return coord.exchange(f"accelerate/{self._rounds}", value)
+
+    def _delete_everywhere(self, step: int) -> None:
+        """Every process: delete ``step`` (committed by an earlier run), then wait for the others."""
+        log.warning("step %d was committed by an earlier run that this run went back from: replacing it", step)
+        error = ""
+        try:
+            self.mirror.delete(step, force=True)
+        except StepNotFoundError:
+            pass  # not on this process's replicas (another process's own replica holds it)
+        except Exception as exc:  # noqa: BLE001 - reported to every process below
+            error = f"{type(exc).__name__}: {exc}"
+        # Also the barrier: no process writes the new step before every process removed the old one.
+        failed = {r: e for r, e in enumerate(self._all_gather(error)) if e}
+        if failed:
+            why = "; ".join(f"rank {r}: {e}" for r, e in failed.items())
+            raise ReplicaError(f"could not replace step {step} committed by an earlier run ({why})")
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until every save in flight committed; raise the first failure not yet reported."""
@@ -164,6 +214,12 @@ class MirrorState:
         the stored state checked against the prepared models, optimizers, schedulers, registered
         objects and dataloaders before anything is loaded: a mismatch raises
         :class:`~ckptmirror.StateMismatchError` and leaves the training state untouched.
+
+        Registered objects that are modules are checked like the models (keys, shapes, dtypes);
+        other registered objects, the dataloaders, the grad scaler and the RNG states are loaded
+        before the models and optimizers, and put back as they were if one of them fails (a
+        :class:`~ckptmirror.StateMismatchError` names it). Their snapshot is a copy of their
+        ``state_dict()`` (tensors on the CPU): registered objects hold small states, as a rule.
         """
         loaded = self.mirror.load_state(step, require=step is not None)
         if loaded is None:
@@ -172,23 +228,110 @@ class MirrorState:
         acc = self.accelerator
         models = [acc.unwrap_model(m, keep_torch_compile=False) for m in acc._models]
         _check_fits(n, state, models, acc)
-        for m, sd in zip(models, state["models"]):
-            m.load_state_dict(sd)
-        for o, sd in zip(acc._optimizers, state["optimizers"]):
-            o.load_state_dict(sd)
-        for s, sd in zip(acc._schedulers, state["schedulers"]):
-            s.load_state_dict(sd)
-        for dl, sd in zip(acc._dataloaders, state["dataloaders"]):
-            _load_dataloader_state(dl, sd)
-        for obj, sd in zip(acc._custom_objects, state["custom"]):
-            obj.load_state_dict(sd)
-        if acc.scaler is not None and state["scaler"] is not None:
-            acc.scaler.load_state_dict(state["scaler"])
+        # The parts whose load_state_dict runs code that _check_fits cannot vouch for come first,
+        # each with a way back; the models and optimizers (checked above) last.
+        scaler = acc.scaler if state["scaler"] is not None else None
+        parts: list[_Part] = [
+            ("the RNG states", _FIX_RNG, _rng_state, _set_rng_state, state["rng"]),
+        ]
+        if scaler is not None:
+            parts.append(("the grad scaler", _FIX_SCALER, scaler.state_dict, scaler.load_state_dict, state["scaler"]))
+        for i, (dl, sd) in enumerate(zip(acc._dataloaders, state["dataloaders"])):
+            parts.append((f"prepared dataloader {i} ({type(dl).__name__})", _FIX_DATALOADER,
+                          _bind(_dataloader_state, dl), _bind(_load_dataloader_state, dl), sd))  # fmt: skip
+        for i, (obj, sd) in enumerate(zip(acc._custom_objects, state["custom"])):
+            # A module was checked like the models; copying it could double a large state (an EMA).
+            get = None if isinstance(obj, torch.nn.Module) else obj.state_dict
+            parts.append((f"registered object {i} ({type(obj).__name__})", _FIX_CUSTOM, get, obj.load_state_dict, sd))
+        for i, (sched, sd) in enumerate(zip(acc._schedulers, state["schedulers"])):
+            parts.append((f"prepared scheduler {i}", _FIX_PREPARED, sched.state_dict, sched.load_state_dict, sd))
+        for i, (o, sd) in enumerate(zip(acc._optimizers, state["optimizers"])):
+            parts.append((f"prepared optimizer {i}", _FIX_PREPARED, None, o.load_state_dict, sd))
+        for i, (m, sd) in enumerate(zip(models, state["models"])):
+            parts.append((f"prepared model {i} ({type(m).__name__})", _FIX_PREPARED, None, m.load_state_dict, sd))
+        _load_or_undo(n, parts)
+        # Again, last: whatever drew random numbers while loading (a load_state_dict may) is undone.
         _set_rng_state(state["rng"])
         acc.step = state["accelerator_step"]
         acc.project_configuration.iteration = state["iteration"]
         log.info("accelerate state restored from step %d", n)
         return n
+
+
+_FIX_RNG = "resume with the same devices visible to each process as the run that saved it"
+_FIX_SCALER = "resume with the same mixed_precision as the run that saved it"
+_FIX_DATALOADER = "prepare the same dataloaders (type, use_stateful_dataloader) as the run that saved it"
+_FIX_CUSTOM = "register_for_checkpointing the same objects, in the same order and shapes, as the run that saved it"
+_FIX_PREPARED = "prepare the same models, optimizers and schedulers as the run that saved it"
+
+
+def _bind(fn: Callable[..., Any], first: Any) -> Callable[..., Any]:
+    return lambda *args: fn(first, *args)
+
+
+#: A part of the training state load() restores: (what, the fix if it does not load, get its
+#: current state or None where no snapshot is taken, load a state, the stored state).
+_Part = tuple[str, str, Callable[[], Any] | None, Callable[[Any], None], Any]
+
+
+def _load_or_undo(step: int, parts: list[_Part]) -> None:
+    """Load each part (name, fix, get its state or None, load a state, the stored state) in order.
+    If one fails, put every part touched so far back as it was (its state from before anything
+    was loaded) and raise StateMismatchError naming the part at fault and the fix."""
+    snapshots = [None if get is None else _snapshot(what, get) for what, _, get, _, _ in parts]
+    failed, cause = -1, None
+    for i, (_, _, _, load, stored) in enumerate(parts):
+        try:
+            load(stored)
+        except Exception as exc:
+            failed, cause = i, exc
+            break
+    if cause is None:
+        return
+    # Undo in reverse order; the part that failed may be half loaded, so it is put back too.
+    not_undone = []
+    for (what, _, _, load, _), snap in reversed(list(zip(parts[: failed + 1], snapshots[: failed + 1]))):
+        if snap is None:
+            not_undone.append(what)
+            continue
+        try:
+            load(snap)
+        except Exception as exc:  # noqa: BLE001 - reported in the error below
+            log.warning("could not put %s back as it was before load(): %s", what, exc)
+            not_undone.append(what)
+    name, fix = parts[failed][0], parts[failed][1]
+    left = (
+        f"; {', '.join(reversed(not_undone))} may be partly loaded"
+        if not_undone
+        else "; the training state is as it was before load()"
+    )
+    raise StateMismatchError(
+        f"step {step}: loading {name} failed ({type(cause).__name__}: {cause}){left}. Fix: {fix}"
+    ) from cause
+
+
+def _snapshot(what: str, get: Callable[[], Any]) -> Any:
+    """A copy of a part's current state; None (it cannot be put back) if it cannot be copied."""
+    try:
+        return _cpu_copy(get())
+    except Exception as exc:  # noqa: BLE001 - the load goes on; a failure then says what was not put back
+        log.debug("no snapshot of %s before load(): %s", what, exc)
+        return None
+
+
+def _cpu_copy(value: Any) -> Any:
+    """A deep copy of a state, its tensors copied to the CPU (the snapshot takes no device memory;
+    a stored state comes back from the replicas on the CPU too)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, (dict, list)):
+        out = copy.copy(value)  # the same type (OrderedDict, defaultdict, ...), then each entry copied
+        for k in value.keys() if isinstance(value, dict) else range(len(value)):
+            out[k] = _cpu_copy(value[k])
+        return out
+    if type(value) is tuple:
+        return tuple(_cpu_copy(v) for v in value)
+    return copy.deepcopy(value)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -213,18 +356,10 @@ def _check_fits(step: int, state: Any, models: list[Any], acc: Any) -> None:
             f"step {step} was saved by {state['num_processes']} processes, this run has {acc.num_processes}"
         )
     for i, (m, stored) in enumerate(zip(models, state["models"])):
-        target = m.state_dict()
-        missing, unexpected = sorted(set(target) - set(stored)), sorted(set(stored) - set(target))
-        if missing or unexpected:
-            raise StateMismatchError(
-                f"model {i}: keys differ from step {step}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        for k, t in target.items():
-            s = stored[k]
-            if isinstance(t, torch.Tensor) and (tuple(s.shape) != tuple(t.shape) or s.dtype != t.dtype):
-                raise StateMismatchError(
-                    f"model {i}: {k} is {s.dtype} {tuple(s.shape)} in step {step}, {t.dtype} {tuple(t.shape)} here"
-                )
+        _check_module(f"model {i}", step, m, stored, "")
+    for i, (obj, stored) in enumerate(zip(acc._custom_objects, state["custom"])):
+        if isinstance(obj, torch.nn.Module):
+            _check_module(f"registered object {i} ({type(obj).__name__})", step, obj, stored, _FIX_CUSTOM)
     for i, (o, stored) in enumerate(zip(acc._optimizers, state["optimizers"])):
         have_groups = [len(g["params"]) for g in o.param_groups]
         stored_groups = [len(g["params"]) for g in stored["param_groups"]]
@@ -232,6 +367,26 @@ def _check_fits(step: int, state: Any, models: list[Any], acc: Any) -> None:
             raise StateMismatchError(
                 f"optimizer {i}: parameter groups of sizes {stored_groups} in step {step}, {have_groups} here"
             )
+
+
+def _check_module(what: str, step: int, module: Any, stored: Any, fix: str) -> None:
+    """The checks ``load_state_dict(strict=True)`` makes (and the dtypes), before it copies anything."""
+    fix = f". Fix: {fix}" if fix else ""
+    target = module.state_dict()
+    if not isinstance(stored, dict):
+        raise StateMismatchError(f"{what}: step {step} holds a {type(stored).__name__}, not a state dict{fix}")
+    missing, unexpected = sorted(set(target) - set(stored)), sorted(set(stored) - set(target))
+    if missing or unexpected:
+        raise StateMismatchError(
+            f"{what}: keys differ from step {step}: missing {missing[:5]}, unexpected {unexpected[:5]}{fix}"
+        )
+    for k, t in target.items():
+        s = stored[k]
+        if isinstance(t, torch.Tensor) and (
+            not isinstance(s, torch.Tensor) or tuple(s.shape) != tuple(t.shape) or s.dtype != t.dtype
+        ):
+            got = f"{s.dtype} {tuple(s.shape)}" if isinstance(s, torch.Tensor) else type(s).__name__
+            raise StateMismatchError(f"{what}: {k} is {got} in step {step}, {t.dtype} {tuple(t.shape)} here{fix}")
 
 
 def _dataloader_state(dl: Any) -> dict[str, Any]:
