@@ -2,9 +2,10 @@
 
 The one ckptmirror line is marked ``# <- ckptmirror``: the Trainer, ModelCheckpoint and
 ``fit(ckpt_path="last")`` are Lightning's own. Run it twice on the CPU (a tiny model, no
-downloads); the first run is killed hard at step 25, the second resumes from the newest checkpoint
-whose pointer was written, i.e. that had committed on the replicas before the crash (step 20, or 15
-when the save of step 20 was still writing)::
+downloads); the first run is killed hard at step 25, the second resumes from the step last.ckpt
+names: the newest save whose commit on the replicas, and then the pointer written right after it,
+were finished before the crash (step 20; 15 when the crash came while step 20 was still writing or
+just before its last.ckpt pointer was written)::
 
     python examples/lightning_mirror.py --crash-at 25
     python examples/lightning_mirror.py

@@ -11,8 +11,10 @@ file the integration wrote is a pickle, ``ckptmirror verify`` passes, and with o
 the resume reads the other and still matches.
 
 The other tests drive the plugin in this process: one save per global_step, pointers written only
-after the commit, top-k eviction releasing steps, weights-only saves, hyper-parameter conversion,
-refusing pickles, and that ``import ckptmirror`` does not import Lightning.
+after the commit (and last.ckpt moving on with each commit while saves overlap), top-k eviction
+releasing steps, a resume from the first checkpoint overwriting last.ckpt as Lightning does,
+weights-only saves, hyper-parameter conversion, refusing pickles, and that ``import ckptmirror``
+does not import Lightning.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,11 +40,16 @@ import torch
 pytest.importorskip("lightning", reason="the Lightning tests need lightning (pip install -e '.[lightning]')")
 
 import lightning as L  # noqa: E402
-from _helpers import Forked, ForkServer  # noqa: E402
+from _helpers import Forked, ForkServer, wait_until  # noqa: E402
 from _lightning_child import CRASH_CODE, Arch, Opt  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
-from ckptmirror import Mirror, SaveFailedError, UnsupportedTypeError  # noqa: E402
+from ckptmirror import Mirror, ReplicaError, SaveFailedError, UnsupportedTypeError  # noqa: E402
+from ckptmirror.integrations._lightning_pointers import (  # noqa: E402
+    apply_callbacks,
+    callbacks_delta,
+    encode_callbacks,
+)
 from ckptmirror.integrations.lightning import (  # noqa: E402
     MirrorCheckpointIO,
     PointerError,
@@ -431,6 +439,166 @@ def test_weights_only_and_full_saves_of_one_step(tmp_path: Path) -> None:
     assert "optimizer_states" in io.load_checkpoint(ck / "f7.ckpt")
     assert "optimizer_states" not in io.load_checkpoint(ck / "w7.ckpt")
     io.teardown()
+
+
+class StopAt(L.Callback):
+    """At the start of step ``at`` (its save of step ``at`` is issued and blocked in its commit),
+    runs ``check`` (a stand-in for a crash: what a resume would find now), then lets the commit go."""
+
+    def __init__(self, at: int, check: Any, release: threading.Event) -> None:
+        self.at, self.check, self.release = at, check, release
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step != self.at:
+            return
+        try:
+            self.result = self.check()
+        except BaseException as exc:  # noqa: BLE001 - raised by the test, after fit
+            self.error = exc
+        finally:
+            self.release.set()
+
+
+def test_last_ckpt_advances_while_saves_overlap_and_releases_what_it_left(tmp_path: Path) -> None:
+    """Each save slower than a training step (every step saved, last.ckpt only): every commit
+    moves last.ckpt to its step, although the next step's save names last.ckpt again before it;
+    the step it leaves is released (keep_last=1 deletes it), not pinned for good."""
+    gate_step = 6
+    release = threading.Event()
+
+    def on_phase(phase: str, key: str) -> None:
+        if phase != "commit":
+            return
+        if key.startswith(f"step-{gate_step:012d}/"):
+            assert release.wait(60)  # a save in flight when the process "dies"
+        else:
+            time.sleep(0.05)  # slower than a training step of this model
+
+    r = tmp_path / "r"
+    io = MirrorCheckpointIO([FaultyReplica(LocalReplica(str(r)), on_phase=on_phase)], keep_last=1)
+    ck = tmp_path / "ck"
+
+    def at_crash() -> tuple[int, list[int]]:
+        # Committed: 1..5 (step 6 is held in its commit). A resume now must find step 5.
+        step = wait_until(lambda: (ck / "last.ckpt").exists() and read_pointer(ck / "last.ckpt")["step"] == 5,
+                          timeout=5, what="last.ckpt naming step 5")  # fmt: skip
+        steps = wait_until(lambda: (s := Mirror([str(r)]).steps()) == [5] and s, timeout=5, what="steps 1-4 released")
+        return step, steps
+
+    stop = StopAt(gate_step, at_crash, release)
+    t = L.Trainer(
+        max_steps=8,
+        accelerator="cpu",
+        plugins=[io],
+        callbacks=[ModelCheckpoint(dirpath=ck, every_n_train_steps=1, save_top_k=0, save_last=True), stop],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    t.fit(Tiny(), loader())
+    if stop.error is not None:
+        raise stop.error
+    assert stop.result is not None
+    assert [p.name for p in ck.iterdir()] == ["last.ckpt"] and read_pointer(ck / "last.ckpt")["step"] == 8
+    assert io.mirror.steps() == [8]  # nothing left pinned: keep_last=1 and last.ckpt alone name steps
+    io.teardown()
+
+
+def test_pointer_order_follows_the_calls_and_a_failed_save_keeps_the_previous_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Done callbacks run on threads of their own: when a later save's runs first, the earlier
+    save's commit does not move the pointer back. A save that fails leaves the pointer where it was."""
+    replica, release, _ = gated_replica(tmp_path / "r")
+    io = MirrorCheckpointIO([replica], max_inflight=2)
+    handles: list[Any] = []
+    monkeypatch.setattr(io, "_on_done", handles.append)  # run by hand below, in reverse order
+    last, top = tmp_path / "ck" / "last.ckpt", tmp_path / "ck" / "top.ckpt"
+    io.save_checkpoint(state(2), top)
+    io.save_checkpoint(state(2), last)
+    io.save_checkpoint(state(4), last)
+    release.set()
+    io.mirror.wait()
+    assert [h.step for h in handles] == [2, 4] and not top.exists() and not last.exists()
+    MirrorCheckpointIO._on_done(io, handles[1])
+    assert read_pointer(last)["step"] == 4 and not top.exists()
+    MirrorCheckpointIO._on_done(io, handles[0])
+    assert read_pointer(last)["step"] == 4 and read_pointer(top)["step"] == 2
+    monkeypatch.undo()
+    io.wait()
+    assert io.mirror.steps() == [2, 4]  # top.ckpt names step 2
+    io.teardown()
+
+    def fail_step_6(phase: str, key: str) -> None:
+        if phase == "commit" and key.startswith(f"step-{6:012d}/"):
+            raise ReplicaError("injected commit failure", replica="r", key=key)
+
+    io2 = MirrorCheckpointIO([FaultyReplica(LocalReplica(str(tmp_path / "r")), on_phase=fail_step_6)])
+    io2.save_checkpoint(state(6), last)
+    with pytest.raises(SaveFailedError):
+        io2.teardown()
+    assert read_pointer(last)["step"] == 4
+
+
+def test_resume_from_the_first_checkpoint_overwrites_last_ckpt_as_lightning_does(tmp_path: Path) -> None:
+    """The first save of a run (the top-k file) holds ModelCheckpoint's last_model_path == ""; the
+    last.ckpt save of that step names last.ckpt. A resume from last.ckpt must see the latter (the
+    pointer carries it), so that Lightning overwrites last.ckpt, as with its own checkpoints,
+    instead of starting last-v1.ckpt and leaving last.ckpt at the old step."""
+
+    def run(ck: Path, io: MirrorCheckpointIO | None) -> None:
+        for max_steps, ckpt_path in ((3, None), (7, "last")):
+            plugins = [io] if io is not None else []
+            L.Trainer(
+                max_steps=max_steps,
+                accelerator="cpu",
+                plugins=plugins,
+                callbacks=[
+                    ModelCheckpoint(
+                        dirpath=ck, every_n_train_steps=3, save_top_k=2, monitor="step", mode="max", save_last=True
+                    )
+                ],  # fmt: skip
+                logger=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            ).fit(Tiny(), loader(), ckpt_path=ckpt_path, weights_only=False)
+            if io is not None:
+                io.teardown()
+
+    native, ours = tmp_path / "native", tmp_path / "ours"
+    run(native, None)
+    io = MirrorCheckpointIO([str(tmp_path / "r")])
+    run(ours, io)
+    names = sorted(p.name for p in ours.iterdir())
+    assert (
+        names == sorted(p.name for p in native.iterdir()) == ["epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"]
+    )
+    assert torch.load(native / "last.ckpt", weights_only=False)["global_step"] == 6
+    assert read_pointer(ours / "last.ckpt")["step"] == 6
+    # What the resume saw: the callback state of last.ckpt's own save.
+    loaded = io.load_checkpoint(ours / "last.ckpt")
+    (mc_state,) = loaded["callbacks"].values()
+    assert mc_state["last_model_path"] == str(ours / "last.ckpt")
+    io.teardown()
+
+
+def test_callbacks_delta_round_trip() -> None:
+    stored = {"best_k_models": {"b.ckpt": torch.tensor(2.0), "a.ckpt": torch.tensor(1.0)}, "last_model_path": "",
+              "kth_value": torch.tensor(float("inf")), "big": torch.zeros(1000), "t": (1, "x")}  # fmt: skip
+    call = {**stored, "last_model_path": "last.ckpt", "kth_value": torch.tensor(1.5, dtype=torch.bfloat16),
+            "big": torch.ones(1000), "extra": [None, True, 3]}  # fmt: skip
+    delta = callbacks_delta(encode_callbacks({"MC": stored}), encode_callbacks({"MC": call, "Other": {"n": 1}}))
+    # Only what differs and can be written as JSON ("big" cannot: the stored value loads).
+    assert set(delta) == {"MC", "Other"} and set(delta["MC"]) == {"last_model_path", "kth_value", "extra"}
+    delta = json.loads(json.dumps(delta))  # as a pointer holds it
+    out = apply_callbacks({"callbacks": {"MC": dict(stored)}, "x": 1}, delta)
+    mc = out["callbacks"]["MC"]
+    assert mc["last_model_path"] == "last.ckpt" and mc["extra"] == [None, True, 3] and mc["t"] == (1, "x")
+    assert mc["kth_value"].dtype == torch.bfloat16 and mc["kth_value"].item() == 1.5
+    assert list(mc["best_k_models"]) == ["b.ckpt", "a.ckpt"] and mc["big"] is stored["big"]
+    assert out["callbacks"]["Other"] == {"n": 1} and out["x"] == 1
 
 
 class Color(enum.Enum):

@@ -2,8 +2,9 @@
 
 Part of :mod:`ckptmirror.integrations.lightning` (see its docstring for how Lightning's
 checkpoint paths map onto steps): reading, validating and atomically writing a pointer or a
-release marker, and scanning a directory for them, on the local disk or any fsspec URL.
-Nothing here imports Lightning.
+release marker, and scanning a directory for them, on the local disk or any fsspec URL; and the
+JSON form of the callback state a pointer carries (:func:`encode_callbacks`,
+:func:`callbacks_delta`, :func:`apply_callbacks`). Nothing here imports Lightning.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from ..errors import CkptMirrorError
 
@@ -66,7 +69,8 @@ def _parent(path: str) -> str:
 
 
 def read_pointer(path: Any, *, release: bool = False) -> dict[str, Any]:
-    """Parse the pointer file at ``path``: ``{"format", "version", "step", "replicas", "keys", ...}``.
+    """Parse the pointer file at ``path``: ``{"format", "version", "step", "replicas", "keys",
+    "callbacks", ...}`` (``"callbacks"``: ``{}`` in a pointer written without it).
 
     Raises ``FileNotFoundError`` if there is no file, and :class:`PointerError` if the file is not a
     pointer (a ``torch.save`` checkpoint, a directory, a damaged file). Never unpickles anything.
@@ -108,6 +112,9 @@ def _parse_pointer(path: str, data: bytes, fmt: str = POINTER_FORMAT) -> dict[st
         v = doc.get(field)
         if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
             raise PointerError(path, f"'{field}' must be a list of strings")
+    callbacks = doc.setdefault("callbacks", {})  # optional: pointers written before it have none
+    if not (isinstance(callbacks, dict) and all(isinstance(v, dict) for v in callbacks.values())):
+        raise PointerError(path, "'callbacks' must map callback state keys to objects")
     return doc
 
 
@@ -209,3 +216,129 @@ def _scan_pointers(directory: str) -> tuple[dict[str, int], dict[int, str]]:
         else:
             pointers[_norm(full)] = doc["step"]
     return pointers, markers
+
+
+# ----------------------------------------------------------------------------- callback state
+# ModelCheckpoint saves one global_step several times (a top-k file, then last.ckpt), and the
+# plugin stores the step once: the state of the first call. The calls differ in the callbacks'
+# bookkeeping (``last_model_path`` is set to last.ckpt just before that file's save), so each
+# pointer carries the fields of its call's ``checkpoint["callbacks"]`` that differ from the stored
+# state, in JSON, and loading puts them back: a resume sees what that file's own save held.
+# Values are encoded so that they decode to what they were: dicts keep their order (a list of
+# items), tuples stay tuples, small tensors keep dtype and shape. Other values are not encoded
+# (``_OPAQUE``): a pointer cannot carry them, and the stored state's value is what loads.
+
+_OPAQUE: Any = type("_Opaque", (), {"__repr__": lambda self: "<not JSON-encodable>"})()
+_TENSOR = "__ckptmirror_tensor__"
+_DICT = "__ckptmirror_dict__"
+_TUPLE = "__ckptmirror_tuple__"
+#: Tensors up to this many elements are encoded (scores, step counters); larger ones are not.
+MAX_TENSOR_ITEMS = 64
+#: A pointer's callbacks delta larger than this (JSON) is left out, with a warning.
+MAX_CALLBACKS_BYTES = 16 << 10
+_MAX_DEPTH = 32
+
+
+class _NotEncodable(Exception):
+    pass
+
+
+def _encode(value: Any, depth: int = 0) -> Any:
+    if depth > _MAX_DEPTH:
+        raise _NotEncodable
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.numel() > MAX_TENSOR_ITEMS or value.is_complex() or value.layout != torch.strided:
+            raise _NotEncodable
+        dtype = str(value.dtype).removeprefix("torch.")
+        if getattr(torch, dtype, None) is not value.dtype:
+            raise _NotEncodable
+        flat = value.detach().cpu().reshape(-1).tolist()
+        return {_TENSOR: {"dtype": dtype, "shape": list(value.shape), "values": flat}}
+    if type(value) is dict:
+        return {_DICT: [[_encode(k, depth + 1), _encode(v, depth + 1)] for k, v in value.items()]}
+    if type(value) is list:
+        return [_encode(v, depth + 1) for v in value]
+    if type(value) is tuple:
+        return {_TUPLE: [_encode(v, depth + 1) for v in value]}
+    raise _NotEncodable
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) != 1:
+        raise ValueError(f"not an encoded value: {value!r}")
+    ((tag, body),) = value.items()
+    if tag == _DICT:
+        return {_decode(k): _decode(v) for k, v in body}
+    if tag == _TUPLE:
+        return tuple(_decode(v) for v in body)
+    if tag == _TENSOR:
+        dtype = getattr(torch, body["dtype"])
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"not a dtype: {body['dtype']!r}")
+        return torch.tensor(body["values"], dtype=dtype).reshape(body["shape"])
+    raise ValueError(f"not an encoded value: {value!r}")
+
+
+def encode_callbacks(callbacks: Any) -> dict[str, dict[str, Any]]:
+    """``checkpoint["callbacks"]`` as callback state key -> field -> JSON form, or ``_OPAQUE``
+    where a value has none (a callback whose state is not a dict with str keys: all ``_OPAQUE``)."""
+    out: dict[str, dict[str, Any]] = {}
+    if not isinstance(callbacks, Mapping):
+        return out
+    for key, state in callbacks.items():
+        if not isinstance(key, str):
+            continue
+        if not (isinstance(state, Mapping) and all(isinstance(f, str) for f in state)):
+            out[key] = {"": _OPAQUE}
+            continue
+        fields: dict[str, Any] = {}
+        for f, v in state.items():
+            try:
+                fields[f] = _encode(v)
+            except _NotEncodable:
+                fields[f] = _OPAQUE
+        out[key] = fields
+    return out
+
+
+def callbacks_delta(stored: Mapping[str, Mapping[str, Any]], call: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The fields of ``call`` (one save's :func:`encode_callbacks`) that differ from ``stored``
+    (that of the save whose state the step holds), as they go into a pointer. A callback the
+    stored state lacks is included whole, if it can be encoded whole."""
+    delta: dict[str, Any] = {}
+    for key, fields in call.items():
+        base = stored.get(key)
+        if base is None:
+            if all(v is not _OPAQUE for v in fields.values()):
+                delta[key] = dict(fields)
+            continue
+        diff = {f: v for f, v in fields.items() if v is not _OPAQUE and (f not in base or base[f] != v)}
+        if diff:
+            delta[key] = diff
+    if delta and len(json.dumps(delta)) > MAX_CALLBACKS_BYTES:
+        raise ValueError(
+            f"the callback state differing from the stored step is larger than {MAX_CALLBACKS_BYTES} bytes"
+        )
+    return delta
+
+
+def apply_callbacks(state: dict[str, Any], delta: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with a pointer's callbacks delta put back over ``state["callbacks"]`` (copies
+    the dicts it changes; ``state`` is not modified)."""
+    callbacks = state.get("callbacks")
+    if not delta or not isinstance(callbacks, dict):
+        return state
+    callbacks = dict(callbacks)
+    for key, fields in delta.items():
+        target = callbacks.get(key)
+        if target is None:
+            callbacks[key] = {f: _decode(v) for f, v in fields.items()}
+        elif isinstance(target, dict):
+            callbacks[key] = {**target, **{f: _decode(v) for f, v in fields.items()}}
+    return {**state, "callbacks": callbacks}

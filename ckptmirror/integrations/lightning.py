@@ -19,8 +19,13 @@ How Lightning's checkpoint files map onto ckptmirror:
   every replica happen in the background. ModelCheckpoint saves the same step twice (a top-k file
   and ``last.ckpt``): the second call stores nothing, it only names the step again.
 - **Every ``path`` Lightning asks for becomes a small JSON pointer file** (step, replicas, the
-  checkpoint's top-level keys), written (temp file, fsync, rename) only once that step is committed
-  on the replicas; until then the file keeps naming the previous committed step, or does not exist.
+  checkpoint's top-level keys, callback state: below), written (temp file, fsync, rename) only
+  once that step is committed on the replicas; until then the file keeps naming the previous
+  committed step, or does not exist.
+  A path named again before its previous save committed (``last.ckpt`` when saves take longer than
+  the interval between them) waits for both: each commit moves the pointer to its step, unless a
+  later call's pointer is there already; a save that fails leaves it naming the step before. A
+  step no pointer names any more (``last.ckpt`` moved on, the top-k file was evicted) is released.
   ``fit(ckpt_path="last")`` lists the directory for ``last*.ckpt`` itself, so the pointers are what
   it finds; ``load_checkpoint(path)`` reads the pointer and loads that step, each object from the
   first replica where it verifies. The pointer's parent directory is created.
@@ -34,6 +39,13 @@ How Lightning's checkpoint files map onto ckptmirror:
   (``Mirror.pin``), so that ``keep_last=`` never removes a top-k or best checkpoint: with
   ``keep_last`` set it only cleans up steps no pointer names (e.g. one committed just before a
   crash, whose pointer was never written). The newest committed step is never deleted.
+- **Callback state per file.** The state stored for a step is the checkpoint dict of the *first*
+  ``save_checkpoint`` call of that step; the later calls of the step differ in the callbacks'
+  bookkeeping (ModelCheckpoint sets ``last_model_path`` to ``last.ckpt`` just before saving it).
+  Each pointer carries, as JSON, the fields of its call's ``checkpoint["callbacks"]`` that differ
+  from the stored ones, and ``load_checkpoint`` puts them back: a resume from ``last.ckpt`` sees
+  what Lightning's own ``last.ckpt`` would hold, and goes on overwriting ``last.ckpt`` (not
+  ``last-v1.ckpt``), as natively.
 - **``hyper_parameters``** (and ``datamodule_hyper_parameters``) are converted to storable forms
   before the save (see :func:`storable_hparams`): ``argparse.Namespace`` -> dict,
   ``pathlib.Path`` (any ``os.PathLike``) -> str, an ``Enum`` -> its value, a dataclass instance ->
@@ -63,12 +75,11 @@ either way.
 
 Limits: a run resumed from an older checkpoint that reaches a step the earlier run had committed
 replaces that step (``overwrite=True``, with a warning), as Lightning overwrites a file of the same
-name; during the rewrite that step exists nowhere. The state stored for a step is the checkpoint
-dict of the *first* ``save_checkpoint`` call
-of that step. The calls of one step differ only in the bookkeeping of ModelCheckpoint callbacks
-saving after the first (``last_model_path`` of the first save; with several ModelCheckpoint
-callbacks, the later ones' files of that step): after a resume such a file may be kept where
-Lightning would have removed it. ``LightningModule.load_from_checkpoint`` reads files itself
+name; during the rewrite that step exists nowhere. A callback field that differs between the calls
+of one step and has no JSON form (an object, a tensor of more than 64 elements), or a delta over
+16 KiB (logged), loads as the first call saved it. A crash between a step's commit and the write of
+its pointers leaves them naming the step before (Lightning's own files are written one after the
+other too). ``LightningModule.load_from_checkpoint`` reads files itself
 (``torch.load``) and does not go through the plugin: use ``trainer.validate/test/predict(ckpt_path=
 ...)``, or ``ckpt = MirrorCheckpointIO(replicas).load_checkpoint(path)`` then
 ``model.load_state_dict(ckpt["state_dict"])``.
@@ -106,6 +117,9 @@ from ._lightning_pointers import (
     _remove_file,
     _scan_pointers,
     _write_pointer,
+    apply_callbacks,
+    callbacks_delta,
+    encode_callbacks,
     read_pointer,
 )
 
@@ -124,13 +138,18 @@ log = logging.getLogger("ckptmirror.lightning")
 
 @dataclasses.dataclass
 class _Pending:
-    """A pointer to write: the step it names, the top-level keys of the save that named it, and
-    the save whose commit it waits for (None until that save is started; None for a "name" of a
-    step committed before this process, which is written at once)."""
+    """A pointer to write: the step it names, the top-level keys of the save that named it, the
+    save whose commit it waits for (None until that save is started; None for a "name" of a step
+    committed before this process, which is written at once), the order of the
+    ``save_checkpoint`` call (a later call's pointer replaces an earlier one's, never the reverse)
+    and where that call's callback state differs from the stored step's (see
+    :func:`~._lightning_pointers.callbacks_delta`)."""
 
     step: int
     keys: frozenset[str]
     handle: SaveHandle | None
+    seq: int
+    callbacks: dict[str, Any]
 
 
 class MirrorCheckpointIO(CheckpointIO):
@@ -180,10 +199,19 @@ class MirrorCheckpointIO(CheckpointIO):
         # so that the training thread and the save threads agree on which path names which step.
         self._lock = threading.Lock()
         self._written: dict[str, int] = {}  # pointer on disk: path -> step
-        # Pointers to write once their step commits (path -> what and when).
-        self._pending: dict[str, _Pending] = {}
-        # Steps this process saved or loaded: their top-level keys (a step is stored once).
+        # The save_checkpoint call whose pointer is on disk (path -> its seq; absent: an earlier
+        # process's pointer, which any call of this one replaces).
+        self._written_seq: dict[str, int] = {}
+        self._seq = 0  # save_checkpoint calls so far
+        # Pointers to write once their step commits (path -> what and when, in call order). A
+        # path can wait for several steps at once (last.ckpt when a save is slower than the
+        # interval between saves): each commit writes its pointer unless a later call's is there.
+        self._pending: dict[str, list[_Pending]] = {}
+        # Steps this process saved or loaded: their top-level keys (a step is stored once), and
+        # the JSON form of the callback state stored for the newest (what the pointers of the
+        # calls naming it again differ from).
         self._keys: dict[int, frozenset[str]] = {}
+        self._stored_callbacks: dict[int, dict[str, dict[str, Any]]] = {}
         self._handles: dict[int, SaveHandle] = {}
         self._scanned: set[str] = set()  # directories whose pointers are known
         self._markers: dict[int, set[str]] = {}  # release markers on disk, by step
@@ -224,15 +252,20 @@ class MirrorCheckpointIO(CheckpointIO):
         mirror = self.mirror
         self._scan(_parent(key))
         keys = frozenset(str(k) for k in checkpoint)
+        # Now: ModelCheckpoint's state (e.g. best_k_models) is a live reference that changes later.
+        callbacks = encode_callbacks(checkpoint.get("callbacks"))
         while True:
             with self._lock:
                 busy = self._deleting.get(step)
                 if busy is None:
                     mode = self._save_mode(step, keys)
+                    delta = self._callbacks_delta(step, callbacks, path) if mode == "name" else {}
                     # Named from now on: a release of this step queued earlier sees it and backs off.
                     # The pointer waits for the save in flight ("name") or for the one made below.
-                    entry = _Pending(step, keys, self._handles.get(step) if mode == "name" else None)
-                    self._pending[key] = entry
+                    self._seq += 1
+                    handle = self._handles.get(step) if mode == "name" else None
+                    entry = _Pending(step, keys, handle, self._seq, delta)
+                    self._pending.setdefault(key, []).append(entry)
                     self._unmark(step)  # named again: a release marker left for it is void
                     break
             busy.wait()  # the step is being deleted (an earlier timeline): let that finish first
@@ -240,28 +273,50 @@ class MirrorCheckpointIO(CheckpointIO):
             # The same global_step again (ModelCheckpoint: top-k file, then last.ckpt), or the step
             # this process resumed from: the state is stored or on its way; this path only names it.
             if entry.handle is None or entry.handle.done():
-                self._write_pending(entry.handle, step, ok=True)
+                self._write_pending(entry.handle, step, ok=entry.handle is None or entry.handle.committed_s is not None)
             return
         state = _convert_checkpoint(checkpoint)
         try:
             handle = self._save(mirror, step, state, overwrite=mode == "more")
         except BaseException:
             with self._lock:
-                if self._pending.get(key) is entry:
-                    del self._pending[key]
+                self._drop_pending(key, entry)
             raise
         with self._lock:
             self._keys[step] = keys
             self._handles[step] = handle
+            # Only the newest step's: the calls naming a step follow its save (ModelCheckpoint's
+            # files of one global_step); ModelCheckpoint(save_top_k=-1) state grows with the run.
+            self._stored_callbacks = {step: callbacks}
             # Every pointer waiting for this step (this path, and others named while the earlier
             # save of a "more" step was in flight) now waits for this save.
-            for e in self._pending.values():
-                if e.step == step:
-                    e.handle = handle
+            for entries in self._pending.values():
+                for e in entries:
+                    if e.step == step:
+                        e.handle = handle
         mirror.pin(step)
         handle.add_done_callback(self._on_done)  # runs at once if the save is done already
         if self.on_saved is not None:
             handle.add_done_callback(self.on_saved)
+
+    def _drop_pending(self, path: str, entry: _Pending) -> None:
+        """(lock held) Forget one pending pointer."""
+        entries = [e for e in self._pending.get(path, ()) if e is not entry]
+        if entries:
+            self._pending[path] = entries
+        else:
+            self._pending.pop(path, None)
+
+    def _callbacks_delta(self, step: int, callbacks: dict[str, dict[str, Any]], path: Any) -> dict[str, Any]:
+        """(lock held) Where a call naming stored ``step`` differs from the stored callback state."""
+        stored = self._stored_callbacks.get(step)
+        if stored is None:
+            return {}
+        try:
+            return callbacks_delta(stored, callbacks)
+        except ValueError as exc:
+            log.warning("%s: not recording its callback state (%s); a resume from it sees step %d's", path, exc, step)
+            return {}
 
     def _save_mode(self, step: int, keys: frozenset[str]) -> str:
         """(lock held) ``"name"``: the step is stored already with these entries; ``"more"``: this
@@ -299,34 +354,65 @@ class MirrorCheckpointIO(CheckpointIO):
 
     def _write_pending(self, handle: SaveHandle | None, step: int, ok: bool) -> None:
         """Write the pointers waiting for ``handle`` (None: ``step``, committed before this
-        process) if ``ok``, else drop them; release the steps no pointer names any more."""
+        process) if ``ok``, else drop them; release the steps no pointer names any more.
+
+        Saves commit in order, but their done callbacks run on threads of their own (and
+        :meth:`wait` runs them too), so this may run for a later save first: a pointer is written
+        only if no later ``save_checkpoint`` call's pointer for that path is on disk, and writing
+        it drops the path's pending pointers of earlier calls (superseded, never to be written).
+        A failed save's pointers are dropped: the path keeps naming the step written before.
+        """
         released: list[int] = []
         with self._lock:
-            waiting = [(p, e) for p, e in self._pending.items() if e.step == step and e.handle is handle]
-            for p, e in waiting:
-                del self._pending[p]
+            failed: list[str] = []
+            for p in list(self._pending):
+                entries = self._pending[p]
+                mine = [e for e in entries if e.step == step and e.handle is handle]
+                if not mine:
+                    continue
+                rest = [e for e in entries if all(e is not m for m in mine)]
+                self._pending[p] = rest
+                e = max(mine, key=lambda m: m.seq)
                 if not ok:
-                    continue
-                previous = self._written.get(p)
-                if previous is not None and previous != step and not self._named(previous, besides=p):
-                    self._mark(previous, _parent(p))  # before the last pointer to it goes
-                try:
-                    _write_pointer(p, self._pointer_doc(step, e.keys))
-                except OSError as exc:
-                    log.error("could not write the checkpoint pointer %s for step %d: %s", p, step, exc)
-                    continue
-                self._written[p] = step
-                if previous is not None and previous != step:
-                    released.append(previous)
+                    failed.append(p)
+                elif e.seq < self._written_seq.get(p, -1):
+                    released.append(step)  # a later call's pointer is there already
+                else:
+                    superseded = [x for x in rest if x.seq < e.seq]
+                    self._pending[p] = [x for x in rest if x.seq > e.seq]
+                    if self._write_one(p, e, released):
+                        released.extend(x.step for x in superseded)
+                    else:  # the path keeps its pointer: an earlier call's may still replace it
+                        self._pending[p] = rest
+                if not self._pending[p]:
+                    del self._pending[p]
             if not ok:
                 released.append(step)
-                if waiting:
-                    log.error("step %d was not committed; not writing its pointers %s", step, [p for p, _ in waiting])
-            released = [s for s in released if not self._named(s)]
+                if failed:
+                    log.error("step %d was not committed; not writing its pointers %s", step, failed)
+            released = [s for s in dict.fromkeys(released) if not self._named(s)]
         for s in released:
             self._release(s)
 
-    def _pointer_doc(self, step: int, keys: frozenset[str]) -> dict[str, Any]:
+    def _write_one(self, path: str, e: _Pending, released: list[int]) -> bool:
+        """(lock held) Write the pointer ``e`` at ``path``; the step it replaces goes to ``released``."""
+        previous = self._written.get(path)
+        if previous is not None and previous != e.step and not self._named(previous, besides=path):
+            self._mark(previous, _parent(path))  # before the last pointer to it goes
+        try:
+            _write_pointer(path, self._pointer_doc(e.step, e.keys, e.callbacks))
+        except OSError as exc:
+            log.error("could not write the checkpoint pointer %s for step %d: %s", path, e.step, exc)
+            return False
+        self._written[path] = e.step
+        self._written_seq[path] = e.seq
+        if previous is not None and previous != e.step:
+            released.append(previous)
+        return True
+
+    def _pointer_doc(
+        self, step: int, keys: frozenset[str], callbacks: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         assert self._mirror is not None
         return {
             "format": POINTER_FORMAT,
@@ -334,6 +420,7 @@ class MirrorCheckpointIO(CheckpointIO):
             "step": step,
             "replicas": [r.url for r in self._mirror.replicas],
             "keys": sorted(keys),
+            "callbacks": dict(callbacks or {}),
             "written_unix_s": round(time.time(), 3),
         }
 
@@ -344,8 +431,11 @@ class MirrorCheckpointIO(CheckpointIO):
         self.mirror  # noqa: B018 - opened: releasing a step needs it
         self._scan(_parent(key))
         with self._lock:
-            pending = self._pending.pop(key, None)
-            steps = {s for s in (self._written.pop(key, None), pending.step if pending else None) if s is not None}
+            steps = {e.step for e in self._pending.pop(key, ())}
+            written = self._written.pop(key, None)
+            self._written_seq.pop(key, None)
+            if written is not None:
+                steps.add(written)
             ours = False
             try:
                 steps.add(read_pointer(key)["step"])
@@ -365,10 +455,10 @@ class MirrorCheckpointIO(CheckpointIO):
             self._release(s)
 
     def _named(self, step: int, besides: str | None = None) -> bool:
-        """Whether a known pointer (written or pending; other than ``besides``) names ``step``
-        (lock held)."""
+        """Whether a known pointer (written, other than the one at ``besides``, or pending) names
+        ``step`` (lock held)."""
         return any(s == step and p != besides for p, s in self._written.items()) or any(
-            e.step == step and p != besides for p, e in self._pending.items()
+            e.step == step for entries in self._pending.values() for e in entries
         )
 
     def _mark(self, step: int, directory: str) -> None:
@@ -430,6 +520,7 @@ class MirrorCheckpointIO(CheckpointIO):
                 if deleted:  # a later save of this step is a new save
                     self._keys.pop(step, None)
                     self._handles.pop(step, None)
+                    self._stored_callbacks.pop(step, None)
                 if deleted or settled:
                     self._unmark(step)
             done.set()
@@ -461,7 +552,12 @@ class MirrorCheckpointIO(CheckpointIO):
             raise PointerError(key, f"step {step} does not hold a Lightning checkpoint dict")
         with self._lock:
             # Saving this step again (a resume that checkpoints before training on) only names it.
-            self._keys.setdefault(step, frozenset(str(k) for k in state))
+            if step not in self._keys:
+                self._keys[step] = frozenset(str(k) for k in state)
+                self._stored_callbacks = {step: encode_callbacks(state.get("callbacks"))}
+        # The callback state of the save that wrote this pointer (ModelCheckpoint's last.ckpt
+        # names itself as last_model_path), where it differs from the step's stored state.
+        state = apply_callbacks(state, doc["callbacks"])
         if doc["keys"]:
             # A weights-only save of a step stored in full earlier: return what that save held.
             state = {k: v for k, v in state.items() if k in set(doc["keys"])}
@@ -505,7 +601,12 @@ class MirrorCheckpointIO(CheckpointIO):
         finally:
             # The done callbacks run on their own threads: write what they may not have yet.
             with self._lock:
-                handles = {id(e.handle): e.handle for e in self._pending.values() if e.handle is not None}
+                handles = {
+                    id(e.handle): e.handle
+                    for entries in self._pending.values()
+                    for e in entries
+                    if e.handle is not None
+                }
             for h in handles.values():
                 if h.done():
                     self._on_done(h)
@@ -535,6 +636,7 @@ class MirrorCheckpointIO(CheckpointIO):
                 releaser, self._releaser = self._releaser, None
                 self._handles.clear()
                 self._keys.clear()
+                self._stored_callbacks.clear()
                 self._pending.clear()
                 self._scanned.clear()
                 self._markers.clear()
