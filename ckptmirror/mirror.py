@@ -255,6 +255,7 @@ class Mirror:
         self._lock = threading.Lock()  # guards the handles and in-flight bookkeeping below
         self._handles: list[SaveHandle] = []
         self._unfinished = 0  # queued or running background jobs (retention included)
+        self._saving = 0  # save() calls in progress on the caller's threads (not queued yet)
         self._idle = threading.Condition(self._lock)
         self._inflight_steps: set[int] = set()
         self._closed = False
@@ -306,6 +307,27 @@ class Mirror:
         )
 
     def _save(
+        self,
+        step: int,
+        make_state: Callable[[], tuple[Any, int]],
+        overwrite: bool,
+        t0: float,
+        replicated: bool,
+        model: Any = None,
+    ) -> SaveHandle:
+        # A save() in progress (copying, or waiting for a staging buffer) counts as in flight for
+        # wait(): a SIGTERM flush that starts meanwhile (its handler runs between two bytecodes
+        # of this very call) must wait for it, not find nothing queued and exit without it.
+        with self._lock:
+            self._saving += 1
+        try:
+            return self._save_now(step, make_state, overwrite, t0, replicated, model)
+        finally:
+            with self._idle:
+                self._saving -= 1
+                self._idle.notify_all()
+
+    def _save_now(
         self,
         step: int,
         make_state: Callable[[], tuple[Any, int]],
@@ -486,11 +508,15 @@ class Mirror:
 
         A failure is reported once: by ``handle.result()``, or else by the next ``save()``,
         ``wait()`` or ``close()``. Raises :class:`TimeoutError` if ``timeout`` passes first.
+        A ``save()`` still running on another thread (copying, or waiting for a staging buffer)
+        is in flight too: it is waited for. Do not call ``wait()`` while that ``save()`` waits on
+        something this thread holds.
         """
         t0 = time.monotonic()
         with self._idle:
-            # Jobs finish after their handles resolve (slower replicas): wait for all.
-            if not self._idle.wait_for(lambda: self._unfinished == 0, timeout=timeout):
+            # Jobs finish after their handles resolve (slower replicas): wait for all, and for
+            # save() calls other threads (or an interrupted main thread) are still making.
+            if not self._idle.wait_for(lambda: self._unfinished == 0 and self._saving == 0, timeout=timeout):
                 pending = [h for h in self._handles if not h.done()]
                 raise TimeoutError(f"saves still in flight after {timeout} s: {pending}")
         # Retention runs after the writes, on its own thread: wait() means "nothing in flight".

@@ -62,6 +62,18 @@ def test_sigterm_during_a_background_save_commits_it_then_exits(tmp_path: Path) 
     assert step == 2 and same(model, expected(2))
 
 
+def test_sigterm_while_save_is_still_copying_commits_that_save(tmp_path: Path) -> None:
+    # The SIGTERM lands inside save(2), before its job is queued: the flush used to find nothing
+    # in flight, log "committed" and exit at once, and step 2 was lost (restored: step 1).
+    proc = subprocess.Popen(
+        [sys.executable, CHILD, str(tmp_path), "0.05", "in-save"], stdout=subprocess.PIPE, text=True
+    )
+    rc = proc.wait(timeout=60)
+    assert rc == -signal.SIGTERM
+    step, model = restored(tmp_path)
+    assert step == 2 and same(model, expected(2))
+
+
 def test_sigkill_after_the_grace_period_keeps_the_previous_step(tmp_path: Path) -> None:
     # A save far too slow for the grace period: the launcher's SIGKILL wins; step 1 is intact.
     proc = start(tmp_path, 1.0)
