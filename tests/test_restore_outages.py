@@ -331,3 +331,35 @@ def test_verify_of_a_replica_that_stops_answering_is_an_outage_in_one_budget(
     peer.broken = ""
     rep = ops.repair([LocalReplica(local), peer.at_first_object_read(peer.replica(), how)], dry_run=True)
     assert rep.exit_code == 2 and not [a for a in rep.actions if a.replica == peer.url], rep.actions
+
+
+def test_a_newest_step_that_cannot_be_read_is_not_skipped_for_an_older_one(tmp_path: Path) -> None:
+    # An object of the newest step cannot be opened (EACCES: a permission an operator can fix,
+    # the bytes intact). Before, the restore fell back to step 1 with a WARNING: the run silently
+    # rewound. It now raises, saying the checkpoints may be intact, and changes nothing.
+    import errno
+
+    from ckptmirror.errors import ReplicaPermissionError
+
+    torch.manual_seed(0)
+    src = torch.nn.Linear(64, 64)
+    with Mirror([str(tmp_path)]) as m:
+        m.save(1, src).result(timeout=60)
+        with torch.no_grad():
+            src.weight.add_(1.0)
+        m.save(2, src).result(timeout=60)
+
+    def denied(phase: str, key: str) -> None:
+        if phase == "get" and key.startswith("step-000000000002/") and key.endswith(".bin"):
+            raise ReplicaPermissionError("open failed", replica=str(tmp_path), key=key) from OSError(
+                errno.EACCES, "Permission denied"
+            )
+
+    bad = FaultyReplica(LocalReplica(str(tmp_path)), on_phase=denied)
+    bad.read_priority = 10**6  # read through the wrapper, not mapped in place
+    dst = torch.nn.Linear(64, 64)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with Mirror([bad]) as m, pytest.raises(ReplicaPermissionError) as exc:
+        m.restore(dst)
+    assert "step 2 could not be read" in "".join(getattr(exc.value, "__notes__", [])), exc.value
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())

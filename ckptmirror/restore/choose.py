@@ -5,8 +5,10 @@ The orchestrator of the read path. The committed steps found by
 :class:`~ckptmirror.restore.fetch.Fetcher` (commit readable, this rank's manifest verified,
 every object present somewhere with its size: one preflight per step) and loaded by
 :func:`~ckptmirror.restore.fill.fill_step`.
-A step that fails with one of :data:`~ckptmirror.restore.fetch.STEP_FAILURES` is skipped with a
-warning naming what was wrong, and the previous step is tried. Checkpoints that exist but
+A step that fails with damage (:func:`~ckptmirror.restore.fetch.is_damage`: a copy that failed
+its checks, missing everywhere, ``EIO``) is skipped with a warning naming what was wrong, and the
+previous step is tried; one that could not be read for another reason (an outage, a permission)
+ends the restore instead: it may be intact, and an older step would rewind the run. Checkpoints that exist but
 none of which verifies raise :class:`NoValidCheckpointError` (damage: some copy failed its
 checks). When no step failed that way, only because no replica holding it could be reached or
 read, the error is a :class:`ReplicaUnavailableError` that says so and what to do; the same when
@@ -175,6 +177,17 @@ def load_newest(
                     if not is_damage(exc):
                         exc.add_note(f"ckptmirror: step {s} could not be read; {OUTAGE_FIX}")
                     raise
+                if not is_damage(exc):
+                    # No replica holding it could be reached or read (an outage, a permission):
+                    # the step may be intact, and an older one would rewind the run for a reason
+                    # an operator can fix. Say so instead of falling back.
+                    problems[s] = f"{type(exc).__name__}: {exc}"
+                    failures[s] = exc
+                    err = _unreadable_steps(problems, list(failures.values()))
+                    if err is exc:  # a misconfiguration: its own message names the fix
+                        exc.add_note(f"ckptmirror: step {s} could not be read; {OUTAGE_FIX}")
+                        raise
+                    raise err from exc
                 log.warning("step %d cannot be restored, falling back to an older step: %s", s, exc)
                 problems[s] = f"{type(exc).__name__}: {exc}"
                 failures[s] = exc
@@ -222,11 +235,13 @@ def _nobody_listed(unreachable: dict[str, str]) -> ReplicaUnavailableError:
     )
 
 
-def _unreadable_steps(problems: dict[int, str], failures: list[BaseException]) -> BaseException:
+def _unreadable_steps(problems: dict[int, str], failures: list[BaseException], note: str = "") -> BaseException:
     """The error of a restore whose steps all failed for lack of a replica that could be read
     (none failed a check): the misconfiguration when that is all there was, else an outage."""
     if failures and all(isinstance(e, ReplicaConfigError) for e in failures):
         return failures[0]  # e.g. a peer token refused: its message names the fix
+    if note:
+        problems = {**problems, -1: note}
     lines = "".join(f"\n  step {s}: {p}" for s, p in sorted(problems.items(), reverse=True) if s >= 0)
     lines += "".join(f"\n  {p}" for s, p in problems.items() if s < 0)
     urls = {getattr(e, "replica", "") for e in failures}
@@ -293,18 +308,24 @@ def _load_agreed(
                 log.warning("step %d cannot be restored on rank %d: %s", s, rank, exc)
                 problems[s] = f"rank {rank}: {type(exc).__name__}: {exc}"
                 failures.append(exc)
+                if not is_damage(exc) and not out_of_memory(exc):
+                    break  # could not be read (not damage): no older step, see load_newest
         vote = {
             "step": mine,
             "any": bool(candidates),
             "error": error,
             "down": all_down,
             "damage": any(is_damage(e) for e in failures),
+            "outage": any(not is_damage(e) and not out_of_memory(e) for e in failures),
         }
         votes = agree(f"probe{rnd}", vote)
         errors = [f"rank {r}: {v['error']}" for r, v in enumerate(votes) if v["error"]]
         if errors:
             raise StateMismatchError("; ".join(errors))
         damaged = damaged or any(v.get("damage") for v in votes)
+        outage = [r for r, v in enumerate(votes) if v.get("outage")]
+        if outage:  # a step some rank could not read (not damage): every rank raises, none rewinds
+            raise _unreadable_steps(problems, failures, f"rank(s) {outage} could not read their replicas")
         if not any(v["any"] for v in votes):
             down = [r for r, v in enumerate(votes) if v.get("down")]
             if down:  # not "no checkpoint": some rank could not look
@@ -350,12 +371,25 @@ def _load_agreed(
             problems[lo] = f"rank {rank}: {why}"
             failures.append(exc)
         try:
-            results = agree(f"load{rnd}", {"ok": ok, "why": why, "damage": any(is_damage(e) for e in failures)})
+            results = agree(
+                f"load{rnd}",
+                {
+                    "ok": ok,
+                    "why": why,
+                    "damage": any(is_damage(e) for e in failures),
+                    "outage": not ok and not is_damage(failures[-1]) and not out_of_memory(failures[-1]),
+                },
+            )
         except BaseException:
             if ok:
                 loaded.abandon()  # the ranks cannot agree (a peer died): this rank keeps its tensors
             raise
         damaged = damaged or any(v.get("damage") for v in results)
+        outage = [r for r, v in enumerate(results) if v.get("outage")]
+        if outage:
+            if ok:
+                loaded.abandon()
+            raise _unreadable_steps(problems, failures, f"rank(s) {outage} could not read their replicas")
         if all(v["ok"] for v in results):
             if lo != candidates[0]:
                 log.warning("all ranks restored step %d (newer steps could not be restored everywhere)", lo)
