@@ -32,7 +32,25 @@ def main() -> int:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     out = {"rank": rank}
-    m = ckptmirror.Mirror(urls, object_bytes=32 << 10, commit_timeout_s=8, keep_last=5)
+    replicas: list = list(urls)
+    if mode == "restore-denied" and rank == 1:
+        # Rank 1 cannot open step 2's objects on any replica (EACCES: intact bytes, a permission
+        # an operator can fix). No rank may rewind to step 1 for that: every rank raises.
+        import errno
+
+        from ckptmirror.errors import ReplicaPermissionError
+        from ckptmirror.replicas import FaultyReplica, LocalReplica
+
+        def denied(phase: str, key: str) -> None:
+            if phase == "get" and key.startswith("step-000000000002/") and key.endswith(".bin"):
+                raise ReplicaPermissionError("open failed", key=key) from OSError(errno.EACCES, "Permission denied")
+
+        replicas = []
+        for u in urls:
+            r = FaultyReplica(LocalReplica(u.replace("{rank}", str(rank))), on_phase=denied)
+            r.read_priority = 10**6  # read through the wrapper, not mapped in place
+            replicas.append(r)
+    m = ckptmirror.Mirror(replicas, object_bytes=32 << 10, commit_timeout_s=8, keep_last=5)
     if mode == "save":
         for step in (1, 2):
             m.save_state(step, rank_state(rank, step)).result(timeout=60)
@@ -70,6 +88,12 @@ def main() -> int:
         step, state = res
         expect = rank_state(rank, step)
         out.update(step=step, equal=bool(torch.equal(state["w"], expect["w"]) and state["rank"] == rank))
+    elif mode == "restore-denied":
+        try:
+            res = m.load_state()
+            out["step"] = res[0] if res is not None else None
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            out["error"] = type(exc).__name__
     m.close()
     with open(os.path.join(root, f"result-{rank}.json"), "w") as f:
         json.dump(out, f)

@@ -129,6 +129,17 @@ def test_per_rank_shards_node_local_and_shared(per_rank_saved: Path, tmp_path: P
     assert str(tmp_path / "shared") in res[1]["served"][0]
 
 
+def test_a_step_one_rank_cannot_read_makes_every_rank_raise_not_rewind(per_rank_saved: Path, tmp_path: Path) -> None:
+    # Rank 1 cannot open step 2's objects (EACCES, not damage). Before, the ranks fell back to
+    # step 1 together, silently rewinding the run; now every rank raises and restores nothing.
+    tmp_path = tmp_path / "job"
+    shutil.copytree(per_rank_saved, tmp_path)
+    torchrun(str(CHILD), "restore-denied", str(tmp_path), str(tmp_path / "local-{rank}"), str(tmp_path / "shared"))
+    res = _results(tmp_path)
+    assert [r.get("error") for r in res] == ["ReplicaUnavailableError", "ReplicaUnavailableError"], res
+    assert all("step" not in r for r in res), res
+
+
 def test_per_rank_state_refuses_another_world_size(per_rank_saved: Path) -> None:
     with ckptmirror.Mirror([str(per_rank_saved / "shared")]) as m:
         with pytest.raises(ckptmirror.StateMismatchError, match="2 rank"):
