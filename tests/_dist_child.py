@@ -33,16 +33,20 @@ def main() -> int:
     rank = dist.get_rank()
     out = {"rank": rank}
     replicas: list = list(urls)
-    if mode == "restore-denied" and rank == 1:
-        # Rank 1 cannot open step 2's objects on any replica (EACCES: intact bytes, a permission
-        # an operator can fix). No rank may rewind to step 1 for that: every rank raises.
+    # restore-denied: rank 1 cannot open step 2's objects on any replica (EACCES: intact bytes,
+    # a permission an operator can fix); no rank may rewind to step 1 for that, every rank raises.
+    # restore-damaged-denied: the same, and rank 0 finds step 2 corrupt everywhere: no rank can
+    # restore step 2 whatever rank 1's outage, so both restore step 1.
+    if mode in ("restore-denied", "restore-damaged-denied") and (rank == 1 or mode == "restore-damaged-denied"):
         import errno
 
-        from ckptmirror.errors import ReplicaPermissionError
+        from ckptmirror.errors import CorruptObjectError, ReplicaPermissionError
         from ckptmirror.replicas import FaultyReplica, LocalReplica
 
         def denied(phase: str, key: str) -> None:
             if phase == "get" and key.startswith("step-000000000002/") and key.endswith(".bin"):
+                if rank == 0:
+                    raise CorruptObjectError("checksum mismatch (injected)", key=key)
                 raise ReplicaPermissionError("open failed", key=key) from OSError(errno.EACCES, "Permission denied")
 
         replicas = []
@@ -88,7 +92,7 @@ def main() -> int:
         step, state = res
         expect = rank_state(rank, step)
         out.update(step=step, equal=bool(torch.equal(state["w"], expect["w"]) and state["rank"] == rank))
-    elif mode == "restore-denied":
+    elif mode in ("restore-denied", "restore-damaged-denied"):
         try:
             res = m.load_state()
             out["step"] = res[0] if res is not None else None

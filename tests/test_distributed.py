@@ -140,6 +140,18 @@ def test_a_step_one_rank_cannot_read_makes_every_rank_raise_not_rewind(per_rank_
     assert all("step" not in r for r in res), res
 
 
+def test_a_step_one_rank_cannot_read_and_another_finds_damaged_falls_back(per_rank_saved: Path, tmp_path: Path) -> None:
+    # Rank 0 finds step 2 corrupt on every replica: no rank can restore it, whatever rank 1's
+    # outage on it; both go back to step 1 together (rank 1's outage does not stop them).
+    tmp_path = tmp_path / "job"
+    shutil.copytree(per_rank_saved, tmp_path)
+    torchrun(
+        str(CHILD), "restore-damaged-denied", str(tmp_path), str(tmp_path / "local-{rank}"), str(tmp_path / "shared")
+    )
+    res = _results(tmp_path)
+    assert [(r.get("step"), r.get("error")) for r in res] == [(1, None), (1, None)], res
+
+
 def test_per_rank_state_refuses_another_world_size(per_rank_saved: Path) -> None:
     with ckptmirror.Mirror([str(per_rank_saved / "shared")]) as m:
         with pytest.raises(ckptmirror.StateMismatchError, match="2 rank"):

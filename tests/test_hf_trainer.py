@@ -350,3 +350,26 @@ def test_resume_is_bit_exact_when_evaluation_runs_on_a_save_step(
     # Steps 12 and 15 (the last, evaluated at the end) saved once each.
     with ckptmirror.Mirror([str(ra)], distributed=False) as m:
         assert m.steps() == [4, 8, 12, 15]
+
+
+def test_a_wrapper_left_by_a_failed_train_is_unwrapped_by_the_next_callback(tmp_path: Path) -> None:
+    # A train() that raised never reached on_train_end: its callback's wrapper stayed on the
+    # Trainer. A new callback takes HF's own method back, not the old wrapper (which would keep
+    # the old callback and its mirror alive and save twice).
+    from ckptmirror.integrations.transformers import MirrorCallback
+
+    class FakeTrainer:
+        def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> str:
+            return "hf"
+
+    t = FakeTrainer()
+    old, new = MirrorCallback([str(tmp_path)], save_steps=1), MirrorCallback([str(tmp_path)], save_steps=1)
+    assert old._hook(t) and old._hook(t)  # the same callback again: left as it is
+    assert t._maybe_log_save_evaluate._ckptmirror_callback is old  # type: ignore[attr-defined]
+    assert new._hook(t)
+    wrapper = t._maybe_log_save_evaluate
+    assert wrapper._ckptmirror_callback is new  # type: ignore[attr-defined]
+    assert wrapper.__wrapped__.__func__ is FakeTrainer._maybe_log_save_evaluate  # type: ignore[attr-defined]
+    assert wrapper() == "hf"
+    new._unhook(t)
+    assert "_maybe_log_save_evaluate" not in vars(t)

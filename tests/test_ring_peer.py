@@ -414,9 +414,20 @@ def test_a_partial_replica_still_answers_for_the_ranks_it_holds(ring: Ring, tmp_
     other = tmp_path / "other"
     shutil.copytree(src, other)
     rec = next((other / step_dir(2)).glob("share-*.json"))
-    rec.rename(rec.with_name("share-0123456789abcdef.json"))
+    rec.rename(rec.with_name("share-0123456789abcdef-00000.json"))
     code, doc = _verify(str(other), "--step", "2")
     assert code == 1 and any("rank-00001" in p["key"] for p in doc["damage"]), doc
+    # A directory both nodes' groups wrote to (a shared filesystem mounted at the same path on
+    # every node looks node-local): each group's record is kept, their union is every rank, and
+    # a lost rank is damage. (One name for all of them: the last writer's record said "[1]" and
+    # verify passed the loss of rank 0.)
+    both = tmp_path / "both"
+    shutil.copytree(src, both)
+    [theirs] = (ring.root / "local-1" / step_dir(2)).glob("share-*.json")
+    shutil.copy(theirs, both / step_dir(2) / theirs.name)
+    assert len(list((both / step_dir(2)).glob("share-*.json"))) == 2
+    code, doc = _verify(str(both), "--step", "2")
+    assert code == 1 and any("rank-00001" in p["key"] and p["kind"] == "missing" for p in doc["damage"]), doc
     # prune leaves share records alone (they are the commit's), repair copies nothing for rank 1.
     from ckptmirror import ops
 

@@ -203,8 +203,13 @@ class MirrorCallback(TrainerCallback):  # type: ignore[misc,unused-ignore]  # An
                 type(trainer).__name__,
             )
             return False
-        if getattr(inner, "_ckptmirror_callback", None) is self:
+        owner = getattr(inner, "_ckptmirror_callback", None)
+        if owner is self:
             return True  # still in place: an earlier train() raised before on_train_end
+        if owner is not None:
+            # Left by another MirrorCallback whose train() raised (no on_train_end): unwrap it,
+            # so that its callback (and its mirror) is not held, nor saves twice.
+            inner = inner.__wrapped__
 
         @functools.wraps(inner)
         def maybe_log_save_evaluate_then_mirror(*args: Any, **kwargs: Any) -> Any:

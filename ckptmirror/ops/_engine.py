@@ -25,7 +25,6 @@ from ..format import (
     ShareRecord,
     commit_key,
     is_share_key,
-    share_key,
     step_dir,
     writer_of,
 )
@@ -183,9 +182,22 @@ class Engine:
         object (``obj``, its record), the size looked at is that of what ``r`` stores for it,
         by its placement record: compressed (``.zst``), or an earlier step's object (incremental).
         """
-        outage = self._outage(r, step, key, exc, rank) or self.unavailable(r, step, key, rank)
+        outage = self._outage(r, step, key, exc, rank)
         if outage is not None:
             return outage
+        if r.url in self.down:
+            # Another read found the replica down meanwhile: ask it nothing more, but this read
+            # did get an answer, and what it says (a checksum mismatch, ...) is still damage.
+            kind = (
+                "missing"
+                if isinstance(exc, ObjectMissingError)
+                else "invalid"
+                if isinstance(exc, ManifestError) and obj is None
+                else "corrupt"
+                if isinstance(exc, (CorruptObjectError, ManifestError))
+                else "unreadable"
+            )
+            return Problem(step, r.url, key, kind, strip_where(str(exc), r.url, key), rank)
         stored_key, stored_size = key, size
         if obj is not None:
             try:
@@ -243,7 +255,13 @@ class Engine:
             share = None
             try:
                 csum = checksum(r.get(commit_key(step), MAX_MANIFEST_BYTES))
-                share = ShareRecord.parse(r.get(share_key(step, csum), MAX_SHARE_BYTES), step, csum)
+                keys = [key for key in r.list_prefix(step_dir(step)) if is_share_key(key, csum)]
+                # One record per group that writes here: their union is what the replica holds
+                # (a directory every node writes to gets the whole world: a full copy).
+                records = [ShareRecord.parse(r.get(key, MAX_SHARE_BYTES), step, csum) for key in keys]
+                if records and all(rec is not None for rec in records):
+                    ranks = sorted({x for rec in records if rec is not None for x in rec.ranks})
+                    share = ShareRecord(step, csum, tuple(ranks))
             except FAILURES:
                 pass  # no usable record: the rule of a full copy
             self._shares[k] = share

@@ -293,8 +293,10 @@ def _load_agreed(
             problems[-1] = note
         return _unreadable_steps(problems, failures)
 
+    damaged_at: set[int] = set()  # steps this rank found damaged (a copy failed its checks)
     for rnd in range(len(candidates) * 2 + 2):
         mine, error = -1, None
+        outage_at: int | None = None  # the step this rank could not read this round (not damage)
         found: tuple[int, CommitRecord, RankManifest, ObjectPlan] | None = None
         for s in (c for c in candidates if c <= bound):
             try:
@@ -308,7 +310,10 @@ def _load_agreed(
                 log.warning("step %d cannot be restored on rank %d: %s", s, rank, exc)
                 problems[s] = f"rank {rank}: {type(exc).__name__}: {exc}"
                 failures.append(exc)
-                if not is_damage(exc) and not out_of_memory(exc):
+                if is_damage(exc):
+                    damaged_at.add(s)
+                elif not out_of_memory(exc):
+                    outage_at = s
                     break  # could not be read (not damage): no older step, see load_newest
         vote = {
             "step": mine,
@@ -316,16 +321,25 @@ def _load_agreed(
             "error": error,
             "down": all_down,
             "damage": any(is_damage(e) for e in failures),
-            "outage": any(not is_damage(e) and not out_of_memory(e) for e in failures),
+            "outage_at": outage_at,
+            "damaged_at": sorted(damaged_at),
         }
         votes = agree(f"probe{rnd}", vote)
         errors = [f"rank {r}: {v['error']}" for r, v in enumerate(votes) if v["error"]]
         if errors:
             raise StateMismatchError("; ".join(errors))
         damaged = damaged or any(v.get("damage") for v in votes)
-        outage = [r for r, v in enumerate(votes) if v.get("outage")]
-        if outage:  # a step some rank could not read (not damage): every rank raises, none rewinds
-            raise _unreadable_steps(problems, failures, f"rank(s) {outage} could not read their replicas")
+        # A step some rank could not read (not damage) may be intact: every rank raises rather
+        # than rewind, unless another rank found that step damaged (then no rank can restore
+        # it whatever the outage, and the ranks look below it).
+        seen_damaged = {s for v in votes for s in v.get("damaged_at", ())}
+        stuck = {r: v["outage_at"] for r, v in enumerate(votes) if v.get("outage_at") is not None}
+        blocking = sorted(r for r, s in stuck.items() if s not in seen_damaged)
+        if blocking:
+            raise _unreadable_steps(problems, failures, f"rank(s) {blocking} could not read their replicas")
+        if stuck:
+            bound = min(stuck.values()) - 1
+            continue
         if not any(v["any"] for v in votes):
             down = [r for r, v in enumerate(votes) if v.get("down")]
             if down:  # not "no checkpoint": some rank could not look
@@ -377,6 +391,7 @@ def _load_agreed(
                     "ok": ok,
                     "why": why,
                     "damage": any(is_damage(e) for e in failures),
+                    "damaged_now": not ok and is_damage(failures[-1]),
                     "outage": not ok and not is_damage(failures[-1]) and not out_of_memory(failures[-1]),
                 },
             )
@@ -386,7 +401,7 @@ def _load_agreed(
             raise
         damaged = damaged or any(v.get("damage") for v in results)
         outage = [r for r, v in enumerate(results) if v.get("outage")]
-        if outage:
+        if outage and not any(v.get("damaged_now") for v in results):  # see the probe's vote
             if ok:
                 loaded.abandon()
             raise _unreadable_steps(problems, failures, f"rank(s) {outage} could not read their replicas")

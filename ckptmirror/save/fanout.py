@@ -837,7 +837,7 @@ def share_record(
     if replicated or len(group) >= world_size:
         return None
     csum = checksum(commit_bytes)
-    return share_key(step, csum), ShareRecord(step, csum, tuple(group)).to_json()
+    return share_key(step, csum, min(group)), ShareRecord(step, csum, tuple(group)).to_json()
 
 
 def commit_step(
