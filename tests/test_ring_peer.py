@@ -12,8 +12,11 @@ commit from a client that does not name its writers (the strict rule of older cl
   replicated state written round-robin) commits on both replica positions on both ranks.
 - The scrubber reports the ranks and objects a namespace never held as ``not_held``, not as
   damage; a manifest or object of the held share that is lost or corrupt is still damage.
-- ``ckptmirror verify`` on a partial namespace: the held share verifies (from the agent's scrub
-  results); what it says of the other node's rank is pinned below.
+- ``ckptmirror verify`` on a partial namespace or node-local directory alone: the held rank
+  verifies (from the agent's scrub results on a peer), the other node's rank is "not held here"
+  (the share records written with the commit), not damage; a lost own rank, a removed or foreign
+  record, or two groups' records in one directory keep the full-copy rule; prune keeps the
+  records.
 - Node 1 is replaced (its local directory deleted): a fresh 2-rank job restores every rank's state
   bit-exact, rank 1 reading its shard from the peer, rank 0 from its own disk.
 """
