@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -584,8 +583,10 @@ def test_close_stops_the_health_prober_before_closing_the_replicas(tmp_path: Pat
         time.sleep(0.01)
     assert slow.in_ping, "the prober never pinged"
     m.close()
-    # The ping in progress was waited for, and none started after: the prober thread is gone.
-    assert not [t for t in threading.enumerate() if t.name.startswith("ckptmirror-health") and t.is_alive()]
+    # The ping in progress was waited for, and none started after: this mirror's prober thread
+    # is gone (other tests' mirrors may have probers of their own in this process).
+    prober = m._health._thread
+    assert prober is not None and not prober.is_alive()
     slow.close()
     time.sleep(0.1)
     assert slow.after_close == 0 and slow.in_ping == 0
