@@ -306,22 +306,15 @@ class Mirror:
             bool(replicated if replicated is not None else self.replicated),
         )
 
-    def _save(
-        self,
-        step: int,
-        make_state: Callable[[], tuple[Any, int]],
-        overwrite: bool,
-        t0: float,
-        replicated: bool,
-        model: Any = None,
-    ) -> SaveHandle:
+    def _save(self, *args: Any, **kwargs: Any) -> SaveHandle:
+        """:meth:`_save_now`, counted as a save in progress while it runs."""
         # A save() in progress (copying, or waiting for a staging buffer) counts as in flight for
         # wait(): a SIGTERM flush that starts meanwhile (its handler runs between two bytecodes
         # of this very call) must wait for it, not find nothing queued and exit without it.
         with self._lock:
             self._saving += 1
         try:
-            return self._save_now(step, make_state, overwrite, t0, replicated, model)
+            return self._save_now(*args, **kwargs)
         finally:
             with self._idle:
                 self._saving -= 1

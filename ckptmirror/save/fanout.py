@@ -222,14 +222,11 @@ class Fanout:
         self._retention_pool = self._pool(1, "ckptmirror-retention")
         self._retention: list[Future[None]] = []
         self._retention_owner = [True] * len(self.replicas)
-        # Per position: (this rank's index, size) of the group of ranks that write to the same
-        # replica there; a replicated (DDP) state's objects are spread over that group only.
-        self._share = [(0, 1)] * len(self.replicas)
-        # Per position: the ranks that write to the same replica there (this one's group).
+        # Per position: the ranks that write to the same replica there (this one's group): a
+        # replicated (DDP) state's objects are spread over it, and its share record names it.
         self._groups: list[tuple[int, ...]] = [(dist.rank,)] * len(self.replicas)
         if coord is not None:
             self._retention_owner, self._groups = self.elect_retention_owners()
-            self._share = [(g.index(dist.rank), len(g)) for g in self._groups]
 
     def _pool(self, workers: int, name: str) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=lower_priority, initargs=(self.nice,))
@@ -560,7 +557,8 @@ class Fanout:
             return None
         world = self.dist.world_size
         n = len(enc.windows)
-        return [tuple(i for i in range(n) if (i % world) % size == k) for k, size in self._share]
+        rank = self.dist.rank
+        return [tuple(i for i in range(n) if (i % world) % len(g) == g.index(rank)) for g in self._groups]
 
     def pin(self, step: int, pinned: bool) -> None:
         """Keep ``step`` out of retention (``pinned=True``) or give it back to it."""
