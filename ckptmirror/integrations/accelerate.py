@@ -191,16 +191,17 @@ class MirrorState:
             pass  # not on this process's replicas (another process's own replica holds it)
         except Exception as exc:  # noqa: BLE001 - reported to every process below
             error = f"{type(exc).__name__}: {exc}"
-        if not error:
+        # Also the barrier: no process looks (below) before every process has deleted.
+        failed = {r: e for r, e in enumerate(self._all_gather(error)) if e}
+        if not failed:
             # Mirror.delete skips a degraded replica with a warning: here that would leave the
             # abandoned step there, and a restore from that replica alone would load it. Every
             # replica must be seen without it before anyone writes the new one.
             listing = list_steps(self.mirror.replicas, timeout_s=self.mirror.open_timeout_s)
             left = sorted(set(listing.committed.get(step, [])) | set(listing.unreachable))
-            if left:
-                error = f"step {step} may still be on {', '.join(left)} (unreachable or not deleted there)"
-        # Also the barrier: no process writes the new step before every process removed the old one.
-        failed = {r: e for r, e in enumerate(self._all_gather(error)) if e}
+            error = f"step {step} may still be on {', '.join(left)} (unreachable or not deleted there)" if left else ""
+            # The second barrier: no process writes the new step before every process has looked.
+            failed = {r: e for r, e in enumerate(self._all_gather(error)) if e}
         if failed:
             why = "; ".join(f"rank {r}: {e}" for r, e in failed.items())
             raise ReplicaError(f"could not replace step {step} committed by an earlier run ({why})")
