@@ -103,7 +103,16 @@ class StateMismatchError(CkptMirrorError, ValueError):
 
 
 class ReplicaError(_ObjectError, OSError):
-    """A replica backend failed: I/O error, network error, permission denied, disk full."""
+    """A replica backend failed: I/O error, network error, permission denied, disk full.
+
+    ``errno`` is the operating system's error number where the backend reported one (a local
+    disk's ``ENOSPC``; an agent's HTTP 507 reads as ``ENOSPC``), else None: the replica's health
+    check uses it to tell a full or read-only replica from one that does not answer.
+    """
+
+    def __init__(self, message: str, *, replica: str = "", key: str = "", errno: int | None = None) -> None:
+        super().__init__(message, replica=replica, key=key)
+        self.errno = errno
 
 
 class ReplicaUnavailableError(ReplicaError):

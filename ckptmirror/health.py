@@ -4,7 +4,11 @@ A replica that fails with an ``OSError`` (unreachable, disk full, timed out) is 
 saves skip it, so a dead replica costs the training thread nothing, and a background thread
 pings it every ``interval_s`` until it answers again. Replicas that ask for a heartbeat
 (:attr:`Replica.heartbeat`: peers, since a node can vanish between saves) are pinged even while
-healthy. One :class:`ReplicaHealth` belongs to one :class:`~ckptmirror.mirror.Mirror`; its save
+healthy. A replica degraded by a write error (disk full, quota, read-only: its ``errno`` is in
+:data:`~ckptmirror.replicas.base.WRITE_ERRNOS`) still answers a ping, so it comes back only once
+:meth:`~ckptmirror.replicas.base.Replica.probe_write` also passes for the bytes the failed save
+needed there: else every save would try it, fail at the same point and mark it again, and its
+health would flap. One :class:`ReplicaHealth` belongs to one :class:`~ckptmirror.mirror.Mirror`; its save
 fan-out marks replicas through it.
 """
 
@@ -14,7 +18,7 @@ import logging
 import threading
 from collections.abc import Mapping, Sequence
 
-from .replicas.base import Replica
+from .replicas.base import WRITE_ERRNOS, Replica
 
 log = logging.getLogger("ckptmirror")
 
@@ -27,16 +31,26 @@ class ReplicaHealth:
         self.interval_s = interval_s
         self._lock = threading.Lock()
         self._degraded: dict[str, str] = {}
+        #: URL -> bytes a save needs there, for replicas degraded by a write error
+        self._need_write: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def mark(self, replica: Replica, exc: BaseException | str) -> None:
-        """Record ``replica`` as degraded because of ``exc`` (logged once per outage)."""
+    def mark(self, replica: Replica, exc: BaseException | str, need_bytes: int = 0) -> None:
+        """Record ``replica`` as degraded because of ``exc`` (logged once per outage).
+
+        ``need_bytes``: what the save that failed needed to write there; after a write error
+        the replica comes back only once that much can be written (see the module docstring).
+        """
         why = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        refuses_writes = isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS
         with self._lock:
             if replica.url not in self._degraded:
-                log.warning("replica %s is degraded (%s); saves skip it until it answers again", replica.url, why)
+                until = "it can be written again" if refuses_writes else "it answers again"
+                log.warning("replica %s is degraded (%s); saves skip it until %s", replica.url, why, until)
             self._degraded[replica.url] = why
+            if refuses_writes:
+                self._need_write[replica.url] = max(need_bytes, self._need_write.get(replica.url, 0))
 
     def mark_all(self, failures: Mapping[str, str]) -> None:
         """Record several replicas (by URL) as degraded, without a log line each."""
@@ -88,6 +102,16 @@ class ReplicaHealth:
                     r.abort_inflight(f"{type(exc).__name__}: {exc}")
                     continue
                 with self._lock:
+                    need = self._need_write.get(r.url)
+                if need is not None:
+                    try:
+                        r.probe_write(need)
+                    except Exception as exc:  # noqa: BLE001 - still refuses writes: stays degraded
+                        with self._lock:
+                            self._degraded[r.url] = f"{type(exc).__name__}: {exc}"
+                        continue
+                with self._lock:
+                    self._need_write.pop(r.url, None)
                     was_down = self._degraded.pop(r.url, None) is not None
                 if was_down:
                     log.warning("replica %s answers again; saves use it from now on", r.url)

@@ -34,6 +34,7 @@ the same record to a shared replica, must not report their own commit as a rival
 
 from __future__ import annotations
 
+import errno
 import math
 import re
 import time
@@ -70,6 +71,13 @@ def step_of_key(key: str) -> int:
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 #: Default floor throughput for bodies: an operation on ``n`` bytes gets ``n / min_bytes_per_s`` more.
 DEFAULT_MIN_BYTES_PER_S = 1 << 20  # 1 MiB/s: far below any link worth checkpointing over
+
+
+#: Errors after which a replica that answers a ping can still refuse every write (disk full,
+#: quota, read-only, permission): it stays degraded until :meth:`Replica.probe_write` passes.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+#: Of those, the ones where what a failed save left behind holds space worth giving back.
+SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 @dataclass(frozen=True)
@@ -250,6 +258,13 @@ class Replica(ABC):
     def ping(self) -> None:
         """Raise if the replica cannot be reached; used to bring a degraded replica back."""
         self.list_steps()
+
+    def probe_write(self, need_bytes: int) -> None:  # noqa: B027 - optional hook: most backends cannot fill up
+        """Raise (:class:`~ckptmirror.errors.ReplicaError` with an ``errno``) unless a save of
+        ``need_bytes`` could be written now. Called by the health check, after a ping answered,
+        for a replica degraded by a write error in :data:`WRITE_ERRNOS` (full, read-only): a full
+        disk still lists, and bringing it back at once would only fail the next save again.
+        Default: nothing to check (an object store does not fill up)."""
 
     def abort_inflight(self, why: str) -> None:  # noqa: B027 - optional hook: backends without long waits
         """Make operations waiting on this replica now fail at once (``why`` goes into their

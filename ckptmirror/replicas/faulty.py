@@ -114,5 +114,8 @@ class FaultyReplica(Replica):
         self._gate("delete", prefix)
         self.inner.delete_prefix(prefix)
 
+    def probe_write(self, need_bytes: int) -> None:
+        self.inner.probe_write(need_bytes)
+
     def close(self) -> None:
         self.inner.close()

@@ -154,6 +154,7 @@ class LocalReplica(Replica):
             f"{what} failed: [{errno.errorcode.get(exc.errno or 0, exc.errno)}] {exc.strerror or exc}",
             replica=self.url,
             key=key,
+            errno=exc.errno,
         )
 
     # -- writing -------------------------------------------------------------------------
@@ -331,6 +332,39 @@ class LocalReplica(Replica):
             return []
         except OSError as exc:
             raise self._err(exc, "", "list") from exc
+
+    def probe_write(self, need_bytes: int) -> None:
+        """Raise unless ``need_bytes`` fit on this filesystem and a small file can be written,
+        fsynced and removed in the root (a full, quota-bound or read-only disk still lists)."""
+        try:
+            st = os.statvfs(self.root)
+        except OSError as exc:
+            raise self._err(exc, "", "statvfs") from exc
+        free = st.f_bavail * st.f_frsize
+        if free < need_bytes:
+            raise ReplicaError(
+                f"{free} bytes free, the last save needed {need_bytes} here; free space on the disk "
+                "(ckptmirror prune, or a lower keep_last)",
+                replica=self.url,
+                errno=errno.ENOSPC,
+            )
+        # A dot name: list_steps and the operator commands never see it, even if we die here.
+        path = os.path.join(self.root, f".ckptmirror-probe-{os.getpid()}-{threading.get_ident()}")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_BINARY | _O_NOFOLLOW, 0o600)
+            try:
+                os.write(fd, b"\0" * 4096)  # one block: the filesystem must find room for it
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise self._err(exc, "", "write probe") from exc
+        finally:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass  # never created, or removed already
 
     def list_prefix(self, prefix: str) -> list[str]:
         base = self._path(prefix)

@@ -68,7 +68,7 @@ from ..handle import SaveHandle
 from ..health import ReplicaHealth
 from ..placement import MAX_PLACEMENT_BYTES, Placement, Stored, is_placement_key, parse_placement
 from ..replicas._peer_protocol import LOOPBACK_HOSTS
-from ..replicas.base import Buffer, Replica
+from ..replicas.base import SPACE_ERRNOS, Buffer, Replica
 from ..replicas.local import LocalReplica
 from .arena import Arena
 from .encode import EncodedStep, PreWritten, Segments, encode, encode_replicated, object_segments
@@ -299,6 +299,14 @@ class Fanout:
                     )
                 except BaseException as exc:
                     self._vote(save_key, pos, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}, decide)
+                    if isinstance(exc, OSError) and exc.errno in SPACE_ERRNOS:
+                        # Nobody commits this step here now (our vote failed it), so nothing will
+                        # ever read what we put: give the space back before the next save needs it.
+                        own = owned_at[pos] if owned_at is not None else range(len(enc.windows))
+                        writers = {writer_of(enc.manifest.objects[i].key) for i in own}
+                        if not job.replicated:
+                            writers.add(writer_of(enc.manifest_key))
+                        self._retention.append(self._retention_pool.submit(_discard, replica, enc.step, writers))
                     raise
                 if self._coord is None:
                     commit_bytes = enc.commit_bytes
@@ -324,7 +332,8 @@ class Fanout:
             except BaseException as exc:  # noqa: BLE001 - recorded per replica
                 log.warning("replica %s failed to save step %d: %s", replica.url, job.step, exc)
                 if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
-                    self._health.mark(replica, exc)
+                    own = owned_at[pos] if owned_at is not None else range(len(enc.windows))
+                    self._health.mark(replica, exc, need_bytes=sum(enc.windows[i][1] for i in own))
                 job.handle._set_replica(replica.url, "failed", exc)
                 return
             finally:
@@ -836,6 +845,20 @@ def share_record(
         return None
     csum = checksum(commit_bytes)
     return share_key(step, csum, min(group)), ShareRecord(step, csum, tuple(group)).to_json()
+
+
+def _discard(replica: Replica, step: int, writers: Collection[tuple[int, str] | None]) -> None:
+    """Delete what the failed save by ``writers`` ((rank, token) pairs) put in ``step``'s
+    directory on ``replica``, temp files included (background; failures are logged). The
+    tokens are that save's own, so no other writer's file, nor any committed one, matches."""
+    try:
+        keys = [k for k in replica.list_prefix(step_dir(step)) if writer_of(k) in writers]
+    except (CkptMirrorError, OSError) as exc:
+        log.warning("could not list what the failed save of step %d left on %s: %s", step, replica.url, exc)
+        return
+    if keys:
+        log.info("removing %d file(s) the failed save of step %d left on %s", len(keys), step, replica.url)
+        delete_quietly(replica, keys)
 
 
 def commit_step(

@@ -1,0 +1,142 @@
+"""A replica on a disk that fills up: on a real (small, tmpfs) filesystem.
+
+What a full disk must not do: bring the replica back every health interval only for the next
+save to fail at the same point (a flapping health log, and a save's worth of I/O wasted each
+time), or keep the failed save's objects, which hold the space a later save needs.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from ckptmirror import Mirror
+from ckptmirror.errors import ReplicaError
+from ckptmirror.format import writer_of
+from ckptmirror.health import ReplicaHealth
+from ckptmirror.replicas import LocalReplica
+from ckptmirror.replicas.faulty import FaultyReplica
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def small_disk(tmp_path: os.PathLike[str]) -> Iterator[str]:
+    """A 12 MiB tmpfs, mounted for this test (skipped where this process may not mount)."""
+    mnt = os.path.join(os.fspath(tmp_path), "small")
+    os.makedirs(mnt)
+    got = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", mnt], capture_output=True, text=True)
+    if got.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {got.stderr.strip() or got.returncode}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", mnt], check=False)
+
+
+def _fill(path: str, leave_bytes: int) -> str:
+    """Fill the filesystem of ``path`` until about ``leave_bytes`` are free; return the filler file."""
+    filler = os.path.join(path, ".filler")
+    st = os.statvfs(path)
+    n = max(0, st.f_bavail * st.f_frsize - leave_bytes)
+    with open(filler, "wb") as f:
+        f.write(b"\xff" * n)
+    return filler
+
+
+def _state(mib: int, step: int) -> dict[str, torch.Tensor]:
+    """``mib`` MiB in 1 MiB tensors, new values each step (nothing an incremental save could reuse)."""
+    return {f"w{i}": torch.full((MIB // 4,), float(100 * step + i)) for i in range(mib)}
+
+
+def _wait_for(cond: object, timeout_s: float) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if cond():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_full_disk_stays_degraded_gives_back_the_failed_save_and_returns_once_freed(
+    small_disk: str, tmp_path: os.PathLike[str]
+) -> None:
+    other = os.path.join(os.fspath(tmp_path), "other")
+    small = LocalReplica(small_disk)
+    with Mirror([small, other], keep_last=None, min_replicas=1, health_interval_s=0.1, object_bytes=MIB) as m:
+        m.save_state(1, _state(3, 1)).result(timeout=60)
+        filler = _fill(small_disk, 2 * MIB)  # room for part of a 4 MiB save, not all of it
+
+        h = m.save_state(2, _state(4, 2))
+        h.result(timeout=60)  # committed on the other replica: the save as a whole succeeded
+        failed = h.replicas[small.url]
+        assert failed.state == "failed", h.replicas
+        assert isinstance(failed.error, ReplicaError) and failed.error.errno == errno.ENOSPC, failed.error
+
+        # The failed save's files are given back (in the background), temp files included.
+        assert m._fanout.drain_retention(timeout=30)
+        left = [k for k in small.list_prefix("step-000000000002") if writer_of(k) is not None]
+        assert left == [], left
+
+        # It answers a listing all along, but stays degraded while a save does not fit ...
+        time.sleep(1.0)  # ten probe intervals
+        health = m.health()[small.url]
+        assert health.startswith("degraded"), health
+        assert "bytes free" in health, health  # the reason names the space, not an old write error
+        h = m.save_state(3, _state(4, 3))
+        h.result(timeout=60)
+        assert h.replicas[small.url].state == "skipped", h.replicas
+
+        # ... and comes back once there is room again.
+        os.unlink(filler)
+        assert _wait_for(lambda: m.health()[small.url] == "ok", 10), m.health()
+        m.save_state(4, _state(4, 4)).result(timeout=60)
+    assert "step-000000000004" in LocalReplica(small_disk).list_steps()
+    with Mirror(small_disk) as back:
+        loaded = back.load_state(4, require=True)
+    assert loaded is not None and loaded[1]["w3"][0].item() == 403.0
+
+
+def test_probe_write_refuses_a_read_only_root(small_disk: str) -> None:
+    r = LocalReplica(small_disk)
+    r.probe_write(MIB)  # room and writable
+    subprocess.run(["mount", "-o", "remount,ro", small_disk], check=True)
+    try:
+        with pytest.raises(ReplicaError) as got:
+            r.probe_write(MIB)
+        assert got.value.errno == errno.EROFS and small_disk in str(got.value), got.value
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", small_disk], check=True)
+    with pytest.raises(ReplicaError) as got:
+        r.probe_write(64 * MIB)  # more than the whole disk
+    assert got.value.errno == errno.ENOSPC and "bytes free" in str(got.value), got.value
+    assert [e for e in os.listdir(small_disk) if e.startswith(".ckptmirror-probe")] == []
+
+
+def test_a_replica_degraded_by_an_outage_comes_back_on_a_ping_alone(tmp_path: os.PathLike[str]) -> None:
+    """The write probe is asked only after a write error: an outage ends when it answers."""
+    probed: list[int] = []
+
+    class Counting(FaultyReplica):
+        def probe_write(self, need_bytes: int) -> None:
+            probed.append(need_bytes)
+            raise ReplicaError("still full", replica=self.url, errno=errno.ENOSPC)
+
+    r = Counting(LocalReplica(os.path.join(os.fspath(tmp_path), "r")))
+    health = ReplicaHealth([r], interval_s=0.05)
+    health.start()
+    try:
+        health.mark(r, ReplicaError("connection refused", replica=r.url))
+        assert _wait_for(lambda: not health.degraded(), 5), health.degraded()
+        assert probed == []
+        health.mark(r, ReplicaError("disk full", replica=r.url, errno=errno.ENOSPC), need_bytes=123)
+        assert _wait_for(lambda: len(probed) >= 3, 5), probed
+        assert set(probed) == {123} and "still full" in health.degraded()[r.url]
+    finally:
+        health.stop(timeout=5)
