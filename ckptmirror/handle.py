@@ -74,6 +74,7 @@ class SaveHandle:
         self._cond = threading.Condition()
         self._done = False
         self._error: BaseException | None = None
+        self._reach_failed = False  # failed because too few replicas could still commit
         self._observed = False
         self._callbacks: list[Callable[[SaveHandle], object]] = []
         self._observers: list[Callable[[SaveHandle, HandleEvent], object]] = []
@@ -206,17 +207,24 @@ class SaveHandle:
                 self._finish(None)
             elif not self._done and committed + open_ < self._min:
                 self._finish(self._failure())
+                self._reach_failed = True
+            elif was_done and self._reach_failed:
+                # Decided early, while other replicas were still writing: what result() raises
+                # from now on says how those ended (an error taken at decision time said "none").
+                self._error = self._failure()
             changed = [self._status[url]] if previous is None or previous.state == "pending" else []
             self._notify(changed, was_done)
 
     def _failure(self) -> SaveFailedError:
         failures = {u: s.error for u, s in self._status.items() if s.error is not None}
         committed = [u for u, s in self._status.items() if s.state == "committed"]
+        pending = [u for u, s in self._status.items() if s.state == "pending"]
+        still = f"; still writing: {pending}" if pending else ""
         err = SaveFailedError(
             self.step,
             failures,
             f"save of step {self.step} cannot reach the {self._min} committed replica(s) required "
-            f"(committed so far: {committed or 'none'}); "
+            f"(committed so far: {committed or 'none'}{still}); "
             + "; ".join(f"{u}: {type(e).__name__}: {e}" for u, e in failures.items()),
         )
         first = next(iter(failures.values()), None)

@@ -590,3 +590,39 @@ def test_close_stops_the_health_prober_before_closing_the_replicas(tmp_path: Pat
     slow.close()
     time.sleep(0.1)
     assert slow.after_close == 0 and slow.in_ping == 0
+
+
+def test_a_save_failed_early_reports_how_the_other_replicas_ended(tmp_path: Path) -> None:
+    """The failure is decided at the first failed replica (the others cannot make up for it),
+    while a slow one is still writing: result() called later names where it did commit."""
+    broken = FaultyReplica(LocalReplica(str(tmp_path / "broken")), fail_put_at=1)
+    slow = FaultyReplica(LocalReplica(str(tmp_path / "slow")), delay_s=0.3)
+    with Mirror([broken, slow], min_replicas=2) as m:
+        h = m.save_state(1, {"w": torch.arange(8.0)})
+        m.wait()  # committed somewhere: wait() does not raise
+        assert h.replicas[slow.url].state == "committed", h.replicas
+        with pytest.raises(SaveFailedError) as ei:
+            h.result(timeout=10)
+    msg = str(ei.value)
+    assert f"committed so far: ['{slow.url}']" in msg and "still writing" not in msg, msg
+    assert set(ei.value.failures) == {broken.url}
+
+
+def test_restore_warns_when_an_answering_replica_lacks_the_newest_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    with Mirror([a, b]) as m:
+        m.save_state(1, {"w": torch.zeros(4)}).result(timeout=30)
+    with caplog.at_level(logging.WARNING, logger="ckptmirror"), Mirror([a, b]) as m:
+        assert m.load_state() is not None
+    assert not [r for r in caplog.records if "missed saves" in r.getMessage()], caplog.text
+    with Mirror([a]) as m:  # b was away for step 2
+        m.save_state(2, {"w": torch.ones(4)}).result(timeout=30)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ckptmirror"), Mirror([a, b]) as m:
+        loaded = m.load_state()
+    assert loaded is not None and loaded[0] == 2
+    lines = [r.getMessage() for r in caplog.records if "missed saves" in r.getMessage()]
+    assert len(lines) == 1 and f"['{b}']" in lines[0] and f"{b}: 1" in lines[0], lines
+    assert "ckptmirror repair" in lines[0]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -194,11 +194,13 @@ def load_newest(
                 continue
             if problems:
                 log.warning("restored step %d after skipping newer steps %s", s, sorted(problems, reverse=True))
+            if step is None:
+                _warn_lagging(s, listing.committed, urls)
             return loaded
         if any(is_damage(e) for e in failures.values()):
             raise NoValidCheckpointError(problems, replicas=urls)
         raise _unreadable_steps(problems, list(failures.values()))
-    return _load_agreed(
+    agreed = _load_agreed(
         reader,
         candidates,
         problems,
@@ -215,6 +217,26 @@ def load_newest(
         all_down,
         listing.unreachable,
         urls,
+    )
+    if agreed is not None and step is None:
+        _warn_lagging(agreed.step, listing.committed, urls)
+    return agreed
+
+
+def _warn_lagging(step: int, committed: Mapping[int, Sequence[str]], urls: Sequence[str]) -> None:
+    """WARN when replicas that answered do not hold the restored newest ``step``: they missed
+    saves (degraded, or added later), so the run has fewer copies of it than it was given
+    replicas, and the restore worked only because another one held it."""
+    lagging = [u for u in urls if u not in committed.get(step, ())]
+    if not lagging:
+        return
+    newest = {u: max((t for t, us in committed.items() if u in us), default=None) for u in lagging}
+    log.warning(
+        "restored step %d, which replica(s) %s do not hold (their newest committed step: %s); "
+        "they missed saves: run 'ckptmirror repair' to copy it there",
+        step,
+        lagging,
+        ", ".join(f"{u}: {'none' if t is None else t}" for u, t in newest.items()),
     )
 
 
