@@ -54,6 +54,25 @@ def main() -> int:
             r = FaultyReplica(LocalReplica(u.replace("{rank}", str(rank))), on_phase=denied)
             r.read_priority = 10**6  # read through the wrapper, not mapped in place
             replicas.append(r)
+    # restore-oom(-probe): rank 1 runs out of memory (ENOMEM) reading step 2's objects (or its
+    # manifest): not the checkpoint's fault, so no rank may fall back to step 1; every rank raises.
+    if mode in ("restore-oom", "restore-oom-probe") and rank == 1:
+        import errno
+
+        from ckptmirror.errors import ReplicaError
+        from ckptmirror.replicas import FaultyReplica, LocalReplica
+
+        suffix = ".bin" if mode == "restore-oom" else ".json"
+
+        def no_memory(phase: str, key: str) -> None:
+            if phase == "get" and key.startswith("step-000000000002/rank-") and key.endswith(suffix):
+                raise ReplicaError("read failed", key=key) from OSError(errno.ENOMEM, "Cannot allocate memory")
+
+        replicas = []
+        for u in urls:
+            r = FaultyReplica(LocalReplica(u.replace("{rank}", str(rank))), on_phase=no_memory)
+            r.read_priority = 10**6  # read through the wrapper, not mapped in place
+            replicas.append(r)
     m = ckptmirror.Mirror(replicas, object_bytes=32 << 10, commit_timeout_s=8, keep_last=5)
     if mode == "save":
         for step in (1, 2):
@@ -92,7 +111,7 @@ def main() -> int:
         step, state = res
         expect = rank_state(rank, step)
         out.update(step=step, equal=bool(torch.equal(state["w"], expect["w"]) and state["rank"] == rank))
-    elif mode in ("restore-denied", "restore-damaged-denied"):
+    elif mode in ("restore-denied", "restore-damaged-denied", "restore-oom", "restore-oom-probe"):
         try:
             res = m.load_state()
             out["step"] = res[0] if res is not None else None

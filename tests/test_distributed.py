@@ -152,6 +152,19 @@ def test_a_step_one_rank_cannot_read_and_another_finds_damaged_falls_back(per_ra
     assert [(r.get("step"), r.get("error")) for r in res] == [(1, None), (1, None)], res
 
 
+@pytest.mark.parametrize("mode", ["restore-oom", "restore-oom-probe"])
+def test_a_rank_out_of_memory_makes_every_rank_raise_not_fall_back(
+    per_rank_saved: Path, tmp_path: Path, mode: str
+) -> None:
+    # Rank 1 gets ENOMEM reading step 2 (objects, or its manifest). One process raises for
+    # that (an older step would be a worse answer); several fell back to step 1 together.
+    tmp_path = tmp_path / "job"
+    shutil.copytree(per_rank_saved, tmp_path)
+    torchrun(str(CHILD), mode, str(tmp_path), str(tmp_path / "local-{rank}"), str(tmp_path / "shared"))
+    res = _results(tmp_path)
+    assert [(r.get("step"), r.get("error")) for r in res] == [(None, "MemoryError"), (None, "ReplicaError")], res
+
+
 def test_per_rank_state_refuses_another_world_size(per_rank_saved: Path) -> None:
     with ckptmirror.Mirror([str(per_rank_saved / "shared")]) as m:
         with pytest.raises(ckptmirror.StateMismatchError, match="2 rank"):

@@ -223,6 +223,21 @@ def load_newest(
     return agreed
 
 
+def _out_of_memory(ranks: Sequence[int], step: int, own: BaseException | None) -> BaseException:
+    """What every rank raises when ``ranks`` ran out of memory restoring ``step``: as with one
+    rank, not the checkpoint's fault, and an older step would only be a worse answer. The rank
+    that ran out raises its own error (``own``), the others a :class:`MemoryError`; all keep
+    their tensors."""
+    fix = (
+        f"ckptmirror: rank(s) {list(ranks)} ran out of memory while restoring step {step}; every rank's model "
+        "and optimizer are unchanged. Free memory (or lower io_threads / object_bytes) and restore again"
+    )
+    if own is not None:
+        own.add_note(fix)
+        return own
+    return MemoryError(fix)
+
+
 def _warn_lagging(step: int, committed: Mapping[int, Sequence[str]], urls: Sequence[str]) -> None:
     """WARN when replicas that answered do not hold the restored newest ``step``: they missed
     saves (degraded, or added later), so the run has fewer copies of it than it was given
@@ -319,6 +334,7 @@ def _load_agreed(
     for rnd in range(len(candidates) * 2 + 2):
         mine, error = -1, None
         outage_at: int | None = None  # the step this rank could not read this round (not damage)
+        oom_at: int | None = None  # the step this rank ran out of memory reading this round
         found: tuple[int, CommitRecord, RankManifest, ObjectPlan] | None = None
         for s in (c for c in candidates if c <= bound):
             try:
@@ -334,7 +350,10 @@ def _load_agreed(
                 failures.append(exc)
                 if is_damage(exc):
                     damaged_at.add(s)
-                elif not out_of_memory(exc):
+                elif out_of_memory(exc):
+                    oom_at = s
+                    break  # no older step either: see the load's vote below
+                else:
                     outage_at = s
                     break  # could not be read (not damage): no older step, see load_newest
         vote = {
@@ -345,11 +364,15 @@ def _load_agreed(
             "damage": any(is_damage(e) for e in failures),
             "outage_at": outage_at,
             "damaged_at": sorted(damaged_at),
+            "oom_at": oom_at,
         }
         votes = agree(f"probe{rnd}", vote)
         errors = [f"rank {r}: {v['error']}" for r, v in enumerate(votes) if v["error"]]
         if errors:
             raise StateMismatchError("; ".join(errors))
+        oom = {r: v["oom_at"] for r, v in enumerate(votes) if v.get("oom_at") is not None}
+        if oom:
+            raise _out_of_memory(sorted(oom), max(oom.values()), failures[-1] if oom_at is not None else None)
         damaged = damaged or any(v.get("damage") for v in votes)
         # A step some rank could not read (not damage) may be intact: every rank raises rather
         # than rewind, unless another rank found that step damaged (then no rank can restore
@@ -402,7 +425,7 @@ def _load_agreed(
                     undo=undo,
                     defer=defer,
                 )
-        except STEP_FAILURES as exc:
+        except (*STEP_FAILURES, MemoryError) as exc:  # a bare MemoryError too: the others wait for our vote
             ok, why = False, f"{type(exc).__name__}: {exc}"
             problems[lo] = f"rank {rank}: {why}"
             failures.append(exc)
@@ -415,12 +438,18 @@ def _load_agreed(
                     "damage": any(is_damage(e) for e in failures),
                     "damaged_now": not ok and is_damage(failures[-1]),
                     "outage": not ok and not is_damage(failures[-1]) and not out_of_memory(failures[-1]),
+                    "oom": not ok and out_of_memory(failures[-1]),
                 },
             )
         except BaseException:
             if ok:
                 loaded.abandon()  # the ranks cannot agree (a peer died): this rank keeps its tensors
             raise
+        oom_ranks = [r for r, v in enumerate(results) if v.get("oom")]
+        if oom_ranks:
+            if ok:
+                loaded.abandon()
+            raise _out_of_memory(oom_ranks, lo, failures[-1] if not ok and out_of_memory(failures[-1]) else None)
         damaged = damaged or any(v.get("damage") for v in results)
         outage = [r for r, v in enumerate(results) if v.get("outage")]
         if outage and not any(v.get("damaged_now") for v in results):  # see the probe's vote
