@@ -511,7 +511,8 @@ class Mirror:
             # save() calls other threads (or an interrupted main thread) are still making.
             if not self._idle.wait_for(lambda: self._unfinished == 0 and self._saving == 0, timeout=timeout):
                 pending = [h for h in self._handles if not h.done()]
-                raise TimeoutError(f"saves still in flight after {timeout} s: {pending}")
+                copying = f"; {self._saving} save() call(s) still copying the state" if self._saving else ""
+                raise TimeoutError(f"saves still in flight after {timeout} s: {pending}{copying}")
         # Retention runs after the writes, on its own thread: wait() means "nothing in flight".
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
         if not self._fanout.drain_retention(left):

@@ -17,6 +17,7 @@ import random
 import struct
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -963,3 +964,33 @@ def test_flatten_fast_paths_encode_exactly_as_the_rules_say() -> None:
         deep = {"d": deep}
     with pytest.raises(ckptmirror.UnsupportedTypeError, match="nested deeper"):
         flatten(deep)
+
+
+def test_wait_timeout_names_a_save_still_copying_on_another_thread(tmp_path):
+    """wait() waits for a save() another thread is still making; its TimeoutError says so (it
+    used to list only the queued handles: an empty list here)."""
+    release = threading.Event()
+
+    class Slow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(4))
+
+        def state_dict(self, *args, **kwargs):
+            release.wait(30)
+            return super().state_dict(*args, **kwargs)
+
+    with ckptmirror.Mirror(str(tmp_path / "r")) as m:
+        t = threading.Thread(target=lambda: m.save(1, Slow()))
+        t.start()
+        try:
+            deadline = time.monotonic() + 10
+            while m._saving == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(TimeoutError, match=r"1 save\(\) call\(s\) still copying"):
+                m.wait(timeout=0.2)
+        finally:
+            release.set()
+            t.join(30)
+        m.wait(timeout=30)
+        assert m.steps() == [1]
