@@ -8,7 +8,7 @@ standard AWS variables at it, and measures, on the same state:
 * ``ckptmirror none``: ``Mirror(["s3://bucket/p"], storage_options={url: {"compression": "none",
   "incremental": False}})``: objects uploaded as they are;
 * ``ckptmirror zstd``: the same with ``"compression": "zstd"`` (the S3 default): byte planes +
-  zstd (``ckptmirror/codec.py``), encoded on the I/O threads;
+  zstd (``ckptmirror/codec/``), encoded on the I/O threads;
 * ``raw s3fs``: the state's tensor bytes, concatenated, uploaded as one object with
   ``s3fs.S3FileSystem.pipe`` (a multipart upload with ckptmirror's default part size, 32 MiB,
   and concurrency, 8): the limit of the server and the client stack, with no checkpoint work.
