@@ -138,7 +138,7 @@ def test_replica_identity_groups_ranks_that_write_the_same_store(tmp_path) -> No
     # What a replicated (DDP) state's objects are spread over: ranks whose identity is equal.
     from ckptmirror.replicas import LocalReplica, MemoryReplica
     from ckptmirror.replicas.peer import PeerReplica
-    from ckptmirror.save.fanout import replica_identity
+    from ckptmirror.save.commit import replica_identity
 
     net = PeerReplica("peer://n1:7070/run1")
     assert replica_identity(net, "hostA", 0) == replica_identity(net, "hostB", 1)  # one agent, every node

@@ -62,7 +62,7 @@ from ..format import (
     MAX_OBJECT_BYTES,
 )
 from ..replicas import Replica
-from ..save.fanout import commit_from_reports, commit_step, replica_identity, share_record
+from ..save.commit import commit_from_reports, commit_step, replica_identity, share_record
 from ..save.retention import apply_retention, is_committed
 from ._codec import DCP_VERSION, Location, metadata_to_tree
 from ._common import check_step, open_for, step_from_checkpoint_id

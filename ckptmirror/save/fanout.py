@@ -4,8 +4,9 @@ The third stage of the save path. :class:`~ckptmirror.mirror.Mirror` queues one
 :class:`SaveJob` per save; its background thread hands each to :meth:`Fanout.write`, which
 encodes it (:mod:`~ckptmirror.save.encode`, once for all replicas) and runs one task per
 replica, each with its own pool of ``io_threads`` workers for object puts. On each replica a
-save has two phases: :func:`write_objects` (every object, then the rank manifest; nothing is
-visible yet) and :func:`commit_step` (the commit record, written last, makes the step exist).
+save has two phases, each in a module of its own: :func:`~ckptmirror.save.objects.write_objects`
+(every object, then the rank manifest; nothing is visible yet) and
+:func:`~ckptmirror.save.commit.commit_step` (the commit record, written last, makes the step exist).
 Replicas proceed independently, so a slow replica does not hold up a fast one's commit; each
 reports its own outcome on the :class:`~ckptmirror.handle.SaveHandle`.
 
@@ -19,7 +20,7 @@ that no other rank waits for its vote. A single process commits its own record d
 How each replica stores the objects is its own policy (format version 3, see
 :mod:`ckptmirror.placement`): ``compression="zstd"`` replicas get each object encoded by
 :mod:`ckptmirror.codec` (once per save for all the replicas that want it, on the I/O threads,
-never on the training thread: :class:`ObjectEncoder`), and ``incremental`` replicas get a
+never on the training thread: :class:`~ckptmirror.save.objects.ObjectEncoder`), and ``incremental`` replicas get a
 reference to an identical object the previous committed save already stored there instead of
 a new copy (the fanout remembers, per replica, what its last committed save stored: the
 *index*). Objects stored otherwise than raw under their own name are listed in the replica's
@@ -37,8 +38,8 @@ import logging
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -49,36 +50,25 @@ from .. import config
 from ..buffers import host_bytes
 from ..checksum import checksum
 from ..dist import Coordinator, DistInfo
-from ..errors import CkptMirrorError, ManifestError, ReplicaUnavailableError, StepExistsError
+from ..errors import CkptMirrorError, ReplicaUnavailableError
 from ..format import (
-    CommitRecord,
-    RankRef,
-    ShareRecord,
-    commit_key,
     object_key,
-    parse_commit,
-    parse_step_dir,
-    placement_key,
-    share_key,
     step_dir,
-    stored_object_key,
     writer_of,
 )
 from ..handle import SaveHandle
 from ..health import ReplicaHealth
-from ..placement import MAX_PLACEMENT_BYTES, Placement, Stored, is_placement_key, parse_placement
-from ..replicas._peer_protocol import LOOPBACK_HOSTS
-from ..replicas.base import SPACE_ERRNOS, Buffer, Replica
-from ..replicas.local import LocalReplica
+from ..placement import Stored
+from ..replicas.base import SPACE_ERRNOS, Replica
 from .arena import Arena
-from .encode import EncodedStep, PreWritten, Segments, encode, encode_replicated, object_segments
+from .commit import commit_from_reports, commit_step, discard_failed_save, replica_identity, share_record
+from .encode import EncodedStep, PreWritten, encode, encode_replicated, object_segments
+from .objects import ObjectEncoder, put_objects, write_objects, written_bytes_of, written_here
 from .priority import lower_priority
 from .retention import (
     RetentionStopped,
     apply_retention,
-    delete_quietly,
     is_committed,
-    protected_keys,
     remove_step,
 )
 from .snapshot import frozen_flags
@@ -110,77 +100,6 @@ class SaveJob:
     model: Callable[[], Any] | None = None
     #: work left from the snapshot, done before anything reads ``stream`` (see ``snapshot.stage``)
     finish: Callable[[], None] | None = None
-
-
-class ObjectEncoder:
-    """Encodes a save's objects with a codec at most once, however many replicas store them so.
-
-    ``users[(codec, i)]`` is how many replicas will ask for object ``i`` encoded with ``codec``;
-    the encoded bytes are dropped once the last one has released them, so a save holds only
-    the encoded objects some replica has not written yet. The first replica to ask encodes
-    (on its I/O thread); the others wait for that result. An object that does not shrink is
-    stored raw (``get`` returns None): decoding it would cost time and save nothing.
-    """
-
-    def __init__(
-        self,
-        view: memoryview,
-        windows: Sequence[tuple[int, int]],
-        segments: Sequence[Segments],
-        users: Mapping[tuple[str, int], int],
-        levels: Mapping[str, int],
-        hints: Any,
-        base: int = 0,
-    ) -> None:
-        self._base = base  # stream offset of view[0] (a sliced save stages part of the stream)
-        self._view = view
-        self._windows = windows
-        self._segments = segments
-        self._levels = levels
-        self._hints = hints
-        self._lock = threading.Lock()
-        self._users = dict(users)
-        self._locks: dict[tuple[str, int], threading.Lock] = {k: threading.Lock() for k in users}
-        self._done: dict[tuple[str, int], tuple[bytes, str] | None] = {}
-        self.encoded_bytes = 0  # what the encodes produced (stored bytes of encoded objects)
-        self.raw_bytes = 0  # what they consumed
-
-    def _encode(self, name: str, i: int) -> tuple[bytes, str] | None:
-        from .. import codec  # here: zstandard is imported only by saves that compress
-
-        off, size = self._windows[i]
-        data = self._view[off - self._base : off - self._base + size]
-        blob = codec.encode(data, self._segments[i], level=self._levels[name], hints=self._hints, slot=i)
-        with self._lock:
-            self.raw_bytes += size
-            self.encoded_bytes += min(len(blob), size)
-        if len(blob) >= size:
-            return None
-        return blob, checksum(blob)
-
-    def get(self, name: str, i: int) -> tuple[bytes, str] | None:
-        """Object ``i`` encoded with ``name`` and the checksum of the encoded bytes; None: store it raw."""
-        key = (name, i)
-        lock = self._locks.get(key)
-        if lock is None:  # not planned (a reference that turned out to be gone): encode for this one use
-            return self._encode(name, i)
-        with lock:
-            if key not in self._done:
-                self._done[key] = self._encode(name, i)
-            return self._done[key]
-
-    def release(self, name: str, i: int) -> None:
-        """One replica is done with object ``i`` as ``name``: drop it after the last one."""
-        key = (name, i)
-        with self._lock:
-            left = self._users.get(key)
-            if left is None:
-                return
-            if left <= 1:
-                del self._users[key]
-                self._done.pop(key, None)
-            else:
-                self._users[key] = left - 1
 
 
 class Fanout:
@@ -306,7 +225,9 @@ class Fanout:
                         writers = {writer_of(enc.manifest.objects[i].key) for i in own}
                         if not job.replicated:
                             writers.add(writer_of(enc.manifest_key))
-                        self._retention.append(self._retention_pool.submit(_discard, replica, enc.step, writers))
+                        self._retention.append(
+                            self._retention_pool.submit(discard_failed_save, replica, enc.step, writers)
+                        )
                     raise
                 if self._coord is None:
                     commit_bytes = enc.commit_bytes
@@ -326,7 +247,7 @@ class Fanout:
                     replica,
                     enc,
                     commit_bytes,
-                    written=_written_here(enc.step, stored, enc),
+                    written=written_here(enc.step, stored, enc),
                     live=self._live_keys(replica.url),
                 )
             except BaseException as exc:  # noqa: BLE001 - recorded per replica
@@ -347,7 +268,7 @@ class Fanout:
                         (o.checksum, o.size): stored[o.key] for o in enc.manifest.objects if o.key in stored
                     }
                     self._index_step[replica.url] = job.step
-            written = _written_bytes(enc.step, stored, enc)
+            written = written_bytes_of(enc.step, stored, enc)
             job.handle._set_replica(replica.url, "committed", written_bytes=written)
             if self._retention_owner[pos]:
                 # Off the write path: the staging buffer is released (and the next save can
@@ -628,295 +549,6 @@ class Fanout:
         for p in self._io_pools.values():
             p.shutdown(wait=True)
         self._hash_pool.shutdown(wait=True)
-
-
-def write_objects(
-    replica: Replica,
-    enc: EncodedStep,
-    stream: torch.Tensor,
-    pool: ThreadPoolExecutor,
-    overwrite: bool,
-    *,
-    refs: Mapping[int, Stored] | None = None,
-    encoder: ObjectEncoder | None = None,
-    live: Collection[str] = (),
-    base: int = 0,
-    done: Mapping[str, Stored] | None = None,
-    owned: Sequence[int] | None = None,
-) -> dict[str, Stored]:
-    """Phase 1 on one replica: every object, the placement record, then the rank manifest.
-    Nothing is committed. Returns how each object this rank owns is stored there, by home key.
-
-    ``refs``: objects an earlier committed step stores here with the same content; each is
-    checked to still be there with its size (else written anew) and referenced, not written.
-    ``encoder``: objects for a compressing replica come from it. Names carry this save's
-    token, so nothing here can overwrite another writer's files. ``stream`` holds the data
-    stream from byte ``base`` on; objects in ``done`` were written already (a sliced save,
-    :meth:`Fanout.prewrite`). ``owned``: the objects this rank writes here (default: all, or
-    ``enc.owned`` for a replicated step; see :meth:`Fanout._owned_at`).
-    """
-    step = enc.step
-    if is_committed(replica, step):
-        if not overwrite:
-            raise StepExistsError(step, replica.url)
-        log.warning("overwriting committed step %d on %s", step, replica.url)
-        remove_step(replica, step, live)
-    view = host_bytes(stream) if enc.windows else memoryview(b"")
-    mine = owned if owned is not None else range(len(enc.windows)) if enc.owned is None else enc.owned
-    done = done or {}
-    homes = [o.key for o in enc.manifest.objects]
-    todo = [i for i in mine if homes[i] not in done]
-    stored = dict(done)
-    sums = [o.checksum for o in enc.manifest.objects]
-    # Local disk, when this save can need no placement record (nothing referenced, nothing
-    # compressed): the manifest is written alongside the objects, and every name is made
-    # durable by the one directory-fsync pass after them all. The commit still comes after.
-    early = (
-        isinstance(replica, LocalReplica)
-        and not refs
-        and (encoder is None or replica.compression == "none")
-        and all(s.key == h for h, s in done.items())
-    )
-    extra = ((enc.manifest_key, enc.manifest_bytes),) if early else ()
-    stored.update(put_objects(replica, homes, enc.windows, sums, view, base, pool, todo, refs or {}, encoder, extra))
-    stored = {homes[i]: stored[homes[i]] for i in mine}
-    if early:
-        return stored
-    records: list[tuple[str, bytes]] = [
-        (placement_key(step, rank, token), Placement(step, rank, token, entries).to_json())
-        for (rank, token), entries in _special_by_writer(stored).items()
-    ]
-    records.append((enc.manifest_key, enc.manifest_bytes))
-    for key, data in records:  # the placement before the manifest (retention reads placements first)
-        if isinstance(replica, LocalReplica):
-            replica.put(key, data, sync_dir=False)
-        else:
-            replica.put(key, data)
-    if isinstance(replica, LocalReplica):
-        replica.sync_dirs([k for k, _ in records])
-    return stored
-
-
-def put_objects(
-    replica: Replica,
-    homes: Sequence[str],
-    windows: Sequence[tuple[int, int]],
-    sums: Sequence[str],
-    view: memoryview,
-    base: int,
-    pool: ThreadPoolExecutor,
-    indices: Sequence[int],
-    refs: Mapping[int, Stored],
-    encoder: ObjectEncoder | None,
-    extra: Sequence[tuple[str, bytes]] = (),
-) -> dict[str, Stored]:
-    """Store objects ``indices`` on ``replica`` (in parallel on ``pool``): referenced, compressed
-    or raw, by its policy. ``view`` holds the data stream from byte ``base`` on. Returns how each
-    is stored, by home key; the first failure is raised once the puts in flight are done.
-    ``extra``: (key, bytes) records put on the pool alongside (first).
-
-    Every file is durable under its name on return. On local disk, each is fsynced by the
-    thread that wrote it and renamed; the directories are fsynced once each, after them all
-    (:meth:`LocalReplica.sync_dirs`), instead of once per file."""
-    name = replica.compression
-    local = replica if isinstance(replica, LocalReplica) else None
-    written: list[str] = []
-
-    def put(key: str, data: Buffer) -> None:
-        if local is not None:
-            local.put(key, data, sync_dir=False)
-            written.append(key)  # list.append is atomic
-        else:
-            replica.put(key, data)
-
-    def put_one(i: int) -> Stored:
-        home = homes[i]
-        ref = refs.get(i)
-        if ref is not None and replica.size(ref.key) == ref.size:
-            return ref  # unchanged since a committed step stored it here: reference it
-        off, size = windows[i]
-        if name != "none" and encoder is not None:
-            try:
-                got = encoder.get(name, i)
-                if got is not None:
-                    blob, blob_sum = got
-                    key = stored_object_key(home, name)
-                    put(key, blob)
-                    return Stored(key, name, len(blob), blob_sum)
-            finally:
-                encoder.release(name, i)
-        put(home, view[off - base : off - base + size])
-        return Stored(home, "none", size, sums[i])
-
-    side: list[Future[None]] = [pool.submit(put, key, data) for key, data in extra]
-    futures: list[Future[Stored]] = [pool.submit(put_one, i) for i in indices]
-    every: list[Future[Any]] = [*side, *futures]
-    wait(every, return_when=FIRST_EXCEPTION)
-    for f in every:
-        f.cancel()  # not started yet: dropped once one put has failed
-    wait(every)
-    for f in every:
-        if not f.cancelled():
-            f.result()  # first failure wins
-    if local is not None and written:
-        local.sync_dirs(written)
-    return {homes[i]: f.result() for i, f in zip(indices, futures)}
-
-
-def _own_references(replica: Replica, step: int, pinned: Collection[Any]) -> set[str] | None:
-    """The stored keys the committed step's own placement records (of the writers its commit
-    pins) name: on a shared replica another rank of this save may reference a file an earlier
-    save of this step number left in this directory, which ``protected_keys`` (references
-    across steps) does not cover. None if one of those records cannot be read."""
-    out: set[str] = set()
-    for k in replica.list_prefix(step_dir(step)):
-        if not is_placement_key(k) or writer_of(k) not in pinned:
-            continue
-        try:
-            out |= {st.key for st in parse_placement(replica.get(k, MAX_PLACEMENT_BYTES), k).entries.values()}
-        except (ManifestError, OSError) as exc:
-            log.warning("placement %s on %s is unreadable (%s): keeping the step's other files", k, replica.url, exc)
-            return None
-    return out
-
-
-def _special_by_writer(stored: Mapping[str, Stored]) -> dict[tuple[int, str], dict[str, Stored]]:
-    """The objects stored other than raw under their own name (compressed, or an earlier step's
-    object), grouped by the writer their home key names: one placement record each, as readers
-    look a record up by its objects' writer. A rank writes for one writer unless it writes a
-    replicated state's objects for several (:meth:`Fanout._owned_at`)."""
-    out: dict[tuple[int, str], dict[str, Stored]] = {}
-    for home, st in stored.items():
-        if st.key != home:
-            w = writer_of(home)
-            assert w is not None  # object keys always name their writer
-            out.setdefault(w, {})[home] = st
-    return out
-
-
-def _written_bytes(step: int, stored: Mapping[str, Stored], enc: EncodedStep) -> int:
-    """Bytes this rank wrote for this save on one replica: objects as stored in this step's
-    directory (referenced ones cost nothing), its placement record, the rank manifest."""
-    prefix = step_dir(step) + "/"
-    placement = sum(  # about their size
-        len(Placement(step, 0, "00000000", entries).to_json()) for entries in _special_by_writer(stored).values()
-    )
-    return sum(s.size for s in stored.values() if s.key.startswith(prefix)) + placement + len(enc.manifest_bytes)
-
-
-def _written_here(step: int, stored: Mapping[str, Stored], enc: EncodedStep) -> list[str]:
-    """The files this save wrote into ``step``'s directory (references to older steps excluded)."""
-    prefix = step_dir(step) + "/"
-    keys = [s.key for s in stored.values() if s.key.startswith(prefix)]
-    keys += [placement_key(step, *w) for w in _special_by_writer(stored)]
-    return keys + [enc.manifest_key]
-
-
-def replica_identity(replica: Replica, host: str, rank: int) -> str:
-    """What makes two ranks' replicas at one position the same store (:meth:`Fanout._owned_at`).
-
-    A network store (S3, a peer agent, fsspec) is its URL, whoever writes it. A local directory
-    is its URL on one host: the same path on two nodes is two disks (a shared filesystem
-    mounted at the same path on both is then counted twice: each node writes a whole copy of
-    a replicated state, identical files, which is correct if wasteful). Anything else (an
-    in-memory replica, a wrapper) is private to its process.
-    """
-    url = replica.url
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if isinstance(replica, LocalReplica) or scheme in ("", "file"):
-        return f"{host}|{url}"
-    if scheme == "memory":
-        return f"{host}|{os.getpid()}|{rank}|{url}"
-    netloc = url.split("://", 1)[1].split("/", 1)[0]
-    hostname = netloc.rsplit(":", 1)[0].strip("[]").lower() if netloc else ""
-    if hostname in LOOPBACK_HOSTS:  # an agent (or an S3 endpoint) on each node's own loopback
-        return f"{host}|{url}"
-    return url  # s3://, peer://, peers://, an fsspec protocol: one store, reached over the network
-
-
-def share_record(
-    step: int, group: Sequence[int], world_size: int, replicated: bool, commit_bytes: bytes
-) -> tuple[str, bytes] | None:
-    """The share record (key, bytes) a rank of ``group`` (the ranks that write to one replica)
-    puts there before the commit record ``commit_bytes`` (:mod:`ckptmirror.format.share`): None
-    where the replica is to hold the whole step (every rank writes there, or the state is
-    replicated). Every rank of the group puts the same bytes."""
-    if replicated or len(group) >= world_size:
-        return None
-    csum = checksum(commit_bytes)
-    return share_key(step, csum, min(group)), ShareRecord(step, csum, tuple(group)).to_json()
-
-
-def _discard(replica: Replica, step: int, writers: Collection[tuple[int, str] | None]) -> None:
-    """Delete what the failed save by ``writers`` ((rank, token) pairs) put in ``step``'s
-    directory on ``replica``, temp files included (background; failures are logged). The
-    tokens are that save's own, so no other writer's file, nor any committed one, matches."""
-    try:
-        keys = [k for k in replica.list_prefix(step_dir(step)) if writer_of(k) in writers]
-    except (CkptMirrorError, OSError) as exc:
-        log.warning("could not list what the failed save of step %d left on %s: %s", step, replica.url, exc)
-        return
-    if keys:
-        log.info("removing %d file(s) the failed save of step %d left on %s", len(keys), step, replica.url)
-        delete_quietly(replica, keys)
-
-
-def commit_step(
-    replica: Replica,
-    enc: EncodedStep,
-    commit_bytes: bytes,
-    written: Sequence[str] | None = None,
-    live: Collection[str] = (),
-) -> None:
-    """Phase 2 on one replica: write the commit record, then drop what it does not reference.
-
-    Leftovers are recognised by their writer token: files of the step whose (rank, token) is
-    not pinned by the commit belong to a torn or losing attempt, or to an earlier save of this
-    step number (overwritten, or dropped by retention) whose objects later steps still
-    reference (incremental saves). Those stay: no file that a placement record in another step
-    directory references, nor one a save of this process has in flight (``live``), is deleted
-    (:func:`~ckptmirror.save.retention.protected_keys`, as retention decides). Deciding this only
-    after the commit matters on shared replicas, where other ranks' files are being written
-    meanwhile. ``written``: the files this save put in the step's directory (default: the
-    objects raw under their own names and the manifest), taken back if another writer won.
-    """
-    step = enc.step
-    try:
-        replica.commit(commit_key(step), commit_bytes)
-    except StepExistsError:
-        # Another writer committed this step first: our objects are garbage; take them back.
-        if written is None:
-            mine = range(len(enc.windows)) if enc.owned is None else enc.owned
-            written = [enc.manifest.objects[i].key for i in mine] + [enc.manifest_key]
-        delete_quietly(replica, list(written))
-        raise
-    pinned = {writer_of(ref.key) for ref in parse_commit(commit_bytes, commit_key(step)).ranks}
-    pinned |= {writer_of(rec.key) for rec in enc.manifest.objects}  # replicated: objects of every rank
-    # Only files that name their writer: a commit record's temp file may be another rank's
-    # commit of these same bytes, in flight right now on a shared replica.
-    stale = [k for k in replica.list_prefix(step_dir(step)) if (w := writer_of(k)) is not None and w not in pinned]
-    if stale:
-        others = [n for name in replica.list_steps() if (n := parse_step_dir(name)) is not None and n != step]
-        protected = protected_keys(replica, others)
-        own = _own_references(replica, step, pinned)
-        if protected is None or own is None:  # an unreadable placement (logged): any may be referenced
-            return
-        protected |= own | set(live)
-        stale = [k for k in stale if k not in protected]
-    if stale:
-        log.info("removing %d leftover file(s) of interrupted saves of step %d on %s", len(stale), step, replica.url)
-        delete_quietly(replica, stale)
-
-
-def commit_from_reports(step: int, world_size: int, replicated: bool, reports: list[dict[str, Any]]) -> bytes:
-    """The commit record rank 0 publishes, built from every rank's ``ok`` report."""
-    if replicated:  # one manifest, the same on every rank
-        rep = reports[0]
-        return CommitRecord(
-            step, world_size, (RankRef(0, rep["key"], int(rep["size"]), rep["checksum"]),), replicated=True
-        ).to_json()
-    refs = tuple(RankRef(r, rep["key"], int(rep["size"]), rep["checksum"]) for r, rep in enumerate(reports))
-    return CommitRecord(step, world_size, refs).to_json()
 
 
 def _prefixed(exchange: Any, prefix: str, key: str, value: Any) -> list[Any]:
