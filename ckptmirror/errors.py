@@ -15,8 +15,9 @@ exception already means the same thing, the error also subclasses it, so existin
     ├── ReplicaError (OSError)                   a backend failed (I/O, network); names the replica
     │   ├── ReplicaUnavailableError              the backend cannot be reached at all (an outage: retried)
     │   └── ReplicaConfigError                   misconfigured: no such bucket, bad URL (raised at once)
-    │       └── ReplicaPermissionError (PermissionError)  access denied (credentials, token), or a
-    │                                            path that would leave the root
+    │       ├── ReplicaPermissionError (PermissionError)  access denied (credentials, token), or a
+    │       │                                    path that would leave the root
+    │       └── ReplicaURLError (ValueError)     a replica URL that cannot be parsed, or an unknown scheme
     ├── SaveFailedError                          a background save failed; carries per-replica failures
     ├── SaveSkippedError                         a save was skipped by the in-flight policy
     ├── CoordinationError                        ranks could not agree: one failed, died or timed out
@@ -129,6 +130,12 @@ class ReplicaConfigError(ReplicaError):
 
 class ReplicaPermissionError(ReplicaConfigError, PermissionError):
     """The backend refused access (credentials, ACLs, peer token), or a path would leave the replica root."""
+
+
+class ReplicaURLError(ReplicaConfigError, ValueError):
+    """A replica URL that cannot be parsed (``peer:/host:7070/x``) or names an unknown scheme
+    (``s4://``); the message suggests the URL meant. Also a :class:`ValueError`: it is a bad
+    argument, found before anything is opened."""
 
 
 class SaveFailedError(CkptMirrorError):

@@ -71,11 +71,14 @@ def plain_url(a: AgentProc, namespace: str) -> str:
 
 
 # --------------------------------------------------------------------------------- tests
-def test_save_and_restore_through_a_tls_peer(tls_agent: AgentProc, tls_pair: tuple[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["peers", "peer"])  # "peer" covers peers:// too (was silently ignored)
+def test_save_and_restore_through_a_tls_peer(
+    tls_agent: AgentProc, tls_pair: tuple[str, str], tmp_path: Path, key: str
+) -> None:
     cert, _ = tls_pair
     local = tmp_path / "local"
-    url = peers_url(tls_agent, "roundtrip")
-    opts = {"peers": {"cafile": cert, "token": TOKEN}}
+    url = peers_url(tls_agent, f"roundtrip-{key}")
+    opts = {key: {"cafile": cert, "token": TOKEN}}
     model, opt = make_state(1, DIMS)
     snap = snapshot(model, opt)
     with ckptmirror.Mirror([str(local), url], storage_options=opts, object_bytes=OBJECT_BYTES) as m:
@@ -84,7 +87,7 @@ def test_save_and_restore_through_a_tls_peer(tls_agent: AgentProc, tls_pair: tup
         h.result(timeout=60)
         assert {u: s.state for u, s in h.replicas.items()} == {str(local): "committed", url: "committed"}
     # The bytes really went over TLS into the agent's root.
-    assert any((Path(tls_agent.root) / "roundtrip").rglob("*.bin"))
+    assert any((Path(tls_agent.root) / f"roundtrip-{key}").rglob("*.bin"))
 
     shutil.rmtree(local)  # the node-local copy is gone: only the TLS peer has the checkpoint
     fresh, fresh_opt = make_state(4242, DIMS)

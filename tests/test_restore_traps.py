@@ -77,6 +77,8 @@ def test_unknown_scheme_suggests_the_closest(tmp_path, url: str, suggestion: str
     with pytest.raises(ValueError) as exc:
         Mirror([str(tmp_path / "a"), url])
     assert suggestion in str(exc.value) and url in str(exc.value)
+    # A misconfiguration like any other (the docs' error tree), and still a ValueError.
+    assert isinstance(exc.value, ckptmirror.ReplicaURLError) and isinstance(exc.value, ckptmirror.ReplicaConfigError)
 
 
 @pytest.mark.parametrize(
@@ -89,10 +91,24 @@ def test_unknown_scheme_suggests_the_closest(tmp_path, url: str, suggestion: str
 )
 def test_malformed_url_is_an_error_not_a_relative_path(tmp_path, monkeypatch, url: str, fixed: str) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError) as exc:
+    with pytest.raises(ckptmirror.ReplicaURLError) as exc:
         Mirror([url])
-    assert fixed in str(exc.value)
+    assert fixed in str(exc.value) and isinstance(exc.value, ValueError)
     assert os.listdir(tmp_path) == []  # nothing was created relative to the working directory
+
+
+@pytest.mark.parametrize(
+    ("url", "key"),
+    [("peers://h:1/ns", "peer"), ("s3a://bucket/p", "s3"), ("peer://h:1/ns", "peer"), ("s3://b/p", "s3")],
+)
+def test_storage_options_by_backend_scheme_cover_its_variants(url: str, key: str) -> None:
+    from ckptmirror.replicas import options_for
+
+    assert options_for(url, {key: {"x": 1}}) == {"x": 1}
+    # the exact scheme, then the full URL, win over the backend's
+    assert options_for(url, {key: {"x": 1}, url.split("://")[0]: {"x": 2}}) == {"x": 2}
+    assert options_for(url, {key: {"x": 1}, url: {"x": 3}}) == {"x": 3}
+    assert options_for(url, {"file": {"x": 1}}) is None
 
 
 class _Wrapper(torch.nn.Module):

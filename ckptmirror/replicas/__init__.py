@@ -24,7 +24,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import ReplicaUnavailableError
+from ..errors import ReplicaUnavailableError, ReplicaURLError
 from .base import Replica, validate_key
 from .faulty import FaultyReplica
 from .local import LocalReplica, path_from_url
@@ -64,7 +64,7 @@ def scheme_of(url: str) -> str:
     m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)(:/?|//)(?!/)", url)
     if m and (m.group(1).lower() in SCHEMES or m.group(1).lower().startswith("fsspec+")):
         fixed = f"{m.group(1)}://{url[m.end() :]}"
-        raise ValueError(
+        raise ReplicaURLError(
             f"malformed replica URL {url!r}: did you mean {fixed!r}? "
             f"(a plain relative path would be {os.path.join('.', url)!r})"
         )
@@ -75,12 +75,21 @@ def options_for(
     url: str | Replica, storage_options: Mapping[str, Mapping[str, Any]] | None
 ) -> Mapping[str, Any] | None:
     """The backend options of ``url`` from a ``storage_options`` mapping: by full URL, else by
-    scheme (``"file"`` for plain paths)."""
+    scheme (``"file"`` for plain paths), else by its backend's scheme (``"peer"`` also covers
+    ``peers://``, ``"s3"`` also ``s3a://``: options such as ``cafile`` exist for exactly those
+    URLs, and silently dropping them would fail the TLS handshake far from the cause)."""
     if isinstance(url, Replica) or not storage_options:
         return None
     if url in storage_options:
         return storage_options[url]
-    return storage_options.get(scheme_of(url) or "file")
+    scheme = scheme_of(url) or "file"
+    if scheme in storage_options:
+        return storage_options[scheme]
+    return storage_options.get(_SCHEME_FAMILY.get(scheme, scheme))
+
+
+#: Schemes whose backend is another scheme's, for :func:`options_for`.
+_SCHEME_FAMILY = {"peers": "peer", "s3a": "s3"}
 
 
 #: Storage options every backend takes (how saves store objects there), not passed to its constructor.
@@ -150,7 +159,7 @@ def _open_backend(url: str, opts: dict[str, Any]) -> Replica:
         return FsspecReplica(url, **opts)
     close = difflib.get_close_matches(scheme, [*SCHEMES, *protocols], n=1, cutoff=0.5)
     hint = f"did you mean {close[0]}://? " if close else ""
-    raise ValueError(
+    raise ReplicaURLError(
         f"unsupported replica URL scheme {scheme!r} in {url!r}: {hint}"
         f"(supported: {_EXAMPLES}, and the protocols fsspec knows)"
     )
