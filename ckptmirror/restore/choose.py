@@ -239,20 +239,24 @@ def _out_of_memory(ranks: Sequence[int], step: int, own: BaseException | None) -
 
 
 def _warn_lagging(step: int, committed: Mapping[int, Sequence[str]], urls: Sequence[str]) -> None:
-    """WARN when replicas that answered do not hold the restored newest ``step``: they missed
-    saves (degraded, or added later), so the run has fewer copies of it than it was given
-    replicas, and the restore worked only because another one held it."""
+    """Say which replicas that answered do not hold the restored newest ``step``: the run has
+    fewer copies of it than it was given replicas. A WARNING for one that holds older steps (it
+    missed saves: degraded then, and nothing says so later); INFO for one that holds none (a
+    replacement node's empty disk, which the next save fills: the usual case, not news)."""
     lagging = [u for u in urls if u not in committed.get(step, ())]
-    if not lagging:
-        return
     newest = {u: max((t for t, us in committed.items() if u in us), default=None) for u in lagging}
-    log.warning(
-        "restored step %d, which replica(s) %s do not hold (their newest committed step: %s); "
-        "they missed saves: run 'ckptmirror repair' to copy it there",
-        step,
-        lagging,
-        ", ".join(f"{u}: {'none' if t is None else t}" for u, t in newest.items()),
-    )
+    behind = {u: t for u, t in newest.items() if t is not None}
+    empty = [u for u, t in newest.items() if t is None]
+    if behind:
+        log.warning(
+            "restored step %d, which replica(s) %s do not hold (their newest committed step: %s): they "
+            "missed saves; run 'ckptmirror repair' to copy it there",
+            step,
+            list(behind),
+            ", ".join(f"{u}: {t}" for u, t in behind.items()),
+        )
+    if empty:
+        log.info("restored step %d; replica(s) %s hold no committed step yet (the next save writes there)", step, empty)
 
 
 def _report(on_unavailable: OnUnavailable, r: Replica, why: BaseException | str) -> None:
