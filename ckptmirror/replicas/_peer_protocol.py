@@ -7,10 +7,14 @@ many leading segments of the path tail are the namespace; the rest is the key.
 
 ==========================================  ====================================================
 ``GET  /v1/health``                          ``{"version", "free_bytes", "uploads_in_flight",
-                                             "reserve_free_bytes", "scrub"}`` (``scrub``: null
-                                             when off, else settings, ``passes``,
-                                             ``last_pass_end_unix``, ``damaged_count`` and
-                                             ``damaged``: the first 100 damaged files)
+                                             "reserve_free_bytes", "uploads_reserved_bytes",
+                                             "scrub"}`` (``uploads_reserved_bytes``: bytes the
+                                             uploads in flight were admitted with and have not
+                                             written yet; absent from older agents: read it as
+                                             0. ``scrub``: null when off, else settings,
+                                             ``passes``, ``last_pass_end_unix``,
+                                             ``damaged_count`` and ``damaged``: the first 100
+                                             damaged files)
 ``GET  /metrics``                            Prometheus text format (``_agent_metrics``)
 ``GET  /v1/scrub/<ns>``                      the scrubber's latest results for a namespace
                                              (below); 404 when the agent does not scrub
@@ -86,12 +90,18 @@ unreadable. Ages are computed by the agent, so the client's clock does not matte
 Statuses: 401 missing token, 403 wrong token (or a path that would leave the root), 400 bad
 name/header, 404 absent, 408 idle client or an upload slower than the agent's minimum rate,
 409 commit names something absent or unverified, 411 no length, 412 commit exists, 413 too
-large, 422 checksum/size mismatch, 503 too many uploads, 507 below the free-space reserve.
-:data:`AGENT_STATUS` and :func:`error_for_status` are the two directions of the error mapping.
+large, 422 checksum/size mismatch, 503 too many uploads, 507 out of space: the upload would
+leave less than the free-space reserve (``free_bytes - uploads_reserved_bytes - length <
+reserve_free_bytes``), or the disk really ran out (``ENOSPC``, ``EDQUOT``) while it was written;
+other failures of the agent's disk are 500 with the errno's name (``[EIO]``) in the body.
+:data:`AGENT_STATUS` and :func:`error_for_status` are the two directions of the error mapping;
+the client reads a 507 as a ReplicaError with ``errno == ENOSPC`` (the health check keeps the
+peer degraded until :meth:`~.peer.PeerReplica.probe_write` finds room again).
 """
 
 from __future__ import annotations
 
+import errno
 import re
 import threading
 from collections.abc import Iterable
@@ -107,7 +117,7 @@ from ..errors import (
     StepExistsError,
 )
 from ..format import COMMIT_NAME, parse_commit, parse_step_dir, writer_of
-from .base import step_of_key
+from .base import SPACE_ERRNOS, step_of_key
 
 #: Environment variable holding the shared token, read by the client and by ``ckptmirror serve``.
 TOKEN_ENV = "CKPTMIRROR_PEER_TOKEN"
@@ -124,6 +134,11 @@ DEFAULT_UPLOAD_RATE_WINDOW_S = 10.0
 #: ``ckptmirror serve --scrub-bytes-per-s`` default: 32 MiB/s, a few percent of an NVMe drive's
 #: read rate (a fifth of one HDD's); 1 TB is scrubbed in about 9 hours.
 DEFAULT_SCRUB_BYTES_PER_S = 32 << 20
+
+# -- the health document ---------------------------------------------------------------------
+#: ``GET /v1/health`` field: bytes the uploads in flight were admitted with and have not written
+#: yet (the agent counts them as taken when it admits the next one). Older agents do not send it.
+RESERVED_BYTES_FIELD = "uploads_reserved_bytes"
 
 # -- paths -------------------------------------------------------------------------------------
 PREFIX = "/v1"
@@ -229,17 +244,34 @@ AGENT_STATUS: tuple[tuple[type[CkptMirrorError], int], ...] = (
 )
 
 
+#: The status of a library error whose ``errno`` says the disk is full (after :data:`AGENT_STATUS`).
+OUT_OF_SPACE_STATUS = 507
+
+
 def status_for(exc: BaseException) -> int:
-    """The HTTP status the agent answers ``exc`` with (see :data:`AGENT_STATUS`)."""
+    """The HTTP status the agent answers ``exc`` with (see :data:`AGENT_STATUS`); a disk that ran
+    out of space (``ENOSPC``, ``EDQUOT``) is 507, as the free-space reserve is."""
     for cls, status in AGENT_STATUS:
         if isinstance(exc, cls):
             return status
+    if isinstance(exc, OSError) and exc.errno in SPACE_ERRNOS:
+        return OUT_OF_SPACE_STATUS
     return 500
 
 
+def errno_name(exc: BaseException) -> str | None:
+    """``"ENOSPC"`` for an OSError that carries that errno; None without one."""
+    num = exc.errno if isinstance(exc, OSError) else None
+    return errno.errorcode.get(num, str(num)) if num else None
+
+
 def error_text(exc: BaseException) -> str:
-    """The response body for a library error: its class name, then its message."""
-    return f"{type(exc).__name__}: {exc}"
+    """The response body for a library error: its class name, then its message, which names the
+    errno where there is one (a client cannot tell a full disk from a broken one by ``strerror``
+    alone in another locale, and an operator greps for ``ENOSPC``)."""
+    text = f"{type(exc).__name__}: {exc}"
+    name = errno_name(exc)
+    return text if name is None or name in text else f"{text} [{name}]"
 
 
 # -- errors, client side: status -> library error ---------------------------------------------------
@@ -261,7 +293,8 @@ def error_for_status(status: int, text: str, *, replica: str, key: str, denied: 
     ``denied`` is the message for an authentication rejection (the client knows where its token
     came from). A 400 stays a plain ReplicaError, not a ManifestError: the client validated the
     names before sending, so a 400 means the agent and client disagree (versions), a replica
-    failure, and must fail that replica rather than the save's caller.
+    failure, and must fail that replica rather than the save's caller. A 507 is a ReplicaError
+    with ``errno == ENOSPC`` (below the reserve or really full: no room for this save either way).
     """
     if status in (401, 403):
         if is_auth_rejection(status, text):
@@ -273,6 +306,12 @@ def error_for_status(status: int, text: str, *, replica: str, key: str, denied: 
         return StepExistsError(step_of_key(key), replica)
     if status == 422:
         return CorruptObjectError(f"agent rejected the body: {text}", replica=replica, key=key)
+    if status == OUT_OF_SPACE_STATUS:
+        # The health check keeps a replica that failed with ENOSPC degraded until probe_write
+        # finds room: a peer that only answers pings would be tried, and fail, every save.
+        return ReplicaError(
+            f"agent answered HTTP {status} (out of space): {text}", replica=replica, key=key, errno=errno.ENOSPC
+        )
     return ReplicaError(f"agent answered HTTP {status}: {text}", replica=replica, key=key)
 
 

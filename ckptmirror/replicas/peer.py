@@ -25,11 +25,17 @@ Scrub results: :meth:`PeerReplica.scrub_report` gives the agent's latest scrub r
 namespace (``ckptmirror verify`` takes fresh ones instead of reading the objects again), or
 raises :class:`ScrubUnavailableError` when the agent does not scrub or is too old to say.
 
+Full agent: an upload the agent has no room for (its ``--reserve-free-bytes``, or a disk that
+really filled) is answered 507, raised as a ReplicaError with ``errno == ENOSPC``; the health
+check then keeps the peer degraded until :meth:`PeerReplica.probe_write` finds room in the
+agent's health document for what the failed save needed.
+
 The wire rules (paths, headers, statuses) are in :mod:`ckptmirror.replicas._peer_protocol`.
 """
 
 from __future__ import annotations
 
+import errno
 import http.client
 import io
 import json
@@ -609,6 +615,28 @@ class PeerReplica(Replica):
     def ping(self) -> None:
         self.health()
 
+    def probe_write(self, need_bytes: int) -> None:
+        """Raise ReplicaError (``errno`` ENOSPC) unless the agent would admit ``need_bytes`` now:
+        its free space less its reserve and what the uploads in flight still have to write
+        (``GET /v1/health``, under the replica's time budget). An agent that reports no free
+        space at all passes (nothing to go by: the next save tells); one older than
+        ``uploads_reserved_bytes`` counts it as 0."""
+        doc = self.health()
+        free = _count(doc, "free_bytes")
+        if free is None:
+            return
+        reserve = _count(doc, "reserve_free_bytes") or 0
+        in_flight = _count(doc, wire.RESERVED_BYTES_FIELD) or 0
+        room = free - reserve - in_flight
+        if room < need_bytes:
+            raise ReplicaError(
+                f"the agent has room for {max(room, 0)} bytes (free_bytes={free} - reserve_free_bytes={reserve} - "
+                f"{wire.RESERVED_BYTES_FIELD}={in_flight}), the last save needed need_bytes={need_bytes} here; "
+                f"free space under the agent's --root, run 'ckptmirror prune {self.url} --keep N', or lower keep_last",
+                replica=self.url,
+                errno=errno.ENOSPC,
+            )
+
     def scrub_report(self) -> dict[str, Any]:
         """The agent's latest scrub results for this namespace (``GET /v1/scrub/<ns>``; the
         schema is in :mod:`._peer_protocol`), under the replica's time budget like every call.
@@ -649,3 +677,9 @@ class PeerReplica(Replica):
 
     def close(self) -> None:
         self._drop()
+
+
+def _count(doc: dict[str, Any], field: str) -> int | None:
+    """A byte count of the health document; None when absent or not a count (bool is not one)."""
+    value = doc.get(field)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

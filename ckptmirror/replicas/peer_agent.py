@@ -16,6 +16,9 @@ What a client can reach, and for how long:
 - names starting with ``.`` (temp files of uploads in progress) are refused on every route and
   never listed; commit records are created only through the verified, create-if-absent
   ``/v1/commit/`` route, never through ``PUT /v1/o/``;
+- an upload is admitted only if the free space, less what the uploads already in flight still
+  have to write (:class:`SpaceLedger`), leaves ``reserve_free_bytes`` after it; a disk that runs
+  out anyway (another writer filled it, a quota) answers 507 too, its temp file removed;
 - an upload must deliver ``min_upload_bytes_per_s`` over every ``upload_rate_window_s`` of
   waiting for it (the first window is its grace period), else it is cut, its temp file removed
   and its slot freed: a trickle of bytes would otherwise hold a slot forever, since the idle
@@ -69,10 +72,20 @@ from ._scrub import (
     drop_held,
     held_key,
 )
-from .base import validate_key
+from .base import SPACE_ERRNOS, validate_key
 from .local import AtomicWriter, LocalReplica
 
-__all__ = ["Agent", "AgentConfigError", "NamespaceToken", "UploadPace", "parse_namespace_tokens", "build_app", "serve"]
+__all__ = [
+    "Agent",
+    "AgentConfigError",
+    "NamespaceToken",
+    "Promise",
+    "SpaceLedger",
+    "UploadPace",
+    "parse_namespace_tokens",
+    "build_app",
+    "serve",
+]
 
 log = logging.getLogger("ckptmirror.agent")
 
@@ -168,6 +181,61 @@ class UploadPace:
         return True
 
 
+class SpaceLedger:
+    """Bytes the uploads in flight were admitted with and have not written yet.
+
+    The free space the disk reports already leaves out what an upload has written, so each
+    upload's promise shrinks as its bytes reach the disk, only after each write returns: in
+    between its bytes are counted twice (too careful), never zero times. Lives on the event
+    loop (no lock): every change happens between two awaits.
+    """
+
+    def __init__(self) -> None:
+        #: bytes promised and not written yet (``uploads_reserved_bytes`` on ``/v1/health``)
+        self.pending = 0
+        #: every byte ever promised: only grows, so that :meth:`others_since` sees promises made
+        #: while a check waited for the free space, even those already written or released
+        self.promised = 0
+
+    def mark(self) -> tuple[int, int]:
+        """What a check takes before it reads the free space (see :meth:`others_since`)."""
+        return self.pending, self.promised
+
+    def others_since(self, mark: tuple[int, int]) -> int:
+        """Bytes to count as taken by other uploads for a free space read after ``mark``.
+
+        What was pending at the mark (bytes written while the free space was read are then
+        counted twice, which only errs on the side of refusing), plus all that was promised
+        since: an upload admitted during the read must count in full, its writes may or may not
+        show in the number read."""
+        return mark[0] + self.promised - mark[1]
+
+    def promise(self, nbytes: int) -> Promise:
+        self.pending += nbytes
+        self.promised += nbytes
+        return Promise(self, nbytes)
+
+
+class Promise:
+    """One upload's share of a :class:`SpaceLedger`: shrinks as it is written; released
+    (:meth:`release`, idempotent) however the upload ends."""
+
+    __slots__ = ("ledger", "left")
+
+    def __init__(self, ledger: SpaceLedger, nbytes: int) -> None:
+        self.ledger = ledger
+        self.left = nbytes
+
+    def wrote(self, nbytes: int) -> None:
+        n = min(nbytes, self.left)
+        self.left -= n
+        self.ledger.pending -= n
+
+    def release(self) -> None:
+        self.ledger.pending -= self.left
+        self.left = 0
+
+
 class Agent:
     """The agent's state: root, limits, and the per-namespace replicas."""
 
@@ -221,6 +289,7 @@ class Agent:
         self.fsync = fsync
         self.direct_io = direct_io
         self.uploads = 0
+        self.space = SpaceLedger()
         self.pool = ThreadPoolExecutor(8, thread_name_prefix="agent-io")
         self._replicas: dict[str, LocalReplica] = {}
         # (namespace, key) -> (size, checksum) of objects this process received and verified,
@@ -406,6 +475,14 @@ def _covers(agent: Agent, request: web.Request) -> Callable[[str], bool]:
     return lambda ns: any(nt.covers(ns) for nt in scoped)
 
 
+def _root_for(agent: Agent, request: web.Request) -> str:
+    """The agent's root as an error message may name it to this request's client: the path for
+    the admin token (or an agent without tokens), else a pointer to the option. A namespace token
+    is a tenant's: it learns nothing of the server's layout (see :meth:`Agent.replica`)."""
+    found = _tokens(agent, request) if agent.needs_token else None
+    return agent.root if found is None or found[0] else "the agent's --root"
+
+
 def _trace(request: web.Request, status: int) -> None:
     """One debug line per answered request (``--log-level debug``, ``-v``)."""
     if log.isEnabledFor(logging.DEBUG):
@@ -425,6 +502,14 @@ async def _guard(
         raise
     except CkptMirrorError as exc:
         resp = web.Response(status=wire.status_for(exc), text=wire.error_text(exc))
+    except OSError as exc:
+        if isinstance(exc, ConnectionError):
+            raise  # the client went away: nobody reads an answer
+        # aiohttp would answer a bare "500 Internal Server Error"; the errno's name says what broke.
+        # Not str(exc): an OSError's filename is a server path.
+        _event(logging.ERROR, "request failed", method=request.method, path=request.path, error=str(exc))
+        name = wire.errno_name(exc) or "no errno"
+        resp = web.Response(status=wire.status_for(exc), text=f"{type(exc).__name__}: [{name}] {exc.strerror or ''}")
     _trace(request, resp.status)
     return resp
 
@@ -439,6 +524,7 @@ async def _health(request: web.Request) -> web.Response:
             "free_bytes": free,
             "uploads_in_flight": agent.uploads,
             "reserve_free_bytes": agent.reserve_free_bytes,
+            wire.RESERVED_BYTES_FIELD: agent.space.pending,
             "scrub": agent.scrubber.summary(_covers(agent, request)) if agent.scrubber else None,
         }
     )
@@ -510,9 +596,18 @@ def _upload_header(agent: Agent, request: web.Request, commit: bool) -> tuple[in
 
 
 async def _stream_body(
-    agent: Agent, request: web.Request, writer: AtomicWriter, length: int, *, keep: bool, ns: str, key: str
+    agent: Agent,
+    request: web.Request,
+    writer: AtomicWriter,
+    length: int,
+    *,
+    keep: bool,
+    ns: str,
+    key: str,
+    promise: Promise | None = None,
 ) -> tuple[str, bytes]:
-    """Read exactly ``length`` body bytes into ``writer``, hashing them as they pass.
+    """Read exactly ``length`` body bytes into ``writer``, hashing them as they pass; what is
+    written is taken off ``promise`` (the upload's share of :attr:`Agent.space`).
 
     Returns (checksum, the body if ``keep`` else ``b""``). A client that sends nothing for the
     idle timeout gets 408, and so does one slower than the minimum rate (:class:`UploadPace`);
@@ -575,6 +670,8 @@ async def _stream_body(
         if body is not None:
             body += chunk
         await agent.run(_hash_write, hasher, writer, chunk)
+        if promise is not None:
+            promise.wrote(len(chunk))  # after the write: the free space shows it now
     if received != length:
         raise web.HTTPBadRequest(text=f"body ended after {received} of {length} bytes")
     return hasher.hexdigest(), bytes(body) if body is not None else b""
@@ -591,15 +688,49 @@ async def _receive(request: web.Request, ns: str, key: str, commit: bool) -> web
             text=f"too many uploads in flight ({agent.max_uploads})", headers={"Retry-After": "1"}
         )
     agent.uploads += 1  # reserve the slot before the first await
+    promise: Promise | None = None
+    try:
+        mark = agent.space.mark()
+        free = await agent.run(agent.free_bytes)
+        # From here to the promise, no await: the check and the promise are one step of the
+        # event loop, so two uploads that fit only one at a time cannot both be admitted.
+        others = agent.space.others_since(mark)
+        if free - others - length < agent.reserve_free_bytes:
+            raise web.HTTPInsufficientStorage(
+                text=f"free space {free} minus {others} bytes still to come for the uploads in flight minus "
+                f"{length} is below the reserve {agent.reserve_free_bytes} (--reserve-free-bytes) under "
+                f"{_root_for(agent, request)}; {_space_fix(request, ns)}"
+            )
+        promise = agent.space.promise(length)
+        try:
+            return await _write_upload(agent, request, replica, ns, key, commit, length, expected, promise)
+        except OSError as exc:  # a ReplicaError of the local replica carries its errno too
+            if exc.errno not in SPACE_ERRNOS:
+                raise
+            raise await _out_of_space(agent, request, ns, key, length, exc) from exc
+    finally:
+        agent.uploads -= 1
+        if promise is not None:
+            promise.release()
+
+
+async def _write_upload(
+    agent: Agent,
+    request: web.Request,
+    replica: LocalReplica,
+    ns: str,
+    key: str,
+    commit: bool,
+    length: int,
+    expected: str,
+    promise: Promise,
+) -> web.Response:
+    """The body of an admitted upload: temp file, verify, publish. The temp file is gone
+    however this ends (the slot and the promise are the caller's)."""
     writer: AtomicWriter | None = None
     try:
-        free = await agent.run(agent.free_bytes)
-        if free - length < agent.reserve_free_bytes:
-            raise web.HTTPInsufficientStorage(
-                text=f"free space {free} minus {length} is below the reserve {agent.reserve_free_bytes}"
-            )
         writer = await agent.run(replica.open_writer, key)
-        got, body = await _stream_body(agent, request, writer, length, keep=commit, ns=ns, key=key)
+        got, body = await _stream_body(agent, request, writer, length, keep=commit, ns=ns, key=key, promise=promise)
         if got != expected:
             _event(logging.WARNING, "checksum mismatch, dropped", ns=ns, key=key, expected=expected, got=got)
             raise web.HTTPUnprocessableEntity(text=f"checksum mismatch: received {got}, header says {expected}")
@@ -628,9 +759,35 @@ async def _receive(request: web.Request, ns: str, key: str, commit: bool) -> web
         _event(logging.INFO, "committed" if commit else "stored", ns=ns, key=key, bytes=length)
         return web.Response(status=201, text="ok")
     finally:
-        agent.uploads -= 1
         if writer is not None:
+            # Before the out-of-space answer is made: its free space must not count the temp file.
             await agent.run(writer.abort)
+
+
+def _space_fix(request: web.Request, ns: str) -> str:
+    """What to do about a full agent, with the command for this namespace."""
+    scheme = "peers" if request.secure else "peer"
+    return (
+        "free space there (delete what is not needed), run 'ckptmirror prune "
+        f"{scheme}://{request.host}/{ns} --keep N', or lower keep_last"
+    )
+
+
+async def _out_of_space(
+    agent: Agent, request: web.Request, ns: str, key: str, length: int, exc: OSError
+) -> web.HTTPInsufficientStorage:
+    """The 507 of an upload whose write, fsync or rename found the disk full (``exc``): the
+    reserve is only a guess when other writers share the disk, or a quota bounds it."""
+    try:
+        free: int | str = await agent.run(agent.free_bytes)
+    except OSError as err:
+        free = f"unknown ({wire.errno_name(err) or err})"
+    name = wire.errno_name(exc)
+    _event(logging.WARNING, "out of space, upload dropped", ns=ns, key=key, bytes=length, errno=name, free=free)
+    return web.HTTPInsufficientStorage(
+        text=f"out of space: [{name}] while writing {key} ({length} bytes) under {_root_for(agent, request)}, "
+        f"{free} bytes free now; {_space_fix(request, ns)}"
+    )
 
 
 def _commit_writers(request: web.Request) -> frozenset[tuple[int, str]] | None:
