@@ -24,6 +24,8 @@ from torch import nn
 
 import ckptmirror
 import ckptmirror.mirror as mirror_mod
+from ckptmirror.save import copies as copies_mod
+from ckptmirror.save import layout as layout_mod
 from ckptmirror.save import snapshot as snap
 from ckptmirror.save import speculate as speculate_mod
 from ckptmirror.state.tree import flatten, unflatten
@@ -176,10 +178,10 @@ def test_staging_copy_is_byte_exact_when_cut_into_pieces(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
 ) -> None:
     # Tiny pieces and no size floor for threads: every branch of the copy runs on a small state.
-    monkeypatch.setattr(snap, "PIECE_BYTES", 4096)
-    monkeypatch.setattr(snap, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(snap, "PARALLEL_MIN_AVERAGE", 0)
-    monkeypatch.setattr(snap, "COPY_THREADS", threads)
+    monkeypatch.setattr(copies_mod, "PIECE_BYTES", 4096)
+    monkeypatch.setattr(copies_mod, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(copies_mod, "PARALLEL_MIN_AVERAGE", 0)
+    monkeypatch.setattr(copies_mod, "COPY_THREADS", threads)
     state = tricky_state()
     with ckptmirror.Mirror([str(tmp_path / "ckpt")]) as m:
         m.save_state(1, state).result()
@@ -192,7 +194,7 @@ def test_staging_copy_is_byte_exact_when_cut_into_pieces(
 
 
 def test_stream_matches_a_copy_made_by_torch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(snap, "PIECE_BYTES", 4096)
+    monkeypatch.setattr(copies_mod, "PIECE_BYTES", 4096)
     state = {k: v for k, v in tricky_state().items() if k not in ("np", "np0")}
     p = snap.plan(flatten(state))
     arena = snap.Arena()
@@ -213,7 +215,7 @@ def test_host_copy_uses_no_torch_copy_kernel_and_keeps_thread_settings(monkeypat
     """The CPU staging copy must not go through torch's copy (an OpenMP region per tensor)."""
     threads, interop = torch.get_num_threads(), torch.get_num_interop_threads()
     omp_env = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_"))}
-    monkeypatch.setattr(snap, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(copies_mod, "PARALLEL_MIN_BYTES", 0)
     state = {f"t{i}": torch.randn(40_000) for i in range(20)}  # each past torch's 32,768-element grain
     p = snap.plan(flatten(state))
 
@@ -245,7 +247,7 @@ def test_paused_gc_restores_the_callers_setting() -> None:
 
 def test_replan_swaps_moved_tensors_and_matches_a_fresh_plan(monkeypatch: pytest.MonkeyPatch) -> None:
     """A new ``torch.get_rng_state()`` in every save's extra must not cost a whole new plan."""
-    monkeypatch.setattr(snap, "PIECE_BYTES", 1024)  # the 5 KB RNG state spans several pieces
+    monkeypatch.setattr(copies_mod, "PIECE_BYTES", 1024)  # the 5 KB RNG state spans several pieces
     weights = {f"w{i}": torch.full((i + 1,), float(i)) for i in range(300)}
     first = {"model": weights, "extra": {"rng": torch.get_rng_state()}}
     flat0 = flatten(first)
@@ -500,7 +502,7 @@ def test_only_storages_close_enough_in_order_are_coalesced(gaps: str, coalesced:
 
 
 def test_a_run_is_not_coalesced_when_its_gaps_cost_too_much_staging(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(snap, "MAX_GAP_SHARE", 0.01)
+    monkeypatch.setattr(layout_mod, "MAX_GAP_SHARE", 0.01)
     buf, ts = back_to_back(300, 200)  # gaps of 200 bytes between storages of ~150: far over 1%
     p = snap.plan(flatten({"t": ts}))
     assert not p.copies.moves and p.copies.staging_bytes == p.total_bytes
