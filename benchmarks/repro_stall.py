@@ -29,6 +29,7 @@ ckptmirror's threads during the copy, and the caller's involuntary context switc
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -139,16 +140,25 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     if variant.endswith("+1thread"):
         torch.set_num_threads(1)
     base = variant.split("+")[0]
-    copy = {"legacy": _legacy_snapshot, "native-foreach": _native_snapshot}.get(base, mirror_mod.snapshot)
+    # The library's own copy is ``stage`` (stream, and the work it leaves to the writer thread);
+    # the reference variants return the stream only, and leave nothing.
+    stage = mirror_mod.stage
+    variants = {"legacy": _legacy_snapshot, "native-foreach": _native_snapshot}
+
+    def copy(p: Any, arena: Any, cap: Any) -> Any:
+        if base in variants:
+            return variants[base](p, arena), None
+        return stage(p, arena, cap)
+
     overlap = variant.endswith("+overlap")
     records: list[dict[str, Any]] = []
     names: dict[int, str] = {}
 
-    def timed_copy(p: Any, arena: Any) -> Any:
+    def timed_copy(p: Any, arena: Any, cap: Any = None) -> Any:
         names.update({t.native_id: t.name for t in threading.enumerate() if t.native_id is not None})
         me = threading.get_native_id()
         cpu0, sw0, t0 = thread_cpu(), nonvoluntary_switches(), time.perf_counter()
-        out = copy(p, arena)
+        out = copy(p, arena, cap)
         dt = time.perf_counter() - t0
         cpu1, sw1 = thread_cpu(), nonvoluntary_switches()
         names.update({t.native_id: t.name for t in threading.enumerate() if t.native_id is not None})
@@ -165,7 +175,12 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         records.append(rec)
         return out
 
-    mirror_mod.snapshot = timed_copy
+    mirror_mod.stage = timed_copy  # type: ignore[assignment]
+    # Speculative staging (save/speculate.py) would copy steady saves on a stager thread, past
+    # this hook: off, so that every save's copy is the one measured here, on the caller.
+    # (by module path: ``ckptmirror.save`` is also the name of the save function)
+    speculate_mod = importlib.import_module("ckptmirror.save.speculate")
+    speculate_mod.SPECULATE_MIN_LEAVES = 1 << 62
     state = {f"t{i}": torch.full((args.elements,), float(i)) for i in range(args.tensors)}
     out: dict[str, Any] = {"variant": variant, "threads": torch.get_num_threads(), "saves": []}
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
