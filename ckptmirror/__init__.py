@@ -9,8 +9,9 @@ Module-level helpers keep one default :class:`Mirror` for a training script::
 
     import ckptmirror
     ckptmirror.init(["/data/ckpt/run1"], keep_last=3)
-    start = ckptmirror.restore(model, optim)          # None on a fresh run
-    for step in range(...):
+    resumed = ckptmirror.restore(model, optim)        # a RestoreResult, or None on a fresh run
+    start = resumed.step + 1 if resumed else 0
+    for step in range(start, ...):
         ...
         ckptmirror.save(step, model, optim)
     ckptmirror.close()

@@ -1,6 +1,8 @@
 """The exception tree of ckptmirror.
 
-Every error the library raises derives from :class:`CkptMirrorError`. Where a builtin
+Every error about checkpoints and replicas derives from :class:`CkptMirrorError` (invalid
+arguments raise :class:`ValueError`, a call on a closed mirror :class:`RuntimeError`, time-outs
+:class:`TimeoutError`). Where a builtin
 exception already means the same thing, the error also subclasses it, so existing
 ``except FileNotFoundError`` / ``except TypeError`` code keeps working::
 
@@ -34,7 +36,7 @@ from collections.abc import Mapping, Sequence
 
 
 class CkptMirrorError(Exception):
-    """Base class of every error raised by ckptmirror."""
+    """Base class of every error ckptmirror raises about checkpoints and replicas."""
 
 
 class UnsupportedTypeError(CkptMirrorError, TypeError):

@@ -161,7 +161,8 @@ class Mirror:
     Example::
 
         with ckptmirror.Mirror(["/data/ckpt/run1"], keep_last=3) as m:
-            m.restore(model, optim)              # resume, if a checkpoint exists
+            resumed = m.restore(model, optim)    # resume, if a checkpoint exists
+            start = resumed.step + 1 if resumed else 0
             for step in range(start, steps):
                 train_step()
                 if step % 100 == 0:

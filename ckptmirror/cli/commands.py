@@ -208,7 +208,8 @@ def _add_inspect(add: _AddCommand) -> None:
         "examples:\n  ckptmirror inspect /data/ckpt/run1\n  ckptmirror inspect /data/ckpt/run1 --step 4000 --rank 0\n"
         "  ckptmirror inspect /data/ckpt/run1 --json | jq -r '.ranks[0].entries[].name'\n\n"
         + _ENV_NOTE
-        + "exit status: 0 ok, 1 the step cannot be read, 2 usage error or a replica unreachable\n",
+        + "exit status: 0 ok, 1 the step cannot be read, 2 usage error or no replica could be listed\n"
+        "(an unreachable replica among several is a WARNING; the others are used)\n",
     )
     inspect.add_argument("--step", type=_nonneg_int, help="the step (default: newest committed)")
     inspect.add_argument("--rank", type=_nonneg_int, help="only this rank (default: all)")
@@ -230,7 +231,8 @@ def _add_export(add: _AddCommand) -> None:
         "examples:\n  ckptmirror export /data/ckpt/run1 --step 4000 --format safetensors -o model.safetensors\n"
         "  ckptmirror export /data/ckpt/run1 --format torch -o last.pt     # newest step that verifies\n\n"
         + _ENV_NOTE
-        + "exit status: 0 written, 1 the step cannot be read or written, 2 usage error or a replica unreachable\n",
+        + "exit status: 0 written, 1 the step cannot be read or written, 2 usage error or no replica\n"
+        "could be listed (an unreachable replica among several is a WARNING; the others are used)\n",
     )
     export.add_argument("--step", type=_nonneg_int, help="the step (default: the newest that verifies)")
     export.add_argument("--format", choices=("safetensors", "torch"), required=True, help="file format")

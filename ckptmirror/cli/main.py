@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: ckptmirror demo --dir /tmp/ckptmirror-demo --steps 40",
     )
     demo.add_argument("--dir", default=None, help="where to keep the replicas (default: a temporary directory)")
-    demo.add_argument("--steps", type=int, default=40, help="training steps before the simulated crash")
+    demo.add_argument(
+        "--steps",
+        type=int,
+        default=40,
+        help="training steps the child would run in all; it is SIGKILLed at step max(2*SAVE_EVERY+1, STEPS*3//4)",
+    )
     demo.add_argument("--save-every", type=int, default=5, help="save every N steps")
     _add_serve(sub)
     add_ops_commands(sub)

@@ -1,12 +1,13 @@
 """A fault-injecting wrapper around any replica, for tests (yours and ours).
 
-Example: fail the third object upload with ENOSPC, and flip a bit in every read of one key::
+Example: fail the third put (objects and manifests count alike) with ENOSPC, and flip a bit in
+every read of one object (its key ends in the writer's token: list the step's keys to find it)::
 
     r = FaultyReplica(LocalReplica("/tmp/x"), fail_put_at=3, fail_error=OSError(errno.ENOSPC, "No space left"))
-    r = FaultyReplica(LocalReplica("/tmp/x"), flip_read={"step-000000000001/rank-00000/o000000.bin"})
+    r = FaultyReplica(LocalReplica("/tmp/x"), flip_read={"step-000000000001/rank-00000/o000000-e33f9033.bin"})
 
-``hang_at``/``on_phase`` let a test stop or kill a writer at an exact point of the commit
-protocol: the callback receives the phase name (``"put"``, ``"put-manifest"``, ``"commit"``,
+``on_phase`` lets a test stop or kill a writer at an exact point of the commit protocol: the
+callback receives the phase name (``"put"``, ``"put-manifest"``, ``"commit"``, ``"get"``,
 ``"delete"``) and the key, before the inner replica is called.
 """
 
