@@ -42,6 +42,7 @@ from _proxy import FaultProxy
 
 from ckptmirror import Mirror, NoValidCheckpointError
 from ckptmirror.errors import CorruptObjectError, ReplicaUnavailableError
+from ckptmirror.format import step_dir
 from ckptmirror.replicas import FaultyReplica, LocalReplica, Replica
 from ckptmirror.replicas.peer import PeerReplica
 from ckptmirror.restore.choose import load_newest
@@ -305,6 +306,23 @@ def test_a_disk_read_error_is_damage_not_an_outage(tmp_path: Path) -> None:
 
 
 # ------------------------------------------- 4. verify and repair: an outage is not damage
+def test_verify_reports_damage_found_beside_an_outage_as_damage(tmp_path: Path, peer: Peer) -> None:
+    # The local copy of step 2 is corrupt and the peer stops answering: the damage is certain,
+    # so the exit status is 1 (it was 2, which a script retrying on outages would sit on).
+    from ckptmirror import ops
+
+    local = str(tmp_path / "local")
+    save_steps([local, peer.replica()], (1, 2))
+    obj = sorted(p for p in (Path(local) / step_dir(2)).rglob("*.bin"))[0]
+    data = bytearray(obj.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    obj.write_bytes(bytes(data))
+    report = ops.verify([LocalReplica(local), peer.at_first_object_read(peer.replica(), "stopped")], threads=4)
+    assert list(report.unavailable) == [peer.url], report.unavailable
+    assert [p.replica for p in report.damage] == [local], report.damage
+    assert report.status == "damaged" and report.exit_code == 1
+
+
 @pytest.mark.parametrize("how", ["stopped", "silent"])
 def test_verify_of_a_replica_that_stops_answering_is_an_outage_in_one_budget(
     tmp_path: Path, peer: Peer, how: str

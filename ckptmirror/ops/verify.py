@@ -183,18 +183,26 @@ class VerifyReport:
     def status(self) -> str:
         """``ok``; ``lagging`` (no damage, some replica behind); ``damaged``; ``unreachable``
         (a replica could not be listed, or stopped answering during the check: what it holds is
-        unknown, whatever the others show)."""
+        unknown, whatever the others show).
+
+        Damage found on the replicas that answered wins over an outage: it is certain, and a
+        script that retries on ``unreachable`` must not sit on it until the outage ends (the
+        report lists both). A step that is not recoverable only for want of the replicas that
+        did not answer is ``unreachable``: its copies may be intact there."""
+        if self.damage:
+            return "damaged"
         if self.unreachable or self.unavailable:
             return "unreachable"
-        if self.damage or not all(s.recoverable for s in self.steps):
+        if not all(s.recoverable for s in self.steps):
             return "damaged"
         return "lagging" if self.lagging else "ok"
 
     @property
     def exit_code(self) -> int:
         """0 (:data:`EXIT_OK`): every step verified on every replica; 1 (:data:`EXIT_DAMAGE`):
-        damage, lagging copies or not; 2 (:data:`EXIT_UNREACHABLE`): a replica could not be
-        reached; 3 (:data:`EXIT_LAGGING`): no damage, only lagging copies ('ckptmirror repair')."""
+        damage, lagging copies or unreachable replicas or not; 2 (:data:`EXIT_UNREACHABLE`): no
+        damage found, but a replica could not be reached; 3 (:data:`EXIT_LAGGING`): no damage,
+        only lagging copies ('ckptmirror repair')."""
         return {
             "ok": EXIT_OK,
             "damaged": EXIT_DAMAGE,

@@ -215,6 +215,33 @@ def error_code(exc: BaseException | None) -> str | None:
     return str(exc.response.get("Error", {}).get("Code")) if isinstance(exc, ClientError) else None
 
 
+def nothing_to_abort(exc: BaseException) -> bool:
+    """Whether a failed AbortMultipartUpload means there is no upload left to abort: it was
+    completed or aborted meanwhile (``NoSuchUpload``), or its bucket is gone with it."""
+    return error_code(exc.__cause__) in ("NoSuchUpload", "NoSuchBucket")
+
+
+def worth_retrying(exc: BaseException) -> bool:
+    """Whether a request that failed with ``exc`` (an error :func:`classify` chose) may succeed
+    later: an outage or a transient error, not a refusal such as permission denied."""
+    if isinstance(exc, ReplicaUnavailableError):
+        return True
+    verdict = classify(exc.__cause__) if exc.__cause__ is not None else None
+    return verdict is not None and verdict.retry
+
+
+def abandoned_upload_fix(*, bucket: str, endpoint: str, key: str, upload_id: str) -> str:
+    """What an operator does about a multipart upload that could not be aborted: its parts
+    stay stored (and billed, on AWS) until someone aborts it."""
+    flag = f" --endpoint-url {endpoint}" if endpoint.startswith("http") and "amazonaws.com" not in endpoint else ""
+    return (
+        "retention or `ckptmirror prune` aborts it when its step is removed; a lifecycle rule on the bucket "
+        "with AbortIncompleteMultipartUpload (e.g. DaysAfterInitiation: 1) removes every upload left like this; "
+        f"`aws s3api abort-multipart-upload --bucket {bucket} --key {key} --upload-id {upload_id}{flag}` "
+        "removes this one now"
+    )
+
+
 def detail(exc: BaseException) -> str:
     """A failure in a few words for a message: S3 code and message, or exception type and text."""
     if isinstance(exc, ClientError):

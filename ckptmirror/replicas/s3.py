@@ -11,8 +11,13 @@ instead of s3fs's file methods, because the commit protocol needs things they hi
   memoryview) in a worker thread just before it is sent, so memory in flight stays at about
   ``max_concurrency * part_bytes`` however large the object. The completion answer must carry
   an ETag (botocore turns a 200 with an error body into an error), and a HEAD confirms the
-  size. On any failure the upload is aborted, so no partial object ever becomes visible;
-  an upload whose abort also failed is removed by :meth:`S3Replica.delete_prefix`.
+  size. On any failure the upload is aborted, so no partial object ever becomes visible and
+  no parts stay stored: at once when the endpoint answered (an error), else (a missed
+  deadline, an outage, a cancelled put) by one background task per replica, which tries each
+  upload a few times, spaced out, each attempt with a deadline of its own, on none of the
+  caller's time; :meth:`S3Replica.close` gives those still queued a last chance of about a
+  second. An upload that could still not be aborted is logged, once, with how to remove it
+  (retention and ``ckptmirror prune`` abort it with its step, :meth:`S3Replica.delete_prefix`).
 * **Conditional commits.** The commit object is written with ``If-None-Match: *``, so of two
   writers exactly one commits. The first commit probes whether the server honours the
   header (a server that answers 501 or silently ignores it gets the weaker HEAD-then-PUT,
@@ -47,6 +52,8 @@ A HEAD on a missing bucket answers a bare 404, indistinguishable from a missing 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import contextvars
 import logging
 import math
@@ -55,13 +62,21 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
 import s3fs
 from fsspec.asyn import sync
 
-from ..errors import CkptMirrorError, CorruptObjectError, ObjectMissingError, ReplicaError, StepExistsError
+from ..errors import (
+    CkptMirrorError,
+    CorruptObjectError,
+    ObjectMissingError,
+    ReplicaError,
+    ReplicaUnavailableError,
+    StepExistsError,
+)
 from ._s3_errors import (
     ENDPOINT_FIX,
     THROTTLED,
@@ -69,10 +84,13 @@ from ._s3_errors import (
     Verdict,
     _NotSupported,
     _PreconditionFailed,
+    abandoned_upload_fix,
     classify,
     detail,
     error_code,
     explain,
+    nothing_to_abort,
+    worth_retrying,
 )
 from .base import (
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -100,6 +118,9 @@ _DEADLINE: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar("ckp
 
 
 _GRACE_S = 0.25
+#: Background aborts in flight at once on one replica: they share the connection pool with the
+#: data, and after an outage many may be due together.
+_ABORTS_AT_ONCE = 4
 
 
 def _earliest(dl: Deadline, cap: float) -> float:
@@ -153,6 +174,25 @@ def _content_length(head: Mapping[str, Any], url: str, key: str) -> int:
     return size
 
 
+@dataclass(eq=False)
+class _Orphan:
+    """A multipart upload a put gave up on and did not abort itself: queued for the background."""
+
+    key: str  # the replica's key (messages, the deadline)
+    path: str  # the bucket's key
+    upload_id: str
+    due: float  # time.monotonic() of the next attempt
+    attempts: int = 0
+    last: str = ""  # the last attempt's failure, in words
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 async def _all(aws: Iterable[Awaitable[T]]) -> list[T]:
     """gather(), but on the first failure cancel the rest and wait for them, so that no
     part is still uploading when we abort and no range still writes into the caller's buffer."""
@@ -195,6 +235,13 @@ class S3Replica(Replica):
     budget: TimeBudget
     #: First retry delay; doubles per retry (capped at 10 s), with jitter.
     backoff_s = 0.1
+    #: Background aborts of multipart uploads a put gave up on: attempts per upload, the delay
+    #: before the second (doubling, at most 30 s: about half a minute in all), how long close()
+    #: gives those still queued, and how many may wait (more are logged as left open at once).
+    abort_attempts = 6
+    abort_backoff_s = 1.0
+    abort_close_grace_s = 1.5
+    abort_queue_max = 256
 
     compression = "zstd"  # a network store is slower than the codec: fewer bytes, sooner durable
 
@@ -254,6 +301,13 @@ class S3Replica(Replica):
         # Whether a request has succeeded: from then on a missing bucket is an outage (deleted,
         # server restarted), not a wrong URL. A plain bool: it only ever goes False -> True.
         self._bucket_seen = False
+        # Uploads queued for a background abort (by upload id) and the one task that works on
+        # them while any are queued: used on fsspec's loop only, so they need no lock.
+        self._orphans: dict[str, _Orphan] = {}
+        self._aborter: asyncio.Task[None] | None = None
+        self._abort_wake = asyncio.Event()  # a new upload queued, or close() wants them all now
+        self._abort_slots = asyncio.Semaphore(_ABORTS_AT_ONCE)
+        self._closing = False  # close() is giving the queue its last chance: no more retries
 
     # -- plumbing ------------------------------------------------------------------------
     def _path(self, key: str) -> str:
@@ -419,8 +473,8 @@ class S3Replica(Replica):
                     replica=self.url,
                     key=key,
                 )
-        except BaseException:
-            await self._abort(key, path, upload_id)
+        except BaseException as exc:
+            await self._abort(key, path, upload_id, exc)
             raise
         self._next_request()
         stored = _content_length(await self._call("head_object", key, attempt_bytes=0, Key=path), self.url, key)
@@ -444,26 +498,141 @@ class S3Replica(Replica):
         # A part checksum the SDK added must be echoed, or S3 refuses the completion.
         return {"PartNumber": number, "ETag": resp["ETag"], **{k: resp[k] for k in _PART_CHECKSUMS if k in resp}}
 
-    async def _abort(self, key: str, path: str, upload_id: str) -> None:
+    async def _abort(self, key: str, path: str, upload_id: str, cause: BaseException) -> None:
+        """Abort an upload the put gives up on (``cause``: why), so that its parts do not stay stored.
+
+        At once, within the put's budget, when the endpoint answered (an error, not an outage)
+        and time is left; else in the background (:meth:`_abort_later`): after a missed deadline,
+        an outage or a cancellation, waiting here would hold the caller longer for an endpoint
+        that is not answering.
+        """
         dl = _DEADLINE.get()
-        if dl is not None and dl.expired():
-            # The endpoint did not answer in time: an abort would only hold the caller longer.
-            log.warning(
-                "multipart upload %s of s3://%s/%s left open: its operation ran out of time (delete_prefix aborts it)",
-                upload_id, self.bucket, path,
-            )  # fmt: skip
+        answered = isinstance(cause, Exception) and not isinstance(cause, ReplicaUnavailableError)
+        if answered and dl is not None and not dl.expired():
+            self._next_request()
+            try:
+                await self._call("abort_multipart_upload", key, attempt_bytes=0, Key=path, UploadId=upload_id)
+                return
+            except CkptMirrorError as exc:
+                if nothing_to_abort(exc):
+                    return
+                if not worth_retrying(exc):  # e.g. no permission to abort: asking again will not help
+                    self._left_open(path, upload_id, f"the abort failed: {exc}")
+                    return
+            except Exception:  # noqa: BLE001 - not translated (a bug, a closed client): the queue retries it
+                pass
+            except BaseException:
+                self._abort_later(key, path, upload_id)
+                raise
+        self._abort_later(key, path, upload_id)
+
+    def _abort_later(self, key: str, path: str, upload_id: str) -> None:
+        """Queue an abort for the background task (started if none runs). On fsspec's loop;
+        costs the caller nothing more."""
+        if upload_id in self._orphans:
             return
-        self._next_request()
+        if len(self._orphans) >= self.abort_queue_max:
+            self._left_open(path, upload_id, f"{len(self._orphans)} other uploads already wait for an abort here")
+            return
+        self._orphans[upload_id] = _Orphan(key, path, upload_id, due=time.monotonic())
+        self._abort_wake.set()
+        if self._aborter is None:
+            self._aborter = asyncio.get_running_loop().create_task(self._abort_queued())
+
+    async def _abort_queued(self) -> None:
+        """The background task: abort what is queued, each upload up to ``abort_attempts``
+        times; ends when nothing is left (the next queued abort starts another)."""
+        _DEADLINE.set(None)  # created inside a put: that put's deadline is not this task's
         try:
-            await self._call("abort_multipart_upload", key, attempt_bytes=0, Key=path, UploadId=upload_id)
-        except CkptMirrorError as exc:
-            log.warning(
-                "could not abort multipart upload %s of s3://%s/%s (delete_prefix removes it): %s",
-                upload_id,
-                self.bucket,
-                path,
-                exc,
-            )
+            while self._orphans:
+                now = time.monotonic()
+                due = [o for o in self._orphans.values() if o.due <= now]
+                if due:
+                    await asyncio.gather(*(self._abort_orphan(o) for o in due))
+                    continue
+                self._abort_wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._abort_wake.wait(), min(o.due for o in self._orphans.values()) - now)
+        finally:
+            self._aborter = None
+
+    async def _abort_orphan(self, o: _Orphan) -> None:
+        """One background attempt at aborting ``o``, with a deadline of its own: one request's."""
+        async with self._abort_slots:
+            o.attempts += 1
+            dl = self.budget.start("abort_multipart_upload", o.key)
+            _DEADLINE.set(dl)  # this attempt's task only (gather gave it a copy of the context)
+            done = "aborted"
+            try:
+                call = self._call("abort_multipart_upload", o.key, attempt_bytes=0, Key=o.path, UploadId=o.upload_id)
+                try:
+                    await _within(call, lambda: dl.end + _GRACE_S)
+                except _Expired:
+                    raise dl.missed(self.url, where=self._where(o.key)) from None
+            except CkptMirrorError as exc:
+                if not nothing_to_abort(exc):
+                    self._abort_failed(o, exc, retry=worth_retrying(exc))
+                    return
+                done = "found gone (completed or aborted meanwhile)"
+            except Exception as exc:  # noqa: BLE001 - not translated (a bug, a closed client): retried, bounded
+                self._abort_failed(o, exc, retry=True)
+                return
+        self._orphans.pop(o.upload_id, None)
+        log.info(
+            "multipart upload %s of s3://%s/%s, which a failed put left open, %s",
+            o.upload_id,
+            self.bucket,
+            o.path,
+            done,
+        )
+
+    def _abort_failed(self, o: _Orphan, exc: BaseException, *, retry: bool) -> None:
+        cause = exc.__cause__
+        if cause is not None:
+            o.last = detail(cause)
+        elif isinstance(exc, ReplicaUnavailableError):
+            o.last = f"no answer within {self.budget.connect_timeout_s:g} s"
+        else:
+            o.last = detail(exc)
+        if retry and o.attempts < self.abort_attempts and not self._closing:
+            o.due = time.monotonic() + min(self.abort_backoff_s * 2 ** (o.attempts - 1), 30.0)
+            log.debug("abort of multipart upload %s failed (%s); trying again later", o.upload_id, o.last)
+            return
+        self._orphans.pop(o.upload_id, None)
+        tries = f"{o.attempts} attempts" if o.attempts > 1 else "the attempt"
+        self._left_open(o.path, o.upload_id, f"{tries} to abort it failed, the last: {o.last}")
+
+    async def _last_chance(self, grace: float) -> None:
+        """For close(): one more attempt now at every queued abort, for at most ``grace`` seconds
+        in all; what is still open then is logged, once each."""
+        task = self._aborter
+        if task is None:
+            return
+        self._closing = True
+        try:
+            for o in self._orphans.values():
+                o.due = 0.0
+            self._abort_wake.set()
+            done, _ = await asyncio.wait({task}, timeout=grace)
+            if not done:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            for o in list(self._orphans.values()):
+                last = f" (the last attempt: {o.last})" if o.last else ""
+                self._left_open(o.path, o.upload_id, f"the replica was closed before it could be aborted{last}")
+            self._orphans.clear()
+        finally:
+            self._closing = False
+
+    def _left_open(self, path: str, upload_id: str, why: str) -> None:
+        client = getattr(self.fs, "_s3", None)
+        endpoint = str(client.meta.endpoint_url if client is not None else self.fs.endpoint_url or "")
+        log.warning(
+            "multipart upload %s of s3://%s/%s is left open (%s): its parts stay stored, and billed on AWS, "
+            "until it is aborted; %s",
+            upload_id, self.bucket, path, why,
+            abandoned_upload_fix(bucket=self.bucket, endpoint=endpoint, key=path, upload_id=upload_id),
+        )  # fmt: skip
 
     def commit(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -725,7 +894,28 @@ class S3Replica(Replica):
             self._next_request()
 
     def close(self) -> None:
+        self._settle_aborts()
         creator = getattr(self.fs, "_s3creator", None)
         if creator is not None and self.fs._s3 is not None:
             self.fs._s3 = None
             s3fs.S3FileSystem.close_session(self.fs.loop, creator)
+
+    def _settle_aborts(self) -> None:
+        """Give queued aborts their last chance (``abort_close_grace_s``), never waiting much longer."""
+        if self._aborter is None:  # read from another thread: at worst a task that just ended
+            return
+        loop = self.fs.loop
+        grace = self.abort_close_grace_s
+        try:
+            fut = asyncio.run_coroutine_threadsafe(self._last_chance(grace), loop)
+        except RuntimeError:  # the loop is closed (interpreter exit): nothing runs there any more
+            return
+        if _on_loop(loop):
+            return  # waiting here would block the loop it runs on; it ends within the grace
+        try:
+            fut.result(grace + 0.5)  # + the attempt being cut, and the logging
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            log.warning("S3 replica %s: pending multipart upload aborts did not settle at close", self.url)
+        except Exception:  # noqa: BLE001 - close() must not fail over a best-effort cleanup
+            log.debug("S3 replica %s: settling the pending aborts failed", self.url, exc_info=True)
