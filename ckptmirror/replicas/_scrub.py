@@ -92,7 +92,7 @@ MAX_DEPTH = 32
 
 
 def _event(level: int, msg: str, **fields: Any) -> None:
-    # The agent's JSON formatter (peer_agent._JsonFormatter) turns ``fields`` into keys.
+    # The agent's JSON formatter (_agent_log._JsonFormatter) turns ``fields`` into keys.
     log.log(level, msg, extra={"fields": fields})
 
 
