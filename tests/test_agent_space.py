@@ -352,6 +352,36 @@ def test_a_full_peer_stays_degraded_until_there_is_room(full_agent: StartAgent) 
         r.close()
 
 
+def test_a_read_only_agent_disk_stays_degraded_until_it_is_writable_again(full_agent: StartAgent) -> None:
+    """A read-only remount under a running agent: the upload's 500 names EROFS, the client keeps
+    that errno, the health document says so, and the peer stays degraded until it is writable."""
+    a = full_agent()
+    r = PeerReplica(a.url("ns"), token=TOKEN)
+    h = ReplicaHealth([r], interval_s=0.05)
+    subprocess.run(["mount", "-o", "remount,ro", a.root], check=True)
+    try:
+        with pytest.raises(ReplicaError) as got:
+            r.put(okey(8), os.urandom(MIB))
+        assert got.value.errno == errno.EROFS, got.value
+        assert r.health()[wire.WRITE_ERROR_FIELD] == "EROFS"
+        with pytest.raises(ReplicaError) as probe:
+            r.probe_write(MIB)
+        assert probe.value.errno == errno.EROFS and "read-write" in str(probe.value), probe.value
+        h.mark(r, got.value, need_bytes=MIB)
+        h.start()
+        time.sleep(1.0)  # twenty probes: each ping answers
+        assert r.url in h.degraded(), h.summary()
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", a.root], check=True)
+    try:
+        wait_until(lambda: r.url not in h.degraded(), 10, 0.05, "the peer to come back once writable")
+        assert r.health()[wire.WRITE_ERROR_FIELD] is None
+        r.put(okey(8), os.urandom(MIB))
+    finally:
+        h.stop(10)
+        r.close()
+
+
 # ======================================================================= (d) the error mapping
 def test_507_reads_as_enospc_at_the_client() -> None:
     exc = wire.error_for_status(507, "out of space: [ENOSPC] ...", replica="peer://h:1/ns", key="k")
@@ -359,6 +389,11 @@ def test_507_reads_as_enospc_at_the_client() -> None:
     assert "507" in str(exc) and "[ENOSPC]" in str(exc) and "peer://h:1/ns" in str(exc)
     other = wire.error_for_status(500, "ReplicaError: ... [EIO] ...", replica="r", key="k")
     assert isinstance(other, ReplicaError) and other.errno is None  # not a full disk: pings bring it back
+    # A read-only or forbidden agent disk refuses every write: the client takes that errno from
+    # the text (it has no other), so the health check asks for a write probe, not a ping alone.
+    for name in ("EROFS", "EACCES"):
+        ro = wire.error_for_status(500, f"ReplicaError: write failed: [{name}] ...", replica="r", key="k")
+        assert ro.errno == getattr(errno, name), (name, ro)
 
 
 @pytest.mark.parametrize(

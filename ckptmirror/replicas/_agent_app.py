@@ -25,6 +25,7 @@ __all__ = ["build_app"]
 async def _health(request: web.Request) -> web.Response:
     agent = request.app[AGENT]
     free = await agent.run(agent.free_bytes)
+    write_error = await agent.run(agent.write_error)
     return web.json_response(
         {
             "version": __version__,
@@ -32,6 +33,7 @@ async def _health(request: web.Request) -> web.Response:
             "uploads_in_flight": agent.uploads,
             "reserve_free_bytes": agent.reserve_free_bytes,
             wire.RESERVED_BYTES_FIELD: agent.space.pending,
+            wire.WRITE_ERROR_FIELD: write_error,
             "scrub": agent.scrubber.summary(_covers(agent, request)) if agent.scrubber else None,
         }
     )

@@ -152,6 +152,18 @@ class Agent:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
+    def write_error(self) -> str | None:
+        """The errno's name (``"EROFS"``, ``"EACCES"``) if this process may not create files in
+        the root now (a read-only remount, a changed permission), else None. ``access()`` only:
+        cheap enough for every health check, which a real write and fsync would not be."""
+        if os.access(self.root, os.W_OK | os.X_OK):
+            return None
+        try:
+            read_only = bool(os.statvfs(self.root).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        return "EROFS" if read_only else "EACCES"
+
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 

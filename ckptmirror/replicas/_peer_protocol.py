@@ -8,10 +8,12 @@ many leading segments of the path tail are the namespace; the rest is the key.
 ==========================================  ====================================================
 ``GET  /v1/health``                          ``{"version", "free_bytes", "uploads_in_flight",
                                              "reserve_free_bytes", "uploads_reserved_bytes",
-                                             "scrub"}`` (``uploads_reserved_bytes``: bytes the
-                                             uploads in flight were admitted with and have not
-                                             written yet; absent from older agents: read it as
-                                             0. ``scrub``: null when off, else settings,
+                                             "write_error", "scrub"}`` (``uploads_reserved_bytes``:
+                                             bytes the uploads in flight were admitted with and
+                                             have not written yet; absent from older agents: read
+                                             it as 0. ``write_error``: null, or the errno's name
+                                             when the agent may not create files in its root;
+                                             absent: null. ``scrub``: null when off, else settings,
                                              ``passes``, ``last_pass_end_unix``,
                                              ``damaged_count`` and ``damaged``: the first 100
                                              damaged files)
@@ -117,7 +119,7 @@ from ..errors import (
     StepExistsError,
 )
 from ..format import COMMIT_NAME, parse_commit, parse_step_dir, writer_of
-from .base import SPACE_ERRNOS, step_of_key
+from .base import SPACE_ERRNOS, WRITE_ERRNOS, step_of_key
 
 #: Environment variable holding the shared token, read by the client and by ``ckptmirror serve``.
 TOKEN_ENV = "CKPTMIRROR_PEER_TOKEN"
@@ -139,6 +141,9 @@ DEFAULT_SCRUB_BYTES_PER_S = 32 << 20
 #: ``GET /v1/health`` field: bytes the uploads in flight were admitted with and have not written
 #: yet (the agent counts them as taken when it admits the next one). Older agents do not send it.
 RESERVED_BYTES_FIELD = "uploads_reserved_bytes"
+#: ``GET /v1/health`` field: null while the agent may create files in its root, else the errno's
+#: name (``"EROFS"`` after a read-only remount, ``"EACCES"``). Older agents do not send it.
+WRITE_ERROR_FIELD = "write_error"
 
 # -- paths -------------------------------------------------------------------------------------
 PREFIX = "/v1"
@@ -312,7 +317,22 @@ def error_for_status(status: int, text: str, *, replica: str, key: str, denied: 
         return ReplicaError(
             f"agent answered HTTP {status} (out of space): {text}", replica=replica, key=key, errno=errno.ENOSPC
         )
-    return ReplicaError(f"agent answered HTTP {status}: {text}", replica=replica, key=key)
+    return ReplicaError(f"agent answered HTTP {status}: {text}", replica=replica, key=key, errno=_write_errno(text))
+
+
+def _write_errno(text: str) -> int | None:
+    """The errno an agent's error text names (``[EROFS]``, see :func:`error_text`) where it is one
+    that refuses every write (:data:`~ckptmirror.replicas.base.WRITE_ERRNOS`): the health check
+    then keeps the peer degraded until a write probe passes. Other errnos are not taken from a
+    text, which only they could misread."""
+    for name in _ERRNO_IN_TEXT.findall(text):
+        num = getattr(errno, name, None)
+        if isinstance(num, int) and num in WRITE_ERRNOS:
+            return num
+    return None
+
+
+_ERRNO_IN_TEXT = re.compile(r"\[(E[A-Z0-9]+)\]")
 
 
 # -- commits: which writers' files the client put ---------------------------------------------------

@@ -616,12 +616,22 @@ class PeerReplica(Replica):
         self.health()
 
     def probe_write(self, need_bytes: int) -> None:
-        """Raise ReplicaError (``errno`` ENOSPC) unless the agent would admit ``need_bytes`` now:
-        its free space less its reserve and what the uploads in flight still have to write
-        (``GET /v1/health``, under the replica's time budget). An agent that reports no free
+        """Raise ReplicaError (with the ``errno``) unless the agent can write (its health document's
+        ``write_error`` is null) and would admit ``need_bytes`` now: its free space less its
+        reserve and what the uploads in flight still have to write (``GET /v1/health``, under the
+        replica's time budget). An agent that reports no free
         space at all passes (nothing to go by: the next save tells); one older than
         ``uploads_reserved_bytes`` counts it as 0."""
         doc = self.health()
+        refused = doc.get(wire.WRITE_ERROR_FIELD)
+        if isinstance(refused, str) and refused:
+            num = getattr(errno, refused, None) if refused.startswith("E") else None  # the agent's word: checked
+            raise ReplicaError(
+                f"the agent cannot write under its --root ({wire.WRITE_ERROR_FIELD}={refused}): remount it "
+                "read-write or give the agent's user write permission there",
+                replica=self.url,
+                errno=num if isinstance(num, int) else errno.EIO,
+            )
         free = _count(doc, "free_bytes")
         if free is None:
             return
