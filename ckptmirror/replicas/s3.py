@@ -47,113 +47,49 @@ instead of s3fs's file methods, because the commit protocol needs things they hi
 
 A HEAD on a missing bucket answers a bare 404, indistinguishable from a missing key, so
 ``size()`` reports None there; every listing and GET names the missing bucket.
+
+This module holds the operations; the private modules beside it hold the rest:
+:mod:`~ckptmirror.replicas._s3_requests` (deadlines, the retry loop, messages),
+:mod:`~ckptmirror.replicas._s3_multipart` (multipart uploads),
+:mod:`~ckptmirror.replicas._s3_aborts` (the background abort queue) and
+:mod:`~ckptmirror.replicas._s3_errors` (the error table).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
-import contextvars
 import logging
 import math
-import random
 import threading
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass
-from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 import s3fs
-from fsspec.asyn import sync
 
 from ..errors import (
     CkptMirrorError,
     CorruptObjectError,
     ObjectMissingError,
     ReplicaError,
-    ReplicaUnavailableError,
     StepExistsError,
 )
-from ._s3_errors import (
-    ENDPOINT_FIX,
-    THROTTLED,
-    TIMED_OUT,
-    Verdict,
-    _NotSupported,
-    _PreconditionFailed,
-    abandoned_upload_fix,
-    classify,
-    detail,
-    error_code,
-    explain,
-    nothing_to_abort,
-    worth_retrying,
-)
+from ._s3_aborts import AbortQueue
+from ._s3_errors import _NotSupported, _PreconditionFailed, detail, error_code
+from ._s3_multipart import MAX_PARTS as MAX_PARTS
+from ._s3_multipart import MIN_PART_BYTES, S3Multipart
+from ._s3_requests import _DEADLINE, _all, _content_length
 from .base import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_MIN_BYTES_PER_S,
     Buffer,
-    Deadline,
     Replica,
     TimeBudget,
     step_of_key,
-    validate_key,
 )
 
 log = logging.getLogger("ckptmirror")
 
-T = TypeVar("T")
-
-MIN_PART_BYTES = 5 << 20  # S3's minimum for every part but the last
-MAX_PARTS = 10_000
 _DELETE_BATCH = 1000  # DeleteObjects limit
-_PART_CHECKSUMS = ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumCRC64NVME", "ChecksumSHA1", "ChecksumSHA256")
-
-#: The deadline of the operation the current task belongs to. A context variable because the
-#: operation's requests run in tasks (parts, ranges) that copy the context when created.
-_DEADLINE: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar("ckptmirror_s3_deadline", default=None)
-
-
-_GRACE_S = 0.25
-#: Background aborts in flight at once on one replica: they share the connection pool with the
-#: data, and after an outage many may be due together.
-_ABORTS_AT_ONCE = 4
-
-
-def _earliest(dl: Deadline, cap: float) -> float:
-    """The end of one attempt: the operation's deadline (which may move) or the attempt's own limit."""
-    return min(dl.end, cap)
-
-
-class _Expired(Exception):
-    """:func:`_within` ran out of time (internal: turned into a verdict or a missed deadline)."""
-
-
-async def _within(aw: Awaitable[T], end: Callable[[], float]) -> T:
-    """Await ``aw`` until the monotonic time ``end()``, re-read whenever it passes (an operation
-    may extend its deadline meanwhile); then cancel it, wait until it has stopped (so no range
-    still writes into a caller's buffer) and raise :class:`_Expired`.
-
-    Python 3.10 has no ``asyncio.timeout()`` whose deadline can move; this is that.
-    """
-    task = asyncio.ensure_future(aw)
-    try:
-        while (left := end() - time.monotonic()) > 0:
-            done, _ = await asyncio.wait({task}, timeout=left)
-            if done:
-                return task.result()
-    except BaseException:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    if task.done() and not task.cancelled() and task.exception() is None:
-        return task.result()  # it finished in the same instant
-    raise _Expired
 
 
 def _byte_view(data: Buffer) -> memoryview:
@@ -161,52 +97,7 @@ def _byte_view(data: Buffer) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
-def _content_length(head: Mapping[str, Any], url: str, key: str) -> int:
-    """The size a HEAD answer gives; an answer without one is the server's fault, named."""
-    size = head.get("ContentLength")
-    if not isinstance(size, int):
-        raise ReplicaError(
-            "HEAD answered without a Content-Length: the S3 server (or a proxy in front of it) does not "
-            "say how large the object is; fix the server or the proxy",
-            replica=url,
-            key=key,
-        )
-    return size
-
-
-@dataclass(eq=False)
-class _Orphan:
-    """A multipart upload a put gave up on and did not abort itself: queued for the background."""
-
-    key: str  # the replica's key (messages, the deadline)
-    path: str  # the bucket's key
-    upload_id: str
-    due: float  # time.monotonic() of the next attempt
-    attempts: int = 0
-    last: str = ""  # the last attempt's failure, in words
-
-
-def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
-    try:
-        return asyncio.get_running_loop() is loop
-    except RuntimeError:
-        return False
-
-
-async def _all(aws: Iterable[Awaitable[T]]) -> list[T]:
-    """gather(), but on the first failure cancel the rest and wait for them, so that no
-    part is still uploading when we abort and no range still writes into the caller's buffer."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
-class S3Replica(Replica):
+class S3Replica(S3Multipart, Replica):
     """A prefix in an S3 bucket.
 
     Args:
@@ -301,145 +192,10 @@ class S3Replica(Replica):
         # Whether a request has succeeded: from then on a missing bucket is an outage (deleted,
         # server restarted), not a wrong URL. A plain bool: it only ever goes False -> True.
         self._bucket_seen = False
-        # Uploads queued for a background abort (by upload id) and the one task that works on
-        # them while any are queued: used on fsspec's loop only, so they need no lock.
-        self._orphans: dict[str, _Orphan] = {}
-        self._aborter: asyncio.Task[None] | None = None
-        self._abort_wake = asyncio.Event()  # a new upload queued, or close() wants them all now
-        self._abort_slots = asyncio.Semaphore(_ABORTS_AT_ONCE)
-        self._closing = False  # close() is giving the queue its last chance: no more retries
-
-    # -- plumbing ------------------------------------------------------------------------
-    def _path(self, key: str) -> str:
-        """The S3 key of ``key``; validated before anything is sent."""
-        validate_key(key, self.url)
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def _run(
-        self, op: str, key: str, nbytes: int, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any
-    ) -> T:
-        """Run one operation on fsspec's loop under its own deadline (``nbytes``: its body size).
-
-        The deadline bounds the whole coroutine too, not only its requests: time spent waiting
-        for a part slot (held by another operation) counts, so no operation outlives its budget.
-        """
-        deadline = self.budget.start(op, key, nbytes)
-
-        async def main() -> T:
-            _DEADLINE.set(deadline)  # this task's context: seen by every task it creates
-            try:
-                # A little grace: the request that is running when the deadline passes reports it
-                # itself, with its attempts and last error; this bound is for everything else.
-                return await _within(fn(*args, **kwargs), lambda: deadline.end + _GRACE_S)
-            except _Expired:
-                raise deadline.missed(self.url, where=self._where(key), fix=await self._fix()) from None
-
-        return sync(self.fs.loop, main)
-
-    def _deadline(self, op: str, key: str) -> Deadline:
-        """The current operation's deadline (a fresh one-request budget outside an operation)."""
-        return _DEADLINE.get() or self.budget.start(op, key)
-
-    def _next_request(self) -> None:
-        """The current operation needs one more sequential request (a next page, a completion)."""
-        dl = _DEADLINE.get()
-        if dl is not None:
-            dl.extend(requests=1)
-
-    def _where(self, key: str) -> str:
-        return f"s3://{self.bucket}/{self._path(key) if key else self.prefix}"
-
-    async def _fix(self) -> str:
-        return explain(ENDPOINT_FIX, bucket=self.bucket, endpoint=await self._endpoint_url())
-
-    async def _send(self, method: str, **kwargs: Any) -> Any:
-        """One request on the shared aiobotocore client (tests wrap this to inject faults)."""
-        client = await self.fs.set_session()
-        return await getattr(client, method)(Bucket=self.bucket, **kwargs)
-
-    async def _retry(
-        self, op: str, key: str, attempt: Callable[[], Awaitable[T]], attempt_bytes: int | None = None
-    ) -> T:
-        """Run ``attempt`` inside the operation's deadline, retrying what :func:`classify` calls
-        transient while the budget lasts (and at most ``retries`` times).
-
-        ``attempt_bytes``: this request is one part of a larger operation (a multipart part, a
-        range), so each attempt is also limited to that part's own budget: a stalled part is cut
-        and retried while the operation still has time, instead of using all of it.
-        """
-        dl = self._deadline(op, key)
-        last: BaseException | None = None
-        n = 0  # attempts made
-        while True:
-            if dl.expired():
-                raise dl.missed(self.url, where=self._where(key), attempts=n, last=last, fix=await self._fix())
-            now = time.monotonic()
-            cap = math.inf if attempt_bytes is None else now + self.budget.seconds(attempt_bytes)
-            if self.timeout_s is not None:
-                cap = min(cap, now + self.timeout_s)
-            n += 1
-            try:
-                result = await _within(attempt(), partial(_earliest, dl, cap))
-                self._bucket_seen = True
-                return result
-            except CkptMirrorError:
-                raise  # our own verdicts (size mismatch, ...) are final
-            except _Expired:
-                if dl.expired():
-                    raise dl.missed(
-                        self.url, where=self._where(key), attempts=n, last=last, fix=await self._fix()
-                    ) from last
-                exc: Exception = asyncio.TimeoutError(f"attempt cut after {cap - now:.1f} s")
-                verdict = TIMED_OUT
-            except Exception as caught:
-                exc = caught
-                found = classify(exc, bucket_seen=self._bucket_seen)
-                if found is None:
-                    raise
-                verdict = found
-            last = exc
-            delay = min(self.backoff_s * 2 ** (n - 1), 10.0) * random.uniform(0.5, 1.0)
-            # Throttling asks the client to slow down, not to give up: it is retried while the
-            # budget lasts, with the backoff growing, whatever ``retries`` says (with the six
-            # attempts that bounds other errors, a 50% SlowDown failed saves and restores
-            # after ~3 s of a 30 s budget).
-            if verdict.retry and (n <= self.retries or verdict is THROTTLED):
-                if delay >= dl.remaining():  # no time left for another attempt: the budget is spent
-                    raise dl.missed(
-                        self.url, where=self._where(key), attempts=n, last=exc, fix=await self._fix()
-                    ) from exc
-                log.debug("s3 %s %s failed (%s), retry %d in %.2f s", op, key, detail(exc), n, delay)
-                await asyncio.sleep(delay)
-                continue
-            raise verdict.error(await self._message(op, key, n, verdict, exc, dl), replica=self.url, key=key) from exc
-
-    async def _message(
-        self, op: str, key: str, attempts: int, verdict: Verdict, exc: BaseException, dl: Deadline | None = None
-    ) -> str:
-        """``OP s3://bucket/key: what happened [after N attempts in T of its budget] (server's words); the fix``."""
-        where = self._where(key)
-        endpoint = await self._endpoint_url()
-        tries = f" after {attempts} attempts" if attempts > 1 else ""
-        if tries and dl is not None:
-            tries += f" in {dl.elapsed():.1f} s of its time budget of {dl.describe()}"
-        msg = f"{op} {where}: {explain(verdict.meaning, bucket=self.bucket, endpoint=endpoint)}{tries} ({detail(exc)})"
-        if verdict.fix:
-            msg += f"; {explain(verdict.fix, bucket=self.bucket, endpoint=endpoint)}"
-        return msg
-
-    async def _endpoint_url(self) -> str:
-        """The URL the client sends requests to, however it was chosen (option, ``AWS_ENDPOINT_URL``,
-        region default): what an operator has to compare with where the server really is."""
-        try:
-            # The client made for the request that failed; if there is none yet (its creation is
-            # what hung), a bounded wait: a message about an operation out of time must not hang.
-            client: Any = getattr(self.fs, "_s3", None) or await asyncio.wait_for(self.fs.set_session(), 1.0)
-            return str(client.meta.endpoint_url)
-        except Exception:  # noqa: BLE001 - a message about one failure must not fail with another
-            return str(self.fs.client_kwargs.get("endpoint_url") or self.fs.endpoint_url or "the default AWS endpoint")
-
-    async def _call(self, method: str, key: str, *, attempt_bytes: int | None = None, **kwargs: Any) -> Any:
-        return await self._retry(method, key, lambda: self._send(method, **kwargs), attempt_bytes)
+        self._aborts = AbortQueue(
+            call=self._call, where=self._where, budget=self.budget, url=self.url, bucket=self.bucket, fs=self.fs,
+            policy=self,
+        )  # fmt: skip
 
     # -- writing -------------------------------------------------------------------------
     def put(self, key: str, data: Buffer) -> None:
@@ -453,186 +209,6 @@ class S3Replica(Replica):
         async with self._slots:
             body = data if isinstance(data, bytes) else await asyncio.to_thread(bytes, view)
             await self._call("put_object", key, Key=path, Body=body)
-
-    async def _put_multipart(self, key: str, path: str, view: memoryview) -> None:
-        size = len(view)
-        part = max(self.part_bytes, -(-size // MAX_PARTS))
-        upload_id = (await self._call("create_multipart_upload", key, attempt_bytes=0, Key=path))["UploadId"]
-        try:
-            parts = await _all(
-                self._upload_part(key, path, upload_id, i + 1, view[off : off + part])
-                for i, off in enumerate(range(0, size, part))
-            )
-            self._next_request()  # S3 may take a while to assemble a large object
-            done = await self._call(
-                "complete_multipart_upload", key, Key=path, UploadId=upload_id, MultipartUpload={"Parts": parts}
-            )
-            if not done.get("ETag"):
-                raise ReplicaError(
-                    f"CompleteMultipartUpload of s3://{self.bucket}/{path} answered without an ETag",
-                    replica=self.url,
-                    key=key,
-                )
-        except BaseException as exc:
-            await self._abort(key, path, upload_id, exc)
-            raise
-        self._next_request()
-        stored = _content_length(await self._call("head_object", key, attempt_bytes=0, Key=path), self.url, key)
-        if stored != size:
-            self._next_request()
-            await self._call("delete_object", key, Key=path)
-            raise CorruptObjectError(
-                f"completed upload holds {stored} bytes, sent {size}; deleted", replica=self.url, key=key
-            )
-
-    async def _upload_part(self, key: str, path: str, upload_id: str, number: int, chunk: memoryview) -> dict[str, Any]:
-        async with self._slots:
-            body = await asyncio.to_thread(bytes, chunk)
-            resp = await self._call(
-                "upload_part", key, attempt_bytes=len(body), Key=path, UploadId=upload_id, PartNumber=number, Body=body
-            )
-        if not resp.get("ETag"):
-            raise ReplicaError(
-                f"UploadPart {number} of s3://{self.bucket}/{path} answered without an ETag", replica=self.url, key=key
-            )
-        # A part checksum the SDK added must be echoed, or S3 refuses the completion.
-        return {"PartNumber": number, "ETag": resp["ETag"], **{k: resp[k] for k in _PART_CHECKSUMS if k in resp}}
-
-    async def _abort(self, key: str, path: str, upload_id: str, cause: BaseException) -> None:
-        """Abort an upload the put gives up on (``cause``: why), so that its parts do not stay stored.
-
-        At once, within the put's budget, when the endpoint answered (an error, not an outage)
-        and time is left; else in the background (:meth:`_abort_later`): after a missed deadline,
-        an outage or a cancellation, waiting here would hold the caller longer for an endpoint
-        that is not answering.
-        """
-        dl = _DEADLINE.get()
-        answered = isinstance(cause, Exception) and not isinstance(cause, ReplicaUnavailableError)
-        if answered and dl is not None and not dl.expired():
-            self._next_request()
-            try:
-                await self._call("abort_multipart_upload", key, attempt_bytes=0, Key=path, UploadId=upload_id)
-                return
-            except CkptMirrorError as exc:
-                if nothing_to_abort(exc):
-                    return
-                if not worth_retrying(exc):  # e.g. no permission to abort: asking again will not help
-                    self._left_open(path, upload_id, f"the abort failed: {exc}")
-                    return
-            except Exception:  # noqa: BLE001 - not translated (a bug, a closed client): the queue retries it
-                pass
-            except BaseException:
-                self._abort_later(key, path, upload_id)
-                raise
-        self._abort_later(key, path, upload_id)
-
-    def _abort_later(self, key: str, path: str, upload_id: str) -> None:
-        """Queue an abort for the background task (started if none runs). On fsspec's loop;
-        costs the caller nothing more."""
-        if upload_id in self._orphans:
-            return
-        if len(self._orphans) >= self.abort_queue_max:
-            self._left_open(path, upload_id, f"{len(self._orphans)} other uploads already wait for an abort here")
-            return
-        self._orphans[upload_id] = _Orphan(key, path, upload_id, due=time.monotonic())
-        self._abort_wake.set()
-        if self._aborter is None:
-            self._aborter = asyncio.get_running_loop().create_task(self._abort_queued())
-
-    async def _abort_queued(self) -> None:
-        """The background task: abort what is queued, each upload up to ``abort_attempts``
-        times; ends when nothing is left (the next queued abort starts another)."""
-        _DEADLINE.set(None)  # created inside a put: that put's deadline is not this task's
-        try:
-            while self._orphans:
-                now = time.monotonic()
-                due = [o for o in self._orphans.values() if o.due <= now]
-                if due:
-                    await asyncio.gather(*(self._abort_orphan(o) for o in due))
-                    continue
-                self._abort_wake.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._abort_wake.wait(), min(o.due for o in self._orphans.values()) - now)
-        finally:
-            self._aborter = None
-
-    async def _abort_orphan(self, o: _Orphan) -> None:
-        """One background attempt at aborting ``o``, with a deadline of its own: one request's."""
-        async with self._abort_slots:
-            o.attempts += 1
-            dl = self.budget.start("abort_multipart_upload", o.key)
-            _DEADLINE.set(dl)  # this attempt's task only (gather gave it a copy of the context)
-            done = "aborted"
-            try:
-                call = self._call("abort_multipart_upload", o.key, attempt_bytes=0, Key=o.path, UploadId=o.upload_id)
-                try:
-                    await _within(call, lambda: dl.end + _GRACE_S)
-                except _Expired:
-                    raise dl.missed(self.url, where=self._where(o.key)) from None
-            except CkptMirrorError as exc:
-                if not nothing_to_abort(exc):
-                    self._abort_failed(o, exc, retry=worth_retrying(exc))
-                    return
-                done = "found gone (completed or aborted meanwhile)"
-            except Exception as exc:  # noqa: BLE001 - not translated (a bug, a closed client): retried, bounded
-                self._abort_failed(o, exc, retry=True)
-                return
-        self._orphans.pop(o.upload_id, None)
-        log.info(
-            "multipart upload %s of s3://%s/%s, which a failed put left open, %s",
-            o.upload_id,
-            self.bucket,
-            o.path,
-            done,
-        )
-
-    def _abort_failed(self, o: _Orphan, exc: BaseException, *, retry: bool) -> None:
-        cause = exc.__cause__
-        if cause is not None:
-            o.last = detail(cause)
-        elif isinstance(exc, ReplicaUnavailableError):
-            o.last = f"no answer within {self.budget.connect_timeout_s:g} s"
-        else:
-            o.last = detail(exc)
-        if retry and o.attempts < self.abort_attempts and not self._closing:
-            o.due = time.monotonic() + min(self.abort_backoff_s * 2 ** (o.attempts - 1), 30.0)
-            log.debug("abort of multipart upload %s failed (%s); trying again later", o.upload_id, o.last)
-            return
-        self._orphans.pop(o.upload_id, None)
-        tries = f"{o.attempts} attempts" if o.attempts > 1 else "the attempt"
-        self._left_open(o.path, o.upload_id, f"{tries} to abort it failed, the last: {o.last}")
-
-    async def _last_chance(self, grace: float) -> None:
-        """For close(): one more attempt now at every queued abort, for at most ``grace`` seconds
-        in all; what is still open then is logged, once each."""
-        task = self._aborter
-        if task is None:
-            return
-        self._closing = True
-        try:
-            for o in self._orphans.values():
-                o.due = 0.0
-            self._abort_wake.set()
-            done, _ = await asyncio.wait({task}, timeout=grace)
-            if not done:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            for o in list(self._orphans.values()):
-                last = f" (the last attempt: {o.last})" if o.last else ""
-                self._left_open(o.path, o.upload_id, f"the replica was closed before it could be aborted{last}")
-            self._orphans.clear()
-        finally:
-            self._closing = False
-
-    def _left_open(self, path: str, upload_id: str, why: str) -> None:
-        client = getattr(self.fs, "_s3", None)
-        endpoint = str(client.meta.endpoint_url if client is not None else self.fs.endpoint_url or "")
-        log.warning(
-            "multipart upload %s of s3://%s/%s is left open (%s): its parts stay stored, and billed on AWS, "
-            "until it is aborted; %s",
-            upload_id, self.bucket, path, why,
-            abandoned_upload_fix(bucket=self.bucket, endpoint=endpoint, key=path, upload_id=upload_id),
-        )  # fmt: skip
 
     def commit(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -894,28 +470,8 @@ class S3Replica(Replica):
             self._next_request()
 
     def close(self) -> None:
-        self._settle_aborts()
+        self._aborts.settle()
         creator = getattr(self.fs, "_s3creator", None)
         if creator is not None and self.fs._s3 is not None:
             self.fs._s3 = None
             s3fs.S3FileSystem.close_session(self.fs.loop, creator)
-
-    def _settle_aborts(self) -> None:
-        """Give queued aborts their last chance (``abort_close_grace_s``), never waiting much longer."""
-        if self._aborter is None:  # read from another thread: at worst a task that just ended
-            return
-        loop = self.fs.loop
-        grace = self.abort_close_grace_s
-        try:
-            fut = asyncio.run_coroutine_threadsafe(self._last_chance(grace), loop)
-        except RuntimeError:  # the loop is closed (interpreter exit): nothing runs there any more
-            return
-        if _on_loop(loop):
-            return  # waiting here would block the loop it runs on; it ends within the grace
-        try:
-            fut.result(grace + 0.5)  # + the attempt being cut, and the logging
-        except concurrent.futures.TimeoutError:
-            fut.cancel()
-            log.warning("S3 replica %s: pending multipart upload aborts did not settle at close", self.url)
-        except Exception:  # noqa: BLE001 - close() must not fail over a best-effort cleanup
-            log.debug("S3 replica %s: settling the pending aborts failed", self.url, exc_info=True)
