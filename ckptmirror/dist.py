@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from .errors import CoordinationError
+from .errors import CoordinationError, ReplicaURLError
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def expand_url(url: str, info: DistInfo) -> str:
             rank=info.rank, local_rank=info.local_rank, node_rank=info.node_rank, world_size=info.world_size
         )
     except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(
+        raise ReplicaURLError(
             f"bad placeholder in replica URL {url!r}: {exc} (allowed: rank, local_rank, node_rank, world_size)"
         ) from None
 

@@ -19,7 +19,8 @@ exception already means the same thing, the error also subclasses it, so existin
     │   └── ReplicaConfigError                   misconfigured: no such bucket, bad URL (raised at once)
     │       ├── ReplicaPermissionError (PermissionError)  access denied (credentials, token), or a
     │       │                                    path that would leave the root
-    │       └── ReplicaURLError (ValueError)     a replica URL that cannot be parsed, or an unknown scheme
+    │       └── ReplicaURLError (ValueError)     a replica URL that cannot be used: does not parse, unknown
+    │                                            scheme, bad placeholder, a store given twice
     ├── SaveFailedError                          a background save failed; carries per-replica failures
     ├── SaveSkippedError                         a save was skipped by the in-flight policy
     ├── CoordinationError                        ranks could not agree: one failed, died or timed out
@@ -135,9 +136,10 @@ class ReplicaPermissionError(ReplicaConfigError, PermissionError):
 
 
 class ReplicaURLError(ReplicaConfigError, ValueError):
-    """A replica URL that cannot be parsed (``peer:/host:7070/x``) or names an unknown scheme
-    (``s4://``); the message suggests the URL meant. Also a :class:`ValueError`: it is a bad
-    argument, found before anything is opened."""
+    """A replica URL that cannot be used as written: it does not parse (``peer:/host:7070/x``,
+    ``s3://`` without a bucket, a port that is not a number), names an unknown scheme (``s4://``),
+    has a bad placeholder (``{rnak}``), or names a store given already; the message says what was
+    meant. Also a :class:`ValueError`: it is a bad argument, found before anything is written."""
 
 
 class SaveFailedError(CkptMirrorError):

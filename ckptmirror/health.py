@@ -33,6 +33,8 @@ class ReplicaHealth:
         self._degraded: dict[str, str] = {}
         #: URL -> bytes a save needs there, for replicas degraded by a write error
         self._need_write: dict[str, int] = {}
+        #: URL -> how many times it was marked: a probe that passed clears nothing marked since
+        self._marks: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -49,8 +51,11 @@ class ReplicaHealth:
                 until = "it can be written again" if refuses_writes else "it answers again"
                 log.warning("replica %s is degraded (%s); saves skip it until %s", replica.url, why, until)
             self._degraded[replica.url] = why
+            self._marks[replica.url] = self._marks.get(replica.url, 0) + 1
             if refuses_writes:
-                self._need_write[replica.url] = max(need_bytes, self._need_write.get(replica.url, 0))
+                # The latest save's need (it may be smaller: an incremental save); a mark that
+                # knows none (a sliced save's early part) keeps the one known.
+                self._need_write[replica.url] = need_bytes or self._need_write.get(replica.url, 0)
 
     def mark_all(self, failures: Mapping[str, str]) -> None:
         """Record several replicas (by URL) as degraded, without a log line each."""
@@ -103,6 +108,7 @@ class ReplicaHealth:
                     continue
                 with self._lock:
                     need = self._need_write.get(r.url)
+                    marks = self._marks.get(r.url, 0)
                 if need is not None:
                     try:
                         r.probe_write(need)
@@ -111,6 +117,8 @@ class ReplicaHealth:
                             self._degraded[r.url] = f"{type(exc).__name__}: {exc}"
                         continue
                 with self._lock:
+                    if self._marks.get(r.url, 0) != marks:
+                        continue  # marked again while we probed (a newer failure): probe that next time
                     self._need_write.pop(r.url, None)
                     was_down = self._degraded.pop(r.url, None) is not None
                 if was_down:

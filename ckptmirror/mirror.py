@@ -511,8 +511,14 @@ class Mirror:
             # Jobs finish after their handles resolve (slower replicas): wait for all, and for
             # save() calls other threads (or an interrupted main thread) are still making.
             if not self._idle.wait_for(lambda: self._unfinished == 0 and self._saving == 0, timeout=timeout):
-                pending = [h for h in self._handles if not h.done()]
-                copying = f"; {self._saving} save() call(s) still copying the state" if self._saving else ""
+                # Done handles too, if a replica still writes (min_replicas reached without it).
+                pending = [h for h in self._handles if any(s.state == "pending" for s in h.replicas.values())]
+                copying = (
+                    f"; {self._saving} save() call(s) still in progress (copying the state, or waiting for a "
+                    "staging buffer)"
+                    if self._saving
+                    else ""
+                )
                 raise TimeoutError(f"saves still in flight after {timeout} s: {pending}{copying}")
         # Retention runs after the writes, on its own thread: wait() means "nothing in flight".
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))

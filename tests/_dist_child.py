@@ -56,7 +56,8 @@ def main() -> int:
             replicas.append(r)
     # restore-oom(-probe): rank 1 runs out of memory (ENOMEM) reading step 2's objects (or its
     # manifest): not the checkpoint's fault, so no rank may fall back to step 1; every rank raises.
-    if mode in ("restore-oom", "restore-oom-probe") and rank == 1:
+    # restore-oom-bare: a plain MemoryError (no ReplicaError around it) reading the manifest.
+    if mode in ("restore-oom", "restore-oom-probe", "restore-oom-bare") and rank == 1:
         import errno
 
         from ckptmirror.errors import ReplicaError
@@ -66,6 +67,8 @@ def main() -> int:
 
         def no_memory(phase: str, key: str) -> None:
             if phase == "get" and key.startswith("step-000000000002/rank-") and key.endswith(suffix):
+                if mode == "restore-oom-bare":
+                    raise MemoryError("injected")
                 raise ReplicaError("read failed", key=key) from OSError(errno.ENOMEM, "Cannot allocate memory")
 
         replicas = []
@@ -111,7 +114,7 @@ def main() -> int:
         step, state = res
         expect = rank_state(rank, step)
         out.update(step=step, equal=bool(torch.equal(state["w"], expect["w"]) and state["rank"] == rank))
-    elif mode in ("restore-denied", "restore-damaged-denied", "restore-oom", "restore-oom-probe"):
+    elif mode in ("restore-denied", "restore-damaged-denied", "restore-oom", "restore-oom-probe", "restore-oom-bare"):
         try:
             res = m.load_state()
             out["step"] = res[0] if res is not None else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -139,4 +140,34 @@ def test_a_replica_degraded_by_an_outage_comes_back_on_a_ping_alone(tmp_path: os
         assert _wait_for(lambda: len(probed) >= 3, 5), probed
         assert set(probed) == {123} and "still full" in health.degraded()[r.url]
     finally:
+        health.stop(timeout=5)
+
+
+def test_a_failure_marked_while_the_write_probe_runs_is_not_erased_by_its_success(tmp_path: os.PathLike[str]) -> None:
+    """A review found: a save failing (needing more) while the prober's probe for an older
+    failure ran was erased when that probe passed, and the replica came back at once."""
+    in_probe, release = threading.Event(), threading.Event()
+    probed: list[int] = []
+
+    class Gated(FaultyReplica):
+        def probe_write(self, need_bytes: int) -> None:
+            probed.append(need_bytes)
+            in_probe.set()
+            release.wait(5)
+            if need_bytes >= 10_000:
+                raise ReplicaError("1000 bytes free", replica=self.url, errno=errno.ENOSPC)
+
+    r = Gated(LocalReplica(os.path.join(os.fspath(tmp_path), "r")))
+    health = ReplicaHealth([r], interval_s=0.05)
+    health.start()
+    try:
+        health.mark(r, ReplicaError("disk full", replica=r.url, errno=errno.ENOSPC), need_bytes=100)
+        assert in_probe.wait(5)
+        health.mark(r, ReplicaError("disk full again", replica=r.url, errno=errno.ENOSPC), need_bytes=10_000)
+        release.set()
+        assert _wait_for(lambda: 10_000 in probed, 5), probed
+        time.sleep(0.3)
+        assert "1000 bytes free" in health.degraded().get(r.url, ""), health.degraded()
+    finally:
+        release.set()
         health.stop(timeout=5)

@@ -635,3 +635,35 @@ def test_restore_warns_when_an_answering_replica_lacks_the_newest_step(
         if r.levelno == logging.INFO and "no committed step yet" in r.getMessage()
     ]
     assert len(info) == 1 and f"['{c}']" in info[0], info
+
+
+def test_restore_after_a_fallback_does_not_call_a_replica_with_a_newer_step_lagging(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # b holds only step 2, which is damaged: the restore falls back to step 1 on a. b missed
+    # nothing (a review found it named as "missed saves", with 'ckptmirror repair' to run).
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    with Mirror([a]) as m:
+        m.save_state(1, {"w": torch.zeros(4)}).result(timeout=30)
+    with Mirror([b]) as m:
+        m.save_state(2, {"w": torch.ones(4)}).result(timeout=30)
+    obj = sorted((tmp_path / "b" / step_dir(2)).rglob("*.bin"))[0]
+    obj.write_bytes(b"\xff" * obj.stat().st_size)
+    with caplog.at_level(logging.INFO, logger="ckptmirror"), Mirror([a, b]) as m:
+        loaded = m.load_state()
+    assert loaded is not None and loaded[0] == 1
+    assert not [r for r in caplog.records if "missed saves" in r.getMessage()], caplog.text
+    assert [r for r in caplog.records if "falling back" in r.getMessage()], caplog.text
+
+
+def test_wait_timeout_names_a_save_a_slow_replica_still_writes(tmp_path: Path) -> None:
+    # With min_replicas=1 the handle is done once the fast replica commits; wait() still waits
+    # for the slow one, and its TimeoutError must name that save (a review found "[]").
+    slow = FaultyReplica(LocalReplica(str(tmp_path / "slow")), delay_s=0.5)
+    with Mirror([str(tmp_path / "fast"), slow], min_replicas=1) as m:
+        h = m.save_state(1, {"w": torch.arange(8.0)})
+        h.result(timeout=30)
+        with pytest.raises(TimeoutError) as ei:
+            m.wait(timeout=0.05)
+        assert "step=1" in str(ei.value) and f"{slow.url}=pending" in str(ei.value), str(ei.value)
+        m.wait(timeout=60)

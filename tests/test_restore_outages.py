@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 import torch
 from _agent import TOKEN, AgentProc, start_agent, terminate
-from _helpers import assert_bit_exact, fill, make_net, state_of
+from _helpers import assert_bit_exact, fill, free_port, make_net, state_of
 from _proxy import FaultProxy
 
 from ckptmirror import Mirror, NoValidCheckpointError
@@ -306,6 +306,21 @@ def test_a_disk_read_error_is_damage_not_an_outage(tmp_path: Path) -> None:
 
 
 # ------------------------------------------- 4. verify and repair: an outage is not damage
+def test_verify_of_a_step_only_an_unreachable_replica_could_hold_is_an_outage(tmp_path: Path) -> None:
+    # "not committed on any replica" is said only of the replicas that answered: with the one
+    # that may hold it down, that is an outage (exit 2), not damage (a review found exit 1).
+    from ckptmirror import ops
+
+    local = str(tmp_path / "local")
+    with Mirror([local]) as m:
+        m.save_state(3, {"w": torch.zeros(4)}).result(timeout=30)
+    dead = f"peer://127.0.0.1:{free_port()}/ns"
+    report = ops.verify([local, dead], step=5)
+    assert list(report.unreachable) == [dead]
+    assert [p.kind for p in report.damage] == ["missing"] and "that answered" in report.damage[0].detail
+    assert report.status == "unreachable" and report.exit_code == 2
+
+
 def test_verify_reports_damage_found_beside_an_outage_as_damage(tmp_path: Path, peer: Peer) -> None:
     # The local copy of step 2 is corrupt and the peer stops answering: the damage is certain,
     # so the exit status is 1 (it was 2, which a script retrying on outages would sit on).
@@ -381,3 +396,16 @@ def test_a_newest_step_that_cannot_be_read_is_not_skipped_for_an_older_one(tmp_p
         m.restore(dst)
     assert "step 2 could not be read" in "".join(getattr(exc.value, "__notes__", [])), exc.value
     assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())
+
+
+def test_out_of_memory_is_recognised_in_every_form() -> None:
+    import errno
+
+    from ckptmirror.errors import ReplicaError
+    from ckptmirror.restore.fetch import out_of_memory
+
+    wrapped = ReplicaError("read failed", key="k")
+    wrapped.__cause__ = OSError(errno.ENOMEM, "Cannot allocate memory")
+    for exc in (MemoryError(), torch.OutOfMemoryError("CUDA out of memory"), wrapped):
+        assert out_of_memory(exc), exc
+    assert not out_of_memory(RuntimeError("shape mismatch")) and not out_of_memory(OSError(errno.EIO, "I/O"))

@@ -146,3 +146,25 @@ def test_unrelated_key_mismatch_suggests_strict_false(tmp_path) -> None:
         with pytest.raises(StateMismatchError) as exc:
             m.restore(other)
         assert "strict=False" in str(exc.value) and "state['model']['3.weight']" in str(exc.value)
+
+
+@pytest.mark.parametrize("url", ["s3://", "peer://", "peer://h:notaport/x", "peer://h:1/{rnak}"])
+def test_every_unusable_url_is_a_replica_url_error(url: str) -> None:
+    # A review found these were plain ValueErrors, which `except ReplicaConfigError` missed.
+    with pytest.raises(ckptmirror.ReplicaURLError) as exc:
+        Mirror([url])
+    assert url in str(exc.value)
+
+
+def test_one_local_store_given_twice_is_refused(tmp_path) -> None:
+    # /x, /x/, file:///x and a symlink to /x are one store: a save would write the same files
+    # twice and count one copy as two (and a failed save's cleanup on one would delete the
+    # other's committed step).
+    d = tmp_path / "r"
+    d.mkdir()
+    (tmp_path / "link").symlink_to(d)
+    for other in (f"{d}/", f"file://{d}", str(tmp_path / "link")):
+        with pytest.raises(ckptmirror.ReplicaURLError, match="more than once"):
+            Mirror([str(d), other])
+    with Mirror([str(d), str(tmp_path / "other")]):
+        pass

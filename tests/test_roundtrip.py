@@ -987,7 +987,7 @@ def test_wait_timeout_names_a_save_still_copying_on_another_thread(tmp_path):
             deadline = time.monotonic() + 10
             while m._saving == 0 and time.monotonic() < deadline:
                 time.sleep(0.01)
-            with pytest.raises(TimeoutError, match=r"1 save\(\) call\(s\) still copying"):
+            with pytest.raises(TimeoutError, match=r"1 save\(\) call\(s\) still in progress"):
                 m.wait(timeout=0.2)
         finally:
             release.set()

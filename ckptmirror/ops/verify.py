@@ -188,12 +188,14 @@ class VerifyReport:
         Damage found on the replicas that answered wins over an outage: it is certain, and a
         script that retries on ``unreachable`` must not sit on it until the outage ends (the
         report lists both). A step that is not recoverable only for want of the replicas that
-        did not answer is ``unreachable``: its copies may be intact there."""
-        if self.damage:
+        did not answer is ``unreachable``: its copies may be intact there, and so is a note about
+        the step as a whole ("not committed on any replica"), which only the replicas that
+        answered could tell."""
+        if any(p.replica for p in self.damage):  # found on a replica that answered: certain
             return "damaged"
         if self.unreachable or self.unavailable:
             return "unreachable"
-        if not all(s.recoverable for s in self.steps):
+        if self.damage or not all(s.recoverable for s in self.steps):
             return "damaged"
         return "lagging" if self.lagging else "ok"
 
@@ -510,7 +512,9 @@ def verify(
                     "",
                     commit_key(step),
                     "missing",
-                    f"step {step} is not committed on any replica (committed: {sorted(listing.committed)})",
+                    f"step {step} is not committed on any replica"
+                    + (" that answered" if listing.unreachable else "")
+                    + f" (committed: {sorted(listing.committed)})",
                 )
             )
             steps: list[int] = []
@@ -518,7 +522,15 @@ def verify(
             steps = sorted(listing.committed) if step is None else [step]
         if not steps and step is None and any(torn.values()):
             notes.append(
-                Problem(-1, "", "", "unrecoverable", "the replicas hold interrupted saves but no committed step")
+                Problem(
+                    -1,
+                    "",
+                    "",
+                    "unrecoverable",
+                    "the replicas"
+                    + (" that answered" if listing.unreachable else "")
+                    + " hold interrupted saves but no committed step",
+                )
             )
         eng = Engine(reachable, threads, quick, progress)
         scrub_results, scrub_notes = _scrub_results(reachable, scrub_max_age_s, quick)

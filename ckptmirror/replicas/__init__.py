@@ -186,10 +186,15 @@ def open_replicas(
                     what = "is not a directory" if os.path.exists(path) else "does not exist"
                     raise ReplicaUnavailableError(f"{path} {what}", replica=u)
             out.append(open_replica(u, options_for(u, storage_options)))
-        seen = [r.url for r in out]
-        dup = sorted({u for u in seen if seen.count(u) > 1})
+        # Local directories by where they lead (``/x``, ``/x/``, ``file:///x``, a symlink to it):
+        # one store twice would be one copy counted as two, and a save's files on one position
+        # would be the other's too (a failed save's cleanup would delete the other's commit).
+        where: dict[str, list[str]] = {}
+        for r in out:
+            where.setdefault(f"file:{r.root}" if isinstance(r, LocalReplica) else r.url, []).append(r.url)
+        dup = sorted(" = ".join(us) if len(set(us)) > 1 else us[0] for us in where.values() if len(us) > 1)
         if dup:
-            raise ValueError(f"replica given more than once: {', '.join(dup)}")
+            raise ReplicaURLError(f"replica given more than once: {'; '.join(dup)}; give each store once")
     except BaseException:
         close_opened(out, urls)
         raise

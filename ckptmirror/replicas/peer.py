@@ -56,6 +56,7 @@ from ..errors import (
     ReplicaConfigError,
     ReplicaError,
     ReplicaUnavailableError,
+    ReplicaURLError,
 )
 from . import _peer_protocol as wire
 from ._peer_protocol import LOOPBACK_HOSTS, TOKEN_ENV
@@ -236,10 +237,14 @@ class PeerReplica(Replica):
     ) -> None:
         super().__init__(url)
         parsed = urlparse(url)
-        if parsed.scheme not in ("peer", "peers") or not parsed.hostname:
-            raise ValueError(f"peer URL must look like peer://host:port/namespace, got {url!r}")
+        try:
+            port = parsed.port  # raises for a port that is not a number
+        except ValueError:
+            port = -1
+        if parsed.scheme not in ("peer", "peers") or not parsed.hostname or port == -1:
+            raise ReplicaURLError(f"peer URL must look like peer://host:port/namespace, got {url!r}")
         self.host = parsed.hostname
-        self.port = parsed.port or wire.DEFAULT_PORT
+        self.port = port or wire.DEFAULT_PORT
         self.namespace = parsed.path.strip("/") or "default"
         validate_key(self.namespace, url)
         self.depth = len(self.namespace.split("/"))

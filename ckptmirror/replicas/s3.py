@@ -71,6 +71,7 @@ from ..errors import (
     CorruptObjectError,
     ObjectMissingError,
     ReplicaError,
+    ReplicaURLError,
     StepExistsError,
 )
 from ._s3_aborts import AbortQueue
@@ -156,7 +157,7 @@ class S3Replica(S3Multipart, Replica):
         scheme, _, rest = url.partition("://")
         bucket, _, prefix = rest.partition("/")
         if scheme.lower() not in ("s3", "s3a") or not bucket:
-            raise ValueError(f"S3 replica URL must look like s3://bucket/prefix, got {url!r}")
+            raise ReplicaURLError(f"S3 replica URL must look like s3://bucket/prefix, got {url!r}")
         if part_bytes < MIN_PART_BYTES:
             raise ValueError(f"part_bytes must be at least {MIN_PART_BYTES} (S3's minimum part size), got {part_bytes}")
         if max_concurrency < 1 or (timeout_s is not None and timeout_s <= 0) or retries < 0:

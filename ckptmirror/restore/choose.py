@@ -245,7 +245,9 @@ def _warn_lagging(step: int, committed: Mapping[int, Sequence[str]], urls: Seque
     replacement node's empty disk, which the next save fills: the usual case, not news)."""
     lagging = [u for u in urls if u not in committed.get(step, ())]
     newest = {u: max((t for t, us in committed.items() if u in us), default=None) for u in lagging}
-    behind = {u: t for u, t in newest.items() if t is not None}
+    # One whose newest step is newer missed nothing: that step could not be restored (damaged),
+    # and the restore said so when it fell back.
+    behind = {u: t for u, t in newest.items() if t is not None and t < step}
     empty = [u for u, t in newest.items() if t is None]
     if behind:
         log.warning(
@@ -348,7 +350,9 @@ def _load_agreed(
             except StateMismatchError as exc:
                 error = str(exc)
                 break
-            except STEP_FAILURES as exc:
+            except Exception as exc:  # noqa: BLE001 - out of memory of any kind too: the others wait for our vote
+                if not isinstance(exc, STEP_FAILURES) and not out_of_memory(exc):
+                    raise
                 log.warning("step %d cannot be restored on rank %d: %s", s, rank, exc)
                 problems[s] = f"rank {rank}: {type(exc).__name__}: {exc}"
                 failures.append(exc)
@@ -429,7 +433,9 @@ def _load_agreed(
                     undo=undo,
                     defer=defer,
                 )
-        except (*STEP_FAILURES, MemoryError) as exc:  # a bare MemoryError too: the others wait for our vote
+        except Exception as exc:  # noqa: BLE001 - out of memory of any kind too: the others wait for our vote
+            if not isinstance(exc, STEP_FAILURES) and not out_of_memory(exc):
+                raise
             ok, why = False, f"{type(exc).__name__}: {exc}"
             problems[lo] = f"rank {rank}: {why}"
             failures.append(exc)

@@ -101,8 +101,15 @@ def is_damage(exc: BaseException) -> bool:
 
 def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it) is this process running out of memory (``ENOMEM``,
-    :class:`MemoryError`): nothing a replica or an older step can fix."""
-    return _in_chain(exc, lambda e: isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM))
+    :class:`MemoryError`, torch's ``OutOfMemoryError``, a ``RuntimeError``): nothing a replica
+    or an older step can fix."""
+    return _in_chain(exc, _is_oom)
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
+        return True
+    return any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__)  # by name: no torch import here
 
 
 def _in_chain(exc: BaseException, pred: Callable[[BaseException], bool]) -> bool:

@@ -140,6 +140,7 @@ class Fanout:
         # One thread: retention passes run in save order, never two on one replica at once.
         self._retention_pool = self._pool(1, "ckptmirror-retention")
         self._retention: list[Future[None]] = []
+        self._retention_lock = threading.Lock()  # replica threads add passes while wait() drains
         self._retention_owner = [True] * len(self.replicas)
         # Per position: the ranks that write to the same replica there (this one's group): a
         # replicated (DDP) state's objects are spread over it, and its share record names it.
@@ -225,9 +226,7 @@ class Fanout:
                         writers = {writer_of(enc.manifest.objects[i].key) for i in own}
                         if not job.replicated:
                             writers.add(writer_of(enc.manifest_key))
-                        self._retention.append(
-                            self._retention_pool.submit(discard_failed_save, replica, enc.step, writers)
-                        )
+                        self._queue_retention(discard_failed_save, replica, enc.step, writers)
                     raise
                 if self._coord is None:
                     commit_bytes = enc.commit_bytes
@@ -254,7 +253,8 @@ class Fanout:
                 log.warning("replica %s failed to save step %d: %s", replica.url, job.step, exc)
                 if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
                     own = owned_at[pos] if owned_at is not None else range(len(enc.windows))
-                    self._health.mark(replica, exc, need_bytes=sum(enc.windows[i][1] for i in own))
+                    need = self._need_bytes(pos, replica, enc, own, refs.get(replica.url), encoder)
+                    self._health.mark(replica, exc, need_bytes=need)
                 job.handle._set_replica(replica.url, "failed", exc)
                 return
             finally:
@@ -273,10 +273,29 @@ class Fanout:
             if self._retention_owner[pos]:
                 # Off the write path: the staging buffer is released (and the next save can
                 # start) while old steps are deleted, so a slow replica's deletes hold no one.
-                self._retention.append(self._retention_pool.submit(self._retain, replica, job.step, keep_last))
+                self._queue_retention(self._retain, replica, job.step, keep_last)
 
         for f in [self._replica_pool.submit(one, pos, r) for pos, r in enumerate(self.replicas)]:
             f.result()
+
+    def _need_bytes(
+        self,
+        pos: int,
+        replica: Replica,
+        enc: EncodedStep,
+        own: Sequence[int],
+        refs: Mapping[int, Stored] | None,
+        encoder: ObjectEncoder | None,
+    ) -> int:
+        """About what a save like ``enc`` writes to ``replica`` (the health check's bar for a
+        replica that ran out of space): this rank's objects that are not references to earlier
+        steps, shrunk by what compression achieved in this save, times the ranks that write
+        there (each writes a share like this one). An estimate: too high and a replica that would
+        take an incremental save stays degraded; too low and it comes back to fail again."""
+        new = sum(enc.windows[i][1] for i in own if refs is None or i not in refs)
+        if replica.compression != "none" and encoder is not None and encoder.raw_bytes:
+            new = new * encoder.encoded_bytes // encoder.raw_bytes
+        return new * len(self._groups[pos])
 
     def _plan_storage(
         self, enc: EncodedStep, job: SaveJob, mine: Sequence[int], by_url: Mapping[str, Sequence[int]] | None = None
@@ -439,11 +458,18 @@ class Fanout:
         if isinstance(cause, OSError):
             self._health.mark(replica, cause)
 
+    def _queue_retention(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on the retention thread (in order), where :meth:`drain_retention` waits for it."""
+        with self._retention_lock:
+            self._retention.append(self._retention_pool.submit(fn, *args))
+
     def drain_retention(self, timeout: float | None = None) -> bool:
         """Wait for the retention passes queued so far; False if ``timeout`` passed first."""
-        pending = list(self._retention)
+        with self._retention_lock:
+            pending = list(self._retention)
         done, not_done = wait(pending, timeout=timeout)
-        self._retention = [f for f in self._retention if not f.done()]
+        with self._retention_lock:  # a pass queued meanwhile stays listed for the next drain
+            self._retention = [f for f in self._retention if not f.done()]
         return not not_done
 
     def _vote(
