@@ -27,6 +27,18 @@ def rank_state(rank: int, step: int) -> dict:
     }
 
 
+def _faulty(urls: list, rank: int, on_phase) -> list:
+    """This rank's replicas, each wrapped to call ``on_phase`` (and read through the wrapper)."""
+    from ckptmirror.replicas import FaultyReplica, LocalReplica
+
+    replicas = []
+    for u in urls:
+        r = FaultyReplica(LocalReplica(u.replace("{rank}", str(rank))), on_phase=on_phase)
+        r.read_priority = 10**6  # read through the wrapper, not mapped in place
+        replicas.append(r)
+    return replicas
+
+
 def main() -> int:
     mode, root, urls = sys.argv[1], sys.argv[2], sys.argv[3:]
     dist.init_process_group("gloo")
@@ -41,7 +53,6 @@ def main() -> int:
         import errno
 
         from ckptmirror.errors import CorruptObjectError, ReplicaPermissionError
-        from ckptmirror.replicas import FaultyReplica, LocalReplica
 
         def denied(phase: str, key: str) -> None:
             if phase == "get" and key.startswith("step-000000000002/") and key.endswith(".bin"):
@@ -49,11 +60,7 @@ def main() -> int:
                     raise CorruptObjectError("checksum mismatch (injected)", key=key)
                 raise ReplicaPermissionError("open failed", key=key) from OSError(errno.EACCES, "Permission denied")
 
-        replicas = []
-        for u in urls:
-            r = FaultyReplica(LocalReplica(u.replace("{rank}", str(rank))), on_phase=denied)
-            r.read_priority = 10**6  # read through the wrapper, not mapped in place
-            replicas.append(r)
+        replicas = _faulty(urls, rank, denied)
     # restore-oom(-probe): rank 1 runs out of memory (ENOMEM) reading step 2's objects (or its
     # manifest): not the checkpoint's fault, so no rank may fall back to step 1; every rank raises.
     # restore-oom-bare: a plain MemoryError (no ReplicaError around it) reading the manifest.
@@ -61,7 +68,6 @@ def main() -> int:
         import errno
 
         from ckptmirror.errors import ReplicaError
-        from ckptmirror.replicas import FaultyReplica, LocalReplica
 
         suffix = ".bin" if mode == "restore-oom" else ".json"
 
@@ -71,11 +77,7 @@ def main() -> int:
                     raise MemoryError("injected")
                 raise ReplicaError("read failed", key=key) from OSError(errno.ENOMEM, "Cannot allocate memory")
 
-        replicas = []
-        for u in urls:
-            r = FaultyReplica(LocalReplica(u.replace("{rank}", str(rank))), on_phase=no_memory)
-            r.read_priority = 10**6  # read through the wrapper, not mapped in place
-            replicas.append(r)
+        replicas = _faulty(urls, rank, no_memory)
     m = ckptmirror.Mirror(replicas, object_bytes=32 << 10, commit_timeout_s=8, keep_last=5)
     if mode == "save":
         for step in (1, 2):

@@ -8,6 +8,8 @@ view of a bucket. The peer agent's helpers are in ``_agent.py``.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gc
 import json
 import logging
@@ -24,7 +26,7 @@ import urllib.error
 import urllib.request
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -534,3 +536,42 @@ def takes_o_direct(directory: str | os.PathLike[str]) -> bool:
             pass
     os.close(fd)
     return True
+
+
+# ---------------------------------------------------------------------------- small disks
+@contextlib.contextmanager
+def small_tmpfs(path: str, size_mib: int) -> Iterator[str]:
+    """A ``size_mib`` MiB tmpfs mounted at ``path`` (created) for a test of a disk that fills up;
+    the test is skipped where this process may not mount. Unmounted (lazily) at the end."""
+    os.makedirs(path)
+    got = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", path], capture_output=True, text=True
+    )
+    if got.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {got.stderr.strip() or got.returncode}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], check=False)
+
+
+def fill_disk(path: str, leave_bytes: int = 0) -> str:
+    """Fill the filesystem of ``path`` until ``leave_bytes`` (rounded to pages) are free, or, with
+    0, until it refuses another byte (an agent may be writing at the same time); the filler's path."""
+    mib = 1 << 20
+    filler = os.path.join(path, ".filler")
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        st = os.statvfs(path)
+        n = max(0, st.f_bavail * st.f_frsize - leave_bytes)
+        block = b"\xff" * mib
+        while n > 0 or leave_bytes == 0:
+            try:
+                n -= os.write(fd, block[: min(mib, n) if leave_bytes else mib])
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                break
+    finally:
+        os.close(fd)
+    return filler

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from _agent import HOST, TOKEN, AgentProc, TcpProxy, agent, raw_request, temp_files, wait_until
+from _helpers import fill_disk, small_tmpfs
 
 from ckptmirror.checksum import checksum
 from ckptmirror.errors import ReplicaError
@@ -42,21 +43,6 @@ def okey(step: int, index: int = 0) -> str:
 
 
 # ----------------------------------------------------------------------------- fixtures
-@contextlib.contextmanager
-def _small_disk(path: str) -> Iterator[str]:
-    """A 16 MiB tmpfs mounted at ``path`` (the test is skipped where this process may not mount)."""
-    os.makedirs(path)
-    got = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES >> 20}m", "tmpfs", path], capture_output=True, text=True
-    )
-    if got.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {got.stderr.strip() or got.returncode}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", path], check=False)
-
-
 StartAgent = Callable[..., AgentProc]
 
 
@@ -67,7 +53,7 @@ def full_agent(tmp_path: os.PathLike[str], peer_token_file: str) -> Iterator[Sta
     with contextlib.ExitStack() as stack:
 
         def start(*args: str) -> AgentProc:
-            root = stack.enter_context(_small_disk(os.path.join(os.fspath(tmp_path), "disk")))
+            root = stack.enter_context(small_tmpfs(os.path.join(os.fspath(tmp_path), "disk"), DISK_BYTES >> 20))
             base = ["--reserve-free-bytes", "0", "--idle-timeout-s", "20", "--upload-rate-window-s", "30"]
             # Flags given later win: a test's own args override the defaults above.
             return stack.enter_context(agent(root, token_file=peer_token_file, args=[*base, *args]))
@@ -79,27 +65,6 @@ def health(a: AgentProc) -> dict[str, Any]:
     status, _, body = raw_request(a.port, "GET", "/v1/health")
     assert status == 200, body
     return dict(json.loads(body))
-
-
-def fill(path: str, leave_bytes: int = 0) -> str:
-    """Fill the filesystem of ``path`` until ``leave_bytes`` (rounded to pages) are free, or, with
-    0, until it refuses another byte (an agent may be writing at the same time); the filler's path."""
-    filler = os.path.join(path, ".filler")
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        st = os.statvfs(path)
-        n = max(0, st.f_bavail * st.f_frsize - leave_bytes)
-        block = b"\xff" * MIB
-        while n > 0 or leave_bytes == 0:
-            try:
-                n -= os.write(fd, block[: min(MIB, n) if leave_bytes else MIB])
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                break
-    finally:
-        os.close(fd)
-    return filler
 
 
 def start_upload(port: int, key: str, body: bytes, sent: int, ns: str = "ns") -> socket.socket:
@@ -237,7 +202,7 @@ def test_disk_full_while_writing_is_507_naming_root_free_space_and_fix(full_agen
     s = start_upload(a.port, okey(4), body, sent)
     try:
         wait_until(lambda: temp_files(a.root), 10, 0.02, "the agent to create the upload's temp file")
-        filler = fill(a.root)  # another writer takes the rest of the disk: the reserve could not know
+        filler = fill_disk(a.root)  # another writer takes the rest of the disk: the reserve could not know
         send_rest(s, body, sent)
         status, text = read_response(s, 30)
     finally:
@@ -272,7 +237,7 @@ def test_disk_full_while_writing_reaches_the_client_as_enospc(full_agent: StartA
         t.start()
         try:
             wait_until(lambda: temp_files(a.root), 20, 0.02, "the agent to create the upload's temp file")
-            filler = fill(a.root)
+            filler = fill_disk(a.root)
         finally:
             proxy.set("forward")
             t.join(60)
@@ -301,7 +266,7 @@ def test_probe_write_refuses_while_the_agent_is_full_and_passes_once_freed(full_
     r = PeerReplica(a.url("ns"), token=TOKEN)
     try:
         r.probe_write(4 * MIB)  # 16 MiB disk, 1 MiB reserve: room
-        filler = fill(a.root, leave_bytes=2 * MIB)
+        filler = fill_disk(a.root, leave_bytes=2 * MIB)
         with pytest.raises(ReplicaError) as got:
             r.probe_write(4 * MIB)
         msg = str(got.value)
@@ -334,7 +299,7 @@ def test_a_full_peer_stays_degraded_until_there_is_room(full_agent: StartAgent) 
     r = PeerReplica(a.url("ns"), token=TOKEN)
     h = ReplicaHealth([r], interval_s=0.05)
     try:
-        filler = fill(a.root, leave_bytes=MIB)
+        filler = fill_disk(a.root, leave_bytes=MIB)
         need = 4 * MIB
         with pytest.raises(ReplicaError) as got:
             r.put(okey(7), os.urandom(need))

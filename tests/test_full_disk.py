@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from _helpers import fill_disk, small_tmpfs
 
 from ckptmirror import Mirror
 from ckptmirror.errors import ReplicaError
@@ -30,25 +31,8 @@ MIB = 1 << 20
 @pytest.fixture
 def small_disk(tmp_path: os.PathLike[str]) -> Iterator[str]:
     """A 12 MiB tmpfs, mounted for this test (skipped where this process may not mount)."""
-    mnt = os.path.join(os.fspath(tmp_path), "small")
-    os.makedirs(mnt)
-    got = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", mnt], capture_output=True, text=True)
-    if got.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {got.stderr.strip() or got.returncode}")
-    try:
+    with small_tmpfs(os.path.join(os.fspath(tmp_path), "small"), 12) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", mnt], check=False)
-
-
-def _fill(path: str, leave_bytes: int) -> str:
-    """Fill the filesystem of ``path`` until about ``leave_bytes`` are free; return the filler file."""
-    filler = os.path.join(path, ".filler")
-    st = os.statvfs(path)
-    n = max(0, st.f_bavail * st.f_frsize - leave_bytes)
-    with open(filler, "wb") as f:
-        f.write(b"\xff" * n)
-    return filler
 
 
 def _state(mib: int, step: int) -> dict[str, torch.Tensor]:
@@ -72,7 +56,7 @@ def test_a_full_disk_stays_degraded_gives_back_the_failed_save_and_returns_once_
     small = LocalReplica(small_disk)
     with Mirror([small, other], keep_last=None, min_replicas=1, health_interval_s=0.1, object_bytes=MIB) as m:
         m.save_state(1, _state(3, 1)).result(timeout=60)
-        filler = _fill(small_disk, 2 * MIB)  # room for part of a 4 MiB save, not all of it
+        filler = fill_disk(small_disk, 2 * MIB)  # room for part of a 4 MiB save, not all of it
 
         h = m.save_state(2, _state(4, 2))
         h.result(timeout=60)  # committed on the other replica: the save as a whole succeeded

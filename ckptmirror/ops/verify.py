@@ -505,6 +505,8 @@ def verify(
         torn = {u: tuple(sorted(s for s in v if s not in listing.committed)) for u, v in listing.torn.items()}
         torn, kept = KeptForReferences(listing).split(reachable, {u: v for u, v in torn.items() if v})
         notes: list[Problem] = []
+        # Step-level notes speak for the replicas that answered only (see VerifyReport.status).
+        answered = " that answered" if listing.unreachable else ""
         if step is not None and step not in listing.committed:
             notes.append(
                 Problem(
@@ -512,9 +514,7 @@ def verify(
                     "",
                     commit_key(step),
                     "missing",
-                    f"step {step} is not committed on any replica"
-                    + (" that answered" if listing.unreachable else "")
-                    + f" (committed: {sorted(listing.committed)})",
+                    f"step {step} is not committed on any replica{answered} (committed: {sorted(listing.committed)})",
                 )
             )
             steps: list[int] = []
@@ -523,13 +523,7 @@ def verify(
         if not steps and step is None and any(torn.values()):
             notes.append(
                 Problem(
-                    -1,
-                    "",
-                    "",
-                    "unrecoverable",
-                    "the replicas"
-                    + (" that answered" if listing.unreachable else "")
-                    + " hold interrupted saves but no committed step",
+                    -1, "", "", "unrecoverable", f"the replicas{answered} hold interrupted saves but no committed step"
                 )
             )
         eng = Engine(reachable, threads, quick, progress)

@@ -326,10 +326,17 @@ def _write_errno(text: str) -> int | None:
     then keeps the peer degraded until a write probe passes. Other errnos are not taken from a
     text, which only they could misread."""
     for name in _ERRNO_IN_TEXT.findall(text):
-        num = getattr(errno, name, None)
-        if isinstance(num, int) and num in WRITE_ERRNOS:
+        num = write_errno_named(name)
+        if num is not None:
             return num
     return None
+
+
+def write_errno_named(name: str) -> int | None:
+    """The errno called ``name`` (``"EROFS"``) if it is one of :data:`WRITE_ERRNOS`, else None:
+    a name the agent sent is checked, never looked up blindly in :mod:`errno`."""
+    num = getattr(errno, name, None) if name.startswith("E") else None
+    return num if isinstance(num, int) and num in WRITE_ERRNOS else None
 
 
 _ERRNO_IN_TEXT = re.compile(r"\[(E[A-Z0-9]+)\]")

@@ -630,12 +630,11 @@ class PeerReplica(Replica):
         doc = self.health()
         refused = doc.get(wire.WRITE_ERROR_FIELD)
         if isinstance(refused, str) and refused:
-            num = getattr(errno, refused, None) if refused.startswith("E") else None  # the agent's word: checked
             raise ReplicaError(
                 f"the agent cannot write under its --root ({wire.WRITE_ERROR_FIELD}={refused}): remount it "
                 "read-write or give the agent's user write permission there",
                 replica=self.url,
-                errno=num if isinstance(num, int) else errno.EIO,
+                errno=wire.write_errno_named(refused) or errno.EIO,
             )
         free = _count(doc, "free_bytes")
         if free is None:

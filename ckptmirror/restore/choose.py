@@ -223,6 +223,12 @@ def load_newest(
     return agreed
 
 
+def _voted(exc: BaseException) -> bool:
+    """Whether a rank takes ``exc`` to the ranks' vote rather than raising it alone: a step that
+    failed (:data:`STEP_FAILURES`) or out of memory of any kind (the other ranks wait for the vote)."""
+    return isinstance(exc, STEP_FAILURES) or out_of_memory(exc)
+
+
 def _out_of_memory(ranks: Sequence[int], step: int, own: BaseException | None) -> BaseException:
     """What every rank raises when ``ranks`` ran out of memory restoring ``step``: as with one
     rank, not the checkpoint's fault, and an older step would only be a worse answer. The rank
@@ -350,8 +356,8 @@ def _load_agreed(
             except StateMismatchError as exc:
                 error = str(exc)
                 break
-            except Exception as exc:  # noqa: BLE001 - out of memory of any kind too: the others wait for our vote
-                if not isinstance(exc, STEP_FAILURES) and not out_of_memory(exc):
+            except Exception as exc:  # noqa: BLE001 - see _voted
+                if not _voted(exc):
                     raise
                 log.warning("step %d cannot be restored on rank %d: %s", s, rank, exc)
                 problems[s] = f"rank {rank}: {type(exc).__name__}: {exc}"
@@ -433,8 +439,8 @@ def _load_agreed(
                     undo=undo,
                     defer=defer,
                 )
-        except Exception as exc:  # noqa: BLE001 - out of memory of any kind too: the others wait for our vote
-            if not isinstance(exc, STEP_FAILURES) and not out_of_memory(exc):
+        except Exception as exc:  # noqa: BLE001 - see _voted
+            if not _voted(exc):
                 raise
             ok, why = False, f"{type(exc).__name__}: {exc}"
             problems[lo] = f"rank {rank}: {why}"

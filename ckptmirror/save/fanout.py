@@ -200,6 +200,7 @@ class Fanout:
                 )
                 return
             stored: dict[str, Stored] = {}
+            own = owned_at[pos] if owned_at is not None else range(len(enc.windows))  # what this rank writes here
             try:
                 try:
                     if pre is not None and replica.url in pre.failed:
@@ -222,7 +223,6 @@ class Fanout:
                     if isinstance(exc, OSError) and exc.errno in SPACE_ERRNOS:
                         # Nobody commits this step here now (our vote failed it), so nothing will
                         # ever read what we put: give the space back before the next save needs it.
-                        own = owned_at[pos] if owned_at is not None else range(len(enc.windows))
                         writers = {writer_of(enc.manifest.objects[i].key) for i in own}
                         if not job.replicated:
                             writers.add(writer_of(enc.manifest_key))
@@ -252,7 +252,6 @@ class Fanout:
             except BaseException as exc:  # noqa: BLE001 - recorded per replica
                 log.warning("replica %s failed to save step %d: %s", replica.url, job.step, exc)
                 if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
-                    own = owned_at[pos] if owned_at is not None else range(len(enc.windows))
                     need = self._need_bytes(pos, replica, enc, own, refs.get(replica.url), encoder)
                     self._health.mark(replica, exc, need_bytes=need)
                 job.handle._set_replica(replica.url, "failed", exc)
