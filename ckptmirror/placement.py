@@ -206,13 +206,21 @@ def resolve(
     return out
 
 
+def placement_of(home: str) -> str | None:
+    """Key of the placement record that may list the object ``home`` (None: no writer in its name)."""
+    w = writer_of(home)
+    return None if w is None else placement_key(int(home[5:17]), *w)
+
+
 def drop_placement_entry(replica: Replica, home: str) -> None:
     """Make ``replica``'s placement record say that ``home`` is stored raw under its own name
-    (``repair`` wrote it so); the record is rewritten atomically, or deleted once it is empty."""
-    w = writer_of(home)
-    if w is None:
+    (``repair`` wrote it so); the record is rewritten atomically, or deleted once it is empty.
+
+    A read-modify-write of the whole record: callers that drop entries of one record from
+    several threads must hold one lock per record (``repair`` does), or one change is lost."""
+    pkey = placement_of(home)
+    if pkey is None:
         return
-    pkey = placement_key(int(home[5:17]), *w)
     if replica.size(pkey) is None:
         return
     p = parse_placement(replica.get(pkey, MAX_PLACEMENT_BYTES), pkey)

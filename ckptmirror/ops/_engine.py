@@ -203,7 +203,12 @@ class Engine:
             try:
                 st = self.single[r.url].stored(r, obj)
                 stored_key, stored_size = st.key, st.size
-            except FAILURES:  # an unusable placement record: the read's own error says so
+            except ManifestError as bad:
+                # A damaged placement record: where this replica stores the object is unknown.
+                # Not "missing" (the size of its home key says nothing); ``repair`` stores it raw
+                # from a replica where it verifies and then removes the record.
+                return Problem(step, r.url, key, "invalid", strip_where(str(bad), r.url, key), rank)
+            except FAILURES:  # the record could not be read: the read's own error says so
                 pass
         as_ = "" if stored_key == key else f" (stored as {stored_key})"
         try:
@@ -488,6 +493,10 @@ def storage_of(eng: Engine, r: Replica, step: int, manifests: Sequence[RankManif
                     continue  # not on this replica (another node's rank, or missing: verify says which)
             except FAILURES as exc:
                 out["error"] = str(exc)  # type: ignore[assignment]
+                if isinstance(exc, ReplicaUnavailableError):
+                    # It stopped answering: asking again per object would cost a time budget each.
+                    out["unavailable"] = True
+                    return out
                 continue
             out["objects"] += 1
             out["raw_bytes"] += obj.size

@@ -8,9 +8,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import StepExistsError, StepNotFoundError
-from ..format import MAX_MANIFEST_BYTES, CommitRecord, ObjectRecord, commit_key, parse_commit
-from ..placement import drop_placement_entry
+from ..errors import ManifestError, StepExistsError, StepNotFoundError
+from ..format import MAX_MANIFEST_BYTES, CommitRecord, ObjectRecord, commit_key, parse_commit, step_dir
+from ..placement import MAX_PLACEMENT_BYTES, Stored, drop_placement_entry, parse_placement, placement_of
 from ..replicas import Replica
 from ._common import FAILURES, Problem, Progress, ProgressFactory, list_reachable, opened
 from ._engine import Engine, ObjJob, ReplicaPlan, recoverable
@@ -22,8 +22,9 @@ class RepairAction:
     """One write repair makes (or would make, with ``dry_run``).
 
     ``action``: ``copy`` (an object or rank manifest, from ``source``), ``commit`` (write the
-    commit record last) or ``replace-commit`` (delete a commit record that does not parse, then
-    commit). ``done`` is False in a dry run and when the write failed (``error``).
+    commit record last), ``replace-commit`` (delete a commit record that does not parse, then
+    commit) or ``delete-placement`` (remove a damaged placement record once every object it may
+    list has been stored raw under its own name). ``done`` is False in a dry run and when the write failed (``error``).
     """
 
     step: int
@@ -267,10 +268,93 @@ def repair(
         )
 
 
+class _Records:
+    """The placement records repair changes on one run.
+
+    Copy threads that store compressed objects raw drop their entries from one writer's record:
+    a read-modify-write of the whole record, so each record has its own lock (without it two
+    threads each write back the record they read, and one entry stays: the object is reported
+    repaired and is still read as the damaged ``.zst``). Records that do not parse are noted
+    with the objects repair stored raw for them, to be removed once every object they may list
+    is stored raw (:meth:`settle`).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        #: (replica URL, placement key) -> the objects stored raw at home because of it
+        self.damaged: dict[tuple[str, str], set[str]] = {}
+
+    def lock(self, r: Replica, pkey: str) -> threading.Lock:
+        """The lock of record ``pkey`` on ``r``."""
+        with self._lock:
+            return self._locks.setdefault((r.url, pkey), threading.Lock())
+
+    def drop(self, r: Replica, home: str) -> None:
+        """``home`` is now stored raw at its own name on ``r``: drop it from its record."""
+        pkey = placement_of(home)
+        if pkey is not None:
+            with self.lock(r, pkey):
+                drop_placement_entry(r, home)
+
+    def stored_raw(self, r: Replica, home: str) -> None:
+        """``home`` was stored raw on ``r`` because its placement record is unusable."""
+        pkey = placement_of(home)
+        if pkey is not None:
+            with self._lock:
+                self.damaged.setdefault((r.url, pkey), set()).add(home)
+
+    def settle(self, fix: _Fix) -> list[RepairAction]:
+        """Remove ``fix``'s replica's unusable placement records whose objects are all stored raw
+        now (what is left of the record is then "every object raw at home", which is true), or,
+        where the record parses after all (it contradicted the manifest for some objects), drop
+        the entries of the objects stored raw. A record is left as it is while an object it may
+        list was not stored raw (a failed copy): that object stays reported, never wrong."""
+        r, s = fix.plan.replica, fix.plan.step
+        out: list[RepairAction] = []
+        homes = [o.key for rp in fix.plan.ranks if rp.held and rp.manifest for o in rp.manifest.objects]
+        for (url, pkey), raw in sorted(self.damaged.items()):
+            if url != r.url or not pkey.startswith(step_dir(s) + "/"):
+                continue
+            mine = [h for h in homes if placement_of(h) == pkey]
+            with self.lock(r, pkey):
+                try:
+                    try:
+                        parse_placement(r.get(pkey, MAX_PLACEMENT_BYTES), pkey)
+                    except ManifestError:
+                        if not set(mine) <= raw:
+                            continue
+                        r.delete(pkey)
+                        out.append(
+                            RepairAction(
+                                s, r.url, pkey, "delete-placement", None, 0, "invalid: damaged placement record", True
+                            )
+                        )
+                        continue
+                    for h in sorted(raw):
+                        drop_placement_entry(r, h)
+                except FAILURES as exc:
+                    out.append(
+                        RepairAction(
+                            s,
+                            r.url,
+                            pkey,
+                            "delete-placement",
+                            None,
+                            0,
+                            "invalid: damaged placement record",
+                            False,
+                            f"{type(exc).__name__}: {exc}",
+                        )
+                    )
+        return out
+
+
 def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: list[Problem]) -> list[RepairAction]:
     """Make the copies and commits of ``fixes`` (or list them, in a dry run); blocked items go to ``unrecoverable``."""
     actions: list[RepairAction] = []
     lock = threading.Lock()
+    records = _Records()
     bar: Progress | None = None
     total = sum(size for f in fixes if not (f.blocked and f.needs_commit) for _, size, _, _ in f.copies + f.manifests)
     if eng.progress is not None and not dry_run and total:
@@ -284,8 +368,16 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
         try:
             data = bytearray(size)  # not a tensor: repair runs without torch
             src = eng.shared.fetch_into(key, csum, srcs, memoryview(data))  # verified again while copying
-            st = eng.single[r.url].stored(r, ObjectRecord(key, size, csum))
-            if st.codec == "none":
+            try:
+                st: Stored | None = eng.single[r.url].stored(r, ObjectRecord(key, size, csum))
+            except ManifestError:
+                st = None  # its placement record is unusable (damaged): where it stores it is unknown
+            if st is None:
+                # Raw under its own name; the unusable record goes once every object it may list
+                # is stored so (records.settle), before the rank manifests and the commit.
+                r.put(key, data)
+                records.stored_raw(r, key)
+            elif st.codec == "none":
                 # Raw under its own name, or (an incremental save) under an earlier step's name,
                 # which holds these very bytes for every step that references it.
                 r.put(st.key, data)
@@ -293,7 +385,7 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
                 # Compressed there: store it raw under its own name instead, and drop the
                 # placement's entry (in that order: a crash in between leaves it damaged, not wrong).
                 r.put(key, data)
-                drop_placement_entry(r, key)
+                records.drop(r, key)
         except FAILURES as exc:
             return RepairAction(
                 s,
@@ -318,17 +410,48 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
             if fix.blocked and fix.needs_commit:
                 continue  # cannot complete this replica's copy of the step: write nothing there
             done = [f.result() for f in [eng.pool.submit(copy, fix, *c) for c in fix.copies]]
+            if not dry_run:
+                done += records.settle(fix)
             done += [copy(fix, *c) for c in fix.manifests]  # rank manifests after every object
             actions.extend(done)
             if fix.needs_commit and fix.commit_raw is not None:
-                actions.append(_commit(fix, dry_run, any(a.error for a in done)))
+                actions.append(_commit(fix, dry_run, any(a.error for a in done), eng))
     finally:
         if bar is not None:
             bar.close()
     return actions
 
 
-def _commit(fix: _Fix, dry_run: bool, copy_failed: bool) -> RepairAction:
+def _gone(fix: _Fix, eng: Engine) -> str | None:
+    """The first file of ``fix``'s step that its replica does not list any more, or None.
+
+    Repair verified what the replica held of a torn save before it copied the rest; something
+    else may have deleted those files since (``prune`` removes torn saves, retention removes
+    steps). Listed again right before the commit record is written, one listing per step
+    directory: a commit over a missing file would make a step "restorable" that is not."""
+    r = fix.plan.replica
+    reader = eng.single[r.url]
+    keys: list[str] = []
+    for rp in fix.plan.ranks:
+        if not rp.held or rp.manifest is None:
+            continue
+        keys.append(rp.key)
+        for o in rp.manifest.objects:
+            try:
+                keys.append(reader.stored(r, o).key)
+            except ManifestError:
+                keys.append(o.key)  # its placement record was damaged: repair stored it raw
+    listed: dict[str, set[str]] = {}
+    for k in keys:
+        d = k.split("/", 1)[0]
+        if d not in listed:
+            listed[d] = set(r.list_prefix(d))
+        if k not in listed[d]:
+            return k
+    return None
+
+
+def _commit(fix: _Fix, dry_run: bool, copy_failed: bool, eng: Engine) -> RepairAction:
     """Write the commit record of ``fix`` (last, after its copies), or say why it was not written."""
     raw = fix.commit_raw
     assert raw is not None
@@ -350,6 +473,12 @@ def _commit(fix: _Fix, dry_run: bool, copy_failed: bool) -> RepairAction:
         # A commit record makes the step restorable here: never write it over a missing object.
         return action(error="not committed: a copy above failed")
     try:
+        gone = _gone(fix, eng)
+        if gone is not None:
+            return action(
+                error=f"not committed: {gone} is no longer there (deleted while repair ran: was "
+                "'ckptmirror prune' or a training job's retention running?); run repair again"
+            )
         if fix.replace_commit:
             r.delete(key)
         r.commit(key, raw)
