@@ -118,6 +118,13 @@ def ring_peer(agents: Sequence[str], namespace: str = "ckpt", node_rank: int | N
     return f"peer://{target}/{namespace.strip('/')}/node{node_rank}"
 
 
+class SpaceAbortError(CoordinationError):
+    """The step was not committed at a replica position because a rank found that replica full
+    (``ENOSPC``/``EDQUOT``): every rank that wrote there deletes what it put, not only the one
+    whose write failed, or a full shared replica never gets the room back (it stays degraded
+    until a write probe finds room, and no save reaches it to clean up)."""
+
+
 class Coordinator:
     """The store protocol above, for one Mirror. Keys live under a per-mirror prefix."""
 
@@ -173,23 +180,27 @@ class Coordinator:
         bad = {r: rep for r, rep in enumerate(reports) if rep.get("state") != "ok"}
         if bad:
             why = "; ".join(f"rank {r}: {rep.get('state')}: {rep.get('error', '')}" for r, rep in bad.items())
-            self._decision(save, pos, {"abort": why})
+            doc: dict[str, Any] = {"abort": why}
+            if any(rep.get("space") for rep in bad.values()):
+                doc["space"] = True  # the replica is full: the ranks that wrote there give it back
+            self._decision(save, pos, doc)
             return
         commit = build_commit(reports)
         self._decision(save, pos, {"commit": commit.decode()})
 
-    def _decision(self, save: str, pos: int, doc: dict[str, str]) -> None:
+    def _decision(self, save: str, pos: int, doc: dict[str, Any]) -> None:
         """The one key that holds ``pos``'s decision, whoever publishes it (rank 0, or a failing rank)."""
         self.store.set(self._k(save, pos, "commit"), json.dumps(doc))
 
-    def abort(self, save: str, pos: int, why: str) -> None:
+    def abort(self, save: str, pos: int, why: str, space: bool = False) -> None:
         """Any rank: publish that nothing commits at ``pos``; :meth:`outcome` then raises ``why``.
 
         Only after this rank reported a state other than ``ok`` at ``pos`` (or never will
         report ``ok`` there): rank 0 commits only when every report is ``ok``, so the abort
-        cannot overwrite a commit that some rank already acted on.
+        cannot overwrite a commit that some rank already acted on. ``space``: the replica is
+        full; :meth:`outcome` raises :class:`SpaceAbortError` so that every rank gives its files back.
         """
-        self._decision(save, pos, {"abort": why})
+        self._decision(save, pos, {"abort": why, "space": True} if space else {"abort": why})
 
     def outcome(self, save: str, pos: int) -> bytes:
         """The commit record rank 0 published for ``pos``; CoordinationError on abort/timeout."""
@@ -197,7 +208,8 @@ class Coordinator:
         self._wait([key], f"rank 0's decision for replica position {pos}")
         doc = json.loads(self.store.get(key))
         if "abort" in doc:
-            raise CoordinationError(f"step not committed at replica position {pos}: {doc['abort']}")
+            cls = SpaceAbortError if doc.get("space") else CoordinationError
+            raise cls(f"step not committed at replica position {pos}: {doc['abort']}")
         return str(doc["commit"]).encode()
 
     def ack(self, save: str, pos: int, payload: dict[str, Any]) -> None:

@@ -78,11 +78,33 @@ def main() -> int:
                 raise ReplicaError("read failed", key=key) from OSError(errno.ENOMEM, "Cannot allocate memory")
 
         replicas = _faulty(urls, rank, no_memory)
+    # save-full: rank 1 finds the (shared) replica full writing step 2; rank 0's writes succeed.
+    if mode == "save-full" and rank == 1:
+        import errno
+
+        def full(phase: str, key: str) -> None:
+            if phase == "put" and key.startswith("step-000000000002/"):
+                raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+        replicas = _faulty(urls, rank, full)
     m = ckptmirror.Mirror(replicas, object_bytes=32 << 10, commit_timeout_s=8, keep_last=5)
     if mode == "save":
         for step in (1, 2):
             m.save_state(step, rank_state(rank, step)).result(timeout=60)
         out["steps"] = m.steps()
+    elif mode == "save-full":
+        m.save_state(1, rank_state(rank, 1)).result(timeout=60)
+        try:
+            m.save_state(2, rank_state(rank, 2)).result(timeout=60)
+            out["step2"] = "committed"
+        except ckptmirror.SaveFailedError as exc:
+            out["step2"] = f"failed: {exc}"
+        m.close(raise_errors=False)  # waits for the background deletes
+        with open(os.path.join(root, f"result-{rank}.json"), "w") as f:
+            json.dump(out, f)
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
     elif mode == "kill-mid-save":
         m.save_state(1, rank_state(rank, 1)).result(timeout=60)
         dist.barrier()

@@ -203,6 +203,22 @@ def test_rank_killed_mid_save_never_commits_and_nobody_hangs(tmp_path: Path) -> 
         assert m.steps() == [1]
 
 
+def test_a_replica_one_rank_finds_full_is_given_back_by_every_rank(tmp_path: Path) -> None:
+    # Rank 1's writes of step 2 hit ENOSPC on the shared replica; rank 0 wrote its shard there.
+    # Nobody commits step 2 there, so both ranks delete what they put (rank 0's shard stayed,
+    # and the full replica never got the room back: no save reaches a degraded replica).
+    shared = tmp_path / "shared"
+    torchrun(str(CHILD), "save-full", str(tmp_path), str(shared))
+    res = _results(tmp_path)
+    assert all(r["step2"].startswith("failed") for r in res), res
+    assert not (shared / commit_key(2)).exists()
+    d = shared / step_dir(2)
+    left = sorted(str(p.relative_to(shared)) for p in d.rglob("*") if p.is_file()) if d.exists() else []
+    assert left == [], f"files of the failed save stayed on the full replica: {left}"
+    with ckptmirror.Mirror([str(shared)]) as m:
+        assert m.steps() == [1]
+
+
 def test_export_one_rank_of_a_per_rank_checkpoint(per_rank_saved: Path, tmp_path: Path) -> None:
     out = tmp_path / "rank1.safetensors"
     p = subprocess.run(

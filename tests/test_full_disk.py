@@ -155,3 +155,38 @@ def test_a_failure_marked_while_the_write_probe_runs_is_not_erased_by_its_succes
     finally:
         release.set()
         health.stop(timeout=5)
+
+
+def test_a_dcp_save_to_a_full_disk_gives_back_its_files_and_waits_for_room(
+    small_disk: str, tmp_path: os.PathLike[str]
+) -> None:
+    """The DCP writer, like ``Mirror``: the failed save's files go, the full replica is skipped
+    (not written again and again: a ping alone passes on a full disk) until there is room."""
+    import torch.distributed.checkpoint as dcp
+
+    from ckptmirror.dcp import MirrorSavePlanner, MirrorStorageWriter
+
+    other = os.path.join(os.fspath(tmp_path), "other")
+    with MirrorStorageWriter([small_disk, other], object_bytes=MIB, min_replicas=1) as w:
+        url = w.replicas[0].url
+
+        def save(step: int, mib: int) -> str:
+            dcp.save(_state(mib, step), checkpoint_id=f"step-{step}", storage_writer=w, planner=MirrorSavePlanner())
+            w.wait(30)
+            return w.last_outcome[url]
+
+        assert save(1, 3) == "committed"
+        filler = fill_disk(small_disk, 2 * MIB)  # room for part of a 4 MiB save, not all of it
+        failed = save(2, 4)
+        assert "No space left" in failed or "ENOSPC" in failed, failed
+        small = LocalReplica(small_disk)
+        left = [k for k in small.list_prefix("step-000000000002") if writer_of(k) is not None]
+        assert left == [], f"the failed save's files stayed on the full disk: {left}"
+
+        skipped = save(3, 4)  # still full: skipped, not written into ENOSPC once more
+        assert "skipped" in skipped and "degraded" in skipped, skipped
+        assert small.list_prefix("step-000000000003") == []
+
+        os.unlink(filler)
+        assert save(4, 4) == "committed"
+    assert "step-000000000004" in LocalReplica(small_disk).list_steps()

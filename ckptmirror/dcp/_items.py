@@ -129,6 +129,7 @@ class DcpSave:
     chunks: list[Chunk] = field(default_factory=list)
     state_items: list[list[Any]] = field(default_factory=list)
     failed: dict[int, BaseException] = field(default_factory=dict)  # positions failed in write_data
+    given_back: set[int] = field(default_factory=set)  # positions whose files this rank deletes (full)
     t0: float = field(default_factory=time.perf_counter)
 
 

@@ -49,7 +49,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future as TorchFuture
 
 from ..checksum import checksum
-from ..dist import Coordinator, DistInfo, detect
+from ..dist import Coordinator, DistInfo, SpaceAbortError, detect
 from ..errors import (
     CkptMirrorError,
     ReplicaConfigError,
@@ -60,9 +60,11 @@ from ..errors import (
 from ..format import (
     LARGE_STORAGE_DIVISOR,
     MAX_OBJECT_BYTES,
+    writer_of,
 )
 from ..replicas import Replica
-from ..save.commit import commit_from_reports, commit_step, replica_identity, share_record
+from ..replicas.base import SPACE_ERRNOS, WRITE_ERRNOS
+from ..save.commit import commit_from_reports, commit_step, discard_failed_save, replica_identity, share_record
 from ..save.retention import apply_retention, is_committed
 from ._codec import DCP_VERSION, Location, metadata_to_tree
 from ._common import check_step, open_for, step_from_checkpoint_id
@@ -174,6 +176,9 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         self._local = threading.local()
         self._lock = threading.Lock()
         self._down: dict[str, str] = {}  # replica URL -> why it is skipped (pinged at each save)
+        #: replica URL -> bytes the save that found it full or read-only wrote there: it comes
+        #: back when a write probe shows that much room (a ping alone passes on a full disk)
+        self._need_write: dict[str, int] = {}
         self._threads: list[threading.Thread] = []
         self._checkpoint_id: str | os.PathLike[str] | None = None
         #: Per replica URL, the outcome of this rank's part of the last save: "committed" or why not.
@@ -344,6 +349,9 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
             raise
         self._staging.end_save(s.run)
         s.failed.update(results)
+        for pos, failure in results.items():
+            if _full(failure):
+                self._give_back(s, pos)  # this rank's failed vote: nobody commits the step there
         if len(s.failed) == len(self.replicas):
             why = {self.replicas[p].url: e for p, e in s.failed.items()}
             self._abort_everywhere(s, SaveFailedError(s.step, why))
@@ -489,7 +497,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                     r.put(enc.manifest_key, enc.manifest_bytes)
             except BaseException as exc:  # noqa: BLE001 - recorded per replica
                 log.warning("replica %s failed to write rank %d of step %d: %s", r.url, s.rank, s.step, exc)
-                self._mark_down(r, exc)
+                self._mark_down(r, exc, enc.manifest.stream_bytes)
                 return exc
             return None
 
@@ -504,9 +512,10 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
             return
         why = f"rank {s.rank}: {type(exc).__name__}: {exc}"
         for pos in range(len(self.replicas)):
+            space = _full(s.failed.get(pos))
             try:
-                s.votes.report(_SAVE, pos, {"state": "failed", "error": why})
-                s.votes.abort(_SAVE, pos, why)
+                s.votes.report(_SAVE, pos, {"state": "failed", "error": why, "space": space})
+                s.votes.abort(_SAVE, pos, why, space=space)
             except Exception as err:  # noqa: BLE001 - the store is gone too: the others time out
                 log.warning("could not publish the abort of step %d: %s", s.step, err)
                 break
@@ -517,8 +526,8 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         if pos in s.failed:
             exc = s.failed[pos]
             why = f"rank {s.rank}: {type(exc).__name__}: {exc}"
-            s.votes.report(_SAVE, pos, {"state": "failed", "error": why})
-            s.votes.abort(_SAVE, pos, why)
+            s.votes.report(_SAVE, pos, {"state": "failed", "error": why, "space": _full(exc)})
+            s.votes.abort(_SAVE, pos, why, space=_full(exc))
             return
         s.votes.report(
             _SAVE,
@@ -553,6 +562,8 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                     except BaseException as exc:  # noqa: BLE001 - reported to rank 0 and logged
                         log.warning("step %d not committed on %s: %s", s.step, r.url, exc)
                         outcome[pos] = exc
+                        if isinstance(exc, SpaceAbortError):
+                            self._give_back(s, pos)  # another rank found it full: ours are orphans
                         try:
                             votes.ack(_SAVE, pos, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"})
                         except Exception:  # noqa: BLE001 - rank 0 times out instead
@@ -588,10 +599,12 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                 try:
                     r.put(enc.manifest_key, enc.manifest_bytes)
                 except BaseException as exc:  # noqa: BLE001 - this position fails; the others go on
-                    self._mark_down(r, exc)
+                    self._mark_down(r, exc, enc.manifest.stream_bytes)
                     s.failed[pos] = exc
             if s.votes is None:
                 if pos in s.failed:
+                    if _full(s.failed[pos]):
+                        self._give_back(s, pos)  # the manifest's write found it full
                     return s.failed[pos]
                 commit_step(r, enc, enc.commit_bytes)
                 return None
@@ -608,6 +621,8 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         except BaseException as exc:  # noqa: BLE001 - recorded per position
             if pos in s.failed:
                 return s.failed[pos]
+            if isinstance(exc, SpaceAbortError):
+                self._give_back(s, pos)  # another rank found it full: ours are orphans
             log.warning("step %d not committed at replica position %d (%s): %s", s.step, pos, r.url, exc)
             return exc
 
@@ -618,25 +633,53 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         }
 
     # ------------------------------------------------------------------ replicas
-    def _mark_down(self, r: Replica, exc: BaseException) -> None:
-        """A replica that failed with an OSError is skipped by later saves until it answers a ping."""
+    def _give_back(self, s: DcpSave, pos: int) -> None:
+        """Nobody commits ``s``'s step at ``pos`` (the replica is full): delete what this rank
+        put there, by its own writer token, in the background, once per save and position.
+        Without it the failed save's files hold the space the next save needs, and a full
+        replica that no save reaches is never cleaned up."""
+        if pos in s.given_back or s.enc is None:
+            return
+        s.given_back.add(pos)
+        enc = s.enc
+        writers = {writer_of(o.key) for o in enc.manifest.objects} | {writer_of(enc.manifest_key)}
+        t = threading.Thread(
+            target=discard_failed_save,
+            args=(self.replicas[pos], s.step, writers),
+            name="ckptmirror-dcp-discard",
+            daemon=True,
+        )
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+
+    def _mark_down(self, r: Replica, exc: BaseException, need_bytes: int = 0) -> None:
+        """A replica that failed with an OSError is skipped by later saves until it answers a
+        ping; one that refused a write (full, read-only: ``WRITE_ERRNOS``) until a write probe
+        for ``need_bytes`` passes too."""
         if isinstance(exc, OSError) and not isinstance(exc, (FileExistsError, ReplicaConfigError)):
             with self._lock:
                 self._down[r.url] = f"{type(exc).__name__}: {exc}"
+                if exc.errno in WRITE_ERRNOS:
+                    self._need_write[r.url] = max(need_bytes, self._need_write.get(r.url, 0))
 
     def _ping_degraded(self) -> None:
         with self._lock:
-            down = [r for r in self.replicas if r.url in self._down]
-        for r in down:
+            down = [(r, self._need_write.get(r.url)) for r in self.replicas if r.url in self._down]
+        for r, need in down:
             try:
-                r.ping()
+                if need is None:
+                    r.ping()
+                else:
+                    r.probe_write(need)  # a full or read-only disk still answers a ping
             except ReplicaConfigError:
                 raise
             except (CkptMirrorError, OSError) as exc:
-                log.info("replica %s still unreachable, skipped by this save: %s", r.url, exc)
+                log.info("replica %s still unusable, skipped by this save: %s", r.url, exc)
                 continue
             with self._lock:
                 self._down.pop(r.url, None)
+                self._need_write.pop(r.url, None)
             log.info("replica %s answers again", r.url)
 
     def _prune(self, s: DcpSave, committed: list[int]) -> None:
@@ -681,3 +724,8 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` says the replica is full (``ENOSPC``, ``EDQUOT``)."""
+    return isinstance(exc, OSError) and exc.errno in SPACE_ERRNOS
