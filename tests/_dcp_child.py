@@ -229,6 +229,38 @@ def kill(root: str, urls: list[str]) -> int:
     os._exit(0)  # the process group lost a rank: tearing it down could hang
 
 
+def full(root: str, urls: list[str]) -> int:
+    """Rank 1 finds the last replica full (ENOSPC) writing step 2; rank 0 writes its shard there."""
+    import errno
+
+    from ckptmirror.replicas import FaultyReplica, LocalReplica
+
+    rank = dist.get_rank()
+
+    def no_space(phase: str, key: str) -> None:
+        if phase == "put" and key.startswith("step-000000000002/"):
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    replicas: list[Any] = [u.replace("{rank}", str(rank)) for u in urls]
+    if rank == 1:
+        replicas[-1] = FaultyReplica(LocalReplica(replicas[-1]), on_phase=no_space)
+    model = build(seed=1)
+    shard(model, 2)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    out: dict[str, Any] = {"rank": rank}
+    for step in (1, 2):
+        train_step(model, optim, step)
+        w = MirrorStorageWriter(replicas, step=step, object_bytes=1024, commit_timeout_s=20)
+        try:
+            dcp.save(app_state(model, optim, step), storage_writer=w, planner=MirrorSavePlanner())
+        finally:
+            w.close()  # waits for the background deletes and commit records
+        out[f"step{step}"] = w.last_outcome
+    with open(os.path.join(root, f"result-full-{rank}.json"), "w") as f:
+        json.dump(out, f)
+    return 0
+
+
 def main() -> int:
     mode, root = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
@@ -243,6 +275,8 @@ def main() -> int:
             dist.barrier()
     elif mode == "kill":
         return kill(root, sys.argv[3:])
+    elif mode == "full":
+        full(root, sys.argv[3:])
     dist.barrier()
     dist.destroy_process_group()
     return 0

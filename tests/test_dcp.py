@@ -316,6 +316,24 @@ def test_a_given_step_unrecoverable_on_one_rank_fails_the_load_on_every_rank(sav
     assert not list(root.glob("result-given-*.json")), "no rank finished the load"
 
 
+def test_a_replica_one_rank_finds_full_is_given_back_by_every_rank(tmp_path: Path) -> None:
+    # Rank 1's writes of step 2 hit ENOSPC on the shared replica; rank 0 wrote its shard there.
+    # Step 2 commits on the node-local disks only, and both ranks delete their files of it from
+    # the shared one (rank 0's stayed, holding the space the next save needs).
+    shared = tmp_path / "shared"
+    job(2, "full", str(tmp_path), str(tmp_path / "local-{rank}"), str(shared))
+    for rank in (0, 1):
+        out = json.loads((tmp_path / f"result-full-{rank}.json").read_text())
+        assert set(out["step1"].values()) == {"committed"}, out
+        assert out["step2"][str(tmp_path / f"local-{rank}")] == "committed", out
+        assert out["step2"][str(shared)].startswith("failed"), out
+    assert committed_steps([str(shared)]) == [1]
+    assert committed_steps([str(tmp_path / "local-0")]) == [1, 2]
+    d = shared / step_dir(2)
+    left = sorted(str(p.relative_to(shared)) for p in d.rglob("*") if p.is_file()) if d.exists() else []
+    assert left == [], f"files of the failed save stayed on the full replica: {left}"
+
+
 def test_rank_killed_mid_save_leaves_no_commit(saved: Path, tmp_path: Path) -> None:
     # Launched by hand, not by torchrun: torchrun would tear rank 0 down as soon as rank 1
     # dies, and the point is what rank 0's dcp.save does when a peer vanishes mid-save.
