@@ -229,7 +229,7 @@ def kill(root: str, urls: list[str]) -> int:
     os._exit(0)  # the process group lost a rank: tearing it down could hang
 
 
-def full(root: str, urls: list[str]) -> int:
+def save_to_full(root: str, urls: list[str]) -> int:
     """Rank 1 finds the last replica full (ENOSPC) writing step 2; rank 0 writes its shard there."""
     import errno
 
@@ -276,7 +276,7 @@ def main() -> int:
     elif mode == "kill":
         return kill(root, sys.argv[3:])
     elif mode == "full":
-        full(root, sys.argv[3:])
+        save_to_full(root, sys.argv[3:])
     dist.barrier()
     dist.destroy_process_group()
     return 0
