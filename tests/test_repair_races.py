@@ -84,6 +84,13 @@ def test_a_damaged_placement_record_is_named_and_repair_replaces_it(tmp_path: Pa
     assert {d.kind for d in damage} == {"invalid"}, damage
     assert all(p.key in d.detail and d.replica == str(comp) for d in damage), damage
 
+    before = {f: (comp / f).read_bytes() for f in files_under(comp)}
+    dry = repair([str(raw), str(comp)], dry_run=True)
+    assert [(a.action, a.key, a.done) for a in dry.actions if a.action == "delete-placement"] == [
+        ("delete-placement", p.key, False)
+    ], dry.actions
+    assert {f: (comp / f).read_bytes() for f in files_under(comp)} == before, "a dry run wrote"
+
     report = repair([str(raw), str(comp)])
     assert report.exit_code == 0, report
     deleted = [a for a in report.actions if a.action == "delete-placement"]

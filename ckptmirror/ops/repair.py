@@ -304,19 +304,25 @@ class _Records:
             with self._lock:
                 self.damaged.setdefault((r.url, pkey), set()).add(home)
 
-    def settle(self, fix: _Fix) -> list[RepairAction]:
+    def settle(self, fix: _Fix, dry_run: bool) -> list[RepairAction]:
         """Remove ``fix``'s replica's unusable placement records whose objects are all stored raw
         now (what is left of the record is then "every object raw at home", which is true), or,
         where the record parses after all (it contradicted the manifest for some objects), drop
         the entries of the objects stored raw. A record is left as it is while an object it may
-        list was not stored raw (a failed copy): that object stays reported, never wrong."""
+        list was not stored raw (a failed copy): that object stays reported, never wrong.
+        ``dry_run``: the records that would be removed, as actions not done."""
         r, s = fix.plan.replica, fix.plan.step
         out: list[RepairAction] = []
         homes = [o.key for rp in fix.plan.ranks if rp.held and rp.manifest for o in rp.manifest.objects]
+        why = "invalid: damaged placement record"
         for (url, pkey), raw in sorted(self.damaged.items()):
             if url != r.url or not pkey.startswith(step_dir(s) + "/"):
                 continue
             mine = [h for h in homes if placement_of(h) == pkey]
+            if dry_run:
+                if set(mine) <= raw:
+                    out.append(RepairAction(s, r.url, pkey, "delete-placement", None, 0, why))
+                continue
             with self.lock(r, pkey):
                 try:
                     try:
@@ -325,11 +331,7 @@ class _Records:
                         if not set(mine) <= raw:
                             continue
                         r.delete(pkey)
-                        out.append(
-                            RepairAction(
-                                s, r.url, pkey, "delete-placement", None, 0, "invalid: damaged placement record", True
-                            )
-                        )
+                        out.append(RepairAction(s, r.url, pkey, "delete-placement", None, 0, why, True))
                         continue
                     for h in sorted(raw):
                         drop_placement_entry(r, h)
@@ -342,7 +344,7 @@ class _Records:
                             "delete-placement",
                             None,
                             0,
-                            "invalid: damaged placement record",
+                            why,
                             False,
                             f"{type(exc).__name__}: {exc}",
                         )
@@ -364,6 +366,12 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
         r, s = fix.plan.replica, fix.plan.step
         srcs = eng.sources(key, csum, r)
         if dry_run:
+            try:
+                eng.single[r.url].stored(r, ObjectRecord(key, size, csum))
+            except ManifestError:
+                records.stored_raw(r, key)  # would be stored raw: its record would go
+            except FAILURES:
+                pass
             return RepairAction(s, r.url, key, "copy", srcs[0].url if srcs else None, size, reason)
         try:
             data = bytearray(size)  # not a tensor: repair runs without torch
@@ -410,8 +418,7 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
             if fix.blocked and fix.needs_commit:
                 continue  # cannot complete this replica's copy of the step: write nothing there
             done = [f.result() for f in [eng.pool.submit(copy, fix, *c) for c in fix.copies]]
-            if not dry_run:
-                done += records.settle(fix)
+            done += records.settle(fix, dry_run)
             done += [copy(fix, *c) for c in fix.manifests]  # rank manifests after every object
             actions.extend(done)
             if fix.needs_commit and fix.commit_raw is not None:
