@@ -765,15 +765,20 @@ class Mirror:
             raise ReplicaError(f"deleting step {step} failed: {exc}", replica=url) from exc
 
     def pin(self, step: int) -> None:
-        """Keep ``step`` out of ``keep_last`` retention until :meth:`unpin` (in this process).
+        """Keep ``step`` out of ``keep_last`` retention and out of ``ckptmirror prune`` until :meth:`unpin`.
 
         Pinned steps do not count towards ``keep_last``: with ``keep_last=3`` and one pin, four
-        steps stay. For frameworks that keep a "best" checkpoint besides the newest ones.
+        steps stay. For frameworks that keep a "best" checkpoint besides the newest ones. The
+        pin is recorded on every replica (``pins/step-<S>.json``, see docs/FORMAT.md) so that
+        ``ckptmirror prune`` keeps the step too; the record is written in the background, never
+        on the calling thread, and a failure to write it is a WARNING (retried after the next
+        save there). Pinning a step that is pinned already writes nothing.
         """
         self._fanout.pin(step, True)
 
     def unpin(self, step: int) -> None:
-        """Give ``step`` back to retention (the next save's retention pass may delete it)."""
+        """Give ``step`` back to retention (the next save's retention pass may delete it); its
+        pin records are deleted in the background."""
         self._fanout.pin(step, False)
 
     @property

@@ -180,12 +180,14 @@ def _add_prune(add: _AddCommand) -> None:
         "first); the newest committed step is never removed. Also remove torn saves older than the\n"
         "newest committed step and leftovers inside kept steps (temp files, objects no commit\n"
         "names). Torn saves newer than the newest commit may be a save in progress: they stay unless\n"
-        "--all-torn. Committed steps are removed only if a step that stays passes a quick verify.",
+        "--all-torn. Steps a job pinned (Mirror.pin, e.g. Lightning's best checkpoint) stay and do not\n"
+        "count towards --keep, unless --ignore-pins. Committed steps are removed only if a step that\n"
+        "stays verifies in full (every object's checksum: that one step is read).",
         "examples:\n  ckptmirror prune /data/ckpt/run1 --keep 3 --dry-run\n"
         "  ckptmirror prune /nvme/ckpt/run1 s3://bucket/run1 --keep 5\n\n"
         + _ENV_NOTE
         + "exit status: 0 ok, 1 refused (no kept step verifies) or a delete failed, "
-        "2 usage error or a replica unreachable\n",
+        "2 usage error or a replica unreachable (or one that stopped answering)\n",
     )
     prune.add_argument(
         "--keep", type=_pos_int, required=True, metavar="N", help="committed steps to keep per replica (>= 1)"
@@ -195,6 +197,11 @@ def _add_prune(add: _AddCommand) -> None:
         "--all-torn",
         action="store_true",
         help="also remove torn saves newer than the newest commit (no job may be writing)",
+    )
+    prune.add_argument(
+        "--ignore-pins",
+        action="store_true",
+        help="also remove steps a job pinned (Mirror.pin: a best or top-k checkpoint); they count towards --keep",
     )
     prune.add_argument("--json", action="store_true", help="print one JSON document")
 
@@ -282,7 +289,8 @@ def _setup_logging(verbose: bool, show_warnings: bool) -> None:
     handler._ckptmirror_cli = True  # type: ignore[attr-defined]  # a marker attribute on a stdlib handler, found again above
     handler.setFormatter(logging.Formatter("ckptmirror: %(levelname)s: %(message)s"))
     log.addHandler(handler)
-    # verify/repair report failed reads themselves; the reader's per-object warnings would repeat them.
+    # verify reports failed reads itself; the reader's per-object warnings would repeat them.
+    # Commands that change replicas (repair, prune) show WARNINGs: what they could not do.
     log.setLevel(logging.INFO if verbose else logging.WARNING if show_warnings else logging.CRITICAL)
     log.propagate = False
 
@@ -306,7 +314,7 @@ def run_ops(args: argparse.Namespace) -> int:
     from ..ops._common import reject_memory_url
     from .render import run_command
 
-    _setup_logging(args.verbose, args.command in ("export", "inspect"))
+    _setup_logging(args.verbose, args.command in ("export", "inspect", "prune", "repair"))
     try:
         # Before any replica is opened: a memory:// URL is a mistake, not an empty replica.
         for u in args.urls:

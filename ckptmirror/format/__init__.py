@@ -25,8 +25,9 @@ The package, by concern: :mod:`.names` (versions, limits, keys), :mod:`.records`
 as columns, the object cut), :mod:`.manifest` (manifest and commit record, and how they are
 written), :mod:`.jsondoc` (bounds and strict parsing of untrusted JSON), :mod:`.parse` (reading
 every format version), :mod:`.share` (which ranks a partial replica holds), :mod:`.gcpause`
-(the GC pause around them). The public names are imported from here (``from ckptmirror.format
-import ...``); private helpers stay in their module.
+(the GC pause around them), :mod:`.pins` (pin records: the steps a job pinned). The public
+names are imported from here (``from ckptmirror.format import ...``); private helpers stay in
+their module.
 """
 
 from __future__ import annotations
@@ -78,6 +79,13 @@ from .parse import (
     parse_rank_manifest,
     parsed_columns,
 )
+from .pins import (
+    MAX_PIN_BYTES,
+    PINS_PREFIX,
+    pin_key,
+    pin_record,
+    pin_step,
+)
 from .records import (
     LARGE_STORAGE_DIVISOR,
     LEAF_DTYPE,
@@ -126,11 +134,13 @@ __all__ = [
     "MAX_MANIFEST_BYTES",
     "MAX_OBJECT_BYTES",
     "MAX_PARSE_MEMORY",
+    "MAX_PIN_BYTES",
     "MAX_RANKS",
     "MAX_SHARE_BYTES",
     "MAX_STEP",
     "MAX_STREAM_BYTES",
     "OBJECT_SIZE",
+    "PINS_PREFIX",
     "ObjectRecord",
     "ParsedColumns",
     "RUNS_MIN_ITEMS",
@@ -161,6 +171,9 @@ __all__ = [
     "parse_step_dir",
     "parsed_columns",
     "paused_gc",
+    "pin_key",
+    "pin_record",
+    "pin_step",
     "placement_key",
     "rank_manifest_key",
     "serialise",

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..checksum import checksum
 from ..errors import CkptMirrorError, ManifestError
-from ..format import commit_key, parse_commit, parse_rank_manifest, parse_step_dir, writer_of
+from ..format import PINS_PREFIX, commit_key, parse_commit, parse_rank_manifest, parse_step_dir, writer_of
 from ..placement import Stored
 from ._scrub_check import (
     MAX_COMMIT_BYTES,
@@ -167,9 +167,12 @@ class Scrubber:
 
     def invalidate(self, ns: str, key: str) -> None:
         """A write or delete of ``key`` (or prefix) in ``ns``: forget the result of its step."""
-        step = parse_step_dir(key.split("/", 1)[0])
+        head = key.split("/", 1)[0]
+        if head == PINS_PREFIX:
+            return  # a pin record (Mirror.pin): no step's files changed (Lightning pins every save)
+        step = parse_step_dir(head)
         with self.lock:
-            # Outside any step directory (no such writes today): the whole namespace, as step -1.
+            # Outside any step directory (nothing else today): the whole namespace, as step -1.
             k = (ns, -1 if step is None else step)
             self._generation[k] = self._generation.get(k, 0) + 1
             res = self.results.get(ns)

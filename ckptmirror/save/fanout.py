@@ -49,7 +49,7 @@ import torch
 from .. import config
 from ..buffers import host_bytes
 from ..checksum import checksum
-from ..dist import Coordinator, DistInfo
+from ..dist import Coordinator, DistInfo, SpaceAbortError
 from ..errors import CkptMirrorError, ReplicaUnavailableError
 from ..format import (
     object_key,
@@ -64,6 +64,7 @@ from .arena import Arena
 from .commit import commit_from_reports, commit_step, discard_failed_save, replica_identity, share_record
 from .encode import EncodedStep, PreWritten, encode, encode_replicated, object_segments
 from .objects import ObjectEncoder, put_objects, write_objects, written_bytes_of, written_here
+from .pins import PinRecords
 from .priority import lower_priority
 from .retention import (
     RetentionStopped,
@@ -127,6 +128,7 @@ class Fanout:
         self._lock = threading.Lock()
         self._committed = set(committed)
         self._pinned: set[int] = set()  # kept out of retention (Mirror.pin)
+        self._pin_records = PinRecords([r.url for r in replicas])  # ... recorded on the replicas, for prune
         self._index: dict[str, Index] = {}  # per replica URL: see Index
         self._index_step: dict[str, int] = {}  # the step each index was taken from
         self._live: dict[str, Counter[str]] = {r.url: Counter() for r in replicas}  # referenced by saves in flight
@@ -201,6 +203,15 @@ class Fanout:
                 return
             stored: dict[str, Stored] = {}
             own = owned_at[pos] if owned_at is not None else range(len(enc.windows))  # what this rank writes here
+
+            def give_back() -> None:
+                # Nobody commits this step here now (the vote failed it), so nothing will ever
+                # read what we put: give the space back before the next save needs it.
+                writers = {writer_of(enc.manifest.objects[i].key) for i in own}
+                if not job.replicated:
+                    writers.add(writer_of(enc.manifest_key))
+                self._queue_retention(discard_failed_save, replica, enc.step, writers)
+
             try:
                 try:
                     if pre is not None and replica.url in pre.failed:
@@ -219,14 +230,13 @@ class Fanout:
                         owned=owned_at[pos] if owned_at is not None else None,
                     )
                 except BaseException as exc:
-                    self._vote(save_key, pos, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}, decide)
-                    if isinstance(exc, OSError) and exc.errno in SPACE_ERRNOS:
-                        # Nobody commits this step here now (our vote failed it), so nothing will
-                        # ever read what we put: give the space back before the next save needs it.
-                        writers = {writer_of(enc.manifest.objects[i].key) for i in own}
-                        if not job.replicated:
-                            writers.add(writer_of(enc.manifest_key))
-                        self._queue_retention(discard_failed_save, replica, enc.step, writers)
+                    full = isinstance(exc, OSError) and exc.errno in SPACE_ERRNOS
+                    failed: dict[str, Any] = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+                    if full:
+                        failed["space"] = True  # every rank that wrote here gives its files back
+                    self._vote(save_key, pos, failed, decide)
+                    if full:
+                        give_back()
                     raise
                 if self._coord is None:
                     commit_bytes = enc.commit_bytes
@@ -238,7 +248,11 @@ class Fanout:
                         "checksum": checksum(enc.manifest_bytes),
                     }
                     self._vote(save_key, pos, ref, decide)
-                    commit_bytes = self._coord.outcome(save_key, pos)
+                    try:
+                        commit_bytes = self._coord.outcome(save_key, pos)
+                    except SpaceAbortError:
+                        give_back()  # another rank found this replica full: ours are orphans too
+                        raise
                 share = share_record(job.step, self._groups[pos], info.world_size, job.replicated, commit_bytes)
                 if share is not None:  # before the commit: verify reads it as soon as the step exists
                     replica.put(*share)
@@ -424,6 +438,7 @@ class Fanout:
         """
         if replica.url in self._health.degraded():
             return  # it costs nothing while down; the next save's pass catches up once it is back
+        self._write_pins(replica)  # a step just committed there: it answers again
         try:
             with self._lock:
                 pinned = frozenset(self._pinned)
@@ -516,12 +531,33 @@ class Fanout:
         return [tuple(i for i in range(n) if (i % world) % len(g) == g.index(rank)) for g in self._groups]
 
     def pin(self, step: int, pinned: bool) -> None:
-        """Keep ``step`` out of retention (``pinned=True``) or give it back to it."""
+        """Keep ``step`` out of retention (``pinned=True``) or give it back to it.
+
+        The pin is also recorded on every replica this rank looks after (a pin record,
+        :mod:`ckptmirror.format.pins`, written or deleted on the retention thread: never on the
+        caller's, which is the training loop's), so that ``ckptmirror prune``, another process,
+        keeps the step too.
+        """
         with self._lock:
+            if (step in self._pinned) == pinned:
+                return  # no change: no record to write
             if pinned:
                 self._pinned.add(step)
             else:
                 self._pinned.discard(step)
+        for pos, r in enumerate(self.replicas):
+            if self._retention_owner[pos]:
+                self._pin_records.want(r.url, step, pinned)
+                # Queued after the retention passes before it: in order with them and with
+                # each other, and drain_retention() (wait, close, delete) waits for it.
+                self._queue_retention(self._write_pins, r)
+
+    def _write_pins(self, replica: Replica) -> None:
+        """The pin records pending on ``replica`` (retention thread; a degraded replica is not
+        asked: it would stall the thread). What fails is tried again after its next commit
+        (:meth:`_retain`)."""
+        if self._pin_records.pending(replica.url) and replica.url not in self._health.degraded():
+            self._pin_records.write(replica)
 
     def committed_steps(self) -> set[int]:
         """A copy of the steps committed on some replica, as far as this mirror knows."""
@@ -532,8 +568,10 @@ class Fanout:
         """Remove ``step`` from every replica this rank looks after; returns the failures by URL.
 
         Degraded replicas are not asked (they would stall the caller); the step stays there
-        until ``ckptmirror prune`` or the next retention pass removes it.
+        until ``ckptmirror prune`` or the next retention pass removes it. A pin of ``step`` goes
+        too, its pin records included (queued before the drain below, which waits for them).
         """
+        self.pin(step, False)
         self.drain_retention()
         failures: dict[str, BaseException] = {}
         down = self._health.degraded()
@@ -552,7 +590,6 @@ class Fanout:
                 if isinstance(exc, ReplicaUnavailableError):
                     self._mark_after_removal(r, exc)
         with self._lock:
-            self._pinned.discard(step)
             if not failures:
                 self._committed.discard(step)
         return failures

@@ -18,8 +18,14 @@ earlier step's name. Removal therefore never deletes a file that a placement rec
 directory that stays references (:func:`protected_keys`), nor one a save of this process has
 in flight (``live``). If a placement that stays cannot be read, nothing but commit records is
 deleted in that pass: a file left behind is garbage a later pass removes; a file deleted too
-early would be a committed step's missing object. The order, and the kill tests behind it, are
-in docs/FORMAT.md ("Incremental saves").
+early would be a committed step's missing object (``prune`` checks those records before it
+deletes anything, and keeps the commit records too then: :class:`PlacementUnreadable`). The
+order, and the kill tests behind it, are in docs/FORMAT.md ("Incremental saves").
+
+The plan is made from a listing that can be old by the time files go: right before a step
+directory's files are deleted its commit record is looked for once more, and a step that has one
+now (a ``ckptmirror repair`` completing a lagging replica, a save) is left alone. Pinned steps
+(``Mirror.pin``; their pin records, :func:`pinned_steps`, for ``prune``) are never planned for removal.
 
 A pass stops at the first sign that the replica is out (:data:`OUTAGES`: an outage or a missed
 time budget), or when the caller's ``stop`` says so (the mirror: the replica was marked degraded
@@ -35,7 +41,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from ..errors import CkptMirrorError, ManifestError, ReplicaUnavailableError
-from ..format import commit_key, parse_step_dir, step_dir
+from ..format import PINS_PREFIX, commit_key, parse_step_dir, pin_step, step_dir
 from ..placement import MAX_PLACEMENT_BYTES, is_placement_key, parse_placement
 from ..replicas.base import Replica
 
@@ -115,13 +121,32 @@ def is_committed(replica: Replica, step: int) -> bool:
     return replica.size(commit_key(step)) is not None
 
 
-def protected_keys(replica: Replica, keep: Collection[int], *, raise_outage: bool = False) -> set[str] | None:
-    """Keys in other steps' directories that the placement records of steps ``keep`` reference.
+class PlacementUnreadable(CkptMirrorError):
+    """A placement record of a step that stays (``key``, on ``replica``) cannot be read or
+    parsed (``cause``): which files it references is unknown, so a removal kept every file but
+    commit records. ``ckptmirror verify`` names the damage and ``ckptmirror repair`` mends it;
+    the next pass removes what was kept."""
 
-    None when one of those placement records cannot be read or parsed: the caller must then
-    delete nothing that could be referenced (every file but commit records). ``raise_outage``:
-    raise an :data:`OUTAGES` error while reading one instead (the replica is out, not the record).
-    """
+    def __init__(self, replica: str, key: str, cause: BaseException, kept: str = "") -> None:
+        self.replica = replica
+        self.key = key
+        self.cause = cause
+        what = f"{kept} kept: " if kept else ""
+        super().__init__(
+            f"{what}the placement record {key} on {replica} is unreadable "
+            f"({type(cause).__name__}: {_unprefixed(str(cause), replica)}), so any file may be one it references; "
+            f"run 'ckptmirror verify' and 'ckptmirror repair', then prune again"
+        )
+
+
+def placement_refs(
+    replica: Replica, keep: Collection[int], *, raise_outage: bool = True
+) -> set[str] | PlacementUnreadable:
+    """Keys in other steps' directories that the placement records of steps ``keep`` reference,
+    or the :class:`PlacementUnreadable` error of the first record that cannot be read or parsed
+    (returned, not raised: the caller says what it kept). ``raise_outage``: an :data:`OUTAGES`
+    error while reading a record is raised (the replica is out, not the record); an error of
+    listing a directory always is."""
     out: set[str] = set()
     for s in keep:
         for k in replica.list_prefix(step_dir(s)):
@@ -132,11 +157,32 @@ def protected_keys(replica: Replica, keep: Collection[int], *, raise_outage: boo
             except (ManifestError, OSError) as exc:
                 if raise_outage and isinstance(exc, OUTAGES):
                     raise
-                log.warning(
-                    "placement %s on %s is unreadable (%s): keeping every object this pass", k, replica.url, exc
-                )
-                return None
+                return PlacementUnreadable(replica.url, k, exc)
     return out
+
+
+def protected_keys(replica: Replica, keep: Collection[int], *, raise_outage: bool = False) -> set[str] | None:
+    """Keys in other steps' directories that the placement records of steps ``keep`` reference.
+
+    None when one of those placement records cannot be read or parsed (logged as a WARNING): the
+    caller must then delete nothing that could be referenced (every file but commit records).
+    ``raise_outage``: raise an :data:`OUTAGES` error while reading one instead (the replica is
+    out, not the record).
+    """
+    refs = placement_refs(replica, keep, raise_outage=raise_outage)
+    if isinstance(refs, PlacementUnreadable):
+        log.warning(
+            "placement %s on %s is unreadable (%s): keeping every object this pass", refs.key, replica.url, refs.cause
+        )
+        return None
+    return refs
+
+
+def pinned_steps(replica: Replica) -> set[int]:
+    """Steps pinned on ``replica`` (``Mirror.pin``): the names of its pin records
+    (:func:`~ckptmirror.format.pin_key`); their contents are not needed (a record that does not
+    parse still pins its step: keeping a step by mistake loses nothing). Raises what listing raises."""
+    return {s for k in replica.list_prefix(PINS_PREFIX) if (s := pin_step(k)) is not None}
 
 
 def remove_steps(
@@ -145,12 +191,23 @@ def remove_steps(
     torn: Collection[int] = (),
     live: Collection[str] = (),
     stop: Stop | None = None,
-) -> None:
+    *,
+    raise_unreadable: bool = False,
+) -> list[int]:
     """Remove committed steps ``drop`` and torn steps ``torn`` from ``replica``.
 
     Commit records go first (each step stops existing before any of its files go); then every
-    file of those step directories that no remaining step references (:func:`protected_keys`)
+    file of those step directories that no remaining step references (:func:`placement_refs`)
     and no save in flight uses (``live``: stored keys).
+
+    Right before a directory's files go, its commit record is looked for once more: a step that
+    has one now was committed since the caller listed it (a ``ckptmirror repair`` completing a
+    lagging replica, a save) and is left alone. Returns those steps (usually none).
+
+    When a placement record of a step that stays cannot be read, every file of ``drop`` and
+    ``torn`` but the commit records is kept (any of them may be one it references): a WARNING
+    names the record, or with ``raise_unreadable`` (``prune``, which must not report those steps
+    removed) :class:`PlacementUnreadable` is raised.
 
     Raises :class:`RetentionStopped` at the first :data:`OUTAGES` error, or as soon as ``stop()``
     gives a reason (asked before every delete), naming what is left; a single file that cannot be
@@ -158,7 +215,7 @@ def remove_steps(
     """
     gone = sorted(set(drop) | set(torn))
     if not gone:
-        return
+        return []
     commits = sorted(drop)
     state = {"commits": 0, "dirs": 0, "files": -1}  # progress, for what a stop leaves
 
@@ -185,12 +242,23 @@ def remove_steps(
             replica.delete(commit_key(s))
             state["commits"] += 1
         remaining = [n for name in replica.list_steps() if (n := parse_step_dir(name)) is not None and n not in gone]
-        protected = protected_keys(replica, remaining, raise_outage=True)
-        if protected is None:
-            return
-        protected |= set(live)
+        refs = placement_refs(replica, remaining)
+        if isinstance(refs, PlacementUnreadable):
+            unreadable = PlacementUnreadable(replica.url, refs.key, refs.cause, kept=f"the files of {_steps(gone)}")
+            if raise_unreadable:
+                raise unreadable
+            log.warning("%s", unreadable)  # what a later pass removes once the record is repaired
+            return []
+        protected = refs | set(live)
+        meanwhile: list[int] = []
         for s in gone:
             check_stop()
+            if is_committed(replica, s):
+                # Committed since the caller listed it (a repair, a save): a step now, not ours.
+                log.info("step %d on %s has a commit record now (a repair or a save): left alone", s, replica.url)
+                meanwhile.append(s)
+                state["dirs"] += 1
+                continue
             prefix = step_dir(s) + "/"
             if not any(k.startswith(prefix) for k in protected):
                 replica.delete_prefix(step_dir(s))  # nothing of it is referenced: one call (a batch on S3)
@@ -210,17 +278,34 @@ def remove_steps(
         if isinstance(exc, RetentionStopped):
             raise
         raise RetentionStopped(replica.url, left(), exc) from exc
+    return meanwhile
 
 
-def remove_step(replica: Replica, step: int, live: Collection[str] = (), stop: Stop | None = None) -> None:
-    """Delete a step: the commit first, then its files that no other step references."""
-    remove_steps(replica, [step], (), live, stop)
+def remove_step(
+    replica: Replica,
+    step: int,
+    live: Collection[str] = (),
+    stop: Stop | None = None,
+    *,
+    raise_unreadable: bool = False,
+) -> bool:
+    """Delete a step: the commit first, then its files that no other step references. False
+    if it was left alone: committed again meanwhile (:func:`remove_steps`)."""
+    return not remove_steps(replica, [step], (), live, stop, raise_unreadable=raise_unreadable)
 
 
-def remove_torn(replica: Replica, step: int, live: Collection[str] = (), stop: Stop | None = None) -> None:
+def remove_torn(
+    replica: Replica,
+    step: int,
+    live: Collection[str] = (),
+    stop: Stop | None = None,
+    *,
+    raise_unreadable: bool = False,
+) -> bool:
     """Delete what an interrupted save of ``step`` left (it has no commit record), but what
-    other steps reference: a dropped step's directory keeps referenced objects and looks torn."""
-    remove_steps(replica, (), [step], live, stop)
+    other steps reference: a dropped step's directory keeps referenced objects and looks torn.
+    False if it was left alone: it has a commit record now (a repair or a save committed it)."""
+    return not remove_steps(replica, (), [step], live, stop, raise_unreadable=raise_unreadable)
 
 
 def _delete_each(replica: Replica, keys: Sequence[str], stop: Stop | None) -> tuple[int, BaseException | str | None]:
@@ -285,5 +370,5 @@ def apply_retention(
     except OUTAGES as exc:
         raise RetentionStopped(replica.url, "every old step (nothing was deleted)", exc) from exc
     plan = plan_retention(committed, torn, keep_last, newest=newest, pinned=pinned)
-    remove_steps(replica, plan.drop, plan.torn, live, stop)
-    return sorted(plan.torn + plan.drop)
+    meanwhile = remove_steps(replica, plan.drop, plan.torn, live, stop)
+    return sorted(s for s in plan.torn + plan.drop if s not in meanwhile)
