@@ -151,7 +151,10 @@ def _ls_lines(res: ops.Listing) -> list[str]:
     tags, lines = _legend(res.replicas)
     if not res.steps:
         lines.append("no steps")
-    else:
+    # A replica that holds nothing at all is most often a mistyped namespace, prefix or path:
+    # say so per replica rather than let "no steps" pass for a clean run.
+    lines += [f"{tags[u]} {u}: empty (no steps, no step directories): {hint}" for u, hint in res.empty.items()]
+    if res.steps:
         rows: list[list[Any]] = []
         for s in res.steps:
             cells = [
@@ -171,6 +174,12 @@ def _ls_lines(res: ops.Listing) -> list[str]:
                 if not s.committed_on
                 else (s.error or _stored_note(s.storage))
             )
+            # Replicas that stopped answering mid-run: their cells are the initial listing's only.
+            stopped = [tags[u] for u in s.not_listed_on]
+            if stopped:
+                note = "; ".join(
+                    p for p in (note, f"not listed on {' '.join(stopped)} (stopped answering: see UNREACHABLE)") if p
+                )
             rows.append(
                 [
                     s.step,
@@ -232,7 +241,12 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
         for rc in s.replicas:
             label = f"{tags[rc.replica]} {rc.replica}"
             if not rc.ranks:
-                status = {"absent": "LAGGING (not here)", "torn": "LAGGING (torn here)"}.get(rc.status, "BAD commit")
+                status = {
+                    "absent": "LAGGING (not here)",
+                    "torn": "LAGGING (torn here)",
+                    "removed": "removed during the check",
+                    "saving": "being saved during the check",
+                }.get(rc.status, "BAD commit")
                 rows.append([label, "-", "-", "-", "-", status])
             differs = any(p.kind == "disagree" for p in rc.problems)
             for rk in rc.ranks:
@@ -286,6 +300,22 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
         )
         lines += [f"  {tags[u]} {u} lags: step(s) {', '.join(map(str, v))}" for u, v in res.lagging.items()]
         lines += [f"  {p}" for p in lagging]
+    if res.removed_during_check or res.committed_during_check:
+        # A job saving meanwhile: its retention deleted steps, or a save committed, after the listing.
+        lines.append("")
+        lines.append("changed during the check (a job saving meanwhile; not damage):")
+        lines += [
+            f"  {tags[u]} {u}: step(s) {_steps_text(v)} removed during the check (retention or prune), not checked"
+            for u, v in res.removed_during_check.items()
+        ]
+        lines += [
+            f"  {tags[u]} {u}: step(s) {_steps_text(v)} committed during the check, checked once it had"
+            for u, v in res.committed_during_check.items()
+        ]
+    if res.in_progress:
+        lines.append("")
+        lines.append("a save in progress (files added during the check, not committed there yet; not lagging):")
+        lines += [f"  {tags[u]} {u}: step(s) {_steps_text(v)}" for u, v in res.in_progress.items()]
     if res.scrub:
         lines.append("")
         lines.append("peer agents' scrub results:")
@@ -307,6 +337,8 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
                 + (f"; step(s) {_steps_text(partial)}: only the ranks these replicas hold" if partial else "")
             )
             if n
+            else "OK: no committed checkpoint yet, a save is in progress"
+            if res.in_progress
             else "OK: no checkpoints on these replicas"
         )
     elif res.status == "lagging":
@@ -382,13 +414,28 @@ def _repair_lines(res: ops.RepairReport) -> list[str]:
         lines.append(f"CANNOT REPAIR {p}")
     lines += _unreachable_lines(res.unreachable, tags)
     copies = sum(1 for a in res.actions if a.action == "copy" and (a.done or res.dry_run))
-    commits = sum(1 for a in res.actions if a.action != "copy" and (a.done or res.dry_run))
+    commits = sum(1 for a in res.actions if a.action.endswith("commit") and (a.done or res.dry_run))
+    records = sum(1 for a in res.actions if a.action == "delete-placement" and a.done)
+    # An unreachable replica, or one that stopped answering, was not checked: "nothing to repair"
+    # would claim it holds good copies. Say what was checked, and that it was not all.
+    stopped = sorted({p.replica for p in res.unrecoverable if p.kind == "unavailable"})
+    not_checked = [*res.unreachable, *(u for u in stopped if u not in res.unreachable)]
+    if not_checked:
+        lines.append(
+            f"INCOMPLETE: {len(not_checked)} replica(s) not checked (unreachable or stopped answering: "
+            f"{' '.join(tags.get(u, u) for u in not_checked)}); run repair again once they answer"
+        )
     if not res.actions and not res.unrecoverable:
-        lines.append(f"nothing to repair: {len(res.steps)} step(s) verify on every replica")
+        lines.append(
+            f"nothing to repair on the replicas that answered: {len(res.steps)} step(s) verify there"
+            if not_checked
+            else f"nothing to repair: {len(res.steps)} step(s) verify on every replica"
+        )
     else:
         lines.append(
             f"{'would copy' if res.dry_run else 'copied'} {copies} object(s), "
             f"{'would commit' if res.dry_run else 'committed'} {commits} step copy(ies)"
+            + (f", removed {records} damaged placement record(s)" if records else "")
             + (f"; {len(res.unrecoverable)} problem(s) cannot be repaired" if res.unrecoverable else "")
         )
     return lines
@@ -423,6 +470,13 @@ def _prune_lines(res: ops.PruneReport) -> list[str]:
                     "reference; their other files count as leftovers)",
                 )
             )
+        if p.pinned:
+            why = "--ignore-pins: counted as any other step" if res.ignore_pins else "kept, not counted towards --keep"
+            rows.append(("pinned", f"{_steps_text(p.pinned)} (by the job, Mirror.pin; {why})"))
+        if p.committed_meanwhile:
+            rows.append(
+                ("left alone", f"{_steps_text(p.committed_meanwhile)} (committed meanwhile: a repair or a save)")
+            )
         if p.skipped_torn:
             rows.append(
                 (
@@ -432,6 +486,8 @@ def _prune_lines(res: ops.PruneReport) -> list[str]:
                 )
             )
         rows += [("FAILED", e) for e in p.errors]
+        if p.stopped:
+            rows.append(("STOPPED", "the replica stopped answering: nothing more was asked of it (see FAILED)"))
         width = max(len(a) for a, _ in rows)
         lines.append(f"{p.replica}:")
         lines += [f"  {a.ljust(width)}  {b}" for a, b in rows]
@@ -539,7 +595,10 @@ _COMMANDS: dict[str, _Command[Any]] = {
         lambda a: ops.repair(a.urls, step=a.step, dry_run=a.dry_run, threads=a.threads, progress=_progress(a)),
         _repair_lines,
     ),
-    "prune": _Command(lambda a: ops.prune(a.urls, keep=a.keep, dry_run=a.dry_run, all_torn=a.all_torn), _prune_lines),
+    "prune": _Command(
+        lambda a: ops.prune(a.urls, keep=a.keep, dry_run=a.dry_run, all_torn=a.all_torn, ignore_pins=a.ignore_pins),
+        _prune_lines,
+    ),
     "inspect": _Command(lambda a: ops.inspect(a.urls, step=a.step, rank=a.rank), _inspect_lines),
     "export": _Command(
         lambda a: ops.export(

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..errors import CkptMirrorError
+from ..errors import CkptMirrorError, ReplicaConfigError, ReplicaPermissionError
 from ..replicas import Replica, close_opened, scheme_of
 from ..replicas import open_replicas as _open_replicas
 from ..restore.discover import StepListing, list_steps
@@ -24,6 +24,27 @@ FAILURES = (CkptMirrorError, OSError)
 
 class UsageError(CkptMirrorError, ValueError):
     """Bad arguments: an unknown URL scheme, a ``memory://`` URL on the command line, ``--keep 0``."""
+
+
+class ReplicaConfigUsageError(ReplicaConfigError, UsageError):
+    """A replica that answers but is misconfigured (no such bucket, access denied, a token the
+    peer agent refuses), met by an operator command: still a :class:`ReplicaConfigError` (its
+    message names the replica and the fix, unchanged), and also a :class:`UsageError`, because
+    for an operator command it is a mistake in what it was given (exit status 2, as the
+    documentation says), not a failure of the checkpoints (1)."""
+
+
+class ReplicaPermissionUsageError(ReplicaConfigUsageError, ReplicaPermissionError):
+    """:class:`ReplicaConfigUsageError` of a refused access: still a ``PermissionError`` too."""
+
+
+def as_usage_error(exc: ReplicaConfigError) -> ReplicaConfigUsageError:
+    """``exc`` as a :class:`ReplicaConfigUsageError` (a :class:`ReplicaPermissionUsageError` if
+    it was a refused access): the same message, replica, key and errno."""
+    cls = ReplicaPermissionUsageError if isinstance(exc, ReplicaPermissionError) else ReplicaConfigUsageError
+    out = cls(str(exc), errno=exc.errno)
+    out.replica, out.key = exc.replica, exc.key
+    return out
 
 
 class Progress(Protocol):
@@ -87,6 +108,12 @@ def opened(
     replicas = open_replicas(urls, storage_options=storage_options)
     try:
         yield replicas
+    except ReplicaConfigError as exc:
+        # Raised at once by the listing (a wrong bucket or token does not get better by waiting)
+        # or by any later call: the command's caller was given a replica that cannot work.
+        if isinstance(exc, UsageError):
+            raise
+        raise as_usage_error(exc) from exc
     finally:
         close_opened(replicas, urls)
 

@@ -37,6 +37,7 @@ from ..replicas import Replica
 from ..replicas.peer import ScrubUnavailableError
 from ._common import FAILURES, Problem, ProgressFactory, list_reachable, opened, strip_where
 from ._engine import Engine, KeptForReferences, ObjJob, ReplicaPlan, plan_problems, recoverable, unchecked_ranks
+from ._verify_recheck import files_of, first_save, recheck, settle
 
 #: How old a peer agent's scrub results may be for ``verify`` to use them (``--scrub-max-age``):
 #: a day, the scrub interval an agent is most likely run with.
@@ -81,7 +82,10 @@ class ScrubbedBy:
 
 @dataclass(frozen=True)
 class ReplicaCheck:
-    """One step on one replica. ``status``: ``ok``, ``bad``, ``absent`` or ``torn`` (not committed here).
+    """One step on one replica. ``status``: ``ok``, ``bad``, ``absent`` or ``torn`` (not committed
+    here), ``removed`` (its commit record gone by the end of the check: retention or ``prune``
+    deleted it meanwhile; nothing reported, see :mod:`._verify_recheck`) or ``saving`` (not
+    committed here yet, files added during the check: a save is writing it; not lagging).
 
     ``scrubbed``: the objects taken from the peer agent's scrub results instead of being read (None: none).
     """
@@ -144,6 +148,17 @@ class VerifyReport:
     #: Replica -> step directories without a commit record that only keep objects later steps
     #: there reference (incremental saves: what retention leaves of a dropped step); not torn.
     kept_for_references: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    #: Replica -> steps removed there during the check (a job's ``keep_last`` retention, a
+    #: ``prune``): what was found missing of them is not damage. Steps removed from every
+    #: replica leave :attr:`steps`. See :mod:`ckptmirror.ops._verify_recheck`.
+    removed_during_check: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    #: Replica -> steps that committed there during the check (a save in progress at the
+    #: listing): checked once more there, not lagging.
+    committed_during_check: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    #: Replica -> steps without a commit record there whose files changed during the check: a
+    #: save writing them (a step committed on another replica: not lagging; a first save, with
+    #: no step committed anywhere: not an interrupted save). No damage.
+    in_progress: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def problems(self) -> tuple[Problem, ...]:
@@ -472,6 +487,37 @@ def _use_scrub(
     return left, ScrubbedBy(res.checked_unix, res.age_s, tuple(keys))
 
 
+def _settle_changes(
+    eng: Engine,
+    per_step: list[tuple[int, list[ReplicaPlan], list[ReplicaCheck]]],
+    refs: KeptForReferences,
+    before: Mapping[tuple[str, int], frozenset[str]],
+    listed_at: float,
+) -> tuple[list[tuple[int, list[ReplicaPlan], list[ReplicaCheck]]], dict[str, dict[str, list[int]]]]:
+    """``per_step`` (step, its plans, its lagging replicas' checks) once the steps with problems
+    have been looked at again (:func:`._verify_recheck.recheck`): steps removed everywhere left
+    out, copies removed during the check marked ``removed``, copies being saved ``saving``,
+    copies committed during the check checked. Also, per change (``removed``, ``committed``,
+    ``saving``): replica -> steps."""
+    if any(absent for _, _, absent in per_step):
+        settle(listed_at)
+    out: list[tuple[int, list[ReplicaPlan], list[ReplicaCheck]]] = []
+    changes: dict[str, dict[str, list[int]]] = {"removed": {}, "committed": {}, "saving": {}}
+    for s, plans, absent in per_step:
+        rc = recheck(eng, s, plans, [c.replica for c in absent], before, refs)
+        for kind, urls in (("removed", rc.removed), ("committed", rc.committed), ("saving", rc.saving)):
+            for u in urls:
+                changes[kind].setdefault(u, []).append(s)
+        if rc.gone:
+            continue
+        changed = set(rc.committed) | set(rc.removed) | set(rc.saving)
+        left = [c for c in absent if c.replica not in changed]
+        left += [ReplicaCheck(s, u, "removed", (), ()) for u in rc.removed]
+        left += [ReplicaCheck(s, u, "saving", (), ()) for u in rc.saving]
+        out.append((s, rc.plans, left))
+    return out, changes
+
+
 def verify(
     urls: Sequence[str | Replica],
     *,
@@ -497,13 +543,19 @@ def verify(
     On a peer replica whose agent scrubs, full mode takes each object's result from the agent's
     scrub results instead of reading it, where they are at most ``scrub_max_age_s`` old and
     about the commit stored now (see the module docstring); ``scrub_max_age_s=0`` reads everything.
+
+    A job may save meanwhile: before a problem or a lagging copy is reported, the replicas
+    concerned are looked at again (:mod:`._verify_recheck`). Steps its retention removed during
+    the check are in ``removed_during_check``, not damage; copies that committed during the check
+    are checked (``committed_during_check``); copies being written are ``in_progress``.
     """
     with opened(urls, storage_options) as replicas:
         listing, reachable = list_reachable(replicas)
         # Torn copies of a step committed elsewhere are "lagging" problems, not garbage. A directory
         # that only keeps objects later steps reference (a step retention dropped) is neither.
         torn = {u: tuple(sorted(s for s in v if s not in listing.committed)) for u, v in listing.torn.items()}
-        torn, kept = KeptForReferences(listing).split(reachable, {u: v for u, v in torn.items() if v})
+        refs = KeptForReferences(listing)
+        torn, kept = refs.split(reachable, {u: v for u, v in torn.items() if v})
         notes: list[Problem] = []
         # Step-level notes speak for the replicas that answered only (see VerifyReport.status).
         answered = " that answered" if listing.unreachable else ""
@@ -520,12 +572,21 @@ def verify(
             steps: list[int] = []
         else:
             steps = sorted(listing.committed) if step is None else [step]
+        no_commit: Problem | None = None
         if not steps and step is None and any(torn.values()):
-            notes.append(
-                Problem(
-                    -1, "", "", "unrecoverable", f"the replicas{answered} hold interrupted saves but no committed step"
-                )
+            no_commit = Problem(
+                -1, "", "", "unrecoverable", f"the replicas{answered} hold interrupted saves but no committed step"
             )
+            notes.append(no_commit)
+        # What those torn saves hold now: whether it changes tells a first save in progress.
+        before_first = files_of(reachable, torn) if no_commit is not None else {}
+        # ... and those of the torn copies of steps committed elsewhere (lagging, or not: a
+        # save writing them, a retention deleting them)
+        before_lagging = files_of(
+            reachable, {u: [s for s in v if s in listing.committed and s in steps] for u, v in listing.torn.items()}
+        )
+        listed_at = time.monotonic()
+        in_progress: dict[str, list[int]] = {}
         eng = Engine(reachable, threads, quick, progress)
         scrub_results, scrub_notes = _scrub_results(reachable, scrub_max_age_s, quick)
         scrubbed: dict[int, ScrubbedBy] = {}  # id(plan) -> what its agent's scrub settled
@@ -560,6 +621,28 @@ def verify(
                 per_step.append((s, plans, absent))
             eng.run(jobs, "verify --quick" if quick else "verify")
             eng.complete([p for _, plans, _ in per_step for p in plans], "verify: other copies")
+            # A job that saves meanwhile (retention deleting, a save committing) is not damage.
+            # Nothing committed at the listing: a first save may have committed since, or be writing.
+            since: dict[int, list[ReplicaPlan]] = {}
+            moving: dict[str, list[int]] = {}
+            if no_commit is not None:
+                since, moving = first_save(eng, torn, before_first, listed_at)
+                if since or moving:  # a first save, not an interrupted one
+                    notes.remove(no_commit)
+                per_step += [(s, plans, []) for s, plans in sorted(since.items())]
+            per_step, changes = _settle_changes(eng, per_step, refs, before_lagging, listed_at)
+            removed_on, committed_on, in_progress = changes["removed"], changes["committed"], changes["saving"]
+            for s, plans, _ in per_step:
+                for new in plans if s in since else ():
+                    committed_on.setdefault(new.replica.url, []).append(s)
+            for u, v in moving.items():
+                in_progress.setdefault(u, []).extend(v)
+            if since or moving:
+                torn = {
+                    u: rest
+                    for u, v in torn.items()
+                    if (rest := tuple(x for x in v if x not in since and x not in moving.get(u, ())))
+                }
             out_steps: list[StepCheck] = []
             order = {r.url: i for i, r in enumerate(replicas)}
             for s, plans, absent in per_step:
@@ -588,4 +671,7 @@ def verify(
             tuple(notes),
             scrub_notes,
             kept,
+            {u: tuple(v) for u, v in removed_on.items()},
+            {u: tuple(v) for u, v in committed_on.items()},
+            {u: tuple(v) for u, v in in_progress.items()},
         )
