@@ -772,13 +772,18 @@ class Mirror:
         pin is recorded on every replica (``pins/step-<S>.json``, see docs/FORMAT.md) so that
         ``ckptmirror prune`` keeps the step too; the record is written in the background, never
         on the calling thread, and a failure to write it is a WARNING (retried after the next
-        save there). Pinning a step that is pinned already writes nothing.
+        save there). Pinning a step that is pinned already writes nothing. A pin record
+        outlives the process: the job's retention after a restart keeps that step too, until
+        :meth:`unpin` (from any process) deletes the record. Raises ``ValueError`` for a step
+        out of range, ``RuntimeError`` once the Mirror is closed.
         """
+        self._check_open()
         self._fanout.pin(step, True)
 
     def unpin(self, step: int) -> None:
         """Give ``step`` back to retention (the next save's retention pass may delete it); its
-        pin records are deleted in the background."""
+        pin records are deleted in the background, also one an earlier run of the job wrote."""
+        self._check_open()
         self._fanout.pin(step, False)
 
     @property

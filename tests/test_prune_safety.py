@@ -216,6 +216,40 @@ def test_unpin_and_delete_remove_the_pin_record(tmp_path: Path) -> None:
     assert res.exit_code == 0 and all(p.removed_steps == (1,) and p.pinned == () for p in res.replicas)
 
 
+def test_a_pin_outlives_the_job_and_an_unpin_in_a_later_run_removes_it(tmp_path: Path) -> None:
+    a = tmp_path / "a"
+    with Mirror([str(a)], object_bytes=OBJ, keep_last=2) as m:
+        m.save_state(1, state(1)).result(timeout=60)
+        m.pin(1)
+        for s in (2, 3):
+            m.save_state(s, state(s)).result(timeout=60)
+    assert committed(a) == [1, 2, 3]
+    # The job restarts and saves on: its retention keeps the step an earlier run pinned (it
+    # deleted it: the pin lived in the first process only), as prune does.
+    with Mirror([str(a)], object_bytes=OBJ, keep_last=2) as m:
+        for s in (4, 5):
+            m.save_state(s, state(s)).result(timeout=60)
+    assert committed(a) == [1, 4, 5]
+    # A later run unpins it (it never pinned it itself): the record goes, and retention with it.
+    with Mirror([str(a)], object_bytes=OBJ, keep_last=2) as m:
+        m.unpin(1)
+        m.save_state(6, state(6)).result(timeout=60)
+    assert not (a / pin_key(1)).exists()
+    assert committed(a) == [5, 6]
+
+
+def test_pin_refuses_a_step_out_of_range_and_retention_goes_on(tmp_path: Path) -> None:
+    with Mirror([str(tmp_path)], object_bytes=OBJ, keep_last=2) as m:
+        for bad in (-1, 10**12, 1.5, "3"):
+            with pytest.raises(ValueError, match="pin/unpin: step"):
+                m.pin(bad)  # type: ignore[arg-type]
+        for s in range(1, 5):
+            m.save_state(s, state(s)).result(timeout=60)
+    assert committed(tmp_path) == [3, 4]  # one bad pin once stopped every later retention pass
+    with pytest.raises(RuntimeError, match="closed"):
+        m.pin(3)
+
+
 class FailPins(LocalReplica):
     """A local replica whose first pin record write fails (a transient error)."""
 

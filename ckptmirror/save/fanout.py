@@ -35,6 +35,7 @@ together.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import threading
 from collections import Counter
@@ -52,6 +53,7 @@ from ..checksum import checksum
 from ..dist import Coordinator, DistInfo, SpaceAbortError
 from ..errors import CkptMirrorError, ReplicaUnavailableError
 from ..format import (
+    MAX_STEP,
     object_key,
     step_dir,
     writer_of,
@@ -70,6 +72,7 @@ from .retention import (
     RetentionStopped,
     apply_retention,
     is_committed,
+    pinned_steps,
     remove_step,
 )
 from .snapshot import frozen_flags
@@ -441,7 +444,10 @@ class Fanout:
         self._write_pins(replica)  # a step just committed there: it answers again
         try:
             with self._lock:
-                pinned = frozenset(self._pinned)
+                mine = frozenset(self._pinned)
+            # With the replica's pin records: a pin from an earlier run of the job outlives it
+            # (only unpin deletes a record), and retention must keep that step as prune does.
+            pinned = mine | pinned_steps(replica)
             removed = apply_retention(
                 replica, newest, keep_last, pinned, self._live_keys(replica.url), stop=self._stop_if_degraded(replica)
             )
@@ -538,9 +544,17 @@ class Fanout:
         caller's, which is the training loop's), so that ``ckptmirror prune``, another process,
         keeps the step too.
         """
+        try:
+            step = operator.index(step)
+        except TypeError:
+            raise ValueError(f"pin/unpin: step must be an integer, got {step!r}") from None
+        if not 0 <= step <= MAX_STEP:
+            raise ValueError(f"pin/unpin: step must be in [0, {MAX_STEP}], got {step}")
         with self._lock:
-            if (step in self._pinned) == pinned:
-                return  # no change: no record to write
+            if pinned and step in self._pinned:
+                return  # pinned already: its record is written or queued
+            # An unpin always deletes the record: a pin may come from an earlier run of the job
+            # (its record outlives the process that wrote it).
             if pinned:
                 self._pinned.add(step)
             else:
@@ -556,8 +570,18 @@ class Fanout:
         """The pin records pending on ``replica`` (retention thread; a degraded replica is not
         asked: it would stall the thread). What fails is tried again after its next commit
         (:meth:`_retain`)."""
-        if self._pin_records.pending(replica.url) and replica.url not in self._health.degraded():
-            self._pin_records.write(replica)
+        if not self._pin_records.pending(replica.url):
+            return
+        why = self._health.degraded().get(replica.url)
+        if why is not None:
+            log.warning(
+                "pin records not updated on %s, degraded (%s): written after its next commit there; until "
+                "then 'ckptmirror prune' there does not know the change",
+                replica.url,
+                why,
+            )
+            return
+        self._pin_records.write(replica)
 
     def committed_steps(self) -> set[int]:
         """A copy of the steps committed on some replica, as far as this mirror knows."""
@@ -608,6 +632,13 @@ class Fanout:
         """Shut the pools down, waiting for the transfers and retention passes in flight."""
         self._replica_pool.shutdown(wait=True)
         self._retention_pool.shutdown(wait=True)
+        for r in self.replicas:
+            if self._pin_records.pending(r.url):
+                log.warning(
+                    "pin records left unwritten on %s at close (it was down): 'ckptmirror prune' there does "
+                    "not know those pins; pin the steps again from a job, or pass prune --keep high enough",
+                    r.url,
+                )
         for p in self._io_pools.values():
             p.shutdown(wait=True)
         self._hash_pool.shutdown(wait=True)

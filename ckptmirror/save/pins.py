@@ -44,7 +44,13 @@ class PinRecords:
                     replica.put(pin_key(step), pin_record(step))
                 else:
                     replica.delete(pin_key(step))
-            except (CkptMirrorError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - never out of the retention thread (it would stop retention)
+                if not isinstance(exc, (CkptMirrorError, OSError)):
+                    log.warning("pin record of step %d on %s dropped: %s", step, replica.url, exc)
+                    with self._lock:
+                        if self._pending[replica.url].get(step) is pinned:
+                            del self._pending[replica.url][step]
+                    continue
                 log.warning(
                     "could not %s the pin record of step %d on %s: %s (tried again after the next save there; "
                     "until then 'ckptmirror prune' there does not know the pin)",
