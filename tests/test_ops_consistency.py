@@ -392,6 +392,12 @@ def test_verify_the_first_save_still_writing_is_not_an_interrupted_one(
 
     assert "a save is in progress" in "\n".join(_verify_lines(res))
 
+    # Files only removed (prune --all-torn, a failed save's cleanup): still an interrupted save.
+    victim = sorted(p for p in (a / step_dir(1)).rglob("*.bin") if p != late)[0]
+    verify_after(monkeypatch, lambda: later(0.3, victim.unlink))
+    res = ops.verify([str(a)])
+    assert res.exit_code == 1 and not res.in_progress, (res.exit_code, res.in_progress)
+
 
 def test_verify_a_copy_being_saved_during_the_check_is_not_lagging(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -100,6 +100,16 @@ def test_prune_removes_nothing_committed_when_the_kept_step_is_bit_rotted(tmp_pa
     assert doc["replicas"][0]["removed_steps"] == []
     assert committed(a) == [10, 20, 30]  # the older steps still restore: they stay
 
+    # Damage wins over an outage (as in verify): a replica that does not answer beside it does
+    # not turn the refusal into exit 2, which a script would retry instead of acting on.
+    from _helpers import free_port
+
+    down = f"peer://127.0.0.1:{free_port()}/run"
+    r = cli("prune", a, down, "--keep", "1", "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["refused"] and doc["refused_for_damage"] and down in doc["unreachable"], doc
+
     # --keep 2: the newest kept step fails, the next one (20) verifies in full and justifies
     # removing 10.
     r2 = cli("prune", a, "--keep", "2", "--json")
@@ -410,3 +420,87 @@ def test_prune_renders_a_stopped_replica(tmp_path: Path) -> None:
     res = ops.prune([GoesDown(str(a), 20)], keep=1)
     text = "\n".join(_prune_lines(res))
     assert "STOPPED" in text and "stopped answering" in text, text
+
+
+# ------------------------------------------------------------------ files other steps reference
+
+
+def test_prune_keeps_files_of_a_kept_step_that_a_later_step_references(tmp_path: Path) -> None:
+    # Step 10 saved, step 11 references its objects (incremental), step 10 saved again over
+    # them (overwrite=True): the first save's files are no garbage while step 11 needs them.
+    frozen = torch.arange(4096, dtype=torch.float32)
+
+    def st(s: int, base: torch.Tensor) -> dict[str, Any]:
+        return {"frozen": base, "w": torch.full((64,), float(s)), "step": s}
+
+    with Mirror([str(tmp_path)], object_bytes=OBJ, keep_last=None) as m:
+        m.save_state(10, st(10, frozen)).result(timeout=60)
+        m.save_state(11, st(11, frozen)).result(timeout=60)
+        m.save_state(10, st(10, frozen * 2), overwrite=True).result(timeout=60)
+    assert ops.verify([str(tmp_path)]).exit_code == 0
+    listed = ops.ls([str(tmp_path)])
+    assert all(not info.garbage for info in listed.steps), [info.garbage for info in listed.steps]
+    res = ops.prune([str(tmp_path)], keep=5)
+    assert res.exit_code == 0 and res.replicas[0].removed_garbage == (), res
+    assert ops.verify([str(tmp_path)]).exit_code == 0
+
+
+def test_prune_keeps_what_a_step_committed_meanwhile_references(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Step 1 dropped (its directory kept for what later steps reference), step 2 torn here (a
+    # lagging copy) referencing two of step 1's objects, step 3 referencing one of them. A repair
+    # commits step 2 while prune runs: the leftovers prune planned from step 1's directory
+    # without step 2's references must stay.
+    import importlib
+
+    retention = importlib.import_module("ckptmirror.save.retention")
+    x, y = torch.arange(256, dtype=torch.float32), torch.arange(256, dtype=torch.float32) + 1000
+
+    def st(a: torch.Tensor, b: torch.Tensor, z: int) -> dict[str, Any]:
+        return {"a": a, "b": b, "c": torch.full((256,), float(z))}
+
+    with Mirror([str(tmp_path)], object_bytes=OBJ, keep_last=None) as m:
+        m.save_state(1, st(x, y, 1)).result(timeout=60)
+        m.save_state(2, st(x, y, 2)).result(timeout=60)
+        m.save_state(3, st(x, y + 5, 3)).result(timeout=60)
+    record = (tmp_path / commit_key(2)).read_bytes()
+    (tmp_path / commit_key(2)).unlink()
+    (tmp_path / commit_key(1)).unlink()
+    real = retention.is_committed
+
+    def is_committed(replica: Any, step: int) -> bool:
+        if step == 2 and not (tmp_path / commit_key(2)).exists():
+            (tmp_path / commit_key(2)).write_bytes(record)  # "repair" commits step 2 right now
+        return bool(real(replica, step))
+
+    monkeypatch.setattr(retention, "is_committed", is_committed)
+    res = ops.prune([str(tmp_path)], keep=1)
+    monkeypatch.setattr(retention, "is_committed", real)
+    assert res.replicas[0].committed_meanwhile == (2,), res
+    v = ops.verify([str(tmp_path)])
+    assert v.exit_code == 0, [str(p) for p in v.problems]
+
+
+class _RepairDuringDelete(LocalReplica):
+    """A local replica where a repair writes step 2's commit record while prune deletes the
+    files of that torn step (after prune looked for a commit record, before it was done)."""
+
+    record: bytes = b""
+
+    def delete_prefix(self, prefix: str) -> None:
+        super().delete_prefix(prefix)
+        if prefix.startswith(step_dir(2)) and self.record:
+            super().commit(commit_key(2), self.record)
+            self.record = b""
+
+
+def test_prune_reports_a_torn_step_committed_while_its_files_went(tmp_path: Path) -> None:
+    save([tmp_path], [1, 2, 3])
+    r = _RepairDuringDelete(str(tmp_path))
+    r.record = (tmp_path / commit_key(2)).read_bytes()
+    (tmp_path / commit_key(2)).unlink()  # torn here: prune removes it
+    res = ops.prune([r], keep=2)
+    (p,) = res.replicas
+    assert res.exit_code == 1 and 2 not in p.removed_torn, res
+    assert any("got a commit record while its files were removed" in e for e in p.errors), p.errors

@@ -139,3 +139,34 @@ def test_repair_does_not_commit_over_a_file_deleted_while_it_copied(tmp_path: Pa
     assert again.exit_code == 0, again
     assert verify([str(a)]).exit_code == 0
     assert_bit_exact(_load([str(a)]), state, "from the repaired replica alone: ")
+
+
+class _PruneRightAfterCommit(LocalReplica):
+    """A local replica where "someone else" (a prune that listed the torn save before repair
+    committed it) deletes one of the step's files right after repair's commit record lands."""
+
+    victim: Path | None = None
+
+    def commit(self, key: str, data: bytes) -> None:
+        super().commit(key, data)
+        if self.victim is not None and self.victim.exists():
+            self.victim.unlink()
+
+
+def test_repair_takes_its_commit_back_when_a_file_goes_right_after(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    state = _state(4, n=4)
+    with Mirror([str(a), str(b)], object_bytes=8 << 10) as m:
+        m.save_state(1, state).result(timeout=60)
+    objs = sorted(f for f in files_under(a) if f.endswith(".bin") and "/rank-00000/" in f)
+    (a / commit_key(1)).unlink()
+    (a / objs[0]).unlink()
+    target = _PruneRightAfterCommit(str(a))
+    target.victim = a / objs[-1]
+
+    report = repair([str(b), target])
+    (commit,) = [x for x in report.actions if x.action == "commit"]
+    assert not commit.done and commit.error is not None and "taken back" in commit.error, commit
+    assert not (a / commit_key(1)).exists(), "a commit record stayed over a missing object"
+    assert repair([str(b), str(a)]).exit_code == 0
+    assert_bit_exact(_load([str(a)]), state, "from the repaired replica alone: ")

@@ -9,12 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from typing import TypeVar
 
+from ..errors import CkptMirrorError
 from ..format import step_dir
 from ..replicas import Replica
-from ..save.retention import OUTAGES, remove_step, remove_torn
+from ..save.retention import OUTAGES, PlacementUnreadable, is_committed, placement_refs, remove_step, remove_torn
 from ._common import FAILURES
 
 T = TypeVar("T")
+
+
+class CommittedMeanwhile(CkptMirrorError):
+    """A torn step prune removed turned out committed right after (see :func:`removals`)."""
 
 
 class Down(Exception):
@@ -79,10 +84,30 @@ def removals(
     def torn_one(s: int) -> None:
         if not remove_torn(r, s, raise_unreadable=True):
             meanwhile.append(s)
+        elif is_committed(r, s):
+            # Committed between the check before the delete and the delete (a repair): that
+            # commit now stands over removed files. Repair looks again after its commit and
+            # takes it back; should it have looked first, this says so.
+            raise CommittedMeanwhile(
+                f"step {s} got a commit record while its files were removed (a 'ckptmirror repair' "
+                "at the same time?): run 'ckptmirror verify', then 'ckptmirror repair'"
+            )
 
     steps = [s for s in rm.each(drop, step, "removing step {}") if s not in meanwhile]
     # Newest first: a torn save's placement may reference an older torn directory's files.
     torn_done = sorted(s for s in rm.each(list(torn)[::-1], torn_one, "removing torn step {}") if s not in meanwhile)
+    if meanwhile and rm.halted is None:
+        # A step committed meanwhile stays, and with it what its placement records reference:
+        # the planned leftovers were judged without them (a directory kept for references).
+        try:
+            refs = placement_refs(r, meanwhile)
+        except FAILURES as exc:
+            refs = PlacementUnreadable(r.url, step_dir(meanwhile[0]), exc)
+        if isinstance(refs, PlacementUnreadable):
+            rm.errors.append(f"leftovers kept: steps {meanwhile} were committed meanwhile and {refs}")
+            garbage = []
+        else:
+            garbage = [k for k in garbage if k not in refs]
     garbage_done = rm.each(garbage, r.delete, "removing {}")
     return steps, torn_done, garbage_done, sorted(meanwhile)
 

@@ -27,7 +27,7 @@ Where a replica lags, the second look comes at least :data:`FIRST_SAVE_SETTLE_S`
 listing: a check shorter than that would see too little of what a save or a retention does.
 
 A first save (nothing committed anywhere at the listing) that commits during the check is
-checked too (:func:`committed_since`), and one whose files change during the check without a
+checked too (:func:`committed_since`), and one that gains files during the check without a
 commit yet is a save in progress (:func:`files_of`), not an interrupted one.
 
 A replica that stopped answering is not asked (what it holds stays unavailable), and one that
@@ -198,14 +198,15 @@ def first_save(
     """Nothing was committed anywhere at the listing, only ``torn`` saves (replica URL -> steps)
     whose keys were ``before`` (:func:`files_of`, at ``listed_at``, a monotonic time). At least
     :data:`FIRST_SAVE_SETTLE_S` after the listing, look again: the steps committed since (each
-    with its plans, checked: :func:`committed_since`), else replica URL -> the torn steps whose
-    files changed (a save in progress, not an interrupted one)."""
+    with its plans, checked: :func:`committed_since`), else replica URL -> the torn steps that
+    gained files (a save in progress, not an interrupted one; files only removed are a torn save
+    being deleted: ``prune --all-torn``, a failed save's cleanup)."""
     settle(listed_at)
     since = committed_since(eng, sorted({s for v in torn.values() for s in v}))
     if since:
         return since, {}
     moving: dict[str, list[int]] = {}
     for (url, s), keys in sorted(files_of(eng.replicas, torn).items()):
-        if (url, s) in before and before[(url, s)] != keys:
+        if (url, s) in before and keys - before[(url, s)]:
             moving.setdefault(url, []).append(s)
     return {}, moving

@@ -209,6 +209,14 @@ def ls(urls: Sequence[str | Replica], *, storage_options: Mapping[str, Mapping[s
                     except FAILURES as exc:
                         err = err or f"{r.url}: {exc}"
                         continue
+                    if g and r.url in holders:
+                        # Files a later step references (this step saved again over an earlier
+                        # save that step referenced) are no garbage (prune keeps them too).
+                        try:
+                            refs = outages.ask(r, s, partial(kept.refs, r))
+                        except FAILURES:
+                            refs = None
+                        g = tuple(k for k in g if refs is None or k not in refs)
                     if g:
                         garbage[r.url] = g
                     if r.url in holders and ms is not None and r.url not in outages.down:

@@ -7,10 +7,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..format import TMP_PREFIX
 from ..replicas import Replica
 from ..save.retention import PlacementUnreadable, pinned_steps, placement_refs, plan_retention
 from ._common import FAILURES, UsageError, list_reachable, opened
-from ._engine import Engine, garbage_keys, recoverable, referenced
+from ._engine import Engine, garbage_keys, plan_problems, recoverable, referenced
 from ._prune_steps import Down, Remover, is_outage, outage_text, removals, split_torn
 
 
@@ -50,11 +51,16 @@ class PruneReport:
     refused: str | None  # why committed steps were kept (none of the kept steps verifies)
     unreachable: Mapping[str, str]
     ignore_pins: bool = False
+    #: the refusal rests on damage a replica that answered showed (not only on an outage)
+    refused_for_damage: bool = False
 
     @property
     def exit_code(self) -> int:
         """0: done; 1: committed steps were not pruned (refused) or a delete failed; 2: a replica
-        unreachable, or one that stopped answering during the run (its work was left undone)."""
+        unreachable, or one that stopped answering during the run (its work was left undone),
+        unless the refusal rests on damage a replica that answered showed (1: act on it)."""
+        if self.refused and self.refused_for_damage:
+            return 1
         if self.unreachable or any(p.stopped for p in self.replicas):
             return 2
         return 1 if self.refused or any(p.errors for p in self.replicas) else 0
@@ -154,7 +160,7 @@ def prune(
         # quick=False: the guard reads the step that justifies removals in full (_guard).
         eng = Engine([p.r for p in plans if p.stopped is None], 4, False, None)
         try:
-            refused = _guard(eng, plans, listing.committed)
+            refused, damage = _guard(eng, plans, listing.committed)
             for p in plans:
                 if p.stopped is None and eng.down.get(p.r.url) is not None:
                     p.stop("verifying the step that justifies removals", Down(eng.down[p.r.url]))
@@ -165,7 +171,7 @@ def prune(
             results = [_carry_out(p, dry_run) for p in plans]
         finally:
             eng.close()
-        return PruneReport(keep, dry_run, tuple(results), refused, dict(listing.unreachable), ignore_pins)
+        return PruneReport(keep, dry_run, tuple(results), refused, dict(listing.unreachable), ignore_pins, damage)
 
 
 def _read_pins(reachable: Sequence[Replica]) -> tuple[set[int], dict[str, str], dict[str, BaseException]]:
@@ -189,8 +195,10 @@ def _read_pins(reachable: Sequence[Replica]) -> tuple[set[int], dict[str, str], 
     return pins, errors, down
 
 
-def _guard(eng: Engine, plans: Sequence[_Plan], committed: Mapping[int, Sequence[str]]) -> str | None:
-    """Why no committed step may be removed (None: some step that stays verifies in full).
+def _guard(eng: Engine, plans: Sequence[_Plan], committed: Mapping[int, Sequence[str]]) -> tuple[str | None, bool]:
+    """Why no committed step may be removed (None: some step that stays verifies in full), and
+    whether a replica that answered showed damage in the steps checked (an outage alone leaves
+    it unknown: exit 2; damage wins over an outage, as in ``verify``: exit 1).
 
     The step that justifies the removals is read in full (every object's checksum, on the
     replicas that hold it): a presence and size check passes bit rot of the same size, and
@@ -198,20 +206,25 @@ def _guard(eng: Engine, plans: Sequence[_Plan], committed: Mapping[int, Sequence
     step is tried when one fails. Cost: one step's bytes, read once (more only when it fails).
     """
     if not any(p.drop for p in plans):
-        return None
+        return None, False
     urls = {p.r.url for p in plans if p.stopped is None}
     stay = sorted({s for p in plans for s in p.committed if s not in p.drop}, reverse=True)
+    damage = False
     for s in stay:
         rplans = [eng.replica_plan(r, s) for r in eng.replicas if r.url in urls and r.url in committed.get(s, ())]
+        damage = damage or any(
+            rp.commit_problem is not None and rp.commit_problem.kind not in ("unavailable", "missing") for rp in rplans
+        )
         rplans = [rp for rp in rplans if rp.commit is not None]
         eng.run([j for rp in rplans for j in rp.jobs()], "prune: verify")
         eng.complete(rplans, "prune: verify")
         if recoverable(eng, rplans):
-            return None
+            return None, False
+        damage = damage or any(p.kind != "unavailable" for rp in rplans for p in plan_problems(rp))
     return (
         "no step that would be kept verifies (commit, manifests and object checksums); "
         "run 'ckptmirror verify' and 'ckptmirror repair' first (only garbage is removed)"
-    )
+    ), damage
 
 
 def _plan_replica(eng: Engine, p: _Plan) -> None:
@@ -230,7 +243,7 @@ def _plan_replica(eng: Engine, p: _Plan) -> None:
         if eng.down.get(u) is not None:
             p.stop(f"reading step {s}", Down(eng.down[u]))
             return
-    if not (p.drop or p.torn):
+    if not (p.drop or p.torn or p.garbage):
         return
     stay = [s for s in p.committed if s not in p.drop] + p.skipped
     try:
@@ -240,17 +253,22 @@ def _plan_replica(eng: Engine, p: _Plan) -> None:
             p.stop("reading the placement records of the kept steps", exc)
             return
         p.errors.append(
-            f"reading the placement records of the kept steps: {exc}; steps [{_listed(p.drop)}] "
-            f"and torn steps [{_listed(p.torn)}] kept"
+            f"reading the placement records of the kept steps: {exc}; steps [{_listed(p.drop)}], "
+            f"torn steps [{_listed(p.torn)}] and leftovers that may be referenced kept"
         )
-        p.drop, p.torn = [], []
+        p.drop, p.torn, p.garbage = [], [], _temp_files(p.garbage)
         return
     if isinstance(refs, PlacementUnreadable):
         what = [f"steps {_listed(p.drop)} (still committed)"] if p.drop else []
         what += [f"torn steps {_listed(p.torn)}"] if p.torn else []
+        what += ["leftovers of kept steps"] if len(_temp_files(p.garbage)) < len(p.garbage) else []
         p.errors.append(str(PlacementUnreadable(u, refs.key, refs.cause, kept=" and ".join(what))))
-        p.drop, p.torn = [], []
+        p.drop, p.torn, p.garbage = [], [], _temp_files(p.garbage)
         return
+    # A kept step's directory may hold files its own commit does not name that a later step
+    # references (that step number saved again with overwrite=True after an incremental save
+    # referenced the first save's objects): not garbage.
+    p.garbage = [k for k in p.garbage if k not in refs]
     try:
         p.torn, p.for_refs = split_torn(r, p.torn, refs, p.errors)
     except FAILURES as exc:
@@ -260,6 +278,11 @@ def _plan_replica(eng: Engine, p: _Plan) -> None:
         return
     for leftovers in p.for_refs.values():
         p.garbage.extend(leftovers)
+
+
+def _temp_files(keys: Sequence[str]) -> list[str]:
+    """The temporary files among ``keys`` (an upload never renamed): never referenced by anything."""
+    return [k for k in keys if k.rsplit("/", 1)[-1].startswith(TMP_PREFIX)]
 
 
 def _carry_out(p: _Plan, dry_run: bool) -> PruneResult:

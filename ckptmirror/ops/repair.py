@@ -489,6 +489,16 @@ def _commit(fix: _Fix, dry_run: bool, copy_failed: bool, eng: Engine) -> RepairA
         if fix.replace_commit:
             r.delete(key)
         r.commit(key, raw)
+        # Once more after the commit: a delete that listed the files before it may have removed
+        # them since (prune checks for a commit before it deletes, and again after). A commit
+        # over a hole is taken back: the step stays torn here, which the next repair completes.
+        gone = _gone(fix, eng)
+        if gone is not None:
+            r.delete(key)
+            return action(
+                error=f"commit record taken back: {gone} was deleted right after it was written (was "
+                "'ckptmirror prune' or a training job's retention running?); run repair again"
+            )
         return action(done=True)
     except StepExistsError as exc:
         return action(error=f"someone committed step {s} here meanwhile: {exc}")
