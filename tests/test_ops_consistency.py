@@ -331,12 +331,50 @@ def frozen_state(step: int) -> dict[str, Any]:
     return {"frozen": base, **state(step)}
 
 
-def test_verify_a_copy_retention_left_for_references_is_not_lagging(
+def test_verify_damage_that_outlives_a_removed_step_is_still_damage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Retention (here a prune) reached one replica first: its copy of the oldest step is what
-    retention leaves with incremental saves, the files later steps reference. While the other
-    replica still holds the step committed, that copy is removed, not lagging (exit 3)."""
+    """A verify slower than the saves: every step it checked is removed by retention before it
+    is done. A corrupt object those steps referenced (a frozen part in an older step's
+    directory) that the steps that stay reference too is still damage (exit 1), not "ok"
+    because every step it was found through went."""
+    a = tmp_path / "a"
+    a.mkdir()
+    with ckptmirror.Mirror([str(a)], keep_last=2, object_bytes=OBJ) as m:
+        for s in (1, 2):
+            m.save_state(s, frozen_state(s)).result()
+        shared = sorted((a / step_dir(1)).rglob("o*.bin"))[0]  # the frozen part: step 2 references it
+        data = bytearray(shared.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        shared.write_bytes(bytes(data))
+        real = verify_module.recheck
+        ran: list[int] = []
+
+        def saves_then_recheck(*args: Any, **kw: Any) -> Any:
+            if not ran:  # the job saves on while verify reads: retention removes steps 1 and 2
+                ran.append(1)
+                for s in (3, 4):
+                    m.save_state(s, frozen_state(s)).result()
+                m.wait()
+            return real(*args, **kw)
+
+        monkeypatch.setattr(verify_module, "recheck", saves_then_recheck)
+        res = ops.verify([str(a)])
+    assert ran and not (a / commit_key(2)).exists() and shared.exists()
+    assert res.exit_code == 1, (res.exit_code, res.removed_during_check)
+    assert any(p.kind == "corrupt" and "stored as step-000000000001" in p.detail for p in res.problems), [
+        str(p) for p in res.problems
+    ]
+
+
+def test_verify_a_copy_a_prune_left_for_references_lags_while_nothing_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prune of one replica alone left its copy of the oldest step as what retention leaves
+    with incremental saves (the files later steps reference), while the other replica still
+    holds the step committed, and nothing changes during the check: that copy lags (exit 3),
+    and repair would complete it; verify and repair agree. (Removed during a check, by a job's
+    retention reaching one replica after the other, is told by the change: the other tests.)"""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
@@ -346,9 +384,12 @@ def test_verify_a_copy_retention_left_for_references_is_not_lagging(
     ops.prune([str(a)], keep=2)
     assert (a / step_dir(1)).exists() and not (a / commit_key(1)).exists()  # kept for references
     res = ops.verify([str(a), str(b)])
-    assert res.exit_code == 0, [str(p) for p in res.problems]
-    assert res.removed_during_check == {str(a): (1,)}
-    assert {c.replica: c.status for c in res.steps[0].replicas} == {str(a): "removed", str(b): "ok"}
+    assert res.exit_code == 3, [str(p) for p in res.problems]
+    assert not res.removed_during_check
+    assert {c.replica: c.status for c in res.steps[0].replicas}[str(b)] == "ok"
+    assert any(str(a) == c.replica and c.status != "ok" for c in res.steps[0].replicas), res.steps[0]
+    dry = ops.repair([str(a), str(b)], dry_run=True)
+    assert any(x.action == "commit" and x.replica == str(a) and x.step == 1 for x in dry.actions)
 
 
 def test_verify_a_torn_copy_deleted_during_the_check_is_removed(

@@ -10,8 +10,10 @@ So, before any of that is reported, the replicas concerned are asked once more w
 is committed there now (one small request per replica and step with a problem):
 
 - its commit record is gone where a problem was found: the step was removed during the check,
-  which is not damage (its problems there are dropped); when no replica holds it any more, the
-  step leaves the report;
+  which is not damage (its problems there are dropped), but for damaged bytes of a file that
+  outlives the step (an object it referenced in an older step's directory, which the steps that
+  stay reference too: still reported); when no replica holds it any more, the step leaves the
+  report;
 - a replica that lacked the step (lagging) holds its commit record now: the step committed
   there during the check, and that copy is checked once, like the others;
 - a lagging replica of a step that no replica holds committed any more is not behind: the step
@@ -19,9 +21,10 @@ is committed there now (one small request per replica and step with a problem):
 - a replica that lacks the step while another still holds it committed is not behind either if
   its copy is what retention leaves (it deletes the commit record first, then the files no other
   step there references, one replica after another): files gone since the listing and none
-  added, or only files that later steps there reference (incremental saves). Its copy was
-  removed. Nor if files were added to its copy since the listing: a save is writing it there
-  (the commit record comes last), ``saving``.
+  added. Its copy was removed. Nor if files were added to its copy since the listing: a save
+  is writing it there (the commit record comes last), ``saving``. A copy that did not change
+  during the check lags, also where what is left is only files later steps reference (a prune
+  of that replica alone): ``repair`` completes it, and verify says so (exit 3).
 
 Where a replica lags, the second look comes at least :data:`FIRST_SAVE_SETTLE_S` after the
 listing: a check shorter than that would see too little of what a save or a retention does.
@@ -37,7 +40,7 @@ cannot answer this question keeps what was found.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import ReplicaUnavailableError
@@ -89,21 +92,53 @@ def _suspect(plan: ReplicaPlan) -> bool:
     return any(p.kind != "unavailable" for p in plan_problems(plan))
 
 
-def _torn_copy(
-    r: Replica, step: int, before: frozenset[str] | None, dropped: Callable[[Replica, int], bool]
-) -> str | None:
+def _torn_copy(r: Replica, step: int, before: frozenset[str] | None) -> str | None:
     """What ``r``'s copy of ``step``, without a commit record now, is becoming: ``removed``
     (retention, which deletes the commit record first: files gone since the listing and none
-    added, or only files that other steps there reference left, see ``dropped``), ``saving`` (a
-    save writing it: files added since the listing, ``before``), or None (unchanged: lagging).
-    None too when ``r`` cannot tell."""
+    added), ``saving`` (a save writing it: files added since the listing, ``before``), or None
+    (unchanged: lagging, also where what is left is only files later steps reference: a prune
+    of this replica alone leaves it behind the others, and ``repair`` completes it). None too
+    when ``r`` cannot tell."""
     try:
         now = frozenset(r.list_prefix(step_dir(step)))
         if before is not None and now != before:
             return "saving" if now - before else "removed"
-        return "removed" if now and dropped(r, step) else None
+        return None
     except FAILURES:
         return None
+
+
+#: Problems that say what a file holds is wrong (not that it is absent or unreadable).
+_CONTENT_DAMAGE = ("corrupt", "truncated", "wrong-size")
+
+
+def _lasting_damage(eng: Engine, plan: ReplicaPlan) -> bool:
+    """Keep only the problems of ``plan`` (a step removed during the check) that outlive it:
+    damaged bytes of a file in an older step's directory that is still there, an object the
+    removed step referenced (incremental saves) and the steps that stay reference too. Returns
+    whether any is left. A file the step's removal deleted explains its problem; this one
+    does not, and verify must not call the run "ok" for having found it through a step that
+    went (a verify slower than the saves finds every damage that way)."""
+    r, own = plan.replica, step_dir(plan.step) + "/"
+    lasting = False
+    for rp in plan.ranks:
+        rp.manifest_problem = rp.invalid = None
+        for j in rp.jobs:
+            if j.problem is None:
+                continue
+            keep = False
+            if j.problem.kind in _CONTENT_DAMAGE:
+                try:
+                    st = eng.single[r.url].stored(r, j.obj)
+                    keep = not st.key.startswith(own) and r.size(st.key) is not None
+                except FAILURES:
+                    keep = False
+            if keep:
+                lasting = True
+            else:
+                j.problem = None
+    plan.commit_problem = None
+    return lasting
 
 
 def recheck(
@@ -112,14 +147,11 @@ def recheck(
     plans: Sequence[ReplicaPlan],
     lagging: Sequence[str],
     before: Mapping[tuple[str, int], frozenset[str]],
-    dropped: Callable[[Replica, int], bool],
 ) -> Recheck:
     """Ask again whether ``step`` is committed where ``plans`` found problems, and, where some
     replicas lag (``lagging``: their URLs), on every replica; see the module docstring.
-    ``before``: the keys of the lagging torn copies at the listing (:func:`files_of`);
-    ``dropped(r, step)``: whether the step directory on ``r`` holds only files other steps
-    there reference. Replicas that now hold a commit they lacked are checked here (objects read
-    on ``eng``)."""
+    ``before``: the keys of the lagging torn copies at the listing (:func:`files_of`).
+    Replicas that now hold a commit they lacked are checked here (objects read on ``eng``)."""
     suspects = [p for p in plans if _suspect(p)]
     if not suspects and not lagging:
         return Recheck(list(plans))
@@ -127,6 +159,8 @@ def recheck(
     asked = plans if lagging else suspects
     now = {p.replica.url: committed_now(eng, p.replica, step) for p in asked if p.replica.url not in eng.down}
     removed = [u for u, held in now.items() if held is False]
+    # Damage that outlives the removed step is still reported, under that step.
+    removed = [u for u in removed if not any(p.replica.url == u and _lasting_damage(eng, p) for p in plans)]
     out = Recheck([p for p in plans if p.replica.url not in removed], removed)
     if not out.plans:
         return out  # removed everywhere: a lagging copy of it is nothing to complete
@@ -136,7 +170,7 @@ def recheck(
             continue
         held = committed_now(eng, r, step)
         if held is False:
-            becoming = _torn_copy(r, step, before.get((url, step)), dropped)
+            becoming = _torn_copy(r, step, before.get((url, step)))
             if becoming == "removed":
                 out.removed.append(url)  # retention got there first; the others will follow
             elif becoming == "saving":

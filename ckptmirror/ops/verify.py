@@ -490,7 +490,6 @@ def _use_scrub(
 def _settle_changes(
     eng: Engine,
     per_step: list[tuple[int, list[ReplicaPlan], list[ReplicaCheck]]],
-    refs: KeptForReferences,
     before: Mapping[tuple[str, int], frozenset[str]],
     listed_at: float,
 ) -> tuple[list[tuple[int, list[ReplicaPlan], list[ReplicaCheck]]], dict[str, dict[str, list[int]]]]:
@@ -504,7 +503,7 @@ def _settle_changes(
     out: list[tuple[int, list[ReplicaPlan], list[ReplicaCheck]]] = []
     changes: dict[str, dict[str, list[int]]] = {"removed": {}, "committed": {}, "saving": {}}
     for s, plans, absent in per_step:
-        rc = recheck(eng, s, plans, [c.replica for c in absent], before, refs)
+        rc = recheck(eng, s, plans, [c.replica for c in absent], before)
         for kind, urls in (("removed", rc.removed), ("committed", rc.committed), ("saving", rc.saving)):
             for u in urls:
                 changes[kind].setdefault(u, []).append(s)
@@ -630,7 +629,7 @@ def verify(
                 if since or moving:  # a first save, not an interrupted one
                     notes.remove(no_commit)
                 per_step += [(s, plans, []) for s, plans in sorted(since.items())]
-            per_step, changes = _settle_changes(eng, per_step, refs, before_lagging, listed_at)
+            per_step, changes = _settle_changes(eng, per_step, before_lagging, listed_at)
             removed_on, committed_on, in_progress = changes["removed"], changes["committed"], changes["saving"]
             for s, plans, _ in per_step:
                 for new in plans if s in since else ():
