@@ -774,7 +774,9 @@ class Mirror:
         on the calling thread, and a failure to write it is a WARNING (retried after the next
         save there). Pinning a step that is pinned already writes nothing. A pin record
         outlives the process: the job's retention after a restart keeps that step too, until
-        :meth:`unpin` (from any process) deletes the record. Raises ``ValueError`` for a step
+        :meth:`unpin` (from any process) deletes the record. The record is on the replicas once
+        :meth:`wait` returns (a process killed before that loses it; the in-process pin was
+        never at risk). Raises ``ValueError`` for a step
         out of range, ``RuntimeError`` once the Mirror is closed.
         """
         self._check_open()

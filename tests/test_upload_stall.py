@@ -192,3 +192,35 @@ def test_an_upload_that_keeps_moving_is_not_cut(peer_agent: AgentProc) -> None:
         assert not errors, errors
         assert peer.size("step-000000000001/rank-00000/o000000-0000abcd.bin") == len(data)
         peer.close()
+
+
+def test_a_peer_stopped_while_idle_is_used_again_once_it_answers(tmp_path: Path, peer_token_file: str) -> None:
+    """The agent stopped between saves: the heartbeat fails and cuts this replica's connections,
+    the idle ones kept alive between operations too. Once it answers again, every save commits
+    there (the cut idle connections were reused: one save after another failed on the peer,
+    "cut after 0.0 s", each thread's connection in turn)."""
+    local = tmp_path / "local"
+    with agent(tmp_path / "agent", token_file=peer_token_file, args=["--reserve-free-bytes", "0"]) as a:
+        assert isinstance(a, AgentProc)
+        peer_url = a.url("idle")
+        so = {"peer": {"token": TOKEN, "connect_timeout_s": BUDGET_S}}
+        model = make_model(1)
+        with (
+            resumed_at_exit(a.proc),
+            Mirror(
+                [str(local), peer_url], object_bytes=64 << 10, health_interval_s=0.2, storage_options=so, keep_last=None
+            ) as m,
+        ):
+            m.save(1, model).result(timeout=120)  # every I/O thread now holds a kept-alive connection
+            m.wait()  # and its retention pass is done: the heartbeat is what finds the agent stopped
+            os.kill(a.proc.pid, signal.SIGSTOP)
+            wait_until(lambda: m.health()[peer_url] != "ok", timeout=30)
+            os.kill(a.proc.pid, signal.SIGCONT)
+            wait_until(lambda: m.health()[peer_url] == "ok", timeout=30)
+            for step in (2, 3, 4):
+                bump(model)
+                h = m.save(step, model)
+                with contextlib.suppress(SaveFailedError):
+                    h.result(timeout=120)
+                states = {u: s.state for u, s in h.replicas.items()}
+                assert states == {str(local): "committed", peer_url: "committed"}, (step, h.replicas[peer_url])

@@ -182,6 +182,13 @@ class PeerReplica(Replica):
     def _conn(self, deadline: Deadline) -> _DeadlineMixin:
         """This thread's connection, bound to ``deadline`` for the operation about to use it."""
         conn: _DeadlineMixin | None = getattr(self._local, "conn", None)
+        if conn is not None and conn.cut:
+            # Cut by abort_inflight() while it sat idle (kept alive between operations): its
+            # socket is shut. Reused, the next operation would fail at once as "cut", and so
+            # would one save after another once the agent answers again (each thread's idle
+            # connection in turn); a new operation gets a new connection.
+            self._drop()
+            conn = None
         if conn is None:
             if self.tls:
                 conn = _TLSConnection(self.host, self.port, context=self.ssl_ctx)
