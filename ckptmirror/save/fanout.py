@@ -447,7 +447,8 @@ class Fanout:
                 mine = frozenset(self._pinned)
             # With the replica's pin records: a pin from an earlier run of the job outlives it
             # (only unpin deletes a record), and retention must keep that step as prune does.
-            pinned = mine | pinned_steps(replica)
+            # Without keep_last no committed step goes: no listing of them.
+            pinned = mine | pinned_steps(replica) if keep_last is not None else mine
             removed = apply_retention(
                 replica, newest, keep_last, pinned, self._live_keys(replica.url), stop=self._stop_if_degraded(replica)
             )
