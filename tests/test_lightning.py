@@ -153,6 +153,8 @@ def resumed(crashed: Crashed, runs: ForkServer) -> Resumed:
     flipped = 0
     for obj in (crashed.copy / "rA").rglob("*.bin"):
         data = bytearray(obj.read_bytes())
+        if obj.name.startswith(".tmp-") or not data:
+            continue  # what the crash left of an upload (maybe empty): no object of any step
         data[len(data) // 2] ^= 0xFF
         obj.write_bytes(bytes(data))
         flipped += 1
