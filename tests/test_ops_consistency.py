@@ -202,6 +202,17 @@ def verify_after(monkeypatch: pytest.MonkeyPatch, meanwhile: Any) -> None:
     monkeypatch.setattr(verify_module, "list_reachable", listed_then)
 
 
+def two_replicas_with_steps_1_2(tmp_path: Path) -> tuple[Path, Path]:
+    """Two local replicas ``a`` and ``b`` under ``tmp_path``, both holding steps 1 and 2."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    with ckptmirror.Mirror([str(a), str(b)], object_bytes=OBJ) as m:
+        for s in (1, 2):
+            m.save_state(s, state(s)).result()
+    return a, b
+
+
 def later(delay_s: float, action: Any) -> None:
     """Run ``action()`` ``delay_s`` from now on a thread: a job's writes or deletes that land
     while verify runs, after what it read at the listing."""
@@ -247,12 +258,7 @@ def test_verify_a_copy_removed_on_one_replica_only(tmp_path: Path, monkeypatch: 
     from ckptmirror.replicas import open_replica
     from ckptmirror.save.retention import remove_step
 
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
-    with ckptmirror.Mirror([str(a), str(b)], object_bytes=OBJ) as m:
-        for s in (1, 2):
-            m.save_state(s, state(s)).result()
+    a, b = two_replicas_with_steps_1_2(tmp_path)
     verify_after(monkeypatch, lambda: remove_step(open_replica(str(a)), 1))
     res = ops.verify([str(a), str(b)])
     assert res.exit_code == 0, [str(p) for p in res.problems]
@@ -267,12 +273,7 @@ def test_verify_a_copy_that_commits_during_the_check_is_checked_not_lagging(
 ) -> None:
     """At the listing a save had committed on one replica, not yet on the other (its commit
     record lands during the check): that copy is checked once more, not LAGGING (exit 3)."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
-    with ckptmirror.Mirror([str(a), str(b)], object_bytes=OBJ) as m:
-        for s in (1, 2):
-            m.save_state(s, state(s)).result()
+    a, b = two_replicas_with_steps_1_2(tmp_path)
     record = b / commit_key(2)
     held = tmp_path / "commit-2"
     shutil.move(record, held)  # step 2 torn on b: between the save's per-replica commits
@@ -397,12 +398,7 @@ def test_verify_a_torn_copy_deleted_during_the_check_is_removed(
 ) -> None:
     """Retention deletes the commit record first, then the files: at the listing the copy on one
     replica is torn, by the end of the check it is gone. Not lagging."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
-    with ckptmirror.Mirror([str(a), str(b)], object_bytes=OBJ) as m:
-        for s in (1, 2):
-            m.save_state(s, state(s)).result()
+    a, b = two_replicas_with_steps_1_2(tmp_path)
     (a / commit_key(1)).unlink()
     verify_after(monkeypatch, lambda: later(0.3, lambda: shutil.rmtree(a / step_dir(1))))
     res = ops.verify([str(a), str(b)])
@@ -445,12 +441,7 @@ def test_verify_a_copy_being_saved_during_the_check_is_not_lagging(
 ) -> None:
     """A save committed on one replica and is still writing the other (files added while
     verify looks, no commit record yet): "saving" there, in_progress, exit 0; not LAGGING."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
-    with ckptmirror.Mirror([str(a), str(b)], object_bytes=OBJ) as m:
-        for s in (1, 2):
-            m.save_state(s, state(s)).result()
+    a, b = two_replicas_with_steps_1_2(tmp_path)
     (b / commit_key(2)).unlink()
     late = b / step_dir(2) / "rank-00000" / "o999999-late.bin"
     verify_after(monkeypatch, lambda: later(0.3, lambda: late.write_bytes(b"x" * OBJ)))

@@ -102,6 +102,20 @@ def test_a_damaged_placement_record_is_named_and_repair_replaces_it(tmp_path: Pa
     assert (again.exit_code, again.actions) == (0, ())
 
 
+def _torn_on_a(tmp_path: Path, seed: int) -> tuple[Path, Path, dict[str, Any], list[str]]:
+    """Step 1 saved to ``a`` and ``b``, then torn on ``a``: no commit record, its first object
+    missing (repair copies it), the rest there. Returns a, b, the state, a's object keys."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    state = _state(seed, n=4)
+    with Mirror([str(a), str(b)], object_bytes=8 << 10) as m:
+        m.save_state(1, state).result(timeout=60)
+    objs = sorted(f for f in files_under(a) if f.endswith(".bin") and "/rank-00000/" in f)
+    assert len(objs) >= 3
+    (a / commit_key(1)).unlink()
+    (a / objs[0]).unlink()
+    return a, b, state, objs
+
+
 class _PruneMeanwhile(LocalReplica):
     """A local replica where, at repair's first write, "someone else" (``prune`` removing a torn
     save) deletes a file of the step that repair had already verified."""
@@ -115,15 +129,7 @@ class _PruneMeanwhile(LocalReplica):
 
 
 def test_repair_does_not_commit_over_a_file_deleted_while_it_copied(tmp_path: Path) -> None:
-    a, b = tmp_path / "a", tmp_path / "b"
-    state = _state(3, n=4)
-    with Mirror([str(a), str(b)], object_bytes=8 << 10) as m:
-        m.save_state(1, state).result(timeout=60)
-    objs = sorted(f for f in files_under(a) if f.endswith(".bin") and "/rank-00000/" in f)
-    assert len(objs) >= 3
-    # A torn save on a: no commit record, one object missing (repair copies it), the rest there.
-    (a / commit_key(1)).unlink()
-    (a / objs[0]).unlink()
+    a, b, state, objs = _torn_on_a(tmp_path, 3)
     victim = _PruneMeanwhile(str(a))
     victim.victim = a / objs[-1]
 
@@ -154,13 +160,7 @@ class _PruneRightAfterCommit(LocalReplica):
 
 
 def test_repair_takes_its_commit_back_when_a_file_goes_right_after(tmp_path: Path) -> None:
-    a, b = tmp_path / "a", tmp_path / "b"
-    state = _state(4, n=4)
-    with Mirror([str(a), str(b)], object_bytes=8 << 10) as m:
-        m.save_state(1, state).result(timeout=60)
-    objs = sorted(f for f in files_under(a) if f.endswith(".bin") and "/rank-00000/" in f)
-    (a / commit_key(1)).unlink()
-    (a / objs[0]).unlink()
+    a, b, state, objs = _torn_on_a(tmp_path, 4)
     target = _PruneRightAfterCommit(str(a))
     target.victim = a / objs[-1]
 

@@ -508,6 +508,11 @@ def storage_of(eng: Engine, r: Replica, step: int, manifests: Sequence[RankManif
     return out
 
 
+def temp_keys(keys: Sequence[str]) -> list[str]:
+    """The temporary files among ``keys`` (an upload never renamed): never referenced by anything."""
+    return [k for k in keys if k.rsplit("/", 1)[-1].startswith(TMP_PREFIX)]
+
+
 def garbage_keys(
     r: Replica, step: int, commit: CommitRecord | None, manifests: list[RankManifest] | None
 ) -> tuple[str, ...]:
@@ -515,7 +520,7 @@ def garbage_keys(
     keys = r.list_prefix(step_dir(step))
     if commit is None or manifests is None:
         # Without the commit's names nothing but temp files is known to be garbage.
-        return tuple(k for k in keys if k.rsplit("/", 1)[-1].startswith(TMP_PREFIX))
+        return tuple(temp_keys(keys))
     named = {commit_key(step)} | {ref.key for ref in commit.ranks} | {o.key for m in manifests for o in m.objects}
     # Format 3: a pinned writer's placement record and compressed objects (".zst") are its files too.
     writers = {writer_of(k) for k in named} - {None}

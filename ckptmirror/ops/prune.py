@@ -7,11 +7,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..format import TMP_PREFIX
 from ..replicas import Replica
 from ..save.retention import PlacementUnreadable, pinned_steps, placement_refs, plan_retention
 from ._common import FAILURES, UsageError, list_reachable, opened
-from ._engine import Engine, garbage_keys, plan_problems, recoverable, referenced
+from ._engine import Engine, garbage_keys, plan_problems, recoverable, referenced, temp_keys
 from ._prune_steps import Down, Remover, is_outage, outage_text, removals, split_torn
 
 
@@ -256,14 +255,14 @@ def _plan_replica(eng: Engine, p: _Plan) -> None:
             f"reading the placement records of the kept steps: {exc}; steps [{_listed(p.drop)}], "
             f"torn steps [{_listed(p.torn)}] and leftovers that may be referenced kept"
         )
-        p.drop, p.torn, p.garbage = [], [], _temp_files(p.garbage)
+        p.drop, p.torn, p.garbage = [], [], temp_keys(p.garbage)
         return
     if isinstance(refs, PlacementUnreadable):
         what = [f"steps {_listed(p.drop)} (still committed)"] if p.drop else []
         what += [f"torn steps {_listed(p.torn)}"] if p.torn else []
-        what += ["leftovers of kept steps"] if len(_temp_files(p.garbage)) < len(p.garbage) else []
+        what += ["leftovers of kept steps"] if len(temp_keys(p.garbage)) < len(p.garbage) else []
         p.errors.append(str(PlacementUnreadable(u, refs.key, refs.cause, kept=" and ".join(what))))
-        p.drop, p.torn, p.garbage = [], [], _temp_files(p.garbage)
+        p.drop, p.torn, p.garbage = [], [], temp_keys(p.garbage)
         return
     # A kept step's directory may hold files its own commit does not name that a later step
     # references (that step number saved again with overwrite=True after an incremental save
@@ -278,11 +277,6 @@ def _plan_replica(eng: Engine, p: _Plan) -> None:
         return
     for leftovers in p.for_refs.values():
         p.garbage.extend(leftovers)
-
-
-def _temp_files(keys: Sequence[str]) -> list[str]:
-    """The temporary files among ``keys`` (an upload never renamed): never referenced by anything."""
-    return [k for k in keys if k.rsplit("/", 1)[-1].startswith(TMP_PREFIX)]
 
 
 def _carry_out(p: _Plan, dry_run: bool) -> PruneResult:
