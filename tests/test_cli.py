@@ -681,3 +681,26 @@ def test_verify_scrub_options_parse_durations(capsys: pytest.CaptureFixture[str]
             parse(["verify", "x", "--scrub-max-age", bad])
         assert exc.value.code == 2, bad
         assert "--scrub-max-age" in capsys.readouterr().err
+
+
+def test_verify_shows_objects_with_one_cause_on_one_line_and_json_lists_each(reps: tuple[Path, Path]) -> None:
+    """Every object of replica b gone (steps 10 and 20) and one flipped byte on a: the text says
+    "missing: N objects on b in step(s) 10, 20" once, the lone corrupt object keeps its own line,
+    and ``--json`` still lists every object."""
+    a, b = reps
+    gone = [p for s in (10, 20) for p in sorted((b / step_dir(s) / "rank-00000").glob("o*.bin"))]
+    assert len(gone) >= 8  # several objects a step (OBJ bytes each)
+    for p in gone:
+        p.unlink()
+    flip_byte(obj(a, 30, 1))
+    text, js = cli_many(["verify", a, b], ["verify", a, b, "--json"])
+    assert text.returncode == 1 and js.returncode == 1, text.stdout + text.stderr
+    damage = text.stdout[text.stdout.index("DAMAGE (") :].split("\n\n")[0].splitlines()[1:]
+    missing = [line for line in damage if line.strip().startswith("missing")]
+    assert len(missing) == 1, damage
+    assert f"missing: {len(gone)} objects on {b} in step(s) 10, 20 (first: " in missing[0], missing
+    corrupt = [line for line in damage if line.strip().startswith("corrupt")]
+    assert len(corrupt) == 1 and corrupt[0].startswith(f"  corrupt: {rel(a, obj(a, 30, 1))} on {a}: "), damage
+    assert f"DAMAGE ({len(gone) + 1})" in text.stdout and f"FAILED: {len(gone) + 1} problem(s)" in text.stdout
+    doc = json.loads(js.stdout)
+    assert {p["key"] for p in doc["problems"] if p["kind"] == "missing"} == {rel(b, p) for p in gone}

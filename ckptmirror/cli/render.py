@@ -279,7 +279,7 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
     if damage:
         lines.append("")
         lines.append(f"DAMAGE ({len(damage)}): objects or records that are missing or wrong:")
-        lines += [f"  {p}" for p in damage]
+        lines += [f"  {line}" for line in _damage_lines(damage)]
     unavailable = res.unavailable
     if unavailable:
         lines.append("")
@@ -384,6 +384,35 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
             )
         lines.append(msg)
     return lines
+
+
+#: How many objects with one cause are listed one per line before they share a line.
+_DAMAGE_GROUP_AT = 4
+
+
+def _damage_lines(damage: Sequence[ops.Problem]) -> list[str]:
+    """One line per problem, except that problems of one kind, on one replica, with the very same
+    cause (a damaged placement record makes every object of its writer invalid; a lost
+    directory makes every object missing) share one line that counts them, names the steps and
+    the first object: otherwise one cause fills thousands of lines (``--json`` lists each)."""
+    groups: dict[tuple[str, str, str], list[ops.Problem]] = {}
+    for p in damage:
+        groups.setdefault((p.kind, p.replica, p.detail), []).append(p)
+    out: list[str] = []
+    for p in damage:
+        group = groups.get((p.kind, p.replica, p.detail))
+        if group is None:
+            continue  # already shown with its group
+        if len(group) < _DAMAGE_GROUP_AT:
+            out.append(str(p))
+            continue
+        del groups[(p.kind, p.replica, p.detail)]
+        steps = sorted({q.step for q in group})
+        out.append(
+            f"{p.kind}: {len(group)} objects on {p.replica} in step(s) {_first([str(s) for s in steps], 8)} "
+            f"(first: {p.key}): {p.detail}"
+        )
+    return out
 
 
 def _how(rk: ops.RankCheck) -> str:
