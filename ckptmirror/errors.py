@@ -36,8 +36,29 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 
+def _rebuild(cls: type[BaseException], args: tuple[object, ...], attrs: dict[str, object]) -> BaseException:
+    """An error as :meth:`CkptMirrorError.__reduce__` took it apart, without calling its ``__init__``."""
+    exc = cls.__new__(cls)
+    exc.args = args
+    for name, value in attrs.items():
+        setattr(exc, name, value)  # OSError's errno is a slot, not in __dict__
+    return exc
+
+
 class CkptMirrorError(Exception):
     """Base class of every error ckptmirror raises about checkpoints and replicas."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Picklable, whatever the subclass's __init__ takes. torch.distributed.checkpoint sends a
+        # rank's exception to the coordinator pickled (gather_object); the default reduce calls
+        # cls(*args) with the message alone, which failed for every error here that takes other
+        # arguments: under torchrun, the coordinator then raised that TypeError instead of the
+        # message naming the key and the fix. (Our own files and wire never pickle.)
+        attrs = dict(self.__dict__)
+        if isinstance(self, OSError):  # its slots; one set to None would change str() (Py_None is "set")
+            slots = {"errno": self.errno, "strerror": self.strerror, "filename": self.filename}
+            attrs.update((k, v) for k, v in slots.items() if v is not None)
+        return (_rebuild, (type(self), self.args, attrs))
 
 
 class UnsupportedTypeError(CkptMirrorError, TypeError):

@@ -12,6 +12,8 @@ load ROOT TAG STEP URL ... build the model with other weights, sharded over this
                            ROOT/restored-TAG.safetensors and ROOT/result-TAG-<rank>.json. TAG and
                            STEP may be comma-separated lists of the same length: one load each, in
                            turn, in this job (a model of its own each; one torchrun start for all)
+default-planner ROOT URL ... dcp.save with DCP's default planner and an int in the state; each
+                           rank writes what dcp.save raised to ROOT/refused-<rank>.json
 kill ROOT URL ...          launched by hand (not torchrun): step 1 is saved; during step 2 rank 1
                            SIGKILLs itself after its first object; rank 0 records what dcp.save did
 """
@@ -261,6 +263,24 @@ def save_to_full(root: str, urls: list[str]) -> int:
     return 0
 
 
+def default_planner(root: str, urls: list[str]) -> None:
+    """dcp.save with DCP's default planner and a plain int in the state: each rank records what
+    dcp.save raised (DCP pickles each rank's exception to the coordinator and back)."""
+    rank = dist.get_rank()
+    model = build(seed=1)
+    state = {"model": model.state_dict(), "meta": {"epoch": 3}}
+    w = MirrorStorageWriter([u.replace("{rank}", str(rank)) for u in urls], step=30)
+    try:
+        dcp.save(state, storage_writer=w)
+        got = {"raised": None, "message": ""}
+    except BaseException as exc:  # CheckpointException wraps each rank's error
+        got = {"raised": type(exc).__name__, "message": str(exc)}
+    finally:
+        w.close()
+    with open(os.path.join(root, f"refused-{rank}.json"), "w") as f:
+        json.dump(got, f)
+
+
 def main() -> int:
     mode, root = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
@@ -277,6 +297,8 @@ def main() -> int:
         return kill(root, sys.argv[3:])
     elif mode == "full":
         save_to_full(root, sys.argv[3:])
+    elif mode == "default-planner":
+        default_planner(root, sys.argv[3:])
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -59,3 +59,50 @@ def test_import_ckptmirror_does_not_import_torch_until_mirror_is_used() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_every_error_survives_pickling_with_its_message_and_attributes() -> None:
+    """torch.distributed.checkpoint pickles a rank's exception to the coordinator and back; an
+    error whose ``__init__`` takes more than the message must still arrive whole (the default
+    reduce calls ``cls(message)``: a TypeError from the unpickler instead of the error)."""
+    import errno as errnos
+    import pickle
+
+    from ckptmirror.save.retention import RetentionStopped
+
+    samples: list[BaseException] = [
+        errors.CkptMirrorError("base"),
+        errors.UnsupportedTypeError("state_dict['meta']['epoch']", int, "pass planner=MirrorSavePlanner()"),
+        errors.StepExistsError(7, "/r"),
+        errors.StepNotFoundError(9, [1, 2], ["/r", "s3://b/p"]),
+        errors.ObjectMissingError("not found", replica="/r", key="step-1/o"),
+        errors.CorruptObjectError("checksum mismatch", replica="/r", key="step-1/o"),
+        errors.ManifestError("bad JSON", replica="/r", key="step-1/m.json"),
+        errors.StateMismatchError("shape"),
+        errors.ReplicaError("disk full", replica="/r", key="k", errno=errnos.ENOSPC),
+        errors.ReplicaUnavailableError("down", replica="peer://h:1/x"),
+        errors.ReplicaConfigError("no bucket", replica="s3://b"),
+        errors.ReplicaPermissionError("denied", replica="s3://b"),
+        errors.ReplicaURLError("unknown scheme", replica="s4://b"),
+        errors.SaveFailedError(3, {"/r": errors.ReplicaError("io", replica="/r")}),
+        errors.SaveSkippedError("skipped"),
+        errors.CoordinationError("rank 1 died"),
+        errors.NoValidCheckpointError({5: "corrupt"}, replicas=["/r"], note="ranks 1"),
+        RetentionStopped("/r", "step 4", errors.ReplicaUnavailableError("down", replica="/r")),
+    ]
+    covered = {type(e) for e in samples}
+    for v in vars(errors).values():
+        if isinstance(v, type) and issubclass(v, Exception) and not v.__name__.startswith("_"):
+            assert v in covered, f"add a sample of {v.__name__}"
+    for exc in samples:
+        exc.add_note("a note")
+        back = pickle.loads(pickle.dumps(exc))
+        assert type(back) is type(exc) and str(back) == str(exc) and back.args == exc.args, exc
+        assert back.__notes__ == ["a note"], exc
+        for name, value in vars(exc).items():
+            assert name in vars(back) and str(vars(back)[name]) == str(value), (exc, name)
+        if isinstance(exc, OSError):
+            assert back.errno == exc.errno, exc
+    replica_error = samples[8]
+    assert isinstance(replica_error, errors.ReplicaError)
+    assert pickle.loads(pickle.dumps(replica_error)).errno == errnos.ENOSPC

@@ -389,6 +389,19 @@ def test_default_save_planner_is_refused_naming_the_key(tmp_path: Path) -> None:
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").rglob("*.bin")), "nothing written"
 
 
+def test_default_save_planner_is_refused_naming_the_key_on_every_rank_under_torchrun(tmp_path: Path) -> None:
+    """Under a process group DCP pickles a rank's exception to the coordinator and back: the
+    error must survive that, or the ranks see a TypeError from the unpickler (or a closed
+    connection) instead of the key and the fix."""
+    job(2, "default-planner", str(tmp_path), str(tmp_path / "r{rank}"))
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"refused-{rank}.json").read_text())
+        assert got["raised"] is not None, got
+        assert "planner=MirrorSavePlanner()" in got["message"] and "meta.epoch" in got["message"], got
+        assert "UnsupportedTypeError" in got["message"] and "missing 1 required" not in got["message"], got
+    assert committed_steps([str(tmp_path / "r0")]) == [] and committed_steps([str(tmp_path / "r1")]) == []
+
+
 def test_default_load_planner_is_refused(tmp_path: Path) -> None:
     dcp.save(small_state(), storage_writer=MirrorStorageWriter([str(tmp_path)], step=1), planner=MirrorSavePlanner())
     with pytest.raises(BaseException, match=r"planner=MirrorLoadPlanner\(\)"):
