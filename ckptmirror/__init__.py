@@ -23,6 +23,7 @@ Every environment variable ckptmirror reads is listed in :data:`ckptmirror.confi
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -145,10 +146,18 @@ def get_mirror() -> Mirror:
         if _default is None:
             urls = config.replicas()
             if not urls:
+                if os.environ.get(ENV_REPLICAS, "").strip():  # set, but only commas and spaces
+                    raise EnvConfigError(
+                        f"${ENV_REPLICAS}={os.environ[ENV_REPLICAS]!r} is not accepted: use comma-separated "
+                        "replica URLs (a local path, s3://bucket/prefix, peer://host:port/namespace, ...)"
+                    )
                 raise CkptMirrorError(f"no replicas configured: call ckptmirror.init([...]) or set {ENV_REPLICAS}")
             from .mirror import Mirror
 
-            _default = Mirror(urls)
+            try:
+                _default = Mirror(urls)
+            except ReplicaURLError as exc:  # the variable's text, not an argument: name the variable
+                raise EnvConfigError(f"${ENV_REPLICAS}={os.environ[ENV_REPLICAS]!r} is not accepted: {exc}") from exc
         return _default
 
 

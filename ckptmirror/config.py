@@ -6,9 +6,11 @@ row for row (tests/test_docs.py fails otherwise and prints the table to paste). 
 
 * an explicit argument (``Mirror(keep_last=3)``, ``on_sigterm=``, ``--token-file``) always wins
   over the environment; the environment only fills in what the caller left out;
-* an unset or empty variable means the default;
+* an unset or empty variable means the default (except an empty :data:`ENV_PEER_TOKEN`, a
+  usage error for ``ckptmirror serve``: an empty token must not mean "no token");
 * a bad value raises :class:`EnvConfigError` (a ``ValueError``) naming the variable, the value
-  and the accepted values, when the mirror is created, not hours later.
+  and the accepted values, when the mirror is created, not hours later (``Mirror()`` checks
+  the variables that restores and the background threads read later).
 
 The variables are read when they are used (``Mirror()``, :func:`ckptmirror.get_mirror`, a
 restore), never cached at import, so a test or a launcher may set them late.

@@ -197,6 +197,10 @@ class Mirror:
         given: list[str | Replica] = [os.fspath(u) if isinstance(u, os.PathLike) else u for u in replicas]
         config.apply_log_level()  # $CKPTMIRROR_LOG_LEVEL, if set: the ckptmirror logger's level only
         keep_last = config.keep_last(keep_last)  # an explicit argument (None included) wins
+        # Read by restores and the background threads later: a bad value fails here, not at the
+        # first restore, hours into a run that only saved.
+        config.progress_interval_s()
+        config.background_nice()
         _check_options(len(given), keep_last, object_bytes, inflight_policy, on_replica_error, min_replicas)
         # distributed=False: this process's private mirror even inside a process group (a
         # framework that checkpoints from rank 0 only must not wait for the other ranks' votes).

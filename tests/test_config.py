@@ -135,6 +135,40 @@ def test_replicas_and_progress_interval_parsers(monkeypatch: pytest.MonkeyPatch)
             config.progress_interval_s()
 
 
+@pytest.mark.usefixtures("clean_env")
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [(config.ENV_PROGRESS_INTERVAL_S, "-1"), (config.ENV_BACKGROUND_NICE, "20")],
+)
+def test_a_bad_value_read_later_fails_when_the_mirror_is_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """The progress interval is read by restores, the nice value by the background threads; a
+    job that only saves must still hear of a bad value at Mirror(), not never."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(EnvConfigError, match=rf"{name}={value!r} is not accepted"):
+        Mirror([str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.usefixtures("clean_env")
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [(" , ", "comma-separated replica URLs"), ("s4://x/y", "unsupported replica URL scheme 's4'")],
+)
+def test_a_bad_replicas_variable_is_an_env_config_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch, value: str, says: str
+) -> None:
+    monkeypatch.setattr(ckptmirror, "_default", None)
+    monkeypatch.setenv(config.ENV_REPLICAS, value)
+    with pytest.raises(EnvConfigError, match=rf"CKPTMIRROR_REPLICAS={value!r} is not accepted: .*{says}"):
+        ckptmirror.get_mirror()
+    monkeypatch.setenv(config.ENV_REPLICAS, "")  # empty: unset, the default (none configured)
+    with pytest.raises(ckptmirror.CkptMirrorError, match="no replicas configured") as err:
+        ckptmirror.get_mirror()
+    assert not isinstance(err.value, EnvConfigError)
+
+
 CHILD = textwrap.dedent(
     """
     import json, logging, sys

@@ -279,3 +279,35 @@ def test_every_variable_the_package_reads_is_documented() -> None:
     text = CONFIG_PAGE.read_text(encoding="utf-8")
     missing = sorted(n for n in env_names_read_by_the_package() if f"`{n}`" not in text)
     assert not missing, f"ckptmirror/ reads environment variables docs/configuration.md does not name: {missing}"
+
+
+#: ``m.NAME(ARGS)`` in a table cell of the README or docs/usage.md: a Mirror method's signature.
+_MIRROR_CALL = re.compile(r"`m\.(\w+)\(([^)`]*)\)")
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/usage.md"])
+def test_documented_mirror_signatures_match_the_code(page: str) -> None:
+    """Names, order and the ``*`` before keyword-only arguments: ``m.restore(model, optim, 1)``
+    read off a signature without the ``*`` is a TypeError (found by an audit of the docs)."""
+    import inspect
+
+    from ckptmirror import Mirror
+
+    text = (REPO / page).read_text()
+    seen = 0
+    for name, args in _MIRROR_CALL.findall(text):
+        method = getattr(Mirror, name, None)
+        assert callable(method), f"{page}: m.{name}() is not a Mirror method"
+        params = list(inspect.signature(method).parameters.values())[1:]  # without self
+        documented = [a.split("=")[0].strip() for a in args.split(",") if a.strip()]
+        if not documented or any(not re.fullmatch(r"\w+|\*", d) for d in documented):
+            continue  # a call with values (an example), not a signature
+        real: list[str] = []
+        for p in params:
+            if p.kind is p.KEYWORD_ONLY and "*" not in real:
+                real.append("*")
+            real.append(p.name)
+        if documented != real[: len(documented)]:  # a prefix: trailing optional arguments may go unnamed
+            raise AssertionError(f"{page}: m.{name}({args}) but the code has ({', '.join(real)})")
+        seen += 1
+    assert seen >= 6, f"{page}: only {seen} signatures found"
