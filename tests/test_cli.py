@@ -192,7 +192,7 @@ def test_usage_errors_exit_2_with_one_line(reps: tuple[Path, Path], tmp_path: Pa
     for r in (no_url, missing_dir, memory):
         assert r.returncode == 2, (r.args, r.stderr)
         assert one_line_error(r).startswith("ckptmirror ")
-    assert "does not exist" in missing_dir.stderr
+    assert "does not exist" in missing_dir.stderr and f"mkdir -p {tmp_path / 'no-such-dir'}" in missing_dir.stderr
     assert not (tmp_path / "no-such-dir").exists()  # an operator command never creates a replica
     assert "memory://" in memory.stderr
     # Argument errors in-process too (no torch import per case): still one line, status 2.

@@ -442,6 +442,61 @@ def test_a_partial_replica_still_answers_for_the_ranks_it_holds(ring: Ring, tmp_
     assert rep.exit_code == 0 and rep.actions == () and rep.unrecoverable == (), rep
 
 
+def test_repair_rebuilds_a_replaced_node_disk_from_its_ring_namespace(
+    ring: Ring, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/operations.md's runbook: node 1's disk replaced (an empty directory), repaired from
+    node 1's ring namespace alone. It is to hold what that partial copy holds: rank 1, and the
+    share records that say so (before this, repair demanded rank 0's manifest of the empty disk
+    and copied nothing)."""
+    from ckptmirror import ops
+
+    monkeypatch.setenv(wire.TOKEN_ENV, TOKEN)
+    disk = tmp_path / "node1"
+    disk.mkdir()
+    rep = ops.repair([str(disk), ring.url(1)])
+    assert rep.exit_code == 0 and rep.unrecoverable == (), rep
+    commits = [a for a in rep.actions if a.action == "commit"]
+    assert [a.step for a in commits] == [1, 2] and all(a.done and "holds rank(s) 1 as" in a.reason for a in commits)
+    assert not any("rank-00000" in a.key for a in rep.actions), rep.actions
+    # Node 1's own files of its rank, and the namespace's commit and share records (a commit
+    # record differs by replica, and a share record is named after its commit's checksum).
+    got = _files(disk / step_dir(1))
+    ns = {k: v for k, v in _files(ring.ns_root(1) / step_dir(1)).items() if "/COMMIT" in k or "/share-" in k}
+    own = {k: v for k, v in ring.shares[1].items() if "/COMMIT" not in k and "/share-" not in k}
+    assert len(ns) == 2 and got == {**own, **ns}, (sorted(got), sorted(own), sorted(ns))
+    code, doc = _verify(str(disk))
+    assert code == 0 and doc["damage"] == [], doc["damage"]
+    for step in doc["steps"]:
+        assert step["unchecked_ranks"] == [0] and step["recoverable"], step
+    # Both nodes' namespaces given: the new directory holds the union, every rank.
+    both = tmp_path / "both"
+    both.mkdir()
+    rep = ops.repair([str(both), ring.url(0), ring.url(1)])
+    assert rep.exit_code == 0, rep
+    code, doc = _verify(str(both))
+    assert code == 0 and all(s["unchecked_ranks"] == [] for s in doc["steps"]), doc
+    # A full copy given among the sources (here: both node disks merged into one directory
+    # without share records): the rule of a full copy, every rank is copied.
+    full = tmp_path / "full"
+    shutil.copytree(ring.root / "local-0", full)
+    for p in (ring.root / "local-1").rglob("*"):
+        if (
+            p.is_file()
+            and not p.name.startswith("share-")
+            and not (full / p.relative_to(ring.root / "local-1")).exists()
+        ):
+            (full / p.relative_to(ring.root / "local-1")).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, full / p.relative_to(ring.root / "local-1"))
+    for p in full.rglob("share-*.json"):
+        p.unlink()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rep = ops.repair([str(empty), str(full), ring.url(1)])
+    assert rep.exit_code == 0, rep
+    assert any("rank-00000" in a.key for a in rep.actions) and not list(empty.rglob("share-*.json"))
+
+
 def test_prune_of_an_agents_directory_keeps_what_the_agent_held(ring: Ring, tmp_path: Path) -> None:
     # An operator runs prune on an agent's namespace as a local path: the agent's hidden records
     # of what the namespace held (its scrubber needs them) and the share records are no garbage.

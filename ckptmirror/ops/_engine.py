@@ -111,6 +111,11 @@ class Engine:
         self._manifests: dict[tuple[str, str], RankManifest | None] = {}
         self._invalid: dict[tuple[str, str], str | None] = {}
         self._shares: dict[tuple[str, int], ShareRecord | None] = {}
+        #: (replica URL, step) -> the share record keys found there for its commit
+        self.share_keys: dict[tuple[str, int], list[str]] = {}
+        #: (replica URL, step) -> (source replica, share record key) to copy there before its commit
+        #: record: the replica had none and holds what the partial replicas given hold
+        self.inherited: dict[tuple[str, int], list[tuple[Replica, str]]] = {}
         #: replica URL -> the outage that stopped it answering in this run: what it holds is not
         #: asked again (each ask would cost its time budget) and is reported ``unavailable``
         self.down: dict[str, str] = {}
@@ -260,17 +265,56 @@ class Engine:
             share = None
             try:
                 csum = checksum(r.get(commit_key(step), MAX_MANIFEST_BYTES))
-                keys = [key for key in r.list_prefix(step_dir(step)) if is_share_key(key, csum)]
-                # One record per group that writes here: their union is what the replica holds
-                # (a directory every node writes to gets the whole world: a full copy).
-                records = [ShareRecord.parse(r.get(key, MAX_SHARE_BYTES), step, csum) for key in keys]
-                if records and all(rec is not None for rec in records):
-                    ranks = sorted({x for rec in records if rec is not None for x in rec.ranks})
-                    share = ShareRecord(step, csum, tuple(ranks))
+            except (ObjectMissingError, FileNotFoundError):
+                # No commit here (a lagging or replaced replica): it is to hold what the partial
+                # replicas given with it hold, when every copy of the step is partial.
+                share = self._inherited_share(r, step)
             except FAILURES:
-                pass  # no usable record: the rule of a full copy
+                pass  # an unreadable commit record: the rule of a full copy
+            else:
+                share = self._records_on(r, step, csum)
             self._shares[k] = share
         return self._shares[k]
+
+    def _records_on(self, r: Replica, step: int, csum: str) -> ShareRecord | None:
+        """The union of ``r``'s share records of the commit record ``csum``, or None (none there,
+        one that does not parse, or ``r`` cannot be read: the rule of a full copy)."""
+        try:
+            keys = [key for key in r.list_prefix(step_dir(step)) if is_share_key(key, csum)]
+            # One record per group that writes here: their union is what the replica holds
+            # (a directory every node writes to gets the whole world: a full copy).
+            records = [ShareRecord.parse(r.get(key, MAX_SHARE_BYTES), step, csum) for key in keys]
+        except FAILURES:
+            return None
+        if not records or any(rec is None for rec in records):
+            return None
+        with self._lock:
+            self.share_keys[(r.url, step)] = keys
+        return ShareRecord(step, csum, tuple(sorted({x for rec in records if rec is not None for x in rec.ranks})))
+
+    def _inherited_share(self, r: Replica, step: int) -> ShareRecord | None:
+        """What a replica without a commit record of ``step`` is to hold: the union of the ranks
+        the other replicas given hold, when each that holds the step is partial and all hold the
+        same commit record (a node-local disk rebuilt from its node's ``ring_peer`` namespace);
+        None when any holds all of it or they disagree (the rule of a full copy)."""
+        holders: list[tuple[Replica, ShareRecord]] = []
+        for o in self.replicas:
+            if o is r or o.url in self.down:
+                continue
+            try:
+                csum = checksum(o.get(commit_key(step), MAX_MANIFEST_BYTES))
+            except FAILURES:
+                continue  # not held there (or unreadable: not a source either)
+            rec = self._records_on(o, step, csum)
+            if rec is None:
+                return None  # a full copy is given: the target gets every rank
+            holders.append((o, rec))
+        if not holders or len({rec.commit_checksum for _, rec in holders}) != 1:
+            return None
+        with self._lock:
+            self.inherited[(r.url, step)] = [(o, key) for o, _ in holders for key in self.share_keys[(o.url, step)]]
+        ranks = sorted({x for _, rec in holders for x in rec.ranks})
+        return ShareRecord(step, holders[0][1].commit_checksum, tuple(ranks))
 
     def plan(self, r: Replica, step: int, commit: CommitRecord) -> ReplicaPlan:
         """Check ``r``'s rank manifests against ``commit`` and list its object checks."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ManifestError, StepExistsError, StepNotFoundError
-from ..format import MAX_MANIFEST_BYTES, CommitRecord, ObjectRecord, commit_key, parse_commit, step_dir
+from ..format import MAX_MANIFEST_BYTES, MAX_SHARE_BYTES, CommitRecord, ObjectRecord, commit_key, parse_commit, step_dir
 from ..placement import MAX_PLACEMENT_BYTES, Stored, drop_placement_entry, parse_placement, placement_of
 from ..replicas import Replica
 from ._common import FAILURES, Problem, Progress, ProgressFactory, list_reachable, opened
@@ -470,6 +470,13 @@ def _commit(fix: _Fix, dry_run: bool, copy_failed: bool, eng: Engine) -> RepairA
         if fix.plan.commit_problem
         else "step committed on another replica but not here"
     )
+    shares = eng.inherited.get((r.url, s), [])
+    if shares:
+        held = sorted(rp.rank for rp in fix.plan.ranks if rp.held)
+        reason += (
+            f"; holds rank(s) {', '.join(map(str, held))} as the partial replicas given do "
+            f"(their share record(s) copied first: {', '.join(sorted({k for _, k in shares}))})"
+        )
 
     def action(done: bool = False, error: str | None = None) -> RepairAction:
         return RepairAction(s, r.url, key, kind, None, len(raw), reason, done, error)
@@ -486,6 +493,10 @@ def _commit(fix: _Fix, dry_run: bool, copy_failed: bool, eng: Engine) -> RepairA
                 error=f"not committed: {gone} is no longer there (deleted while repair ran: was "
                 "'ckptmirror prune' or a training job's retention running?); run repair again"
             )
+        # A partial copy's share records before its commit record, as a save writes them: without
+        # them the replica would be held to the rule of a full copy (every other rank "missing").
+        for src, share in shares:
+            r.put(share, src.get(share, MAX_SHARE_BYTES))
         if fix.replace_commit:
             r.delete(key)
         r.commit(key, raw)

@@ -183,8 +183,14 @@ def open_replicas(
             if isinstance(u, str) and must_exist and scheme_of(u) in ("", "file"):
                 path = path_from_url(u)
                 if not os.path.isdir(path):
-                    what = "is not a directory" if os.path.exists(path) else "does not exist"
-                    raise ReplicaUnavailableError(f"{path} {what}", replica=u)
+                    if os.path.exists(path):
+                        raise ReplicaUnavailableError(f"{path} is not a directory", replica=u)
+                    raise ReplicaUnavailableError(
+                        f"{path} does not exist (the operator commands create no directory: a mistyped "
+                        f"path would pass for an empty replica); to fill a new or replaced disk with "
+                        f"'ckptmirror repair', create it first: mkdir -p {path}",
+                        replica=u,
+                    )
             out.append(open_replica(u, options_for(u, storage_options)))
         # Local directories by where they lead (``/x``, ``/x/``, ``file:///x``, a symlink to it):
         # one store twice would be one copy counted as two, and a save's files on one position
