@@ -184,14 +184,17 @@ def test_help_of_every_command_has_examples(capsys: pytest.CaptureFixture[str]) 
 
 def test_usage_errors_exit_2_with_one_line(reps: tuple[Path, Path], tmp_path: Path) -> None:
     a, _b = reps
-    no_url, missing_dir, memory = cli_many(
+    no_url, missing_dir, memory, no_port, gs = cli_many(
         ["verify"],
         ["verify", tmp_path / "no-such-dir"],
         ["prune", a, "memory://x", "--keep", "2"],
+        ["ls", "peer://127.0.0.1:/run1"],
+        ["ls", "gs://bkt/run1"],  # without gcsfs (as here): a misconfiguration, named
     )
-    for r in (no_url, missing_dir, memory):
+    for r in (no_url, missing_dir, memory, no_port) + ((gs,) if "gcsfs" in gs.stderr else ()):
         assert r.returncode == 2, (r.args, r.stderr)
         assert one_line_error(r).startswith("ckptmirror ")
+    assert "peer://host:port/namespace" in no_port.stderr
     assert "does not exist" in missing_dir.stderr and f"mkdir -p {tmp_path / 'no-such-dir'}" in missing_dir.stderr
     assert not (tmp_path / "no-such-dir").exists()  # an operator command never creates a replica
     assert "memory://" in memory.stderr

@@ -97,6 +97,27 @@ def test_malformed_url_is_an_error_not_a_relative_path(tmp_path, monkeypatch, ur
     assert os.listdir(tmp_path) == []  # nothing was created relative to the working directory
 
 
+@pytest.mark.parametrize("url", ["peer://127.0.0.1:/run1", "peers://node1:/run1"])
+def test_a_peer_url_with_an_empty_port_is_refused_not_taken_as_the_default(url: str) -> None:
+    with pytest.raises(ckptmirror.ReplicaURLError, match="peer://host:port/namespace") as exc:
+        Mirror([url])
+    assert url in str(exc.value)
+    from ckptmirror.replicas.peer import PeerReplica
+
+    assert PeerReplica(url.replace(":/run1", "/run1")).port == 7070  # no colon: the default port
+
+
+def test_a_known_fsspec_protocol_without_its_package_names_the_replica(tmp_path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    with pytest.raises(ckptmirror.ReplicaConfigError, match=r"replica gs://bkt/run1: .*gcsfs") as exc:
+        Mirror([str(tmp_path / "a"), "gs://bkt/run1"])
+    assert isinstance(exc.value.__cause__, ImportError)
+    assert not (tmp_path / "a").exists() or not os.listdir(tmp_path / "a")
+
+
 @pytest.mark.parametrize(
     ("url", "key"),
     [("peers://h:1/ns", "peer"), ("s3a://bucket/p", "s3"), ("peer://h:1/ns", "peer"), ("s3://b/p", "s3")],

@@ -98,6 +98,10 @@ def open_replicas(
         raise UsageError(str(exc)) from exc
     except ImportError as exc:
         raise UsageError(str(exc)) from exc
+    except ReplicaConfigError as exc:  # e.g. gs:// without gcsfs: what it was given cannot work
+        if isinstance(exc, UsageError):
+            raise
+        raise as_usage_error(exc) from exc
 
 
 @contextmanager

@@ -178,7 +178,10 @@ class FsspecReplica(Replica):
         super().__init__(url)
         self.budget = TimeBudget(connect_timeout_s, min_bytes_per_s)
         target = url.split("+", 1)[1] if url.lower().startswith("fsspec+") else url
-        self.fs, root = fsspec.core.url_to_fs(target, **storage_options)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(target, **storage_options)
+        except ImportError as exc:  # fsspec knows the protocol, its package is not installed
+            raise ReplicaConfigError(f"{exc} (needed for this replica)", replica=url) from exc
         self.root = root.rstrip("/")
         protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
         self.atomic_rename = bool(protocols & _ATOMIC_RENAME) if atomic_rename is None else atomic_rename

@@ -110,6 +110,8 @@ class PeerReplica(Replica):
             port = parsed.port  # raises for a port that is not a number
         except ValueError:
             port = -1
+        if parsed.netloc.endswith(":"):  # "host:" with no port: a typo, not the default port
+            port = -1
         if parsed.scheme not in ("peer", "peers") or not parsed.hostname or port == -1:
             raise ReplicaURLError(f"peer URL must look like peer://host:port/namespace, got {url!r}")
         self.host = parsed.hostname
