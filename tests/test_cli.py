@@ -707,3 +707,18 @@ def test_verify_shows_objects_with_one_cause_on_one_line_and_json_lists_each(rep
     assert f"DAMAGE ({len(gone) + 1})" in text.stdout and f"FAILED: {len(gone) + 1} problem(s)" in text.stdout
     doc = json.loads(js.stdout)
     assert {p["key"] for p in doc["problems"] if p["kind"] == "missing"} == {rel(b, p) for p in gone}
+
+
+def test_verify_says_which_replica_holds_nothing_at_all(reps: tuple[Path, Path], tmp_path: Path) -> None:
+    """A mistyped path passes for "no checkpoints yet" (exit 0, as for a run before its first
+    save); verify names it, as ls does, and next to a replica with steps it lags (exit 3)."""
+    a, _b = reps
+    typo = tmp_path / "typo"
+    typo.mkdir()
+    alone, alone_js, beside = cli_many(["verify", typo], ["verify", typo, "--json"], ["verify", a, typo, "--json"])
+    assert (
+        alone.returncode == 0 and f"[1] {typo}: empty (no steps, no step directories): check the path" in alone.stdout
+    )
+    assert json.loads(alone_js.stdout)["empty"] == {str(typo): "check the path"}
+    doc = json.loads(beside.stdout)
+    assert beside.returncode == 3 and doc["empty"] == {str(typo): "check the path"}, doc["empty"]

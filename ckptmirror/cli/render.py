@@ -326,6 +326,9 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
         lines.append("garbage (interrupted saves, not corruption; see 'ckptmirror prune'):")
         lines += [f"  {tags[u]} torn steps {list(v)}" for u, v in torn.items()]
     lines += _unreachable_lines(res.unreachable, tags)
+    if res.empty:  # a mistyped path or namespace passes for "no checkpoints yet": say so
+        lines.append("")
+        lines += [f"{tags[u]} {u}: empty (no steps, no step directories): {hint}" for u, hint in res.empty.items()]
     lines.append("")
     n = len(res.steps)
     problems = res.problems

@@ -204,3 +204,24 @@ def walk(node: Any, path: tuple[Any, ...], is_leaf: Callable[[Any], bool]) -> It
 def dotted(path: tuple[Any, ...]) -> str:
     """A key path as a dotted name: ``("optim", "state", 0, "exp_avg")`` -> ``optim.state.0.exp_avg``."""
     return ".".join(str(k) for k in path)
+
+
+def empty_hint(url: str) -> str:
+    """What to check when ``url`` holds nothing at all: the part of the URL most likely mistyped."""
+    try:
+        scheme = scheme_of(url)
+    except ValueError:
+        scheme = ""
+    if scheme in ("peer", "peers"):
+        # The agent has no listing of its namespaces to offer (its API lists keys within one).
+        named = url.split("://", 1)[-1].strip("/").count("/") > 0
+        return (
+            "check the namespace (peer://HOST:PORT/NAMESPACE"
+            + ("" if named else "; without one, the agent's 'default' namespace is meant")
+            + ") and that the agent is the one the job writes to"
+        )
+    if scheme == "s3":
+        return "check the bucket and prefix (s3://BUCKET/PREFIX)"
+    if scheme in ("", "file"):
+        return "check the path"
+    return "check the URL"

@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 
 from ..errors import ReplicaUnavailableError
 from ..format import step_dir
-from ..replicas import Replica, scheme_of
-from ._common import FAILURES, list_reachable, opened, strip_where
+from ..replicas import Replica
+from ._common import FAILURES, empty_hint, list_reachable, opened, strip_where
 from ._engine import Engine, KeptForReferences, garbage_keys, referenced, storage_of
 
 T = TypeVar("T")
@@ -66,27 +66,6 @@ class Listing:
         d = dataclasses.asdict(self)
         d["exit_code"] = self.exit_code
         return d
-
-
-def _empty_hint(url: str) -> str:
-    """What to check when ``url`` holds nothing at all: the part of the URL most likely mistyped."""
-    try:
-        scheme = scheme_of(url)
-    except ValueError:
-        scheme = ""
-    if scheme in ("peer", "peers"):
-        # The agent has no listing of its namespaces to offer (its API lists keys within one).
-        named = url.split("://", 1)[-1].strip("/").count("/") > 0
-        return (
-            "check the namespace (peer://HOST:PORT/NAMESPACE"
-            + ("" if named else "; without one, the agent's 'default' namespace is meant")
-            + ") and that the agent is the one the job writes to"
-        )
-    if scheme == "s3":
-        return "check the bucket and prefix (s3://BUCKET/PREFIX)"
-    if scheme in ("", "file"):
-        return "check the path"
-    return "check the URL"
 
 
 class _Outages:
@@ -166,7 +145,7 @@ def ls(urls: Sequence[str | Replica], *, storage_options: Mapping[str, Mapping[s
         kept = KeptForReferences(listing)  # "holds only files other steps reference"
         outages = _Outages(eng)
         empty = {
-            r.url: _empty_hint(r.url)
+            r.url: empty_hint(r.url)
             for r in reachable
             if not listing.torn.get(r.url) and not any(r.url in us for us in listing.committed.values())
         }

@@ -35,7 +35,7 @@ from ..checksum import checksum
 from ..format import MAX_MANIFEST_BYTES, CommitRecord, commit_key
 from ..replicas import Replica
 from ..replicas.peer import ScrubUnavailableError
-from ._common import FAILURES, Problem, ProgressFactory, list_reachable, opened, strip_where
+from ._common import FAILURES, Problem, ProgressFactory, empty_hint, list_reachable, opened, strip_where
 from ._engine import Engine, KeptForReferences, ObjJob, ReplicaPlan, plan_problems, recoverable, unchecked_ranks
 from ._verify_recheck import files_of, first_save, recheck, settle
 
@@ -159,6 +159,10 @@ class VerifyReport:
     #: save writing them (a step committed on another replica: not lagging; a first save, with
     #: no step committed anywhere: not an interrupted save). No damage.
     in_progress: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    #: Replica -> what to check, for each replica that answered and holds nothing at all (no
+    #: step, no step directory): a mistyped path or namespace looks like that, as does a run
+    #: before its first save (which is why it does not change the exit status). As ``ls``.
+    empty: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def problems(self) -> tuple[Problem, ...]:
@@ -673,4 +677,9 @@ def verify(
             {u: tuple(v) for u, v in removed_on.items()},
             {u: tuple(v) for u, v in committed_on.items()},
             {u: tuple(v) for u, v in in_progress.items()},
+            {
+                r.url: empty_hint(r.url)
+                for r in reachable
+                if not listing.torn.get(r.url) and not any(r.url in us for us in listing.committed.values())
+            },
         )
