@@ -216,6 +216,22 @@ def test_flipped_byte_found_by_scrub_is_corrupt_and_repair_heals_it(scrubbing: A
     assert all(s["recoverable"] for s in doc["steps"])
     text = cli("verify", local, peer)
     assert text.returncode == 1 and key in text.stdout and "scrubbed by agent at" in text.stdout, text.stdout
+    # --quick reads no object, yet takes the damage the agent found (it said OK over it before);
+    # the objects the agent calls good are still checked for presence and size.
+    rq = ops.verify([str(local), peer], quick=True)
+    assert rq.exit_code == 1 and [(d.key, d.replica, d.kind) for d in rq.damage] == [(key, peer, "corrupt")], rq
+    assert "only the damage they report" in rq.scrub[peer], rq.scrub
+    gone = object_files(ns_root, 1)[0]
+    kept = gone.read_bytes()
+    gone.unlink()
+    try:
+        rq = ops.verify([str(local), peer], quick=True)
+        assert {(d.key, d.kind) for d in rq.damage} == {
+            (key, "corrupt"),
+            (gone.relative_to(ns_root).as_posix(), "missing"),
+        }
+    finally:
+        gone.write_bytes(kept)
 
     # repair copies it back from the local replica.
     fixed = cli("repair", local, peer, "--json")

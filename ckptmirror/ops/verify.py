@@ -19,7 +19,9 @@ them instead of reading it when all of this holds:
 Everything else (a step saved or repaired since the last pass, a rank whose manifest the agent
 could not read, an agent that does not scrub or is too old to say) is read and hashed as usual.
 Damage in the results is reported like damage found by reading (same kinds, same exit code),
-with "scrubbed by agent at ..." in front of the agent's description.
+with "scrubbed by agent at ..." in front of the agent's description. A ``quick`` verify takes
+only that damage from the results, under the same conditions, and checks every other object's
+presence and size as usual (the agent's "good" may predate a file removed since).
 """
 
 from __future__ import annotations
@@ -385,19 +387,17 @@ def _parse_scrub_step(entry: Any, received: float) -> tuple[int, _ScrubbedStep] 
 
 
 def _scrub_results(
-    replicas: Sequence[Replica], max_age_s: float, quick: bool
+    replicas: Sequence[Replica], max_age_s: float
 ) -> tuple[dict[str, dict[int, _ScrubbedStep]], dict[str, str]]:
     """The scrub results of every peer replica whose agent has some, and per peer replica a
-    note on whether they can be used (:attr:`VerifyReport.scrub`)."""
+    note on whether they can be used (:attr:`VerifyReport.scrub`). Also with ``--quick``,
+    which takes only the damage they report (see :func:`_use_scrub`)."""
     results: dict[str, dict[int, _ScrubbedStep]] = {}
     notes: dict[str, str] = {}
     for r in replicas:
         fetch = getattr(r, "scrub_report", None)
         if not callable(fetch):
             continue  # not a peer agent: nobody but this verify can check its bytes
-        if quick:
-            notes[r.url] = "not used: --quick reads no object data"
-            continue
         if max_age_s <= 0:
             notes[r.url] = "not used: turned off (every object is read)"
             continue
@@ -417,13 +417,19 @@ def _scrub_results(
     return results, notes
 
 
-def _scrub_note(url: str, checks: Sequence[ReplicaCheck], max_age_s: float) -> str:
+def _scrub_note(url: str, checks: Sequence[ReplicaCheck], max_age_s: float, quick: bool) -> str:
     """The :attr:`VerifyReport.scrub` note of a peer replica whose agent gave its results."""
     mine = [c for c in checks if c.replica == url and c.status in ("ok", "bad")]
     used = [c for c in mine if c.scrubbed is not None]
     fresh = f"at most {_duration(max_age_s)} old and about the commit stored there"
     if not mine:
         return "no committed step there to use them for"
+    if quick:
+        bad = sum(len(c.scrubbed.keys) for c in used if c.scrubbed is not None)
+        return (
+            f"--quick: only the damage they report is taken ({bad} object(s) in {len(used)} step(s), results {fresh}); "
+            "presence and sizes checked here"
+        )
     if len(used) == len(mine) and all(rk.read == 0 for c in used for rk in c.ranks):
         return f"used for every step ({len(used)}): no object read there ({fresh})"
     if not used:
@@ -440,10 +446,15 @@ def _duration(seconds: float) -> str:
 
 
 def _use_scrub(
-    eng: Engine, plan: ReplicaPlan, steps: Mapping[int, _ScrubbedStep] | None, max_age_s: float
+    eng: Engine, plan: ReplicaPlan, steps: Mapping[int, _ScrubbedStep] | None, max_age_s: float, quick: bool
 ) -> tuple[list[ObjJob], ScrubbedBy | None]:
     """Settle the objects of ``plan`` that the agent's scrub results cover (module docstring);
-    return the jobs left to read, and what was taken from the results."""
+    return the jobs left to read, and what was taken from the results.
+
+    With ``quick``, only the damage they report is taken: the agent read and hashed those
+    bytes, which a quick check never does (it reported OK over objects the agent had found
+    corrupt). An object the results call good is still checked for presence and size here: it
+    may have gone since the agent read it."""
     jobs = plan.jobs()
     res = steps.get(plan.step) if steps is not None else None
     if res is None or plan.commit is None or res.age_s > max_age_s:
@@ -479,6 +490,9 @@ def _use_scrub(
             continue
         for job in rp.jobs:
             bad = res.problems.get(job.obj.key)
+            if quick and bad is None:
+                left.append(job)
+                continue
             problem = (
                 Problem(plan.step, r.url, job.obj.key, bad[0], f"scrubbed by agent at {when}: {bad[1]}", job.rank)
                 if bad is not None
@@ -591,7 +605,7 @@ def verify(
         listed_at = time.monotonic()
         in_progress: dict[str, list[int]] = {}
         eng = Engine(reachable, threads, quick, progress)
-        scrub_results, scrub_notes = _scrub_results(reachable, scrub_max_age_s, quick)
+        scrub_results, scrub_notes = _scrub_results(reachable, scrub_max_age_s)
         scrubbed: dict[int, ScrubbedBy] = {}  # id(plan) -> what its agent's scrub settled
         try:
             per_step: list[tuple[int, list[ReplicaPlan], list[ReplicaCheck]]] = []
@@ -604,7 +618,7 @@ def verify(
                     if r.url in holders:
                         plan = eng.replica_plan(r, s)
                         plans.append(plan)
-                        left, by = _use_scrub(eng, plan, scrub_results.get(r.url), scrub_max_age_s)
+                        left, by = _use_scrub(eng, plan, scrub_results.get(r.url), scrub_max_age_s, quick)
                         jobs.extend(left)
                         if by is not None:
                             scrubbed[id(plan)] = by
@@ -664,7 +678,7 @@ def verify(
             eng.close()
         all_checks = [c for st in out_steps for c in st.replicas]
         for url in scrub_results:
-            scrub_notes[url] = _scrub_note(url, all_checks, scrub_max_age_s)
+            scrub_notes[url] = _scrub_note(url, all_checks, scrub_max_age_s, quick)
         return VerifyReport(
             tuple(r.url for r in replicas),
             quick,
