@@ -395,6 +395,30 @@ def test_verify_accepts_a_partial_replica_alone(ring: Ring) -> None:
     assert "not held here (partial replica)" in out and "rank(s) 1 not checked" in out, out
 
 
+def test_ls_of_a_partial_replica_alone_sizes_the_ranks_it_holds(ring: Ring, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ls of one node's disk or ring namespace: the other node's rank is not held there (its
+    share record says so), not "verifies on no replica" with no size."""
+    from ckptmirror import ops
+
+    monkeypatch.setenv(wire.TOKEN_ENV, TOKEN)
+    for node in (0, 1):
+        for url in (ring.url(node), str(ring.root / f"local-{node}")):
+            listing = ops.ls([url])
+            assert [s.step for s in listing.steps] == [1, 2], listing
+            for s in listing.steps:
+                assert s.error is None and s.ranks_not_held == (1 - node,), (url, s)
+                assert s.objects is not None and s.objects >= 2 and s.bytes, (url, s)
+    both = ops.ls([str(ring.root / "local-0"), str(ring.root / "local-1")])
+    assert all(s.ranks_not_held == () and s.error is None for s in both.steps), both
+    alone, whole = ops.ls([str(ring.root / "local-0")]).steps[0], both.steps[0]
+    assert alone.objects is not None and whole.objects is not None and alone.objects < whole.objects
+    env = dict(os.environ, **{wire.TOKEN_ENV: TOKEN})
+    out = subprocess.run(
+        [*serve_command(), "ls", str(ring.root / "local-0")], capture_output=True, text=True, timeout=60, env=env
+    ).stdout
+    assert "rank(s) 1 not held by these replicas" in out and "verifies on no replica" not in out, out
+
+
 def test_a_partial_replica_still_answers_for_the_ranks_it_holds(ring: Ring, tmp_path: Path) -> None:
     src = ring.root / "local-0"
     shares = sorted((src / step_dir(2)).glob("share-*.json"))

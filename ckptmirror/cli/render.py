@@ -174,6 +174,16 @@ def _ls_lines(res: ops.Listing) -> list[str]:
                 if not s.committed_on
                 else (s.error or _stored_note(s.storage))
             )
+            if s.ranks_not_held:
+                note = "; ".join(
+                    p
+                    for p in (
+                        note,
+                        f"rank(s) {_steps_text(s.ranks_not_held)} not held by these replicas (partial: size and "
+                        "objects are the other ranks')",
+                    )
+                    if p
+                )
             # Replicas that stopped answering mid-run: their cells are the initial listing's only.
             stopped = [tags[u] for u in s.not_listed_on]
             if stopped:

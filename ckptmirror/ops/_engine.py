@@ -501,19 +501,31 @@ def recoverable(eng: Engine, plans: Sequence[ReplicaPlan]) -> bool:
 
 
 def referenced(
-    eng: Engine, r: Replica | None, step: int, urls: Sequence[str]
+    eng: Engine, r: Replica | None, step: int, urls: Sequence[str], unheld: list[int] | None = None
 ) -> tuple[CommitRecord | None, list[RankManifest] | None, str | None]:
-    """Commit (from ``r`` if given, else any of ``urls``) and its rank manifests (from anywhere)."""
+    """Commit (from ``r`` if given, else any of ``urls``) and its rank manifests (from anywhere).
+
+    A rank whose manifest is nowhere, but which the share records of every replica holding the
+    step leave out (partial replicas: it is on other nodes' replicas), is skipped and appended
+    to ``unheld``; the manifests are then those of the other ranks."""
     try:
         commit = eng.single[r.url].read_commit(step) if r is not None else eng.shared.read_commit(step, urls)
     except FAILURES as exc:
         return None, None, str(exc)
+    holders = [r] if r is not None else [x for x in eng.replicas if x.url in urls]
     ms = []
+    skipped = []
     for ref in commit.ranks:
         m = eng.manifest_anywhere(commit, ref.rank)
         if m is None:
+            shares = [eng.share_on(x, step) for x in holders]
+            if holders and all(sh is not None and ref.rank not in sh.ranks for sh in shares):
+                skipped.append(ref.rank)
+                continue
             return commit, None, f"rank manifest {ref.key} verifies on no replica"
         ms.append(m)
+    if unheld is not None:
+        unheld.extend(skipped)
     return commit, ms, None
 
 

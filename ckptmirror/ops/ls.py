@@ -39,6 +39,10 @@ class StepInfo:
     #: :func:`ls`): what they hold of it is the initial listing's only (committed or torn there);
     #: storage, garbage and references were not asked
     not_listed_on: tuple[str, ...] = ()
+    #: ranks that no replica given holds, by their share records (partial replicas: a node-local
+    #: directory, a ``ring_peer`` namespace; those ranks are on other nodes' replicas):
+    #: ``objects`` and ``bytes`` count the other ranks only
+    ranks_not_held: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,8 @@ def ls(urls: Sequence[str | Replica], *, storage_options: Mapping[str, Mapping[s
                 # The commit from a holder that still answers (the shared reader skips those
                 # that stopped answering to it; these are the ones that stopped answering to us).
                 live = [u for u in holders if u not in outages.down]
-                commit, ms, err = referenced(eng, None, s, live) if live else (None, None, None)
+                unheld: list[int] = []
+                commit, ms, err = referenced(eng, None, s, live, unheld) if live else (None, None, None)
                 if holders and not live:
                     err = "not listed: every replica that holds it stopped answering"
                 for r in reachable:
@@ -220,6 +225,7 @@ def ls(urls: Sequence[str | Replica], *, storage_options: Mapping[str, Mapping[s
                         storage,
                         tuple(kept_on),
                         tuple(u for u in order if u in outages.down),
+                        tuple(unheld),
                     )
                 )
         finally:
