@@ -408,6 +408,29 @@ def test_default_load_planner_is_refused(tmp_path: Path) -> None:
         dcp.load(small_state(), storage_reader=MirrorStorageReader([str(tmp_path)]))
 
 
+def test_a_damaged_commit_record_on_the_first_replica_loads_from_the_second(tmp_path: Path) -> None:
+    """One bit of a pinned checksum flipped in the first replica's commit record of the newest
+    step (still valid JSON): the load takes the second replica's record of that save, not the
+    step before."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    states = {}
+    for step in (1, 2):
+        state = {"model": {"w": torch.full((8, 8), float(step))}}
+        dcp.save(state, storage_writer=MirrorStorageWriter([str(a), str(b)], step=step), planner=MirrorSavePlanner())
+        states[step] = state
+    commit = a / commit_key(2)
+    data = bytearray(commit.read_bytes())
+    at = data.index(b'"xxh3_64:') + len(b'"xxh3_64:')
+    while chr(data[at]) not in "0123456789bcde":
+        at += 1
+    data[at] ^= 1
+    commit.write_bytes(bytes(data))
+    target = {"model": {"w": torch.zeros(8, 8)}}
+    r = MirrorStorageReader([str(a), str(b)])
+    dcp.load(target, storage_reader=r, planner=MirrorLoadPlanner())
+    assert r.step == 2 and torch.equal(target["model"]["w"], states[2]["model"]["w"])
+
+
 def test_values_round_trip_and_plain_tensors(tmp_path: Path) -> None:
     state = small_state()
     state["extra"].update(nan=float("nan"), t=(1, "x", None), tensors=[torch.arange(5), torch.ones(2, 2)])

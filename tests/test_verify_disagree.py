@@ -185,3 +185,52 @@ def test_a_step_missing_on_one_replica_is_no_disagreement(tmp_path: Path) -> Non
     shutil.rmtree(l2 / step_dir(2))
     rc, v = cli_json("verify", l1, l2)
     assert rc == 3 and v["status"] == "lagging" and v["damage"] == [], v
+
+
+def _flip_a_pinned_checksum(commit: Path) -> None:
+    """One bit of the first pinned manifest checksum flipped: the record still parses."""
+    data = bytearray(commit.read_bytes())
+    at = data.index(b'"xxh3_64:') + len(b'"xxh3_64:')
+    while chr(data[at]) not in "0123456789bcde":  # a hex digit whose low bit flip is one too
+        at += 1
+    data[at] ^= 1
+    commit.write_bytes(bytes(data))
+    json.loads(data)  # still valid JSON
+
+
+def test_a_damaged_commit_record_is_not_another_checkpoint(tmp_path: Path) -> None:
+    """The first replica's commit record of the newest step has one bit flipped in a pinned
+    checksum; the second replica's record of that save is whole. Restore used to read the first
+    record, find its manifest nowhere and fall back a step; verify called the good copy foreign
+    ("delete step 2 on the replica holding the foreign copy") and repair refused."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    model = nn.Linear(64, 64)
+    saved: dict[int, torch.Tensor] = {}
+    with Mirror([str(a), str(b)]) as m:
+        for s in (1, 2):
+            with torch.no_grad():
+                model.weight.add_(1)
+            m.save(s, model).result()
+            saved[s] = model.weight.detach().clone()
+    _flip_a_pinned_checksum(a / commit_key(2))
+
+    target = nn.Linear(64, 64)
+    with Mirror([str(a), str(b)]) as m:
+        res = m.restore(target, require=True)
+    assert res is not None and res.step == 2 and torch.equal(target.weight, saved[2])
+
+    code, doc = cli_json("verify", a, b)
+    assert code == 1 and not [p for p in doc["problems"] if p["kind"] == "disagree"], doc["problems"]
+    bad = [p for p in doc["damage"] if p["key"] == commit_key(2)]
+    assert [(p["replica"], p["kind"]) for p in bad] == [(str(a), "invalid")], doc["damage"]
+    assert str(b) in bad[0]["detail"] and "repair" in bad[0]["detail"]
+
+    code, rep = cli_json("repair", a, b)
+    assert code == 0, rep
+    assert [(x["replica"], x["action"], x["done"]) for x in rep["actions"]] == [(str(a), "replace-commit", True)]
+    assert (a / commit_key(2)).read_bytes() == (b / commit_key(2)).read_bytes()
+    assert cli("verify", a, b).returncode == 0
+    target = nn.Linear(64, 64)
+    with Mirror([str(a)]) as m:  # the repaired replica alone
+        res = m.restore(target, require=True)
+    assert res is not None and res.step == 2 and torch.equal(target.weight, saved[2])

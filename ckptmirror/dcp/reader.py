@@ -358,8 +358,30 @@ class MirrorStorageReader(StorageReader):
         raise NoValidCheckpointError(problems)
 
     def _probe(self, fetcher: Fetcher, s: int, urls: Sequence[str]) -> _Step:
-        """Everything that can be checked before planning: records, metadata, objects present."""
-        commit = fetcher.read_commit(s, urls)
+        """Everything that can be checked before planning: records, metadata, objects present.
+        Another replica's commit record of the step is tried when the first one read does not
+        verify (a damaged record still parses: see ``Fetcher.other_commits``)."""
+        first = fetcher.read_commit(s, urls)
+        try:
+            return self._probe_commit(fetcher, first)
+        except STEP_FAILURES as exc:
+            if not is_damage(exc):
+                raise
+            for other in fetcher.other_commits(first, urls):
+                try:
+                    found = self._probe_commit(fetcher, other)
+                except STEP_FAILURES as exc2:
+                    if not is_damage(exc2):
+                        raise
+                    continue
+                log.warning(
+                    "step %d: the commit record read first does not verify (%s); using another replica's", s, exc
+                )
+                return found
+            raise
+
+    def _probe_commit(self, fetcher: Fetcher, commit: CommitRecord) -> _Step:
+        s = commit.step
         if commit.replicated:
             raise ManifestError("a replicated Mirror step, not written through DCP", key=commit_key(s))
         manifests, checks, indexes, raw = [], [], [], []

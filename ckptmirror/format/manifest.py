@@ -147,6 +147,19 @@ class CommitRecord:
             doc["replicated"] = True
         return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
 
+    @property
+    def pins(self) -> tuple[object, ...]:
+        """What identifies the checkpoint this record commits: the rank manifests it pins (key,
+        size, checksum: a save's own token is in every key), the world size, whether replicated.
+        Not its creation time: the records one save writes at each replica position may differ
+        there (a DCP save decides each position on its own)."""
+        return (
+            self.step,
+            self.world_size,
+            self.replicated,
+            tuple((r.rank, r.key, r.size, r.checksum) for r in self.ranks),
+        )
+
     def manifest_ref(self, rank: int) -> RankRef:
         """The manifest that holds ``rank``'s state."""
         return self.ranks[0] if self.replicated else self.ranks[rank]

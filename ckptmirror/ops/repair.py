@@ -197,9 +197,17 @@ def repair(
             # which one is right (verify reports them too; its message says what to do).
             disputed = set()
             for s, plans in per_step.items():
-                for found in _disagreements(eng, s, plans).values():
-                    unrecoverable.extend(found)
+                differ = _disagreements(eng, s, plans)
+                if any(p.kind == "disagree" for found in differ.values() for p in found):
+                    for found in differ.values():
+                        unrecoverable.extend(found)
                     disputed.add(s)
+                    continue
+                for i, plan in enumerate(plans):
+                    # A damaged record (its pins verify nowhere; another replica's does): the
+                    # replica is treated as holding no usable commit, which step 2 replaces.
+                    for p in differ.get(id(plan), ()):
+                        plans[i] = ReplicaPlan(plan.replica, s, None, p)
             for s in disputed:  # nothing is copied or committed for it: which copy is right is the user's call
                 del per_step[s]
             # 2. Replicas without a usable commit get the first commit that is recoverable;

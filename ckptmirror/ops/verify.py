@@ -312,35 +312,51 @@ def _commit_difference(here: CommitRecord, there: CommitRecord) -> str:
     return "; ".join(parts) or "other fields"
 
 
-def _pins(c: CommitRecord) -> tuple[object, ...]:
-    """What identifies the checkpoint a commit record commits: the rank manifests it pins (key,
-    size, checksum: a save's own token is in every key), the world size, whether replicated.
-    Not its creation time: the records one save writes at each replica position may differ
-    there (a DCP save decides each position on its own)."""
-    return (c.step, c.world_size, c.replicated, tuple((r.rank, r.key, r.size, r.checksum) for r in c.ranks))
-
-
 def _disagreements(eng: Engine, step: int, plans: Sequence[ReplicaPlan]) -> dict[int, list[Problem]]:
     """id(plan) -> a ``disagree`` problem, for each replica whose commit record of ``step``
-    differs from the one a restore would read.
+    differs from the one a restore would read; or an ``invalid`` one, for a record that differs
+    and does not verify while another does (see below).
 
     One save writes the same commit record to every replica, so two replicas with different
     records hold different checkpoints under one step number (a step directory copied from
     another run, a step overwritten while a replica was down), each of which may verify on its
     own. A restore reads the commit of the first replica in read order (local disk first, then
-    the order given) where it parses; the others are flagged.
+    the order given) where it parses and verifies; the others are flagged. A record whose pins
+    verify nowhere while another replica's record of the step does is damage, not another
+    checkpoint (one flipped bit in a pinned checksum still parses): ``invalid``, and ``repair``
+    replaces it; calling the whole copy foreign would have had the operator delete it.
     """
     valid = [p for p in plans if p.commit is not None]
-    if len({_pins(p.commit) for p in valid if p.commit is not None}) <= 1:
+    if len({p.commit.pins for p in valid if p.commit is not None}) <= 1:
         return {}
     rank = {r.url: i for i, r in enumerate(eng.replicas)}
     valid.sort(key=lambda p: rank[p.replica.url])
+    out: dict[int, list[Problem]] = {}
+    whole = [p for p in valid if recoverable(eng, [p])]
+    if whole:
+        good = {p.commit.pins for p in whole if p.commit is not None}
+        for p in valid:
+            if p.commit is not None and p.commit.pins not in good:
+                out[id(p)] = [
+                    Problem(
+                        step,
+                        p.replica.url,
+                        commit_key(step),
+                        "invalid",
+                        "this commit record pins rank manifests that verify on no replica (a damaged record: "
+                        f"one flipped bit still parses), while the record of step {step} on "
+                        f"{whole[0].replica.url} verifies: a restore reads that one, 'ckptmirror repair' "
+                        "writes it here",
+                    )
+                ]
+        valid = whole
+        if len(good) <= 1:
+            return out
     first = valid[0]
     assert first.commit is not None
-    same = [p.replica.url for p in valid if p.commit is not None and _pins(p.commit) == _pins(first.commit)]
-    out: dict[int, list[Problem]] = {}
+    same = [p.replica.url for p in valid if p.commit is not None and p.commit.pins == first.commit.pins]
     for p in valid:
-        if p.commit is None or _pins(p.commit) == _pins(first.commit):
+        if p.commit is None or p.commit.pins == first.commit.pins:
             continue
         assert p.commit is not None
         detail = (

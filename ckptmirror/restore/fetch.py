@@ -39,7 +39,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
@@ -264,6 +264,26 @@ class Fetcher:
         if any(is_damage(e) for e in errors):
             raise ManifestError("no replica holds a valid commit: " + "; ".join(str(e) for e in errors), key=key)
         raise _unreadable(errors, key)
+
+    def other_commits(self, first: CommitRecord, urls: Sequence[str] | None = None) -> Iterator[CommitRecord]:
+        """The commit records of ``first``'s step on the other replicas (of ``urls``) that parse
+        and commit another checkpoint than ``first`` (:attr:`CommitRecord.pins`), in read order,
+        each once; a replica that fails is passed over. Read only when ``first`` failed its
+        checks: one bit flipped in a commit record makes it pin a manifest no replica holds,
+        while another replica's record of the same save is whole."""
+        key = commit_key(first.step)
+        seen = {first.pins}
+        for r in self.replicas:
+            if (urls is not None and r.url not in urls) or self._skip(r, key) is not None:
+                continue
+            try:
+                c = parse_commit(r.get(key, MAX_MANIFEST_BYTES), key)
+            except STEP_FAILURES as exc:
+                self._failed(r, exc)
+                continue
+            if c.pins not in seen:
+                seen.add(c.pins)
+                yield c
 
     def read_manifest(self, commit: CommitRecord, rank: int) -> RankManifest:
         """The rank manifest, verified against the commit's pin, from any replica."""
