@@ -170,3 +170,33 @@ def test_repair_takes_its_commit_back_when_a_file_goes_right_after(tmp_path: Pat
     assert not (a / commit_key(1)).exists(), "a commit record stayed over a missing object"
     assert repair([str(b), str(a)]).exit_code == 0
     assert_bit_exact(_load([str(a)]), state, "from the repaired replica alone: ")
+
+
+def test_one_run_repairs_a_manifest_whose_only_good_copy_is_beside_a_damaged_placement_record(
+    tmp_path: Path,
+) -> None:
+    """Replica a (raw) lost its rank manifest to a flipped byte; replica b (compressed) holds the
+    good manifest and a damaged placement record. The manifest was fetched through b's placement
+    record (a manifest is never placed): the first repair failed its copy, exit 1, and only a
+    second run finished. One run now copies it raw and stores b's objects raw."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    state = _state(3, n=4)
+    _save([str(a), str(b)], state, b)
+    manifest = next(
+        p for p in (a / "step-000000000001").glob("rank-00000-*.json") if not p.name.endswith(".place.json")
+    )
+    data = bytearray(manifest.read_bytes())
+    data[40] ^= 1
+    manifest.write_bytes(bytes(data))
+    record = next((b / "step-000000000001").glob("*.place.json"))
+    data = bytearray(record.read_bytes())
+    data[40] ^= 1
+    record.write_bytes(bytes(data))
+    rep = repair([str(a), str(b)])
+    assert rep.exit_code == 0 and all(x.done for x in rep.actions), rep
+    assert verify([str(a), str(b)]).exit_code == 0
+    for root in (a, b):
+        with Mirror([str(root)]) as m:
+            loaded = m.load_state(require=True)
+        assert loaded is not None and loaded[0] == 1
+        assert_bit_exact(loaded[1], state)

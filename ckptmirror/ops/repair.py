@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ManifestError, StepExistsError, StepNotFoundError
+from ..checksum import checksum
+from ..errors import CorruptObjectError, ManifestError, StepExistsError, StepNotFoundError
 from ..format import MAX_MANIFEST_BYTES, MAX_SHARE_BYTES, CommitRecord, ObjectRecord, commit_key, parse_commit, step_dir
 from ..placement import MAX_PLACEMENT_BYTES, Stored, drop_placement_entry, parse_placement, placement_of
 from ..replicas import Replica
@@ -370,7 +371,7 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
     if eng.progress is not None and not dry_run and total:
         bar = eng.progress(total, "B", "repair: copy")
 
-    def copy(fix: _Fix, key: str, size: int, csum: str, reason: str) -> RepairAction:
+    def copy(fix: _Fix, key: str, size: int, csum: str, reason: str, manifest: bool = False) -> RepairAction:
         r, s = fix.plan.replica, fix.plan.step
         srcs = eng.sources(key, csum, r)
         if dry_run:
@@ -383,7 +384,14 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
             return RepairAction(s, r.url, key, "copy", srcs[0].url if srcs else None, size, reason)
         try:
             data = bytearray(size)  # not a tensor: repair runs without torch
-            src = eng.shared.fetch_into(key, csum, srcs, memoryview(data))  # verified again while copying
+            if manifest:
+                # A rank manifest is always stored raw under its name (restores read it so): a
+                # source's damaged placement record does not concern it (it failed the copy, and
+                # a second run then did what the first should have).
+                raw, src = _read_raw(key, size, csum, srcs)
+                data[:] = raw
+            else:
+                src = eng.shared.fetch_into(key, csum, srcs, memoryview(data))  # verified again while copying
             try:
                 st: Stored | None = eng.single[r.url].stored(r, ObjectRecord(key, size, csum))
             except ManifestError:
@@ -427,7 +435,7 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
                 continue  # cannot complete this replica's copy of the step: write nothing there
             done = [f.result() for f in [eng.pool.submit(copy, fix, *c) for c in fix.copies]]
             done += records.settle(fix, dry_run)
-            done += [copy(fix, *c) for c in fix.manifests]  # rank manifests after every object
+            done += [copy(fix, *c, manifest=True) for c in fix.manifests]  # rank manifests after every object
             actions.extend(done)
             if fix.needs_commit and fix.commit_raw is not None:
                 actions.append(_commit(fix, dry_run, any(a.error for a in done), eng))
@@ -464,6 +472,22 @@ def _gone(fix: _Fix, eng: Engine) -> str | None:
         if k not in listed[d]:
             return k
     return None
+
+
+def _read_raw(key: str, size: int, csum: str, sources: Sequence[Replica]) -> tuple[bytes, str]:
+    """The bytes of ``key`` (raw, ``size`` long, checksum ``csum``) from the first of ``sources``
+    where they verify, read again while copying, and that source's URL."""
+    problems: list[str] = []
+    for src in sources:
+        try:
+            data = src.get(key, max(size, 1))
+        except FAILURES as exc:
+            problems.append(f"{src.url}: {exc}")
+            continue
+        if len(data) == size and checksum(data) == csum:
+            return data, src.url
+        problems.append(f"{src.url}: does not match the commit (size {len(data)} vs {size}, or checksum)")
+    raise CorruptObjectError("no replica holds a verifying copy: " + "; ".join(problems), key=key)
 
 
 def _commit(fix: _Fix, dry_run: bool, copy_failed: bool, eng: Engine) -> RepairAction:
