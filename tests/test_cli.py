@@ -695,18 +695,23 @@ def test_verify_shows_objects_with_one_cause_on_one_line_and_json_lists_each(rep
     assert len(gone) >= 8  # several objects a step (OBJ bytes each)
     for p in gone:
         p.unlink()
+    mkey = rel(b, manifest(b, 20))
+    manifest(b, 20).unlink()  # its rank manifest too: "not found" as well, yet a line of its own
     flip_byte(obj(a, 30, 1))
     text, js = cli_many(["verify", a, b], ["verify", a, b, "--json"])
     assert text.returncode == 1 and js.returncode == 1, text.stdout + text.stderr
     damage = text.stdout[text.stdout.index("DAMAGE (") :].split("\n\n")[0].splitlines()[1:]
-    missing = [line for line in damage if line.strip().startswith("missing")]
-    assert len(missing) == 1, damage
-    assert f"missing: {len(gone)} objects on {b} in step(s) 10, 20 (first: " in missing[0], missing
+    missing = [line for line in damage if line.strip().startswith("missing") and " objects of step " in line]
+    assert len(missing) == 2, damage  # one line per step
+    for s, line in zip((10, 20), missing):
+        n = sum(1 for p in gone if p.parent.parent.name == step_dir(s))
+        assert f"missing: {n} objects of step {s} on {b} (first: {step_dir(s)}/rank-00000/o" in line, missing
     corrupt = [line for line in damage if line.strip().startswith("corrupt")]
     assert len(corrupt) == 1 and corrupt[0].startswith(f"  corrupt: {rel(a, obj(a, 30, 1))} on {a}: "), damage
-    assert f"DAMAGE ({len(gone) + 1})" in text.stdout and f"FAILED: {len(gone) + 1} problem(s)" in text.stdout
+    assert [line for line in damage if line.startswith(f"  missing: {mkey} on {b}")], damage
+    assert f"DAMAGE ({len(gone) + 2})" in text.stdout and f"FAILED: {len(gone) + 2} problem(s)" in text.stdout
     doc = json.loads(js.stdout)
-    assert {p["key"] for p in doc["problems"] if p["kind"] == "missing"} == {rel(b, p) for p in gone}
+    assert {p["key"] for p in doc["problems"] if p["kind"] == "missing"} == {rel(b, p) for p in gone} | {mkey}
 
 
 def test_verify_says_which_replica_holds_nothing_at_all(reps: tuple[Path, Path], tmp_path: Path) -> None:

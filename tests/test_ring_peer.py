@@ -470,18 +470,25 @@ def test_repair_rebuilds_a_replaced_node_disk_from_its_ring_namespace(
     ring: Ring, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """docs/operations.md's runbook: node 1's disk replaced (an empty directory), repaired from
-    node 1's ring namespace alone. It is to hold what that partial copy holds: rank 1, and the
-    share records that say so (before this, repair demanded rank 0's manifest of the empty disk
-    and copied nothing)."""
+    node 1's ring namespace alone with ``--partial``. It is to hold what that partial copy holds:
+    rank 1, and a share record that says so (before, repair demanded rank 0's manifest of the
+    empty disk and copied nothing; without the flag it still does)."""
     from ckptmirror import ops
 
     monkeypatch.setenv(wire.TOKEN_ENV, TOKEN)
     disk = tmp_path / "node1"
     disk.mkdir()
+    # Without --partial, the rule of a full copy: rank 0 cannot come from node 1's namespace, and
+    # nothing is committed (a full replica that missed a step must never be made partial).
     rep = ops.repair([str(disk), ring.url(1)])
+    assert rep.exit_code == 1 and not any(a.action == "commit" for a in rep.actions), rep
+    assert any("rank-00000" in p.key and "--partial" in p.detail for p in rep.unrecoverable), rep.unrecoverable
+    assert not list(disk.rglob("share-*.json")) and not list(disk.rglob("COMMIT.json"))
+    rep = ops.repair([str(disk), ring.url(1)], partial=True)
     assert rep.exit_code == 0 and rep.unrecoverable == (), rep
     commits = [a for a in rep.actions if a.action == "commit"]
     assert [a.step for a in commits] == [1, 2] and all(a.done and "holds rank(s) 1 as" in a.reason for a in commits)
+    assert rep.actions and not any("rank-00000" in a.key for a in rep.actions), rep.actions
     assert not any("rank-00000" in a.key for a in rep.actions), rep.actions
     # Node 1's own files of its rank, and the namespace's commit and share records (a commit
     # record differs by replica, and a share record is named after its commit's checksum).
@@ -496,7 +503,7 @@ def test_repair_rebuilds_a_replaced_node_disk_from_its_ring_namespace(
     # Both nodes' namespaces given: the new directory holds the union, every rank.
     both = tmp_path / "both"
     both.mkdir()
-    rep = ops.repair([str(both), ring.url(0), ring.url(1)])
+    rep = ops.repair([str(both), ring.url(0), ring.url(1)], partial=True)
     assert rep.exit_code == 0, rep
     code, doc = _verify(str(both))
     assert code == 0 and all(s["unchecked_ranks"] == [] for s in doc["steps"]), doc
@@ -516,7 +523,7 @@ def test_repair_rebuilds_a_replaced_node_disk_from_its_ring_namespace(
         p.unlink()
     empty = tmp_path / "empty"
     empty.mkdir()
-    rep = ops.repair([str(empty), str(full), ring.url(1)])
+    rep = ops.repair([str(empty), str(full), ring.url(1)], partial=True)
     assert rep.exit_code == 0, rep
     assert any("rank-00000" in a.key for a in rep.actions) and not list(empty.rglob("share-*.json"))
 

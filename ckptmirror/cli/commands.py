@@ -160,7 +160,8 @@ def _add_repair(add: _AddCommand) -> None:
         "Run it when no training job is writing to these replicas. Progress bars (verify, copy) show\n"
         "on stderr when it is a terminal (--no-progress: none).",
         "examples:\n  ckptmirror repair /nvme/ckpt/run1 /backup/ckpt/run1 --dry-run\n"
-        "  ckptmirror repair /nvme/ckpt/run1 peer://node7:7070/run1   # after replacing node7's disk\n\n"
+        "  ckptmirror repair /nvme/ckpt/run1 peer://node7:7070/run1   # after replacing node7's disk\n"
+        "  ckptmirror repair --partial /nvme/ckpt/run1 peer://node8:7070/run1/node7   # from its ring namespace\n\n"
         + _ENV_NOTE
         + "exit status: 0 repaired (or nothing to do), 1 something could not be repaired, "
         "2 usage error or a replica unreachable\n",
@@ -168,6 +169,12 @@ def _add_repair(add: _AddCommand) -> None:
     repair.add_argument("--step", type=_nonneg_int, help="only this step")
     repair.add_argument("--dry-run", action="store_true", help="show what would be copied and committed; write nothing")
     repair.add_argument("--json", action="store_true", help="print one JSON document")
+    repair.add_argument(
+        "--partial",
+        action="store_true",
+        help="a replica without a step gets only the ranks the (partial) replicas holding it hold, with a "
+        "share record: to rebuild a node-local disk from its node's ring_peer namespace",
+    )
     _add_reading(repair, "objects read or copied at once (default 4)")
 
 

@@ -404,27 +404,33 @@ _DAMAGE_GROUP_AT = 4
 
 
 def _damage_lines(damage: Sequence[ops.Problem]) -> list[str]:
-    """One line per problem, except that problems of one kind, on one replica, with the very same
-    cause (a damaged placement record makes every object of its writer invalid; a lost
-    directory makes every object missing) share one line that counts them, names the steps and
-    the first object: otherwise one cause fills thousands of lines (``--json`` lists each)."""
-    groups: dict[tuple[str, str, str], list[ops.Problem]] = {}
+    """One line per problem, except that objects of one step with one kind of problem, on one
+    replica, with the very same cause (a damaged placement record makes every object of its
+    writer invalid; a lost directory makes every object missing) share one line that counts
+    them and names the first: otherwise one cause fills thousands of lines (``--json`` lists
+    each). Commit records and rank manifests keep a line each."""
+
+    def group_of(p: ops.Problem) -> tuple[str, str, str, int] | None:
+        name = p.key.rsplit("/", 1)[-1]
+        is_object = "/rank-" in p.key and name.startswith("o") and name.endswith((".bin", ".zst"))
+        return (p.kind, p.replica, p.detail, p.step) if is_object else None
+
+    groups: dict[tuple[str, str, str, int], list[ops.Problem]] = {}
     for p in damage:
-        groups.setdefault((p.kind, p.replica, p.detail), []).append(p)
+        g = group_of(p)
+        if g is not None:
+            groups.setdefault(g, []).append(p)
     out: list[str] = []
+    shown: set[tuple[str, str, str, int]] = set()
     for p in damage:
-        group = groups.get((p.kind, p.replica, p.detail))
-        if group is None:
-            continue  # already shown with its group
-        if len(group) < _DAMAGE_GROUP_AT:
+        g = group_of(p)
+        if g is None or len(groups[g]) < _DAMAGE_GROUP_AT:
             out.append(str(p))
-            continue
-        del groups[(p.kind, p.replica, p.detail)]
-        steps = sorted({q.step for q in group})
-        out.append(
-            f"{p.kind}: {len(group)} objects on {p.replica} in step(s) {_first([str(s) for s in steps], 8)} "
-            f"(first: {p.key}): {p.detail}"
-        )
+        elif g not in shown:
+            shown.add(g)
+            out.append(
+                f"{p.kind}: {len(groups[g])} objects of step {p.step} on {p.replica} (first: {p.key}): {p.detail}"
+            )
     return out
 
 
@@ -634,7 +640,9 @@ _COMMANDS: dict[str, _Command[Any]] = {
         _verify_lines,
     ),
     "repair": _Command(
-        lambda a: ops.repair(a.urls, step=a.step, dry_run=a.dry_run, threads=a.threads, progress=_progress(a)),
+        lambda a: ops.repair(
+            a.urls, step=a.step, dry_run=a.dry_run, threads=a.threads, progress=_progress(a), partial=a.partial
+        ),
         _repair_lines,
     ),
     "prune": _Command(

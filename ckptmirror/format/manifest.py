@@ -160,6 +160,17 @@ class CommitRecord:
             tuple((r.rank, r.key, r.size, r.checksum) for r in self.ranks),
         )
 
+    def same_save(self, other: CommitRecord) -> bool:
+        """Whether ``other`` commits the same save (the same rank manifest files: their names
+        carry the save's token), whatever the sizes and checksums it pins for them: a record
+        that differs only there is this one damaged, not another checkpoint."""
+        return (self.step, self.world_size, self.replicated, [r.key for r in self.ranks]) == (
+            other.step,
+            other.world_size,
+            other.replicated,
+            [r.key for r in other.ranks],
+        )
+
     def manifest_ref(self, rank: int) -> RankRef:
         """The manifest that holds ``rank``'s state."""
         return self.ranks[0] if self.replicated else self.ranks[rank]

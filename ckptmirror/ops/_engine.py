@@ -25,6 +25,7 @@ from ..format import (
     ShareRecord,
     commit_key,
     is_share_key,
+    parse_commit,
     step_dir,
     writer_of,
 )
@@ -111,11 +112,11 @@ class Engine:
         self._manifests: dict[tuple[str, str], RankManifest | None] = {}
         self._invalid: dict[tuple[str, str], str | None] = {}
         self._shares: dict[tuple[str, int], ShareRecord | None] = {}
-        #: (replica URL, step) -> the share record keys found there for its commit
-        self.share_keys: dict[tuple[str, int], list[str]] = {}
-        #: (replica URL, step) -> (source replica, share record key) to copy there before its commit
-        #: record: the replica had none and holds what the partial replicas given hold
-        self.inherited: dict[tuple[str, int], list[tuple[Replica, str]]] = {}
+        #: ``repair --partial``: a replica without a commit record of a step is to hold what the
+        #: partial replicas given hold (see :meth:`_inherited_share`); off, the rule of a full copy
+        self.inherit_shares = False
+        #: (replica URL, step) -> the ranks it inherited: repair writes its share record
+        self.inherited: dict[tuple[str, int], tuple[int, ...]] = {}
         #: replica URL -> the outage that stopped it answering in this run: what it holds is not
         #: asked again (each ask would cost its time budget) and is reported ``unavailable``
         self.down: dict[str, str] = {}
@@ -268,7 +269,7 @@ class Engine:
             except (ObjectMissingError, FileNotFoundError):
                 # No commit here (a lagging or replaced replica): it is to hold what the partial
                 # replicas given with it hold, when every copy of the step is partial.
-                share = self._inherited_share(r, step)
+                share = self._inherited_share(r, step) if self.inherit_shares else None
             except FAILURES:
                 pass  # an unreadable commit record: the rule of a full copy
             else:
@@ -288,33 +289,34 @@ class Engine:
             return None
         if not records or any(rec is None for rec in records):
             return None
-        with self._lock:
-            self.share_keys[(r.url, step)] = keys
         return ShareRecord(step, csum, tuple(sorted({x for rec in records if rec is not None for x in rec.ranks})))
 
     def _inherited_share(self, r: Replica, step: int) -> ShareRecord | None:
-        """What a replica without a commit record of ``step`` is to hold: the union of the ranks
-        the other replicas given hold, when each that holds the step is partial and all hold the
-        same commit record (a node-local disk rebuilt from its node's ``ring_peer`` namespace);
-        None when any holds all of it or they disagree (the rule of a full copy)."""
-        holders: list[tuple[Replica, ShareRecord]] = []
+        """With :attr:`inherit_shares` (``repair --partial``): what a replica without a commit
+        record of ``step`` is to hold, the union of the ranks the other replicas given hold, when
+        each that holds the step is partial and all hold records of the same save (a node-local
+        disk rebuilt from its node's ``ring_peer`` namespace). None when any holds all of it or
+        they hold other saves (the rule of a full copy). Only on request: a full replica that
+        merely missed a step (an S3 bucket, a shared directory) must not be made partial."""
+        holders: list[tuple[CommitRecord, ShareRecord]] = []
         for o in self.replicas:
             if o is r or o.url in self.down:
                 continue
             try:
-                csum = checksum(o.get(commit_key(step), MAX_MANIFEST_BYTES))
+                raw = o.get(commit_key(step), MAX_MANIFEST_BYTES)
+                commit = parse_commit(raw, commit_key(step))
             except FAILURES:
                 continue  # not held there (or unreadable: not a source either)
-            rec = self._records_on(o, step, csum)
+            rec = self._records_on(o, step, checksum(raw))
             if rec is None:
                 return None  # a full copy is given: the target gets every rank
-            holders.append((o, rec))
-        if not holders or len({rec.commit_checksum for _, rec in holders}) != 1:
+            holders.append((commit, rec))
+        if not holders or not all(holders[0][0].same_save(c) for c, _ in holders):
             return None
+        ranks = tuple(sorted({x for _, rec in holders for x in rec.ranks}))
         with self._lock:
-            self.inherited[(r.url, step)] = [(o, key) for o, _ in holders for key in self.share_keys[(o.url, step)]]
-        ranks = sorted({x for _, rec in holders for x in rec.ranks})
-        return ShareRecord(step, holders[0][1].commit_checksum, tuple(ranks))
+            self.inherited[(r.url, step)] = ranks
+        return ShareRecord(step, "", ranks)
 
     def plan(self, r: Replica, step: int, commit: CommitRecord) -> ReplicaPlan:
         """Check ``r``'s rank manifests against ``commit`` and list its object checks."""

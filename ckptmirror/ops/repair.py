@@ -10,7 +10,16 @@ from typing import Any
 
 from ..checksum import checksum
 from ..errors import CorruptObjectError, ManifestError, StepExistsError, StepNotFoundError
-from ..format import MAX_MANIFEST_BYTES, MAX_SHARE_BYTES, CommitRecord, ObjectRecord, commit_key, parse_commit, step_dir
+from ..format import (
+    MAX_MANIFEST_BYTES,
+    CommitRecord,
+    ObjectRecord,
+    ShareRecord,
+    commit_key,
+    parse_commit,
+    share_key,
+    step_dir,
+)
 from ..placement import MAX_PLACEMENT_BYTES, Stored, drop_placement_entry, parse_placement, placement_of
 from ..replicas import Replica
 from ._common import FAILURES, Problem, Progress, ProgressFactory, list_reachable, opened
@@ -110,7 +119,7 @@ def _no_source(p: Problem) -> Problem:
     )
 
 
-def _needs(plan: ReplicaPlan, eng: Engine) -> tuple[list[_Copy], list[_Copy], list[Problem]]:
+def _needs(plan: ReplicaPlan, eng: Engine, late: bool = False) -> tuple[list[_Copy], list[_Copy], list[Problem]]:
     """Object copies, rank manifest copies, and what cannot be fixed, for one checked replica."""
     copies: list[_Copy] = []
     manifests: list[_Copy] = []
@@ -131,7 +140,13 @@ def _needs(plan: ReplicaPlan, eng: Engine) -> tuple[list[_Copy], list[_Copy], li
                     r.url,
                     rp.key,
                     "unrecoverable",
-                    "no replica holds a copy of this rank manifest that matches the commit",
+                    "no replica holds a copy of this rank manifest that matches the commit"
+                    + (
+                        " (rebuilding a node-local replica from partial ones? 'ckptmirror repair --partial' "
+                        "gives it only the ranks they hold)"
+                        if late and not eng.inherit_shares
+                        else ""
+                    ),
                     rp.rank,
                 )
             )
@@ -163,6 +178,7 @@ def repair(
     threads: int = 4,
     progress: ProgressFactory | None = None,
     storage_options: Mapping[str, Mapping[str, Any]] | None = None,
+    partial: bool = False,
 ) -> RepairReport:
     """Make every replica hold a verifying copy of every step committed on any of them.
 
@@ -172,6 +188,11 @@ def repair(
     missing (a torn save is completed this way) or did not parse. An object that verifies is
     never overwritten; one the backend could not read is left alone and reported. Running it
     twice changes nothing the second time. ``dry_run``: plan and report, write nothing.
+
+    ``partial``: a replica without a commit record of a step gets only the ranks that the
+    replicas holding the step hold when each of those is partial (a node-local disk rebuilt from
+    that node's ``ring_peer`` namespace), and a share record saying so; without it, every rank
+    (the rule of a full copy), which partial sources cannot give.
     """
     with opened(urls, storage_options) as replicas:
         listing, reachable = list_reachable(replicas)
@@ -180,6 +201,7 @@ def repair(
             raise StepNotFoundError(step, list(listing.committed))
         steps = sorted(listing.committed) if step is None else [step]
         eng = Engine(reachable, threads, False, progress)
+        eng.inherit_shares = partial
         fixes: list[_Fix] = []
         try:
             # 1. Verify every replica that holds a commit, against its own commit.
@@ -246,7 +268,7 @@ def repair(
                 for plan in plans:
                     if plan.commit is None:
                         continue
-                    copies, manifests, blocked = _needs(plan, eng)
+                    copies, manifests, blocked = _needs(plan, eng, id(plan) in late_ids)
                     needs_commit = id(plan) in late_ids
                     raw = None
                     if needs_commit:
@@ -375,6 +397,8 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
         r, s = fix.plan.replica, fix.plan.step
         srcs = eng.sources(key, csum, r)
         if dry_run:
+            if manifest:
+                return RepairAction(s, r.url, key, "copy", srcs[0].url if srcs else None, size, reason)
             try:
                 eng.single[r.url].stored(r, ObjectRecord(key, size, csum))
             except ManifestError:
@@ -389,9 +413,9 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
                 # source's damaged placement record does not concern it (it failed the copy, and
                 # a second run then did what the first should have).
                 raw, src = _read_raw(key, size, csum, srcs)
-                data[:] = raw
-            else:
-                src = eng.shared.fetch_into(key, csum, srcs, memoryview(data))  # verified again while copying
+                r.put(key, raw)  # raw on the target too, never in a placement record
+                return RepairAction(s, r.url, key, "copy", src, size, reason, True)
+            src = eng.shared.fetch_into(key, csum, srcs, memoryview(data))  # verified again while copying
             try:
                 st: Stored | None = eng.single[r.url].stored(r, ObjectRecord(key, size, csum))
             except ManifestError:
@@ -502,12 +526,12 @@ def _commit(fix: _Fix, dry_run: bool, copy_failed: bool, eng: Engine) -> RepairA
         if fix.plan.commit_problem
         else "step committed on another replica but not here"
     )
-    shares = eng.inherited.get((r.url, s), [])
-    if shares:
-        held = sorted(rp.rank for rp in fix.plan.ranks if rp.held)
+    ranks = eng.inherited.get((r.url, s), ())
+    share = (share_key(s, checksum(raw), min(ranks)), ShareRecord(s, checksum(raw), ranks).to_json()) if ranks else None
+    if share is not None:
         reason += (
-            f"; holds rank(s) {', '.join(map(str, held))} as the partial replicas given do "
-            f"(their share record(s) copied first: {', '.join(sorted({k for _, k in shares}))})"
+            f"; holds rank(s) {', '.join(map(str, ranks))} as the partial replicas given do (--partial: "
+            f"share record {share[0]} written first)"
         )
 
     def action(done: bool = False, error: str | None = None) -> RepairAction:
@@ -527,8 +551,8 @@ def _commit(fix: _Fix, dry_run: bool, copy_failed: bool, eng: Engine) -> RepairA
             )
         # A partial copy's share records before its commit record, as a save writes them: without
         # them the replica would be held to the rule of a full copy (every other rank "missing").
-        for src, share in shares:
-            r.put(share, src.get(share, MAX_SHARE_BYTES))
+        if share is not None:
+            r.put(*share)
         if fix.replace_commit:
             r.delete(key)
         r.commit(key, raw)

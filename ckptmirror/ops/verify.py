@@ -333,25 +333,37 @@ def _disagreements(eng: Engine, step: int, plans: Sequence[ReplicaPlan]) -> dict
     valid.sort(key=lambda p: rank[p.replica.url])
     out: dict[int, list[Problem]] = {}
     whole = [p for p in valid if recoverable(eng, [p])]
-    if whole:
-        good = {p.commit.pins for p in whole if p.commit is not None}
-        for p in valid:
-            if p.commit is not None and p.commit.pins not in good:
-                out[id(p)] = [
-                    Problem(
-                        step,
-                        p.replica.url,
-                        commit_key(step),
-                        "invalid",
-                        "this commit record pins rank manifests that verify on no replica (a damaged record: "
-                        f"one flipped bit still parses), while the record of step {step} on "
-                        f"{whole[0].replica.url} verifies: a restore reads that one, 'ckptmirror repair' "
-                        "writes it here",
-                    )
-                ]
-        valid = whole
-        if len(good) <= 1:
-            return out
+    for p in valid:
+        # Damaged, not foreign: a record of the same save (same manifest files) as one that
+        # verifies, with a pin that matches no manifest on any replica, every replica answering
+        # (restore switches records in exactly that case; an outage or damaged objects are not it).
+        twin = next(
+            (
+                w
+                for w in whole
+                if w.commit is not None
+                and p.commit is not None
+                and w.commit.same_save(p.commit)
+                and w.commit.pins != p.commit.pins
+            ),
+            None,
+        )
+        if twin is None or eng.down or not any(rp.held and rp.manifest is None for rp in p.ranks):
+            continue
+        out[id(p)] = [
+            Problem(
+                step,
+                p.replica.url,
+                commit_key(step),
+                "invalid",
+                "this commit record pins a rank manifest that verifies on no replica, where the record of the "
+                f"same save on {twin.replica.url} verifies (a damaged record: one flipped bit still parses): a "
+                "restore reads that one, 'ckptmirror repair' writes it here",
+            )
+        ]
+    valid = [p for p in valid if id(p) not in out]
+    if len({p.commit.pins for p in valid if p.commit is not None}) <= 1:
+        return out
     first = valid[0]
     assert first.commit is not None
     same = [p.replica.url for p in valid if p.commit is not None and p.commit.pins == first.commit.pins]

@@ -266,11 +266,13 @@ class Fetcher:
         raise _unreadable(errors, key)
 
     def other_commits(self, first: CommitRecord, urls: Sequence[str] | None = None) -> Iterator[CommitRecord]:
-        """The commit records of ``first``'s step on the other replicas (of ``urls``) that parse
-        and commit another checkpoint than ``first`` (:attr:`CommitRecord.pins`), in read order,
-        each once; a replica that fails is passed over. Read only when ``first`` failed its
-        checks: one bit flipped in a commit record makes it pin a manifest no replica holds,
-        while another replica's record of the same save is whole."""
+        """The commit records of ``first``'s step on the other replicas (of ``urls``) that parse,
+        record the same save (:meth:`CommitRecord.same_save`: the same manifest files) and pin
+        other sizes or checksums for them, in read order, each once; a replica that fails is
+        passed over. Read only when ``first`` failed its checks: one bit flipped in a commit
+        record makes it pin a manifest no replica holds, while another replica's record of the
+        same save is whole. Never another save: the ranks of a restore vote on a step number
+        only, and each takes its record on its own, so another save could be mixed in."""
         key = commit_key(first.step)
         seen = {first.pins}
         for r in self.replicas:
@@ -281,7 +283,7 @@ class Fetcher:
             except STEP_FAILURES as exc:
                 self._failed(r, exc)
                 continue
-            if c.pins not in seen:
+            if c.pins not in seen and first.same_save(c):
                 seen.add(c.pins)
                 yield c
 
