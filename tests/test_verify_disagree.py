@@ -234,3 +234,28 @@ def test_a_damaged_commit_record_is_not_another_checkpoint(tmp_path: Path) -> No
     with Mirror([str(a)]) as m:  # the repaired replica alone
         res = m.restore(target, require=True)
     assert res is not None and res.step == 2 and torch.equal(target.weight, saved[2])
+
+
+def test_a_restore_never_switches_to_another_save_of_the_step(tmp_path: Path) -> None:
+    """Replica a holds save X of step 2 with its rank manifest lost; replica b holds another save
+    Y of step 2 (whole). A restore falls back to step 1 rather than take Y's record: the ranks of
+    a restore vote on step numbers only, so a rank that switched saves could mix X and Y."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    model = nn.Linear(16, 16)
+    with Mirror([str(a), str(b)]) as m:
+        m.save(1, model).result()
+    one = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1)
+    with Mirror([str(a)]) as m:
+        m.save(2, model).result()  # save X, on a
+    with torch.no_grad():
+        model.weight.add_(1)
+    with Mirror([str(b)]) as m:
+        m.save(2, model).result()  # save Y, on b
+    for p in (a / step_dir(2)).glob("rank-00000-*.json"):
+        p.unlink()
+    target = nn.Linear(16, 16)
+    with Mirror([str(a), str(b)]) as m:
+        res = m.restore(target, require=True)
+    assert res is not None and res.step == 1 and torch.equal(target.weight, one)
