@@ -200,3 +200,24 @@ def test_one_run_repairs_a_manifest_whose_only_good_copy_is_beside_a_damaged_pla
             loaded = m.load_state(require=True)
         assert loaded is not None and loaded[0] == 1
         assert_bit_exact(loaded[1], state)
+
+
+def test_one_run_completes_a_compressed_replica_that_lost_an_object_and_its_commit(tmp_path: Path) -> None:
+    """Replica b (zstd) lost one stored ``.zst`` and its commit record. Repair copied the object
+    raw, then its check for files deleted meanwhile looked for the ``.zst`` the placement record
+    read before the copy still named, reported a concurrent delete (nothing else ran) and
+    committed nothing; a second run finished. One run commits now."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    state = _state(5, n=4)
+    _save([str(a), str(b)], state, b)
+    victim = sorted((b / "step-000000000001" / "rank-00000").glob("*.zst"))[0]
+    victim.unlink()
+    (b / commit_key(1)).unlink()
+    rep = repair([str(a), str(b)])
+    assert rep.exit_code == 0 and all(x.done for x in rep.actions), rep
+    assert [x.action for x in rep.actions if x.action.endswith("commit")] == ["commit"]
+    assert verify([str(b)]).exit_code == 0
+    with Mirror([str(b)]) as m:
+        loaded = m.load_state(require=True)
+    assert loaded is not None and loaded[0] == 1
+    assert_bit_exact(loaded[1], state)

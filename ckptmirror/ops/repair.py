@@ -478,23 +478,29 @@ def _gone(fix: _Fix, eng: Engine) -> str | None:
     directory: a commit over a missing file would make a step "restorable" that is not."""
     r = fix.plan.replica
     reader = eng.single[r.url]
-    keys: list[str] = []
+    # Each file as alternatives: where the placement record read before the copies put it, or,
+    # for an object this run copied, its own raw name (repair stores an object it copies raw and
+    # drops its placement entry; the reader's cached record still names the compressed file
+    # repair found missing).
+    keys: list[tuple[str, ...]] = []
+    copied = {c[0] for c in fix.copies}
     for rp in fix.plan.ranks:
         if not rp.held or rp.manifest is None:
             continue
-        keys.append(rp.key)
+        keys.append((rp.key,))
         for o in rp.manifest.objects:
             try:
-                keys.append(reader.stored(r, o).key)
+                keys.append((reader.stored(r, o).key, o.key) if o.key in copied else (reader.stored(r, o).key,))
             except ManifestError:
-                keys.append(o.key)  # its placement record was damaged: repair stored it raw
+                keys.append((o.key,))  # its placement record was damaged: repair stored it raw
     listed: dict[str, set[str]] = {}
-    for k in keys:
-        d = k.split("/", 1)[0]
-        if d not in listed:
-            listed[d] = set(r.list_prefix(d))
-        if k not in listed[d]:
-            return k
+    for alternatives in keys:
+        for k in alternatives:
+            d = k.split("/", 1)[0]
+            if d not in listed:
+                listed[d] = set(r.list_prefix(d))
+        if not any(k in listed[k.split("/", 1)[0]] for k in alternatives):
+            return alternatives[0]
     return None
 
 
