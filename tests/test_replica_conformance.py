@@ -574,7 +574,9 @@ def test_s3_a_stalled_upload_start_is_cut_at_the_connect_budget(s3_url: str) -> 
     t0 = time.monotonic()
     r.put(OBJ, data)
     took = time.monotonic() - t0
-    assert r.calls.count("create_multipart_upload") == 2 and took < 1.0 + 3 * PART / (1 << 20), took
+    # At least one retry (a loaded machine's moto may answer the retry after the 1 s budget too:
+    # one CI run saw 3), and the whole put within the object's budget, not the 60 s stall.
+    assert r.calls.count("create_multipart_upload") >= 2 and took < 1.0 + 3 * PART / (1 << 20), took
     assert r.size(OBJ) == len(data)
 
 
