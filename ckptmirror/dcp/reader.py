@@ -38,6 +38,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import accumulate
 from typing import Any
 
@@ -361,24 +362,7 @@ class MirrorStorageReader(StorageReader):
         """Everything that can be checked before planning: records, metadata, objects present.
         Another replica's commit record of the step is tried when the first one read does not
         verify (a damaged record still parses: see ``Fetcher.other_commits``)."""
-        first = fetcher.read_commit(s, urls)
-        try:
-            return self._probe_commit(fetcher, first)
-        except STEP_FAILURES as exc:
-            if not is_damage(exc):
-                raise
-            for other in fetcher.other_commits(first, urls):
-                try:
-                    found = self._probe_commit(fetcher, other)
-                except STEP_FAILURES as exc2:
-                    if not is_damage(exc2):
-                        raise
-                    continue
-                log.warning(
-                    "step %d: the commit record read first does not verify (%s); using another replica's", s, exc
-                )
-                return found
-            raise
+        return fetcher.probe_commits(fetcher.read_commit(s, urls), urls, partial(self._probe_commit, fetcher))
 
     def _probe_commit(self, fetcher: Fetcher, commit: CommitRecord) -> _Step:
         s = commit.step

@@ -120,30 +120,9 @@ def load_newest(
     urls = [r.url for r in replicas]
 
     def probe(s: int) -> Probed:
-        first = reader.read_commit(s, listing.committed[s])
-        try:
-            return probe_commit(first)
-        except STEP_FAILURES as exc:
-            if not is_damage(exc):
-                raise
-            # The first replica's record may be the damaged one (a flipped bit in a pinned
-            # checksum still parses): another replica's record of the step, whole, is used.
-            for other in reader.other_commits(first, listing.committed[s]):
-                try:
-                    found = probe_commit(other)
-                except STEP_FAILURES as exc2:
-                    if not is_damage(exc2):
-                        raise
-                    continue
-                log.warning(
-                    "step %d: the commit record read first does not verify (%s); using another replica's "
-                    "record of the step, which does ('ckptmirror verify' names the damaged one, 'ckptmirror "
-                    "repair' replaces it)",
-                    s,
-                    exc,
-                )
-                return found
-            raise
+        # The first replica's record may be the damaged one (a flipped bit in a pinned checksum
+        # still parses): another replica's record of the same save is tried then.
+        return reader.probe_commits(reader.read_commit(s, listing.committed[s]), listing.committed[s], probe_commit)
 
     def probe_commit(commit: CommitRecord) -> Probed:
         s = commit.step

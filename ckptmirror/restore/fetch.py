@@ -41,7 +41,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from ..checksum import checksum
 from ..errors import (
@@ -70,6 +70,7 @@ from ..replicas.base import Replica
 if TYPE_CHECKING:  # verify, repair and ls read through a Fetcher without torch; restore has it loaded
     import torch
 
+T = TypeVar("T")
 log = logging.getLogger("ckptmirror")
 
 #: Failures that make one step unrecoverable but let the reader fall back to an older one.
@@ -286,6 +287,32 @@ class Fetcher:
             if c.pins not in seen and first.same_save(c):
                 seen.add(c.pins)
                 yield c
+
+    def probe_commits(self, first: CommitRecord, urls: Sequence[str] | None, probe: Callable[[CommitRecord], T]) -> T:
+        """``probe(first)``; when that fails with damage, ``probe`` of each of
+        :meth:`other_commits` in turn, the first that passes (with a WARNING), else ``first``'s
+        error. Other failures (an outage) are raised as they come."""
+        try:
+            return probe(first)
+        except STEP_FAILURES as exc:
+            if not is_damage(exc):
+                raise
+            for other in self.other_commits(first, urls):
+                try:
+                    found = probe(other)
+                except STEP_FAILURES as exc2:
+                    if not is_damage(exc2):
+                        raise
+                    continue
+                log.warning(
+                    "step %d: the commit record read first does not verify (%s); using another replica's "
+                    "record of the same save, which does ('ckptmirror verify' names the damaged one, "
+                    "'ckptmirror repair' replaces it)",
+                    first.step,
+                    exc,
+                )
+                return found
+            raise
 
     def read_manifest(self, commit: CommitRecord, rank: int) -> RankManifest:
         """The rank manifest, verified against the commit's pin, from any replica."""
