@@ -256,6 +256,9 @@ class Mirror:
         self._seq = 0
         self._restores = 0
         self._plan_cache: tuple[tuple[object, ...], Plan] | None = None
+        #: Steps the last restore skipped as damaged on every replica (one rank): a save of one
+        #: replaces them (see _save).
+        self._damaged_steps: set[int] = set()
         self._stager: ThreadPoolExecutor | None = None  # see _stage_executor
         self._lock = threading.Lock()  # guards the handles and in-flight bookkeeping below
         self._handles: list[SaveHandle] = []
@@ -346,6 +349,13 @@ class Mirror:
             self._await_step(step)
         with self._lock:
             inflight = step in self._inflight_steps
+        if not overwrite and step in self._damaged_steps and self.staging_bytes is None:
+            # The restore of this process skipped this step: no replica held a copy that passed
+            # its checks. The job trains it again from the older step; refusing its save would
+            # stop the run at the same place after every restart. It replaces the damaged copies.
+            log.warning("step %d: replacing the damaged copies that the restore skipped", step)
+            self._damaged_steps.discard(step)
+            overwrite = True
         if inflight or (not overwrite and self._fanout.has_committed(step)):
             raise StepExistsError(step)
         cached = self._plan_cache
@@ -680,6 +690,8 @@ class Mirror:
             if coord is not None:
                 coord.close()
         self._metrics.restore_finished(None if loaded is None else loaded.step, time.perf_counter() - t0)
+        if loaded is not None and not self.dist.distributed:
+            self._damaged_steps = set(loaded.skipped)
         if loaded is None:
             urls = [r.url for r in self.replicas]
             if require:

@@ -727,3 +727,27 @@ def test_verify_says_which_replica_holds_nothing_at_all(reps: tuple[Path, Path],
     assert json.loads(alone_js.stdout)["empty"] == {str(typo): "check the path"}
     doc = json.loads(beside.stdout)
     assert beside.returncode == 3 and doc["empty"] == {str(typo): "check the path"}, doc["empty"]
+
+
+def test_damage_lines_group_objects_stored_under_their_own_names() -> None:
+    """Compressed or referenced objects name the file they are stored in ("not found (stored as
+    ...)"): a lost compressed step is still one line, not one per object (a campaign saw 115)."""
+    from ckptmirror import ops
+    from ckptmirror.cli.render import _damage_lines
+
+    gone = [
+        ops.Problem(
+            3,
+            "s3://b/run",
+            f"{step_dir(3)}/rank-00000/o{i:06d}-aa.bin",
+            "missing",
+            f"not found (stored as {step_dir(0)}/rank-00000/o{i:06d}-bb.zst)",
+            0,
+        )
+        for i in range(6)
+    ]
+    lone = ops.Problem(3, "s3://b/run", f"{step_dir(3)}/rank-00000/o000009-aa.bin", "corrupt", "checksum mismatch", 0)
+    lines = _damage_lines([*gone, lone])
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"missing: 6 objects of step 3 on s3://b/run (first: {gone[0].key}): not found"), lines
+    assert lines[1] == str(lone)

@@ -1135,3 +1135,33 @@ def test_symlinked_step_outside_root_is_neither_listed_nor_deleted(tmp_path: Pat
     assert steps_of(root) == [3]
     assert tree_snapshot(outside) == before, "retention deleted or changed files outside the root"
     assert_restores(root, 3)
+
+
+def test_a_step_restore_skipped_as_damaged_can_be_saved_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The newest step is damaged on the only replica: restore falls back one step, the job
+    # trains that step again and saves it. The save used to raise StepExistsError ("pass
+    # overwrite=True"), so the run stopped at the same place after every restart (a campaign
+    # found it). Now the save replaces the damaged copies, once.
+    root = tmp_path / "root"
+    with Mirror([str(root)], object_bytes=OBJ) as m:
+        for s in (1, 2):
+            m.save(s, wc.fill(wc.Net(W), s)).result(timeout=30)
+    obj = root / okey(root, 2, 0)
+    data = bytearray(obj.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    obj.write_bytes(bytes(data))
+    net = wc.fill(wc.Net(W), 999)
+    with caplog.at_level(logging.WARNING, logger="ckptmirror"), Mirror([str(root)], object_bytes=OBJ) as m:
+        assert m.restore(net).step == 1
+        assert_bit_exact(state_of(net), state_of(wc.fill(wc.Net(W), 1)))
+        again = wc.fill(wc.Net(W), 22)  # step 2 trained again (other values than the damaged save's)
+        h = m.save(2, again)
+        h.result(timeout=30)
+        assert {st.state for st in h.replicas.values()} == {"committed"}
+        with pytest.raises(StepExistsError):
+            m.save(2, again)  # once: the new step 2 is intact
+    assert any("replacing the damaged copies" in w for w in ck_warnings(caplog)), ck_warnings(caplog)
+    fresh = wc.fill(wc.Net(W), 999)
+    with Mirror([str(root)]) as m:
+        assert m.restore(fresh).step == 2
+    assert_bit_exact(state_of(fresh), state_of(wc.fill(wc.Net(W), 22)))

@@ -409,3 +409,28 @@ def test_out_of_memory_is_recognised_in_every_form() -> None:
     for exc in (MemoryError(), torch.OutOfMemoryError("CUDA out of memory"), wrapped):
         assert out_of_memory(exc), exc
     assert not out_of_memory(RuntimeError("shape mismatch")) and not out_of_memory(OSError(errno.EIO, "I/O"))
+
+
+# ------------------------- 5. a replaced (empty) disk while the replica that holds the run is down
+def test_an_empty_replica_beside_a_dead_one_is_no_fresh_start(tmp_path: Path, peer: Peer) -> None:
+    # A replacement node's disk is empty and the peer agent that holds the run is down: the
+    # restore used to return None ("starting from scratch"), and the job would have trained
+    # from step 0 and saved under step numbers the peer holds already (a campaign found it).
+    local = tmp_path / "local"
+    with Mirror([str(local), peer.replica()], object_bytes=OBJ) as m:
+        for s in (1, 2):
+            m.save(s, fill(make_net(**SIZE), s)).result(timeout=60)
+    for f in sorted(local.rglob("*"), reverse=True):  # the disk is replaced
+        f.unlink() if f.is_file() else f.rmdir()
+    peer.agent.proc.kill()
+    peer.agent.proc.wait(10)
+    net = fill(make_net(**SIZE), 999)
+    before = state_of(net)
+    with Mirror([str(local), peer.replica()], object_bytes=OBJ) as m:
+        with pytest.raises(ReplicaUnavailableError) as exc:
+            m.restore(net)
+        assert peer.url in str(exc.value) and "does not start from scratch" in str(exc.value), str(exc.value)
+        assert_bit_exact(state_of(net), before, "a restore that could not look changed the model: ")
+    # Without the dead replica in the list it is a fresh start, as asked.
+    with Mirror([str(local)]) as m:
+        assert m.restore(net) is None

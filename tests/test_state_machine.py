@@ -248,7 +248,9 @@ class Model:
             return "outage", None  # every replica unreachable: an outage, not a fresh start nor damage
         candidates = sorted({s for n in up for s in committed_in(self.keys[n])}, reverse=True)
         if not candidates:
-            return "none", None
+            # Nothing committed on the replicas that answered: a fresh start only when every
+            # replica answered; one that did not may hold the run (not a fresh start).
+            return ("none", None) if len(up) == len(NAMES) else ("outage", None)
 
         def intact_somewhere(key: str) -> bool:
             return any(self.keys[n].get(key) is True for n in up)

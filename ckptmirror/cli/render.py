@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -403,6 +404,9 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
 _DAMAGE_GROUP_AT = 4
 
 
+_STORED_AS = re.compile(r" \(stored as [^()]*\)")
+
+
 def _damage_lines(damage: Sequence[ops.Problem]) -> list[str]:
     """One line per problem, except that objects of one step with one kind of problem, on one
     replica, with the very same cause (a damaged placement record makes every object of its
@@ -413,7 +417,9 @@ def _damage_lines(damage: Sequence[ops.Problem]) -> list[str]:
     def group_of(p: ops.Problem) -> tuple[str, str, str, int] | None:
         name = p.key.rsplit("/", 1)[-1]
         is_object = "/rank-" in p.key and name.startswith("o") and name.endswith((".bin", ".zst"))
-        return (p.kind, p.replica, p.detail, p.step) if is_object else None
+        # The cause without where each object is stored (compressed or referenced objects name
+        # their own file: "(stored as ...)"), else a lost compressed step is a line per object.
+        return (p.kind, p.replica, _STORED_AS.sub("", p.detail), p.step) if is_object else None
 
     groups: dict[tuple[str, str, str, int], list[ops.Problem]] = {}
     for p in damage:

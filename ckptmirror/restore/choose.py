@@ -36,13 +36,14 @@ from typing import Any
 
 from .. import config
 from ..errors import (
+    ManifestError,
     NoValidCheckpointError,
     ReplicaConfigError,
     ReplicaUnavailableError,
     StateMismatchError,
     StepNotFoundError,
 )
-from ..format import CommitRecord, RankManifest
+from ..format import CommitRecord, RankManifest, commit_key, parse_commit
 from ..progress import Progress
 from ..replicas.base import Replica
 from .check import validate_manifest
@@ -119,7 +120,12 @@ def load_newest(
     failures: dict[int, BaseException] = {}
     urls = [r.url for r in replicas]
 
+    #: Steps committed only where other ranks look (several ranks): the record one of them read.
+    given: dict[int, CommitRecord] = {}
+
     def probe(s: int) -> Probed:
+        if s in given:
+            return probe_commit(given[s])
         # The first replica's record may be the damaged one (a flipped bit in a pinned checksum
         # still parses): another replica's record of the same save is tried then.
         return reader.probe_commits(reader.read_commit(s, listing.committed[s]), listing.committed[s], probe_commit)
@@ -151,6 +157,10 @@ def load_newest(
 
     if agree is None:
         if not candidates:
+            if listing.unreachable:
+                # The replicas that answered hold nothing (a replaced disk, say), and one that
+                # did not may hold the run's checkpoints: a fresh start would rewind the run.
+                raise _partly_listed(listing.unreachable)
             for url, steps in listing.torn.items():
                 log.info("replica %s holds leftovers of interrupted saves (steps %s); no committed step", url, steps)
             return None
@@ -199,12 +209,14 @@ def load_newest(
                 continue
             if problems:
                 log.warning("restored step %d after skipping newer steps %s", s, sorted(problems, reverse=True))
+                loaded.skipped = tuple(sorted(problems, reverse=True))
             if step is None:
                 _warn_lagging(s, listing.committed, urls)
             return loaded
         if any(is_damage(e) for e in failures.values()):
             raise NoValidCheckpointError(problems, replicas=urls)
         raise _unreadable_steps(problems, list(failures.values()))
+    candidates = _pool_commits(reader, listing.committed, candidates, agree, rank, step, given)
     agreed = _load_agreed(
         reader,
         candidates,
@@ -219,13 +231,66 @@ def load_newest(
         undo,
         agree,
         defer,
-        all_down,
+        bool(listing.unreachable),
         listing.unreachable,
         urls,
     )
     if agreed is not None and step is None:
         _warn_lagging(agreed.step, listing.committed, urls)
     return agreed
+
+
+#: At most this many steps that some rank's replicas hold a commit record of and another's do
+#: not are shared between the ranks of a restore (newest first).
+POOLED_STEPS = 8
+
+
+def _pool_commits(
+    reader: Fetcher,
+    committed: Mapping[int, Sequence[str]],
+    candidates: list[int],
+    agree: Callable[[str, Any], list[Any]],
+    rank: int,
+    step: int | None,
+    given: dict[int, CommitRecord],
+) -> list[int]:
+    """The candidate steps of a several-ranks restore, with the steps that only other ranks'
+    replicas hold a commit record of; their records go into ``given``.
+
+    With node-local replicas each rank lists its own node's disk: a rank killed between the
+    commit decision and writing its copy of the record leaves the step committed on the other
+    nodes only, while its own manifest and objects are durable. The step is recoverable (the
+    record pins every rank's manifest by checksum, and a rank reads its own from any replica),
+    so the ranks share those records instead of each voting from its own listing; the restore
+    used to settle on the step before, and the next save of that step was refused on some ranks
+    only. The lowest rank that holds a record sends it, so every rank that lacks it takes the
+    same one.
+    """
+    held = [list(h) for h in agree("steps", candidates)]
+    everyone = set().union(*map(set, held)) if held else set()
+    if step is not None:
+        everyone &= {step}
+    lacking = sorted((s for s in everyone if any(s not in h for h in held)), reverse=True)[:POOLED_STEPS]
+    mine: dict[str, str] = {}
+    for s in lacking:
+        first = next(i for i, h in enumerate(held) if s in h)
+        if s in committed and first == rank:
+            try:
+                mine[str(s)] = reader.read_commit(s, committed[s]).to_json().decode()
+            except STEP_FAILURES as exc:
+                log.warning("step %d: could not read its commit record for the other ranks: %s", s, exc)
+    for records in agree("commits", mine):
+        for key, text in records.items():
+            s = int(key)
+            if s in committed or s in given:
+                continue
+            try:
+                given[s] = parse_commit(text.encode(), commit_key(s))
+            except ManifestError as exc:
+                log.warning("step %d: the commit record another rank sent does not parse: %s", s, exc)
+    if given:
+        log.info("steps %s are committed only on other ranks' replicas; this rank reads them too", sorted(given))
+    return sorted(set(candidates) | set(given), reverse=True)
 
 
 def _voted(exc: BaseException) -> bool:
@@ -289,6 +354,19 @@ def _nobody_listed(unreachable: dict[str, str]) -> ReplicaUnavailableError:
     )
 
 
+def _partly_listed(unreachable: dict[str, str]) -> ReplicaUnavailableError:
+    """The error of a restore that found no committed step on the replicas that answered
+    while others could not be listed: those may hold the run's checkpoints."""
+    detail = "; ".join(f"{u}: {e}" for u, e in unreachable.items())
+    return ReplicaUnavailableError(
+        f"no committed step on the replicas that answered, and {', '.join(unreachable)} could not be listed "
+        f"({detail}): it may hold this run's checkpoints, so restore does not start from scratch. Bring it back "
+        "and restore again; for a new run, or to give up what it holds, leave it out of the replica list for "
+        "this restore",
+        replica=next(iter(unreachable)) if len(unreachable) == 1 else "",
+    )
+
+
 def _unreadable_steps(problems: dict[int, str], failures: list[BaseException], note: str = "") -> BaseException:
     """The error of a restore whose steps all failed for lack of a replica that could be read
     (none failed a check): the misconfiguration when that is all there was, else an outage."""
@@ -326,14 +404,14 @@ def _load_agreed(
     undo: BufferFactory | None,
     agree: Callable[[str, Any], list[Any]],
     defer: bool,
-    all_down: bool = False,
+    some_down: bool = False,
     unreachable: dict[str, str] | None = None,
     urls: Sequence[str] = (),
 ) -> Loaded | None:
     """The several-ranks half of :func:`load_newest`: vote on a step, load it, fall back together.
 
     Every vote carries whether the rank saw damage (a copy that failed its checks) and whether
-    it could list none of its replicas, so that every rank raises the same kind of error: damage
+    it could not list some of its replicas (``some_down``), so that every rank raises the same kind of error: damage
     anywhere gives :class:`NoValidCheckpointError`, outages alone :class:`ReplicaUnavailableError`.
     """
     bound = candidates[0] if candidates else -1
@@ -379,7 +457,7 @@ def _load_agreed(
             "step": mine,
             "any": bool(candidates),
             "error": error,
-            "down": all_down,
+            "down": some_down,
             "damage": any(is_damage(e) for e in failures),
             "outage_at": outage_at,
             "damaged_at": sorted(damaged_at),
@@ -408,11 +486,11 @@ def _load_agreed(
             down = [r for r, v in enumerate(votes) if v.get("down")]
             if down:  # not "no checkpoint": some rank could not look
                 raise ReplicaUnavailableError(
-                    f"rank(s) {down} could reach none of their replicas, so it is not known whether a "
-                    "checkpoint exists"
+                    f"rank(s) {down} could not list some of their replicas and no rank found a committed step "
+                    "on the others, so it is not known whether a checkpoint exists"
                     + (
                         f" ({'; '.join(f'{u}: {e}' for u, e in unreachable.items())})"
-                        if all_down and unreachable
+                        if some_down and unreachable
                         else ""
                     )
                     + f"; restore does not start from scratch when it cannot look: {OUTAGE_FIX}"

@@ -53,6 +53,9 @@ class Loaded:
     undo: UndoLog | None = None
     #: verified bytes for the caller's tensors that have not landed yet (``defer=True``)
     landing: Landing | None = None
+    #: newer steps the restore skipped because no replica held a copy that passed its checks
+    #: (damage, not an outage: an outage raises); one process, one rank
+    skipped: tuple[int, ...] = ()
 
     def land(self, threads: int = 2, pool: Executor | None = None) -> None:
         """Copy the verified bytes that wait in :attr:`landing` into the caller's tensors
