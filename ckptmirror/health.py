@@ -16,11 +16,18 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 
 from .replicas.base import WRITE_ERRNOS, Replica
 
 log = logging.getLogger("ckptmirror")
+
+#: A replica degraded again within this many seconds of its last failure counts one more
+#: strike (see :meth:`ReplicaHealth.mark`); after a quiet spell this long it starts from one.
+STRIKE_MEMORY_S = 600.0
+#: The longest a replica that keeps failing is held out of saves after it answers again.
+MAX_HOLD_S = 600.0
 
 
 class ReplicaHealth:
@@ -35,6 +42,11 @@ class ReplicaHealth:
         self._need_write: dict[str, int] = {}
         #: URL -> how many times it was marked: a probe that passed clears nothing marked since
         self._marks: dict[str, int] = {}
+        #: URL -> failures in a row (each within STRIKE_MEMORY_S of the last), and when the last was
+        self._strikes: dict[str, int] = {}
+        self._last_fail: dict[str, float] = {}
+        #: URL -> the monotonic time before which it is not brought back, however it answers
+        self._hold_until: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -46,10 +58,22 @@ class ReplicaHealth:
         """
         why = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
         refuses_writes = isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS
+        now = time.monotonic()
         with self._lock:
             if replica.url not in self._degraded:
+                # A replica whose pings pass while its uploads stall (a slow or lossy link, a
+                # path MTU black hole) came back at the next probe and failed the next save
+                # again, a time budget later each time: every other save stalled for as long as
+                # the fault lasted. Each failure soon after the last holds it out longer.
+                recent = now - self._last_fail.get(replica.url, -STRIKE_MEMORY_S - 1) <= STRIKE_MEMORY_S
+                strikes = self._strikes[replica.url] = self._strikes.get(replica.url, 0) + 1 if recent else 1
+                hold = 0.0 if strikes < 2 else min(MAX_HOLD_S, self.interval_s * 2 ** (strikes - 1))
+                self._hold_until[replica.url] = now + hold
                 until = "it can be written again" if refuses_writes else "it answers again"
+                if hold:
+                    until += f", and at least {hold:g} s (failure {strikes} in a row)"
                 log.warning("replica %s is degraded (%s); saves skip it until %s", replica.url, why, until)
+            self._last_fail[replica.url] = now
             self._degraded[replica.url] = why
             self._marks[replica.url] = self._marks.get(replica.url, 0) + 1
             if refuses_writes:
@@ -119,6 +143,8 @@ class ReplicaHealth:
                 with self._lock:
                     if self._marks.get(r.url, 0) != marks:
                         continue  # marked again while we probed (a newer failure): probe that next time
+                    if time.monotonic() < self._hold_until.get(r.url, 0.0):
+                        continue  # failed repeatedly: held out a while longer (see mark)
                     self._need_write.pop(r.url, None)
                     was_down = self._degraded.pop(r.url, None) is not None
                 if was_down:

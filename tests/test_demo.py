@@ -278,3 +278,39 @@ def test_python_m_ckptmirror_is_the_console_script(console_script: str, args: li
         assert rc == 2 and out.startswith("ckptmirror: error:"), out
     else:
         assert rc == 0 and out.startswith("usage: ckptmirror"), out
+
+
+def test_demo_checks_an_s3_copy_one_save_behind_at_its_own_step(capsys: pytest.CaptureFixture[str]) -> None:
+    """S3 is the slowest replica: the save racing the kill may have committed on the disk and the
+    peer only. The demo then restored the newest step from S3 alone and crashed with
+    StepNotFoundError (seen once in CI on a loaded machine). It compares and checks the S3 copy
+    at the newest step S3 holds, against what was saved at that step."""
+    from types import SimpleNamespace
+
+    def trained(n: int) -> tuple[Any, Any, float]:
+        with demo.training_threads():
+            model, optim = demo.build()
+            loss = float("nan")
+            for s in range(1, n + 1):
+                loss = demo.train_step(model, optim, s)
+        return model, optim, loss
+
+    m10, o10, l10 = trained(10)
+    m5, o5, l5 = trained(5)
+    report = demo.ChildReport(
+        saved={
+            5: demo.state_digest(demo.training_state(m5, o5, {"loss": l5})),
+            10: demo.state_digest(demo.training_state(m10, o10, {"loss": l10})),
+        }
+    )
+    result = SimpleNamespace(step=10, extra={"loss": l10})
+    s3 = (SimpleNamespace(step=5, extra={"loss": l5}), m5, o5)
+    assert demo._check(result, m10, o10, s3, report)
+    out = capsys.readouterr().out
+    assert "S3 holds step 5 (the save of step 10 had not committed there" in out and ": yes" in out, out
+    assert "identical to what the training process saved at step 10 (peer copy): yes" in out, out
+    with torch.no_grad():
+        next(m5.parameters()).add_(1.0)  # the S3 copy is wrong: the demo says NO
+    m10b, o10b, _ = trained(10)
+    assert not demo._check(result, m10b, o10b, s3, report)
+    assert "NO (the S3 copy differs)" in capsys.readouterr().out

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -434,3 +435,29 @@ def test_an_empty_replica_beside_a_dead_one_is_no_fresh_start(tmp_path: Path, pe
     # Without the dead replica in the list it is a fresh start, as asked.
     with Mirror([str(local)]) as m:
         assert m.restore(net) is None
+
+
+# ------------------------------ 6. a link that drops mid-body is an outage, not a damaged copy
+@pytest.mark.parametrize("how", ["get", "read_into"])
+def test_a_link_reset_mid_download_is_an_outage(tmp_path: Path, peer: Peer, how: str) -> None:
+    # verify called intact objects "unreadable" damage (exit 1, "repair can fix them") when the
+    # link to the agent was reset while their bytes came in; repair then said CANNOT REPAIR.
+    r = peer.replica()
+    body = os.urandom(256 * KiB)
+    key = f"{step_dir(1)}/rank-00000/o000000-0123abcd.bin"
+    r.put(key, body)
+    peer.proxy.bytes_per_s = 20_000.0
+    peer.proxy.mode = "trickle"
+    timer = threading.Timer(0.5, lambda: setattr(peer.proxy, "mode", "reset"))
+    timer.start()
+    try:
+        with pytest.raises(ReplicaUnavailableError) as exc:
+            if how == "get":
+                r.get(key, len(body))
+            else:
+                r.read_into(key, memoryview(bytearray(len(body))))
+    finally:
+        timer.cancel()
+        peer.proxy.mode = "forward"
+    assert "dropped" in str(exc.value) or "connection" in str(exc.value), str(exc.value)
+    assert r.get(key, len(body)) == body  # the next read, over a working link, gets the bytes

@@ -372,3 +372,23 @@ def test_fsspec_unreachable_endpoint_starts_degraded(tmp_path: Path, monkeypatch
         h.result(timeout=30)
         assert h.replicas[local].state == "committed" and h.replicas[url].state == "skipped"
         assert isinstance(h.replicas[url].error, ReplicaError)
+
+
+def test_a_connection_dropped_mid_request_is_an_outage_not_damage() -> None:
+    """A reset or a short body (the link dropped while an object's bytes came in) is an outage:
+    verify lists the replica as unavailable (exit 2) instead of calling intact objects
+    "unreadable" damage (exit 1), as a fault-proxy campaign found it did."""
+    import aiohttp
+    from botocore.exceptions import IncompleteReadError
+
+    from ckptmirror.errors import ReplicaUnavailableError
+    from ckptmirror.replicas._s3_errors import classify
+
+    for exc in (
+        ConnectionResetError(104, "Connection reset by peer"),
+        aiohttp.ClientPayloadError("Response payload is not completed"),
+        IncompleteReadError(actual_bytes=10, expected_bytes=100),
+    ):
+        verdict = classify(exc)
+        assert verdict is not None and verdict.error is ReplicaUnavailableError, (exc, verdict)
+        assert verdict.retry, exc  # still retried while the operation's budget lasts

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..checksum import checksum
-from ..errors import CorruptObjectError, ManifestError, StepExistsError, StepNotFoundError
+from ..errors import CorruptObjectError, ManifestError, ReplicaUnavailableError, StepExistsError, StepNotFoundError
 from ..format import (
     MAX_MANIFEST_BYTES,
     CommitRecord,
@@ -295,7 +295,7 @@ def repair(
             tuple(steps),
             tuple(actions),
             tuple(unrecoverable),
-            dict(listing.unreachable),
+            {**eng.down, **listing.unreachable},  # with those that stopped answering during the run
         )
 
 
@@ -406,6 +406,21 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
             except FAILURES:
                 pass
             return RepairAction(s, r.url, key, "copy", srcs[0].url if srcs else None, size, reason)
+        down = eng.down.get(r.url)
+        if down is not None:
+            # The target stopped answering earlier in this run: each further copy there would
+            # wait out its own time budget (hours for a large state), to fail all the same.
+            return RepairAction(
+                s,
+                r.url,
+                key,
+                "copy",
+                srcs[0].url if srcs else None,
+                size,
+                reason,
+                False,
+                f"skipped: {r.url} stopped answering during this run ({down})",
+            )
         try:
             data = bytearray(size)  # not a tensor: repair runs without torch
             if manifest:
@@ -435,6 +450,9 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
                 r.put(key, data)
                 records.drop(r, key)
         except FAILURES as exc:
+            if isinstance(exc, ReplicaUnavailableError) and getattr(exc, "replica", "") == r.url:
+                text = f"{type(exc).__name__}: {exc}"
+                eng.down.setdefault(r.url, text if len(text) <= 300 else text[:297] + "...")
             return RepairAction(
                 s,
                 r.url,

@@ -7,6 +7,8 @@ Apart from the uploads (:mod:`._agent_upload`): none of these admits bytes, and 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 
 from aiohttp import web
@@ -16,6 +18,8 @@ from . import _peer_protocol as wire
 from ._agent_state import AGENT, CHUNK_BYTES, _refuse_hidden, _split
 from ._scrub import drop_held
 from .base import validate_key
+
+log = logging.getLogger("ckptmirror")
 
 
 async def _scrub_results(request: web.Request) -> web.Response:
@@ -56,7 +60,21 @@ async def _get_object(request: web.Request) -> web.StreamResponse:
             chunk = await agent.run(os.pread, fd, min(CHUNK_BYTES, end - pos), pos)
             if not chunk:
                 break
-            await resp.write(chunk)
+            try:
+                # A client that stops reading would hold this chunk, the descriptor and the
+                # connection for good (aiohttp's keep-alive timer does not cover a request in
+                # progress): 100 such clients held 1.2 GB. It gets --idle-timeout-s per chunk.
+                await asyncio.wait_for(resp.write(chunk), agent.idle_timeout_s)
+            except asyncio.TimeoutError:
+                log.warning(
+                    "GET %s/%s: the client took no data for %g s (--idle-timeout-s); connection closed",
+                    ns,
+                    key,
+                    agent.idle_timeout_s,
+                )
+                if request.transport is not None:
+                    request.transport.abort()
+                raise ConnectionResetError(f"client stopped reading {ns}/{key}") from None
             pos += len(chunk)
             agent.metrics.served_bytes.inc(len(chunk))
         await resp.write_eof()

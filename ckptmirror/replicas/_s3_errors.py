@@ -190,7 +190,9 @@ def classify(exc: BaseException, *, bucket_seen: bool = False) -> Verdict | None
     if isinstance(
         exc, (HTTPClientError, IncompleteReadError, aiohttp.ClientError, ConnectionError)
     ):  # reset, short body: the server was there a moment ago
-        return Verdict(ReplicaError, True, "connection failed during the request")
+        # An outage, not damage: verify lists the replica as unavailable (an intact object read
+        # over a link that dropped is not "unreadable"), repair does not copy over it.
+        return Verdict(ReplicaUnavailableError, True, "connection failed during the request")
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
         return Verdict(
             ReplicaPermissionError,

@@ -341,6 +341,25 @@ class PeerReplica(Replica):
             key=dl.key,
         )
 
+    def _body_failed(self, dl: Deadline, exc: BaseException, key: str) -> ReplicaError:
+        """The error of an answer's body that could not be read to its end.
+
+        A link that dropped mid-body (reset, a short body, a connection the heartbeat cut) is an
+        outage (:class:`ReplicaUnavailableError`): ``verify`` lists the replica as unavailable
+        instead of calling intact objects "unreadable" damage, and ``repair`` does not try to
+        copy over them. Anything else stays a plain :class:`ReplicaError`."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and conn.cut:
+            return self._cut(dl)
+        if isinstance(exc, (ConnectionError, http.client.IncompleteRead)):
+            return ReplicaUnavailableError(
+                f"{dl.op}: the connection to the agent dropped while the answer was read ({type(exc).__name__}: "
+                f"{exc}), after {dl.elapsed():.1f} s of its time budget of {dl.describe()}",
+                replica=self.url,
+                key=key,
+            )
+        return ReplicaError(f"read failed: {type(exc).__name__}: {exc}", replica=self.url, key=key)
+
     def _read_body(self, resp: http.client.HTTPResponse, dl: Deadline, key: str) -> bytes:
         """The whole answer body, its share of the budget added once its size is known."""
         try:
@@ -349,7 +368,7 @@ class PeerReplica(Replica):
         except TimeoutError as exc:
             raise self._missed(dl, exc) from exc
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise ReplicaError(f"read failed: {type(exc).__name__}: {exc}", replica=self.url, key=key) from exc
+            raise self._body_failed(dl, exc, key) from exc
 
     def _path(self, op: str, key: str = "") -> str:
         return wire.request_path(op, self.namespace, key)
@@ -451,10 +470,12 @@ class PeerReplica(Replica):
             self._drop()
             raise self._missed(dl, exc) from exc
         except (OSError, http.client.HTTPException) as exc:
-            self._drop()
             if isinstance(exc, (ReplicaError, ObjectMissingError)):
+                self._drop()
                 raise  # already ours (a 404 is a FileNotFoundError, not a failure of the link)
-            raise ReplicaError(f"read failed: {type(exc).__name__}: {exc}", replica=self.url, key=key) from exc
+            err = self._body_failed(dl, exc, key)  # (before the drop: it looks at the connection)
+            self._drop()
+            raise err from exc
         except BaseException:
             self._drop()
             raise
