@@ -500,7 +500,7 @@ def _load_agreed(
         lo, hi = min(steps), max(steps)
         if lo < 0:
             lost = [r for r, v in enumerate(votes) if v["step"] < 0]
-            why = "could reach none of their replicas" if all(votes[r].get("down") for r in lost) else ""
+            why = "could not list some of their replicas" if all(votes[r].get("down") for r in lost) else ""
             raise give_up(f"rank(s) {lost} {why or 'cannot recover any step that the others can'}")
         if lo != hi:
             bound = lo  # someone cannot go that far: everyone looks at or below the lowest
