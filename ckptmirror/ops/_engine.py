@@ -138,12 +138,18 @@ class Engine:
         """If ``exc`` is an outage (no answer within the time budget, refused, throttled
         throughout), note ``r`` as down for the rest of the run and return its ``unavailable``
         problem: what ``r`` holds is unknown, which is not damage. Else None."""
+        text = self.mark_down(r, exc, key)
+        return None if text is None else Problem(step, r.url, key, "unavailable", text, rank)
+
+    def mark_down(self, r: Replica, exc: BaseException, key: str = "") -> str | None:
+        """If ``exc`` is an outage of ``r``, note ``r`` as down for the rest of the run and return
+        what it said (without the replica and key); else None."""
         if not isinstance(exc, ReplicaUnavailableError):
             return None
         text = strip_where(str(exc), r.url, key)
         with self._lock:
             self.down.setdefault(r.url, text if len(text) <= 300 else text[:297] + "...")
-        return Problem(step, r.url, key, "unavailable", text, rank)
+        return text
 
     # -- commits and manifests ------------------------------------------------------------
     def commit_on(self, r: Replica, step: int) -> tuple[CommitRecord | None, Problem | None]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..checksum import checksum
-from ..errors import CorruptObjectError, ManifestError, ReplicaUnavailableError, StepExistsError, StepNotFoundError
+from ..errors import CorruptObjectError, ManifestError, StepExistsError, StepNotFoundError
 from ..format import (
     MAX_MANIFEST_BYTES,
     CommitRecord,
@@ -396,32 +396,26 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
     def copy(fix: _Fix, key: str, size: int, csum: str, reason: str, manifest: bool = False) -> RepairAction:
         r, s = fix.plan.replica, fix.plan.step
         srcs = eng.sources(key, csum, r)
+
+        def action(src: str | None = srcs[0].url if srcs else None, error: str | None = None) -> RepairAction:
+            return RepairAction(s, r.url, key, "copy", src, size, reason, error is None and not dry_run, error)
+
         if dry_run:
             if manifest:
-                return RepairAction(s, r.url, key, "copy", srcs[0].url if srcs else None, size, reason)
+                return action()
             try:
                 eng.single[r.url].stored(r, ObjectRecord(key, size, csum))
             except ManifestError:
                 records.stored_raw(r, key)  # would be stored raw: its record would go
             except FAILURES:
                 pass
-            return RepairAction(s, r.url, key, "copy", srcs[0].url if srcs else None, size, reason)
-        down = eng.down.get(r.url)
-        if down is not None:
-            # The target stopped answering earlier in this run: each further copy there would
-            # wait out its own time budget (hours for a large state), to fail all the same.
-            return RepairAction(
-                s,
-                r.url,
-                key,
-                "copy",
-                srcs[0].url if srcs else None,
-                size,
-                reason,
-                False,
-                f"skipped: {r.url} stopped answering during this run ({down})",
-            )
+            return action()
         try:
+            down = eng.down.get(r.url)
+            if down is not None:
+                # The target stopped answering earlier in this run: each further copy there would
+                # wait out its own time budget (hours for a large state), to fail all the same.
+                return action(error=f"skipped: {r.url} stopped answering during this run ({down})")
             data = bytearray(size)  # not a tensor: repair runs without torch
             if manifest:
                 # A rank manifest is always stored raw under its name (restores read it so): a
@@ -429,7 +423,7 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
                 # a second run then did what the first should have).
                 raw, src = _read_raw(key, size, csum, srcs)
                 r.put(key, raw)  # raw on the target too, never in a placement record
-                return RepairAction(s, r.url, key, "copy", src, size, reason, True)
+                return action(src)
             src = eng.shared.fetch_into(key, csum, srcs, memoryview(data))  # verified again while copying
             try:
                 st: Stored | None = eng.single[r.url].stored(r, ObjectRecord(key, size, csum))
@@ -450,25 +444,14 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
                 r.put(key, data)
                 records.drop(r, key)
         except FAILURES as exc:
-            if isinstance(exc, ReplicaUnavailableError) and getattr(exc, "replica", "") == r.url:
-                text = f"{type(exc).__name__}: {exc}"
-                eng.down.setdefault(r.url, text if len(text) <= 300 else text[:297] + "...")
-            return RepairAction(
-                s,
-                r.url,
-                key,
-                "copy",
-                srcs[0].url if srcs else None,
-                size,
-                reason,
-                False,
-                f"{type(exc).__name__}: {exc}",
-            )
+            if getattr(exc, "replica", "") == r.url:  # the target's own outage (not a source's)
+                eng.mark_down(r, exc, key)
+            return action(error=f"{type(exc).__name__}: {exc}")
         finally:
             if bar is not None:
                 with lock:
                     bar.update(size)
-        return RepairAction(s, r.url, key, "copy", src, size, reason, True)
+        return action(src)
 
     try:
         for fix in fixes:

@@ -266,8 +266,8 @@ def _pool_commits(
     only. The lowest rank that holds a record sends it, so every rank that lacks it takes the
     same one.
     """
-    held = [list(h) for h in agree("steps", candidates)]
-    everyone = set().union(*map(set, held)) if held else set()
+    held = [set(h) for h in agree("steps", candidates)]
+    everyone = set().union(*held)
     if step is not None:
         everyone &= {step}
     lacking = sorted((s for s in everyone if any(s not in h for h in held)), reverse=True)[:POOLED_STEPS]
