@@ -16,7 +16,11 @@ exception already means the same thing, the error also subclasses it, so existin
     ├── StateMismatchError (ValueError)          restore target does not fit the stored state
     ├── ReplicaError (OSError)                   a backend failed (I/O, network); names the replica
     │   ├── ReplicaUnavailableError              the backend cannot be reached at all (an outage: retried)
+    │   ├── ReplicaLaggingError                  a replica's write of a save was dropped: still writing when
+    │   │                                        the next save needed the staging buffer (slow_replica_timeout_s)
     │   └── ReplicaConfigError                   misconfigured: no such bucket, bad URL (raised at once)
+    │       ├── ReplicaMissingError              the store the URL names does not exist (no such bucket); an
+    │       │                                    outage instead where another replica holds committed steps
     │       ├── ReplicaPermissionError (PermissionError)  access denied (credentials, token), or a
     │       │                                    path that would leave the root
     │       └── ReplicaURLError (ValueError)     a replica URL that cannot be used: does not parse, unknown
@@ -144,11 +148,31 @@ class ReplicaUnavailableError(ReplicaError):
     """A replica cannot be reached at all (endpoint down, connection refused, timed out): an outage."""
 
 
+class ReplicaLaggingError(ReplicaError):
+    """A replica did not get a save: its write was dropped because it was still writing when the
+    next ``save()`` needed the staging buffer, and another replica had written the step already
+    (``Mirror(slow_replica_timeout_s=...)``), or it was skipped while such a dropped write was
+    still finishing. Not damage and not an outage: the replica lags; later saves go to it again.
+    """
+
+
 class ReplicaConfigError(ReplicaError):
     """The replica is misconfigured (no such bucket, a URL that names nothing): not an outage.
 
     Waiting does not fix it, so it is raised at once (e.g. by ``Mirror()``), never retried or
     treated as a degraded replica; the message names the replica and the fix.
+    """
+
+
+class ReplicaMissingError(ReplicaConfigError):
+    """The store a replica URL names does not exist: an S3 (or fsspec object store) bucket that
+    nobody created, or one lost with its server.
+
+    Raised at once where nothing else holds the run (a typo in a new job's URL must not pass
+    silently). Where another replica holds committed steps, a listing (``Mirror()``, a restore,
+    the operator commands) reports it as unreachable instead, with a WARNING naming the bucket
+    and the fix: a replacement process resumes from the other replicas, and the replica is used
+    again once the bucket exists (RELIABILITY #15: an S3 server restarted empty).
     """
 
 

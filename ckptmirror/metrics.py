@@ -11,7 +11,10 @@ the save was decided. :meth:`MirrorMetrics.snapshot` returns plain JSON-serialis
     ``error`` (why it is degraded, else None), ``last_committed_step`` (the step most recently
     committed on it by this mirror; at open, the newest it held), ``last_commit_unix`` (when, in
     Unix seconds; None before this mirror's first commit there), ``saves_committed``,
-    ``saves_failed``, ``saves_skipped`` (degraded at the time, or the whole save skipped) and
+    ``saves_failed``, ``saves_dropped`` (of those failed, the writes dropped because the replica
+    lagged: :class:`~ckptmirror.errors.ReplicaLaggingError`), ``saves_skipped`` (degraded at the
+    time, still finishing a dropped write, or the whole save skipped), ``lagging`` (a dropped
+    write is still running there: new saves skip it) and
     ``committed_state_bytes`` (the state bytes of the saves committed on it: what was written
     there, except that a replicated save over several ranks writes only this rank's share).
 ``saves``
@@ -37,10 +40,11 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .errors import ReplicaLaggingError
 from .handle import HandleEvent, SaveHandle
 
 if TYPE_CHECKING:
@@ -138,6 +142,7 @@ class Histogram:
 class _ReplicaStats:
     committed: int = 0
     failed: int = 0
+    dropped: int = 0
     skipped: int = 0
     committed_bytes: int = 0
     written_bytes: int = 0
@@ -203,6 +208,8 @@ class MirrorMetrics:
                             self._first_commit.observe(status.seconds)
                     elif status.state == "failed":
                         st.failed += 1
+                        if isinstance(status.error, ReplicaLaggingError):
+                            st.dropped += 1
                     elif status.state == "skipped":
                         st.skipped += 1
                 if ev.outcome == "committed":
@@ -231,11 +238,12 @@ class MirrorMetrics:
                 self._restore_step, self._restore_s = step, seconds
 
     # -- read ------------------------------------------------------------------------------
-    def snapshot(self, degraded: Mapping[str, str]) -> dict[str, Any]:
+    def snapshot(self, degraded: Mapping[str, str], lagging: Collection[str] = ()) -> dict[str, Any]:
         """The numbers now, as plain data (the schema is in the module docstring).
 
         ``degraded`` is URL -> error text of the replicas degraded now
-        (:meth:`~ckptmirror.health.ReplicaHealth.degraded`).
+        (:meth:`~ckptmirror.health.ReplicaHealth.degraded`); ``lagging``: the URLs where a
+        dropped write is still running (:meth:`~ckptmirror.save.fanout.Fanout.lagging`).
         """
         with self._lock:
             replicas = {
@@ -246,7 +254,9 @@ class MirrorMetrics:
                     "last_commit_unix": st.last_unix,
                     "saves_committed": st.committed,
                     "saves_failed": st.failed,
+                    "saves_dropped": st.dropped,
                     "saves_skipped": st.skipped,
+                    "lagging": url in lagging,
                     "committed_state_bytes": st.committed_bytes,
                     "written_bytes": st.written_bytes,
                 }
@@ -290,7 +300,12 @@ METRIC_NAMES: dict[str, tuple[str, str]] = {
     ),
     "ckptmirror_replica_saves_committed": ("counter", "Saves committed on the replica"),
     "ckptmirror_replica_saves_failed": ("counter", "Saves that failed on the replica"),
+    "ckptmirror_replica_saves_dropped": (
+        "counter",
+        "Saves whose write to the replica was dropped because it lagged (counted in saves_failed too)",
+    ),
     "ckptmirror_replica_saves_skipped": ("counter", "Saves that skipped the replica (degraded, or skipped)"),
+    "ckptmirror_replica_lagging": ("gauge", "1 while a dropped write is still running on the replica (saves skip it)"),
     "ckptmirror_replica_committed_state_bytes": ("counter", "State bytes of the saves committed on the replica"),
     "ckptmirror_replica_written_bytes": (
         "counter",
@@ -372,7 +387,9 @@ class MirrorCollector:
             "ckptmirror_replica_last_commit_timestamp_seconds": lambda r: r["last_commit_unix"],
             "ckptmirror_replica_saves_committed": lambda r: r["saves_committed"],
             "ckptmirror_replica_saves_failed": lambda r: r["saves_failed"],
+            "ckptmirror_replica_saves_dropped": lambda r: r["saves_dropped"],
             "ckptmirror_replica_saves_skipped": lambda r: r["saves_skipped"],
+            "ckptmirror_replica_lagging": lambda r: 1.0 if r["lagging"] else 0.0,
             "ckptmirror_replica_committed_state_bytes": lambda r: r["committed_state_bytes"],
             "ckptmirror_replica_written_bytes": lambda r: r["written_bytes"],
         }

@@ -32,7 +32,7 @@ from typing import Any, Literal, cast
 
 from . import config, shutdown
 from .dist import Coordinator, DistInfo, detect, expand_url
-from .errors import ReplicaError, ReplicaUnavailableError, StepExistsError, StepNotFoundError
+from .errors import ReplicaError, ReplicaLaggingError, ReplicaUnavailableError, StepExistsError, StepNotFoundError
 from .format import MAX_STEP, paused_gc
 from .handle import SaveHandle
 from .health import ReplicaHealth
@@ -157,6 +157,17 @@ class Mirror:
             stalls for writing the part that did not fit (about ``(state - cap) / write speed``
             of the slowest replica) instead of one memcpy. Correctness does not change: the
             step holds the values at the call. At least ``object_bytes``.
+        slow_replica_timeout_s: how long a ``save()`` that needs a staging arena waits for
+            replicas still writing the objects of an earlier save that other replicas
+            (``min_replicas`` of them, at least one) have committed. Then those writes of that save
+            are dropped (recorded on its handle as :class:`ReplicaLaggingError`, with a
+            WARNING; nothing of it is committed there) and the arena is reused: one stalled
+            upload holds the training thread this long, not its whole time budget. A replica
+            whose dropped write is still running is skipped by new saves; the first save after
+            it returned goes there again. ``None``: wait for every replica (a slow one then
+            holds the training thread up to its operation budget). Never with
+            ``on_replica_error="raise"``, and never when no replica has committed the save yet.
+            A replica already committing (its objects written) is waited for.
 
     Example::
 
@@ -190,6 +201,7 @@ class Mirror:
         commit_timeout_s: float = 300.0,
         replicated: bool | None = None,
         staging_bytes: int | None = None,
+        slow_replica_timeout_s: float | None = 2.0,
     ) -> None:
         if isinstance(replicas, (str, os.PathLike, Replica)):
             replicas = [replicas]
@@ -202,6 +214,10 @@ class Mirror:
         config.progress_interval_s()
         config.background_nice()
         _check_options(len(given), keep_last, object_bytes, inflight_policy, on_replica_error, min_replicas)
+        if slow_replica_timeout_s is not None and not (
+            isinstance(slow_replica_timeout_s, (int, float)) and slow_replica_timeout_s >= 0
+        ):
+            raise ValueError(f"slow_replica_timeout_s must be None or a number >= 0, got {slow_replica_timeout_s!r}")
         # distributed=False: this process's private mirror even inside a process group (a
         # framework that checkpoints from rank 0 only must not wait for the other ranks' votes).
         self.dist: DistInfo = DistInfo() if distributed is False else detect(process_group)
@@ -242,7 +258,19 @@ class Mirror:
         self._coord: Coordinator | None = None
         if self.dist.distributed:
             self._coord = Coordinator(self.dist, _mirror_prefix(), commit_timeout_s)
-        self._fanout = Fanout(self.replicas, self.dist, self._coord, io_threads, self._health, set(listing.committed))
+        # With on_replica_error="raise" a dropped write would be a failed save: wait instead.
+        self.slow_replica_timeout_s = slow_replica_timeout_s if on_replica_error == "warn" else None
+        self._fanout = Fanout(
+            self.replicas,
+            self.dist,
+            self._coord,
+            io_threads,
+            self._health,
+            set(listing.committed),
+            max_inflight=max_inflight,
+            slow_replica_timeout_s=self.slow_replica_timeout_s,
+            keep_written=min_replicas or 1,
+        )
         self._start_threads(max_inflight)
         self._sigterm: shutdown.SigtermFlush | None = None
         if sigterm_policy == "flush":
@@ -251,7 +279,7 @@ class Mirror:
 
     def _start_threads(self, max_inflight: int) -> None:
         """The save queue, its bookkeeping and the background threads (writer and prober)."""
-        self._arenas = ArenaPool(max_inflight)
+        self._arenas = ArenaPool(max_inflight, self._fanout.drop_laggards, self.slow_replica_timeout_s)
         self._jobs: queue.Queue[SaveJob | None] = queue.Queue()
         self._seq = 0
         self._restores = 0
@@ -385,9 +413,27 @@ class Mirror:
             if spec is not None:
                 spec.discard(self._arenas)
             raise
+        t_wait = time.perf_counter()
+        arena = spec.arena if spec is not None else self._arenas.acquire(block=self.inflight_policy == "wait")
+        wait_s = time.perf_counter() - t_wait + (spec.wait_s if spec is not None else 0.0)
+        # The targets after the wait: it may have dropped a slow replica's write (save.lag).
         degraded = self._health.degraded()
         targets = [r for r in self.replicas if r.url not in degraded] or list(self.replicas)
-        skipped = {r.url: degraded.get(r.url, "unknown") for r in self.replicas if r not in targets}
+        skipped: dict[str, ReplicaError] = {
+            r.url: ReplicaUnavailableError(f"skipped: degraded ({degraded.get(r.url, 'unknown')})", replica=r.url)
+            for r in self.replicas
+            if r not in targets
+        }
+        lagging = self._fanout.lagging()
+        if any(r.url in lagging for r in targets) and any(r.url not in lagging for r in targets):
+            # A dropped write of an earlier save still runs there: this save would queue
+            # behind it. The first save after it ended goes there again.
+            for r in targets:
+                if r.url in lagging:
+                    skipped[r.url] = ReplicaLaggingError(
+                        "skipped: still finishing the write of an earlier save that was dropped", replica=r.url
+                    )
+            targets = [r for r in targets if r.url not in lagging]
         if self.on_replica_error == "raise":
             required = len(self.replicas)  # a degraded replica that is skipped is a failure too
         elif self.min_replicas is None:
@@ -395,16 +441,14 @@ class Mirror:
         else:
             required = self.min_replicas
         handle = SaveHandle(step, [r.url for r in self.replicas], required, t0)
-        for url, why in skipped.items():
-            handle._set_replica(url, "skipped", ReplicaUnavailableError(f"skipped: degraded ({why})", replica=url))
-        t_wait = time.perf_counter()
-        arena = spec.arena if spec is not None else self._arenas.acquire(block=self.inflight_policy == "wait")
+        for url, err in skipped.items():
+            handle._set_replica(url, "skipped", err)
         if arena is None:
             log.warning("skipping save of step %d: the previous save is still writing (inflight_policy='skip')", step)
             handle._skip()
             self._metrics.track(handle)
             return handle
-        handle.wait_s = time.perf_counter() - t_wait + (spec.wait_s if spec is not None else 0.0)
+        handle.wait_s = wait_s
         pre: PreWritten | None = None
         finish: Callable[[], None] | None = None  # what the writer does first (see snapshot.stage)
         try:
@@ -471,13 +515,16 @@ class Mirror:
             job = self._jobs.get()
             if job is None:
                 return
+            release = _once(partial(self._arenas.release, job.arena))
             try:
-                self._fanout.write(job, self.object_bytes, self.keep_last)
+                # The arena goes back as soon as no replica reads it: possibly before this
+                # returns (a slow replica's write dropped, save.lag).
+                self._fanout.write(job, self.object_bytes, self.keep_last, release)
             except BaseException as exc:  # noqa: BLE001 - reported on the handle, then by save()/wait()
                 log.error("save of step %d failed: %s", job.step, exc)
                 job.handle._fail(exc)
             finally:
-                self._arenas.release(job.arena)
+                release()
                 with self._lock:
                     self._inflight_steps.discard(job.step)
                     self._unfinished -= 1
@@ -493,7 +540,7 @@ class Mirror:
         stall and time-to-commit histograms, restores. Thread-safe and cheap (no replica is
         asked). Schema: :mod:`ckptmirror.metrics`; for Prometheus, :func:`ckptmirror.metrics.register`.
         """
-        return self._metrics.snapshot(self._health.degraded())
+        return self._metrics.snapshot(self._health.degraded(), self._fanout.lagging())
 
     def _raise_unreported(self) -> None:
         # A save that committed nowhere is always raised; one that committed on fewer
@@ -890,6 +937,22 @@ def _check_options(
         raise ValueError("on_replica_error must be 'warn' or 'raise'")
     if min_replicas is not None and not 1 <= min_replicas <= n_replicas:
         raise ValueError(f"min_replicas must be between 1 and {n_replicas}")
+
+
+def _once(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn``, run by the first call only (thread-safe)."""
+    lock = threading.Lock()
+    called = False
+
+    def call() -> None:
+        nonlocal called
+        with lock:
+            if called:
+                return
+            called = True
+        fn()
+
+    return call
 
 
 def _model_ref(model: Any) -> Callable[[], Any] | None:

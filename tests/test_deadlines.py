@@ -208,14 +208,16 @@ def test_a_misconfigured_replica_is_raised_without_waiting_for_a_stalled_one(
     local, _ = local_with_step
     with FaultProxy(agent.port, "silent") as proxy:
         stalled = PeerReplica(proxy.url("stalled"), token=TOKEN, connect_timeout_s=30)
-        missing = S3Replica(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/run", retries=0)
+        # A wrong token. (Not a missing bucket: beside a replica that holds steps, that is a lost
+        # store, an outage; tests/test_missing_bucket.py.)
+        refused = PeerReplica(agent.url("refused"), token="wrong-token")
         try:
-            exc, took = raises_within(lambda: list_steps([LocalReplica(local), stalled, missing], timeout_s=20), 10.0)
+            exc, took = raises_within(lambda: list_steps([LocalReplica(local), stalled, refused], timeout_s=20), 10.0)
         finally:
-            missing.close()
+            refused.close()
             proxy.mode = "reset"
             stalled.close()
-    assert isinstance(exc, ReplicaConfigError) and "does not exist" in str(exc), exc
+    assert isinstance(exc, ReplicaConfigError) and "token" in str(exc), exc
 
 
 def test_a_stuck_listing_never_holds_the_process_exit(peer_agent: AgentProc) -> None:

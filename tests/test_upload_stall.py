@@ -109,7 +109,11 @@ def _run(tmp_path: Path, token_file: str, when: str, health_interval_s: float, m
         with (
             resumed_at_exit(a.proc),
             Mirror(
-                [str(local), peer], object_bytes=mib << 20, health_interval_s=health_interval_s, keep_last=None
+                [str(local), peer],
+                object_bytes=mib << 20,
+                health_interval_s=health_interval_s,
+                keep_last=None,
+                slow_replica_timeout_s=None,  # the upload's own deadline is tested here (see test_slow_replica.py)
             ) as m,
         ):
             m.save(1, model).result(timeout=120)

@@ -42,8 +42,8 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from ..errors import (
     ObjectMissingError,
-    ReplicaConfigError,
     ReplicaError,
+    ReplicaMissingError,
     ReplicaPermissionError,
     ReplicaUnavailableError,
     _ObjectError,
@@ -116,8 +116,8 @@ BUCKET_GONE = Verdict(
 
 #: S3 error code, or HTTP status where the body carries no code -> verdict.
 ERRORS: dict[str, Verdict] = {
-    "NoSuchBucket": Verdict(  # never seen: a typo in the URL, or a bucket nobody created
-        ReplicaConfigError,
+    "NoSuchBucket": Verdict(  # never seen: a typo in the URL, a bucket nobody created, or one lost
+        ReplicaMissingError,
         False,
         "bucket {bucket!r} does not exist on {endpoint}",
         "create it (e.g. `aws s3 mb s3://{bucket}{endpoint_flag}`) or fix the replica URL",

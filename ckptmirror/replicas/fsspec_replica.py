@@ -60,6 +60,7 @@ from ..errors import (
     ObjectMissingError,
     ReplicaConfigError,
     ReplicaError,
+    ReplicaMissingError,
     ReplicaPermissionError,
     ReplicaUnavailableError,
     StepExistsError,
@@ -273,7 +274,7 @@ class FsspecReplica(Replica):
                     f"({create}); the replica is used again once it answers",
                     replica=self.url,
                 ) from exc
-            raise ReplicaConfigError(
+            raise ReplicaMissingError(
                 f"bucket {self.bucket!r} does not exist: create it ({create}) or fix the replica URL",
                 replica=self.url,
             ) from exc

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import CkptMirrorError, ReplicaConfigError
+from ..errors import CkptMirrorError, ReplicaConfigError, ReplicaMissingError
 from ..format import commit_key, parse_step_dir
 from ..replicas.base import Replica
 
@@ -50,10 +50,13 @@ def list_steps(replicas: Sequence[Replica], timeout_s: float | None = None) -> S
     time budget) on daemon threads nobody waits for. None: wait for every replica.
 
     A replica that cannot be reached is reported in ``unreachable`` (an outage: the caller goes
-    on with the others). A misconfigured one (:class:`ReplicaConfigError`: no such bucket,
-    access denied, a wrong peer token) that answers is raised at once: waiting would not fix
-    it, and going on without it would hide the mistake for the whole run. Any other exception
-    (a bug) is raised too.
+    on with the others). A misconfigured one (:class:`ReplicaConfigError`: access denied, a
+    wrong peer token) that answers is raised at once: waiting would not fix it, and going on
+    without it would hide the mistake for the whole run. Any other exception (a bug) is raised
+    too. A store that does not exist (:class:`ReplicaMissingError`: no such bucket) is raised
+    too, unless another replica holds committed steps: then the run exists and that store was
+    lost (an S3 server restarted empty), so it is reported in ``unreachable`` with a WARNING
+    naming it and the fix, and a replacement process resumes from the others.
     """
     if timeout_s is not None and not timeout_s >= 0:
         raise ValueError(f"timeout_s must be >= 0 or None, got {timeout_s!r}")
@@ -65,12 +68,16 @@ def list_steps(replicas: Sequence[Replica], timeout_s: float | None = None) -> S
     committed: dict[int, list[str]] = {}
     torn: dict[str, list[int]] = {}
     unreachable: dict[str, str] = {}
+    missing: list[tuple[str, ReplicaMissingError]] = []
     silent = []
     for i, r in enumerate(replicas):  # in the caller's order: committed lists are preference-ordered
         outcome = outcomes.get(i)
         if outcome is None:
             silent.append(r.url)
             unreachable[r.url] = f"did not answer within {timeout_s:g} s"
+            continue
+        if isinstance(outcome, ReplicaMissingError):
+            missing.append((r.url, outcome))
             continue
         if isinstance(outcome, BaseException):
             unreachable[r.url] = f"{type(outcome).__name__}: {outcome}"
@@ -80,6 +87,18 @@ def list_steps(replicas: Sequence[Replica], timeout_s: float | None = None) -> S
             committed.setdefault(s, []).append(r.url)
         if torn_steps:
             torn[r.url] = torn_steps
+    if missing and not committed:
+        raise missing[0][1]  # nothing holds this run: a name nobody created is a mistake, said now
+    for url, exc in missing:
+        holders = sorted({u for urls in committed.values() for u in urls})
+        log.warning(
+            "%s; going on without it: %s hold%s committed steps of this run (newest %d). Saves skip it until it exists",
+            exc,
+            ", ".join(holders),
+            "s" if len(holders) == 1 else "",
+            max(committed),
+        )
+        unreachable[url] = f"{type(exc).__name__}: {exc}"
     if silent:
         log.warning(
             "replica%s %s did not answer within %g s; going on without %s",
@@ -109,6 +128,8 @@ def _list_one(r: Replica) -> _Outcome:
             else:
                 torn.append(s)
         return steps, torn
+    except ReplicaMissingError as exc:
+        return exc  # list_steps decides, once it knows whether another replica holds the run
     except ReplicaConfigError:
         raise
     except (CkptMirrorError, OSError) as exc:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import mmap
 import threading
+import time
+from collections.abc import Callable
 
 import torch
 
 from ..buffers import fault_in
+from .lag import POLL_S
 
 
 class Arena:
@@ -54,22 +57,49 @@ class Arena:
 
 
 class ArenaPool:
-    """``count`` arenas; :meth:`acquire` blocks (or fails fast) while all are in use by writers."""
+    """``count`` arenas; :meth:`acquire` blocks (or fails fast) while all are in use by writers.
 
-    def __init__(self, count: int) -> None:
+    ``reclaim``, with ``reclaim_after_s``: what a blocked :meth:`acquire` calls once it has
+    waited that long, and again every :data:`~ckptmirror.save.lag.POLL_S` until an arena is
+    free: it may give arenas back by dropping slow replicas' writes (:mod:`~ckptmirror.save.lag`).
+    """
+
+    def __init__(
+        self, count: int, reclaim: Callable[[], object] | None = None, reclaim_after_s: float | None = None
+    ) -> None:
         if count < 1:
             raise ValueError("max_inflight must be at least 1")
         self._free = [Arena() for _ in range(count)]
         self._all = list(self._free)
         self._cond = threading.Condition()
+        self._reclaim = reclaim if reclaim_after_s is not None else None
+        self._reclaim_after_s = reclaim_after_s or 0.0
 
     def acquire(self, block: bool, timeout: float | None = None) -> Arena | None:
         with self._cond:
-            if not block and not self._free:
+            if self._free:
+                return self._free.pop()
+            if not block:
                 return None
-            if not self._cond.wait_for(lambda: bool(self._free), timeout=timeout):
+        start = time.monotonic()
+        reclaim_at = start + self._reclaim_after_s
+        deadline = None if timeout is None else start + timeout
+        while True:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 return None
-            return self._free.pop()
+            wait: float | None = None
+            if self._reclaim is not None:
+                if now >= reclaim_at:
+                    self._reclaim()  # outside the lock: it gives arenas back through release()
+                    wait = POLL_S
+                else:
+                    wait = reclaim_at - now
+            if deadline is not None:
+                wait = deadline - now if wait is None else min(wait, deadline - now)
+            with self._cond:
+                if self._cond.wait_for(lambda: bool(self._free), timeout=wait):
+                    return self._free.pop()
 
     def release(self, arena: Arena) -> None:
         with self._cond:

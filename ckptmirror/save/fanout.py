@@ -51,7 +51,7 @@ from .. import config
 from ..buffers import host_bytes
 from ..checksum import checksum
 from ..dist import Coordinator, DistInfo, SpaceAbortError
-from ..errors import CkptMirrorError, ReplicaUnavailableError
+from ..errors import CkptMirrorError, ReplicaLaggingError, ReplicaUnavailableError
 from ..format import (
     MAX_STEP,
     object_key,
@@ -65,6 +65,7 @@ from ..replicas.base import SPACE_ERRNOS, Replica
 from .arena import Arena
 from .commit import commit_from_reports, commit_step, discard_failed_save, replica_identity, share_record
 from .encode import EncodedStep, PreWritten, encode, encode_replicated, object_segments
+from .lag import Readers, dropped_error
 from .objects import ObjectEncoder, put_objects, write_objects, written_bytes_of, written_here
 from .pins import PinRecords
 from .priority import lower_priority
@@ -123,6 +124,9 @@ class Fanout:
         io_threads: int,
         health: ReplicaHealth,
         committed: set[int],
+        max_inflight: int = 1,
+        slow_replica_timeout_s: float | None = None,
+        keep_written: int = 1,
     ) -> None:
         self.replicas = replicas
         self.dist = dist
@@ -141,7 +145,17 @@ class Fanout:
         self.nice = config.background_nice()
         self._hash_pool = self._pool(max(2, os.cpu_count() or 2), "ckptmirror-hash")
         self._io_pools = {r.url: self._pool(io_threads, "ckptmirror-io") for r in self.replicas}
-        self._replica_pool = self._pool(len(self.replicas), "ckptmirror-replica")
+        # A dropped write (save.lag) keeps its replica thread until its upload returns; each
+        # save in flight may leave one per replica, so that many more threads keep the next
+        # save's replicas from queueing behind them.
+        self._replica_pool = self._pool(len(self.replicas) * (max_inflight + 1), "ckptmirror-replica")
+        # Votes of dropped writes, cast off the training thread (rank 0's decision waits for every rank).
+        self._drop_pool = self._pool(len(self.replicas), "ckptmirror-drop")
+        self.slow_replica_timeout_s = slow_replica_timeout_s
+        self._keep_written = keep_written  # replicas that must have written a save before others are dropped
+        self._readers: list[Readers] = []  # saves whose staging arena some replica still reads
+        self._busy: Counter[str] = Counter()  # per URL: dropped writes still running there
+        self._drops_in_row: Counter[str] = Counter()  # per URL: saves dropped since its last commit
         # One thread: retention passes run in save order, never two on one replica at once.
         self._retention_pool = self._pool(1, "ckptmirror-retention")
         self._retention: list[Future[None]] = []
@@ -161,11 +175,17 @@ class Fanout:
         """Whether some replica takes incremental saves (then the cut keeps frozen tensors apart)."""
         return any(r.incremental for r in self.replicas)
 
-    def write(self, job: SaveJob, object_bytes: int, keep_last: int | None) -> None:
+    def write(
+        self, job: SaveJob, object_bytes: int, keep_last: int | None, release: Callable[[], None] | None = None
+    ) -> None:
         """Write ``job`` to every replica in parallel; each outcome is recorded on ``job.handle``.
 
         A replica that fails is marked failed on the handle and does not stop the others.
-        Raises if the state cannot be encoded (then nothing is written anywhere).
+        Raises if the state cannot be encoded (then nothing is written anywhere). ``release``
+        gives the staging arena back: called once every replica has finished the save or had
+        its write dropped (:meth:`drop_laggards`), possibly before this returns; the caller
+        calls it (again) once this returns. Returns when every write that was not dropped has
+        ended: a dropped one may still be running.
         """
         info = self.dist
         save_key = f"{job.seq}-{job.step}"
@@ -194,8 +214,39 @@ class Fanout:
             mine = tuple(i for i in mine if i >= pre.upto)  # the rest went out before save() returned
         by_url = None if owned_at is None else {r.url: owned_at[pos] for pos, r in enumerate(self.replicas)}
         refs, encoder = self._plan_storage(enc, job, mine, by_url)
+        position = {r.url: pos for pos, r in enumerate(self.replicas)}
 
-        def one(pos: int, replica: Replica) -> None:
+        def on_drop(url: str) -> None:
+            err = dropped_error(url, job.step, reading.committed, self.slow_replica_timeout_s or 0.0)
+            with self._lock:
+                self._busy[url] += 1
+                self._drops_in_row[url] += 1
+                n = self._drops_in_row[url]
+            log.log(
+                logging.ERROR if n >= 3 else logging.WARNING,
+                "replica %s: %s%s",
+                url,
+                err.args[0].split(": ", 1)[-1],
+                f" ({n} saves in a row dropped there)" if n > 1 else "",
+            )
+            job.handle._set_replica(url, "failed", err)
+            failed = {"state": "failed", "error": f"{type(err).__name__}: {err}"}
+            self._drop_pool.submit(self._vote, save_key, position[url], failed, decide)
+
+        reading = Readers(
+            job.step, [r.url for r in job.replicas], release or (lambda: None), on_drop, self._keep_written
+        )
+
+        def tracked(pos: int, replica: Replica) -> None:
+            committed = False
+            try:
+                committed = one(pos, replica)
+            finally:
+                if replica in job.replicas:
+                    reading.done(replica.url, committed)  # a dropped write's is ignored
+
+        def one(pos: int, replica: Replica) -> bool:
+            """Write and commit the save on ``replica``; True if it committed there."""
             if replica not in job.replicas:  # skipped (degraded): still take part in the vote
                 self._vote(
                     save_key,
@@ -203,7 +254,11 @@ class Fanout:
                     {"state": "skipped", "error": f"replica {replica.url} is degraded on rank {info.rank}"},
                     decide,
                 )
-                return
+                return False
+            if reading.dropped(replica.url):
+                reading.wait_told(replica.url)
+                self._dropped_ended(replica, None)  # dropped before it started: nothing was written
+                return False
             stored: dict[str, Stored] = {}
             own = owned_at[pos] if owned_at is not None else range(len(enc.windows))  # what this rank writes here
 
@@ -231,8 +286,11 @@ class Fanout:
                         base=pre.base if pre is not None else 0,
                         done=pre.stored.get(replica.url) if pre is not None else None,
                         owned=owned_at[pos] if owned_at is not None else None,
+                        stop=reading.stop(replica.url),
                     )
                 except BaseException as exc:
+                    if not reading.read(replica.url):
+                        raise _Dropped(exc) from exc
                     full = isinstance(exc, OSError) and exc.errno in SPACE_ERRNOS
                     failed: dict[str, Any] = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
                     if full:
@@ -241,6 +299,8 @@ class Fanout:
                     if full:
                         give_back()
                     raise
+                if not reading.read(replica.url):
+                    raise _Dropped(None)
                 if self._coord is None:
                     commit_bytes = enc.commit_bytes
                 else:
@@ -266,19 +326,27 @@ class Fanout:
                     written=written_here(enc.step, stored, enc),
                     live=self._live_keys(replica.url),
                 )
+            except _Dropped as d:
+                # Its vote and its handle entry were made when it was dropped: only clean up.
+                reading.wait_told(replica.url)
+                if not isinstance(d.cause, OSError) or isinstance(d.cause, ReplicaLaggingError):
+                    give_back()  # after an outage, its leftovers wait for prune (as any failed save's)
+                self._dropped_ended(replica, d.cause)
+                return False
             except BaseException as exc:  # noqa: BLE001 - recorded per replica
                 log.warning("replica %s failed to save step %d: %s", replica.url, job.step, exc)
                 if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
                     need = self._need_bytes(pos, replica, enc, own, refs.get(replica.url), encoder)
                     self._health.mark(replica, exc, need_bytes=need)
                 job.handle._set_replica(replica.url, "failed", exc)
-                return
+                return False
             finally:
                 self._unref(replica.url, refs.get(replica.url))
                 if pre is not None:
                     self._unref(replica.url, pre.refs.get(replica.url))
             with self._lock:
                 self._committed.add(job.step)
+                self._drops_in_row.pop(replica.url, None)
                 if replica.incremental:
                     self._index[replica.url] = {
                         (o.checksum, o.size): stored[o.key] for o in enc.manifest.objects if o.key in stored
@@ -290,9 +358,44 @@ class Fanout:
                 # Off the write path: the staging buffer is released (and the next save can
                 # start) while old steps are deleted, so a slow replica's deletes hold no one.
                 self._queue_retention(self._retain, replica, job.step, keep_last)
+            return True
 
-        for f in [self._replica_pool.submit(one, pos, r) for pos, r in enumerate(self.replicas)]:
-            f.result()
+        futures = {self._replica_pool.submit(tracked, pos, r): r.url for pos, r in enumerate(self.replicas)}
+        with self._lock:
+            self._readers.append(reading)
+        try:
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.1)
+                for f in done:
+                    f.result()
+                pending = {f for f in pending if not reading.dropped(futures[f])}  # those run on alone
+        finally:
+            with self._lock:
+                self._readers.remove(reading)
+
+    def drop_laggards(self) -> bool:
+        """Drop the writes that still read a staging arena after another replica wrote their
+        step (see :mod:`~ckptmirror.save.lag`); True if some arena was given back."""
+        with self._lock:
+            readers = list(self._readers)
+        return any([bool(r.drop_laggards()) for r in readers])
+
+    def lagging(self) -> set[str]:
+        """The replicas where a dropped write is still running (a new save skips them)."""
+        with self._lock:
+            return {u for u, n in self._busy.items() if n > 0}
+
+    def _dropped_ended(self, replica: Replica, cause: BaseException | None) -> None:
+        """A dropped write returned, with ``cause`` if it failed. A real failure (not the
+        stop) still marks the replica: a stalled upload that ran out of its budget is an outage."""
+        with self._lock:
+            self._busy[replica.url] -= 1
+            if self._busy[replica.url] <= 0:
+                del self._busy[replica.url]
+        if isinstance(cause, OSError) and not isinstance(cause, ReplicaLaggingError | FileExistsError):
+            log.warning("replica %s: the dropped write failed too: %s", replica.url, cause)
+            self._health.mark(replica, cause)
 
     def _need_bytes(
         self,
@@ -632,6 +735,7 @@ class Fanout:
     def close(self) -> None:
         """Shut the pools down, waiting for the transfers and retention passes in flight."""
         self._replica_pool.shutdown(wait=True)
+        self._drop_pool.shutdown(wait=True)
         self._retention_pool.shutdown(wait=True)
         for r in self.replicas:
             if self._pin_records.pending(r.url):
@@ -643,6 +747,14 @@ class Fanout:
         for p in self._io_pools.values():
             p.shutdown(wait=True)
         self._hash_pool.shutdown(wait=True)
+
+
+class _Dropped(Exception):
+    """Raised inside a replica's task when its write turns out to have been dropped."""
+
+    def __init__(self, cause: BaseException | None) -> None:
+        super().__init__("dropped")
+        self.cause = cause
 
 
 def _prefixed(exchange: Any, prefix: str, key: str, value: Any) -> list[Any]:

@@ -18,7 +18,7 @@ import torch
 
 from ..buffers import host_bytes
 from ..checksum import checksum
-from ..errors import StepExistsError
+from ..errors import ReplicaLaggingError, StepExistsError
 from ..format import (
     placement_key,
     step_dir,
@@ -121,6 +121,7 @@ def write_objects(
     base: int = 0,
     done: Mapping[str, Stored] | None = None,
     owned: Sequence[int] | None = None,
+    stop: threading.Event | None = None,
 ) -> dict[str, Stored]:
     """Phase 1 on one replica: every object, the placement record, then the rank manifest.
     Nothing is committed. Returns how each object this rank owns is stored there, by home key.
@@ -132,6 +133,8 @@ def write_objects(
     stream from byte ``base`` on; objects in ``done`` were written already (a sliced save,
     :meth:`~ckptmirror.save.fanout.Fanout.prewrite`). ``owned``: the objects this rank writes here (default: all, or
     ``enc.owned`` for a replicated step; see :meth:`~ckptmirror.save.fanout.Fanout._owned_at`).
+    ``stop``: once set (the write was dropped, :mod:`~ckptmirror.save.lag`), no further object or
+    record is written: :class:`~ckptmirror.errors.ReplicaLaggingError` is raised instead.
     """
     step = enc.step
     if is_committed(replica, step):
@@ -156,10 +159,13 @@ def write_objects(
         and all(s.key == h for h, s in done.items())
     )
     extra = ((enc.manifest_key, enc.manifest_bytes),) if early else ()
-    stored.update(put_objects(replica, homes, enc.windows, sums, view, base, pool, todo, refs or {}, encoder, extra))
+    stored.update(
+        put_objects(replica, homes, enc.windows, sums, view, base, pool, todo, refs or {}, encoder, extra, stop)
+    )
     stored = {homes[i]: stored[homes[i]] for i in mine}
     if early:
         return stored
+    _check_stop(stop, replica, step)
     records: list[tuple[str, bytes]] = [
         (placement_key(step, rank, token), Placement(step, rank, token, entries).to_json())
         for (rank, token), entries in _special_by_writer(stored).items()
@@ -187,6 +193,7 @@ def put_objects(
     refs: Mapping[int, Stored],
     encoder: ObjectEncoder | None,
     extra: Sequence[tuple[str, bytes]] = (),
+    stop: threading.Event | None = None,
 ) -> dict[str, Stored]:
     """Store objects ``indices`` on ``replica`` (in parallel on ``pool``): referenced, compressed
     or raw, by its policy. ``view`` holds the data stream from byte ``base`` on. Returns how each
@@ -209,6 +216,10 @@ def put_objects(
 
     def put_one(i: int) -> Stored:
         home = homes[i]
+        if stop is not None and stop.is_set():
+            if name != "none" and encoder is not None and i not in refs:
+                encoder.release(name, i)  # its encoded bytes need not wait for this replica
+            _check_stop(stop, replica, None)
         ref = refs.get(i)
         if ref is not None and replica.size(ref.key) == ref.size:
             return ref  # unchanged since a committed step stored it here: reference it
@@ -239,6 +250,12 @@ def put_objects(
     if local is not None and written:
         local.sync_dirs(written)
     return {homes[i]: f.result() for i, f in zip(indices, futures)}
+
+
+def _check_stop(stop: threading.Event | None, replica: Replica, step: int | None) -> None:
+    if stop is not None and stop.is_set():
+        what = f"step {step}" if step is not None else "a step"
+        raise ReplicaLaggingError(f"write of {what} dropped: the replica lags", replica=replica.url)
 
 
 def _special_by_writer(stored: Mapping[str, Stored]) -> dict[tuple[int, str], dict[str, Stored]]:

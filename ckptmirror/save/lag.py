@@ -1,0 +1,154 @@
+"""Slow replicas: who has not finished a save, and dropping the laggards' writes.
+
+A save's staging arena is busy until every replica has finished the save. With
+``max_inflight=1`` the next ``save()`` waits for it, so one replica whose upload crawls or
+stalls held the training thread for that upload's whole time budget (measured: 58 s with an
+S3 endpoint that stopped taking data, 67 s for a peer), although the step had been committed
+on the other replicas long before.
+
+:class:`Readers` tracks, for one save, the replicas that have not finished it and which of
+them still write objects (read the arena). Once another replica has committed the step, the
+ones still writing objects are *laggards*: when the next save has waited
+``slow_replica_timeout_s`` for an arena, :meth:`Readers.drop_laggards` drops their writes of
+this step. Each is told on the save's handle (:class:`~ckptmirror.errors.ReplicaLaggingError`),
+votes "failed" at once so that no other rank waits for it, and gives the arena up: the next
+save copies into it while the dropped upload may still be in flight. A replica already
+committing (its objects written) is waited for, not dropped: so with ``max_inflight=1`` a
+``save()`` that returned still means the previous save has an outcome on every replica.
+
+What a dropped write still sends is garbage (the arena holds the next save's bytes by then),
+and harmless: it can never be committed (the thread that wrote it finds the drop and stops
+before the commit, and the other ranks were told "failed"), its files carry this save's own
+token (no other save's file is touched), and they are removed once the write returns
+(:func:`~ckptmirror.save.commit.discard_failed_save`). The writer also stops at the next
+object (``stop``), so a dropped write costs at most the objects in flight, not the whole step.
+Nothing is dropped before some replica has committed the step (it is durable nowhere): the
+next save waits as before, however long that takes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+
+from ..errors import ReplicaLaggingError
+
+#: How often a save() that waits for an arena past ``slow_replica_timeout_s`` looks again
+#: for laggards to drop (a replica may finish writing the step meanwhile, which makes the
+#: others laggards).
+POLL_S = 0.02
+
+
+class Readers:
+    """The replicas of one save that have not finished it, and which of them still read its
+    staging arena (see the module docstring).
+
+    ``release`` gives the arena back; it is called once, when every replica has finished the
+    save (committed or failed: with ``max_inflight=1``, a ``save()`` that returned means the
+    previous save has an outcome on every replica) or been dropped. Only replicas still
+    writing objects (reading the arena) can be dropped, and only once ``need`` replicas
+    (``min_replicas``; at least one) have committed the step. ``on_drop(url)`` reports a
+    dropped write (handle, vote, log), outside the lock.
+    """
+
+    def __init__(
+        self,
+        step: int,
+        urls: Iterable[str],
+        release: Callable[[], None],
+        on_drop: Callable[[str], None],
+        need: int = 1,
+    ) -> None:
+        self.step = step
+        self._need = max(1, need)
+        self._lock = threading.Lock()
+        self._open = set(urls)  # not finished: writing objects, or committing
+        self._reading = set(self._open)  # still writing objects: reading the arena
+        self._committed: list[str] = []
+        self._dropped: set[str] = set()
+        self._stops = {u: threading.Event() for u in self._open}
+        self._told = {u: threading.Event() for u in self._open}  # on_drop(u) has returned
+        self._release = release
+        self._released = False
+        self._on_drop = on_drop
+
+    def stop(self, url: str) -> threading.Event:
+        """Set once ``url``'s write is dropped: the writer stops at its next object."""
+        return self._stops[url]
+
+    def dropped(self, url: str) -> bool:
+        with self._lock:
+            return url in self._dropped
+
+    def read(self, url: str) -> bool:
+        """``url``'s write has stopped reading the arena (its objects are written, or it
+        failed). False if it had been dropped: then its result must be thrown away."""
+        with self._lock:
+            if url in self._dropped:
+                return False
+            self._reading.discard(url)
+            return True
+
+    def done(self, url: str, committed: bool) -> None:
+        """``url`` has finished the save (not called for a dropped write)."""
+        with self._lock:
+            if url in self._dropped:
+                return
+            self._reading.discard(url)
+            self._open.discard(url)
+            if committed:
+                self._committed.append(url)
+            last = not self._open
+        if last:
+            self.release()
+
+    def drop_laggards(self) -> list[str]:
+        """Drop the writes still reading the arena, if ``need`` other replicas have committed
+        the step; returns their URLs (empty: nothing dropped)."""
+        with self._lock:
+            if len(self._committed) < self._need or not self._reading:
+                return []
+            gone = sorted(self._reading)
+            self._dropped.update(gone)
+            self._reading.clear()
+            self._open.difference_update(gone)
+            last = not self._open
+            for u in gone:
+                self._stops[u].set()
+        for u in gone:
+            try:
+                self._on_drop(u)
+            finally:
+                self._told[u].set()
+        if last:
+            self.release()
+        return gone
+
+    def wait_told(self, url: str) -> None:
+        """Wait until the drop of ``url`` has been reported (its writer, returning at once,
+        must not clean up before the drop's own bookkeeping is in place)."""
+        self._told[url].wait()
+
+    @property
+    def committed(self) -> list[str]:
+        with self._lock:
+            return list(self._committed)
+
+    def release(self) -> None:
+        """Give the arena back (once; later calls do nothing)."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self._release()
+
+
+def dropped_error(url: str, step: int, committed: list[str], timeout_s: float) -> ReplicaLaggingError:
+    """What the handle of ``step`` records for ``url`` when its write was dropped."""
+    return ReplicaLaggingError(
+        f"dropped its write of step {step}: still writing {timeout_s:g} s after the next save needed the "
+        f"staging buffer, while {', '.join(committed)} had committed the step. The replica lags; later saves "
+        "go to it again. If this repeats, the replica is slower than the saves: save less often, or "
+        "raise max_inflight (one more staging buffer) or slow_replica_timeout_s",
+        replica=url,
+    )
