@@ -201,7 +201,7 @@ class Mirror:
         commit_timeout_s: float = 300.0,
         replicated: bool | None = None,
         staging_bytes: int | None = None,
-        slow_replica_timeout_s: float | None = 2.0,
+        slow_replica_timeout_s: float | None = 10.0,
     ) -> None:
         if isinstance(replicas, (str, os.PathLike, Replica)):
             replicas = [replicas]

@@ -4,7 +4,7 @@ A fault-proxy campaign measured it (F1): a replica whose link crawls (health pin
 upload moves too slowly to finish) held the staging buffer until its upload ran out of its time
 budget, and with ``max_inflight=1`` the next ``save()`` waited for that buffer: 58 s (S3) and
 67 s (peer) of stall with the defaults, while the step had been on local disk for a second.
-Now, once another replica has written the step, a save that waited ``slow_replica_timeout_s``
+Now, once another replica has committed the step, a save that waited ``slow_replica_timeout_s``
 for the buffer drops the laggard's write (:mod:`ckptmirror.save.lag`): the handle says so
 (:class:`ReplicaLaggingError`), nothing of that step is committed there, the replica is skipped
 while the dropped upload still runs and gets the first save after it.
@@ -16,6 +16,7 @@ what is in flight at each moment is certain.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -91,7 +92,7 @@ def test_a_hanging_replica_does_not_hold_the_next_save(tmp_path: Path) -> None:
     with Mirror(
         [str(fast), far], object_bytes=OBJ, io_threads=2, slow_replica_timeout_s=0.3, keep_last=None, min_replicas=1
     ) as m:
-        m.save_state(1, state(1)).result(timeout=60)
+        assert settled(m.save_state(1, state(1))) == {str(fast): "committed", far.url: "committed"}
         h2 = m.save_state(2, state(2))
         wait_until(lambda: h2.replicas[str(fast)].state == "committed" and gate.waiting > 0, 30)
         t0 = time.monotonic()
@@ -288,3 +289,30 @@ def test_one_rank_drops_its_stalled_write_and_the_other_rank_is_told_at_once(tmp
     assert "rank 0: step 2 shared failed ReplicaLaggingError" in out, out
     assert "rank 1: step 2 shared failed CoordinationError" in out, out  # rank 0's vote said why
     assert "rank 0: step 3 shared skipped ReplicaLaggingError" in out, out  # still finishing step 2
+
+
+def test_a_replica_slower_than_every_save_is_reported_louder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Each save's write there takes ~2 s; the next save comes as soon as the fast replica has the
+    # last one: each write there is dropped. From the third in a row the log says ERROR, with the
+    # count: the replica never gets a checkpoint.
+    slow_one = FaultyReplica(LocalReplica(str(tmp_path / "slow")), delay_s=0.25)
+    fast = str(tmp_path / "fast")
+    with (
+        caplog.at_level(logging.WARNING, logger="ckptmirror"),
+        Mirror([fast, slow_one], object_bytes=OBJ, io_threads=2, slow_replica_timeout_s=0.1, keep_last=None) as m,
+    ):
+        step = 0
+        while m.metrics()["replicas"][slow_one.url]["saves_dropped"] < 3 and step < 40:
+            step += 1
+            wait_until(lambda: not m.metrics()["replicas"][slow_one.url]["lagging"], 30)
+            h = m.save_state(step, state(step))
+            wait_until(lambda h=h: h.replicas[fast].state == "committed", 30)
+        dropped = m.metrics()["replicas"][slow_one.url]["saves_dropped"]
+        last = step
+    assert dropped >= 3, dropped
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR and "saves in a row dropped" in r.getMessage()]
+    assert errors and "3 saves in a row" in errors[0].getMessage(), [r.getMessage() for r in caplog.records]
+    # It never got a checkpoint: every other save was dropped there, and the saves that dropped
+    # one skipped it (the dropped write was still finishing its object), the last one included.
+    with Mirror([str(tmp_path / "slow")]) as back:
+        assert back.steps() == [], last
