@@ -89,8 +89,8 @@ def list_steps(replicas: Sequence[Replica], timeout_s: float | None = None) -> S
             torn[r.url] = torn_steps
     if missing and not committed:
         raise missing[0][1]  # nothing holds this run: a name nobody created is a mistake, said now
+    holders = sorted({u for urls in committed.values() for u in urls})
     for url, exc in missing:
-        holders = sorted({u for urls in committed.values() for u in urls})
         log.warning(
             "%s; going on without it: %s hold%s committed steps of this run (newest %d). Saves skip it until it exists",
             exc,

@@ -65,7 +65,7 @@ from ..replicas.base import SPACE_ERRNOS, Replica
 from .arena import Arena
 from .commit import commit_from_reports, commit_step, discard_failed_save, replica_identity, share_record
 from .encode import EncodedStep, PreWritten, encode, encode_replicated, object_segments
-from .lag import Readers, dropped_error
+from .lag import Laggards, Readers, dropped_error
 from .objects import ObjectEncoder, put_objects, write_objects, written_bytes_of, written_here
 from .pins import PinRecords
 from .priority import lower_priority
@@ -154,8 +154,7 @@ class Fanout:
         self.slow_replica_timeout_s = slow_replica_timeout_s
         self._keep_written = keep_written  # replicas that must have written a save before others are dropped
         self._readers: list[Readers] = []  # saves whose staging arena some replica still reads
-        self._busy: Counter[str] = Counter()  # per URL: dropped writes still running there
-        self._drops_in_row: Counter[str] = Counter()  # per URL: saves dropped since its last commit
+        self._laggards = Laggards()
         # One thread: retention passes run in save order, never two on one replica at once.
         self._retention_pool = self._pool(1, "ckptmirror-retention")
         self._retention: list[Future[None]] = []
@@ -218,24 +217,12 @@ class Fanout:
 
         def on_drop(url: str) -> None:
             err = dropped_error(url, job.step, reading.committed, self.slow_replica_timeout_s or 0.0)
-            with self._lock:
-                self._busy[url] += 1
-                self._drops_in_row[url] += 1
-                n = self._drops_in_row[url]
-            log.log(
-                logging.ERROR if n >= 3 else logging.WARNING,
-                "replica %s: %s%s",
-                url,
-                err.args[0].split(": ", 1)[-1],
-                f" ({n} saves in a row dropped there)" if n > 1 else "",
-            )
+            self._laggards.dropped(err)
             job.handle._set_replica(url, "failed", err)
             failed = {"state": "failed", "error": f"{type(err).__name__}: {err}"}
             self._drop_pool.submit(self._vote, save_key, position[url], failed, decide)
 
-        reading = Readers(
-            job.step, [r.url for r in job.replicas], release or (lambda: None), on_drop, self._keep_written
-        )
+        reading = Readers([r.url for r in job.replicas], release or (lambda: None), on_drop, self._keep_written)
 
         def tracked(pos: int, replica: Replica) -> None:
             committed = False
@@ -346,12 +333,12 @@ class Fanout:
                     self._unref(replica.url, pre.refs.get(replica.url))
             with self._lock:
                 self._committed.add(job.step)
-                self._drops_in_row.pop(replica.url, None)
                 if replica.incremental:
                     self._index[replica.url] = {
                         (o.checksum, o.size): stored[o.key] for o in enc.manifest.objects if o.key in stored
                     }
                     self._index_step[replica.url] = job.step
+            self._laggards.committed(replica.url)
             written = written_bytes_of(enc.step, stored, enc)
             job.handle._set_replica(replica.url, "committed", written_bytes=written)
             if self._retention_owner[pos]:
@@ -383,16 +370,12 @@ class Fanout:
 
     def lagging(self) -> set[str]:
         """The replicas where a dropped write is still running (a new save skips them)."""
-        with self._lock:
-            return {u for u, n in self._busy.items() if n > 0}
+        return self._laggards.lagging()
 
     def _dropped_ended(self, replica: Replica, cause: BaseException | None) -> None:
         """A dropped write returned, with ``cause`` if it failed. A real failure (not the
         stop) still marks the replica: a stalled upload that ran out of its budget is an outage."""
-        with self._lock:
-            self._busy[replica.url] -= 1
-            if self._busy[replica.url] <= 0:
-                del self._busy[replica.url]
+        self._laggards.ended(replica.url)
         if isinstance(cause, OSError) and not isinstance(cause, ReplicaLaggingError | FileExistsError):
             log.warning("replica %s: the dropped write failed too: %s", replica.url, cause)
             self._health.mark(replica, cause)

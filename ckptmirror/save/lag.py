@@ -28,10 +28,14 @@ next save waits as before, however long that takes.
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable
 
 from ..errors import ReplicaLaggingError
+
+log = logging.getLogger("ckptmirror")
 
 #: How often a save() that waits for an arena past ``slow_replica_timeout_s`` looks again
 #: for laggards to drop (a replica may finish writing the step meanwhile, which makes the
@@ -43,23 +47,21 @@ class Readers:
     """The replicas of one save that have not finished it, and which of them still read its
     staging arena (see the module docstring).
 
-    ``release`` gives the arena back; it is called once, when every replica has finished the
-    save (committed or failed: with ``max_inflight=1``, a ``save()`` that returned means the
-    previous save has an outcome on every replica) or been dropped. Only replicas still
-    writing objects (reading the arena) can be dropped, and only once ``need`` replicas
-    (``min_replicas``; at least one) have committed the step. ``on_drop(url)`` reports a
-    dropped write (handle, vote, log), outside the lock.
+    ``release`` gives the arena back (the caller makes it idempotent); it is called when
+    every replica has finished the save (committed or failed: with ``max_inflight=1``, a
+    ``save()`` that returned means the previous save has an outcome on every replica) or been
+    dropped. Only replicas still writing objects (reading the arena) can be dropped, and only
+    once ``need`` replicas (``min_replicas``; at least one) have committed the step.
+    ``on_drop(url)`` reports a dropped write (handle, vote), outside the lock.
     """
 
     def __init__(
         self,
-        step: int,
         urls: Iterable[str],
         release: Callable[[], None],
         on_drop: Callable[[str], None],
         need: int = 1,
     ) -> None:
-        self.step = step
         self._need = max(1, need)
         self._lock = threading.Lock()
         self._open = set(urls)  # not finished: writing objects, or committing
@@ -69,7 +71,6 @@ class Readers:
         self._stops = {u: threading.Event() for u in self._open}
         self._told = {u: threading.Event() for u in self._open}  # on_drop(u) has returned
         self._release = release
-        self._released = False
         self._on_drop = on_drop
 
     def stop(self, url: str) -> threading.Event:
@@ -95,12 +96,12 @@ class Readers:
             if url in self._dropped:
                 return
             self._reading.discard(url)
+            last = url in self._open and len(self._open) == 1  # this call empties it
             self._open.discard(url)
             if committed:
                 self._committed.append(url)
-            last = not self._open
         if last:
-            self.release()
+            self._release()
 
     def drop_laggards(self) -> list[str]:
         """Drop the writes still reading the arena, if ``need`` other replicas have committed
@@ -112,7 +113,7 @@ class Readers:
             self._dropped.update(gone)
             self._reading.clear()
             self._open.difference_update(gone)
-            last = not self._open
+            last = not self._open  # the drop empties it: nothing was open but what it dropped
             for u in gone:
                 self._stops[u].set()
         for u in gone:
@@ -121,7 +122,7 @@ class Readers:
             finally:
                 self._told[u].set()
         if last:
-            self.release()
+            self._release()
         return gone
 
     def wait_told(self, url: str) -> None:
@@ -134,14 +135,6 @@ class Readers:
         with self._lock:
             return list(self._committed)
 
-    def release(self) -> None:
-        """Give the arena back (once; later calls do nothing)."""
-        with self._lock:
-            if self._released:
-                return
-            self._released = True
-        self._release()
-
 
 def dropped_error(url: str, step: int, committed: list[str], timeout_s: float) -> ReplicaLaggingError:
     """What the handle of ``step`` records for ``url`` when its write was dropped."""
@@ -152,3 +145,44 @@ def dropped_error(url: str, step: int, committed: list[str], timeout_s: float) -
         "raise max_inflight (one more staging buffer) or slow_replica_timeout_s",
         replica=url,
     )
+
+
+class Laggards:
+    """Per replica: the dropped writes still running there (new saves skip it meanwhile), and
+    how many saves were dropped there since its last commit (the log gets louder)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._busy: Counter[str] = Counter()
+        self._in_row: Counter[str] = Counter()
+
+    def dropped(self, err: ReplicaLaggingError) -> None:
+        """A write to ``err.replica`` was dropped: count it and log it (ERROR from the third in a row)."""
+        url = err.replica
+        with self._lock:
+            self._busy[url] += 1
+            self._in_row[url] += 1
+            n = self._in_row[url]
+        log.log(
+            logging.ERROR if n >= 3 else logging.WARNING,
+            "replica %s: %s%s",
+            url,
+            err.args[0].split(": ", 1)[-1],
+            f" ({n} saves in a row dropped there)" if n > 1 else "",
+        )
+
+    def ended(self, url: str) -> None:
+        """A dropped write to ``url`` has returned."""
+        with self._lock:
+            self._busy[url] -= 1
+            if self._busy[url] <= 0:
+                del self._busy[url]
+
+    def committed(self, url: str) -> None:
+        with self._lock:
+            self._in_row.pop(url, None)
+
+    def lagging(self) -> set[str]:
+        """The replicas where a dropped write is still running."""
+        with self._lock:
+            return set(self._busy)
