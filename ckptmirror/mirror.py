@@ -379,8 +379,10 @@ class Mirror:
             inflight = step in self._inflight_steps
         if not overwrite and step in self._damaged_steps and self.staging_bytes is None:
             # The restore of this process skipped this step: no replica held a copy that passed
-            # its checks. The job trains it again from the older step; refusing its save would
-            # stop the run at the same place after every restart. It replaces the damaged copies.
+            # its checks (for some rank: with several ranks every rank skipped it, and every rank
+            # takes this path for it). The job trains it again from the older step; refusing its
+            # save would stop the run at the same place after every restart. It replaces the
+            # damaged copies (several ranks: erased everywhere first, save.resave).
             log.warning("step %d: replacing the damaged copies that the restore skipped", step)
             self._damaged_steps.discard(step)
             overwrite = True
@@ -737,7 +739,9 @@ class Mirror:
             if coord is not None:
                 coord.close()
         self._metrics.restore_finished(None if loaded is None else loaded.step, time.perf_counter() - t0)
-        if loaded is not None and not self.dist.distributed:
+        if loaded is not None:
+            # With several ranks ``skipped`` comes from the ranks' votes: the same on every rank,
+            # so every rank re-saves those steps alike (see _save_now).
             self._damaged_steps = set(loaded.skipped)
         if loaded is None:
             urls = [r.url for r in self.replicas]

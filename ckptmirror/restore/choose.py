@@ -426,6 +426,10 @@ def _load_agreed(
         return _unreadable_steps(problems, failures)
 
     damaged_at: set[int] = set()  # steps this rank found damaged (a copy failed its checks)
+    # Steps some rank found damaged, from the votes: the same set on every rank. Those newer
+    # than the step restored go on ``Loaded.skipped``: the job trains them again, and every rank
+    # may save them again (the mirror replaces the damaged copies, see Fanout.write).
+    agreed_damaged: set[int] = set()
     for rnd in range(len(candidates) * 2 + 2):
         mine, error = -1, None
         outage_at: int | None = None  # the step this rank could not read this round (not damage)
@@ -475,6 +479,7 @@ def _load_agreed(
         # than rewind, unless another rank found that step damaged (then no rank can restore
         # it whatever the outage, and the ranks look below it).
         seen_damaged = {s for v in votes for s in v.get("damaged_at", ())}
+        agreed_damaged |= seen_damaged
         stuck = {r: v["outage_at"] for r, v in enumerate(votes) if v.get("outage_at") is not None}
         blocking = sorted(r for r, s in stuck.items() if s not in seen_damaged)
         if blocking:
@@ -558,7 +563,10 @@ def _load_agreed(
         if all(v["ok"] for v in results):
             if lo != candidates[0]:
                 log.warning("all ranks restored step %d (newer steps could not be restored everywhere)", lo)
+            loaded.skipped = tuple(sorted((s for s in agreed_damaged if s > lo), reverse=True))
             return loaded
+        if any(v.get("damaged_now") for v in results):
+            agreed_damaged.add(lo)
         failed = {r: v["why"] for r, v in enumerate(results) if not v["ok"]}
         log.warning("step %d failed to load on rank(s) %s; all ranks fall back together", lo, sorted(failed))
         if ok:

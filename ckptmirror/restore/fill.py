@@ -54,7 +54,8 @@ class Loaded:
     #: verified bytes for the caller's tensors that have not landed yet (``defer=True``)
     landing: Landing | None = None
     #: newer steps the restore skipped because no replica held a copy that passed its checks
-    #: (damage, not an outage: an outage raises); one process, one rank
+    #: (damage, not an outage: an outage raises); with several ranks, those newer than the
+    #: restored step that some rank found damaged (the same on every rank)
     skipped: tuple[int, ...] = ()
 
     def land(self, threads: int = 2, pool: Executor | None = None) -> None:

@@ -69,6 +69,7 @@ from .lag import Laggards, Readers, dropped_error
 from .objects import ObjectEncoder, put_objects, write_objects, written_bytes_of, written_here
 from .pins import PinRecords
 from .priority import lower_priority
+from .resave import erase_for_resave
 from .retention import (
     RetentionStopped,
     apply_retention,
@@ -189,7 +190,20 @@ class Fanout:
         info = self.dist
         save_key = f"{job.seq}-{job.step}"
         decide = partial(commit_from_reports, job.step, info.world_size, job.replicated)
+        overwrite = job.overwrite
+        not_erased: dict[str, BaseException] = {}
         try:
+            if overwrite and self._coord is not None:
+                # Several ranks replace a damaged step (save.resave): erased everywhere first.
+                coord = self._coord
+                not_erased = erase_for_resave(
+                    job.replicas,
+                    job.step,
+                    self._live_keys,
+                    self._stop_if_degraded,
+                    lambda: coord.exchange(f"erase-{save_key}", True),
+                )
+                overwrite = False  # a replica that still holds the old step fails this save
             if job.finish is not None:
                 job.finish()
             model = job.model() if job.model is not None and self.incremental else None
@@ -261,12 +275,14 @@ class Fanout:
                 try:
                     if pre is not None and replica.url in pre.failed:
                         raise pre.failed[replica.url]
+                    if replica.url in not_erased:
+                        raise not_erased[replica.url]
                     stored = write_objects(
                         replica,
                         enc,
                         job.stream,
                         self._io_pools[replica.url],
-                        job.overwrite,
+                        overwrite,
                         refs=refs.get(replica.url),
                         encoder=encoder,
                         live=self._live_keys(replica.url),
