@@ -55,3 +55,39 @@ def test_several_ranks_resave_a_step_the_restore_skipped_as_damaged(tmp_path: Pa
     torchrun(str(CHILD), "restore", str(root), timeout=180)
     for r in _results(root, "restore"):
         assert r["newest"] == 3 and r["newest_exact"] and r["step2_exact"], r
+
+
+def test_a_replica_that_cannot_be_erased_is_reported_and_the_barrier_still_met(tmp_path: Path) -> None:
+    # Unit level (one process): erase_for_resave on a replica whose deletes fail with an outage
+    # and on one that answers. The first keeps its old step and is reported (the save must not
+    # be written there), the second loses it; the barrier is met either way, after the erasing.
+    import errno
+
+    import torch
+
+    import ckptmirror
+    from ckptmirror.replicas import FaultyReplica, LocalReplica
+    from ckptmirror.save.resave import erase_for_resave
+    from ckptmirror.save.retention import is_committed
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    with ckptmirror.Mirror([str(a), str(b)]) as m:
+        m.save_state(2, {"w": torch.arange(10.0)}).result(timeout=30)
+        m.wait(timeout=30)
+
+    def down(phase: str, key: str) -> None:
+        if phase == "delete":
+            raise OSError(errno.EIO, "Input/output error (injected)")
+
+    bad, good = FaultyReplica(LocalReplica(str(a)), on_phase=down), LocalReplica(str(b))
+    met: list[bool] = []
+    failed = erase_for_resave(
+        [bad, good],
+        2,
+        lambda url: (),
+        lambda r: lambda: None,
+        lambda: met.append(not is_committed(good, 2)),
+    )
+    assert met == [True]
+    assert list(failed) == [bad.url] and isinstance(failed[bad.url], OSError), failed
+    assert is_committed(bad, 2) and not is_committed(good, 2)
