@@ -122,6 +122,8 @@ class DcpSave:
     coordinator: bool
     run: Any
     skipped: dict[str, str]
+    #: the skipped replicas whose write of an earlier save was dropped and still runs (dcp/_lag.py)
+    lagging: set[str] = field(default_factory=set)
     bytes_fqns: list[str] = field(default_factory=list)
     info: GlobalInfo | None = None
     votes: Coordinator | None = None

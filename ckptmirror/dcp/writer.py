@@ -53,6 +53,7 @@ from ..dist import Coordinator, DistInfo, SpaceAbortError, detect
 from ..errors import (
     CkptMirrorError,
     ReplicaConfigError,
+    ReplicaLaggingError,
     ReplicaUnavailableError,
     SaveFailedError,
     StepExistsError,
@@ -65,6 +66,7 @@ from ..format import (
 from ..replicas import Replica
 from ..replicas.base import SPACE_ERRNOS, WRITE_ERRNOS
 from ..save.commit import commit_from_reports, commit_step, discard_failed_save, replica_identity, share_record
+from ..save.lag import Laggards
 from ..save.retention import apply_retention, is_committed
 from ._codec import DCP_VERSION, Location, metadata_to_tree
 from ._common import check_step, open_for, step_from_checkpoint_id
@@ -79,6 +81,7 @@ from ._items import (
     resolve_items,
     with_metadata,
 )
+from ._lag import await_writes, dropped_error
 from ._staging import Staging, Ticket, copy_into, pack
 
 log = logging.getLogger("ckptmirror")
@@ -120,6 +123,14 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
             (``async_save(process_group=...)`` may be another group over the same ranks).
             With ``on_replica_error="warn"`` a save fails only when it committed on fewer than
             ``min_replicas`` positions (default 1); with ``"raise"``, on any replica failure.
+        slow_replica_timeout_s: once ``min_replicas`` positions (at least one) hold every
+            object of this rank's part of a step, how long ``write_data`` waits for the others
+            before it drops their writes of that step (:class:`~ckptmirror.ReplicaLaggingError`
+            in :attr:`last_outcome`; the step does not commit there; later saves skip the
+            replica until the dropped write has returned). A DCP save ends only when
+            ``write_data`` returns, and ``dcp.async_save`` callers wait for the previous save's
+            future, so a crawling upload would hold training (``dcp/_lag.py``). None: wait for
+            every replica; never with ``on_replica_error="raise"``.
 
     As a stager (``dcp.async_save`` uses the writer as one), ``stage()`` copies the state into
     a reused host arena: the training thread stalls for that one memcpy, and steady-state saves
@@ -149,6 +160,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         storage_options: Mapping[str, Mapping[str, Any]] | None = None,
         process_group: Any = None,
         commit_timeout_s: float = 300.0,
+        slow_replica_timeout_s: float | None = 10.0,
     ) -> None:
         super().__init__()
         if step is not None:
@@ -161,12 +173,17 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
             raise ValueError("io_threads must be >= 1")
         if on_replica_error not in ("warn", "raise"):
             raise ValueError("on_replica_error must be 'warn' or 'raise'")
+        if slow_replica_timeout_s is not None and not (
+            isinstance(slow_replica_timeout_s, (int, float)) and slow_replica_timeout_s >= 0
+        ):
+            raise ValueError(f"slow_replica_timeout_s must be None or a number >= 0, got {slow_replica_timeout_s!r}")
         self.step = step
         self.keep_last = keep_last
         self.object_bytes = object_bytes
         self.io_threads = io_threads
         self.on_replica_error = on_replica_error
         self.commit_timeout_s = commit_timeout_s
+        self.slow_replica_timeout_s = slow_replica_timeout_s
         self.dist: DistInfo = detect(process_group)
         self.replicas, self._closer = open_for(replicas, self.dist, storage_options, self)
         if min_replicas is not None and not 1 <= min_replicas <= len(self.replicas):
@@ -180,6 +197,10 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         #: back when a write probe shows that much room (a ping alone passes on a full disk)
         self._need_write: dict[str, int] = {}
         self._threads: list[threading.Thread] = []
+        #: dropped writes still running (see dcp/_lag.py): later saves skip their replicas, and
+        #: wait()/close() wait for them (they may still read a staging arena)
+        self._laggards = Laggards()
+        self._dropped: list[Future[BaseException | None]] = []
         self._checkpoint_id: str | os.PathLike[str] | None = None
         #: Per replica URL, the outcome of this rank's part of the last save: "committed" or why not.
         self.last_outcome: dict[str, str] = {}
@@ -250,7 +271,12 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         self._ping_degraded()
         with self._lock:
             skipped = dict(self._down)
-        self._local.save = DcpSave(check_step(step), rank, is_coordinator, self._staging.start_save(), skipped)
+        lagging = self._laggards.lagging() - set(skipped)
+        for url in lagging:
+            skipped[url] = "its dropped write of an earlier step is still running"
+        save = DcpSave(check_step(step), rank, is_coordinator, self._staging.start_save(), skipped)
+        save.lagging = lagging
+        self._local.save = save
 
     def _save_state(self) -> DcpSave:
         s: DcpSave | None = getattr(self._local, "save", None)
@@ -477,14 +503,24 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         enc = s.enc
         assert enc is not None
 
+        stops = [threading.Event() for _ in self.replicas]
+
         def one(pos: int) -> BaseException | None:
             r = self.replicas[pos]
+            if r.url in s.lagging:
+                return ReplicaLaggingError(f"skipped: {s.skipped[r.url]}", replica=r.url)
             if r.url in s.skipped:
                 return ReplicaUnavailableError(f"skipped: degraded ({s.skipped[r.url]})", replica=r.url)
+
+            def put(key: str, data: Any) -> None:
+                if stops[pos].is_set():  # dropped (dcp/_lag.py): no further object
+                    raise ReplicaLaggingError(f"write of step {s.step} dropped", replica=r.url)
+                r.put(key, data)
+
             try:
                 with ThreadPoolExecutor(self.io_threads, thread_name_prefix="ckptmirror-io") as io_pool:
                     futures: list[Future[None]] = [
-                        io_pool.submit(r.put, rec.key, view) for rec, view in zip(enc.manifest.objects, views)
+                        io_pool.submit(put, rec.key, view) for rec, view in zip(enc.manifest.objects, views)
                     ]
                     wait(futures, return_when=FIRST_EXCEPTION)
                     for f in futures:
@@ -494,16 +530,44 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                         if not f.cancelled():
                             f.result()
                 if manifest_now:
-                    r.put(enc.manifest_key, enc.manifest_bytes)
+                    put(enc.manifest_key, enc.manifest_bytes)
             except BaseException as exc:  # noqa: BLE001 - recorded per replica
+                if stops[pos].is_set():
+                    return exc  # dropped: recorded then; _dropped_ended cleans up
                 log.warning("replica %s failed to write rank %d of step %d: %s", r.url, s.rank, s.step, exc)
                 self._mark_down(r, exc, enc.manifest.stream_bytes)
                 return exc
             return None
 
-        with ThreadPoolExecutor(len(self.replicas), thread_name_prefix="ckptmirror-dcp-replica") as pool:
-            res = list(pool.map(one, range(len(self.replicas))))
-        return {pos: e for pos, e in enumerate(res) if e is not None}
+        pool = ThreadPoolExecutor(len(self.replicas), thread_name_prefix="ckptmirror-dcp-replica")
+        try:
+            writes = [pool.submit(one, pos) for pos in range(len(self.replicas))]
+        finally:
+            pool.shutdown(wait=False)  # a dropped write runs on alone
+        timeout = self.slow_replica_timeout_s if self.on_replica_error == "warn" else None
+        outcome, slow = await_writes(writes, self.min_replicas or 1, timeout)
+        written = [self.replicas[p].url for p, e in sorted(outcome.items()) if e is None]
+        for pos in slow:
+            stops[pos].set()
+            url = self.replicas[pos].url
+            err = dropped_error(url, s.step, s.rank, written, timeout or 0.0)
+            self._laggards.dropped(err)
+            outcome[pos] = err
+            with self._lock:
+                self._dropped = [f for f in self._dropped if not f.done()] + [writes[pos]]
+            writes[pos].add_done_callback(partial(self._dropped_ended, s, pos))
+        return {pos: e for pos, e in outcome.items() if e is not None}
+
+    def _dropped_ended(self, s: DcpSave, pos: int, done: Future[BaseException | None]) -> None:
+        """A dropped write's call returned (on its thread): after an outage the replica is marked
+        down and its leftovers wait for ``prune``, as any failed save's; else its files go."""
+        r = self.replicas[pos]
+        cause = done.result()
+        if isinstance(cause, OSError) and not isinstance(cause, ReplicaLaggingError):
+            self._mark_down(r, cause, s.enc.manifest.stream_bytes if s.enc is not None else 0)
+        else:
+            self._give_back(s, pos)
+        self._laggards.ended(r.url)
 
     # ------------------------------------------------------------------ the vote
     def _abort_everywhere(self, s: DcpSave, exc: BaseException) -> None:
@@ -574,9 +638,9 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
             self._prune(s, [p for p, e in outcome.items() if e is None])
 
         t = threading.Thread(target=commit_all, name="ckptmirror-dcp-commit", daemon=True)
-        with self._lock:
+        with self._lock:  # started under the lock: wait() must not join it before it starts
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
-        t.start()
+            t.start()
 
     def _commit(self, s: DcpSave, pos: int, record: bytes) -> None:
         """Write the commit record ``record`` at ``pos``, after the share record that says which
@@ -631,11 +695,15 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
             self.replicas[p].url: "committed" if e is None else f"failed: {type(e).__name__}: {e}"
             for p, e in sorted(outcome.items())
         }
+        for p, e in outcome.items():
+            if e is None:
+                self._laggards.committed(self.replicas[p].url)  # drops "in a row" start again
 
     # ------------------------------------------------------------------ replicas
     def _give_back(self, s: DcpSave, pos: int) -> None:
-        """Nobody commits ``s``'s step at ``pos`` (the replica is full): delete what this rank
-        put there, by its own writer token, in the background, once per save and position.
+        """Nobody commits ``s``'s step at ``pos`` (the replica is full, or this rank's write
+        there was dropped): delete what this rank put there, by its own writer token, in the
+        background, once per save and position.
         Without it the failed save's files hold the space the next save needs, and a full
         replica that no save reaches is never cleaned up."""
         if pos in s.given_back or s.enc is None:
@@ -649,9 +717,9 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
             name="ckptmirror-dcp-discard",
             daemon=True,
         )
-        with self._lock:
+        with self._lock:  # started under the lock: wait() must not join it before it starts
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
-        t.start()
+            t.start()
 
     def _mark_down(self, r: Replica, exc: BaseException, need_bytes: int = 0) -> None:
         """A replica that failed with an OSError is skipped by later saves until it answers a
@@ -701,15 +769,19 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         if self.keep_last is None or not committed:
             return
         t = threading.Thread(target=self._prune, args=(s, committed), name="ckptmirror-dcp-retention", daemon=True)
-        with self._lock:
+        with self._lock:  # started under the lock: wait() must not join it before it starts
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
-        t.start()
+            t.start()
 
     def wait(self, timeout: float | None = None) -> None:
-        """Wait for this rank's background commit-record and retention threads of earlier saves."""
+        """Wait for this rank's background commit-record and retention threads of earlier
+        saves, and for the writes it dropped (each ends at its next object or its deadline)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            threads = list(self._threads)
+            dropped = list(self._dropped)
+        wait(dropped, timeout=timeout)
+        with self._lock:
+            threads = list(self._threads)  # after the dropped writes: their clean-up threads too
         for t in threads:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 

@@ -41,6 +41,8 @@ key overridable on the command line: ``--checkpoint.replicas /nvme/a,s3://b/run1
 ``object_bytes``,      object size and concurrent transfers per replica (64 MiB, 4).
 ``io_threads``
 ``commit_timeout_s``   how long ranks wait for each other's part of a save or load (300).
+``slow_replica_``      once a replica holds a rank's part of a step, how long the others get
+``timeout_s``          before their write of that step is dropped (10; None: wait for all).
 ``storage_options``    JSON object, per URL scheme, e.g. ``'{"s3": {"part_bytes": 33554432}}'``.
 ``dataloader_state``   ``"json"`` (default): the dataloader's position is stored as ckptmirror JSON
                        instead of torchtitan's pickle, so no load unpickles anything;
@@ -205,6 +207,10 @@ class MirrorCheckpointManager(BaseCheckpointManager):
         commit_timeout_s: float = 300.0
         """How long ranks wait for each other's part of a save or load."""
 
+        slow_replica_timeout_s: float | None = 10.0
+        """Once a replica holds a rank's part of a step, seconds the others get before their write
+        of it is dropped (the step does not commit there). None: wait for every replica."""
+
         storage_options: str = ""
         """JSON object of per-scheme options, e.g. '{"s3": {"part_bytes": 33554432}}'."""
 
@@ -330,6 +336,7 @@ class MirrorCheckpointManager(BaseCheckpointManager):
             min_replicas=config.min_replicas,
             on_replica_error=config.on_replica_error,
             commit_timeout_s=config.commit_timeout_s,
+            slow_replica_timeout_s=config.slow_replica_timeout_s,
         )
         #: Steps committed on this rank's replicas that are newer than the step this run resumed
         #: from: saving one of them replaces it.
