@@ -133,6 +133,13 @@ def _add_verify(add: _AddCommand) -> None:
     )
     verify.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     verify.add_argument(
+        "--keep",
+        type=_pos_int,
+        metavar="N",
+        help="the job's keep_last: a step older than the newest N (and not pinned) that a replica lacks is "
+        "retention's to remove there, not lagging (after one replica was down while the others pruned)",
+    )
+    verify.add_argument(
         "--scrub-max-age",
         type=_duration_s,
         default=None,
@@ -169,6 +176,13 @@ def _add_repair(add: _AddCommand) -> None:
     repair.add_argument("--step", type=_nonneg_int, help="only this step")
     repair.add_argument("--dry-run", action="store_true", help="show what would be copied and committed; write nothing")
     repair.add_argument("--json", action="store_true", help="print one JSON document")
+    repair.add_argument(
+        "--keep",
+        type=_pos_int,
+        metavar="N",
+        help="the job's keep_last: do not copy a step older than the newest N (and not pinned) to a replica "
+        "that lacks it (its retention removed it; copying it back would undo that)",
+    )
     repair.add_argument(
         "--partial",
         action="store_true",

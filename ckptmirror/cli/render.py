@@ -269,6 +269,11 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
                     ", ANOTHER CHECKPOINT" if differs else ""
                 )
                 rows.append([label, rk.rank, f"{rk.verified}/{rk.objects}", _size(rk.bytes), _how(rk), status])
+        rows += [
+            [f"{tags[u]} {u}", "-", "-", "-", "-", f"not here, not kept (--keep {res.keep})"]
+            for u, v in res.not_kept.items()
+            if s.step in v
+        ]
         lines += _table(["REPLICA", "RANK", "OBJECTS OK", "BYTES", "CHECKED BY", "STATUS"], rows, "  ")
         if s.unchecked_ranks:
             lines.append(
@@ -311,6 +316,16 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
         )
         lines += [f"  {tags[u]} {u} lags: step(s) {', '.join(map(str, v))}" for u, v in res.lagging.items()]
         lines += [f"  {p}" for p in lagging]
+        if res.keep is None and _retired_looking(res):
+            lines.append(
+                "  some replica lacks only steps older than every step it holds: if the job saves with "
+                "keep_last=N, its retention removed them while another replica was down; 'verify --keep N' "
+                "and 'repair --keep N' leave those alone"
+            )
+    if res.not_kept:
+        lines.append("")
+        lines.append(f"not kept (older than the newest {res.keep} steps, not pinned; not lagging):")
+        lines += [f"  {tags[u]} {u}: step(s) {_steps_text(v)}" for u, v in res.not_kept.items()]
     if res.removed_during_check or res.committed_during_check:
         # A job saving meanwhile: its retention deleted steps, or a save committed, after the listing.
         lines.append("")
@@ -449,6 +464,17 @@ def _how(rk: ops.RankCheck) -> str:
     return "read"
 
 
+def _retired_looking(res: ops.VerifyReport) -> bool:
+    """Whether some replica lags only on steps older than every step it holds (what retention
+    leaves on the replicas that stayed up while another was down)."""
+    held: dict[str, list[int]] = {}
+    for s in res.steps:
+        for rc in s.replicas:
+            if rc.status == "ok" or rc.ranks:
+                held.setdefault(rc.replica, []).append(s.step)
+    return any(u in held and max(v) < min(held[u]) for u, v in res.lagging.items())
+
+
 def _repair_lines(res: ops.RepairReport) -> list[str]:
     """What ``ckptmirror repair`` prints without ``--json``."""
     tags, lines = _legend(res.replicas)
@@ -466,6 +492,11 @@ def _repair_lines(res: ops.RepairReport) -> list[str]:
         lines.append(text)
     for p in res.unrecoverable:
         lines.append(f"CANNOT REPAIR {p}")
+    lines += [
+        f"not copied to {tags[u]} (older than the newest --keep steps, not pinned: its retention's to remove): "
+        f"step(s) {_steps_text(v)}"
+        for u, v in res.not_kept.items()
+    ]
     lines += _unreachable_lines(res.unreachable, tags)
     copies = sum(1 for a in res.actions if a.action == "copy" and (a.done or res.dry_run))
     commits = sum(1 for a in res.actions if a.action.endswith("commit") and (a.done or res.dry_run))
@@ -642,12 +673,19 @@ _COMMANDS: dict[str, _Command[Any]] = {
             threads=a.threads,
             progress=_progress(a),
             scrub_max_age_s=_scrub_max_age(a),
+            keep=a.keep,
         ),
         _verify_lines,
     ),
     "repair": _Command(
         lambda a: ops.repair(
-            a.urls, step=a.step, dry_run=a.dry_run, threads=a.threads, progress=_progress(a), partial=a.partial
+            a.urls,
+            step=a.step,
+            dry_run=a.dry_run,
+            threads=a.threads,
+            progress=_progress(a),
+            partial=a.partial,
+            keep=a.keep,
         ),
         _repair_lines,
     ),

@@ -17,6 +17,7 @@ from ..errors import CkptMirrorError, ReplicaConfigError, ReplicaPermissionError
 from ..replicas import Replica, close_opened, scheme_of
 from ..replicas import open_replicas as _open_replicas
 from ..restore.discover import StepListing, list_steps
+from ..save.retention import pinned_steps
 
 #: Errors that concern one replica or object; anything else is a bug and propagates.
 FAILURES = (CkptMirrorError, OSError)
@@ -225,3 +226,21 @@ def empty_hint(url: str) -> str:
     if scheme in ("", "file"):
         return "check the path"
     return "check the URL"
+
+
+def kept_steps(
+    replicas: Sequence[Replica], committed: Mapping[int, Sequence[str]], keep: int | None
+) -> set[int] | None:
+    """The steps a job with ``keep_last=keep`` keeps on every replica: the newest ``keep``
+    committed anywhere, and the pinned ones (any replica's pin records). None when ``keep`` is
+    None, or when a replica's pin records cannot be listed (then every step is expected, as
+    without ``keep``: a step that may be pinned is not waved through)."""
+    if keep is None:
+        return None
+    out = set(sorted(committed)[-keep:])
+    for r in replicas:
+        try:
+            out |= pinned_steps(r)
+        except (CkptMirrorError, OSError):
+            return None
+    return out

@@ -22,7 +22,7 @@ from ..format import (
 )
 from ..placement import MAX_PLACEMENT_BYTES, Stored, drop_placement_entry, parse_placement, placement_of
 from ..replicas import Replica
-from ._common import FAILURES, Problem, Progress, ProgressFactory, list_reachable, opened
+from ._common import FAILURES, Problem, Progress, ProgressFactory, UsageError, kept_steps, list_reachable, opened
 from ._engine import Engine, ObjJob, ReplicaPlan, recoverable
 from .verify import _disagreements
 
@@ -58,6 +58,9 @@ class RepairReport:
     actions: tuple[RepairAction, ...]
     unrecoverable: tuple[Problem, ...]
     unreachable: Mapping[str, str]
+    #: ``keep`` (``repair --keep N``): replica -> the steps it lacks that are neither among the
+    #: newest N committed anywhere nor pinned: retention's to remove, so not copied there.
+    not_kept: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -179,6 +182,7 @@ def repair(
     progress: ProgressFactory | None = None,
     storage_options: Mapping[str, Mapping[str, Any]] | None = None,
     partial: bool = False,
+    keep: int | None = None,
 ) -> RepairReport:
     """Make every replica hold a verifying copy of every step committed on any of them.
 
@@ -193,9 +197,18 @@ def repair(
     replicas holding the step hold when each of those is partial (a node-local disk rebuilt from
     that node's ``ring_peer`` namespace), and a share record saying so; without it, every rank
     (the rule of a full copy), which partial sources cannot give.
+
+    ``keep``: the job's ``keep_last``. A step that is neither among the newest ``keep`` steps
+    committed anywhere nor pinned is not copied to a replica that lacks it (its retention
+    removed it while another replica was down; copying it back would undo that): listed in
+    ``not_kept``. Its copies that exist are still repaired.
     """
+    if keep is not None and keep < 1:
+        raise UsageError(f"--keep must be at least 1, got {keep}")
     with opened(urls, storage_options) as replicas:
         listing, reachable = list_reachable(replicas)
+        expected = kept_steps(reachable, listing.committed, keep)
+        not_kept: dict[str, list[int]] = {}
         unrecoverable: list[Problem] = []
         if step is not None and step not in listing.committed:
             raise StepNotFoundError(step, list(listing.committed))
@@ -210,7 +223,12 @@ def repair(
             for s in steps:
                 plans: list[ReplicaPlan] = []
                 for r in reachable:
-                    plan = eng.replica_plan(r, s) if r.url in listing.committed[s] else ReplicaPlan(r, s, None, None)
+                    held = r.url in listing.committed[s]
+                    if not held and expected is not None and s not in expected:
+                        # Retention's to remove there (a torn copy: a pass that stopped): not copied.
+                        not_kept.setdefault(r.url, []).append(s)
+                        continue
+                    plan = eng.replica_plan(r, s) if held else ReplicaPlan(r, s, None, None)
                     plans.append(plan)
                     jobs.extend(plan.jobs())
                 per_step[s] = plans
@@ -296,6 +314,7 @@ def repair(
             tuple(actions),
             tuple(unrecoverable),
             {**eng.down, **listing.unreachable},  # with those that stopped answering during the run
+            {u: tuple(v) for u, v in not_kept.items()},
         )
 
 

@@ -37,7 +37,17 @@ from ..checksum import checksum
 from ..format import MAX_MANIFEST_BYTES, CommitRecord, commit_key
 from ..replicas import Replica
 from ..replicas.peer import ScrubUnavailableError
-from ._common import FAILURES, Problem, ProgressFactory, empty_hint, list_reachable, opened, strip_where
+from ._common import (
+    FAILURES,
+    Problem,
+    ProgressFactory,
+    UsageError,
+    empty_hint,
+    kept_steps,
+    list_reachable,
+    opened,
+    strip_where,
+)
 from ._engine import Engine, KeptForReferences, ObjJob, ReplicaPlan, plan_problems, recoverable, unchecked_ranks
 from ._verify_recheck import files_of, first_save, recheck, settle
 
@@ -165,6 +175,12 @@ class VerifyReport:
     #: step, no step directory): a mistyped path or namespace looks like that, as does a run
     #: before its first save (which is why it does not change the exit status). As ``ls``.
     empty: Mapping[str, str] = field(default_factory=dict)
+    #: ``keep`` (``verify --keep N``: the job's ``keep_last``): replica -> the steps it lacks
+    #: that are neither among the newest N steps committed anywhere nor pinned. Retention
+    #: removes those (one replica's pass may come while another is down, which then still holds
+    #: them), so they are not expected on every replica: not lagging, and repair leaves them.
+    not_kept: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    keep: int | None = None
 
     @property
     def problems(self) -> tuple[Problem, ...]:
@@ -245,6 +261,7 @@ class VerifyReport:
         d["exit_code"] = self.exit_code
         d["torn"] = {k: list(v) for k, v in self.torn.items()}
         d["kept_for_references"] = {k: list(v) for k, v in self.kept_for_references.items()}
+        d["not_kept"] = {k: list(v) for k, v in self.not_kept.items()}
         return d
 
 
@@ -572,6 +589,7 @@ def verify(
     progress: ProgressFactory | None = None,
     storage_options: Mapping[str, Mapping[str, Any]] | None = None,
     scrub_max_age_s: float = DEFAULT_SCRUB_MAX_AGE_S,
+    keep: int | None = None,
 ) -> VerifyReport:
     """Check every committed step (or ``step``) on every replica, each replica on its own.
 
@@ -593,9 +611,18 @@ def verify(
     concerned are looked at again (:mod:`._verify_recheck`). Steps its retention removed during
     the check are in ``removed_during_check``, not damage; copies that committed during the check
     are checked (``committed_during_check``); copies being written are ``in_progress``.
+
+    ``keep``: the job's ``keep_last``. A step that is neither among the newest ``keep`` steps
+    committed anywhere nor pinned is not expected on every replica (one replica's retention
+    removed it while another, down then, still holds it): where it is missing, it is listed in
+    ``not_kept``, not as lagging. Its copies that exist are checked as any other.
     """
+    if keep is not None and keep < 1:
+        raise UsageError(f"--keep must be at least 1, got {keep}")
     with opened(urls, storage_options) as replicas:
         listing, reachable = list_reachable(replicas)
+        expected = kept_steps(reachable, listing.committed, keep)
+        not_kept: dict[str, list[int]] = {}
         # Torn copies of a step committed elsewhere are "lagging" problems, not garbage. A directory
         # that only keeps objects later steps reference (a step retention dropped) is neither.
         torn = {u: tuple(sorted(s for s in v if s not in listing.committed)) for u, v in listing.torn.items()}
@@ -652,6 +679,10 @@ def verify(
                             scrubbed[id(plan)] = by
                     else:
                         is_torn = s in listing.torn.get(r.url, [])
+                        if expected is not None and s not in expected:
+                            # Retention's to remove (a torn copy: a pass that stopped): not lagging.
+                            not_kept.setdefault(r.url, []).append(s)
+                            continue
                         status = "torn" if is_torn else "absent"
                         others = ", ".join(u for u in holders)
                         p = Problem(
@@ -724,4 +755,6 @@ def verify(
                 for r in reachable
                 if not listing.torn.get(r.url) and not any(r.url in us for us in listing.committed.values())
             },
+            {u: tuple(sorted(v)) for u, v in not_kept.items()},
+            keep,
         )
