@@ -118,7 +118,15 @@ def ring_peer(agents: Sequence[str], namespace: str = "ckpt", node_rank: int | N
     return f"peer://{target}/{namespace.strip('/')}/node{node_rank}"
 
 
-class SpaceAbortError(CoordinationError):
+class GiveBackAbortError(CoordinationError):
+    """The step was not committed at a replica position, and every rank that wrote there deletes
+    what it put (not only the rank whose write failed): that replica is full
+    (:class:`SpaceAbortError`), or a rank dropped its slow write there (``slow_replica_timeout_s``),
+    and a replica that keeps lagging would otherwise fill up with the other ranks' parts of saves
+    that never commit there."""
+
+
+class SpaceAbortError(GiveBackAbortError):
     """The step was not committed at a replica position because a rank found that replica full
     (``ENOSPC``/``EDQUOT``): every rank that wrote there deletes what it put, not only the one
     whose write failed, or a full shared replica never gets the room back (it stays degraded
@@ -183,6 +191,8 @@ class Coordinator:
             doc: dict[str, Any] = {"abort": why}
             if any(rep.get("space") for rep in bad.values()):
                 doc["space"] = True  # the replica is full: the ranks that wrote there give it back
+            elif any(rep.get("give_back") for rep in bad.values()):
+                doc["give_back"] = True  # a rank dropped its slow write there: the same
             self._decision(save, pos, doc)
             return
         commit = build_commit(reports)
@@ -192,15 +202,32 @@ class Coordinator:
         """The one key that holds ``pos``'s decision, whoever publishes it (rank 0, or a failing rank)."""
         self.store.set(self._k(save, pos, "commit"), json.dumps(doc))
 
-    def abort(self, save: str, pos: int, why: str, space: bool = False) -> None:
+    def abort(self, save: str, pos: int, why: str, space: bool = False, give_back: bool = False) -> None:
         """Any rank: publish that nothing commits at ``pos``; :meth:`outcome` then raises ``why``.
 
         Only after this rank reported a state other than ``ok`` at ``pos`` (or never will
         report ``ok`` there): rank 0 commits only when every report is ``ok``, so the abort
         cannot overwrite a commit that some rank already acted on. ``space``: the replica is
         full; :meth:`outcome` raises :class:`SpaceAbortError` so that every rank gives its files back.
+        ``give_back``: the same for another reason (a dropped slow write): :class:`GiveBackAbortError`.
         """
-        self._decision(save, pos, {"abort": why, "space": True} if space else {"abort": why})
+        doc: dict[str, Any] = {"abort": why}
+        if space:
+            doc["space"] = True
+        elif give_back:
+            doc["give_back"] = True
+        self._decision(save, pos, doc)
+
+    def ready(self, save: str, pos: int) -> None:
+        """This rank's part of the save is written at ``pos`` (not yet reported: see
+        :meth:`ready_everywhere`)."""
+        self.store.set(self._k(save, pos, "ready", self.info.rank), "1")
+
+    def ready_everywhere(self, save: str, pos: int) -> bool:
+        """Whether every rank has said :meth:`ready` at ``pos`` (no wait). A rank may drop its
+        slow write at another position only then: each rank deciding on its own could drop a
+        different position on each rank, and then no position commits."""
+        return bool(self.store.check([self._k(save, pos, "ready", r) for r in range(self.info.world_size)]))
 
     def outcome(self, save: str, pos: int) -> bytes:
         """The commit record rank 0 published for ``pos``; CoordinationError on abort/timeout."""
@@ -208,7 +235,13 @@ class Coordinator:
         self._wait([key], f"rank 0's decision for replica position {pos}")
         doc = json.loads(self.store.get(key))
         if "abort" in doc:
-            cls = SpaceAbortError if doc.get("space") else CoordinationError
+            cls = (
+                SpaceAbortError
+                if doc.get("space")
+                else GiveBackAbortError
+                if doc.get("give_back")
+                else CoordinationError
+            )
             raise cls(f"step not committed at replica position {pos}: {doc['abort']}")
         return str(doc["commit"]).encode()
 

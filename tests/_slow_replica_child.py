@@ -70,7 +70,9 @@ def main() -> None:
         h4.result(timeout=60)
         until(lambda: all(s.state != "pending" for s in h4.replicas.values()))
         print(f"rank {rank}: step 4 {sorted(s.state for s in h4.replicas.values())}", flush=True)
-    dist.barrier()
+    dist.barrier()  # both mirrors closed: their give-backs done
+    left = sorted(p.name for s in (2, 3) for p in (root / "shared" / step_dir(s)).rglob("*") if p.is_file())
+    print(f"rank {rank}: shared leftovers of steps 2-3 {left}", flush=True)
     with ckptmirror.Mirror([str(root / "shared")], commit_timeout_s=60) as back:
         steps = back.steps()
         loaded = back.load_state()

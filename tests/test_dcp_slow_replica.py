@@ -85,7 +85,8 @@ def test_a_hanging_replica_does_not_hold_dcp_saves(tmp_path: Path) -> None:
     fast, hung = tmp_path / "fast", tmp_path / "hung"
     gate = Gate(2)
     far = FaultyReplica(LocalReplica(str(hung)), on_phase=gate)
-    w = MirrorStorageWriter([str(fast), far], object_bytes=OBJ, io_threads=2, slow_replica_timeout_s=0.3)
+    # 3 s: far below the 20 s hang, and far above how far apart two healthy local disks finish
+    w = MirrorStorageWriter([str(fast), far], object_bytes=OBJ, io_threads=2, slow_replica_timeout_s=3)
     try:
         save(w, 1)
         assert w.last_outcome == {str(fast): "committed", far.url: "committed"}
@@ -160,3 +161,26 @@ def test_two_ranks_one_ranks_upload_hangs(tmp_path: Path) -> None:
     assert committed_steps([str(tmp_path / "shared")]) == [1]
     assert committed_steps([str(tmp_path / "local-0")]) == [1, 2, 3]
     assert committed_steps([str(tmp_path / "local-1")]) == [1, 2, 3]
+    # Every rank gave its part of steps 2 and 3 on the shared replica back (rank 1's too: the
+    # abort said so), not only the rank that dropped its write there; the writers are closed.
+    for step in (2, 3):
+        left = sorted(p.name for p in (tmp_path / "shared" / step_dir(step)).rglob("*") if p.is_file())
+        assert left == [], (step, left)
+
+
+def test_two_ranks_each_with_another_slow_replica_drop_nothing(tmp_path: Path) -> None:
+    # Rank 0's shared replica and rank 1's local one are each 2 s slow. A rank may drop a write
+    # only once another position holds every rank's part: deciding alone, rank 0 dropped the
+    # shared position and rank 1 the local one, and the save then failed on both (a review
+    # found it). Now no position is ready on every rank before the slow ones end: nothing is
+    # dropped, and the step commits at both positions.
+    import json
+
+    from _helpers import REPO, torchrun
+
+    torchrun(str(REPO / "tests" / "_dcp_slow_child.py"), str(tmp_path), "cross", timeout=240)
+    res = [json.loads((tmp_path / f"result-{r}.json").read_text()) for r in (0, 1)]
+    for r in res:
+        assert r["outcome1"] == {"local": "committed", "shared": "committed"}, r
+    for replica in ("local-0", "local-1", "shared"):
+        assert committed_steps([str(tmp_path / replica)]) == [1], replica

@@ -86,8 +86,32 @@ def test_a_replica_that_cannot_be_erased_is_reported_and_the_barrier_still_met(t
         2,
         lambda url: (),
         lambda r: lambda: None,
-        lambda: met.append(not is_committed(good, 2)),
+        lambda ok: met.append(ok and not is_committed(good, 2)) or [ok],
     )
     assert met == [True]
     assert list(failed) == [bad.url] and isinstance(failed[bad.url], OSError), failed
     assert is_committed(bad, 2) and not is_committed(good, 2)
+
+
+def test_a_rank_that_gives_up_erasing_still_meets_the_barrier_and_every_rank_stops(tmp_path: Path) -> None:
+    # Something unexpected raised while erasing: the barrier is still met (with "not done"), so
+    # no other rank waits for this one, and a rank that hears of it raises instead of writing.
+    import pytest
+
+    from ckptmirror.errors import CoordinationError
+    from ckptmirror.replicas import LocalReplica
+    from ckptmirror.save.resave import erase_for_resave
+
+    told: list[bool] = []
+
+    def broken_live(url: str) -> tuple[str, ...]:
+        raise RuntimeError("a bug")
+
+    r = LocalReplica(str(tmp_path))
+    r.commit("step-000000000002/COMMIT.json", b"{}")  # anything: is_committed looks for the name
+    with pytest.raises(RuntimeError, match="a bug"):
+        erase_for_resave([r], 2, broken_live, lambda r: lambda: None, lambda ok: told.append(ok) or [ok])
+    assert told == [False]
+    # The other ranks' view: one rank gave up, so nobody writes.
+    with pytest.raises(CoordinationError, match=r"rank\(s\) \[1\]"):
+        erase_for_resave([], 2, lambda u: (), lambda r: lambda: None, lambda ok: [ok, False])

@@ -287,8 +287,12 @@ def test_one_rank_drops_its_stalled_write_and_the_other_rank_is_told_at_once(tmp
         assert f"rank {rank}: step 4 ['committed', 'committed']" in out, out
         assert f"rank {rank}: shared steps [1, 4] restored 4 exact True" in out, out
     assert "rank 0: step 2 shared failed ReplicaLaggingError" in out, out
-    assert "rank 1: step 2 shared failed CoordinationError" in out, out  # rank 0's vote said why
+    # Rank 0's vote said why, and that every rank gives its part there back (GiveBackAbortError):
+    # rank 1's part of steps 2 and 3 on the shared replica is deleted too, not left to prune.
+    assert "rank 1: step 2 shared failed GiveBackAbortError" in out, out
     assert "rank 0: step 3 shared skipped ReplicaLaggingError" in out, out  # still finishing step 2
+    assert "rank 1: step 3 shared failed GiveBackAbortError" in out, out
+    assert "rank 0: shared leftovers of steps 2-3 []" in out, out
 
 
 def test_a_replica_slower_than_every_save_is_reported_louder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -49,7 +49,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future as TorchFuture
 
 from ..checksum import checksum
-from ..dist import Coordinator, DistInfo, SpaceAbortError, detect
+from ..dist import Coordinator, DistInfo, GiveBackAbortError, detect
 from ..errors import (
     CkptMirrorError,
     ReplicaConfigError,
@@ -504,8 +504,13 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         assert enc is not None
 
         stops = [threading.Event() for _ in self.replicas]
+        # Each position's write: running (""), "done", or "dropped" (by this thread, below): the
+        # one that comes second sees the other's mark, so a write either counts or is cleaned up.
+        marks = [""] * len(self.replicas)
+        marks_lock = threading.Lock()
+        votes = s.votes
 
-        def one(pos: int) -> BaseException | None:
+        def write(pos: int) -> BaseException | None:
             r = self.replicas[pos]
             if r.url in s.lagging:
                 return ReplicaLaggingError(f"skipped: {s.skipped[r.url]}", replica=r.url)
@@ -533,11 +538,28 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                     put(enc.manifest_key, enc.manifest_bytes)
             except BaseException as exc:  # noqa: BLE001 - recorded per replica
                 if stops[pos].is_set():
-                    return exc  # dropped: recorded then; _dropped_ended cleans up
+                    return exc  # dropped: recorded then; cleaned up below
                 log.warning("replica %s failed to write rank %d of step %d: %s", r.url, s.rank, s.step, exc)
                 self._mark_down(r, exc, enc.manifest.stream_bytes)
                 return exc
             return None
+
+        def one(pos: int) -> BaseException | None:
+            result = write(pos)
+            with marks_lock:
+                dropped = marks[pos] == "dropped"
+                marks[pos] = marks[pos] or "done"
+            if dropped:
+                self._dropped_ended(s, pos, result)  # before the future completes: wait() covers it
+            elif result is None and votes is not None:
+                votes.ready(_SAVE, pos)  # the other ranks may drop their slow writes elsewhere now
+            return result
+
+        def enough(outcome: Mapping[int, BaseException | None]) -> bool:
+            ok = [p for p, e in outcome.items() if e is None]
+            if votes is not None:  # written there by every rank, not only this one (dcp/_lag.py)
+                ok = [p for p in ok if votes.ready_everywhere(_SAVE, p)]
+            return len(ok) >= (self.min_replicas or 1)
 
         pool = ThreadPoolExecutor(len(self.replicas), thread_name_prefix="ckptmirror-dcp-replica")
         try:
@@ -545,29 +567,36 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         finally:
             pool.shutdown(wait=False)  # a dropped write runs on alone
         timeout = self.slow_replica_timeout_s if self.on_replica_error == "warn" else None
-        outcome, slow = await_writes(writes, self.min_replicas or 1, timeout)
+        outcome, slow = await_writes(writes, enough, timeout)
         written = [self.replicas[p].url for p, e in sorted(outcome.items()) if e is None]
+        late: list[int] = []
         for pos in slow:
-            stops[pos].set()
-            url = self.replicas[pos].url
-            err = dropped_error(url, s.step, s.rank, written, timeout or 0.0)
-            self._laggards.dropped(err)
-            outcome[pos] = err
+            with marks_lock:
+                if marks[pos]:  # it finished meanwhile: it counts as it went
+                    late.append(pos)
+                    continue
+                marks[pos] = "dropped"
+                stops[pos].set()
+                err = dropped_error(self.replicas[pos].url, s.step, s.rank, written, timeout or 0.0)
+                self._laggards.dropped(err)  # before its thread can end it
             with self._lock:
                 self._dropped = [f for f in self._dropped if not f.done()] + [writes[pos]]
-            writes[pos].add_done_callback(partial(self._dropped_ended, s, pos))
+            outcome[pos] = err
+        for pos in late:
+            outcome[pos] = writes[pos].result()
         return {pos: e for pos, e in outcome.items() if e is not None}
 
-    def _dropped_ended(self, s: DcpSave, pos: int, done: Future[BaseException | None]) -> None:
+    def _dropped_ended(self, s: DcpSave, pos: int, cause: BaseException | None) -> None:
         """A dropped write's call returned (on its thread): after an outage the replica is marked
         down and its leftovers wait for ``prune``, as any failed save's; else its files go."""
         r = self.replicas[pos]
-        cause = done.result()
-        if isinstance(cause, OSError) and not isinstance(cause, ReplicaLaggingError):
-            self._mark_down(r, cause, s.enc.manifest.stream_bytes if s.enc is not None else 0)
-        else:
-            self._give_back(s, pos)
-        self._laggards.ended(r.url)
+        try:
+            if isinstance(cause, OSError) and not isinstance(cause, ReplicaLaggingError):
+                self._mark_down(r, cause, s.enc.manifest.stream_bytes if s.enc is not None else 0)
+            else:
+                self._give_back(s, pos)
+        finally:
+            self._laggards.ended(r.url)  # whatever happened: else the replica is skipped for good
 
     # ------------------------------------------------------------------ the vote
     def _abort_everywhere(self, s: DcpSave, exc: BaseException) -> None:
@@ -576,10 +605,10 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
             return
         why = f"rank {s.rank}: {type(exc).__name__}: {exc}"
         for pos in range(len(self.replicas)):
-            space = _full(s.failed.get(pos))
+            space, back = _full(s.failed.get(pos)), isinstance(s.failed.get(pos), ReplicaLaggingError)
             try:
-                s.votes.report(_SAVE, pos, {"state": "failed", "error": why, "space": space})
-                s.votes.abort(_SAVE, pos, why, space=space)
+                s.votes.report(_SAVE, pos, {"state": "failed", "error": why, "space": space, "give_back": back})
+                s.votes.abort(_SAVE, pos, why, space=space, give_back=back)
             except Exception as err:  # noqa: BLE001 - the store is gone too: the others time out
                 log.warning("could not publish the abort of step %d: %s", s.step, err)
                 break
@@ -590,8 +619,10 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         if pos in s.failed:
             exc = s.failed[pos]
             why = f"rank {s.rank}: {type(exc).__name__}: {exc}"
-            s.votes.report(_SAVE, pos, {"state": "failed", "error": why, "space": _full(exc)})
-            s.votes.abort(_SAVE, pos, why, space=_full(exc))
+            # A dropped or lagging replica answers: every rank's part there is given back.
+            back = isinstance(exc, ReplicaLaggingError)
+            s.votes.report(_SAVE, pos, {"state": "failed", "error": why, "space": _full(exc), "give_back": back})
+            s.votes.abort(_SAVE, pos, why, space=_full(exc), give_back=back)
             return
         s.votes.report(
             _SAVE,
@@ -626,8 +657,8 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                     except BaseException as exc:  # noqa: BLE001 - reported to rank 0 and logged
                         log.warning("step %d not committed on %s: %s", s.step, r.url, exc)
                         outcome[pos] = exc
-                        if isinstance(exc, SpaceAbortError):
-                            self._give_back(s, pos)  # another rank found it full: ours are orphans
+                        if isinstance(exc, GiveBackAbortError):
+                            self._give_back(s, pos)  # another rank found it full or dropped it: ours are orphans
                         try:
                             votes.ack(_SAVE, pos, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"})
                         except Exception:  # noqa: BLE001 - rank 0 times out instead
@@ -685,8 +716,8 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         except BaseException as exc:  # noqa: BLE001 - recorded per position
             if pos in s.failed:
                 return s.failed[pos]
-            if isinstance(exc, SpaceAbortError):
-                self._give_back(s, pos)  # another rank found it full: ours are orphans
+            if isinstance(exc, GiveBackAbortError):
+                self._give_back(s, pos)  # another rank found it full or dropped it: ours are orphans
             log.warning("step %d not committed at replica position %d (%s): %s", s.step, pos, r.url, exc)
             return exc
 

@@ -50,7 +50,7 @@ import torch
 from .. import config
 from ..buffers import host_bytes
 from ..checksum import checksum
-from ..dist import Coordinator, DistInfo, SpaceAbortError
+from ..dist import Coordinator, DistInfo, GiveBackAbortError
 from ..errors import CkptMirrorError, ReplicaLaggingError, ReplicaUnavailableError
 from ..format import (
     MAX_STEP,
@@ -201,9 +201,12 @@ class Fanout:
                     job.step,
                     self._live_keys,
                     self._stop_if_degraded,
-                    lambda: coord.exchange(f"erase-{save_key}", True),
+                    lambda ok: coord.exchange(f"erase-{save_key}", ok),
                 )
                 overwrite = False  # a replica that still holds the old step fails this save
+                if not not_erased:  # committed nowhere here now: a failed save may be retried
+                    with self._lock:
+                        self._committed.discard(job.step)
             if job.finish is not None:
                 job.finish()
             model = job.model() if job.model is not None and self.incremental else None
@@ -233,7 +236,8 @@ class Fanout:
             err = dropped_error(url, job.step, reading.committed, self.slow_replica_timeout_s or 0.0)
             self._laggards.dropped(err)
             job.handle._set_replica(url, "failed", err)
-            failed = {"state": "failed", "error": f"{type(err).__name__}: {err}"}
+            # give_back: every rank deletes its part there (nothing commits there; see dist.GiveBackAbortError)
+            failed = {"state": "failed", "error": f"{type(err).__name__}: {err}", "give_back": True}
             self._drop_pool.submit(self._vote, save_key, position[url], failed, decide)
 
         reading = Readers([r.url for r in job.replicas], release or (lambda: None), on_drop, self._keep_written)
@@ -248,13 +252,13 @@ class Fanout:
 
         def one(pos: int, replica: Replica) -> bool:
             """Write and commit the save on ``replica``; True if it committed there."""
-            if replica not in job.replicas:  # skipped (degraded): still take part in the vote
-                self._vote(
-                    save_key,
-                    pos,
-                    {"state": "skipped", "error": f"replica {replica.url} is degraded on rank {info.rank}"},
-                    decide,
-                )
+            if replica not in job.replicas:  # skipped (degraded, or lagging): still take part in the vote
+                lags = replica.url in self._laggards.lagging()
+                why = "lags (a dropped write still runs)" if lags else "is degraded"
+                skip: dict[str, Any] = {"state": "skipped", "error": f"replica {replica.url} {why} on rank {info.rank}"}
+                if lags:  # it answers: the other ranks' parts there are given back (dist.GiveBackAbortError)
+                    skip["give_back"] = True
+                self._vote(save_key, pos, skip, decide)
                 return False
             if reading.dropped(replica.url):
                 reading.wait_told(replica.url)
@@ -316,8 +320,8 @@ class Fanout:
                     self._vote(save_key, pos, ref, decide)
                     try:
                         commit_bytes = self._coord.outcome(save_key, pos)
-                    except SpaceAbortError:
-                        give_back()  # another rank found this replica full: ours are orphans too
+                    except GiveBackAbortError:
+                        give_back()  # another rank found it full or dropped its write there: ours are orphans too
                         raise
                 share = share_record(job.step, self._groups[pos], info.world_size, job.replicated, commit_bytes)
                 if share is not None:  # before the commit: verify reads it as soon as the step exists
