@@ -16,9 +16,10 @@ and once its call returns, gives its own files back; new saves skip the replica 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from ..errors import ReplicaLaggingError
 
@@ -55,6 +56,70 @@ def await_writes(
         if enough_at is None and timeout_s is not None and pending and enough(outcome):
             enough_at = time.monotonic()
     return outcome, sorted(pending)
+
+
+#: One position's write: ``write(pos, stop)`` gives its error (None: written); once ``stop`` is
+#: set it writes no further object.
+Write = Callable[[int, threading.Event], "BaseException | None"]
+
+
+def write_positions(
+    count: int,
+    write: Write,
+    enough: Callable[[Mapping[int, BaseException | None]], bool],
+    timeout_s: float | None,
+    on_written: Callable[[int], None],
+    drop: Callable[[int, list[int]], BaseException],
+    on_dropped_end: Callable[[int, BaseException | None], None],
+) -> tuple[dict[int, BaseException | None], list[Future[BaseException | None]]]:
+    """Run ``write`` for positions ``0..count-1`` at once (a thread each) and wait as
+    :func:`await_writes` does; drop the writes still running then.
+
+    ``on_written(pos)`` runs on the write's thread once ``pos`` is written (the other ranks are
+    told). ``drop(pos, written)`` makes (and records) the error of a dropped write, given the
+    positions written so far. ``on_dropped_end(pos, result)`` runs on a dropped write's own
+    thread once its call returns, before its future completes (so a wait on the future covers
+    that clean-up). Returns every position's outcome (a dropped one's: the error ``drop`` gave)
+    and the futures of the dropped writes, still running perhaps.
+    """
+    stops = [threading.Event() for _ in range(count)]
+    # Each position: running (""), "done", or "dropped" (by the caller's thread, below): the one
+    # that comes second sees the other's mark, so a write either counts or is cleaned up.
+    marks = [""] * count
+    lock = threading.Lock()
+
+    def one(pos: int) -> BaseException | None:
+        result = write(pos, stops[pos])
+        with lock:
+            dropped = marks[pos] == "dropped"
+            marks[pos] = marks[pos] or "done"
+        if dropped:
+            on_dropped_end(pos, result)
+        elif result is None:
+            on_written(pos)
+        return result
+
+    pool = ThreadPoolExecutor(max(count, 1), thread_name_prefix="ckptmirror-dcp-replica")
+    try:
+        writes = [pool.submit(one, pos) for pos in range(count)]
+    finally:
+        pool.shutdown(wait=False)  # a dropped write runs on alone
+    outcome, slow = await_writes(writes, enough, timeout_s)
+    written = [p for p, e in sorted(outcome.items()) if e is None]
+    late: list[int] = []
+    gone: list[Future[BaseException | None]] = []
+    for pos in slow:
+        with lock:
+            if marks[pos]:  # it finished meanwhile: it counts as it went
+                late.append(pos)
+                continue
+            marks[pos] = "dropped"
+            stops[pos].set()
+            outcome[pos] = drop(pos, written)  # before its thread can end it
+        gone.append(writes[pos])
+    for pos in late:
+        outcome[pos] = writes[pos].result()
+    return outcome, gone
 
 
 def dropped_error(url: str, step: int, rank: int, written: Sequence[str], timeout_s: float) -> ReplicaLaggingError:

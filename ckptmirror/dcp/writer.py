@@ -81,7 +81,7 @@ from ._items import (
     resolve_items,
     with_metadata,
 )
-from ._lag import await_writes, dropped_error
+from ._lag import dropped_error, write_positions
 from ._staging import Staging, Ticket, copy_into, pack
 
 log = logging.getLogger("ckptmirror")
@@ -503,14 +503,9 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         enc = s.enc
         assert enc is not None
 
-        stops = [threading.Event() for _ in self.replicas]
-        # Each position's write: running (""), "done", or "dropped" (by this thread, below): the
-        # one that comes second sees the other's mark, so a write either counts or is cleaned up.
-        marks = [""] * len(self.replicas)
-        marks_lock = threading.Lock()
         votes = s.votes
 
-        def write(pos: int) -> BaseException | None:
+        def write(pos: int, stop: threading.Event) -> BaseException | None:
             r = self.replicas[pos]
             if r.url in s.lagging:
                 return ReplicaLaggingError(f"skipped: {s.skipped[r.url]}", replica=r.url)
@@ -518,7 +513,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                 return ReplicaUnavailableError(f"skipped: degraded ({s.skipped[r.url]})", replica=r.url)
 
             def put(key: str, data: Any) -> None:
-                if stops[pos].is_set():  # dropped (dcp/_lag.py): no further object
+                if stop.is_set():  # dropped (dcp/_lag.py): no further object
                     raise ReplicaLaggingError(f"write of step {s.step} dropped", replica=r.url)
                 r.put(key, data)
 
@@ -537,23 +532,16 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                 if manifest_now:
                     put(enc.manifest_key, enc.manifest_bytes)
             except BaseException as exc:  # noqa: BLE001 - recorded per replica
-                if stops[pos].is_set():
-                    return exc  # dropped: recorded then; cleaned up below
+                if stop.is_set():
+                    return exc  # dropped: recorded then; _dropped_ended cleans up
                 log.warning("replica %s failed to write rank %d of step %d: %s", r.url, s.rank, s.step, exc)
                 self._mark_down(r, exc, enc.manifest.stream_bytes)
                 return exc
             return None
 
-        def one(pos: int) -> BaseException | None:
-            result = write(pos)
-            with marks_lock:
-                dropped = marks[pos] == "dropped"
-                marks[pos] = marks[pos] or "done"
-            if dropped:
-                self._dropped_ended(s, pos, result)  # before the future completes: wait() covers it
-            elif result is None and votes is not None:
+        def written(pos: int) -> None:
+            if votes is not None:
                 votes.ready(_SAVE, pos)  # the other ranks may drop their slow writes elsewhere now
-            return result
 
         def enough(outcome: Mapping[int, BaseException | None]) -> bool:
             ok = [p for p, e in outcome.items() if e is None]
@@ -561,29 +549,20 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
                 ok = [p for p in ok if votes.ready_everywhere(_SAVE, p)]
             return len(ok) >= (self.min_replicas or 1)
 
-        pool = ThreadPoolExecutor(len(self.replicas), thread_name_prefix="ckptmirror-dcp-replica")
-        try:
-            writes = [pool.submit(one, pos) for pos in range(len(self.replicas))]
-        finally:
-            pool.shutdown(wait=False)  # a dropped write runs on alone
         timeout = self.slow_replica_timeout_s if self.on_replica_error == "warn" else None
-        outcome, slow = await_writes(writes, enough, timeout)
-        written = [self.replicas[p].url for p, e in sorted(outcome.items()) if e is None]
-        late: list[int] = []
-        for pos in slow:
-            with marks_lock:
-                if marks[pos]:  # it finished meanwhile: it counts as it went
-                    late.append(pos)
-                    continue
-                marks[pos] = "dropped"
-                stops[pos].set()
-                err = dropped_error(self.replicas[pos].url, s.step, s.rank, written, timeout or 0.0)
-                self._laggards.dropped(err)  # before its thread can end it
+
+        def drop(pos: int, done: list[int]) -> BaseException:
+            urls = [self.replicas[p].url for p in done]
+            err = dropped_error(self.replicas[pos].url, s.step, s.rank, urls, timeout or 0.0)
+            self._laggards.dropped(err)
+            return err
+
+        outcome, gone = write_positions(
+            len(self.replicas), write, enough, timeout, written, drop, partial(self._dropped_ended, s)
+        )
+        if gone:
             with self._lock:
-                self._dropped = [f for f in self._dropped if not f.done()] + [writes[pos]]
-            outcome[pos] = err
-        for pos in late:
-            outcome[pos] = writes[pos].result()
+                self._dropped = [f for f in self._dropped if not f.done()] + gone
         return {pos: e for pos, e in outcome.items() if e is not None}
 
     def _dropped_ended(self, s: DcpSave, pos: int, cause: BaseException | None) -> None:
