@@ -1165,3 +1165,27 @@ def test_a_step_restore_skipped_as_damaged_can_be_saved_again(tmp_path: Path, ca
     with Mirror([str(root)]) as m:
         assert m.restore(fresh).step == 2
     assert_bit_exact(state_of(fresh), state_of(wc.fill(wc.Net(W), 22)))
+
+
+def test_a_delete_raced_by_another_deleter_of_the_step_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Seen in CI: the job's keep_last retention removed step 3's directory while a Lightning
+    # release deleted step 3 (Mirror.delete): after unlinking the commit record, the delete's
+    # fsync of the step directory met ENOENT and failed, leaving a release marker behind. The
+    # directory is gone because the other deleter removed it: our removal holds.
+    root = tmp_path / "root"
+    save_steps(root, [1, 2, 3])
+    real_unlink = os.unlink
+
+    def unlink(path: Any, *a: Any, **k: Any) -> None:
+        real_unlink(path, *a, **k)
+        if str(path).endswith(commit_key(2)):
+            shutil.rmtree(root / step_dir(2))  # the other deleter, right after our unlink
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with Mirror([str(root)], object_bytes=OBJ) as m:
+        m.delete(2)
+        monkeypatch.undo()
+        assert m.steps() == [1, 3]
+    assert steps_of(root) == [1, 3]

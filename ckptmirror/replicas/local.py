@@ -158,18 +158,28 @@ class LocalReplica(Replica):
         )
 
     # -- writing -------------------------------------------------------------------------
-    def _sync_parent(self, path: str, key: str) -> None:
+    def _sync_parent(self, path: str, key: str, gone_ok: bool = False) -> None:
         if self.fsync:
-            self._sync_dirs_now({os.path.dirname(path)}, key)
+            self._sync_dirs_now({os.path.dirname(path)}, key, gone_ok)
 
-    def _sync_dirs_now(self, dirs: set[str], key: str) -> None:
-        """fsync ``dirs`` and every directory a mkdir of ours added an entry to since the last time."""
+    def _sync_dirs_now(self, dirs: set[str], key: str, gone_ok: bool = False) -> None:
+        """fsync ``dirs`` and every directory a mkdir of ours added an entry to since the last time.
+
+        ``gone_ok`` (after a delete): a directory that no longer exists is skipped. Another
+        deleter of the same step (the job's retention while a Lightning release deletes it,
+        another rank, ``prune``) removed it after our unlink; our removal holds, and making the
+        directory's own removal durable is that deleter's. Failing the delete for it left a
+        release marker behind (seen once in CI)."""
         with self._dirty_lock:
             created = set(self._dirty_dirs)  # left in the set until fsynced: a concurrent caller syncs them too
         try:
             # Deepest first: a new directory's own entries, then its entry in its parent.
             for d in sorted(dirs | created, key=lambda p: (-p.count(os.sep), p)):
-                fsync_dir(d)
+                try:
+                    fsync_dir(d)
+                except FileNotFoundError:
+                    if not gone_ok:
+                        raise
         except OSError as exc:
             raise self._err(exc, key, "directory fsync (not retried)") from exc
         if created:
@@ -394,7 +404,7 @@ class LocalReplica(Replica):
             return
         except OSError as exc:
             raise self._err(exc, key, "delete") from exc
-        self._sync_parent(path, key)
+        self._sync_parent(path, key, gone_ok=True)
 
 
 class AtomicWriter:
