@@ -45,6 +45,7 @@ from .restore.undo import BufferFactory
 from .save.arena import ArenaPool
 from .save.encode import PreWritten
 from .save.fanout import Fanout, SaveJob
+from .save.lag import check_slow_replica_timeout
 from .save.sliced import sliced_snapshot
 from .save.snapshot import (
     Plan,
@@ -214,10 +215,7 @@ class Mirror:
         config.progress_interval_s()
         config.background_nice()
         _check_options(len(given), keep_last, object_bytes, inflight_policy, on_replica_error, min_replicas)
-        if slow_replica_timeout_s is not None and not (
-            isinstance(slow_replica_timeout_s, (int, float)) and slow_replica_timeout_s >= 0
-        ):
-            raise ValueError(f"slow_replica_timeout_s must be None or a number >= 0, got {slow_replica_timeout_s!r}")
+        check_slow_replica_timeout(slow_replica_timeout_s)
         # distributed=False: this process's private mirror even inside a process group (a
         # framework that checkpoints from rank 0 only must not wait for the other ranks' votes).
         self.dist: DistInfo = DistInfo() if distributed is False else detect(process_group)

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 import urllib.error
@@ -575,3 +576,32 @@ def fill_disk(path: str, leave_bytes: int = 0) -> str:
     finally:
         os.close(fd)
     return filler
+
+
+class Gate:
+    """An ``on_phase`` hook that holds the object puts of one step until :meth:`open` (a replica
+    whose uploads hang), counting the puts of that step that began after :attr:`dropped_at`."""
+
+    def __init__(self, step: int, hold_s: float = 20) -> None:
+        self.prefix = f"step-{step:012d}/"  # format.step_dir
+        self.hold_s = hold_s  # then it opens by itself (a hang that would stall a save this long)
+        self.until: float | None = None
+        self.opened = threading.Event()
+        self.waiting = 0
+        self.after_drop = 0
+        self.dropped_at: float | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, phase: str, key: str) -> None:
+        if not phase.startswith("put") or not key.startswith(self.prefix):
+            return
+        with self._lock:
+            self.waiting += 1
+            if self.dropped_at is not None:
+                self.after_drop += 1
+            if self.until is None:
+                self.until = time.monotonic() + self.hold_s
+        self.opened.wait(max(0.0, self.until - time.monotonic()))
+
+    def open(self) -> None:
+        self.opened.set()

@@ -11,14 +11,13 @@ replica until the dropped write has returned, then use it again. The hung replic
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from _helpers import wait_until
+from _helpers import Gate, wait_until
 
 from ckptmirror.format import step_dir
 from ckptmirror.replicas import FaultyReplica, LocalReplica
@@ -44,35 +43,6 @@ OBJ = 64 << 10  # small objects: a dropped write has several left to skip
 def state(step: int, n: int = 16) -> dict[str, Any]:
     g = torch.Generator().manual_seed(step)
     return {"model": {f"t{i}": torch.randn(16384, generator=g) for i in range(n)}}
-
-
-class Gate:
-    """Holds the object puts of one step until :meth:`open` (or ``hold_s``), counting them and
-    those that began after :attr:`dropped_at`."""
-
-    def __init__(self, step: int, hold_s: float = 20) -> None:
-        self.prefix = step_dir(step) + "/"
-        self.hold_s = hold_s
-        self.until: float | None = None
-        self.opened = threading.Event()
-        self.waiting = 0
-        self.after_drop = 0
-        self.dropped_at: float | None = None
-        self._lock = threading.Lock()
-
-    def __call__(self, phase: str, key: str) -> None:
-        if not phase.startswith("put") or not key.startswith(self.prefix):
-            return
-        with self._lock:
-            self.waiting += 1
-            if self.dropped_at is not None:
-                self.after_drop += 1
-            if self.until is None:
-                self.until = time.monotonic() + self.hold_s
-        self.opened.wait(max(0.0, self.until - time.monotonic()))
-
-    def open(self) -> None:
-        self.opened.set()
 
 
 def save(w: MirrorStorageWriter, step: int) -> float:

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import torch
 from _agent import TOKEN, AgentProc
-from _helpers import assert_bit_exact, torchrun, wait_until
+from _helpers import Gate, assert_bit_exact, torchrun, wait_until
 from _proxy import FaultProxy
 
 from ckptmirror import Mirror, ReplicaLaggingError, SaveFailedError, SaveHandle
@@ -50,35 +50,6 @@ def state(step: int, n: int = 16) -> dict[str, torch.Tensor]:
 def settled(h: SaveHandle, timeout: float = 60) -> dict[str, str]:
     wait_until(lambda: all(s.state != "pending" for s in h.replicas.values()), timeout, 0.01, "the save to settle")
     return {u: s.state for u, s in h.replicas.items()}
-
-
-class Gate:
-    """An ``on_phase`` hook that holds the object puts of one step until :meth:`open` (a replica
-    whose uploads hang), counting the puts of that step that began after :attr:`dropped_at`."""
-
-    def __init__(self, step: int, hold_s: float = 20) -> None:
-        self.prefix = step_dir(step) + "/"
-        self.hold_s = hold_s  # then it opens by itself (a hang that would stall a save this long)
-        self.until: float | None = None
-        self.opened = threading.Event()
-        self.waiting = 0
-        self.after_drop = 0
-        self.dropped_at: float | None = None
-        self._lock = threading.Lock()
-
-    def __call__(self, phase: str, key: str) -> None:
-        if not phase.startswith("put") or not key.startswith(self.prefix):
-            return
-        with self._lock:
-            self.waiting += 1
-            if self.dropped_at is not None:
-                self.after_drop += 1
-            if self.until is None:
-                self.until = time.monotonic() + self.hold_s
-        self.opened.wait(max(0.0, self.until - time.monotonic()))
-
-    def open(self) -> None:
-        self.opened.set()
 
 
 def slow(root: Path, gate: Gate) -> FaultyReplica:

@@ -66,7 +66,7 @@ from ..format import (
 from ..replicas import Replica
 from ..replicas.base import SPACE_ERRNOS, WRITE_ERRNOS
 from ..save.commit import commit_from_reports, commit_step, discard_failed_save, replica_identity, share_record
-from ..save.lag import Laggards
+from ..save.lag import Laggards, check_slow_replica_timeout
 from ..save.retention import apply_retention, is_committed
 from ._codec import DCP_VERSION, Location, metadata_to_tree
 from ._common import check_step, open_for, step_from_checkpoint_id
@@ -124,7 +124,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
             With ``on_replica_error="warn"`` a save fails only when it committed on fewer than
             ``min_replicas`` positions (default 1); with ``"raise"``, on any replica failure.
         slow_replica_timeout_s: once ``min_replicas`` positions (at least one) hold every
-            object of this rank's part of a step, how long ``write_data`` waits for the others
+            rank's part of a step, how long ``write_data`` waits for the others
             before it drops their writes of that step (:class:`~ckptmirror.ReplicaLaggingError`
             in :attr:`last_outcome`; the step does not commit there; later saves skip the
             replica until the dropped write has returned). A DCP save ends only when
@@ -173,10 +173,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
             raise ValueError("io_threads must be >= 1")
         if on_replica_error not in ("warn", "raise"):
             raise ValueError("on_replica_error must be 'warn' or 'raise'")
-        if slow_replica_timeout_s is not None and not (
-            isinstance(slow_replica_timeout_s, (int, float)) and slow_replica_timeout_s >= 0
-        ):
-            raise ValueError(f"slow_replica_timeout_s must be None or a number >= 0, got {slow_replica_timeout_s!r}")
+        check_slow_replica_timeout(slow_replica_timeout_s)
         self.step = step
         self.keep_last = keep_last
         self.object_bytes = object_bytes
@@ -584,10 +581,8 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
             return
         why = f"rank {s.rank}: {type(exc).__name__}: {exc}"
         for pos in range(len(self.replicas)):
-            space, back = _full(s.failed.get(pos)), isinstance(s.failed.get(pos), ReplicaLaggingError)
             try:
-                s.votes.report(_SAVE, pos, {"state": "failed", "error": why, "space": space, "give_back": back})
-                s.votes.abort(_SAVE, pos, why, space=space, give_back=back)
+                _vote_failed(s.votes, pos, why, s.failed.get(pos))
             except Exception as err:  # noqa: BLE001 - the store is gone too: the others time out
                 log.warning("could not publish the abort of step %d: %s", s.step, err)
                 break
@@ -597,11 +592,7 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
         assert s.votes is not None and s.enc is not None
         if pos in s.failed:
             exc = s.failed[pos]
-            why = f"rank {s.rank}: {type(exc).__name__}: {exc}"
-            # A dropped or lagging replica answers: every rank's part there is given back.
-            back = isinstance(exc, ReplicaLaggingError)
-            s.votes.report(_SAVE, pos, {"state": "failed", "error": why, "space": _full(exc), "give_back": back})
-            s.votes.abort(_SAVE, pos, why, space=_full(exc), give_back=back)
+            _vote_failed(s.votes, pos, f"rank {s.rank}: {type(exc).__name__}: {exc}", exc)
             return
         s.votes.report(
             _SAVE,
@@ -806,6 +797,15 @@ class MirrorStorageWriter(StorageWriter, AsyncStager):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _vote_failed(votes: Coordinator, pos: int, why: str, exc: BaseException | None) -> None:
+    """This rank's part at ``pos`` failed (``exc``, if it failed there): report it and publish
+    the abort. Every rank gives its part there back when the replica is full, or when it
+    answers but lags (a dropped write, a skip while one runs)."""
+    space, back = _full(exc), isinstance(exc, ReplicaLaggingError)
+    votes.report(_SAVE, pos, {"state": "failed", "error": why, "space": space, "give_back": back})
+    votes.abort(_SAVE, pos, why, space=space, give_back=back)
 
 
 def _full(exc: BaseException | None) -> bool:

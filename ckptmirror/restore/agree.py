@@ -16,21 +16,14 @@ from typing import Any
 
 from ..errors import ManifestError, NoValidCheckpointError, ReplicaUnavailableError, StateMismatchError
 from ..format import CommitRecord, RankManifest, commit_key, parse_commit
-from .counting import CountingFetcher
 from .fetch import STEP_FAILURES, Fetcher, ObjectPlan, is_damage, out_of_memory
-from .fill import Loaded, fill_step
+from .fill import Loaded
 from .outcome import OUTAGE_FIX, out_of_memory_error, unreadable_steps
-from .undo import BufferFactory
 
 log = logging.getLogger("ckptmirror")
 
 #: What probing a step yields: its commit record, this rank's manifest and where each object is.
 Probed = tuple[CommitRecord, RankManifest, ObjectPlan]
-
-
-def manifest_key(commit: CommitRecord, rank: int) -> str:
-    """Key of the manifest ``rank`` restores from (rank 0's beyond the stored world size)."""
-    return commit.manifest_ref(rank if rank < commit.world_size else 0).key
 
 
 #: At most this many steps that some rank's replicas hold a commit record of and another's do
@@ -93,25 +86,20 @@ def _voted(exc: BaseException) -> bool:
 
 
 def load_agreed(
-    reader: CountingFetcher,
     candidates: list[int],
     problems: dict[int, str],
     probe: Callable[[int], Probed],
-    shards_of: Callable[[CommitRecord], Callable[[], list[tuple[RankManifest, str]]]],
+    load: Callable[[Probed], Loaded],
     rank: int,
     step: int | None,
-    targets: Any,
-    strict_paths: Sequence[tuple[Any, ...]],
-    validate: Callable[[Any], None] | None,
-    undo: BufferFactory | None,
     agree: Callable[[str, Any], list[Any]],
-    defer: bool,
     some_down: bool = False,
     unreachable: dict[str, str] | None = None,
     urls: Sequence[str] = (),
 ) -> Loaded | None:
     """The several-ranks half of :func:`load_newest`: vote on a step, load it, fall back together.
 
+    ``probe(step)`` checks a step on this rank; ``load(probed)`` fills it (as one rank does).
     Every vote carries whether the rank saw damage (a copy that failed its checks) and whether
     it could not list some of its replicas (``some_down``), so that every rank raises the same kind of error: damage
     anywhere gives :class:`NoValidCheckpointError`, outages alone :class:`ReplicaUnavailableError`.
@@ -215,20 +203,7 @@ def load_agreed(
         ok, why = True, ""
         assert found is not None and found[0] == lo
         try:
-            _, commit, manifest, objects = found
-            with reader.progress_of(manifest, rank, None):
-                loaded = fill_step(
-                    reader,
-                    manifest,
-                    manifest_key(commit, rank),
-                    objects,
-                    targets,
-                    strict_paths,
-                    validate,
-                    shards_of(commit),
-                    undo=undo,
-                    defer=defer,
-                )
+            loaded = load(found[1:])
         except Exception as exc:  # noqa: BLE001 - see _voted
             if not _voted(exc):
                 raise

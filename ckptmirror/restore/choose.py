@@ -42,7 +42,7 @@ from ..errors import (
 )
 from ..format import CommitRecord, RankManifest
 from ..replicas.base import Replica
-from .agree import Probed, load_agreed, manifest_key, pool_commits
+from .agree import Probed, load_agreed, pool_commits
 from .check import validate_manifest
 from .counting import CountingFetcher
 from .discover import list_steps
@@ -52,6 +52,11 @@ from .outcome import OUTAGE_FIX, nobody_listed, partly_listed, unreadable_steps
 from .undo import BufferFactory
 
 log = logging.getLogger("ckptmirror")
+
+
+def manifest_key(commit: CommitRecord, rank: int) -> str:
+    """Key of the manifest ``rank`` restores from (rank 0's beyond the stored world size)."""
+    return commit.manifest_ref(rank if rank < commit.world_size else 0).key
 
 
 def load_newest(
@@ -144,6 +149,22 @@ def load_newest(
             for r in range(1 if commit.replicated else commit.world_size)
         ]
 
+    def load(probed: Probed, progress_world: int | None) -> Loaded:
+        commit, manifest, objects = probed
+        with reader.progress_of(manifest, rank, progress_world):
+            return fill_step(
+                reader,
+                manifest,
+                manifest_key(commit, rank),
+                objects,
+                targets,
+                strict_paths,
+                validate,
+                shards_of(commit),
+                undo=undo,
+                defer=defer,
+            )
+
     if agree is None:
         if not candidates:
             if listing.unreachable:
@@ -155,20 +176,7 @@ def load_newest(
             return None
         for s in candidates:
             try:
-                commit, manifest, objects = probe(s)
-                with reader.progress_of(manifest, rank, world_size):
-                    loaded = fill_step(
-                        reader,
-                        manifest,
-                        manifest_key(commit, rank),
-                        objects,
-                        targets,
-                        strict_paths,
-                        validate,
-                        shards_of(commit),
-                        undo=undo,
-                        defer=defer,
-                    )
+                loaded = load(probe(s), world_size)
             except STEP_FAILURES as exc:
                 if out_of_memory(exc):
                     # Not the checkpoint's fault, and an older step would only be a worse answer.
@@ -207,19 +215,13 @@ def load_newest(
         raise unreadable_steps(problems, list(failures.values()))
     candidates = pool_commits(reader, listing.committed, candidates, agree, rank, step, given)
     agreed = load_agreed(
-        reader,
         candidates,
         problems,
         probe,
-        shards_of,
+        lambda probed: load(probed, None),
         rank,
         step,
-        targets,
-        strict_paths,
-        validate,
-        undo,
         agree,
-        defer,
         bool(listing.unreachable),
         listing.unreachable,
         urls,

@@ -136,6 +136,12 @@ class Readers:
             return list(self._committed)
 
 
+def check_slow_replica_timeout(value: object) -> None:
+    """``slow_replica_timeout_s`` as ``Mirror`` and the DCP writer take it: None or a number >= 0."""
+    if value is not None and not (isinstance(value, (int, float)) and value >= 0):
+        raise ValueError(f"slow_replica_timeout_s must be None or a number >= 0, got {value!r}")
+
+
 def dropped_error(url: str, step: int, committed: list[str], timeout_s: float) -> ReplicaLaggingError:
     """What the handle of ``step`` records for ``url`` when its write was dropped."""
     return ReplicaLaggingError(
