@@ -245,6 +245,9 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
                 if s.recoverable
                 else "  -- NOT VERIFIED: a replica stopped answering (see UNAVAILABLE)"
                 if stopped
+                else "  -- NOT RECOVERABLE from these replicas as they are: 'ckptmirror repair' can rebuild it "
+                "(what it lacks verifies under another step's name)"
+                if s.rebuildable
                 else "  -- NOT RECOVERABLE from these replicas"
             )
         )
@@ -404,7 +407,7 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
             msg = f"FAILED: step(s) {', '.join(map(str, lost))} not recoverable from these replicas ({mode})"
         disagree = sorted({p.step for p in damage if p.kind == "disagree"})
         fixable = [p for p in problems if p.kind not in ("disagree", "unavailable")]
-        if fixable and all(s.recoverable for s in res.steps) and len(res.replicas) > 1:
+        if fixable and all(s.recoverable or s.rebuildable for s in res.steps) and len(res.replicas) > 1:
             msg += "; 'ckptmirror repair' can fix them from the good copies"
         if disagree:
             msg += (

@@ -107,6 +107,10 @@ class Engine:
         self.shared = Fetcher(self.replicas, self.pool, skip_unavailable=True)
         self.single = {r.url: Fetcher([r], self.pool, skip_unavailable=True) for r in self.replicas}
         self.good: set[tuple[str, str, str]] = set()  # (replica url, key, checksum) that verified
+        #: (size, checksum) -> the (replica url, key) pairs where bytes of that size and checksum
+        #: verified: where ``repair`` may copy an object from when no replica holds it under its
+        #: own name (see :meth:`copy_sources`)
+        self.content: dict[tuple[int, str], set[tuple[str, str]]] = {}
         self.checked: set[tuple[str, str, str]] = set()  # ... that were checked
         self._lock = threading.Lock()
         self._manifests: dict[tuple[str, str], RankManifest | None] = {}
@@ -331,7 +335,7 @@ class Engine:
             mprob: Problem | None = None
             try:
                 m: RankManifest | None = self.single[r.url].read_manifest(commit, ref.rank)
-                self._mark_good(r.url, ref.key, ref.checksum)
+                self._mark_good(r.url, ref.key, ref.size, ref.checksum)
             except FAILURES as exc:
                 mprob = self._describe(r, step, ref.rank, ref.key, ref.size, exc)
                 m = self.manifest_anywhere(commit, ref.rank)  # still check this replica's objects
@@ -350,17 +354,50 @@ class Engine:
         return plan
 
     # -- objects ---------------------------------------------------------------------------
-    def _mark_good(self, url: str, key: str, csum: str) -> None:
+    def _mark_good(self, url: str, key: str, size: int, csum: str) -> None:
         with self._lock:
-            self.good.add((url, key, csum))
+            self._good_locked(url, key, size, csum)
+
+    def _good_locked(self, url: str, key: str, size: int, csum: str) -> None:
+        self.good.add((url, key, csum))
+        self.content.setdefault((size, csum), set()).add((url, key))
 
     def good_anywhere(self, key: str, csum: str) -> bool:
         """Whether ``key`` verified with checksum ``csum`` on some replica."""
         return any((r.url, key, csum) in self.good for r in self.replicas)
 
+    def content_anywhere(self, size: int, csum: str) -> bool:
+        """Whether bytes of ``size`` and checksum ``csum`` verified anywhere, under any name."""
+        return bool(self.content.get((size, csum)))
+
     def sources(self, key: str, csum: str, exclude: Replica) -> list[Replica]:
         """Replicas (preferred first) where ``key`` verified with checksum ``csum``."""
         return [r for r in self.replicas if r is not exclude and (r.url, key, csum) in self.good]
+
+    def copy_sources(self, key: str, size: int, csum: str, exclude: Replica) -> list[tuple[str, list[Replica]]]:
+        """Where ``repair`` can copy ``key`` (``size`` bytes, checksum ``csum``) to ``exclude``
+        from: ``(key there, replicas)`` groups, ``key`` itself first (:meth:`sources`), then the
+        same bytes under other names (preferred replicas first in each group), ``exclude``'s own
+        included.
+
+        Steps share bytes under different names: an incremental save keeps an unchanged object
+        under the name of the step that first wrote it, a self-contained save (another replica's
+        setting, a full save after a restart) under its own. When the only verifying copy of an
+        object is such a twin, it is as good a source as the object itself: the copy is checked
+        against ``size`` and ``csum`` while it is read, as every copy is. Without this, one repair
+        run rebuilt the shared file through another step and still called the first step
+        unrepairable, and a second run was needed to finish."""
+        own = self.sources(key, csum, exclude)
+        groups: list[tuple[str, list[Replica]]] = [(key, own)] if own else []
+        order = {r.url: i for i, r in enumerate(self.replicas)}
+        by_url = {r.url: r for r in self.replicas}
+        with self._lock:
+            twins = sorted((order[u], k) for u, k in self.content.get((size, csum), ()) if k != key and u in by_url)
+        others: dict[str, list[Replica]] = {}
+        for i, k in twins:
+            others.setdefault(k, []).append(self.replicas[i])
+        groups += others.items()
+        return groups
 
     def _check(self, job: ObjJob) -> None:
         """Check one object on one replica (presence and size; contents unless quick)."""
@@ -386,7 +423,7 @@ class Engine:
             except FAILURES as exc:
                 job.problem = self._describe(r, job.step, job.rank, obj.key, obj.size, exc, obj)
                 return
-        self._mark_good(r.url, obj.key, obj.checksum)
+        self._mark_good(r.url, obj.key, obj.size, obj.checksum)
 
     def settle(self, job: ObjJob, problem: Problem | None) -> None:
         """Record the result of ``job`` known without reading it (a peer agent's scrub results,
@@ -395,7 +432,7 @@ class Engine:
         with self._lock:
             self.checked.add((job.replica.url, job.obj.key, job.obj.checksum))
             if problem is None:
-                self.good.add((job.replica.url, job.obj.key, job.obj.checksum))
+                self._good_locked(job.replica.url, job.obj.key, job.obj.size, job.obj.checksum)
         job.problem = problem
 
     def complete(self, plans: Sequence[ReplicaPlan], what: str) -> None:
@@ -486,10 +523,18 @@ def unchecked_ranks(plans: Sequence[ReplicaPlan]) -> tuple[int, ...]:
     return tuple(sorted(seen - held))
 
 
-def recoverable(eng: Engine, plans: Sequence[ReplicaPlan]) -> bool:
+def recoverable(eng: Engine, plans: Sequence[ReplicaPlan], by_content: bool = False) -> bool:
     """Whether some commit of the step has every manifest and object verifying somewhere, but
-    for the ranks no replica here holds (:func:`unchecked_ranks`: they cannot be judged here)."""
+    for the ranks no replica here holds (:func:`unchecked_ranks`: they cannot be judged here).
+
+    ``by_content``: an object also counts when its bytes verified under another name (another
+    step's, see :meth:`Engine.copy_sources`): whether ``repair`` can rebuild the step, not
+    whether a restore can read it as it is (a restore reads each object by its own name)."""
     unchecked = set(unchecked_ranks(plans))
+
+    def held(key: str, size: int, csum: str) -> bool:
+        return eng.good_anywhere(key, csum) or (by_content and eng.content_anywhere(size, csum))
+
     for plan in plans:
         if plan.commit is None:
             continue
@@ -497,10 +542,10 @@ def recoverable(eng: Engine, plans: Sequence[ReplicaPlan]) -> bool:
         for rp in plan.ranks:
             if rp.rank in unchecked:
                 continue
-            if rp.manifest is None or rp.invalid is not None or not eng.good_anywhere(rp.key, rp.checksum):
+            if rp.manifest is None or rp.invalid is not None or not held(rp.key, rp.size, rp.checksum):
                 ok = False
                 break
-            if not all(eng.good_anywhere(o.key, o.checksum) for o in rp.manifest.objects):
+            if not all(held(o.key, o.size, o.checksum) for o in rp.manifest.objects):
                 ok = False
                 break
         if ok:

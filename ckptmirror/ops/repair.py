@@ -155,7 +155,7 @@ def _needs(plan: ReplicaPlan, eng: Engine, late: bool = False) -> tuple[list[_Co
             )
             continue
         if rp.manifest_problem is not None:
-            if eng.sources(rp.key, rp.checksum, r):
+            if eng.copy_sources(rp.key, rp.size, rp.checksum, r):
                 manifests.append((rp.key, rp.size, rp.checksum, _reason(rp.manifest_problem)))
             else:
                 blocked.append(_no_source(rp.manifest_problem))
@@ -166,7 +166,7 @@ def _needs(plan: ReplicaPlan, eng: Engine, late: bool = False) -> tuple[list[_Co
                 # The backend failed to read it, or stopped answering: the object may be fine;
                 # never overwrite it blindly.
                 blocked.append(j.problem)
-            elif eng.sources(j.obj.key, j.obj.checksum, r):
+            elif eng.copy_sources(j.obj.key, j.obj.size, j.obj.checksum, r):
                 copies.append((j.obj.key, j.obj.size, j.obj.checksum, _reason(j.problem)))
             else:
                 blocked.append(_no_source(j.problem))
@@ -263,7 +263,12 @@ def repair(
                     if plan.commit_problem is not None and plan.commit_problem.kind in ("unreadable", "unavailable"):
                         unrecoverable.append(plan.commit_problem)
                         continue
-                    source = next((p for p in originals if p.commit is not None and recoverable(eng, [p])), None)
+                    # Rebuildable is enough (by content): the copies read each object from
+                    # wherever its bytes verify, under its own name or another step's.
+                    source = next(
+                        (p for p in originals if p.commit is not None and recoverable(eng, [p], by_content=True)),
+                        None,
+                    )
                     if source is None:
                         unrecoverable.append(
                             Problem(
@@ -412,56 +417,75 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
     if eng.progress is not None and not dry_run and total:
         bar = eng.progress(total, "B", "repair: copy")
 
+    #: (target URL, file written) -> (size, checksum, step, source URL) of what this run wrote there: steps
+    #: that share a file (incremental saves) need it rewritten once, not once a step
+    written: dict[tuple[str, str], tuple[int, str, int, str]] = {}
+
     def copy(fix: _Fix, key: str, size: int, csum: str, reason: str, manifest: bool = False) -> RepairAction:
         r, s = fix.plan.replica, fix.plan.step
-        srcs = eng.sources(key, csum, r)
+        groups = eng.copy_sources(key, size, csum, r)
 
-        def action(src: str | None = srcs[0].url if srcs else None, error: str | None = None) -> RepairAction:
-            return RepairAction(s, r.url, key, "copy", src, size, reason, error is None and not dry_run, error)
+        def action(
+            src: str | None = groups[0][1][0].url if groups else None,
+            error: str | None = None,
+            twin: str = key,
+            nbytes: int = size,
+            why: str = reason,
+        ) -> RepairAction:
+            if twin != key:
+                why += f"; copied from {twin}, the same bytes under another step's name"
+            return RepairAction(s, r.url, key, "copy", src, nbytes, why, error is None and not dry_run, error)
 
         if dry_run:
             if manifest:
-                return action()
+                return action(twin=groups[0][0] if groups else key)
             try:
                 eng.single[r.url].stored(r, ObjectRecord(key, size, csum))
             except ManifestError:
                 records.stored_raw(r, key)  # would be stored raw: its record would go
             except FAILURES:
                 pass
-            return action()
+            return action(twin=groups[0][0] if groups else key)
+        moved = 0
         try:
             down = eng.down.get(r.url)
             if down is not None:
                 # The target stopped answering earlier in this run: each further copy there would
                 # wait out its own time budget (hours for a large state), to fail all the same.
                 return action(error=f"skipped: {r.url} stopped answering during this run ({down})")
-            data = bytearray(size)  # not a tensor: repair runs without torch
             if manifest:
                 # A rank manifest is always stored raw under its name (restores read it so): a
                 # source's damaged placement record does not concern it (it failed the copy, and
                 # a second run then did what the first should have).
-                raw, src = _read_raw(key, size, csum, srcs)
+                raw, src, twin = _read_raw(key, size, csum, groups)
                 r.put(key, raw)  # raw on the target too, never in a placement record
-                return action(src)
-            src = eng.shared.fetch_into(key, csum, srcs, memoryview(data))  # verified again while copying
+                moved = size
+                return action(src, twin=twin)
             try:
                 st: Stored | None = eng.single[r.url].stored(r, ObjectRecord(key, size, csum))
             except ManifestError:
                 st = None  # its placement record is unusable (damaged): where it stores it is unknown
+            # Raw under its own name, or (an incremental save) under an earlier step's name, which
+            # holds these very bytes for every step that references it; compressed there: raw
+            # under its own name instead (the placement's entry is dropped below).
+            dest = st.key if st is not None and st.codec == "none" else key
+            with lock:
+                before = written.get((r.url, dest))
+            if before is not None and before[:2] == (size, csum):
+                return action(before[3], nbytes=0, why=f"{reason}; {dest} rewritten already for step {before[2]}")
+            data = bytearray(size)  # not a tensor: repair runs without torch
+            src, twin = _fetch_any(eng, key, csum, groups, memoryview(data))  # verified again while copying
+            r.put(dest, data)
+            moved = size
             if st is None:
-                # Raw under its own name; the unusable record goes once every object it may list
-                # is stored so (records.settle), before the rank manifests and the commit.
-                r.put(key, data)
+                # The unusable record goes once every object it may list is stored raw
+                # (records.settle), before the rank manifests and the commit.
                 records.stored_raw(r, key)
-            elif st.codec == "none":
-                # Raw under its own name, or (an incremental save) under an earlier step's name,
-                # which holds these very bytes for every step that references it.
-                r.put(st.key, data)
-            else:
-                # Compressed there: store it raw under its own name instead, and drop the
-                # placement's entry (in that order: a crash in between leaves it damaged, not wrong).
-                r.put(key, data)
+            elif st.codec != "none":
+                # (in that order: a crash in between leaves it damaged, not wrong)
                 records.drop(r, key)
+            with lock:
+                written[(r.url, dest)] = (size, csum, s, src)
         except FAILURES as exc:
             if getattr(exc, "replica", "") == r.url:  # the target's own outage (not a source's)
                 eng.mark_down(r, exc, key)
@@ -470,7 +494,7 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
             if bar is not None:
                 with lock:
                     bar.update(size)
-        return action(src)
+        return action(src, twin=twin, nbytes=moved)
 
     try:
         for fix in fixes:
@@ -524,20 +548,44 @@ def _gone(fix: _Fix, eng: Engine) -> str | None:
     return None
 
 
-def _read_raw(key: str, size: int, csum: str, sources: Sequence[Replica]) -> tuple[bytes, str]:
-    """The bytes of ``key`` (raw, ``size`` long, checksum ``csum``) from the first of ``sources``
-    where they verify, read again while copying, and that source's URL."""
+def _read_raw(
+    key: str, size: int, csum: str, groups: Sequence[tuple[str, Sequence[Replica]]]
+) -> tuple[bytes, str, str]:
+    """The bytes of ``key`` (raw, ``size`` long, checksum ``csum``) from the first source of
+    ``groups`` (:meth:`~._engine.Engine.copy_sources`) where they verify, read again while
+    copying; that source's URL and the name read there."""
     problems: list[str] = []
-    for src in sources:
-        try:
-            data = src.get(key, max(size, 1))
-        except FAILURES as exc:
-            problems.append(f"{src.url}: {exc}")
-            continue
-        if len(data) == size and checksum(data) == csum:
-            return data, src.url
-        problems.append(f"{src.url}: does not match the commit (size {len(data)} vs {size}, or checksum)")
+    for name, sources in groups:
+        for src in sources:
+            try:
+                data = src.get(name, max(size, 1))
+            except FAILURES as exc:
+                problems.append(f"{src.url} ({name}): {exc}")
+                continue
+            if len(data) == size and checksum(data) == csum:
+                return data, src.url, name
+            problems.append(f"{src.url} ({name}): does not match the commit (size {len(data)} vs {size}, or checksum)")
     raise CorruptObjectError("no replica holds a verifying copy: " + "; ".join(problems), key=key)
+
+
+def _fetch_any(
+    eng: Engine, key: str, csum: str, groups: Sequence[tuple[str, Sequence[Replica]]], out: memoryview
+) -> tuple[str, str]:
+    """Read ``key``'s bytes into ``out`` (verified against ``csum``) from the first source of
+    ``groups`` where they verify (:meth:`~._engine.Engine.copy_sources`); that source's URL
+    and the name read there. Raises the one group's error, or, when several failed, a
+    :class:`CorruptObjectError` naming each."""
+    errors: list[tuple[str, BaseException]] = []
+    for name, sources in groups:
+        try:
+            return eng.shared.fetch_into(name, csum, sources, out), name
+        except FAILURES as exc:
+            errors.append((name, exc))
+    if len(errors) == 1:
+        raise errors[0][1]
+    raise CorruptObjectError(
+        "no replica holds a verifying copy under any name: " + "; ".join(f"{n}: {e}" for n, e in errors), key=key
+    )
 
 
 def _commit(fix: _Fix, dry_run: bool, copy_failed: bool, eng: Engine) -> RepairAction:

@@ -130,6 +130,10 @@ class StepCheck:
     #: directory, a ``ring_peer`` namespace) whose share record leaves them out. They are on
     #: other nodes' replicas; ``recoverable`` is about the other ranks only.
     unchecked_ranks: tuple[int, ...] = ()
+    #: Not recoverable as stored, but ``repair`` can rebuild it: every object it lacks verifies
+    #: under another name (another step's file with the same bytes; steps share files through
+    #: incremental saves, or hold the same bytes when one replica takes self-contained saves).
+    rebuildable: bool = False
 
 
 #: What :attr:`VerifyReport.exit_code` means (``ckptmirror verify --help`` prints the same).
@@ -730,7 +734,15 @@ def verify(
                 ws, nobj, nbytes, created = _step_meta(plans)
                 out_steps.append(
                     StepCheck(
-                        s, ws, nobj, nbytes, created, recoverable(eng, plans), tuple(checks), unchecked_ranks(plans)
+                        s,
+                        ws,
+                        nobj,
+                        nbytes,
+                        created,
+                        ok := recoverable(eng, plans),
+                        tuple(checks),
+                        unchecked_ranks(plans),
+                        not ok and recoverable(eng, plans, by_content=True),
                     )
                 )
         finally:
