@@ -151,6 +151,12 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=7, help="saves (each followed at once by a training step)")
     ap.add_argument("--repeats", type=int, default=3, help="steady floor copies")
+    ap.add_argument(
+        "--settle",
+        action="store_true",
+        help="wait for the queued training step before each save, so the stall is the copy alone "
+        "(by default save() is called with the step still queued and orders its copies after it)",
+    )
     # A dry run of this script's own logic on the CPU (no streams, no pinned memory): for testing it.
     ap.add_argument("--device", default="cuda:0", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -176,7 +182,8 @@ def main() -> int:
     )
     print(
         f"state: {len(state)} tensors ({n_cuda} on CUDA, {len(state) - n_cuda} on the CPU), "
-        f"{nbytes / 1e9:.3f} GB; dtypes {sorted({str(t.dtype) for t in state.values()})}"
+        f"{nbytes / 1e9:.3f} GB; dtypes {sorted({str(t.dtype) for t in state.values()})}; "
+        + ("saves after a synchronize (--settle)" if args.settle else "saves with the training step still queued")
     )
 
     # Step time alone (the reference for the step that overlaps a background write).
@@ -205,6 +212,8 @@ def main() -> int:
                 with ctx:
                     train_step(model, opt, step, args)  # queued, not finished: save must order after it
                     expected[step] = clone_state(model, opt)
+                    if args.settle:
+                        sync(device)
                     t0 = time.perf_counter()
                     h = m.save(step, model, opt, extra={"round": r})
                     returned = time.perf_counter() - t0
