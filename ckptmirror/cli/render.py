@@ -407,7 +407,14 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
             msg = f"FAILED: step(s) {', '.join(map(str, lost))} not recoverable from these replicas ({mode})"
         disagree = sorted({p.step for p in damage if p.kind == "disagree"})
         fixable = [p for p in problems if p.kind not in ("disagree", "unavailable")]
-        if fixable and all(s.recoverable or s.rebuildable for s in res.steps) and len(res.replicas) > 1:
+        # One replica can fix itself too, where what a step lacks verifies there under another
+        # step's name (self-contained saves of a frozen part hold the same bytes per step).
+        one_fixes_itself = any(s.rebuildable for s in res.steps)
+        if (
+            fixable
+            and all(s.recoverable or s.rebuildable for s in res.steps)
+            and (len(res.replicas) > 1 or one_fixes_itself)
+        ):
             msg += "; 'ckptmirror repair' can fix them from the good copies"
         if disagree:
             msg += (

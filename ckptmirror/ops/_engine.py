@@ -396,7 +396,13 @@ class Engine:
         others: dict[str, list[Replica]] = {}
         for i, k in twins:
             others.setdefault(k, []).append(self.replicas[i])
-        groups += others.items()
+        # The target's own twins last (in each group, and groups only it holds after the rest):
+        # a slow read there would otherwise count against the target (marked down for the rest
+        # of the run) although another replica holds the same bytes.
+        mine = exclude.url
+        for reps in others.values():
+            reps.sort(key=lambda r: r.url == mine)
+        groups += sorted(others.items(), key=lambda kv: all(r.url == mine for r in kv[1]))
         return groups
 
     def _check(self, job: ObjJob) -> None:

@@ -22,6 +22,7 @@ from ..format import (
 )
 from ..placement import MAX_PLACEMENT_BYTES, Stored, drop_placement_entry, parse_placement, placement_of
 from ..replicas import Replica
+from ..restore.fetch import _unreadable, is_damage
 from ._common import FAILURES, Problem, Progress, ProgressFactory, UsageError, kept_steps, list_reachable, opened
 from ._engine import Engine, ObjJob, ReplicaPlan, recoverable
 from .verify import _disagreements
@@ -439,12 +440,22 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
         if dry_run:
             if manifest:
                 return action(twin=groups[0][0] if groups else key)
+            dest = key
             try:
-                eng.single[r.url].stored(r, ObjectRecord(key, size, csum))
+                st_dry = eng.single[r.url].stored(r, ObjectRecord(key, size, csum))
+                dest = st_dry.key if st_dry.codec == "none" else key
             except ManifestError:
                 records.stored_raw(r, key)  # would be stored raw: its record would go
             except FAILURES:
                 pass
+            # The same dedupe as the real run below: a file that steps share is counted once.
+            src0 = groups[0][1][0].url if groups else ""
+            with lock:
+                seen = written.setdefault((r.url, dest), (size, csum, s, src0))
+            if seen[:2] == (size, csum) and seen[2] != s:
+                return action(
+                    seen[3] or None, nbytes=0, why=f"{reason}; {dest} would be rewritten for step {seen[2]} already"
+                )
             return action(twin=groups[0][0] if groups else key)
         moved = 0
         try:
@@ -555,16 +566,22 @@ def _read_raw(
     ``groups`` (:meth:`~._engine.Engine.copy_sources`) where they verify, read again while
     copying; that source's URL and the name read there."""
     problems: list[str] = []
+    errors: list[BaseException] = []
     for name, sources in groups:
         for src in sources:
             try:
                 data = src.get(name, max(size, 1))
             except FAILURES as exc:
                 problems.append(f"{src.url} ({name}): {exc}")
+                errors.append(exc)
                 continue
             if len(data) == size and checksum(data) == csum:
                 return data, src.url, name
             problems.append(f"{src.url} ({name}): does not match the commit (size {len(data)} vs {size}, or checksum)")
+            errors.append(CorruptObjectError(problems[-1], key=name))
+    if errors and not any(is_damage(e) for e in errors):
+        # Every source was out of reach, none damaged: an outage, which a later run may get past.
+        raise _unreadable(errors, key)
     raise CorruptObjectError("no replica holds a verifying copy: " + "; ".join(problems), key=key)
 
 
@@ -573,7 +590,8 @@ def _fetch_any(
 ) -> tuple[str, str]:
     """Read ``key``'s bytes into ``out`` (verified against ``csum``) from the first source of
     ``groups`` where they verify (:meth:`~._engine.Engine.copy_sources`); that source's URL
-    and the name read there. Raises the one group's error, or, when several failed, a
+    and the name read there. Raises the one group's error; when several failed, the outage
+    (:func:`~ckptmirror.restore.fetch._unreadable`) if none of them was damage, else a
     :class:`CorruptObjectError` naming each."""
     errors: list[tuple[str, BaseException]] = []
     for name, sources in groups:
@@ -583,6 +601,9 @@ def _fetch_any(
             errors.append((name, exc))
     if len(errors) == 1:
         raise errors[0][1]
+    if not any(is_damage(e) for _, e in errors):
+        # Out of reach under every name, damaged under none: an outage, not "no verifying copy".
+        raise _unreadable([e for _, e in errors], key)
     raise CorruptObjectError(
         "no replica holds a verifying copy under any name: " + "; ".join(f"{n}: {e}" for n, e in errors), key=key
     )

@@ -346,6 +346,12 @@ def _disagreements(eng: Engine, step: int, plans: Sequence[ReplicaPlan]) -> dict
     verify nowhere while another replica's record of the step does is damage, not another
     checkpoint (one flipped bit in a pinned checksum still parses): ``invalid``, and ``repair``
     replaces it; calling the whole copy foreign would have had the operator delete it.
+
+    The record that verifies is judged by content: it may lack objects under its own names
+    that verify under another step's (incremental saves share files): it is still the evidence
+    that the other record is damaged, and ``repair`` rebuilds from it. Judged by names alone, a
+    damaged record beside such a step was called another checkpoint, and repair refused the step
+    that verify said it could rebuild.
     """
     valid = [p for p in plans if p.commit is not None]
     if len({p.commit.pins for p in valid if p.commit is not None}) <= 1:
@@ -353,7 +359,7 @@ def _disagreements(eng: Engine, step: int, plans: Sequence[ReplicaPlan]) -> dict
     rank = {r.url: i for i, r in enumerate(eng.replicas)}
     valid.sort(key=lambda p: rank[p.replica.url])
     out: dict[int, list[Problem]] = {}
-    whole = [p for p in valid if recoverable(eng, [p])]
+    whole = [p for p in valid if recoverable(eng, [p], by_content=True)]
     for p in valid:
         # Damaged, not foreign: a record of the same save (same manifest files) as one that
         # verifies, with a pin that matches no manifest on any replica, every replica answering
@@ -378,8 +384,13 @@ def _disagreements(eng: Engine, step: int, plans: Sequence[ReplicaPlan]) -> dict
                 commit_key(step),
                 "invalid",
                 "this commit record pins a rank manifest that verifies on no replica, where the record of the "
-                f"same save on {twin.replica.url} verifies (a damaged record: one flipped bit still parses): a "
-                "restore reads that one, 'ckptmirror repair' writes it here",
+                f"same save on {twin.replica.url} verifies (a damaged record: one flipped bit still parses): "
+                + (
+                    "a restore reads that one, 'ckptmirror repair' writes it here"
+                    if recoverable(eng, [twin])
+                    else "'ckptmirror repair' rebuilds that step from objects that verify under another step's "
+                    "name and writes its record here"
+                ),
             )
         ]
     valid = [p for p in valid if id(p) not in out]
@@ -742,7 +753,10 @@ def verify(
                         ok := recoverable(eng, plans),
                         tuple(checks),
                         unchecked_ranks(plans),
-                        not ok and recoverable(eng, plans, by_content=True),
+                        # Not when replicas dispute the step: repair leaves it to the operator.
+                        not ok
+                        and not any(q.kind == "disagree" for found in differ.values() for q in found)
+                        and recoverable(eng, plans, by_content=True),
                     )
                 )
         finally:
