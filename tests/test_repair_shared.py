@@ -18,6 +18,7 @@ how repair orders and judges the sources of such a copy.
 
 from __future__ import annotations
 
+import errno
 import re
 import shutil
 import subprocess
@@ -31,7 +32,7 @@ from _helpers import files_under
 
 from ckptmirror import Mirror
 from ckptmirror.checksum import checksum
-from ckptmirror.errors import CorruptObjectError, ReplicaUnavailableError
+from ckptmirror.errors import CorruptObjectError, ObjectMissingError, ReplicaError, ReplicaUnavailableError
 from ckptmirror.format import commit_key, step_dir
 from ckptmirror.ops import repair, verify
 from ckptmirror.ops._engine import Engine
@@ -48,6 +49,13 @@ def _state(step: int) -> dict[str, Any]:
     base = {f"base.{i}": torch.randn(64, 1024, generator=g) for i in range(4)}  # 4 x 256 KiB
     h = torch.Generator().manual_seed(step)
     return {"model": {**base, "head.weight": torch.randn(64, 64, generator=h)}, "step": step}
+
+
+def _placement(a: Path, step: int) -> tuple[bytes, str]:
+    """The raw placement record of ``a``'s ``step`` and its key."""
+    (pname,) = [f for f in files_under(a / step_dir(step)) if f.endswith(".place.json")]
+    key = f"{step_dir(step)}/{pname}"
+    return (a / key).read_bytes(), key
 
 
 def _shared_file(a: Path) -> str:
@@ -200,6 +208,14 @@ class _Down:
         raise ReplicaUnavailableError("timed out", replica=self.url, key=key)
 
 
+class _Gone:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def get(self, key: str, size: int) -> bytes:
+        raise ObjectMissingError("not found", replica=self.url, key=key)
+
+
 class _Holds:
     def __init__(self, url: str, data: bytes) -> None:
         self.url, self.data = url, data
@@ -214,6 +230,11 @@ def test_a_copy_whose_sources_are_all_out_of_reach_is_an_outage_not_damage() -> 
     groups: list[tuple[str, Any]] = [("k1", [_Down("s3://x")]), ("k2", [_Down("/p")])]
     with pytest.raises(ReplicaUnavailableError):
         _read_raw("k1", 4, checksum(b"abcd"), groups)
+    # Gone from one source, out of reach on the other: an outage, by restore's rule (nothing
+    # was read and failed its check).
+    gone = [("k1", [_Gone("/b")]), ("k2", [_Down("s3://c")])]
+    with pytest.raises(ReplicaUnavailableError):
+        _read_raw("k1", 4, checksum(b"abcd"), gone)
     # One damaged source among them: damage it is.
     groups.append(("k3", [_Holds("/q", b"abce")]))
     with pytest.raises(CorruptObjectError):
@@ -243,13 +264,79 @@ def test_a_copy_whose_sources_are_all_out_of_reach_is_an_outage_not_damage() -> 
 def test_copy_sources_reads_the_targets_own_twin_last(tmp_path: Path) -> None:
     """The same bytes under other names on the target and on another replica: the other
     replica's copy is tried first (a slow read on the target would count against the target)."""
-    t, o = open_replica(str(tmp_path / "t")), open_replica(str(tmp_path / "o"))
-    eng = Engine([t, o], 1, quick=False, progress=None)
+    t, o, p = (open_replica(str(tmp_path / n)) for n in ("t", "o", "p"))
+    eng = Engine([t, o, p], 1, quick=False, progress=None)
     try:
         eng._mark_good(t.url, "s1/x", 4, "c")  # the target's own twin, preferred replica first
         eng._mark_good(t.url, "s2/x", 4, "c")
         eng._mark_good(o.url, "s2/x", 4, "c")
+        eng._mark_good(p.url, "s0/x", 4, "c")  # a third replica's, under a third name
         groups = [(k, [r.url for r in reps]) for k, reps in eng.copy_sources("s3/x", 4, "c", t)]
-        assert groups == [("s2/x", [o.url, t.url]), ("s1/x", [t.url])], groups
+        assert groups == [("s2/x", [o.url]), ("s0/x", [p.url]), ("s1/x", [t.url]), ("s2/x", [t.url])], groups
     finally:
         eng.close()
+
+
+def test_a_step_whose_copy_cannot_be_read_is_not_called_rebuildable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The only replica's copy of a step-1 object cannot be read (EIO, injected in-process);
+    its bytes verify under step 2's name. Repair never overwrites a copy it could not read, so
+    verify must not say the step can be rebuilt (it did, and repair then refused it)."""
+    from ckptmirror.cli.render import _verify_lines
+    from ckptmirror.replicas import local
+
+    a = tmp_path / "a"
+    with Mirror([str(a)], object_bytes=OBJ, storage_options={str(a): {"incremental": False}}) as m:
+        for s in (1, 2):
+            m.save_state(s, _state(s)).result(timeout=60)
+    bad = f"{step_dir(1)}/{sorted(f for f in files_under(a / step_dir(1)) if f.endswith('.bin'))[0]}"
+    read_into, get = local.LocalReplica.read_into, local.LocalReplica.get
+
+    def eio(self: Any, key: str) -> None:
+        if key == bad:
+            raise ReplicaError("read failed: [EIO] Input/output error", replica=self.url, key=key, errno=errno.EIO)
+
+    monkeypatch.setattr(
+        local.LocalReplica, "read_into", lambda self, key, out: eio(self, key) or read_into(self, key, out)
+    )
+    monkeypatch.setattr(local.LocalReplica, "get", lambda self, key, n: eio(self, key) or get(self, key, n))
+    before = verify([str(a)])
+    assert [(d.step, d.kind) for d in before.damage] == [(1, "unreadable")]
+    assert {st.step: (st.recoverable, st.rebuildable) for st in before.steps} == {1: (False, False), 2: (True, False)}
+    assert "repair' can fix" not in _verify_lines(before)[-1]
+    assert repair([str(a)]).exit_code == 1
+
+
+def test_two_objects_of_one_step_in_one_file_are_copied_once_dry_run_alike(tmp_path: Path) -> None:
+    """Equal objects of one step share one file on an incremental replica (stored once, under
+    step 1's name). Its damage is repaired by one copy: the dry run says what the run does, and
+    the run does not copy the file twice from two pool threads at once."""
+    a, b = tmp_path / "a", tmp_path / "b"
+
+    def zeros(step: int) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(0)
+        base = {f"zero.{i}": torch.zeros(64, 256) for i in range(2)}  # 2 x 64 KiB, equal bytes
+        base.update({f"rnd.{i}": torch.randn(64, 256, generator=g) for i in range(2)})
+        return {"model": {**base, "head.weight": torch.randn(64, 64, generator=torch.Generator().manual_seed(step))}}
+
+    with Mirror([str(a), str(b)], object_bytes=OBJ, storage_options={str(b): {"incremental": False}}) as m:
+        for s in (1, 2):
+            m.save_state(s, zeros(s)).result(timeout=60)
+    refs = parse_placement(*_placement(a, 2)).references()
+    counts = {k: sum(1 for e in parse_placement(*_placement(a, 2)).entries.values() if e.key == k) for k in refs}
+    shared = [k for k, n in counts.items() if n > 1]
+    assert len(shared) == 1, counts  # the zero tensors: one file for two objects
+    p = a / shared[0]
+    data = bytearray(p.read_bytes())
+    data[100] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+    def moved(res: Any) -> list[int]:
+        return sorted(x.bytes for x in res.actions if x.action == "copy" and Path(x.replica).name == "a")
+
+    dry = repair([str(a), str(b)], step=2, dry_run=True)
+    real = repair([str(a), str(b)], step=2, threads=4)
+    assert moved(dry) == moved(real) == [0, 64 << 10], (moved(dry), moved(real))
+    assert real.exit_code == 0
+    assert verify([str(a), str(b)]).exit_code == 0

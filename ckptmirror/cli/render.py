@@ -415,7 +415,9 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
             and all(s.recoverable or s.rebuildable for s in res.steps)
             and (len(res.replicas) > 1 or one_fixes_itself)
         ):
-            msg += "; 'ckptmirror repair' can fix them from the good copies"
+            msg += "; 'ckptmirror repair' can fix them " + (
+                "from the good copies" if len(res.replicas) > 1 else "from copies under other steps' names"
+            )
         if disagree:
             msg += (
                 f"; the replicas hold different checkpoints under step(s) {', '.join(map(str, disagree))}: "

@@ -378,7 +378,7 @@ class Engine:
         """Where ``repair`` can copy ``key`` (``size`` bytes, checksum ``csum``) to ``exclude``
         from: ``(key there, replicas)`` groups, ``key`` itself first (:meth:`sources`), then the
         same bytes under other names (preferred replicas first in each group), ``exclude``'s own
-        included.
+        included, last. A name may head two groups (other replicas', then the target's).
 
         Steps share bytes under different names: an incremental save keeps an unchanged object
         under the name of the step that first wrote it, a self-contained save (another replica's
@@ -396,13 +396,12 @@ class Engine:
         others: dict[str, list[Replica]] = {}
         for i, k in twins:
             others.setdefault(k, []).append(self.replicas[i])
-        # The target's own twins last (in each group, and groups only it holds after the rest):
-        # a slow read there would otherwise count against the target (marked down for the rest
-        # of the run) although another replica holds the same bytes.
+        # The target's own twins after every other replica's: a slow read there would otherwise
+        # count against the target (marked down for the rest of the run) although another
+        # replica holds the same bytes.
         mine = exclude.url
-        for reps in others.values():
-            reps.sort(key=lambda r: r.url == mine)
-        groups += sorted(others.items(), key=lambda kv: all(r.url == mine for r in kv[1]))
+        groups += [(k, rest) for k, reps in others.items() if (rest := [r for r in reps if r.url != mine])]
+        groups += [(k, [r]) for k, reps in others.items() for r in reps if r.url == mine]
         return groups
 
     def _check(self, job: ObjJob) -> None:
@@ -537,9 +536,33 @@ def recoverable(eng: Engine, plans: Sequence[ReplicaPlan], by_content: bool = Fa
     step's, see :meth:`Engine.copy_sources`): whether ``repair`` can rebuild the step, not
     whether a restore can read it as it is (a restore reads each object by its own name)."""
     unchecked = set(unchecked_ranks(plans))
+    # By content, the objects must also be writable where the step is rebuilt: repair never
+    # overwrites a copy its backend could not read (``unreadable``) or that stopped answering
+    # (``unavailable``), and a replica that went down in this run takes no copies. Some one
+    # replica must be able to hold every object of the rank, by name or by a copy.
+    blocked = {
+        (p.replica.url, j.obj.key)
+        for p in plans
+        for rp in p.ranks
+        for j in rp.jobs
+        if j.problem is not None and j.problem.kind in ("unreadable", "unavailable")
+    }
+    targets = [r.url for r in eng.replicas if r.url not in eng.down]
 
     def held(key: str, size: int, csum: str) -> bool:
         return eng.good_anywhere(key, csum) or (by_content and eng.content_anywhere(size, csum))
+
+    def objects_held(objects: Sequence[ObjectRecord]) -> bool:
+        if not by_content:
+            return all(eng.good_anywhere(o.key, o.checksum) for o in objects)
+        return any(
+            all(
+                (url, o.key, o.checksum) in eng.good
+                or ((url, o.key) not in blocked and held(o.key, o.size, o.checksum))
+                for o in objects
+            )
+            for url in targets
+        )
 
     for plan in plans:
         if plan.commit is None:
@@ -551,7 +574,7 @@ def recoverable(eng: Engine, plans: Sequence[ReplicaPlan], by_content: bool = Fa
             if rp.manifest is None or rp.invalid is not None or not held(rp.key, rp.size, rp.checksum):
                 ok = False
                 break
-            if not all(held(o.key, o.size, o.checksum) for o in rp.manifest.objects):
+            if not objects_held(rp.manifest.objects):
                 ok = False
                 break
         if ok:

@@ -22,7 +22,7 @@ from ..format import (
 )
 from ..placement import MAX_PLACEMENT_BYTES, Stored, drop_placement_entry, parse_placement, placement_of
 from ..replicas import Replica
-from ..restore.fetch import _unreadable, is_damage
+from ..restore.fetch import _failed_check, _unreadable, is_damage
 from ._common import FAILURES, Problem, Progress, ProgressFactory, UsageError, kept_steps, list_reachable, opened
 from ._engine import Engine, ObjJob, ReplicaPlan, recoverable
 from .verify import _disagreements
@@ -421,6 +421,7 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
     #: (target URL, file written) -> (size, checksum, step, source URL) of what this run wrote there: steps
     #: that share a file (incremental saves) need it rewritten once, not once a step
     written: dict[tuple[str, str], tuple[int, str, int, str]] = {}
+    dest_locks: dict[tuple[str, str], threading.Lock] = {}
 
     def copy(fix: _Fix, key: str, size: int, csum: str, reason: str, manifest: bool = False) -> RepairAction:
         r, s = fix.plan.replica, fix.plan.step
@@ -451,11 +452,11 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
             # The same dedupe as the real run below: a file that steps share is counted once.
             src0 = groups[0][1][0].url if groups else ""
             with lock:
-                seen = written.setdefault((r.url, dest), (size, csum, s, src0))
-            if seen[:2] == (size, csum) and seen[2] != s:
-                return action(
-                    seen[3] or None, nbytes=0, why=f"{reason}; {dest} would be rewritten for step {seen[2]} already"
-                )
+                seen = written.get((r.url, dest))
+                if seen is None:
+                    written[(r.url, dest)] = (size, csum, s, src0)
+            if seen is not None and seen[:2] == (size, csum):
+                return action(seen[3] or None, nbytes=0, why=f"{reason}; {dest} rewritten already for step {seen[2]}")
             return action(twin=groups[0][0] if groups else key)
         moved = 0
         try:
@@ -480,23 +481,29 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
             # holds these very bytes for every step that references it; compressed there: raw
             # under its own name instead (the placement's entry is dropped below).
             dest = st.key if st is not None and st.codec == "none" else key
+            # One copy of a file at a time: two objects of one step may resolve to one file (an
+            # incremental save stores equal bytes once), and they are copied on the pool at once.
+            # The second waits, then finds the file written, or (the first failed) copies it.
             with lock:
-                before = written.get((r.url, dest))
-            if before is not None and before[:2] == (size, csum):
-                return action(before[3], nbytes=0, why=f"{reason}; {dest} rewritten already for step {before[2]}")
-            data = bytearray(size)  # not a tensor: repair runs without torch
-            src, twin = _fetch_any(eng, key, csum, groups, memoryview(data))  # verified again while copying
-            r.put(dest, data)
-            moved = size
-            if st is None:
-                # The unusable record goes once every object it may list is stored raw
-                # (records.settle), before the rank manifests and the commit.
-                records.stored_raw(r, key)
-            elif st.codec != "none":
-                # (in that order: a crash in between leaves it damaged, not wrong)
-                records.drop(r, key)
-            with lock:
-                written[(r.url, dest)] = (size, csum, s, src)
+                one_at_a_time = dest_locks.setdefault((r.url, dest), threading.Lock())
+            with one_at_a_time:
+                with lock:
+                    before = written.get((r.url, dest))
+                if before is not None and before[:2] == (size, csum):
+                    return action(before[3], nbytes=0, why=f"{reason}; {dest} rewritten already for step {before[2]}")
+                data = bytearray(size)  # not a tensor: repair runs without torch
+                src, twin = _fetch_any(eng, key, csum, groups, memoryview(data))  # verified again while copying
+                r.put(dest, data)
+                moved = size
+                if st is None:
+                    # The unusable record goes once every object it may list is stored raw
+                    # (records.settle), before the rank manifests and the commit.
+                    records.stored_raw(r, key)
+                elif st.codec != "none":
+                    # (in that order: a crash in between leaves it damaged, not wrong)
+                    records.drop(r, key)
+                with lock:
+                    written[(r.url, dest)] = (size, csum, s, src)
         except FAILURES as exc:
             if getattr(exc, "replica", "") == r.url:  # the target's own outage (not a source's)
                 eng.mark_down(r, exc, key)
@@ -559,6 +566,13 @@ def _gone(fix: _Fix, eng: Engine) -> str | None:
     return None
 
 
+def _outage(errors: Sequence[BaseException]) -> bool:
+    """Whether a copy that no source gave is an outage (a later run may get past it), by
+    restore's rule: no copy was read and failed its check, and not every source was damaged
+    (missing where it was looked for counts as damage)."""
+    return bool(errors) and not any(_failed_check(e) for e in errors) and not all(is_damage(e) for e in errors)
+
+
 def _read_raw(
     key: str, size: int, csum: str, groups: Sequence[tuple[str, Sequence[Replica]]]
 ) -> tuple[bytes, str, str]:
@@ -579,8 +593,7 @@ def _read_raw(
                 return data, src.url, name
             problems.append(f"{src.url} ({name}): does not match the commit (size {len(data)} vs {size}, or checksum)")
             errors.append(CorruptObjectError(problems[-1], key=name))
-    if errors and not any(is_damage(e) for e in errors):
-        # Every source was out of reach, none damaged: an outage, which a later run may get past.
+    if _outage(errors):
         raise _unreadable(errors, key)
     raise CorruptObjectError("no replica holds a verifying copy: " + "; ".join(problems), key=key)
 
@@ -591,7 +604,7 @@ def _fetch_any(
     """Read ``key``'s bytes into ``out`` (verified against ``csum``) from the first source of
     ``groups`` where they verify (:meth:`~._engine.Engine.copy_sources`); that source's URL
     and the name read there. Raises the one group's error; when several failed, the outage
-    (:func:`~ckptmirror.restore.fetch._unreadable`) if none of them was damage, else a
+    (:func:`~ckptmirror.restore.fetch._unreadable`) where :func:`_outage` says so, else a
     :class:`CorruptObjectError` naming each."""
     errors: list[tuple[str, BaseException]] = []
     for name, sources in groups:
@@ -601,8 +614,7 @@ def _fetch_any(
             errors.append((name, exc))
     if len(errors) == 1:
         raise errors[0][1]
-    if not any(is_damage(e) for _, e in errors):
-        # Out of reach under every name, damaged under none: an outage, not "no verifying copy".
+    if _outage([e for _, e in errors]):
         raise _unreadable([e for _, e in errors], key)
     raise CorruptObjectError(
         "no replica holds a verifying copy under any name: " + "; ".join(f"{n}: {e}" for n, e in errors), key=key
