@@ -553,9 +553,9 @@ def recoverable(eng: Engine, plans: Sequence[ReplicaPlan], by_content: bool = Fa
         return eng.good_anywhere(key, csum) or (by_content and eng.content_anywhere(size, csum))
 
     def objects_held(objects: Sequence[ObjectRecord]) -> bool:
-        if not by_content:
-            return all(eng.good_anywhere(o.key, o.checksum) for o in objects)
-        return any(
+        if all(eng.good_anywhere(o.key, o.checksum) for o in objects):
+            return True  # by name (by content is never stricter: a replica down since counts too)
+        return by_content and any(
             all(
                 (url, o.key, o.checksum) in eng.good
                 or ((url, o.key) not in blocked and held(o.key, o.size, o.checksum))
