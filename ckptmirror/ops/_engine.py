@@ -548,11 +548,13 @@ def recoverable(eng: Engine, plans: Sequence[ReplicaPlan], by_content: bool = Fa
         if j.problem is not None and j.problem.kind in ("unreadable", "unavailable")
     }
     targets = [r.url for r in eng.replicas if r.url not in eng.down]
+    # A partial replica takes only the ranks it holds (its share record): repair writes no other.
+    not_taking = {(p.replica.url, rp.rank) for p in plans for rp in p.ranks if not rp.held}
 
     def held(key: str, size: int, csum: str) -> bool:
         return eng.good_anywhere(key, csum) or (by_content and eng.content_anywhere(size, csum))
 
-    def objects_held(objects: Sequence[ObjectRecord]) -> bool:
+    def objects_held(rank: int, objects: Sequence[ObjectRecord]) -> bool:
         if all(eng.good_anywhere(o.key, o.checksum) for o in objects):
             return True  # by name (by content is never stricter: a replica down since counts too)
         return by_content and any(
@@ -562,6 +564,7 @@ def recoverable(eng: Engine, plans: Sequence[ReplicaPlan], by_content: bool = Fa
                 for o in objects
             )
             for url in targets
+            if (url, rank) not in not_taking
         )
 
     for plan in plans:
@@ -574,7 +577,7 @@ def recoverable(eng: Engine, plans: Sequence[ReplicaPlan], by_content: bool = Fa
             if rp.manifest is None or rp.invalid is not None or not held(rp.key, rp.size, rp.checksum):
                 ok = False
                 break
-            if not objects_held(rp.manifest.objects):
+            if not objects_held(rp.rank, rp.manifest.objects):
                 ok = False
                 break
         if ok:
