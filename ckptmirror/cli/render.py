@@ -409,11 +409,10 @@ def _verify_lines(res: ops.VerifyReport) -> list[str]:
         fixable = [p for p in problems if p.kind not in ("disagree", "unavailable")]
         # One replica can fix itself too, where what a step lacks verifies there under another
         # step's name (self-contained saves of a frozen part hold the same bytes per step).
-        one_fixes_itself = any(s.rebuildable for s in res.steps)
         if (
             fixable
             and all(s.recoverable or s.rebuildable for s in res.steps)
-            and (len(res.replicas) > 1 or one_fixes_itself)
+            and (len(res.replicas) > 1 or any(s.rebuildable for s in res.steps))
         ):
             msg += "; 'ckptmirror repair' can fix them " + (
                 "from the good copies" if len(res.replicas) > 1 else "from copies under other steps' names"

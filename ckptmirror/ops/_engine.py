@@ -540,16 +540,18 @@ def recoverable(eng: Engine, plans: Sequence[ReplicaPlan], by_content: bool = Fa
     # overwrites a copy its backend could not read (``unreadable``) or that stopped answering
     # (``unavailable``), and a replica that went down in this run takes no copies. Some one
     # replica must be able to hold every object of the rank, by name or by a copy.
-    blocked = {
-        (p.replica.url, j.obj.key)
-        for p in plans
-        for rp in p.ranks
-        for j in rp.jobs
-        if j.problem is not None and j.problem.kind in ("unreadable", "unavailable")
-    }
-    targets = [r.url for r in eng.replicas if r.url not in eng.down]
-    # A partial replica takes only the ranks it holds (its share record): repair writes no other.
-    not_taking = {(p.replica.url, rp.rank) for p in plans for rp in p.ranks if not rp.held}
+    blocked, not_taking, targets = set(), set(), []
+    if by_content:
+        blocked = {
+            (p.replica.url, j.obj.key)
+            for p in plans
+            for rp in p.ranks
+            for j in rp.jobs
+            if j.problem is not None and j.problem.kind in ("unreadable", "unavailable")
+        }
+        # A partial replica takes only the ranks it holds (its share record): repair writes no other.
+        not_taking = {(p.replica.url, rp.rank) for p in plans for rp in p.ranks if not rp.held}
+        targets = [r.url for r in eng.replicas if r.url not in eng.down]
 
     def held(key: str, size: int, csum: str) -> bool:
         return eng.good_anywhere(key, csum) or (by_content and eng.content_anywhere(size, csum))

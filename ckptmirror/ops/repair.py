@@ -438,25 +438,27 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
                 why += f"; copied from {twin}, the same bytes under another step's name"
             return RepairAction(s, r.url, key, "copy", src, nbytes, why, error is None and not dry_run, error)
 
+        def again(dest: str, before: tuple[int, str, int, str]) -> RepairAction:
+            """The action of a copy whose file this run wrote (or plans to write) already."""
+            return action(before[3] or None, nbytes=0, why=f"{reason}; {dest} rewritten already for step {before[2]}")
+
         if dry_run:
             if manifest:
                 return action(twin=groups[0][0] if groups else key)
             dest = key
             try:
-                st_dry = eng.single[r.url].stored(r, ObjectRecord(key, size, csum))
-                dest = st_dry.key if st_dry.codec == "none" else key
+                dest = _dest(eng.single[r.url].stored(r, ObjectRecord(key, size, csum)), key)
             except ManifestError:
                 records.stored_raw(r, key)  # would be stored raw: its record would go
             except FAILURES:
                 pass
             # The same dedupe as the real run below: a file that steps share is counted once.
-            src0 = groups[0][1][0].url if groups else ""
             with lock:
                 seen = written.get((r.url, dest))
                 if seen is None:
-                    written[(r.url, dest)] = (size, csum, s, src0)
+                    written[(r.url, dest)] = (size, csum, s, groups[0][1][0].url if groups else "")
             if seen is not None and seen[:2] == (size, csum):
-                return action(seen[3] or None, nbytes=0, why=f"{reason}; {dest} rewritten already for step {seen[2]}")
+                return again(dest, seen)
             return action(twin=groups[0][0] if groups else key)
         moved = 0
         try:
@@ -480,7 +482,7 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
             # Raw under its own name, or (an incremental save) under an earlier step's name, which
             # holds these very bytes for every step that references it; compressed there: raw
             # under its own name instead (the placement's entry is dropped below).
-            dest = st.key if st is not None and st.codec == "none" else key
+            dest = _dest(st, key)
             # One copy of a file at a time: two objects of one step may resolve to one file (an
             # incremental save stores equal bytes once), and they are copied on the pool at once.
             # The second waits, then finds the file written, or (the first failed) copies it.
@@ -490,7 +492,7 @@ def _apply_fixes(eng: Engine, fixes: list[_Fix], dry_run: bool, unrecoverable: l
                 with lock:
                     before = written.get((r.url, dest))
                 if before is not None and before[:2] == (size, csum):
-                    return action(before[3], nbytes=0, why=f"{reason}; {dest} rewritten already for step {before[2]}")
+                    return again(dest, before)
                 data = bytearray(size)  # not a tensor: repair runs without torch
                 src, twin = _fetch_any(eng, key, csum, groups, memoryview(data))  # verified again while copying
                 r.put(dest, data)
@@ -566,6 +568,12 @@ def _gone(fix: _Fix, eng: Engine) -> str | None:
     return None
 
 
+def _dest(st: Stored | None, key: str) -> str:
+    """The file a copy of ``key`` writes on its target: where the target stores it raw (under
+    an earlier step's name, an incremental save), else its own name (stored raw there)."""
+    return st.key if st is not None and st.codec == "none" else key
+
+
 def _outage(errors: Sequence[BaseException]) -> bool:
     """Whether a copy that no source gave is an outage (a later run may get past it), by
     restore's rule: no copy was read and failed its check, and not every source was damaged
@@ -581,6 +589,7 @@ def _read_raw(
     copying; that source's URL and the name read there."""
     problems: list[str] = []
     errors: list[BaseException] = []
+    mismatch = False  # a copy was read and failed its check: damage, whatever the others say
     for name, sources in groups:
         for src in sources:
             try:
@@ -592,8 +601,8 @@ def _read_raw(
             if len(data) == size and checksum(data) == csum:
                 return data, src.url, name
             problems.append(f"{src.url} ({name}): does not match the commit (size {len(data)} vs {size}, or checksum)")
-            errors.append(CorruptObjectError(problems[-1], key=name))
-    if _outage(errors):
+            mismatch = True
+    if not mismatch and _outage(errors):
         raise _unreadable(errors, key)
     raise CorruptObjectError("no replica holds a verifying copy: " + "; ".join(problems), key=key)
 
